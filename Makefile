@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:   make demo   (the job end to end, local, tiny model, no GPU)
+#                                    make test   (the test suite; what .ci/run calls)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Machines of this workplace keep a CPU torch wheel there; elsewhere pip takes it from PyPI.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: demo test venv sysdeps lock-check clean
+
+$(VENV)/.installed: pyproject.toml requirements/dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(FIND_LINKS) -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+# rsync (SkyPilot's file sync) and openssh-server (the SSH backend's tests); installed when root.
+sysdeps:
+	@missing=""; command -v rsync >/dev/null || missing="$$missing rsync"; \
+	 command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	 if [ -n "$$missing" ]; then \
+	   if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	   else echo "note: missing$$missing; tests that need them will skip"; fi; fi
+
+demo: venv
+	$(VENV)/bin/socrates-launch up --infra local --config configs/smoke.yaml --yes
+
+# pytest exits 5 when it collects no test: that is a failure here too, said plainly.
+test: venv sysdeps
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	 if [ $$rc = 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,398 @@
+"""The run config: one typed schema, read from YAML (`configs/*.yaml`) or seed-style JSON.
+
+A config is the single place a hyperparameter is written. Derived quantities (gradient
+accumulation, total optimizer steps) are computed here from the global batch, never set twice.
+
+Errors are `ContractError` with one line that names the file, the key, the bad value and what is
+accepted, so both CLIs can print it and exit 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+import yaml
+
+from contracts.errors import ContractError
+
+SCHEMA_VERSION = 1
+
+METHODS = ("qlora", "lora", "full")
+SPLITS = ("unseen-studies", "unseen-conditions", "unseen-tasks", "random")
+MODEL_INITS = ("pretrained", "random")
+EVAL_MODES = ("sample", "distribution")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+PRECISIONS = ("bf16", "fp16", "fp32")
+DEFAULT_SYSTEM_PROMPT = (
+    "You are simulating a survey respondent. Answer exactly as instructed, following the "
+    "specified response format without additional commentary."
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str = "Qwen/Qwen2.5-14B-Instruct"
+    """Hugging Face id or local path of the base model (with `init: random`, a name for the build)."""
+    init: str = "pretrained"
+    """`pretrained` loads weights; `random` builds the architecture from `arch` with random weights."""
+    arch: dict = field(default_factory=dict)
+    """Qwen2 config fields (or `preset: qwen2.5-14b`) used when `init: random`."""
+    tokenizer: str | None = None
+    """Tokenizer id or path; default: the model's. `qwen2.5-offline` builds Qwen's BPE offline."""
+    revision: str | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    method: str = "qlora"
+    epochs: float = 1.0
+    global_batch: int = 256
+    """Sequences per optimizer step = micro_batch x grad accumulation x world size."""
+    micro_batch: int = 8
+    lr: float = 1e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.1
+    optim: str = "paged_adamw_8bit"
+    precision: str = "bf16"
+    max_length: int = 2048
+    packing: bool = True
+    """Padding-free batches (sequences concatenated, attention kept per sequence)."""
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = 50
+    """Optimizer steps between checkpoints (0: only the final save)."""
+    keep_checkpoints: int = 2
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (smoke runs, benchmarks); None: the schedule's own."""
+    logging_steps: int = 1
+    seed: int = 42
+
+    def grad_accum(self, world_size: int = 1) -> int:
+        """Accumulation steps that make `global_batch` from the micro-batch on `world_size` GPUs."""
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ContractError(
+                f"train.global_batch: {self.global_batch} is not a multiple of micro_batch x "
+                f"world size = {self.micro_batch} x {world_size}; pick a micro_batch that divides it"
+            )
+        return self.global_batch // per_step
+
+    def total_steps(self, train_rows: int) -> int:
+        """Optimizer steps the schedule takes over `train_rows` examples (capped by max_steps)."""
+        steps = max(1, math.ceil(train_rows * self.epochs / self.global_batch))
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "socratesft/SocSci210"
+    """Hugging Face dataset id, or a local parquet/jsonl file or folder in the same columns."""
+    split: str = "unseen-studies"
+    subset: float = 1.0
+    """Fraction of *training* rows kept, stratified by study."""
+    eval_subset: float | None = None
+    """Fraction of test rows kept (None: the whole test side)."""
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    enabled: bool = True
+    mode: str = "sample"
+    rows: int | None = None
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 8
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    allow_cpu: bool = False
+    """Let `check` and `train` run without a GPU (the smoke config; tests)."""
+    schema: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def with_overrides(self, overrides: Mapping[str, Any], source: str = "override") -> "RunConfig":
+        """A copy with dotted keys replaced, e.g. {"data.subset": 0.1}; validated like a file."""
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            node = raw
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                if not isinstance(node.get(p), dict):
+                    raise ContractError(f"{source}: unknown key {dotted!r}")
+                node = node[p]
+            if leaf not in node:
+                raise ContractError(f"{source}: unknown key {dotted!r}")
+            node[leaf] = value
+        return from_dict(raw, source=source)
+
+
+_SECTIONS = {"model": ModelSpec, "lora": LoraSpec, "train": TrainSpec, "data": DataSpec, "eval": EvalSpec}
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML config, or a JSON one (nested like the YAML, or flat in the seed's style)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ContractError(f"config {path}: no such file (give a .yaml or .json run config)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ContractError(f"config {path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {first}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ContractError(f"config {path}: expected a mapping of sections, got {type(raw).__name__}")
+    if path.suffix == ".json" and is_seed_style(raw):
+        raw = from_seed(raw, source=str(path))
+    return from_dict(raw, source=str(path))
+
+
+def from_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
+    unknown = set(raw) - {f.name for f in fields(RunConfig)}
+    if unknown:
+        accepted = ", ".join(f.name for f in fields(RunConfig))
+        raise ContractError(f"{source}: unknown key {sorted(unknown)[0]!r} (accepted: {accepted})")
+    kwargs: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        section = raw.get(name) or {}
+        if not isinstance(section, Mapping):
+            raise ContractError(f"{source}: {name}: expected a mapping, got {section!r}")
+        kwargs[name] = _build(cls, section, f"{source}: {name}")
+    for name in ("name", "allow_cpu", "schema"):
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], get_type_hints(RunConfig)[name], f"{source}: {name}")
+    cfg = RunConfig(**kwargs)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: RunConfig, source: str = "config") -> None:
+    def bad(key: str, value: Any, accepted: str) -> ContractError:
+        return ContractError(f"{source}: {key}: {value!r} is not accepted ({accepted})")
+
+    t, d, m, e = cfg.train, cfg.data, cfg.model, cfg.eval
+    if cfg.schema != SCHEMA_VERSION:
+        raise bad("schema", cfg.schema, f"this version reads schema {SCHEMA_VERSION}")
+    if m.init not in MODEL_INITS:
+        raise bad("model.init", m.init, " or ".join(MODEL_INITS))
+    if not m.id:
+        raise bad("model.id", m.id, "a Hugging Face id or a local path")
+    if t.method not in METHODS:
+        raise bad("train.method", t.method, " | ".join(METHODS))
+    if t.lr_scheduler not in SCHEDULERS:
+        raise bad("train.lr_scheduler", t.lr_scheduler, " | ".join(SCHEDULERS))
+    if t.precision not in PRECISIONS:
+        raise bad("train.precision", t.precision, " | ".join(PRECISIONS))
+    for key in ("global_batch", "micro_batch", "max_length"):
+        if getattr(t, key) < 1:
+            raise bad(f"train.{key}", getattr(t, key), "a whole number >= 1")
+    if not (t.lr > 0):
+        raise bad("train.lr", t.lr, "a number > 0")
+    if not (t.epochs > 0):
+        raise bad("train.epochs", t.epochs, "a number > 0")
+    if not (0 <= t.warmup_ratio < 1):
+        raise bad("train.warmup_ratio", t.warmup_ratio, "0 <= x < 1")
+    if t.weight_decay < 0:
+        raise bad("train.weight_decay", t.weight_decay, "a number >= 0")
+    if t.checkpoint_every < 0:
+        raise bad("train.checkpoint_every", t.checkpoint_every, "steps >= 0")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise bad("train.max_steps", t.max_steps, "a whole number >= 1, or null")
+    t.grad_accum(1)
+    if cfg.lora.r < 1 or cfg.lora.alpha <= 0 or not (0 <= cfg.lora.dropout < 1):
+        raise bad("lora", dataclasses.asdict(cfg.lora), "r >= 1, alpha > 0, 0 <= dropout < 1")
+    if not cfg.lora.target_modules:
+        raise bad("lora.target_modules", [], "at least one module name")
+    check_fraction(d.subset, f"{source}: data.subset")
+    if d.eval_subset is not None:
+        check_fraction(d.eval_subset, f"{source}: data.eval_subset")
+    if d.split not in SPLITS:
+        raise bad("data.split", d.split, " | ".join(SPLITS))
+    if e.mode not in EVAL_MODES:
+        raise bad("eval.mode", e.mode, " | ".join(EVAL_MODES))
+    if e.rows is not None and e.rows < 1:
+        raise bad("eval.rows", e.rows, "a whole number >= 1, or null")
+    if not (e.temperature >= 0) or not (0 < e.top_p <= 1) or e.max_new_tokens < 1:
+        raise bad("eval", dataclasses.asdict(e), "temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1")
+
+
+def check_fraction(value: Any, where: str) -> float:
+    """A fraction in (0, 1]: the subset of rows to keep."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
+        raise ContractError(f"{where}: {value!r} is not accepted (a fraction in (0, 1], e.g. 0.1)")
+    return float(value)
+
+
+# --- The seed's flat JSON (`config_paper.json`) ---------------------------------------------
+
+_SEED_KEYS: dict[str, str | None] = {
+    "model_name": "model.id",
+    "model_name_or_path": "model.id",
+    "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs",
+    "learning_rate": "train.lr",
+    "per_device_train_batch_size": "train.micro_batch",
+    "global_batch_size": "train.global_batch",
+    "lr_scheduler_type": "train.lr_scheduler",
+    "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay",
+    "optim": "train.optim",
+    "optimizer": "train.optim",
+    "max_seq_length": "train.max_length",
+    "max_length": "train.max_length",
+    "seed": "train.seed",
+    "save_steps": "train.checkpoint_every",
+    "logging_steps": "train.logging_steps",
+    "max_steps": "train.max_steps",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "target_modules": "lora.target_modules",
+    "data_dir": "data.source",
+    "dataset_name": "data.source",
+    "subset": "data.subset",
+    "system_prompt": "model.system_prompt",
+    # Derived or local-only in the seed; accepted and checked, not stored:
+    "gradient_accumulation_steps": None,
+    "bf16": None,
+    "fp16": None,
+    "output_dir": None,
+    "use_4bit": None,
+    "load_in_4bit": None,
+    "bnb_4bit_quant_type": None,
+    "bnb_4bit_compute_dtype": None,
+    "use_nested_quant": None,
+    "bnb_4bit_use_double_quant": None,
+    "report_to": None,
+    "run_name": "name",
+}
+
+
+def is_seed_style(raw: Mapping[str, Any]) -> bool:
+    return not (set(raw) & (set(_SECTIONS) | {"schema"})) and bool(set(raw) & set(_SEED_KEYS))
+
+
+def from_seed(raw: Mapping[str, Any], source: str = "config") -> dict:
+    """Map the seed's flat keys onto the nested schema; derived keys must agree with it."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _SEED_KEYS:
+            accepted = ", ".join(sorted(_SEED_KEYS))
+            raise ContractError(f"{source}: unknown seed-style key {key!r} (accepted: {accepted})")
+        target = _SEED_KEYS[key]
+        if target is None:
+            continue
+        node = out
+        *parents, leaf = target.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    if raw.get("bf16") is False and raw.get("fp16"):
+        out.setdefault("train", {})["precision"] = "fp16"
+    if raw.get("use_4bit") is False or raw.get("load_in_4bit") is False:
+        out.setdefault("train", {})["method"] = "lora"
+    ga = raw.get("gradient_accumulation_steps")
+    train = out.get("train", {})
+    if ga is not None and "global_batch" not in train and "micro_batch" in train:
+        train["global_batch"] = int(ga) * int(train["micro_batch"])
+    elif ga is not None and "micro_batch" in train:
+        if int(ga) * int(train["micro_batch"]) != int(train.get("global_batch", TrainSpec.global_batch)):
+            raise ContractError(
+                f"{source}: gradient_accumulation_steps {ga} x per_device_train_batch_size "
+                f"{train['micro_batch']} != global_batch_size {train.get('global_batch')} "
+                "(the accumulation is derived from the global batch; drop one of them)"
+            )
+    return out
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _build(cls: type, section: Mapping[str, Any], where: str):
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in section.items():
+        if key not in hints:
+            raise ContractError(f"{where}: unknown key {key!r} (accepted: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a field's type; ints widen to floats, lists become tuples."""
+    text = str(hint)
+    optional = "None" in text
+    if value is None:
+        if optional:
+            return None
+        raise ContractError(f"{where}: must not be empty")
+    if "tuple" in text:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ContractError(f"{where}: {value!r} is not accepted (a list of names)")
+        return tuple(value)
+    if "dict" in text:
+        if not isinstance(value, Mapping):
+            raise ContractError(f"{where}: {value!r} is not accepted (a mapping)")
+        return dict(value)
+    if "bool" in text:
+        if not isinstance(value, bool):
+            raise ContractError(f"{where}: {value!r} is not accepted (true or false)")
+        return value
+    if "float" in text:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 1e-5 as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ContractError(f"{where}: {value!r} is not accepted (a number)")
+        return float(value)
+    if "int" in text:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ContractError(f"{where}: {value!r} is not accepted (a whole number)")
+        return value
+    if "str" in text:
+        if not isinstance(value, str):
+            raise ContractError(f"{where}: {value!r} is not accepted (text)")
+        return value
+    return value
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

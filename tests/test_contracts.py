@@ -1,0 +1,133 @@
+"""The three contracts: config schema, event stream, artifacts manifest."""
+import json
+from pathlib import Path
+
+import pytest
+
+from contracts import events, manifest
+from contracts.config import RunConfig, load_config
+from contracts.errors import ContractError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_paper_config_is_the_papers_schedule():
+    cfg = load_config(ROOT / "configs/paper.yaml")
+    t = cfg.train
+    assert (cfg.model.id, t.method, t.epochs, t.global_batch, t.lr) == (
+        "Qwen/Qwen2.5-14B-Instruct", "qlora", 1.0, 256, 1e-5)
+    assert (t.lr_scheduler, t.warmup_ratio, t.weight_decay) == ("cosine", 0.05, 0.1)
+    assert t.grad_accum(1) * t.micro_batch == 256
+    assert t.grad_accum(4) * t.micro_batch * 4 == 256
+
+
+def test_accumulation_is_derived_and_must_divide():
+    cfg = load_config(ROOT / "configs/paper.yaml")
+    with pytest.raises(ContractError, match="global_batch: 256 is not a multiple"):
+        cfg.with_overrides({"train.micro_batch": 7})
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("train: {lr: abc}", "train.lr: 'abc' is not accepted (a number)"),
+    ("train: {micro_batch: 2.5}", "train.micro_batch: 2.5 is not accepted (a whole number)"),
+    ("data: {subset: 0}", "data.subset: 0.0 is not accepted"),
+    ("data: {subset: 1.5}", "data.subset: 1.5 is not accepted"),
+    ("data: {split: bogus}", "data.split: 'bogus' is not accepted"),
+    ("trian: {}", "unknown key 'trian'"),
+    ("train: {lr_rate: 1}", "unknown key 'lr_rate'"),
+    ("[1, 2]", "expected a mapping"),
+    ("train: [", "not valid yaml"),
+])
+def test_bad_config_is_one_line_naming_the_value(tmp_path, body, needle):
+    p = tmp_path / "c.yaml"
+    p.write_text(body)
+    with pytest.raises(ContractError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and str(p) in msg
+
+
+def test_missing_config_names_the_path(tmp_path):
+    with pytest.raises(ContractError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_seed_style_json_loads(tmp_path):
+    seed = {"model_name": "Qwen/Qwen2.5-14B-Instruct", "num_epochs": 1, "learning_rate": 1e-5,
+            "per_device_train_batch_size": 4, "gradient_accumulation_steps": 64,
+            "global_batch_size": 256, "lr_scheduler_type": "cosine", "warmup_ratio": 0.05,
+            "weight_decay": 0.1, "bf16": True, "data_dir": "data/socsci210_1pct"}
+    p = tmp_path / "config_paper.json"
+    p.write_text(json.dumps(seed))
+    cfg = load_config(p)
+    assert (cfg.train.micro_batch, cfg.train.global_batch, cfg.train.grad_accum(1)) == (4, 256, 64)
+    assert cfg.data.source == "data/socsci210_1pct" and cfg.train.lr == 1e-5
+
+
+def test_seed_style_json_with_inconsistent_accumulation_is_refused(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"per_device_train_batch_size": 4, "gradient_accumulation_steps": 8,
+                             "global_batch_size": 256}))
+    with pytest.raises(ContractError, match="!= global_batch_size 256"):
+        load_config(p)
+
+
+def test_config_round_trips_through_dict():
+    cfg = load_config(ROOT / "configs/smoke.yaml")
+    from contracts.config import from_dict
+    assert from_dict(cfg.to_dict()) == cfg
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
+
+
+def test_events_writer_and_incremental_reader_never_lose_or_double(tmp_path):
+    path = tmp_path / events.EVENTS_FILE
+    w = events.EventWriter(path)
+    reader = events.EventReader(path)
+    w.emit("start", verb="train")
+    assert [e["event"] for e in reader.read_new()] == ["start"]
+    # A torn line (writer mid-append) is held back until it is complete.
+    with open(path, "a") as f:
+        f.write('{"v":1,"event":"log","ts":1,"mess')
+    assert reader.read_new() == []
+    with open(path, "a") as f:
+        f.write('age":"hi"}\n')
+    assert [e["message"] for e in reader.read_new()] == ["hi"]
+    w.emit("done", reason="completed")
+    assert [e["event"] for e in reader.read_new()] == ["done"]
+    assert [e["event"] for e in events.read_all(path)] == ["start", "log", "done"]
+
+
+def test_step_event_requires_progress_fields():
+    with pytest.raises(ContractError, match="missing field"):
+        events.make("step", step=1)
+    ev = events.make("step", step=1, total_steps=10, epoch=0.1, loss=float("nan"), lr=1e-5,
+                     tokens_per_s=100.0, gpu_mem_gib=1.0, eta_s=9.0)
+    assert json.loads(events.dumps(ev))["loss"] is None  # strict JSON, no NaN
+
+
+def test_events_are_found_in_a_mixed_log_stream():
+    line = events.LINE_PREFIX + events.dumps(events.make("log", message="x"))
+    got = list(events.iter_lines(["(task, pid=1) " + line, "noise", "{not json"]))
+    assert [e["message"] for e in got] == ["x"]
+
+
+def test_manifest_verifies_and_catches_tampering(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter/adapter_model.safetensors").write_bytes(b"\x00" * 100)
+    (tmp_path / "events.jsonl").write_text("{}\n")
+    m = manifest.write(tmp_path, {"config": {"name": "x"}})
+    assert [f["path"] for f in m["files"]] == ["adapter/adapter_model.safetensors"]
+    assert manifest.verify(tmp_path) == []
+    (tmp_path / "adapter/adapter_model.safetensors").write_bytes(b"\x01" * 100)
+    assert manifest.verify(tmp_path) == ["adapter/adapter_model.safetensors: sha256 mismatch"]
+    (tmp_path / "adapter/adapter_model.safetensors").unlink()
+    with pytest.raises(manifest.ManifestError, match="missing"):
+        manifest.verify_or_raise(tmp_path)
+
+
+def test_manifest_refuses_secrets(tmp_path):
+    with pytest.raises(manifest.ManifestError, match="secret"):
+        manifest.build(tmp_path, {"env": {"HF_TOKEN": "hf_abc"}})
+    with pytest.raises(manifest.ManifestError, match="credential"):
+        manifest.build(tmp_path, {"note": "hf_" + "a" * 34})
+    manifest.build(tmp_path, {"model": {"tokenizer": "qwen2.5-offline"}, "tokens_per_s": 1.0})
