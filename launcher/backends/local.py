@@ -1,0 +1,168 @@
+"""The local backend: a temp directory stands in for the machine (the embedded default, `make demo`).
+
+Same lifecycle as the cloud: copy code and data in, run the rendered `run:` block with bash in its
+own process group (it survives the launcher, like a remote job), follow the events it prints, copy
+the artifacts back, then kill the process group and delete the directory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from contracts.events import EventReader
+from launcher import task as tasklib
+from launcher.backends.base import Backend, BackendError, EventCallback
+
+CODE_DIRS = ("contracts", "job", "configs", "requirements")
+EXIT_FILE = "exit_code"
+LOG_FILE = "job.log"
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, poll_s: float = 0.2, python: str | None = None):
+        self.poll_s = poll_s
+        # SOCRATES_JOB_PYTHON picks the interpreter that runs the job (a venv with the job deps).
+        self.python = python or os.environ.get("SOCRATES_JOB_PYTHON") or sys.executable
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def launch(self, run: Any) -> None:
+        workdir = Path(tempfile.mkdtemp(prefix=f"socrates-{run.id}-"))
+        # Saved before anything runs, so `down` can always find and remove it.
+        run.update(backend_state={"workdir": str(workdir)}, machine="up")
+        try:
+            for name in CODE_DIRS:
+                if (tasklib.REPO / name).is_dir():
+                    shutil.copytree(tasklib.REPO / name, workdir / name,
+                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            data_path = _local_data(run)
+            overrides = {"JOB_PYTHON": self.python}
+            if data_path is not None:
+                dest = workdir / "data" / data_path.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if data_path.is_dir():
+                    shutil.copytree(data_path, dest)
+                else:
+                    shutil.copy2(data_path, dest)
+                overrides["DATA"] = str(dest.relative_to(workdir))
+            task = tasklib.render(run, gpu=None)
+            (workdir / "run.sh").write_text(tasklib.run_script(task, **overrides), encoding="utf-8")
+        except OSError as e:
+            raise BackendError("syncing", f"copying code and data into {workdir}: {e}") from None
+        wrapper = f"bash run.sh > {LOG_FILE} 2>&1; echo $? > {EXIT_FILE}.tmp; mv {EXIT_FILE}.tmp {EXIT_FILE}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(workdir)}
+        proc = subprocess.Popen(["bash", "-c", wrapper], cwd=workdir, env=env, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run.update(backend_state={**run.backend_state, "pid": proc.pid, "pgid": proc.pid})
+
+    def follow(self, run: Any, on_event: EventCallback) -> int:
+        workdir = Path(run.backend_state["workdir"])
+        reader = EventReader(workdir / LOG_FILE)
+        while True:
+            done = (workdir / EXIT_FILE).is_file()
+            for ev in reader.read_new():
+                on_event(ev)
+            if done:
+                for ev in reader.read_new():
+                    on_event(ev)
+                return int((workdir / EXIT_FILE).read_text().strip() or 1)
+            if not workdir.is_dir() or not _alive(run.backend_state.get("pgid")):
+                if (workdir / EXIT_FILE).is_file():
+                    continue
+                raise BackendError("running", f"the job's process group is gone and left no exit code ({workdir})")
+            time.sleep(self.poll_s)
+
+    def log_lines(self, run: Any) -> list[str]:
+        path = Path(run.backend_state.get("workdir", "/nonexistent")) / LOG_FILE
+        try:
+            return path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def download(self, run: Any, dest: Path) -> None:
+        src = Path(run.backend_state.get("workdir", "/nonexistent")) / "out"
+        if not src.is_dir():
+            raise BackendError("downloading", f"{src}: the job left no output folder")
+        shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
+
+    def down(self, run: Any) -> None:
+        pgid = run.backend_state.get("pgid")
+        if pgid and _alive(pgid):
+            _kill_group(pgid)
+        workdir = run.backend_state.get("workdir")
+        if workdir and Path(workdir).exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def machine_state(self, run: Any) -> str:
+        workdir = run.backend_state.get("workdir")
+        if _alive(run.backend_state.get("pgid")) or (workdir and Path(workdir).exists()):
+            return "up"
+        return "gone"
+
+    def job_finished(self, run: Any) -> int | None:
+        """The job's exit code if it has ended on the 'machine', else None."""
+        path = Path(run.backend_state.get("workdir", "/nonexistent")) / EXIT_FILE
+        return int(path.read_text().strip() or 1) if path.is_file() else None
+
+
+def _local_data(run: Any) -> Path | None:
+    source = run.config["data"]["source"]
+    path = Path(source).expanduser()
+    return path if path.exists() else None
+
+
+def _alive(pgid: int | None) -> bool:
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie leader still answers; treat a group whose only member is our own zombie child as gone.
+    try:
+        pid, _ = os.waitpid(pgid, os.WNOHANG)
+        if pid == pgid:
+            return _group_has_members(pgid)
+    except ChildProcessError:
+        pass
+    return True
+
+
+def _group_has_members(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _kill_group(pgid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM the job's process group, then SIGKILL whatever is left after `grace_s`."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + grace_s
+    while time.time() < deadline:
+        try:
+            os.waitpid(pgid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        if not _group_has_members(pgid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

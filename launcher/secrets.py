@@ -1,0 +1,27 @@
+"""Secrets travel only as SkyPilot secrets or process environment; never into files, YAML or argv."""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY")
+REDACTED = "<redacted>"
+
+
+def collect(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The secrets set in the caller's environment (empty ones skipped)."""
+    env = os.environ if env is None else env
+    return {k: env[k] for k in SECRET_NAMES if env.get(k)}
+
+
+def redact(text: str, secrets: Mapping[str, str] | None = None) -> str:
+    """`text` with every secret value replaced (log lines on their way to disk or the terminal)."""
+    for value in (collect() if secrets is None else secrets).values():
+        if value and len(value) >= 4:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of an environment with the secrets removed (for processes that must not see them)."""
+    return {k: v for k, v in env.items() if k not in SECRET_NAMES}

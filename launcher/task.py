@@ -1,0 +1,75 @@
+"""Renders sky/train.yaml for one run: the single truth of what runs on the machine.
+
+SkyPilot gets the whole task; the local and SSH backends take `run_script(task)` (the `run:` block
+with the task's envs exported in front) and execute it with bash in their working directory.
+Secret values never enter a rendered task: only their names, under `secrets:` with null values.
+"""
+from __future__ import annotations
+
+import copy
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from contracts.errors import ContractError
+from launcher.secrets import SECRET_NAMES
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO / "sky" / "train.yaml"
+REMOTE_DATA_DIR = "/tmp/socrates-data"
+
+
+def load_template(path: Path = TEMPLATE) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = False,
+           data_path: Path | None = None, template: Path = TEMPLATE) -> dict:
+    """The task for `run` (its resolved config and options), ready for sky.Task.from_yaml_config."""
+    task = copy.deepcopy(load_template(template))
+    opts = run.options
+    cfg = run.config
+    envs = task.setdefault("envs", {})
+    envs["CONFIG_YAML"] = yaml.safe_dump(cfg, sort_keys=False)
+    envs["SUBSET"] = str(cfg["data"]["subset"])
+    envs["DATA"] = cfg["data"]["source"]
+    envs["EVAL"] = "1" if opts.get("eval", True) else "0"
+    envs["EVAL_ROWS"] = str(opts["eval_rows"]) if opts.get("eval_rows") else ""
+    envs["EVAL_BASE"] = "1" if opts.get("eval_base") else "0"
+    envs["DEADLINE_S"] = str(int(opts["deadline_s"])) if opts.get("deadline_s") else "0"
+    task["name"] = f"socrates-{run.name}"[:60]
+    resources = task.setdefault("resources", {})
+    if gpu:
+        resources["accelerators"] = gpu
+    else:
+        resources.pop("accelerators", None)
+    if cloud:
+        resources["infra"] = cloud
+    resources["use_spot"] = bool(spot)
+    task["workdir"] = str(REPO)
+    if data_path is not None:
+        remote = f"{REMOTE_DATA_DIR}/{data_path.name}"
+        task["file_mounts"] = {remote: str(data_path.resolve())}
+        envs["DATA"] = remote
+    task["secrets"] = {name: None for name in SECRET_NAMES}
+    return task
+
+
+def to_yaml(task: dict) -> str:
+    return yaml.safe_dump(task, sort_keys=False, width=100)
+
+
+def run_script(task: dict, **env_overrides: str) -> str:
+    """The `run:` block as a bash script, its envs exported first (what non-sky backends execute)."""
+    envs = {**task.get("envs", {}), **env_overrides}
+    lines = ["#!/usr/bin/env bash", "# Rendered from sky/train.yaml by launcher/task.py; the same block SkyPilot runs."]
+    for key, value in envs.items():
+        if not key.isidentifier():
+            raise ContractError(f"sky/train.yaml: env name {key!r} is not a shell identifier")
+        lines.append(f"export {key}={shlex.quote('' if value is None else str(value))}")
+    run_block = task.get("run")
+    if not isinstance(run_block, str) or not run_block.strip():
+        raise ContractError("sky/train.yaml: the task has no `run:` block")
+    return "\n".join(lines) + "\n" + run_block

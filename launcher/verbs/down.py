@@ -1,0 +1,25 @@
+"""`socrates-launch down [RUN]`: end everything of a run that costs money. Idempotent."""
+from __future__ import annotations
+
+import argparse
+
+from launcher import registry
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_id", nargs="?", default=None, metavar="RUN", help="run id (default: the latest run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from launcher.backends import get_backend
+    from launcher.verbs.up import teardown
+
+    console = Console()
+    run_rec = registry.resolve(args.run_id)
+    teardown(run_rec, get_backend(run_rec.infra), None, console)
+    if run_rec.machine != "gone":
+        return 1
+    console.print(f"run {run_rec.id}: machine down ({run_rec.state})", highlight=False)
+    return 0

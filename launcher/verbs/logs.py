@@ -1,0 +1,39 @@
+"""`socrates-launch logs [RUN]`: re-attach to a run (latest by default) with the same progress display.
+
+A live run is followed to its end, then downloaded, verified and torn down like `up` would have;
+an ended run replays its recorded events.
+"""
+from __future__ import annotations
+
+import argparse
+
+from launcher import registry
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_id", nargs="?", default=None, metavar="RUN", help="run id (default: the latest run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from launcher.backends import get_backend
+    from launcher.progress import Progress
+    from launcher.verbs.up import _read_events, drive
+
+    console = Console()
+    run_rec = registry.resolve(args.run_id)
+    console.print(f"run [bold]{run_rec.id}[/]: {run_rec.state}", highlight=False)
+    if run_rec.state == "running":
+        return drive(run_rec, get_backend(run_rec.infra), console, launch=False)
+    progress = Progress(console, price_per_hour=run_rec.price_per_hour, started_at=run_rec.started_at)
+    for ev in _read_events(run_rec.events_path):
+        progress.on_event(ev)
+    progress.close()
+    if run_rec.state in ("created", "provisioning"):
+        console.print(f"the run has not started its job yet; `socrates-launch status {run_rec.id}` reconciles it")
+    if run_rec.error:
+        console.print(f"error: {run_rec.error}", highlight=False, markup=False)
+    if run_rec.adapter:
+        console.print(f"adapter: {run_rec.adapter}", highlight=False)
+    return 0 if run_rec.state == "done" else 1

@@ -1,0 +1,35 @@
+"""`socrates-launch runs`: every run with its state, card, duration and cost."""
+from __future__ import annotations
+
+import argparse
+
+from launcher import registry
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from launcher.verbs.status import _actual_cost, _expected, _hms, _money
+
+    runs = registry.list_runs()
+    if args.json:
+        print(json.dumps([{"id": r.id, "state": r.state, "infra": r.infra, "gpu": r.gpu, "duration_s": r.duration_s(),
+                           "cost_usd": _actual_cost(r), "adapter": r.adapter} for r in runs], indent=2))
+        return 0
+    console = Console()
+    if not runs:
+        console.print(f"no runs under {registry.runs_root()}/")
+        return 0
+    table = Table("run", "state", "infra", "card", "duration", "cost", "estimate")
+    for r in runs:
+        est = _expected(r.estimate)
+        table.add_row(r.id, r.state, r.infra, r.gpu or "-", _hms(r.duration_s()), _money(_actual_cost(r)), _money(est))
+    console.print(table)
+    return 0

@@ -1,0 +1,374 @@
+"""`socrates-launch up`: validate, estimate, confirm, launch, stream, download + verify, tear down.
+
+Everything the user typed is checked before anything exists (exit 2, one line). From the moment a
+run exists, every path out of this module either leaves the run done and the machine down, or
+says loudly how to reach and end what is still running (detach / first Ctrl-C).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from contracts import manifest as manifest_lib
+from contracts.config import RunConfig, check_fraction, load_config
+from contracts.errors import ContractError
+from contracts.events import dumps, make
+from launcher import registry
+from launcher.backends import check_infra, get_backend
+from launcher.backends.base import BackendError
+from launcher.gpu import GpuSpec, parse_gpu
+from launcher.secrets import redact
+
+DEFAULT_CONFIG = {"sky": "configs/paper.yaml", "local": "configs/smoke.yaml"}
+DEFAULT_GPU = "A100:1"
+SECOND_CTRL_C_S = 3.0
+# Results the launcher keeps from the job's out/ (events/log are streamed separately).
+KEEP_OUT = ("adapter", "eval", "manifest.json", "report", "report.md", "metrics.json")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--infra", default="sky", help="where to run: sky (SkyPilot, default) | local | ssh://user@host[:port]")
+    p.add_argument("--gpu", default=None, help=f"card and count, e.g. A100:1 (default {DEFAULT_GPU} on sky)")
+    p.add_argument("--subset", type=float, default=None, help="fraction of training rows kept, in (0, 1]")
+    p.add_argument("--config", default=None, help="run config (default: configs/paper.yaml on sky, configs/smoke.yaml locally)")
+    p.add_argument("--data", default=None, help="dataset: Hugging Face id, local .jsonl/.parquet file or folder, or synthetic:N")
+    p.add_argument("--model", default=None, help="base model id or path (overrides the config's model.id)")
+    p.add_argument("--cloud", default=None, help="pin a cloud (e.g. lambda, runpod, aws); default: the cheapest offer")
+    p.add_argument("--spot", action="store_true", help="use spot/preemptible instances (cheaper; preemptions add time)")
+    p.add_argument("--yes", "-y", action="store_true", help="don't ask before launching")
+    p.add_argument("--dryrun", action="store_true", help="render the task and run SkyPilot's dry run; nothing is provisioned")
+    p.add_argument("--detach", action="store_true", help="return once the job runs (autodown stays armed); `logs` re-attaches")
+    p.add_argument("--name", default=None, help="run name (default: the config's name)")
+    p.add_argument("--eval-rows", type=int, default=None, help="evaluate on at most N test rows")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    p.add_argument("--eval-base", action="store_true", help="also evaluate the base model (the paper's baseline)")
+    p.add_argument("--max-cost", type=float, default=None, help="refuse to start if the high estimate exceeds USD; cap the run to it")
+    p.add_argument("--max-hours", type=float, default=None, help="stop the job after H hours of machine time (adapter saved)")
+    p.add_argument("--allow-cpu", action="store_true", help="let the job run without a GPU (tests, the local demo)")
+
+
+@dataclass
+class Plan:
+    """Everything `up` will do, validated; nothing exists yet."""
+
+    infra: str
+    cfg: RunConfig
+    gpu: GpuSpec | None
+    name: str
+    options: dict
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console()
+    plan = plan_run(args)
+    estimate, deadline_s = _estimate(plan, args, console)
+    if deadline_s:
+        plan.options["deadline_s"] = deadline_s
+    if args.dryrun:
+        return _dryrun(plan, console)
+    if not args.yes:
+        _confirm(plan, console)
+    run_rec = registry.new_run(
+        plan.name, plan.infra, gpu=str(plan.gpu) if plan.gpu else None, config=plan.cfg.to_dict(),
+        options=plan.options, estimate=estimate,
+        price_per_hour=(estimate or {}).get("price_per_hour"),
+    )
+    console.print(f"run [bold]{run_rec.id}[/] ({run_rec.dir})", highlight=False)
+    backend = get_backend(plan.infra, **_backend_opts(plan))
+    return drive(run_rec, backend, console, launch=True, detach=args.detach)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+def plan_run(args: argparse.Namespace) -> Plan:
+    """Check every input; raise ContractError (exit 2, one line) on the first bad one."""
+    infra = check_infra(args.infra)
+    gpu = parse_gpu(args.gpu) if args.gpu else (parse_gpu(DEFAULT_GPU) if infra == "sky" else None)
+    if args.subset is not None:
+        check_fraction(args.subset, "--subset")
+    cfg = load_config(args.config or DEFAULT_CONFIG.get(infra, DEFAULT_CONFIG["sky"]))
+    overrides: dict[str, Any] = {}
+    if args.subset is not None:
+        overrides["data.subset"] = args.subset
+    if args.data is not None:
+        overrides["data.source"] = _check_data(args.data)
+    if args.model is not None:
+        overrides["model.id"] = args.model
+    if args.allow_cpu:
+        overrides["allow_cpu"] = True
+    if args.eval_rows is not None:
+        if args.eval_rows < 1:
+            raise ContractError(f"--eval-rows {args.eval_rows}: not accepted (a whole number >= 1)")
+        overrides["eval.rows"] = args.eval_rows
+    if overrides:
+        cfg = cfg.with_overrides(overrides, source="command line")
+    for flag, value in (("--max-cost", args.max_cost), ("--max-hours", args.max_hours)):
+        if value is not None and not value > 0:
+            raise ContractError(f"{flag} {value}: not accepted (a number > 0)")
+    if infra == "local" and (args.cloud or args.spot):
+        raise ContractError("--cloud/--spot: not accepted with --infra local (they choose a cloud offer)")
+    name = args.name or cfg.name
+    if not name or len(name) > 60 or not all(c.isalnum() or c in "._-" for c in name):
+        raise ContractError(f"--name {name!r}: not accepted (letters, digits, . _ -; at most 60)")
+    options = {
+        "cloud": args.cloud, "spot": bool(args.spot), "eval": not args.no_eval, "eval_base": bool(args.eval_base),
+        "eval_rows": args.eval_rows, "max_cost": args.max_cost, "max_hours": args.max_hours,
+        "config_file": str(args.config or DEFAULT_CONFIG.get(infra, "")),
+    }
+    return Plan(infra=infra, cfg=cfg, gpu=gpu, name=name, options=options)
+
+
+def _check_data(source: str) -> str:
+    """A local path must exist; ids (org/name) and synthetic:N pass through to the job."""
+    if source.startswith("synthetic:"):
+        n = source.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ContractError(f"--data {source!r}: not accepted (synthetic:N with N >= 1 rows)")
+        return source
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or path.suffix in (".jsonl", ".json", ".parquet", ".csv")
+    if path.exists():
+        return str(path.resolve())
+    if looks_local:
+        raise ContractError(f"--data {source!r}: no such file or folder (a local .jsonl/.parquet, a hub id, or synthetic:N)")
+    if source.count("/") != 1:
+        raise ContractError(f"--data {source!r}: not accepted (a local file/folder, a hub id like org/name, or synthetic:N)")
+    return source
+
+
+def _backend_opts(plan: Plan) -> dict:
+    return {}
+
+
+# --- estimate, confirm, dry run --------------------------------------------------------------
+
+def _estimate(plan: Plan, args: argparse.Namespace, console) -> tuple[dict | None, float | None]:
+    """Show the cost table (launcher/cost.py); enforce --max-cost/--max-hours before anything starts."""
+    try:
+        from launcher import cost
+    except ImportError:
+        cost = None
+    if cost is None:
+        if args.max_cost is not None:
+            raise ContractError("--max-cost: the cost model (launcher/cost.py) is not installed, so the cap can't be checked")
+        console.print("[yellow]no cost model installed (launcher/cost.py): no estimate shown[/]")
+        return None, (args.max_hours * 3600 if args.max_hours else None)
+    est = cost.estimate_run(plan.cfg, gpu=plan.gpu, cloud=plan.options["cloud"], spot=plan.options["spot"],
+                            data=plan.cfg.data.source, infra=plan.infra)
+    cost.render(est, console)
+    deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
+    return _estimate_summary(cost.to_json(est)), deadline_s
+
+
+def _estimate_summary(full: dict) -> dict:
+    """The chosen offer's numbers, small enough for run.json (the table was shown already)."""
+    best = full.get("cheapest") or {}
+    return {"hours": full.get("hours"), "dollars": full.get("dollars"), "cheapest": best,
+            "price_per_hour": best.get("price_per_h"), "notes": full.get("notes", [])}
+
+
+def _confirm(plan: Plan, console) -> None:
+    if not sys.stdin.isatty():
+        raise ContractError("up: no terminal to confirm on; pass --yes to launch (or --dryrun to look first)")
+    from rich.prompt import Confirm
+
+    where = f"{plan.gpu} on {plan.infra}" if plan.gpu else plan.infra
+    if not Confirm.ask(f"Launch {plan.name} ({where})?", console=console, default=False):
+        raise SystemExit(1)
+
+
+def _dryrun(plan: Plan, console) -> int:
+    """Render the task, show it, and let SkyPilot's optimizer + dry run pick the offer."""
+    from launcher import task as tasklib
+
+    fake = registry.Run(id=f"{plan.name}-dryrun", dir=Path("/nonexistent"), infra=plan.infra, name=plan.name,
+                        config=plan.cfg.to_dict(), options=plan.options)
+    data_path = Path(plan.cfg.data.source) if Path(plan.cfg.data.source).exists() else None
+    rendered = tasklib.render(fake, gpu=str(plan.gpu) if plan.gpu else None, cloud=plan.options["cloud"],
+                              spot=plan.options["spot"], data_path=data_path)
+    console.rule("rendered task (sky/train.yaml)")
+    console.print(redact(tasklib.to_yaml(rendered)), highlight=False, markup=False)
+    if plan.infra != "sky":
+        console.print(f"dry run: nothing started ({plan.infra} backend)")
+        return 0
+    from launcher import sky_adapter
+
+    offer = sky_adapter.SkyAdapter().dryrun(rendered, cluster_name=f"socrates-{plan.name}-dryrun"[:40])
+    console.print(f"chosen: cloud {offer['cloud']}, region {offer.get('region')}, instance {offer['instance']}, "
+                  f"{offer['accelerators']}, ${offer['price_per_hour']:.2f}/h{' (spot)' if offer.get('spot') else ''}",
+                  highlight=False)
+    console.print("dry run: nothing was provisioned")
+    return 0
+
+
+# --- the lifecycle (shared with `logs`, which re-attaches) -----------------------------------
+
+def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = False) -> int:
+    """Launch (if asked), follow, download + verify, tear down. Returns the exit status of `up`."""
+    from launcher.progress import Progress
+
+    progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
+    recorder = Recorder(run, progress)
+    backend.on_phase = recorder.phase
+    interrupted = False
+    try:
+        if launch:
+            run.transition("provisioning", started_at=time.time(), machine="up")
+            progress.started_at = run.started_at
+            recorder.phase("provisioning", f"{run.gpu or 'local'} via {run.infra}")
+            backend.launch(run)
+            run.transition("running")
+            recorder.phase("training")
+            if detach:
+                _say_detached(run, console)
+                return 0
+        code = backend.follow(run, recorder.job_event)
+        _save_log(run, backend)
+        run.update(exit_code=code)
+        if code != 0:
+            raise BackendError("running", f"the job exited with status {code}")
+        fetch_and_verify(run, backend, recorder)
+        run.transition("done")
+        return 0
+    except KeyboardInterrupt:
+        interrupted = True
+        progress.close()
+        return _interrupted(run, backend, console, recorder)
+    except (BackendError, ContractError, OSError) as e:
+        progress.close()
+        _save_log(run, backend)
+        message = redact(str(e))
+        run.transition("failed", note=message, error=message)
+        console.print(f"[bold red]run {run.id} failed:[/] {message}", highlight=False)
+        _tail_log(run, console)
+        return 1
+    finally:
+        progress.close()
+        if not interrupted and not (detach and run.state == "running"):
+            teardown(run, backend, recorder, console)
+            if run.state == "done":
+                console.print(f"[bold green]adapter:[/] {run.adapter} (verified against manifest.json)", highlight=False)
+
+
+class Recorder:
+    """Writes each event to runs/<id>/events.jsonl once (also across re-attaches) and shows it."""
+
+    def __init__(self, run: registry.Run, progress):
+        self.run = run
+        self.progress = progress
+        self.skip = sum(1 for ev in _read_events(run.events_path) if ev.get("event") != "phase")
+
+    def job_event(self, ev: dict) -> None:
+        self.progress.on_event(ev)
+        if self.skip > 0:
+            self.skip -= 1
+            return
+        with open(self.run.events_path, "a", encoding="utf-8") as f:
+            f.write(redact(dumps(ev)) + "\n")
+
+    def phase(self, name: str, detail: str | None = None) -> None:
+        ev = make("phase", phase=name, **({"detail": detail} if detail else {}))
+        self.progress.on_event(ev)
+        with open(self.run.events_path, "a", encoding="utf-8") as f:
+            f.write(dumps(ev) + "\n")
+
+
+def fetch_and_verify(run: registry.Run, backend, recorder: Recorder) -> None:
+    """Pull out/ into a staging folder, verify every sha256, then move the results into runs/<id>/."""
+    run.transition("downloading")
+    recorder.phase("downloading")
+    staging = run.dir / ".download"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    backend.download(run, staging)
+    manifest_lib.verify_or_raise(staging)
+    for entry in staging.iterdir():
+        if entry.name in ("events.jsonl", "job.log", "checkpoints"):
+            continue
+        target = run.dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        entry.rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    manifest_lib.verify_or_raise(run.dir)
+    run.update(adapter=str((run.dir / "adapter").resolve()), verified=True)
+
+
+def teardown(run: registry.Run, backend, recorder: Recorder | None, console) -> None:
+    """End the machine; if that fails, say loudly how to end it (money)."""
+    if recorder is not None:
+        recorder.phase("tearing down")
+    try:
+        backend.down(run)
+    except Exception as e:  # noqa: BLE001  (any failure here must reach the user, not a traceback)
+        console.print(f"[bold red]TEARDOWN FAILED for run {run.id}: {redact(str(e))}[/]\n"
+                      f"  the machine may still be running and billing. Retry: socrates-launch down {run.id}",
+                      highlight=False)
+        run.update(machine="unknown")
+        return
+    state = {"machine": "gone", "ended_at": run.ended_at or time.time()}
+    if run.live:
+        run.transition("torn_down", note="torn down before the run ended", **state)
+    else:
+        run.update(**state)
+
+
+def _interrupted(run: registry.Run, backend, console, recorder: Recorder) -> int:
+    """First Ctrl-C detaches (autodown armed); a second within a few seconds tears down now."""
+    console.print(
+        f"\n[bold yellow]detached from run {run.id}[/]: the job keeps running and its machine tears itself down when it ends.\n"
+        f"  re-attach:  socrates-launch logs {run.id}\n  tear down:  socrates-launch down {run.id}\n"
+        f"  (press Ctrl-C again within {SECOND_CTRL_C_S:.0f} s to tear down now)", highlight=False)
+    try:
+        time.sleep(SECOND_CTRL_C_S)
+    except KeyboardInterrupt:
+        # Ignore further Ctrl-C while tearing down: a half-done teardown is the expensive outcome.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            console.print("tearing down now")
+            teardown(run, backend, recorder, console)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return 130
+    return 130
+
+
+def _say_detached(run: registry.Run, console) -> None:
+    console.print(f"detached: run {run.id} is running.\n  follow:     socrates-launch logs {run.id}\n"
+                  f"  tear down:  socrates-launch down {run.id}", highlight=False)
+
+
+def _save_log(run: registry.Run, backend) -> None:
+    lines = getattr(backend, "log_lines", None)
+    if lines is None:
+        return
+    try:
+        text = "\n".join(lines(run))
+    except Exception:  # noqa: BLE001  (the log is a convenience; never mask the real outcome)
+        return
+    if text:
+        run.log_path.write_text(redact(text) + "\n", encoding="utf-8")
+
+
+def _tail_log(run: registry.Run, console, n: int = 15) -> None:
+    if run.log_path.is_file():
+        lines = [ln for ln in run.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if "@@socrates-event" not in ln][-n:]
+        if lines:
+            console.print("last job output:\n  " + "\n  ".join(lines), highlight=False, markup=False)
+
+
+def _read_events(path: Path) -> list[dict]:
+    from contracts.events import read_all
+
+    return read_all(path) if path.is_file() else []

@@ -1,0 +1,67 @@
+"""A stand-in for `python -m job VERB` (tests only): prints real events, writes a real adapter +
+manifest, and fails where FAKEJOB_FAIL says. Faults are injected around the real launcher.
+
+Knobs (environment): FAKEJOB_STEPS (default 5), FAKEJOB_STEP_S (sleep per step, default 0.05),
+FAKEJOB_FAIL=check|prepare|train|evaluate (exit 1 there), FAKEJOB_CORRUPT=1 (an artifact that
+does not match its manifest), FAKEJOB_LEAK=1 (print HF_TOKEN, to test redaction).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from contracts import manifest
+from contracts.events import LINE_PREFIX, dumps, make
+
+
+def emit(kind: str, **fields) -> None:
+    print(LINE_PREFIX + dumps(make(kind, **fields)), flush=True)
+
+
+def arg(argv: list[str], flag: str, default: str | None = None) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else default
+
+
+def main(argv: list[str]) -> int:
+    verb = argv[0]
+    emit("start", verb=verb)
+    if os.environ.get("FAKEJOB_LEAK"):
+        print(f"debug: token is {os.environ.get('HF_TOKEN')}", flush=True)
+    if os.environ.get("FAKEJOB_FAIL") == verb:
+        print(f"fakejob: failing in {verb} as asked", file=sys.stderr, flush=True)
+        return 1
+    if verb == "check":
+        emit("check", ok=True, card="cpu")
+    elif verb == "prepare":
+        out = Path(arg(argv, "--out"))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train.jsonl").write_text("{}\n")
+        emit("prepare", train_rows=40, test_rows=8)
+    elif verb == "train":
+        out = Path(arg(argv, "--out"))
+        steps = int(os.environ.get("FAKEJOB_STEPS", "5"))
+        for step in range(1, steps + 1):
+            time.sleep(float(os.environ.get("FAKEJOB_STEP_S", "0.05")))
+            emit("step", step=step, total_steps=steps, epoch=step / steps, loss=2.0 / step, lr=1e-3,
+                 tokens_per_s=1000.0, gpu_mem_gib=0.0, eta_s=(steps - step) * 0.05)
+        adapter = out / "adapter"
+        adapter.mkdir(parents=True, exist_ok=True)
+        (adapter / "adapter_model.safetensors").write_bytes(os.urandom(4096))
+        (adapter / "adapter_config.json").write_text('{"r": 8}\n')
+        manifest.write(out, {"config": "fake"})
+        if os.environ.get("FAKEJOB_CORRUPT"):
+            (adapter / "adapter_model.safetensors").write_bytes(b"corrupted")
+        emit("artifact", path="adapter/adapter_model.safetensors", sha256="-", size=4096)
+        emit("done", reason="completed")
+    elif verb == "evaluate":
+        out = Path(arg(argv, "--out"))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text('{"wasserstein": 0.1}\n')
+        emit("eval", metrics={"wasserstein": 0.1})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

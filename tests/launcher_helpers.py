@@ -1,0 +1,71 @@
+"""Shared by the launcher tests: run the real CLI in a subprocess with a fake job interpreter."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FAKEJOB = REPO / "tests" / "fakejob.py"
+
+
+def fake_python(tmp: Path) -> Path:
+    """An executable that behaves like `python -m job VERB ...` but runs tests/fakejob.py."""
+    exe = tmp / "fakepython"
+    exe.write_text(f'#!/usr/bin/env bash\n# usage: fakepython -m job VERB ...\nshift 2\nexec "{sys.executable}" "{FAKEJOB}" "$@"\n')
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return exe
+
+
+def launcher_env(runs: Path, job_python: Path | None = None, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FAKEJOB_", "SOCRATES_"))}
+    env.update({"SOCRATES_RUNS_DIR": str(runs), "PYTHONPATH": str(REPO), "COLUMNS": "120"})
+    if job_python is not None:
+        env["SOCRATES_JOB_PYTHON"] = str(job_python)
+    env.update(extra)
+    return env
+
+
+def cli(args: list[str], env: dict, timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def spawn(args: list[str], env: dict, cwd: Path = REPO) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def only_run(runs: Path) -> dict:
+    found = list(runs.glob("*/run.json"))
+    assert len(found) == 1, found
+    return json.loads(found[0].read_text())
+
+
+def wait_for_state(runs: Path, states: tuple[str, ...], timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in runs.glob("*/run.json"):
+            try:
+                rec = json.loads(p.read_text())
+            except ValueError:
+                continue
+            if rec["state"] in states:
+                return rec
+        time.sleep(0.05)
+    raise AssertionError(f"no run reached {states} in {timeout} s")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
