@@ -1,0 +1,615 @@
+"""What a run will cost before it starts: hours and dollars per cloud offer, and the caps on both.
+
+    est = estimate_run(cfg, gpu="A100:1", cloud=None, spot=False, data=None, infra="sky")
+    render(est, console, explain=True)
+    deadline_s = deadline_for(est, max_cost=20.0, max_hours=None)
+
+Hours = fixed costs (provisioning, image, model download + 4-bit load, dataset, evaluation, adapter
+download, teardown) + training = tokens / throughput(card, method, model size), where
+  tokens      exact from a prepared folder's stats.json (`python -m job prepare`), or for the hub
+              dataset from configs/socsci210_stats.json (shipped, derived once, see that file);
+  throughput  configs/throughput.yaml (measured on H100/H200 by bench/cost_accuracy.py, other
+              cards derived from datasheet ratios and marked so);
+  steps       the schedule's own: rows x epochs / global batch, capped by max_steps.
+Low/high bands: token band (exact: none; hub: a bootstrap over the sample's studies) times the
+throughput band (measured +-10%, derived +-30%), plus each fixed term's own range. Spot offers
+add a preemption allowance to the high end only. Prices come from SkyPilot's catalog through
+launcher/sky_adapter.py (the only module that imports sky); nothing here imports torch or sky.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from contracts.config import RunConfig
+from contracts.errors import ContractError
+
+REPO = Path(__file__).resolve().parents[1]
+THROUGHPUT_FILE = REPO / "configs" / "throughput.yaml"
+HUB_STATS_FILE = REPO / "configs" / "socsci210_stats.json"
+HUB_DATASET = "socratesft/SocSci210"
+LOCAL_INFRA_PREFIXES = ("local", "ssh://")
+# Bandwidth assumptions (MB/s) for low / expected / high time: cloud VM <-> Hugging Face, and laptop <-> VM.
+CLOUD_MBPS = (500.0, 200.0, 60.0)
+LAPTOP_MBPS = (50.0, 20.0, 5.0)
+# Preemptions on spot: one interruption, re-provisioning and resuming from the last checkpoint.
+SPOT_HIGH_EXTRA = 0.3
+# After the deadline the job gets this long to save, then the wrapper hard-kills it.
+DEADLINE_GRACE_S = 300.0
+SHOWN_OFFERS = 12
+
+
+# --- what an estimate is ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Term:
+    """One line of the hours sum, in seconds, with how it was computed."""
+
+    name: str
+    low_s: float
+    expected_s: float
+    high_s: float
+    how: str
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The training tokens the schedule will really consume, and where the counts came from."""
+
+    train_rows: int
+    """Training rows after the subset (one epoch)."""
+    trained_rows: int
+    """Rows the schedule feeds: steps x global batch, bounded by rows x epochs."""
+    steps: int
+    tokens: float
+    low: float
+    high: float
+    test_rows: int
+    prompt_tokens_per_row: float
+    exact: bool
+    source: str
+    kind: str = "hub"
+    """hub | prepared | raw | synthetic: decides the dataset transfer and prepare terms."""
+    data_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class CardPlan:
+    """The hours for one kind of card (every offer of that card shares them)."""
+
+    card: str
+    count: int
+    tokens_per_s: float
+    throughput_band: float
+    throughput_how: str
+    terms: tuple[Term, ...]
+
+    def hours(self, spot: bool = False) -> tuple[float, float, float]:
+        low = sum(t.low_s for t in self.terms) / 3600
+        exp = sum(t.expected_s for t in self.terms) / 3600
+        high = sum(t.high_s for t in self.terms) / 3600
+        if spot:
+            train = next((t.high_s for t in self.terms if t.name == "training"), 0.0)
+            high += SPOT_HIGH_EXTRA * train / 3600
+        return low, exp, high
+
+
+@dataclass(frozen=True)
+class Offer:
+    cloud: str
+    region: str
+    instance: str
+    card: str
+    count: int
+    spot: bool
+    price_per_h: float
+    hours: tuple[float, float, float]
+    dollars: tuple[float, float, float]
+    cheapest: bool = False
+
+
+@dataclass(frozen=True)
+class Estimate:
+    infra: str
+    method: str
+    model: str
+    params_b: float
+    tokens: Tokens
+    plans: tuple[CardPlan, ...]
+    offers: tuple[Offer, ...]
+    spot: bool
+    notes: tuple[str, ...] = ()
+
+    @property
+    def cheapest(self) -> Offer | None:
+        return next((o for o in self.offers if o.cheapest), None)
+
+    @property
+    def plan(self) -> CardPlan | None:
+        """The plan behind the cheapest offer (or the only plan, on your own machine)."""
+        best = self.cheapest
+        if best is not None:
+            return next(p for p in self.plans if p.card == best.card and p.count == best.count)
+        return self.plans[0] if self.plans else None
+
+    @property
+    def hours(self) -> tuple[float, float, float] | None:
+        best = self.cheapest
+        if best is not None:
+            return best.hours
+        return self.plan.hours(self.spot) if self.plan else None
+
+
+# --- the entry point -------------------------------------------------------------------------
+
+def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot: bool = False,
+                 data: str | None = None, infra: str = "sky") -> Estimate:
+    """Hours and dollars of `cfg` on `gpu` ("A100:1", a GpuSpec, or None for every card that fits)."""
+    table = load_throughput()
+    params_b = model_params_b(cfg)
+    local = infra.startswith(LOCAL_INFRA_PREFIXES)
+    tokens = count_tokens(cfg, data)
+    notes: list[str] = []
+    if not tokens.exact:
+        notes.append(f"tokens approximate: {tokens.source}")
+
+    if gpu is not None:
+        spec = _parse_gpu(gpu)
+        candidates = [(_check_card(spec.name, table), spec.count)]
+    elif local:
+        candidates = []
+    else:
+        candidates = [(c, 1) for c in fitting_cards(table, cfg.train.method, params_b)]
+
+    plans = [plan_card(cfg, table, card, count, params_b, tokens, local) for card, count in candidates]
+    for p in plans:
+        need = min_memory_gib(table, cfg.train.method, params_b)
+        have = table["cards"][p.card]["memory_gib"] * p.count
+        if have < need:
+            notes.append(f"{p.card}:{p.count} has {have} GiB; {cfg.train.method} at {params_b:.1f}B needs "
+                         f"about {need:.0f} GiB (the job's `check` will refuse it)")
+
+    offers: list[Offer] = []
+    if not local:
+        from launcher import sky_adapter
+
+        for p in plans:
+            rows = sky_adapter.list_offers(p.card, p.count, cloud, spot)
+            if not rows and gpu is not None:
+                where = f" on {cloud}" if cloud else ""
+                kind = "spot " if spot else ""
+                raise ContractError(f"--gpu {p.card}:{p.count}: SkyPilot's catalog has no {kind}price for it{where} "
+                                    "(try another card or cloud; `sky show-gpus` lists them)")
+            hours = p.hours(spot)
+            for r in rows:
+                price = float(r["price_per_h"])
+                offers.append(Offer(cloud=str(r["cloud"]), region=str(r["region"]), instance=str(r["instance"]),
+                                    card=p.card, count=p.count, spot=spot, price_per_h=price, hours=hours,
+                                    dollars=tuple(round(h * price, 2) for h in hours)))
+        if not offers:
+            raise ContractError(f"no priced offer in SkyPilot's catalog for any card that fits"
+                                f"{' on ' + cloud if cloud else ''} (pass --gpu NAME:COUNT, or another --cloud)")
+        offers.sort(key=lambda o: (o.dollars[1], o.price_per_h, o.cloud, o.region))
+        offers[0] = replace(offers[0], cheapest=True)
+        if spot:
+            notes.append(f"spot: preemptions add time; the high end allows {SPOT_HIGH_EXTRA:.0%} more training "
+                         "for one interruption and a resume from the last checkpoint")
+    else:
+        notes.append(f"infra {infra}: your own machine, no cloud price")
+
+    return Estimate(infra=infra, method=cfg.train.method, model=cfg.model.id, params_b=params_b, tokens=tokens,
+                    plans=tuple(plans), offers=tuple(offers), spot=spot, notes=tuple(notes))
+
+
+# --- term 1: tokens --------------------------------------------------------------------------
+
+def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
+    """Training tokens and steps for `cfg` on `data` (or cfg.data.source)."""
+    source = data or cfg.data.source
+    d = cfg.data
+    path = Path(source)
+    if path.is_dir() and (path / "stats.json").is_file():
+        return _from_prepared(cfg, path / "stats.json")
+    if path.exists():
+        return _from_raw_local(cfg, path)
+    if source.startswith("synthetic:"):
+        n = source.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ContractError(f"--data {source!r}: synthetic:N needs a whole number of rows N >= 1")
+        hub = load_hub_stats()
+        return _schedule(cfg, round(int(n) * _train_share(hub, d.split) * d.subset),
+                         round(int(n) * (1 - _train_share(hub, d.split))), hub, exact=False, kind="synthetic",
+                         how=f"{source}: generated rows, tokens per row from the shipped SocSci210 mean")
+    if source.startswith((".", "/", "~")) or path.suffix in (".jsonl", ".json", ".parquet"):
+        raise ContractError(f"--data {source!r}: no such file or folder (a prepared folder with stats.json, "
+                            "a local .jsonl/.parquet file or folder, or the hub id socratesft/SocSci210)")
+    if source.rstrip("/") != HUB_DATASET:
+        raise ContractError(f"--data {source!r}: no token stats for this hub dataset (accepted: {HUB_DATASET}, "
+                            "or prepare it with `python -m job prepare --out DIR` and pass --data DIR)")
+    hub = load_hub_stats()
+    rows = hub["splits"].get(d.split)
+    if rows:
+        train_all, test_all, where = rows["train"], rows["test"], "rows from PAPER.md"
+    else:
+        share = _train_share(hub, d.split)
+        train_all, test_all = round(hub["total_rows"] * share), round(hub["total_rows"] * (1 - share))
+        where = f"rows approximate ({share:.0%} of {hub['total_rows']:,} for split {d.split})"
+    # The subset is stratified by study and keeps >= 1 row per study: the rounding is negligible.
+    test = test_all if d.eval_subset is None else round(test_all * d.eval_subset)
+    return _schedule(cfg, round(train_all * d.subset), test, hub, exact=False,
+                     how=f"{HUB_DATASET}: {where}, tokens per row from configs/socsci210_stats.json")
+
+
+def _from_prepared(cfg: RunConfig, stats_file: Path) -> Tokens:
+    try:
+        stats = json.loads(stats_file.read_text(encoding="utf-8"))
+        train, test = stats["train"], stats["test"]
+        rows, total = int(train["rows"]), float(train["tokens"]["total"])
+        test_rows, test_mean = int(test["rows"]), float(test["tokens"]["mean"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ContractError(f"--data {stats_file.parent}: unreadable stats.json ({type(e).__name__}: {e}); "
+                            "re-run `python -m job prepare`") from None
+    how = f"{stats_file}: exact counts by `job prepare` with tokenizer {stats.get('tokenizer', '?')}"
+    prepared_subset = float(stats.get("subset") or 1.0)
+    scale = 1.0
+    if abs(prepared_subset - cfg.data.subset) > 1e-9 and cfg.data.subset < prepared_subset:
+        scale = cfg.data.subset / prepared_subset
+        how += f", scaled x{scale:.4g} from its subset {prepared_subset:g} to {cfg.data.subset:g}"
+    mean = total / rows if rows else 0.0
+    # The answer is a few tokens; evaluation prompts are the training sequence minus it.
+    size = sum(f.stat().st_size for f in stats_file.parent.rglob("*") if f.is_file())
+    return _schedule(cfg, max(1, round(rows * scale)), test_rows, None, exact=scale == 1.0, how=how,
+                     kind="prepared", data_bytes=size, mean=mean, total=total * scale if scale != 1.0 else total,
+                     prompt_mean=max(1.0, test_mean - 4))
+
+
+def _from_raw_local(cfg: RunConfig, path: Path) -> Tokens:
+    n = count_rows(path)
+    hub = load_hub_stats()
+    share = _train_share(hub, cfg.data.split)
+    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
+    return _schedule(cfg, max(1, round(n * share * cfg.data.subset)), round(n * (1 - share)), hub, exact=False,
+                     kind="raw", data_bytes=size,
+                     how=f"{path}: {n:,} rows counted, tokens per row from the shipped SocSci210 mean "
+                         "(run `python -m job prepare --out DIR` and pass --data DIR for exact counts)")
+
+
+def _schedule(cfg: RunConfig, train_rows: int, test_rows: int, hub: dict | None, exact: bool, how: str,
+              kind: str = "hub", data_bytes: int = 0, mean: float | None = None, total: float | None = None, prompt_mean: float | None = None) -> Tokens:
+    """Steps the schedule takes, and the tokens those steps consume (packed: no padding)."""
+    t = cfg.train
+    train_rows = max(1, train_rows)
+    steps = t.total_steps(train_rows)
+    trained_rows = min(train_rows * t.epochs, steps * t.global_batch)
+    if hub is not None:
+        tpr = hub["tokens_per_row"]
+        mean, lo, hi = tpr["mean"], tpr["low"], tpr["high"]
+        prompt_mean = mean - 4
+    else:
+        lo = hi = mean
+    tokens = total * trained_rows / train_rows if (total is not None and exact) else trained_rows * mean
+    return Tokens(train_rows=train_rows, trained_rows=int(math.ceil(trained_rows)), steps=steps, tokens=tokens,
+                  low=tokens * lo / mean if mean else tokens, high=tokens * hi / mean if mean else tokens,
+                  test_rows=max(0, test_rows), prompt_tokens_per_row=prompt_mean or 0.0, exact=exact, source=how,
+                  kind=kind, data_bytes=data_bytes)
+
+
+def count_rows(path: Path) -> int:
+    """Rows in a local .jsonl/.parquet file or a folder of them (no tokenizer: the launcher has no torch)."""
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet")) if path.is_dir() else [path]
+    if not files:
+        raise ContractError(f"--data {path}: no .jsonl or .parquet files in it")
+    n = 0
+    for f in files:
+        if f.suffix == ".jsonl":
+            with open(f, "rb") as fh:
+                n += sum(1 for line in fh if line.strip())
+        elif f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            n += pq.ParquetFile(f).metadata.num_rows
+        else:
+            raise ContractError(f"--data {f}: not accepted (a .jsonl or .parquet file, or a prepared folder)")
+    return n
+
+
+def _train_share(hub: dict, split: str) -> float:
+    rows = hub["splits"].get(split)
+    if rows:
+        return rows["train"] / (rows["train"] + rows["test"])
+    return float(hub["approx_train_share"].get(split, 0.8))
+
+
+# --- term 2: throughput ----------------------------------------------------------------------
+
+def card_throughput(table: dict, card: str, method: str, params_b: float, count: int = 1) -> tuple[float, float, str]:
+    """(tokens/s for `count` cards, relative band, how) from configs/throughput.yaml."""
+    ref = table["reference"]
+    size, entry = _nearest_size(table["measured"].get(method) or {}, params_b, method)
+    ratio_how = ""
+    if "derived_from" in entry:
+        base_size, base = _nearest_size(table["measured"][entry["derived_from"]], size, entry["derived_from"])
+        tps = float(base["tokens_per_s"]) * float(entry["ratio"])
+        ratio_how = f"{entry['derived_from']} x {entry['ratio']} (derived) "
+        measured = base
+    else:
+        tps, measured = float(entry["tokens_per_s"]), entry
+    measured_card = measured.get("card") or ref
+    derived = bool(ratio_how) or not measured.get("date")
+    how = f"{ratio_how}{method} {size:g}B on {measured_card}: {tps:,.0f} tok/s ({measured.get('command', 'prior')})"
+    if card != measured_card:
+        a, b = table["cards"][card], table["cards"][measured_card]
+        r = math.sqrt(a["tflops"] / b["tflops"] * a["tbps"] / b["tbps"])
+        tps *= r
+        derived = True
+        how += f"; {card} derived x{r:.2f} = sqrt(tflops {a['tflops']}/{b['tflops']} x TB/s {a['tbps']}/{b['tbps']})"
+    if abs(params_b - size) / size > 0.05:
+        tps *= size / params_b
+        derived = True
+        how += f"; scaled x{size / params_b:.3g} for {params_b:.2f}B parameters"
+    if count > 1:
+        eff = float(table.get("multi_gpu_efficiency", 0.9))
+        tps *= count * eff
+        how += f"; x{count} cards x {eff} efficiency"
+    band = float(table["band_derived"] if derived else table["band_measured"])
+    return tps, band, how
+
+
+def _nearest_size(by_size: dict, params_b: float, method: str) -> tuple[float, dict]:
+    if not by_size:
+        raise ContractError(f"train.method {method!r}: configs/throughput.yaml has no throughput for it")
+    size = min(by_size, key=lambda s: abs(math.log(float(s) / params_b)))
+    return float(size), by_size[size]
+
+
+def fitting_cards(table: dict, method: str, params_b: float) -> list[str]:
+    need = min_memory_gib(table, method, params_b)
+    return [c for c, spec in table["cards"].items() if spec["memory_gib"] >= need]
+
+
+def min_memory_gib(table: dict, method: str, params_b: float) -> float:
+    return float(table["min_memory_gib"][method]) * params_b / 14.0
+
+
+def model_params_b(cfg: RunConfig) -> float:
+    """Parameters in billions: from the architecture for random init, else from the model's name."""
+    m = cfg.model
+    arch = dict(m.arch or {})
+    if m.init == "random" and str(arch.get("preset", "")).lower() != "qwen2.5-14b" and "hidden_size" in arch:
+        h, n_layers = int(arch["hidden_size"]), int(arch.get("num_hidden_layers", 1))
+        heads = int(arch.get("num_attention_heads", 1))
+        kv, inter = int(arch.get("num_key_value_heads", heads)), int(arch.get("intermediate_size", 4 * h))
+        vocab, hd = int(arch.get("vocab_size", 151936)), h // heads
+        per_layer = 2 * h * heads * hd + 2 * h * kv * hd + 3 * h * inter
+        embed = vocab * h * (1 if arch.get("tie_word_embeddings") else 2)
+        return (n_layers * per_layer + embed) / 1e9
+    found = re.search(r"(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", m.id)
+    return float(found.group(1)) if found else 14.0
+
+
+def lora_bytes(cfg: RunConfig, params_b: float) -> float:
+    """Adapter size: LoRA rank x (in + out) per target per layer, fp32, at Qwen2.5-14B's shapes scaled."""
+    h, inter, kv, layers = 5120, 13824, 1024, 48
+    dims = {"q_proj": 2 * h, "k_proj": h + kv, "v_proj": h + kv, "o_proj": 2 * h,
+            "gate_proj": h + inter, "up_proj": h + inter, "down_proj": h + inter}
+    per_layer = sum(dims.get(t, 2 * h) for t in cfg.lora.target_modules) * cfg.lora.r
+    return per_layer * layers * 4 * (params_b / 14.77) ** (2 / 3)
+
+
+# --- terms 3 and 4: fixed costs and the plan per card ----------------------------------------
+
+def plan_card(cfg: RunConfig, table: dict, card: str, count: int, params_b: float, tokens: Tokens,
+              local: bool) -> CardPlan:
+    tps, band, how = card_throughput(table, card, cfg.train.method, params_b, count)
+    scale = params_b / 14.0
+    terms: list[Term] = []
+    if not local:
+        terms.append(Term("provisioning", 120, 300, 900, "SkyPilot VM from launch to SSH (typical range, not measured)"))
+        terms.append(Term("image / setup", 120, 300, 600, "pull the job image (~10 GB) or install the pinned lock"))
+    if cfg.model.init == "pretrained":
+        gb = params_b * 2
+        terms.append(_transfer("model download", gb, CLOUD_MBPS, f"{gb:.1f} GB bf16 safetensors from the hub"))
+    load = (60 * scale, 120 * scale, 300 * scale)
+    terms.append(Term("model load + 4-bit" if cfg.train.method == "qlora" else "model load", *load,
+                      f"read and quantize {params_b:.1f}B parameters"))
+    if tokens.kind == "hub":
+        terms.append(_transfer("dataset download", 1.4, CLOUD_MBPS, "SocSci210: 17 parquet shards, ~1.4 GB"))
+    elif tokens.kind in ("raw", "prepared") and not local:
+        gb = tokens.data_bytes / 1e9
+        terms.append(_transfer("dataset upload", gb, LAPTOP_MBPS, f"{gb * 1000:,.0f} MB synced from your machine"))
+    if tokens.kind != "prepared":
+        src_rows = tokens.train_rows / max(cfg.data.subset, 1e-9) + tokens.test_rows
+        terms.append(Term("prepare", src_rows / 10000, src_rows / 5000, src_rows / 2000,
+                          f"split + tokenize ~{src_rows:,.0f} rows at 2k-10k rows/s"))
+    t_exp = tokens.tokens / tps
+    terms.append(Term("training", tokens.low / (tps * (1 + band)), t_exp, tokens.high / (tps * (1 - band)),
+                      f"{tokens.tokens:,.0f} tokens ({tokens.steps:,} steps x {cfg.train.global_batch} rows) / "
+                      f"{tps:,.0f} tok/s; band: tokens {tokens.low / tokens.tokens:.2f}-"
+                      f"{tokens.high / tokens.tokens:.2f}, throughput +-{band:.0%}. {how}"
+                      if tokens.tokens else "no tokens"))
+    ckpts = tokens.steps // cfg.train.checkpoint_every if cfg.train.checkpoint_every else 0
+    ck_s = 3 * lora_bytes(cfg, params_b) / 300e6 + 2
+    terms.append(Term("checkpoints", ckpts * ck_s * 0.5, ckpts * ck_s, ckpts * ck_s * 3,
+                      f"{ckpts} saves of adapter + optimizer state"))
+    if cfg.eval.enabled and tokens.test_rows:
+        rows = tokens.test_rows if cfg.eval.rows is None else min(cfg.eval.rows, tokens.test_rows)
+        prefill = rows * tokens.prompt_tokens_per_row / (tps * float(table["eval_prefill_ratio"]))
+        step = table["decode_step_s"].get(card, table["decode_step_s"]["default"]) * scale
+        decode = math.ceil(rows / cfg.eval.batch_size) * cfg.eval.max_new_tokens * step
+        e = prefill + decode
+        b = float(table["band_derived"])
+        terms.append(Term("evaluation", e * (1 - b), e, e * (1 + b),
+                          f"{rows:,} test rows: prefill {prefill / 60:,.0f} min + decode {cfg.eval.max_new_tokens} "
+                          f"tokens x {math.ceil(rows / cfg.eval.batch_size):,} batches at {step:.3f} s (derived)"))
+    if not local:
+        mb = lora_bytes(cfg, params_b) / 1e6 + 5
+        terms.append(Term("adapter download", 10 + mb / LAPTOP_MBPS[0], 10 + mb / LAPTOP_MBPS[1],
+                          10 + mb / LAPTOP_MBPS[2], f"~{mb:,.0f} MB adapter + report to your machine"))
+        terms.append(Term("teardown", 30, 90, 300, "billed until the cloud confirms the VM is gone"))
+    return CardPlan(card=card, count=count, tokens_per_s=tps, throughput_band=band, throughput_how=how,
+                    terms=tuple(terms))
+
+
+def _transfer(name: str, gb: float, mbps: tuple[float, float, float], what: str) -> Term:
+    lo, exp, hi = (gb * 1000 / r for r in mbps)
+    return Term(name, lo, exp, hi, f"{what} at {mbps[2]:g}-{mbps[0]:g} MB/s (assumed)")
+
+
+# --- caps and the actual cost ----------------------------------------------------------------
+
+def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None) -> float | None:
+    """Seconds after the job starts on the machine (sky/train.yaml's DEADLINE_S) at which it must stop.
+
+    Refuses (ContractError -> exit 2) when the HIGH estimate exceeds a cap. Otherwise the deadline
+    is the cap's machine time minus what the cloud bills around the job at its worst (provisioning
+    and setup before it; grace, adapter download and teardown after it), so billed time stays
+    within the cap. None without caps.
+    """
+    check_caps(max_cost, max_hours)
+    if max_cost is None and max_hours is None:
+        return None
+    best, hours = est.cheapest, est.hours
+    tail = 0.0
+    if best is not None and est.plan is not None:
+        around = ("provisioning", "image / setup", "adapter download", "teardown")
+        tail = DEADLINE_GRACE_S + sum(t.high_s for t in est.plan.terms if t.name in around)
+    limits = []
+    if max_cost is not None and best is not None:
+        lo, exp, hi = best.dollars
+        if hi > max_cost:
+            raise ContractError(
+                f"--max-cost {max_cost:g}: the high estimate is ${hi:,.2f} (low ${lo:,.2f}, expected ${exp:,.2f}) "
+                f"on {best.cloud} {best.region} {best.instance} at ${best.price_per_h:.2f}/h; nothing launched "
+                "(raise the cap, lower --subset, or pick a cheaper --gpu)")
+        limits.append(max_cost / best.price_per_h * 3600 - tail)
+    if max_hours is not None:
+        if hours is not None and hours[2] > max_hours:
+            lo, exp, hi = hours
+            raise ContractError(
+                f"--max-hours {max_hours:g}: the high estimate is {hi:,.2f} h (low {lo:,.2f}, expected {exp:,.2f}); "
+                "nothing launched (raise the cap or lower --subset)")
+        limits.append(max_hours * 3600 - tail)
+    return min(limits) if limits else None
+
+
+def check_caps(max_cost: float | None, max_hours: float | None) -> None:
+    """Caps are numbers > 0 (checked before anything is estimated or created)."""
+    for flag, value in (("--max-cost", max_cost), ("--max-hours", max_hours)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise ContractError(f"{flag} {value!r}: not accepted (a number > 0)")
+
+
+def actual_cost(run: Any) -> float | None:
+    """Dollars so far: the run's price per hour x its billed time (started_at to ended_at, or now)."""
+    get = run.get if isinstance(run, dict) else (lambda k, d=None: getattr(run, k, d))
+    price, start = get("price_per_hour"), get("started_at")
+    if price is None:
+        price = ((get("estimate") or {}).get("cheapest") or {}).get("price_per_h")
+    if price is None or start is None:
+        return None
+    end = get("ended_at") or time.time()
+    return round(float(price) * max(0.0, float(end) - float(start)) / 3600, 2)
+
+
+# --- output ----------------------------------------------------------------------------------
+
+def to_json(est: Estimate) -> dict:
+    best = est.cheapest
+    plan = est.plan
+    return {
+        "infra": est.infra, "method": est.method, "model": est.model, "params_b": round(est.params_b, 3),
+        "spot": est.spot,
+        "tokens": asdict(est.tokens),
+        "hours": _r(est.hours), "dollars": list(best.dollars) if best else None,
+        "cheapest": asdict(best) if best else None,
+        "plans": [{**asdict(p), "hours": _r(p.hours(est.spot))} for p in est.plans],
+        "offers": [asdict(o) for o in est.offers],
+        "terms": [asdict(t) for t in plan.terms] if plan else [],
+        "notes": list(est.notes),
+    }
+
+
+def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
+    """The offers table (cheapest marked), a summary line, and with `explain` every term."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    tok = est.tokens
+    console.print(f"[bold]{est.model}[/] {est.method}, {tok.train_rows:,} training rows -> {tok.steps:,} steps, "
+                  f"{tok.tokens / 1e6:,.1f}M tokens ({'exact' if tok.exact else 'estimated'})")
+    if est.offers:
+        table = Table(title="What this run will cost" + (" (spot)" if est.spot else ""), title_justify="left")
+        for col in ("", "cloud", "region", "instance", "card", "$/h", "hours low-exp-high", "$ low-exp-high"):
+            table.add_column(col, justify="right" if col.startswith(("$", "hours")) else "left")
+        for o in est.offers[:SHOWN_OFFERS]:
+            table.add_row("cheapest" if o.cheapest else "", o.cloud, o.region, o.instance, f"{o.card}:{o.count}",
+                          f"{o.price_per_h:.2f}" + (" spot" if o.spot else ""),
+                          "-".join(f"{h:.1f}" for h in o.hours), "-".join(f"{d:,.0f}" for d in o.dollars),
+                          style="bold green" if o.cheapest else None)
+        console.print(table)
+        if len(est.offers) > SHOWN_OFFERS:
+            console.print(f"  (+{len(est.offers) - SHOWN_OFFERS} more offers; --json lists all)")
+    elif est.hours:
+        lo, exp, hi = est.hours
+        console.print(f"hours on {est.plan.card}:{est.plan.count}: {lo:.2f} / {exp:.2f} / {hi:.2f} (low / expected / high)")
+    for n in est.notes:
+        console.print(f"  note: {n}")
+    if explain and est.plan:
+        p = est.plan
+        t = Table(title=f"How the hours add up on {p.card}:{p.count}", title_justify="left")
+        for col in ("term", "low", "expected", "high", "how"):
+            t.add_column(col, justify="right" if col in ("low", "expected", "high") else "left")
+        for term in p.terms:
+            t.add_row(term.name, _hms(term.low_s), _hms(term.expected_s), _hms(term.high_s), term.how)
+        lo, exp, hi = p.hours(est.spot)
+        t.add_row("total", f"{lo:.2f} h", f"{exp:.2f} h", f"{hi:.2f} h", "sum of the terms" +
+                  (" (+ spot preemption allowance on high)" if est.spot else ""), style="bold")
+        console.print(t)
+        console.print(f"  tokens: {tok.source}")
+        console.print("  bands: low/high = token band x throughput band (measured +-10%, derived +-30%) "
+                      "+ each fixed term's own range")
+
+
+def _hms(s: float) -> str:
+    return f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min"
+
+
+def _r(t: tuple | None) -> list | None:
+    return [round(x, 3) for x in t] if t else None
+
+
+# --- files -----------------------------------------------------------------------------------
+
+def load_throughput(path: Path = THROUGHPUT_FILE) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def load_hub_stats(path: Path = HUB_STATS_FILE) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _parse_gpu(gpu: Any):
+    if hasattr(gpu, "name") and hasattr(gpu, "count"):
+        return gpu
+    from launcher.gpu import parse_gpu
+
+    return parse_gpu(str(gpu))
+
+
+def _check_card(name: str, table: dict) -> str:
+    unsupported = table.get("unsupported", {})
+    if name in unsupported:
+        raise ContractError(f"--gpu {name}: cannot run the job ({unsupported[name]}; accepted: "
+                            f"{', '.join(table['cards'])})")
+    if name not in table["cards"]:
+        raise ContractError(f"--gpu {name}: unknown card for the cost model (accepted: {', '.join(table['cards'])})")
+    return name
