@@ -1,0 +1,194 @@
+"""The only module that imports SkyPilot (`sky`), lazily, inside each call.
+
+A thin layer over the 0.14 SDK: launch (with autodown), tail, job status, cluster status,
+rsync-down through the cluster's SSH alias, down, and the optimizer's dry run. The sky backend
+(launcher/backends/sky.py) drives it; tests swap in a fake with the same methods to inject faults.
+"""
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+# Job states that mean the run block ended, and how they map to an exit status.
+_ENDED_OK = ("SUCCEEDED",)
+_ENDED_BAD = ("FAILED", "FAILED_SETUP", "FAILED_DRIVER", "CANCELLED")
+REMOTE_WORKDIR = "~/sky_workdir"
+
+
+class SkyAdapter:
+    """Each method is one SDK call (or a short sequence); errors surface as the SDK raises them."""
+
+    def __init__(self, log: Callable[[str], None] | None = None):
+        self.log = log or (lambda line: None)
+
+    def launch(self, task_config: dict, cluster_name: str, secrets: dict[str, str], idle_minutes: int,
+               on_request_id: Callable[[str], None]) -> int:
+        """Provision, sync and start the run block; returns the job id once it is submitted.
+
+        autodown is armed (down=True + idle autostop) before the run starts, so a machine whose
+        launcher vanished still ends itself after the job, plus `idle_minutes` to download.
+        """
+        import sky
+
+        task = sky.Task.from_yaml_config(task_config, secrets_overrides=list(secrets.items()) or None)
+        request_id = sky.launch(task, cluster_name=cluster_name, idle_minutes_to_autostop=idle_minutes, down=True)
+        on_request_id(str(request_id))
+        job_id, _handle = sky.stream_and_get(request_id, output_stream=_LineSink(self.log))
+        if job_id is None:
+            raise RuntimeError(f"SkyPilot returned no job id for cluster {cluster_name}")
+        return int(job_id)
+
+    def wait_launch(self, request_id: str) -> int:
+        """The job id of a launch request made earlier (by a launcher that was since killed)."""
+        import sky
+
+        job_id, _handle = sky.get(request_id)
+        if job_id is None:
+            raise RuntimeError(f"launch request {request_id} returned no job id")
+        return int(job_id)
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a launch request still in flight (provisioning continues server-side otherwise)."""
+        import sky
+
+        try:
+            sky.api_cancel(request_id, silent=True)
+        except Exception:  # noqa: BLE001  (a finished request can't be cancelled; down follows anyway)
+            pass
+
+    def tail(self, cluster_name: str, job_id: int) -> Iterator[str]:
+        """The job's log lines from the start, following until the job ends (None lines skipped)."""
+        import sky
+
+        for line in sky.tail_logs(cluster_name, job_id, follow=True, preload_content=False):
+            if line is None:
+                return
+            for part in line.splitlines():
+                yield part
+
+    def job_exit_code(self, cluster_name: str, job_id: int) -> int | None:
+        """0 / 1 once the job ended (SUCCEEDED / failed or cancelled), None while it runs."""
+        import sky
+
+        statuses = sky.get(sky.job_status(cluster_name, [job_id]))
+        status = statuses.get(job_id) or statuses.get(str(job_id))
+        name = getattr(status, "name", str(status) if status else None)
+        if name in _ENDED_OK:
+            return 0
+        if name in _ENDED_BAD:
+            return 1
+        return None
+
+    def cluster_state(self, cluster_name: str) -> str:
+        """'up' if SkyPilot has the cluster (any status), 'gone' if not, refreshed from the cloud."""
+        import sky
+        from sky.utils import common
+
+        records = sky.get(sky.status([cluster_name], refresh=common.StatusRefreshMode.AUTO))
+        return "up" if any(_name(r) == cluster_name for r in records) else "gone"
+
+    def rsync_down(self, cluster_name: str, remote_dir: str, local_dir: Path) -> None:
+        """rsync through the SSH alias SkyPilot writes for the cluster (~/.sky/generated/ssh)."""
+        local_dir.mkdir(parents=True, exist_ok=True)
+        cmd = ["rsync", "-az", "--partial", "--exclude", "checkpoints/", "-e", "ssh -o ConnectTimeout=30",
+               f"{cluster_name}:{remote_dir.rstrip('/')}/", f"{local_dir}/"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"rsync from {cluster_name}:{remote_dir} failed ({proc.returncode}): "
+                               f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+
+    def down(self, cluster_name: str) -> None:
+        """Terminate the cluster; a cluster that no longer exists counts as down."""
+        import sky
+
+        try:
+            sky.get(sky.down(cluster_name))
+        except sky.exceptions.ClusterDoesNotExist:
+            return
+
+    def dryrun(self, task_config: dict, cluster_name: str) -> dict:
+        """SkyPilot's optimizer picks the offer; then its own dry-run launch. Nothing is provisioned."""
+        import sky
+
+        task = sky.Task.from_yaml_config(task_config)
+        with sky.Dag() as dag:
+            dag.add(task)
+        optimized = sky.get(sky.optimize(dag))
+        best = optimized.tasks[0].best_resources
+        sky.stream_and_get(sky.launch(task, cluster_name=cluster_name, dryrun=True, down=True,
+                                      idle_minutes_to_autostop=10), output_stream=_LineSink(self.log))
+        return {
+            "cloud": str(best.cloud), "region": best.region, "instance": best.instance_type,
+            "accelerators": ", ".join(f"{k}:{v}" for k, v in (best.accelerators or {}).items()),
+            "price_per_hour": float(best.get_cost(3600)), "spot": bool(best.use_spot),
+        }
+
+
+class _LineSink(io.TextIOBase):
+    """A text stream that hands SkyPilot's request log to a callback line by line."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self._log = log
+        self._buf = ""
+
+    def write(self, s: str) -> int:
+        self._buf += s
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            self._log(line)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def _name(record: Any) -> str | None:
+    return record.get("name") if isinstance(record, dict) else getattr(record, "name", None)
+
+
+# --- catalog queries used by launcher/cost.py (the cost engineer's functions go below) ---------
+
+def list_offers(accelerator: str, count: int, cloud: str | None, spot: bool) -> list[dict]:
+    """Priced offers of `count` x `accelerator` from SkyPilot's catalog (read offline when cached).
+
+    Without `cloud`, only clouds whose catalog is already on disk are read, so an estimate never
+    waits on a download; with none on disk, SkyPilot fetches the common clouds' catalogs.
+    Rows: cloud, region, instance, card, count, price_per_h (spot price when `spot`), spot.
+    """
+    import math
+    import os
+
+    import sky.catalog as catalog
+    from sky.catalog import common as catalog_common
+    from sky.skylet import constants
+
+    if cloud:
+        clouds = [cloud.lower()]
+    else:
+        clouds = [c.lower() for c in constants.ALL_CLOUDS
+                  if os.path.exists(catalog_common.get_catalog_path(f"{c.lower()}/vms.csv"))]
+        clouds = clouds or ["aws", "gcp", "azure", "lambda", "runpod"]
+    rows, seen = [], set()
+    for name in clouds:
+        try:
+            found = catalog.list_accelerators(gpus_only=True, name_filter=accelerator, quantity_filter=count,
+                                              clouds=name, case_sensitive=False, all_regions=True,
+                                              require_price=True)
+        except Exception:  # noqa: BLE001 - one cloud's missing or unreadable catalog must not hide the others
+            continue
+        for card, infos in found.items():
+            if card.lower() != accelerator.lower():
+                continue  # the filter is a substring match: A100 also finds A100-80GB
+            for i in infos:
+                price = i.spot_price if spot else i.price
+                if price is None or (isinstance(price, float) and math.isnan(price)) or price <= 0:
+                    continue
+                key = (i.cloud, i.instance_type, i.region)
+                if int(i.accelerator_count) != count or key in seen:
+                    continue
+                seen.add(key)
+                rows.append({"cloud": str(i.cloud), "region": i.region, "instance": i.instance_type,
+                             "card": card, "count": count, "price_per_h": float(price), "spot": spot})
+    return rows
