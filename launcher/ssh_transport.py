@@ -18,47 +18,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import urlsplit
 
 import paramiko
 
 from contracts.errors import ContractError
+from launcher.ssh_options import SshTarget, parse_infra  # noqa: F401  (re-exported)
 
-DEFAULT_PORT = 22
 # paramiko raises these (and plain OSErrors) when a connection dies under it.
 DROPPED = (paramiko.SSHException, EOFError, socket.error, OSError)
 
 
 class SshDropped(RuntimeError):
     """The connection could not be made or was lost; worth retrying."""
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    user: str
-    host: str
-    port: int = DEFAULT_PORT
-
-    def __str__(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}"
-
-    @property
-    def known_hosts_name(self) -> str:
-        return self.host if self.port == DEFAULT_PORT else f"[{self.host}]:{self.port}"
-
-
-def parse_infra(infra: str) -> SshTarget:
-    """`ssh://user@host[:port]` -> SshTarget; anything else is a one-line ContractError."""
-    accepted = "ssh://USER@HOST[:PORT], e.g. ssh://root@gpu-box:2222"
-    parts = urlsplit(infra)
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError:
-        raise ContractError(f"--infra {infra!r}: bad port (accepted: {accepted})") from None
-    if parts.scheme != "ssh" or not parts.hostname or not parts.username or parts.path not in ("", "/") \
-            or parts.password or parts.query or parts.fragment:
-        raise ContractError(f"--infra {infra!r} is not accepted ({accepted})")
-    return SshTarget(user=parts.username, host=parts.hostname, port=port)
 
 
 @dataclass(frozen=True)
@@ -260,12 +231,14 @@ def _mkdirs(sftp: paramiko.SFTPClient, path: str, made: set[str]) -> None:
     made.add(path)
 
 
-def get_tree(sftp: paramiko.SFTPClient, remote: str, local: Path) -> int:
-    """Copy the remote folder `remote` into `local`; returns bytes received."""
+def get_tree(sftp: paramiko.SFTPClient, remote: str, local: Path, skip: tuple[str, ...] = ()) -> int:
+    """Copy the remote folder `remote` into `local` (minus top-level names in `skip`); returns bytes received."""
     local.mkdir(parents=True, exist_ok=True)
     total = 0
     for entry in sftp.listdir_attr(remote):
         src, dst = posixpath.join(remote, entry.filename), local / entry.filename
+        if entry.filename in skip:
+            continue
         if stat.S_ISDIR(entry.st_mode):
             total += get_tree(sftp, src, dst)
         elif stat.S_ISREG(entry.st_mode):

@@ -147,7 +147,6 @@ class SshServer:
 
 # --- pytest fixtures (imported by tests/test_ssh_*.py) -----------------------------------------
 
-import json  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -164,30 +163,3 @@ def sshd(tmp_path_factory):
     srv = SshServer.start(tmp_path_factory.mktemp("sshd"))
     yield srv
     srv.stop()
-
-
-@dataclass
-class FileRun:
-    """The fields of a run record the SSH backend uses, saved to run.json on every save()."""
-
-    id: str
-    dir: Path
-    config_path: Path
-    data: str | None = None
-    backend_state: dict = field(default_factory=dict)
-    phases: list = field(default_factory=list)
-
-    def save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "run.json").write_text(json.dumps({
-            "id": self.id, "config_path": str(self.config_path), "data": self.data,
-            "backend_state": self.backend_state}))
-
-    def on_phase(self, phase: str, message: str) -> None:
-        self.phases.append(phase)
-
-    @classmethod
-    def load(cls, d: Path) -> "FileRun":
-        raw = json.loads((d / "run.json").read_text())
-        return cls(id=raw["id"], dir=d, config_path=Path(raw["config_path"]), data=raw["data"],
-                   backend_state=raw["backend_state"])

@@ -8,7 +8,9 @@ What `launch` does on the host, in order, each step before anything costs more:
     start      the run block, detached in its own session (setsid), in the job image with
                `docker run --gpus all` when the host has docker and a GPU, else with a python
                that has the job's deps (--remote-python, or a venv built from requirements/job.lock)
-`follow` tails out/events.jsonl over SFTP from the last byte read, reconnecting when the
+What runs is sky/train.yaml's `setup:` (venv mode) and `run:` blocks with the task's envs, rendered
+by launcher/task.py: the same as SkyPilot and the local backend. `follow` tails the job's log
+(events ride on it with their LINE_PREFIX) over SFTP from the last byte read, reconnecting when the
 connection drops; `down` kills the job's process group, removes the run's folder, then runs the
 `--on-teardown` command locally and records whether it worked.
 
@@ -18,12 +20,11 @@ Remote layout (REMOTE_DIR defaults to ~/.socrates-launch):
 """
 from __future__ import annotations
 
-import argparse
 import posixpath
 import shlex
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,349 +32,313 @@ import paramiko
 
 from contracts import events as ev
 from contracts.errors import ContractError
+from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback
+from launcher.ssh_options import SshOptions, parse_infra
 from launcher.ssh_transport import (
     DROPPED, SshAuth, SshDropped, SshTarget, SyncStats, connect, env_exports, get_tree, local_files,
-    parse_infra, read_from, run as ssh_run, secret_envs, sync_tree,
+    read_from, run as ssh_run, secret_envs, sync_tree,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-CODE_PATHS = ("contracts", "job", "configs", "sky", "requirements/job.lock", "Dockerfile")
-DEFAULT_IMAGE = "socrates-launch-job:latest"
+CODE_PATHS = ("contracts", "job", "configs", "sky", "requirements", "Dockerfile", "pyproject.toml")
 RECONNECT_FOR_S = 300.0
 """How long follow/down keep retrying a dropped connection before they give up (loudly)."""
-
-
-@dataclass(frozen=True)
-class SshOptions:
-    """Everything the SSH backend needs besides the run; all of it is stored in the run record."""
-
-    infra: str
-    key: str | None = None
-    known_hosts: str | None = None
-    trust_new_host: bool = False
-    allow_cpu: bool = False
-    remote_python: str | None = None
-    """A python on the host that has the job's deps; None: docker, else a venv from the lock."""
-    remote_dir: str = "~/.socrates-launch"
-    on_teardown: str | None = None
-    """A local shell command run after teardown (e.g. a provider CLI that stops the instance)."""
-    min_free_gb: float | None = None
-    """Disk the host must have free under remote_dir; None: 1 GB with allow_cpu, else 60 GB."""
-    image: str = DEFAULT_IMAGE
-    poll_s: float = 0.5
-
-    def auth(self) -> SshAuth:
-        kh = Path(self.known_hosts).expanduser() if self.known_hosts else Path.home() / ".ssh" / "known_hosts"
-        return SshAuth(key=Path(self.key).expanduser() if self.key else None, known_hosts=kh,
-                       trust_new_host=self.trust_new_host)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The SSH-only flags of `up` (ignored by other backends)."""
-    g = p.add_argument_group("ssh (--infra ssh://user@host[:port])")
-    g.add_argument("--ssh-key", metavar="PATH", help="private key for the host (default: ~/.ssh keys, agent)")
-    g.add_argument("--known-hosts", metavar="PATH", help="known_hosts file (default ~/.ssh/known_hosts)")
-    g.add_argument("--trust-new-host", action="store_true",
-                   help="accept and remember an unknown host key (a changed key is always refused)")
-    g.add_argument("--remote-python", metavar="PATH", help="python on the host with the job's deps "
-                   "(default: the job image under docker, else a venv built from requirements/job.lock)")
-    g.add_argument("--remote-dir", metavar="DIR", default="~/.socrates-launch", help="where runs live on the host")
-    g.add_argument("--on-teardown", metavar="CMD", help="local command run after teardown, e.g. a provider's stop")
-    g.add_argument("--min-free-gb", type=float, metavar="GB", help="refuse a host with less free disk")
-
-
-def options_from_args(infra: str, args: argparse.Namespace) -> SshOptions:
-    return SshOptions(
-        infra=infra, key=getattr(args, "ssh_key", None), known_hosts=getattr(args, "known_hosts", None),
-        trust_new_host=bool(getattr(args, "trust_new_host", False)), allow_cpu=bool(getattr(args, "allow_cpu", False)),
-        remote_python=getattr(args, "remote_python", None),
-        remote_dir=getattr(args, "remote_dir", None) or "~/.socrates-launch",
-        on_teardown=getattr(args, "on_teardown", None), min_free_gb=getattr(args, "min_free_gb", None))
+LOG_FILE, EXIT_FILE, PID_FILE = "job.log", "exit_code", "job.pid"
 
 
 class SshBackend(Backend):
     name = "ssh"
 
-    def __init__(self, options: SshOptions, run_block: str | None = None, code_root: Path = REPO):
-        self.opts = options
-        self.target: SshTarget = parse_infra(options.infra)
+    def __init__(self, infra: str, run_block: str | None = None, code_root: Path = tasklib.REPO, **options: Any):
+        self.target: SshTarget = parse_infra(infra)
+        self.opts = SshOptions(**options)
+        # Built without options (logs/status/down/download after a restart): the run record's are used.
+        self._restore = not options
         self.run_block = run_block
-        """Bash run for the job; None: the run block shared with the other backends (see `_run_block`)."""
+        """Bash the host runs as the job; None: sky/train.yaml's run block (launcher/task.py)."""
         self.code_root = code_root
         self.reconnects = 0
+        self.on_phase: Callable[..., None] = lambda name, detail=None: None
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
 
-    @classmethod
-    def from_state(cls, state: dict) -> "SshBackend":
-        """Rebuild the backend from a run record's backend_state (after a launcher restart)."""
-        return cls(SshOptions(**state["options"]))
+    # --- before anything exists -------------------------------------------------------------
+
+    def preflight(self, cfg: Any = None) -> None:
+        """Connect (host key, credentials) and probe disk/permissions; ContractError = exit 2, nothing created."""
+        client = self._connect()
+        data = _local_data(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
+        self._probe(client, self._resolve_remote_dir(client), data)
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def launch(self, run: Any) -> None:
-        config_text, data = _run_inputs(run)
-        state = run.backend_state
-        state.update(kind="ssh", options=asdict(self.opts), target=str(self.target))
+        state = self._bind(run)
+        state.update(options=self.opts.to_dict(), target=str(self.target))
         _save(run)
         client = self._connect()
         base = self._resolve_remote_dir(client)
         work = posixpath.join(base, "runs", run.id)
-        state.update(remote_dir=base, work=work, events=posixpath.join(work, "out", ev.EVENTS_FILE))
+        state.update(remote_dir=base, work=work, log=posixpath.join(work, LOG_FILE))
         _save(run)  # saved before anything exists on the host: `down` can always find it
 
-        self._phase(run, "probing", f"{self.target}: disk and permissions under {base}")
+        data = _local_data(_config_dict(run))
+        self.on_phase("probing", f"{self.target}: permissions and free disk under {base}")
         mode, python = self._probe(client, base, data)
-        state.update(mode=mode, python=python, run_id=run.id)
-        self._phase(run, "syncing", f"code and data to {self.target}")
+        state.update(mode=mode, python=python)
+        self.on_phase("syncing", f"code and data to {self.target} (unchanged files skipped)")
         stats = self._sync(client, base, data)
         state["sync"] = asdict(stats)
         _save(run)
-        if mode == "venv":
-            self._phase(run, "installing", "a venv from requirements/job.lock on the host (once per lock)")
-            self._ensure_venv(client, base)
-        self._prepare_work(client, base, work, config_text, data, mode, run.id)
-        self._phase(run, "checking", "python -m job check on the host")
-        self._check(client, work, mode, python)
-        self._phase(run, "starting", f"the job, detached, in {work}")
-        pid, pgid = self._start(client, work, run.id, python if mode != "docker" else None)
-        state.update(pid=pid, pgid=pgid, started_at=time.time())
+        task = tasklib.render(run, gpu=None) if self.run_block is None else None
+        self._prepare_work(client, base, work, run, task, data, mode, python)
+        if mode == "venv" and task is not None:
+            self.on_phase("installing", "the job's venv from requirements/job.lock (sky/train.yaml setup)")
+            self._setup(client, work, task)
+        if task is not None:
+            self.on_phase("checking", "python -m job check on the host")
+            self._check(client, work, mode, python)
+        pid = self._start(client, work, run.id)
+        state.update(pid=pid, pgid=pid, started_at=time.time())
         _save(run)
 
     def follow(self, run: Any, on_event: EventCallback, offset: int = 0) -> int:
-        """Stream events from `offset`; a dropped connection reconnects and resumes at the last byte read."""
-        state = run.backend_state
-        events_path, work = state["events"], state["work"]
-        exit_path = posixpath.join(work, "exit_code")
+        """Deliver the job's events from byte `offset` of its log; a dropped connection resumes there."""
+        state = self._bind(run)
+        log, work = state["log"], state["work"]
         while True:
             try:
                 sftp = self._sftp_client()
-                data = read_from(sftp, events_path, offset)
-                batch, used = ev.parse_chunk(data)
+                finished = _read_int(sftp, posixpath.join(work, EXIT_FILE))  # read before the log: nothing after it is missed
+                batch, used = ev.parse_chunk(read_from(sftp, log, offset))
                 for e in batch:
                     on_event(e)
                 offset += used
-                state["events_offset"] = offset
                 if used:
                     continue  # more may be waiting; read again before sleeping
-                rc = _read_int(sftp, exit_path)
-                if rc is not None:
-                    tail = read_from(sftp, events_path, offset)
-                    for e in ev.parse_chunk(tail)[0]:
-                        on_event(e)
-                    state["events_offset"] = offset + ev.parse_chunk(tail)[1]
-                    state["exit_code"] = rc
+                if finished is not None:
+                    state.update(exit_code=finished, log_offset=offset)
                     _save(run)
-                    return rc
-                if not self._alive(state.get("pgid")):
-                    # the job died without its wrapper writing exit_code (killed -9, host rebooted)
-                    if _read_int(self._sftp_client(), exit_path) is None:
-                        state["exit_code"] = 137
-                        _save(run)
-                        return 137
+                    return finished
+                if not self._alive(state.get("pgid")) and _read_int(sftp, posixpath.join(work, EXIT_FILE)) is None:
+                    raise BackendError("running", f"the job's process group on {self.target} is gone and left "
+                                                  f"no exit code (killed, or the host rebooted); see {log}")
                 time.sleep(self.opts.poll_s)
             except (SshDropped, *DROPPED) as e:
+                if isinstance(e, FileNotFoundError):
+                    raise BackendError("running", f"{self.target}:{work} is gone (torn down?)") from None
                 self._drop()
                 self.reconnects += 1
                 state["reconnects"] = state.get("reconnects", 0) + 1
-                on_event(ev.make("log", message=f"ssh connection lost ({type(e).__name__}); reconnecting, "
-                                 f"resuming at byte {offset}", source="launcher"))
+                self.on_phase("reconnecting", f"ssh connection lost ({type(e).__name__}); resuming at byte {offset}")
                 self._client_or_wait()
 
+    def log_lines(self, run: Any, max_bytes: int = 1 << 20) -> list[str]:
+        """The job's stdout/stderr on the host (its last MiB)."""
+        state = self._bind(run)
+        try:
+            sftp = self._sftp_client()
+            size = sftp.stat(state["log"]).st_size
+            data = read_from(sftp, state["log"], max(0, size - max_bytes), max_bytes)
+        except (KeyError, SshDropped, *DROPPED):
+            return []
+        return data.decode("utf-8", errors="replace").splitlines()
+
     def download(self, run: Any, dest: Path) -> None:
-        state = run.backend_state
+        state = self._bind(run)
         remote_out = posixpath.join(state["work"], "out")
         for attempt in range(3):
             try:
-                state["bytes_downloaded"] = get_tree(self._sftp_client(), remote_out, Path(dest))
+                state["bytes_downloaded"] = get_tree(self._sftp_client(), remote_out, Path(dest), skip=("checkpoints",))
                 _save(run)
                 return
             except FileNotFoundError:
-                raise BackendError("download", f"{self.target}:{remote_out} does not exist (run torn down?)") from None
+                raise BackendError("downloading", f"{self.target}:{remote_out} does not exist (run torn down?)") from None
             except (SshDropped, *DROPPED):
                 self._drop()
                 if attempt == 2:
-                    raise BackendError("download", f"{self.target}: connection kept dropping") from None
+                    raise BackendError("downloading", f"{self.target}: the connection kept dropping") from None
                 self._client_or_wait()
 
     def down(self, run: Any) -> None:
         """Kill the job's process group, remove the run's folder, run --on-teardown. Idempotent."""
-        state = run.backend_state
+        state = self._bind(run)
         if state.get("torn_down"):
             return
         error = None
         work = state.get("work")
-        if work:
+        if work and not state.get("remote_clean"):
             try:
                 self._client_or_wait(timeout=60)
                 self._kill_and_remove(state, work)
             except (SshDropped, *DROPPED) as e:
                 pg = state.get("pgid")
-                error = (f"could not reach {self.target} to tear down ({e}); the job may still run there: "
-                         f"ssh -p {self.target.port} {self.target.user}@{self.target.host} "
-                         f"'kill -9 -- -{pg}; rm -rf {work}'" if pg else f"ssh ... 'rm -rf {work}'")
+                error = (f"could not reach {self.target} to tear down ({e}); the job may still be running there. "
+                         f"End it: ssh -p {self.target.port} {self.target.user}@{self.target.host} "
+                         f"'kill -9 -- -{pg}; rm -rf {work}'")
         state["remote_clean"] = error is None
-        if self.opts.on_teardown and not state.get("on_teardown", {}).get("ok"):
-            state["on_teardown"] = _run_hook(self.opts.on_teardown)
-        state["torn_down"] = error is None and state.get("on_teardown", {}).get("ok", True)
+        hook = state.get("on_teardown")
+        if self.opts.on_teardown and not (hook and hook["ok"]):
+            # the provider's stop command runs even if the host was unreachable: it is what stops billing
+            state["on_teardown"] = hook = _run_hook(self.opts.on_teardown)
+        state["torn_down"] = error is None and (hook is None or hook["ok"])
         _save(run)
         self._drop()
         if error:
             raise BackendError("down", error)
-        hook = state.get("on_teardown")
         if hook and not hook["ok"]:
-            raise BackendError("down", f"--on-teardown {self.opts.on_teardown!r} exited {hook['rc']}: "
-                               f"{hook['output'][-200:]} (the host may still be running; stop it yourself)")
+            raise BackendError("down", f"--on-teardown {hook['cmd']!r} exited {hook['rc']}: "
+                                       f"{hook['output'].strip()[-200:]} (the host may still be billing: stop it yourself)")
 
     def machine_state(self, run: Any) -> str:
-        state = run.backend_state
-        if state.get("torn_down"):
-            return "gone"
-        if not state.get("work"):
+        """'up' while the run's folder or job exists on the host, 'gone' after teardown, 'unknown' if unreachable."""
+        state = self._bind(run)
+        if state.get("torn_down") or not state.get("work"):
             return "gone"
         try:
-            client = self._connect()
-            res = ssh_run(client, f"test -d {shlex.quote(state['work'])} && echo yes || echo no")
+            res = ssh_run(self._connect(), f"test -d {shlex.quote(state['work'])} && echo yes || echo no")
             alive = self._alive(state.get("pgid"))
         except (SshDropped, *DROPPED):
             return "unknown"
         return "up" if (res.out.strip() == "yes" or alive) else "gone"
 
-    def logs_text(self, run: Any, tail: int = 200) -> str:
-        """The last lines of the job's stdout/stderr on the host."""
-        work = run.backend_state["work"]
-        res = ssh_run(self._connect(), f"tail -n {int(tail)} {shlex.quote(posixpath.join(work, 'job.log'))}")
-        return res.out
-
     # --- launch steps ---------------------------------------------------------------------
+
+    def _bind(self, run: Any) -> dict:
+        """The run's backend_state; restores this backend's options from it after a launcher restart."""
+        state = run.backend_state
+        if self._restore and state.get("options"):
+            self.opts = SshOptions(**state["options"])
+            self._restore = False
+        return state
 
     def _resolve_remote_dir(self, client: paramiko.SSHClient) -> str:
         d = self.opts.remote_dir
         if d.startswith("~"):
-            res = ssh_run(client, "printf %s \"$HOME\"")
-            d = res.out.strip() + d[1:]
+            d = ssh_run(client, 'printf %s "$HOME"').out.strip() + d[1:]
         if not d.startswith("/"):
             raise ContractError(f"--remote-dir {self.opts.remote_dir!r}: not accepted (an absolute path or ~/...)")
         return posixpath.normpath(d)
 
     def _probe(self, client: paramiko.SSHClient, base: str, data: Path | None) -> tuple[str, str]:
-        """Writable folder, free disk, how to run the job. Refuses (exit 2) before anything starts."""
+        """Writable folder, free disk, how the job runs (mode, python). Refuses with exit 2 before anything starts."""
         need_gb = self.opts.min_free_gb if self.opts.min_free_gb is not None else (1.0 if self.opts.allow_cpu else 60.0)
-        data_bytes = _size(data) if data else 0
+        need_gb += (_size(data) if data else 0) / 2**30
         q = shlex.quote(base)
         res = ssh_run(client, (
-            f"mkdir -p {q} 2>&1 && t={q}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && "
-            f"echo WRITABLE && df -Pk {q} | tail -1 | awk '{{print \"FREE_KB\", $4}}'; "
+            f"mkdir -p {q} 2>&1 && t={q}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && echo WRITABLE && "
+            f"df -Pk {q} | tail -1 | awk '{{print \"FREE_KB\", $4}}'; "
             "command -v docker >/dev/null && echo HAS_DOCKER; "
             "command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && echo HAS_GPU; "
             "command -v python3 >/dev/null && echo HAS_PYTHON3"))
         lines = res.out.splitlines()
         if "WRITABLE" not in lines:
-            why = (res.out + res.err).strip().splitlines()
+            why = [ln for ln in (res.out + res.err).splitlines() if ln.strip()]
             raise ContractError(f"ssh {self.target}: remote dir {base} is not writable "
                                 f"({why[0] if why else 'mkdir/write failed'}); pick another with --remote-dir")
-        free_kb = next((int(x.split()[1]) for x in lines if x.startswith("FREE_KB ")), 0)
-        free_gb = free_kb / 2**20
-        if free_gb < need_gb + data_bytes / 2**30:
+        free_gb = next((int(x.split()[1]) for x in lines if x.startswith("FREE_KB ")), 0) / 2**20
+        if free_gb < need_gb:
             raise ContractError(f"ssh {self.target}: only {free_gb:.2f} GB free under {base}; the run needs "
-                                f"{need_gb + data_bytes / 2**30:.2f} GB (free disk or use --remote-dir / --min-free-gb)")
-        if "HAS_PYTHON3" not in lines and not self.opts.remote_python:
-            raise ContractError(f"ssh {self.target}: no python3 on the host (install it or give --remote-python)")
+                                f"{need_gb:.2f} GB (free some disk, or use --remote-dir / --min-free-gb)")
         if self.opts.remote_python:
             return "python", self.opts.remote_python
         if "HAS_DOCKER" in lines and "HAS_GPU" in lines:
             return "docker", "python"
         if "HAS_GPU" not in lines and not self.opts.allow_cpu:
-            raise ContractError(f"ssh {self.target}: no GPU found (nvidia-smi -L failed); "
-                                "pass --allow-cpu for a CPU-only run")
-        return "venv", posixpath.join(base, "venv", "bin", "python")
+            raise ContractError(f"ssh {self.target}: no GPU found (nvidia-smi -L failed); pass --allow-cpu for a CPU-only run")
+        if "HAS_PYTHON3" not in lines:
+            raise ContractError(f"ssh {self.target}: no python3 on the host (install it, or give --remote-python)")
+        return "venv", ""  # empty JOB_PYTHON: the run block's default, the venv its setup block builds
 
     def _sync(self, client: paramiko.SSHClient, base: str, data: Path | None) -> SyncStats:
-        stats = sync_tree(client, local_files(self.code_root, [p for p in CODE_PATHS if (self.code_root / p).exists()]),
-                          posixpath.join(base, "cache", "code"), prune=True)
+        python = self.opts.remote_python or "python3"
+        code = local_files(self.code_root, [p for p in CODE_PATHS if (self.code_root / p).exists()])
+        stats = sync_tree(client, code, posixpath.join(base, "cache", "code"), python=python, prune=True)
         if data is not None:
-            files = local_files(data.parent, [data.name])
-            stats.add(sync_tree(client, files, posixpath.join(base, "cache", "data")))
+            stats.add(sync_tree(client, local_files(data.parent, [data.name]), posixpath.join(base, "cache", "data"),
+                                python=python))
         return stats
 
-    def _prepare_work(self, client: paramiko.SSHClient, base: str, work: str, config_text: str,
-                      data: Path | None, mode: str, run_id: str) -> None:
+    def _prepare_work(self, client: paramiko.SSHClient, base: str, work: str, run: Any, task: dict | None,
+                      data: Path | None, mode: str, python: str) -> None:
+        """The run's folder: code hard-linked from the cache (cheap), the rendered script, the runner."""
         q = shlex.quote
-        run_block = _run_block(data) if self.run_block is None else self.run_block
-        launch = "bash ./run_block.sh"
+        remote_data = posixpath.join(base, "cache", "data", data.name) if data else None
+        if task is not None:
+            overrides = {"JOB_PYTHON": python, **({"DATA": remote_data} if remote_data else {})}
+            script = tasklib.run_script(task, **overrides)
+        else:
+            script = "#!/usr/bin/env bash\nexport OUT=out\n" + self.run_block
+        launch = "bash ./run.sh"
         if mode == "docker":
-            # secrets by name only (-e NAME): docker copies them from the environment, never argv
-            envs = " ".join(f"-e {k}" for k in [*self._envs(run_id, "/work"), *secret_envs()])
-            launch = (f"docker run --rm --gpus all --name socrates-{q(run_id)} -v \"$PWD\":/work -w /work "
-                      f"{envs} -e PYTHONPATH=/work --entrypoint bash {q(self.opts.image)} ./run_block.sh")
+            # secrets by name only (-e NAME): docker copies their values from the environment, never argv
+            names = " ".join(f"-e {k}" for k in ("SOCRATES_RUN_ID", "PYTHONUNBUFFERED", *secret_envs()))
+            mounts = f"-v {q(posixpath.join(base, 'cache', 'data'))}:{q(posixpath.join(base, 'cache', 'data'))}:ro"
+            launch = (f"docker run --rm --gpus all --name socrates-{q(run.id)} -v \"$PWD\":/work -w /work {mounts} "
+                      f"{names} -e PYTHONPATH=/work --entrypoint bash {q(self.opts.image)} ./run.sh")
         res = ssh_run(client, f"rm -rf {q(work)} && mkdir -p {q(posixpath.dirname(work))} && "
                               f"cp -al {q(posixpath.join(base, 'cache', 'code'))} {q(work)} && mkdir -p {q(work)}/out")
         if res.rc != 0:
-            raise BackendError("sync", f"could not create {work}: {res.err.strip()[-300:]}")
+            raise BackendError("syncing", f"could not create {work} on {self.target}: {_last_line(res)}")
+        import yaml
+
         sftp = client.open_sftp()
         try:
-            for name, text in (("run_config.yaml", config_text), ("run_block.sh", run_block),
-                               ("runner.sh", _RUNNER.format(launch=launch))):
+            for name, text in (("run.sh", script), ("runner.sh", _RUNNER.format(launch=launch)),
+                               ("run_config.yaml", yaml.safe_dump(_config_dict(run), sort_keys=False))):
                 with sftp.open(posixpath.join(work, name), "w") as f:
                     f.write(text)
+        except DROPPED as e:
+            raise BackendError("syncing", f"writing the run's scripts to {self.target}: {e}") from None
         finally:
             sftp.close()
 
-    def _ensure_venv(self, client: paramiko.SSHClient, base: str) -> None:
-        venv = posixpath.join(base, "venv")
-        lock = posixpath.join(base, "cache", "code", "requirements", "job.lock")
-        q = shlex.quote
-        res = ssh_run(client, f"test -x {q(venv)}/bin/python || (python3 -m venv {q(venv)} && "
-                              f"{q(venv)}/bin/pip install -q --require-hashes --no-deps -r {q(lock)})", timeout=3600)
+    def _setup(self, client: paramiko.SSHClient, work: str, task: dict) -> None:
+        """sky/train.yaml's setup block (the venv from the lock), run in the run's folder."""
+        setup = task.get("setup") or ""
+        res = ssh_run(client, f"cd {shlex.quote(work)} && bash -s", stdin=setup, timeout=3600)
         if res.rc != 0:
-            raise BackendError("setup", f"building the job venv from requirements/job.lock failed: {res.err.strip()[-300:]}")
-
-    def _envs(self, run_id: str, work: str) -> dict[str, str]:
-        return {"SOCRATES_RUN_ID": run_id, "CONFIG": "run_config.yaml", "OUT": "out", "DATA_DIR": "data",
-                "ALLOW_CPU": "1" if self.opts.allow_cpu else "", "PYTHONUNBUFFERED": "1", "PYTHONPATH": work}
+            raise BackendError("installing", f"the setup block failed on {self.target}: {_last_line(res)}")
 
     def _check(self, client: paramiko.SSHClient, work: str, mode: str, python: str) -> None:
-        if self.run_block is not None:
-            return  # a custom run block (tests) carries its own check
-        cpu = " --allow-cpu" if self.opts.allow_cpu else ""
+        """`job check` before the job is started: a card or config that can't run is refused here."""
         q = shlex.quote
+        py = python or "$HOME/socrates-venv/bin/python"
         cmd = (f"docker run --rm --gpus all -v {q(work)}:/work -w /work {q(self.opts.image)} check --config run_config.yaml"
-               if mode == "docker" else f"cd {q(work)} && PYTHONPATH=. {q(python)} -m job check --config run_config.yaml{cpu}")
+               if mode == "docker" else f"cd {q(work)} && PYTHONPATH=. {py} -m job check --config run_config.yaml")
         res = ssh_run(client, cmd, timeout=900)
         if res.rc == 2:
             raise ContractError(f"ssh {self.target}: job check refused the run: {_last_line(res)}")
         if res.rc != 0:
-            raise BackendError("check", f"job check on {self.target} exited {res.rc}: {_last_line(res)}")
+            raise BackendError("checking", f"job check on {self.target} exited {res.rc}: {_last_line(res)}")
 
-    def _start(self, client: paramiko.SSHClient, work: str, run_id: str, py: str | None) -> tuple[int, int]:
+    def _start(self, client: paramiko.SSHClient, work: str, run_id: str) -> int:
+        """Start the runner in its own session; returns its pid (= its process group: setsid made it leader)."""
         q = shlex.quote
-        envs = self._envs(run_id, work)
-        path_line = f"export PATH={q(posixpath.dirname(py))}:\"$PATH\"\n" if py else ""
-        script = (f"set -e\ncd {q(work)}\n" + env_exports(envs) + path_line
+        envs = {"SOCRATES_RUN_ID": run_id, "PYTHONUNBUFFERED": "1", "PYTHONPATH": work}
+        path = f"export PATH={q(posixpath.dirname(self.opts.remote_python))}:\"$PATH\"\n" if self.opts.remote_python else ""
+        script = (f"set -e\ncd {q(work)}\n" + env_exports(envs) + path
                   + env_exports(secret_envs())  # over stdin only: never in argv or a file
                   + "setsid bash ./runner.sh </dev/null >/dev/null 2>&1 &\n"
-                  + "for i in $(seq 100); do test -s job.pid && break; sleep 0.1; done\n"
-                  + "cat job.pid\n")
+                  + f"for i in $(seq 100); do test -s {PID_FILE} && break; sleep 0.1; done\ncat {PID_FILE}\n")
         res = ssh_run(client, "bash -s", stdin=script)
         try:
-            pid = int(res.out.split()[0])
+            return int(res.out.split()[0])
         except (ValueError, IndexError):
-            raise BackendError("run", f"the job did not start on {self.target}: {_last_line(res)}") from None
-        # setsid made the runner a session (and group) leader: its pid is its process group's id
-        return pid, pid
+            raise BackendError("running", f"the job did not start on {self.target}: {_last_line(res)}") from None
 
     # --- teardown, liveness ----------------------------------------------------------------
 
     def _kill_and_remove(self, state: dict, work: str) -> None:
-        pg = state.get("pgid")
-        kill = (f"kill -TERM -- -{int(pg)} 2>/dev/null; for i in $(seq 50); do kill -0 -- -{int(pg)} 2>/dev/null "
-                f"|| break; sleep 0.2; done; kill -KILL -- -{int(pg)} 2>/dev/null; " if pg else "")
-        docker = f"docker rm -f socrates-{shlex.quote(state.get('run_id', 'x'))} >/dev/null 2>&1; " \
+        pg = int(state.get("pgid") or 0)
+        kill = (f"kill -TERM -- -{pg} 2>/dev/null; for i in $(seq 50); do kill -0 -- -{pg} 2>/dev/null || break; "
+                f"sleep 0.2; done; kill -KILL -- -{pg} 2>/dev/null; " if pg else "")
+        docker = f"docker rm -f socrates-{shlex.quote(posixpath.basename(work))} >/dev/null 2>&1; " \
             if state.get("mode") == "docker" else ""
-        res = ssh_run(self._client_or_wait(), f"{kill}{docker}rm -rf {shlex.quote(work)}; test ! -e {shlex.quote(work)}")
+        q = shlex.quote(work)
+        res = ssh_run(self._client_or_wait(), f"{kill}{docker}rm -rf {q}; test ! -e {q}")
         if res.rc != 0:
-            raise SshDropped(f"rm -rf {work} failed: {res.err.strip()[-200:]}")
+            raise SshDropped(f"rm -rf {work} failed: {_last_line(res)}")
 
     def _alive(self, pgid: int | None) -> bool:
         if not pgid:
@@ -383,10 +348,16 @@ class SshBackend(Backend):
 
     # --- connection ------------------------------------------------------------------------
 
+    def _auth(self) -> SshAuth:
+        kh = Path(self.opts.known_hosts).expanduser() if self.opts.known_hosts else Path.home() / ".ssh" / "known_hosts"
+        return SshAuth(key=Path(self.opts.key).expanduser() if self.opts.key else None, known_hosts=kh,
+                       trust_new_host=self.opts.trust_new_host)
+
     def _connect(self) -> paramiko.SSHClient:
-        if self._client is None or not self._client.get_transport() or not self._client.get_transport().is_active():
+        transport = self._client.get_transport() if self._client else None
+        if transport is None or not transport.is_active():
             self._drop()
-            self._client = connect(self.target, self.opts.auth())
+            self._client = connect(self.target, self._auth())
         return self._client
 
     def _sftp_client(self) -> paramiko.SFTPClient:
@@ -395,7 +366,7 @@ class SshBackend(Backend):
         return self._sftp
 
     def _client_or_wait(self, timeout: float = RECONNECT_FOR_S) -> paramiko.SSHClient:
-        """Connect, retrying a dropped/unreachable host with backoff for up to `timeout` seconds."""
+        """Connect, retrying a dropped or unreachable host with backoff for up to `timeout` seconds."""
         deadline, delay = time.time() + timeout, 0.2
         while True:
             try:
@@ -411,19 +382,13 @@ class SshBackend(Backend):
             try:
                 if thing is not None:
                     thing.close()
-            except Exception:  # closing a dead connection may raise anything; it is gone either way
+            except Exception:  # noqa: BLE001  (closing a dead connection may raise anything; it is gone)
                 pass
         self._sftp = self._client = None
 
-    def _phase(self, run: Any, phase: str, message: str) -> None:
-        run.backend_state.setdefault("phases", []).append(phase)
-        cb: Callable | None = getattr(run, "on_phase", None)
-        if cb:
-            cb(phase, message)
 
-
-# The wrapper the host runs: its own pid into job.pid, the run block's output into job.log, and
-# its exit code into exit_code last (atomically), so a follower knows the job really ended.
+# The wrapper the host runs: its pid into job.pid, the job's output into job.log, and its exit code
+# into exit_code last (atomically), so a follower knows the job really ended.
 _RUNNER = """#!/usr/bin/env bash
 cd "$(dirname "$0")"
 echo $$ > job.pid.tmp && mv job.pid.tmp job.pid
@@ -433,30 +398,16 @@ echo $rc > exit_code.tmp && mv exit_code.tmp exit_code
 """
 
 
-def _run_block(data: Path | None) -> str:
-    """The job verbs in order, as sky/train.yaml's run block calls them (envs set by `_envs`)."""
-    data_arg = f" --data {shlex.quote(posixpath.join('..', '..', 'cache', 'data', data.name))}" if data else ""
-    return "\n".join([
-        "set -euo pipefail",
-        'python -m job check --config "$CONFIG" ${ALLOW_CPU:+--allow-cpu}',
-        f'python -m job prepare --config "$CONFIG"{data_arg} --out "$DATA_DIR"',
-        'python -m job train --config "$CONFIG" --data "$DATA_DIR" --out "$OUT" --resume auto',
-    ]) + "\n"
+def _config_dict(run: Any) -> dict:
+    cfg = run.config
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
-def _run_inputs(run: Any) -> tuple[str, Path | None]:
-    """The run's resolved config (YAML text) and local data path, from the run record."""
-    import yaml
-
-    cfg = getattr(run, "config", None)
-    if cfg is not None and hasattr(cfg, "to_dict"):
-        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    else:
-        path = getattr(run, "config_path", None) or (Path(run.dir) / "config.yaml")
-        text = Path(path).read_text(encoding="utf-8")
-    data = getattr(run, "data", None)
-    data_path = Path(data) if data and Path(data).exists() else None
-    return text, data_path
+def _local_data(cfg: dict) -> Path | None:
+    """The run's data when it is a local file or folder (then it is synced); None for hub ids, synthetic:N."""
+    source = (cfg.get("data") or {}).get("source") or ""
+    path = Path(source).expanduser()
+    return path.resolve() if source and not source.startswith("synthetic:") and path.exists() else None
 
 
 def _run_hook(cmd: str) -> dict:
