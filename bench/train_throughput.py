@@ -1,0 +1,390 @@
+"""QLoRA training throughput on the Qwen2.5-14B architecture: the plain HF stack beside the project's path.
+
+One process builds the 14B (random weights, real shapes, NF4 via job/model.py's GPU builder) once,
+then trains each variant for a few optimizer steps at global batch 256 on sequences whose lengths
+follow SocSci210 (bench/socsci210_lengths.json: full 16-field profiles, Qwen2.5 BPE, chat template).
+LoRA adapters are re-created with the same seed for every variant; the data and its order are the
+same for all. Tokens = non-pad tokens. MFU = tokens/s x 4 x 14.8e9 FLOPs over a bf16 8192^3 matmul
+ceiling measured in the same run.
+
+    python bench/train_throughput.py --tiny                   # CPU dry run of every code path
+    python bench/train_throughput.py --levers --out $OUT      # device: each lever added in turn
+    python bench/train_throughput.py --final --out $OUT       # device: baseline vs ours, loss curves
+
+Baseline = what a plain transformers + peft + bitsandbytes script does: prepare_model_for_kbit_training
+(frozen weights upcast to fp32, reentrant checkpointing), LoRA on the 7 projections, right-padded
+micro-batches of the config's micro_batch, the model's own loss over full-sequence logits, bf16
+autocast, paged 8-bit AdamW. Ours = job/fast.py, the levers train.py uses.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from contracts.config import LoraSpec, TrainSpec  # noqa: E402
+from job import fast  # noqa: E402
+
+FLOPS_PER_TOKEN_14B = 4 * 14.8e9
+LENGTHS = Path(__file__).with_name("socsci210_lengths.json")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    baseline: bool = False
+    micro_batch: int = 8
+    levers: fast.Levers = field(default_factory=lambda: fast.Levers(liger=False, answer_only_loss=False))
+    gc: bool = True
+    note: str = ""
+
+
+def lever_sweep(mb: int) -> list[Variant]:
+    """Each row adds one lever to the row above (the liger rows last: its patch can't be undone)."""
+    L = fast.Levers
+    off = L(packing=False, answer_only_loss=False, liger=False)
+    return [
+        Variant("baseline (plain HF)", baseline=True, micro_batch=mb, levers=off),
+        Variant("+ frozen bf16, non-reentrant GC", micro_batch=mb, levers=off),
+        Variant("+ packing (rows of 2048)", micro_batch=mb, levers=replace(off, packing=True)),
+        Variant("+ answer-only loss", micro_batch=mb, levers=L(liger=False)),
+        Variant("+ micro-batch 32", micro_batch=32, levers=L(liger=False)),
+        Variant("+ micro-batch 64", micro_batch=64, levers=L(liger=False)),
+        Variant("+ liger rmsnorm/swiglu/rope (mb 32)", micro_batch=32, levers=L(liger=True)),
+        Variant("+ rows of 1024 (mb 32)", micro_batch=32, levers=L(liger=True, row_len=1024)),
+        Variant("+ GC on 40 of 48 layers (mb 32)", micro_batch=32, levers=L(liger=True, checkpoint_layers=40)),
+        Variant("+ GC on 24 of 48 layers (mb 16)", micro_batch=16, levers=L(liger=True, checkpoint_layers=24)),
+        Variant("+ no GC (mb 8)", micro_batch=8, levers=L(liger=True), gc=False),
+        Variant("+ flex_attention (mb 32)", micro_batch=32, levers=L(liger=True, attn_implementation="flex_attention")),
+    ]
+
+
+def final_pair(mb: int, ours: Variant) -> list[Variant]:
+    return [Variant("baseline (plain HF)", baseline=True, micro_batch=mb,
+                    levers=fast.Levers(packing=False, answer_only_loss=False, liger=False)), ours]
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def make_examples(n: int, vocab: int, seed: int, tiny: bool) -> list[dict]:
+    """`n` sequences with SocSci210's prompt/answer token lengths; random ids; loss on the answer only."""
+    pairs = json.loads(LENGTHS.read_text())["prompt_answer"]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p, a = rng.choice(pairs)
+        if tiny:
+            p = max(4, p // 8)
+        ids = [rng.randrange(10, vocab) for _ in range(p + a)]
+        out.append({"input_ids": ids, "labels": [fast.IGNORE_INDEX] * p + ids[p:]})
+    return out
+
+
+# --- model --------------------------------------------------------------------------------------
+
+def build_base(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
+    from transformers import Qwen2Config
+
+    from job.model import PRESETS, build_random
+
+    arch = dict(PRESETS["qwen2-tiny" if tiny else "qwen2.5-14b"])
+    arch["vocab_size"] = 1024 if tiny else 152064
+    base = build_random(Qwen2Config(**arch), device, dtype, quantize=True, seed=seed)
+    base.config.use_cache = False
+    base.is_loaded_in_4bit = True  # what from_pretrained(BitsAndBytesConfig) sets; peft picks its 4-bit LoRA layer by it
+    return base
+
+
+def attach_lora(base, v: Variant, lora: LoraSpec, seed: int, dtype: torch.dtype):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    for p in base.parameters():
+        p.requires_grad_(False)
+    if v.baseline:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=v.gc)
+    else:
+        fast.frozen_to(base, dtype)
+    torch.manual_seed(seed)
+    lc = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(base, lc)
+    if not v.baseline:
+        fast.set_checkpointing(model, v.gc, v.levers.checkpoint_layers)
+        fast.set_attention(model, v.levers.attn_implementation)
+        if v.levers.liger and not fast.apply_liger(model):
+            print("  (liger not available here: kernels unchanged)")
+    model.train()
+    return model
+
+
+def detach_lora(model):
+    base = model.unload()
+    base.gradient_checkpointing_disable()
+    base.disable_input_require_grads()  # prepare_model_for_kbit_training's hook: the baseline's only
+    base.set_attn_implementation("sdpa")
+    return base
+
+
+def optimizer_for(model, lr: float, weight_decay: float, device: torch.device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if device.type == "cuda":
+        import bitsandbytes as bnb
+        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+# --- one variant --------------------------------------------------------------------------------
+
+def run_variant(base, v: Variant, examples: list[dict], steps: int, gb: int, spec: TrainSpec, lora: LoraSpec,
+                device: torch.device, dtype: torch.dtype, deadline: float) -> dict:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = attach_lora(base, v, lora, spec.seed, dtype)
+    opt = optimizer_for(model, spec.lr, spec.weight_decay, device)
+    timed_tokens, timed_s, micro_seen = 0, 0.0, 0
+    losses, step_s = [], []
+    state = {"t": 0.0}
+
+    def tick(batch: dict) -> None:  # after each micro-batch: the first one (warm-up, kernel compiles) isn't timed
+        nonlocal timed_tokens, timed_s, micro_seen
+        sync()
+        now = time.perf_counter()
+        if micro_seen >= 1:
+            timed_s += now - state["t"]
+            timed_tokens += real_tokens(batch)
+        micro_seen += 1
+        state["t"] = now
+
+    error = None
+    try:
+        for s in range(steps):
+            if time.perf_counter() > deadline and s >= 1:
+                print(f"  time budget reached after {s} steps")
+                break
+            group = examples[s * gb:(s + 1) * gb]
+            t0 = time.perf_counter()
+            sync()
+            state["t"] = time.perf_counter()
+            if v.baseline:
+                loss = plain_hf_step(model, opt, group, v.micro_batch, device, dtype, tick)
+            else:
+                mbs = fast.micro_batches(group, v.micro_batch, v.levers, pad_id=0)
+                loss = fast.step(model, opt, mbs, v.levers, device, dtype, after_micro=tick)
+            sync()
+            step_s.append(time.perf_counter() - t0)
+            losses.append(loss)
+            print(f"  step {s + 1}: loss {loss:.4f}  {step_s[-1]:.1f}s", flush=True)
+    except torch.OutOfMemoryError as e:
+        error = "OOM"
+        print(f"  OOM: {str(e).splitlines()[0][:160]}")
+    except Exception as e:  # noqa: BLE001 - one lever failing must not lose the other rows
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        print(f"  failed: {error}")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del opt
+    model.zero_grad(set_to_none=True)
+    base = detach_lora(model)
+    return {"name": v.name, "baseline": v.baseline, "micro_batch": v.micro_batch, "gc": v.gc,
+            "levers": asdict(v.levers), "steps": len(losses), "losses": losses, "step_s": step_s,
+            "tokens_per_s": timed_tokens / timed_s if timed_s else None, "timed_tokens": timed_tokens,
+            "peak_gib": peak, "error": error, "_base": base}
+
+
+def real_tokens(batch: dict) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    # Packed: the tail segment of a row is padding; real sequences all carry at least one target.
+    return int(_packed_real(batch))
+
+
+def _packed_real(batch: dict) -> int:
+    pos, lab = batch["position_ids"], batch["labels"]
+    n = 0
+    for r in range(pos.shape[0]):
+        starts = (pos[r] == 0).nonzero().flatten().tolist() + [pos.shape[1]]
+        for a, b in zip(starts[:-1], starts[1:]):
+            if (lab[r, a:b] != fast.IGNORE_INDEX).any():
+                n += b - a
+    return n
+
+
+def plain_hf_step(model, opt, group: list[dict], mb: int, device, dtype, tick) -> float:
+    """The plain loop: padded micro-batches, the model's own loss, normalized over the global batch
+    (transformers' Trainer passes num_items_in_batch the same way)."""
+    batches = [fast.collate_padded(group[i:i + mb], pad_id=0) for i in range(0, len(group), mb)]
+    total = sum(fast.count_targets(b) for b in batches)
+    loss_sum = 0.0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            out = model(**b, num_items_in_batch=torch.tensor(total, device=device), use_cache=False)
+        out.loss.backward()
+        loss_sum += float(out.loss.detach()) * total
+        tick(b)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum / total
+
+
+# --- the ceiling and the table ---------------------------------------------------------------------
+
+def matmul_ceiling(device: torch.device, tiny: bool) -> float:
+    n = 512 if tiny else 8192
+    dt = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    iters = 5 if tiny else 50
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t)
+
+
+def table(rows: list[dict], card: str, ceiling: float, flops_per_token: float) -> str:
+    base = next((r for r in rows if r["baseline"] and r["tokens_per_s"]), None)
+    lines = [f"card: {card}   bf16 matmul ceiling: {ceiling / 1e12:.0f} TFLOP/s   "
+             f"MFU = tokens/s x {flops_per_token:.3g} / ceiling",
+             "", "| variant | micro-batch | tokens/s | MFU | peak GiB | x baseline | loss, first steps |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tps = r["tokens_per_s"]
+        mfu = f"{100 * tps * flops_per_token / ceiling:.1f}%" if tps else "-"
+        ratio = f"{tps / base['tokens_per_s']:.2f}x" if tps and base else "-"
+        losses = " ".join(f"{x:.3f}" for x in r["losses"][:6]) + (" ..." if len(r["losses"]) > 6 else "")
+        err = (r["error"] or "-")[:60]
+        lines.append(f"| {r['name']} | {r['micro_batch']} | {f'{tps:,.0f}' if tps else err} | {mfu} | "
+                     f"{r['peak_gib']:.1f} | {ratio} | {losses or err} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--levers", action="store_true", help="add the levers one at a time (1-2 steps each)")
+    mode.add_argument("--final", action="store_true", help="baseline vs ours only, more steps")
+    ap.add_argument("--tiny", action="store_true", help="tiny Qwen2 on the CPU: checks every code path, no timing meaning")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: levers 1, final 20)")
+    ap.add_argument("--baseline-steps", type=int, default=None, help="final mode: baseline steps (default --steps)")
+    ap.add_argument("--ours", default="packing,answer,liger,mb=32",
+                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, rows=N, mb=N, gc=K|all|none)")
+    ap.add_argument("--only", default=None, help="levers mode: comma-separated row numbers to run (1-based)")
+    ap.add_argument("--budget-s", type=float, default=420, help="stop starting new steps after this many seconds")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for train_throughput.json")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    deadline = t_start + args.budget_s
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (tiny; numbers mean nothing)"
+    spec, lora = TrainSpec(), LoraSpec()  # the paper config's schedule and LoRA (configs/paper.yaml)
+    gb = 16 if args.tiny else spec.global_batch
+    print(f"card: {card}  torch {torch.__version__}", flush=True)
+    ceiling = matmul_ceiling(device, args.tiny)
+    print(f"bf16 matmul ceiling: {ceiling / 1e12:.1f} TFLOP/s", flush=True)
+
+    t = time.perf_counter()
+    base = build_base(args.tiny, device, dtype, spec.seed)
+    n_params = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in base.parameters())
+    flops_per_token = FLOPS_PER_TOKEN_14B if not args.tiny else 4 * n_params
+    build_s = time.perf_counter() - t
+    mem = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    print(f"built in {build_s:.0f}s, {mem:.1f} GiB on the card", flush=True)
+
+    mb = 4 if args.tiny else spec.micro_batch
+    if args.final:
+        ours = parse_ours(args.ours, args.tiny)
+        variants = final_pair(mb, ours)
+        steps = args.steps or (3 if args.tiny else 20)
+        base_steps = args.baseline_steps or steps
+    else:
+        variants = lever_sweep(mb)
+        if args.tiny:  # tiny micro-batches so the packed rows still split a global batch of 16
+            variants = [replace(v, micro_batch=max(2, v.micro_batch // 8)) for v in variants]
+        if args.only:
+            keep = {int(x) for x in args.only.split(",")}
+            variants = [v for i, v in enumerate(variants, 1) if i in keep]
+        steps = args.steps or 1
+        base_steps = steps
+    n_steps = max(steps, base_steps)
+    vocab = base.config.vocab_size
+    examples = make_examples(gb * n_steps, vocab, spec.seed, args.tiny)
+
+    rows: list[dict] = []
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for v in variants:
+        k = base_steps if v.baseline else steps
+        print(f"\n== {v.name}: micro_batch {v.micro_batch}, {k} steps of {gb}", flush=True)
+        if time.perf_counter() > deadline:
+            print("  skipped: time budget")
+            continue
+        r = run_variant(base, v, examples, k, gb, spec, lora, device, dtype, deadline)
+        base = r.pop("_base")
+        rows.append(r)
+        print(f"  tokens/s {r['tokens_per_s'] or 0:,.0f}  peak {r['peak_gib']:.1f} GiB", flush=True)
+        dump(out_dir, card, ceiling, flops_per_token, build_s, rows, args)
+    text = table(rows, card, ceiling, flops_per_token)
+    print("\n" + text)
+    (out_dir / "train_throughput.md").write_text(text + "\n")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
+    return 0
+
+
+def parse_ours(spec: str, tiny: bool) -> Variant:
+    lv = fast.Levers(packing=False, answer_only_loss=False, liger=False)
+    mb, gc_on = 8, True
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        key, _, val = item.partition("=")
+        if key == "packing":
+            lv = replace(lv, packing=True)
+        elif key == "answer":
+            lv = replace(lv, answer_only_loss=True)
+        elif key == "liger":
+            lv = replace(lv, liger=True)
+        elif key == "flex":
+            lv = replace(lv, attn_implementation="flex_attention")
+        elif key == "rows":
+            lv = replace(lv, row_len=int(val))
+        elif key == "mb":
+            mb = int(val)
+        elif key == "gc":
+            gc_on = val != "none"
+            lv = replace(lv, checkpoint_layers=None if val in ("none", "all") else int(val))
+        else:
+            raise SystemExit(f"--ours: {item!r} is not accepted (packing, answer, liger, flex, rows=N, mb=N, gc=K|all|none)")
+    if tiny:
+        mb = max(2, mb // 8)
+    return Variant(f"ours ({spec})", micro_batch=mb, levers=lv, gc=gc_on)
+
+
+def dump(out_dir: Path, card, ceiling, fpt, build_s, rows, args) -> None:
+    (out_dir / "train_throughput.json").write_text(json.dumps({
+        "card": card, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv[1:],
+        "matmul_ceiling_flops": ceiling, "flops_per_token": fpt, "build_s": build_s,
+        "lengths": json.loads(LENGTHS.read_text())["meta"], "rows": rows}, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Speed levers of the train path: padding-free packing, answer-only loss, fused kernels, checkpointing.
+
+What each lever does (bench/train_throughput.py measures each on the 14B architecture):
+- Packing: a micro-batch's sequences are packed first-fit into rows of `row_len` tokens; each
+  sequence restarts `position_ids` at 0 and there is no attention mask, so transformers builds a
+  per-sequence (block-diagonal causal) mask from the position ids: no pad token is computed.
+- Answer-only loss: the decoder's hidden states are gathered at the target positions (the answer
+  tokens) before the 152k-wide lm_head, so full-sequence logits are never materialized.
+- Global-batch loss: the loss is summed over targets and divided by the targets of the whole
+  optimizer step, so how sequences are split into micro-batches does not change the gradient.
+- Kernels: Liger's fused RMSNorm / SwiGLU / RoPE (CUDA only), frozen non-4-bit weights kept bf16.
+- Checkpointing: non-reentrant, on all decoder layers or only the first `checkpoint_layers`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Levers:
+    """The speed switches of one training run (TrainSpec fields map onto these)."""
+    packing: bool = True
+    row_len: int = 2048
+    """Tokens per packed row (at least the longest sequence); attention cost grows with it."""
+    answer_only_loss: bool = True
+    liger: bool = True
+    checkpoint_layers: int | None = None
+    """With gradient checkpointing: how many decoder layers recompute (None: all of them)."""
+    attn_implementation: str = "sdpa"
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """Indices of `lengths` packed first-fit-decreasing into rows of at most `row_len` tokens."""
+    cap = max(row_len, max(lengths, default=0))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, left in enumerate(room):
+            if lengths[i] <= left:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(cap - lengths[i])
+    return rows
+
+
+def micro_batches(examples: Sequence[dict], micro_batch: int, levers: "Levers", pad_id: int) -> list[dict]:
+    """Consecutive groups of `micro_batch` sequences (as the Trainer draws them), collated.
+
+    Packed: each group's sequences packed into rows of `row_len`; padded: the plain stack's batch.
+    """
+    out = []
+    for i in range(0, len(examples), micro_batch):
+        group = examples[i:i + micro_batch]
+        flex = levers.attn_implementation == "flex_attention"
+        out.append(PackedCollator(pad_id, levers.row_len, flex)(group) if levers.packing else collate_padded(group, pad_id))
+    return out
+
+
+@dataclass
+class PackedCollator:
+    """A Trainer data collator: one micro-batch's sequences packed into rows, no padding inside.
+
+    Features carry `input_ids` and either `labels` or TRL's `completion_mask` (1 = answer token).
+    """
+    pad_id: int
+    row_len: int = 2048
+    fixed_width: bool = False
+
+    def __call__(self, features: Sequence[dict]) -> dict:
+        examples = [_with_labels(f) for f in features]
+        rows = pack_rows([len(e["input_ids"]) for e in examples], self.row_len)
+        return collate_packed(examples, rows, self.pad_id, self.row_len if self.fixed_width else None)
+
+
+def _with_labels(f: dict) -> dict:
+    ids = list(f["input_ids"])
+    if "labels" in f:
+        return {"input_ids": ids, "labels": list(f["labels"])}
+    mask = f.get("completion_mask") or f.get("assistant_masks")
+    if mask is None:
+        return {"input_ids": ids, "labels": ids}
+    return {"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]}
+
+
+def collate_packed(examples: Sequence[dict], rows: Sequence[Sequence[int]], pad_id: int,
+                   width: int | None = None) -> dict:
+    """Rows of concatenated sequences: input_ids, position_ids (restart per sequence), labels.
+
+    `width` fixes the row length (flex_attention compiles once per shape); default: the fullest row.
+    """
+    width = max([sum(len(examples[i]["input_ids"]) for i in row) for row in rows] + [width or 0])
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            x, y = examples[i]["input_ids"], examples[i]["labels"]
+            n = len(x)
+            ids[r, at:at + n] = torch.as_tensor(x)
+            pos[r, at:at + n] = torch.arange(n)
+            lab[r, at:at + n] = torch.as_tensor(y)
+            lab[r, at] = IGNORE_INDEX  # a sequence's first token is never a target across the seam
+            at += n
+        # The tail is its own segment (positions from 0), attended only by itself, never a target.
+        pos[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "position_ids": pos, "labels": lab}
+
+
+def collate_padded(examples: Sequence[dict], pad_id: int) -> dict:
+    """The plain stack's batch: right-padded to the longest sequence, with an attention mask."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(examples), width), dtype=torch.long)
+    lab = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[r, :n] = torch.as_tensor(e["input_ids"])
+        att[r, :n] = 1
+        lab[r, :n] = torch.as_tensor(e["labels"])
+        lab[r, 0] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
+def count_targets(batch: dict) -> int:
+    """Positions that carry a loss (labels shifted by one, as the causal LM predicts)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+# --- the loss ----------------------------------------------------------------------------------
+
+def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The *ForCausalLM inside a PeftModel (LoRA layers are injected in place, so it trains them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_loss_sum(model: torch.nn.Module, batch: dict, liger: bool = False) -> torch.Tensor:
+    """Summed cross-entropy over the target positions only; the lm_head sees just those rows."""
+    lm = causal_lm_of(model)
+    kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    hidden = lm.model(**kwargs, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    h = hidden[:, :-1][keep]
+    y = targets[keep]
+    head = lm.lm_head
+    if liger and h.is_cuda and h.shape[0] > 4096:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # never builds full logits
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, y)
+    logits = head(h).float()
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def trainer_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch=None, liger: bool = True) -> torch.Tensor:
+    """compute_loss for a Trainer: answer-only summed loss over the global batch's target count."""
+    s = answer_loss_sum(model, inputs, liger)
+    n = num_items_in_batch if num_items_in_batch is not None else count_targets(inputs)
+    return s / n
+
+
+def hf_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The stock loss (full-sequence logits) scaled back to a sum, for the lever comparison."""
+    out = model(**batch, use_cache=False)
+    return out.loss.float() * count_targets(batch)
+
+
+def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[dict],
+         levers: Levers, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+         max_grad_norm: float | None = 1.0, scheduler=None, after_micro=None) -> float:
+    """One optimizer step over a global batch; returns its mean loss per target token.
+
+    Every micro-batch's summed loss is divided by the global batch's target count, so packing
+    (uneven micro-batches) gives the same gradient as any other split of the same sequences.
+    """
+    micro_batches = list(micro_batches)
+    total = sum(count_targets(b) for b in micro_batches)
+    loss_sum = 0.0
+    use_amp = torch.device(device).type == "cuda" and dtype != torch.float32
+    for b in micro_batches:
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=use_amp):
+            s = answer_loss_sum(model, b, levers.liger) if levers.answer_only_loss else hf_loss_sum(model, b)
+        (s / total).backward()
+        loss_sum += float(s.detach())
+        if after_micro is not None:
+            after_micro(b)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / max(total, 1)
+
+
+# --- model switches ------------------------------------------------------------------------------
+
+def frozen_to(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Cast frozen, non-4-bit floating weights (embeddings, lm_head, norms) to `dtype`.
+
+    peft's prepare_model_for_kbit_training upcasts them to fp32, which makes the 152k lm_head an
+    fp32 matmul and the residual stream fp32; trainable (LoRA) weights are left as they are.
+    """
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(dtype)
+            n += p.numel()
+    return n
+
+
+def apply_liger(model: torch.nn.Module) -> bool:
+    """Liger's fused RMSNorm, SwiGLU and RoPE on a Qwen2 model (CUDA + liger-kernel only)."""
+    lm = causal_lm_of(model)
+    if not torch.cuda.is_available() or next(lm.parameters()).device.type != "cuda":
+        return False
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    except ImportError:
+        return False
+    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=lm)
+    return True
+
+
+def set_checkpointing(model: torch.nn.Module, enabled: bool, layers: int | None = None) -> int:
+    """Non-reentrant checkpointing on the first `layers` decoder layers (None: all); returns the count."""
+    lm = causal_lm_of(model)
+    blocks = lm.model.layers
+    if not enabled:
+        lm.gradient_checkpointing_disable()
+        return 0
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep = len(blocks) if layers is None else max(0, min(layers, len(blocks)))
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i < keep
+    return keep
+
+
+def set_attention(model: torch.nn.Module, implementation: str) -> None:
+    """sdpa (per-sequence mask from position_ids) or flex_attention (block-sparse, true varlen)."""
+    causal_lm_of(model).set_attn_implementation(implementation)

@@ -1,0 +1,133 @@
+"""Packing must not change what is learned: packed, padded and one-by-one batches give one loss."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from job import fast
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, vocab_size=512)
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(**ARCH, attn_implementation="sdpa")
+    base = transformers.Qwen2ForCausalLM(cfg).float().eval()  # eval: no dropout, the comparison is exact
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return peft.get_peft_model(base, lora)
+
+
+def _examples(n: int, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p, a = rng.randint(5, 40), rng.randint(1, 4)
+        ids = [rng.randrange(1, ARCH["vocab_size"]) for _ in range(p + a)]
+        out.append({"input_ids": ids, "labels": [fast.IGNORE_INDEX] * p + ids[p:]})
+    return out
+
+
+def _loss_and_grads(model, batches, answer_only: bool) -> tuple[float, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    total = sum(fast.count_targets(b) for b in batches)
+    s_all = 0.0
+    for b in batches:
+        s = fast.answer_loss_sum(model, b) if answer_only else fast.hf_loss_sum(model, b)
+        (s / total).backward()
+        s_all += float(s.detach())
+    grads = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
+    return s_all / total, grads
+
+
+def test_packed_equals_padded_equals_one_by_one():
+    model, ex = _model(), _examples(13)
+    one = [fast.collate_padded([e], pad_id=0) for e in ex]
+    padded = [fast.collate_padded(ex[i:i + 4], pad_id=0) for i in range(0, len(ex), 4)]
+    packed = fast.micro_batches(ex, 5, fast.Levers(row_len=96), pad_id=0)
+    assert sum(int((b["position_ids"] == 0).sum()) for b in packed) >= len(ex)
+    assert any(int((b["position_ids"][r] == 0).sum()) > 1 for b in packed for r in range(len(b["input_ids"]))), \
+        "the test must actually pack"
+
+    ref, ref_g = _loss_and_grads(model, one, answer_only=True)
+    assert 5.0 < ref < 8.0  # ~ln(512) with random weights: a real loss, not zero
+    for batches in (padded, packed):
+        loss, grads = _loss_and_grads(model, batches, answer_only=True)
+        assert loss == pytest.approx(ref, abs=1e-4)
+        for g, r in zip(grads, ref_g):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_answer_only_loss_equals_stock_hf_loss():
+    model, ex = _model(), _examples(6, seed=3)
+    batch = [fast.collate_padded(ex, pad_id=0)]
+    a, ga = _loss_and_grads(model, batch, answer_only=True)
+    b, gb = _loss_and_grads(model, batch, answer_only=False)
+    assert a == pytest.approx(b, abs=1e-4)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_packing_does_not_leak_across_sequences():
+    # Changing one sequence must not change another's loss when they share a packed row.
+    model, ex = _model(), _examples(2, seed=5)
+    rows = [[0, 1]]
+    base = fast.collate_packed(ex, rows, pad_id=0)
+    alone = fast.collate_padded([ex[1]], pad_id=0)
+    changed = [dict(e) for e in ex]
+    changed[0] = {"input_ids": [7] * len(ex[0]["input_ids"]), "labels": ex[0]["labels"]}
+    other = fast.collate_packed(changed, rows, pad_id=0)
+    with torch.no_grad():
+        l_alone = float(fast.answer_loss_sum(model, alone))
+        # Sequence 1's share of the packed loss: mask out sequence 0's targets.
+        for b in (base, other):
+            b["labels"][0, : len(ex[0]["input_ids"])] = fast.IGNORE_INDEX
+            assert float(fast.answer_loss_sum(model, b)) == pytest.approx(l_alone, abs=1e-4)
+
+
+def test_pack_rows_fits_every_sequence_once():
+    lengths = [300, 250, 500, 120, 90, 2000, 60, 700]
+    rows = fast.pack_rows(lengths, row_len=1024)
+    flat = sorted(i for r in rows for i in r)
+    assert flat == list(range(len(lengths)))
+    cap = max(1024, max(lengths))
+    assert all(sum(lengths[i] for i in r) <= cap for r in rows)
+    # The cap grows to the longest (2000): 2000 | 700+500+300+250+120+90 | 60.
+    assert [sorted(lengths[i] for i in r) for r in rows] == [[2000], [90, 120, 250, 300, 500, 700], [60]]
+
+
+def test_step_checkpointing_and_frozen_cast():
+    model = _model()
+    assert fast.set_checkpointing(model, True, layers=1) == 1
+    blocks = fast.causal_lm_of(model).model.layers
+    assert [b.gradient_checkpointing for b in blocks] == [True, False]
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ex = _examples(8, seed=7)
+    batches = fast.micro_batches(ex, 4, fast.Levers(row_len=128), pad_id=0)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    loss = fast.step(model, opt, batches, fast.Levers(liger=False), device="cpu", dtype=torch.float32)
+    assert 5.0 < loss < 8.0
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    n = fast.frozen_to(model, torch.bfloat16)
+    assert n > 0 and fast.causal_lm_of(model).lm_head.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_packed_collator_reads_trl_completion_mask():
+    ex = _examples(3, seed=9)
+    feats = [{"input_ids": e["input_ids"], "completion_mask": [int(y != fast.IGNORE_INDEX) for y in e["labels"]]}
+             for e in ex]
+    a = fast.PackedCollator(pad_id=0, row_len=256)(feats)
+    b = fast.PackedCollator(pad_id=0, row_len=256)(ex)
+    assert a["input_ids"].shape[0] == 1  # all three fit one row
+    for k in ("input_ids", "position_ids", "labels"):
+        assert torch.equal(a[k], b[k])
+    assert fast.count_targets(a) == sum(y != fast.IGNORE_INDEX for e in ex for y in e["labels"])
