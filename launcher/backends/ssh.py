@@ -66,9 +66,14 @@ class SshBackend(Backend):
 
     def preflight(self, cfg: Any = None) -> None:
         """Connect (host key, credentials) and probe disk/permissions; ContractError = exit 2, nothing created."""
-        client = self._connect()
-        data = _local_data(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
-        self._probe(client, self._resolve_remote_dir(client), data)
+        try:
+            client = self._connect()
+            data = _local_data(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
+            self._probe(client, self._resolve_remote_dir(client), data)
+        except SshDropped as e:
+            raise ContractError(f"{e} (is the host up, and is {self.target} the right user, host and port?)") from None
+        finally:
+            self._drop()
 
     # --- lifecycle ------------------------------------------------------------------------
 
