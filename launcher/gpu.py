@@ -36,7 +36,7 @@ def parse_gpu(text: str | GpuSpec) -> GpuSpec:
     try:
         count = int(count_text) if count_text else 1
     except ValueError:
-        raise ContractError(f"--gpu {text!r}: count {count_text!r} is not a whole number ({accepted})") from None
+        raise ContractError(f"--gpu {text!r}: count {count_text!r} is not a whole number (accepted: {accepted})") from None
     if not 1 <= count <= MAX_COUNT:
-        raise ContractError(f"--gpu {text!r}: count {count} is out of range ({accepted})")
+        raise ContractError(f"--gpu {text!r}: count {count} is out of range (accepted: {accepted})")
     return GpuSpec(canonical, count)

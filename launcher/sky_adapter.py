@@ -7,6 +7,7 @@ rsync-down through the cluster's SSH alias, down, and the optimizer's dry run. T
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -108,22 +109,24 @@ class SkyAdapter:
         except sky.exceptions.ClusterDoesNotExist:
             return
 
-    def dryrun(self, task_config: dict, cluster_name: str) -> dict:
-        """SkyPilot's optimizer picks the offer; then its own dry-run launch. Nothing is provisioned."""
+    def dryrun(self, task_config: dict, cluster_name: str, secrets: dict[str, str] | None = None) -> dict:
+        """SkyPilot's own dry-run launch: its optimizer picks the offer; nothing is provisioned.
+
+        The server keeps the optimized plan to itself (the optimize request returns no value), so
+        the chosen row is read from the optimizer's "Considered resources" table in the request log.
+        """
         import sky
 
-        task = sky.Task.from_yaml_config(task_config)
-        with sky.Dag() as dag:
-            dag.add(task)
-        optimized = sky.get(sky.optimize(dag))
-        best = optimized.tasks[0].best_resources
-        sky.stream_and_get(sky.launch(task, cluster_name=cluster_name, dryrun=True, down=True,
-                                      idle_minutes_to_autostop=10), output_stream=_LineSink(self.log))
-        return {
-            "cloud": str(best.cloud), "region": best.region, "instance": best.instance_type,
-            "accelerators": ", ".join(f"{k}:{v}" for k, v in (best.accelerators or {}).items()),
-            "price_per_hour": float(best.get_cost(3600)), "spot": bool(best.use_spot),
-        }
+        task = sky.Task.from_yaml_config(task_config, secrets_overrides=list((secrets or {}).items()) or None)
+        lines: list[str] = []
+
+        def keep(line: str) -> None:
+            lines.append(line)
+            self.log(line)
+
+        request_id = sky.launch(task, cluster_name=cluster_name, dryrun=True, down=True, idle_minutes_to_autostop=10)
+        sky.stream_and_get(request_id, output_stream=_LineSink(keep))
+        return parse_chosen(lines)
 
 
 class _LineSink(io.TextIOBase):
@@ -142,6 +145,30 @@ class _LineSink(io.TextIOBase):
 
     def flush(self) -> None:
         pass
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def parse_chosen(lines: list[str]) -> dict:
+    """The row marked CHOSEN in the optimizer's table: cloud, region, instance, GPUs, $/h."""
+    clean = [_ANSI.sub("", ln).rstrip() for ln in lines]
+    header_at = next((i for i, ln in enumerate(clean) if "INFRA" in ln and "CHOSEN" in ln), None)
+    if header_at is None:
+        raise RuntimeError("SkyPilot's dry run printed no optimizer table")
+    header = clean[header_at]
+    names = re.findall(r"\S+(?: \(\$\))?", header)
+    starts = [header.index(n) for n in names]
+    for row in clean[header_at + 1:]:
+        if "\u2714" not in row:
+            continue
+        cells = {n: row[a:b].strip() for n, a, b in zip(names, starts, starts[1:] + [len(row) + 1])}
+        infra = cells.get("INFRA", "")
+        cloud, _, region = infra.partition(" (")
+        return {"cloud": cloud.strip(), "region": region.rstrip(")") or None, "instance": cells.get("INSTANCE"),
+                "accelerators": cells.get("GPUS"), "price_per_hour": float(cells.get("COST ($)", "nan")),
+                "spot": "[spot]" in row.lower() or "spot" in cells.get("INSTANCE", "").lower()}
+    raise RuntimeError("SkyPilot's optimizer table has no CHOSEN row")
 
 
 def _name(record: Any) -> str | None:

@@ -2,7 +2,8 @@
 
 SkyPilot gets the whole task; the local and SSH backends take `run_script(task)` (the `run:` block
 with the task's envs exported in front) and execute it with bash in their working directory.
-Secret values never enter a rendered task: only their names, under `secrets:` with null values.
+Secret values never enter a rendered task: only the names of those set, under `secrets:` with null
+values; the values go to SkyPilot at launch as secrets (`secrets_overrides`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def load_template(path: Path = TEMPLATE) -> dict:
 
 
 def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = False,
-           data_path: Path | None = None, template: Path = TEMPLATE) -> dict:
+           data_path: Path | None = None, secret_names: tuple[str, ...] = (), template: Path = TEMPLATE) -> dict:
     """The task for `run` (its resolved config and options), ready for sky.Task.from_yaml_config."""
     task = copy.deepcopy(load_template(template))
     opts = run.options
@@ -53,12 +54,28 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
         remote = f"{REMOTE_DATA_DIR}/{data_path.name}"
         task["file_mounts"] = {remote: str(data_path.resolve())}
         envs["DATA"] = remote
-    task["secrets"] = {name: None for name in SECRET_NAMES}
+    # Only the secrets the user has set: SkyPilot refuses a declared secret that gets no value.
+    task.pop("secrets", None)
+    names = [n for n in SECRET_NAMES if n in secret_names]
+    if names:
+        task["secrets"] = {name: None for name in names}
     return task
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the run block, the config) as readable `|` blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def to_yaml(task: dict) -> str:
-    return yaml.safe_dump(task, sort_keys=False, width=100)
+    return yaml.dump(task, Dumper=_Dumper, sort_keys=False, width=100)
 
 
 def run_script(task: dict, **env_overrides: str) -> str:

@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     run_rec = registry.resolve(args.run_id)
     console.print(f"run [bold]{run_rec.id}[/]: {run_rec.state}", highlight=False)
+    if run_rec.state == "provisioning" and run_rec.backend_state.get("request_id"):
+        run_rec.transition("running", note="re-attached while the launch was in flight")
     if run_rec.state == "running":
         return drive(run_rec, get_backend(run_rec.infra), console, launch=False)
     progress = Progress(console, price_per_hour=run_rec.price_per_hour, started_at=run_rec.started_at)

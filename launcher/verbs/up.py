@@ -28,8 +28,8 @@ from launcher.secrets import redact
 DEFAULT_CONFIG = {"sky": "configs/paper.yaml", "local": "configs/smoke.yaml"}
 DEFAULT_GPU = "A100:1"
 SECOND_CTRL_C_S = 3.0
-# Results the launcher keeps from the job's out/ (events/log are streamed separately).
-KEEP_OUT = ("adapter", "eval", "manifest.json", "report", "report.md", "metrics.json")
+DOWNLOAD_ATTEMPTS = 3
+DOWNLOAD_RETRY_S = 1.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cost", type=float, default=None, help="refuse to start if the high estimate exceeds USD; cap the run to it")
     p.add_argument("--max-hours", type=float, default=None, help="stop the job after H hours of machine time (adapter saved)")
     p.add_argument("--allow-cpu", action="store_true", help="let the job run without a GPU (tests, the local demo)")
+    from launcher.ssh_options import add_arguments as add_ssh_arguments  # --ssh-key etc. (issue #6)
+
+    add_ssh_arguments(p)
 
 
 @dataclass
@@ -76,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return _dryrun(plan, console)
     if not args.yes:
         _confirm(plan, console)
+    if plan.infra.startswith("ssh://"):  # host key, credentials, disk: refused (exit 2) before a run exists
+        get_backend(plan.infra, **_backend_opts(plan)).preflight(plan.cfg)
     run_rec = registry.new_run(
         plan.name, plan.infra, gpu=str(plan.gpu) if plan.gpu else None, config=plan.cfg.to_dict(),
         options=plan.options, estimate=estimate,
@@ -94,7 +99,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     gpu = parse_gpu(args.gpu) if args.gpu else (parse_gpu(DEFAULT_GPU) if infra == "sky" else None)
     if args.subset is not None:
         check_fraction(args.subset, "--subset")
-    cfg = load_config(args.config or DEFAULT_CONFIG.get(infra, DEFAULT_CONFIG["sky"]))
+    cfg = load_config(args.config or _default_config(infra))
     overrides: dict[str, Any] = {}
     if args.subset is not None:
         overrides["data.subset"] = args.subset
@@ -121,9 +126,20 @@ def plan_run(args: argparse.Namespace) -> Plan:
     options = {
         "cloud": args.cloud, "spot": bool(args.spot), "eval": not args.no_eval, "eval_base": bool(args.eval_base),
         "eval_rows": args.eval_rows, "max_cost": args.max_cost, "max_hours": args.max_hours,
-        "config_file": str(args.config or DEFAULT_CONFIG.get(infra, "")),
+        "config_file": str(args.config or _default_config(infra)),
     }
+    if infra.startswith("ssh://"):  # the SSH flags, checked before anything exists (issue #6)
+        from launcher.ssh_options import options_from_args, parse_infra
+
+        parse_infra(infra)
+        options["ssh"] = options_from_args(args)
     return Plan(infra=infra, cfg=cfg, gpu=gpu, name=name, options=options)
+
+
+def _default_config(infra: str) -> Path:
+    """configs/<default>.yaml from the current directory, else from the installed checkout."""
+    rel = Path(DEFAULT_CONFIG.get(infra, DEFAULT_CONFIG["sky"]))
+    return rel if rel.is_file() else Path(__file__).resolve().parents[2] / rel
 
 
 def _check_data(source: str) -> str:
@@ -145,7 +161,7 @@ def _check_data(source: str) -> str:
 
 
 def _backend_opts(plan: Plan) -> dict:
-    return {}
+    return dict(plan.options.get("ssh") or {})
 
 
 # --- estimate, confirm, dry run --------------------------------------------------------------
@@ -191,17 +207,22 @@ def _dryrun(plan: Plan, console) -> int:
 
     fake = registry.Run(id=f"{plan.name}-dryrun", dir=Path("/nonexistent"), infra=plan.infra, name=plan.name,
                         config=plan.cfg.to_dict(), options=plan.options)
+    from launcher.secrets import collect
+
+    secrets = collect()
     data_path = Path(plan.cfg.data.source) if Path(plan.cfg.data.source).exists() else None
     rendered = tasklib.render(fake, gpu=str(plan.gpu) if plan.gpu else None, cloud=plan.options["cloud"],
-                              spot=plan.options["spot"], data_path=data_path)
+                              spot=plan.options["spot"], data_path=data_path, secret_names=tuple(secrets))
     console.rule("rendered task (sky/train.yaml)")
     console.print(redact(tasklib.to_yaml(rendered)), highlight=False, markup=False)
     if plan.infra != "sky":
         console.print(f"dry run: nothing started ({plan.infra} backend)")
         return 0
-    from launcher import sky_adapter
+    from launcher.backends.sky import cluster_name_for, load_adapter
 
-    offer = sky_adapter.SkyAdapter().dryrun(rendered, cluster_name=f"socrates-{plan.name}-dryrun"[:40])
+    adapter = load_adapter()
+    adapter.log = lambda line: console.print(redact(line), highlight=False, markup=False)
+    offer = adapter.dryrun(rendered, cluster_name=cluster_name_for(f"{plan.name}-dryrun"), secrets=secrets)
     console.print(f"chosen: cloud {offer['cloud']}, region {offer.get('region')}, instance {offer['instance']}, "
                   f"{offer['accelerators']}, ${offer['price_per_hour']:.2f}/h{' (spot)' if offer.get('spot') else ''}",
                   highlight=False)
@@ -281,15 +302,28 @@ class Recorder:
             f.write(dumps(ev) + "\n")
 
 
-def fetch_and_verify(run: registry.Run, backend, recorder: Recorder) -> None:
-    """Pull out/ into a staging folder, verify every sha256, then move the results into runs/<id>/."""
+def fetch_and_verify(run: registry.Run, backend, recorder: Recorder, attempts: int = DOWNLOAD_ATTEMPTS) -> None:
+    """Pull out/ into a staging folder, verify every sha256, then move the results into runs/<id>/.
+
+    Retried: a failed or corrupt pull is worth another try before the machine (and the only copy)
+    is torn down. Results already in runs/<id>/ are replaced only by a copy that verified.
+    """
     run.transition("downloading")
     recorder.phase("downloading")
     staging = run.dir / ".download"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    backend.download(run, staging)
-    manifest_lib.verify_or_raise(staging)
+    for attempt in range(1, attempts + 1):
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            backend.download(run, staging)
+            manifest_lib.verify_or_raise(staging)
+            break
+        except (BackendError, ContractError, OSError) as e:
+            if attempt == attempts:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            recorder.phase("downloading", f"attempt {attempt} failed ({redact(str(e))}); retrying")
+            time.sleep(DOWNLOAD_RETRY_S * attempt)
     for entry in staging.iterdir():
         if entry.name in ("events.jsonl", "job.log", "checkpoints"):
             continue

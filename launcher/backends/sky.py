@@ -1,0 +1,166 @@
+"""The SkyPilot backend: launch with autodown armed, stream, pull out/ back, tear down.
+
+Every SDK call goes through an adapter (launcher/sky_adapter.SkyAdapter; tests put a fault-injecting
+fake in its place via SOCRATES_SKY_ADAPTER=module:attr). The cluster name is saved in run.json
+before anything is asked of SkyPilot, and the launch request id as soon as it exists, so a
+launcher killed at any instant leaves a run that `status` can reconcile and `down` can end.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from contracts.events import parse_line
+from launcher import task as tasklib
+from launcher.backends.base import Backend, BackendError, EventCallback
+from launcher.secrets import collect as collect_secrets
+from launcher.secrets import redact
+
+# Idle minutes after the job ends before SkyPilot downs the machine by itself: time to download.
+AUTODOWN_IDLE_MIN = 15
+REMOTE_OUT = "~/sky_workdir/out"  # SkyPilot syncs the workdir there; the run block writes out/
+# Clues in SkyPilot's launch log that a new lifecycle phase began (for the progress lines).
+_PHASE_CLUES = (("Syncing", "syncing"), ("Running setup", "installing"), ("Job submitted", "training"))
+
+
+def cluster_name_for(run_id: str) -> str:
+    """SkyPilot cluster names: lowercase letters, digits and dashes, starting with a letter."""
+    name = re.sub(r"[^a-z0-9-]+", "-", f"socrates-{run_id}".lower()).strip("-")
+    return name[:50].rstrip("-")
+
+
+def load_adapter() -> Any:
+    spec = os.environ.get("SOCRATES_SKY_ADAPTER")
+    if spec:
+        module, _, attr = spec.partition(":")
+        return getattr(importlib.import_module(module), attr)()
+    from launcher.sky_adapter import SkyAdapter
+
+    return SkyAdapter()
+
+
+class SkyBackend(Backend):
+    name = "sky"
+
+    def __init__(self, adapter: Any = None, reconnects: int = 5, reconnect_wait_s: float = 2.0,
+                 idle_minutes: int = AUTODOWN_IDLE_MIN):
+        self.adapter = adapter if adapter is not None else load_adapter()
+        self.reconnects = reconnects
+        self.reconnect_wait_s = reconnect_wait_s
+        self.idle_minutes = idle_minutes
+        self.on_phase = lambda name, detail=None: None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def launch(self, run: Any) -> None:
+        cluster = cluster_name_for(run.id)
+        # Saved before SkyPilot is asked for anything: `down` can always find it.
+        run.update(backend_state={"cluster": cluster}, machine="up")
+        data = Path(run.config["data"]["source"])
+        secrets = collect_secrets()
+        task = tasklib.render(run, gpu=run.gpu, cloud=run.options.get("cloud"), spot=run.options.get("spot", False),
+                              data_path=data if data.exists() else None, secret_names=tuple(secrets))
+        (run.dir / "task.yaml").write_text(tasklib.to_yaml(task), encoding="utf-8")
+        launch_log = run.dir / "launch.log"
+        seen_phases: set[str] = set()
+
+        def log(line: str) -> None:
+            with open(launch_log, "a", encoding="utf-8") as f:
+                f.write(redact(line) + "\n")
+            for clue, phase in _PHASE_CLUES:
+                if clue in line and phase not in seen_phases and phase != "training":
+                    seen_phases.add(phase)
+                    self.on_phase(phase)
+
+        if hasattr(self.adapter, "log"):
+            self.adapter.log = log
+        try:
+            job_id = self.adapter.launch(
+                task, cluster, secrets, self.idle_minutes,
+                on_request_id=lambda rid: run.update(backend_state={**run.backend_state, "request_id": rid}))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001  (SkyPilot raises many kinds; each is a failed launch)
+            phase = getattr(e, "phase", None) or _phase_of(e)
+            raise BackendError(phase, redact(f"{type(e).__name__}: {e}")) from None
+        run.update(backend_state={**run.backend_state, "job_id": job_id})
+
+    def follow(self, run: Any, on_event: EventCallback) -> int:
+        """Stream the job's log; on a dropped stream reconnect and skip what was already seen."""
+        cluster = run.backend_state["cluster"]
+        job_id = run.backend_state.get("job_id")
+        if job_id is None:  # the launcher that launched was killed before the job id came back
+            try:
+                job_id = self.adapter.wait_launch(run.backend_state["request_id"])
+            except KeyError:
+                raise BackendError("provisioning", "the launch was never submitted (no request id)") from None
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise BackendError(_phase_of(e), redact(f"{type(e).__name__}: {e}")) from None
+            run.update(backend_state={**run.backend_state, "job_id": job_id})
+        seen = 0
+        failures = 0
+        while True:
+            index = 0
+            try:
+                with open(run.log_path, "a", encoding="utf-8") as log:
+                    for line in self.adapter.tail(cluster, job_id):
+                        index += 1
+                        if index <= seen:
+                            continue
+                        seen = index
+                        failures = 0
+                        log.write(redact(line) + "\n")
+                        log.flush()
+                        ev = parse_line(line)
+                        if ev is not None:
+                            on_event(ev)
+                code = self.adapter.job_exit_code(cluster, job_id)
+                if code is not None:
+                    return code
+                error = "the log stream ended while the job was still running"
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001  (a dropped stream is retried, whatever raised it)
+                error = f"{type(e).__name__}: {e}"
+            failures += 1
+            if failures > self.reconnects:
+                raise BackendError("running", redact(f"lost the log stream {failures} times in a row ({error})"))
+            self.on_phase("reconnecting", redact(error))
+            time.sleep(self.reconnect_wait_s * failures)
+
+    def download(self, run: Any, dest: Path) -> None:
+        try:
+            self.adapter.rsync_down(run.backend_state["cluster"], REMOTE_OUT, dest)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BackendError("downloading", redact(f"{type(e).__name__}: {e}")) from None
+
+    def down(self, run: Any) -> None:
+        cluster = run.backend_state.get("cluster")
+        if run.backend_state.get("request_id") and run.backend_state.get("job_id") is None:
+            self.adapter.cancel(run.backend_state["request_id"])
+        if cluster:
+            self.adapter.down(cluster)
+
+    def machine_state(self, run: Any) -> str:
+        cluster = run.backend_state.get("cluster")
+        if not cluster:
+            return "gone"
+        return self.adapter.cluster_state(cluster)
+
+
+def _phase_of(e: Exception) -> str:
+    """Which lifecycle step a SkyPilot exception belongs to (for the one-line error)."""
+    name = type(e).__name__
+    if "SetUp" in name or "Setup" in name:
+        return "installing"
+    if "Sync" in name or "rsync" in str(e).lower():
+        return "syncing"
+    return "provisioning"

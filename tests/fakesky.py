@@ -1,0 +1,195 @@
+"""A fault-injecting stand-in for launcher.sky_adapter.SkyAdapter (tests only).
+
+The 'cloud' is a folder ($FAKESKY_DIR): each cluster is a directory holding a copy of the task's
+workdir, where the real rendered `run:` block runs with bash in its own session (the job is
+tests/fakejob.py through a fake interpreter, or the real job). Provisioning runs in a detached
+'server' process, like SkyPilot's API server, so it outlives a killed launcher. State is all in
+files, so several launcher processes (up, then status/logs/down) see the same clusters.
+
+Faults ($FAKESKY_FAIL, comma-separated): provision, sync, setup (the launch fails in that step,
+leaving the cluster up, as SkyPilot does), stream (the log stream drops once after 3 lines),
+download (every rsync fails), download-once (the first rsync fails). $FAKESKY_PROVISION_S and
+$FAKESKY_DOWNLOAD_S slow those steps down so a test can kill the launcher inside them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from launcher import task as tasklib  # noqa: E402
+
+CODE_DIRS = ("contracts", "job", "configs", "requirements")
+
+
+def _root() -> Path:
+    root = Path(os.environ["FAKESKY_DIR"])
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _faults() -> set[str]:
+    return {f for f in os.environ.get("FAKESKY_FAIL", "").split(",") if f}
+
+
+def _record(kind: str, cluster: str) -> None:
+    with open(_root() / "calls.log", "a") as f:
+        f.write(f"{kind} {cluster}\n")
+
+
+class ClusterSetUpError(RuntimeError):
+    """Named like SkyPilot's, so the backend files it under 'installing'."""
+
+
+class FakeSky:
+    def __init__(self):
+        self.log: Callable[[str], None] = lambda line: None
+
+    def launch(self, task_config: dict, cluster_name: str, secrets: dict, idle_minutes: int,
+               on_request_id: Callable[[str], None]) -> int:
+        cdir = _root() / cluster_name
+        cdir.mkdir()
+        (cdir / "task.json").write_text(json.dumps({"task": task_config, "idle_minutes": idle_minutes}))
+        _record("launch", cluster_name)
+        env = {**os.environ, **secrets}
+        proc = subprocess.Popen([sys.executable, __file__, "provision", str(cdir)], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        (cdir / "provisioner.pid").write_text(str(proc.pid))
+        on_request_id(f"req-{cluster_name}")
+        return self.wait_launch(f"req-{cluster_name}")
+
+    def wait_launch(self, request_id: str) -> int:
+        cdir = _root() / request_id.removeprefix("req-")
+        while True:
+            state = (cdir / "launch_state").read_text() if (cdir / "launch_state").is_file() else ""
+            if state.startswith("running"):
+                return 1
+            if state.startswith("failed"):
+                _, phase, message = state.split(":", 2)
+                if phase == "installing":
+                    raise ClusterSetUpError(message)
+                raise RuntimeError(f"{phase}: {message}")
+            if not cdir.is_dir():
+                raise RuntimeError("cluster vanished during launch")
+            time.sleep(0.05)
+
+    def cancel(self, request_id: str) -> None:
+        pid_file = _root() / request_id.removeprefix("req-") / "provisioner.pid"
+        if pid_file.is_file():
+            _kill_group(int(pid_file.read_text()))
+
+    def tail(self, cluster_name: str, job_id: int) -> Iterator[str]:
+        cdir = _root() / cluster_name
+        log = cdir / "workdir" / "job.log"
+        drop = "stream" in _faults() and not (_root() / "dropped").exists()
+        pos, sent, buf = 0, 0, b""
+        while True:
+            ended = (cdir / "workdir" / "exit_code").is_file()
+            if log.is_file():
+                with open(log, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                pos += len(chunk)
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    yield line.decode("utf-8", "replace")
+                    sent += 1
+                    if drop and sent == 3:
+                        (_root() / "dropped").write_text("1")
+                        raise ConnectionError("fake: log stream dropped")
+            if ended:
+                return
+            if not cdir.is_dir():
+                raise ConnectionError("fake: cluster is gone")
+            time.sleep(0.05)
+
+    def job_exit_code(self, cluster_name: str, job_id: int) -> int | None:
+        path = _root() / cluster_name / "workdir" / "exit_code"
+        return int(path.read_text().strip() or 1) if path.is_file() else None
+
+    def cluster_state(self, cluster_name: str) -> str:
+        return "up" if (_root() / cluster_name).is_dir() else "gone"
+
+    def rsync_down(self, cluster_name: str, remote_dir: str, local_dir: Path) -> None:
+        _record("rsync", cluster_name)
+        time.sleep(float(os.environ.get("FAKESKY_DOWNLOAD_S", "0")))
+        faults = _faults()
+        once = _root() / "download-failed-once"
+        if "download" in faults or ("download-once" in faults and not once.exists()):
+            once.write_text("1")
+            raise RuntimeError("fake: rsync: connection closed")
+        src = _root() / cluster_name / "workdir" / "out"
+        shutil.copytree(src, local_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
+
+    def down(self, cluster_name: str) -> None:
+        _record("down", cluster_name)
+        cdir = _root() / cluster_name
+        for name in ("provisioner.pid", "job.pid"):
+            if (cdir / name).is_file():
+                _kill_group(int((cdir / name).read_text()))
+        shutil.rmtree(cdir, ignore_errors=True)
+
+    def dryrun(self, task_config: dict, cluster_name: str, secrets: dict | None = None) -> dict:
+        return {"cloud": "Fake", "region": "here", "instance": "fake-1x", "accelerators": "A100:1",
+                "price_per_hour": 1.0, "spot": False}
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def provision(cdir: Path) -> None:
+    """The detached 'server' side of a launch: provision, sync, set up, start the run block."""
+    spec = json.loads((cdir / "task.json").read_text())
+    task = spec["task"]
+    faults = _faults()
+
+    def fail(phase: str, message: str) -> None:
+        (cdir / "launch_state").write_text(f"failed:{phase}:{message}")
+        sys.exit(1)
+
+    time.sleep(float(os.environ.get("FAKESKY_PROVISION_S", "0")))
+    if "provision" in faults:
+        fail("provisioning", "fake: no capacity for A100:1 anywhere")
+    workdir = cdir / "workdir"
+    for name in CODE_DIRS:
+        src = Path(task["workdir"]) / name
+        if src.is_dir():
+            shutil.copytree(src, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for dest, src in (task.get("file_mounts") or {}).items():
+        target = cdir / "mounts" / dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, target)
+    if "sync" in faults:
+        fail("syncing", "fake: rsync of the workdir failed")
+    if "setup" in faults:
+        fail("installing", "fake: setup exited with status 1")
+    overrides = {"JOB_PYTHON": os.environ["SOCRATES_JOB_PYTHON"]}
+    for dest in task.get("file_mounts") or {}:
+        if task["envs"].get("DATA") == dest:
+            overrides["DATA"] = str(cdir / "mounts" / dest.lstrip("/"))
+    (workdir / "run.sh").write_text(tasklib.run_script(task, **overrides))
+    wrapper = "bash run.sh > job.log 2>&1; echo $? > exit_code.tmp; mv exit_code.tmp exit_code"
+    env = {**os.environ, "PYTHONPATH": str(workdir), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(["bash", "-c", wrapper], cwd=workdir, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (cdir / "job.pid").write_text(str(proc.pid))
+    (cdir / "launch_state").write_text("running")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "provision":
+        provision(Path(sys.argv[2]))

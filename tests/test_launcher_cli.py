@@ -1,0 +1,131 @@
+"""The launcher's front door: bad input is one line + exit 2 with nothing created, `--help` is fast
+and imports neither torch nor sky, the registry's state machine, GPU parsing, secret redaction."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from contracts.errors import ContractError
+from launcher import registry
+from launcher.gpu import GpuSpec, parse_gpu
+from launcher.secrets import redact
+from launcher_helpers import REPO, cli, launcher_env
+
+CANARY = "hf_CANARYcanaryCANARYcanary0123456789"
+
+
+@pytest.fixture
+def bad_config(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  global_batch: eight\n")
+    return path
+
+
+BAD_INPUTS = [
+    (["up", "--infra", "local", "--gpu", "A100:0"], "A100:0"),
+    (["up", "--gpu", "X100:1"], "X100"),
+    (["up", "--infra", "local", "--subset", "0"], "0"),
+    (["up", "--infra", "local", "--subset", "1.5"], "1.5"),
+    (["up", "--infra", "local", "--config", "configs/nope.yaml"], "nope.yaml"),
+    (["up", "--infra", "local", "--config", "BAD"], "global_batch"),
+    (["up", "--infra", "moon"], "moon"),
+    (["up", "--infra", "local", "--data", "./missing.jsonl"], "missing.jsonl"),
+    (["up", "--infra", "local", "--max-cost", "-1"], "-1"),
+    (["status", "no-such-run"], "no-such-run"),
+    (["logs", "no-such-run"], "no-such-run"),
+    (["down", "no-such-run"], "no-such-run"),
+    (["download", "no-such-run"], "no-such-run"),
+    (["down", "../escape"], "../escape"),
+]
+
+
+@pytest.mark.parametrize("argv,named", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(argv, named, tmp_path, bad_config):
+    argv = [str(bad_config) if a == "BAD" else a for a in argv]
+    runs = tmp_path / "runs"
+    r = cli(argv, launcher_env(runs, HF_TOKEN=CANARY), cwd=tmp_path if "--config" not in argv else REPO)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert named in lines[0] and "Traceback" not in lines[0]
+    assert not runs.exists()
+
+
+def test_bad_input_launches_no_local_machine(tmp_path):
+    before = set(Path("/tmp").glob("socrates-*"))
+    r = cli(["up", "--infra", "local", "--subset", "1.5", "--yes"], launcher_env(tmp_path / "runs"))
+    assert r.returncode == 2
+    assert set(Path("/tmp").glob("socrates-*")) == before
+
+
+def test_help_is_fast_and_imports_neither_torch_nor_sky():
+    code = ("import sys, time; t = time.perf_counter(); from launcher.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(round(time.perf_counter() - t, 3), 'torch' in sys.modules, 'sky' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    elapsed, torch_loaded, sky_loaded = r.stdout.split()[-3:]
+    assert torch_loaded == "False" and sky_loaded == "False"
+    assert float(elapsed) < 0.3, elapsed
+    # The whole process too, interpreter start included, as a user types it.
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "launcher", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "up" in r.stdout
+    assert time.perf_counter() - t < 1.0
+
+
+def test_up_help_imports_neither_torch_nor_sky():
+    code = ("import sys\nfrom launcher.cli import main\ntry:\n    main(['up', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'sky' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.stdout.split()[-2:] == ["False", "False"], r.stdout[-500:]
+    assert "--max-cost" in r.stdout
+
+
+@pytest.mark.parametrize("text,expected", [("A100:1", GpuSpec("A100", 1)), ("a100-80gb:2", GpuSpec("A100-80GB", 2)),
+                                           ("H100", GpuSpec("H100", 1))])
+def test_parse_gpu_accepts(text, expected):
+    assert parse_gpu(text) == expected
+
+
+@pytest.mark.parametrize("text", ["A100:0", "X100:1", "A100:nine", "A100:9", ""])
+def test_parse_gpu_refuses(text):
+    with pytest.raises(ContractError, match="accepted"):
+        parse_gpu(text)
+
+
+def test_registry_transitions_are_checked_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(tmp_path / "runs"))
+    run = registry.new_run("demo", "local")
+    assert registry.load(run.id).state == "created"
+    with pytest.raises(ValueError, match="created -> done"):
+        run.transition("done")
+    run.transition("provisioning").transition("running").transition("downloading").transition("done")
+    on_disk = json.loads(run.path.read_text())
+    assert on_disk["state"] == "done"
+    assert [h["state"] for h in on_disk["history"]] == ["created", "provisioning", "running", "downloading", "done"]
+    assert not list(run.dir.glob(".run.json.*"))  # no temp file left behind
+    with pytest.raises(ValueError):
+        run.transition("running")
+    assert registry.resolve(None).id == run.id
+
+
+def test_registry_refuses_bad_and_missing_ids(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(tmp_path / "runs"))
+    with pytest.raises(ContractError, match="no such run"):
+        registry.load("nope")
+    with pytest.raises(ContractError, match="not a run id"):
+        registry.load("../x")
+    with pytest.raises(ContractError, match="no runs"):
+        registry.resolve(None)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_redact_removes_secret_values(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    assert CANARY not in redact(f"token={CANARY} and again {CANARY}")
+    assert redact("nothing secret") == "nothing secret"
