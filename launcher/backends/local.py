@@ -121,6 +121,7 @@ def _local_data(run: Any) -> Path | None:
 
 
 def _alive(pgid: int | None) -> bool:
+    """Whether any live (non-zombie) process is left in the job's process group."""
     if not pgid:
         return False
     try:
@@ -129,22 +130,26 @@ def _alive(pgid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie leader still answers; treat a group whose only member is our own zombie child as gone.
-    try:
-        pid, _ = os.waitpid(pgid, os.WNOHANG)
-        if pid == pgid:
-            return _group_has_members(pgid)
-    except ChildProcessError:
-        pass
-    return True
+    return _group_has_members(pgid)
 
 
 def _group_has_members(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+    """Reads /proc where there is one: zombies (unreaped by an absent parent) don't count."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def _kill_group(pgid: int, grace_s: float = 5.0) -> None:
@@ -156,7 +161,7 @@ def _kill_group(pgid: int, grace_s: float = 5.0) -> None:
     deadline = time.time() + grace_s
     while time.time() < deadline:
         try:
-            os.waitpid(pgid, os.WNOHANG)
+            os.waitpid(pgid, os.WNOHANG)  # reap our own child, if it is ours
         except ChildProcessError:
             pass
         if not _group_has_members(pgid):
