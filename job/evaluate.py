@@ -1,0 +1,400 @@
+"""`python -m job evaluate`: the paper's metrics on the test split, and a report.
+
+Two modes (say in every output which one produced a number):
+- `sample`: the paper's protocol. One sampled answer per test row from the row's own prompt
+  (temperature/top_p/max_new_tokens from the config's eval section), first integer parsed;
+  unparseable answers are counted and reported, never silently dropped.
+- `distribution`: the model's exact probability for every answer of the row's scale, from one
+  batched forward per group of rows. Each candidate answer is its full token sequence plus the
+  end token (<|im_end|>), so "1" and "10" are told apart exactly. The candidates of a row share a
+  prefix tree laid after the prompt in the same sequence; a 4-D attention mask lets each tree
+  node see the prompt and its own ancestors only ("tree attention"), and the LM head runs only on
+  the positions whose next token is scored.
+
+Results accumulate in OUT/metrics.json under "<base|fine-tuned>/<mode>", so a base run and a
+fine-tuned run into the same OUT sit side by side in OUT/report.html.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from contracts._io import atomic_write_json
+from contracts.config import EVAL_MODES, RunConfig, load_config
+from contracts.errors import ContractError
+from contracts.events import EventWriter
+from job import data as D
+from job import metrics as M
+
+METRICS_FILE = "metrics.json"
+DEFAULT_TOKENS_PER_BATCH = 16384
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config (model, tokenizer, eval settings)")
+    p.add_argument("--data", required=True, help="folder written by `python -m job prepare` (test.jsonl)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", default=None, help="LoRA adapter folder (the fine-tuned model)")
+    which.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
+    p.add_argument("--mode", choices=EVAL_MODES, default=None, help="sample (the paper's) | distribution "
+                   "(exact answer probabilities); default: the config's eval.mode")
+    p.add_argument("--rows", type=int, default=None, help="cap on test rows, kept cell by cell (default: eval.rows)")
+    p.add_argument("--out", required=True, help="folder for metrics.json, report.html and the plots")
+    p.add_argument("--events", default=None, help="events file to append to (default: OUT/events.jsonl)")
+    p.add_argument("--train-events", default=None, help="training events.jsonl for the loss curve "
+                   "(default: the first of OUT/events.jsonl, OUT/../events.jsonl with step events)")
+    p.add_argument("--tokens-per-batch", type=int, default=DEFAULT_TOKENS_PER_BATCH,
+                   help="distribution mode: tokens per forward (prompt + answer tree, padded)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    mode = args.mode or cfg.eval.mode
+    rows_cap = args.rows if args.rows is not None else cfg.eval.rows
+    if rows_cap is not None and rows_cap < 1:
+        raise ContractError(f"--rows: {rows_cap} is not accepted (a whole number >= 1)")
+    if not args.base and not args.adapter:
+        raise ContractError("evaluate: give --adapter DIR (the fine-tuned model) or --base")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise ContractError(f"--adapter {args.adapter}: no adapter_config.json there (give the folder train wrote)")
+    out = Path(args.out)
+    rows = select_rows(D.read_split(args.data, "test"), rows_cap, cfg.data.seed)
+    events = EventWriter(Path(args.events) if args.events else out / "events.jsonl", echo=True)
+    which = "fine-tuned" if args.adapter else "base"
+    events.emit("start", verb="evaluate", mode=mode, model=which, rows=len(rows))
+
+    tok, model = load_model(cfg, args.adapter)
+    t0 = time.perf_counter()
+    if mode == "sample":
+        preds = sample_answers(model, tok, rows, cfg)
+        records = [_record(r, sample=p.value) for r, p in zip(rows, preds)]
+        prompt_tokens = sum(p.prompt_tokens for p in preds)
+        extra: dict[str, Any] = {"examples": [{"answer": p.text, "human": r["response"]}
+                                              for r, p in list(zip(rows, preds))[:20]]}
+    else:
+        scales = row_scales(rows)
+        dists = score_distributions(model, tok, rows, scales, cfg.model.system_prompt, args.tokens_per_batch)
+        records = [_record(r, values=d.values, probs=d.probs) for r, d in zip(rows, dists)]
+        prompt_tokens = sum(d.prompt_tokens for d in dists)
+        scored = [d for d in dists if d.values]
+        extra = {"valid_mass": sum(d.valid_mass for d in scored) / len(scored) if scored else None,
+                 "rows_unscored_unbounded": len(dists) - len(scored)}
+    seconds = time.perf_counter() - t0
+    result = M.evaluate(records, mode)
+    result.update(extra, model=which, adapter=args.adapter, base_model=cfg.model.id, seconds=seconds,
+                  prompt_tokens=prompt_tokens, prompt_tokens_per_s=prompt_tokens / seconds if seconds else None)
+
+    key = f"{which}/{mode}"
+    all_metrics = _load_metrics(out)
+    all_metrics.setdefault("results", {})[key] = result
+    all_metrics.update(paper_table2=M.PAPER_TABLE2, dpd_definition=M.DPD_DEFINITION)
+    atomic_write_json(out / METRICS_FILE, all_metrics)
+    from job import report
+
+    html = report.write_report(out, all_metrics, report.find_train_events(out, args.train_events))
+    summary = summarize(result)
+    events.emit("eval", metrics=summary, key=key, report=str(html))
+    print(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
+    print(f"report: {html}")
+    return 0
+
+
+# --- Rows and scales -------------------------------------------------------------------------
+
+def select_rows(rows: list[dict], cap: int | None, seed: int) -> list[dict]:
+    """At most `cap` rows, taken whole cell by cell in a seeded order (a cell's W needs its rows)."""
+    if cap is None or cap >= len(rows):
+        return rows
+    by_cell: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_cell[(r["study_id"], r["condition_num"], r["task_num"])].append(r)
+    cells = sorted(by_cell)
+    random.Random(seed).shuffle(cells)
+    kept: list[dict] = []
+    for c in cells:
+        kept.extend(by_cell[c][: cap - len(kept)])
+        if len(kept) >= cap:
+            break
+    return kept
+
+
+def row_scales(rows: Sequence[dict]) -> list[tuple[int, int] | None]:
+    """Each row's answer scale: its stimulus's sentence, else its cell's human min..max;
+    None for scales over 101 levels (unbounded: excluded from the metric, so not scored)."""
+    human: dict[tuple, list[int]] = defaultdict(list)
+    for r in rows:
+        human[(r["study_id"], r["condition_num"], r["task_num"])].append(int(r["response"]))
+    out = []
+    for r in rows:
+        s = M.parse_scale(r.get("stimuli") or r.get("prompt") or "")
+        if s is None:
+            h = human[(r["study_id"], r["condition_num"], r["task_num"])]
+            s = (min(h), max(h)) if max(h) > min(h) else None
+        out.append(s if s is not None and s[1] - s[0] + 1 <= M.MAX_LEVELS else None)
+    return out
+
+
+def _record(r: dict, **pred: Any) -> M.Record:
+    scale = M.parse_scale(r.get("stimuli") or r.get("prompt") or "")
+    return M.Record(r["study_id"], r["condition_num"], r["task_num"], r["response"], scale,
+                    r.get("demographic") or {}, **pred)
+
+
+# --- The model -------------------------------------------------------------------------------
+
+def load_model(cfg: RunConfig, adapter: str | None):
+    """(tokenizer, model in eval mode) for this config, with the adapter applied when given."""
+    import torch
+
+    from job.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.model.tokenizer, cfg.model.id, cfg.model.revision)
+    model = _load_base(cfg, tok)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    torch.set_grad_enabled(False)
+    return tok, model
+
+
+def _load_base(cfg: RunConfig, tok):
+    """The base exactly as train built it (job/model.py: same seed, same 4-bit NF4), so an adapter fits."""
+    import torch
+
+    from job import model as JM
+    from job.tokenizer import padded_vocab
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = JM.compute_dtype(cfg, device)
+    quantize = cfg.train.method == "qlora"
+    if cfg.model.init == "random":
+        return JM.build_random(JM.qwen2_config(cfg, padded_vocab(tok)), device, dtype, quantize, cfg.train.seed)
+    return JM.load_pretrained(cfg, device, dtype, quantize)
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _core(model):
+    """(decoder, lm_head) of a causal LM, through a PeftModel wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model, base.lm_head
+
+
+def prompt_ids(tok, rows: Sequence[dict], system_prompt: str) -> list[list[int]]:
+    """The chat-templated prompt of each row, as train saw it, up to the assistant turn."""
+    texts = [tok.apply_chat_template(D.messages(r, system_prompt), tokenize=False, add_generation_prompt=True)
+             for r in rows]
+    return [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+# --- Sample mode -----------------------------------------------------------------------------
+
+@dataclass
+class Sampled:
+    text: str
+    value: int | None
+    prompt_tokens: int
+
+
+def sample_answers(model, tok, rows: Sequence[dict], cfg: RunConfig, seed: int | None = None) -> list[Sampled]:
+    """One sampled answer per row (the paper's protocol), batched by similar prompt length."""
+    import torch
+
+    e = cfg.eval
+    torch.manual_seed(cfg.train.seed if seed is None else seed)
+    ids = prompt_ids(tok, rows, cfg.model.system_prompt)
+    order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
+    dev = _device(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else D.answer_end_id(tok)
+    out: list[Sampled | None] = [None] * len(rows)
+    for start in range(0, len(order), e.batch_size):
+        batch = order[start:start + e.batch_size]
+        width = max(len(ids[i]) for i in batch)
+        # Left padding: every row's answer starts right after its own prompt.
+        input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in batch], device=dev)
+        mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=dev)
+        gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=e.temperature > 0,
+                             temperature=e.temperature if e.temperature > 0 else None,
+                             top_p=e.top_p, max_new_tokens=e.max_new_tokens, pad_token_id=pad,
+                             eos_token_id=D.answer_end_id(tok))
+        for j, i in enumerate(batch):
+            text = tok.decode(gen[j, width:], skip_special_tokens=True)
+            out[i] = Sampled(text, M.parse_answer(text), len(ids[i]))
+    return out  # type: ignore[return-value]
+
+
+# --- Distribution mode -----------------------------------------------------------------------
+
+@dataclass
+class Distribution:
+    values: list[int]
+    probs: list[float]
+    """Normalized over the scale's answers."""
+    valid_mass: float
+    """How much of the model's probability the scale's answers hold (the rest: anything else)."""
+    prompt_tokens: int
+
+
+@dataclass
+class _Tree:
+    """A scale's candidate answers as a prefix tree of tokens."""
+
+    values: list[int]
+    node_tokens: list[int]
+    node_parent: list[int]  # -1: the prompt's last token
+    node_depth: list[int]  # 1-based offset after the prompt
+    paths: list[list[tuple[int, int]]]  # per value: (context node, or -1, scored token)
+
+
+def answer_tree(tok, lo: int, hi: int, end_id: int) -> _Tree:
+    values = list(range(lo, hi + 1))
+    encoded = tok([str(v) for v in values], add_special_tokens=False)["input_ids"]
+    index: dict[tuple[int, ...], int] = {}
+    tokens, parent, depth, paths = [], [], [], []
+    for seq in encoded:
+        seq = list(seq) + [end_id]
+        path = []
+        for j, t in enumerate(seq):
+            path.append((index[tuple(seq[:j])] if j else -1, t))
+            if j < len(seq) - 1:  # the end token is only scored, never fed
+                key = tuple(seq[: j + 1])
+                if key not in index:
+                    index[key] = len(tokens)
+                    tokens.append(seq[j])
+                    parent.append(index[tuple(seq[:j])] if j else -1)
+                    depth.append(j + 1)
+        paths.append(path)
+    return _Tree(values, tokens, parent, depth, paths)
+
+
+def score_distributions(model, tok, rows: Sequence[dict], scales: Sequence[tuple[int, int] | None],
+                        system_prompt: str, tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
+                        ids: Sequence[list[int]] | None = None) -> list[Distribution]:
+    """Exact P(answer) for every answer of each row's scale; rows without a scale get none."""
+    import torch
+
+    ids = list(ids) if ids is not None else prompt_ids(tok, rows, system_prompt)
+    end = D.answer_end_id(tok)
+    trees: dict[tuple[int, int], _Tree] = {}
+    for s in scales:
+        if s is not None and s not in trees:
+            trees[s] = answer_tree(tok, s[0], s[1], end)
+    out: list[Distribution] = [Distribution([], [], 0.0, len(ids[i])) for i in range(len(rows))]
+    todo = [i for i in range(len(rows)) if scales[i] is not None]
+    todo.sort(key=lambda i: len(ids[i]) + len(trees[scales[i]].node_tokens))
+    decoder, head = _core(model)
+    dev = _device(model)
+    dtype = head.weight.dtype if head.weight.dtype.is_floating_point else torch.bfloat16
+    batch: list[int] = []
+    for n, i in enumerate(todo):
+        batch.append(i)
+        nxt = todo[n + 1] if n + 1 < len(todo) else None
+        width = len(ids[nxt]) + len(trees[scales[nxt]].node_tokens) if nxt is not None else 0
+        if nxt is None or width * (len(batch) + 1) > tokens_per_batch:
+            _score_batch(decoder, head, dev, dtype, [ids[k] for k in batch],
+                         [trees[scales[k]] for k in batch], [out[k] for k in batch])
+            batch = []
+    return out
+
+
+def _score_batch(decoder, head, dev, dtype, prompts: list[list[int]], trees: list[_Tree],
+                 outs: list[Distribution]) -> None:
+    import torch
+
+    lens = [len(p) + len(t.node_tokens) for p, t in zip(prompts, trees)]
+    width = max(lens)
+    b = len(prompts)
+    input_ids = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    allowed = torch.zeros((b, width, width), dtype=torch.bool)
+    gather_rows, gather_cols = [], []
+    for r, (p, t) in enumerate(zip(prompts, trees)):
+        L = len(p)
+        input_ids[r, :L] = torch.tensor(p)
+        input_ids[r, L:lens[r]] = torch.tensor(t.node_tokens, dtype=torch.long)
+        pos[r, :L] = torch.arange(L)
+        pos[r, L:lens[r]] = L - 1 + torch.tensor(t.node_depth, dtype=torch.long)
+        allowed[r, :L, :L] = torch.ones(L, L, dtype=torch.bool).tril()
+        for k, par in enumerate(t.node_parent):
+            q = L + k
+            allowed[r, q, :L] = True
+            allowed[r, q, q] = True
+            while par >= 0:  # the node's ancestors in the tree
+                allowed[r, q, L + par] = True
+                par = t.node_parent[par]
+        idx = torch.arange(lens[r], width)
+        allowed[r, idx, idx] = True  # padding sees itself: no all-masked softmax row
+        gather_rows += [r] * (len(t.node_tokens) + 1)
+        gather_cols += [L - 1] + [L + k for k in range(len(t.node_tokens))]
+    mask = torch.zeros((b, 1, width, width), dtype=dtype)
+    mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+    hidden = decoder(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                     use_cache=False).last_hidden_state
+    sel = hidden[torch.tensor(gather_rows, device=dev), torch.tensor(gather_cols, device=dev)]
+    logp = torch.log_softmax(head(sel).float(), dim=-1).cpu()
+    at = 0
+    for r, (t, o) in enumerate(zip(trees, outs)):
+        block = logp[at: at + len(t.node_tokens) + 1]  # row 0: after the prompt; row 1+k: after node k
+        at += len(t.node_tokens) + 1
+        scores = [sum(float(block[ctx + 1, tokid]) for ctx, tokid in path) for path in t.paths]
+        top = max(scores)
+        weights = [math.exp(s - top) for s in scores]
+        total = sum(weights)
+        o.values = list(t.values)
+        o.probs = [w / total for w in weights]
+        o.valid_mass = math.exp(top) * total
+
+
+def score_one_by_one(model, tok, prompt: list[int], lo: int, hi: int) -> list[float]:
+    """The naive reference: one full forward per candidate answer, standard causal attention.
+    Slow (the prompt is recomputed per answer); the tests and the bench compare against it."""
+    import torch
+
+    end = D.answer_end_id(tok)
+    dev = _device(model)
+    scores = []
+    for v in range(lo, hi + 1):
+        ans = list(tok(str(v), add_special_tokens=False)["input_ids"]) + [end]
+        ids = torch.tensor([prompt + ans[:-1]], device=dev)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        scores.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(ans)))
+    top = max(scores)
+    weights = [math.exp(s - top) for s in scores]
+    return [w / sum(weights) for w in weights]
+
+
+# --- Outputs ---------------------------------------------------------------------------------
+
+SUMMARY_KEYS = ("mode", "model", "rows", "cells_scored", "studies_scored", "wasserstein", "wasserstein_uniform",
+                "individual_accuracy", "invalid_rate", "cells_unbounded", "prompt_tokens_per_s")
+
+
+def summarize(result: dict) -> dict:
+    s = {k: result.get(k) for k in SUMMARY_KEYS}
+    s["demographic_parity_difference"] = (result.get("demographic_parity_difference") or {}).get("value")
+    return s
+
+
+def _load_metrics(out: Path) -> dict:
+    f = out / METRICS_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}  # a damaged earlier file is replaced, not trusted
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
