@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m job.deadline", description=__doc__.splitlines()[0])
     p.add_argument("--at", type=float, required=True, help="unix seconds; 0 or less: no deadline")
     p.add_argument("--grace", type=float, default=300.0, help="seconds after the deadline before the hard kill")
+    p.add_argument("--kill-after", type=float, default=KILL_AFTER_S, help="seconds from SIGTERM to SIGKILL")
     p.add_argument("--events", type=Path, help="events.jsonl to record the hard kill in")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command")
     args = p.parse_args(argv)
@@ -40,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.grace < 0:
         print(f"job.deadline: error: --grace {args.grace:g} is not accepted (seconds >= 0)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return run_until(cmd, args.at, args.grace, args.events)
+    return run_until(cmd, args.at, args.grace, args.events, args.kill_after)
 
 
-def run_until(cmd: list[str], at: float, grace: float, events: Path | None = None) -> int:
+def run_until(cmd: list[str], at: float, grace: float, events: Path | None = None,
+              kill_after: float = KILL_AFTER_S) -> int:
     """Run `cmd` in its own process group; end the group once `at + grace` has passed."""
     env = dict(os.environ)
     if at > 0:
@@ -60,11 +62,11 @@ def run_until(cmd: list[str], at: float, grace: float, events: Path | None = Non
             pass
         if hard_stop is not None and time.time() >= hard_stop:
             break
-    _record(events, f"deadline: still running {grace:g} s after {int(at)}; sending SIGTERM, SIGKILL in {KILL_AFTER_S:g} s")
+    _record(events, f"deadline: still running {grace:g} s after {int(at)}; sending SIGTERM, SIGKILL in {kill_after:g} s")
     print(f"job.deadline: deadline passed {grace:g} s ago; stopping the job (SIGTERM, then SIGKILL)", file=sys.stderr, flush=True)
     _signal_group(proc, signal.SIGTERM)
     try:
-        proc.wait(timeout=KILL_AFTER_S)
+        proc.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
         _signal_group(proc, signal.SIGKILL)
         proc.wait()

@@ -584,7 +584,7 @@ def _hms(s: float) -> str:
 
 
 def _r(t: tuple | None) -> list | None:
-    return [round(x, 3) for x in t] if t else None
+    return list(t) if t else None
 
 
 # --- files -----------------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""How well the cost model predicts training time: predicted vs measured, two subset sizes, one card.
+
+    python bench/cost_accuracy.py --data .carry/socsci210_real_sample.jsonl --subsets 0.25,0.5 --out $OUT
+    python bench/cost_accuracy.py --tiny        # the same code path on CPU with a tiny Qwen2 (no GPU)
+
+Each subset runs the job's real train path (`job.prepare.prepare` then `job.train.train`: the
+Qwen2.5-14B architecture with random weights, 4-bit NF4, LoRA, the paper's optimizer and packing)
+in its own process. The cost model's training term is tokens / tokens_per_s, with tokens exact
+from the prepared stats.json (launcher.cost.count_tokens). Two predictions per run:
+  table     tokens_per_s from configs/throughput.yaml for this card (what `estimate` shows);
+  other     tokens_per_s measured on the OTHER subset's run (cross-validated: no run predicts itself).
+Measured = the trainer's wall time (manifest train_seconds). Target: |error| <= 10%.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_config(tiny: bool, global_batch: int, micro_batch: int):
+    from contracts.config import load_config
+
+    cfg = load_config(REPO / "configs" / "paper.yaml")
+    over = {"model.init": "random", "model.tokenizer": "qwen2.5-offline",
+            "model.arch": {"preset": "qwen2-tiny" if tiny else "qwen2.5-14b"},
+            "train.global_batch": global_batch, "train.micro_batch": micro_batch,
+            "train.checkpoint_every": 0, "eval.enabled": False}
+    if tiny:
+        over.update({"allow_cpu": True, "train.precision": "fp32", "train.optim": "adamw_torch",
+                     "train.gradient_checkpointing": False, "model.id": "tiny-qwen2"})
+    return cfg.with_overrides(over, source="bench")
+
+
+def one_run(args: argparse.Namespace, subset: float, out: Path) -> dict:
+    """Prepare + train one subset in this process; return its measurements."""
+    import torch
+
+    from contracts.events import EventWriter
+    from job.prepare import prepare
+    from job.train import train
+
+    cfg = make_config(args.tiny, args.global_batch, args.micro_batch).with_overrides({"data.subset": subset})
+    data_dir = out / "data"
+    prepare(args.data, data_dir, split=cfg.data.split, subset=subset, seed=cfg.data.seed, cfg=cfg)
+    t0 = time.time()
+    res = train(cfg, out / "train", EventWriter(out / "train" / "events.jsonl"), data_dir=data_dir, resume="never")
+    wall = time.time() - t0
+    man = json.loads((out / "train" / "manifest.json").read_text())
+    steps = [json.loads(line) for line in (out / "train" / "events.jsonl").read_text().splitlines()
+             if '"event":"step"' in line]
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"subset": subset, "card": card, "steps": res.steps, "train_seconds": man["train_seconds"],
+            "wall_with_build_s": round(wall, 1), "peak_gib": man.get("peak_gpu_mem_gib"),
+            "step_tokens_per_s": [s.get("tokens_per_s") for s in steps], "data_dir": str(data_dir),
+            "config": cfg.to_dict()}
+
+
+def predict(runs: list[dict]) -> list[dict]:
+    """The cost model's training term for each run, from the table and from the other run."""
+    from contracts.config import from_dict
+    from launcher import cost
+
+    table = cost.load_throughput()
+    rows = []
+    for r in runs:
+        cfg = from_dict(r["config"])
+        tok = cost.count_tokens(cfg, data=r["data_dir"])
+        r["tokens"] = tok.tokens
+        r["measured_tps"] = tok.tokens / r["train_seconds"]
+    for i, r in enumerate(runs):
+        cfg = from_dict(r["config"])
+        row = {"card": r["card"], "subset": r["subset"], "steps": r["steps"], "tokens": int(r["tokens"]),
+               "measured_s": r["train_seconds"], "measured_tps": round(r["measured_tps"], 1), "peak_gib": r["peak_gib"]}
+        card = _table_card(r["card"], table)
+        if card:
+            tps, band, _how = cost.card_throughput(table, card, cfg.train.method, cost.model_params_b(cfg))
+            row["table_card"], row["table_tps"] = card, round(tps, 1)
+            row["pred_table_s"] = round(r["tokens"] / tps, 1)
+            row["err_table"] = round(row["pred_table_s"] / r["train_seconds"] - 1, 4)
+        others = [o for j, o in enumerate(runs) if j != i]
+        if others:
+            tps = sum(o["tokens"] for o in others) / sum(o["train_seconds"] for o in others)
+            row["pred_other_s"] = round(r["tokens"] / tps, 1)
+            row["err_other"] = round(row["pred_other_s"] / r["train_seconds"] - 1, 4)
+        rows.append(row)
+    return rows
+
+
+def _table_card(device_name: str, table: dict) -> str | None:
+    name = device_name.upper()
+    for card in ("H200", "H100", "A100-80GB" if "80GB" in name else "A100", "L40S", "L4", "A10G"):
+        if card.split("-")[0] in name:
+            return card
+    return None
+
+
+def print_table(rows: list[dict]) -> str:
+    head = ("card", "subset", "steps", "tokens", "measured s", "tok/s", "pred(table) s", "err", "pred(other) s", "err",
+            "peak GiB")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        lines.append(" | ".join(str(x) for x in (
+            r["card"], r["subset"], r["steps"], f"{r['tokens']:,}", r["measured_s"], r["measured_tps"],
+            r.get("pred_table_s", "-"), f"{r['err_table']:+.1%}" if "err_table" in r else "-",
+            r.get("pred_other_s", "-"), f"{r['err_other']:+.1%}" if "err_other" in r else "-", r["peak_gib"])))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="a tiny Qwen2 on CPU: checks the script, not the card")
+    ap.add_argument("--data", default=None, help="SocSci210 rows (.jsonl); default: the shared fixture, else synthetic:600")
+    ap.add_argument("--subsets", default="0.25,0.5")
+    ap.add_argument("--global-batch", type=int, default=64)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/cost_accuracy")))
+    ap.add_argument("--one", type=float, help=argparse.SUPPRESS)  # child mode: run one subset
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per subset run")
+    args = ap.parse_args()
+    if args.data is None:
+        shared = REPO / ".." / "shared" / "fixtures" / "socsci210_real_sample.jsonl"
+        args.data = str(shared) if shared.is_file() else "synthetic:600"
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.one is not None:
+        res = one_run(args, args.one, args.out / f"subset-{args.one}")
+        (args.out / f"subset-{args.one}.json").write_text(json.dumps(res, indent=2))
+        return 0
+    runs = []
+    for s in (float(x) for x in args.subsets.split(",")):
+        cmd = [sys.executable, __file__, "--one", str(s), "--data", args.data, "--out", str(args.out),
+               "--global-batch", str(args.global_batch), "--micro-batch", str(args.micro_batch)]
+        cmd += ["--tiny"] if args.tiny else []
+        t0 = time.time()
+        try:
+            rc = subprocess.run(cmd, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        print(f"subset {s}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
+        f = args.out / f"subset-{s}.json"
+        if f.is_file():
+            runs.append(json.loads(f.read_text()))
+    if not runs:
+        print("no run finished")
+        return 1
+    rows = predict(runs)
+    text = print_table(rows)
+    (args.out / "cost_accuracy.json").write_text(json.dumps(rows, indent=2))
+    (args.out / "cost_accuracy.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
