@@ -1,0 +1,245 @@
+"""The SkyPilot backend.
+
+Against SkyPilot's real API server, offline (tests/skyfix.py): `up --dryrun` picks an offer with
+the real optimizer, and the rendered task parses with sky.Task.from_yaml_config.
+
+The fault matrix goes through the real CLI, registry and sky backend with a fault-injecting fake
+of the adapter (tests/fakesky.py: clusters are folders where the real rendered run block runs):
+failures at provision, sync, setup, run and download, a dropped log stream, the launcher SIGKILLed
+in each phase, Ctrl-C once and twice. Each must end with no machine left and nothing verified lost.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from contracts import manifest
+from contracts.events import read_all
+from launcher_helpers import REPO, cli, fake_python, launcher_env, only_run, spawn, wait_for_state
+from skyfix import seed_catalog
+
+CANARY = "hf_CANARYcanaryCANARYcanary0123456789"
+UP = ["up", "--infra", "sky", "--gpu", "A100:1", "--config", "configs/smoke.yaml", "--yes"]
+
+
+# --- against the real (offline) SkyPilot API server ------------------------------------------
+
+@pytest.mark.sky
+def test_dryrun_picks_an_offer_through_the_real_optimizer(sky_home, tmp_path):
+    runs = tmp_path / "runs"
+    env = {**sky_home.env, "SOCRATES_RUNS_DIR": str(runs), "HF_TOKEN": CANARY}
+    r = cli(["up", "--gpu", "A100:1", "--subset", "0.1", "--dryrun", "--yes"], env, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    # The seeded catalog's cheapest A100:1 (Lambda us-east-1 at $1.99/h; us-west-1 is $2.09).
+    chosen = next(ln for ln in out.splitlines() if ln.startswith("chosen:"))
+    assert "Lambda" in chosen and "us-east-1" in chosen and "gpu_1x_a100" in chosen and "$1.99/h" in chosen
+    assert "rendered task" in out and "accelerators: A100:1" in out and "subset: 0.1" in out
+    assert "HF_TOKEN" in out and CANARY not in out  # the secret's name travels, its value does not
+    assert not runs.exists()  # a dry run creates no run
+
+
+@pytest.mark.sky
+def test_rendered_task_parses_with_skypilot_with_secrets_and_autodown(sky_home, tmp_path):
+    code = f"""
+import json, os, sys
+sys.path.insert(0, {str(REPO)!r})
+os.environ["HF_TOKEN"] = {CANARY!r}
+import sky
+from launcher import registry, task as tasklib
+from launcher.secrets import collect
+from launcher.sky_adapter import SkyAdapter
+from contracts.config import load_config
+cfg = load_config("configs/paper.yaml").with_overrides({{"data.subset": 0.1}})
+run = registry.Run(id="t", dir="/nonexistent", config=cfg.to_dict(), options={{"eval": True, "deadline_s": 3600}})
+conf = tasklib.render(run, gpu="A100:1", cloud="lambda", secret_names=tuple(collect()))
+text = tasklib.to_yaml(conf)
+task = sky.Task.from_yaml_config(conf, secrets_overrides=list(collect().items()))
+res = list(task.resources)[0]
+# What our adapter hands to sky.launch: autodown armed (down=True + idle autostop).
+seen = {{}}
+def fake_launch(task, **kw):
+    seen.update(kw); raise SystemExit(0)
+sky.launch = fake_launch
+try:
+    SkyAdapter().launch(conf, "socrates-t", collect(), 15, on_request_id=print)
+except SystemExit:
+    pass
+print(json.dumps({{"canary_in_yaml": {CANARY!r} in text, "secrets": sorted(task.secrets),
+    "secret_value_ok": task.secrets["HF_TOKEN"].get_secret_value() == {CANARY!r}, "acc": str(res.accelerators),
+    "cloud": str(res.cloud), "deadline": task.envs["DEADLINE_S"], "run_has_job": "-m job train" in task.run,
+    "down": seen.get("down"), "idle": seen.get("idle_minutes_to_autostop")}}))
+"""
+    r = sky_home.python(code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["canary_in_yaml"] is False and got["secret_value_ok"] is True
+    assert got["secrets"] == ["HF_TOKEN"]
+    assert got["acc"] == "{'A100': 1}" and got["cloud"].lower() == "lambda"
+    assert got["deadline"] == "3600" and got["run_has_job"]
+    assert got["down"] is True and got["idle"] >= 10
+
+
+# --- the fault matrix, through a fake of the adapter -----------------------------------------
+
+@pytest.fixture
+def cloud(tmp_path):
+    """Environment for a launcher process whose SkyPilot is tests/fakesky.py (catalog seeded)."""
+    home = tmp_path / "home"
+    seed_catalog(home)
+    env = launcher_env(tmp_path / "runs", fake_python(tmp_path), HOME=str(home),
+                       SOCRATES_SKY_ADAPTER="fakesky:FakeSky", FAKESKY_DIR=str(tmp_path / "cloud"),
+                       PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    return env
+
+
+def _clusters(env: dict) -> list[Path]:
+    root = Path(env["FAKESKY_DIR"])
+    return [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+
+
+def _calls(env: dict) -> list[str]:
+    path = Path(env["FAKESKY_DIR"]) / "calls.log"
+    return path.read_text().split("\n") if path.is_file() else []
+
+
+def _assert_nothing_running(env: dict, rec: dict) -> None:
+    assert _clusters(env) == [], "a cluster was left up"
+    assert f"down {rec['backend_state']['cluster']}" in _calls(env)
+    assert rec["machine"] == "gone"
+
+
+def test_sky_up_end_to_end_with_fake_cloud(cloud):
+    r = cli(UP, {**cloud, "HF_TOKEN": CANARY, "FAKEJOB_LEAK": "1"})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert rec["state"] == "done" and rec["verified"]
+    assert rec["backend_state"]["request_id"] and rec["backend_state"]["job_id"] == 1
+    assert manifest.verify(rec["dir"]) == []
+    _assert_nothing_running(cloud, rec)
+    for path in Path(cloud["SOCRATES_RUNS_DIR"]).rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), path
+    assert CANARY not in r.stdout + r.stderr
+    assert "HF_TOKEN" in (Path(rec["dir"]) / "task.yaml").read_text()
+
+
+@pytest.mark.parametrize("fault,phase", [("provision", "provisioning"), ("sync", "syncing"),
+                                         ("setup", "installing"), ("run", "running"), ("download", "downloading")])
+def test_every_failure_ends_in_down(cloud, fault, phase):
+    env = {**cloud, "FAKESKY_FAIL": fault}
+    if fault == "run":
+        env = {**cloud, "FAKEJOB_FAIL": "train"}
+    r = cli(UP, env)
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert rec["state"] == "failed" and rec["error"].startswith(phase), rec["error"]
+    assert not rec["verified"]
+    _assert_nothing_running(cloud, rec)
+    if fault == "download":
+        assert _calls(cloud).count(f"rsync {rec['backend_state']['cluster']}") == 3  # retried before giving up
+
+
+def test_dropped_log_stream_and_failed_download_are_retried(cloud):
+    """The log stream drops once and the first rsync fails: no event lost or doubled, adapter verified."""
+    r = cli(UP, {**cloud, "FAKESKY_FAIL": "stream,download-once", "FAKEJOB_STEPS": "8"})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert (Path(cloud["FAKESKY_DIR"]) / "dropped").exists()  # the faults really happened
+    assert (Path(cloud["FAKESKY_DIR"]) / "download-failed-once").exists()
+    assert "reconnecting" in r.stdout and "attempt 1 failed" in r.stdout
+    assert rec["verified"] and manifest.verify(rec["dir"]) == []
+    steps = [e["step"] for e in read_all(Path(rec["dir"]) / "events.jsonl") if e["event"] == "step"]
+    assert steps == list(range(1, 9))
+    log = (Path(rec["dir"]) / "job.log").read_text()
+    assert log.count('"event":"step"') == 8  # the log is not doubled either
+    assert rec["state"] == "done"
+    _assert_nothing_running(cloud, rec)
+
+
+@pytest.mark.parametrize("phase", ["provisioning", "running", "downloading"])
+def test_launcher_sigkilled_in_each_phase_then_status_and_down(cloud, phase):
+    """SIGKILL leaves no handler to run: the run record alone must let status/logs/down finish the job."""
+    env = {**cloud, "FAKESKY_PROVISION_S": "30" if phase == "provisioning" else "0",
+           "FAKESKY_DOWNLOAD_S": "30" if phase == "downloading" else "0",
+           "FAKEJOB_STEPS": "30" if phase == "running" else "3", "FAKEJOB_STEP_S": "0.1"}
+    proc = spawn(UP, env)
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    wait_for_state(runs, (phase,), timeout=90)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    rec = only_run(runs)
+    assert rec["backend_state"]["cluster"] and len(_clusters(cloud)) == 1  # it was really up
+    r = cli(["status", rec["id"]], env)
+    assert r.returncode == 0 and "machine:  up" in r.stdout and f"state:    {phase}" in r.stdout
+    if phase == "running":
+        # Re-attach: the rest of the progress, then download, verify and teardown as `up` would.
+        r = cli(["logs"], env)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        rec = only_run(runs)
+        assert rec["state"] == "done" and rec["verified"]
+        steps = [e["step"] for e in read_all(Path(rec["dir"]) / "events.jsonl") if e["event"] == "step"]
+        assert steps == list(range(1, 31))  # none lost or doubled across the kill
+        _assert_nothing_running(cloud, rec)
+    r = cli(["down", rec["id"]], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = only_run(runs)
+    assert rec["state"] == ("done" if phase == "running" else "torn_down")
+    _assert_nothing_running(cloud, rec)
+    r = cli(["status", rec["id"]], env)
+    assert "machine:  gone" in r.stdout and f"state:    {rec['state']}" in r.stdout
+
+
+def _interrupt(cloud: dict, times: int) -> tuple[str, dict, int]:
+    env = {**cloud, "FAKEJOB_STEPS": "30", "FAKEJOB_STEP_S": "0.1"}
+    proc = spawn(UP, env)
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    wait_for_state(runs, ("running",), timeout=90)
+    time.sleep(1.0)
+    for _ in range(times):
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+    out, _ = proc.communicate(timeout=60)
+    return out, only_run(runs), proc.returncode
+
+
+def test_ctrl_c_once_detaches_and_leaves_autodown_armed(cloud):
+    out, rec, code = _interrupt(cloud, 1)
+    assert code == 130 and "detached from run" in out and f"socrates-launch down {rec['id']}" in out
+    assert rec["state"] == "running" and len(_clusters(cloud)) == 1  # still running, by design
+    launch = json.loads((_clusters(cloud)[0] / "task.json").read_text())
+    assert launch["idle_minutes"] >= 10  # autodown armed at launch, so the machine ends itself
+    # and the user can come back to it: logs finishes the run, downloads and tears down.
+    r = cli(["logs", rec["id"]], cloud)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert rec["state"] == "done" and rec["verified"]
+    _assert_nothing_running(cloud, rec)
+
+
+def test_ctrl_c_twice_tears_down_now(cloud):
+    out, rec, code = _interrupt(cloud, 2)
+    assert code == 130 and "tearing down now" in out
+    assert rec["state"] == "torn_down"
+    _assert_nothing_running(cloud, rec)
+
+
+def test_sky_status_on_a_run_that_never_launched(cloud, tmp_path):
+    """A launcher killed before SkyPilot was asked anything: status says gone, down is a no-op."""
+    from launcher import registry
+
+    os.environ["SOCRATES_RUNS_DIR"] = cloud["SOCRATES_RUNS_DIR"]
+    try:
+        run = registry.new_run("never", "sky")
+        run.transition("provisioning")
+    finally:
+        del os.environ["SOCRATES_RUNS_DIR"]
+    r = cli(["status", run.id], cloud)
+    assert "machine:  gone" in r.stdout and "state:    failed" in r.stdout
+    assert cli(["down", run.id], cloud).returncode == 0
