@@ -7,6 +7,7 @@ does not match its manifest), FAKEJOB_LEAK=1 (print HF_TOKEN, to test redaction)
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> int:
     elif verb == "evaluate":
         out = Path(arg(argv, "--out"))
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text('{"wasserstein": 0.1}\n')
+        (out / "metrics.json").write_text(json.dumps({"wasserstein": 0.1, "argv": argv}) + "\n")
         emit("eval", metrics={"wasserstein": 0.1})
     return 0
 

@@ -16,7 +16,10 @@ FAKEJOB = REPO / "tests" / "fakejob.py"
 def fake_python(tmp: Path) -> Path:
     """An executable that behaves like `python -m job VERB ...` but runs tests/fakejob.py."""
     exe = tmp / "fakepython"
-    exe.write_text(f'#!/usr/bin/env bash\n# usage: fakepython -m job VERB ...\nshift 2\nexec "{sys.executable}" "{FAKEJOB}" "$@"\n')
+    exe.write_text(
+        "#!/usr/bin/env bash\n# fakepython -m job VERB ...: the fake job; any other module (job.deadline): real python\n"
+        f'if [ "$1 $2" != "-m job" ]; then exec "{sys.executable}" "$@"; fi\n'
+        f'shift 2\nexec "{sys.executable}" "{FAKEJOB}" "$@"\n')
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     return exe
 

@@ -34,10 +34,15 @@ def _no_secret_anywhere(root: Path) -> None:
 
 def test_up_local_end_to_end(tmp_path):
     env = launcher_env(tmp_path / "runs", fake_python(tmp_path), HF_TOKEN=CANARY, FAKEJOB_LEAK="1")
-    r = cli(["up", "--infra", "local", "--yes"], env)
+    r = cli(["up", "--infra", "local", "--yes", "--eval-base", "--eval-rows", "4"], env)
     assert r.returncode == 0, r.stdout + r.stderr
     rec = only_run(tmp_path / "runs")
     run_dir = Path(rec["dir"])
+    # The rendered run block ran every verb with the flags `up` was given.
+    tuned = json.loads((run_dir / "eval" / "metrics.json").read_text())["argv"]
+    base = json.loads((run_dir / "eval-base" / "metrics.json").read_text())["argv"]
+    assert "--adapter" in tuned and tuned[tuned.index("--rows") + 1] == "4"
+    assert "--base" in base and "--adapter" not in base
     assert rec["state"] == "done" and rec["verified"] and rec["exit_code"] == 0 and rec["machine"] == "gone"
     assert manifest.verify(run_dir) == []
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
