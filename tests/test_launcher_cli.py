@@ -129,3 +129,45 @@ def test_redact_removes_secret_values(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", CANARY)
     assert CANARY not in redact(f"token={CANARY} and again {CANARY}")
     assert redact("nothing secret") == "nothing secret"
+
+
+def _step(step: int, total: int = 10) -> dict:
+    from contracts.events import make
+
+    return make("step", step=step, total_steps=total, epoch=step / total, loss=1.5 / step, lr=1e-4,
+                tokens_per_s=2345.0, gpu_mem_gib=9.5, eta_s=(total - step) * 60.0)
+
+
+def test_progress_bar_on_a_terminal_shows_step_loss_speed_eta_and_dollars():
+    import io
+
+    from rich.console import Console
+
+    from contracts.events import make
+    from launcher.progress import Progress
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=160)
+    progress = Progress(console, price_per_hour=3.6, started_at=time.time() - 1000)  # 1000 s at $3.60/h = $1.00
+    progress.on_event(make("phase", phase="provisioning"))
+    for step in (1, 2, 3):
+        progress.on_event(_step(step))
+    progress.close()
+    out = buf.getvalue()
+    assert progress.plain is False
+    assert "provisioning" in out and "3/10" in out and "loss 0.5" in out and "2345 tok/s" in out
+    assert "ETA 7m00s" in out and "$1.00 so far" in out
+
+
+def test_progress_plain_lines_when_not_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from launcher.progress import Progress
+
+    buf = io.StringIO()
+    progress = Progress(Console(file=buf, width=160))
+    progress.on_event(_step(4))
+    assert progress.plain is True
+    assert buf.getvalue().strip() == "step 4/10  loss 0.375  2345 tok/s  ETA 6m00s"
