@@ -342,12 +342,24 @@ def _score_batch(decoder, head, dev, dtype, prompts: list[list[int]], trees: lis
     hidden = decoder(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                      use_cache=False).last_hidden_state
     sel = hidden[torch.tensor(gather_rows, device=dev), torch.tensor(gather_cols, device=dev)]
-    logp = torch.log_softmax(head(sel).float(), dim=-1).cpu()
-    at = 0
-    for r, (t, o) in enumerate(zip(trees, outs)):
-        block = logp[at: at + len(t.node_tokens) + 1]  # row 0: after the prompt; row 1+k: after node k
+    logp = torch.log_softmax(head(sel).float(), dim=-1)
+    # Only the (context, token) pairs on some answer's path leave the GPU.
+    ctx_idx, tok_idx, bounds, at = [], [], [], 0
+    for t in trees:
+        for path in t.paths:
+            ctx_idx += [at + ctx + 1 for ctx, _ in path]  # row `at`: after the prompt; at+1+k: after node k
+            tok_idx += [tokid for _, tokid in path]
+            bounds.append(len(path))
         at += len(t.node_tokens) + 1
-        scores = [sum(float(block[ctx + 1, tokid]) for ctx, tokid in path) for path in t.paths]
+    picked = logp[torch.tensor(ctx_idx, device=dev), torch.tensor(tok_idx, device=dev)].double().cpu().tolist()
+    k = 0
+    paths = iter(bounds)
+    for t, o in zip(trees, outs):
+        scores = []
+        for _ in t.paths:
+            n = next(paths)
+            scores.append(sum(picked[k:k + n]))
+            k += n
         top = max(scores)
         weights = [math.exp(s - top) for s in scores]
         total = sum(weights)

@@ -1,0 +1,162 @@
+"""Evaluation throughput: prompt tokens/s of `distribution` mode (one forward per group of rows,
+answers scored as a prefix tree) beside two baselines on the same model and rows:
+  - naive: one forward per candidate answer (the prompt recomputed for every answer),
+  - sample: the paper's protocol (generate a few tokens per row, temperature 0.6).
+
+The model is Qwen2.5-14B's architecture with random weights, 4-bit NF4 (job/model.py's builder),
+with a random-weight LoRA adapter (r=16 on all seven projections, B non-zero). Rows are
+SocSci210-shaped: synthetic stimuli sized to the real prompts' mean length (~320 tokens with the
+chat template) and answer scales drawn with the frequencies of the real sample (1-7, 0-100, ...).
+
+    python bench/eval_throughput.py                       # 14B on the GPU
+    python bench/eval_throughput.py --preset qwen2-tiny --rows 24 --naive-rows 2 --sample-rows 4   # CPU check
+
+Prints a table (card, mode, rows, prompt tokens, seconds, prompt tokens/s, ratio to ours) and
+writes it as JSON to --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from contracts.config import RunConfig, from_dict  # noqa: E402
+from job import evaluate as E  # noqa: E402
+from job import model as JM  # noqa: E402
+from job import synthetic  # noqa: E402
+from job.tokenizer import load_tokenizer, padded_vocab  # noqa: E402
+
+# Answer scales of ../shared/fixtures/socsci210_real_sample.jsonl (rows per scale; >101 levels left out).
+REAL_SCALES = {(1, 7): 896, (0, 100): 625, (1, 5): 526, (1, 4): 238, (1, 2): 155, (0, 10): 137,
+               (1, 6): 65, (1, 3): 37, (0, 6): 9}
+
+
+def main(preset: str = "qwen2.5-14b", rows: int = 512, naive_rows: int = 4, sample_rows: int = 64,
+         tokens_per_batch: tuple[int, ...] = (16384, 32768), stimulus_words: int = 190,
+         json_out: str | None = None) -> list[dict]:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    card = torch.cuda.get_device_name(0) if cuda else "cpu"
+    cfg = from_dict({"model": {"id": f"random-{preset}", "init": "random", "arch": {"preset": preset},
+                               "tokenizer": "qwen2.5-offline"},
+                     "train": {"method": "qlora", "precision": "bf16", "gradient_checkpointing": False},
+                     "eval": {"batch_size": 32}, "allow_cpu": True})
+    tok = load_tokenizer(cfg.model.tokenizer)
+    t0 = time.perf_counter()
+    model = random_adapter_model(cfg, tok, device)
+    print(f"built {preset} (4-bit, random LoRA) on {card} in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    data = bench_rows(rows, stimulus_words)
+    scales = [E.M.parse_scale(r["stimuli"]) for r in data]
+    ids = E.prompt_ids(tok, data, cfg.model.system_prompt)
+    table = []
+    E.score_distributions(model, tok, data[:8], scales[:8], "", ids=ids[:8])  # warm-up: kernels, allocator
+    for tpb in tokens_per_batch:
+        try:
+            sec = _timed(lambda: E.score_distributions(model, tok, data, scales, "", tpb, ids=ids), cuda)
+        except torch.OutOfMemoryError as e:
+            print(f"{tpb} tok/batch: out of memory ({e})", flush=True)
+            continue
+        table.append(_row(card, f"distribution (tree, {tpb} tok/batch)", ids, sec))
+        if cuda:
+            table[-1]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(table[-1], flush=True)
+    if naive_rows:
+        try:  # a baseline failing must not lose the figure above
+            sub = list(range(naive_rows))
+            ref: list = []
+            sec = _timed(lambda: ref.extend(E.score_one_by_one(model, tok, ids[i], *scales[i]) for i in sub), cuda)
+            table.append(_row(card, "naive (one forward per answer)", [ids[i] for i in sub], sec))
+            tree = E.score_distributions(model, tok, data[:naive_rows], scales[:naive_rows], "", ids=ids[:naive_rows])
+            table[-1]["max_prob_diff_vs_tree"] = max(abs(a - b) for r, d in zip(ref, tree) for a, b in zip(r, d.probs))
+            print(table[-1], flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"naive baseline failed: {type(e).__name__}: {e}", flush=True)
+    if sample_rows:
+        try:
+            sub = data[:sample_rows]
+            sec = _timed(lambda: E.sample_answers(model, tok, sub, cfg), cuda)
+            table.append(_row(card, f"sample (generate {cfg.eval.max_new_tokens} tokens, batch 32)",
+                              ids[:sample_rows], sec))
+            print(table[-1], flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"sample baseline failed: {type(e).__name__}: {e}", flush=True)
+    best = max(r["prompt_tokens_per_s"] for r in table if r["mode"].startswith("distribution"))
+    for r in table:
+        r["ours_vs_this"] = best / r["prompt_tokens_per_s"]
+    _print(table, preset)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps({"preset": preset, "card": card, "rows": table}, indent=2))
+    return table
+
+
+def random_adapter_model(cfg: RunConfig, tok, device: torch.device):
+    """4-bit random base + LoRA whose B matrices are random too (peft starts B at zero)."""
+    dtype = JM.compute_dtype(cfg, device)
+    base = JM.build_random(JM.qwen2_config(cfg, padded_vocab(tok)), device, dtype, True, cfg.train.seed)
+    model = JM.add_lora(base, cfg)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.02)
+    model.eval()
+    torch.set_grad_enabled(False)
+    return model
+
+
+def bench_rows(n: int, stimulus_words: int) -> list[dict]:
+    """Synthetic rows of real prompt length, each given a scale drawn as often as in the real sample."""
+    rng = random.Random(0)
+    scales, weights = list(REAL_SCALES), list(REAL_SCALES.values())
+    rows = synthetic.generate(n, seed=0, stimulus_words=stimulus_words)
+    for r in rows:
+        lo, hi = rng.choices(scales, weights)[0]
+        r["stimuli"] = re.sub(r"from -?\d+ to -?\d+", f"from {lo} to {hi}", r["stimuli"])
+    return rows
+
+
+def _timed(fn, cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def _row(card: str, mode: str, ids, seconds: float) -> dict:
+    tokens = sum(len(i) for i in ids)
+    return {"card": card, "mode": mode, "rows": len(ids), "prompt_tokens": tokens,
+            "mean_prompt_tokens": tokens / len(ids), "seconds": seconds, "prompt_tokens_per_s": tokens / seconds}
+
+
+def _print(table: list[dict], preset: str) -> None:
+    print(f"\neval throughput, {preset} random weights, 4-bit NF4 + random LoRA (prompt tokens/s)")
+    print(f"{'card':<28} {'mode':<44} {'rows':>5} {'mean len':>8} {'seconds':>8} {'tok/s':>9} {'ours/this':>9}")
+    for r in table:
+        print(f"{r['card']:<28} {r['mode']:<44} {r['rows']:>5} {r['mean_prompt_tokens']:>8.0f} "
+              f"{r['seconds']:>8.2f} {r['prompt_tokens_per_s']:>9.0f} {r['ours_vs_this']:>9.2f}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="qwen2.5-14b")
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--naive-rows", type=int, default=4)
+    ap.add_argument("--sample-rows", type=int, default=64)
+    ap.add_argument("--tokens-per-batch", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--stimulus-words", type=int, default=190)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    main(a.preset, a.rows, a.naive_rows, a.sample_rows, tuple(a.tokens_per_batch), a.stimulus_words, a.json)
