@@ -8,7 +8,7 @@ files, so several launcher processes (up, then status/logs/down) see the same cl
 
 Faults ($FAKESKY_FAIL, comma-separated): provision, sync, setup (the launch fails in that step,
 leaving the cluster up, as SkyPilot does), stream (the log stream drops once after 3 lines),
-download (every rsync fails), download-once (the first rsync fails). $FAKESKY_PROVISION_S and
+download (every rsync fails), download-once (the first rsync fails), down (teardown fails). $FAKESKY_PROVISION_S and
 $FAKESKY_DOWNLOAD_S slow those steps down so a test can kill the launcher inside them.
 """
 from __future__ import annotations
@@ -132,6 +132,9 @@ class FakeSky:
         shutil.copytree(src, local_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
 
     def down(self, cluster_name: str) -> None:
+        if "down" in _faults():
+            _record("down-failed", cluster_name)
+            raise RuntimeError("fake: the cloud API refused the termination")
         _record("down", cluster_name)
         cdir = _root() / cluster_name
         for name in ("provisioner.pid", "job.pid"):

@@ -63,6 +63,11 @@ def test_up_local_end_to_end(tmp_path):
     assert json.loads(listed.stdout)[0]["state"] == "done"
     assert "machine:  gone" in cli(["status"], env).stdout
     assert cli(["down", rec["id"]], env).returncode == 0
+    # `download` after the machine is gone re-verifies the local copy, and catches a damaged one.
+    assert cli(["download"], env).returncode == 0
+    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    r = cli(["download"], env)
+    assert r.returncode == 2 and "adapter/adapter_config.json" in r.stderr
 
 
 @pytest.mark.parametrize("verb", ["check", "prepare", "train", "evaluate"])
@@ -92,6 +97,9 @@ def test_detach_then_logs_reattaches_and_finishes(tmp_path):
     assert r.returncode == 0 and "socrates-launch logs" in r.stdout
     rec = only_run(tmp_path / "runs")
     assert rec["state"] == "running" and Path(rec["backend_state"]["workdir"]).is_dir()
+    r = cli(["download"], env)  # mid-run: refused, and the run is left as it was
+    assert r.returncode == 2 and "socrates-launch logs" in r.stderr
+    assert only_run(tmp_path / "runs")["state"] == "running"
     r = cli(["logs"], env)
     assert r.returncode == 0, r.stdout + r.stderr
     rec = only_run(tmp_path / "runs")

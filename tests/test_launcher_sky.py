@@ -145,6 +145,18 @@ def test_every_failure_ends_in_down(cloud, fault, phase):
         assert _calls(cloud).count(f"rsync {rec['backend_state']['cluster']}") == 3  # retried before giving up
 
 
+def test_failed_teardown_is_loud_and_down_retries_it(cloud):
+    r = cli(UP, {**cloud, "FAKESKY_FAIL": "down"})
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert r.returncode == 1 and "TEARDOWN FAILED" in r.stdout and f"socrates-launch down {rec['id']}" in r.stdout
+    assert rec["state"] == "done" and rec["verified"] and rec["machine"] == "unknown"  # the adapter is safe
+    assert len(_clusters(cloud)) == 1
+    assert cli(["status", rec["id"]], cloud).stdout.count("still up") == 1
+    r = cli(["down", rec["id"]], cloud)
+    assert r.returncode == 0
+    _assert_nothing_running(cloud, only_run(Path(cloud["SOCRATES_RUNS_DIR"])))
+
+
 def test_dropped_log_stream_and_failed_download_are_retried(cloud):
     """The log stream drops once and the first rsync fails: no event lost or doubled, adapter verified."""
     r = cli(UP, {**cloud, "FAKESKY_FAIL": "stream,download-once", "FAKEJOB_STEPS": "8"})

@@ -18,8 +18,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     run_rec = registry.resolve(args.run_id)
-    teardown(run_rec, get_backend(run_rec.infra), None, console)
-    if run_rec.machine != "gone":
+    if not teardown(run_rec, get_backend(run_rec.infra), None, console):
         return 1
     console.print(f"run {run_rec.id}: machine down ({run_rec.state})", highlight=False)
     return 0

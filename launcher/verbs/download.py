@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from contracts import manifest as manifest_lib
+from contracts.errors import ContractError
 from launcher import registry
 
 
@@ -20,6 +21,10 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     run_rec = registry.resolve(args.run_id)
+    if run_rec.live:
+        # Mid-run outputs have no manifest yet; following the run downloads at its end.
+        raise ContractError(f"run {run_rec.id} is {run_rec.state}: `socrates-launch logs {run_rec.id}` follows it "
+                            "and downloads when the job ends")
     backend = get_backend(run_rec.infra)
     before = run_rec.state
     if backend.machine_state(run_rec) != "up":
@@ -34,9 +39,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         fetch_and_verify(run_rec, backend, recorder)
     except (BackendError, OSError, manifest_lib.ManifestError) as e:
-        run_rec.transition("failed" if before != "torn_down" else "torn_down", note=str(e), error=str(e))
+        run_rec.transition(before, note=f"download failed: {e}")  # an earlier verified copy stays as it was
         console.print(f"[bold red]download failed:[/] {e}", highlight=False)
-        return 1
-    run_rec.transition("done" if before in ("running", "done", "downloading", "failed") else before)
-    console.print(f"adapter: {run_rec.adapter} (verified)", highlight=False)
-    return 0
+        status = 1
+    else:
+        run_rec.transition("done")
+        console.print(f"adapter: {run_rec.adapter} (verified)", highlight=False)
+        status = 0
+    console.print(f"[bold red]the machine of run {run_rec.id} is still up (billing). End it: "
+                  f"socrates-launch down {run_rec.id}[/]", highlight=False)
+    return status

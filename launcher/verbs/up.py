@@ -233,34 +233,19 @@ def _dryrun(plan: Plan, console) -> int:
 # --- the lifecycle (shared with `logs`, which re-attaches) -----------------------------------
 
 def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = False) -> int:
-    """Launch (if asked), follow, download + verify, tear down. Returns the exit status of `up`."""
+    """Launch (if asked), follow, download + verify, tear down. Returns the exit status of `up`.
+
+    Whatever happens after the run exists, the machine is torn down at the end, except on an
+    explicit detach (--detach, first Ctrl-C), which prints how to come back and how to end it.
+    """
     from launcher.progress import Progress
 
     progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
     recorder = Recorder(run, progress)
     backend.on_phase = recorder.phase
-    interrupted = False
     try:
-        if launch:
-            run.transition("provisioning", started_at=time.time(), machine="up")
-            progress.started_at = run.started_at
-            recorder.phase("provisioning", f"{run.gpu or 'local'} via {run.infra}")
-            backend.launch(run)
-            run.transition("running")
-            recorder.phase("training")
-            if detach:
-                _say_detached(run, console)
-                return 0
-        code = backend.follow(run, recorder.job_event)
-        _save_log(run, backend)
-        run.update(exit_code=code)
-        if code != 0:
-            raise BackendError("running", f"the job exited with status {code}")
-        fetch_and_verify(run, backend, recorder)
-        run.transition("done")
-        return 0
+        status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
     except KeyboardInterrupt:
-        interrupted = True
         progress.close()
         return _interrupted(run, backend, console, recorder)
     except (BackendError, ContractError, OSError) as e:
@@ -270,13 +255,41 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
         run.transition("failed", note=message, error=message)
         console.print(f"[bold red]run {run.id} failed:[/] {message}", highlight=False)
         _tail_log(run, console)
-        return 1
-    finally:
+        status = 1
+    except BaseException:
         progress.close()
-        if not interrupted and not (detach and run.state == "running"):
-            teardown(run, backend, recorder, console)
-            if run.state == "done":
-                console.print(f"[bold green]adapter:[/] {run.adapter} (verified against manifest.json)", highlight=False)
+        teardown(run, backend, recorder, console)  # an unexpected error must not leave a machine up
+        raise
+    progress.close()
+    if detach and run.state == "running":
+        return status
+    if not teardown(run, backend, recorder, console):
+        return 1
+    if run.state == "done":
+        console.print(f"[bold green]adapter:[/] {run.adapter} (verified against manifest.json)", highlight=False)
+    return status
+
+
+def _lifecycle(run: registry.Run, backend, recorder: "Recorder", console, *, launch: bool, detach: bool) -> int:
+    if launch:
+        run.transition("provisioning", started_at=time.time(), machine="up")
+        recorder.progress.started_at = run.started_at
+        recorder.phase("provisioning", f"{run.gpu or 'local'} via {run.infra}")
+        backend.launch(run)
+        run.transition("running")
+        recorder.phase("training")
+        if detach:
+            _say_detached(run, console)
+            return 0
+    code = backend.follow(run, recorder.job_event)
+    _save_log(run, backend)
+    run.update(exit_code=code)
+    if code != 0:
+        raise BackendError("running", f"the job exited with status {code}")
+    recorder.progress.close()
+    fetch_and_verify(run, backend, recorder)
+    run.transition("done")
+    return 0
 
 
 class Recorder:
@@ -338,8 +351,8 @@ def fetch_and_verify(run: registry.Run, backend, recorder: Recorder, attempts: i
     run.update(adapter=str((run.dir / "adapter").resolve()), verified=True)
 
 
-def teardown(run: registry.Run, backend, recorder: Recorder | None, console) -> None:
-    """End the machine; if that fails, say loudly how to end it (money)."""
+def teardown(run: registry.Run, backend, recorder: Recorder | None, console) -> bool:
+    """End the machine; if that fails, say loudly how to end it (money). True when it is down."""
     if recorder is not None:
         recorder.phase("tearing down")
     try:
@@ -349,12 +362,13 @@ def teardown(run: registry.Run, backend, recorder: Recorder | None, console) -> 
                       f"  the machine may still be running and billing. Retry: socrates-launch down {run.id}",
                       highlight=False)
         run.update(machine="unknown")
-        return
+        return False
     state = {"machine": "gone", "ended_at": run.ended_at or time.time()}
     if run.live:
         run.transition("torn_down", note="torn down before the run ended", **state)
     else:
         run.update(**state)
+    return True
 
 
 def _interrupted(run: registry.Run, backend, console, recorder: Recorder) -> int:
