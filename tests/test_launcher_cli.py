@@ -171,3 +171,29 @@ def test_progress_plain_lines_when_not_a_terminal():
     progress.on_event(_step(4))
     assert progress.plain is True
     assert buf.getvalue().strip() == "step 4/10  loss 0.375  2345 tok/s  ETA 6m00s"
+
+
+def test_rendered_task_mounts_local_data_and_runs_the_same_block_everywhere(tmp_path, monkeypatch):
+    import yaml
+
+    from contracts.config import load_config
+    from launcher import task as tasklib
+
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n")
+    cfg = load_config(REPO / "configs" / "paper.yaml").with_overrides({"data.source": str(data), "data.subset": 0.1})
+    run = registry.Run(id="r", dir=tmp_path, config=cfg.to_dict(), options={"eval": False, "eval_base": True})
+    conf = tasklib.render(run, gpu="H100:2", cloud="runpod", spot=True, data_path=data, secret_names=("HF_TOKEN",))
+    text = tasklib.to_yaml(conf)
+    assert CANARY not in text and yaml.safe_load(text) == conf
+    assert conf["file_mounts"] == {"/tmp/socrates-data/rows.jsonl": str(data)}
+    assert conf["envs"]["DATA"] == "/tmp/socrates-data/rows.jsonl" and conf["envs"]["SUBSET"] == "0.1"
+    assert conf["envs"]["EVAL"] == "0" and conf["envs"]["EVAL_BASE"] == "1"
+    assert conf["resources"]["accelerators"] == "H100:2" and conf["resources"]["use_spot"] is True
+    assert conf["resources"]["infra"] == "runpod" and conf["secrets"] == {"HF_TOKEN": None}
+    assert yaml.safe_load(conf["envs"]["CONFIG_YAML"]) == cfg.to_dict()
+    # Non-sky backends run exactly the template's run block, its envs exported in front.
+    script = tasklib.run_script(conf, JOB_PYTHON="/usr/bin/python3")
+    assert script.endswith(tasklib.load_template()["run"])
+    assert "export JOB_PYTHON=/usr/bin/python3" in script and CANARY not in script
