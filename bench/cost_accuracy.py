@@ -9,7 +9,9 @@ in its own process. The cost model's training term is tokens / tokens_per_s, wit
 from the prepared stats.json (launcher.cost.count_tokens). Two predictions per run:
   table     tokens_per_s from configs/throughput.yaml for this card (what `estimate` shows);
   other     tokens_per_s measured on the OTHER subset's run (cross-validated: no run predicts itself).
-Measured = the trainer's wall time (manifest train_seconds). Target: |error| <= 10%.
+Both are startup + tokens / steady tokens/s (steady: steps 2..N from the step events; startup: the
+rest of the trainer's time: first step, optimizer init, adapter save). Measured = the trainer's
+wall time (manifest train_seconds). Target: |error| <= 10%.
 """
 from __future__ import annotations
 
@@ -59,36 +61,45 @@ def one_run(args: argparse.Namespace, subset: float, out: Path) -> dict:
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {"subset": subset, "card": card, "steps": res.steps, "train_seconds": man["train_seconds"],
             "wall_with_build_s": round(wall, 1), "peak_gib": man.get("peak_gpu_mem_gib"),
-            "step_tokens_per_s": [s.get("tokens_per_s") for s in steps], "data_dir": str(data_dir),
+            "step_events": [{"ts": s["ts"], "step": s["step"], "tokens_per_s": s["tokens_per_s"]} for s in steps],
+            "data_dir": str(data_dir),
             "config": cfg.to_dict()}
 
 
+def steady(run: dict) -> tuple[float, float]:
+    """(steady tokens/s over steps 2..N from the step events, startup s = the rest of the trainer's time)."""
+    ev = run["step_events"]
+    tokens = sum(e["tokens_per_s"] * (e["ts"] - p["ts"]) for p, e in zip(ev, ev[1:]))
+    span = ev[-1]["ts"] - ev[0]["ts"] if len(ev) > 1 else 0.0
+    tps = tokens / span if span > 0 else run["tokens"] / run["train_seconds"]
+    return tps, max(0.0, run["train_seconds"] - run["tokens"] / tps)
+
+
 def predict(runs: list[dict]) -> list[dict]:
-    """The cost model's training term for each run, from the table and from the other run."""
+    """The cost model's training time for each run: from the table, and from the other run."""
     from contracts.config import from_dict
     from launcher import cost
 
     table = cost.load_throughput()
-    rows = []
     for r in runs:
-        cfg = from_dict(r["config"])
-        tok = cost.count_tokens(cfg, data=r["data_dir"])
-        r["tokens"] = tok.tokens
-        r["measured_tps"] = tok.tokens / r["train_seconds"]
+        r["tokens"] = cost.count_tokens(from_dict(r["config"]), data=r["data_dir"]).tokens
+        r["steady_tps"], r["startup_s"] = steady(r)
+    rows = []
     for i, r in enumerate(runs):
         cfg = from_dict(r["config"])
         row = {"card": r["card"], "subset": r["subset"], "steps": r["steps"], "tokens": int(r["tokens"]),
-               "measured_s": r["train_seconds"], "measured_tps": round(r["measured_tps"], 1), "peak_gib": r["peak_gib"]}
+               "measured_s": r["train_seconds"], "steady_tps": round(r["steady_tps"], 1),
+               "startup_s": round(r["startup_s"], 1), "peak_gib": r["peak_gib"]}
         card = _table_card(r["card"], table)
         if card:
-            tps, band, _how = cost.card_throughput(table, card, cfg.train.method, cost.model_params_b(cfg))
+            tps, _band, _how = cost.card_throughput(table, card, cfg.train.method, cost.model_params_b(cfg))
             row["table_card"], row["table_tps"] = card, round(tps, 1)
-            row["pred_table_s"] = round(r["tokens"] / tps, 1)
+            row["pred_table_s"] = round(float(table.get("train_startup_s", 0)) + r["tokens"] / tps, 1)
             row["err_table"] = round(row["pred_table_s"] / r["train_seconds"] - 1, 4)
         others = [o for j, o in enumerate(runs) if j != i]
         if others:
-            tps = sum(o["tokens"] for o in others) / sum(o["train_seconds"] for o in others)
-            row["pred_other_s"] = round(r["tokens"] / tps, 1)
+            o = others[0]
+            row["pred_other_s"] = round(o["startup_s"] + r["tokens"] / o["steady_tps"], 1)
             row["err_other"] = round(row["pred_other_s"] / r["train_seconds"] - 1, 4)
         rows.append(row)
     return rows
@@ -103,12 +114,12 @@ def _table_card(device_name: str, table: dict) -> str | None:
 
 
 def print_table(rows: list[dict]) -> str:
-    head = ("card", "subset", "steps", "tokens", "measured s", "tok/s", "pred(table) s", "err", "pred(other) s", "err",
-            "peak GiB")
+    head = ("card", "subset", "steps", "tokens", "measured s", "steady tok/s", "startup s", "pred(table) s", "err",
+            "pred(other run) s", "err", "peak GiB")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         lines.append(" | ".join(str(x) for x in (
-            r["card"], r["subset"], r["steps"], f"{r['tokens']:,}", r["measured_s"], r["measured_tps"],
+            r["card"], r["subset"], r["steps"], f"{r['tokens']:,}", r["measured_s"], r["steady_tps"], r["startup_s"],
             r.get("pred_table_s", "-"), f"{r['err_table']:+.1%}" if "err_table" in r else "-",
             r.get("pred_other_s", "-"), f"{r['err_other']:+.1%}" if "err_other" in r else "-", r["peak_gib"])))
     text = "\n".join(lines)

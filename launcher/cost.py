@@ -434,6 +434,9 @@ def plan_card(cfg: RunConfig, table: dict, card: str, count: int, params_b: floa
                       f"{tps:,.0f} tok/s; band: tokens {tokens.low / tokens.tokens:.2f}-"
                       f"{tokens.high / tokens.tokens:.2f}, throughput +-{band:.0%}. {how}"
                       if tokens.tokens else "no tokens"))
+    start = float(table.get("train_startup_s", 0.0))
+    terms.append(Term("trainer startup", start * (1 - band), start, start * (1 + band),
+                      "first step (warm-up), optimizer init, adapter save (bench/cost_accuracy.py)"))
     ckpts = tokens.steps // cfg.train.checkpoint_every if cfg.train.checkpoint_every else 0
     ck_s = 3 * lora_bytes(cfg, params_b) / 300e6 + 2
     terms.append(Term("checkpoints", ckpts * ck_s * 0.5, ckpts * ck_s, ckpts * ck_s * 3,
