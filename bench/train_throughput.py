@@ -199,7 +199,9 @@ def run_variant(base, v: Variant, examples: list[dict], steps: int, gb: int, spe
     del opt
     model.zero_grad(set_to_none=True)
     base = detach_lora(model)
-    return {"name": v.name, "baseline": v.baseline, "micro_batch": v.micro_batch, "gc": v.gc,
+    step_tokens = [sum(len(e["input_ids"]) for e in examples[s * gb:(s + 1) * gb]) for s in range(len(step_s))]
+    steady = sum(step_tokens[1:]) / sum(step_s[1:]) if len(step_s) > 1 else None
+    return {"name": v.name, "baseline": v.baseline, "steady_tokens_per_s": steady, "micro_batch": v.micro_batch, "gc": v.gc,
             "levers": asdict(v.levers), "steps": len(losses), "losses": losses, "step_s": step_s,
             "tokens_per_s": timed_tokens / timed_s if timed_s else None, "timed_tokens": timed_tokens,
             "peak_gib": peak, "error": error, "_base": base}
@@ -261,16 +263,21 @@ def matmul_ceiling(device: torch.device, tiny: bool) -> float:
     return 2 * n ** 3 * iters / (time.perf_counter() - t)
 
 
+def rate(r: dict) -> float | None:
+    """Whole optimizer steps after the first when there are some; else micro-batches after the first."""
+    return r.get("steady_tokens_per_s") or r["tokens_per_s"]
+
+
 def table(rows: list[dict], card: str, ceiling: float, flops_per_token: float) -> str:
-    base = next((r for r in rows if r["baseline"] and r["tokens_per_s"]), None)
+    base = next((r for r in rows if r["baseline"] and rate(r)), None)
     lines = [f"card: {card}   bf16 matmul ceiling: {ceiling / 1e12:.0f} TFLOP/s   "
-             f"MFU = tokens/s x {flops_per_token:.3g} / ceiling",
+             f"MFU = tokens/s x {flops_per_token:.3g} / ceiling; tokens/s over steps 2+ where a row has them",
              "", "| variant | micro-batch | tokens/s | MFU | peak GiB | x baseline | loss, first steps |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        tps = r["tokens_per_s"]
+        tps = rate(r)
         mfu = f"{100 * tps * flops_per_token / ceiling:.1f}%" if tps else "-"
-        ratio = f"{tps / base['tokens_per_s']:.2f}x" if tps and base else "-"
+        ratio = f"{tps / rate(base):.2f}x" if tps and base else "-"
         losses = " ".join(f"{x:.3f}" for x in r["losses"][:6]) + (" ..." if len(r["losses"]) > 6 else "")
         err = (r["error"] or "-")[:60]
         lines.append(f"| {r['name']} | {r['micro_batch']} | {f'{tps:,.0f}' if tps else err} | {mfu} | "
@@ -288,6 +295,8 @@ def main() -> int:
     ap.add_argument("--baseline-steps", type=int, default=None, help="final mode: baseline steps (default --steps)")
     ap.add_argument("--ours", default="packing,answer,liger,mb=32",
                     help="final mode: ours as comma-separated levers (packing, answer, liger, flex, rows=N, mb=N, gc=K|all|none)")
+    ap.add_argument("--lr", type=float, default=None, help="constant learning rate (default: the config's 1e-5)")
+    ap.add_argument("--baseline-mb", type=int, default=None, help="the baseline's micro-batch (default: the config's 8)")
     ap.add_argument("--only", default=None, help="levers mode: comma-separated row numbers to run (1-based)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new steps after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for train_throughput.json")
@@ -299,8 +308,10 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (tiny; numbers mean nothing)"
     spec, lora = TrainSpec(), LoraSpec()  # the paper config's schedule and LoRA (configs/paper.yaml)
+    if args.lr:
+        spec = replace(spec, lr=args.lr)
     gb = 16 if args.tiny else spec.global_batch
-    print(f"card: {card}  torch {torch.__version__}", flush=True)
+    print(f"card: {card}  torch {torch.__version__}  lr {spec.lr:g} (constant)", flush=True)
     ceiling = matmul_ceiling(device, args.tiny)
     print(f"bf16 matmul ceiling: {ceiling / 1e12:.1f} TFLOP/s", flush=True)
 
@@ -312,7 +323,7 @@ def main() -> int:
     mem = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     print(f"built in {build_s:.0f}s, {mem:.1f} GiB on the card", flush=True)
 
-    mb = 4 if args.tiny else spec.micro_batch
+    mb = 4 if args.tiny else (args.baseline_mb or spec.micro_batch)
     if args.final:
         ours = parse_ours(args.ours, args.tiny)
         variants = final_pair(mb, ours)
