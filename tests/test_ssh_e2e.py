@@ -23,13 +23,13 @@ from sshd import PYTHON, REPO, SshServer, sshd, sshd_available  # noqa: F401
 pytestmark = pytest.mark.ssh
 
 
-def cli(*args: str, env: dict, timeout: float = 400, **kw) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict, timeout: float = 1800, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
 
 
-def up_args(srv: SshServer, tmp: Path, *extra: str, user: str = "root") -> list[str]:
-    return ["up", "--infra", f"ssh://{user}@127.0.0.1:{srv.port}", "--allow-cpu", "--config", "configs/smoke.yaml",
+def up_args(srv: SshServer, tmp: Path, *extra: str, user: str = "root", config: str = "configs/smoke.yaml") -> list[str]:
+    return ["up", "--infra", f"ssh://{user}@127.0.0.1:{srv.port}", "--allow-cpu", "--config", config,
             "--yes", "--no-eval", "--ssh-key", str(srv.client_key), "--known-hosts", str(srv.known_hosts),
             "--remote-python", PYTHON, "--remote-dir", str(tmp / "remote"), *extra]
 
@@ -121,7 +121,14 @@ def test_up_over_ssh_brings_back_a_verified_adapter_and_leaves_nothing(sshd, tmp
 @pytest.mark.slow
 def test_launcher_killed_mid_run_then_logs_reattaches_and_down_cleans(sshd, tmp_path, env):
     needs_job()
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *up_args(sshd, tmp_path, "--trust-new-host")],
+    import yaml
+
+    # the smoke config cut to a few steps: this test is about the launcher dying, not the training
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg["train"].update(max_steps=4, checkpoint_every=2)
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *up_args(sshd, tmp_path, "--trust-new-host", config=str(short))],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill the launcher outright once the job has started on the host
