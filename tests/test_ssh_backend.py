@@ -312,3 +312,26 @@ def test_secrets_travel_only_in_the_environment(sshd, tmp_path, monkeypatch):
                 assert canary not in f.read_text(errors="replace"), f
     finally:
         b.down(run)
+
+
+def test_down_finds_the_job_from_the_host_when_the_launcher_died_before_saving_its_pid(sshd, tmp_path):
+    run = new_run(sshd, "no-pid")
+    b = backend(sshd, tmp_path, fake_job(steps=1000, delay=0.05))
+    b.launch(run)
+    time.sleep(0.3)
+    for key in ("pid", "pgid"):  # as if killed between starting the job and writing run.json
+        run.backend_state.pop(key)
+    assert job_processes(run.id)
+    SshBackend(run.infra).down(run)
+    assert not job_processes(run.id) and not Path(run.backend_state["work"]).exists()
+
+
+def test_connection_dying_during_launch_is_a_backend_error_and_down_cleans(sshd, tmp_path):
+    run = new_run(sshd, "launch-drop")
+    b = backend(sshd, tmp_path, fake_job(steps=1000, delay=0.05))
+    b.on_phase = lambda name, detail=None: sshd.kill_sessions() if name == "syncing" else None
+    with pytest.raises(BackendError, match="provisioning: ssh root@127.0.0.1"):
+        b.launch(run)
+    b.down(run)
+    assert run.backend_state["torn_down"] and not Path(run.backend_state["work"]).exists()
+    assert not job_processes(run.id)

@@ -78,6 +78,12 @@ class SshBackend(Backend):
     # --- lifecycle ------------------------------------------------------------------------
 
     def launch(self, run: Any) -> None:
+        try:
+            self._launch(run)
+        except (SshDropped, *DROPPED) as e:  # the connection died mid-launch: a failed run, torn down by the caller
+            raise BackendError("provisioning", f"ssh {self.target}: {type(e).__name__}: {e}") from None
+
+    def _launch(self, run: Any) -> None:
         state = self._bind(run)
         state.update(options=self.opts.to_dict(), target=str(self.target))
         _save(run)
@@ -100,6 +106,9 @@ class SshBackend(Backend):
         if mode == "venv" and task is not None:
             self.on_phase("installing", "the job's venv from requirements/job.lock (sky/train.yaml setup)")
             self._setup(client, work, task)
+        if mode == "docker":
+            self.on_phase("installing", f"the job image {self.opts.image} (built from the synced Dockerfile if missing)")
+            self._docker_image(client, base)
         if task is not None:
             self.on_phase("checking", "python -m job check on the host")
             self._check(client, work, mode, python)
@@ -305,6 +314,14 @@ class SshBackend(Backend):
         if res.rc != 0:
             raise BackendError("installing", f"the setup block failed on {self.target}: {_last_line(res)}")
 
+    def _docker_image(self, client: paramiko.SSHClient, base: str) -> None:
+        q = shlex.quote
+        image, context = q(self.opts.image), q(posixpath.join(base, "cache", "code"))
+        res = ssh_run(client, f"docker image inspect {image} >/dev/null 2>&1 || docker build -q -t {image} {context}",
+                      timeout=3600)
+        if res.rc != 0:
+            raise BackendError("installing", f"building the job image on {self.target} failed: {_last_line(res)}")
+
     def _check(self, client: paramiko.SSHClient, work: str, mode: str, python: str) -> None:
         """`job check` before the job is started: a card or config that can't run is refused here."""
         q = shlex.quote
@@ -335,12 +352,13 @@ class SshBackend(Backend):
     # --- teardown, liveness ----------------------------------------------------------------
 
     def _kill_and_remove(self, state: dict, work: str) -> None:
-        pg = int(state.get("pgid") or 0)
-        kill = (f"kill -TERM -- -{pg} 2>/dev/null; for i in $(seq 50); do kill -0 -- -{pg} 2>/dev/null || break; "
-                f"sleep 0.2; done; kill -KILL -- -{pg} 2>/dev/null; " if pg else "")
+        q = shlex.quote(work)
+        # the pid file on the host covers a launcher killed between starting the job and saving its pid
+        pg = f"{int(state['pgid'])}" if state.get("pgid") else f"$(cat {q}/{PID_FILE} 2>/dev/null || echo 0)"
+        kill = (f"pg={pg}; if [ \"$pg\" != 0 ]; then kill -TERM -- -$pg 2>/dev/null; for i in $(seq 50); do "
+                f"kill -0 -- -$pg 2>/dev/null || break; sleep 0.2; done; kill -KILL -- -$pg 2>/dev/null; fi; ")
         docker = f"docker rm -f socrates-{shlex.quote(posixpath.basename(work))} >/dev/null 2>&1; " \
             if state.get("mode") == "docker" else ""
-        q = shlex.quote(work)
         res = ssh_run(self._client_or_wait(), f"{kill}{docker}rm -rf {q}; test ! -e {q}")
         if res.rc != 0:
             raise SshDropped(f"rm -rf {work} failed: {_last_line(res)}")
