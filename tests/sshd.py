@@ -111,13 +111,18 @@ class SshServer:
         self._spawn()
 
     def session_pids(self) -> list[int]:
-        """The per-connection sshd processes (children of the listener)."""
+        """The per-connection sshd processes (children of the listener), from /proc."""
         assert self.proc is not None
-        try:
-            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        except FileNotFoundError:
-            return []
-        return [int(k) for k in kids]
+        kids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state, past "(comm)"
+            if ppid == self.proc.pid:
+                kids.append(int(pid))
+        return kids
 
     def kill_sessions(self) -> int:
         """Drop every open SSH connection the hard way (SIGKILL the session processes)."""
