@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     run_rec = registry.resolve(args.run_id)
     console.print(f"run [bold]{run_rec.id}[/]: {run_rec.state}", highlight=False)
-    if run_rec.state == "provisioning" and run_rec.backend_state.get("request_id"):
+    # sky: a launch request in flight; ssh/local: the job was started (its pid saved) before the launcher died
+    if run_rec.state == "provisioning" and (run_rec.backend_state.get("request_id") or run_rec.backend_state.get("pid")):
         run_rec.transition("running", note="re-attached while the launch was in flight")
     if run_rec.state == "running":
         return drive(run_rec, get_backend(run_rec.infra), console, launch=False)
