@@ -27,6 +27,7 @@ MODEL_INITS = ("pretrained", "random")
 EVAL_MODES = ("sample", "distribution")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("bf16", "fp16", "fp32")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "eager")
 DEFAULT_SYSTEM_PROMPT = (
     "You are simulating a survey respondent. Answer exactly as instructed, following the "
     "specified response format without additional commentary."
@@ -74,6 +75,12 @@ class TrainSpec:
     packing: bool = True
     """Padding-free batches (sequences concatenated, attention kept per sequence)."""
     gradient_checkpointing: bool = True
+    checkpoint_layers: int | None = None
+    """With gradient_checkpointing: how many decoder layers recompute (None: all; fewer = faster, more memory)."""
+    liger: bool = True
+    """Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA when liger-kernel is installed (job/fast.py)."""
+    attn_implementation: str = "auto"
+    """auto (flex_attention on CUDA, sdpa on CPU) | sdpa | flex_attention | eager."""
     checkpoint_every: int = 50
     """Optimizer steps between checkpoints (0: only the final save)."""
     keep_checkpoints: int = 2
@@ -227,6 +234,10 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     if t.max_steps is not None and t.max_steps < 1:
         raise bad("train.max_steps", t.max_steps, "a whole number >= 1, or null")
     t.grad_accum(1)
+    if t.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise bad("train.attn_implementation", t.attn_implementation, " | ".join(ATTN_IMPLEMENTATIONS))
+    if t.checkpoint_layers is not None and t.checkpoint_layers < 0:
+        raise bad("train.checkpoint_layers", t.checkpoint_layers, "a whole number >= 0, or null for all layers")
     if cfg.lora.r < 1 or cfg.lora.alpha <= 0 or not (0 <= cfg.lora.dropout < 1):
         raise bad("lora", dataclasses.asdict(cfg.lora), "r >= 1, alpha > 0, 0 <= dropout < 1")
     if not cfg.lora.target_modules:

@@ -252,3 +252,41 @@ def set_checkpointing(model: torch.nn.Module, enabled: bool, layers: int | None 
 def set_attention(model: torch.nn.Module, implementation: str) -> None:
     """sdpa (per-sequence mask from position_ids) or flex_attention (block-sparse, true varlen)."""
     causal_lm_of(model).set_attn_implementation(implementation)
+
+
+def resolve_attention(name: str, device: torch.device | str) -> str:
+    """`auto`: flex_attention on CUDA (it skips the masked blocks of packed rows), sdpa elsewhere
+    (flex_attention has no CPU backward)."""
+    if name != "auto":
+        return name
+    return "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
+
+
+def levers_for(train, device: torch.device | str) -> Levers:
+    """The levers a TrainSpec asks for on `device` (rows as long as the longest allowed sequence)."""
+    return Levers(packing=train.packing, row_len=train.max_length, answer_only_loss=True,
+                  liger=train.liger, checkpoint_layers=train.checkpoint_layers,
+                  attn_implementation=resolve_attention(train.attn_implementation, device))
+
+
+def speed_up(model: torch.nn.Module, train, device: torch.device | str, trainer=None, pad_id: int = 0) -> Levers:
+    """Apply the levers to a LoRA model and, when given, to its Trainer (one call site in train.py).
+
+    Model: attention implementation, Liger kernels, checkpointing policy. Trainer: the packed
+    collator (with packing) and the answer-only loss normalized by the global batch's targets.
+    """
+    lv = levers_for(train, device)
+    set_attention(model, lv.attn_implementation)
+    if lv.liger:
+        apply_liger(model)
+    set_checkpointing(model, train.gradient_checkpointing, lv.checkpoint_layers)
+    if trainer is not None:
+        if lv.packing:
+            trainer.data_collator = PackedCollator(pad_id, lv.row_len, lv.attn_implementation == "flex_attention")
+
+        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = trainer_loss(model, inputs, num_items_in_batch, lv.liger)
+            return (loss, None) if return_outputs else loss
+
+        trainer.compute_loss = compute_loss
+    return lv

@@ -1,0 +1,67 @@
+"""The levers wired into TRL's SFTTrainer (what job/train.py runs) give the gradient fast.step gives."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contracts.config import TrainSpec
+from job import fast
+from tests.test_speed_packing import _examples, _model
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+
+def _trainer(model, ex, tmp_path, accum: int, mb: int):
+    ds = datasets.Dataset.from_dict({"input_ids": [e["input_ids"] for e in ex], "labels": [e["labels"] for e in ex]})
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=mb, gradient_accumulation_steps=accum,
+                         use_cpu=True, report_to=[], max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
+                         padding_free=False, learning_rate=1e-3, max_steps=1)
+    tok = _Tok()
+    return trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+
+
+def _Tok():
+    """A word-level tokenizer: SFTTrainer wants one, the dataset is already tokenized."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 512)}}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
+                                   pad_token="<pad>", eos_token="<eos>")
+
+
+def test_sft_trainer_with_levers_matches_fast_step(tmp_path):
+    ex = _examples(8, seed=11)
+    mb, accum = 4, 2
+    spec = TrainSpec(micro_batch=mb, global_batch=mb * accum, max_length=128, gradient_checkpointing=False)
+
+    ref = _model()
+    lv = fast.levers_for(spec, "cpu")
+    assert lv.attn_implementation == "sdpa" and lv.row_len == 128 and lv.packing
+    batches = fast.micro_batches(ex, mb, lv, pad_id=0)
+    total = sum(fast.count_targets(b) for b in batches)
+    for b in batches:
+        (fast.answer_loss_sum(ref, b) / total).backward()
+    want = [p.grad for p in ref.parameters() if p.requires_grad]
+
+    model = _model()
+    trainer = _trainer(model, ex, tmp_path, accum, mb)
+    got_lv = fast.speed_up(model, spec, "cpu", trainer=trainer, pad_id=0)
+    assert isinstance(trainer.data_collator, fast.PackedCollator) and got_lv == lv
+    loader = trainer.get_train_dataloader()
+    trainer.model.train()
+    seen = list(loader)
+    # The Trainer's sampler shuffles: compare against the same sequences in the same micro-batches.
+    n = sum(fast.count_targets(b) for b in seen)
+    ref.zero_grad(set_to_none=True)
+    for b in seen:
+        (fast.answer_loss_sum(ref, b) / n).backward()
+    want = [p.grad.clone() for p in ref.parameters() if p.requires_grad]
+    trainer.current_gradient_accumulation_steps = accum
+    for b in seen:
+        trainer.training_step(trainer.model, b, num_items_in_batch=torch.tensor(n))
+    got = [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
