@@ -13,8 +13,7 @@ What each lever does (bench/train_throughput.py measures each on the 14B archite
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import torch
@@ -262,6 +261,19 @@ def resolve_attention(name: str, device: torch.device | str) -> str:
     return "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
 
 
+def flex_attention_works(device: torch.device | str) -> bool:
+    """Compile and run flex_attention forward+backward once on a tiny input (it needs Triton and a
+    C compiler); a job without them falls back to sdpa instead of failing at its first step."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q = torch.randn(1, 1, 128, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        torch.compile(flex_attention)(q, q, q).sum().backward()
+        return True
+    except Exception:  # noqa: BLE001 - any failure here means: don't use it
+        return False
+
+
 def levers_for(train, device: torch.device | str) -> Levers:
     """The levers a TrainSpec asks for on `device` (rows as long as the longest allowed sequence)."""
     return Levers(packing=train.packing, row_len=train.max_length, answer_only_loss=True,
@@ -276,9 +288,12 @@ def speed_up(model: torch.nn.Module, train, device: torch.device | str, trainer=
     collator (with packing) and the answer-only loss normalized by the global batch's targets.
     """
     lv = levers_for(train, device)
+    if lv.attn_implementation == "flex_attention" and not flex_attention_works(device):
+        print("speed: flex_attention does not compile here; using sdpa (slower with packing)", flush=True)
+        lv = replace(lv, attn_implementation="sdpa")
     set_attention(model, lv.attn_implementation)
-    if lv.liger:
-        apply_liger(model)
+    if lv.liger and not apply_liger(model) and torch.device(device).type == "cuda":
+        print("speed: liger-kernel not installed; fused RMSNorm/SwiGLU/RoPE off (slower)", flush=True)
     set_checkpointing(model, train.gradient_checkpointing, lv.checkpoint_layers)
     if trainer is not None:
         if lv.packing:
