@@ -301,6 +301,9 @@ def speed_up(model: torch.nn.Module, train, device: torch.device | str, trainer=
 
         def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = trainer_loss(model, inputs, num_items_in_batch, lv.liger)
+            if num_items_in_batch is not None and trainer.args.average_tokens_across_devices:
+                # As Trainer.compute_loss: the count is global, DDP averages gradients over ranks.
+                loss = loss * (trainer.accelerator.num_processes if trainer.args.n_gpu <= 1 else trainer.args.n_gpu)
             return (loss, None) if return_outputs else loss
 
         trainer.compute_loss = compute_loss

@@ -65,3 +65,20 @@ def test_sft_trainer_with_levers_matches_fast_step(tmp_path):
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_loss_is_scaled_like_trainer_under_ddp(tmp_path):
+    # With several processes the token count is global and DDP averages: the loss is scaled back up.
+    from types import SimpleNamespace
+
+    ex = _examples(4, seed=13)
+    spec = TrainSpec(micro_batch=4, global_batch=4, max_length=128, gradient_checkpointing=False)
+    model = _model()
+    trainer = _trainer(model, ex, tmp_path, 1, 4)
+    fast.speed_up(model, spec, "cpu", trainer=trainer, pad_id=0)
+    batch = fast.PackedCollator(0, 128)(ex)
+    n = torch.tensor(fast.count_targets(batch))
+    one = float(trainer.compute_loss(model, batch, num_items_in_batch=n))
+    trainer.args.average_tokens_across_devices = True
+    trainer.accelerator = SimpleNamespace(num_processes=2)
+    assert float(trainer.compute_loss(model, batch, num_items_in_batch=n)) == pytest.approx(2 * one, rel=1e-6)
