@@ -131,3 +131,17 @@ def test_packed_collator_reads_trl_completion_mask():
     for k in ("input_ids", "position_ids", "labels"):
         assert torch.equal(a[k], b[k])
     assert fast.count_targets(a) == sum(y != fast.IGNORE_INDEX for e in ex for y in e["labels"])
+
+
+def test_flex_attention_packed_rows_give_the_sdpa_loss():
+    # flex_attention (the CUDA default) on fixed-width packed rows: same loss as sdpa (forward only:
+    # flex has no CPU backward). Its compile makes this the slowest test here (~30 s on 2 cores).
+    model, ex = _model(), _examples(9, seed=2)
+    sdpa = fast.micro_batches(ex, 9, fast.Levers(row_len=128), pad_id=0)[0]
+    flex = fast.micro_batches(ex, 9, fast.Levers(row_len=128, attn_implementation="flex_attention"), pad_id=0)[0]
+    assert flex["input_ids"].shape[1] == 128 > sdpa["input_ids"].shape[1]  # fixed width: one compile
+    with torch.no_grad():
+        want = float(fast.answer_loss_sum(model, sdpa))
+        fast.set_attention(model, "flex_attention")
+        got = float(fast.answer_loss_sum(model, flex))
+    assert got == pytest.approx(want, abs=1e-4)
