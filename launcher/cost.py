@@ -185,8 +185,10 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
             if not rows and gpu is not None:
                 where = f" on {cloud}" if cloud else ""
                 kind = "spot " if spot else ""
+                failed = getattr(sky_adapter, "CATALOG_ERRORS", {})
+                why = f"; catalog unreadable for {', '.join(sorted(failed))}" if failed else ""
                 raise ContractError(f"--gpu {p.card}:{p.count}: SkyPilot's catalog has no {kind}price for it{where} "
-                                    "(try another card or cloud; `sky show-gpus` lists them)")
+                                    f"(try another card or cloud; `sky show-gpus` lists them){why}")
             hours = p.hours(spot)
             for r in rows:
                 price = float(r["price_per_h"])
@@ -194,8 +196,10 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                                     card=p.card, count=p.count, spot=spot, price_per_h=price, hours=hours,
                                     dollars=tuple(round(h * price, 2) for h in hours)))
         if not offers:
+            failed = getattr(sky_adapter, "CATALOG_ERRORS", {})
+            why = f"; catalog unreadable for {', '.join(sorted(failed))} (offline? `sky show-gpus` fetches it)" if failed else ""
             raise ContractError(f"no priced offer in SkyPilot's catalog for any card that fits"
-                                f"{' on ' + cloud if cloud else ''} (pass --gpu NAME:COUNT, or another --cloud)")
+                                f"{' on ' + cloud if cloud else ''} (pass --gpu NAME:COUNT, or another --cloud){why}")
         offers.sort(key=lambda o: (o.dollars[1], o.price_per_h, o.cloud, o.region))
         offers[0] = replace(offers[0], cheapest=True)
         if spot:
@@ -551,14 +555,17 @@ def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
                   f"{tok.tokens / 1e6:,.1f}M tokens ({'exact' if tok.exact else 'estimated'})")
     if est.offers:
         table = Table(title="What this run will cost" + (" (spot)" if est.spot else ""), title_justify="left")
-        for col in ("", "cloud", "region", "instance", "card", "$/h", "hours low-exp-high", "$ low-exp-high"):
-            table.add_column(col, justify="right" if col.startswith(("$", "hours")) else "left")
+        for col in ("", "cloud", "region", "instance", "card", "$/h", "hours lo-exp-hi", "$ lo-exp-hi"):
+            numeric = col.startswith(("$", "hours"))
+            table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric,
+                             overflow="fold")
         for o in est.offers[:SHOWN_OFFERS]:
-            table.add_row("cheapest" if o.cheapest else "", o.cloud, o.region, o.instance, f"{o.card}:{o.count}",
+            table.add_row("*" if o.cheapest else "", o.cloud, o.region, o.instance, f"{o.card}:{o.count}",
                           f"{o.price_per_h:.2f}" + (" spot" if o.spot else ""),
                           "-".join(f"{h:.1f}" for h in o.hours), "-".join(f"{d:,.0f}" for d in o.dollars),
                           style="bold green" if o.cheapest else None)
         console.print(table)
+        console.print("  * cheapest expected cost")
         if len(est.offers) > SHOWN_OFFERS:
             console.print(f"  (+{len(est.offers) - SHOWN_OFFERS} more offers; --json lists all)")
     elif est.hours:

@@ -177,6 +177,10 @@ def _name(record: Any) -> str | None:
 
 # --- catalog queries used by launcher/cost.py (the cost engineer's functions go below) ---------
 
+# Clouds whose catalog could not be read or fetched in this process (cloud -> why): asked once only.
+CATALOG_ERRORS: dict[str, str] = {}
+
+
 def list_offers(accelerator: str, count: int, cloud: str | None, spot: bool) -> list[dict]:
     """Priced offers of `count` x `accelerator` from SkyPilot's catalog (read offline when cached).
 
@@ -199,11 +203,14 @@ def list_offers(accelerator: str, count: int, cloud: str | None, spot: bool) -> 
         clouds = clouds or ["aws", "gcp", "azure", "lambda", "runpod"]
     rows, seen = [], set()
     for name in clouds:
+        if name in CATALOG_ERRORS:
+            continue
         try:
             found = catalog.list_accelerators(gpus_only=True, name_filter=accelerator, quantity_filter=count,
                                               clouds=name, case_sensitive=False, all_regions=True,
                                               require_price=True)
-        except Exception:  # noqa: BLE001 - one cloud's missing or unreadable catalog must not hide the others
+        except Exception as e:  # noqa: BLE001 - one cloud's missing or unreadable catalog must not hide the others
+            CATALOG_ERRORS[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             continue
         for card, infos in found.items():
             if card.lower() != accelerator.lower():

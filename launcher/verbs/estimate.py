@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cloud", help="only this cloud's offers (default: every cloud with a catalog)")
     p.add_argument("--spot", action="store_true", help="spot prices (preemptions add time)")
     p.add_argument("--infra", default="sky", help="sky (default), local or ssh://user@host (no cloud price)")
+    p.add_argument("--eval-rows", type=int, help="evaluate on at most N test rows (as `up --eval-rows`)")
+    p.add_argument("--no-eval", action="store_true", help="no evaluation after training (as `up --no-eval`)")
     p.add_argument("--max-cost", type=float, help="USD: say whether `up` would refuse, and the deadline it sets")
     p.add_argument("--max-hours", type=float, help="hours: likewise")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
@@ -30,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
 
     cost.check_caps(args.max_cost, args.max_hours)
     cfg = resolve_config(args.config, args.subset, args.data)
+    if args.eval_rows is not None:
+        if args.eval_rows < 1:
+            raise ContractError(f"--eval-rows {args.eval_rows}: not accepted (a whole number >= 1)")
+        cfg = cfg.with_overrides({"eval.rows": args.eval_rows}, source="command line")
+    if args.no_eval:
+        cfg = cfg.with_overrides({"eval.enabled": False}, source="command line")
     est = cost.estimate_run(cfg, gpu=args.gpu, cloud=args.cloud, spot=args.spot, data=args.data, infra=args.infra)
     deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
     if args.json:

@@ -177,7 +177,9 @@ def _estimate(plan: Plan, args: argparse.Namespace, console) -> tuple[dict | Non
             raise ContractError("--max-cost: the cost model (launcher/cost.py) is not installed, so the cap can't be checked")
         console.print("[yellow]no cost model installed (launcher/cost.py): no estimate shown[/]")
         return None, (args.max_hours * 3600 if args.max_hours else None)
-    est = cost.estimate_run(plan.cfg, gpu=plan.gpu, cloud=plan.options["cloud"], spot=plan.options["spot"],
+    # --no-eval lives in the options, not the config; the estimate must not bill an evaluation.
+    cfg = plan.cfg if plan.options.get("eval", True) else plan.cfg.with_overrides({"eval.enabled": False})
+    est = cost.estimate_run(cfg, gpu=plan.gpu, cloud=plan.options["cloud"], spot=plan.options["spot"],
                             data=plan.cfg.data.source, infra=plan.infra)
     cost.render(est, console)
     deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
