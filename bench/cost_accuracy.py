@@ -105,6 +105,16 @@ def predict(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def partial_rate(events: Path, subset: float) -> dict:
+    """What a run killed by the time limit still tells: its steady tokens/s over the steps it did."""
+    if not events.is_file():
+        return {"subset": subset, "steps": 0}
+    ev = [json.loads(line) for line in events.read_text().splitlines() if '"event":"step"' in line]
+    run = {"step_events": ev, "tokens": 0.0, "train_seconds": 1.0}
+    tps = steady(run)[0] if len(ev) > 1 else None
+    return {"subset": subset, "steps": len(ev), "steady_tps": tps}
+
+
 def _table_card(device_name: str, table: dict) -> str | None:
     name = device_name.upper()
     for card in ("H200", "H100", "A100-80GB" if "80GB" in name else "A100", "L40S", "L4", "A10G"):
@@ -136,7 +146,8 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/cost_accuracy")))
     ap.add_argument("--one", type=float, help=argparse.SUPPRESS)  # child mode: run one subset
-    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per subset run")
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds for each run but the last")
+    ap.add_argument("--budget", type=float, default=520.0, help="seconds for all runs together")
     args = ap.parse_args()
     if args.data is None:
         shared = REPO / ".." / "shared" / "fixtures" / "socsci210_real_sample.jsonl"
@@ -146,20 +157,29 @@ def main() -> int:
         res = one_run(args, args.one, args.out / f"subset-{args.one}")
         (args.out / f"subset-{args.one}.json").write_text(json.dumps(res, indent=2))
         return 0
-    runs = []
-    for s in (float(x) for x in args.subsets.split(",")):
+    runs, partial, t_start = [], [], time.time()
+    subsets = [float(x) for x in args.subsets.split(",")]
+    for k, s in enumerate(subsets):
+        # The first run gets --timeout; the last one whatever is left of --budget.
+        left = args.budget - (time.time() - t_start) - 15
+        limit = left if k == len(subsets) - 1 else min(args.timeout, left)
         cmd = [sys.executable, __file__, "--one", str(s), "--data", args.data, "--out", str(args.out),
                "--global-batch", str(args.global_batch), "--micro-batch", str(args.micro_batch)]
         cmd += ["--tiny"] if args.tiny else []
         t0 = time.time()
         try:
-            rc = subprocess.run(cmd, timeout=args.timeout).returncode
+            rc = subprocess.run(cmd, timeout=max(limit, 1)).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         print(f"subset {s}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
         f = args.out / f"subset-{s}.json"
         if f.is_file():
             runs.append(json.loads(f.read_text()))
+        else:
+            partial.append(partial_rate(args.out / f"subset-{s}" / "train" / "events.jsonl", s))
+    for p in partial:
+        print(f"unfinished run, steady rate from its step events: {p}", flush=True)
+    (args.out / "partial.json").write_text(json.dumps(partial, indent=2))
     if not runs:
         print("no run finished")
         return 1
