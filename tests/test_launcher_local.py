@@ -62,6 +62,8 @@ def test_up_local_end_to_end(tmp_path):
     listed = cli(["runs", "--json"], env)
     assert json.loads(listed.stdout)[0]["state"] == "done"
     assert "machine:  gone" in cli(["status"], env).stdout
+    replay = cli(["logs", rec["id"]], env)  # an ended run: its recorded progress, then where the adapter is
+    assert replay.returncode == 0 and "step 5/5" in replay.stdout and "adapter:" in replay.stdout
     assert cli(["down", rec["id"]], env).returncode == 0
     # `download` after the machine is gone re-verifies the local copy, and catches a damaged one.
     assert cli(["download"], env).returncode == 0
