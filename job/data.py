@@ -1,0 +1,297 @@
+"""SocSci210 rows: loading (hub id, local parquet/jsonl file or folder, `synthetic:N`), validation,
+splits (docs/PAPER.md), the stratified subset, prompt rendering and the (input_ids, labels) pair.
+
+Every data problem is a `ContractError` naming the file and what is wrong (the CLI: exit 2).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from contracts.config import SPLITS
+from contracts.errors import ContractError
+from job import synthetic
+
+REQUIRED_COLUMNS = ("study_id", "response", "condition_num", "task_num")
+MAPPING_FILES = {
+    "unseen-studies": "participant_mapping.json",
+    "unseen-conditions": "condition_mapping.json",
+    "unseen-tasks": "task_mapping.json",
+}
+PROFILE_HEADER = "You are a survey respondent with the following demographic profile:"
+INSTRUCTION = ("Read the question below and answer exactly as this person would. "
+               "Follow the response instructions precisely.")
+TEST_FRACTION = 0.2  # without the authors' mappings: ~40/210 studies held out, as in the paper
+
+
+@dataclass
+class Source:
+    """Rows and the metadata mappings found beside them (empty when the source has none)."""
+
+    rows: list[dict]
+    name: str
+    mappings: dict[str, Any] = field(default_factory=dict)
+
+
+# --- Loading ---------------------------------------------------------------------------------
+
+def load_source(src: str, seed: int = 42) -> Source:
+    """`synthetic:N`, a local .jsonl/.json/.parquet file or folder, or a Hugging Face dataset id."""
+    n = synthetic.parse_source(src)
+    if n is not None:
+        return Source(synthetic.generate(n, seed=seed), src)
+    path = Path(src)
+    if path.exists():
+        return _load_local(path)
+    if src.count("/") == 1 and not src.startswith((".", "/")) and not path.suffix:
+        return _load_hub(src)
+    raise ContractError(f"data source {src!r}: no such file or folder (give a .jsonl/.parquet file or "
+                        "folder, a Hugging Face dataset id like socratesft/SocSci210, or synthetic:N)")
+
+
+def _load_local(path: Path) -> Source:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet")
+                       and "metadata" not in p.parts and not p.name.startswith("."))
+        if not files:
+            raise ContractError(f"{path}: no .jsonl or .parquet files in this folder")
+        meta_dirs = [path / "metadata"]
+    else:
+        files = [path]
+        meta_dirs = [path.parent / "metadata"]
+    rows: list[dict] = []
+    for f in files:
+        rows.extend(_read_file(f))
+    mappings = {}
+    for d in meta_dirs:
+        for split, fname in MAPPING_FILES.items():
+            if (d / fname).is_file():
+                mappings[split] = _read_json(d / fname)
+    validate_rows(rows, str(path))
+    return Source(rows, str(path), mappings)
+
+
+def _read_file(f: Path) -> list[dict]:
+    try:
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(f).to_pylist()
+        rows = []
+        with open(f, encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ContractError(f"{f}: line {i} is not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise ContractError(f"{f}: line {i} is not a JSON object")
+                rows.append(obj)
+        return rows
+    except ContractError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ContractError(f"{f}: unreadable ({first})") from None
+    except Exception as e:  # pyarrow raises its own ArrowInvalid for a damaged parquet file
+        raise ContractError(f"{f}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _read_json(f: Path) -> Any:
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ContractError(f"{f}: unreadable mapping ({e})") from None
+
+
+def _load_hub(repo_id: str) -> Source:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id, repo_type="dataset",
+                                   allow_patterns=["*.parquet", "metadata/*.json", "*.jsonl"])
+    except Exception as e:  # offline, gated, unknown id: one line, exit 2
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ContractError(f"data source {repo_id!r}: could not download from the Hugging Face hub "
+                            f"({type(e).__name__}: {first[:160]}); give a local file or folder instead") from None
+    src = _load_local(Path(folder))
+    src.name = repo_id
+    return src
+
+
+# --- Validation ------------------------------------------------------------------------------
+
+def validate_rows(rows: list[dict], where: str) -> None:
+    """Columns present and typed; responses integers. Names the file, the row and the problem."""
+    if not rows:
+        raise ContractError(f"{where}: no rows")
+    need = set(REQUIRED_COLUMNS)
+    for i, r in enumerate(rows):
+        missing = [c for c in REQUIRED_COLUMNS if c not in r]
+        if not r.get("prompt"):
+            missing += [c for c in ("stimuli", "demographic") if c not in r]
+        if missing:
+            raise ContractError(f"{where}: row {i} is missing column(s) {', '.join(missing)} "
+                                f"(needs {', '.join(sorted(need))} and prompt or stimuli+demographic)")
+        resp = r["response"]
+        if isinstance(resp, float) and math.isfinite(resp) and resp.is_integer():
+            r["response"] = resp = int(resp)
+        if isinstance(resp, bool) or not isinstance(resp, int):
+            raise ContractError(f"{where}: row {i} (study {r.get('study_id')}): response {resp!r} is not "
+                                "an integer (SocSci210 answers are integers)")
+        if not isinstance(r["study_id"], str) or not r["study_id"]:
+            raise ContractError(f"{where}: row {i}: study_id {r['study_id']!r} is not a non-empty string")
+        for c in ("condition_num", "task_num"):
+            if isinstance(r[c], bool) or not isinstance(r[c], int):
+                raise ContractError(f"{where}: row {i}: {c} {r[c]!r} is not an integer")
+        if not r.get("prompt") and not isinstance(r.get("stimuli"), str):
+            raise ContractError(f"{where}: row {i}: no prompt and stimuli {r.get('stimuli')!r} is not text")
+
+
+# --- Prompt ----------------------------------------------------------------------------------
+
+def render_prompt(row: dict) -> str:
+    """The row's own `prompt` verbatim; else PAPER.md's format from demographic + stimuli."""
+    if row.get("prompt"):
+        return row["prompt"]
+    demo = row.get("demographic") or {}
+    lines = [PROFILE_HEADER]
+    for key, value in demo.items():
+        if value is None:
+            continue
+        label = " ".join(w.capitalize() for w in key.split("_"))
+        lines.append(f"- {label}: {value}")
+    return "\n".join(lines) + "\n\n" + INSTRUCTION + "\n\n" + row["stimuli"]
+
+
+def messages(row: dict, system_prompt: str) -> list[dict]:
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": render_prompt(row)}]
+
+
+def answer_end_id(tok) -> int:
+    """The id that closes an answer: <|im_end|> for ChatML tokenizers, else EOS."""
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tok.unk_token_id and im_end is not None:
+        return im_end
+    return tok.eos_token_id
+
+
+def encode(tok, rows: list[dict], system_prompt: str) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per row: chat-templated prompt, then the integer answer + <|im_end|>;
+    labels are -100 everywhere except the answer tokens."""
+    prompts = [tok.apply_chat_template(messages(r, system_prompt), tokenize=False, add_generation_prompt=True)
+               for r in rows]
+    answers = [str(int(r["response"])) for r in rows]
+    p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    a_ids = tok(answers, add_special_tokens=False)["input_ids"]
+    end = answer_end_id(tok)
+    out = []
+    for p, a in zip(p_ids, a_ids):
+        target = list(a) + [end]
+        out.append((list(p) + target, [-100] * len(p) + target))
+    return out
+
+
+# --- Splits and subset -----------------------------------------------------------------------
+
+def split_rows(src: Source, split: str, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, test) per PAPER.md: the authors' mapping when the source has it, else deterministic."""
+    if split not in SPLITS:
+        raise ContractError(f"--split: {split!r} is not accepted ({' | '.join(SPLITS)})")
+    rows, mapping = src.rows, src.mappings.get(split)
+    if split == "random":
+        rng = random.Random(seed)
+        idx = list(range(len(rows)))
+        rng.shuffle(idx)
+        k = max(1, round(len(rows) * TEST_FRACTION))
+        test_idx = set(idx[:k])
+        train = [r for i, r in enumerate(rows) if i not in test_idx]
+        test = [r for i, r in enumerate(rows) if i in test_idx]
+    elif split == "unseen-studies":
+        if mapping is not None:
+            unseen = set(mapping.get("unseen") or [])
+        else:
+            unseen = set(_held_out(sorted({r["study_id"] for r in rows}), seed, "studies"))
+        train = [r for r in rows if r["study_id"] not in unseen]
+        test = [r for r in rows if r["study_id"] in unseen]
+    else:
+        col = "condition_num" if split == "unseen-conditions" else "task_num"
+        held: dict[str, set] = {}
+        if mapping is not None:
+            held = {s: set(v.get("eval") or []) for s, v in mapping.items()}
+        else:
+            values: dict[str, set] = {}
+            for r in rows:
+                values.setdefault(r["study_id"], set()).add(r[col])
+            for s, vals in values.items():
+                if len(vals) >= 2:
+                    held[s] = set(_held_out(sorted(vals), seed, f"{s}/{col}"))
+        # Studies without held-out values train whole: only the mapped cells are unseen.
+        train = [r for r in rows if r[col] not in held.get(r["study_id"], ())]
+        test = [r for r in rows if r[col] in held.get(r["study_id"], ())]
+    for name, part in (("train", train), ("test", test)):
+        if not part:
+            raise ContractError(f"{src.name}: the {split} split leaves the {name} side empty "
+                                f"({len(rows)} rows, {len({r['study_id'] for r in rows})} studies); "
+                                "give more studies or another --split")
+    return train, test
+
+
+def _held_out(values: list, seed: int, salt: str) -> list:
+    """A deterministic ~20% of `values` (at least 1, never all), by a seeded hash."""
+    ranked = sorted(values, key=lambda v: hashlib.sha256(f"{seed}:{salt}:{v}".encode()).hexdigest())
+    k = min(len(values) - 1, max(1, round(len(values) * TEST_FRACTION)))
+    return ranked[:k]
+
+
+def stratified_subset(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+    """Keep `fraction` of each study's rows (at least one per study), original order kept."""
+    if fraction >= 1:
+        return list(rows)
+    by_study: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_study.setdefault(r["study_id"], []).append(i)
+    rng = random.Random(seed)
+    keep: set[int] = set()
+    for s in sorted(by_study):
+        idx = by_study[s]
+        k = max(1, round(len(idx) * fraction))
+        keep.update(rng.sample(idx, k))
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
+# --- Files -----------------------------------------------------------------------------------
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def read_split(data_dir: str | Path, name: str = "train") -> list[dict]:
+    f = Path(data_dir) / f"{name}.jsonl"
+    if not f.is_file():
+        raise ContractError(f"--data {data_dir}: no {name}.jsonl (run `python -m job prepare --out {data_dir}` first)")
+    rows = _read_file(f)
+    validate_rows(rows, str(f))
+    return rows
+
+
+def content_hash(data_dir: str | Path) -> str:
+    """sha256 over the split files, in a fixed order: what the manifest calls the data hash."""
+    h = hashlib.sha256()
+    for name in ("train.jsonl", "test.jsonl"):
+        f = Path(data_dir) / name
+        if f.is_file():
+            h.update(name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()

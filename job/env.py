@@ -1,0 +1,75 @@
+"""Facts about the machine the job runs on: the card, package versions, the code's git revision."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "safetensors",
+            "tokenizers")
+
+
+def card_info() -> dict:
+    """Name, memory, capability, driver/CUDA, bf16 of GPU 0; {'name': 'cpu', ...} without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"name": "cpu", "gpus": 0, "memory_gib": 0.0, "capability": None, "cuda": None,
+                "driver": None, "bf16": False}
+    p = torch.cuda.get_device_properties(0)
+    return {
+        "name": p.name, "gpus": torch.cuda.device_count(), "memory_gib": round(p.total_memory / 2**30, 2),
+        "capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda, "driver": _driver(),
+        "bf16": bool(torch.cuda.is_bf16_supported()),
+    }
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    import platform
+
+    out["python"] = platform.python_version()
+    return out
+
+
+def git_revision() -> str | None:
+    """HEAD of the code's checkout (+ '-dirty' with local changes); SOCRATES_GIT_REV when synced without .git."""
+    if os.environ.get("SOCRATES_GIT_REV"):
+        return os.environ["SOCRATES_GIT_REV"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "job", "contracts", "configs"],
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def disk_free_gib(path: str | os.PathLike = ".") -> float:
+    p = Path(path)
+    while not p.exists():
+        p = p.parent
+    return round(shutil.disk_usage(p).free / 2**30, 2)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,187 @@
+"""The model: pretrained (from_pretrained + BitsAndBytesConfig) or random (built from `model.arch`),
+4-bit NF4 base for qlora, then peft LoRA adapters from `config.lora`.
+
+The random 14B is built layer by layer on the GPU in bf16, each nn.Linear replaced by a bnb
+Linear4bit quantized there: never 30 GB through CPU RAM or disk.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from contracts.config import RunConfig
+from contracts.errors import ContractError
+
+# Qwen2.5-14B(-Instruct)'s config.json shapes.
+PRESETS: dict[str, dict] = {
+    "qwen2.5-14b": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                        intermediate_size=13824, vocab_size=152064, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                        max_position_embeddings=32768, tie_word_embeddings=False),
+    # Same family, small enough for CPU tests of the same builder.
+    "qwen2-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                       max_position_embeddings=1024, tie_word_embeddings=True),
+}
+
+
+def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that has it (the config's precision), fp32 on CPU."""
+    if device.type == "cpu" or cfg.train.precision == "fp32":
+        return torch.float32
+    return torch.float16 if cfg.train.precision == "fp16" else torch.bfloat16
+
+
+def qwen2_config(cfg: RunConfig, vocab: int):
+    """A Qwen2Config from `model.arch` (or its preset); vocab = the tokenizer's padded size."""
+    from transformers import Qwen2Config
+
+    arch = dict(cfg.model.arch or {})
+    preset = arch.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ContractError(f"model.arch.preset: {preset!r} is not accepted ({' | '.join(PRESETS)})")
+        arch = {**PRESETS[preset], **arch}
+    arch.setdefault("vocab_size", vocab)
+    if arch["vocab_size"] < vocab:
+        raise ContractError(f"model.arch.vocab_size: {arch['vocab_size']} < the tokenizer's {vocab} tokens")
+    try:
+        qc = Qwen2Config(**arch)
+    except (TypeError, ValueError) as e:
+        raise ContractError(f"model.arch: {arch!r} is not a valid Qwen2 config ({e})") from None
+    if qc.hidden_size % qc.num_attention_heads:
+        raise ContractError(f"model.arch: hidden_size {qc.hidden_size} is not a multiple of num_attention_heads")
+    return qc
+
+
+def param_count(qc) -> int:
+    """Parameters of a Qwen2 config (q/k/v biases included), for `check`'s fit estimate."""
+    h, i, L, v = qc.hidden_size, qc.intermediate_size, qc.num_hidden_layers, qc.vocab_size
+    kv = qc.num_key_value_heads * (h // qc.num_attention_heads)
+    layer = h * h + 2 * h * kv + h + 2 * kv + h * h + 3 * h * i + 2 * h
+    return L * layer + v * h * (1 if qc.tie_word_embeddings else 2) + h
+
+
+def build(cfg: RunConfig, tok, device: torch.device):
+    """The model ready for training: base (4-bit for qlora), LoRA on `lora.target_modules`."""
+    dtype = compute_dtype(cfg, device)
+    quantize = cfg.train.method == "qlora"
+    if cfg.model.init == "random":
+        from job.tokenizer import padded_vocab
+
+        model = build_random(qwen2_config(cfg, padded_vocab(tok)), device, dtype, quantize, cfg.train.seed)
+    else:
+        model = load_pretrained(cfg, device, dtype, quantize)
+    model.config.use_cache = False
+    if cfg.train.method == "full":
+        return model
+    return add_lora(model, cfg)
+
+
+def build_random(qc, device: torch.device, dtype: torch.dtype, quantize: bool, seed: int = 0):
+    """Random weights (normal, std initializer_range), one decoder layer at a time on `device`."""
+    from transformers import Qwen2ForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    qc._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(qc)
+    std = qc.initializer_range
+    for layer in model.model.layers:
+        layer.to_empty(device=device)
+        _init_(layer, std, dtype)
+        if quantize:
+            replace_linear_4bit(layer, dtype, device)
+    for mod in (model.model.embed_tokens, model.model.norm, model.lm_head):
+        mod.to_empty(device=device)
+        _init_(mod, std, dtype)
+    if qc.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.device(device):
+        model.model.rotary_emb = Qwen2RotaryEmbedding(qc)  # its buffers were on meta
+    model.to(dtype=dtype) if not quantize else None
+    return model
+
+
+@torch.no_grad()
+def _init_(module: nn.Module, std: float, dtype: torch.dtype) -> None:
+    for name, p in module.named_parameters(recurse=True):
+        p.data = p.data.to(dtype)
+        if name.endswith("bias"):
+            p.zero_()
+        elif p.dim() == 1:
+            p.fill_(1.0)  # RMSNorm weights
+        else:
+            p.normal_(0.0, std)
+
+
+def replace_linear_4bit(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Swap every nn.Linear under `module` for a bnb NF4 Linear4bit (double quant), quantized on `device`."""
+    import bitsandbytes as bnb
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
+                                  device="meta")
+            q.weight = bnb.nn.Params4bit(child.weight.data.to(dtype), requires_grad=False,
+                                         compress_statistics=True, quant_type="nf4")
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+            q.to(device)  # Params4bit quantizes on its first move to a device
+            setattr(module, name, q)
+            del child
+        else:
+            replace_linear_4bit(child, dtype, device)
+
+
+def load_pretrained(cfg: RunConfig, device: torch.device, dtype: torch.dtype, quantize: bool):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw: dict = dict(dtype=dtype, revision=cfg.model.revision, attn_implementation="sdpa")
+    if quantize:
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    kw["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(cfg.model.id, **kw)
+    except OSError as e:
+        raise ContractError(f"model.id: {cfg.model.id!r} could not be loaded ({str(e).splitlines()[0]})") from None
+
+
+def add_lora(model, cfg: RunConfig):
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                    target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lc)
+
+
+def memory_estimate_gib(qc, cfg: RunConfig, tokens_per_micro_batch: int) -> dict:
+    """Rough peak GPU memory: 4-bit base ~0.55 B/param (bf16 for lora/embeddings), LoRA + Adam,
+    and activations of one micro-batch (gradient checkpointing keeps one hidden state per layer)."""
+    n = param_count(qc)
+    emb = qc.vocab_size * qc.hidden_size * (1 if qc.tie_word_embeddings else 2)
+    base = (n - emb) * (0.55 if cfg.train.method == "qlora" else 2.0) + emb * 2.0
+    r = cfg.lora.r
+    kv = qc.num_key_value_heads * (qc.hidden_size // qc.num_attention_heads)
+    h, i = qc.hidden_size, qc.intermediate_size
+    per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
+    lora = qc.num_hidden_layers * per_layer * (2 + 2 + 8 + 4)  # weights, grads, Adam states, fp32 master
+    t = tokens_per_micro_batch
+    ckpt = cfg.train.gradient_checkpointing
+    acts = t * h * 2 * qc.num_hidden_layers * (1 if ckpt else 18) + t * (h * 34 + i * 6) * 2
+    logits = t * qc.vocab_size * 4 * 2  # fp32 logits and their gradient
+    gib = 1024 ** 3
+    total = (base + lora + acts + logits) / gib + 1.5  # CUDA context, allocator slack
+    return {"params": n, "base_gib": round(base / gib, 2), "lora_gib": round(lora / gib, 2),
+            "activations_gib": round((acts + logits) / gib, 2), "total_gib": round(total, 2)}
+

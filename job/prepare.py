@@ -1,0 +1,106 @@
+"""`python -m job prepare`: load SocSci210 (hub id, local file/folder or synthetic:N), split per
+PAPER.md, subset the training side by study, count tokens exactly, write the splits + stats + hash.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from contracts._io import atomic_write_json
+from contracts.config import RunConfig, SPLITS, check_fraction, load_config
+from contracts.errors import ContractError
+from contracts.events import EventWriter
+from job import data as D
+from job.tokenizer import OFFLINE, load_tokenizer
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    train_rows: int
+    test_rows: int
+    data_hash: str
+    stats: dict
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="HF dataset id, local .jsonl/.parquet file or folder, or synthetic:N "
+                   "(default: the config's data.source, else socratesft/SocSci210)")
+    p.add_argument("--subset", type=float, default=None, help="fraction of training rows kept, stratified by study")
+    p.add_argument("--eval-subset", type=float, default=None, help="fraction of test rows kept (default: all)")
+    p.add_argument("--split", default=None, choices=SPLITS, help="which generalization split (default unseen-studies)")
+    p.add_argument("--seed", type=int, default=None, help="split/subset seed (default 42)")
+    p.add_argument("--out", required=True, help="folder for train.jsonl, test.jsonl, stats.json")
+    p.add_argument("--config", default=None, help="run config: its tokenizer counts tokens; its data section gives defaults")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config) if args.config else None
+    d = cfg.data if cfg else None
+    source = args.data or (d.source if d else "socratesft/SocSci210")
+    subset = check_fraction(args.subset, "--subset") if args.subset is not None else (d.subset if d else 1.0)
+    eval_subset = args.eval_subset if args.eval_subset is not None else (d.eval_subset if d else None)
+    if eval_subset is not None:
+        check_fraction(eval_subset, "--eval-subset")
+    split = args.split or (d.split if d else "unseen-studies")
+    seed = args.seed if args.seed is not None else (d.seed if d else 42)
+    events = EventWriter(Path(args.out) / "events.jsonl", echo=True)
+    events.emit("start", verb="prepare", source=source)
+    res = prepare(source, Path(args.out), split=split, subset=subset, eval_subset=eval_subset, seed=seed, cfg=cfg)
+    events.emit("prepare", train_rows=res.train_rows, test_rows=res.test_rows, data_hash=res.data_hash,
+                studies=res.stats["train"]["studies"] + res.stats["test"]["studies"],
+                train_tokens=res.stats["train"]["tokens"]["total"])
+    print(f"prepared {res.train_rows} train / {res.test_rows} test rows ({split}, subset {subset}) -> {res.out}")
+    return 0
+
+
+def prepare(source: str, out: Path, split: str = "unseen-studies", subset: float = 1.0,
+            eval_subset: float | None = None, seed: int = 42, cfg: RunConfig | None = None) -> PrepareResult:
+    """Load, split, subset, count and write. Returns what it wrote."""
+    src = D.load_source(source, seed=seed)
+    train, test = D.split_rows(src, split, seed)
+    train = D.stratified_subset(train, subset, seed)
+    if eval_subset is not None:
+        test = D.stratified_subset(test, eval_subset, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    D.write_jsonl(out / "train.jsonl", train)
+    D.write_jsonl(out / "test.jsonl", test)
+    data_hash = D.content_hash(out)
+    tok_name = (cfg.model.tokenizer or cfg.model.id) if cfg else OFFLINE
+    tok = load_tokenizer(tok_name, revision=cfg.model.revision if cfg else None)
+    system = cfg.model.system_prompt if cfg else RunConfig().model.system_prompt
+    stats = {
+        "source": src.name, "split": split, "subset": subset, "eval_subset": eval_subset, "seed": seed,
+        "mappings": sorted(src.mappings), "tokenizer": tok_name, "data_hash": data_hash,
+        "train": _stats(tok, train, system), "test": _stats(tok, test, system),
+    }
+    atomic_write_json(out / "stats.json", stats)
+    return PrepareResult(out, len(train), len(test), data_hash, stats)
+
+
+def _stats(tok, rows: list[dict], system: str) -> dict:
+    """Rows, studies, cells, and exact token counts of the full training sequence, also per study."""
+    lengths = [len(ids) for ids, _ in _encode_batched(tok, rows, system)]
+    per_study: dict[str, list[int]] = {}
+    for r, n in zip(rows, lengths):
+        per_study.setdefault(r["study_id"], []).append(n)
+    cells = {(r["study_id"], r["condition_num"], r["task_num"]) for r in rows}
+    return {
+        "rows": len(rows), "studies": len(per_study), "cells": len(cells), "tokens": _summary(lengths),
+        "per_study": {s: {"rows": len(v), **_summary(v)} for s, v in sorted(per_study.items())},
+    }
+
+
+def _encode_batched(tok, rows, system, batch: int = 4096):
+    for i in range(0, len(rows), batch):
+        yield from D.encode(tok, rows[i:i + batch], system)
+
+
+def _summary(lengths: list[int]) -> dict:
+    if not lengths:
+        return {"mean": 0, "p50": 0, "p90": 0, "max": 0, "total": 0}
+    s = sorted(lengths)
+    return {"mean": round(statistics.fmean(s), 2), "p50": s[len(s) // 2], "p90": s[min(len(s) - 1, int(0.9 * len(s)))],
+            "max": s[-1], "total": sum(s)}

@@ -1,0 +1,348 @@
+"""`python -m job train`: QLoRA SFT with TRL's SFTTrainer, resumable atomic checkpoints, events,
+the adapter and a manifest.
+
+    python -m job train --config configs/smoke.yaml --data runs/data --out runs/smoke [--resume auto]
+
+Checkpoints: the Trainer writes into checkpoints/.staging; once it is done (optimizer, scheduler,
+RNG and trainer state included) the folder gets a COMPLETE marker, is fsynced and renamed into
+checkpoints/. A half-written one therefore never carries the marker and is never resumed from.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from contracts import manifest
+from contracts.config import RunConfig, load_config
+from contracts.errors import ContractError
+from contracts.events import EventWriter
+from job.errors import JobCannotRun
+
+COMPLETE = "COMPLETE"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    total_steps: int
+    reason: str
+    resumed_from: str | None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config (.yaml, or seed-style .json)")
+    p.add_argument("--data", default=None, help="folder from `job prepare` (default: prepare the config's data.source into OUT/data)")
+    p.add_argument("--out", required=True, help="output folder: adapter/, manifest.json, events.jsonl, checkpoints/")
+    p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint in OUT, if any) | never | PATH")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    out = Path(args.out)
+    if args.resume not in ("auto", "never") and not is_complete(Path(args.resume)):
+        raise ContractError(f"--resume {args.resume}: not a complete checkpoint folder (accepted: auto | never | "
+                            f"a checkpoints/checkpoint-N folder with a {COMPLETE} marker)")
+    events = EventWriter(out / "events.jsonl", echo=True)
+    events.emit("start", verb="train", config=cfg.name)
+    try:
+        res = train(cfg, out, events, data_dir=Path(args.data) if args.data else None, resume=args.resume)
+    except (ContractError, JobCannotRun) as e:
+        events.emit("error", message=str(e))
+        raise
+    except Exception as e:
+        events.emit("error", message=f"{type(e).__name__}: {str(e)[:500]}")
+        raise
+    print(f"trained {res.steps}/{res.total_steps} steps ({res.reason}) -> {res.out / 'adapter'}")
+    return 0
+
+
+def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None = None,
+          resume: str = "auto") -> TrainResult:
+    """Prepare data if needed, build model, run SFTTrainer, save adapter + manifest."""
+    import torch
+
+    from job import data as D
+    from job import env
+    from job.model import build
+    from job.tokenizer import load_tokenizer
+
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu" and not cfg.allow_cpu:
+        raise JobCannotRun("no GPU on this machine and the config does not set allow_cpu: true")
+    if device.type == "cpu":
+        # The CPU path runs tiny models whose ops are smaller than a second thread's wake-up cost.
+        torch.set_num_threads(int(os.environ.get("SOCRATES_CPU_THREADS", "1")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if data_dir is None:
+        from job.prepare import prepare
+
+        d = cfg.data
+        data_dir = out / "data"
+        prepare(d.source, data_dir, split=d.split, subset=d.subset, eval_subset=d.eval_subset, seed=d.seed, cfg=cfg)
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.id, revision=cfg.model.revision)
+    dataset, n_rows, dropped = _dataset(cfg, tok, data_dir)
+    if dropped:
+        events.emit("log", message=f"{dropped} training rows longer than train.max_length={cfg.train.max_length} "
+                                   "tokens were left out (truncating would cut the answer)")
+    world = env.world_size()
+    total_steps = cfg.train.total_steps(n_rows)
+    reason_at_end = "max_steps" if cfg.train.max_steps and total_steps == cfg.train.max_steps and \
+        total_steps < math.ceil(n_rows * cfg.train.epochs / cfg.train.global_batch) else "completed"
+
+    ckpt_root = out / "checkpoints"
+    resume_from = _resume_point(resume, ckpt_root)
+    shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
+    torch.manual_seed(cfg.train.seed)
+    model = build(cfg, tok, device)
+    trainer = _trainer(cfg, model, tok, dataset, ckpt_root, total_steps, world, device, events)
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    deadline_hit = trainer.socrates_deadline.hit  # type: ignore[attr-defined]
+    reason = "deadline" if deadline_hit else reason_at_end
+    step = trainer.state.global_step
+
+    adapter = out / "adapter"
+    tmp = out / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(adapter, ignore_errors=True)
+    os.replace(tmp, adapter)
+    for f in sorted(adapter.iterdir()):
+        from contracts._io import sha256_file
+
+        events.emit("artifact", path=f"adapter/{f.name}", sha256=sha256_file(f), size=f.stat().st_size)
+    card = env.card_info()
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else 0.0
+    meta = {
+        "kind": "adapter", "config": cfg.to_dict(), "data_hash": D.content_hash(data_dir), "packages": env.package_versions(),
+        "card": card, "git_revision": env.git_revision(), "steps": step, "total_steps": total_steps,
+        "reason": reason, "resumed_from": resume_from.name if resume_from else None, "train_rows": n_rows,
+        "rows_too_long": dropped, "peak_gpu_mem_gib": peak, "train_seconds": round(time.time() - t0, 1),
+        "data_stats": "data/stats.json" if (out / "data" / "stats.json").is_file() else None,
+    }
+    manifest.write(out, meta)
+    events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json",
+                peak_gpu_mem_gib=peak)
+    return TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
+
+
+def _dataset(cfg: RunConfig, tok, data_dir: Path):
+    """Pre-tokenized (input_ids, labels) rows; rows over max_length are left out, counted."""
+    from datasets import Dataset
+
+    from job import data as D
+
+    rows = D.read_split(data_dir, "train")
+    pairs = D.encode(tok, rows, cfg.model.system_prompt)
+    kept = [(i, l) for i, l in pairs if len(i) <= cfg.train.max_length]
+    if not kept:
+        raise ContractError(f"{data_dir}/train.jsonl: every row is longer than train.max_length="
+                            f"{cfg.train.max_length} tokens; raise it")
+    ds = Dataset.from_dict({"input_ids": [i for i, _ in kept], "labels": [l for _, l in kept]})
+    return ds, len(kept), len(pairs) - len(kept)
+
+
+def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: int, world: int, device, events):
+    from trl import SFTConfig, SFTTrainer
+
+    t = cfg.train
+    on_gpu = device.type == "cuda"
+    sft = SFTConfig(
+        output_dir=str(ckpt_root / ".staging"),
+        per_device_train_batch_size=t.micro_batch,
+        gradient_accumulation_steps=t.grad_accum(world),
+        max_steps=total_steps,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=math.ceil(t.warmup_ratio * total_steps),
+        weight_decay=t.weight_decay,
+        optim=t.optim if on_gpu or "8bit" not in t.optim else "adamw_torch",
+        bf16=on_gpu and t.precision == "bf16",
+        fp16=on_gpu and t.precision == "fp16",
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.checkpoint_every else "no",
+        save_steps=t.checkpoint_every or 1,
+        save_total_limit=None,  # rotation happens in checkpoints/, after the atomic rename
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=False,  # enabled on the model itself (model.add_lora), once
+        max_length=None,  # enforced in _dataset: over-long rows are left out, never cut
+        packing=False,  # one row = one sequence, so global_batch stays the paper's 256 rows
+        padding_free=t.packing,  # rows of a micro-batch concatenated, kept apart by position_ids
+        dataset_kwargs={"skip_prepare_dataset": True},
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+    if not on_gpu:
+        _score_answer_positions_only_on_cpu()
+    deadline = DeadlineCallback()
+    trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tok,
+                         callbacks=[EventsCallback(events, total_steps), CheckpointCallback(ckpt_root, t.keep_checkpoints, events),
+                                    deadline])
+    trainer.socrates_deadline = deadline
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the step events already say it, as JSON
+    from job import fast  # speed levers (issue 7): packed collator, answer-only loss, kernels, checkpointing
+
+    fast.speed_up(model, t, device, trainer=trainer, pad_id=tok.pad_token_id)
+    return trainer
+
+
+def _score_answer_positions_only_on_cpu() -> None:
+    """TRL's fused LM head projects only the positions with a label (the answer) on Triton devices, but
+    every position elsewhere; on CPU that is a 152k-vocab projection of every prompt token, ~100x the
+    work. Its torch tile kernel is exact on the compacted positions too, so compact on CPU as well."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None or getattr(original, "_socrates_cpu_compact", False):
+        return
+
+    def use_compact(device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    use_compact._socrates_cpu_compact = True  # type: ignore[attr-defined]
+    trl_utils._use_triton = use_compact
+
+
+# --- Callbacks -------------------------------------------------------------------------------
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover  (the job image always has transformers)
+    TrainerCallback = object  # type: ignore[misc,assignment]
+
+
+class EventsCallback(TrainerCallback):
+    """One `step` event per logged optimizer step: loss, lr, tokens/s, GPU memory, ETA."""
+
+    def __init__(self, events: EventWriter, total_steps: int):
+        self.events, self.total = events, total_steps
+        self.t_start = self.t_last = None
+        self.tokens_last = 0
+        self.step_start = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t_start = self.t_last = time.time()
+        self.step_start = state.global_step
+        self.tokens_last = state.num_input_tokens_seen or 0
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or "loss" not in logs:
+            return
+        import torch
+
+        now = time.time()
+        tokens = state.num_input_tokens_seen or 0
+        dt = max(now - self.t_last, 1e-9)
+        tps = (tokens - self.tokens_last) / dt
+        self.t_last, self.tokens_last = now, tokens
+        done = state.global_step - self.step_start
+        eta = (now - self.t_start) / done * (self.total - state.global_step) if done else None
+        mem = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0
+        self.events.emit("step", step=state.global_step, total_steps=self.total, epoch=round(state.epoch or 0, 4),
+                         loss=float(logs["loss"]), lr=float(logs.get("learning_rate", 0.0)),
+                         tokens_per_s=round(tps, 1), gpu_mem_gib=mem, eta_s=round(eta, 1) if eta is not None else None,
+                         grad_norm=logs.get("grad_norm"))
+
+
+class CheckpointCallback(TrainerCallback):
+    """After the Trainer saved into .staging: mark COMPLETE, fsync, rename into checkpoints/, rotate."""
+
+    def __init__(self, root: Path, keep: int, events: EventWriter):
+        self.root, self.keep, self.events = root, keep, events
+
+    def on_save(self, args, state, control, **kw):
+        if not state.is_world_process_zero:
+            return
+        name = f"checkpoint-{state.global_step}"
+        src = Path(args.output_dir) / name
+        if not src.is_dir():
+            return
+        (src / COMPLETE).write_text(f"{state.global_step}\n")
+        _fsync_tree(src)
+        dst = self.root / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+        _fsync_dir(self.root)
+        self.events.emit("checkpoint", step=state.global_step, path=f"checkpoints/{name}")
+        for old in complete_checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class DeadlineCallback(TrainerCallback):
+    """SOCRATES_DEADLINE (unix seconds): stop at the next step boundary once it has passed."""
+
+    def __init__(self):
+        raw = os.environ.get("SOCRATES_DEADLINE")
+        try:
+            self.deadline = float(raw) if raw else None
+        except ValueError:
+            raise ContractError(f"SOCRATES_DEADLINE: {raw!r} is not unix seconds") from None
+        self.hit = False
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.deadline is not None and time.time() >= self.deadline:
+            self.hit = True
+            control.should_training_stop = True
+            control.should_save = False
+        return control
+
+
+# --- Checkpoint folders ----------------------------------------------------------------------
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / COMPLETE).is_file() and (path / "trainer_state.json").is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest step first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)) and is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def _resume_point(resume: str, root: Path) -> Path | None:
+    if resume == "never":
+        shutil.rmtree(root, ignore_errors=True)
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(root)
+        return done[-1] if done else None
+    return Path(resume)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
