@@ -60,14 +60,10 @@ class SkyAdapter:
             pass
 
     def tail(self, cluster_name: str, job_id: int) -> Iterator[str]:
-        """The job's log lines from the start, following until the job ends (None lines skipped)."""
+        """The job's log lines from the start, following until the job ends."""
         import sky
 
-        for line in sky.tail_logs(cluster_name, job_id, follow=True, preload_content=False):
-            if line is None:
-                return
-            for part in line.splitlines():
-                yield part
+        return join_lines(sky.tail_logs(cluster_name, job_id, follow=True, preload_content=False))
 
     def job_exit_code(self, cluster_name: str, job_id: int) -> int | None:
         """0 / 1 once the job ended (SUCCEEDED / failed or cancelled), None while it runs."""
@@ -145,6 +141,23 @@ class _LineSink(io.TextIOBase):
 
     def flush(self) -> None:
         pass
+
+
+def join_lines(chunks: Iterator[str | None]) -> Iterator[str]:
+    """Whole lines from the SDK's log chunks (None marks the end).
+
+    An event line split across two chunks is joined before anyone parses it; a partial last line
+    is kept only when the stream ended cleanly, so a reconnect (which counts lines) loses nothing.
+    """
+    buf = ""
+    for chunk in chunks:
+        if chunk is None:
+            if buf:
+                yield buf.rstrip("\r")
+            return
+        buf += chunk
+        *lines, buf = buf.split("\n")
+        yield from (line.rstrip("\r") for line in lines)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

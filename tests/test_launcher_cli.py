@@ -197,3 +197,16 @@ def test_rendered_task_mounts_local_data_and_runs_the_same_block_everywhere(tmp_
     script = tasklib.run_script(conf, JOB_PYTHON="/usr/bin/python3")
     assert script.endswith(tasklib.load_template()["run"])
     assert "export JOB_PYTHON=/usr/bin/python3" in script and CANARY not in script
+
+
+def test_sky_log_chunks_become_whole_lines_and_events():
+    from contracts.events import LINE_PREFIX, dumps, make, parse_line
+    from launcher.sky_adapter import join_lines
+
+    ev = LINE_PREFIX + dumps(make("log", message="hello"))
+    chunks = ["(task, pid=7) first\n(task, pid=7) " + ev[:10], ev[10:] + "\nlast", None]
+    lines = list(join_lines(iter(chunks)))
+    assert lines[0] == "(task, pid=7) first" and lines[2] == "last"
+    assert parse_line(lines[1])["message"] == "hello"
+    # A stream that drops mid-line yields no partial line (the reconnect re-reads it whole).
+    assert list(join_lines(iter(["a\nb"]))) == ["a"]
