@@ -179,7 +179,7 @@ def memory_estimate_gib(qc, cfg: RunConfig, tokens_per_micro_batch: int) -> dict
     t = tokens_per_micro_batch
     ckpt = cfg.train.gradient_checkpointing
     acts = t * h * 2 * qc.num_hidden_layers * (1 if ckpt else 18) + t * (h * 34 + i * 6) * 2
-    logits = t * qc.vocab_size * 4 * 2  # fp32 logits and their gradient
+    logits = 4096 * qc.vocab_size * 4 * 2  # TRL's fused LM head: one fp32 chunk of answer positions at a time
     gib = 1024 ** 3
     total = (base + lora + acts + logits) / gib + 1.5  # CUDA context, allocator slack
     return {"params": n, "base_gib": round(base / gib, 2), "lora_gib": round(lora / gib, 2),

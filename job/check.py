@@ -1,0 +1,140 @@
+"""`python -m job check`: the card, a real 4-bit self-test, disk, and whether the config fits.
+
+A machine that can't run the config fails with one line (exit 3): no GPU (unless allow_cpu), no
+bf16 for a bf16 config, a failing NF4 self-test, too little disk, or too little GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from contracts.config import RunConfig, load_config
+from contracts.errors import ContractError
+from contracts.events import EventWriter
+from job import env
+from job.errors import JobCannotRun
+
+NF4_TOLERANCE = 0.2  # NF4 keeps ~3.5 bits: relative matmul error is ~0.1; garbage would be ~1.0
+MIN_DISK_GIB = 2.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/paper.yaml", help="run config to check the machine against")
+    p.add_argument("--data", default=None, help="a `job prepare` folder: its p90 row length sizes the activations")
+    p.add_argument("--out", default=None, help="write check.json and events.jsonl here")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    events = EventWriter(Path(args.out) / "events.jsonl", echo=True) if args.out else None
+    if events:
+        events.emit("start", verb="check", config=cfg.name)
+    try:
+        report = check(cfg, Path(args.data) if args.data else None, Path(args.out or "."))
+    except JobCannotRun as e:
+        if events:
+            events.emit("check", ok=False, reason=str(e))
+        raise
+    if events:
+        events.emit("check", ok=True, **{k: report[k] for k in ("card", "nf4", "fit", "disk_free_gib")})
+    if args.out:
+        Path(args.out, "check.json").write_text(json.dumps(report, indent=2) + "\n")
+    c, f = report["card"], report["fit"]
+    print(f"card: {c['name']} x{c['gpus']}, {c['memory_gib']} GiB, capability {c['capability']}, "
+          f"CUDA {c['cuda']}, driver {c['driver']}, bf16 {c['bf16']}")
+    print(f"nf4 self-test: relative error {report['nf4']['rel_error']:.4f} (limit {NF4_TOLERANCE}) on {report['nf4']['device']}")
+    print(f"disk free: {report['disk_free_gib']} GiB")
+    print(f"fit: {cfg.model.id} ({f['params'] / 1e9:.2f}B params, {cfg.train.method}) needs ~{f['total_gib']} GiB "
+          f"(base {f['base_gib']}, LoRA+optimizer {f['lora_gib']}, activations {f['activations_gib']}) "
+          f"of {f['available_gib']} GiB: ok")
+    return 0
+
+
+def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path(".")) -> dict:
+    import torch
+
+    card = env.card_info()
+    on_gpu = card["gpus"] > 0
+    if not on_gpu and not cfg.allow_cpu:
+        raise JobCannotRun("no GPU visible (torch.cuda.is_available() is False) and the config does not set allow_cpu: true")
+    if on_gpu and cfg.train.precision == "bf16" and not card["bf16"]:
+        raise JobCannotRun(f"{card['name']} (capability {card['capability']}) has no bf16; this config trains in bf16 "
+                           "(use an Ampere or newer card, or train.precision: fp16)")
+    device = torch.device("cuda") if on_gpu else torch.device("cpu")
+    nf4 = nf4_self_test(device)
+    if not nf4["rel_error"] < NF4_TOLERANCE:
+        raise JobCannotRun(f"bitsandbytes NF4 self-test failed on {card['name']}: relative error "
+                           f"{nf4['rel_error']:.3f} >= {NF4_TOLERANCE}")
+    free = env.disk_free_gib(where)
+    need_disk = MIN_DISK_GIB + (_weights_gib(cfg) if cfg.model.init == "pretrained" else 0.0)
+    if free < need_disk:
+        raise JobCannotRun(f"{free} GiB disk free at {where.resolve()}; this config needs ~{need_disk:.0f} GiB "
+                           "(model download + checkpoints)")
+    fit = fit_estimate(cfg, data_dir)
+    fit["available_gib"] = card["memory_gib"] if on_gpu else None
+    if on_gpu and fit["total_gib"] > 0.95 * card["memory_gib"]:
+        raise JobCannotRun(f"{cfg.model.id} with {cfg.train.method} at micro_batch {cfg.train.micro_batch} needs "
+                           f"~{fit['total_gib']} GiB; {card['name']} has {card['memory_gib']} GiB (lower "
+                           "train.micro_batch or pick a larger card)")
+    return {"ok": True, "card": card, "nf4": nf4, "disk_free_gib": free, "fit": fit,
+            "packages": env.package_versions()}
+
+
+def nf4_self_test(device, n: int = 1024) -> dict:
+    """Quantize a random matrix to NF4 (double quant) with bitsandbytes, matmul, compare to bf16/fp32."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    import torch
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = (torch.randn(n, n, generator=g) * 0.02).to(device=device, dtype=dtype)
+    x = torch.randn(16, n, generator=g).to(device=device, dtype=dtype)
+    packed, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    ref = (x.float() @ w.float().t())
+    out = bnb.matmul_4bit(x, packed.t(), quant_state=state).float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    deq = F.dequantize_4bit(packed, state).float()
+    return {"device": str(device), "n": n, "rel_error": rel, "bytes_per_param": packed.numel() / w.numel(),
+            "weight_rel_error": ((deq - w.float()).norm() / w.float().norm()).item()}
+
+
+def fit_estimate(cfg: RunConfig, data_dir: Path | None) -> dict:
+    from job.model import memory_estimate_gib, qwen2_config, PRESETS
+
+    row_tokens = min(cfg.train.max_length, 512)
+    if data_dir is not None and (data_dir / "stats.json").is_file():
+        row_tokens = json.loads((data_dir / "stats.json").read_text())["train"]["tokens"]["p90"] or row_tokens
+    qc = _model_config(cfg, qwen2_config, PRESETS)
+    est = memory_estimate_gib(qc, cfg, cfg.train.micro_batch * row_tokens)
+    est["row_tokens"] = row_tokens
+    return est
+
+
+def _model_config(cfg: RunConfig, qwen2_config, presets):
+    if cfg.model.init == "random":
+        return qwen2_config(cfg, 151680)
+    if "qwen2.5-14b" in cfg.model.id.lower():
+        return qwen2_config(cfg.with_overrides({"model.arch": {"preset": "qwen2.5-14b"}}), 152064)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.model.id, revision=cfg.model.revision)
+    except OSError as e:
+        raise ContractError(f"model.id: {cfg.model.id!r}: no config reachable ({str(e).splitlines()[0]})") from None
+
+
+def _weights_gib(cfg: RunConfig) -> float:
+    try:
+        from job.model import param_count
+
+        return param_count(_model_config(cfg, *_model_helpers())) * 2 / 2**30 * 1.1
+    except ContractError:
+        return 0.0
+
+
+def _model_helpers():
+    from job.model import PRESETS, qwen2_config
+
+    return qwen2_config, PRESETS
