@@ -1,0 +1,137 @@
+"""`python -m job evaluate` end to end on CPU with the smoke model: both modes, metrics, report, plots;
+and the distribution scorer checked exactly against one forward per answer."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contracts.config import load_config
+from contracts.events import EventWriter, read_all
+from job.__main__ import main as job_main
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A prepared data folder (synthetic rows), a random-weight LoRA adapter on the smoke base,
+    and a training events file with step events (the loss curve's input)."""
+    import torch
+
+    from job import model as JM
+    from job.prepare import prepare
+    from job.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("eval")
+    cfg = load_config(SMOKE)
+    prepare("synthetic:240", root / "data", cfg=cfg)
+    tok = load_tokenizer(cfg.model.tokenizer, cfg.model.id)
+    model = JM.build(cfg, tok, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: make the adapter change the model
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.save_pretrained(root / "run" / "adapter")
+    events = EventWriter(root / "run" / "events.jsonl")
+    for step in range(1, 11):
+        events.emit("step", step=step, total_steps=10, epoch=step / 10, loss=3.0 / step, lr=1e-3,
+                    tokens_per_s=100.0, gpu_mem_gib=0.0, eta_s=10 - step)
+    return root
+
+
+def _png_has_content(path: Path) -> float:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)[..., :3]
+    return float(img.reshape(-1, 3).std(axis=0).max())
+
+
+def test_evaluate_both_modes_writes_metrics_and_a_report_with_real_plots(prepared):
+    out = prepared / "run" / "eval"
+    data = str(prepared / "data")
+    base = ["evaluate", "--config", str(SMOKE), "--data", data, "--out", str(out)]
+    assert job_main(base + ["--adapter", str(prepared / "run" / "adapter"), "--mode", "distribution", "--rows", "40"]) == 0
+    assert job_main(base + ["--base", "--mode", "distribution", "--rows", "40"]) == 0
+    assert job_main(base + ["--base", "--mode", "sample", "--rows", "12"]) == 0
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    res = metrics["results"]
+    assert set(res) == {"fine-tuned/distribution", "base/distribution", "base/sample"}
+    ft, bd, bs = res["fine-tuned/distribution"], res["base/distribution"], res["base/sample"]
+    assert ft["rows"] == bd["rows"] == 40 and bs["rows"] == 12
+    assert ft["cells_scored"] > 0 and 0 <= ft["wasserstein"] <= 1
+    # The random adapter changes the model's distribution: not the base's numbers.
+    assert ft["wasserstein"] != pytest.approx(bd["wasserstein"], abs=1e-9)
+    # Same rows, same cells: the uniform guess is the same for both.
+    assert ft["wasserstein_uniform"] == pytest.approx(bd["wasserstein_uniform"], abs=1e-12)
+    # Sample mode counts every row's answer, valid or not (an untrained model rarely writes an integer).
+    assert bs["invalid_answers"] == round(bs["invalid_rate"] * 12) and len(bs["examples"]) == 12
+    assert metrics["paper_table2"]["SOCRATES-Qwen-14B"] == 0.151
+
+    evs = [e for e in read_all(out / "events.jsonl") if e["event"] == "eval"]
+    assert [e["key"] for e in evs] == ["fine-tuned/distribution", "base/distribution", "base/sample"]
+
+    html = (out / "report.html").read_text()
+    for png in ("loss.png", "per_study.png", "cells.png"):
+        assert f"src='{png}'" in html
+        assert _png_has_content(out / png) > 0.05, f"{png} looks blank"
+    assert "distribution" in html and "sample" in html and "Demographic parity difference" in html
+    assert "0.151" in html  # the paper's row, for reference
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ([], "give --adapter DIR"),
+    (["--adapter", "/nonexistent/adapter"], "no adapter_config.json"),
+    (["--base", "--rows", "0"], "--rows: 0 is not accepted"),
+])
+def test_bad_input_is_one_line_and_exit_2(prepared, tmp_path, capsys, argv, needle):
+    rc = job_main(["evaluate", "--config", str(SMOKE), "--data", str(prepared / "data"), "--out", str(tmp_path)] + argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_missing_data_folder_is_exit_2(tmp_path, capsys):
+    rc = job_main(["evaluate", "--config", str(SMOKE), "--data", str(tmp_path / "nope"), "--base", "--out", str(tmp_path)])
+    assert rc == 2 and "no test.jsonl" in capsys.readouterr().err
+
+
+def test_tree_scorer_equals_one_forward_per_answer(prepared):
+    """Exact answer probabilities: the batched prefix-tree forward vs the naive reference."""
+    import torch
+
+    from job import evaluate as E
+    from job.data import read_split
+
+    cfg = load_config(SMOKE)
+    tok, model = E.load_model(cfg, str(prepared / "run" / "adapter"))
+    rows = read_split(prepared / "data", "test")[:4]
+    # A multi-token scale (0-100: "1" vs "10" vs "100") beside the rows' own.
+    rows[0] = dict(rows[0], stimuli=rows[0]["stimuli"].rsplit("Only return", 1)[0]
+                   + "Only return an integer from 0 to 100, nothing else.")
+    scales = E.row_scales(rows)
+    assert scales[0] == (0, 100)
+    dists = E.score_distributions(model, tok, rows, scales, cfg.model.system_prompt, tokens_per_batch=600)
+    ids = E.prompt_ids(tok, rows, cfg.model.system_prompt)
+    peaks = []
+    for d, p, s in zip(dists, ids, scales):
+        ref = E.score_one_by_one(model, tok, p, *s)
+        assert d.values == list(range(s[0], s[1] + 1))
+        # fp32 reduction order differs between the two (batched vs single): agree to ~1e-7.
+        assert np.max(np.abs(np.array(ref) - np.array(d.probs))) < 2e-6
+        peaks.append(max(ref) * len(ref))
+    assert max(peaks) > 1.5  # the adapter pulls some row far from uniform: the check has teeth
+
+
+def test_select_rows_keeps_whole_cells():
+    from job.evaluate import select_rows
+
+    rows = [{"study_id": s, "condition_num": 1, "task_num": t, "response": i}
+            for s in "abc" for t in (1, 2) for i in range(5)]
+    kept = select_rows(rows, 10, seed=1)
+    cells = {(r["study_id"], r["task_num"]) for r in kept}
+    assert len(kept) == 10 and len(cells) == 2
+    assert select_rows(rows, None, 1) == rows
