@@ -57,10 +57,12 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(argv, named, tmp_path,
 
 
 def test_bad_input_launches_no_local_machine(tmp_path):
-    before = set(Path("/tmp").glob("socrates-*"))
-    r = cli(["up", "--infra", "local", "--subset", "1.5", "--yes"], launcher_env(tmp_path / "runs"))
-    assert r.returncode == 2
-    assert set(Path("/tmp").glob("socrates-*")) == before
+    machines = tmp_path / "tmp"  # the local backend's 'machines' are temp dirs (TMPDIR)
+    machines.mkdir()
+    for argv in (["--subset", "1.5"], ["--gpu", "A100:0"], ["--max-hours", "0"]):
+        r = cli(["up", "--infra", "local", "--yes", *argv], launcher_env(tmp_path / "runs", TMPDIR=str(machines)))
+        assert r.returncode == 2
+    assert list(machines.iterdir()) == [] and not (tmp_path / "runs").exists()
 
 
 def test_help_is_fast_and_imports_neither_torch_nor_sky():
