@@ -150,7 +150,7 @@ def test_failed_teardown_is_loud_and_down_retries_it(cloud):
     rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
     assert r.returncode == 1 and "TEARDOWN FAILED" in r.stdout and f"socrates-launch down {rec['id']}" in r.stdout
     assert rec["state"] == "done" and rec["verified"] and rec["machine"] == "unknown"  # the adapter is safe
-    assert len(_clusters(cloud)) == 1
+    assert len(_clusters(cloud)) == 1 and _calls(cloud).count(f"down-failed {rec['backend_state']['cluster']}") == 3
     assert cli(["status", rec["id"]], cloud).stdout.count("still up") == 1
     r = cli(["down", rec["id"]], cloud)
     assert r.returncode == 0

@@ -22,6 +22,7 @@ from launcher.secrets import redact
 
 # Idle minutes after the job ends before SkyPilot downs the machine by itself: time to download.
 AUTODOWN_IDLE_MIN = 15
+DOWN_ATTEMPTS = 3
 REMOTE_OUT = "~/sky_workdir/out"  # SkyPilot syncs the workdir there; the run block writes out/
 # Clues in SkyPilot's launch log that a new lifecycle phase began (for the progress lines).
 _PHASE_CLUES = (("Syncing", "syncing"), ("Running setup", "installing"), ("Job submitted", "training"))
@@ -146,8 +147,19 @@ class SkyBackend(Backend):
         cluster = run.backend_state.get("cluster")
         if run.backend_state.get("request_id") and run.backend_state.get("job_id") is None:
             self.adapter.cancel(run.backend_state["request_id"])
-        if cluster:
-            self.adapter.down(cluster)
+        if not cluster:
+            return
+        # A cluster mid-provisioning can refuse a first `down` (locked); a few tries before giving up loudly.
+        for attempt in range(1, DOWN_ATTEMPTS + 1):
+            try:
+                self.adapter.down(cluster)
+                return
+            except KeyboardInterrupt:
+                raise
+            except Exception:  # noqa: BLE001
+                if attempt == DOWN_ATTEMPTS:
+                    raise
+                time.sleep(self.reconnect_wait_s * attempt)
 
     def machine_state(self, run: Any) -> str:
         cluster = run.backend_state.get("cluster")
