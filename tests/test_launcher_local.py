@@ -50,7 +50,7 @@ def test_up_local_end_to_end(tmp_path):
     kinds = [e["event"] for e in read_all(run_dir / "events.jsonl")]
     assert kinds.count("step") == 5 and "done" in kinds
     phases = [e["phase"] for e in read_all(run_dir / "events.jsonl") if e["event"] == "phase"]
-    assert phases == ["provisioning", "training", "downloading", "tearing down"]
+    assert phases == ["provisioning", "syncing", "training", "downloading", "tearing down"]
     assert f"adapter: {run_dir.resolve() / 'adapter'}" in r.stdout.replace("\n", "")
     assert "step 5/5" in r.stdout  # plain progress lines when stdout is not a terminal
     _assert_machine_gone(rec)

@@ -32,6 +32,7 @@ class LocalBackend(Backend):
         self.poll_s = poll_s
         # SOCRATES_JOB_PYTHON picks the interpreter that runs the job (a venv with the job deps).
         self.python = python or os.environ.get("SOCRATES_JOB_PYTHON") or sys.executable
+        self.on_phase = lambda name, detail=None: None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -39,6 +40,7 @@ class LocalBackend(Backend):
         workdir = Path(tempfile.mkdtemp(prefix=f"socrates-{run.id}-"))
         # Saved before anything runs, so `down` can always find and remove it.
         run.update(backend_state={"workdir": str(workdir)}, machine="up")
+        self.on_phase("syncing", f"code and data into {workdir}")
         try:
             for name in CODE_DIRS:
                 if (tasklib.REPO / name).is_dir():
