@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", default=None, help="events file to append to (default: OUT/events.jsonl)")
     p.add_argument("--train-events", default=None, help="training events.jsonl for the loss curve "
                    "(default: the first of OUT/events.jsonl, OUT/../events.jsonl with step events)")
+    p.add_argument("--compare", nargs="*", default=None, help="other evaluate OUT folders whose results the "
+                   "report shows beside these (default: sibling folders of OUT holding a metrics.json)")
     p.add_argument("--tokens-per-batch", type=int, default=DEFAULT_TOKENS_PER_BATCH,
                    help="distribution mode: tokens per forward (prompt + answer tree, padded)")
 
@@ -98,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_json(out / METRICS_FILE, all_metrics)
     from job import report
 
-    html = report.write_report(out, all_metrics, report.find_train_events(out, args.train_events))
+    shown = {"results": {**_compared(out, args.compare), **all_metrics["results"]},
+             **{k: v for k, v in all_metrics.items() if k != "results"}}
+    html = report.write_report(out, shown, report.find_train_events(out, args.train_events))
     summary = summarize(result)
     events.emit("eval", metrics=summary, key=key, report=str(html))
     print(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
@@ -396,6 +400,17 @@ def summarize(result: dict) -> dict:
     s = {k: result.get(k) for k in SUMMARY_KEYS}
     s["demographic_parity_difference"] = (result.get("demographic_parity_difference") or {}).get("value")
     return s
+
+
+def _compared(out: Path, folders: list[str] | None) -> dict:
+    """Results of other evaluations (e.g. out/eval-base beside out/eval), for the report only."""
+    if folders is None:
+        folders = [str(p.parent) for p in sorted(out.resolve().parent.glob(f"*/{METRICS_FILE}"))
+                   if p.parent != out.resolve()]
+    merged: dict = {}
+    for f in folders:
+        merged.update(_load_metrics(Path(f)).get("results", {}))
+    return merged
 
 
 def _load_metrics(out: Path) -> dict:

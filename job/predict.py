@@ -1,0 +1,132 @@
+"""`python -m job predict`: how would this person answer this question? The model's exact
+distribution over the scale's answers (job.evaluate's tree scorer) plus one sampled answer.
+
+Called by `socrates-launch predict`, which validates the input and renders the JSON this prints:
+one JSON object per query on stdout, on a line starting with RESULT_PREFIX. With --stdin, queries
+come one JSON object a line ({"profile": {...}, "scenario": "..."} or {"example": N}) and the
+model is loaded once (the launcher's --interactive loop).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from contracts.config import RunConfig, from_dict, load_config
+from contracts.errors import ContractError
+from job import data as D
+from job import evaluate as E
+from job import metrics as M
+
+RESULT_PREFIX = "@@socrates-predict "
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder (omit with --base)")
+    p.add_argument("--base", action="store_true", help="the base model alone, no adapter")
+    p.add_argument("--config", default=None, help="run config (default: the adapter's run manifest, "
+                   "else the paper config with the adapter's base model)")
+    p.add_argument("--base-model", default=None, help="override model.id (a local path or hub id)")
+    p.add_argument("--profile", default=None, help='demographics as JSON, e.g. {"age": 25, "gender": "Female"}')
+    p.add_argument("--scenario", default=None, help="the question, stating its answer scale")
+    p.add_argument("--example", type=int, default=None, help="row N of --data's test.jsonl (shows the human answer)")
+    p.add_argument("--data", default=None, help="prepared data folder (for --example)")
+    p.add_argument("--stdin", action="store_true", help="read queries as JSON lines from stdin")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled answer")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args.config, args.adapter, args.base_model)
+    if not args.base and not args.adapter:
+        raise ContractError("predict: give --adapter DIR or --base")
+    queries = [] if args.stdin else [_query_from_args(args)]
+    test_rows = D.read_split(args.data, "test") if args.data else None
+    if not args.stdin:
+        row = to_row(queries[0], test_rows)  # bad input fails before the model loads
+    tok, model = E.load_model(cfg, None if args.base else args.adapter)
+    if not args.stdin:
+        _emit(predict(model, tok, cfg, row, args.seed))
+        return 0
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            row = to_row(json.loads(line), test_rows)
+            _emit(predict(model, tok, cfg, row, args.seed))
+        except (ContractError, ValueError) as e:  # one bad query must not end the loop
+            _emit({"error": str(e).splitlines()[0]})
+    return 0
+
+
+def resolve_config(config: str | None, adapter: str | None, base_model: str | None) -> RunConfig:
+    """--config; else the run's own config from the manifest beside the adapter; else the defaults."""
+    if config:
+        cfg = load_config(config)
+    else:
+        manifest = Path(adapter).parent / "manifest.json" if adapter else None
+        if manifest is not None and manifest.is_file() and "config" in json.loads(manifest.read_text()):
+            cfg = from_dict(json.loads(manifest.read_text())["config"], source=str(manifest))
+        else:
+            cfg = RunConfig()
+            ac = Path(adapter) / "adapter_config.json" if adapter else None
+            if ac is not None and ac.is_file():
+                base = json.loads(ac.read_text()).get("base_model_name_or_path")
+                if base:
+                    cfg = cfg.with_overrides({"model.id": base})
+    if base_model:
+        cfg = cfg.with_overrides({"model.id": base_model}, source="--base-model")
+    return cfg
+
+
+def _query_from_args(args: argparse.Namespace) -> dict:
+    if args.example is not None:
+        return {"example": args.example}
+    if args.scenario is None:
+        raise ContractError("predict: give --scenario TEXT (with --profile JSON), --example N, or --stdin")
+    try:
+        profile = json.loads(args.profile) if args.profile else {}
+    except ValueError:
+        raise ContractError(f"--profile {args.profile!r}: not JSON (e.g. '{{\"age\": 25}}')") from None
+    return {"profile": profile, "scenario": args.scenario}
+
+
+def to_row(query: dict, test_rows: list[dict] | None) -> dict:
+    """A SocSci210-shaped row for a query: a test row (--example) or a profile + scenario."""
+    if "example" in query:
+        n = query["example"]
+        if test_rows is None:
+            raise ContractError("--example needs --data DIR (a prepared folder with test.jsonl)")
+        if not isinstance(n, int) or not 0 <= n < len(test_rows):
+            raise ContractError(f"--example {n}: not accepted (a row number from 0 to {len(test_rows) - 1})")
+        return dict(test_rows[n], _example=n)
+    profile, scenario = query.get("profile") or {}, query.get("scenario") or ""
+    if not isinstance(profile, dict):
+        raise ContractError(f"profile {profile!r}: expected a JSON object of demographic fields")
+    scale = M.parse_scale(scenario)
+    if scale is None:
+        raise ContractError(f"scenario {scenario[:60]!r}: states no answer scale (add e.g. '(1-7 scale)' or "
+                            "'Only return an integer from 1 to 7')")
+    stimuli = scenario
+    if not M._RANGE.search(scenario):  # the training prompts end with this sentence: keep the format
+        stimuli = f"{scenario.rstrip()} Only return an integer from {scale[0]} to {scale[1]}, nothing else."
+    return {"demographic": profile, "stimuli": stimuli, "study_id": "query", "condition_num": 0, "task_num": 0,
+            "response": None}
+
+
+def predict(model, tok, cfg: RunConfig, row: dict, seed: int = 0) -> dict[str, Any]:
+    scale = M.parse_scale(row.get("stimuli") or row.get("prompt") or "")
+    if scale is None and row.get("response") is not None:
+        scale = (min(int(row["response"]), 0), max(int(row["response"]), 1))
+    if scale is None or scale[1] - scale[0] + 1 > M.MAX_LEVELS:
+        raise ContractError(f"row's answer scale {scale}: not a bounded scale of at most {M.MAX_LEVELS} levels")
+    dist = E.score_distributions(model, tok, [row], [scale], cfg.model.system_prompt)[0]
+    sampled = E.sample_answers(model, tok, [row], cfg, seed=seed)[0]
+    return {"scale": list(scale), "values": dist.values, "probs": dist.probs, "valid_mass": dist.valid_mass,
+            "sample": sampled.value, "sample_text": sampled.text, "human": row.get("response"),
+            "example": row.get("_example"), "prompt": D.render_prompt(row), "prompt_tokens": dist.prompt_tokens}
+
+
+def _emit(obj: dict) -> None:
+    print(RESULT_PREFIX + json.dumps(obj), flush=True)
