@@ -14,9 +14,9 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    from launcher.verbs.status import _actual_cost, _expected, _hms, _money
+    from launcher.verbs.status import _actual_cost, _expected, _money
 
     runs = registry.list_runs()
     if args.json:
@@ -27,9 +27,18 @@ def run(args: argparse.Namespace) -> int:
     if not runs:
         console.print(f"no runs under {registry.runs_root()}/")
         return 0
-    table = Table("run", "state", "infra", "card", "duration", "cost", "estimate")
+    table = Table("state", "infra", "card", "time", "$ spent", "$ est.")
+    # Run ids are what the other verbs take: never cut them short.
+    table.columns.insert(0, Column("run", no_wrap=True, min_width=max(len(r.id) for r in runs)))
     for r in runs:
         est = _expected(r.estimate)
-        table.add_row(r.id, r.state, r.infra, r.gpu or "-", _hms(r.duration_s()), _money(_actual_cost(r)), _money(est))
+        table.add_row(r.id, r.state, r.infra, r.gpu or "-", _short(r.duration_s()), _money(_actual_cost(r)), _money(est))
     console.print(table)
     return 0
+
+
+def _short(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
