@@ -1,0 +1,95 @@
+"""`socrates-launch report [RUN]`: a run's evaluation summary and where its HTML report is.
+
+Reads the metrics.json files `python -m job evaluate` wrote and the run brought home
+(runs/<id>/eval/, runs/<id>/eval-base/; also out/eval*/ under the run folder). RUN may also be a
+folder holding a metrics.json. Every number is printed with the mode that produced it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from contracts.errors import ContractError
+from launcher import registry
+
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+# The paper's Table 2 rows most worth seeing beside a run (PAPER.md).
+PAPER_REFERENCE = (("uniform guess", 0.203), ("Qwen2.5-14B base", 0.205), ("SOCRATES-Qwen-14B", 0.151))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_id", nargs="?", default=None, metavar="RUN",
+                   help="run id (default: the latest run), or a folder holding metrics.json")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    folders, label = _eval_folders(args.run_id)
+    results: dict[str, dict] = {}
+    reports: list[tuple[int, Path]] = []
+    for folder in folders:
+        data = _read(folder / METRICS_FILE)
+        got = data.get("results") or {}
+        results.update(got)
+        if (folder / REPORT_FILE).is_file():
+            reports.append((len(got), folder / REPORT_FILE))
+    if not results:
+        print(f"{label}: no evaluation results yet (the run was started with --no-eval, has not finished, "
+              "or its artifacts were not downloaded: `socrates-launch download`)")
+        return 1
+    # The report that shows the most (an eval-base report includes the fine-tuned results beside it).
+    report = max(reports, key=lambda r: r[0])[1] if reports else None
+    if args.json:
+        print(json.dumps({"run": label, "report": str(report) if report else None,
+                          "results": {k: _summary(v) for k, v in results.items()}}, indent=2))
+        return 0
+    print(render(label, results, report))
+    return 0
+
+
+def _eval_folders(run_id: str | None) -> tuple[list[Path], str]:
+    if run_id and Path(run_id).is_dir() and (Path(run_id) / METRICS_FILE).is_file():
+        return [Path(run_id)], run_id
+    rec = registry.resolve(run_id)
+    candidates = []
+    for root in (rec.dir, rec.dir / "out"):
+        candidates += sorted(p.parent for p in root.glob(f"eval*/{METRICS_FILE}"))
+    return candidates, f"run {rec.id}"
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ContractError(f"{path}: unreadable metrics ({e}); `socrates-launch download` pulls it again") from None
+    if not isinstance(data, dict):
+        raise ContractError(f"{path}: not an evaluation metrics file")
+    return data
+
+
+def _summary(r: dict) -> dict:
+    dpd = (r.get("demographic_parity_difference") or {}).get("value")
+    keys = ("model", "mode", "rows", "wasserstein", "wasserstein_uniform", "individual_accuracy",
+            "invalid_rate", "cells_scored", "cells_unbounded", "studies_scored", "prompt_tokens_per_s")
+    return {**{k: r.get(k) for k in keys}, "demographic_parity_difference": dpd}
+
+
+def render(label: str, results: dict[str, dict], report: Path | None) -> str:
+    def f(v, spec=".4f"):
+        return "-" if v is None else format(v, spec)
+
+    head = f"{'model/mode':<26}{'rows':>7}{'W':>9}{'W uniform':>11}{'accuracy':>10}{'DPD':>9}{'invalid':>9}{'cells':>7}"
+    lines = [f"{label}: evaluation (W: per-cell Wasserstein, mean over studies; lower is better)", head]
+    for key, r in sorted(results.items()):
+        s = _summary(r)
+        invalid = f(s["invalid_rate"], ".1%") if s["mode"] == "sample" else "n/a"
+        lines.append(f"{key:<26}{s['rows'] or 0:>7}{f(s['wasserstein']):>9}{f(s['wasserstein_uniform']):>11}"
+                     f"{f(s['individual_accuracy']):>10}{f(s['demographic_parity_difference']):>9}{invalid:>9}"
+                     f"{s['cells_scored'] or 0:>7}")
+    lines.append("modes: sample = one sampled answer per row (the paper's protocol); "
+                 "distribution = the model's exact answer probabilities")
+    lines.append("paper, Table 2 (unseen studies): " + ", ".join(f"{n} {w:.3f}" for n, w in PAPER_REFERENCE))
+    lines.append(f"report: {report.resolve() if report else '(none written)'}")
+    return "\n".join(lines)
