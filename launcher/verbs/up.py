@@ -223,7 +223,9 @@ def _dryrun(plan: Plan, console) -> int:
     from launcher.backends.sky import cluster_name_for, load_adapter
 
     adapter = load_adapter()
-    adapter.log = lambda line: console.print(redact(line), highlight=False, markup=False)
+    from rich.text import Text
+
+    adapter.log = lambda line: console.print(Text.from_ansi(redact(line)), highlight=False)  # SkyPilot's colours
     offer = adapter.dryrun(rendered, cluster_name=cluster_name_for(f"{plan.name}-dryrun"), secrets=secrets)
     console.print(f"chosen: cloud {offer['cloud']}, region {offer.get('region')}, instance {offer['instance']}, "
                   f"{offer['accelerators']}, ${offer['price_per_hour']:.2f}/h{' (spot)' if offer.get('spot') else ''}",
