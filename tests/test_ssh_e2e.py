@@ -30,7 +30,7 @@ def cli(*args: str, env: dict, timeout: float = 1800, **kw) -> subprocess.Comple
 
 def up_args(srv: SshServer, tmp: Path, *extra: str, user: str = "root", config: str = "configs/smoke.yaml") -> list[str]:
     return ["up", "--infra", f"ssh://{user}@127.0.0.1:{srv.port}", "--allow-cpu", "--config", config,
-            "--yes", "--no-eval", "--ssh-key", str(srv.client_key), "--known-hosts", str(srv.known_hosts),
+            "--yes", "--ssh-key", str(srv.client_key), "--known-hosts", str(srv.known_hosts),
             "--remote-python", PYTHON, "--remote-dir", str(tmp / "remote"), *extra]
 
 
@@ -103,13 +103,14 @@ def test_changed_host_key_refused_by_up(tmp_path, env):
 @pytest.mark.slow
 def test_up_over_ssh_brings_back_a_verified_adapter_and_leaves_nothing(sshd, tmp_path, env):
     needs_job()
-    p = cli(*up_args(sshd, tmp_path, "--trust-new-host"), env=env)
+    p = cli(*up_args(sshd, tmp_path, "--trust-new-host"), env=env)  # the smoke run as is, evaluation included
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     run = only_run(tmp_path)
     assert run["state"] == "done" and run["verified"] and run["machine"] == "gone"
     adapter = Path(run["adapter"])
     assert (adapter / "adapter_model.safetensors").is_file()
     manifest.verify_or_raise(Path(run["dir"]))
+    assert (Path(run["dir"]) / "eval").is_dir()  # the run block's evaluation came back too
     state = run["backend_state"]
     assert state["torn_down"] and state["remote_clean"] and state["sync"]["bytes_sent"] > 0
     assert not Path(state["work"]).exists()
@@ -128,7 +129,7 @@ def test_launcher_killed_mid_run_then_logs_reattaches_and_down_cleans(sshd, tmp_
     cfg["train"].update(max_steps=4, checkpoint_every=2)
     short = tmp_path / "short.yaml"
     short.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *up_args(sshd, tmp_path, "--trust-new-host", config=str(short))],
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *up_args(sshd, tmp_path, "--trust-new-host", "--no-eval", config=str(short))],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill the launcher outright once the job has started on the host
