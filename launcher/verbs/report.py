@@ -28,18 +28,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     folders, label = _eval_folders(args.run_id)
     results: dict[str, dict] = {}
-    reports: list[tuple[int, Path]] = []
+    reports: list[tuple[float, Path]] = []
     for folder in folders:
         data = _read(folder / METRICS_FILE)
         got = data.get("results") or {}
         results.update(got)
         if (folder / REPORT_FILE).is_file():
-            reports.append((len(got), folder / REPORT_FILE))
+            reports.append(((folder / REPORT_FILE).stat().st_mtime, folder / REPORT_FILE))
     if not results:
         print(f"{label}: no evaluation results yet (the run was started with --no-eval, has not finished, "
               "or its artifacts were not downloaded: `socrates-launch download`)")
         return 1
-    # The report that shows the most (an eval-base report includes the fine-tuned results beside it).
+    # The newest report: evaluate draws sibling results in, so the last one written shows them all.
     report = max(reports, key=lambda r: r[0])[1] if reports else None
     if args.json:
         print(json.dumps({"run": label, "report": str(report) if report else None,
