@@ -1,0 +1,32 @@
+# The job image: `python -m job check|prepare|train|evaluate|predict` on a CUDA machine.
+#   docker build -t socrates-job . && docker run --gpus all socrates-job check --config configs/paper.yaml
+# Base pinned by digest. torch's CUDA 13.0 libraries come from the lock (PyPI wheels), so the base
+# only has to match the driver side (CUDA 13.0). The digest is the one public Dockerfiles pin for
+# this tag; it was not re-resolved against Docker Hub from here (no registry access): verify with
+# `docker buildx imagetools inspect nvidia/cuda:13.0.3-cudnn-runtime-ubuntu24.04` on the next bump.
+FROM nvidia/cuda:13.0.3-cudnn-runtime-ubuntu24.04@sha256:14f6d08d1cd4a96effbfe3101d0b56326f552c199d05e4979ee0bd616df5811b
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_DISABLE_TELEMETRY=1
+
+# Ubuntu 24.04's python3 is 3.12: the Python the lock was compiled for.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv git ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /app
+# Every package, exact version and hash, nothing resolved at build time.
+COPY requirements/job.lock requirements/job.lock
+RUN pip install --require-hashes --no-deps -r requirements/job.lock
+
+COPY contracts/ contracts/
+COPY job/ job/
+COPY configs/ configs/
+
+ENTRYPOINT ["python", "-m", "job"]
+CMD ["--help"]
