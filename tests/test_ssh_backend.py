@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -215,12 +216,15 @@ def test_connection_killed_mid_stream_loses_and_doubles_nothing(sshd, tmp_path):
         got.append(e)
         if e["event"] == "step" and e["step"] in (5, 20):
             kills.append(sshd.kill_sessions())  # every SSH connection dies; the detached job doesn't care
+        if e["event"] == "step" and e["step"] == 30:
+            sshd.stop()  # the whole server goes away (connections refused) and comes back 1.5 s later
+            threading.Timer(1.5, sshd._spawn).start()
 
     try:
         assert b.follow(run, on_event) == 0
         assert got == log_events(run)
         assert [e["step"] for e in got if e["event"] == "step"] == list(range(1, 41))
-        assert len(kills) == 2 and all(kills) and b.reconnects >= 2 and run.backend_state["reconnects"] >= 2
+        assert len(kills) == 2 and all(kills) and b.reconnects >= 3 and run.backend_state["reconnects"] >= 3
         assert phases.count("reconnecting") == b.reconnects
         dest = tmp_path / "pulled"
         b.download(run, dest)

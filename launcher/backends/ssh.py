@@ -101,6 +101,8 @@ class SshBackend(Backend):
         stats = self._sync(client, base, data)
         state["sync"] = asdict(stats)
         _save(run)
+        self.on_phase("synced", f"sent {stats.bytes_sent:,} B in {stats.files_sent} files; "
+                                f"{stats.bytes_skipped:,} B in {stats.files_skipped} unchanged files skipped")
         task = tasklib.render(run, gpu=None) if self.run_block is None else None
         self._prepare_work(client, base, work, run, task, data, mode, python)
         if mode == "venv" and task is not None:
