@@ -1,0 +1,163 @@
+"""job/ data side: tokenizer ids, prompt rendering, label masking, splits, subset, bad data (exit 2)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from contracts.errors import ContractError
+from job import data as D
+from job import synthetic
+from job.prepare import prepare
+from job.tokenizer import qwen25_offline
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE = REPO / ".." / "shared" / "fixtures" / "socsci210_real_sample.jsonl"
+SYSTEM = "You are simulating a survey respondent. Answer exactly as instructed, following the specified response format without additional commentary."
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return qwen25_offline()
+
+
+def test_offline_tokenizer_gives_qwen_ids(tok):
+    assert tok("Hello world", add_special_tokens=False)["input_ids"] == [9707, 1879]
+    # Qwen2 splits digits one by one; ChatML specials sit at Qwen2.5's ids
+    assert tok("2024", add_special_tokens=False)["input_ids"] == [17, 15, 17, 19]
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|file_sep|>"]) == \
+        [151643, 151644, 151645, 151664]
+    assert len(tok) == 151665
+    text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[:3] == [151644, 8948, 198] and ids[-3:] == [151644, 77091, 198]  # "system", "\n", "assistant"
+
+
+def test_prompt_renders_paper_format_byte_for_byte():
+    row = {"demographic": {"age": 34, "gender": "Female", "education": None, "party_id": "Lean Democrat",
+                           "household_size": 3},
+           "stimuli": "How much do you agree? Only return an integer from 1 to 5, nothing else.", "prompt": None}
+    assert D.render_prompt(row) == (
+        "You are a survey respondent with the following demographic profile:\n"
+        "- Age: 34\n- Gender: Female\n- Party Id: Lean Democrat\n- Household Size: 3\n\n"
+        "Read the question below and answer exactly as this person would. Follow the response instructions precisely.\n\n"
+        "How much do you agree? Only return an integer from 1 to 5, nothing else.")
+    assert D.render_prompt({**row, "prompt": "verbatim"}) == "verbatim"
+
+
+@pytest.mark.skipif(not FIXTURE.is_file(), reason="../shared/fixtures/socsci210_real_sample.jsonl not present")
+def test_rendering_matches_the_authors_prompts_on_real_rows():
+    rows = [json.loads(line) for line in FIXTURE.open(encoding="utf-8")]
+    with_prompt = [r for r in rows if r.get("prompt")]
+    assert len(with_prompt) > 1000
+    mismatched = [r["sample_id"] for r in with_prompt if D.render_prompt({**r, "prompt": None}) != r["prompt"]]
+    assert mismatched == []
+
+
+def test_labels_mask_everything_but_the_answer(tok):
+    rows = synthetic.generate(12, seed=3)
+    for row, (ids, labels) in zip(rows, D.encode(tok, rows, SYSTEM)):
+        scored = [t for t, l in zip(ids, labels) if l != -100]
+        assert tok.decode(scored) == f"{row['response']}<|im_end|>"
+        n = len(scored)
+        assert labels[:-n] == [-100] * (len(ids) - n) and labels[-n:] == ids[-n:]
+        prompt = tok.decode(ids[:-n])
+        assert prompt.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n")
+        assert prompt.endswith(D.render_prompt(row) + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_synthetic_is_deterministic_and_varied():
+    a, b = synthetic.generate(240, seed=1), synthetic.generate(240, seed=1)
+    assert a == b and a != synthetic.generate(240, seed=2)
+    assert len({r["study_id"] for r in a}) >= 4
+    assert len({(r["study_id"], r["condition_num"], r["task_num"]) for r in a}) > 8
+    assert len({r["response"] for r in a}) > 3
+    D.validate_rows(a, "synthetic")
+
+
+def test_unseen_studies_split_is_disjoint_and_subset_keeps_every_study():
+    src = D.load_source("synthetic:600", seed=0)
+    train, test = D.split_rows(src, "unseen-studies", seed=7)
+    s_train, s_test = {r["study_id"] for r in train}, {r["study_id"] for r in test}
+    assert s_train and s_test and not (s_train & s_test)
+    assert len(train) + len(test) == 600
+    assert D.split_rows(src, "unseen-studies", seed=7) == (train, test)  # deterministic
+    sub = D.stratified_subset(train, 0.01, seed=7)  # 1% would drop small studies without stratification
+    assert {r["study_id"] for r in sub} == s_train
+    assert len(sub) < len(train) / 5
+
+
+def test_mappings_decide_the_split_when_present(tmp_path):
+    rows = synthetic.generate(200, seed=0)
+    studies = sorted({r["study_id"] for r in rows})
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "metadata" / "participant_mapping.json").write_text(json.dumps({"seen": studies[1:], "unseen": studies[:1]}))
+    (tmp_path / "metadata" / "condition_mapping.json").write_text(
+        json.dumps({studies[0]: {"train": [1], "eval": [2]}}))
+    src = D.load_source(str(tmp_path))
+    train, test = D.split_rows(src, "unseen-studies", seed=0)
+    assert {r["study_id"] for r in test} == {studies[0]}
+    train, test = D.split_rows(src, "unseen-conditions", seed=0)
+    assert {(r["study_id"], r["condition_num"]) for r in test} == {(studies[0], 2)}
+    assert all(not (r["study_id"] == studies[0] and r["condition_num"] == 2) for r in train)
+    # without a mapping: per-study held-out tasks, never all of a study's tasks
+    train, test = D.split_rows(src, "unseen-tasks", seed=0)
+    held = {(r["study_id"], r["task_num"]) for r in test}
+    assert held and not held & {(r["study_id"], r["task_num"]) for r in train}
+
+
+def test_prepare_writes_splits_stats_and_hash(tmp_path):
+    res = prepare("synthetic:120", tmp_path, subset=0.5, seed=3)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["train"]["rows"] == res.train_rows == sum(1 for _ in open(tmp_path / "train.jsonl"))
+    t = stats["train"]["tokens"]
+    assert 0 < t["p50"] <= t["p90"] <= t["max"] and t["total"] == sum(v["total"] for v in stats["train"]["per_study"].values())
+    assert stats["train"]["cells"] >= stats["train"]["studies"]
+    assert res.data_hash == D.content_hash(tmp_path) == stats["data_hash"]
+    again = prepare("synthetic:120", tmp_path / "again", subset=0.5, seed=3)
+    assert again.data_hash == res.data_hash
+
+
+def _job(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "job", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("content,problem", [
+    ('{"study_id": "abcde", "response": 3, "condition_num": 1}\n', "missing column(s) task_num"),
+    ('{"study_id": "abcde", "response": "three", "condition_num": 1, "task_num": 1, "prompt": "p"}\n', "not an integer"),
+    ('{"study_id": "abcde", "response": 2.5, "condition_num": 1, "task_num": 1, "prompt": "p"}\n', "not an integer"),
+    ('{"study_id": "abcde", "response": 3, "condition_num": 1, "task_num": 1, "prompt": "p"}\n', "test side empty"),
+    ('{"study_id": "abcde", "resp', "not valid JSON"),
+])
+def test_bad_data_exits_2_with_one_line_naming_file_and_problem(tmp_path, content, problem):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    out = tmp_path / "out"
+    r = _job("prepare", "--data", str(bad), "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and problem in lines[0], r.stderr
+    assert not (out / "train.jsonl").exists()
+
+
+def test_unreadable_file_exits_2(tmp_path):
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"PAR1 not really parquet")
+    r = _job("prepare", "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "unreadable" in r.stderr and str(bad) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = _job("prepare", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr
+
+
+def test_bad_source_names():
+    with pytest.raises(ContractError, match="whole number >= 1"):
+        D.load_source("synthetic:abc")
+    with pytest.raises(ContractError, match="unseen-studies"):
+        D.split_rows(D.load_source("synthetic:50"), "by-vibes", 0)
