@@ -118,8 +118,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
     for flag, value in (("--max-cost", args.max_cost), ("--max-hours", args.max_hours)):
         if value is not None and not value > 0:
             raise ContractError(f"{flag} {value}: not accepted (a number > 0)")
-    if infra == "local" and (args.cloud or args.spot):
-        raise ContractError("--cloud/--spot: not accepted with --infra local (they choose a cloud offer)")
+    if infra != "sky" and (args.cloud or args.spot):
+        raise ContractError(f"--cloud/--spot: not accepted with --infra {infra} (they choose a SkyPilot offer)")
     name = args.name or cfg.name
     if not name or len(name) > 60 or not all(c.isalnum() or c in "._-" for c in name):
         raise ContractError(f"--name {name!r}: not accepted (letters, digits, . _ -; at most 60)")
