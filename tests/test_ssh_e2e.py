@@ -103,6 +103,8 @@ def test_changed_host_key_refused_by_up(tmp_path, env):
 @pytest.mark.slow
 def test_up_over_ssh_brings_back_a_verified_adapter_and_leaves_nothing(sshd, tmp_path, env):
     needs_job()
+    canary = "hf_" + "SshCanary" * 4
+    env = {**env, "HF_TOKEN": canary}
     p = cli(*up_args(sshd, tmp_path, "--trust-new-host"), env=env)  # the smoke run as is, evaluation included
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     run = only_run(tmp_path)
@@ -116,6 +118,9 @@ def test_up_over_ssh_brings_back_a_verified_adapter_and_leaves_nothing(sshd, tmp
     assert not Path(state["work"]).exists()
     assert not host_processes_under(tmp_path / "remote")
     assert list((tmp_path / "remote" / "runs").iterdir()) == []
+    for f in [*(tmp_path / "runs").rglob("*"), *(tmp_path / "remote").rglob("*")]:  # the token went nowhere
+        assert not f.is_file() or canary not in f.read_text(errors="replace"), f
+    assert canary not in p.stdout + p.stderr
     print(f"\nsync: {state['sync']}, downloaded {state['bytes_downloaded']} B")
 
 
