@@ -50,11 +50,13 @@ class SshServer:
     client_key: Path = field(init=False)
     known_hosts: Path = field(init=False)
     proc: subprocess.Popen | None = None
+    extra_config: str = ""
+    """More sshd_config lines (e.g. `SetEnv PATH=...` to put tools on the host's PATH)."""
 
     @classmethod
-    def start(cls, root: Path) -> "SshServer":
+    def start(cls, root: Path, extra_config: str = "") -> "SshServer":
         root.mkdir(parents=True, exist_ok=True)
-        srv = cls(root=root, port=free_port())
+        srv = cls(root=root, port=free_port(), extra_config=extra_config)
         srv.host_key = keygen(root / "ssh_host_ed25519_key")
         srv.client_key = keygen(root / "client_key")
         shutil.copy(root / "client_key.pub", root / "authorized_keys")
@@ -85,6 +87,7 @@ class SshServer:
             "MaxSessions 50\n"
             "MaxStartups 50\n"
             "LogLevel ERROR\n"
+            + self.extra_config
         )
 
     def _spawn(self) -> None:

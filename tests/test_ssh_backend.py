@@ -339,3 +339,57 @@ def test_connection_dying_during_launch_is_a_backend_error_and_down_cleans(sshd,
     b.down(run)
     assert run.backend_state["torn_down"] and not Path(run.backend_state["work"]).exists()
     assert not job_processes(run.id)
+
+
+# A stand-in `docker` on the host's PATH: records its argv, then runs what the container would
+# (the run script in the mounted folder), so the docker path of the backend runs for real here.
+FAKE_DOCKER = r"""#!/usr/bin/env bash
+printf '%s\n' "$*" >> {log}
+case "$1" in
+  image|build|rm) exit 0 ;;
+  run) shift; src=""; ep=""; rest=()
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        -v) [[ "$2" == *:/work ]] && src="${{2%:/work}}"; shift 2 ;;
+        -w|--name|-e|--gpus) shift 2 ;;
+        --entrypoint) ep="$2"; shift 2 ;;
+        --rm) shift ;;
+        *) rest+=("$1"); shift ;;
+      esac
+    done
+    cd "$src" && if [ "$ep" = bash ]; then exec bash "${{rest[@]:1}}"; else exec python -m job "${{rest[@]:1}}"; fi ;;
+esac
+exit 1
+"""
+
+
+def test_docker_path_when_the_host_has_docker_and_a_gpu(tmp_path, monkeypatch):
+    why = sshd_available()
+    if why:
+        pytest.skip(why)
+    bin_dir, log = tmp_path / "hostbin", tmp_path / "docker-argv.log"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER.format(log=log))
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (fake)'\n")
+    for tool in ("docker", "nvidia-smi"):
+        (bin_dir / tool).chmod(0o755)
+    path = f"{bin_dir}:{Path(PYTHON).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+    srv = SshServer.start(tmp_path / "sshd", extra_config=f"SetEnv PATH={path}\n")
+    canary = "hf_" + "D0ckerCanary" * 3
+    monkeypatch.setenv("HF_TOKEN", canary)
+    try:
+        run = new_run(srv, "docker")
+        b = backend(srv, tmp_path, fake_job(steps=3, delay=0), remote_python=None, allow_cpu=False)
+        b.launch(run)
+        assert run.backend_state["mode"] == "docker"
+        assert b.follow(run, lambda e: None) == 0
+        b.down(run)
+        calls = log.read_text()
+        run_line = next(line for line in calls.splitlines() if line.startswith("run "))
+        assert "--gpus all" in run_line and "socrates-launch-job:latest" in run_line and f"--name socrates-{run.id}" in run_line
+        assert "-e HF_TOKEN" in run_line and canary not in calls  # the secret by name, its value never in argv
+        assert calls.splitlines()[0].startswith("image inspect socrates-launch-job:latest")
+        assert f"rm -f socrates-{run.id}" in calls  # teardown removes the container too
+        assert not Path(run.backend_state["work"]).exists()
+    finally:
+        srv.stop()
