@@ -61,6 +61,8 @@ class SshOptions:
     """Disk the host must have free under remote_dir; None: 1 GB with allow_cpu, else 60 GB."""
     image: str = DEFAULT_IMAGE
     poll_s: float = 0.5
+    reconnect_s: float = 300.0
+    """How long follow/download keep retrying a dropped connection (down: at most 60 s) before giving up loudly."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -393,3 +393,29 @@ def test_docker_path_when_the_host_has_docker_and_a_gpu(tmp_path, monkeypatch):
         assert not Path(run.backend_state["work"]).exists()
     finally:
         srv.stop()
+
+
+def test_host_unreachable_follow_fails_loudly_and_down_says_how_then_cleans_later(tmp_path):
+    why = sshd_available()
+    if why:
+        pytest.skip(why)
+    srv = SshServer.start(tmp_path / "sshd")
+    marker = tmp_path / "provider-stopped"
+    try:
+        run = new_run(srv, "unreachable")
+        b = backend(srv, tmp_path, fake_job(steps=1000, delay=0.05), reconnect_s=1.0, on_teardown=f"touch {marker}")
+        b.launch(run)
+        srv.stop()  # the host vanishes mid-run
+        with pytest.raises(BackendError, match=r"running: lost root@127\.0\.0\.1:\d+ for 1 s .*socrates-launch down"):
+            b.follow(run, lambda e: None)
+        with pytest.raises(BackendError, match=r"could not reach .* End it: ssh -p \d+ root@127\.0\.0\.1 'kill -9 -- -\d+"):
+            b.down(run)
+        # the provider's stop command ran anyway (it is what stops the billing), and is not repeated
+        assert marker.exists() and run.backend_state["on_teardown"]["ok"] and not run.backend_state["torn_down"]
+        marker.unlink()
+        srv._spawn()  # the host is back: `down` again finishes the job off
+        b.down(run)
+        assert run.backend_state["torn_down"] and not Path(run.backend_state["work"]).exists()
+        assert not job_processes(run.id) and not marker.exists()
+    finally:
+        srv.stop()

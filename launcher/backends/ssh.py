@@ -41,8 +41,6 @@ from launcher.ssh_transport import (
 )
 
 CODE_PATHS = ("contracts", "job", "configs", "sky", "requirements", "Dockerfile", "pyproject.toml")
-RECONNECT_FOR_S = 300.0
-"""How long follow/down keep retrying a dropped connection before they give up (loudly)."""
 LOG_FILE, EXIT_FILE, PID_FILE = "job.log", "exit_code", "job.pid"
 
 
@@ -147,7 +145,7 @@ class SshBackend(Backend):
                 self.reconnects += 1
                 state["reconnects"] = state.get("reconnects", 0) + 1
                 self.on_phase("reconnecting", f"ssh connection lost ({type(e).__name__}); resuming at byte {offset}")
-                self._client_or_wait()
+                self._reconnect_or_fail("running")
 
     def log_lines(self, run: Any, max_bytes: int = 1 << 20) -> list[str]:
         """The job's stdout/stderr on the host (its last MiB)."""
@@ -174,7 +172,7 @@ class SshBackend(Backend):
                 self._drop()
                 if attempt == 2:
                     raise BackendError("downloading", f"{self.target}: the connection kept dropping") from None
-                self._client_or_wait()
+                self._reconnect_or_fail("downloading")
 
     def down(self, run: Any) -> None:
         """Kill the job's process group, remove the run's folder, run --on-teardown. Idempotent."""
@@ -185,10 +183,10 @@ class SshBackend(Backend):
         work = state.get("work")
         if work and not state.get("remote_clean"):
             try:
-                self._client_or_wait(timeout=60)
+                self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s))
                 self._kill_and_remove(state, work)
             except (SshDropped, *DROPPED) as e:
-                pg = state.get("pgid")
+                pg = state.get("pgid") or f"$(cat {work}/{PID_FILE})"
                 error = (f"could not reach {self.target} to tear down ({e}); the job may still be running there. "
                          f"End it: ssh -p {self.target.port} {self.target.user}@{self.target.host} "
                          f"'kill -9 -- -{pg}; rm -rf {work}'")
@@ -361,7 +359,7 @@ class SshBackend(Backend):
                 f"kill -0 -- -$pg 2>/dev/null || break; sleep 0.2; done; kill -KILL -- -$pg 2>/dev/null; fi; ")
         docker = f"docker rm -f socrates-{shlex.quote(posixpath.basename(work))} >/dev/null 2>&1; " \
             if state.get("mode") == "docker" else ""
-        res = ssh_run(self._client_or_wait(), f"{kill}{docker}rm -rf {q}; test ! -e {q}")
+        res = ssh_run(self._connect(), f"{kill}{docker}rm -rf {q}; test ! -e {q}")
         if res.rc != 0:
             raise SshDropped(f"rm -rf {work} failed: {_last_line(res)}")
 
@@ -390,9 +388,9 @@ class SshBackend(Backend):
             self._sftp = self._connect().open_sftp()
         return self._sftp
 
-    def _client_or_wait(self, timeout: float = RECONNECT_FOR_S) -> paramiko.SSHClient:
+    def _client_or_wait(self, timeout: float | None = None) -> paramiko.SSHClient:
         """Connect, retrying a dropped or unreachable host with backoff for up to `timeout` seconds."""
-        deadline, delay = time.time() + timeout, 0.2
+        deadline, delay = time.time() + (self.opts.reconnect_s if timeout is None else timeout), 0.2
         while True:
             try:
                 return self._connect()
@@ -401,6 +399,14 @@ class SshBackend(Backend):
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _reconnect_or_fail(self, phase: str) -> None:
+        try:
+            self._client_or_wait()
+        except SshDropped as e:
+            raise BackendError(phase, f"lost {self.target} for {self.opts.reconnect_s:.0f} s ({e}); the job may still "
+                                      "be running there: `socrates-launch logs` re-attaches, `socrates-launch down` "
+                                      "ends it") from None
 
     def _drop(self) -> None:
         for thing in (self._sftp, self._client):
