@@ -28,10 +28,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-import paramiko
-
 from contracts import events as ev
 from contracts.errors import ContractError
+
+try:
+    import paramiko
+except ImportError:  # an optional extra: say how to get it instead of a traceback
+    raise ContractError("--infra ssh://...: needs paramiko (pip install 'socrates-launch[ssh]')") from None
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback
 from launcher.ssh_options import SshOptions, parse_infra
