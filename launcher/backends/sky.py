@@ -23,6 +23,7 @@ from launcher.secrets import redact
 # Idle minutes after the job ends before SkyPilot downs the machine by itself: time to download.
 AUTODOWN_IDLE_MIN = 15
 DOWN_ATTEMPTS = 3
+DOWN_RETRY_S = 1.0
 REMOTE_OUT = "~/sky_workdir/out"  # SkyPilot syncs the workdir there; the run block writes out/
 # Clues in SkyPilot's launch log that a new lifecycle phase began (for the progress lines).
 _PHASE_CLUES = (("Syncing", "syncing"), ("Running setup", "installing"), ("Job submitted", "training"))
@@ -159,7 +160,7 @@ class SkyBackend(Backend):
             except Exception:  # noqa: BLE001
                 if attempt == DOWN_ATTEMPTS:
                     raise
-                time.sleep(self.reconnect_wait_s * attempt)
+                time.sleep(DOWN_RETRY_S * attempt)
 
     def machine_state(self, run: Any) -> str:
         cluster = run.backend_state.get("cluster")
