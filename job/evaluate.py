@@ -22,7 +22,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -259,6 +259,23 @@ class _Tree:
     node_parent: list[int]  # -1: the prompt's last token
     node_depth: list[int]  # 1-based offset after the prompt
     paths: list[list[tuple[int, int]]]  # per value: (context node, or -1, scored token)
+    _anc: dict = field(default_factory=dict)
+
+    def ancestors(self, device):
+        """[i, j]: node j is node i or one of its ancestors (what node i may attend to), cached per device."""
+        key = str(device)
+        if key not in self._anc:
+            import torch
+
+            n = len(self.node_tokens)
+            anc = torch.zeros((n, n), dtype=torch.bool)
+            for i in range(n):
+                j = i
+                while j >= 0:
+                    anc[i, j] = True
+                    j = self.node_parent[j]
+            self._anc[key] = anc.to(device)
+        return self._anc[key]
 
 
 def answer_tree(tok, lo: int, hi: int, end_id: int) -> _Tree:
@@ -321,29 +338,26 @@ def _score_batch(decoder, head, dev, dtype, prompts: list[list[int]], trees: lis
     b = len(prompts)
     input_ids = torch.zeros((b, width), dtype=torch.long)
     pos = torch.zeros((b, width), dtype=torch.long)
-    allowed = torch.zeros((b, width, width), dtype=torch.bool)
+    # The mask is built on the device with a few slice writes per row (no per-node Python loop).
+    allowed = torch.zeros((b, width, width), dtype=torch.bool, device=dev)
+    causal = torch.ones((width, width), dtype=torch.bool, device=dev).tril()
     gather_rows, gather_cols = [], []
     for r, (p, t) in enumerate(zip(prompts, trees)):
-        L = len(p)
+        L, n = len(p), len(t.node_tokens)
         input_ids[r, :L] = torch.tensor(p)
         input_ids[r, L:lens[r]] = torch.tensor(t.node_tokens, dtype=torch.long)
         pos[r, :L] = torch.arange(L)
         pos[r, L:lens[r]] = L - 1 + torch.tensor(t.node_depth, dtype=torch.long)
-        allowed[r, :L, :L] = torch.ones(L, L, dtype=torch.bool).tril()
-        for k, par in enumerate(t.node_parent):
-            q = L + k
-            allowed[r, q, :L] = True
-            allowed[r, q, q] = True
-            while par >= 0:  # the node's ancestors in the tree
-                allowed[r, q, L + par] = True
-                par = t.node_parent[par]
-        idx = torch.arange(lens[r], width)
-        allowed[r, idx, idx] = True  # padding sees itself: no all-masked softmax row
-        gather_rows += [r] * (len(t.node_tokens) + 1)
-        gather_cols += [L - 1] + [L + k for k in range(len(t.node_tokens))]
-    mask = torch.zeros((b, 1, width, width), dtype=dtype)
+        allowed[r, :L, :L] = causal[:L, :L]
+        allowed[r, L:L + n, :L] = True  # every answer node sees the whole prompt
+        allowed[r, L:L + n, L:L + n] = t.ancestors(dev)  # and its own ancestors in the tree
+        allowed[r].diagonal()[lens[r]:] = True  # padding sees itself: no all-masked softmax row
+        gather_rows += [r] * (n + 1)
+        gather_cols += [L - 1] + [L + k for k in range(n)]
+    mask = torch.zeros((b, 1, width, width), dtype=dtype, device=dev)
     mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
-    hidden = decoder(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+    del allowed
+    hidden = decoder(input_ids=input_ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
                      use_cache=False).last_hidden_state
     sel = hidden[torch.tensor(gather_rows, device=dev), torch.tensor(gather_cols, device=dev)]
     logp = torch.log_softmax(head(sel).float(), dim=-1)

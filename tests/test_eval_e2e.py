@@ -53,15 +53,15 @@ def test_evaluate_both_modes_writes_metrics_and_a_report_with_real_plots(prepare
     out = prepared / "run" / "eval"
     data = str(prepared / "data")
     base = ["evaluate", "--config", str(SMOKE), "--data", data, "--out", str(out)]
-    assert job_main(base + ["--adapter", str(prepared / "run" / "adapter"), "--mode", "distribution", "--rows", "40"]) == 0
-    assert job_main(base + ["--base", "--mode", "distribution", "--rows", "40"]) == 0
+    assert job_main(base + ["--adapter", str(prepared / "run" / "adapter"), "--mode", "distribution", "--rows", "24"]) == 0
+    assert job_main(base + ["--base", "--mode", "distribution", "--rows", "24"]) == 0
     assert job_main(base + ["--base", "--mode", "sample", "--rows", "12"]) == 0
 
     metrics = json.loads((out / "metrics.json").read_text())
     res = metrics["results"]
     assert set(res) == {"fine-tuned/distribution", "base/distribution", "base/sample"}
     ft, bd, bs = res["fine-tuned/distribution"], res["base/distribution"], res["base/sample"]
-    assert ft["rows"] == bd["rows"] == 40 and bs["rows"] == 12
+    assert ft["rows"] == bd["rows"] == 24 and bs["rows"] == 12
     assert ft["cells_scored"] > 0 and 0 <= ft["wasserstein"] <= 1
     # The random adapter changes the model's distribution: not the base's numbers.
     assert ft["wasserstein"] != pytest.approx(bd["wasserstein"], abs=1e-9)
