@@ -85,6 +85,26 @@ print(json.dumps({{"canary_in_yaml": {CANARY!r} in text, "secrets": sorted(task.
     assert got["down"] is True and got["idle"] >= 10
 
 
+@pytest.mark.sky
+def test_status_and_down_through_the_real_sdk_for_a_cluster_that_is_gone(sky_home, tmp_path):
+    """The real adapter's status and down calls: a cluster SkyPilot doesn't have is reconciled."""
+    from launcher import registry
+
+    runs = tmp_path / "runs"
+    os.environ["SOCRATES_RUNS_DIR"] = str(runs)
+    try:
+        run = registry.new_run("gone", "sky", gpu="A100:1")
+        run.transition("provisioning").transition("running", backend_state={"cluster": "socrates-gone-0000", "job_id": 1})
+    finally:
+        del os.environ["SOCRATES_RUNS_DIR"]
+    env = {**sky_home.env, "SOCRATES_RUNS_DIR": str(runs)}
+    r = cli(["status", run.id], env, timeout=300)
+    assert r.returncode == 0 and "machine:  gone" in r.stdout, r.stdout + r.stderr
+    assert json.loads(run.path.read_text())["state"] == "failed"
+    r = cli(["down", run.id], env, timeout=300)
+    assert r.returncode == 0 and "machine down" in r.stdout, r.stdout + r.stderr
+
+
 # --- the fault matrix, through a fake of the adapter -----------------------------------------
 
 @pytest.fixture
