@@ -378,7 +378,7 @@ def teardown(run: registry.Run, backend, recorder: Recorder | None, console) -> 
 def _interrupted(run: registry.Run, backend, console, recorder: Recorder) -> int:
     """First Ctrl-C detaches (autodown armed); a second within a few seconds tears down now."""
     console.print(
-        f"\n[bold yellow]detached from run {run.id}[/]: the job keeps running and its machine tears itself down when it ends.\n"
+        f"\n[bold yellow]detached from run {run.id}[/]: the job keeps running; {_after_detach(run)}\n"
         f"  re-attach:  socrates-launch logs {run.id}\n  tear down:  socrates-launch down {run.id}\n"
         f"  (press Ctrl-C again within {SECOND_CTRL_C_S:.0f} s to tear down now)", highlight=False)
     try:
@@ -395,8 +395,17 @@ def _interrupted(run: registry.Run, backend, console, recorder: Recorder) -> int
     return 130
 
 
+def _after_detach(run: registry.Run) -> str:
+    if run.infra == "sky":
+        from launcher.backends.sky import AUTODOWN_IDLE_MIN
+
+        return (f"SkyPilot's autodown ends its machine {AUTODOWN_IDLE_MIN} min after the job ends; "
+                "`logs` before then pulls the results back.")
+    return "nothing ends it or pulls results back until you run `logs` or `down`."
+
+
 def _say_detached(run: registry.Run, console) -> None:
-    console.print(f"detached: run {run.id} is running.\n  follow:     socrates-launch logs {run.id}\n"
+    console.print(f"detached: run {run.id} is running; {_after_detach(run)}\n  follow:     socrates-launch logs {run.id}\n"
                   f"  tear down:  socrates-launch down {run.id}", highlight=False)
 
 
