@@ -205,15 +205,16 @@ def _confirm(plan: Plan, console) -> None:
 
 def _dryrun(plan: Plan, console) -> int:
     """Render the task, show it, and let SkyPilot's optimizer + dry run pick the offer."""
-    from launcher import task as tasklib
+    from rich.text import Text
 
-    fake = registry.Run(id=f"{plan.name}-dryrun", dir=Path("/nonexistent"), infra=plan.infra, name=plan.name,
-                        config=plan.cfg.to_dict(), options=plan.options)
+    from launcher import task as tasklib
     from launcher.secrets import collect
 
+    preview = registry.Run(id=f"{plan.name}-dryrun", dir=Path("/nonexistent"), infra=plan.infra, name=plan.name,
+                           config=plan.cfg.to_dict(), options=plan.options)  # never saved: a dry run creates no run
     secrets = collect()
     data_path = Path(plan.cfg.data.source) if Path(plan.cfg.data.source).exists() else None
-    rendered = tasklib.render(fake, gpu=str(plan.gpu) if plan.gpu else None, cloud=plan.options["cloud"],
+    rendered = tasklib.render(preview, gpu=str(plan.gpu) if plan.gpu else None, cloud=plan.options["cloud"],
                               spot=plan.options["spot"], data_path=data_path, secret_names=tuple(secrets))
     console.rule("rendered task (sky/train.yaml)")
     console.print(redact(tasklib.to_yaml(rendered)), highlight=False, markup=False)
@@ -223,8 +224,6 @@ def _dryrun(plan: Plan, console) -> int:
     from launcher.backends.sky import cluster_name_for, load_adapter
 
     adapter = load_adapter()
-    from rich.text import Text
-
     adapter.log = lambda line: console.print(Text.from_ansi(redact(line)), highlight=False)  # SkyPilot's colours
     offer = adapter.dryrun(rendered, cluster_name=cluster_name_for(f"{plan.name}-dryrun"), secrets=secrets)
     console.print(f"chosen: cloud {offer['cloud']}, region {offer.get('region')}, instance {offer['instance']}, "
