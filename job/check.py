@@ -15,6 +15,8 @@ from contracts.events import EventWriter
 from job import env
 from job.errors import JobCannotRun
 
+env.quiet_bnb_cpu_notice()
+
 NF4_TOLERANCE = 0.2  # NF4 keeps ~3.5 bits: relative matmul error is ~0.1; garbage would be ~1.0
 MIN_DISK_GIB = 2.0
 

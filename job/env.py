@@ -1,6 +1,7 @@
 """Facts about the machine the job runs on: the card, package versions, the code's git revision."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -73,3 +74,9 @@ def disk_free_gib(path: str | os.PathLike = ".") -> float:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def quiet_bnb_cpu_notice() -> None:
+    """bitsandbytes warns on CPU import that an optional `kernels` package is missing; the job's
+    CPU path does not need it, and the notice would break 'one line on stderr' for exit 2/3."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -13,6 +13,9 @@ from torch import nn
 
 from contracts.config import RunConfig
 from contracts.errors import ContractError
+from job.env import quiet_bnb_cpu_notice
+
+quiet_bnb_cpu_notice()
 
 # Qwen2.5-14B(-Instruct)'s config.json shapes.
 PRESETS: dict[str, dict] = {

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,10 +21,11 @@ from contracts import manifest
 from contracts.config import RunConfig, load_config
 from contracts.errors import ContractError
 from contracts.events import EventWriter
+from job.checkpoints import COMPLETE, complete_checkpoints, is_complete, resume_point  # noqa: F401
+from job.env import quiet_bnb_cpu_notice
 from job.errors import JobCannotRun
 
-COMPLETE = "COMPLETE"
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
+quiet_bnb_cpu_notice()
 
 
 @dataclass
@@ -99,7 +99,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         total_steps < math.ceil(n_rows * cfg.train.epochs / cfg.train.global_batch) else "completed"
 
     ckpt_root = out / "checkpoints"
-    resume_from = _resume_point(resume, ckpt_root)
+    resume_from = resume_point(resume, ckpt_root)
     shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
     torch.manual_seed(cfg.train.seed)
     model = build(cfg, tok, device)
@@ -154,6 +154,8 @@ def _dataset(cfg: RunConfig, tok, data_dir: Path):
 
 def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: int, world: int, device, events):
     from trl import SFTConfig, SFTTrainer
+
+    from job.callbacks import CheckpointCallback, DeadlineCallback, EventsCallback
 
     t = cfg.train
     on_gpu = device.type == "cuda"
@@ -218,131 +220,3 @@ def _score_answer_positions_only_on_cpu() -> None:
 
     use_compact._socrates_cpu_compact = True  # type: ignore[attr-defined]
     trl_utils._use_triton = use_compact
-
-
-# --- Callbacks -------------------------------------------------------------------------------
-
-try:
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover  (the job image always has transformers)
-    TrainerCallback = object  # type: ignore[misc,assignment]
-
-
-class EventsCallback(TrainerCallback):
-    """One `step` event per logged optimizer step: loss, lr, tokens/s, GPU memory, ETA."""
-
-    def __init__(self, events: EventWriter, total_steps: int):
-        self.events, self.total = events, total_steps
-        self.t_start = self.t_last = None
-        self.tokens_last = 0
-        self.step_start = 0
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.t_start = self.t_last = time.time()
-        self.step_start = state.global_step
-        self.tokens_last = state.num_input_tokens_seen or 0
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if not logs or "loss" not in logs:
-            return
-        import torch
-
-        now = time.time()
-        tokens = state.num_input_tokens_seen or 0
-        dt = max(now - self.t_last, 1e-9)
-        tps = (tokens - self.tokens_last) / dt
-        self.t_last, self.tokens_last = now, tokens
-        done = state.global_step - self.step_start
-        eta = (now - self.t_start) / done * (self.total - state.global_step) if done else None
-        mem = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0
-        self.events.emit("step", step=state.global_step, total_steps=self.total, epoch=round(state.epoch or 0, 4),
-                         loss=float(logs["loss"]), lr=float(logs.get("learning_rate", 0.0)),
-                         tokens_per_s=round(tps, 1), gpu_mem_gib=mem, eta_s=round(eta, 1) if eta is not None else None,
-                         grad_norm=logs.get("grad_norm"))
-
-
-class CheckpointCallback(TrainerCallback):
-    """After the Trainer saved into .staging: mark COMPLETE, fsync, rename into checkpoints/, rotate."""
-
-    def __init__(self, root: Path, keep: int, events: EventWriter):
-        self.root, self.keep, self.events = root, keep, events
-
-    def on_save(self, args, state, control, **kw):
-        if not state.is_world_process_zero:
-            return
-        name = f"checkpoint-{state.global_step}"
-        src = Path(args.output_dir) / name
-        if not src.is_dir():
-            return
-        (src / COMPLETE).write_text(f"{state.global_step}\n")
-        _fsync_tree(src)
-        dst = self.root / name
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(src, dst)
-        _fsync_dir(self.root)
-        self.events.emit("checkpoint", step=state.global_step, path=f"checkpoints/{name}")
-        for old in complete_checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-class DeadlineCallback(TrainerCallback):
-    """SOCRATES_DEADLINE (unix seconds): stop at the next step boundary once it has passed."""
-
-    def __init__(self):
-        raw = os.environ.get("SOCRATES_DEADLINE")
-        try:
-            self.deadline = float(raw) if raw else None
-        except ValueError:
-            raise ContractError(f"SOCRATES_DEADLINE: {raw!r} is not unix seconds") from None
-        self.hit = False
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.deadline is not None and time.time() >= self.deadline:
-            self.hit = True
-            control.should_training_stop = True
-            control.should_save = False
-        return control
-
-
-# --- Checkpoint folders ----------------------------------------------------------------------
-
-def is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / COMPLETE).is_file() and (path / "trainer_state.json").is_file()
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint folders under `root`, oldest step first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)) and is_complete(p)]
-    return [p for _, p in sorted(found)]
-
-
-def _resume_point(resume: str, root: Path) -> Path | None:
-    if resume == "never":
-        shutil.rmtree(root, ignore_errors=True)
-        return None
-    if resume == "auto":
-        done = complete_checkpoints(root)
-        return done[-1] if done else None
-    return Path(resume)
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

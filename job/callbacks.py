@@ -1,0 +1,90 @@
+"""TrainerCallbacks of `job train`: step events, atomic checkpoint moves, the deadline hook."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from contracts.errors import ContractError
+from contracts.events import EventWriter
+from job.checkpoints import COMPLETE, complete_checkpoints, fsync_dir, fsync_tree
+
+
+class EventsCallback(TrainerCallback):
+    """One `step` event per logged optimizer step: loss, lr, tokens/s, GPU memory, ETA."""
+
+    def __init__(self, events: EventWriter, total_steps: int):
+        self.events, self.total = events, total_steps
+        self.t_start = self.t_last = None
+        self.tokens_last = 0
+        self.step_start = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t_start = self.t_last = time.time()
+        self.step_start = state.global_step
+        self.tokens_last = state.num_input_tokens_seen or 0
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or "loss" not in logs:
+            return
+        import torch
+
+        now = time.time()
+        tokens = state.num_input_tokens_seen or 0
+        dt = max(now - self.t_last, 1e-9)
+        tps = (tokens - self.tokens_last) / dt
+        self.t_last, self.tokens_last = now, tokens
+        done = state.global_step - self.step_start
+        eta = (now - self.t_start) / done * (self.total - state.global_step) if done else None
+        mem = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0
+        self.events.emit("step", step=state.global_step, total_steps=self.total, epoch=round(state.epoch or 0, 4),
+                         loss=float(logs["loss"]), lr=float(logs.get("learning_rate", 0.0)),
+                         tokens_per_s=round(tps, 1), gpu_mem_gib=mem, eta_s=round(eta, 1) if eta is not None else None,
+                         grad_norm=logs.get("grad_norm"))
+
+
+class CheckpointCallback(TrainerCallback):
+    """After the Trainer saved into .staging: mark COMPLETE, fsync, rename into checkpoints/, rotate."""
+
+    def __init__(self, root: Path, keep: int, events: EventWriter):
+        self.root, self.keep, self.events = root, keep, events
+
+    def on_save(self, args, state, control, **kw):
+        if not state.is_world_process_zero:
+            return
+        name = f"checkpoint-{state.global_step}"
+        src = Path(args.output_dir) / name
+        if not src.is_dir():
+            return
+        (src / COMPLETE).write_text(f"{state.global_step}\n")
+        fsync_tree(src)
+        dst = self.root / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+        fsync_dir(self.root)
+        self.events.emit("checkpoint", step=state.global_step, path=f"checkpoints/{name}")
+        for old in complete_checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class DeadlineCallback(TrainerCallback):
+    """SOCRATES_DEADLINE (unix seconds): stop at the next step boundary once it has passed."""
+
+    def __init__(self):
+        raw = os.environ.get("SOCRATES_DEADLINE")
+        try:
+            self.deadline = float(raw) if raw else None
+        except ValueError:
+            raise ContractError(f"SOCRATES_DEADLINE: {raw!r} is not unix seconds") from None
+        self.hit = False
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.deadline is not None and time.time() >= self.deadline:
+            self.hit = True
+            control.should_training_stop = True
+            control.should_save = False
+        return control

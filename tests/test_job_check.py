@@ -1,0 +1,48 @@
+"""job check on CPU: the real NF4 self-test, the fit estimate, and exit 3 when the machine can't run it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from contracts.config import load_config
+from job.check import NF4_TOLERANCE, fit_estimate, nf4_self_test
+from job.model import param_count, qwen2_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_nf4_self_test_quantizes_for_real():
+    r = nf4_self_test(torch.device("cpu"), n=256)
+    assert r["bytes_per_param"] == 0.5  # two 4-bit codes per byte
+    assert 0.01 < r["weight_rel_error"] < 0.2  # lossy, but close: a real NF4 round trip
+    assert 0.0 < r["rel_error"] < NF4_TOLERANCE
+
+
+def test_qwen25_14b_preset_has_the_real_parameter_count():
+    cfg = load_config(REPO / "configs" / "bench-14b.yaml")
+    qc = qwen2_config(cfg, 151680)
+    assert (qc.hidden_size, qc.num_hidden_layers, qc.vocab_size, qc.tie_word_embeddings) == (5120, 48, 152064, False)
+    assert 14.7e9 < param_count(qc) < 14.8e9  # Qwen2.5-14B: 14.77B
+    est = fit_estimate(cfg, None)
+    assert 8 < est["base_gib"] < 12 and est["total_gib"] < 80  # 4-bit 14B fits one 80 GB card
+
+
+def _check(*args):
+    return subprocess.run([sys.executable, "-m", "job", "check", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_check_on_cpu_passes_with_allow_cpu_and_exits_3_without(tmp_path):
+    r = _check("--config", "configs/smoke.yaml", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["ok"] and report["card"]["name"] == "cpu" and report["nf4"]["rel_error"] < NF4_TOLERANCE
+    assert "nf4 self-test" in r.stdout
+    r = _check("--config", "configs/paper.yaml")
+    assert r.returncode == 3
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "no GPU" in r.stderr

@@ -1,0 +1,64 @@
+"""The job image: the Dockerfile installs the hash-pinned lock and runs `python -m job`; the lock resolves."""
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LOCK = REPO / "requirements" / "job.lock"
+
+
+def test_dockerfile_uses_the_lock_a_pinned_base_and_the_job_entrypoint():
+    text = (REPO / "Dockerfile").read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert froms and all(re.search(r"@sha256:[0-9a-f]{64}$", f) for f in froms), froms
+    install = [line for line in text.splitlines() if "pip install" in line]
+    assert install and all("--require-hashes" in line and "--no-deps" in line and "requirements/job.lock" in line
+                           for line in install)
+    assert re.search(r'^ENTRYPOINT \["python", "-m", "job"\]', text, re.M)
+    for folder in ("contracts/", "job/", "configs/"):
+        assert re.search(rf"^COPY {folder} ", text, re.M)
+
+
+def test_lock_pins_every_package_with_hashes():
+    text = LOCK.read_text()
+    reqs = re.findall(r"^([A-Za-z0-9_.\-\[\],]+)==([^\s\\]+)", text, re.M)
+    names = {n.lower().replace("_", "-") for n, _ in reqs}
+    assert {"torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "dashscope"} <= names
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 1)[1] if text.startswith("#") else text)
+    for block in blocks:
+        if "==" in block.splitlines()[0]:
+            assert "--hash=sha256:" in block, block.splitlines()[0]
+    wanted = dict(line.split("==") for line in (REPO / "requirements" / "job.in").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    pinned = {n.lower(): v for n, v in reqs}
+    for name, version in wanted.items():
+        assert pinned[name.lower()] == version.strip(), name
+
+
+def _pypi_reachable() -> bool:
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _pypi_reachable(), reason="PyPI unreachable: the lock can't be resolved offline")
+def test_lock_resolves_for_linux_x86_64_py312(tmp_path):
+    # Every manylinux tag a manylinux_2_28 host accepts: pip does not widen --platform by itself.
+    platforms = [f"manylinux_2_{i}_x86_64" for i in range(17, 29)] + ["manylinux2014_x86_64"]
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps", "--require-hashes",
+           "--only-binary=:all:", "--python-version", "3.12", "--target", str(tmp_path / "t"), "-r", str(LOCK),
+           "--isolated", "--index-url", "https://pypi.org/simple", "--no-cache-dir"]
+    for p in platforms:
+        cmd += ["--platform", p]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Would install" in r.stdout and "torch-2.11.0" in r.stdout and "bitsandbytes-0.50.2" in r.stdout

@@ -1,0 +1,168 @@
+"""job train on CPU (real NF4 base, real LoRA, TRL's SFTTrainer): the smoke acceptance run,
+SIGKILL + --resume auto against a straight run, torn checkpoints, the deadline hook, exit 3."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from contracts import manifest
+from contracts.config import load_config
+from contracts.events import read_all
+from job.prepare import prepare
+from job.train import COMPLETE, complete_checkpoints
+from job.train import resume_point as _resume_point
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE = REPO / ".." / "shared" / "fixtures" / "socsci210_real_sample.jsonl"
+
+TINY = {
+    "name": "tiny-resume", "allow_cpu": True,
+    "model": {"id": "tiny", "init": "random", "tokenizer": "qwen2.5-offline",
+              "arch": {"preset": "qwen2-tiny", "initializer_range": 0.25}},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "train": {"method": "qlora", "epochs": 3, "global_batch": 8, "micro_batch": 4, "lr": 1.0e-2, "optim": "adamw_torch",
+              "precision": "fp32", "max_length": 512, "packing": True, "gradient_checkpointing": False,
+              "checkpoint_every": 4, "keep_checkpoints": 3, "max_steps": 12, "seed": 5},
+    "data": {"source": "synthetic:48", "split": "random", "seed": 1},
+}
+
+
+def _job(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "job", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300, **kw)
+
+
+def _steps(out: Path) -> list[dict]:
+    return [e for e in read_all(out / "events.jsonl") if e["event"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    prepare("synthetic:48", root / "data", split="random", seed=1, cfg=load_config(cfg))
+    return cfg, root / "data"
+
+
+@pytest.mark.slow
+def test_smoke_acceptance_adapter_verifies_and_loss_falls(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    src = str(FIXTURE) if FIXTURE.is_file() else "synthetic:240"
+    r = _job("prepare", "--data", src, "--subset", "0.1", "--split", "unseen-studies", "--seed", "1", "--out", str(data))
+    assert r.returncode == 0, r.stderr
+    t0 = time.time()
+    r = _job("train", "--config", "configs/smoke.yaml", "--data", str(data), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    print(f"smoke train on {src}: {time.time() - t0:.1f}s wall")
+    assert manifest.verify(out) == []
+    m = manifest.load(out)
+    paths = {f["path"] for f in m["files"]}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json"} <= paths
+    assert m["data_hash"] and m["config"]["name"] == "smoke" and m["packages"]["trl"] and m["card"]["name"] == "cpu"
+    assert "git_revision" in m and m["steps"] == 40
+    steps = _steps(out)
+    assert [e["step"] for e in steps] == list(range(1, 41))
+    first, last = steps[:5], steps[-5:]
+    assert sum(e["loss"] for e in last) / 5 < sum(e["loss"] for e in first) / 5 - 2.0, [e["loss"] for e in steps]
+    assert all(e["tokens_per_s"] > 0 and e["eta_s"] is not None for e in steps)
+    done = [e for e in read_all(out / "events.jsonl") if e["event"] == "done"]
+    assert done and done[-1]["reason"] == "max_steps"
+    # the event echo on stdout carries the same stream
+    assert r.stdout.count("@@socrates-event ") >= 40
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_matches_a_straight_run(tiny, tmp_path):
+    cfg, data = tiny
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    r = _job("train", "--config", str(cfg), "--data", str(data), "--out", str(straight), "--resume", "never")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    proc = subprocess.Popen([sys.executable, "-m", "job", "train", "--config", str(cfg), "--data", str(data),
+                             "--out", str(killed)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        if (killed / "events.jsonl").is_file() and any(e["event"] == "checkpoint" for e in read_all(killed / "events.jsonl")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "manifest.json").exists()
+    good = complete_checkpoints(killed / "checkpoints")
+    assert good, "no complete checkpoint before the kill"
+    last_good = int(good[-1].name.split("-")[1])
+    # A torn copy (no COMPLETE marker) with a later step, and a half-written save in .staging: both ignored.
+    torn = killed / "checkpoints" / f"checkpoint-{last_good + 1}"
+    torn.mkdir()
+    (torn / "trainer_state.json").write_text('{"global_step": ')
+    (killed / "checkpoints" / ".staging" / f"checkpoint-{last_good + 2}").mkdir(parents=True, exist_ok=True)
+
+    r = _job("train", "--config", str(cfg), "--data", str(data), "--out", str(killed), "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = read_all(killed / "events.jsonl")
+    second_start = max(i for i, e in enumerate(events) if e["event"] == "start")
+    resumed = [e for e in events[second_start:] if e["event"] == "step"]
+    ref = {e["step"]: e for e in _steps(straight)}
+    assert [e["step"] for e in resumed] == list(range(last_good + 1, 13))
+    for e in resumed:
+        assert e["lr"] == pytest.approx(ref[e["step"]]["lr"], rel=1e-9, abs=1e-15)
+        assert e["loss"] == pytest.approx(ref[e["step"]]["loss"], abs=1e-4)  # same data order and RNG
+        assert e["epoch"] == pytest.approx(ref[e["step"]]["epoch"])
+    m = manifest.load(killed)
+    assert m["resumed_from"] == f"checkpoint-{last_good}" and m["steps"] == 12 and manifest.verify(killed) == []
+
+
+def test_resume_point_skips_torn_and_staging_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        d = root / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text("{}")
+        if complete:
+            (d / COMPLETE).write_text(str(step))
+    (root / ".staging" / "checkpoint-8").mkdir(parents=True)
+    (root / "checkpoint-10").mkdir()  # marker but no state: a copy that lost files
+    (root / "checkpoint-10" / COMPLETE).write_text("10")
+    assert [p.name for p in complete_checkpoints(root)] == ["checkpoint-2", "checkpoint-4"]
+    assert _resume_point("auto", root).name == "checkpoint-4"
+    assert _resume_point("auto", tmp_path / "none") is None
+
+
+@pytest.mark.slow
+def test_deadline_stops_at_a_step_boundary_and_still_saves(tiny, tmp_path):
+    cfg, data = tiny
+    out = tmp_path / "run"
+    r = _job("train", "--config", str(cfg), "--data", str(data), "--out", str(out),
+             env={"SOCRATES_DEADLINE": str(time.time() - 1)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    done = [e for e in read_all(out / "events.jsonl") if e["event"] == "done"]
+    assert done[-1]["reason"] == "deadline" and done[-1]["steps"] == 1
+    assert [e["step"] for e in _steps(out)] == [1]
+    assert manifest.verify(out) == [] and manifest.load(out)["reason"] == "deadline"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_no_gpu_without_allow_cpu_exits_3_with_one_line(tmp_path):
+    cfg = tmp_path / "gpu-only.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "allow_cpu": False}))
+    r = _job("train", "--config", str(cfg), "--out", str(tmp_path / "run"))
+    assert r.returncode == 3
+    assert r.stderr.strip().splitlines()[-1].startswith("job train: cannot run: no GPU")
+    assert len([line for line in r.stderr.splitlines() if "kernels" not in line]) == 1
+    errors = [e for e in read_all(tmp_path / "run" / "events.jsonl") if e["event"] == "error"]
+    assert errors and "no GPU" in errors[0]["message"]
+
+
+def test_bad_resume_path_exits_2(tiny, tmp_path):
+    cfg, data = tiny
+    r = _job("train", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "o"), "--resume", str(tmp_path))
+    assert r.returncode == 2 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
