@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     run_rec = registry.resolve(args.run_id)
-    if run_rec.live:
+    if run_rec.state in ("created", "provisioning", "running"):
         # Mid-run outputs have no manifest yet; following the run downloads at its end.
         raise ContractError(f"run {run_rec.id} is {run_rec.state}: `socrates-launch logs {run_rec.id}` follows it "
                             "and downloads when the job ends")

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     # sky: a launch request in flight; ssh/local: the job was started (its pid saved) before the launcher died
     if run_rec.state == "provisioning" and (run_rec.backend_state.get("request_id") or run_rec.backend_state.get("pid")):
         run_rec.transition("running", note="re-attached while the launch was in flight")
-    if run_rec.state == "running":
+    if run_rec.state in ("running", "downloading"):  # downloading: a pull that was cut off is redone
         return drive(run_rec, get_backend(run_rec.infra), console, launch=False)
     progress = Progress(console, price_per_hour=run_rec.price_per_hour, started_at=run_rec.started_at)
     for ev in _read_events(run_rec.events_path):
