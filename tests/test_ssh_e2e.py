@@ -34,6 +34,12 @@ def up_args(srv: SshServer, tmp: Path, *extra: str, user: str = "root", config: 
             "--remote-python", PYTHON, "--remote-dir", str(tmp / "remote"), *extra]
 
 
+@pytest.fixture(scope="module")
+def host_dir(tmp_path_factory):
+    """--remote-dir shared by the runs of this module: its sync cache outlives each run, like on a real host."""
+    return tmp_path_factory.mktemp("host") / "socrates"
+
+
 @pytest.fixture
 def env(tmp_path):
     return {**os.environ, "SOCRATES_RUNS_DIR": str(tmp_path / "runs"), "PYTHONPATH": str(REPO), "COLUMNS": "120"}
@@ -54,6 +60,18 @@ def host_processes_under(path: Path) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def changed_since_cache(cache: Path) -> tuple[int, int]:
+    """Files (and bytes) of the synced code whose size or sha256 differ from the host's cache copy."""
+    from contracts._io import sha256_file
+    from launcher.backends.ssh import CODE_PATHS
+    from launcher.ssh_transport import local_files
+
+    files = local_files(REPO, [p for p in CODE_PATHS if (REPO / p).exists()])
+    changed = [f for rel, f in files.items() if not (cache / rel).is_file()
+               or (cache / rel).stat().st_size != f.stat().st_size or sha256_file(cache / rel) != sha256_file(f)]
+    return len(changed), sum(f.stat().st_size for f in changed)
 
 
 def needs_job():
@@ -101,11 +119,11 @@ def test_changed_host_key_refused_by_up(tmp_path, env):
 # --- acceptance 1 and the killed launcher, with the real smoke job --------------------------------
 
 @pytest.mark.slow
-def test_up_over_ssh_brings_back_a_verified_adapter_and_leaves_nothing(sshd, tmp_path, env):
+def test_up_over_ssh_brings_back_a_verified_adapter_and_leaves_nothing(sshd, tmp_path, env, host_dir):
     needs_job()
     canary = "hf_" + "SshCanary" * 4
     env = {**env, "HF_TOKEN": canary}
-    p = cli(*up_args(sshd, tmp_path, "--trust-new-host"), env=env)  # the smoke run as is, evaluation included
+    p = cli(*up_args(sshd, tmp_path, "--trust-new-host", "--remote-dir", str(host_dir)), env=env)  # smoke as is, eval included
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     run = only_run(tmp_path)
     assert run["state"] == "done" and run["verified"] and run["machine"] == "gone"
@@ -114,19 +132,21 @@ def test_up_over_ssh_brings_back_a_verified_adapter_and_leaves_nothing(sshd, tmp
     manifest.verify_or_raise(Path(run["dir"]))
     assert (Path(run["dir"]) / "eval").is_dir()  # the run block's evaluation came back too
     state = run["backend_state"]
-    assert state["torn_down"] and state["remote_clean"] and state["sync"]["bytes_sent"] > 0
+    assert state["torn_down"] and state["remote_clean"] and state["sync"]["files_sent"] + state["sync"]["files_skipped"] > 20
     assert not Path(state["work"]).exists()
-    assert not host_processes_under(tmp_path / "remote")
-    assert list((tmp_path / "remote" / "runs").iterdir()) == []
-    for f in [*(tmp_path / "runs").rglob("*"), *(tmp_path / "remote").rglob("*")]:  # the token went nowhere
+    assert not host_processes_under(host_dir)
+    assert list((host_dir / "runs").iterdir()) == []
+    for f in [*(tmp_path / "runs").rglob("*"), *host_dir.rglob("*")]:  # the token went nowhere
         assert not f.is_file() or canary not in f.read_text(errors="replace"), f
     assert canary not in p.stdout + p.stderr
     print(f"\nsync: {state['sync']}, downloaded {state['bytes_downloaded']} B")
 
 
 @pytest.mark.slow
-def test_launcher_killed_mid_run_then_logs_reattaches_and_down_cleans(sshd, tmp_path, env):
+def test_launcher_killed_mid_run_then_logs_reattaches_and_down_cleans(sshd, tmp_path, env, host_dir):
     needs_job()
+    # what a sync now has to send: the files whose content differs from the host's cache (left by the test above)
+    expect_files, expect_bytes = changed_since_cache(host_dir / "cache" / "code")
     import yaml
 
     # the smoke config cut to a few steps: this test is about the launcher dying, not the training
@@ -134,7 +154,8 @@ def test_launcher_killed_mid_run_then_logs_reattaches_and_down_cleans(sshd, tmp_
     cfg["train"].update(max_steps=4, checkpoint_every=2)
     short = tmp_path / "short.yaml"
     short.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *up_args(sshd, tmp_path, "--trust-new-host", "--no-eval", config=str(short))],
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *up_args(sshd, tmp_path, "--trust-new-host", "--no-eval", "--remote-dir", str(host_dir),
+                                                                  config=str(short))],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill the launcher outright once the job has started on the host
@@ -156,7 +177,10 @@ def test_launcher_killed_mid_run_then_logs_reattaches_and_down_cleans(sshd, tmp_
     after = only_run(tmp_path)
     assert after["state"] == "done" and after["verified"] and after["machine"] == "gone"
     manifest.verify_or_raise(Path(after["dir"]))
-    assert not work.exists() and not host_processes_under(tmp_path / "remote")
+    assert not work.exists() and not host_processes_under(host_dir)
+    sync = after["backend_state"]["sync"]
+    print(f"\nsecond up's sync: {sync}; changed since the cache: {expect_files} files, {expect_bytes} B")
+    assert (sync["files_sent"], sync["bytes_sent"]) == (expect_files, expect_bytes)  # only what changed (0 in CI)
     d = cli("down", run["id"], env=env)  # idempotent
     assert d.returncode == 0, d.stdout + d.stderr
     recorded = [json.loads(line) for line in (Path(after["dir"]) / "events.jsonl").read_text().splitlines()]
