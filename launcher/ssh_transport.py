@@ -14,7 +14,6 @@ import posixpath
 import shlex
 import socket
 import stat
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -22,7 +21,7 @@ from typing import Iterable
 import paramiko
 
 from contracts.errors import ContractError
-from launcher.ssh_options import SshTarget, parse_infra  # noqa: F401  (re-exported)
+from launcher.ssh_options import SshTarget
 
 # paramiko raises these (and plain OSErrors) when a connection dies under it.
 DROPPED = (paramiko.SSHException, EOFError, socket.error, OSError)
@@ -255,17 +254,6 @@ def read_from(sftp: paramiko.SFTPClient, path: str, offset: int, limit: int = 4 
             return f.read(limit)
     except FileNotFoundError:
         return b""
-
-
-def wait_tcp(host: str, port: int, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=2):
-                return True
-        except OSError:
-            time.sleep(0.5)
-    return False
 
 
 def env_exports(envs: dict[str, str]) -> str:

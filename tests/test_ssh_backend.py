@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import paramiko
 import pytest
 
 from contracts import events as ev
