@@ -166,3 +166,33 @@ def test_bad_resume_path_exits_2(tiny, tmp_path):
     cfg, data = tiny
     r = _job("train", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "o"), "--resume", str(tmp_path))
     assert r.returncode == 2 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_padding_free_batch_gives_the_padded_loss():
+    """train.packing: rows concatenated with per-row position_ids (TRL's padding-free collator) must
+    not attend across rows under sdpa: same loss as a padded batch; without position_ids it differs."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from job import data as D
+    from job import model as M
+    from job import synthetic
+    from job.tokenizer import qwen25_offline
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    tok = qwen25_offline()
+    model = M.build(cfg, tok, torch.device("cpu")).eval()
+    rows = synthetic.generate(4, seed=0)
+    examples = [{"input_ids": i, "labels": l} for i, l in D.encode(tok, rows, cfg.model.system_prompt)]
+    packed = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(examples)
+    padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(examples)
+
+    def loss(batch):
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}).logits
+        lg, lab = logits[:, :-1].float(), batch["labels"][:, 1:]
+        return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.size(-1)), lab.reshape(-1), ignore_index=-100).item()
+
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    assert abs(loss(packed) - loss(padded)) < 1e-4
+    assert abs(loss({"input_ids": packed["input_ids"], "labels": packed["labels"]}) - loss(padded)) > 1e-2
