@@ -6,7 +6,6 @@ Linear4bit quantized there: never 30 GB through CPU RAM or disk.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from contracts._io import atomic_write_json
 from contracts.config import RunConfig, SPLITS, check_fraction, load_config
-from contracts.errors import ContractError
 from contracts.events import EventWriter
 from job import data as D
 from job.tokenizer import OFFLINE, load_tokenizer

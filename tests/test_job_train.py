@@ -2,7 +2,6 @@
 SIGKILL + --resume auto against a straight run, torn checkpoints, the deadline hook, exit 3."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
