@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,6 +23,13 @@ def wrap(at: float, grace: float, code: str, *extra: str, timeout: float = 60) -
                         "--", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     return p, time.time() - t0
+
+
+def _long_smoke() -> str:
+    """The smoke config, long enough (epochs, max_steps) that only a deadline can end it early."""
+    text = (REPO / "configs" / "smoke.yaml").read_text()
+    text = re.sub(r"(?m)^(\s*)max_steps:.*$", r"\1max_steps: 2000", text)
+    return re.sub(r"(?m)^(\s*)epochs:.*$", r"\1epochs: 100", text)
 
 
 def _alive(pid: int) -> bool:
@@ -81,8 +89,8 @@ def test_deadline_mid_training_leaves_a_usable_adapter_and_done_deadline(tmp_pat
     """Acceptance 3 at the job level: the smoke config, the wrapper, a deadline a few steps in."""
     out = tmp_path / "out"
     cfg = tmp_path / "smoke.yaml"
-    text = (REPO / "configs" / "smoke.yaml").read_text().replace("max_steps: 30", "max_steps: 2000").replace("epochs: 1", "epochs: 100")
-    cfg.write_text(text.replace("checkpoint_every: 10", "checkpoint_every: 0"))
+    text = _long_smoke()
+    cfg.write_text(re.sub(r"(?m)^(\s*)checkpoint_every:.*$", r"\1checkpoint_every: 0", text))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-m", "job", "prepare", "--config", str(cfg), "--data", "synthetic:240",
                     "--subset", "1.0", "--out", str(tmp_path / "data")], cwd=REPO, env=env, check=True,
@@ -109,8 +117,8 @@ def test_deadline_mid_training_leaves_a_usable_adapter_and_done_deadline(tmp_pat
 def test_up_local_with_max_hours_ends_in_a_done_deadline_run_with_a_verified_adapter(tmp_path):
     """Acceptance 3 end to end: `up --infra local --max-hours` -> the deadline hits mid-training."""
     cfg = tmp_path / "smoke.yaml"
-    text = (REPO / "configs" / "smoke.yaml").read_text().replace("max_steps: 30", "max_steps: 2000").replace("epochs: 1", "epochs: 100")
-    cfg.write_text(text.replace("checkpoint_every: 10", "checkpoint_every: 0"))
+    text = _long_smoke()
+    cfg.write_text(re.sub(r"(?m)^(\s*)checkpoint_every:.*$", r"\1checkpoint_every: 0", text))
     runs = tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOCRATES_")}
     env.update({"SOCRATES_RUNS_DIR": str(runs), "PYTHONPATH": str(REPO)})
