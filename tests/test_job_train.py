@@ -195,3 +195,13 @@ def test_padding_free_batch_gives_the_padded_loss():
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
     assert abs(loss(packed) - loss(padded)) < 1e-4
     assert abs(loss({"input_ids": packed["input_ids"], "labels": packed["labels"]}) - loss(padded)) > 1e-2
+
+
+def test_train_without_prepared_data_exits_2(tiny, tmp_path):
+    cfg, _ = tiny
+    r = _job("train", "--config", str(cfg), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"job train: error: --data {tmp_path / 'nothing'}: no train.jsonl "
+        f"(run `python -m job prepare --out {tmp_path / 'nothing'}` first)")
+    assert len(r.stderr.strip().splitlines()) == 1
