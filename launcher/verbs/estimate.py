@@ -39,18 +39,19 @@ def run(args: argparse.Namespace) -> int:
     if args.no_eval:
         cfg = cfg.with_overrides({"eval.enabled": False}, source="command line")
     est = cost.estimate_run(cfg, gpu=args.gpu, cloud=args.cloud, spot=args.spot, data=args.data, infra=args.infra)
-    deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
     if args.json:
         out = cost.to_json(est)
-        out["deadline_s"] = deadline_s
+        out["deadline_s"] = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
         print(json.dumps(out, indent=2))
         return 0
     from rich.console import Console
 
     console = Console()
     cost.render(est, console, explain=args.explain)
+    # After the table, as `up` does: a cap the high estimate exceeds is one line and exit 2.
+    deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
     if deadline_s is not None:
-        console.print(f"caps hold: the job would stop by itself {deadline_s / 3600:.2f} h after launch")
+        console.print(f"caps hold: the job will stop by itself {deadline_s / 3600:.2f} h after it starts on the machine")
     return 0
 
 
