@@ -1,10 +1,11 @@
 """Bring your own GPU host: the SSH backend (`--infra ssh://user@host[:port]`).
 
 What `launch` does on the host, in order, each step before anything costs more:
-    probe      the remote folder is writable and its disk has room        (else exit 2, nothing started)
+    probe      the remote folder is writable and its disk has room (`up` runs this as `preflight`
+               before a run exists: host key, credentials, disk refused with exit 2)
     sync       code + data into a persistent cache over SFTP, sending only files whose size or
                sha256 differ (bytes counted into the run's backend_state["sync"])
-    check      `python -m job check` against the run's config             (exit 2/3 -> refused)
+    check      `python -m job check` against the run's config (a refusal fails the run, job not started)
     start      the run block, detached in its own session (setsid), in the job image with
                `docker run --gpus all` when the host has docker and a GPU, else with a python
                that has the job's deps (--remote-python, or a venv built from requirements/job.lock)
