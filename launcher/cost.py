@@ -113,6 +113,8 @@ class Offer:
     hours: tuple[float, float, float]
     dollars: tuple[float, float, float]
     cheapest: bool = False
+    spec: str = ""
+    """The throughput-table card behind the hours (e.g. H100-PCIE for a PCIe H100 instance)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ class Estimate:
         """The plan behind the cheapest offer (or the only plan, on your own machine)."""
         best = self.cheapest
         if best is not None:
-            return next(p for p in self.plans if p.card == best.card and p.count == best.count)
+            return next(p for p in self.plans if p.card == (best.spec or best.card) and p.count == best.count)
         return self.plans[0] if self.plans else None
 
     @property
@@ -180,7 +182,7 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
     if not local:
         from launcher import sky_adapter
 
-        for p in plans:
+        for p in list(plans):
             rows = sky_adapter.list_offers(p.card, p.count, cloud, spot)
             if not rows and gpu is not None:
                 where = f" on {cloud}" if cloud else ""
@@ -189,12 +191,20 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                 why = f"; catalog unreadable for {', '.join(sorted(failed))}" if failed else ""
                 raise ContractError(f"--gpu {p.card}:{p.count}: SkyPilot's catalog has no {kind}price for it{where} "
                                     f"(try another card or cloud; `sky show-gpus` lists them){why}")
-            hours = p.hours(spot)
             for r in rows:
+                # SkyPilot names PCIe and SXM H100s alike; the instance says which, and PCIe is slower.
+                plan = p
+                variant = f"{p.card}-PCIE"
+                if "pcie" in str(r["instance"]).lower() and variant in table["cards"]:
+                    plan = next((q for q in plans if q.card == variant and q.count == p.count), None) or \
+                        plan_card(cfg, table, variant, p.count, params_b, tokens, local)
+                    if plan not in plans:
+                        plans.append(plan)
+                hours = plan.hours(spot)
                 price = float(r["price_per_h"])
                 offers.append(Offer(cloud=str(r["cloud"]), region=str(r["region"]), instance=str(r["instance"]),
                                     card=p.card, count=p.count, spot=spot, price_per_h=price, hours=hours,
-                                    dollars=tuple(round(h * price, 2) for h in hours)))
+                                    dollars=tuple(round(h * price, 2) for h in hours), spec=plan.card))
         if not offers:
             failed = getattr(sky_adapter, "CATALOG_ERRORS", {})
             why = f"; catalog unreadable for {', '.join(sorted(failed))} (offline? `sky show-gpus` fetches it)" if failed else ""
@@ -375,7 +385,8 @@ def _nearest_size(by_size: dict, params_b: float, method: str) -> tuple[float, d
 
 def fitting_cards(table: dict, method: str, params_b: float) -> list[str]:
     need = min_memory_gib(table, method, params_b)
-    return [c for c, spec in table["cards"].items() if spec["memory_gib"] >= need]
+    # "-PCIE" rows are variants picked per offer (by instance name), not cards SkyPilot lists.
+    return [c for c, spec in table["cards"].items() if spec["memory_gib"] >= need and not c.endswith("-PCIE")]
 
 
 def min_memory_gib(table: dict, method: str, params_b: float) -> float:

@@ -283,3 +283,15 @@ def test_actual_cost_is_price_times_billed_time():
     assert cost.actual_cost({"price_per_hour": 3.0, "started_at": time.time() - 3600}) == pytest.approx(3.0, abs=0.01)
     assert cost.actual_cost({"price_per_hour": None, "started_at": 1.0}) is None
     assert cost.actual_cost({"estimate": {"cheapest": {"price_per_h": 2.0}}, "started_at": 0, "ended_at": 1800}) == 1.0
+
+
+def test_a_pcie_h100_offer_gets_the_slower_pcie_hours(sky_home):
+    est = json.loads(cli(sky_home, "estimate", "--gpu", "H100:1", "--subset", "0.01", "--no-eval", "--json").stdout)
+    (offer,) = est["offers"]
+    assert offer["instance"] == "gpu_1x_h100_pcie" and offer["spec"] == "H100-PCIE" and offer["card"] == "H100"
+    plans = {p["card"]: p for p in est["plans"]}
+    table = cost.load_throughput()
+    pcie, sxm = table["cards"]["H100-PCIE"], table["cards"]["H100"]
+    ratio = plans["H100"]["tokens_per_s"] / plans["H100-PCIE"]["tokens_per_s"]
+    assert ratio == pytest.approx(math.sqrt(sxm["tflops"] / pcie["tflops"] * sxm["tbps"] / pcie["tbps"]))
+    assert offer["hours"] == plans["H100-PCIE"]["hours"] and est["hours"] == offer["hours"]
