@@ -76,9 +76,11 @@ def qwen25_offline():
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tok.save_pretrained(tmp)
     try:
-        os.replace(tmp, folder)  # atomic: a concurrent build either wins or leaves its copy
+        os.replace(tmp, folder)  # atomic: of two concurrent builds, one wins
     except OSError:
-        pass
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
 
