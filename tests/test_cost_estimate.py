@@ -295,3 +295,11 @@ def test_a_pcie_h100_offer_gets_the_slower_pcie_hours(sky_home):
     ratio = plans["H100"]["tokens_per_s"] / plans["H100-PCIE"]["tokens_per_s"]
     assert ratio == pytest.approx(math.sqrt(sxm["tflops"] / pcie["tflops"] * sxm["tbps"] / pcie["tbps"]))
     assert offer["hours"] == plans["H100-PCIE"]["hours"] and est["hours"] == offer["hours"]
+
+
+def test_the_cost_model_imports_neither_torch_nor_sky():
+    code = ("import sys; import launcher.cost, launcher.verbs.estimate; "
+            "bad = [m for m in ('torch', 'sky', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stdout + p.stderr
