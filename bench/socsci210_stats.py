@@ -79,9 +79,10 @@ def render(profile: dict, stimuli: str) -> str:
 
 
 def chat(prompt: str, response: int) -> str:
-    """Qwen2.5's chat template around one training example, as the trainer sees it."""
+    """Qwen2.5's chat template around one training example, as the trainer sees it (job/data.py's
+    encode: no newline after the answer's <|im_end|>; checked equal to it on the sample's own prompts)."""
     return (f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
-            f"<|im_start|>assistant\n{response}<|im_end|>\n")
+            f"<|im_start|>assistant\n{response}<|im_end|>")
 
 
 def main(sample: Path, out: Path, seed: int = 0) -> dict:
