@@ -34,7 +34,7 @@ from job import data as D
 from job import metrics as M
 
 METRICS_FILE = "metrics.json"
-DEFAULT_TOKENS_PER_BATCH = 16384
+DEFAULT_TOKENS_PER_BATCH = 32768  # bench on H200: 10.7k tok/s at 32768 vs 9.1k at 16384, peak 18.8 GiB
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
