@@ -14,9 +14,7 @@ from contracts.errors import ContractError
 from launcher import registry
 from launcher.gpu import GpuSpec, parse_gpu
 from launcher.secrets import redact
-from launcher_helpers import REPO, cli, launcher_env
-
-CANARY = "hf_CANARYcanaryCANARYcanary0123456789"
+from launcher_helpers import CANARY, REPO, cli, launcher_env
 
 
 @pytest.fixture

@@ -15,9 +15,8 @@ import pytest
 
 from contracts import manifest
 from contracts.events import read_all
-from launcher_helpers import REPO, cli, fake_python, launcher_env, only_run, pid_alive, spawn, wait_for_state
+from launcher_helpers import CANARY, REPO, cli, fake_python, launcher_env, only_run, pid_alive, spawn, wait_for_state
 
-CANARY = "hf_CANARYcanaryCANARYcanary0123456789"
 
 
 def _assert_machine_gone(rec: dict) -> None:

@@ -20,10 +20,9 @@ import pytest
 
 from contracts import manifest
 from contracts.events import read_all
-from launcher_helpers import REPO, cli, fake_python, launcher_env, only_run, spawn, wait_for_state
+from launcher_helpers import CANARY, REPO, cli, fake_python, launcher_env, only_run, spawn, wait_for_state
 from skyfix import seed_catalog
 
-CANARY = "hf_CANARYcanaryCANARYcanary0123456789"
 UP = ["up", "--infra", "sky", "--gpu", "A100:1", "--config", "configs/smoke.yaml", "--yes"]
 
 
