@@ -35,6 +35,8 @@ from job import metrics as M
 
 METRICS_FILE = "metrics.json"
 DEFAULT_TOKENS_PER_BATCH = 32768  # bench on H200: 10.7k tok/s at 32768 vs 9.1k at 16384, peak 18.8 GiB
+EVAL_PRECISIONS = ("auto", "bf16", "nf4")
+HEAD_CHUNK = 4096  # scored positions per LM-head call: the fp32 logits of all of them at once take GiBs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "report shows beside these (default: sibling folders of OUT holding a metrics.json)")
     p.add_argument("--tokens-per-batch", type=int, default=DEFAULT_TOKENS_PER_BATCH,
                    help="distribution mode: tokens per forward (prompt + answer tree, padded)")
+    p.add_argument("--eval-precision", choices=EVAL_PRECISIONS, default="auto",
+                   help="bf16: dequantize the 4-bit base once and merge the adapter into it (dense GEMMs; "
+                   "fp32 on CPU); nf4: the model as train built it (4-bit base + separate adapter); "
+                   "auto: bf16 when the GPU's free memory holds the dense model, else nf4 (always nf4 on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     which = "fine-tuned" if args.adapter else "base"
     events.emit("start", verb="evaluate", mode=mode, model=which, rows=len(rows))
 
-    tok, model = load_model(cfg, args.adapter)
+    tok, model = load_model(cfg, args.adapter, args.eval_precision, args.tokens_per_batch)
+    precision = "bf16" if getattr(model, "_eval_dense", False) else "nf4"
+    events.emit("log", message=f"evaluate: weights {precision} ({'merged dense' if precision == 'bf16' else 'as trained'})")
     t0 = time.perf_counter()
     if mode == "sample":
         preds = sample_answers(model, tok, rows, cfg)
@@ -91,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     result = M.evaluate(records, mode)
     result.update(extra, model=which, adapter=args.adapter, base_model=cfg.model.id, seconds=seconds,
+                  eval_precision=precision,
                   prompt_tokens=prompt_tokens, prompt_tokens_per_s=prompt_tokens / seconds if seconds else None)
 
     key = f"{which}/{mode}"
@@ -153,12 +162,16 @@ def _record(r: dict, **pred: Any) -> M.Record:
 
 # --- The model -------------------------------------------------------------------------------
 
-def load_model(cfg: RunConfig, adapter: str | None):
-    """(tokenizer, model in eval mode) for this config, with the adapter applied when given."""
+def load_model(cfg: RunConfig, adapter: str | None, precision: str = "nf4",
+               tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH):
+    """(tokenizer, model in eval mode) for this config, with the adapter applied when given;
+    dense and merged when `precision` (auto|bf16|nf4) asks for it and, for auto, the GPU holds it."""
     import torch
 
     from job.tokenizer import load_tokenizer
 
+    if precision not in EVAL_PRECISIONS:
+        raise ContractError(f"--eval-precision: {precision!r} is not accepted ({' | '.join(EVAL_PRECISIONS)})")
     tok = load_tokenizer(cfg.model.tokenizer, cfg.model.id, cfg.model.revision)
     model = _load_base(cfg, tok)
     if adapter:
@@ -167,7 +180,97 @@ def load_model(cfg: RunConfig, adapter: str | None):
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     torch.set_grad_enabled(False)
+    dev = _device(model)
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+    dtype = _core(model)[1].weight.dtype
+    hidden = _core(model)[0].config.hidden_size
+    need = extra_dense_bytes(model, dtype) + activation_bytes(tokens_per_batch, hidden)
+    if choose_precision(precision, free, need) == "bf16":
+        model = merge_dense(model, dtype)
     return tok, model
+
+
+def choose_precision(requested: str, free_bytes: int | None, needed_bytes: int) -> str:
+    """bf16 or nf4. auto: bf16 only on a GPU (free_bytes given) whose free memory covers the growth
+    from 4-bit to dense plus one forward's activations; CPU evaluation is for checks, kept as built."""
+    if requested != "auto":
+        return requested
+    return "bf16" if free_bytes is not None and free_bytes >= needed_bytes else "nf4"
+
+
+def activation_bytes(tokens_per_batch: int, hidden: int) -> int:
+    """Peak activations of one scoring forward, with slack (bench-14b, H200: ~9 GiB at 32768 tokens)."""
+    return tokens_per_batch * hidden * 64 + 2 * 2**30
+
+
+def _is_4bit(m) -> bool:
+    return type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+
+
+def extra_dense_bytes(model, dtype) -> int:
+    """How much more memory the model takes once every 4-bit weight is dense in `dtype`."""
+    import torch
+
+    size = torch.empty((), dtype=dtype).element_size()
+    extra = 0
+    for m in model.modules():
+        if _is_4bit(m):
+            extra += m.in_features * m.out_features * size - m.weight.data.numel() * m.weight.data.element_size()
+    return extra
+
+
+def merge_dense(model, dtype):
+    """The plain causal LM with every 4-bit weight dequantized to `dtype` and the active LoRA adapters
+    merged in (W + B@A*scaling, summed in fp32), one layer at a time: evaluation runs dense GEMMs only."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _densify_(base, dtype)
+    base._eval_dense = True
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the freed 4-bit blocks
+    return base
+
+
+def _densify_(module, dtype) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, LoraLayer):
+            dense = _dense_linear(child.get_base_layer(), dtype)
+            w = dense.weight.data.float()
+            for a in child.active_adapters:
+                if a in child.lora_A:
+                    if child.use_dora.get(a):
+                        raise ContractError(f"--eval-precision bf16: adapter {a!r} uses DoRA (merge not supported; use nf4)")
+                    w += child.get_delta_weight(a).float()
+            dense.weight.data = w.to(dtype)
+            setattr(module, name, dense)
+        elif _is_4bit(child):
+            setattr(module, name, _dense_linear(child, dtype))
+        else:
+            _densify_(child, dtype)
+
+
+def _dense_linear(layer, dtype):
+    """An nn.Linear in `dtype` with the weights of `layer` (bnb 4-bit dequantized, or a plain Linear)."""
+    import torch
+    from torch import nn
+
+    if _is_4bit(layer):
+        import bitsandbytes.functional as F
+
+        data, state = layer.weight.data, layer.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # bnb repacks for its CPU bf16 kernel on an eval forward
+            data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
+        w = F.dequantize_4bit(data, state).to(dtype)
+    else:
+        w = layer.weight.data.to(dtype)
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    if layer.bias is not None:
+        lin.bias = nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+    return lin
 
 
 def _load_base(cfg: RunConfig, tok):
@@ -360,7 +463,6 @@ def _score_batch(decoder, head, dev, dtype, prompts: list[list[int]], trees: lis
     hidden = decoder(input_ids=input_ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
                      use_cache=False).last_hidden_state
     sel = hidden[torch.tensor(gather_rows, device=dev), torch.tensor(gather_cols, device=dev)]
-    logp = torch.log_softmax(head(sel).float(), dim=-1)
     # Only the (context, token) pairs on some answer's path leave the GPU.
     ctx_idx, tok_idx, bounds, at = [], [], [], 0
     for t in trees:
@@ -369,7 +471,7 @@ def _score_batch(decoder, head, dev, dtype, prompts: list[list[int]], trees: lis
             tok_idx += [tokid for _, tokid in path]
             bounds.append(len(path))
         at += len(t.node_tokens) + 1
-    picked = logp[torch.tensor(ctx_idx, device=dev), torch.tensor(tok_idx, device=dev)].double().cpu().tolist()
+    picked = _head_logprobs(head, sel, torch.tensor(ctx_idx, device=dev), torch.tensor(tok_idx, device=dev))
     k = 0
     paths = iter(bounds)
     for t, o in zip(trees, outs):
@@ -384,6 +486,20 @@ def _score_batch(decoder, head, dev, dtype, prompts: list[list[int]], trees: lis
         o.values = list(t.values)
         o.probs = [w / total for w in weights]
         o.valid_mass = math.exp(top) * total
+
+
+def _head_logprobs(head, sel, ctx, tok) -> list[float]:
+    """log P(tok | position ctx) for each pair, the LM head run chunk by chunk over `sel`'s positions."""
+    import torch
+
+    picked = torch.empty(len(ctx), dtype=torch.float64, device=sel.device)
+    for s in range(0, sel.shape[0], HEAD_CHUNK):
+        logits = head(sel[s:s + HEAD_CHUNK]).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        m = (ctx >= s) & (ctx < s + HEAD_CHUNK)
+        c = ctx[m] - s
+        picked[m] = (logits[c, tok[m]] - lse[c]).double()
+    return picked.cpu().tolist()
 
 
 def score_one_by_one(model, tok, prompt: list[int], lo: int, hi: int) -> list[float]:

@@ -135,3 +135,63 @@ def test_select_rows_keeps_whole_cells():
     cells = {(r["study_id"], r["task_num"]) for r in kept}
     assert len(kept) == 10 and len(cells) == 2
     assert select_rows(rows, None, 1) == rows
+
+
+def test_merged_dense_model_gives_the_same_distribution_as_4bit_plus_adapter(prepared):
+    """--eval-precision bf16: the NF4 base dequantized and the LoRA merged in, then scored densely,
+    must give the unmerged model's probabilities (fp32 on CPU: to 1e-4), with no 4-bit or LoRA layer left."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from job import evaluate as E
+    from job.data import read_split
+
+    cfg = load_config(SMOKE)
+    adapter = str(prepared / "run" / "adapter")
+    tok, unmerged = E.load_model(cfg, adapter, "nf4")
+    _, base = E.load_model(cfg, None, "nf4")
+    # Reference in fp32: in eval mode bnb's CPU path (on avx512-bf16 CPUs) computes in bf16; dropout is 0.
+    unmerged.train()
+    _, merged = E.load_model(cfg, adapter, "bf16")
+    assert not any(E._is_4bit(m) or isinstance(m, LoraLayer) for m in merged.modules())
+    assert any(E._is_4bit(m) for m in unmerged.modules())  # the fallback keeps the model as trained
+    rows = read_split(prepared / "data", "test")[:12]
+    rows[0] = dict(rows[0], stimuli=rows[0]["stimuli"].rsplit("Only return", 1)[0]
+                   + "Only return an integer from 0 to 100, nothing else.")
+    scales = E.row_scales(rows)
+    sp = cfg.model.system_prompt
+    ref = E.score_distributions(unmerged, tok, rows, scales, sp, tokens_per_batch=2000)
+    got = E.score_distributions(merged, tok, rows, scales, sp, tokens_per_batch=2000)
+    plain = E.score_distributions(base, tok, rows, scales, sp, tokens_per_batch=2000)
+    diff = max(abs(a - b) for r, g in zip(ref, got) for a, b in zip(r.probs, g.probs))
+    assert diff < 1e-4
+    assert max(abs(r.valid_mass - g.valid_mass) for r, g in zip(ref, got)) < 1e-4
+    # The merge carried the adapter: without it the probabilities are far off.
+    assert max(abs(a - b) for r, p in zip(ref, plain) for a, b in zip(r.probs, p.probs)) > 1e-2
+    assert merged.lm_head.weight.dtype == torch.float32  # CPU: "bf16" means dense in the compute dtype
+
+
+def test_eval_precision_cli_records_the_path_used(prepared, tmp_path):
+    data, adapter = str(prepared / "data"), str(prepared / "run" / "adapter")
+    res = {}
+    for prec in ("bf16", "auto"):
+        out = tmp_path / prec
+        assert job_main(["evaluate", "--config", str(SMOKE), "--data", data, "--out", str(out), "--adapter", adapter,
+                         "--mode", "distribution", "--rows", "24", "--eval-precision", prec]) == 0
+        res[prec] = json.loads((out / "metrics.json").read_text())["results"]["fine-tuned/distribution"]
+    assert res["bf16"]["eval_precision"] == "bf16"
+    assert res["auto"]["eval_precision"] == "nf4"  # auto never merges on CPU
+    # Same model, same rows; the nf4 run went through bnb's bf16 CPU kernel (exact match: the test above).
+    assert res["bf16"]["wasserstein"] == pytest.approx(res["auto"]["wasserstein"], abs=0.02)
+
+
+def test_choose_precision_merges_only_when_the_gpu_has_room():
+    from job.evaluate import activation_bytes, choose_precision
+
+    need = 20 * 2**30 + activation_bytes(32768, 5120)
+    assert choose_precision("auto", 100 * 2**30, need) == "bf16"
+    assert choose_precision("auto", 25 * 2**30, need) == "nf4"
+    assert choose_precision("auto", None, 0) == "nf4"  # CPU
+    assert choose_precision("bf16", None, need) == "bf16" and choose_precision("nf4", 10**15, 0) == "nf4"
+    # A bigger forward needs more room.
+    assert activation_bytes(65536, 5120) > activation_bytes(32768, 5120)
