@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -27,13 +28,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def make_config(tiny: bool, global_batch: int, micro_batch: int):
+def make_config(tiny: bool, global_batch: int | None, micro_batch: int | None, checkpoint_layers: int | None = None):
+    """configs/paper.yaml with random 14B weights; its global/micro batch unless given."""
     from contracts.config import load_config
 
     cfg = load_config(REPO / "configs" / "paper.yaml")
     over = {"model.init": "random", "model.tokenizer": "qwen2.5-offline",
             "model.arch": {"preset": "qwen2-tiny" if tiny else "qwen2.5-14b"},
-            "train.global_batch": global_batch, "train.micro_batch": micro_batch,
+            "train.global_batch": global_batch or cfg.train.global_batch,
+            "train.micro_batch": micro_batch or cfg.train.micro_batch,
+            "train.checkpoint_layers": checkpoint_layers,
             "train.checkpoint_every": 0, "eval.enabled": False}
     if tiny:
         over.update({"allow_cpu": True, "train.precision": "fp32", "train.optim": "adamw_torch",
@@ -49,7 +53,7 @@ def one_run(args: argparse.Namespace, subset: float, out: Path) -> dict:
     from job.prepare import prepare
     from job.train import train
 
-    cfg = make_config(args.tiny, args.global_batch, args.micro_batch).with_overrides({"data.subset": subset})
+    cfg = make_config(args.tiny, args.global_batch, args.micro_batch, args.checkpoint_layers).with_overrides({"data.subset": subset})
     data_dir = out / "data"
     prepare(args.data, data_dir, split=cfg.data.split, subset=subset, seed=cfg.data.seed, cfg=cfg)
     t0 = time.time()
@@ -75,7 +79,7 @@ def steady(run: dict) -> tuple[float, float]:
     return tps, max(0.0, run["train_seconds"] - run["tokens"] / tps)
 
 
-def predict(runs: list[dict]) -> list[dict]:
+def predict(runs: list[dict], table_tps: float | None = None, table_startup: float | None = None) -> list[dict]:
     """The cost model's training time for each run: from the table, and from the other run."""
     from contracts.config import from_dict
     from launcher import cost
@@ -93,8 +97,10 @@ def predict(runs: list[dict]) -> list[dict]:
         card = _table_card(r["card"], table)
         if card:
             tps, _band, _how = cost.card_throughput(table, card, cfg.train.method, cost.model_params_b(cfg))
-            row["table_card"], row["table_tps"] = card, round(tps, 1)
-            row["pred_table_s"] = round(float(table.get("train_startup_s", 0)) + r["tokens"] / tps, 1)
+            tps = table_tps or tps  # the value the table will hold (measured in the same device call)
+            start = float(table.get("train_startup_s", 0)) if table_startup is None else table_startup
+            row["table_card"], row["table_tps"], row["table_startup_s"] = card, round(tps, 1), start
+            row["pred_table_s"] = round(start + r["tokens"] / tps, 1)
             row["err_table"] = round(row["pred_table_s"] / r["train_seconds"] - 1, 4)
         others = [o for j, o in enumerate(runs) if j != i]
         if others:
@@ -142,8 +148,15 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny Qwen2 on CPU: checks the script, not the card")
     ap.add_argument("--data", default=None, help="SocSci210 rows (.jsonl); default: the shared fixture, else synthetic:600")
     ap.add_argument("--subsets", default="0.25,0.5")
-    ap.add_argument("--global-batch", type=int, default=64)
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--global-batch", type=int, default=None, help="default: configs/paper.yaml's")
+    ap.add_argument("--micro-batch", type=int, default=None, help="default: configs/paper.yaml's")
+    ap.add_argument("--checkpoint-layers", type=int, default=None, help="decoder layers that recompute (default: all)")
+    ap.add_argument("--table-tps", type=float, default=None,
+                    help="tokens/s the table will hold for this card and shape (default: configs/throughput.yaml's)")
+    ap.add_argument("--table-startup", type=float, default=None,
+                    help="the table's trainer startup seconds (default: configs/throughput.yaml's train_startup_s)")
+    ap.add_argument("--cold", action="store_true",
+                    help="each run gets its own empty TRITON_CACHE_DIR / TORCHINDUCTOR_CACHE_DIR (a fresh machine)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/cost_accuracy")))
     ap.add_argument("--one", type=float, help=argparse.SUPPRESS)  # child mode: run one subset
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds for each run but the last")
@@ -164,11 +177,16 @@ def main() -> int:
         left = args.budget - (time.time() - t_start) - 15
         limit = left if k == len(subsets) - 1 else min(args.timeout, left)
         cmd = [sys.executable, __file__, "--one", str(s), "--data", args.data, "--out", str(args.out),
-               "--global-batch", str(args.global_batch), "--micro-batch", str(args.micro_batch)]
+               *(f"--{k}={v}" for k, v in (("global-batch", args.global_batch), ("micro-batch", args.micro_batch),
+                                           ("checkpoint-layers", args.checkpoint_layers)) if v is not None)]
         cmd += ["--tiny"] if args.tiny else []
+        env = dict(os.environ)
+        if args.cold:  # compile caches as empty as a fresh cloud machine's
+            for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+                env[var] = tempfile.mkdtemp(prefix=f"cold-{s}-{var.split('_')[0].lower()}-")
         t0 = time.time()
         try:
-            rc = subprocess.run(cmd, timeout=max(limit, 1)).returncode
+            rc = subprocess.run(cmd, timeout=max(limit, 1), env=env).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         print(f"subset {s}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
@@ -183,7 +201,7 @@ def main() -> int:
     if not runs:
         print("no run finished")
         return 1
-    rows = predict(runs)
+    rows = predict(runs, args.table_tps, args.table_startup)
     text = print_table(rows)
     (args.out / "cost_accuracy.json").write_text(json.dumps(rows, indent=2))
     (args.out / "cost_accuracy.md").write_text(text + "\n")

@@ -71,9 +71,9 @@ def lever_sweep(mb: int) -> list[Variant]:
     ]
 
 
-def final_pair(mb: int, ours: Variant) -> list[Variant]:
+def final_pair(mb: int, ours: list[Variant]) -> list[Variant]:
     return [Variant("baseline (plain HF)", baseline=True, micro_batch=mb,
-                    levers=fast.Levers(packing=False, answer_only_loss=False, liger=False)), ours]
+                    levers=fast.Levers(packing=False, answer_only_loss=False, liger=False)), *ours]
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -294,7 +294,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: levers 1, final 20)")
     ap.add_argument("--baseline-steps", type=int, default=None, help="final mode: baseline steps (default --steps)")
     ap.add_argument("--ours", default="packing,answer,liger,mb=32",
-                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, rows=N, mb=N, gc=K|all|none)")
+                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, rows=N, mb=N, gc=K|all|none); "
+                         "several variants separated by ';'")
+    ap.add_argument("--max-gib", type=float, default=36.0,
+                    help="final mode: best.json names the fastest 'ours' row whose peak fits this many GiB")
     ap.add_argument("--lr", type=float, default=None, help="constant learning rate (default: the config's 1e-5)")
     ap.add_argument("--baseline-mb", type=int, default=None, help="the baseline's micro-batch (default: the config's 8)")
     ap.add_argument("--only", default=None, help="levers mode: comma-separated row numbers to run (1-based)")
@@ -325,7 +328,7 @@ def main() -> int:
 
     mb = 4 if args.tiny else (args.baseline_mb or spec.micro_batch)
     if args.final:
-        ours = parse_ours(args.ours, args.tiny)
+        ours = [parse_ours(o, args.tiny) for o in args.ours.split(";") if o.strip()]
         variants = final_pair(mb, ours)
         steps = args.steps or (3 if args.tiny else 20)
         base_steps = args.baseline_steps or steps
@@ -358,6 +361,10 @@ def main() -> int:
         dump(out_dir, card, ceiling, flops_per_token, build_s, rows, args)
     text = table(rows, card, ceiling, flops_per_token)
     print("\n" + text)
+    if args.final:
+        best = best_within(rows, args.max_gib)
+        (out_dir / "best.json").write_text(json.dumps(best, indent=1) + "\n")
+        print(f"\nbest within {args.max_gib:g} GiB: {best}")
     (out_dir / "train_throughput.md").write_text(text + "\n")
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
     return 0
@@ -388,6 +395,19 @@ def parse_ours(spec: str, tiny: bool) -> Variant:
     if tiny:
         mb = max(2, mb // 8)
     return Variant(f"ours ({spec})", micro_batch=mb, levers=lv, gc=gc_on)
+
+
+def best_within(rows: list[dict], max_gib: float) -> dict | None:
+    """The fastest non-baseline row (steady rate) whose peak memory fits `max_gib`, with the baseline's rate."""
+    base = next((r for r in rows if r["baseline"] and rate(r)), None)
+    fits = [r for r in rows if not r["baseline"] and rate(r) and not r["error"] and not r["peak_gib"] > max_gib]
+    if not fits:
+        return None
+    b = max(fits, key=rate)
+    return {"name": b["name"], "micro_batch": b["micro_batch"], "checkpoint_layers": b["levers"]["checkpoint_layers"],
+            "steady_tokens_per_s": rate(b), "peak_gib": b["peak_gib"],
+            "baseline_tokens_per_s": rate(base) if base else None,
+            "ratio": rate(b) / rate(base) if base else None}
 
 
 def dump(out_dir: Path, card, ceiling, fpt, build_s, rows, args) -> None:

@@ -108,10 +108,24 @@ def fit_estimate(cfg: RunConfig, data_dir: Path | None) -> dict:
     row_tokens = min(cfg.train.max_length, 512)
     if data_dir is not None and (data_dir / "stats.json").is_file():
         row_tokens = json.loads((data_dir / "stats.json").read_text())["train"]["tokens"]["p90"] or row_tokens
+    if cfg.train.packing:
+        row_tokens = _packed_row_tokens(cfg, data_dir, row_tokens)
     qc = _model_config(cfg, qwen2_config, PRESETS)
     est = memory_estimate_gib(qc, cfg, cfg.train.micro_batch * row_tokens)
     est["row_tokens"] = row_tokens
     return est
+
+
+def _packed_row_tokens(cfg: RunConfig, data_dir: Path | None, default: int) -> int:
+    """Packed micro-batches hold the SUM of their rows, ~micro_batch x the mean row (not the p90):
+    the prepared data's mean, else SocSci210's (configs/socsci210_stats.json, full 16-field profiles)."""
+    stats = data_dir / "stats.json" if data_dir is not None else None
+    if stats is not None and stats.is_file():
+        return int(json.loads(stats.read_text())["train"]["tokens"].get("mean") or default) + 1
+    hub = Path(__file__).resolve().parents[1] / "configs" / "socsci210_stats.json"
+    if cfg.data.source == "socratesft/SocSci210" and hub.is_file():
+        return int(json.loads(hub.read_text())["tokens_per_row"]["mean"]) + 1
+    return default
 
 
 def _model_config(cfg: RunConfig, qwen2_config, presets):

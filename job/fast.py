@@ -227,6 +227,17 @@ def frozen_to(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> in
     return n
 
 
+def trainable_to_fp32(model: torch.nn.Module) -> int:
+    """Keep the LoRA weights fp32 (autocast still computes in bf16): TRL casts them to bf16 on a 4-bit
+    model, where AdamW updates at lr 1e-5 fall below bf16's resolution and are lost."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += p.numel()
+    return n
+
+
 def apply_liger(model: torch.nn.Module) -> bool:
     """Liger's fused RMSNorm, SwiGLU and RoPE on a Qwen2 model (CUDA + liger-kernel only)."""
     lm = causal_lm_of(model)
@@ -303,6 +314,7 @@ def speed_up(model: torch.nn.Module, train, device: torch.device | str, trainer=
         print("speed: liger-kernel not installed; fused RMSNorm/SwiGLU/RoPE off (slower)", flush=True)
     set_checkpointing(model, train.gradient_checkpointing, lv.checkpoint_layers)
     if trainer is not None:
+        trainable_to_fp32(model)
         if lv.packing:
             trainer.data_collator = PackedCollator(pad_id, lv.row_len, lv.attn_implementation == "flex_attention")
 
