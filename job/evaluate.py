@@ -179,14 +179,14 @@ def load_model(cfg: RunConfig, adapter: str | None, precision: str = "nf4",
 
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
-    torch.set_grad_enabled(False)
+    model.requires_grad_(False)  # no autograd graph, without flipping the process-wide grad mode
     dev = _device(model)
     free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
     dtype = _core(model)[1].weight.dtype
     hidden = _core(model)[0].config.hidden_size
     need = extra_dense_bytes(model, dtype) + activation_bytes(tokens_per_batch, hidden)
     if choose_precision(precision, free, need) == "bf16":
-        model = merge_dense(model, dtype)
+        model = merge_dense(model, dtype).requires_grad_(False)
     return tok, model
 
 
