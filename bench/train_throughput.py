@@ -125,11 +125,13 @@ def attach_lora(base, v: Variant, lora: LoraSpec, seed: int, dtype: torch.dtype)
         fast.set_attention(model, v.levers.attn_implementation)
         if v.levers.liger and not fast.apply_liger(model):
             print("  (liger not available here: kernels unchanged)")
+        fast.set_compile(model, v.levers.compile)
     model.train()
     return model
 
 
 def detach_lora(model):
+    fast.set_compile(model, False)  # the base's layers outlive the variant: eager for the next one
     base = model.unload()
     base.gradient_checkpointing_disable()
     base.disable_input_require_grads()  # prepare_model_for_kbit_training's hook: the baseline's only
@@ -294,7 +296,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: levers 1, final 20)")
     ap.add_argument("--baseline-steps", type=int, default=None, help="final mode: baseline steps (default --steps)")
     ap.add_argument("--ours", default="packing,answer,liger,mb=32",
-                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, rows=N, mb=N, gc=K|all|none); "
+                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, compile, rows=N, mb=N, gc=K|all|none); "
                          "several variants separated by ';'")
     ap.add_argument("--max-gib", type=float, default=36.0,
                     help="final mode: best.json names the fastest 'ours' row whose peak fits this many GiB")
@@ -383,6 +385,8 @@ def parse_ours(spec: str, tiny: bool) -> Variant:
             lv = replace(lv, liger=True)
         elif key == "flex":
             lv = replace(lv, attn_implementation="flex_attention")
+        elif key == "compile":
+            lv = replace(lv, compile=True)
         elif key == "rows":
             lv = replace(lv, row_len=int(val))
         elif key == "mb":
@@ -391,7 +395,7 @@ def parse_ours(spec: str, tiny: bool) -> Variant:
             gc_on = val != "none"
             lv = replace(lv, checkpoint_layers=None if val in ("none", "all") else int(val))
         else:
-            raise SystemExit(f"--ours: {item!r} is not accepted (packing, answer, liger, flex, rows=N, mb=N, gc=K|all|none)")
+            raise SystemExit(f"--ours: {item!r} is not accepted (packing, answer, liger, flex, compile, rows=N, mb=N, gc=K|all|none)")
     if tiny:
         mb = max(2, mb // 8)
     return Variant(f"ours ({spec})", micro_batch=mb, levers=lv, gc=gc_on)

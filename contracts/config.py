@@ -81,6 +81,8 @@ class TrainSpec:
     """Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA when liger-kernel is installed (job/fast.py)."""
     attn_implementation: str = "auto"
     """auto (flex_attention on CUDA, sdpa on CPU) | sdpa | flex_attention | eager."""
+    compile: bool = False
+    """Regional torch.compile: each decoder layer compiled (one shared graph, dynamic shapes; job/fast.py)."""
     checkpoint_every: int = 50
     """Optimizer steps between checkpoints (0: only the final save)."""
     keep_checkpoints: int = 2

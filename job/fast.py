@@ -13,6 +13,8 @@ What each lever does (bench/train_throughput.py measures each on the 14B archite
 - Kernels: Liger's fused RMSNorm / SwiGLU / RoPE (CUDA only). Frozen non-4-bit weights stay bf16
   (no prepare_model_for_kbit_training fp32 upcast: `frozen_to` undoes one).
 - Checkpointing: non-reentrant, on all decoder layers or only the first `checkpoint_layers`.
+- Compile (off by default): regional torch.compile, each decoder layer compiled on its own with
+  dynamic shapes (identical layers share one graph; checkpointing wraps the compiled layer).
 - Micro-batch: with packing, more sequences per micro-batch amortize the NF4 dequantization of
   every weight (the measured best within 36 GiB: 64 sequences, full checkpointing).
 
@@ -40,6 +42,8 @@ class Levers:
     checkpoint_layers: int | None = None
     """With gradient checkpointing: how many decoder layers recompute (None: all of them)."""
     attn_implementation: str = "sdpa"
+    compile: bool = False
+    """Regional torch.compile of every decoder layer (set_compile)."""
 
 
 # --- batches ---------------------------------------------------------------------------------
@@ -292,11 +296,27 @@ def flex_attention_works(device: torch.device | str) -> bool:
         return False
 
 
+def set_compile(model: torch.nn.Module, enabled: bool) -> int:
+    """Regional torch.compile: `Module.compile` on each decoder layer (or undo it); returns the count.
+
+    Only the layer's own forward is compiled, so HF's checkpoint wrapper stays outside it and the
+    recompute replays the compiled graph; dynamic=True because packed micro-batches vary in rows.
+    """
+    blocks = causal_lm_of(model).model.layers
+    for block in blocks:
+        if enabled:
+            block.compile(dynamic=True)
+        else:
+            block._compiled_call_impl = None  # what Module.compile set; eager again
+    return len(blocks) if enabled else 0
+
+
 def levers_for(train, device: torch.device | str) -> Levers:
     """The levers a TrainSpec asks for on `device` (rows as long as the longest allowed sequence)."""
     return Levers(packing=train.packing, row_len=train.max_length, answer_only_loss=True,
                   liger=train.liger, checkpoint_layers=train.checkpoint_layers,
-                  attn_implementation=resolve_attention(train.attn_implementation, device))
+                  attn_implementation=resolve_attention(train.attn_implementation, device),
+                  compile=train.compile)
 
 
 def speed_up(model: torch.nn.Module, train, device: torch.device | str, trainer=None, pad_id: int = 0) -> Levers:
@@ -313,6 +333,7 @@ def speed_up(model: torch.nn.Module, train, device: torch.device | str, trainer=
     if lv.liger and not apply_liger(model) and torch.device(device).type == "cuda":
         print("speed: liger-kernel not installed; fused RMSNorm/SwiGLU/RoPE off (slower)", flush=True)
     set_checkpointing(model, train.gradient_checkpointing, lv.checkpoint_layers)
+    set_compile(model, lv.compile)
     if trainer is not None:
         trainable_to_fp32(model)
         if lv.packing:
