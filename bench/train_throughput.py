@@ -198,6 +198,12 @@ def run_variant(base, v: Variant, examples: list[dict], steps: int, gb: int, spe
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         print(f"  failed: {error}")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    dynamo = None
+    if v.levers.compile:  # how much really compiled: graphs, recompiles, graph-break reasons
+        c = torch._dynamo.utils.counters
+        dynamo = {"stats": dict(c["stats"]), "graph_breaks": dict(list(c["graph_break"].items())[:8]),
+                  "recompiles": dict(list(c["recompiles"].items())[:4]) if "recompiles" in c else {}}
+        print(f"  dynamo: {json.dumps(dynamo, default=str)[:1500]}", flush=True)
     del opt
     model.zero_grad(set_to_none=True)
     base = detach_lora(model)
@@ -206,7 +212,7 @@ def run_variant(base, v: Variant, examples: list[dict], steps: int, gb: int, spe
     return {"name": v.name, "baseline": v.baseline, "steady_tokens_per_s": steady, "micro_batch": v.micro_batch, "gc": v.gc,
             "levers": asdict(v.levers), "steps": len(losses), "losses": losses, "step_s": step_s,
             "tokens_per_s": timed_tokens / timed_s if timed_s else None, "timed_tokens": timed_tokens,
-            "peak_gib": peak, "error": error, "_base": base}
+            "peak_gib": peak, "error": error, "dynamo": dynamo, "_base": base}
 
 
 def real_tokens(batch: dict) -> int:
