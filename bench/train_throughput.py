@@ -26,6 +26,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -197,6 +198,7 @@ def run_variant(base, v: Variant, examples: list[dict], steps: int, gb: int, spe
     except Exception as e:  # noqa: BLE001 - one lever failing must not lose the other rows
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         print(f"  failed: {error}")
+        print("  " + "".join(traceback.format_exc().splitlines(keepends=True)[-30:]), flush=True)  # a bare assert says nothing
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     dynamo = None
     if v.levers.compile:  # how much really compiled: graphs, recompiles, graph-break reasons
