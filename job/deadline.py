@@ -50,7 +50,9 @@ def run_until(cmd: list[str], at: float, grace: float, events: Path | None = Non
     env = dict(os.environ)
     if at > 0:
         env["SOCRATES_DEADLINE"] = str(int(at))
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # Its own session, so the hard stop can end the job's whole group and not this wrapper; and tied
+    # to this wrapper's life, so a SIGKILL of the wrapper (a backend's teardown) ends the job too.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
     # A cancel (SkyPilot's or Ctrl-C) reaches the whole group, not only this wrapper.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: _signal_group(proc, s))
@@ -71,6 +73,20 @@ def run_until(cmd: list[str], at: float, grace: float, events: Path | None = Non
         _signal_group(proc, signal.SIGKILL)
         proc.wait()
     return EXIT_DEADLINE
+
+
+def _die_with_parent(parent: int):
+    """A preexec hook: the child gets SIGKILL when its parent dies (Linux prctl; elsewhere a no-op)."""
+    def hook() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return hook
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -74,6 +74,27 @@ def test_a_job_ignoring_sigterm_gets_sigkill():
     assert p.returncode == 124 and took < 20
 
 
+def test_a_wrapper_killed_outright_takes_the_job_with_it(tmp_path):
+    # A backend's teardown may SIGKILL the wrapper's process group; the job runs in its own session,
+    # so only the parent-death signal keeps it from living on (and billing) as an orphan.
+    marker = tmp_path / "job.pid"
+    code = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    w = subprocess.Popen([sys.executable, "-m", "job.deadline", "--at", str(time.time() + 3600), "--",
+                          sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    for _ in range(200):
+        if marker.exists() and marker.read_text():
+            break
+        time.sleep(0.1)
+    job = int(marker.read_text())
+    w.kill()
+    w.wait()
+    for _ in range(50):
+        if not _alive(job):
+            break
+        time.sleep(0.1)
+    assert not _alive(job), f"job {job} outlived its killed wrapper"
+
+
 def test_bad_wrapper_input_is_exit_2():
     p = subprocess.run([sys.executable, "-m", "job.deadline", "--at", "1", "--grace", "-1", "--", "true"],
                        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
