@@ -55,8 +55,10 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_smoke_acceptance_adapter_verifies_and_loss_falls(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
-    src = str(FIXTURE) if FIXTURE.is_file() else "synthetic:240"
-    r = _job("prepare", "--data", src, "--subset", "0.1", "--split", "unseen-studies", "--seed", "1", "--out", str(data))
+    # The real rows when ../shared is there (10% of them), else the demo's generated rows (all of
+    # them: 10% of 240 would be fewer rows than 40 steps need).
+    src, subset = (str(FIXTURE), "0.1") if FIXTURE.is_file() else ("synthetic:240", "1.0")
+    r = _job("prepare", "--data", src, "--subset", subset, "--split", "unseen-studies", "--seed", "1", "--out", str(data))
     assert r.returncode == 0, r.stderr
     t0 = time.time()
     r = _job("train", "--config", "configs/smoke.yaml", "--data", str(data), "--out", str(out))
