@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -109,4 +110,31 @@ def sky_home():
     finally:
         subprocess.run([sys.executable, "-c", "import sky; sky.api_stop()"], env=env, capture_output=True,
                        timeout=60)
+        _kill_server_tree(port)  # api_stop leaves the server (and its workers) running here
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _kill_server_tree(port: int) -> None:
+    """SIGKILL the API server started on `port` and every process below it (workers, executors)."""
+    parents: dict[int, int] = {}
+    server = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid = int(stat.parent.name)
+            parents[pid] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"sky.server.server" in cmd and f"--port={port}".encode() in cmd:
+            server.append(pid)
+    doomed = set(server)
+    while True:
+        more = {pid for pid, ppid in parents.items() if ppid in doomed} - doomed
+        if not more:
+            break
+        doomed |= more
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
