@@ -59,9 +59,7 @@ def test_packed_equals_padded_equals_one_by_one():
     assert 5.0 < ref < 8.0  # ~ln(512) with random weights: a real loss, not zero
     for batches in (padded, packed):
         loss, grads = _loss_and_grads(model, batches, answer_only=True)
-        assert loss == pytest.approx(ref, abs=1e-4)
-        for g, r in zip(grads, ref_g):
-            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+        _assert_same(loss, grads, ref, ref_g)
 
 
 def test_answer_only_loss_equals_stock_hf_loss():
@@ -69,9 +67,14 @@ def test_answer_only_loss_equals_stock_hf_loss():
     batch = [fast.collate_padded(ex, pad_id=0)]
     a, ga = _loss_and_grads(model, batch, answer_only=True)
     b, gb = _loss_and_grads(model, batch, answer_only=False)
-    assert a == pytest.approx(b, abs=1e-4)
-    for x, y in zip(ga, gb):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    _assert_same(a, ga, b, gb)
+
+
+def _assert_same(loss, grads, ref_loss, ref_grads):
+    """Same loss to 1e-4 and the same gradients (atol 1e-5, rtol 1e-4)."""
+    assert loss == pytest.approx(ref_loss, abs=1e-4)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
 
 
 def test_packing_does_not_leak_across_sequences():
