@@ -81,6 +81,11 @@ class TrainSpec:
     """Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA when liger-kernel is installed (job/fast.py)."""
     attn_implementation: str = "auto"
     """auto (flex_attention on CUDA, sdpa on CPU) | sdpa | flex_attention | eager."""
+    fused_lora: bool = True
+    """One fused autograd op per LoRA layer (no dropout copy kept, no clone/scale/add passes;
+    same function as peft's forward; job/fused_lora.py)."""
+    offload_checkpoints: bool = False
+    """Checkpointed layers keep their input in pinned host memory, not on the GPU (job/offload.py)."""
     compile: bool = False
     """Regional torch.compile: each decoder layer compiled (one shared graph, dynamic shapes; job/fast.py)."""
     checkpoint_every: int = 50

@@ -1,0 +1,56 @@
+"""Checkpoint inputs parked in host memory: same loss and gradients, every layer's input moved once
+and brought back ahead of its turn (the CPU runs the same bookkeeping with plain copies)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from job import fast
+from job.offload import HostOffload, install
+from tests.test_speed_fused_lora import _model, _run
+from tests.test_speed_packing import ARCH, _examples
+
+pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_offloaded_checkpoints_give_the_same_gradients(dropout):
+    batches = fast.micro_batches(_examples(9, seed=7), 3, fast.Levers(row_len=128), pad_id=0)
+    model = _model(dropout)
+    want = [_run(model, b, checkpointing=True)[:2] for b in batches]
+
+    blocks = fast.causal_lm_of(model).model.layers
+    offload = install(blocks, HostOffload(min_bytes=0))  # what set_checkpointing(offload=True) installs
+    got = []
+    for b in batches:
+        fast.set_checkpointing(model, True)  # re-enabling resets the layers' checkpoint function...
+        install(blocks, offload)             # ...so install again, as set_checkpointing(offload=True) does last
+        got.append(_run_keep(model, b))
+    for (wl, wg), (gl, gg) in zip(want, got):
+        assert gl == pytest.approx(wl, rel=1e-6)
+        for g, w in zip(gg, wg):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    layers = ARCH["num_hidden_layers"]
+    # One saved input per checkpointed layer per micro-batch; all but the first layer's brought back
+    # by the layer after it (the first one backward reaches has nobody after it to prefetch for it).
+    assert offload.stats["packed"] == layers * len(batches)
+    assert offload.stats["prefetched"] == (layers - 1) * len(batches)
+
+
+def _run_keep(model, batch):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    s = fast.answer_loss_sum(model, batch)
+    s.backward()
+    return float(s.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_set_checkpointing_installs_the_offload_and_small_tensors_stay():
+    model = _model(0.0)
+    assert fast.set_checkpointing(model, True, 1, offload=True) == 1
+    blocks = fast.causal_lm_of(model).model.layers
+    funcs = {id(getattr(b._gradient_checkpointing_func, "keywords", {}).get("offload")) for b in blocks}
+    assert len(funcs) == 1 and None not in {getattr(b._gradient_checkpointing_func, "keywords", {}).get("offload") for b in blocks}
+    off = HostOffload(min_bytes=1 << 20)
+    small = torch.ones(4)
+    assert off.pack(small) is small and off.unpack(small) is small and off.stats["packed"] == 0
