@@ -188,10 +188,18 @@ def add_lora(model, cfg: RunConfig):
 
 def memory_estimate_gib(qc, cfg: RunConfig, tokens_per_micro_batch: int) -> dict:
     """Rough peak GPU memory: 4-bit base ~0.55 B/param (bf16 for lora/embeddings), LoRA + Adam,
-    and activations of one micro-batch (gradient checkpointing keeps one hidden state per layer).
-    Checked on an H200: bench-14b (32 rows x ~150 tokens) estimates 17.0 GiB, 15.5 measured; the paper
-    config (64 packed rows, full checkpointing) 32.1 GiB at 323-token rows (28.3 measured, bench) and
-    27.0 GiB at 238-token rows (21.9 measured, the job on real rows)."""
+    and one micro-batch's activations: a hidden state per checkpointed layer, everything a layer
+    saves for each layer that is not recomputed, and the backward's working set.
+
+    Per token, in 2-byte units (h hidden, i intermediate): a layer left un-checkpointed keeps
+    ~10h + 3i with the fused LoRA (the dropout copies are not kept); the backward's working set is
+    ~12h + 4.5i plus ~2.6 GiB of allocator slack (14h + 5.4i and 2.8 GiB with peft's own LoRA
+    forward, which also keeps dropout copies: 19h + 4.5i a layer). Fitted to the 14B on an H200
+    (bench/RESULTS.md, micro-batch 64 = 20.6k tokens; measured = peak + 1.5 GiB context, estimate):
+    full checkpointing 29.8 / 30.6, fused 28.7 / 29.6, fused with 46 of 48 layers checkpointed
+    32.3 / 33.7, 43 of 48: 42.9 / 43.8; micro-batch 128: 45.0 / 46.2, fused 43.0 / 44.3; the job
+    on real rows (15.2k tokens, peft's forward) 23.4 / 26.7; offloaded checkpoints, 43 of 48:
+    33.1 / 35.8."""
     n = param_count(qc)
     emb = qc.vocab_size * qc.hidden_size * (1 if qc.tie_word_embeddings else 2)
     base = (n - emb) * (0.55 if cfg.train.method == "qlora" else 2.0) + emb * 2.0
@@ -201,11 +209,19 @@ def memory_estimate_gib(qc, cfg: RunConfig, tokens_per_micro_batch: int) -> dict
     per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
     lora = qc.num_hidden_layers * per_layer * (2 + 2 + 8 + 4)  # weights, grads, Adam states, fp32 master
     t = tokens_per_micro_batch
-    ckpt = cfg.train.gradient_checkpointing
-    acts = t * h * 2 * qc.num_hidden_layers * (1 if ckpt else 18) + t * (h * 34 + i * 6) * 2
-    # TRL's fused LM head projects only the answer positions (a few a row), in fp32, with their gradient.
-    logits = cfg.train.micro_batch * 8 * qc.vocab_size * 4 * 2
+    layers = qc.num_hidden_layers
+    ckpt = 0 if not cfg.train.gradient_checkpointing else (
+        layers if cfg.train.checkpoint_layers is None else max(0, min(cfg.train.checkpoint_layers, layers)))
+    fused = cfg.train.fused_lora
     gib = 1024 ** 3
+    kept = t * 2 * ((10 * h + 3 * i) if fused else (19 * h + 4.5 * i))
+    working = t * 2 * ((12 * h + 4.5 * i) if fused else (14 * h + 5.4 * i))
+    slack = (2.6 if fused else 2.8) * gib
+    # Offloaded checkpoints (job/offload.py) keep the recomputed layers' inputs on the host; two
+    # stay on the card (the one in use, the one prefetched).
+    inputs = t * h * 2 * (min(ckpt, 2) if cfg.train.offload_checkpoints else ckpt)
+    acts = inputs + working + max(slack, (layers - ckpt) * kept)
+    logits = cfg.train.micro_batch * 8 * qc.vocab_size * 4 * 2
     total = (base + lora + acts + logits) / gib + 1.5  # CUDA context, allocator slack
     return {"params": n, "base_gib": round(base / gib, 2), "lora_gib": round(lora / gib, 2),
             "activations_gib": round((acts + logits) / gib, 2), "total_gib": round(total, 2)}
