@@ -37,8 +37,9 @@ def make_config(tiny: bool, global_batch: int | None, micro_batch: int | None, c
             "model.arch": {"preset": "qwen2-tiny" if tiny else "qwen2.5-14b"},
             "train.global_batch": global_batch or cfg.train.global_batch,
             "train.micro_batch": micro_batch or cfg.train.micro_batch,
-            "train.checkpoint_layers": checkpoint_layers,
             "train.checkpoint_every": 0, "eval.enabled": False}
+    if checkpoint_layers is not None:
+        over["train.checkpoint_layers"] = checkpoint_layers
     if tiny:
         over.update({"allow_cpu": True, "train.precision": "fp32", "train.optim": "adamw_torch",
                      "train.gradient_checkpointing": False, "model.id": "tiny-qwen2"})
@@ -68,6 +69,13 @@ def one_run(args: argparse.Namespace, subset: float, out: Path) -> dict:
             "step_events": [{"ts": s["ts"], "step": s["step"], "tokens_per_s": s["tokens_per_s"]} for s in steps],
             "data_dir": str(data_dir),
             "config": cfg.to_dict()}
+
+
+def tile(src: Path, k: int, dst: Path) -> Path:
+    """`src`'s rows `k` times over (same studies, so the split and subset draw keep their proportions)."""
+    rows = [line for line in src.read_text().splitlines() if line.strip()]
+    dst.write_text("".join(line + "\n" for _ in range(k) for line in rows))
+    return dst
 
 
 def steady(run: dict) -> tuple[float, float]:
@@ -148,9 +156,11 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny Qwen2 on CPU: checks the script, not the card")
     ap.add_argument("--data", default=None, help="SocSci210 rows (.jsonl); default: the shared fixture, else synthetic:600")
     ap.add_argument("--subsets", default="0.25,0.5")
+    ap.add_argument("--tile", type=int, default=1,
+                    help="repeat every row of --data this many times (real lengths, runs of more steps)")
     ap.add_argument("--global-batch", type=int, default=None, help="default: configs/paper.yaml's")
     ap.add_argument("--micro-batch", type=int, default=None, help="default: configs/paper.yaml's")
-    ap.add_argument("--checkpoint-layers", type=int, default=None, help="decoder layers that recompute (default: all)")
+    ap.add_argument("--checkpoint-layers", type=int, default=None, help="decoder layers that recompute (default: the config's)")
     ap.add_argument("--table-tps", type=float, default=None,
                     help="tokens/s the table will hold for this card and shape (default: configs/throughput.yaml's)")
     ap.add_argument("--table-startup", type=float, default=None,
@@ -166,6 +176,8 @@ def main() -> int:
         shared = REPO / ".." / "shared" / "fixtures" / "socsci210_real_sample.jsonl"
         args.data = str(shared) if shared.is_file() else "synthetic:600"
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.tile > 1 and args.one is None:
+        args.data = str(tile(Path(args.data), args.tile, args.out / f"tiled-x{args.tile}.jsonl"))
     if args.one is not None:
         res = one_run(args, args.one, args.out / f"subset-{args.one}")
         (args.out / f"subset-{args.one}.json").write_text(json.dumps(res, indent=2))

@@ -122,10 +122,11 @@ def attach_lora(base, v: Variant, lora: LoraSpec, seed: int, dtype: torch.dtype)
                     target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base, lc)
     if not v.baseline:
-        fast.set_checkpointing(model, v.gc, v.levers.checkpoint_layers)
+        fast.set_checkpointing(model, v.gc, v.levers.checkpoint_layers, v.levers.offload_checkpoints)
         fast.set_attention(model, v.levers.attn_implementation)
         if v.levers.liger and not fast.apply_liger(model):
             print("  (liger not available here: kernels unchanged)")
+        fast.fuse_lora(model, v.levers.fused_lora)
         fast.set_compile(model, v.levers.compile)
     model.train()
     return model
@@ -295,6 +296,28 @@ def table(rows: list[dict], card: str, ceiling: float, flops_per_token: float) -
     return "\n".join(lines)
 
 
+def loss_table(rows: list[dict]) -> str:
+    """Loss per optimizer step, every row beside the baseline, and the largest gap to it."""
+    base = next((r for r in rows if r["baseline"] and r["losses"]), None)
+    others = [r for r in rows if not r["baseline"] and r["losses"]]
+    if base is None or not others:
+        return ""
+    n = max(len(r["losses"]) for r in [base, *others])
+    lines = ["| step | baseline | " + " | ".join(r["name"] for r in others) + " |",
+             "|---" * (2 + len(others)) + "|"]
+    for i in range(n):
+        cell = lambda r: f"{r['losses'][i]:.4f}" if i < len(r["losses"]) else "-"  # noqa: E731
+        lines.append(f"| {i + 1} | {cell(base)} | " + " | ".join(cell(r) for r in others) + " |")
+    for r in others:
+        k = min(len(r["losses"]), len(base["losses"]))
+        gap = max(abs(a - b) for a, b in zip(r["losses"][:k], base["losses"][:k]))
+        steps = [b - a for a, b in zip(base["losses"][:k], base["losses"][1:k])]
+        spread = max(abs(x) for x in steps) if steps else float("nan")
+        lines.append(f"\n{r['name']}: largest |ours - baseline| over {k} steps {gap:.4f}; "
+                     f"the baseline's own largest step-to-step change {spread:.4f}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
@@ -304,10 +327,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: levers 1, final 20)")
     ap.add_argument("--baseline-steps", type=int, default=None, help="final mode: baseline steps (default --steps)")
     ap.add_argument("--ours", default="packing,answer,liger,mb=32",
-                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, compile, rows=N, mb=N, gc=K|all|none); "
+                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, fused, offload, compile, rows=N, mb=N, gc=K|all|none); "
                          "several variants separated by ';'")
     ap.add_argument("--max-gib", type=float, default=36.0,
                     help="final mode: best.json names the fastest 'ours' row whose peak fits this many GiB")
+    ap.add_argument("--global-batch", type=int, default=None,
+                    help="sequences per optimizer step (default: the config's 256; smaller for a many-step loss comparison)")
     ap.add_argument("--lr", type=float, default=None, help="constant learning rate (default: the config's 1e-5)")
     ap.add_argument("--baseline-mb", type=int, default=None, help="the baseline's micro-batch (default: the config's 8)")
     ap.add_argument("--only", default=None, help="levers mode: comma-separated row numbers to run (1-based)")
@@ -323,7 +348,7 @@ def main() -> int:
     spec, lora = TrainSpec(), LoraSpec()  # the paper config's schedule and LoRA (configs/paper.yaml)
     if args.lr:
         spec = replace(spec, lr=args.lr)
-    gb = 16 if args.tiny else spec.global_batch
+    gb = 16 if args.tiny else (args.global_batch or spec.global_batch)
     print(f"card: {card}  torch {torch.__version__}  lr {spec.lr:g} (constant)", flush=True)
     ceiling = matmul_ceiling(device, args.tiny)
     print(f"bf16 matmul ceiling: {ceiling / 1e12:.1f} TFLOP/s", flush=True)
@@ -370,6 +395,8 @@ def main() -> int:
         print(f"  tokens/s {r['tokens_per_s'] or 0:,.0f}  peak {r['peak_gib']:.1f} GiB", flush=True)
         dump(out_dir, card, ceiling, flops_per_token, build_s, rows, args)
     text = table(rows, card, ceiling, flops_per_token)
+    if args.final:
+        text += "\n\nLoss per optimizer step (same data, order and seed):\n\n" + loss_table(rows)
     print("\n" + text)
     if args.final:
         best = best_within(rows, args.max_gib)
@@ -395,6 +422,10 @@ def parse_ours(spec: str, tiny: bool) -> Variant:
             lv = replace(lv, attn_implementation="flex_attention")
         elif key == "compile":
             lv = replace(lv, compile=True)
+        elif key == "fused":
+            lv = replace(lv, fused_lora=True)
+        elif key == "offload":
+            lv = replace(lv, offload_checkpoints=True)
         elif key == "rows":
             lv = replace(lv, row_len=int(val))
         elif key == "mb":
@@ -403,7 +434,7 @@ def parse_ours(spec: str, tiny: bool) -> Variant:
             gc_on = val != "none"
             lv = replace(lv, checkpoint_layers=None if val in ("none", "all") else int(val))
         else:
-            raise SystemExit(f"--ours: {item!r} is not accepted (packing, answer, liger, flex, compile, rows=N, mb=N, gc=K|all|none)")
+            raise SystemExit(f"--ours: {item!r} is not accepted (packing, answer, liger, flex, fused, offload, compile, rows=N, mb=N, gc=K|all|none)")
     if tiny:
         mb = max(2, mb // 8)
     return Variant(f"ours ({spec})", micro_batch=mb, levers=lv, gc=gc_on)
