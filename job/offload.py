@@ -9,8 +9,9 @@ the input saved just before it (the next one backward needs) starts on the side 
 overlaps this layer's recompute and backward. The memory this frees pays for leaving more layers
 un-checkpointed (each one not recomputed saves ~1/48 of the recompute).
 
-Only tensors of at least `min_bytes` move; small ones (position ids, rotary tables) stay put.
-On the CPU the "host copy" is a plain copy, so the same bookkeeping runs in the tests.
+Only CUDA tensors of at least `min_bytes` move; small ones (position ids, rotary tables) stay put.
+`copy_cpu=True` makes CPU tensors take the same road with plain copies, so the tests can run the
+bookkeeping without a GPU (a CPU run has nothing to gain from it).
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ class _Record:
 class HostOffload:
     """pack/unpack hooks for torch.autograd.graph.saved_tensors_hooks (see the module's doc)."""
 
-    def __init__(self, min_bytes: int = 1 << 20):
-        self.min_bytes = min_bytes
+    def __init__(self, min_bytes: int = 1 << 20, copy_cpu: bool = False):
+        self.min_bytes, self.copy_cpu = min_bytes, copy_cpu
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._last = None
         self.stats = {"packed": 0, "prefetched": 0, "bytes": 0}
@@ -46,7 +47,7 @@ class HostOffload:
 
     def pack(self, t: torch.Tensor):
         nbytes = t.numel() * t.element_size()
-        if nbytes < self.min_bytes or t.device.type not in ("cuda", "cpu"):
+        if nbytes < self.min_bytes or not (t.is_cuda or (self.copy_cpu and t.device.type == "cpu")):
             return t
         if t.is_cuda:
             side = self._side(t.device)

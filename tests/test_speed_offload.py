@@ -20,7 +20,7 @@ def test_offloaded_checkpoints_give_the_same_gradients(dropout):
     want = [_run(model, b, checkpointing=True)[:2] for b in batches]
 
     blocks = fast.causal_lm_of(model).model.layers
-    offload = install(blocks, HostOffload(min_bytes=0))  # what set_checkpointing(offload=True) installs
+    offload = install(blocks, HostOffload(min_bytes=0, copy_cpu=True))  # what set_checkpointing(offload=True) installs
     got = []
     for b in batches:
         fast.set_checkpointing(model, True)  # re-enabling resets the layers' checkpoint function...
@@ -51,6 +51,8 @@ def test_set_checkpointing_installs_the_offload_and_small_tensors_stay():
     blocks = fast.causal_lm_of(model).model.layers
     funcs = {id(getattr(b._gradient_checkpointing_func, "keywords", {}).get("offload")) for b in blocks}
     assert len(funcs) == 1 and None not in {getattr(b._gradient_checkpointing_func, "keywords", {}).get("offload") for b in blocks}
-    off = HostOffload(min_bytes=1 << 20)
-    small = torch.ones(4)
+    small, big = torch.ones(4), torch.ones(1 << 19)
+    off = HostOffload(min_bytes=1 << 20, copy_cpu=True)
     assert off.pack(small) is small and off.unpack(small) is small and off.stats["packed"] == 0
+    assert off.pack(big) is not big and off.stats["packed"] == 1
+    assert HostOffload().pack(big) is big  # a CPU run keeps its tensors where they are
