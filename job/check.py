@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"fit: {cfg.model.id} ({f['params'] / 1e9:.2f}B params, {cfg.train.method}) needs ~{f['total_gib']} GiB "
           f"(base {f['base_gib']}, LoRA+optimizer {f['lora_gib']}, activations {f['activations_gib']}) "
           f"of {f['available_gib']} GiB: ok")
+    if f.get("host_gib"):
+        print(f"host memory: offloaded checkpoints need ~{f['host_gib']} GiB of {f.get('host_available_gib')} GiB available: ok")
     return 0
 
 
@@ -79,8 +81,21 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
         raise JobCannotRun(f"{cfg.model.id} with {cfg.train.method} at micro_batch {cfg.train.micro_batch} needs "
                            f"~{fit['total_gib']} GiB; {card['name']} has {card['memory_gib']} GiB (lower "
                            "train.micro_batch or pick a larger card)")
+    if on_gpu:
+        host_fit(cfg, fit, env.host_mem_available_gib())
     return {"ok": True, "card": card, "nf4": nf4, "disk_free_gib": free, "fit": fit,
             "packages": env.package_versions()}
+
+
+def host_fit(cfg: RunConfig, fit: dict, available_gib: float | None) -> None:
+    """Offloaded checkpoints park ~fit['host_gib'] in pinned host memory: refuse a machine without it
+    (pinning fails mid-run otherwise), with room to spare for the data loader and the process."""
+    need = fit.get("host_gib") or 0.0
+    fit["host_available_gib"] = available_gib
+    if need and available_gib is not None and available_gib < 1.25 * need + 4:
+        raise JobCannotRun(f"train.offload_checkpoints keeps ~{need} GiB of checkpoints in host memory at micro_batch "
+                           f"{cfg.train.micro_batch}; this machine has {available_gib} GiB available (set "
+                           "train.offload_checkpoints: false or pick a machine with more RAM)")
 
 
 def nf4_self_test(device, n: int = 1024) -> dict:

@@ -72,6 +72,17 @@ def disk_free_gib(path: str | os.PathLike = ".") -> float:
     return round(shutil.disk_usage(p).free / 2**30, 2)
 
 
+def host_mem_available_gib() -> float | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return None
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -219,10 +219,13 @@ def memory_estimate_gib(qc, cfg: RunConfig, tokens_per_micro_batch: int) -> dict
     slack = (2.6 if fused else 2.8) * gib
     # Offloaded checkpoints (job/offload.py) keep the recomputed layers' inputs on the host; two
     # stay on the card (the one in use, the one prefetched).
-    inputs = t * h * 2 * (min(ckpt, 2) if cfg.train.offload_checkpoints else ckpt)
+    offload = cfg.train.offload_checkpoints
+    inputs = t * h * 2 * (min(ckpt, 2) if offload else ckpt)
+    host = t * h * 2 * ckpt if offload else 0  # pinned host memory the offloaded inputs take
     acts = inputs + working + max(slack, (layers - ckpt) * kept)
     logits = cfg.train.micro_batch * 8 * qc.vocab_size * 4 * 2
     total = (base + lora + acts + logits) / gib + 1.5  # CUDA context, allocator slack
     return {"params": n, "base_gib": round(base / gib, 2), "lora_gib": round(lora / gib, 2),
-            "activations_gib": round((acts + logits) / gib, 2), "total_gib": round(total, 2)}
+            "activations_gib": round((acts + logits) / gib, 2), "total_gib": round(total, 2),
+            "host_gib": round(host / gib, 2)}
 

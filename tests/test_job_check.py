@@ -46,3 +46,20 @@ def test_check_on_cpu_passes_with_allow_cpu_and_exits_3_without(tmp_path):
     r = _check("--config", "configs/paper.yaml")
     assert r.returncode == 3
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "no GPU" in r.stderr
+
+
+def test_offloaded_checkpoints_need_host_memory_and_check_says_so():
+    from contracts.config import load_config
+    from job.check import fit_estimate, host_fit
+    from job.errors import JobCannotRun
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
+    assert fit_estimate(cfg, None)["host_gib"] == 0  # off by default: nothing on the host
+    off = cfg.with_overrides({"train.offload_checkpoints": True})
+    fit = fit_estimate(off, None)
+    # 46 checkpointed layers x 64 rows x ~323 tokens x 5120 x 2 bytes: ~9 GiB
+    assert 8.5 <= fit["host_gib"] <= 10
+    host_fit(off, fit, 64.0)  # a typical A100-40GB machine has far more
+    with pytest.raises(JobCannotRun, match=r"offload_checkpoints.*12\.0 GiB available"):
+        host_fit(off, fit, 12.0)
+    host_fit(off, fit, None)  # no /proc/meminfo: nothing to go on, no refusal
