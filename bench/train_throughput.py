@@ -407,25 +407,19 @@ def main() -> int:
     return 0
 
 
+# --ours switches: each name sets these Levers fields.
+SWITCHES = {"packing": {"packing": True}, "answer": {"answer_only_loss": True}, "liger": {"liger": True},
+            "flex": {"attn_implementation": "flex_attention"}, "fused": {"fused_lora": True},
+            "offload": {"offload_checkpoints": True}, "compile": {"compile": True}}
+
+
 def parse_ours(spec: str, tiny: bool) -> Variant:
     lv = fast.Levers(packing=False, answer_only_loss=False, liger=False)
     mb, gc_on = 8, True
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         key, _, val = item.partition("=")
-        if key == "packing":
-            lv = replace(lv, packing=True)
-        elif key == "answer":
-            lv = replace(lv, answer_only_loss=True)
-        elif key == "liger":
-            lv = replace(lv, liger=True)
-        elif key == "flex":
-            lv = replace(lv, attn_implementation="flex_attention")
-        elif key == "compile":
-            lv = replace(lv, compile=True)
-        elif key == "fused":
-            lv = replace(lv, fused_lora=True)
-        elif key == "offload":
-            lv = replace(lv, offload_checkpoints=True)
+        if key in SWITCHES and not val:
+            lv = replace(lv, **SWITCHES[key])
         elif key == "rows":
             lv = replace(lv, row_len=int(val))
         elif key == "mb":
@@ -434,7 +428,7 @@ def parse_ours(spec: str, tiny: bool) -> Variant:
             gc_on = val != "none"
             lv = replace(lv, checkpoint_layers=None if val in ("none", "all") else int(val))
         else:
-            raise SystemExit(f"--ours: {item!r} is not accepted (packing, answer, liger, flex, fused, offload, compile, rows=N, mb=N, gc=K|all|none)")
+            raise SystemExit(f"--ours: {item!r} is not accepted ({', '.join(SWITCHES)}, rows=N, mb=N, gc=K|all|none)")
     if tiny:
         mb = max(2, mb // 8)
     return Variant(f"ours ({spec})", micro_batch=mb, levers=lv, gc=gc_on)
