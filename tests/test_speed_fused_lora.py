@@ -26,9 +26,12 @@ def _model(dropout: float, base=None):
     return model
 
 
-def _run(model, batch, checkpointing: bool):
-    """Loss, LoRA gradients and the distinct bytes autograd keeps for backward (seeded dropout)."""
-    fast.set_checkpointing(model, checkpointing)
+def _run(model, batch, checkpointing: bool | None):
+    """Loss, LoRA gradients and the distinct bytes autograd keeps for backward (seeded dropout).
+
+    `checkpointing` None: the model's checkpointing as it is set."""
+    if checkpointing is not None:
+        fast.set_checkpointing(model, checkpointing)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(5)
     kept: dict[int, int] = {}
