@@ -378,7 +378,8 @@ def test_docker_path_when_the_host_has_docker_and_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", canary)
     try:
         run = new_run(srv, "docker")
-        b = backend(srv, tmp_path, fake_job(steps=3, delay=0), remote_python=None, allow_cpu=False)
+        # min_free_gb: the GPU default (60 GB) is about the real job; this host's disk is not under test
+        b = backend(srv, tmp_path, fake_job(steps=3, delay=0), remote_python=None, allow_cpu=False, min_free_gb=0.01)
         b.launch(run)
         assert run.backend_state["mode"] == "docker"
         assert b.follow(run, lambda e: None) == 0
