@@ -10,7 +10,13 @@ from transformers import TrainerCallback
 
 from contracts.errors import ContractError
 from contracts.events import EventWriter
-from job.checkpoints import COMPLETE, complete_checkpoints, fsync_dir, fsync_tree
+from job.checkpoints import (
+    COMPLETE,
+    complete_checkpoints,
+    fsync_dir,
+    fsync_tree,
+    write_fingerprint,
+)
 
 
 class EventsCallback(TrainerCallback):
@@ -47,10 +53,11 @@ class EventsCallback(TrainerCallback):
 
 
 class CheckpointCallback(TrainerCallback):
-    """After the Trainer saved into .staging: mark COMPLETE, fsync, rename into checkpoints/, rotate."""
+    """After the Trainer saved into .staging: write the run fingerprint, mark COMPLETE, fsync, rename
+    into checkpoints/, rotate."""
 
-    def __init__(self, root: Path, keep: int, events: EventWriter):
-        self.root, self.keep, self.events = root, keep, events
+    def __init__(self, root: Path, keep: int, events: EventWriter, run_fp: dict):
+        self.root, self.keep, self.events, self.run_fp = root, keep, events, run_fp
 
     def on_save(self, args, state, control, **kw):
         if not state.is_world_process_zero:
@@ -59,6 +66,7 @@ class CheckpointCallback(TrainerCallback):
         src = Path(args.output_dir) / name
         if not src.is_dir():
             return
+        write_fingerprint(src, self.run_fp)
         (src / COMPLETE).write_text(f"{state.global_step}\n")
         fsync_tree(src)
         dst = self.root / name

@@ -1,16 +1,31 @@
-"""Checkpoint folders: complete ones carry a COMPLETE marker (written last, before the atomic rename).
+"""Checkpoint folders: complete ones carry a COMPLETE marker (written last, before the atomic rename),
+and a run fingerprint: what was trained on what, so that a resume never continues someone else's run.
 
 No torch or transformers here: `--resume` is validated before anything heavy is imported.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+from contracts.errors import ContractError
+
 COMPLETE = "COMPLETE"
+FINGERPRINT = "socrates_run.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+# What may differ between a checkpoint and the run resuming from it: how a step is computed (memory,
+# kernels, the micro-batch split of the same global batch, bookkeeping), never what it computes.
+# A smaller card can therefore resume with a smaller train.micro_batch.
+HOW_NOT_WHAT = frozenset({
+    "train.micro_batch", "train.packing", "train.gradient_checkpointing", "train.checkpoint_layers", "train.liger",
+    "train.attn_implementation", "train.fused_lora", "train.offload_checkpoints", "train.compile",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.logging_steps",
+})
+_SECTIONS = ("model", "lora", "train")
 
 
 def is_complete(path: Path) -> bool:
@@ -52,3 +67,52 @@ def fsync_dir(d: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fingerprint(config: dict, data_hash: str) -> dict:
+    """The config keys that decide what is learned (model, lora, train less HOW_NOT_WHAT), flat, and
+    the prepared data's content hash. JSON-normal, so a fresh one compares equal to a stored one."""
+    flat: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}", v)
+        elif prefix not in HOW_NOT_WHAT:
+            flat[prefix] = node
+
+    for section in _SECTIONS:
+        walk(section, config.get(section, {}))
+    return json.loads(json.dumps({"data_hash": data_hash, "config": flat}, sort_keys=True))
+
+
+def write_fingerprint(checkpoint: Path, fp: dict) -> None:
+    (checkpoint / FINGERPRINT).write_text(json.dumps(fp, indent=1, sort_keys=True) + "\n")
+
+
+def check_resumable(checkpoint: Path, fp: dict, how: str) -> bool:
+    """Refuse (exit 2, one line) a checkpoint trained with another config or on other data. False
+    when it carries no fingerprint (written before there was one): the caller says so, then resumes."""
+    f = checkpoint / FINGERPRINT
+    if not f.is_file():
+        return False
+    try:
+        old = json.loads(f.read_text())
+    except (OSError, ValueError):
+        raise ContractError(f"--resume {how}: {checkpoint}/{FINGERPRINT} is unreadable; the checkpoint is damaged "
+                            "(accepted: a complete checkpoint; --resume never starts over)") from None
+    diffs = []
+    if old.get("data_hash") != fp["data_hash"]:
+        diffs.append(f"data hash {str(old.get('data_hash'))[:12]} there, {fp['data_hash'][:12]} here")
+    was, now = old.get("config", {}), fp["config"]
+    for key in sorted(set(was) | set(now)):
+        if was.get(key, "<unset>") != now.get(key, "<unset>"):
+            diffs.append(f"{key} {was.get(key, '<unset>')!r} there, {now.get(key, '<unset>')!r} here")
+    if diffs:
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise ContractError(
+            f"--resume {how}: {checkpoint.parent.name}/{checkpoint.name} comes from a different run: "
+            f"{'; '.join(diffs[:3])}{more} (accepted: the config and data it was trained with; changes to how a "
+            "step runs, such as train.micro_batch or the speed switches, are fine; --resume never starts over "
+            "and deletes these checkpoints, or pick another --out)")
+    return True

@@ -5,7 +5,8 @@ the adapter and a manifest.
 
 Checkpoints: the Trainer writes into checkpoints/.staging; once it is done (optimizer, scheduler,
 RNG and trainer state included) the folder gets a COMPLETE marker, is fsynced and renamed into
-checkpoints/. A half-written one therefore never carries the marker and is never resumed from.
+checkpoints/. A half-written one therefore never carries the marker and is never resumed from. Each
+one carries the run's fingerprint (job/checkpoints.py): a resume with another config or data is refused.
 """
 from __future__ import annotations
 
@@ -21,7 +22,14 @@ from contracts import manifest
 from contracts.config import RunConfig, load_config
 from contracts.errors import ContractError
 from contracts.events import EventWriter
-from job.checkpoints import COMPLETE, complete_checkpoints, is_complete, resume_point  # noqa: F401
+from job.checkpoints import (  # noqa: F401
+    COMPLETE,
+    check_resumable,
+    complete_checkpoints,
+    fingerprint,
+    is_complete,
+    resume_point,
+)
 from job.env import quiet_bnb_cpu_notice
 from job.errors import JobCannotRun
 
@@ -41,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run config (.yaml, or seed-style .json)")
     p.add_argument("--data", default=None, help="folder from `job prepare` (default: prepare the config's data.source into OUT/data)")
     p.add_argument("--out", required=True, help="output folder: adapter/, manifest.json, events.jsonl, checkpoints/")
-    p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint in OUT, if any) | never | PATH")
+    p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint in OUT, if any) | never (deletes OUT/checkpoints) | PATH; a "
+                   "checkpoint trained with another config or data is refused")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,11 +108,16 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         total_steps < math.ceil(n_rows * cfg.train.epochs / cfg.train.global_batch) else "completed"
 
     ckpt_root = out / "checkpoints"
+    data_hash = D.content_hash(data_dir)
+    run_fp = fingerprint(cfg.to_dict(), data_hash)
     resume_from = resume_point(resume, ckpt_root)
+    if resume_from and not check_resumable(resume_from, run_fp, resume):
+        events.emit("log", message=f"{resume_from.name} carries no run fingerprint (written by an older version): "
+                                   "resuming without checking that config and data match")
     shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
     torch.manual_seed(cfg.train.seed)
     model = build(cfg, tok, device)
-    trainer = _trainer(cfg, model, tok, dataset, ckpt_root, total_steps, world, device, events)
+    trainer = _trainer(cfg, model, tok, dataset, ckpt_root, total_steps, world, device, events, run_fp)
     t0 = time.time()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     deadline_hit = trainer.socrates_deadline.hit  # type: ignore[attr-defined]
@@ -124,7 +138,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     card = env.card_info()
     peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else 0.0
     meta = {
-        "kind": "adapter", "config": cfg.to_dict(), "data_hash": D.content_hash(data_dir), "packages": env.package_versions(),
+        "kind": "adapter", "config": cfg.to_dict(), "data_hash": data_hash, "packages": env.package_versions(),
         "card": card, "git_revision": env.git_revision(), "steps": step, "total_steps": total_steps,
         "reason": reason, "resumed_from": resume_from.name if resume_from else None, "train_rows": n_rows,
         "rows_too_long": dropped, "peak_gpu_mem_gib": peak, "train_seconds": round(time.time() - t0, 1),
@@ -152,7 +166,8 @@ def _dataset(cfg: RunConfig, tok, data_dir: Path):
     return ds, len(kept), len(pairs) - len(kept)
 
 
-def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: int, world: int, device, events):
+def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: int, world: int, device, events,
+             run_fp: dict):
     from trl import SFTConfig, SFTTrainer
 
     from job.callbacks import CheckpointCallback, DeadlineCallback, EventsCallback
@@ -193,13 +208,15 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
         _score_answer_positions_only_on_cpu()
     deadline = DeadlineCallback()
     trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tok,
-                         callbacks=[EventsCallback(events, total_steps), CheckpointCallback(ckpt_root, t.keep_checkpoints, events),
+                         callbacks=[EventsCallback(events, total_steps), CheckpointCallback(ckpt_root, t.keep_checkpoints, events, run_fp),
                                     deadline])
     trainer.socrates_deadline = deadline
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the step events already say it, as JSON
-    from job import fast  # speed levers (issue 7): packed collator, answer-only loss, kernels, checkpointing
+    from job import (
+        fast,  # speed levers (issue 7): packed collator, answer-only loss, kernels, checkpointing
+    )
 
     fast.speed_up(model, t, device, trainer=trainer, pad_id=tok.pad_token_id)
     return trainer
