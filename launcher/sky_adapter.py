@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 _ENDED_OK = ("SUCCEEDED",)
 _ENDED_BAD = ("FAILED", "FAILED_SETUP", "FAILED_DRIVER", "CANCELLED")
 REMOTE_WORKDIR = "~/sky_workdir"
+RSYNC_CEILING_S = 3600  # out/ without checkpoints/ is adapters + eval files: minutes even on a slow link
 
 
 class SkyAdapter:
@@ -89,9 +90,15 @@ class SkyAdapter:
     def rsync_down(self, cluster_name: str, remote_dir: str, local_dir: Path) -> None:
         """rsync through the SSH alias SkyPilot writes for the cluster (~/.sky/generated/ssh)."""
         local_dir.mkdir(parents=True, exist_ok=True)
-        cmd = ["rsync", "-az", "--partial", "--exclude", "checkpoints/", "-e", "ssh -o ConnectTimeout=30",
+        # A dead link must fail (and be retried), not hang: ssh keepalives end a silent connection in
+        # ~1 min, rsync's --timeout ends a stalled transfer, and the whole pull has a ceiling.
+        ssh = "ssh -o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4"
+        cmd = ["rsync", "-az", "--partial", "--timeout=120", "--exclude", "checkpoints/", "-e", ssh,
                f"{cluster_name}:{remote_dir.rstrip('/')}/", f"{local_dir}/"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RSYNC_CEILING_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"rsync from {cluster_name}:{remote_dir} did not finish in {RSYNC_CEILING_S} s") from None
         if proc.returncode != 0:
             raise RuntimeError(f"rsync from {cluster_name}:{remote_dir} failed ({proc.returncode}): "
                                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")

@@ -274,3 +274,33 @@ def test_sky_status_on_a_run_that_never_launched(cloud, tmp_path):
     r = cli(["status", run.id], cloud)
     assert "machine:  gone" in r.stdout and "state:    failed" in r.stdout
     assert cli(["down", run.id], cloud).returncode == 0
+
+
+def test_cluster_names_stay_unique_when_cut_to_fit():
+    """Two runs whose ids share their first 50 characters (a long config name, the same second) must
+    not share a cluster: one run's teardown would end the other's machine."""
+    from launcher.backends.sky import cluster_name_for
+
+    long_name = "socrates-qwen2.5-14b-qlora-unseen-studies-ablation"
+    a, b = (cluster_name_for(f"{long_name}-20261126-101500-{tail}") for tail in ("ab12", "cd34"))
+    assert a != b and len(a) <= 50 and len(b) <= 50
+    for name in (a, b, cluster_name_for("smoke-20261126-101500-ab12")):
+        assert name[0].isalpha() and set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-") and not name.endswith("-")
+    assert cluster_name_for("smoke-20261126-101500-ab12") == "socrates-smoke-20261126-101500-ab12"  # short ids as they are
+    assert a == cluster_name_for(f"{long_name}-20261126-101500-ab12")  # the same run finds its cluster again
+
+
+def test_a_hung_pull_fails_instead_of_hanging(tmp_path, monkeypatch):
+    """The real adapter's rsync_down: a stalled transfer ends in an error the download retries handle."""
+    from launcher import sky_adapter
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "rsync").write_text("#!/bin/sh\nexec sleep 60\n")
+    (bin_dir / "rsync").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(sky_adapter, "RSYNC_CEILING_S", 1)
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="did not finish in 1 s"):
+        sky_adapter.SkyAdapter.rsync_down(object(), "socrates-x", "~/sky_workdir/out", tmp_path / "dl")
+    assert time.time() - t0 < 10

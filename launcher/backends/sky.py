@@ -7,6 +7,7 @@ launcher killed at any instant leaves a run that `status` can reconcile and `dow
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import re
@@ -30,9 +31,13 @@ _PHASE_CLUES = (("Syncing", "syncing"), ("Running setup", "installing"), ("Job s
 
 
 def cluster_name_for(run_id: str) -> str:
-    """SkyPilot cluster names: lowercase letters, digits and dashes, starting with a letter."""
+    """SkyPilot cluster names: lowercase letters, digits and dashes, starting with a letter, at most
+    50 here. One run, one cluster: a name cut to fit keeps a hash of the whole run id, since two runs
+    whose ids share the first 50 characters would otherwise share (and tear down) one cluster."""
     name = re.sub(r"[^a-z0-9-]+", "-", f"socrates-{run_id}".lower()).strip("-")
-    return name[:50].rstrip("-")
+    if len(name) <= 50:
+        return name
+    return f"{name[:41].rstrip('-')}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
 def load_adapter() -> Any:
