@@ -77,7 +77,9 @@ def test_job_failure_fails_the_run_and_tears_down(tmp_path, verb):
     r = cli(["up", "--infra", "local", "--yes"], env)
     assert r.returncode == 1
     rec = only_run(tmp_path / "runs")
-    assert rec["state"] == "failed" and rec["exit_code"] == 1 and not rec["verified"]
+    assert rec["state"] == "failed" and rec["exit_code"] == 1
+    # after training, the finished adapter is pulled back and verified before the teardown
+    assert rec["verified"] == (verb == "evaluate") and bool(rec["adapter"]) == (verb == "evaluate")
     assert f"failing in {verb}" in r.stdout  # the job's last output is shown
     _assert_machine_gone(rec)
 
@@ -89,7 +91,11 @@ def test_artifact_not_matching_manifest_is_never_called_done(tmp_path):
     rec = only_run(tmp_path / "runs")
     assert rec["state"] == "failed" and "do not match the manifest" in rec["error"] and not rec["verified"]
     assert not (Path(rec["dir"]) / "adapter").exists()
-    _assert_machine_gone(rec)
+    # the job's own copy is left where it is (on this machine nothing bills) and the way out is printed
+    assert Path(rec["backend_state"]["workdir"]).is_dir() and rec["machine"] == "up"
+    assert f"socrates-launch down {rec['id']}" in " ".join(r.stdout.split())
+    assert cli(["down", rec["id"]], env).returncode == 0
+    _assert_machine_gone(only_run(tmp_path / "runs"))
 
 
 def test_detach_then_logs_reattaches_and_finishes(tmp_path):

@@ -149,7 +149,7 @@ def test_sky_up_end_to_end_with_fake_cloud(cloud):
 
 
 @pytest.mark.parametrize("fault,phase", [("provision", "provisioning"), ("sync", "syncing"),
-                                         ("setup", "installing"), ("run", "running"), ("download", "downloading")])
+                                         ("setup", "installing"), ("run", "running")])
 def test_every_failure_ends_in_down(cloud, fault, phase):
     env = {**cloud, "FAKESKY_FAIL": fault}
     if fault == "run":
@@ -159,9 +159,43 @@ def test_every_failure_ends_in_down(cloud, fault, phase):
     rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
     assert rec["state"] == "failed" and rec["error"].startswith(phase), rec["error"]
     assert not rec["verified"]
+    if fault == "run":  # training died: there is no finished adapter to save first
+        assert "no finished adapter on the machine" in rec["error"]
     _assert_nothing_running(cloud, rec)
-    if fault == "download":
-        assert _calls(cloud).count(f"rsync {rec['backend_state']['cluster']}") == 3  # retried before giving up
+
+
+def test_a_job_failing_after_training_still_brings_the_adapter_back(cloud):
+    """Evaluation crashes (or the deadline's hard kill lands in it): the adapter training finished and
+    the cloud billed for is pulled back and verified before the teardown; the run still says failed."""
+    r = cli(UP, {**cloud, "FAKEJOB_FAIL": "evaluate"})
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert rec["state"] == "failed" and rec["error"].startswith("running: the job exited with status 1")
+    assert "pulled back and verifies" in rec["error"] and rec["adapter"]
+    assert manifest.verify(rec["dir"]) == [] and (Path(rec["adapter"]) / "adapter_model.safetensors").is_file()
+    _assert_nothing_running(cloud, rec)
+
+
+def test_a_failed_download_leaves_the_results_on_the_machine_and_says_how_to_get_them(cloud):
+    """The job succeeded but the pull keeps failing: tearing down would delete the only copy. The
+    machine stays up (its autodown is armed) and the user is told how to pull, then end it."""
+    r = cli(UP, {**cloud, "FAKESKY_FAIL": "download"})
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    cluster = rec["backend_state"]["cluster"]
+    assert rec["state"] == "failed" and rec["error"].startswith("downloading"), rec["error"]
+    assert _calls(cloud).count(f"rsync {cluster}") == 3  # retried before giving up
+    assert len(_clusters(cloud)) == 1 and f"down {cluster}" not in _calls(cloud)
+    out = " ".join(r.stdout.split())
+    assert f"socrates-launch download {rec['id']}" in out and f"socrates-launch down {rec['id']}" in out
+    assert "autodown ends it 15 min after the job ended" in out
+    assert "still up" in cli(["status", rec["id"]], cloud).stdout
+    r = cli(["download", rec["id"]], cloud)  # the link is back
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert rec["verified"] and manifest.verify(rec["dir"]) == []
+    assert cli(["down", rec["id"]], cloud).returncode == 0
+    _assert_nothing_running(cloud, only_run(Path(cloud["SOCRATES_RUNS_DIR"])))
 
 
 def test_failed_teardown_is_loud_and_down_retries_it(cloud):

@@ -51,3 +51,9 @@ class Backend(ABC):
     @abstractmethod
     def machine_state(self, run: Any) -> str:
         """What really exists now: 'up', 'gone' or 'unknown' (used by `status` to reconcile)."""
+
+    def left_up_ends_by(self, run: Any) -> str | None:
+        """If the results could not be pulled after the job ended, leaving the machine up keeps them
+        reachable. What then ends it (a sentence), or None when nothing would and it would bill: then
+        it is torn down (money first)."""
+        return None

@@ -104,6 +104,9 @@ class LocalBackend(Backend):
         if workdir and Path(workdir).exists():
             shutil.rmtree(workdir, ignore_errors=True)
 
+    def left_up_ends_by(self, run: Any) -> str | None:
+        return "it is a folder on this machine (nothing is billed) and stays until `down`"
+
     def machine_state(self, run: Any) -> str:
         workdir = run.backend_state.get("workdir")
         if _alive(run.backend_state.get("pgid")) or (workdir and Path(workdir).exists()):

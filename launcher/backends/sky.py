@@ -63,6 +63,11 @@ class SkyBackend(Backend):
 
     # --- lifecycle ---------------------------------------------------------------------------
 
+    def left_up_ends_by(self, run: Any) -> str | None:
+        return (f"SkyPilot's autodown ends it {self.idle_minutes} min after the job ended, and deletes the "
+                "results with it")
+
+
     def launch(self, run: Any) -> None:
         cluster = cluster_name_for(run.id)
         # Saved before SkyPilot is asked for anything: `down` can always find it.

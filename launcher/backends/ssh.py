@@ -208,6 +208,11 @@ class SshBackend(Backend):
             raise BackendError("down", f"--on-teardown {hook['cmd']!r} exited {hook['rc']}: "
                                        f"{hook['output'].strip()[-200:]} (the host may still be billing: stop it yourself)")
 
+    def left_up_ends_by(self, run: Any) -> str | None:
+        if self.opts.on_teardown:
+            return None  # the hook stops a paid host: it runs, results or not
+        return f"the host is yours: the run's folder on {self.target} stays until `down`"
+
     def machine_state(self, run: Any) -> str:
         """'up' while the run's folder or job exists on the host, 'gone' after teardown, 'unknown' if unreachable."""
         state = self._bind(run)

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold red]download failed:[/] {e}", highlight=False)
         status = 1
     else:
-        run_rec.transition("done")
+        run_rec.transition("done" if not run_rec.exit_code else before)  # a job that failed stays failed
         console.print(f"adapter: {run_rec.adapter} (verified)", highlight=False)
         status = 0
     console.print(f"[bold red]the machine of run {run_rec.id} is still up (billing). End it: "

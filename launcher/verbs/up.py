@@ -30,6 +30,7 @@ DEFAULT_GPU = "A100:1"
 SECOND_CTRL_C_S = 3.0
 DOWNLOAD_ATTEMPTS = 3
 DOWNLOAD_RETRY_S = 1.0
+SALVAGE_ATTEMPTS = 2  # after a failed job: usually there is simply no manifest, so fewer tries
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -248,6 +249,23 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
     backend.on_phase = recorder.phase
     try:
         status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
+    except _DownloadFailed as e:
+        progress.close()
+        message = redact(str(e.__cause__ or e))
+        ends_by = backend.left_up_ends_by(run)
+        run.transition("failed", note=message, error=message)
+        if ends_by is None:
+            console.print(f"[bold red]run {run.id}: the job finished but its results could not be pulled back "
+                          f"({message}); the machine is torn down (nothing would end it otherwise)[/]", highlight=False)
+        else:
+            # The only copy of the adapter is on the machine: leave it up (its end is armed) and say so.
+            console.print(
+                f"[bold red]run {run.id}: the job finished but its results could not be pulled back:[/] {message}\n"
+                f"  they are still on the machine, which is left up: {ends_by}.\n"
+                f"  pull them:  socrates-launch download {run.id}\n  then end it: socrates-launch down {run.id}",
+                highlight=False)
+            return 1
+        status = 1
     except KeyboardInterrupt:
         progress.close()
         return _interrupted(run, backend, console, recorder)
@@ -288,11 +306,28 @@ def _lifecycle(run: registry.Run, backend, recorder: "Recorder", console, *, lau
     _save_log(run, backend)
     run.update(exit_code=code)
     if code != 0:
-        raise BackendError("running", f"the job exited with status {code}")
+        raise BackendError("running", f"the job exited with status {code}{_salvage(run, backend, recorder)}")
     recorder.progress.close()
-    fetch_and_verify(run, backend, recorder)
+    try:
+        fetch_and_verify(run, backend, recorder)
+    except (BackendError, ContractError, OSError) as e:
+        raise _DownloadFailed() from e
     run.transition("done")
     return 0
+
+
+class _DownloadFailed(Exception):
+    """The job succeeded, its results did not come back (the cause is chained)."""
+
+
+def _salvage(run: registry.Run, backend, recorder: "Recorder") -> str:
+    """A job that failed after training (evaluation crashed, the deadline's hard kill) has a finished,
+    paid-for adapter on the machine: pull it back before teardown if its manifest verifies."""
+    try:
+        fetch_and_verify(run, backend, recorder, attempts=SALVAGE_ATTEMPTS)
+    except (BackendError, ContractError, OSError):
+        return "; no finished adapter on the machine to pull back"
+    return f"; the adapter it had finished was pulled back and verifies: {run.adapter}"
 
 
 class Recorder:
