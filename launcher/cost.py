@@ -250,7 +250,7 @@ def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
     hub = load_hub_stats()
     rows = hub["splits"].get(d.split)
     if rows:
-        train_all, test_all, where = rows["train"], rows["test"], "rows from PAPER.md"
+        train_all, test_all, where = rows["train"], rows["test"], "rows from the SOCRATES paper (arXiv 2509.05830)"
     else:
         share = _train_share(hub, d.split)
         train_all, test_all = round(hub["total_rows"] * share), round(hub["total_rows"] * (1 - share))
