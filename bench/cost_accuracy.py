@@ -3,6 +3,11 @@
     python bench/cost_accuracy.py --data .carry/socsci210_real_sample.jsonl --subsets 0.25,0.5 --out $OUT
     python bench/cost_accuracy.py --tiny        # the same code path on CPU with a tiny Qwen2 (no GPU)
 
+`.carry/` (not in the repo) is where the developers copied the 2,780-row SocSci210 sample to the GPU
+machine: the same file as ../shared/fixtures/socsci210_real_sample.jsonl, which is the default
+--data when it exists (else synthetic:600). The Qwen BPE ranks come from the installed dashscope
+wheel (or $QWEN_TIKTOKEN; see job/tokenizer.py and bench/COST_ACCURACY.md).
+
 Each subset runs the job's real train path (`job.prepare.prepare` then `job.train.train`: the
 Qwen2.5-14B architecture with random weights, 4-bit NF4, LoRA, the paper's optimizer and packing)
 in its own process. The cost model's training term is tokens / tokens_per_s, with tokens exact

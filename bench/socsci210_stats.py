@@ -6,7 +6,8 @@ The launcher can't see the hub dataset before a run, so it ships this file. It i
 over the real rows we have (2,780 rows of 20 studies), with each prompt re-rendered with a FULL
 16-field demographic profile (the sample kept only 3-7 fields; the real dataset has all 16),
 tokenized with Qwen2.5's real BPE inside its chat template (system + user + answer), and scaled to
-the dataset's row counts in PAPER.md. Bands come from a bootstrap over studies.
+the dataset's row counts in the SOCRATES paper (arXiv 2509.05830). Bands come from a bootstrap over
+studies.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from contracts.config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 
-# Row counts from PAPER.md (the dataset card and the participant mapping).
+# Row counts from the SOCRATES paper, arXiv 2509.05830 (the dataset card and the participant mapping).
 TOTAL_ROWS = 2_901_390
 SPLIT_ROWS = {"unseen-studies": {"train": 2_418_748, "test": 482_642}}
 HEADER = "You are a survey respondent with the following demographic profile:"
@@ -73,7 +74,7 @@ def full_profile(demo: dict, rng: random.Random) -> dict:
 
 
 def render(profile: dict, stimuli: str) -> str:
-    """PAPER.md's prompt format (checked byte for byte against the sample's own `prompt`)."""
+    """The SOCRATES paper's prompt format (checked byte for byte against the sample's own `prompt`)."""
     lines = [HEADER] + [f"- {k.replace('_', ' ').title()}: {v}" for k, v in profile.items() if v is not None]
     return "\n".join(lines) + "\n\n" + INSTRUCTION + "\n\n" + stimuli
 
@@ -112,12 +113,13 @@ def main(sample: Path, out: Path, seed: int = 0) -> dict:
         "derived": (
             f"bench/socsci210_stats.py over {len(rows)} real rows of {len(per_study)} studies "
             "(../shared/fixtures/socsci210_real_sample.jsonl, a public 1% split); each prompt re-rendered "
-            "in PAPER.md's format with a FULL 16-field demographic profile (the sample kept 3-7 fields, the "
-            "real rows have 16; missing fields filled with TESS/KnowledgePanel-style values, seeded), "
+            "in the SOCRATES paper's format (arXiv 2509.05830) with a FULL 16-field demographic profile "
+            "(the sample kept 3-7 fields, the real rows have 16; missing fields filled with "
+            "TESS/KnowledgePanel-style values, seeded), "
             "wrapped in Qwen2.5's chat template with the default system message and the answer, tokenized "
             "with Qwen2.5's real BPE (dashscope's qwen.tiktoken + the Qwen2 pre-tokenizer regex). "
-            "Rows per split from PAPER.md; splits other than unseen-studies have no published row counts "
-            "and are estimated as the whole dataset's rows x their train share (marked approximate)."),
+            "Rows per split from the SOCRATES paper; splits other than unseen-studies have no published "
+            "row counts and are estimated as the whole dataset's rows x their train share (marked approximate)."),
         "tokenizer": "Qwen2.5 BPE (qwen.tiktoken, 151,643 ranks + chat specials)",
         "total_rows": TOTAL_ROWS,
         "splits": SPLIT_ROWS,

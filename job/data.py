@@ -1,5 +1,5 @@
 """SocSci210 rows: loading (hub id, local parquet/jsonl file or folder, `synthetic:N`), validation,
-splits (docs/PAPER.md), the stratified subset, prompt rendering and the (input_ids, labels) pair.
+splits (the SOCRATES paper, arXiv 2509.05830), the stratified subset, prompt rendering and the (input_ids, labels) pair.
 
 Every data problem is a `ContractError` naming the file and what is wrong (the CLI: exit 2).
 """
@@ -158,7 +158,7 @@ def validate_rows(rows: list[dict], where: str) -> None:
 # --- Prompt ----------------------------------------------------------------------------------
 
 def render_prompt(row: dict) -> str:
-    """The row's own `prompt` verbatim; else PAPER.md's format from demographic + stimuli."""
+    """The row's own `prompt` verbatim; else the SOCRATES paper's format from demographic + stimuli."""
     if row.get("prompt"):
         return row["prompt"]
     demo = row.get("demographic") or {}
@@ -202,7 +202,7 @@ def encode(tok, rows: list[dict], system_prompt: str) -> list[tuple[list[int], l
 # --- Splits and subset -----------------------------------------------------------------------
 
 def split_rows(src: Source, split: str, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, test) per PAPER.md: the authors' mapping when the source has it, else deterministic."""
+    """(train, test) per the SOCRATES paper: the authors' mapping when the source has it, else deterministic."""
     if split not in SPLITS:
         raise ContractError(f"--split: {split!r} is not accepted ({' | '.join(SPLITS)})")
     rows, mapping = src.rows, src.mappings.get(split)

@@ -1,4 +1,4 @@
-"""The paper's evaluation metrics (PAPER.md, "Evaluation"), pure numpy/scipy: no torch here.
+"""The SOCRATES paper's evaluation metrics (arXiv 2509.05830, "Evaluation"), pure numpy/scipy: no torch here.
 
 A *cell* is (study_id, condition_num, task_num). Per cell, human and model answers are rescaled
 to [0, 1] with the cell's *human* min and max; model answers are clipped to [0, 1]. Cells with
@@ -31,7 +31,7 @@ from scipy.stats import wasserstein_distance
 MAX_LEVELS = 101
 MIN_GROUP_ROWS = 10
 
-# Table 2 of the paper, unseen studies, W (lower is better); PAPER.md.
+# Table 2 of the SOCRATES paper (arXiv 2509.05830), unseen studies, W (lower is better).
 PAPER_TABLE2 = {
     "Uniform guess": 0.203,
     "Llama3-8B base": 0.219,

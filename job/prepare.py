@@ -1,5 +1,6 @@
-"""`python -m job prepare`: load SocSci210 (hub id, local file/folder or synthetic:N), split per
-PAPER.md, subset the training side by study, count tokens exactly, write the splits + stats + hash.
+"""`python -m job prepare`: load SocSci210 (hub id, local file/folder or synthetic:N), split as
+the SOCRATES paper (arXiv 2509.05830) does, subset the training side by study, count tokens exactly,
+write the splits + stats + hash.
 """
 from __future__ import annotations
 

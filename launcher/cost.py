@@ -250,7 +250,7 @@ def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
     hub = load_hub_stats()
     rows = hub["splits"].get(d.split)
     if rows:
-        train_all, test_all, where = rows["train"], rows["test"], "rows from PAPER.md"
+        train_all, test_all, where = rows["train"], rows["test"], "rows from the SOCRATES paper (arXiv 2509.05830)"
     else:
         share = _train_share(hub, d.split)
         train_all, test_all = round(hub["total_rows"] * share), round(hub["total_rows"] * (1 - share))
@@ -490,7 +490,7 @@ def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None)
     and setup before it; grace, adapter download and teardown after it), so billed time stays
     within the cap. None without caps.
     """
-    check_caps(max_cost, max_hours)
+    check_caps(max_cost, max_hours, est.infra)
     if max_cost is None and max_hours is None:
         return None
     best, hours = est.cheapest, est.hours
@@ -499,7 +499,9 @@ def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None)
         around = ("provisioning", "image / setup", "adapter download", "teardown")
         tail = DEADLINE_GRACE_S + sum(t.high_s for t in est.plan.terms if t.name in around)
     limits = []
-    if max_cost is not None and best is not None:
+    if max_cost is not None:
+        if best is None:  # no priced offer to turn dollars into machine time: never ignore the cap silently
+            raise ContractError(_no_price(max_cost))
         lo, exp, hi = best.dollars
         if hi > max_cost:
             raise ContractError(
@@ -517,12 +519,20 @@ def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None)
     return min(limits) if limits else None
 
 
-def check_caps(max_cost: float | None, max_hours: float | None) -> None:
-    """Caps are numbers > 0 (checked before anything is estimated or created)."""
+def check_caps(max_cost: float | None, max_hours: float | None, infra: str | None = None) -> None:
+    """Caps are numbers > 0, and a dollar cap needs a cloud price: not on `infra` local or ssh://
+    (checked before anything is estimated or created)."""
     for flag, value in (("--max-cost", max_cost), ("--max-hours", max_hours)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value <= 0):
             raise ContractError(f"{flag} {value!r}: not accepted (a number > 0)")
+    if max_cost is not None and infra is not None and infra.startswith(LOCAL_INFRA_PREFIXES):
+        raise ContractError(_no_price(max_cost))
+
+
+def _no_price(max_cost: float) -> str:
+    return (f"--max-cost {max_cost:g}: a dollar cap needs a cloud price (--infra sky); "
+            "on local or ssh machines use --max-hours")
 
 
 def actual_cost(run: Any) -> float | None:

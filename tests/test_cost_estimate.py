@@ -159,6 +159,18 @@ def test_max_cost_below_the_low_estimate_refuses_and_launches_nothing(sky_home, 
     assert not runs.exists() or not any(runs.iterdir())
 
 
+@pytest.mark.parametrize("verb", ["estimate", "up"])
+@pytest.mark.parametrize("infra", ["local", "ssh://ubuntu@127.0.0.1:1"])
+def test_max_cost_on_a_machine_without_a_price_is_refused_not_ignored(sky_home, tmp_path, verb, infra):
+    # Local and ssh machines have no cloud price, so a dollar cap can't become a deadline: exit 2, one
+    # line, before a run exists or a host is contacted (port 1: nothing listens there).
+    runs = tmp_path / "runs"
+    extra = ("--yes",) if verb == "up" else ()
+    p = cli(sky_home, verb, "--infra", infra, "--max-cost", "0.01", *extra, runs=runs)
+    one_line_error(p, "--max-cost 0.01", "cloud price", "--infra sky", "--max-hours")
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 # --- the terms, one by one --------------------------------------------------------------------
 
 def test_hub_tokens_scale_with_subset_and_split_rows():
@@ -272,7 +284,9 @@ def test_deadline_from_caps():
 def test_local_estimate_without_card_turns_max_hours_into_the_deadline():
     est = cost.estimate_run(load_config(REPO / "configs" / "smoke.yaml"), gpu=None, infra="local")
     assert est.offers == () and est.hours is None
-    assert cost.deadline_for(est, max_cost=1.0, max_hours=0.01) == pytest.approx(36.0)
+    assert cost.deadline_for(est, max_cost=None, max_hours=0.01) == pytest.approx(36.0)
+    with pytest.raises(ContractError, match="cloud price"):  # no price: a dollar cap is refused, not ignored
+        cost.deadline_for(est, max_cost=1.0, max_hours=0.01)
 
 
 def test_actual_cost_is_price_times_billed_time():

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--infra", default="sky", help="sky (default), local or ssh://user@host (no cloud price)")
     p.add_argument("--eval-rows", type=int, help="evaluate on at most N test rows (as `up --eval-rows`)")
     p.add_argument("--no-eval", action="store_true", help="no evaluation after training (as `up --no-eval`)")
-    p.add_argument("--max-cost", type=float, help="USD: say whether `up` would refuse, and the deadline it sets")
+    p.add_argument("--max-cost", type=float, help="USD: say whether `up` would refuse, and the deadline it sets (--infra sky only: "
+                   "local and ssh machines have no price; use --max-hours)")
     p.add_argument("--max-hours", type=float, help="hours: likewise")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.add_argument("--explain", action="store_true", help="show every term of the hours")
@@ -30,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from launcher import cost
 
-    cost.check_caps(args.max_cost, args.max_hours)
+    cost.check_caps(args.max_cost, args.max_hours, args.infra)
     cfg = resolve_config(args.config, args.subset, args.data)
     if args.eval_rows is not None:
         if args.eval_rows < 1:

@@ -15,7 +15,7 @@ from launcher import registry
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
-# The paper's Table 2 rows most worth seeing beside a run (PAPER.md).
+# Table 2 rows of the SOCRATES paper (arXiv 2509.05830) most worth seeing beside a run.
 PAPER_REFERENCE = (("uniform guess", 0.203), ("Qwen2.5-14B base", 0.205), ("SOCRATES-Qwen-14B", 0.151))
 
 

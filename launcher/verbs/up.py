@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-rows", type=int, default=None, help="evaluate on at most N test rows")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     p.add_argument("--eval-base", action="store_true", help="also evaluate the base model (the paper's baseline)")
-    p.add_argument("--max-cost", type=float, default=None, help="refuse to start if the high estimate exceeds USD; cap the run to it")
+    p.add_argument("--max-cost", type=float, default=None, help="refuse to start if the high estimate exceeds USD; cap the run to it (--infra sky only)")
     p.add_argument("--max-hours", type=float, default=None, help="stop the job after H hours of machine time (adapter saved)")
     p.add_argument("--allow-cpu", action="store_true", help="let the job run without a GPU (tests, the local demo)")
     from launcher.ssh_options import add_arguments as add_ssh_arguments  # --ssh-key etc. (issue #6)
