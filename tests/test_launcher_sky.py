@@ -295,6 +295,45 @@ def test_ctrl_c_twice_tears_down_now(cloud):
     _assert_nothing_running(cloud, rec)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
+def test_interrupted_while_provisioning_tears_down(cloud, sig):
+    """The terminal closes (SIGHUP), the launcher is killed politely (SIGTERM) or Ctrl-C, before the job
+    was submitted: SkyPilot has not armed autodown yet, so nothing would end that machine. We do."""
+    env = {**cloud, "FAKESKY_PROVISION_S": "30"}
+    proc = spawn(UP, env)
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    wait_for_state(runs, ("provisioning",), timeout=90)
+    time.sleep(0.5)
+    assert len(_clusters(cloud)) == 1  # it was really being provisioned
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    rec = only_run(runs)
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert "autodown is not armed yet" in " ".join(out.split())
+    assert rec["state"] == "torn_down"
+    _assert_nothing_running(cloud, rec)
+
+
+def test_sigterm_while_running_detaches_with_autodown_armed(cloud):
+    """Once the job runs, autodown is armed on the machine: a stopped launcher detaches (like one
+    Ctrl-C), the job goes on, and `logs` finishes the run."""
+    env = {**cloud, "FAKEJOB_STEPS": "30", "FAKEJOB_STEP_S": "0.1"}
+    proc = spawn(UP, env)
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    wait_for_state(runs, ("running",), timeout=90)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    rec = only_run(runs)
+    assert proc.returncode == 128 + signal.SIGTERM and f"socrates-launch logs {rec['id']}" in out
+    assert rec["state"] == "running" and len(_clusters(cloud)) == 1
+    r = cli(["logs", rec["id"]], cloud)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(runs)
+    assert rec["state"] == "done" and rec["verified"]
+    _assert_nothing_running(cloud, rec)
+
+
 def test_sky_status_on_a_run_that_never_launched(cloud, tmp_path):
     """A launcher killed before SkyPilot was asked anything: status says gone, down is a no-op."""
     from launcher import registry

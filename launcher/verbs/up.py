@@ -7,6 +7,7 @@ says loudly how to reach and end what is still running (detach / first Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import signal
 import sys
@@ -116,9 +117,9 @@ def plan_run(args: argparse.Namespace) -> Plan:
         overrides["eval.rows"] = args.eval_rows
     if overrides:
         cfg = cfg.with_overrides(overrides, source="command line")
-    for flag, value in (("--max-cost", args.max_cost), ("--max-hours", args.max_hours)):
-        if value is not None and not value > 0:
-            raise ContractError(f"{flag} {value}: not accepted (a number > 0)")
+    from launcher.cost import check_caps
+
+    check_caps(args.max_cost, args.max_hours, infra)  # numbers > 0; a dollar cap only where there is a price
     if infra != "sky" and (args.cloud or args.spot):
         raise ContractError(f"--cloud/--spot: not accepted with --infra {infra} (they choose a SkyPilot offer)")
     name = args.name or cfg.name
@@ -248,7 +249,8 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
     recorder = Recorder(run, progress)
     backend.on_phase = recorder.phase
     try:
-        status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
+        with _hangups_raise():
+            status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
     except _DownloadFailed as e:
         progress.close()
         message = redact(str(e.__cause__ or e))
@@ -266,8 +268,14 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
                 highlight=False)
             return 1
         status = 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _HungUp) as e:
         progress.close()
+        if run.state in ("created", "provisioning"):
+            return _abort_provisioning(run, backend, console, recorder, e)
+        if isinstance(e, _HungUp):  # the terminal went away or we were asked to stop: detach, quietly
+            run.update(note=f"launcher stopped by {e.name}; the job runs on")
+            _say_detached(run, console)
+            return 128 + e.signum
         return _interrupted(run, backend, console, recorder)
     except (BackendError, ContractError, OSError) as e:
         progress.close()
@@ -407,6 +415,50 @@ def teardown(run: registry.Run, backend, recorder: Recorder | None, console) -> 
     else:
         run.update(**state)
     return True
+
+
+class _HungUp(BaseException):
+    """SIGTERM or SIGHUP (a closed terminal, a logout, `kill`), raised where the launcher is."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _hangups_raise():
+    """Without this, SIGTERM/SIGHUP end the launcher on the spot: no teardown of a machine still
+    being provisioned, which SkyPilot has not armed autodown on yet."""
+    def raise_hangup(signum, frame):
+        raise _HungUp(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, raise_hangup) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _abort_provisioning(run: registry.Run, backend, console, recorder: Recorder, why: BaseException) -> int:
+    """Interrupted before the job started: SkyPilot arms autodown only when it submits the job (after
+    provisioning and file sync), so a machine left now might have nothing to end it. End it."""
+    name = why.name if isinstance(why, _HungUp) else "Ctrl-C"
+    console.print(f"\n[bold yellow]{name} while provisioning run {run.id}[/]: its autodown is not armed yet, "
+                  "so it is torn down now (nothing was trained)", highlight=False)
+    try:  # a half-done teardown is the expensive outcome: nothing interrupts it
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        teardown(run, backend, recorder, console)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + (why.signum if isinstance(why, _HungUp) else signal.SIGINT)
 
 
 def _interrupted(run: registry.Run, backend, console, recorder: Recorder) -> int:
