@@ -483,12 +483,12 @@ def _transfer(name: str, gb: float, mbps: tuple[float, float, float], what: str)
 # --- caps and the actual cost ----------------------------------------------------------------
 
 def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None) -> float | None:
-    """Seconds after the job starts on the machine (sky/train.yaml's DEADLINE_S) at which it must stop.
+    """Seconds after setup starts on the machine (sky/train.yaml's DEADLINE_S) at which the job must stop.
 
     Refuses (ContractError -> exit 2) when the HIGH estimate exceeds a cap. Otherwise the deadline
-    is the cap's machine time minus what the cloud bills around the job at its worst (provisioning
-    and setup before it; grace, adapter download and teardown after it), so billed time stays
-    within the cap. None without caps.
+    is the cap's machine time minus what the cloud bills outside that window at its worst
+    (provisioning before it; grace, adapter download and teardown after it), so billed time stays
+    within the cap. Setup runs inside the window (and is cut off by it). None without caps.
     """
     check_caps(max_cost, max_hours, est.infra)
     if max_cost is None and max_hours is None:
@@ -496,7 +496,7 @@ def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None)
     best, hours = est.cheapest, est.hours
     tail = 0.0
     if best is not None and est.plan is not None:
-        around = ("provisioning", "image / setup", "adapter download", "teardown")
+        around = ("provisioning", "adapter download", "teardown")
         tail = DEADLINE_GRACE_S + sum(t.high_s for t in est.plan.terms if t.name in around)
     limits = []
     if max_cost is not None:

@@ -266,7 +266,7 @@ def test_deadline_from_caps():
     est = _estimate_on(2.0)
     assert cost.deadline_for(est, None, None) is None
     around = cost.DEADLINE_GRACE_S + sum(t.high_s for t in est.plan.terms
-                                         if t.name in ("provisioning", "image / setup", "adapter download", "teardown"))
+                                         if t.name in ("provisioning", "adapter download", "teardown"))  # setup: inside
     hi_dollars = est.cheapest.dollars[2]
     d = cost.deadline_for(est, max_cost=hi_dollars * 2, max_hours=None)
     assert d == pytest.approx(hi_dollars * 2 / 2.0 * 3600 - around)

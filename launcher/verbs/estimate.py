@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     # After the table, as `up` does: a cap the high estimate exceeds is one line and exit 2.
     deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
     if deadline_s is not None:
-        console.print(f"caps hold: the job will stop by itself {deadline_s / 3600:.2f} h after it starts on the machine")
+        console.print(f"caps hold: the job will stop by itself {deadline_s / 3600:.2f} h after setup starts on the machine")
     return 0
 
 
