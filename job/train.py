@@ -11,6 +11,7 @@ one carries the run's fingerprint (job/checkpoints.py): a resume with another co
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -114,15 +115,25 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     if resume_from and not check_resumable(resume_from, run_fp, resume):
         events.emit("log", message=f"{resume_from.name} carries no run fingerprint (written by an older version): "
                                    "resuming without checking that config and data match")
+    done_at = _global_step(resume_from) if resume_from else 0
     shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
     torch.manual_seed(cfg.train.seed)
     model = build(cfg, tok, device)
     trainer = _trainer(cfg, model, tok, dataset, ckpt_root, total_steps, world, device, events, run_fp)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if done_at >= total_steps:
+        # The Trainer checks max_steps only after an optimizer step, so resuming a finished run would
+        # train one step past it (whenever max_steps is not a whole number of epochs). Nothing is left:
+        # load that checkpoint's weights the way a resume does and save them as the adapter.
+        events.emit("log", message=f"{resume_from.name} is at step {done_at} of {total_steps}: nothing left to train, "
+                                   "saving its adapter")
+        trainer._load_from_checkpoint(str(resume_from))
+        step = done_at
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        step = trainer.state.global_step
     deadline_hit = trainer.socrates_deadline.hit  # type: ignore[attr-defined]
     reason = "deadline" if deadline_hit else reason_at_end
-    step = trainer.state.global_step
 
     adapter = out / "adapter"
     tmp = out / ".adapter.tmp"
@@ -148,6 +159,14 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json",
                 peak_gpu_mem_gib=peak)
     return TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
+
+
+def _global_step(checkpoint: Path) -> int:
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ContractError(f"--resume: {checkpoint}/trainer_state.json is unreadable; the checkpoint is damaged "
+                            "(accepted: a complete checkpoint; --resume never starts over)") from None
 
 
 def _dataset(cfg: RunConfig, tok, data_dir: Path):

@@ -138,6 +138,45 @@ def test_sigkill_then_resume_auto_matches_a_straight_run(tiny, tmp_path):
     assert m["resumed_from"] == f"checkpoint-{last_good}" and m["steps"] == 12 and manifest.verify(killed) == []
 
 
+@pytest.mark.slow
+def test_resume_auto_after_max_steps_trains_nothing_and_saves_the_same_adapter(tiny, tmp_path):
+    """The launcher always passes --resume auto: re-running a finished job must not train a step past
+    max_steps (the Trainer checks it only after a step); it saves the last checkpoint's adapter again."""
+    from safetensors.torch import load_file
+
+    cfg, data = tiny
+    out = tmp_path / "run"
+    cmd = ("train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--resume", "auto")
+    r = _job(*cmd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert complete_checkpoints(out / "checkpoints")[-1].name == "checkpoint-12"
+
+    r = _job(*cmd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trained 12/12 steps (max_steps)" in r.stdout
+    events = read_all(out / "events.jsonl")
+    second_start = max(i for i, e in enumerate(events) if e["event"] == "start")
+    again = events[second_start:]
+    assert [e for e in again if e["event"] in ("step", "checkpoint")] == []
+    assert again[-1]["event"] == "done" and again[-1]["steps"] == 12 and again[-1]["reason"] == "max_steps"
+    assert complete_checkpoints(out / "checkpoints")[-1].name == "checkpoint-12"
+    assert not (out / "checkpoints" / "checkpoint-13").exists()
+    m = manifest.load(out)
+    assert manifest.verify(out) == [] and m["steps"] == 12 and m["resumed_from"] == "checkpoint-12"
+    second = load_file(out / "adapter" / "adapter_model.safetensors")
+    ckpt = load_file(out / "checkpoints" / "checkpoint-12" / "adapter_model.safetensors")
+    assert first.keys() == second.keys() == ckpt.keys() and first
+    for k in first:
+        assert _same_tensor(first[k], second[k]) and _same_tensor(ckpt[k], second[k]), k
+
+
+def _same_tensor(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
 def test_resume_point_skips_torn_and_staging_checkpoints(tmp_path):
     root = tmp_path / "checkpoints"
     for step, complete in ((2, True), (4, True), (6, False)):
