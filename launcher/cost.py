@@ -43,6 +43,9 @@ LAPTOP_MBPS = (50.0, 20.0, 5.0)
 SPOT_HIGH_EXTRA = 0.3
 # After the deadline the job gets this long to save, then the wrapper hard-kills it.
 DEADLINE_GRACE_S = 300.0
+MAX_CAP_HOURS = 8760.0      # a year of machine time: above it a cap is a typo, and overflows the remote arithmetic
+MAX_CAP_DOLLARS = 1_000_000.0
+MIN_DEADLINE_S = 60.0       # a cap that leaves the job less than this is no run at all
 SHOWN_OFFERS = 12
 
 
@@ -498,7 +501,7 @@ def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None)
     if best is not None and est.plan is not None:
         around = ("provisioning", "adapter download", "teardown")
         tail = DEADLINE_GRACE_S + sum(t.high_s for t in est.plan.terms if t.name in around)
-    limits = []
+    limits = []  # (seconds, the cap that sets them)
     if max_cost is not None:
         if best is None:  # no priced offer to turn dollars into machine time: never ignore the cap silently
             raise ContractError(_no_price(max_cost))
@@ -508,24 +511,29 @@ def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None)
                 f"--max-cost {max_cost:g}: the high estimate is ${hi:,.2f} (low ${lo:,.2f}, expected ${exp:,.2f}) "
                 f"on {best.cloud} {best.region} {best.instance} at ${best.price_per_h:.2f}/h; nothing launched "
                 "(raise the cap, lower --subset, or pick a cheaper --gpu)")
-        limits.append(max_cost / best.price_per_h * 3600 - tail)
+        limits.append((max_cost / best.price_per_h * 3600 - tail, f"--max-cost {max_cost:g}"))
     if max_hours is not None:
         if hours is not None and hours[2] > max_hours:
             lo, exp, hi = hours
             raise ContractError(
                 f"--max-hours {max_hours:g}: the high estimate is {hi:,.2f} h (low {lo:,.2f}, expected {exp:,.2f}); "
                 "nothing launched (raise the cap or lower --subset)")
-        limits.append(max_hours * 3600 - tail)
-    return min(limits) if limits else None
+        limits.append((max_hours * 3600 - tail, f"--max-hours {max_hours:g}"))
+    seconds, cap = min(limits)
+    if seconds < MIN_DEADLINE_S:
+        raise ContractError(f"{cap}: leaves the job {max(seconds, 0):.0f} s of machine time after provisioning, grace, "
+                            f"download and teardown ({tail:.0f} s); nothing launched (accepted: a cap that leaves at "
+                            f"least {MIN_DEADLINE_S:.0f} s)")
+    return seconds
 
 
 def check_caps(max_cost: float | None, max_hours: float | None, infra: str | None = None) -> None:
     """Caps are numbers > 0, and a dollar cap needs a cloud price: not on `infra` local or ssh://
     (checked before anything is estimated or created)."""
-    for flag, value in (("--max-cost", max_cost), ("--max-hours", max_hours)):
+    for flag, value, top in (("--max-cost", max_cost, MAX_CAP_DOLLARS), ("--max-hours", max_hours, MAX_CAP_HOURS)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value <= 0):
-            raise ContractError(f"{flag} {value!r}: not accepted (a number > 0)")
+                                  or not math.isfinite(value) or not 0 < value <= top):
+            raise ContractError(f"{flag} {value!r}: not accepted (a number > 0 and at most {top:,.0f})")
     if max_cost is not None and infra is not None and infra.startswith(LOCAL_INFRA_PREFIXES):
         raise ContractError(_no_price(max_cost))
 

@@ -29,10 +29,12 @@ def parse_gpu(text: str | GpuSpec) -> GpuSpec:
     if isinstance(text, GpuSpec):
         return text
     accepted = f"NAME:COUNT with NAME one of {', '.join(KNOWN_GPUS)} and COUNT 1..{MAX_COUNT}, e.g. A100:1"
-    name, _, count_text = str(text).strip().partition(":")
+    name, colon, count_text = str(text).strip().partition(":")
     canonical = _CANONICAL.get(name.strip().lower())
     if canonical is None:
         raise ContractError(f"--gpu {text!r}: unknown card {name!r} (accepted: {accepted})")
+    if colon and not count_text.strip():
+        raise ContractError(f"--gpu {text!r}: a ':' with no count after it (accepted: {accepted})")
     try:
         count = int(count_text) if count_text else 1
     except ValueError:

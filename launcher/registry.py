@@ -164,7 +164,11 @@ def list_runs() -> list[Run]:
 
 
 def resolve(run_id: str | None) -> Run:
-    """The named run, or the latest one when no id is given."""
+    """The named run, or the latest one when no id is given (an empty id is refused: `down "$UNSET"`
+    must not end the latest run)."""
+    if run_id is not None and not run_id.strip():
+        raise ContractError(f"run {run_id!r}: an empty run id (name one from `socrates-launch runs`, or give "
+                            "none for the latest run)")
     if run_id:
         return load(run_id)
     runs = list_runs()

@@ -284,9 +284,11 @@ def test_deadline_from_caps():
 def test_local_estimate_without_card_turns_max_hours_into_the_deadline():
     est = cost.estimate_run(load_config(REPO / "configs" / "smoke.yaml"), gpu=None, infra="local")
     assert est.offers == () and est.hours is None
-    assert cost.deadline_for(est, max_cost=None, max_hours=0.01) == pytest.approx(36.0)
+    assert cost.deadline_for(est, max_cost=None, max_hours=0.1) == pytest.approx(360.0)
     with pytest.raises(ContractError, match="cloud price"):  # no price: a dollar cap is refused, not ignored
-        cost.deadline_for(est, max_cost=1.0, max_hours=0.01)
+        cost.deadline_for(est, max_cost=1.0, max_hours=0.1)
+    with pytest.raises(ContractError, match=r"--max-hours 0.01: leaves the job 36 s"):  # under a minute: no run
+        cost.deadline_for(est, max_cost=None, max_hours=0.01)
 
 
 def test_actual_cost_is_price_times_billed_time():

@@ -42,6 +42,16 @@ BAD_INPUTS = [
     (["down", "no-such-run"], "no-such-run"),
     (["download", "no-such-run"], "no-such-run"),
     (["down", "../escape"], "../escape"),
+    (["down", ""], "empty run id"),  # never "the latest run": down "$UNSET" must not end one
+    (["up", "--infra", "local", "--gpu", "A100:"], "A100:"),
+    (["up", "--gpu", ""], "--gpu ''"),
+    (["up", "--infra", "local", "--max-hours", "1e16"], "--max-hours 1e+16"),  # overflowed the remote arithmetic
+    (["up", "--infra", "local", "--max-hours", "1e308"], "--max-hours 1e+308"),
+    (["up", "--infra", "local", "--no-eval", "--eval-rows", "5"], "--no-eval"),
+    (["up", "--infra", "local", "--no-eval", "--eval-base"], "--no-eval"),
+    (["estimate", "--infra", "bogus"], "bogus"),
+    (["estimate", "--infra", "local", "--spot"], "--spot"),
+    (["estimate", "--no-eval", "--eval-rows", "5"], "--no-eval"),
 ]
 
 
@@ -213,3 +223,11 @@ def test_sky_log_chunks_become_whole_lines_and_events():
     assert parse_line(lines[1])["message"] == "hello"
     # A stream that drops mid-line yields no partial line (the reconnect re-reads it whole).
     assert list(join_lines(iter(["a\nb"]))) == ["a"]
+
+
+def test_a_cap_that_leaves_the_job_no_time_is_refused_not_dropped(tmp_path):
+    """--max-hours 0.0001 used to round to DEADLINE_S 0, which means no deadline at all."""
+    runs = tmp_path / "runs"
+    r = cli(["up", "--infra", "local", "--max-hours", "0.0001", "--yes"], launcher_env(runs))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
+    assert "--max-hours 0.0001: leaves the job 0 s of machine time" in r.stderr and not runs.exists()

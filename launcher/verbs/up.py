@@ -95,10 +95,18 @@ def run(args: argparse.Namespace) -> int:
 
 # --- validation ------------------------------------------------------------------------------
 
+def check_eval_flags(args: argparse.Namespace) -> None:
+    """--no-eval with an evaluation flag is a contradiction, not a choice to make silently."""
+    if getattr(args, "no_eval", False):
+        for flag, value in (("--eval-rows", getattr(args, "eval_rows", None)), ("--eval-base", getattr(args, "eval_base", False))):
+            if value not in (None, False):
+                raise ContractError(f"{flag}: not accepted with --no-eval (it sets how to evaluate; drop one of them)")
+
+
 def plan_run(args: argparse.Namespace) -> Plan:
     """Check every input; raise ContractError (exit 2, one line) on the first bad one."""
     infra = check_infra(args.infra)
-    gpu = parse_gpu(args.gpu) if args.gpu else (parse_gpu(DEFAULT_GPU) if infra == "sky" else None)
+    gpu = parse_gpu(args.gpu) if args.gpu is not None else (parse_gpu(DEFAULT_GPU) if infra == "sky" else None)
     if args.subset is not None:
         check_fraction(args.subset, "--subset")
     cfg = load_config(args.config or _default_config(infra))
@@ -111,6 +119,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         overrides["model.id"] = args.model
     if args.allow_cpu:
         overrides["allow_cpu"] = True
+    check_eval_flags(args)
     if args.eval_rows is not None:
         if args.eval_rows < 1:
             raise ContractError(f"--eval-rows {args.eval_rows}: not accepted (a whole number >= 1)")
