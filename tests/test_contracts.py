@@ -37,10 +37,31 @@ def test_accumulation_is_derived_and_must_divide():
     ("train: {lr_rate: 1}", "unknown key 'lr_rate'"),
     ("[1, 2]", "expected a mapping"),
     ("train: [", "not valid yaml"),
+    # values that used to pass and fail later (or train garbage)
+    ("train: {optim: bogus}", "train.optim: 'bogus' is not accepted (adamw_torch | "),
+    ("train: {seed: -1}", "train.seed: -1 is not accepted (a whole number in 0..4294967295)"),
+    ("train: {seed: 100000000000000000000000}", "train.seed: 100000000000000000000000 is not accepted"),
+    ("train: {logging_steps: 0}", "train.logging_steps: 0 is not accepted (a whole number >= 1)"),
+    ("train: {lr: .inf}", "train.lr: inf is not accepted (a finite number > 0)"),
+    ("train: {weight_decay: .nan}", "train.weight_decay: nan is not accepted (a finite number >= 0)"),
+    ("train: {weight_decay: .inf}", "train.weight_decay: inf is not accepted"),
+    ("train: {epochs: .inf}", "train.epochs: inf is not accepted (a finite number > 0)"),
+    ("train: {keep_checkpoints: -1}", "train.keep_checkpoints: -1 is not accepted (a whole number >= 0"),
+    ("eval: {temperature: .inf}", "eval.temperature: inf is not accepted (a finite number >= 0)"),
+    ("eval: {batch_size: 0}", "eval.batch_size: 0 is not accepted (a whole number >= 1)"),
+    ("lora: {target_modules: ['']}", "lora.target_modules: [''] is not accepted (at least one module name"),
+    # loader tracebacks
+    (b"\xff\xfetrain: {}", "not UTF-8 text"),
+    ("1: 2\nfoo: 3", "unknown key "),
+    # a section that is present must be a mapping
+    ("train: []", "train: [] is not accepted (a mapping of train settings)"),
+    ("train: ''", "train: '' is not accepted (a mapping"),
+    ("model: 0", "model: 0 is not accepted (a mapping"),
+    ("model: false", "model: False is not accepted (a mapping"),
 ])
 def test_bad_config_is_one_line_naming_the_value(tmp_path, body, needle):
     p = tmp_path / "c.yaml"
-    p.write_text(body)
+    p.write_bytes(body) if isinstance(body, bytes) else p.write_text(body)
     with pytest.raises(ContractError) as e:
         load_config(p)
     msg = str(e.value)
