@@ -333,7 +333,7 @@ _SEED_KEYS: dict[str, str | None] = {
     "dataset_name": "data.source",
     "subset": "data.subset",
     "system_prompt": "model.system_prompt",
-    # Derived or local-only in the seed; accepted and checked, not stored:
+    # Derived or local-only in the seed; checked (_SEED_CHECKS), not stored as they are:
     "gradient_accumulation_steps": None,
     "bf16": None,
     "fp16": None,
@@ -349,17 +349,47 @@ _SEED_KEYS: dict[str, str | None] = {
 }
 
 
+_SEED_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# The seed's keys that are not stored as they are: (predicate, what is accepted). They are checked
+# here, then turned into the schema's own fields (precision, method, global/micro batch) below.
+_SEED_CHECKS: dict[str, tuple[Any, str]] = {
+    "per_device_train_batch_size": (_whole(1), "a whole number >= 1"),
+    "global_batch_size": (_whole(1), "a whole number >= 1"),
+    "gradient_accumulation_steps": (_whole(1), "a whole number >= 1"),
+    "bf16": (lambda v: isinstance(v, bool), "true or false"),
+    "fp16": (lambda v: isinstance(v, bool), "true or false"),
+    "use_4bit": (lambda v: isinstance(v, bool), "true or false"),
+    "load_in_4bit": (lambda v: isinstance(v, bool), "true or false"),
+    "bnb_4bit_quant_type": (lambda v: v == "nf4", "'nf4', the only 4-bit type the job builds"),
+    "bnb_4bit_compute_dtype": (lambda v: v in _SEED_DTYPES, " | ".join(_SEED_DTYPES) + ", agreeing with bf16/fp16"),
+    "use_nested_quant": (lambda v: v is True, "true; the job always uses double quantization"),
+    "bnb_4bit_use_double_quant": (lambda v: v is True, "true; the job always uses double quantization"),
+    "output_dir": (lambda v: isinstance(v, str), "a path; local to the seed, not used"),
+    "report_to": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                  "a name or a list of names; local to the seed, not used"),
+}
+
+
 def is_seed_style(raw: Mapping[str, Any]) -> bool:
     return not (set(raw) & (set(_SECTIONS) | {"schema"})) and bool(set(raw) & set(_SEED_KEYS))
 
 
 def from_seed(raw: Mapping[str, Any], source: str = "config") -> dict:
-    """Map the seed's flat keys onto the nested schema; derived keys must agree with it."""
+    """Map the seed's flat keys onto the nested schema; derived keys must agree with it.
+
+    bf16/fp16 set train.precision (bf16 false and no fp16: fp32; both true is refused);
+    use_4bit/load_in_4bit false: method lora. gradient_accumulation_steps (ga) is derived from the
+    global batch, so it fills in whichever of per_device_train_batch_size (micro) and
+    global_batch_size is missing (micro absent: global / ga; both absent: ga x the default micro),
+    and must agree when both are given: ga x micro == global.
+    """
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in _SEED_KEYS:
             accepted = ", ".join(sorted(_SEED_KEYS))
             raise ContractError(f"{source}: unknown seed-style key {key!r} (accepted: {accepted})")
+        if key in _SEED_CHECKS and not _SEED_CHECKS[key][0](value):
+            raise ContractError(f"{source}: {key}: {value!r} is not accepted ({_SEED_CHECKS[key][1]})")
         target = _SEED_KEYS[key]
         if target is None:
             continue
@@ -368,21 +398,46 @@ def from_seed(raw: Mapping[str, Any], source: str = "config") -> dict:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    if raw.get("bf16") is False and raw.get("fp16"):
-        out.setdefault("train", {})["precision"] = "fp16"
-    if raw.get("use_4bit") is False or raw.get("load_in_4bit") is False:
-        out.setdefault("train", {})["method"] = "lora"
+    train = out.setdefault("train", {})
+
+    bf16, fp16 = raw.get("bf16"), raw.get("fp16")
+    if bf16 and fp16:
+        raise ContractError(f"{source}: bf16: True and fp16: True is not accepted (one precision: set one of them)")
+    precision = "fp16" if fp16 else "fp32" if bf16 is False else "bf16"
+    if "bf16" in raw or "fp16" in raw:
+        train["precision"] = precision
+    dtype = raw.get("bnb_4bit_compute_dtype")
+    if dtype is not None and _SEED_DTYPES[dtype] != precision:
+        raise ContractError(f"{source}: bnb_4bit_compute_dtype: {dtype!r} is not accepted (the job computes "
+                            f"in the training precision, {precision}; set bf16/fp16 to match or drop it)")
+
+    four_bit = {raw[k] for k in ("use_4bit", "load_in_4bit") if k in raw}
+    if len(four_bit) > 1:
+        raise ContractError(f"{source}: use_4bit: {raw['use_4bit']!r} is not accepted "
+                            f"(it disagrees with load_in_4bit: {raw['load_in_4bit']!r})")
+    if four_bit == {False}:
+        train["method"] = "lora"
+
     ga = raw.get("gradient_accumulation_steps")
-    train = out.get("train", {})
-    if ga is not None and "global_batch" not in train and "micro_batch" in train:
-        train["global_batch"] = int(ga) * int(train["micro_batch"])
-    elif ga is not None and "micro_batch" in train:
-        if int(ga) * int(train["micro_batch"]) != int(train.get("global_batch", TrainSpec.global_batch)):
+    if ga is not None:
+        micro, glob = train.get("micro_batch"), train.get("global_batch")
+        if micro is None and glob is None:
+            train["global_batch"] = ga * TrainSpec.micro_batch
+        elif glob is None:
+            train["global_batch"] = ga * micro
+        elif micro is None:
+            if glob % ga:
+                raise ContractError(f"{source}: gradient_accumulation_steps: {ga} is not accepted (it must divide "
+                                    f"global_batch_size {glob}; the accumulation is derived from the global batch)")
+            train["micro_batch"] = glob // ga
+        elif ga * micro != glob:
             raise ContractError(
                 f"{source}: gradient_accumulation_steps {ga} x per_device_train_batch_size "
-                f"{train['micro_batch']} != global_batch_size {train.get('global_batch')} "
+                f"{micro} != global_batch_size {glob} "
                 "(the accumulation is derived from the global batch; drop one of them)"
             )
+    if not train:
+        del out["train"]
     return out
 
 
