@@ -28,6 +28,14 @@ EVAL_MODES = ("sample", "distribution")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "eager")
+OPTIMIZERS = (
+    # transformers' OptimizerNames that need nothing beyond torch + bitsandbytes (the image's deps);
+    # kept explicit so contracts imports neither transformers nor torch.
+    "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
+    "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+    "lion_8bit", "lion_32bit", "paged_lion_8bit", "paged_lion_32bit",
+)
+SEED_MAX = 2**32 - 1
 DEFAULT_SYSTEM_PROMPT = (
     "You are simulating a survey respondent. Answer exactly as instructed, following the "
     "specified response format without additional commentary."
@@ -174,7 +182,11 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ContractError(f"config {path}: no such file (give a .yaml or .json run config)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ContractError(f"config {path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                            f"{e.start}); give a UTF-8 .yaml or .json run config") from None
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
@@ -193,12 +205,14 @@ def from_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
     unknown = set(raw) - {f.name for f in fields(RunConfig)}
     if unknown:
         accepted = ", ".join(f.name for f in fields(RunConfig))
-        raise ContractError(f"{source}: unknown key {sorted(unknown)[0]!r} (accepted: {accepted})")
+        raise ContractError(f"{source}: unknown key {sorted(unknown, key=repr)[0]!r} (accepted: {accepted})")
     kwargs: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
-        section = raw.get(name) or {}
+        section = raw.get(name)
+        if section is None:  # absent, or present with nothing under it (`train:`)
+            section = {}
         if not isinstance(section, Mapping):
-            raise ContractError(f"{source}: {name}: expected a mapping, got {section!r}")
+            raise ContractError(f"{source}: {name}: {section!r} is not accepted (a mapping of {name} settings)")
         kwargs[name] = _build(cls, section, f"{source}: {name}")
     for name in ("name", "allow_cpu", "schema"):
         if name in raw:
@@ -208,58 +222,77 @@ def from_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
     return cfg
 
 
-def validate(cfg: RunConfig, source: str = "config") -> None:
-    def bad(key: str, value: Any, accepted: str) -> ContractError:
-        return ContractError(f"{source}: {key}: {value!r} is not accepted ({accepted})")
+def _whole(lo: int, hi: int | None = None, null: bool = False):
+    """A whole number in [lo, hi] (or None when `null`)."""
+    def ok(v: Any) -> bool:
+        return (v is None and null) or (isinstance(v, int) and lo <= v and (hi is None or v <= hi))
+    return ok
 
-    t, d, m, e = cfg.train, cfg.data, cfg.model, cfg.eval
-    if cfg.schema != SCHEMA_VERSION:
-        raise bad("schema", cfg.schema, f"this version reads schema {SCHEMA_VERSION}")
-    if m.init not in MODEL_INITS:
-        raise bad("model.init", m.init, " or ".join(MODEL_INITS))
-    if not m.id:
-        raise bad("model.id", m.id, "a Hugging Face id or a local path")
-    if t.method not in METHODS:
-        raise bad("train.method", t.method, " | ".join(METHODS))
-    if t.lr_scheduler not in SCHEDULERS:
-        raise bad("train.lr_scheduler", t.lr_scheduler, " | ".join(SCHEDULERS))
-    if t.precision not in PRECISIONS:
-        raise bad("train.precision", t.precision, " | ".join(PRECISIONS))
-    for key in ("global_batch", "micro_batch", "max_length"):
-        if getattr(t, key) < 1:
-            raise bad(f"train.{key}", getattr(t, key), "a whole number >= 1")
-    if not (t.lr > 0):
-        raise bad("train.lr", t.lr, "a number > 0")
-    if not (t.epochs > 0):
-        raise bad("train.epochs", t.epochs, "a number > 0")
-    if not (0 <= t.warmup_ratio < 1):
-        raise bad("train.warmup_ratio", t.warmup_ratio, "0 <= x < 1")
-    if t.weight_decay < 0:
-        raise bad("train.weight_decay", t.weight_decay, "a number >= 0")
-    if t.checkpoint_every < 0:
-        raise bad("train.checkpoint_every", t.checkpoint_every, "steps >= 0")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise bad("train.max_steps", t.max_steps, "a whole number >= 1, or null")
-    t.grad_accum(1)
-    if t.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise bad("train.attn_implementation", t.attn_implementation, " | ".join(ATTN_IMPLEMENTATIONS))
-    if t.checkpoint_layers is not None and t.checkpoint_layers < 0:
-        raise bad("train.checkpoint_layers", t.checkpoint_layers, "a whole number >= 0, or null for all layers")
-    if cfg.lora.r < 1 or cfg.lora.alpha <= 0 or not (0 <= cfg.lora.dropout < 1):
-        raise bad("lora", dataclasses.asdict(cfg.lora), "r >= 1, alpha > 0, 0 <= dropout < 1")
-    if not cfg.lora.target_modules:
-        raise bad("lora.target_modules", [], "at least one module name")
-    check_fraction(d.subset, f"{source}: data.subset")
-    if d.eval_subset is not None:
-        check_fraction(d.eval_subset, f"{source}: data.eval_subset")
-    if d.split not in SPLITS:
-        raise bad("data.split", d.split, " | ".join(SPLITS))
-    if e.mode not in EVAL_MODES:
-        raise bad("eval.mode", e.mode, " | ".join(EVAL_MODES))
-    if e.rows is not None and e.rows < 1:
-        raise bad("eval.rows", e.rows, "a whole number >= 1, or null")
-    if not (e.temperature >= 0) or not (0 < e.top_p <= 1) or e.max_new_tokens < 1:
-        raise bad("eval", dataclasses.asdict(e), "temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1")
+
+def _finite(lo: float, lo_open: bool = False, hi: float = math.inf, hi_open: bool = False):
+    """A finite number in the given interval (NaN and +-inf never pass)."""
+    def ok(v: Any) -> bool:
+        return (isinstance(v, (int, float)) and math.isfinite(v) and (lo < v if lo_open else lo <= v)
+                and (v < hi if hi_open else v <= hi))
+    return ok
+
+
+def _one_of(choices: tuple[str, ...]):
+    return lambda v: v in choices
+
+
+# Every checked field: (dotted key, predicate, what is accepted). Types are already checked by
+# _coerce; these are the ranges and choices. Cross-field rules follow in validate().
+_CHECKS: tuple[tuple[str, Any, str], ...] = (
+    ("schema", lambda v: v == SCHEMA_VERSION, f"this version reads schema {SCHEMA_VERSION}"),
+    ("model.init", _one_of(MODEL_INITS), " or ".join(MODEL_INITS)),
+    ("model.id", bool, "a Hugging Face id or a local path"),
+    ("train.method", _one_of(METHODS), " | ".join(METHODS)),
+    ("train.lr_scheduler", _one_of(SCHEDULERS), " | ".join(SCHEDULERS)),
+    ("train.precision", _one_of(PRECISIONS), " | ".join(PRECISIONS)),
+    ("train.optim", _one_of(OPTIMIZERS), " | ".join(OPTIMIZERS)),
+    ("train.attn_implementation", _one_of(ATTN_IMPLEMENTATIONS), " | ".join(ATTN_IMPLEMENTATIONS)),
+    ("train.global_batch", _whole(1), "a whole number >= 1"),
+    ("train.micro_batch", _whole(1), "a whole number >= 1"),
+    ("train.max_length", _whole(1), "a whole number >= 1"),
+    ("train.lr", _finite(0, lo_open=True), "a finite number > 0"),
+    ("train.epochs", _finite(0, lo_open=True), "a finite number > 0"),
+    ("train.warmup_ratio", _finite(0, hi=1, hi_open=True), "0 <= x < 1"),
+    ("train.weight_decay", _finite(0), "a finite number >= 0"),
+    ("train.checkpoint_every", _whole(0), "steps >= 0 (0: only the final save)"),
+    ("train.keep_checkpoints", _whole(0), "a whole number >= 0 (0: keep every checkpoint)"),
+    ("train.max_steps", _whole(1, null=True), "a whole number >= 1, or null"),
+    ("train.checkpoint_layers", _whole(0, null=True), "a whole number >= 0, or null for all layers"),
+    ("train.logging_steps", _whole(1), "a whole number >= 1"),
+    ("train.seed", _whole(0, SEED_MAX), f"a whole number in 0..{SEED_MAX}"),
+    ("lora.r", _whole(1), "a whole number >= 1"),
+    ("lora.alpha", _finite(0, lo_open=True), "a finite number > 0"),
+    ("lora.dropout", _finite(0, hi=1, hi_open=True), "0 <= dropout < 1"),
+    ("lora.target_modules", lambda v: bool(v) and all(m.strip() for m in v),
+     "at least one module name, none empty"),
+    ("data.split", _one_of(SPLITS), " | ".join(SPLITS)),
+    ("data.seed", _whole(0, SEED_MAX), f"a whole number in 0..{SEED_MAX}"),
+    ("eval.mode", _one_of(EVAL_MODES), " | ".join(EVAL_MODES)),
+    ("eval.rows", _whole(1, null=True), "a whole number >= 1, or null"),
+    ("eval.temperature", _finite(0), "a finite number >= 0"),
+    ("eval.top_p", _finite(0, lo_open=True, hi=1), "0 < top_p <= 1"),
+    ("eval.max_new_tokens", _whole(1), "a whole number >= 1"),
+    ("eval.batch_size", _whole(1), "a whole number >= 1"),
+)
+
+
+def validate(cfg: RunConfig, source: str = "config") -> None:
+    for key, ok, accepted in _CHECKS:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not ok(value):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ContractError(f"{source}: {key}: {shown!r} is not accepted ({accepted})")
+    cfg.train.grad_accum(1)
+    check_fraction(cfg.data.subset, f"{source}: data.subset")
+    if cfg.data.eval_subset is not None:
+        check_fraction(cfg.data.eval_subset, f"{source}: data.eval_subset")
 
 
 def check_fraction(value: Any, where: str) -> float:
@@ -300,7 +333,7 @@ _SEED_KEYS: dict[str, str | None] = {
     "dataset_name": "data.source",
     "subset": "data.subset",
     "system_prompt": "model.system_prompt",
-    # Derived or local-only in the seed; accepted and checked, not stored:
+    # Derived or local-only in the seed; checked (_SEED_CHECKS), not stored as they are:
     "gradient_accumulation_steps": None,
     "bf16": None,
     "fp16": None,
@@ -316,17 +349,47 @@ _SEED_KEYS: dict[str, str | None] = {
 }
 
 
+_SEED_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# The seed's keys that are not stored as they are: (predicate, what is accepted). They are checked
+# here, then turned into the schema's own fields (precision, method, global/micro batch) below.
+_SEED_CHECKS: dict[str, tuple[Any, str]] = {
+    "per_device_train_batch_size": (_whole(1), "a whole number >= 1"),
+    "global_batch_size": (_whole(1), "a whole number >= 1"),
+    "gradient_accumulation_steps": (_whole(1), "a whole number >= 1"),
+    "bf16": (lambda v: isinstance(v, bool), "true or false"),
+    "fp16": (lambda v: isinstance(v, bool), "true or false"),
+    "use_4bit": (lambda v: isinstance(v, bool), "true or false"),
+    "load_in_4bit": (lambda v: isinstance(v, bool), "true or false"),
+    "bnb_4bit_quant_type": (lambda v: v == "nf4", "'nf4', the only 4-bit type the job builds"),
+    "bnb_4bit_compute_dtype": (lambda v: v in _SEED_DTYPES, " | ".join(_SEED_DTYPES) + ", agreeing with bf16/fp16"),
+    "use_nested_quant": (lambda v: v is True, "true; the job always uses double quantization"),
+    "bnb_4bit_use_double_quant": (lambda v: v is True, "true; the job always uses double quantization"),
+    "output_dir": (lambda v: isinstance(v, str), "a path; local to the seed, not used"),
+    "report_to": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                  "a name or a list of names; local to the seed, not used"),
+}
+
+
 def is_seed_style(raw: Mapping[str, Any]) -> bool:
     return not (set(raw) & (set(_SECTIONS) | {"schema"})) and bool(set(raw) & set(_SEED_KEYS))
 
 
 def from_seed(raw: Mapping[str, Any], source: str = "config") -> dict:
-    """Map the seed's flat keys onto the nested schema; derived keys must agree with it."""
+    """Map the seed's flat keys onto the nested schema; derived keys must agree with it.
+
+    bf16/fp16 set train.precision (bf16 false and no fp16: fp32; both true is refused);
+    use_4bit/load_in_4bit false: method lora. gradient_accumulation_steps (ga) is derived from the
+    global batch, so it fills in whichever of per_device_train_batch_size (micro) and
+    global_batch_size is missing (micro absent: global / ga; both absent: ga x the default micro),
+    and must agree when both are given: ga x micro == global.
+    """
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in _SEED_KEYS:
             accepted = ", ".join(sorted(_SEED_KEYS))
             raise ContractError(f"{source}: unknown seed-style key {key!r} (accepted: {accepted})")
+        if key in _SEED_CHECKS and not _SEED_CHECKS[key][0](value):
+            raise ContractError(f"{source}: {key}: {value!r} is not accepted ({_SEED_CHECKS[key][1]})")
         target = _SEED_KEYS[key]
         if target is None:
             continue
@@ -335,21 +398,46 @@ def from_seed(raw: Mapping[str, Any], source: str = "config") -> dict:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    if raw.get("bf16") is False and raw.get("fp16"):
-        out.setdefault("train", {})["precision"] = "fp16"
-    if raw.get("use_4bit") is False or raw.get("load_in_4bit") is False:
-        out.setdefault("train", {})["method"] = "lora"
+    train = out.setdefault("train", {})
+
+    bf16, fp16 = raw.get("bf16"), raw.get("fp16")
+    if bf16 and fp16:
+        raise ContractError(f"{source}: bf16: True and fp16: True is not accepted (one precision: set one of them)")
+    precision = "fp16" if fp16 else "fp32" if bf16 is False else "bf16"
+    if "bf16" in raw or "fp16" in raw:
+        train["precision"] = precision
+    dtype = raw.get("bnb_4bit_compute_dtype")
+    if dtype is not None and _SEED_DTYPES[dtype] != precision:
+        raise ContractError(f"{source}: bnb_4bit_compute_dtype: {dtype!r} is not accepted (the job computes "
+                            f"in the training precision, {precision}; set bf16/fp16 to match or drop it)")
+
+    four_bit = {raw[k] for k in ("use_4bit", "load_in_4bit") if k in raw}
+    if len(four_bit) > 1:
+        raise ContractError(f"{source}: use_4bit: {raw['use_4bit']!r} is not accepted "
+                            f"(it disagrees with load_in_4bit: {raw['load_in_4bit']!r})")
+    if four_bit == {False}:
+        train["method"] = "lora"
+
     ga = raw.get("gradient_accumulation_steps")
-    train = out.get("train", {})
-    if ga is not None and "global_batch" not in train and "micro_batch" in train:
-        train["global_batch"] = int(ga) * int(train["micro_batch"])
-    elif ga is not None and "micro_batch" in train:
-        if int(ga) * int(train["micro_batch"]) != int(train.get("global_batch", TrainSpec.global_batch)):
+    if ga is not None:
+        micro, glob = train.get("micro_batch"), train.get("global_batch")
+        if micro is None and glob is None:
+            train["global_batch"] = ga * TrainSpec.micro_batch
+        elif glob is None:
+            train["global_batch"] = ga * micro
+        elif micro is None:
+            if glob % ga:
+                raise ContractError(f"{source}: gradient_accumulation_steps: {ga} is not accepted (it must divide "
+                                    f"global_batch_size {glob}; the accumulation is derived from the global batch)")
+            train["micro_batch"] = glob // ga
+        elif ga * micro != glob:
             raise ContractError(
                 f"{source}: gradient_accumulation_steps {ga} x per_device_train_batch_size "
-                f"{train['micro_batch']} != global_batch_size {train.get('global_batch')} "
+                f"{micro} != global_batch_size {glob} "
                 "(the accumulation is derived from the global batch; drop one of them)"
             )
+    if not train:
+        del out["train"]
     return out
 
 

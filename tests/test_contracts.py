@@ -37,10 +37,55 @@ def test_accumulation_is_derived_and_must_divide():
     ("train: {lr_rate: 1}", "unknown key 'lr_rate'"),
     ("[1, 2]", "expected a mapping"),
     ("train: [", "not valid yaml"),
+    # values that used to pass and fail later (or train garbage)
+    ("train: {optim: bogus}", "train.optim: 'bogus' is not accepted (adamw_torch | "),
+    ("train: {seed: -1}", "train.seed: -1 is not accepted (a whole number in 0..4294967295)"),
+    ("train: {seed: 100000000000000000000000}", "train.seed: 100000000000000000000000 is not accepted"),
+    ("train: {logging_steps: 0}", "train.logging_steps: 0 is not accepted (a whole number >= 1)"),
+    ("train: {lr: .inf}", "train.lr: inf is not accepted (a finite number > 0)"),
+    ("train: {weight_decay: .nan}", "train.weight_decay: nan is not accepted (a finite number >= 0)"),
+    ("train: {weight_decay: .inf}", "train.weight_decay: inf is not accepted"),
+    ("train: {epochs: .inf}", "train.epochs: inf is not accepted (a finite number > 0)"),
+    ("train: {keep_checkpoints: -1}", "train.keep_checkpoints: -1 is not accepted (a whole number >= 0"),
+    ("eval: {temperature: .inf}", "eval.temperature: inf is not accepted (a finite number >= 0)"),
+    ("eval: {batch_size: 0}", "eval.batch_size: 0 is not accepted (a whole number >= 1)"),
+    ("lora: {target_modules: ['']}", "lora.target_modules: [''] is not accepted (at least one module name"),
+    # loader tracebacks
+    (b"\xff\xfetrain: {}", "not UTF-8 text"),
+    ("1: 2\nfoo: 3", "unknown key "),
+    # a section that is present must be a mapping
+    ("train: []", "train: [] is not accepted (a mapping of train settings)"),
+    ("train: ''", "train: '' is not accepted (a mapping"),
+    ("model: 0", "model: 0 is not accepted (a mapping"),
+    ("model: false", "model: False is not accepted (a mapping"),
+    # seed-style JSON (a dict body is written as c.json)
+    ({"gradient_accumulation_steps": "abc", "per_device_train_batch_size": 8},
+     "gradient_accumulation_steps: 'abc' is not accepted (a whole number >= 1)"),
+    ({"gradient_accumulation_steps": [1], "per_device_train_batch_size": 8},
+     "gradient_accumulation_steps: [1] is not accepted"),
+    ({"gradient_accumulation_steps": 2, "per_device_train_batch_size": "x"},
+     "per_device_train_batch_size: 'x' is not accepted (a whole number >= 1)"),
+    ({"gradient_accumulation_steps": 2.5, "per_device_train_batch_size": 8},
+     "gradient_accumulation_steps: 2.5 is not accepted (a whole number >= 1)"),
+    ({"gradient_accumulation_steps": 3, "global_batch_size": 256},
+     "gradient_accumulation_steps: 3 is not accepted (it must divide global_batch_size 256"),
+    ({"learning_rate": 1e-5, "bf16": "no"}, "bf16: 'no' is not accepted (true or false)"),
+    ({"learning_rate": 1e-5, "use_4bit": "yes"}, "use_4bit: 'yes' is not accepted (true or false)"),
+    ({"learning_rate": 1e-5, "bnb_4bit_quant_type": "fp4"}, "bnb_4bit_quant_type: 'fp4' is not accepted ('nf4'"),
+    ({"learning_rate": 1e-5, "bf16": True, "fp16": True}, "bf16: True and fp16: True is not accepted"),
+    ({"learning_rate": 1e-5, "bf16": True, "bnb_4bit_compute_dtype": "float16"},
+     "bnb_4bit_compute_dtype: 'float16' is not accepted"),
+    ({"learning_rate": 1e-5, "use_nested_quant": False}, "use_nested_quant: False is not accepted (true;"),
+    ({"learning_rate": 1e-5, "use_4bit": True, "load_in_4bit": False}, "use_4bit: True is not accepted"),
+    ({"seed": -1}, "train.seed: -1 is not accepted"),
+    ({"optim": "bogus"}, "train.optim: 'bogus' is not accepted"),
 ])
 def test_bad_config_is_one_line_naming_the_value(tmp_path, body, needle):
-    p = tmp_path / "c.yaml"
-    p.write_text(body)
+    p = tmp_path / ("c.json" if isinstance(body, dict) else "c.yaml")
+    if isinstance(body, dict):
+        p.write_text(json.dumps(body))
+    else:
+        p.write_bytes(body) if isinstance(body, bytes) else p.write_text(body)
     with pytest.raises(ContractError) as e:
         load_config(p)
     msg = str(e.value)
@@ -62,6 +107,20 @@ def test_seed_style_json_loads(tmp_path):
     cfg = load_config(p)
     assert (cfg.train.micro_batch, cfg.train.global_batch, cfg.train.grad_accum(1)) == (4, 256, 64)
     assert cfg.data.source == "data/socsci210_1pct" and cfg.train.lr == 1e-5
+
+
+@pytest.mark.parametrize("seed,want", [
+    ({"gradient_accumulation_steps": 4, "global_batch_size": 256}, {"micro_batch": 64, "global_batch": 256}),
+    ({"gradient_accumulation_steps": 4}, {"micro_batch": 8, "global_batch": 32}),
+    ({"bf16": False}, {"precision": "fp32"}),
+    ({"bf16": False, "fp16": True, "bnb_4bit_compute_dtype": "float16"}, {"precision": "fp16"}),
+    ({"use_4bit": False, "load_in_4bit": False}, {"method": "lora"}),
+])
+def test_seed_style_derived_keys_are_honoured(tmp_path, seed, want):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(seed))
+    t = load_config(p).train
+    assert {k: getattr(t, k) for k in want} == want
 
 
 def test_seed_style_json_with_inconsistent_accumulation_is_refused(tmp_path):
