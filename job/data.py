@@ -71,7 +71,7 @@ def _load_local(path: Path) -> Source:
     for d in meta_dirs:
         for split, fname in MAPPING_FILES.items():
             if (d / fname).is_file():
-                mappings[split] = _read_json(d / fname)
+                mappings[split] = _check_mapping(split, _read_json(d / fname), d / fname)
     validate_rows(rows, str(path))
     return Source(rows, str(path), mappings)
 
@@ -111,6 +111,38 @@ def _read_json(f: Path) -> Any:
         raise ContractError(f"{f}: unreadable mapping ({e})") from None
 
 
+def _check_mapping(split: str, obj: Any, f: Path) -> Any:
+    """The authors' metadata shapes: participant_mapping.json {"seen": [study_id, ...], "unseen": [...]};
+    condition_/task_mapping.json {study_id: {"train": [int, ...], "eval": [int, ...]}, ...}."""
+    if split == "unseen-studies":
+        expected = 'an object {"seen": [study_id, ...], "unseen": [study_id, ...]}'
+        if not isinstance(obj, dict):
+            raise ContractError(f"{f}: is a {_json_type(obj)}, expected {expected}")
+        for key in ("seen", "unseen"):
+            v = obj.get(key)
+            if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                raise ContractError(f"{f}: {key!r} is {_short(v)}, expected {expected}")
+        return obj
+    what = "condition_num" if split == "unseen-conditions" else "task_num"
+    expected = f'an object {{study_id: {{"train": [{what}, ...], "eval": [{what}, ...]}}, ...}}'
+    if not isinstance(obj, dict):
+        raise ContractError(f"{f}: is a {_json_type(obj)}, expected {expected}")
+    for study, v in obj.items():
+        if not isinstance(v, dict):
+            raise ContractError(f"{f}: study {study!r} maps to {_short(v)}, expected {expected}")
+        for key in ("train", "eval"):
+            xs = v.get(key)
+            if xs is not None and not (isinstance(xs, list) and
+                                       all(isinstance(x, int) and not isinstance(x, bool) for x in xs)):
+                raise ContractError(f"{f}: study {study!r} {key!r} is {_short(xs)}, expected {expected}")
+    return obj
+
+
+def _json_type(obj: Any) -> str:
+    return {dict: "JSON object", list: "JSON list", str: "JSON string", bool: "JSON boolean",
+            type(None): "JSON null"}.get(type(obj), "JSON number")
+
+
 def _load_hub(repo_id: str) -> Source:
     try:
         from huggingface_hub import snapshot_download
@@ -129,7 +161,13 @@ def _load_hub(repo_id: str) -> Source:
 # --- Validation ------------------------------------------------------------------------------
 
 def validate_rows(rows: list[dict], where: str) -> None:
-    """Columns present and typed; responses integers. Names the file, the row and the problem."""
+    """Columns present and typed; responses integers. Names the file, the row and the problem.
+
+    Schema: study_id non-empty string; response, condition_num, task_num integers (a whole float
+    response is taken as an integer); prompt optional, a string or null; stimuli and demographic
+    required when there is no (non-empty) prompt: stimuli a string, demographic an object (field
+    name -> value) or null. When present they are typed the same way even beside a prompt
+    (evaluate reads both)."""
     if not rows:
         raise ContractError(f"{where}: no rows")
     need = set(REQUIRED_COLUMNS)
@@ -151,8 +189,21 @@ def validate_rows(rows: list[dict], where: str) -> None:
         for c in ("condition_num", "task_num"):
             if isinstance(r[c], bool) or not isinstance(r[c], int):
                 raise ContractError(f"{where}: row {i}: {c} {r[c]!r} is not an integer")
+        for c in ("prompt", "stimuli"):
+            if r.get(c) is not None and not isinstance(r[c], str):
+                raise ContractError(f"{where}: row {i}: {c} {_short(r[c])} is not text (a string or null)")
+        demo = r.get("demographic")
+        if demo is not None and not isinstance(demo, dict):
+            raise ContractError(f"{where}: row {i}: demographic {_short(demo)} is not an object "
+                                "(field name -> value, or null)")
         if not r.get("prompt") and not isinstance(r.get("stimuli"), str):
             raise ContractError(f"{where}: row {i}: no prompt and stimuli {r.get('stimuli')!r} is not text")
+
+
+def _short(value: Any, n: int = 60) -> str:
+    """A value's repr cut to one short line, for an error message."""
+    text = repr(value)
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 # --- Prompt ----------------------------------------------------------------------------------

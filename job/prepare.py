@@ -5,15 +5,21 @@ write the splits + stats + hash.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from contracts._io import atomic_write_json
+from contracts._io import _UMASK, atomic_write_json
 from contracts.config import RunConfig, SPLITS, check_fraction, load_config
+from contracts.errors import ContractError
 from contracts.events import EventWriter
 from job import data as D
 from job.tokenizer import OFFLINE, load_tokenizer
+
+OUTPUTS = ("train.jsonl", "test.jsonl", "stats.json")  # replaced in this order: stats.json (the hash) last
 
 
 @dataclass
@@ -46,9 +52,16 @@ def run(args: argparse.Namespace) -> int:
         check_fraction(eval_subset, "--eval-subset")
     split = args.split or (d.split if d else "unseen-studies")
     seed = args.seed if args.seed is not None else (d.seed if d else 42)
-    events = EventWriter(Path(args.out) / "events.jsonl", echo=True)
+    out = check_out(args.out)
+    # Bad input is refused before anything exists: OUT and its events.jsonl only once the rows validated.
+    loaded = load(source, split=split, subset=subset, eval_subset=eval_subset, seed=seed)
+    events = EventWriter(out / "events.jsonl", echo=True)
     events.emit("start", verb="prepare", source=source)
-    res = prepare(source, Path(args.out), split=split, subset=subset, eval_subset=eval_subset, seed=seed, cfg=cfg)
+    try:
+        res = write(loaded, out, split=split, subset=subset, eval_subset=eval_subset, seed=seed, cfg=cfg)
+    except Exception as e:
+        events.emit("error", message=str(e) if isinstance(e, ContractError) else f"{type(e).__name__}: {str(e)[:500]}")
+        raise
     events.emit("prepare", train_rows=res.train_rows, test_rows=res.test_rows, data_hash=res.data_hash,
                 studies=res.stats["train"]["studies"] + res.stats["test"]["studies"],
                 train_tokens=res.stats["train"]["tokens"]["total"])
@@ -56,27 +69,74 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare(source: str, out: Path, split: str = "unseen-studies", subset: float = 1.0,
-            eval_subset: float | None = None, seed: int = 42, cfg: RunConfig | None = None) -> PrepareResult:
-    """Load, split, subset, count and write. Returns what it wrote."""
+def check_out(value: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output folder: not empty text (that would be the current directory), not an existing file."""
+    if not str(value).strip():
+        raise ContractError(f"{flag}: empty; give an output folder (it is created if missing)")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ContractError(f"{flag} {value}: exists and is not a folder; give a folder path")
+    return path
+
+
+@dataclass
+class Loaded:
+    src: D.Source
+    train: list[dict]
+    test: list[dict]
+
+
+def load(source: str, split: str = "unseen-studies", subset: float = 1.0, eval_subset: float | None = None,
+         seed: int = 42) -> Loaded:
+    """Load, validate, split and subset; writes nothing (every data problem raises here)."""
     src = D.load_source(source, seed=seed)
     train, test = D.split_rows(src, split, seed)
     train = D.stratified_subset(train, subset, seed)
     if eval_subset is not None:
         test = D.stratified_subset(test, eval_subset, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    D.write_jsonl(out / "train.jsonl", train)
-    D.write_jsonl(out / "test.jsonl", test)
-    data_hash = D.content_hash(out)
-    tok_name = (cfg.model.tokenizer or cfg.model.id) if cfg else OFFLINE
-    tok = load_tokenizer(tok_name, revision=cfg.model.revision if cfg else None)
-    system = cfg.model.system_prompt if cfg else RunConfig().model.system_prompt
-    stats = {
-        "source": src.name, "split": split, "subset": subset, "eval_subset": eval_subset, "seed": seed,
-        "mappings": sorted(src.mappings), "tokenizer": tok_name, "data_hash": data_hash,
-        "train": _stats(tok, train, system), "test": _stats(tok, test, system),
-    }
-    atomic_write_json(out / "stats.json", stats)
+    return Loaded(src, train, test)
+
+
+def prepare(source: str, out: Path, split: str = "unseen-studies", subset: float = 1.0,
+            eval_subset: float | None = None, seed: int = 42, cfg: RunConfig | None = None) -> PrepareResult:
+    """Load, split, subset, count and write. Returns what it wrote."""
+    out = check_out(out)
+    loaded = load(source, split=split, subset=subset, eval_subset=eval_subset, seed=seed)
+    return write(loaded, out, split=split, subset=subset, eval_subset=eval_subset, seed=seed, cfg=cfg)
+
+
+def write(loaded: Loaded, out: Path, split: str = "unseen-studies", subset: float = 1.0,
+          eval_subset: float | None = None, seed: int = 42, cfg: RunConfig | None = None) -> PrepareResult:
+    """Count tokens and write the splits + stats into a temp folder beside OUT, then move them in:
+    a failure on the way leaves an existing OUT as it was (other files in OUT, events.jsonl among them, are kept)."""
+    src, train, test = loaded.src, loaded.train, loaded.test
+    out = check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
+    try:
+        D.write_jsonl(tmp / "train.jsonl", train)
+        D.write_jsonl(tmp / "test.jsonl", test)
+        data_hash = D.content_hash(tmp)
+        tok_name = (cfg.model.tokenizer or cfg.model.id) if cfg else OFFLINE
+        tok = load_tokenizer(tok_name, revision=cfg.model.revision if cfg else None)
+        system = cfg.model.system_prompt if cfg else RunConfig().model.system_prompt
+        stats = {
+            "source": src.name, "split": split, "subset": subset, "eval_subset": eval_subset, "seed": seed,
+            "mappings": sorted(src.mappings), "tokenizer": tok_name, "data_hash": data_hash,
+            "train": _stats(tok, train, system), "test": _stats(tok, test, system),
+        }
+        atomic_write_json(tmp / "stats.json", stats)
+        for name in OUTPUTS:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if not out.exists():
+            os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; OUT is as readable as any folder
+            os.rename(tmp, out)
+        else:
+            for name in OUTPUTS:
+                os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return PrepareResult(out, len(train), len(test), data_hash, stats)
 
 

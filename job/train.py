@@ -56,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    out = Path(args.out)
+    from job.prepare import check_out
+
+    out = check_out(args.out)
     if args.resume not in ("auto", "never") and not is_complete(Path(args.resume)):
         raise ContractError(f"--resume {args.resume}: not a complete checkpoint folder (accepted: auto | never | "
                             f"a checkpoints/checkpoint-N folder with a {COMPLETE} marker)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,22 +129,77 @@ def _job(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "job", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("content,problem", [
-    ('{"study_id": "abcde", "response": 3, "condition_num": 1}\n', "missing column(s) task_num"),
-    ('{"study_id": "abcde", "response": "three", "condition_num": 1, "task_num": 1, "prompt": "p"}\n', "not an integer"),
-    ('{"study_id": "abcde", "response": 2.5, "condition_num": 1, "task_num": 1, "prompt": "p"}\n', "not an integer"),
-    ('{"study_id": "abcde", "response": 3, "condition_num": 1, "task_num": 1, "prompt": "p"}\n', "test side empty"),
-    ('{"study_id": "abcde", "resp', "not valid JSON"),
+ROW = '{"study_id": "abcde", "response": 3, "condition_num": 1, "task_num": 1, '
+OK_ROW = ROW + '"prompt": "p"}\n'
+
+
+@pytest.mark.parametrize("content,problem,meta,args", [
+    ('{"study_id": "abcde", "response": 3, "condition_num": 1}\n', "missing column(s) task_num", None, ()),
+    (ROW[:-1].replace("3", '"three"', 1) + ' "prompt": "p"}\n', "not an integer", None, ()),
+    (ROW.replace("3", "2.5", 1) + '"prompt": "p"}\n', "not an integer", None, ()),
+    (OK_ROW, "test side empty", None, ()),
+    ('{"study_id": "abcde", "resp', "not valid JSON", None, ()),
+    # wrong types that used to pass validation and crash (exit 1) after the splits were written
+    (ROW + '"stimuli": "q", "demographic": 5}\n', "row 0: demographic 5 is not an object", None, ()),
+    (ROW + '"stimuli": "q", "demographic": "abc"}\n', "demographic 'abc' is not an object", None, ()),
+    (ROW + '"stimuli": "q", "demographic": ["a"]}\n', "demographic ['a'] is not an object", None, ()),
+    (ROW + '"prompt": "p", "demographic": 5}\n', "demographic 5 is not an object", None, ()),
+    (ROW + '"prompt": 5}\n', "row 0: prompt 5 is not text", None, ()),
+    (ROW + '"prompt": ["p"], "stimuli": "q", "demographic": {}}\n', "prompt ['p'] is not text", None, ()),
+    (ROW + '"prompt": "p", "stimuli": 7}\n', "stimuli 7 is not text", None, ()),
+    # malformed metadata: one line naming the mapping file and the expected shape
+    (OK_ROW, "is a JSON list, expected an object {\"seen\"", {"participant_mapping.json": "[1, 2]"}, ()),
+    (OK_ROW, "'unseen' is 5, expected", {"participant_mapping.json": '{"unseen": 5}'}, ()),
+    (OK_ROW, "study 'abcde' maps to [1, 2], expected an object {study_id: {\"train\": [condition_num",
+     {"condition_mapping.json": '{"abcde": [1, 2]}'}, ("--split", "unseen-conditions")),
+    (OK_ROW, "study 'abcde' 'eval' is 'x', expected", {"task_mapping.json": '{"abcde": {"eval": "x"}}'},
+     ("--split", "unseen-tasks")),
 ])
-def test_bad_data_exits_2_with_one_line_naming_file_and_problem(tmp_path, content, problem):
+def test_bad_data_exits_2_with_one_line_naming_file_and_problem(tmp_path, content, problem, meta, args):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
+    named = bad
+    for fname, text in (meta or {}).items():
+        (tmp_path / "metadata").mkdir(exist_ok=True)
+        named = tmp_path / "metadata" / fname
+        named.write_text(text)
     out = tmp_path / "out"
-    r = _job("prepare", "--data", str(bad), "--out", str(out))
+    r = _job("prepare", "--data", str(bad), "--out", str(out), *args)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(bad) in lines[0] and problem in lines[0], r.stderr
-    assert not (out / "train.jsonl").exists()
+    assert len(lines) == 1 and str(named) in lines[0] and problem in lines[0], r.stderr
+    assert not out.exists()  # nothing created: no splits, no events.jsonl
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp folder left
+
+
+def test_bad_data_leaves_an_existing_prepared_folder_byte_identical(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in synthetic.generate(60, seed=0)))
+    out = tmp_path / "out"
+    r = _job("prepare", "--data", str(good), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"train.jsonl", "test.jsonl", "stats.json", "events.jsonl"} <= set(before)
+    bad = tmp_path / "bad.jsonl"
+    rows = synthetic.generate(60, seed=1)
+    rows[7]["demographic"] = ["a"]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = _job("prepare", "--data", str(bad), "--out", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "row 7" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "out"]
+
+
+@pytest.mark.parametrize("verb", ["prepare", "train"])
+def test_out_empty_or_a_file_is_refused(tmp_path, verb):
+    a_file = tmp_path / "taken"
+    a_file.write_text("keep")
+    extra = ["--data", "synthetic:60"] if verb == "prepare" else ["--config", str(REPO / "configs" / "smoke.yaml")]
+    for out, problem in (("", "--out: empty"), ("  ", "--out: empty"), (str(a_file), "is not a folder")):
+        r = subprocess.run([sys.executable, "-m", "job", verb, *extra, "--out", out], cwd=tmp_path,  # cwd: where "" points
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and problem in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and a_file.read_text() == "keep"
 
 
 def test_unreadable_file_exits_2(tmp_path):
