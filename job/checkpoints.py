@@ -40,6 +40,15 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def global_step(checkpoint: Path) -> int:
+    """The optimizer step a complete checkpoint was saved at (its trainer_state.json)."""
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ContractError(f"--resume: {checkpoint}/trainer_state.json is unreadable; the checkpoint is damaged "
+                            "(accepted: a complete checkpoint; --resume never starts over)") from None
+
+
 def resume_point(resume: str, root: Path) -> Path | None:
     if resume == "never":
         shutil.rmtree(root, ignore_errors=True)

@@ -11,7 +11,6 @@ one carries the run's fingerprint (job/checkpoints.py): a resume with another co
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -28,6 +27,7 @@ from job.checkpoints import (  # noqa: F401
     check_resumable,
     complete_checkpoints,
     fingerprint,
+    global_step,
     is_complete,
     resume_point,
 )
@@ -117,7 +117,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     if resume_from and not check_resumable(resume_from, run_fp, resume):
         events.emit("log", message=f"{resume_from.name} carries no run fingerprint (written by an older version): "
                                    "resuming without checking that config and data match")
-    done_at = _global_step(resume_from) if resume_from else 0
+    done_at = global_step(resume_from) if resume_from else 0
     shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
     torch.manual_seed(cfg.train.seed)
     model = build(cfg, tok, device)
@@ -161,14 +161,6 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json",
                 peak_gpu_mem_gib=peak)
     return TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
-
-
-def _global_step(checkpoint: Path) -> int:
-    try:
-        return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ContractError(f"--resume: {checkpoint}/trainer_state.json is unreadable; the checkpoint is damaged "
-                            "(accepted: a complete checkpoint; --resume never starts over)") from None
 
 
 def _dataset(cfg: RunConfig, tok, data_dir: Path):

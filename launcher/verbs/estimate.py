@@ -30,14 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from launcher import cost
-
     from launcher.backends import check_infra
-    from launcher.verbs.up import check_eval_flags
+    from launcher.verbs.up import check_combinations
 
     args.infra = check_infra(args.infra)
-    check_eval_flags(args)
-    if args.infra != "sky" and (args.cloud or args.spot):
-        raise ContractError(f"--cloud/--spot: not accepted with --infra {args.infra} (they choose a SkyPilot offer)")
+    check_combinations(args, args.infra)
     cost.check_caps(args.max_cost, args.max_hours, args.infra)
     cfg = resolve_config(args.config, args.subset, args.data)
     if args.eval_rows is not None:

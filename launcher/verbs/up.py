@@ -95,12 +95,14 @@ def run(args: argparse.Namespace) -> int:
 
 # --- validation ------------------------------------------------------------------------------
 
-def check_eval_flags(args: argparse.Namespace) -> None:
-    """--no-eval with an evaluation flag is a contradiction, not a choice to make silently."""
+def check_combinations(args: argparse.Namespace, infra: str) -> None:
+    """Flags that contradict each other (shared with `estimate`): refused, never resolved silently."""
     if getattr(args, "no_eval", False):
         for flag, value in (("--eval-rows", getattr(args, "eval_rows", None)), ("--eval-base", getattr(args, "eval_base", False))):
             if value not in (None, False):
                 raise ContractError(f"{flag}: not accepted with --no-eval (it sets how to evaluate; drop one of them)")
+    if infra != "sky" and (args.cloud or args.spot):
+        raise ContractError(f"--cloud/--spot: not accepted with --infra {infra} (they choose a SkyPilot offer)")
 
 
 def plan_run(args: argparse.Namespace) -> Plan:
@@ -119,7 +121,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         overrides["model.id"] = args.model
     if args.allow_cpu:
         overrides["allow_cpu"] = True
-    check_eval_flags(args)
+    check_combinations(args, infra)
     if args.eval_rows is not None:
         if args.eval_rows < 1:
             raise ContractError(f"--eval-rows {args.eval_rows}: not accepted (a whole number >= 1)")
@@ -129,8 +131,6 @@ def plan_run(args: argparse.Namespace) -> Plan:
     from launcher.cost import check_caps
 
     check_caps(args.max_cost, args.max_hours, infra)  # numbers > 0; a dollar cap only where there is a price
-    if infra != "sky" and (args.cloud or args.spot):
-        raise ContractError(f"--cloud/--spot: not accepted with --infra {infra} (they choose a SkyPilot offer)")
     name = args.name or cfg.name
     if not name or len(name) > 60 or not all(c.isalnum() or c in "._-" for c in name):
         raise ContractError(f"--name {name!r}: not accepted (letters, digits, . _ -; at most 60)")
