@@ -231,3 +231,22 @@ def test_a_cap_that_leaves_the_job_no_time_is_refused_not_dropped(tmp_path):
     r = cli(["up", "--infra", "local", "--max-hours", "0.0001", "--yes"], launcher_env(runs))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
     assert "--max-hours 0.0001: leaves the job 0 s of machine time" in r.stderr and not runs.exists()
+
+
+@pytest.mark.parametrize("name,content,named", [
+    ("empty.jsonl", b"", "no rows"),
+    ("blank.jsonl", b"\n  \n", "no rows"),
+    ("latin1.jsonl", b'{"a": "\xe9"}\n', "line 1 is not UTF-8"),
+    ("list.jsonl", b'{"a": 1}\n[1]\n', "line 2 is a list"),
+    ("broken.jsonl", b'{"a": 1\n', "line 1 is not JSON"),
+    ("damaged.parquet", b"PAR1 not really", "not a readable parquet file"),
+])
+def test_local_data_of_the_wrong_shape_is_refused_before_a_machine_is_paid_for(tmp_path, name, content, named):
+    data = tmp_path / name
+    data.write_bytes(content)
+    runs = tmp_path / "runs"
+    for argv in (["up", "--infra", "local", "--yes"], ["up", "--gpu", "A100:1", "--dryrun"], ["estimate"]):
+        r = cli([*argv, "--data", str(data)], launcher_env(runs))
+        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and named in lines[0] and str(data) in lines[0], (argv, lines)
+    assert not runs.exists()
