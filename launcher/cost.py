@@ -46,6 +46,10 @@ DEADLINE_GRACE_S = 300.0
 MAX_CAP_HOURS = 8760.0      # a year of machine time: above it a cap is a typo, and overflows the remote arithmetic
 MAX_CAP_DOLLARS = 1_000_000.0
 MIN_DEADLINE_S = 60.0       # a cap that leaves the job less than this is no run at all
+# Without a cap, a cloud run still gets a remote deadline: a job that hangs is not idle, so autodown
+# alone would never end it. Generous: twice the high estimate, and at least an hour more than it.
+SAFETY_FACTOR = 2.0
+SAFETY_MIN_EXTRA_S = 3600.0
 SHOWN_OFFERS = 12
 
 
@@ -558,6 +562,21 @@ def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None)
                             f"download and teardown ({tail:.0f} s); nothing launched (accepted: a cap that leaves at "
                             f"least {MIN_DEADLINE_S:.0f} s)")
     return seconds
+
+
+def safety_deadline(est: Estimate) -> float | None:
+    """The remote deadline of a cloud run given no --max-cost/--max-hours (seconds after setup starts),
+    or None where nothing bills by the hour (local, ssh) or there is no estimate to scale."""
+    if est.infra != "sky" or not est.hours:
+        return None
+    high_s = est.hours[2] * 3600
+    return max(SAFETY_FACTOR * high_s, high_s + SAFETY_MIN_EXTRA_S)
+
+
+def safety_line(deadline_s: float) -> str:
+    return (f"safety stop: with no --max-cost/--max-hours the job still stops itself {deadline_s / 3600:.1f} h after "
+            f"setup starts ({SAFETY_FACTOR:g}x the high estimate; a hung job is never idle, so autodown alone would "
+            "not end it); --max-hours sets your own")
 
 
 def check_caps(max_cost: float | None, max_hours: float | None, infra: str | None = None) -> None:

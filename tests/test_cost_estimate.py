@@ -281,6 +281,14 @@ def test_deadline_from_caps():
             cost.deadline_for(est, max_cost=bad, max_hours=None)
 
 
+def test_a_cloud_run_without_caps_still_gets_a_remote_safety_deadline():
+    est = _estimate_on(2.0)
+    high_s = est.hours[2] * 3600
+    assert cost.safety_deadline(est) == pytest.approx(max(2 * high_s, high_s + 3600))
+    local = cost.estimate_run(load_config(REPO / "configs" / "smoke.yaml"), gpu=None, infra="local")
+    assert cost.safety_deadline(local) is None  # nothing bills by the hour there
+
+
 def test_local_estimate_without_card_turns_max_hours_into_the_deadline():
     est = cost.estimate_run(load_config(REPO / "configs" / "smoke.yaml"), gpu=None, infra="local")
     assert est.offers == () and est.hours is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -41,6 +42,10 @@ def test_dryrun_picks_an_offer_through_the_real_optimizer(sky_home, tmp_path):
     assert "rendered task" in out and "accelerators: A100:1" in out and "subset: 0.1" in out
     assert "HF_TOKEN" in out and CANARY not in out  # the secret's name travels, its value does not
     assert not runs.exists()  # a dry run creates no run
+    # No cap given: a cloud run still carries a remote deadline (a hung job is never idle for autodown).
+    safety_h = float(re.search(r"safety stop: .* stops itself ([0-9.]+) h after", " ".join(out.split())).group(1))
+    deadline_s = int(re.search(r"DEADLINE_S: '?(\d+)", out).group(1))
+    assert safety_h > 1 and abs(deadline_s / 3600 - safety_h) < 0.05
 
 
 @pytest.mark.sky

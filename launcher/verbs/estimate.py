@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out = cost.to_json(est)
         out["deadline_s"] = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
+        out["safety_deadline_s"] = cost.safety_deadline(est) if out["deadline_s"] is None else None
         print(json.dumps(out, indent=2))
         return 0
     from rich.console import Console
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
     if deadline_s is not None:
         console.print(f"caps hold: the job will stop by itself {deadline_s / 3600:.2f} h after setup starts on the machine")
+    elif (safety := cost.safety_deadline(est)) is not None:
+        console.print(cost.safety_line(safety), highlight=False)
     return 0
 
 

@@ -194,6 +194,8 @@ def _estimate(plan: Plan, args: argparse.Namespace, console) -> tuple[dict | Non
                             data=plan.cfg.data.source, infra=plan.infra)
     cost.render(est, console)
     deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
+    if deadline_s is None and (deadline_s := cost.safety_deadline(est)) is not None:
+        console.print(cost.safety_line(deadline_s), highlight=False)
     return _estimate_summary(cost.to_json(est)), deadline_s
 
 
