@@ -39,7 +39,8 @@ LOCAL_INFRA_PREFIXES = ("local", "ssh://")
 # Bandwidth assumptions (MB/s) for low / expected / high time: cloud VM <-> Hugging Face, and laptop <-> VM.
 CLOUD_MBPS = (500.0, 200.0, 60.0)
 LAPTOP_MBPS = (50.0, 20.0, 5.0)
-# Preemptions on spot: one interruption, re-provisioning and resuming from the last checkpoint.
+# Spot: a preemption ends the run (no automatic recovery: checkpoints live on the machine's disk), so the
+# high end allows for time thrown away, as a rough share of training.
 SPOT_HIGH_EXTRA = 0.3
 # After the deadline the job gets this long to save, then the wrapper hard-kills it.
 DEADLINE_GRACE_S = 300.0
@@ -220,8 +221,9 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
         offers.sort(key=lambda o: (o.dollars[1], o.price_per_h, o.cloud, o.region))
         offers[0] = replace(offers[0], cheapest=True)
         if spot:
-            notes.append(f"spot: preemptions add time; the high end allows {SPOT_HIGH_EXTRA:.0%} more training "
-                         "for one interruption and a resume from the last checkpoint")
+            notes.append(f"spot: a preemption ends the run (no automatic recovery: checkpoints live on the "
+                         f"machine's disk, the launcher tears down what is left); the high end allows "
+                         f"{SPOT_HIGH_EXTRA:.0%} more training for time thrown away")
     else:
         notes.append(f"infra {infra}: your own machine, no cloud price")
 

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (default: configs/paper.yaml)")
     p.add_argument("--data", help="prepared folder (exact tokens), local .jsonl/.parquet, or the hub id")
     p.add_argument("--cloud", help="only this cloud's offers (default: every cloud with a catalog)")
-    p.add_argument("--spot", action="store_true", help="spot prices (preemptions add time)")
+    p.add_argument("--spot", action="store_true", help="spot prices (a preemption ends the run: no automatic recovery)")
     p.add_argument("--infra", default="sky", help="sky (default), local or ssh://user@host (no cloud price)")
     p.add_argument("--eval-rows", type=int, help="evaluate on at most N test rows (as `up --eval-rows`)")
     p.add_argument("--no-eval", action="store_true", help="no evaluation after training (as `up --no-eval`)")

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="dataset: Hugging Face id, local .jsonl/.parquet file or folder, or synthetic:N")
     p.add_argument("--model", default=None, help="base model id or path (overrides the config's model.id)")
     p.add_argument("--cloud", default=None, help="pin a cloud (e.g. lambda, runpod, aws); default: the cheapest offer")
-    p.add_argument("--spot", action="store_true", help="use spot/preemptible instances (cheaper; preemptions add time)")
+    p.add_argument("--spot", action="store_true", help="use spot/preemptible instances (cheaper; a preemption ends the run: no automatic recovery)")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask before launching")
     p.add_argument("--dryrun", action="store_true", help="render the task and run SkyPilot's dry run; nothing is provisioned")
     p.add_argument("--detach", action="store_true", help="return once the job runs (autodown stays armed); `logs` re-attaches")
