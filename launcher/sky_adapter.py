@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 # Job states that mean the run block ended, and how they map to an exit status.
 _ENDED_OK = ("SUCCEEDED",)
 _ENDED_BAD = ("FAILED", "FAILED_SETUP", "FAILED_DRIVER", "CANCELLED")
+_IN_FLIGHT = ("PENDING", "WAITING", "RUNNING")  # API server request states before it ends
 REMOTE_WORKDIR = "~/sky_workdir"
 RSYNC_CEILING_S = 3600  # out/ without checkpoints/ is adapters + eval files: minutes even on a slow link
 
@@ -50,6 +51,14 @@ class SkyAdapter:
         if job_id is None:
             raise RuntimeError(f"launch request {request_id} returned no job id")
         return int(job_id)
+
+    def request_in_flight(self, request_id: str) -> bool:
+        """Whether a launch request is still queued or running on the API server (it may yet make a
+        cluster that SkyPilot's status does not list)."""
+        import sky
+
+        records = sky.api_status([request_id])
+        return any(str(getattr(r, "status", "")).rsplit(".", 1)[-1].upper() in _IN_FLIGHT for r in records)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a launch request still in flight (provisioning continues server-side otherwise)."""

@@ -82,6 +82,10 @@ class FakeSky:
                 raise RuntimeError("cluster vanished during launch")
             time.sleep(0.05)
 
+    def request_in_flight(self, request_id: str) -> bool:
+        pid_file = _root() / request_id.removeprefix("req-") / "provisioner.pid"
+        return pid_file.is_file() and _alive(int(pid_file.read_text()))
+
     def cancel(self, request_id: str) -> None:
         pid_file = _root() / request_id.removeprefix("req-") / "provisioner.pid"
         if pid_file.is_file():
@@ -145,6 +149,16 @@ class FakeSky:
     def dryrun(self, task_config: dict, cluster_name: str, secrets: dict | None = None) -> dict:
         return {"cloud": "Fake", "region": "here", "instance": "fake-1x", "accelerators": "A100:1",
                 "price_per_hour": 1.0, "spot": False}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _kill_group(pgid: int) -> None:

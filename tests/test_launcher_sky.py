@@ -14,6 +14,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -382,3 +384,45 @@ def test_a_hung_pull_fails_instead_of_hanging(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="did not finish in 1 s"):
         sky_adapter.SkyAdapter.rsync_down(object(), "socrates-x", "~/sky_workdir/out", tmp_path / "dl")
     assert time.time() - t0 < 10
+
+
+def test_status_of_a_run_whose_launch_request_is_still_queued_says_up(tmp_path, monkeypatch):
+    """A launcher killed while its request waits on a busy API server: SkyPilot lists no cluster yet,
+    but the request will make one and bill it. That is 'up' (with `down` to end it), not 'gone'."""
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(tmp_path / "runs"))
+    from launcher import registry
+    from launcher.backends.sky import SkyBackend
+    from launcher.verbs.status import reconcile
+
+    class QueuedRequest:  # the real backend around an adapter whose server still holds the request
+        def __init__(self):
+            self.in_flight, self.cancelled = True, []
+
+        def cluster_state(self, cluster):
+            return "gone"
+
+        def request_in_flight(self, request_id):
+            return self.in_flight
+
+        def cancel(self, request_id):
+            self.cancelled.append(request_id)
+            self.in_flight = False
+
+        def down(self, cluster):
+            pass
+
+    run = registry.new_run("queued", "sky", config={})
+    run.transition("provisioning", backend_state={"cluster": "socrates-queued", "request_id": "req-1"}, machine="up")
+    adapter = QueuedRequest()
+    backend = SkyBackend(adapter=adapter)
+    assert reconcile(run, backend) == "up" and run.state == "provisioning"  # not marked failed and gone
+    backend.down(run)
+    assert adapter.cancelled == ["req-1"] and reconcile(run, backend) == "gone" and run.state == "failed"
+
+
+@pytest.mark.sky
+def test_the_real_adapter_asks_the_api_server_about_a_request(sky_home):
+    code = "from launcher.sky_adapter import SkyAdapter; print(SkyAdapter().request_in_flight('no-such-request'))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=sky_home.env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "False", r.stdout + r.stderr

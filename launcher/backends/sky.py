@@ -176,7 +176,12 @@ class SkyBackend(Backend):
         cluster = run.backend_state.get("cluster")
         if not cluster:
             return "gone"
-        return self.adapter.cluster_state(cluster)
+        state = self.adapter.cluster_state(cluster)
+        request = run.backend_state.get("request_id")
+        if state == "gone" and request and run.backend_state.get("job_id") is None and \
+                self.adapter.request_in_flight(request):
+            return "up"  # a launch request still queued on the API server will make (and bill) the machine
+        return state
 
 
 def _phase_of(e: Exception) -> str:
