@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from contracts.config import RunConfig, from_dict, load_config
+from contracts.config import SEED_MAX, RunConfig, from_dict, load_config
 from contracts.errors import ContractError
 from job import data as D
 from job import evaluate as E
@@ -38,9 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args.config, args.adapter, args.base_model)
     if not args.base and not args.adapter:
         raise ContractError("predict: give --adapter DIR or --base")
+    if args.adapter:
+        check_adapter(args.adapter)  # before anything is fetched for a base model that would go unused
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ContractError(f"--seed {args.seed}: not accepted (a whole number from 0 to {SEED_MAX})")
+    cfg = resolve_config(args.config, args.adapter, args.base_model)
     queries = [] if args.stdin else [_query_from_args(args)]
     test_rows = D.read_split(args.data, "test") if args.data else None
     if not args.stdin:
@@ -52,11 +56,11 @@ def run(args: argparse.Namespace) -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
-        try:
-            row = to_row(json.loads(line), test_rows)
+        try:  # one bad query must not end the loop: it gets an error line, the next one is read
+            row = to_row(parse_query(line), test_rows)
             _emit(predict(model, tok, cfg, row, args.seed))
-        except (ContractError, ValueError) as e:  # one bad query must not end the loop
-            _emit({"error": str(e).splitlines()[0]})
+        except (ContractError, ValueError) as e:
+            _emit({"error": (str(e).splitlines() or [type(e).__name__])[0]})
     return 0
 
 
@@ -66,18 +70,69 @@ def resolve_config(config: str | None, adapter: str | None, base_model: str | No
         cfg = load_config(config)
     else:
         manifest = Path(adapter).parent / "manifest.json" if adapter else None
-        if manifest is not None and manifest.is_file() and "config" in json.loads(manifest.read_text()):
-            cfg = from_dict(json.loads(manifest.read_text())["config"], source=str(manifest))
+        run_config = read_json_object(manifest).get("config") if manifest is not None and manifest.is_file() else None
+        if run_config is not None:
+            if not isinstance(run_config, dict):
+                raise ContractError(f"{manifest}: 'config' is not accepted (a JSON object: the run's config)")
+            cfg = from_dict(run_config, source=str(manifest))
         else:
             cfg = RunConfig()
             ac = Path(adapter) / "adapter_config.json" if adapter else None
             if ac is not None and ac.is_file():
-                base = json.loads(ac.read_text()).get("base_model_name_or_path")
+                base = read_json_object(ac).get("base_model_name_or_path")
                 if base:
-                    cfg = cfg.with_overrides({"model.id": base})
+                    cfg = cfg.with_overrides({"model.id": base}, source=str(ac))
     if base_model:
         cfg = cfg.with_overrides({"model.id": base_model}, source="--base-model")
     return cfg
+
+
+def check_adapter(adapter: str) -> None:
+    """A LoRA adapter folder: adapter_config.json there, a JSON object."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise ContractError(f"--adapter {adapter}: no such folder (give an adapter folder, e.g. runs/<id>/adapter, "
+                            "or --base)")
+    if not (path / "adapter_config.json").is_file():
+        raise ContractError(f"--adapter {adapter}: no adapter_config.json there (give the adapter folder a run "
+                            "brought home, e.g. runs/<id>/adapter)")
+    read_json_object(path / "adapter_config.json")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a file; ContractError (one line naming the file) when it is not one."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ContractError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                            "expected a JSON object") from None
+    except ValueError as e:
+        raise ContractError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); expected a JSON object") from None
+    except OSError as e:
+        raise ContractError(f"{path}: cannot be read ({e.strerror})") from None
+    if not isinstance(obj, dict):
+        raise ContractError(f"{path}: a JSON {type(obj).__name__} is not accepted (expected a JSON object)")
+    return obj
+
+
+QUERY_KEYS = ("profile", "scenario", "example")
+
+
+def parse_query(line: str) -> dict:
+    """One --stdin line: {"profile": {...}, "scenario": "..."} or {"example": N}; ContractError otherwise."""
+    shown = line.strip()[:60]
+    try:
+        query = json.loads(line)
+    except ValueError as e:
+        raise ContractError(f"query {shown!r}: not JSON ({str(e).splitlines()[0]}); expected "
+                            '{"profile": {...}, "scenario": "..."} or {"example": N}') from None
+    if not isinstance(query, dict):
+        raise ContractError(f"query {shown!r}: a JSON {type(query).__name__} is not accepted; expected "
+                            '{"profile": {...}, "scenario": "..."} or {"example": N}')
+    unknown = [k for k in query if k not in QUERY_KEYS]
+    if unknown:
+        raise ContractError(f"query key {unknown[0]!r}: not accepted (accepted: {', '.join(QUERY_KEYS)})")
+    return query
 
 
 def _query_from_args(args: argparse.Namespace) -> dict:
@@ -98,12 +153,15 @@ def to_row(query: dict, test_rows: list[dict] | None) -> dict:
         n = query["example"]
         if test_rows is None:
             raise ContractError("--example needs --data DIR (a prepared folder with test.jsonl)")
-        if not isinstance(n, int) or not 0 <= n < len(test_rows):
-            raise ContractError(f"--example {n}: not accepted (a row number from 0 to {len(test_rows) - 1})")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < len(test_rows):
+            raise ContractError(f"--example {json.dumps(n)}: not accepted (a row number from 0 to {len(test_rows) - 1})")
         return dict(test_rows[n], _example=n)
     profile, scenario = query.get("profile") or {}, query.get("scenario") or ""
     if not isinstance(profile, dict):
-        raise ContractError(f"profile {profile!r}: expected a JSON object of demographic fields")
+        raise ContractError(f"profile {json.dumps(profile)[:60]}: not accepted (a JSON object of demographic fields)")
+    if not isinstance(scenario, str):
+        raise ContractError(f"scenario {json.dumps(scenario)[:60]}: not accepted (text: the question, stating its "
+                            "answer scale)")
     scale = M.parse_scale(scenario)
     if scale is None:
         raise ContractError(f"scenario {scenario[:60]!r}: states no answer scale (add e.g. '(1-7 scale)' or "

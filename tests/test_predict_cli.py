@@ -37,10 +37,16 @@ def setup(tmp_path_factory):
     return root
 
 
-def cli(args, stdin=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "launcher", "predict", *args], cwd=ROOT, env=env, input=stdin,
+def cli(args, stdin=None, module="launcher"):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", module, "predict", *args], cwd=ROOT, env=env, input=stdin,
                           capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line(r, needle: str) -> None:
+    """exit 2, one stderr line holding `needle`, no traceback."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], (r.returncode, r.stderr[-2000:])
 
 
 def _bars(out: str) -> dict[str, float]:
@@ -91,10 +97,101 @@ def test_interactive_loop_answers_each_query_and_survives_a_bad_one(setup):
     (["--demographics", "Age: old", "--scenario", "Q? (1-7 scale)"], "Age 'old' is not accepted (a whole number"),
     (["--demographics", "Age: 25", "--scenario", "Do you support it?"], "states no answer scale"),
     (["--example", "1"], "--example N needs --data DIR"),
+    (["--seed", "99999999999999999999999", "--demographics", "Age: 25", "--scenario", "Q? (1-7 scale)"],
+     "--seed 99999999999999999999999: not accepted (a whole number from 0 to 4294967295)"),
+    (["--seed", "-1", "--demographics", "Age: 25", "--scenario", "Q? (1-7 scale)"], "--seed -1: not accepted"),
+    (["--python", "/nonexistent/python", "--demographics", "Age: 25", "--scenario", "Q? (1-7 scale)"],
+     "--python /nonexistent/python: no such executable"),
+    (["--python", "/nonexistent/python", "--interactive"], "--python /nonexistent/python: no such executable"),
 ])
 def test_bad_input_exit_2_one_line_before_any_model(setup, args, needle):
     r = cli(["--adapter", str(setup / "adapter"), *args])
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("bad.yaml", b"\xff\xfe model: {}\n", "not UTF-8 text (byte b'\\xff' at offset 0)"),
+    ("bad.json", b'{"seed": "x", "learning_rate": 1e-4}', "train.seed: 'x' is not accepted"),
+    ("bad.json", b'{"seed": 99999999999999999999999}', "is not accepted (a whole number in 0..4294967295)"),
+    ("bad.json", b'{"seed": ', "not valid json"),
+])
+def test_bad_config_is_refused_by_the_launcher(setup, tmp_path, name, content, needle):
+    (tmp_path / name).write_bytes(content)
+    r = cli(["--adapter", str(setup / "adapter"), "--config", str(tmp_path / name), "--python", "/bin/false",
+             "--demographics", "Age: 25", "--scenario", "Q? (1-7 scale)"])  # /bin/false: the job never starts
+    assert_one_line(r, needle)
+
+
+def test_python_that_cannot_be_run_is_exit_2(setup, tmp_path):
+    (tmp_path / "python").write_bytes(b"\xff\xfe not a program")
+    (tmp_path / "python").chmod(0o755)
+    r = cli(["--adapter", str(setup / "adapter"), "--python", str(tmp_path / "python"),
+             "--demographics", "Age: 25", "--scenario", "Q? (1-7 scale)"])
+    assert_one_line(r, f"--python {tmp_path / 'python'}: cannot be run")
+
+
+@pytest.fixture()
+def broken(setup, tmp_path):
+    """Adapter folders that are not usable: missing, empty, a bad adapter_config.json, a bad manifest beside."""
+    import shutil
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "badac").mkdir()
+    (tmp_path / "badac" / "adapter_config.json").write_text("{oops")
+    (tmp_path / "listac").mkdir()
+    (tmp_path / "listac" / "adapter_config.json").write_text("[1]")
+    shutil.copytree(setup / "adapter", tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "manifest.json").write_text('{"config": ')
+    shutil.copytree(setup / "adapter", tmp_path / "run2" / "adapter")
+    (tmp_path / "run2" / "manifest.json").write_text('{"config": 5}')
+    return tmp_path
+
+
+@pytest.mark.parametrize("adapter,needle", [
+    ("nonexistent", "nonexistent: no such folder (give an adapter folder"),
+    ("empty", "empty: no adapter_config.json there"),
+    ("badac", "badac/adapter_config.json: not valid JSON (Expecting property name"),
+    ("listac", "listac/adapter_config.json: a JSON list is not accepted (expected a JSON object)"),
+    ("run/adapter", "run/manifest.json: not valid JSON"),
+    ("run2/adapter", "run2/manifest.json: 'config' is not accepted (a JSON object"),
+])
+@pytest.mark.parametrize("module", ["job", "launcher"])
+def test_unusable_adapter_is_one_line_before_any_model(broken, adapter, needle, module):
+    """Refused up front: no fetch of the default 14B base, no JSONDecodeError traceback."""
+    if module == "launcher" and adapter in ("nonexistent", "empty"):
+        needle = "no adapter_config.json there"  # the launcher's own check, already there
+    args = ["--adapter", str(broken / adapter), "--scenario", "Q? (1-7 scale)"]
+    args += ["--demographics", "Age: 25"] if module == "launcher" else []
+    assert_one_line(cli(args, module=module), needle)
+
+
+def test_job_refuses_a_seed_out_of_range(setup):
+    r = cli(["--adapter", str(setup / "adapter"), "--config", str(SMOKE), "--seed", str(2**32), "--scenario",
+             "Q? (1-7 scale)"], module="job")
+    assert_one_line(r, f"--seed {2**32}: not accepted (a whole number from 0 to 4294967295)")
+
+
+def test_job_stdin_answers_each_line_and_survives_bad_ones(setup):
+    """Each bad --stdin line gets an error line; the loop goes on to the good one at the end."""
+    import json
+
+    bad = ['"str"', "[1]", '{"scenario": 5}', '{"example": true}', "not json", '{"profile": [1], "scenario": "Q (1-5)"}',
+           '{"foo": 1}', '{"example": 1.5}', '{"example": -1}']
+    stdin = "\n".join(bad + ['{"profile": {"age": 30}, "scenario": "Q? (1-5 scale)"}', '{"example": 0}']) + "\n"
+    r = cli(["--adapter", str(setup / "adapter"), "--config", str(SMOKE), "--data", str(setup / "data"), "--stdin"],
+            stdin=stdin, module="job")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    results = [json.loads(line.split(" ", 1)[1]) for line in r.stdout.splitlines() if line.startswith("@@socrates-predict ")]
+    assert len(results) == len(bad) + 2
+    errors = [res.get("error") for res in results[:len(bad)]]
+    assert all(errors), errors
+    assert "a JSON str is not accepted" in errors[0] and "a JSON list is not accepted" in errors[1]
+    assert errors[2].startswith("scenario 5: not accepted (text")
+    assert errors[3].startswith("--example true: not accepted (a row number")
+    assert "not JSON" in errors[4] and errors[5].startswith("profile [1]: not accepted")
+    assert errors[6].startswith("query key 'foo': not accepted (accepted: profile, scenario, example)")
+    assert errors[7].startswith("--example 1.5: not accepted") and errors[8].startswith("--example -1: not accepted")
+    assert results[-2]["scale"] == [1, 5] and results[-1]["example"] == 0
 
 
 def test_missing_adapter_is_exit_2(tmp_path):

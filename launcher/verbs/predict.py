@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from contracts.config import SEED_MAX, load_config
 from contracts.errors import ContractError
 from launcher import REPO_ROOT
 
@@ -50,7 +52,15 @@ def run(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise ContractError(f"--adapter {adapter}: no adapter_config.json there (give the adapter folder a run brought home)")
-    cmd = [args.python, "-m", "job", "predict", "--adapter", str(adapter.resolve()), "--seed", str(args.seed)]
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ContractError(f"--seed {args.seed}: not accepted (a whole number from 0 to {SEED_MAX})")
+    if args.config:
+        load_config(args.config)  # a bad config is one line here, not a job traceback
+    python = shutil.which(args.python)
+    if python is None:
+        raise ContractError(f"--python {args.python}: no such executable (give a python that has the job's "
+                            "packages: torch, transformers, peft)")
+    cmd = [python, "-m", "job", "predict", "--adapter", str(adapter.resolve()), "--seed", str(args.seed)]
     for flag, value in (("--config", args.config), ("--base-model", args.base_model)):
         if value:
             cmd += [flag, str(Path(value).resolve()) if flag == "--config" else value]
@@ -59,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             raise ContractError(f"--data {args.data}: no test.jsonl (a folder `python -m job prepare` wrote)")
         cmd += ["--data", str(Path(args.data).resolve())]
     if args.interactive:
-        return _interactive(cmd + ["--stdin"])
+        return _interactive(cmd + ["--stdin"], args.python)
     if args.example is not None:
         if not args.data:
             raise ContractError("--example N needs --data DIR (a prepared folder with test.jsonl)")
@@ -70,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
         profile = parse_demographics(args.demographics or "")
         check_scenario(args.scenario)
         cmd += ["--profile", json.dumps(profile), "--scenario", args.scenario]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    except OSError as e:
+        raise ContractError(f"--python {args.python}: cannot be run ({e.strerror or e})") from None
     results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
                if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not results:
@@ -133,10 +146,13 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _interactive(cmd: list[str]) -> int:
+def _interactive(cmd: list[str], python: str) -> int:
     errlog = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty job can't block on it
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=errlog, text=True, bufsize=1)
+    try:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=errlog, text=True, bufsize=1)
+    except OSError as e:
+        raise ContractError(f"--python {python}: cannot be run ({e.strerror or e})") from None
     print("predict: empty input or Ctrl-D ends. Demographics like \"Age: 25; Gender: Female\"; "
           "the scenario must state its scale, e.g. \"(1-7 scale)\".")
     try:
