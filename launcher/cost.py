@@ -602,10 +602,12 @@ def actual_cost(run: Any) -> float | None:
     get = run.get if isinstance(run, dict) else (lambda k, d=None: getattr(run, k, d))
     price, start = get("price_per_hour"), get("started_at")
     if price is None:
-        price = ((get("estimate") or {}).get("cheapest") or {}).get("price_per_h")
-    if price is None or start is None:
-        return None
+        estimate = get("estimate")
+        cheapest = estimate.get("cheapest") if isinstance(estimate, dict) else None
+        price = cheapest.get("price_per_h") if isinstance(cheapest, dict) else None
     end = get("ended_at") or time.time()
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (price, start, end)):
+        return None  # not priced or not started (or a hand-edited record: no number to give)
     return round(float(price) * max(0.0, float(end) - float(start)) / 3600, 2)
 
 

@@ -29,31 +29,41 @@ class Progress:
         return self.price_per_hour * (time.time() - self.started_at) / 3600
 
     def on_event(self, ev: dict) -> None:
+        """Render one event. A recorded event is shown as it is, an odd value as '?' or verbatim:
+        events.jsonl is read back by `logs` and may have been edited by hand."""
+        if not isinstance(ev, dict):
+            return
         kind = ev.get("event")
+        v = lambda key: _text(ev.get(key))  # noqa: E731
         if kind == "step":
             self._step(ev)
         elif kind == "phase":
-            self.line(f"[bold cyan]==>[/] {ev['phase']}" + (f": {ev['detail']}" if ev.get("detail") else ""))
+            self.line(f"[bold cyan]==>[/] {_escape(v('phase'))}" + (f": {_escape(v('detail'))}" if ev.get("detail") else ""))
         elif kind == "start":
-            self.line(f"    job {ev['verb']} started")
+            self.line(f"    job {_escape(v('verb'))} started")
         elif kind == "check":
-            self.line(f"    check: {'ok' if ev['ok'] else 'FAILED'} " + _fmt_fields(ev, ("card", "gpu", "device", "reason")))
+            ok = ev.get("ok")
+            self.line(f"    check: {'ok' if ok is True else 'FAILED' if ok is False else '?'} "
+                      + _escape(_fmt_fields(ev, ("card", "gpu", "device", "reason"))))
         elif kind == "prepare":
-            self.line(f"    data: {ev['train_rows']} train rows, {ev['test_rows']} test rows")
+            self.line(f"    data: {_escape(v('train_rows'))} train rows, {_escape(v('test_rows'))} test rows")
         elif kind == "checkpoint":
-            self.line(f"    checkpoint at step {ev['step']}")
+            self.line(f"    checkpoint at step {_escape(v('step'))}")
         elif kind == "eval":
-            metrics = ev.get("metrics") or {}
-            shown = ", ".join(f"{k}={_num(v)}" for k, v in list(metrics.items())[:6] if not isinstance(v, (dict, list)))
-            self.line(f"    eval: {shown}")
+            metrics = ev.get("metrics")
+            if isinstance(metrics, dict):
+                shown = ", ".join(f"{k}={_num(m)}" for k, m in list(metrics.items())[:6] if not isinstance(m, (dict, list)))
+            else:
+                shown = "?" if metrics is None else _text(metrics)
+            self.line(f"    eval: {_escape(shown)}")
         elif kind == "artifact":
-            self.line(f"    artifact {ev['path']} ({ev['size']} bytes)")
+            self.line(f"    artifact {_escape(v('path'))} ({_escape(v('size'))} bytes)")
         elif kind == "done":
-            self.line(f"    job done: {ev['reason']}")
+            self.line(f"    job done: {_escape(v('reason'))}")
         elif kind == "error":
-            self.line(f"[bold red]    job error:[/] {ev['message']}")
+            self.line(f"[bold red]    job error:[/] {_escape(v('message'))}")
         elif kind == "log":
-            self.line(f"    {ev['message']}")
+            self.line(f"    {_escape(v('message'))}")
 
     def line(self, text: str) -> None:
         """A phase or status line, printed above the bar (or plain)."""
@@ -67,10 +77,11 @@ class Progress:
     def _step(self, ev: dict) -> None:
         self.last_step = ev
         cost = self.dollars()
-        extras = (f"loss {_num(ev['loss'])}  {_num(ev['tokens_per_s'])} tok/s  ETA {_eta(ev['eta_s'])}"
+        extras = (f"loss {_num(ev.get('loss'))}  {_num(ev.get('tokens_per_s'))} tok/s  ETA {_eta(ev.get('eta_s'))}"
                   + (f"  ${cost:.2f} so far" if cost is not None else ""))
-        if self.plain:
-            self.console.print(f"    step {ev['step']}/{ev['total_steps']}  {extras}", highlight=False, soft_wrap=True)
+        counts = all(isinstance(ev.get(k), int) and not isinstance(ev.get(k), bool) for k in ("step", "total_steps"))
+        if self.plain or not counts:  # a bar needs whole numbers; anything else is a plain line
+            self.line(_escape(f"    step {_text(ev.get('step'))}/{_text(ev.get('total_steps'))}  {extras}"))
             return
         if self._bar is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn
@@ -90,15 +101,29 @@ class Progress:
 def _num(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return "-" if v is None else str(v)
+    return "-" if v is None else _text(v)
+
+
+def _text(v: Any) -> str:
+    """A recorded value as it is (missing: '?'), kept to one short line."""
+    if v is None:
+        return "?"
+    text = " ".join(str(v).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _eta(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)):
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
         return "-"
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _fmt_fields(ev: dict, keys: tuple[str, ...]) -> str:
-    return " ".join(f"{k}={ev[k]}" for k in keys if ev.get(k) is not None)
+    return " ".join(f"{k}={_text(ev[k])}" for k in keys if ev.get(k) is not None)

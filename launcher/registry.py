@@ -11,6 +11,7 @@ backend saves the handles it needs (cluster name, request id, pid, working dir) 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets as _random
@@ -136,42 +137,221 @@ def new_run(name: str, infra: str, **kw: Any) -> Run:
     return run.save()
 
 
-def load(run_id: str) -> Run:
+# --- what a record on disk may hold ------------------------------------------------------------
+# A record is checked against this table when it is read: a hand-edited or foreign run.json is
+# refused with one line naming the file and the field, not a traceback three verbs later.
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+def _infra(v: Any) -> bool:
+    from launcher.backends import known_infra
+
+    return isinstance(v, str) and known_infra(v)
+
+
+def _estimate(v: Any) -> bool:
+    """What the verbs read of an estimate: dollars [low, expected, high] and the cheapest offer's price."""
+    if not isinstance(v, dict):
+        return False
+    dollars, cheapest = v.get("dollars"), v.get("cheapest")
+    return ((dollars is None or (isinstance(dollars, list) and len(dollars) == 3 and all(map(_number, dollars))))
+            and (not cheapest or (isinstance(cheapest, dict) and _opt(_number)(cheapest.get("price_per_h"))))
+            and _opt(_number)(v.get("price_per_hour")))
+
+
+_str = lambda v: isinstance(v, str)  # noqa: E731
+_dict = lambda v: isinstance(v, dict)  # noqa: E731
+
+# field -> (check, what it must be). A field missing from the file takes the dataclass default.
+SCHEMA: dict[str, tuple[Any, str]] = {
+    "id": (_str, "a string"),
+    "infra": (_infra, "a known infrastructure (local | sky | ssh://user@host[:port])"),
+    "state": (lambda v: v in STATES, f"a run state ({', '.join(STATES)})"),
+    "gpu": (_opt(_str), "a string or null"),
+    "name": (_str, "a string"),
+    "config": (_dict, "an object"),
+    "options": (_dict, "an object"),
+    "estimate": (_opt(_estimate), "null or an object with dollars [low, expected, high] as numbers"),
+    "price_per_hour": (_opt(_number), "a number or null"),
+    "created_at": (_number, "a number"),
+    "updated_at": (_number, "a number"),
+    "started_at": (_opt(_number), "a number"),
+    "ended_at": (_opt(_number), "a number"),
+    "exit_code": (_opt(lambda v: isinstance(v, int) and not isinstance(v, bool)), "a whole number or null"),
+    "error": (_opt(_str), "a string or null"),
+    "machine": (_str, "a string"),
+    "adapter": (_opt(_str), "a string or null"),
+    "verified": (lambda v: isinstance(v, bool), "true or false"),
+    "backend_state": (_dict, "an object"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "a list of objects"),
+}
+assert set(SCHEMA) == _FIELDS - {"dir"}, "every Run field has a row in SCHEMA"
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def problems(data: dict, folder: str) -> list[str]:
+    """What is wrong with a record's fields (empty when it is sound)."""
+    found = [f"{key} {_short(data[key])} is not {what}" for key, (check, what) in SCHEMA.items()
+             if key in data and not check(data[key])]
+    if "id" not in data:
+        found.insert(0, "id is missing")
+    elif isinstance(data["id"], str) and data["id"] != folder:
+        found.append(f"id {data['id']!r} is not its folder's name {folder!r}")
+    return found
+
+
+class Salvaged(Run):
+    """A damaged record read only so that `down` can end its machine: the sound fields, with the
+    damaged ones at their defaults; saving writes back the sound fields only, leaving the damaged
+    ones as they were on disk (the evidence stays for the user to fix)."""
+
+    _raw: dict
+    _damaged: frozenset
+    damage: str
+    """The one line that says what is wrong with the record."""
+
+    def save(self) -> "Run":
+        self.updated_at = time.time()
+        data = asdict(self)
+        data["dir"] = str(self.dir)
+        out = {**self._raw, **{k: v for k, v in data.items() if k not in self._damaged}}
+        atomic_write_json(self.path, out)
+        return self
+
+
+@dataclass
+class Damaged:
+    """A record under runs/ that can't be used: `error` is the one line that says why."""
+
+    id: str
+    dir: Path
+    error: str
+    created_at: float
+    salvageable: bool = False
+
+
+def _fail(path: Path, what: str, hint: str) -> str:
+    return f"{path}: {what}; the record is damaged: {hint}"
+
+
+def _parse(path: Path) -> tuple[Run | None, Damaged | None]:
+    """Read one run.json: (run, None) when sound, else (salvaged run or None, Damaged)."""
+    folder = path.parent.name
+    when = _folder_time(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return None, Damaged(folder, path.parent, _fail(path, f"not readable JSON ({e})", "fix or remove the folder"), when)
+    if not isinstance(data, dict):
+        return None, Damaged(folder, path.parent, _fail(path, "not a JSON object", "fix or remove the folder"), when)
+    if _number(data.get("created_at")):
+        when = data["created_at"]
+    found = problems(data, folder)
+    if not found:
+        data["dir"] = path.parent
+        return Run(**{k: v for k, v in data.items() if k in _FIELDS}), None
+    damaged = {k for k, (check, _) in SCHEMA.items() if k in data and not check(data[k])}
+    if data.get("id") != folder:
+        damaged.add("id")
+    # `down` can still end the machine when it knows which backend and the backend's handles.
+    salvageable = not ({"infra", "backend_state"} & damaged) and bool(data.get("backend_state"))
+    hint = (f"fix it, or end its machine with `socrates-launch down {folder}` and remove the folder" if salvageable
+            else "fix or remove the folder")
+    handles = data.get("backend_state")
+    cluster = handles.get("cluster") if isinstance(handles, dict) else None
+    if not salvageable and isinstance(cluster, str) and cluster:
+        hint += f" (it names SkyPilot cluster {cluster!r}: `sky down {cluster}` ends it if it is still up)"
+    bad = Damaged(folder, path.parent, _fail(path, "; ".join(found), hint), when, salvageable)
+    if not salvageable:
+        return None, bad
+    sound = {k: v for k, v in data.items() if k in _FIELDS and k not in damaged}
+    sound["id"] = folder  # the folder is what every verb names it by
+    run = Salvaged(**{**sound, "dir": path.parent})
+    run._raw, run._damaged, run.damage = data, frozenset(damaged), bad.error
+    return run, bad
+
+
+_STAMP = re.compile(r"-(\d{8}-\d{6})-[0-9a-f]{4}$")
+
+
+def _folder_time(path: Path) -> float:
+    """When a run began, for a record whose created_at can't be read: the UTC stamp `new_run` put in
+    its folder's name, else the file's modification time."""
+    import calendar
+
+    m = _STAMP.search(path.parent.name)
+    if m:
+        try:
+            return float(calendar.timegm(time.strptime(m.group(1), "%Y%m%d-%H%M%S")))
+        except ValueError:
+            pass
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _path_of(run_id: str) -> Path:
     if not _RUN_ID.match(run_id or ""):
         raise ContractError(f"run {run_id!r}: not a run id (letters, digits, . _ -; `socrates-launch runs` lists them)")
     path = runs_root() / run_id / RUN_FILE
     if not path.is_file():
         raise ContractError(f"run {run_id!r}: no such run under {runs_root()}/ (`socrates-launch runs` lists them)")
-    return _read(path)
+    return path
 
 
-def _read(path: Path) -> Run:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        data["dir"] = path.parent
-        return Run(**{k: v for k, v in data.items() if k in _FIELDS})
-    except (ValueError, TypeError) as e:
-        raise ContractError(f"{path}: unreadable run record ({e})") from None
+def load(run_id: str, salvage: bool = False) -> Run:
+    """The run `run_id`; a damaged record is a ContractError naming the file and the field. With
+    `salvage` (only `down`: money), a damaged record whose infra and backend_state are sound comes
+    back as a `Salvaged` run so its machine can still be ended."""
+    run, bad = _parse(_path_of(run_id))
+    if bad is not None and not (salvage and run is not None):
+        raise ContractError(bad.error)
+    return run
 
 
-def list_runs() -> list[Run]:
-    """Every run under runs/, oldest first."""
+def scan() -> list[Run | Damaged]:
+    """Every record under runs/, sound or damaged, oldest first (damaged ones by their folder's stamp)."""
     root = runs_root()
     if not root.is_dir():
         return []
-    runs = [_read(p) for p in root.glob(f"*/{RUN_FILE}")]
-    return sorted(runs, key=lambda r: r.created_at)
+    found = []
+    for path in root.glob(f"*/{RUN_FILE}"):
+        run, bad = _parse(path)
+        found.append(bad if bad is not None else run)
+    return sorted(found, key=lambda r: (r.created_at, r.id))
 
 
-def resolve(run_id: str | None) -> Run:
+def list_runs() -> list[Run]:
+    """Every sound run under runs/, oldest first."""
+    return [r for r in scan() if isinstance(r, Run)]
+
+
+def resolve(run_id: str | None, salvage: bool = False) -> Run:
     """The named run, or the latest one when no id is given (an empty id is refused: `down "$UNSET"`
-    must not end the latest run)."""
+    must not end the latest run). The latest is never a damaged record passed over for an older
+    one: if the latest is damaged, the error names it."""
     if run_id is not None and not run_id.strip():
         raise ContractError(f"run {run_id!r}: an empty run id (name one from `socrates-launch runs`, or give "
                             "none for the latest run)")
     if run_id:
-        return load(run_id)
-    runs = list_runs()
-    if not runs:
+        return load(run_id, salvage=salvage)
+    records = scan()
+    if not records:
         raise ContractError(f"no runs under {runs_root()}/ yet (start one with `socrates-launch up`)")
-    return runs[-1]
+    latest = records[-1]
+    if isinstance(latest, Damaged):
+        if salvage and latest.salvageable:
+            return load(latest.id, salvage=True)
+        raise ContractError(latest.error)
+    return latest

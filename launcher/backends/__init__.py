@@ -12,9 +12,14 @@ from contracts.errors import ContractError
 INFRAS = "local | sky | ssh://user@host[:port]"
 
 
+def known_infra(infra: str) -> bool:
+    """Whether `infra` names a backend."""
+    return infra in ("local", "sky") or (infra.startswith("ssh://") and len(infra) > len("ssh://"))
+
+
 def check_infra(infra: str) -> str:
     """`infra` if it names a backend, else ContractError (exit 2, before anything is created)."""
-    if infra in ("local", "sky") or (infra.startswith("ssh://") and len(infra) > len("ssh://")):
+    if known_infra(infra):
         return infra
     raise ContractError(f"--infra {infra!r}: unknown infrastructure (accepted: {INFRAS})")
 

@@ -17,7 +17,14 @@ def run(args: argparse.Namespace) -> int:
     from launcher.verbs.up import teardown
 
     console = Console()
-    run_rec = registry.resolve(args.run_id)
+    # Money first: a damaged record whose infra and backend_state are sound still has its machine
+    # ended (writing back only its sound fields); any other damage is the one-line error.
+    run_rec = registry.resolve(args.run_id, salvage=True)
+    if isinstance(run_rec, registry.Salvaged):
+        from rich.markup import escape
+
+        console.print(f"[bold yellow]warning:[/] {escape(run_rec.damage)} (its machine is ended from its "
+                      "backend_state anyway)", highlight=False, soft_wrap=True)
     if not teardown(run_rec, get_backend(run_rec.infra), None, console):
         return 1
     console.print(f"run {run_rec.id}: machine down ({run_rec.state})", highlight=False)

@@ -66,11 +66,18 @@ def _read(path: Path) -> dict:
         raise ContractError(f"{path}: unreadable metrics ({e}); `socrates-launch download` pulls it again") from None
     if not isinstance(data, dict):
         raise ContractError(f"{path}: not an evaluation metrics file")
+    if not isinstance(data.get("results") or {}, dict):
+        raise ContractError(f"{path}: results is {type(data['results']).__name__}, not an object of model/mode -> "
+                            "metrics; `socrates-launch download` pulls it again")
     return data
 
 
 def _summary(r: dict) -> dict:
-    dpd = (r.get("demographic_parity_difference") or {}).get("value")
+    """The numbers shown for one result; a result that is not an object shows them all as unknown."""
+    if not isinstance(r, dict):
+        r = {}
+    dpd = r.get("demographic_parity_difference")
+    dpd = dpd.get("value") if isinstance(dpd, dict) else dpd
     keys = ("model", "mode", "rows", "wasserstein", "wasserstein_uniform", "individual_accuracy",
             "invalid_rate", "cells_scored", "cells_unbounded", "studies_scored", "prompt_tokens_per_s")
     return {**{k: r.get(k) for k in keys}, "demographic_parity_difference": dpd}
@@ -78,16 +85,28 @@ def _summary(r: dict) -> dict:
 
 def render(label: str, results: dict[str, dict], report: Path | None) -> str:
     def f(v, spec=".4f"):
-        return "-" if v is None else format(v, spec)
+        """A number in `spec`; anything else as it is (a hand-edited file: '0.2' stays '0.2')."""
+        if v is None:
+            return "-"
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                return format(v, spec)
+            except ValueError:  # 12.5 rows
+                return str(v)
+        text = " ".join(str(v).split())
+        return text if len(text) <= 12 else text[:11] + "~"
 
     head = f"{'model/mode':<26}{'rows':>7}{'W':>9}{'W uniform':>11}{'accuracy':>10}{'DPD':>9}{'invalid':>9}{'cells':>7}"
     lines = [f"{label}: evaluation (W: per-cell Wasserstein, mean over studies; lower is better)", head]
     for key, r in sorted(results.items()):
+        if not isinstance(r, dict):
+            lines.append(f"{key:<26}{'?':>7}  (not a result: {f(r)})")
+            continue
         s = _summary(r)
         invalid = f(s["invalid_rate"], ".1%") if s["mode"] == "sample" else "n/a"
-        lines.append(f"{key:<26}{s['rows'] or 0:>7}{f(s['wasserstein']):>9}{f(s['wasserstein_uniform']):>11}"
+        lines.append(f"{key:<26}{f(s['rows'] or 0, 'd'):>7}{f(s['wasserstein']):>9}{f(s['wasserstein_uniform']):>11}"
                      f"{f(s['individual_accuracy']):>10}{f(s['demographic_parity_difference']):>9}{invalid:>9}"
-                     f"{s['cells_scored'] or 0:>7}")
+                     f"{f(s['cells_scored'] or 0, 'd'):>7}")
     lines.append("modes: sample = one sampled answer per row (the paper's protocol); "
                  "distribution = the model's exact answer probabilities")
     lines.append("paper, Table 2 (unseen studies): " + ", ".join(f"{n} {w:.3f}" for n, w in PAPER_REFERENCE))

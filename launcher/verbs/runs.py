@@ -18,9 +18,10 @@ def run(args: argparse.Namespace) -> int:
 
     from launcher.verbs.status import _actual_cost, _expected, _money
 
-    runs = registry.list_runs()
+    runs = registry.scan()  # a damaged record is a row that says so, not the end of the listing
     if args.json:
-        print(json.dumps([{"id": r.id, "state": r.state, "infra": r.infra, "gpu": r.gpu, "duration_s": r.duration_s(),
+        print(json.dumps([{"id": r.id, "state": "damaged", "error": r.error} if isinstance(r, registry.Damaged) else
+                          {"id": r.id, "state": r.state, "infra": r.infra, "gpu": r.gpu, "duration_s": r.duration_s(),
                            "cost_usd": _actual_cost(r), "adapter": r.adapter} for r in runs], indent=2))
         return 0
     console = Console()
@@ -30,15 +31,21 @@ def run(args: argparse.Namespace) -> int:
     table = Table("state", "infra", "card", "time", "$ spent", "$ est.")
     # Run ids are what the other verbs take: never cut them short.
     table.columns.insert(0, Column("run", no_wrap=True, min_width=max(len(r.id) for r in runs)))
+    damaged = [r for r in runs if isinstance(r, registry.Damaged)]
     for r in runs:
+        if isinstance(r, registry.Damaged):
+            table.add_row(r.id, "[bold red]damaged[/]", "?", "?", "?", "?", "?")
+            continue
         est = _expected(r.estimate)
         table.add_row(r.id, r.state, r.infra, r.gpu or "-", _short(r.duration_s()), _money(_actual_cost(r)), _money(est))
     console.print(table)
+    for r in damaged:
+        console.print(f"damaged: {r.error}", highlight=False, markup=False, soft_wrap=True)
     return 0
 
 
 def _short(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
+    if not isinstance(seconds, (int, float)):
+        return "-" if seconds is None else "?"
     s = int(seconds)
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"

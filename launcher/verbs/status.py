@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"estimate: {_money(_expected(run_rec.estimate))}", highlight=False)
     actual = _actual_cost(run_rec)
     if actual is not None:
-        console.print(f"cost:     ${actual:.2f} (price x billed time)", highlight=False)
+        console.print(f"cost:     {_money(actual)} (price x billed time)", highlight=False)
     if run_rec.error:
         console.print(f"error:    {run_rec.error}", highlight=False, markup=False)
     if run_rec.adapter:
@@ -73,13 +73,16 @@ def _actual_cost(run: registry.Run) -> float | None:
 
 
 def _expected(estimate: dict | None) -> float | None:
-    dollars = (estimate or {}).get("dollars")
-    return dollars[1] if dollars else None
+    """The estimate's expected dollars (the middle of [low, expected, high]), or None."""
+    dollars = estimate.get("dollars") if isinstance(estimate, dict) else None
+    if isinstance(dollars, (list, tuple)) and len(dollars) >= 2 and isinstance(dollars[1], (int, float)):
+        return dollars[1]
+    return None
 
 
 def _hms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
+    if not isinstance(seconds, (int, float)):
+        return "-" if seconds is None else "?"
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
