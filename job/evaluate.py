@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         raise ContractError("evaluate: give --adapter DIR (the fine-tuned model) or --base")
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise ContractError(f"--adapter {args.adapter}: no adapter_config.json there (give the folder train wrote)")
-    out = Path(args.out)
+    from job.prepare import check_out
+
+    out = check_out(args.out)  # not "" (the current folder), not an existing file
     rows = select_rows(D.read_split(args.data, "test"), rows_cap, cfg.data.seed)
     events = EventWriter(Path(args.events) if args.events else out / "events.jsonl", echo=True)
     which = "fine-tuned" if args.adapter else "base"

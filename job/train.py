@@ -196,7 +196,7 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=math.ceil(t.warmup_ratio * total_steps),
         weight_decay=t.weight_decay,
-        optim=t.optim if on_gpu or "8bit" not in t.optim else "adamw_torch",
+        optim=t.optim if on_gpu else cpu_optimizer(t.optim),
         bf16=on_gpu and t.precision == "bf16",
         fp16=on_gpu and t.precision == "fp16",
         logging_steps=t.logging_steps,
@@ -233,6 +233,11 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
 
     fast.speed_up(model, t, device, trainer=trainer, pad_id=tok.pad_token_id)
     return trainer
+
+
+def cpu_optimizer(optim: str) -> str:
+    """bitsandbytes' optimizers (8-bit, paged, lion_*bit) need CUDA: on the CPU path they become AdamW."""
+    return "adamw_torch" if "bit" in optim or optim.startswith("paged_") else optim
 
 
 def _score_answer_positions_only_on_cpu() -> None:

@@ -94,6 +94,16 @@ def test_bad_input_is_one_line_and_exit_2(prepared, tmp_path, capsys, argv, need
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_out_that_is_empty_or_a_file_is_exit_2(prepared, tmp_path, capsys):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("mine")
+    for out, needle in (("", "--out: empty"), (str(a_file), "exists and is not a folder")):
+        rc = job_main(["evaluate", "--config", str(SMOKE), "--data", str(prepared / "data"), "--base", "--out", out])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert a_file.read_text() == "mine"
+
+
 def test_missing_data_folder_is_exit_2(tmp_path, capsys):
     rc = job_main(["evaluate", "--config", str(SMOKE), "--data", str(tmp_path / "nope"), "--base", "--out", str(tmp_path)])
     assert rc == 2 and "no test.jsonl" in capsys.readouterr().err

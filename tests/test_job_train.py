@@ -290,3 +290,15 @@ def test_fingerprint_refuses_another_run_and_allows_how_a_step_runs(tmp_path):
     (ckpt / FINGERPRINT).write_text("{torn")
     with pytest.raises(ContractError, match="unreadable"):
         check_resumable(ckpt, fingerprint(base, "a" * 64), "auto")
+
+
+def test_cpu_runs_swap_cuda_only_optimizers_for_adamw():
+    """The config may name any accepted optimizer; on the CPU path the CUDA-only ones (bitsandbytes'
+    8-bit, paged, lion_*bit) become AdamW instead of failing at the first step."""
+    from contracts.config import OPTIMIZERS
+    from job.train import cpu_optimizer
+
+    swapped = {o for o in OPTIMIZERS if cpu_optimizer(o) == "adamw_torch"} - {"adamw_torch"}
+    assert swapped == {o for o in OPTIMIZERS if "bit" in o or o.startswith("paged_")}
+    assert {"paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "lion_32bit"} <= swapped
+    assert cpu_optimizer("adafactor") == "adafactor" and cpu_optimizer("sgd") == "sgd"
