@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _short(seconds: float | None) -> str:
-    if not isinstance(seconds, (int, float)):
-        return "-" if seconds is None else "?"
+    if seconds is None:
+        return "-"
     s = int(seconds)
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -73,16 +73,13 @@ def _actual_cost(run: registry.Run) -> float | None:
 
 
 def _expected(estimate: dict | None) -> float | None:
-    """The estimate's expected dollars (the middle of [low, expected, high]), or None."""
-    dollars = estimate.get("dollars") if isinstance(estimate, dict) else None
-    if isinstance(dollars, (list, tuple)) and len(dollars) >= 2 and isinstance(dollars[1], (int, float)):
-        return dollars[1]
-    return None
+    dollars = (estimate or {}).get("dollars")  # registry.SCHEMA: null or [low, expected, high] numbers
+    return dollars[1] if dollars else None
 
 
 def _hms(seconds: float | None) -> str:
-    if not isinstance(seconds, (int, float)):
-        return "-" if seconds is None else "?"
+    if seconds is None:
+        return "-"
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
