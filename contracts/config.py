@@ -28,6 +28,7 @@ EVAL_MODES = ("sample", "distribution")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "eager")
+MEMORY_MODES = ("auto", "fast", "lean")
 OPTIMIZERS = (
     # transformers' OptimizerNames that need nothing beyond torch + bitsandbytes (the image's deps);
     # kept explicit so contracts imports neither transformers nor torch.
@@ -94,6 +95,10 @@ class TrainSpec:
     same function as peft's forward; job/fused_lora.py)."""
     offload_checkpoints: bool = False
     """Checkpointed layers keep their input in pinned host memory, not on the GPU (job/offload.py)."""
+    memory_mode: str = "auto"
+    """auto: the config as written when `job check`'s fit says it fits the card, else the lean mode |
+    fast: always as written | lean: always lean (every layer recomputed, its input offloaded to pinned
+    host memory, the largest micro-batch up to 128 that fits card and host; job/check.py plan_memory)."""
     compile: bool = False
     """Regional torch.compile: each decoder layer compiled (one shared graph, dynamic shapes; job/fast.py)."""
     checkpoint_every: int = 50
@@ -252,6 +257,7 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("train.precision", _one_of(PRECISIONS), " | ".join(PRECISIONS)),
     ("train.optim", _one_of(OPTIMIZERS), " | ".join(OPTIMIZERS)),
     ("train.attn_implementation", _one_of(ATTN_IMPLEMENTATIONS), " | ".join(ATTN_IMPLEMENTATIONS)),
+    ("train.memory_mode", _one_of(MEMORY_MODES), " | ".join(MEMORY_MODES)),
     ("train.global_batch", _whole(1), "a whole number >= 1"),
     ("train.micro_batch", _whole(1), "a whole number >= 1"),
     ("train.max_length", _whole(1), "a whole number >= 1"),

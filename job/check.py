@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             events.emit("check", ok=False, reason=str(e))
         raise
     if events:
-        events.emit("check", ok=True, **{k: report[k] for k in ("card", "nf4", "fit", "disk_free_gib")})
+        events.emit("check", ok=True, **{k: report[k] for k in ("card", "nf4", "fit", "disk_free_gib", "mode")})
     if args.out:
         Path(args.out, "check.json").write_text(json.dumps(report, indent=2) + "\n")
     c, f = report["card"], report["fit"]
@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"fit: {cfg.model.id} ({f['params'] / 1e9:.2f}B params, {cfg.train.method}) needs ~{f['total_gib']} GiB "
           f"(base {f['base_gib']}, LoRA+optimizer {f['lora_gib']}, activations {f['activations_gib']}) "
           f"of {f['available_gib']} GiB: ok")
+    m = report["mode"]
+    print(f"memory mode: {m['mode']} ({m['why']}): micro_batch {m['micro_batch']}, checkpointed layers "
+          f"{'all' if m['checkpoint_layers'] is None else m['checkpoint_layers']}, offloaded checkpoints "
+          f"{'on' if m['offload_checkpoints'] else 'off'}")
     if f.get("host_gib"):
         print(f"host memory: offloaded checkpoints need ~{f['host_gib']} GiB of {f.get('host_available_gib')} GiB available: ok")
     return 0
@@ -75,16 +79,64 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
     if free < need_disk:
         raise JobCannotRun(f"{free} GiB disk free at {where.resolve()}; this config needs ~{need_disk:.0f} GiB "
                            "(model download + checkpoints)")
-    fit = fit_estimate(cfg, data_dir)
+    run_cfg, mode = plan_memory(cfg, card["memory_gib"] if on_gpu else None,
+                                env.host_mem_available_gib() if on_gpu else None, data_dir, env.world_size())
+    fit = mode.pop("fit")
     fit["available_gib"] = card["memory_gib"] if on_gpu else None
-    if on_gpu and fit["total_gib"] > 0.95 * card["memory_gib"]:
-        raise JobCannotRun(f"{cfg.model.id} with {cfg.train.method} at micro_batch {cfg.train.micro_batch} needs "
-                           f"~{fit['total_gib']} GiB; {card['name']} has {card['memory_gib']} GiB (lower "
-                           "train.micro_batch or pick a larger card)")
-    if on_gpu:
-        host_fit(cfg, fit, env.host_mem_available_gib())
-    return {"ok": True, "card": card, "nf4": nf4, "disk_free_gib": free, "fit": fit,
+    return {"ok": True, "card": card, "nf4": nf4, "disk_free_gib": free, "fit": fit, "mode": mode,
             "packages": env.package_versions()}
+
+
+FIT_SHARE = 0.95  # of the card's memory the fit estimate may use (the estimate runs high; bench/RESULTS.md)
+LEAN_MAX_MICRO_BATCH = 128  # lean mode's largest micro-batch (measured on the H200: 128 > 64 > 32 in tok/s)
+
+
+def plan_memory(cfg: RunConfig, card_gib: float | None, host_gib: float | None, data_dir: Path | None = None,
+                world: int = 1) -> tuple[RunConfig, dict]:
+    """The config to train with on this card, and the memory mode it is in.
+
+    fast: the config as written (train.memory_mode fast, or auto when the fit estimate fits the card).
+    lean: every decoder layer recomputed with its input offloaded to pinned host memory, at the largest
+    micro-batch (<= 128, dividing the per-GPU global batch) whose GPU fit and host memory both fit;
+    the global batch, and so what is learned, is unchanged. No card (CPU): the config as written.
+    Raises JobCannotRun when neither fits, naming the smallest need."""
+    t = cfg.train
+    fit = fit_estimate(cfg, data_dir)
+    fits = card_gib is None or fit["total_gib"] <= FIT_SHARE * card_gib
+    if card_gib is None or t.memory_mode == "fast" or (t.memory_mode == "auto" and fits):
+        if not fits:
+            raise JobCannotRun(f"{cfg.model.id} with {t.method} at micro_batch {t.micro_batch} needs ~{fit['total_gib']} "
+                               f"GiB; this card has {card_gib:.2f} GiB (lower train.micro_batch, set train.memory_mode: auto "
+                               "or lean, or pick a larger card)")
+        if card_gib is not None:
+            host_fit(cfg, fit, host_gib)
+        return cfg, {"mode": "fast", "micro_batch": t.micro_batch, "checkpoint_layers": t.checkpoint_layers,
+                     "offload_checkpoints": t.offload_checkpoints, "fit": fit,
+                     "why": "the config as written fits" if t.memory_mode == "auto" else "train.memory_mode: fast"}
+    per_gpu = max(1, t.global_batch // max(1, world))
+    tried = []
+    for mb in range(min(LEAN_MAX_MICRO_BATCH, per_gpu), 0, -1):
+        if per_gpu % mb:
+            continue
+        lean = cfg.with_overrides({"train.micro_batch": mb, "train.gradient_checkpointing": True,
+                                   "train.checkpoint_layers": None, "train.offload_checkpoints": True},
+                                  source="memory_mode lean")
+        f = fit_estimate(lean, data_dir)
+        tried.append((mb, f["total_gib"], f["host_gib"]))
+        if f["total_gib"] > FIT_SHARE * card_gib:
+            continue
+        try:
+            host_fit(lean, f, host_gib)
+        except JobCannotRun:
+            continue
+        why = (f"train.memory_mode: lean" if t.memory_mode == "lean" else
+               f"the config as written needs ~{fit['total_gib']} GiB, over {FIT_SHARE:.0%} of {card_gib:.2f} GiB")
+        return lean, {"mode": "lean", "micro_batch": mb, "checkpoint_layers": None, "offload_checkpoints": True,
+                      "fit": f, "why": why}
+    mb, gib, host = tried[-1] if tried else (1, fit["total_gib"], 0.0)
+    raise JobCannotRun(f"{cfg.model.id} with {t.method} does not fit this card even in the lean mode: micro_batch {mb} "
+                       f"needs ~{gib} GiB of {card_gib:.2f} GiB GPU memory and ~{host} GiB of {host_gib} GiB host memory "
+                       "(pick a larger card or a machine with more RAM)")
 
 
 def host_fit(cfg: RunConfig, fit: dict, available_gib: float | None) -> None:

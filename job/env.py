@@ -21,10 +21,42 @@ def card_info() -> dict:
                 "driver": None, "bf16": False}
     p = torch.cuda.get_device_properties(0)
     return {
-        "name": p.name, "gpus": torch.cuda.device_count(), "memory_gib": round(p.total_memory / 2**30, 2),
+        "name": p.name, "gpus": torch.cuda.device_count(), "memory_gib": round(min(p.total_memory / 2**30, memory_cap_gib() or 1e9), 2),
         "capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda, "driver": _driver(),
         "bf16": bool(torch.cuda.is_bf16_supported()),
     }
+
+
+MEMORY_CAP_ENV = "SOCRATES_GPU_MEMORY_GIB"
+
+
+def memory_cap_gib() -> float | None:
+    """$SOCRATES_GPU_MEMORY_GIB: use at most this much of each GPU, as if the card were that small
+    (rehearse a 24 GiB card's run on a big one, or share a card). Unset: the whole card."""
+    raw = os.environ.get(MEMORY_CAP_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        cap = float(raw)
+    except ValueError:
+        cap = float("nan")
+    if not cap > 0 or cap != cap or cap == float("inf"):
+        from job.errors import JobCannotRun
+
+        raise JobCannotRun(f"{MEMORY_CAP_ENV}={raw!r}: expected a number of GiB > 0 (e.g. 22.5), or unset")
+    return cap
+
+
+def apply_memory_cap(device) -> float | None:
+    """Make the allocator refuse past memory_cap_gib() on `device` (an OOM there is the small card's OOM)."""
+    import torch
+
+    cap = memory_cap_gib()
+    if cap is None or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    return cap
 
 
 def _driver() -> str | None:

@@ -100,6 +100,23 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         d = cfg.data
         data_dir = out / "data"
         prepare(d.source, data_dir, split=d.split, subset=d.subset, eval_subset=d.eval_subset, seed=d.seed, cfg=cfg)
+    written = cfg
+    mode = None
+    if device.type == "cuda":
+        # The card it landed on decides the memory mode (job/check.py plan_memory): the config as
+        # written when it fits, else the lean mode. Only how a step is computed changes (the global
+        # batch and so the fingerprint stay), so a resume on another card is still accepted.
+        env.apply_memory_cap(device)
+        from job.check import plan_memory
+
+        cfg, mode = plan_memory(cfg, env.card_info()["memory_gib"], env.host_mem_available_gib(), data_dir,
+                                env.world_size())
+        fit = mode.pop("fit")
+        mode["fit_gib"] = fit["total_gib"]
+        events.emit("log", message=f"memory mode {mode['mode']} ({mode['why']}): micro_batch {mode['micro_batch']}, "
+                                   f"checkpointed layers {'all' if mode['checkpoint_layers'] is None else mode['checkpoint_layers']}, "
+                                   f"offloaded checkpoints {'on' if mode['offload_checkpoints'] else 'off'}, "
+                                   f"fit ~{fit['total_gib']} GiB")
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.id, revision=cfg.model.revision)
     dataset, n_rows, dropped = _dataset(cfg, tok, data_dir)
     if dropped:
@@ -112,7 +129,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
 
     ckpt_root = out / "checkpoints"
     data_hash = D.content_hash(data_dir)
-    run_fp = fingerprint(cfg.to_dict(), data_hash)
+    run_fp = fingerprint(written.to_dict(), data_hash)
     resume_from = resume_point(resume, ckpt_root)
     if resume_from and not check_resumable(resume_from, run_fp, resume):
         events.emit("log", message=f"{resume_from.name} carries no run fingerprint (written by an older version): "
@@ -151,7 +168,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     card = env.card_info()
     peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else 0.0
     meta = {
-        "kind": "adapter", "config": cfg.to_dict(), "data_hash": data_hash, "packages": env.package_versions(),
+        "kind": "adapter", "config": written.to_dict(), "memory_mode": mode, "data_hash": data_hash, "packages": env.package_versions(),
         "card": card, "git_revision": env.git_revision(), "steps": step, "total_steps": total_steps,
         "reason": reason, "resumed_from": resume_from.name if resume_from else None, "train_rows": n_rows,
         "rows_too_long": dropped, "peak_gpu_mem_gib": peak, "train_seconds": round(time.time() - t0, 1),

@@ -98,6 +98,8 @@ class CardPlan:
     throughput_band: float
     throughput_how: str
     terms: tuple[Term, ...]
+    memory_mode: str | None = "fast"
+    """The job's memory mode on this card: fast | lean (a card too small for fast) | None (fits neither)."""
 
     def hours(self, spot: bool = False) -> tuple[float, float, float]:
         low = sum(t.low_s for t in self.terms) / 3600
@@ -176,15 +178,21 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
     elif local:
         candidates = []
     else:
-        candidates = [(c, 1) for c in fitting_cards(table, cfg.train.method, params_b)]
+        candidates = [(c, 1) for c in fitting_cards(table, cfg.train.method, params_b, cfg.train.memory_mode)]
 
     plans = [plan_card(cfg, table, card, count, params_b, tokens, local) for card, count in candidates]
     for p in plans:
         need = min_memory_gib(table, cfg.train.method, params_b)
-        have = table["cards"][p.card]["memory_gib"] * p.count
-        if have < need:
-            notes.append(f"{p.card}:{p.count} has {have} GiB; {cfg.train.method} at {params_b:.1f}B needs "
-                         f"about {need:.0f} GiB (the job's `check` will refuse it)")
+        have = table["cards"][p.card]["memory_gib"]
+        if p.memory_mode == "lean":
+            notes.append(f"{p.card}:{p.count} has {have} GiB per card: the job trains in its lean memory mode there "
+                         f"(every layer recomputed, checkpoints offloaded to host memory; the fast mode needs about "
+                         f"{need:.0f} GiB) at ~{p.tokens_per_s:,.0f} tok/s, derived from the lean mode's H200 rate")
+        elif p.memory_mode is None:
+            lean = lean_min_memory_gib(table, cfg.train.method, params_b)
+            also = f", {lean:.0f} GiB in the lean memory mode" if lean and cfg.train.memory_mode != "fast" else ""
+            notes.append(f"{p.card}:{p.count} has {have} GiB per card; {cfg.train.method} at {params_b:.1f}B needs "
+                         f"about {need:.0f} GiB{also} (the job's `check` will refuse it)")
 
     offers: list[Offer] = []
     if not local:
@@ -385,10 +393,35 @@ def _train_share(hub: dict, split: str) -> float:
 
 # --- term 2: throughput ----------------------------------------------------------------------
 
-def card_throughput(table: dict, card: str, method: str, params_b: float, count: int = 1) -> tuple[float, float, str]:
-    """(tokens/s for `count` cards, relative band, how) from configs/throughput.yaml."""
+def memory_mode(table: dict, card: str, method: str, params_b: float, wanted: str = "auto") -> str | None:
+    """The memory mode the job will pick on one `card` (job/check.py plan_memory decides on the machine
+    from its fit estimate; this mirrors it with the table's thresholds): 'fast' when the card has
+    min_memory_gib, 'lean' when it has the lean mode's (and the table measured the lean mode for this
+    method), None when neither fits. train.memory_mode fast never goes lean; lean always does."""
+    have = float(table["cards"][card]["memory_gib"])
+    lean_need = lean_min_memory_gib(table, method, params_b)
+    lean_ok = lean_need is not None and have >= lean_need
+    if wanted == "lean":
+        return "lean" if lean_ok else None
+    if have >= min_memory_gib(table, method, params_b):
+        return "fast"
+    return "lean" if lean_ok and wanted != "fast" else None
+
+
+def lean_min_memory_gib(table: dict, method: str, params_b: float) -> float | None:
+    need = (table.get("lean_min_memory_gib") or {}).get(method)
+    if need is None or not (table.get("lean") or {}).get(method):
+        return None
+    return float(need) * params_b / 14.0
+
+
+def card_throughput(table: dict, card: str, method: str, params_b: float, count: int = 1,
+                    mode: str = "fast") -> tuple[float, float, str]:
+    """(tokens/s for `count` cards, relative band, how) from configs/throughput.yaml; `mode` 'lean'
+    reads the lean memory mode's measured row instead of the fast one."""
     ref = table["reference"]
-    size, entry = _nearest_size(table["measured"].get(method) or {}, params_b, method)
+    rows = (table.get("lean") or {}) if mode == "lean" else table["measured"]
+    size, entry = _nearest_size(rows.get(method) or {}, params_b, method)
     ratio_how = ""
     if "derived_from" in entry:
         base_size, base = _nearest_size(table["measured"][entry["derived_from"]], size, entry["derived_from"])
@@ -399,7 +432,8 @@ def card_throughput(table: dict, card: str, method: str, params_b: float, count:
         tps, measured = float(entry["tokens_per_s"]), entry
     measured_card = measured.get("card") or ref
     derived = bool(ratio_how) or not measured.get("date")
-    how = f"{ratio_how}{method} {size:g}B on {measured_card}: {tps:,.0f} tok/s ({measured.get('command', 'prior')})"
+    how = (f"{ratio_how}{'lean memory mode: ' if mode == 'lean' else ''}{method} {size:g}B on {measured_card}: "
+           f"{tps:,.0f} tok/s ({measured.get('command', 'prior')})")
     if card != measured_card:
         a, b = table["cards"][card], table["cards"][measured_card]
         r = math.sqrt(a["tflops"] / b["tflops"] * a["tbps"] / b["tbps"])
@@ -425,10 +459,10 @@ def _nearest_size(by_size: dict, params_b: float, method: str) -> tuple[float, d
     return float(size), by_size[size]
 
 
-def fitting_cards(table: dict, method: str, params_b: float) -> list[str]:
-    need = min_memory_gib(table, method, params_b)
-    # "-PCIE" rows are variants picked per offer (by instance name), not cards SkyPilot lists.
-    return [c for c, spec in table["cards"].items() if spec["memory_gib"] >= need and not c.endswith("-PCIE")]
+def fitting_cards(table: dict, method: str, params_b: float, wanted: str = "auto") -> list[str]:
+    # "-PCIE" rows are variants picked per offer (by instance name), not cards SkyPilot lists. Cards
+    # that fit only the lean memory mode compete too (at the lean mode's rate).
+    return [c for c in table["cards"] if memory_mode(table, c, method, params_b, wanted) and not c.endswith("-PCIE")]
 
 
 def min_memory_gib(table: dict, method: str, params_b: float) -> float:
@@ -464,7 +498,8 @@ def lora_bytes(cfg: RunConfig, params_b: float) -> float:
 
 def plan_card(cfg: RunConfig, table: dict, card: str, count: int, params_b: float, tokens: Tokens,
               local: bool) -> CardPlan:
-    tps, band, how = card_throughput(table, card, cfg.train.method, params_b, count)
+    mode = memory_mode(table, card, cfg.train.method, params_b, cfg.train.memory_mode)
+    tps, band, how = card_throughput(table, card, cfg.train.method, params_b, count, mode=mode or "fast")
     scale = params_b / 14.0
     terms: list[Term] = []
     if not local:
@@ -514,7 +549,7 @@ def plan_card(cfg: RunConfig, table: dict, card: str, count: int, params_b: floa
                           10 + mb / LAPTOP_MBPS[2], f"~{mb:,.0f} MB adapter + report to your machine"))
         terms.append(Term("teardown", 30, 90, 300, "billed until the cloud confirms the VM is gone"))
     return CardPlan(card=card, count=count, tokens_per_s=tps, throughput_band=band, throughput_how=how,
-                    terms=tuple(terms))
+                    terms=tuple(terms), memory_mode=mode)
 
 
 def _transfer(name: str, gb: float, mbps: tuple[float, float, float], what: str) -> Term:

@@ -30,11 +30,13 @@ A10,"['Lambda']"
 A100,"['Lambda']"
 A100-80GB,"['Lambda', 'RunPod']"
 H100,"['Lambda', 'RunPod']"
+L4,"['Lambda']"
 """,
     "lambda/vms.csv": """\
 InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,Price,Region,GpuInfo,SpotPrice
 cpu_4x_general,,,4.0,16.0,0.2,us-east-1,,
 gpu_1x_a10,A10,1.0,30.0,200.0,1.29,us-east-1,"{'Gpus': [{'Name': 'A10', 'Manufacturer': 'NVIDIA', 'Count': 1.0, 'MemoryInfo': {'SizeInMiB': 24576}}], 'TotalGpuMemoryInMiB': 24576}",
+gpu_1x_l4,L4,1.0,8.0,32.0,0.79,us-east-1,"{'Gpus': [{'Name': 'L4', 'Manufacturer': 'NVIDIA', 'Count': 1.0, 'MemoryInfo': {'SizeInMiB': 23034}}], 'TotalGpuMemoryInMiB': 23034}",
 gpu_1x_a100,A100,1.0,30.0,200.0,1.99,us-east-1,"{'Gpus': [{'Name': 'A100', 'Manufacturer': 'NVIDIA', 'Count': 1.0, 'MemoryInfo': {'SizeInMiB': 40960}}], 'TotalGpuMemoryInMiB': 40960}",
 gpu_1x_a100,A100,1.0,30.0,200.0,2.09,us-west-1,"{'Gpus': [{'Name': 'A100', 'Manufacturer': 'NVIDIA', 'Count': 1.0, 'MemoryInfo': {'SizeInMiB': 40960}}], 'TotalGpuMemoryInMiB': 40960}",
 gpu_1x_a100_sxm4_80gb,A100-80GB,1.0,30.0,200.0,2.49,us-east-1,"{'Gpus': [{'Name': 'A100-80GB', 'Manufacturer': 'NVIDIA', 'Count': 1.0, 'MemoryInfo': {'SizeInMiB': 81920}}], 'TotalGpuMemoryInMiB': 81920}",
