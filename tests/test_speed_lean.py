@@ -182,3 +182,22 @@ def _says_lean_l4(out: str) -> None:
     rate = 5320 * math.sqrt(121 / 989 * 0.3 / 4.8)  # the lean H200 rate x the L4's datasheet ratio
     assert "lean memory mode there" in out and f"~{rate:,.0f} tok/s" in out, out
     assert "check` will refuse" not in out
+
+
+def test_job_rate_leaves_the_warm_up_steps_out():
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from job_rate import steady_rate
+
+    # step events: ts and the tokens/s since the previous event (so tokens = rate x gap)
+    ev = [{"event": "step", "ts": 0.0, "tokens_per_s": 10.0, "loss": 1.0},
+          {"event": "step", "ts": 30.0, "tokens_per_s": 100.0, "loss": 1.0},   # step 2: compiles
+          {"event": "log", "ts": 31.0},
+          {"event": "step", "ts": 40.0, "tokens_per_s": 600.0, "loss": 1.0},   # 6,000 tokens in 10 s
+          {"event": "step", "ts": 60.0, "tokens_per_s": 450.0, "loss": 1.0}]   # 9,000 tokens in 20 s
+    r = steady_rate(ev)
+    assert r["tokens_per_s"] == pytest.approx(15000 / 30) and r["timed_steps"] == 2 and r["steps"] == 4
+    assert steady_rate(ev, warmup=1)["tokens_per_s"] == pytest.approx((3000 + 6000 + 9000) / 60)
+    with pytest.raises(ValueError, match="warm-up"):
+        steady_rate(ev[:2])
