@@ -76,7 +76,11 @@ class Scale:
         return f"{self.lo}..{self.hi} step {self.step}"
 
     def to_json(self) -> dict:
-        return {"lo": self.lo, "hi": self.hi, "step": self.step, "values": self.values()}
+        """{"lo", "hi", "step"}, and "values" when they are not every `step` from lo to hi."""
+        out = {"lo": self.lo, "hi": self.hi, "step": self.step}
+        if self.options is not None:
+            out["values"] = list(self.options)
+        return out
 
     # The pair view, for callers that take a scale as (lo, hi).
     def __iter__(self):
