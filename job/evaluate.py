@@ -636,7 +636,8 @@ def score_one_by_one(model, tok, prompt: list[int], lo: int, hi: int, values: Se
 # --- Outputs ---------------------------------------------------------------------------------
 
 SUMMARY_KEYS = ("mode", "model", "rows", "cells_scored", "studies_scored", "wasserstein", "wasserstein_uniform",
-                "individual_accuracy", "invalid_rate", "cells_unbounded", "prompt_tokens_per_s")
+                "individual_accuracy", "invalid_rate", "cells_unbounded", "cells_scale_conflict", "cells_human_range",
+                "prompt_tokens_per_s")
 
 
 def summarize(result: dict) -> dict:
