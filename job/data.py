@@ -26,6 +26,8 @@ MAPPING_FILES = {
 PROFILE_HEADER = "You are a survey respondent with the following demographic profile:"
 INSTRUCTION = ("Read the question below and answer exactly as this person would. "
                "Follow the response instructions precisely.")
+ALL_TEST = "all-test"
+PREPARE_SPLITS = (*SPLITS, ALL_TEST)  # all-test is for `prepare` only: a run config trains on a split
 TEST_FRACTION = 0.2  # without the authors' mappings: ~40/210 studies held out, as in the paper
 
 
@@ -253,10 +255,13 @@ def encode(tok, rows: list[dict], system_prompt: str) -> list[tuple[list[int], l
 # --- Splits and subset -----------------------------------------------------------------------
 
 def split_rows(src: Source, split: str, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, test) per the SOCRATES paper: the authors' mapping when the source has it, else deterministic."""
-    if split not in SPLITS:
-        raise ContractError(f"--split: {split!r} is not accepted ({' | '.join(SPLITS)})")
+    """(train, test) per the SOCRATES paper: the authors' mapping when the source has it, else deterministic.
+    `all-test`: every row in the test split (nothing to train on), for scoring a whole file."""
+    if split not in PREPARE_SPLITS:
+        raise ContractError(f"--split: {split!r} is not accepted ({' | '.join(PREPARE_SPLITS)})")
     rows, mapping = src.rows, src.mappings.get(split)
+    if split == ALL_TEST:
+        return [], list(rows)
     if split == "random":
         rng = random.Random(seed)
         idx = list(range(len(rows)))
@@ -321,9 +326,11 @@ def stratified_subset(rows: list[dict], fraction: float, seed: int) -> list[dict
 # --- Files -----------------------------------------------------------------------------------
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line, every mapping in its source order: a row rendered from its
+    `demographic` (no `prompt`) lists the fields as the source does, so nothing here is sorted."""
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def read_split(data_dir: str | Path, name: str = "train") -> list[dict]:

@@ -11,8 +11,16 @@ Two modes (say in every output which one produced a number):
   node see the prompt and its own ancestors only ("tree attention"), and the LM head runs only on
   the positions whose next token is scored.
 
+A model-free baseline (`--baseline uniform`: equal mass on every answer of each cell's scale) loads
+no model and writes the same outputs in seconds, under "uniform/distribution".
+
+Each row's answer scale is the one its stimulus states (contracts/scale.py); only a row that states
+none falls back to its cell's human min..max.
+
 Results accumulate in OUT/metrics.json under "<base|fine-tuned>/<mode>", so a base run and a
-fine-tuned run into the same OUT sit side by side in OUT/report.html.
+fine-tuned run into the same OUT sit side by side in OUT/report.html. OUT/cells.jsonl is rewritten
+from them: one line per cell (study, condition, task, scale used and its source, human n, W under
+each result and the uniform guess), so two runs compare cell by cell.
 """
 from __future__ import annotations
 
@@ -30,21 +38,28 @@ from contracts._io import atomic_write_json
 from contracts.config import EVAL_MODES, RunConfig, load_config
 from contracts.errors import ContractError
 from contracts.events import EventWriter
+from contracts.scale import Scale, as_scale
 from job import data as D
 from job import metrics as M
 
 METRICS_FILE = "metrics.json"
+CELLS_FILE = "cells.jsonl"
+BASELINES = ("uniform",)
 DEFAULT_TOKENS_PER_BATCH = 32768  # H200, merged bf16: 17.2k tok/s at 32768 = 65536 (17.1k), peak 33.5 GiB
 EVAL_PRECISIONS = ("auto", "bf16", "nf4")
 HEAD_CHUNK = 4096  # scored positions per LM-head call: the fp32 logits of all of them at once take GiBs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="run config (model, tokenizer, eval settings)")
+    p.add_argument("--config", default=None, help="run config (model, tokenizer, eval settings); "
+                   "required unless --baseline")
     p.add_argument("--data", required=True, help="folder written by `python -m job prepare` (test.jsonl)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--adapter", default=None, help="LoRA adapter folder (the fine-tuned model)")
     which.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
+    which.add_argument("--baseline", choices=BASELINES, default=None,
+                       help="score a model-free baseline instead of a model (uniform: equal mass on every "
+                       "answer of each cell's scale); loads no model, takes seconds")
     p.add_argument("--mode", choices=EVAL_MODES, default=None, help="sample (the paper's) | distribution "
                    "(exact answer probabilities); default: the config's eval.mode")
     p.add_argument("--rows", type=int, default=None, help="cap on test rows, kept cell by cell (default: eval.rows)")
@@ -63,13 +78,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "baseline", None):
+        return run_baseline(args)
+    if not args.config:
+        raise ContractError("evaluate: give --config FILE (the run config) to score a model, or --baseline uniform")
     cfg = load_config(args.config)
     mode = args.mode or cfg.eval.mode
     rows_cap = args.rows if args.rows is not None else cfg.eval.rows
     if rows_cap is not None and rows_cap < 1:
         raise ContractError(f"--rows: {rows_cap} is not accepted (a whole number >= 1)")
     if not args.base and not args.adapter:
-        raise ContractError("evaluate: give --adapter DIR (the fine-tuned model) or --base")
+        raise ContractError("evaluate: give --adapter DIR (the fine-tuned model), --base, or --baseline uniform")
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise ContractError(f"--adapter {args.adapter}: no adapter_config.json there (give the folder train wrote)")
     from job.prepare import check_out
@@ -104,11 +123,55 @@ def run(args: argparse.Namespace) -> int:
                   eval_precision=precision,
                   prompt_tokens=prompt_tokens, prompt_tokens_per_s=prompt_tokens / seconds if seconds else None)
 
-    key = f"{which}/{mode}"
+    return _write_outputs(out, f"{which}/{mode}", result, events, args)
+
+
+def run_baseline(args: argparse.Namespace) -> int:
+    """A model-free baseline on the test split: metrics.json, cells.jsonl and the report, as a model run
+    writes them, under the key "<baseline>/distribution" (the baseline is a distribution over each scale)."""
+    if args.mode == "sample":
+        raise ContractError(f"--mode sample with --baseline {args.baseline}: not accepted (a baseline is a "
+                            "distribution over each scale; leave --mode out or give distribution)")
+    cfg = load_config(args.config) if args.config else None
+    rows_cap = args.rows if args.rows is not None else (cfg.eval.rows if cfg else None)
+    if rows_cap is not None and rows_cap < 1:
+        raise ContractError(f"--rows: {rows_cap} is not accepted (a whole number >= 1)")
+    from job.prepare import check_out
+
+    out = check_out(args.out)
+    rows = select_rows(D.read_split(args.data, "test"), rows_cap, cfg.data.seed if cfg else 42)
+    events = EventWriter(Path(args.events) if args.events else out / "events.jsonl", echo=True)
+    events.emit("start", verb="evaluate", mode="distribution", model=args.baseline, rows=len(rows))
+    t0 = time.perf_counter()
+    records = baseline_records(rows, args.baseline)
+    result = M.evaluate(records, "distribution")
+    seconds = time.perf_counter() - t0
+    scored = sum(1 for r in records if r.values)
+    result.update(model=args.baseline, baseline=args.baseline, adapter=None,
+                  base_model=None, seconds=seconds, eval_precision=None, prompt_tokens=0,
+                  prompt_tokens_per_s=None, valid_mass=1.0 if scored else None,
+                  rows_unscored_unbounded=len(records) - scored)
+    return _write_outputs(out, f"{args.baseline}/distribution", result, events, args)
+
+
+def baseline_records(rows: Sequence[dict], baseline: str = "uniform") -> list[M.Record]:
+    """Each row's prediction under a model-free baseline. uniform: equal probability on every answer
+    of the row's scale (its stated scale, step grid included; else its cell's human min..max)."""
+    if baseline not in BASELINES:
+        raise ContractError(f"--baseline {baseline!r}: not accepted ({' | '.join(BASELINES)})")
+    out = []
+    for r, s in zip(rows, row_scales(rows)):
+        values = s.values() if s is not None else None
+        out.append(_record(r, values=values, probs=[1.0] * len(values) if values else None))
+    return out
+
+
+def _write_outputs(out: Path, key: str, result: dict, events: EventWriter, args: argparse.Namespace) -> int:
     all_metrics = _load_metrics(out)
     all_metrics.setdefault("results", {})[key] = result
     all_metrics.update(paper_table2=M.PAPER_TABLE2, dpd_definition=M.DPD_DEFINITION)
     atomic_write_json(out / METRICS_FILE, all_metrics)
+    cells = write_cells(out, all_metrics["results"])
     from job import report
 
     shown = {"results": {**_compared(out, args.compare), **all_metrics["results"]},
@@ -117,8 +180,48 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(result)
     events.emit("eval", metrics=summary, key=key, report=str(html))
     print(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
+    print(f"cells: {cells}")
     print(f"report: {html}")
     return 0
+
+
+def cell_lines(results: dict[str, dict]) -> list[dict]:
+    """One line per cell over every result in OUT/metrics.json: study, condition, task, the scale
+    used and its source, human n, and W under each result key and the uniform guess (w["uniform"]);
+    a cell a result did not score names why under `skipped` (too_few, constant, unbounded,
+    scale_conflict, no_valid_prediction)."""
+    lines: dict[tuple, dict] = {}
+    for key, res in sorted(results.items()):
+        for c in res.get("cells") or []:
+            line = _cell_line(lines, c)
+            line["w"][key] = c.get("w")
+            line["w"]["uniform"] = c.get("w_uniform")
+        for c in res.get("cells_skipped") or []:
+            line = _cell_line(lines, c)
+            line["skipped"][key] = c.get("skipped")
+            if c.get("scales"):
+                line["scales"] = c["scales"]
+    return [lines[k] for k in sorted(lines)]
+
+
+def _cell_line(lines: dict, c: dict) -> dict:
+    study, cond, task = c["cell"]
+    k = (str(study), int(cond), int(task))
+    if k not in lines:
+        lines[k] = {"study_id": k[0], "condition_num": k[1], "task_num": k[2], "scale": c.get("scale"),
+                    "scale_source": c.get("scale_source"), "human_n": c.get("n"), "w": {}, "skipped": {}}
+    return lines[k]
+
+
+def write_cells(out: Path, results: dict[str, dict]) -> Path:
+    """OUT/cells.jsonl, rewritten whole (atomically) from every result OUT/metrics.json holds."""
+    path = out / CELLS_FILE
+    tmp = path.with_name(f".{CELLS_FILE}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in cell_lines(results):
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
 
 
 # --- Rows and scales -------------------------------------------------------------------------
@@ -140,25 +243,30 @@ def select_rows(rows: list[dict], cap: int | None, seed: int) -> list[dict]:
     return kept
 
 
-def row_scales(rows: Sequence[dict]) -> list[tuple[int, int] | None]:
-    """Each row's answer scale: its stimulus's sentence, else its cell's human min..max;
-    None for scales over 101 levels (unbounded: excluded from the metric, so not scored)."""
+def stated_scale(r: dict) -> Scale | None:
+    """The answer scale a row's stimulus (else its prompt) states (contracts/scale.py), or None."""
+    return M.parse_scale(r.get("stimuli") or r.get("prompt") or "")
+
+
+def row_scales(rows: Sequence[dict]) -> list[Scale | None]:
+    """Each row's answer scale: the one its stimulus states (a step grid's candidates are the grid's
+    points), else its cell's human min..max; None for scales over 101 levels (unbounded: excluded
+    from the metric, so not scored)."""
     human: dict[tuple, list[int]] = defaultdict(list)
     for r in rows:
         human[(r["study_id"], r["condition_num"], r["task_num"])].append(int(r["response"]))
     out = []
     for r in rows:
-        s = M.parse_scale(r.get("stimuli") or r.get("prompt") or "")
+        s = stated_scale(r)
         if s is None:
             h = human[(r["study_id"], r["condition_num"], r["task_num"])]
-            s = (min(h), max(h)) if max(h) > min(h) else None
-        out.append(s if s is not None and s[1] - s[0] + 1 <= M.MAX_LEVELS else None)
+            s = Scale(min(h), max(h)) if max(h) > min(h) else None
+        out.append(s if s is not None and s.levels <= M.MAX_LEVELS else None)
     return out
 
 
 def _record(r: dict, **pred: Any) -> M.Record:
-    scale = M.parse_scale(r.get("stimuli") or r.get("prompt") or "")
-    return M.Record(r["study_id"], r["condition_num"], r["task_num"], r["response"], scale,
+    return M.Record(r["study_id"], r["condition_num"], r["task_num"], r["response"], stated_scale(r),
                     r.get("demographic") or {}, **pred)
 
 
@@ -383,8 +491,9 @@ class _Tree:
         return self._anc[key]
 
 
-def answer_tree(tok, lo: int, hi: int, end_id: int) -> _Tree:
-    values = list(range(lo, hi + 1))
+def answer_tree(tok, scale: Scale | tuple[int, int], end_id: int) -> _Tree:
+    """The prefix tree of every answer on `scale` (a step grid: its points only), each + `end_id`."""
+    values = as_scale(scale).values()
     encoded = tok([str(v) for v in values], add_special_tokens=False)["input_ids"]
     index: dict[tuple[int, ...], int] = {}
     tokens, parent, depth, paths = [], [], [], []
@@ -404,7 +513,7 @@ def answer_tree(tok, lo: int, hi: int, end_id: int) -> _Tree:
     return _Tree(values, tokens, parent, depth, paths)
 
 
-def score_distributions(model, tok, rows: Sequence[dict], scales: Sequence[tuple[int, int] | None],
+def score_distributions(model, tok, rows: Sequence[dict], scales: Sequence[Scale | tuple[int, int] | None],
                         system_prompt: str, tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
                         ids: Sequence[list[int]] | None = None) -> list[Distribution]:
     """Exact P(answer) for every answer of each row's scale; rows without a scale get none."""
@@ -412,10 +521,11 @@ def score_distributions(model, tok, rows: Sequence[dict], scales: Sequence[tuple
 
     ids = list(ids) if ids is not None else prompt_ids(tok, rows, system_prompt)
     end = D.answer_end_id(tok)
-    trees: dict[tuple[int, int], _Tree] = {}
+    scales = [as_scale(s) for s in scales]
+    trees: dict[Scale, _Tree] = {}
     for s in scales:
         if s is not None and s not in trees:
-            trees[s] = answer_tree(tok, s[0], s[1], end)
+            trees[s] = answer_tree(tok, s, end)
     out: list[Distribution] = [Distribution([], [], 0.0, len(ids[i])) for i in range(len(rows))]
     todo = [i for i in range(len(rows)) if scales[i] is not None]
     todo.sort(key=lambda i: len(ids[i]) + len(trees[scales[i]].node_tokens))
@@ -504,7 +614,8 @@ def _head_logprobs(head, sel, ctx, tok) -> list[float]:
     return picked.cpu().tolist()
 
 
-def score_one_by_one(model, tok, prompt: list[int], lo: int, hi: int) -> list[float]:
+def score_one_by_one(model, tok, prompt: list[int], lo: int, hi: int, values: Sequence[int] | None = None
+                     ) -> list[float]:
     """The naive reference: one full forward per candidate answer, standard causal attention.
     Slow (the prompt is recomputed per answer); the tests and the bench compare against it."""
     import torch
@@ -512,7 +623,7 @@ def score_one_by_one(model, tok, prompt: list[int], lo: int, hi: int) -> list[fl
     end = D.answer_end_id(tok)
     dev = _device(model)
     scores = []
-    for v in range(lo, hi + 1):
+    for v in (range(lo, hi + 1) if values is None else values):
         ans = list(tok(str(v), add_special_tokens=False)["input_ids"]) + [end]
         ids = torch.tensor([prompt + ans[:-1]], device=dev)
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
@@ -525,7 +636,8 @@ def score_one_by_one(model, tok, prompt: list[int], lo: int, hi: int) -> list[fl
 # --- Outputs ---------------------------------------------------------------------------------
 
 SUMMARY_KEYS = ("mode", "model", "rows", "cells_scored", "studies_scored", "wasserstein", "wasserstein_uniform",
-                "individual_accuracy", "invalid_rate", "cells_unbounded", "prompt_tokens_per_s")
+                "individual_accuracy", "invalid_rate", "cells_unbounded", "cells_scale_conflict", "cells_human_range",
+                "prompt_tokens_per_s")
 
 
 def summarize(result: dict) -> dict:

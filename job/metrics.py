@@ -3,13 +3,17 @@
 A *cell* is (study_id, condition_num, task_num). Per cell, human and model answers are rescaled
 to [0, 1] with the cell's *human* min and max; model answers are clipped to [0, 1]. Cells with
 fewer than 2 human answers or a constant human answer are skipped; cells whose answer scale has
-more than 101 levels ("unbounded", e.g. amounts in dollars) are excluded and counted. The
+more than 101 levels ("unbounded", e.g. amounts in dollars) are excluded and counted. A cell's
+scale is the one its stimuli state (contracts/scale.py: ranges, step grids, enumerated options);
+only when they state none does the cell's human min..max stand in ("human_range"); a cell whose
+rows state different scales is excluded and reported ("scale_conflict"), never merged. The
 distance is `scipy.stats.wasserstein_distance`, averaged over the cells of a study, then over
 studies.
 
 Each evaluated row is a `Record`. Its prediction is either one sampled integer (`sample` mode,
 None when the model's answer held no integer) or a probability over the row's scale values
-(`distribution` mode). The uniform guess puts equal mass on every level of the cell's scale.
+(`distribution` mode). The uniform guess puts equal mass on every level of the cell's scale (on a
+step grid, every grid point).
 
 Demographic parity difference (our definition; the paper's is not public): for each demographic
 field, group the evaluated rows by the field's value (age in bands 18-29/30-44/45-59/60+;
@@ -27,6 +31,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from scipy.stats import wasserstein_distance
+
+from contracts.scale import Scale, as_scale, parse_scale  # noqa: F401  (parse_scale: re-exported)
 
 MAX_LEVELS = 101
 MIN_GROUP_ROWS = 10
@@ -54,43 +60,6 @@ DPD_DEFINITION = (
 
 Cell = tuple[str, int, int]
 
-# "Only return an integer from 1 to 7", "Only return a number from 0 to 100", "... between 1 and 5".
-_RANGE = re.compile(
-    r"(?:return|answer|enter|give|provide)\s+(?:an?\s+)?(?:integer|number|whole number|value)?"
-    r"\s*(?:from|between)\s+(-?\d[\d,]*)\s+(?:to|and)\s+(-?\d[\d,]*)",
-    re.I,
-)
-# "Only return 1 for 'Yes' or 2 for 'No'": an enumerated scale; every "N for" after "Only return".
-_ENUM_HEAD = re.compile(r"only\s+return\s+(-?\d+)\s+for\b", re.I)
-_ENUM_ITEM = re.compile(r"(?:^|[\s;,(])(-?\d+)\s+for\b")
-# "Only return 1 if you accept it as final, up to 4 if ...".
-_UP_TO = re.compile(r"only\s+return\s+(-?\d+)\s+if\b.*?\bup\s+to\s+(-?\d+)\s+if\b", re.I | re.S)
-# The `predict` scenario shorthand "(1-7 scale)" / "(0 to 10)".
-_SHORTHAND = re.compile(r"\(\s*(-?\d+)\s*(?:-|–|to)\s*(-?\d+)(?:\s*scale)?\s*\)", re.I)
-
-
-def parse_scale(text: str) -> tuple[int, int] | None:
-    """The answer scale (lo, hi) a stimulus asks for, or None when it states none."""
-    m = _RANGE.search(text)
-    if m:
-        lo, hi = (int(g.replace(",", "")) for g in m.groups())
-        return (lo, hi) if lo < hi else None
-    m = _ENUM_HEAD.search(text)
-    if m:
-        values = [int(v) for v in _ENUM_ITEM.findall(text[m.start():])]
-        if len(values) >= 2:
-            return min(values), max(values)
-    m = _UP_TO.search(text)
-    if m:
-        lo, hi = int(m.group(1)), int(m.group(2))
-        return (lo, hi) if lo < hi else None
-    m = _SHORTHAND.search(text)
-    if m:
-        lo, hi = int(m.group(1)), int(m.group(2))
-        return (lo, hi) if lo < hi else None
-    return None
-
-
 _INT = re.compile(r"-?\d+")
 
 
@@ -106,8 +75,8 @@ class Record:
     condition_num: int
     task_num: int
     response: float
-    scale: tuple[int, int] | None = None
-    """The row's stated answer scale; None: the cell's human min..max stands in."""
+    scale: Scale | tuple[int, int] | None = None
+    """The row's stated answer scale (contracts.scale); None: it states none."""
     demographic: dict = field(default_factory=dict)
     sample: int | None = None
     """Sample mode: the parsed answer (None: unparseable)."""
@@ -132,15 +101,29 @@ class CellResult:
     human: list[float]
     predicted_values: list[float]
     predicted_weights: list[float]
+    scale: dict = field(default_factory=dict)
+    """The scale used: {"lo", "hi", "step", "values"} (the uniform guess spreads over `values`)."""
+    scale_source: str = "stated"
+    """stated (the stimulus says it) | human_range (it states none: the cell's human min..max)."""
 
 
-def scale_levels(records: Sequence[Record]) -> tuple[int, int]:
-    """A cell's scale: the union of its rows' stated scales, else the human answers' range."""
-    stated = [r.scale for r in records if r.scale is not None]
+SCALE_SOURCES = ("stated", "human_range")
+
+
+def cell_scale(records: Sequence[Record]) -> tuple[Scale | None, str, list[Scale]]:
+    """A cell's scale and where it came from: (scale, "stated" | "human_range", []) or, when its
+    rows state different scales, (None, "conflict", the distinct scales): reported, never merged."""
+    stated: list[Scale] = []
+    for r in records:
+        s = as_scale(r.scale)
+        if s is not None and s not in stated:
+            stated.append(s)
+    if len(stated) > 1:
+        return None, "conflict", stated
     if stated:
-        return min(s[0] for s in stated), max(s[1] for s in stated)
+        return stated[0], "stated", []
     responses = [r.response for r in records]
-    return int(np.floor(min(responses))), int(np.ceil(max(responses)))
+    return Scale(int(np.floor(min(responses))), int(np.ceil(max(responses)))), "human_range", []
 
 
 def evaluate(records: Iterable[Record], mode: str, max_levels: int = MAX_LEVELS,
@@ -157,32 +140,44 @@ def evaluate(records: Iterable[Record], mode: str, max_levels: int = MAX_LEVELS,
             invalid += 1
 
     counts = {"cells_total": len(by_cell), "cells_too_few": 0, "cells_constant": 0,
-              "cells_unbounded": 0, "cells_no_valid_prediction": 0, "cells_scored": 0}
+              "cells_unbounded": 0, "cells_scale_conflict": 0, "cells_no_valid_prediction": 0,
+              "cells_scored": 0, "cells_human_range": 0}
     results: list[CellResult] = []
+    skipped: list[dict[str, Any]] = []
     row_errors: list[tuple[dict, float]] = []
     uniform_errors: list[float] = []
     for cell, rows in sorted(by_cell.items()):
         human = np.array([r.response for r in rows], dtype=float)
+        scale, source, conflict = cell_scale(rows)
+        info = {"cell": list(cell), "n": len(rows), "scale": scale.to_json() if scale else None,
+                "scale_source": source}
         if len(human) < 2:
             counts["cells_too_few"] += 1
+            skipped.append(info | {"skipped": "too_few"})
             continue
         lo_h, hi_h = float(human.min()), float(human.max())
         if lo_h == hi_h:
             counts["cells_constant"] += 1
+            skipped.append(info | {"skipped": "constant"})
             continue
-        lo_s, hi_s = scale_levels(rows)
-        levels = hi_s - lo_s + 1
+        if scale is None:
+            counts["cells_scale_conflict"] += 1
+            skipped.append(info | {"skipped": "scale_conflict", "scales": [s.to_json() for s in conflict]})
+            continue
+        levels = scale.levels
         if levels > max_levels:
             counts["cells_unbounded"] += 1
+            skipped.append(info | {"skipped": "unbounded"})
             continue
         span = hi_h - lo_h
         h = (human - lo_h) / span
-        scale_values = np.arange(lo_s, hi_s + 1, dtype=float)
+        scale_values = np.array(scale.values(), dtype=float)
         scale01 = np.clip((scale_values - lo_h) / span, 0.0, 1.0)
 
         pv, pw, errs = _predictions(rows, mode, lo_h, span)
         if not pv:
             counts["cells_no_valid_prediction"] += 1
+            skipped.append(info | {"skipped": "no_valid_prediction"})
             continue
         w = float(wasserstein_distance(h, pv, None, pw))
         w_uni = float(wasserstein_distance(h, scale01))
@@ -190,9 +185,11 @@ def evaluate(records: Iterable[Record], mode: str, max_levels: int = MAX_LEVELS,
             row_errors.append((r.demographic or {}, e))
         uniform_errors.extend(float(np.mean(np.abs(scale01 - x))) for x in h)
         counts["cells_scored"] += 1
+        counts["cells_human_range"] += source == "human_range"
         results.append(CellResult(cell, len(rows), levels, lo_h, hi_h, w, w_uni,
                                   h.tolist(), list(map(float, pv)),
-                                  [1.0] * len(pv) if pw is None else list(map(float, pw))))
+                                  [1.0] * len(pv) if pw is None else list(map(float, pw)),
+                                  scale.to_json(), source))
 
     per_study = _per_study(results, "w")
     per_study_uniform = _per_study(results, "w_uniform")
@@ -213,6 +210,7 @@ def evaluate(records: Iterable[Record], mode: str, max_levels: int = MAX_LEVELS,
         "per_study": per_study,
         "per_study_uniform": per_study_uniform,
         "cells": [c.__dict__ | {"cell": list(c.cell)} for c in results],
+        "cells_skipped": skipped,
         "paper_table2": PAPER_TABLE2,
     }
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from contracts.config import SEED_MAX, RunConfig, from_dict, load_config
 from contracts.errors import ContractError
+from contracts.scale import Scale, has_instruction, instruction
 from job import data as D
 from job import evaluate as E
 from job import metrics as M
@@ -167,8 +168,8 @@ def to_row(query: dict, test_rows: list[dict] | None) -> dict:
         raise ContractError(f"scenario {scenario[:60]!r}: states no answer scale (add e.g. '(1-7 scale)' or "
                             "'Only return an integer from 1 to 7')")
     stimuli = scenario
-    if not M._RANGE.search(scenario):  # the training prompts end with this sentence: keep the format
-        stimuli = f"{scenario.rstrip()} Only return an integer from {scale[0]} to {scale[1]}, nothing else."
+    if not has_instruction(scenario):  # the training prompts end with this sentence: keep the format
+        stimuli = f"{scenario.rstrip()} {instruction(scale)}"
     return {"demographic": profile, "stimuli": stimuli, "study_id": "query", "condition_num": 0, "task_num": 0,
             "response": None}
 
@@ -176,12 +177,12 @@ def to_row(query: dict, test_rows: list[dict] | None) -> dict:
 def predict(model, tok, cfg: RunConfig, row: dict, seed: int = 0) -> dict[str, Any]:
     scale = M.parse_scale(row.get("stimuli") or row.get("prompt") or "")
     if scale is None and row.get("response") is not None:
-        scale = (min(int(row["response"]), 0), max(int(row["response"]), 1))
-    if scale is None or scale[1] - scale[0] + 1 > M.MAX_LEVELS:
+        scale = Scale(min(int(row["response"]), 0), max(int(row["response"]), 1))
+    if scale is None or scale.levels > M.MAX_LEVELS:
         raise ContractError(f"row's answer scale {scale}: not a bounded scale of at most {M.MAX_LEVELS} levels")
     dist = E.score_distributions(model, tok, [row], [scale], cfg.model.system_prompt)[0]
     sampled = E.sample_answers(model, tok, [row], cfg, seed=seed)[0]
-    return {"scale": list(scale), "values": dist.values, "probs": dist.probs, "valid_mass": dist.valid_mass,
+    return {"scale": [scale.lo, scale.hi], "values": dist.values, "probs": dist.probs, "valid_mass": dist.valid_mass,
             "sample": sampled.value, "sample_text": sampled.text, "human": row.get("response"),
             "example": row.get("_example"), "prompt": D.render_prompt(row), "prompt_tokens": dist.prompt_tokens}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts._io import _UMASK, atomic_write_json
-from contracts.config import RunConfig, SPLITS, check_fraction, load_config
+from contracts.config import RunConfig, check_fraction, load_config
 from contracts.errors import ContractError
 from contracts.events import EventWriter
 from job import data as D
@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: the config's data.source, else socratesft/SocSci210)")
     p.add_argument("--subset", type=float, default=None, help="fraction of training rows kept, stratified by study")
     p.add_argument("--eval-subset", type=float, default=None, help="fraction of test rows kept (default: all)")
-    p.add_argument("--split", default=None, choices=SPLITS, help="which generalization split (default unseen-studies)")
+    p.add_argument("--split", default=None, choices=D.PREPARE_SPLITS, help="which generalization split (default "
+                   "unseen-studies); all-test: every row in test.jsonl, train.jsonl empty (to score a whole file)")
     p.add_argument("--seed", type=int, default=None, help="split/subset seed (default 42)")
     p.add_argument("--out", required=True, help="folder for train.jsonl, test.jsonl, stats.json")
     p.add_argument("--config", default=None, help="run config: its tokenizer counts tokens; its data section gives defaults")

@@ -88,7 +88,8 @@ def _summary_table(results: dict[str, dict]) -> str:
     head = ("<tr><th>model</th><th>mode</th><th>rows</th><th>W</th><th>W uniform guess</th>"
             "<th>individual accuracy</th><th>accuracy uniform</th><th>demographic parity diff.</th>"
             "<th>invalid answers</th><th>cells scored</th><th>cells skipped (&lt;2 / constant)</th>"
-            "<th>unbounded cells excluded</th><th>prompt tokens/s</th></tr>")
+            "<th>cells excluded (unbounded / scales disagree)</th><th>cells on the human range (no stated scale)</th>"
+            "<th>prompt tokens/s</th></tr>")
     body = []
     for key, r in sorted(results.items()):
         inv = f"{r.get('invalid_answers', 0)} ({100 * r.get('invalid_rate', 0):.1f}%)" if r["mode"] == "sample" \
@@ -99,7 +100,8 @@ def _summary_table(results: dict[str, dict]) -> str:
             f"<td>{_f(r.get('individual_accuracy'))}</td><td>{_f(r.get('individual_accuracy_uniform'))}</td>"
             f"<td>{_f((r.get('demographic_parity_difference') or {}).get('value'))}</td><td>{inv}</td>"
             f"<td>{r.get('cells_scored')}</td><td>{r.get('cells_too_few')} / {r.get('cells_constant')}</td>"
-            f"<td>{r.get('cells_unbounded')}</td><td>{_f(r.get('prompt_tokens_per_s'), 0)}</td></tr>")
+            f"<td>{r.get('cells_unbounded')} / {_f(r.get('cells_scale_conflict'))}</td>"
+            f"<td>{_f(r.get('cells_human_range'))}</td><td>{_f(r.get('prompt_tokens_per_s'), 0)}</td></tr>")
     note = ("<p><b>sample</b>: one answer sampled per row (temperature 0.6, top_p 0.9), first integer parsed, "
             "as in the paper. <b>distribution</b>: the model's exact probability for every answer on the "
             "row's scale (no sampling noise); its W is not the paper's protocol, compare like with like.</p>")

@@ -1,6 +1,8 @@
 """job.metrics against an independent per-cell computation written here (scipy), to 1e-9."""
 import json
+import os
 import random
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from scipy.stats import wasserstein_distance
 from job.metrics import Record, evaluate, parse_answer, parse_scale
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / ".." / "shared" / "fixtures" / "socsci210_real_sample.jsonl"
+FIXTURE = Path(os.environ.get("SOCRATES_SHARED", ROOT / ".." / "shared")) / "fixtures" / "socsci210_real_sample.jsonl"
 
 
 def generated_rows(n: int = 600, seed: int = 3) -> list[dict]:
@@ -56,7 +58,7 @@ def reference(rows: list[dict], preds: list[int | None]) -> dict:
         human = np.array([r["response"] for r, _ in items], float)
         if len(human) < 2 or human.min() == human.max():
             continue
-        scales = [parse_scale(r["stimuli"]) for r, _ in items]
+        scales = [_stated(r["stimuli"]) for r, _ in items]
         scales = [s for s in scales if s]
         lo_s, hi_s = (min(s[0] for s in scales), max(s[1] for s in scales)) if scales else (human.min(), human.max())
         if hi_s - lo_s + 1 > 101:
@@ -72,6 +74,21 @@ def reference(rows: list[dict], preds: list[int | None]) -> dict:
     return {"w": np.mean([np.mean(v) for v in study_w.values()]),
             "u": np.mean([np.mean(v) for v in study_u.values()]),
             "acc": 1 - np.mean(errors), "studies": len(study_w)}
+
+
+def _stated(stimulus: str) -> tuple[int, int] | None:
+    """The scale these rows (generated, and the real sample's wordings) state, read here, not with the
+    parser under test: the last "Only return" sentence's "from LO to HI", "N for ...", "N if ... up to M if"."""
+    tail = stimulus[stimulus.rfind("Only return"):] if "Only return" in stimulus else ""
+    m = re.match(r"Only return (?:an integer|a number) from (-?\d+) to (-?\d+)", tail)
+    if m:
+        lo, hi = int(m.group(1)), int(m.group(2))
+        return (lo, hi) if lo < hi else None
+    m = re.match(r"Only return (\d+) if .* up to (\d+) if", tail)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    values = [int(v) for v in re.findall(r"(?:return |; | or )(\d+) for ", tail)]
+    return (min(values), max(values)) if len(values) >= 2 else None
 
 
 def records(rows, preds) -> list[Record]:

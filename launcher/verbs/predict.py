@@ -19,6 +19,7 @@ from pathlib import Path
 
 from contracts.config import SEED_MAX, load_config
 from contracts.errors import ContractError
+from contracts.scale import parse_scale
 from launcher import REPO_ROOT
 
 RESULT_PREFIX = "@@socrates-predict "  # job/predict.py's result lines
@@ -28,9 +29,6 @@ FIELDS = ("age", "gender", "education", "employment", "ethnicity", "income", "pa
 INT_FIELDS = ("age", "household_size")
 EXPECTED = ('"Field: value; Field: value", e.g. "Age: 25; Gender: Female; Education: Bachelor\'s" '
             f"(fields: {', '.join(f.replace('_', ' ').title() for f in FIELDS)})")
-# An answer scale as job/metrics.py reads it: "(1-7 scale)", "from 1 to 7", "1 for ... 2 for".
-_SCALE = re.compile(r"\(\s*-?\d+\s*(?:-|–|to)\s*-?\d+(?:\s*scale)?\s*\)|(?:from|between)\s+-?\d[\d,]*\s+(?:to|and)\s+-?\d"
-                    r"|return\s+-?\d+\s+for\b.*\b-?\d+\s+for\b|return\s+-?\d+\s+if\b.*\bup\s+to\s+-?\d+", re.I | re.S)
 BAR_WIDTH = 40
 
 
@@ -113,7 +111,7 @@ def parse_demographics(text: str) -> dict:
 
 
 def check_scenario(text: str) -> None:
-    if not text.strip() or not _SCALE.search(text):
+    if not text.strip() or parse_scale(text) is None:  # the job reads the scale with the same parser
         raise ContractError(f"--scenario {text[:60]!r}: states no answer scale; end it with e.g. '(1-7 scale)' "
                             "or 'Only return an integer from 1 to 7'")
 
