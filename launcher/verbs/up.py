@@ -128,6 +128,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         overrides["eval.rows"] = args.eval_rows
     if overrides:
         cfg = cfg.with_overrides(overrides, source="command line")
+    _check_local_rows(cfg.data.source)
     from launcher.cost import check_caps
 
     check_caps(args.max_cost, args.max_hours, infra)  # numbers > 0; a dollar cap only where there is a price
@@ -169,6 +170,16 @@ def _check_data(source: str) -> str:
     if source.count("/") != 1:
         raise ContractError(f"--data {source!r}: not accepted (a local file/folder, a hub id like org/name, or synthetic:N)")
     return source
+
+
+def _check_local_rows(source: str) -> None:
+    """Local rows (from --data or the config) against the job's schema, before anything is created:
+    a bad row found here costs a second, found on the machine it costs a provisioned one."""
+    path = Path(source).expanduser()
+    if path.exists() and not (path.is_dir() and (path / "stats.json").is_file()):  # a prepared folder is the job's
+        from launcher.rows import check_local
+
+        check_local(path)
 
 
 def _backend_opts(plan: Plan) -> dict:
