@@ -96,6 +96,9 @@ class TrainSpec:
     """Checkpointed layers keep their input in pinned host memory, not on the GPU (job/offload.py)."""
     compile: bool = False
     """Regional torch.compile: each decoder layer compiled (one shared graph, dynamic shapes; job/fast.py)."""
+    require_levers: bool = True
+    """A speed lever this config turns on (liger, flex_attention) that the machine can't provide is an
+    error in `job check` (exit 3), not a silently slower run; false: run without it."""
     checkpoint_every: int = 50
     """Optimizer steps between checkpoints (0: only the final save)."""
     keep_checkpoints: int = 2

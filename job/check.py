@@ -1,7 +1,9 @@
 """`python -m job check`: the card, a real 4-bit self-test, disk, and whether the config fits.
 
 A machine that can't run the config fails with one line (exit 3): no GPU (unless allow_cpu), no
-bf16 for a bf16 config, a failing NF4 self-test, too little disk, or too little GPU memory.
+bf16 for a bf16 config, a failing NF4 self-test, too little disk, too little GPU memory, or a speed
+lever the config turns on that the machine can't provide (job/levers.py; `train.require_levers:
+false` runs without it). It prints which levers are really on.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             events.emit("check", ok=False, reason=str(e))
         raise
     if events:
-        events.emit("check", ok=True, **{k: report[k] for k in ("card", "nf4", "fit", "disk_free_gib")})
+        events.emit("check", ok=True, **{k: report[k] for k in ("card", "nf4", "fit", "disk_free_gib", "levers")})
     if args.out:
         Path(args.out, "check.json").write_text(json.dumps(report, indent=2) + "\n")
     c, f = report["card"], report["fit"]
@@ -50,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"fit: {cfg.model.id} ({f['params'] / 1e9:.2f}B params, {cfg.train.method}) needs ~{f['total_gib']} GiB "
           f"(base {f['base_gib']}, LoRA+optimizer {f['lora_gib']}, activations {f['activations_gib']}) "
           f"of {f['available_gib']} GiB: ok")
+    from job.levers import summary
+
+    print(f"speed levers: {summary(report['levers'])}")
     if f.get("host_gib"):
         print(f"host memory: offloaded checkpoints need ~{f['host_gib']} GiB of {f.get('host_available_gib')} GiB available: ok")
     return 0
@@ -83,8 +88,13 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
                            "train.micro_batch or pick a larger card)")
     if on_gpu:
         host_fit(cfg, fit, env.host_mem_available_gib())
+    from job import levers as levers_mod  # which speed levers this machine really gives the config
+
+    lv = levers_mod.report(cfg, on_gpu, layers=levers_mod.decoder_layers(cfg))
+    if cfg.train.require_levers and (refusal := levers_mod.refusal(lv)):
+        raise JobCannotRun(refusal)
     return {"ok": True, "card": card, "nf4": nf4, "disk_free_gib": free, "fit": fit,
-            "packages": env.package_versions()}
+            "packages": env.package_versions(), "levers": lv}
 
 
 def host_fit(cfg: RunConfig, fit: dict, available_gib: float | None) -> None:

@@ -63,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
         raise ContractError(f"--resume {args.resume}: not a complete checkpoint folder (accepted: auto | never | "
                             f"a checkpoints/checkpoint-N folder with a {COMPLETE} marker)")
     events = EventWriter(out / "events.jsonl", echo=True)
-    events.emit("start", verb="train", config=cfg.name)
+    from job.levers import for_this_machine
+
+    events.emit("start", verb="train", config=cfg.name, levers=for_this_machine(cfg))  # what this run really gets
     try:
         res = train(cfg, out, events, data_dir=Path(args.data) if args.data else None, resume=args.resume)
     except (ContractError, JobCannotRun) as e:

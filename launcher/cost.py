@@ -226,6 +226,7 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                          f"{SPOT_HIGH_EXTRA:.0%} more training for time thrown away")
     else:
         notes.append(f"infra {infra}: your own machine, no cloud price")
+    notes.extend(rate_levers(table, cfg, params_b))
 
     return Estimate(infra=infra, method=cfg.train.method, model=cfg.model.id, params_b=params_b, tokens=tokens,
                     plans=tuple(plans), offers=tuple(offers), spot=spot, notes=tuple(notes))
@@ -342,6 +343,29 @@ def _train_share(hub: dict, split: str) -> float:
 
 
 # --- term 2: throughput ----------------------------------------------------------------------
+
+def rate_levers(table: dict, cfg: RunConfig, params_b: float) -> list[str]:
+    """What the throughput rate assumes: the speed levers and package versions it was measured with
+    (configs/throughput.yaml), and a warning for each lever this config turns off."""
+    size, entry = _nearest_size(table["measured"].get(cfg.train.method) or {}, params_b, cfg.train.method)
+    if "derived_from" in entry:
+        size, entry = _nearest_size(table["measured"][entry["derived_from"]], size, entry["derived_from"])
+    levers, packages = entry.get("levers"), entry.get("packages")
+    if not levers:
+        return []
+    on = [f"{k} {v}" if not isinstance(v, bool) else k for k, v in levers.items() if v]
+    off = [k for k, v in levers.items() if v is False]
+    line = f"rate assumes speed levers: {', '.join(on)}" + (f" (off: {', '.join(off)})" if off else "")
+    if packages:
+        line += "; with " + ", ".join(f"{k} {v}" for k, v in packages.items())
+    notes = [line]
+    t = cfg.train
+    config_off = [name for name, is_off in (("liger", not t.liger), ("flex_attention", t.attn_implementation not in ("auto", "flex_attention")),
+                                            ("fused_lora", not t.fused_lora), ("packing", not t.packing)) if is_off and levers.get(name)]
+    if config_off:
+        notes.append(f"this config turns off {', '.join(config_off)}: expect a slower run than this rate")
+    return notes
+
 
 def card_throughput(table: dict, card: str, method: str, params_b: float, count: int = 1) -> tuple[float, float, str]:
     """(tokens/s for `count` cards, relative band, how) from configs/throughput.yaml."""

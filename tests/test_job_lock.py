@@ -123,3 +123,21 @@ def test_the_speed_packages_are_locked_at_the_benched_versions():
                                       "accelerate", "trl")} == {
         "torch": "2.11.0", "liger-kernel": "0.8.5", "bitsandbytes": "0.50.2", "transformers": "5.17.0",
         "peft": "0.21.0", "accelerate": "1.15.0", "trl": "1.16.0"}
+
+
+def test_the_throughput_rate_is_for_exactly_what_the_lock_installs():
+    """configs/throughput.yaml's measured rate names its package versions: a lock bump without a
+    re-measure fails here (the estimate would quote a rate for other code)."""
+    import yaml
+
+    from contracts.events import LEVERS
+
+    table = yaml.safe_load((REPO / "configs" / "throughput.yaml").read_text())
+    pins = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", LOCK.read_text(), re.M)}
+    measured = [e for sizes in table["measured"].values() for e in sizes.values() if "tokens_per_s" in e]
+    assert measured
+    for entry in measured:
+        assert set(entry["levers"]) == set(LEVERS), entry["levers"]
+        assert entry["packages"], entry
+        for dist, version in entry["packages"].items():
+            assert pins.get(dist) == str(version), (dist, version, pins.get(dist))
