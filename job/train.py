@@ -158,6 +158,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         "reason": reason, "resumed_from": resume_from.name if resume_from else None, "train_rows": n_rows,
         "rows_too_long": dropped, "peak_gpu_mem_gib": peak, "train_seconds": round(time.time() - t0, 1),
         "data_stats": "data/stats.json" if (out / "data" / "stats.json").is_file() else None,
+        "image": env.image_info(),  # the prebuilt job image (ref, digest) or None: a venv from the lock
     }
     manifest.write(out, meta)
     events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json",
