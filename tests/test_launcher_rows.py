@@ -121,3 +121,23 @@ def test_pyproject_declares_pyarrow_as_the_parquet_extra():
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(d.replace(" ", "").startswith("pyarrow") for d in extras["parquet"]), extras
+
+
+def test_the_launchers_imports_are_declared_in_pyproject():
+    """Every third-party package launcher/ imports is a dependency or an extra of the package (a plain
+    `pip install socrates-launch` imports nothing undeclared on its main paths)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {d.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower()
+                for d in project["dependencies"] + [x for xs in project["optional-dependencies"].values() for x in xs]}
+    dist_of = {"yaml": "pyyaml", "rich": "rich", "sky": "skypilot", "paramiko": "paramiko", "pyarrow": "pyarrow"}
+    used = set()
+    for f in (REPO / "launcher").rglob("*.py"):
+        for n in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in n.names] if isinstance(n, ast.Import) else \
+                [n.module] if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module else []
+            used |= {x.split(".")[0] for x in names}
+    third = {t for t in used if t not in sys.stdlib_module_names and t not in ("launcher", "contracts", "__future__")}
+    assert third <= set(dist_of), f"add {sorted(third - set(dist_of))} to this table and to pyproject.toml"
+    assert {dist_of[t] for t in third} <= declared, sorted({dist_of[t] for t in third} - declared)
