@@ -130,3 +130,22 @@ def test_the_estimate_says_which_levers_its_rate_assumes(tmp_path):
     r = cli(["estimate", "--infra", "local", "--config", str(cfg)], launcher_env(tmp_path / "runs"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "this config turns off liger: expect a slower run" in " ".join(r.stdout.split())
+
+
+def test_the_launcher_shows_the_levers_when_training_starts():
+    import io
+
+    from rich.console import Console
+
+    from launcher.progress import Progress
+
+    buf = io.StringIO()
+    progress = Progress(Console(file=buf, force_terminal=False, width=200), price_per_hour=None, started_at=None)
+    lv = levers.report(load_config(PAPER), on_gpu=True, layers=48, probe_flex=False)
+    lv["liger"] = {"on": False, "why": "liger-kernel is not installed", "missing": "liger-kernel"}
+    progress.on_event(events.make("start", verb="train", levers=lv))
+    progress.on_event(events.make("start", verb="prepare"))
+    progress.close()
+    out = buf.getvalue()
+    assert "job train started (speed levers: liger off, flex_attention on, fused_lora on, packing on" in out, out
+    assert "job prepare started\n" in out
