@@ -239,3 +239,18 @@ def test_ssh_uses_the_given_image_and_pulls_it(tmp_path, monkeypatch):
     for opts, verb in ((plan.options["ssh"], "docker pull -q"), (plain.options["ssh"], "docker build -q")):
         ssh.SshBackend("ssh://me@host", **opts)._docker_image(None, "/base")
         assert verb in seen[-1] and opts["image"] in seen[-1], seen[-1]
+
+
+def test_a_config_image_is_not_claimed_by_a_local_run(tmp_path):
+    import argparse
+
+    from launcher.verbs import up
+
+    doc = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    doc["image"] = REF
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    p = argparse.ArgumentParser()
+    up.add_arguments(p)
+    assert up.plan_run(p.parse_args(["--infra", "local", "--config", str(cfg)])).options["image"] is None
+    assert up.plan_run(p.parse_args(["--gpu", "A100:1", "--config", str(cfg)])).options["image"] == REF

@@ -147,7 +147,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
         "cloud": args.cloud, "spot": bool(args.spot), "eval": not args.no_eval, "eval_base": bool(args.eval_base),
         "eval_rows": args.eval_rows, "max_cost": args.max_cost, "max_hours": args.max_hours,
         "config_file": str(args.config or _default_config(infra)),
-        "image": cfg.image,  # None: setup builds a venv from requirements/job.lock
+        # None: setup builds a venv from the lock (the local backend always runs this machine's python)
+        "image": cfg.image if infra != "local" else None,
     }
     if infra.startswith("ssh://"):  # the SSH flags, checked before anything exists (issue #6)
         from launcher.ssh_options import options_from_args, parse_infra
