@@ -12,6 +12,7 @@ import importlib.util
 from importlib import metadata
 
 from contracts.config import RunConfig
+from contracts.errors import ContractError
 from contracts.events import LEVERS  # the names, in the event schema
 
 # A lever the machine lacks -> (the package to install, the config key that turns it off).
@@ -114,10 +115,9 @@ def for_this_machine(cfg: RunConfig, probe_flex: bool = True) -> dict:
 
 def decoder_layers(cfg: RunConfig) -> int | None:
     """The model's decoder layer count from its config (no weights); None when it can't be read."""
-    from contracts.errors import ContractError
     from job.check import _model_config, _model_helpers
 
     try:
         return int(getattr(_model_config(cfg, *_model_helpers()), "num_hidden_layers"))
-    except (ContractError, AttributeError, TypeError, ValueError):
+    except (ContractError, AttributeError, TypeError, ValueError, OSError):  # the report says "all" instead
         return None
