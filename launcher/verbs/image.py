@@ -86,15 +86,15 @@ def require_docker() -> str:
     """docker with a reachable daemon and buildx, or one line saying which is missing (exit 2)."""
     docker = shutil.which("docker")
     if docker is None:
-        raise ContractError("image build: docker is not installed (install Docker with the buildx plugin)")
+        raise ContractError("docker is not installed (install Docker with the buildx plugin)")
     info = _run([docker, "info", "--format", "{{.ServerVersion}}"])
     if info.returncode != 0:
         why = _last_line(info.stderr + info.stdout) or f"docker info exited {info.returncode}"
-        raise ContractError(f"image build: no docker daemon reachable ({why}); start it or build on a machine "
+        raise ContractError(f"no docker daemon reachable ({why}); start it or build on a machine "
                             "that runs one")
     bx = _run([docker, "buildx", "version"])
     if bx.returncode != 0:
-        raise ContractError("image build: docker buildx is not installed (the docker-buildx-plugin package, "
+        raise ContractError("docker buildx is not installed (the docker-buildx-plugin package, "
                             f"or docs.docker.com/go/buildx): {_last_line(bx.stderr + bx.stdout)}")
     return docker
 
