@@ -1,5 +1,8 @@
 # The job image: `python -m job check|prepare|train|evaluate|predict` on a CUDA machine.
-#   docker build -t socrates-job . && docker run --gpus all socrates-job check --config configs/paper.yaml
+#   socrates-launch image build [--push REPO]     # docker buildx; tag lock-<sha256 of job.lock + this file>
+#   docker run --gpus all socrates-launch-job:lock-... check --config configs/paper.yaml
+# `socrates-launch up --image REF` runs it as SkyPilot's runtime (image_id: docker:REF; setup installs
+# nothing, the synced workdir's job/ runs with /opt/venv/bin/python); the SSH backend runs it with docker.
 # Base pinned by digest. torch's CUDA 13.0 libraries come from the lock (PyPI wheels), so the base
 # only has to match the driver side (CUDA 13.0). The digest is the one public Dockerfiles pin for
 # this tag; it was not re-resolved against Docker Hub from here (no registry access): verify with
@@ -12,9 +15,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_DISABLE_TELEMETRY=1
 
-# Ubuntu 24.04's python3 is 3.12: the Python the lock was compiled for.
+# Ubuntu 24.04's python3 is 3.12: the Python the lock was compiled for. rsync and curl: what SkyPilot
+# needs in an image it uses as the runtime (it syncs the workdir with rsync; the container runs as root).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv git ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv git ca-certificates rsync curl \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

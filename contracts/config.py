@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
@@ -101,6 +102,9 @@ class TrainSpec:
     host memory, the largest micro-batch up to 128 that fits card and host; job/check.py plan_memory)."""
     compile: bool = False
     """Regional torch.compile: each decoder layer compiled (one shared graph, dynamic shapes; job/fast.py)."""
+    require_levers: bool = True
+    """A speed lever this config turns on (liger, flex_attention) that the machine can't provide is an
+    error in `job check` (exit 3), not a silently slower run; false: run without it."""
     checkpoint_every: int = 50
     """Optimizer steps between checkpoints (0: only the final save)."""
     keep_checkpoints: int = 2
@@ -158,6 +162,9 @@ class RunConfig:
     eval: EvalSpec = field(default_factory=EvalSpec)
     allow_cpu: bool = False
     """Let `check` and `train` run without a GPU (the smoke config; tests)."""
+    image: str | None = None
+    """A prebuilt job image (`socrates-launch image build --push REPO` prints one) to run the job in:
+    SkyPilot's image_id and the SSH host's docker run; None: a venv from requirements/job.lock."""
     schema: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -219,7 +226,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
         if not isinstance(section, Mapping):
             raise ContractError(f"{source}: {name}: {section!r} is not accepted (a mapping of {name} settings)")
         kwargs[name] = _build(cls, section, f"{source}: {name}")
-    for name in ("name", "allow_cpu", "schema"):
+    for name in ("name", "allow_cpu", "image", "schema"):
         if name in raw:
             kwargs[name] = _coerce(raw[name], get_type_hints(RunConfig)[name], f"{source}: {name}")
     cfg = RunConfig(**kwargs)
@@ -284,7 +291,15 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("eval.top_p", _finite(0, lo_open=True, hi=1), "0 < top_p <= 1"),
     ("eval.max_new_tokens", _whole(1), "a whole number >= 1"),
     ("eval.batch_size", _whole(1), "a whole number >= 1"),
+    ("image", lambda v: v is None or bool(IMAGE_REF.fullmatch(v)),
+     "a docker image reference like ghcr.io/you/socrates-job:lock-0123456789ab, or null"),
 )
+
+
+# A docker image reference: [registry[:port]/]path[:tag][@sha256:digest] (the distribution grammar, simplified).
+IMAGE_REF = re.compile(r"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+)(?::[0-9]+)?/|[a-zA-Z0-9-]+:[0-9]+/)?"
+                       r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+                       r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
 
 
 def validate(cfg: RunConfig, source: str = "config") -> None:

@@ -36,6 +36,9 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "log": ("message",),
 }
 KINDS = tuple(REQUIRED)
+# The speed levers a train `start` event reports in `levers` (job/levers.py): each an object with
+# `on` (bool) and `why` (text); checkpointed_layers also `layers` (int or null: all).
+LEVERS = ("liger", "flex_attention", "fused_lora", "packing", "checkpointed_layers", "offload")
 DONE_REASONS = ("completed", "deadline", "max_steps", "stopped")
 
 
@@ -58,7 +61,18 @@ def validate(obj: Any) -> dict:
         raise ContractError(f"event {kind}: missing field(s) {', '.join(missing)}")
     if kind == "done" and obj["reason"] not in DONE_REASONS:
         raise ContractError(f"event done: reason {obj['reason']!r} (accepted: {', '.join(DONE_REASONS)})")
+    if kind == "start" and "levers" in obj:
+        _check_levers(obj["levers"])
     return obj
+
+
+def _check_levers(levers: Any) -> None:
+    if not isinstance(levers, dict) or set(levers) != set(LEVERS):
+        got = sorted(levers) if isinstance(levers, dict) else type(levers).__name__
+        raise ContractError(f"event start: levers {got} (accepted: an object with exactly {', '.join(LEVERS)})")
+    for name, lv in levers.items():
+        if not isinstance(lv, dict) or not isinstance(lv.get("on"), bool) or not isinstance(lv.get("why", ""), str):
+            raise ContractError(f"event start: levers.{name} {lv!r} (accepted: an object with on: bool, why: text)")
 
 
 def dumps(obj: dict) -> str:

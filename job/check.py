@@ -1,7 +1,9 @@
 """`python -m job check`: the card, a real 4-bit self-test, disk, and whether the config fits.
 
 A machine that can't run the config fails with one line (exit 3): no GPU (unless allow_cpu), no
-bf16 for a bf16 config, a failing NF4 self-test, too little disk, or too little GPU memory.
+bf16 for a bf16 config, a failing NF4 self-test, too little disk, too little GPU memory, or a speed
+lever the config turns on that the machine can't provide (job/levers.py; `train.require_levers:
+false` runs without it). It prints which levers are really on.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             events.emit("check", ok=False, reason=str(e))
         raise
     if events:
-        events.emit("check", ok=True, **{k: report[k] for k in ("card", "nf4", "fit", "disk_free_gib", "mode")})
+        events.emit("check", ok=True, **{k: report[k] for k in ("card", "nf4", "fit", "disk_free_gib", "mode", "levers")})
     if args.out:
         Path(args.out, "check.json").write_text(json.dumps(report, indent=2) + "\n")
     c, f = report["card"], report["fit"]
@@ -54,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"memory mode: {m['mode']} ({m['why']}): micro_batch {m['micro_batch']}, checkpointed layers "
           f"{'all' if m['checkpoint_layers'] is None else m['checkpoint_layers']}, offloaded checkpoints "
           f"{'on' if m['offload_checkpoints'] else 'off'}")
+    from job.levers import summary
+
+    print(f"speed levers: {summary(report['levers'])}")
     if f.get("host_gib"):
         print(f"host memory: offloaded checkpoints need ~{f['host_gib']} GiB of {f.get('host_available_gib')} GiB available: ok")
     return 0
@@ -83,8 +88,13 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
                                 env.host_mem_available_gib() if on_gpu else None, data_dir, env.world_size())
     fit = mode.pop("fit")
     fit["available_gib"] = card["memory_gib"] if on_gpu else None
+    from job import levers as levers_mod  # which speed levers this machine really gives the config
+
+    lv = levers_mod.report(run_cfg, on_gpu, layers=levers_mod.decoder_layers(run_cfg))
+    if cfg.train.require_levers and (refusal := levers_mod.refusal(lv)):
+        raise JobCannotRun(refusal)
     return {"ok": True, "card": card, "nf4": nf4, "disk_free_gib": free, "fit": fit, "mode": mode,
-            "packages": env.package_versions()}
+            "packages": env.package_versions(), "levers": lv}
 
 
 FIT_SHARE = 0.95  # of the card's memory the fit estimate may use (the estimate runs high; bench/RESULTS.md)

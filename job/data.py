@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,9 @@ from contracts.config import SPLITS
 from contracts.errors import ContractError
 from job import synthetic
 
-REQUIRED_COLUMNS = ("study_id", "response", "condition_num", "task_num")
+# The row schema lives in contracts/ (stdlib only): the launcher checks local rows with it before launching.
+from contracts.rows import REQUIRED_COLUMNS, validate_rows  # noqa: F401 (re-exported)
+
 MAPPING_FILES = {
     "unseen-studies": "participant_mapping.json",
     "unseen-conditions": "condition_mapping.json",
@@ -161,46 +162,6 @@ def _load_hub(repo_id: str) -> Source:
 
 
 # --- Validation ------------------------------------------------------------------------------
-
-def validate_rows(rows: list[dict], where: str) -> None:
-    """Columns present and typed; responses integers. Names the file, the row and the problem.
-
-    Schema: study_id non-empty string; response, condition_num, task_num integers (a whole float
-    response is taken as an integer); prompt optional, a string or null; stimuli and demographic
-    required when there is no (non-empty) prompt: stimuli a string, demographic an object (field
-    name -> value) or null. When present they are typed the same way even beside a prompt
-    (evaluate reads both)."""
-    if not rows:
-        raise ContractError(f"{where}: no rows")
-    need = set(REQUIRED_COLUMNS)
-    for i, r in enumerate(rows):
-        missing = [c for c in REQUIRED_COLUMNS if c not in r]
-        if not r.get("prompt"):
-            missing += [c for c in ("stimuli", "demographic") if c not in r]
-        if missing:
-            raise ContractError(f"{where}: row {i} is missing column(s) {', '.join(missing)} "
-                                f"(needs {', '.join(sorted(need))} and prompt or stimuli+demographic)")
-        resp = r["response"]
-        if isinstance(resp, float) and math.isfinite(resp) and resp.is_integer():
-            r["response"] = resp = int(resp)
-        if isinstance(resp, bool) or not isinstance(resp, int):
-            raise ContractError(f"{where}: row {i} (study {r.get('study_id')}): response {resp!r} is not "
-                                "an integer (SocSci210 answers are integers)")
-        if not isinstance(r["study_id"], str) or not r["study_id"]:
-            raise ContractError(f"{where}: row {i}: study_id {r['study_id']!r} is not a non-empty string")
-        for c in ("condition_num", "task_num"):
-            if isinstance(r[c], bool) or not isinstance(r[c], int):
-                raise ContractError(f"{where}: row {i}: {c} {r[c]!r} is not an integer")
-        for c in ("prompt", "stimuli"):
-            if r.get(c) is not None and not isinstance(r[c], str):
-                raise ContractError(f"{where}: row {i}: {c} {_short(r[c])} is not text (a string or null)")
-        demo = r.get("demographic")
-        if demo is not None and not isinstance(demo, dict):
-            raise ContractError(f"{where}: row {i}: demographic {_short(demo)} is not an object "
-                                "(field name -> value, or null)")
-        if not r.get("prompt") and not isinstance(r.get("stimuli"), str):
-            raise ContractError(f"{where}: row {i}: no prompt and stimuli {r.get('stimuli')!r} is not text")
-
 
 def _short(value: Any, n: int = 60) -> str:
     """A value's repr cut to one short line, for an error message."""

@@ -123,3 +123,13 @@ def quiet_bnb_cpu_notice() -> None:
     """bitsandbytes warns on CPU import that an optional `kernels` package is missing; the job's
     CPU path does not need it, and the notice would break 'one line on stderr' for exit 2/3."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def image_info() -> dict | None:
+    """The job image this runs in (SOCRATES_IMAGE, set by the launcher's task with --image): its
+    reference and, when the reference pins one, its digest. None: not run from a prebuilt image."""
+    ref = os.environ.get("SOCRATES_IMAGE", "").strip()
+    if not ref:
+        return None
+    digest = ref.split("@", 1)[1] if "@" in ref else None
+    return {"ref": ref, "digest": digest}

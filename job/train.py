@@ -63,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
         raise ContractError(f"--resume {args.resume}: not a complete checkpoint folder (accepted: auto | never | "
                             f"a checkpoints/checkpoint-N folder with a {COMPLETE} marker)")
     events = EventWriter(out / "events.jsonl", echo=True)
-    events.emit("start", verb="train", config=cfg.name)
+    from job.levers import for_this_machine
+
+    events.emit("start", verb="train", config=cfg.name, levers=for_this_machine(cfg))  # what this run really gets
     try:
         res = train(cfg, out, events, data_dir=Path(args.data) if args.data else None, resume=args.resume)
     except (ContractError, JobCannotRun) as e:
@@ -173,6 +175,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         "reason": reason, "resumed_from": resume_from.name if resume_from else None, "train_rows": n_rows,
         "rows_too_long": dropped, "peak_gpu_mem_gib": peak, "train_seconds": round(time.time() - t0, 1),
         "data_stats": "data/stats.json" if (out / "data" / "stats.json").is_file() else None,
+        "image": env.image_info(),  # the prebuilt job image (ref, digest) or None: a venv from the lock
     }
     manifest.write(out, meta)
     events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json",

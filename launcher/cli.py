@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "runs": ("launcher.verbs.runs", "list runs with state, card, duration and cost"),
     "report": ("launcher.verbs.report", "print a run's evaluation summary and the report's path"),
     "predict": ("launcher.verbs.predict", "predict how a person would answer, from an adapter"),
+    "image": ("launcher.verbs.image", "build (and push) the job image; its tag derives from the lock"),
 }
 
 

@@ -234,6 +234,7 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                          f"{SPOT_HIGH_EXTRA:.0%} more training for time thrown away")
     else:
         notes.append(f"infra {infra}: your own machine, no cloud price")
+    notes.extend(rate_levers(table, cfg, params_b))
 
     return Estimate(infra=infra, method=cfg.train.method, model=cfg.model.id, params_b=params_b, tokens=tokens,
                     plans=tuple(plans), offers=tuple(offers), spot=spot, notes=tuple(notes))
@@ -332,56 +333,14 @@ def _schedule(cfg: RunConfig, train_rows: int, test_rows: int, hub: dict | None,
                   kind=kind, data_bytes=data_bytes)
 
 
-CHECKED_ROWS = 1000  # rows of each .jsonl file parsed before launching (the job validates every row)
-
-
 def count_rows(path: Path) -> int:
     """Rows in a local .jsonl/.parquet file or a folder of them (no tokenizer: the launcher has no torch).
 
-    Also a cheap look at the file's shape before a machine is paid for: rows exist, the first
-    CHECKED_ROWS lines of a .jsonl are UTF-8 JSON objects, a .parquet's footer reads. The row schema
-    itself is the job's (`job prepare`, the first thing the machine runs)."""
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet")) if path.is_dir() else [path]
-    if not files:
-        raise ContractError(f"--data {path}: no .jsonl or .parquet files in it")
-    n = 0
-    for f in files:
-        if f.suffix == ".jsonl":
-            n += _jsonl_rows(f)
-        elif f.suffix == ".parquet":
-            import pyarrow.parquet as pq
+    Also the look at the data before a machine is paid for: every row is checked against the job's
+    schema (launcher/rows.py, contracts/rows.py)."""
+    from launcher.rows import check_local
 
-            try:
-                n += pq.ParquetFile(f).metadata.num_rows
-            except Exception as e:  # noqa: BLE001  (pyarrow raises several kinds for a damaged file)
-                raise ContractError(f"--data {f}: not a readable parquet file ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-        else:
-            raise ContractError(f"--data {f}: not accepted (a .jsonl or .parquet file, or a prepared folder)")
-    if n == 0:
-        raise ContractError(f"--data {path}: no rows (accepted: a .jsonl with one JSON object a line, or a .parquet)")
-    return n
-
-
-def _jsonl_rows(f: Path) -> int:
-    rows = 0
-    with open(f, "rb") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            rows += 1
-            if rows > CHECKED_ROWS:
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise ContractError(f"--data {f}: line {line_no} is not UTF-8 text (accepted: UTF-8 JSON lines)") from None
-            except ValueError as e:
-                raise ContractError(f"--data {f}: line {line_no} is not JSON ({e}; accepted: one JSON object a line)") from None
-            if not isinstance(row, dict):
-                raise ContractError(f"--data {f}: line {line_no} is a {type(row).__name__}, not a JSON object "
-                                    "(accepted: one JSON object a line)")
-    return rows
+    return check_local(path)
 
 
 def _train_share(hub: dict, split: str) -> float:
@@ -392,6 +351,29 @@ def _train_share(hub: dict, split: str) -> float:
 
 
 # --- term 2: throughput ----------------------------------------------------------------------
+
+def rate_levers(table: dict, cfg: RunConfig, params_b: float) -> list[str]:
+    """What the throughput rate assumes: the speed levers and package versions it was measured with
+    (configs/throughput.yaml), and a warning for each lever this config turns off."""
+    size, entry = _nearest_size(table["measured"].get(cfg.train.method) or {}, params_b, cfg.train.method)
+    if "derived_from" in entry:
+        size, entry = _nearest_size(table["measured"][entry["derived_from"]], size, entry["derived_from"])
+    levers, packages = entry.get("levers"), entry.get("packages")
+    if not levers:
+        return []
+    on = [f"{k} {v}" if not isinstance(v, bool) else k for k, v in levers.items() if v]
+    off = [k for k, v in levers.items() if v is False]
+    line = f"rate assumes speed levers: {', '.join(on)}" + (f" (off: {', '.join(off)})" if off else "")
+    if packages:
+        line += "; with " + ", ".join(f"{k} {v}" for k, v in packages.items())
+    notes = [line]
+    t = cfg.train
+    config_off = [name for name, is_off in (("liger", not t.liger), ("flex_attention", t.attn_implementation not in ("auto", "flex_attention")),
+                                            ("fused_lora", not t.fused_lora), ("packing", not t.packing)) if is_off and levers.get(name)]
+    if config_off:
+        notes.append(f"this config turns off {', '.join(config_off)}: expect a slower run than this rate")
+    return notes
+
 
 def memory_mode(table: dict, card: str, method: str, params_b: float, wanted: str = "auto") -> str | None:
     """The memory mode the job will pick on one `card` (job/check.py plan_memory decides on the machine

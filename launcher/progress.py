@@ -40,7 +40,10 @@ class Progress:
         elif kind == "phase":
             self.line(f"[bold cyan]==>[/] {_escape(v('phase'))}" + (f": {_escape(v('detail'))}" if ev.get("detail") else ""))
         elif kind == "start":
-            self.line(f"    job {_escape(v('verb'))} started")
+            levers = ev.get("levers")
+            shown = ", ".join(f"{_text(k)} {'on' if isinstance(lv, dict) and lv.get('on') is True else 'off'}"
+                              for k, lv in levers.items()) if isinstance(levers, dict) else ""
+            self.line(f"    job {_escape(v('verb'))} started" + (f" (speed levers: {_escape(shown)})" if shown else ""))
         elif kind == "check":
             ok = ev.get("ok")
             self.line(f"    check: {'ok' if ok is True else 'FAILED' if ok is False else '?'} "

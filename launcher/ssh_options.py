@@ -60,6 +60,9 @@ class SshOptions:
     min_free_gb: float | None = None
     """Disk the host must have free under remote_dir; None: 1 GB with allow_cpu, else 60 GB."""
     image: str = DEFAULT_IMAGE
+    """The job image: `up --image REF` / the config's image (pulled), else the lock's tag (built on the host)."""
+    pull_image: bool = False
+    """True: `image` is a registry reference to pull, never to build from the synced Dockerfile."""
     poll_s: float = 0.5
     reconnect_s: float = 300.0
     """How long follow/download keep retrying a dropped connection (down: at most 60 s) before giving up loudly."""

@@ -20,6 +20,9 @@ from launcher.secrets import SECRET_NAMES
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "sky" / "train.yaml"
 REMOTE_DATA_DIR = "/tmp/socrates-data"
+# In the job image (Dockerfile): the lock's venv; setup then only stamps the deadline's start.
+IMAGE_PYTHON = "/opt/venv/bin/python"
+IMAGE_SETUP = "set -euo pipefail\ndate +%s > .socrates-t0  # the job image has the lock installed: nothing to install\n"
 
 
 def load_template(path: Path = TEMPLATE) -> dict:
@@ -50,6 +53,12 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
         resources["infra"] = cloud
     resources["use_spot"] = bool(spot)
     task["workdir"] = str(REPO)
+    image = opts.get("image")
+    if image:  # the prebuilt job image: SkyPilot runs setup and run inside it, nothing to install
+        resources["image_id"] = f"docker:{image}"
+        task["setup"] = IMAGE_SETUP
+        envs["JOB_PYTHON"] = IMAGE_PYTHON
+        envs["SOCRATES_IMAGE"] = image  # the job writes it into manifest.json
     if data_path is not None:
         remote = f"{REMOTE_DATA_DIR}/{data_path.name}"
         task["file_mounts"] = {remote: str(data_path.resolve())}

@@ -206,7 +206,8 @@ def test_broken_prepared_stats_is_a_contract_error(tmp_path):
 
 def test_raw_local_file_counts_rows(tmp_path):
     f = tmp_path / "rows.jsonl"
-    f.write_text("\n".join("{}" for _ in range(1200)) + "\n")
+    row = '{"study_id": "s", "response": 1, "condition_num": 0, "task_num": 0, "prompt": "q?"}'  # valid rows
+    f.write_text("\n".join(row for _ in range(1200)) + "\n")
     tok = cost.count_tokens(load_config(PAPER), data=str(f))
     share = 2_418_748 / 2_901_390
     assert tok.train_rows == round(1200 * share) and not tok.exact and "1,200 rows" in tok.source

@@ -237,7 +237,8 @@ def test_a_cap_that_leaves_the_job_no_time_is_refused_not_dropped(tmp_path):
     ("empty.jsonl", b"", "no rows"),
     ("blank.jsonl", b"\n  \n", "no rows"),
     ("latin1.jsonl", b'{"a": "\xe9"}\n', "line 1 is not UTF-8"),
-    ("list.jsonl", b'{"a": 1}\n[1]\n', "line 2 is a list"),
+    ("list.jsonl", b'{"study_id": "s", "response": 1, "condition_num": 0, "task_num": 0, "prompt": "q"}\n[1]\n',
+     "line 2 is a list"),
     ("broken.jsonl", b'{"a": 1\n', "line 1 is not JSON"),
     ("damaged.parquet", b"PAR1 not really", "not a readable parquet file"),
 ])

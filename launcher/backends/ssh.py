@@ -267,6 +267,9 @@ class SshBackend(Backend):
             return "python", self.opts.remote_python
         if "HAS_DOCKER" in lines and "HAS_GPU" in lines:
             return "docker", "python"
+        if self.opts.pull_image:
+            raise ContractError(f"ssh {self.target}: --image {self.opts.image} needs docker and a GPU on the host "
+                                "(found: " + (", ".join(x.lower() for x in ("HAS_DOCKER", "HAS_GPU") if x in lines) or "neither") + ")")
         if "HAS_GPU" not in lines and not self.opts.allow_cpu:
             raise ContractError(f"ssh {self.target}: no GPU found (nvidia-smi -L failed); pass --allow-cpu for a CPU-only run")
         if "HAS_PYTHON3" not in lines:
@@ -326,10 +329,11 @@ class SshBackend(Backend):
     def _docker_image(self, client: paramiko.SSHClient, base: str) -> None:
         q = shlex.quote
         image, context = q(self.opts.image), q(posixpath.join(base, "cache", "code"))
-        res = ssh_run(client, f"docker image inspect {image} >/dev/null 2>&1 || docker build -q -t {image} {context}",
-                      timeout=3600)
+        get = f"docker pull -q {image}" if self.opts.pull_image else f"docker build -q -t {image} {context}"
+        res = ssh_run(client, f"docker image inspect {image} >/dev/null 2>&1 || {get}", timeout=3600)
         if res.rc != 0:
-            raise BackendError("installing", f"building the job image on {self.target} failed: {_last_line(res)}")
+            raise BackendError("installing", f"{'pulling' if self.opts.pull_image else 'building'} the job image "
+                                             f"{self.opts.image} on {self.target} failed: {_last_line(res)}")
 
     def _check(self, client: paramiko.SSHClient, work: str, mode: str, python: str) -> None:
         """`job check` before the job is started: a card or config that can't run is refused here."""

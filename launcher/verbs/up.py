@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="run config (default: configs/paper.yaml on sky, configs/smoke.yaml locally)")
     p.add_argument("--data", default=None, help="dataset: Hugging Face id, local .jsonl/.parquet file or folder, or synthetic:N")
     p.add_argument("--model", default=None, help="base model id or path (overrides the config's model.id)")
+    p.add_argument("--image", default=None, metavar="REF",
+                   help="run the job in this prebuilt image (`socrates-launch image build --push REPO` prints one; "
+                   "the config's `image:` otherwise); default: a venv from requirements/job.lock")
     p.add_argument("--cloud", default=None, help="pin a cloud (e.g. lambda, runpod, aws); default: the cheapest offer")
     p.add_argument("--spot", action="store_true", help="use spot/preemptible instances (cheaper; a preemption ends the run: no automatic recovery)")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask before launching")
@@ -119,6 +122,11 @@ def plan_run(args: argparse.Namespace) -> Plan:
         overrides["data.source"] = _check_data(args.data)
     if args.model is not None:
         overrides["model.id"] = args.model
+    if getattr(args, "image", None) is not None:
+        if infra == "local":
+            raise ContractError(f"--image {args.image}: not accepted with --infra local (the local backend runs the "
+                                "job with this machine's python; use it with SkyPilot or ssh://)")
+        overrides["image"] = args.image
     if args.allow_cpu:
         overrides["allow_cpu"] = True
     check_combinations(args, infra)
@@ -128,6 +136,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         overrides["eval.rows"] = args.eval_rows
     if overrides:
         cfg = cfg.with_overrides(overrides, source="command line")
+    _check_local_rows(cfg.data.source)
     from launcher.cost import check_caps
 
     check_caps(args.max_cost, args.max_hours, infra)  # numbers > 0; a dollar cap only where there is a price
@@ -138,12 +147,19 @@ def plan_run(args: argparse.Namespace) -> Plan:
         "cloud": args.cloud, "spot": bool(args.spot), "eval": not args.no_eval, "eval_base": bool(args.eval_base),
         "eval_rows": args.eval_rows, "max_cost": args.max_cost, "max_hours": args.max_hours,
         "config_file": str(args.config or _default_config(infra)),
+        # None: setup builds a venv from the lock (the local backend always runs this machine's python)
+        "image": cfg.image if infra != "local" else None,
     }
     if infra.startswith("ssh://"):  # the SSH flags, checked before anything exists (issue #6)
         from launcher.ssh_options import options_from_args, parse_infra
 
         parse_infra(infra)
         options["ssh"] = options_from_args(args)
+        from launcher.verbs.image import local_ref
+
+        # The given image (pulled), else the lock's tag (built on the host from the synced Dockerfile).
+        options["ssh"]["image"] = cfg.image or local_ref()
+        options["ssh"]["pull_image"] = bool(cfg.image)
     return Plan(infra=infra, cfg=cfg, gpu=gpu, name=name, options=options)
 
 
@@ -169,6 +185,16 @@ def _check_data(source: str) -> str:
     if source.count("/") != 1:
         raise ContractError(f"--data {source!r}: not accepted (a local file/folder, a hub id like org/name, or synthetic:N)")
     return source
+
+
+def _check_local_rows(source: str) -> None:
+    """Local rows (from --data or the config) against the job's schema, before anything is created:
+    a bad row found here costs a second, found on the machine it costs a provisioned one."""
+    path = Path(source).expanduser()
+    if path.exists() and not (path.is_dir() and (path / "stats.json").is_file()):  # a prepared folder is the job's
+        from launcher.rows import check_local
+
+        check_local(path)
 
 
 def _backend_opts(plan: Plan) -> dict:
@@ -231,6 +257,12 @@ def _dryrun(plan: Plan, console) -> int:
                               spot=plan.options["spot"], data_path=data_path, secret_names=tuple(secrets))
     console.rule("rendered task (sky/train.yaml)")
     console.print(redact(tasklib.to_yaml(rendered)), highlight=False, markup=False)
+    if plan.options.get("image"):
+        console.print(f"environment: the job image {plan.options['image']} (image_id docker:...; setup installs nothing)",
+                      highlight=False, markup=False)
+    else:
+        console.print("environment: a venv from requirements/job.lock, installed by setup on the machine "
+                      "(--image REF runs a prebuilt image instead)", highlight=False, markup=False)
     if plan.infra != "sky":
         console.print(f"dry run: nothing started ({plan.infra} backend)")
         return 0
