@@ -133,7 +133,8 @@ class FakeSky:
             once.write_text("1")
             raise RuntimeError("fake: rsync: connection closed")
         src = _root() / cluster_name / "workdir" / "out"
-        shutil.copytree(src, local_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
+        # Links are copied as links (what `rsync -a` did): the launcher's verification must refuse them.
+        shutil.copytree(src, local_dir, dirs_exist_ok=True, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
 
     def down(self, cluster_name: str) -> None:
         if "down" in _faults():

@@ -40,7 +40,7 @@ from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback
 from launcher.ssh_options import SshOptions, parse_infra
 from launcher.ssh_transport import (
-    DROPPED, SshAuth, SshDropped, SshTarget, SyncStats, connect, env_exports, get_tree, local_files,
+    DROPPED, SshAuth, SshDropped, SshTarget, SshUnsafe, SyncStats, connect, env_exports, get_tree, local_files,
     read_from, run as ssh_run, secret_envs, sync_tree,
 )
 
@@ -172,6 +172,8 @@ class SshBackend(Backend):
                 return
             except FileNotFoundError:
                 raise BackendError("downloading", f"{self.target}:{remote_out} does not exist (run torn down?)") from None
+            except SshUnsafe as e:
+                raise BackendError("downloading", f"{self.target}: {e}") from None
             except (SshDropped, *DROPPED):
                 self._drop()
                 if attempt == 2:

@@ -16,8 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from launcher.backends import get_backend
-    from launcher.backends.base import BackendError
-    from launcher.verbs.up import Recorder, fetch_and_verify
+    from launcher.verbs.up import Recorder, _describe, fetch_and_verify
 
     console = Console()
     run_rec = registry.resolve(args.run_id)
@@ -38,9 +37,10 @@ def run(args: argparse.Namespace) -> int:
     recorder = Recorder(run_rec, Progress(console))
     try:
         fetch_and_verify(run_rec, backend, recorder)
-    except (BackendError, OSError, manifest_lib.ManifestError) as e:
-        run_rec.transition(before, note=f"download failed: {e}")  # an earlier verified copy stays as it was
-        console.print(f"[bold red]download failed:[/] {e}", highlight=False)
+    except Exception as e:  # noqa: BLE001  (what comes back is untrusted: any failure is a failed download)
+        why = _describe(e)
+        run_rec.transition(before, note=f"download failed: {why}")  # an earlier verified copy stays as it was
+        console.print(f"[bold red]download failed:[/] {why}", highlight=False, markup=False)
         status = 1
     else:
         run_rec.transition("done" if not run_rec.exit_code else before)  # a job that failed stays failed

@@ -264,7 +264,7 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
             status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
     except _DownloadFailed as e:
         progress.close()
-        message = redact(str(e.__cause__ or e))
+        message = redact(_describe(e.__cause__ or e))
         ends_by = backend.left_up_ends_by(run)
         run.transition("failed", note=message, error=message)
         if ends_by is None:
@@ -329,7 +329,7 @@ def _lifecycle(run: registry.Run, backend, recorder: "Recorder", console, *, lau
     recorder.progress.close()
     try:
         fetch_and_verify(run, backend, recorder)
-    except (BackendError, ContractError, OSError) as e:
+    except Exception as e:  # noqa: BLE001  (whatever went wrong, the only copy is on the machine: keep it up)
         raise _DownloadFailed() from e
     run.transition("done")
     return 0
@@ -344,7 +344,7 @@ def _salvage(run: registry.Run, backend, recorder: "Recorder") -> str:
     paid-for adapter on the machine: pull it back before teardown if its manifest verifies."""
     try:
         fetch_and_verify(run, backend, recorder, attempts=SALVAGE_ATTEMPTS)
-    except (BackendError, ContractError, OSError):
+    except Exception:  # noqa: BLE001  (a salvage that fails for any reason leaves the run failed, as it was)
         return "; no finished adapter on the machine to pull back"
     return f"; the adapter it had finished was pulled back and verifies: {run.adapter}"
 
@@ -372,11 +372,19 @@ class Recorder:
             f.write(dumps(ev) + "\n")
 
 
-def fetch_and_verify(run: registry.Run, backend, recorder: Recorder, attempts: int = DOWNLOAD_ATTEMPTS) -> None:
-    """Pull out/ into a staging folder, verify every sha256, then move the results into runs/<id>/.
+# Names in runs/<id>/ that belong to the launcher: a manifest listing one of them is refused.
+RESERVED = ("run.json", "events.jsonl", "job.log", "task.yaml", "launch.log", ".download", ".lock",
+            "manifest.json", "checkpoints")
 
-    Retried: a failed or corrupt pull is worth another try before the machine (and the only copy)
-    is torn down. Results already in runs/<id>/ are replaced only by a copy that verified.
+
+def fetch_and_verify(run: registry.Run, backend, recorder: Recorder, attempts: int = DOWNLOAD_ATTEMPTS) -> None:
+    """Pull out/ into a staging folder, verify it, then move the results into runs/<id>/.
+
+    What comes back is untrusted: the manifest is checked against its schema, and the staging tree
+    must be exactly the manifest's files (no symlinks, special files, unlisted files; paths relative
+    and inside), with an adapter, each sha256 matching. Retried: a failed or corrupt pull is worth
+    another try before the machine (and the only copy) is torn down. Results already in runs/<id>/
+    are replaced only by a copy that verified.
     """
     run.transition("downloading")
     recorder.phase("downloading")
@@ -386,26 +394,32 @@ def fetch_and_verify(run: registry.Run, backend, recorder: Recorder, attempts: i
         staging.mkdir(parents=True)
         try:
             backend.download(run, staging)
-            manifest_lib.verify_or_raise(staging)
+            manifest = manifest_lib.verify_or_raise(staging, tree=True, reserved=RESERVED)
             break
-        except (BackendError, ContractError, OSError) as e:
+        except Exception as e:  # noqa: BLE001  (any failure of an untrusted pull is retried, then reported)
             if attempt == attempts:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            recorder.phase("downloading", f"attempt {attempt} failed ({redact(str(e))}); retrying")
+            recorder.phase("downloading", f"attempt {attempt} failed ({redact(_describe(e))}); retrying")
             time.sleep(DOWNLOAD_RETRY_S * attempt)
-    for entry in staging.iterdir():
-        if entry.name in ("events.jsonl", "job.log", "checkpoints"):
-            continue
-        target = run.dir / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
+    # Only what the manifest lists (and the manifest) is moved; its top-level names were checked above.
+    for name in sorted({e["path"].split("/")[0] for e in manifest["files"]} | {manifest_lib.MANIFEST_FILE}):
+        entry, target = staging / name, run.dir / name
+        if target.is_symlink() or target.is_file():
             target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
         entry.rename(target)
     shutil.rmtree(staging, ignore_errors=True)
     manifest_lib.verify_or_raise(run.dir)
     run.update(adapter=str((run.dir / "adapter").resolve()), verified=True)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for any exception (a bare KeyError's str is only the key)."""
+    if isinstance(e, (BackendError, ContractError, OSError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
 
 
 def teardown(run: registry.Run, backend, recorder: Recorder | None, console) -> bool:

@@ -1,0 +1,266 @@
+"""Issue #13: nothing that comes back from a machine, nor what a run record says, is trusted.
+
+Fetch-and-verify runs for real (launcher/verbs/up.py's drive, the real sky backend) against
+tests/fakesky.py: a finished job's out/ folder is written by hand with a hostile manifest, a link
+pointing out of the run, an unlisted file; each must fail verification while the machine stays up
+(autodown armed) with the commands to pull and to end it printed, never tear down the only copy.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from contracts import manifest
+from contracts._io import sha256_file
+from launcher import registry
+
+ADAPTER = {"adapter/adapter_config.json": b'{"r": 8}\n', "adapter/adapter_model.safetensors": b"\x01" * 4096}
+
+
+def _entry(root: Path, rel: str) -> dict:
+    p = root / rel
+    return {"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)}
+
+
+def _write_out(out: Path, files: dict[str, bytes] = ADAPTER, manifest_obj: dict | None = None) -> dict:
+    for rel, data in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    m = manifest_obj if manifest_obj is not None else {"schema": 1, "files": [_entry(out, r) for r in sorted(files)]}
+    (out / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+# --- the schema and the tree check (contracts/manifest.py) ------------------------------------
+
+def test_a_sound_tree_verifies(tmp_path):
+    _write_out(tmp_path)
+    (tmp_path / "events.jsonl").write_text("{}\n")  # exempt: the job keeps appending to it
+    assert manifest.verify_tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"files": []}, "schema"),
+    ({"schema": 1, "files": [{"size": 1, "sha256": "0" * 64}]}, "exactly path, size, sha256"),
+    ({"schema": 1, "files": [{"path": 5, "size": 1, "sha256": "0" * 64}]}, "path 5"),
+    ({"schema": 1, "files": [{"path": "/etc/passwd", "size": 1, "sha256": "0" * 64}]}, "'/etc/passwd'"),
+    ({"schema": 1, "files": [{"path": "../x", "size": 1, "sha256": "0" * 64}]}, "'../x'"),
+    ({"schema": 1, "files": [{"path": "a/./b", "size": 1, "sha256": "0" * 64}]}, "'a/./b'"),
+    ({"schema": 1, "files": [{"path": "a", "size": "1", "sha256": "0" * 64}]}, "size '1'"),
+    ({"schema": 1, "files": [{"path": "a", "size": True, "sha256": "0" * 64}]}, "size True"),
+    ({"schema": 1, "files": [{"path": "a", "size": 1, "sha256": "xyz"}]}, "sha256 'xyz'"),
+    ({"schema": 1, "files": [{"path": "a", "size": 1, "sha256": "0" * 64}] * 2}, "listed twice"),
+    ([], "a JSON object"),
+])
+def test_the_schema_refuses_malformed_manifests(bad, match):
+    with pytest.raises(manifest.ManifestError, match=match):
+        manifest.validate(bad)
+
+
+def test_reserved_top_level_names_are_refused():
+    m = {"schema": 1, "files": [{"path": ".download", "size": 1, "sha256": "0" * 64}]}
+    with pytest.raises(manifest.ManifestError, match="keeps for itself"):
+        manifest.validate(m, reserved=(".download",))
+
+
+def test_an_empty_manifest_is_no_adapter(tmp_path):
+    _write_out(tmp_path, {}, {"schema": 1, "files": []})
+    assert any("no adapter" in p for p in manifest.verify_tree(tmp_path))
+
+
+def test_unlisted_files_symlinks_and_fifos_fail_the_tree(tmp_path):
+    secret = tmp_path / "outside"
+    secret.write_bytes(b"\x01" * 4096)  # the same bytes as the listed weights: a link would hash right
+    out = tmp_path / "out"
+    _write_out(out)
+    (out / "extra.txt").write_text("x")
+    assert manifest.verify_tree(out) == ["not in the manifest: extra.txt"]
+    (out / "extra.txt").unlink()
+    weights = out / "adapter/adapter_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(secret)
+    problems = manifest.verify_tree(out)
+    assert any("adapter/adapter_model.safetensors: a symlink" in p for p in problems), problems
+    assert manifest.verify(out) != []  # the listed-files check refuses the link too
+    weights.unlink()
+    weights.write_bytes(b"\x01" * 4096)
+    os.mkfifo(out / "pipe")
+    assert "pipe: not a regular file (not accepted in what comes back)" in manifest.verify_tree(out)
+
+
+def test_extend_lists_late_folders_and_keeps_the_rest(tmp_path):
+    m = _write_out(tmp_path)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text("{}")
+    (tmp_path / "manifest.json").write_text(json.dumps({**m, "data_hash": "abc"}))
+    got = manifest.extend(tmp_path)
+    assert [f["path"] for f in got["files"]][-1] == "eval/metrics.json" and got["data_hash"] == "abc"
+    assert manifest.verify_tree(tmp_path) == []
+
+
+# --- fetch-and-verify through the real drive and sky backend (fake cloud) ---------------------
+
+@pytest.fixture
+def finished(tmp_path, monkeypatch):
+    """A run whose job finished (exit 0) on a fake cluster; returns (run, out folder on the machine)."""
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("FAKESKY_DIR", str(tmp_path / "cloud"))
+    monkeypatch.setattr("launcher.verbs.up.DOWNLOAD_RETRY_S", 0.0)
+    run = registry.new_run("trust", "sky", gpu="A100:1", config={})
+    cluster = f"socrates-{run.id}".lower()
+    work = tmp_path / "cloud" / cluster / "workdir"
+    (work / "out").mkdir(parents=True)
+    (work / "job.log").write_text("")
+    (work / "exit_code").write_text("0\n")
+    run.transition("provisioning", machine="up").transition("running", backend_state={"cluster": cluster, "job_id": 1})
+    return run, work / "out"
+
+
+def _drive(run) -> tuple[int, str]:
+    from rich.console import Console
+
+    from fakesky import FakeSky
+    from launcher.backends.sky import SkyBackend
+    from launcher.verbs.up import drive
+
+    buf = io.StringIO()
+    code = drive(run, SkyBackend(adapter=FakeSky()), Console(file=buf, width=200), launch=False)
+    return code, " ".join(buf.getvalue().split())
+
+
+def _assert_left_up(run, code: int, out: str, why: str) -> None:
+    rec = registry.load(run.id)
+    cloud = Path(os.environ["FAKESKY_DIR"])
+    calls = (cloud / "calls.log").read_text() if (cloud / "calls.log").is_file() else ""
+    assert code == 1, out
+    assert (cloud / rec.backend_state["cluster"]).is_dir() and "\ndown " not in "\n" + calls, out  # not torn down
+    assert rec.state == "failed" and not rec.verified and why in rec.error, rec.error
+    assert f"socrates-launch download {run.id}" in out and f"socrates-launch down {run.id}" in out
+    assert "autodown ends it" in out
+    assert not (Path(rec.dir) / ".download").exists()
+
+
+def test_a_sound_out_folder_is_pulled_and_verified(finished):
+    run, out = finished
+    _write_out(out)
+    (out / "events.jsonl").write_text("{}\n")
+    code, text = _drive(run)
+    rec = registry.load(run.id)
+    assert code == 0 and rec.state == "done" and rec.verified, text
+    assert manifest.verify(rec.dir) == [] and (Path(rec.dir) / "adapter/adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("case,why", [
+    ("entry-without-path", "exactly path, size, sha256"),   # KeyError on the old code: machine torn down
+    ("empty-files", "no adapter in the manifest"),           # verified on the old code
+    ("absolute-path", "is not accepted (relative"),
+    ("dotdot-path", "is not accepted (relative"),
+    ("symlink-out", "a symlink"),                            # a link to a file outside, same bytes
+    ("unlisted-file", "not in the manifest: notes/unlisted.sh"),
+    ("download-entry", "keeps for itself"),                  # `.download` would delete the staging folder
+])
+def test_hostile_out_folders_fail_verification_and_leave_the_machine_up(finished, tmp_path, case, why):
+    run, out = finished
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(ADAPTER["adapter/adapter_model.safetensors"])
+    m = _write_out(out)
+    files = m["files"]
+    if case == "entry-without-path":
+        files.append({"size": 1, "sha256": "0" * 64})
+    elif case == "empty-files":
+        m["files"] = []
+    elif case == "absolute-path":
+        files.append({**files[0], "path": str(outside)})
+    elif case == "dotdot-path":
+        files.append({**files[0], "path": "../../../outside.bin"})
+    elif case == "symlink-out":
+        (out / "adapter/adapter_model.safetensors").unlink()
+        (out / "adapter/adapter_model.safetensors").symlink_to(outside)
+    elif case == "unlisted-file":
+        (out / "notes").mkdir()
+        (out / "notes/unlisted.sh").write_text("rm -rf ~\n")
+    elif case == "download-entry":
+        (out / ".download").write_bytes(b"x")
+        files.append(_entry(out, ".download"))
+    (out / "manifest.json").write_text(json.dumps(m))
+    code, text = _drive(run)
+    _assert_left_up(run, code, text, why)
+    assert not (Path(registry.load(run.id).dir) / "adapter").exists()  # nothing unverified was moved in
+
+
+@pytest.mark.parametrize("exc", [KeyError("path"), TypeError("unsupported operand"), ValueError("bad"),
+                                 UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")])
+def test_any_exception_in_fetch_and_verify_leaves_the_machine_up(finished, monkeypatch, exc):
+    """Acceptance 2: whatever fetch-and-verify raises after a good job, no teardown."""
+    run, out = finished
+    _write_out(out)
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(1)
+        raise exc
+
+    monkeypatch.setattr(manifest, "verify_or_raise", boom)
+    code, text = _drive(run)
+    assert len(calls) == 3  # retried like any failed pull
+    _assert_left_up(run, code, text, type(exc).__name__)
+
+
+def test_the_real_rsync_command_does_not_keep_links(tmp_path, monkeypatch):
+    """The real adapter's rsync_down, through an `ssh` that runs rsync's remote side on this machine."""
+    from launcher import sky_adapter
+
+    remote = tmp_path / "remote"
+    _write_out(remote)
+    (remote / "adapter/link").symlink_to("/etc/hostname")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text('#!/bin/sh\n# ssh [opts] HOST CMD...: run CMD here\n'
+                                 'while [ "$1" = "-o" ]; do shift 2; done\nshift\nexec sh -c "$*"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    dest = tmp_path / "dl"
+    sky_adapter.SkyAdapter.rsync_down(object(), "socrates-x", str(remote), dest)
+    assert (dest / "adapter/adapter_model.safetensors").is_file()
+    assert not os.path.lexists(dest / "adapter/link")
+    assert all(not p.is_symlink() for p in dest.rglob("*"))
+
+
+# --- SFTP names from the server are checked (ssh_transport.get_tree) -------------------------
+
+class _Attr:
+    def __init__(self, name: str, mode: int, size: int = 1):
+        self.filename, self.st_mode, self.st_size = name, mode, size
+
+
+class _HostileSftp:
+    """A real-looking SFTP listing with one hostile entry; `get` writes what it is asked to."""
+
+    def __init__(self, entries):
+        self.entries, self.written = entries, []
+
+    def listdir_attr(self, remote):
+        return self.entries if remote == "/out" else []
+
+    def get(self, src, dst):
+        self.written.append(dst)
+        Path(dst).write_bytes(b"x")
+
+
+@pytest.mark.parametrize("name,mode", [("../escaped", stat.S_IFREG), ("/tmp/abs", stat.S_IFREG), ("..", stat.S_IFDIR),
+                                       ("a\\b", stat.S_IFREG), ("link", stat.S_IFLNK), ("fifo", stat.S_IFIFO)])
+def test_sftp_names_and_links_from_the_server_are_refused(tmp_path, name, mode):
+    pytest.importorskip("paramiko")
+    from launcher.ssh_transport import SshUnsafe, get_tree
+
+    sftp = _HostileSftp([_Attr("ok.bin", stat.S_IFREG), _Attr(name, mode)])
+    dest = tmp_path / "stage" / "inner"
+    with pytest.raises(SshUnsafe, match="not accepted"):
+        get_tree(sftp, "/out", dest)
+    assert all(Path(w).resolve().is_relative_to(dest.resolve()) for w in sftp.written)
+    assert not (tmp_path / "stage" / "escaped").exists() and not Path("/tmp/abs").exists()
