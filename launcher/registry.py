@@ -33,7 +33,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "running": ("downloading", "failed", "torn_down"),
     "downloading": ("done", "failed", "torn_down"),
     "done": ("downloading", "torn_down"),
-    "failed": ("downloading", "torn_down"),
+    "failed": ("downloading", "torn_down", "running"),  # running: `logs` found the job still running
     "torn_down": ("downloading",),
 }
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")

@@ -264,3 +264,111 @@ def test_sftp_names_and_links_from_the_server_are_refused(tmp_path, name, mode):
         get_tree(sftp, "/out", dest)
     assert all(Path(w).resolve().is_relative_to(dest.resolve()) for w in sftp.written)
     assert not (tmp_path / "stage" / "escaped").exists() and not Path("/tmp/abs").exists()
+
+
+# --- a lost log stream never kills a job (fake cloud, the real CLI) ---------------------------
+
+UP = ["up", "--infra", "sky", "--gpu", "A100:1", "--config", "configs/smoke.yaml", "--yes"]
+# Every reconnect timing and the outage are scaled by the same factor, so a 2-minute outage against
+# the default policy (first wait 2 s, longest 30 s, give up after 900 s) runs in 3 s of wall time.
+SCALE = 1 / 40
+OUTAGE_S = 120 * SCALE
+
+
+@pytest.fixture
+def cloud(tmp_path):
+    from launcher_helpers import REPO, fake_python, launcher_env
+    from skyfix import seed_catalog
+
+    home = tmp_path / "home"
+    seed_catalog(home)
+    return launcher_env(tmp_path / "runs", fake_python(tmp_path), HOME=str(home),
+                        SOCRATES_SKY_ADAPTER="fakesky:FakeSky", FAKESKY_DIR=str(tmp_path / "cloud"),
+                        PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", FAKESKY_FAIL="outage",
+                        FAKESKY_OUTAGE_S=str(OUTAGE_S), FAKEJOB_STEPS="60", FAKEJOB_STEP_S="0.1",
+                        SOCRATES_RECONNECT_WAIT_S=str(2 * SCALE), SOCRATES_RECONNECT_MAX_WAIT_S=str(30 * SCALE),
+                        SOCRATES_RECONNECT_WINDOW_S=str(900 * SCALE))
+
+
+def _cloud_calls(env: dict) -> list[str]:
+    path = Path(env["FAKESKY_DIR"]) / "calls.log"
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def _refused(env: dict) -> int:
+    path = Path(env["FAKESKY_DIR"]) / "outage-refused"
+    return len(path.read_text().split()) if path.is_file() else 0
+
+
+def _done_and_verified(env: dict) -> dict:
+    from contracts.events import read_all
+    from launcher_helpers import only_run
+
+    rec = only_run(Path(env["SOCRATES_RUNS_DIR"]))
+    assert rec["state"] == "done" and rec["verified"] and manifest.verify(rec["dir"]) == [], rec
+    steps = [e["step"] for e in read_all(Path(rec["dir"]) / "events.jsonl") if e["event"] == "step"]
+    assert steps == list(range(1, 61))  # none lost or doubled across the outage
+    calls = _cloud_calls(env)
+    cluster = rec["backend_state"]["cluster"]
+    assert calls.index(f"rsync {cluster}") < calls.index(f"down {cluster}")  # torn down only after the pull
+    return rec
+
+
+def test_a_two_minute_log_stream_outage_ends_done_and_verified(cloud):
+    """Acceptance 3: the stream (and the whole API) is gone for '2 minutes' mid-run; the launcher keeps
+    re-attaching with backoff and the run ends done with the adapter verified, not torn down early."""
+    from launcher_helpers import cli
+
+    r = cli(UP, cloud, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (Path(cloud["FAKESKY_DIR"]) / "outage-started").is_file()
+    assert _refused(cloud) > 6  # more failed re-attaches than the old limit (6) allowed
+    assert "reconnecting" in r.stdout
+    _done_and_verified(cloud)
+
+
+def test_a_stream_lost_past_the_window_detaches_and_logs_reattaches(cloud):
+    """Past the retry window the launcher detaches (autodown armed, the job runs on), says how to come
+    back; `logs` re-attaches once the API answers and finishes the run."""
+    import time
+
+    from launcher_helpers import cli, only_run
+
+    env = {**cloud, "SOCRATES_RECONNECT_WINDOW_S": str(OUTAGE_S / 4)}
+    r = cli(UP, env, timeout=300)
+    out = " ".join(r.stdout.split())
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert r.returncode == 1, out[-3000:]
+    assert rec["state"] == "running" and rec["machine"] == "up" and not rec["error"], rec
+    assert not any(c.startswith("down ") for c in _cloud_calls(cloud))  # not torn down
+    assert "lost the log stream" in out and f"socrates-launch logs {rec['id']}" in out
+    start = float((Path(cloud["FAKESKY_DIR"]) / "outage-started").read_text())
+    deadline = time.time() + 60
+    while time.time() < start + OUTAGE_S and time.time() < deadline:  # wait for the API to answer again
+        time.sleep(0.05)
+    r = cli(["logs", rec["id"]], cloud, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    _done_and_verified(cloud)
+
+
+def test_logs_reattaches_a_run_recorded_failed_whose_job_still_runs(cloud):
+    """A record that says failed (an older launcher gave up on its stream) is not the authority:
+    `logs` asks the machine, finds the job running, follows it to the end, verifies, tears down."""
+    from launcher_helpers import cli, only_run, spawn, wait_for_state
+
+    env = {**cloud, "FAKESKY_FAIL": ""}
+    proc = spawn([*UP, "--detach"], env)
+    proc.communicate(timeout=120)
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    rec = wait_for_state(runs, ("running",))
+    os.environ["SOCRATES_RUNS_DIR"] = str(runs)
+    try:
+        run = registry.load(rec["id"])
+        run.transition("failed", note="running: lost the log stream 6 times in a row", error="running: lost ...")
+    finally:
+        del os.environ["SOCRATES_RUNS_DIR"]
+    r = cli(["logs", rec["id"]], env, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "still running on the machine" in r.stdout
+    assert only_run(runs)["state"] == "done"
+    _done_and_verified(env)

@@ -17,7 +17,7 @@ from typing import Any
 
 from contracts.events import parse_line
 from launcher import task as tasklib
-from launcher.backends.base import Backend, BackendError, EventCallback
+from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, reconnect_policy
 from launcher.secrets import collect as collect_secrets
 from launcher.secrets import redact
 
@@ -53,11 +53,11 @@ def load_adapter() -> Any:
 class SkyBackend(Backend):
     name = "sky"
 
-    def __init__(self, adapter: Any = None, reconnects: int = 5, reconnect_wait_s: float = 2.0,
-                 idle_minutes: int = AUTODOWN_IDLE_MIN):
+    def __init__(self, adapter: Any = None, idle_minutes: int = AUTODOWN_IDLE_MIN,
+                 reconnect: tuple[float, float, float] | None = None):
         self.adapter = adapter if adapter is not None else load_adapter()
-        self.reconnects = reconnects
-        self.reconnect_wait_s = reconnect_wait_s
+        # first wait, longest wait, how long a lost stream is retried before detaching (never a teardown)
+        self.reconnect_wait_s, self.reconnect_max_wait_s, self.reconnect_window_s = reconnect or reconnect_policy()
         self.idle_minutes = idle_minutes
         self.on_phase = lambda name, detail=None: None
 
@@ -117,6 +117,7 @@ class SkyBackend(Backend):
             run.update(backend_state={**run.backend_state, "job_id": job_id})
         seen = 0
         failures = 0
+        lost_since: float | None = None
         while True:
             index = 0
             try:
@@ -126,7 +127,7 @@ class SkyBackend(Backend):
                         if index <= seen:
                             continue
                         seen = index
-                        failures = 0
+                        failures, lost_since = 0, None
                         log.write(redact(line) + "\n")
                         log.flush()
                         ev = parse_line(line)
@@ -141,10 +142,38 @@ class SkyBackend(Backend):
             except Exception as e:  # noqa: BLE001  (a dropped stream is retried, whatever raised it)
                 error = f"{type(e).__name__}: {e}"
             failures += 1
-            if failures > self.reconnects:
-                raise BackendError("running", redact(f"lost the log stream {failures} times in a row ({error})"))
+            lost_since = lost_since or time.time()
+            if self._cluster_gone(cluster):  # no machine, no job: that is a failure, not an outage
+                raise BackendError("running", redact(f"the cluster {cluster} is gone ({error})"))
+            lost_for = time.time() - lost_since
+            if lost_for >= self.reconnect_window_s:
+                raise StreamLost("running", redact(
+                    f"lost the log stream for {lost_for:.0f} s ({failures} tries; last: {error})"))
             self.on_phase("reconnecting", redact(error))
-            time.sleep(self.reconnect_wait_s * failures)
+            time.sleep(min(self.reconnect_wait_s * 2 ** min(failures - 1, 16), self.reconnect_max_wait_s,
+                           max(0.0, self.reconnect_window_s - lost_for)))
+
+    def _cluster_gone(self, cluster: str) -> bool:
+        """Only a definite 'gone' counts: an API that can't be reached during an outage is not an answer."""
+        try:
+            return self.adapter.cluster_state(cluster) == "gone"
+        except KeyboardInterrupt:
+            raise
+        except Exception:  # noqa: BLE001
+            return False
+
+    def job_running(self, run: Any) -> bool | None:
+        cluster, job_id = run.backend_state.get("cluster"), run.backend_state.get("job_id")
+        if not cluster or job_id is None:
+            return None
+        try:
+            if self.adapter.cluster_state(cluster) != "up":
+                return False
+            return self.adapter.job_exit_code(cluster, job_id) is None
+        except KeyboardInterrupt:
+            raise
+        except Exception:  # noqa: BLE001
+            return None
 
     def download(self, run: Any, dest: Path) -> None:
         try:

@@ -37,7 +37,7 @@ try:
 except ImportError:  # an optional extra: say how to get it instead of a traceback
     raise ContractError("--infra ssh://...: needs paramiko (pip install 'socrates-launch[ssh]')") from None
 from launcher import task as tasklib
-from launcher.backends.base import Backend, BackendError, EventCallback
+from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost
 from launcher.ssh_options import SshOptions, parse_infra
 from launcher.ssh_transport import (
     DROPPED, SshAuth, SshDropped, SshTarget, SshUnsafe, SyncStats, connect, env_exports, get_tree, local_files,
@@ -149,7 +149,7 @@ class SshBackend(Backend):
                 self.reconnects += 1
                 state["reconnects"] = state.get("reconnects", 0) + 1
                 self.on_phase("reconnecting", f"ssh connection lost ({type(e).__name__}); resuming at byte {offset}")
-                self._reconnect_or_fail("running")
+                self._reconnect_or_fail("running", StreamLost)  # the job is not known to have failed: detach
 
     def log_lines(self, run: Any, max_bytes: int = 1 << 20) -> list[str]:
         """The job's stdout/stderr on the host (its last MiB)."""
@@ -209,6 +209,20 @@ class SshBackend(Backend):
         if hook and not hook["ok"]:
             raise BackendError("down", f"--on-teardown {hook['cmd']!r} exited {hook['rc']}: "
                                        f"{hook['output'].strip()[-200:]} (the host may still be billing: stop it yourself)")
+
+    def job_running(self, run: Any) -> bool | None:
+        """Asked of the host: the job has no exit code yet and its process group is alive."""
+        state = self._bind(run)
+        if state.get("torn_down") or not state.get("work"):
+            return False
+        try:
+            if _read_int(self._sftp_client(), posixpath.join(state["work"], EXIT_FILE)) is not None:
+                return False
+            return self._alive(state.get("pgid"))
+        except (SshDropped, *DROPPED):
+            return None
+        finally:
+            self._drop()
 
     def left_up_ends_by(self, run: Any) -> str | None:
         if self.opts.on_teardown:
@@ -411,11 +425,11 @@ class SshBackend(Backend):
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _reconnect_or_fail(self, phase: str) -> None:
+    def _reconnect_or_fail(self, phase: str, error: type[BackendError] = BackendError) -> None:
         try:
             self._client_or_wait()
         except SshDropped as e:
-            raise BackendError(phase, f"lost {self.target} for {self.opts.reconnect_s:.0f} s ({e}); the job may still "
+            raise error(phase, f"lost {self.target} for {self.opts.reconnect_s:.0f} s ({e}); the job may still "
                                       "be running there: `socrates-launch logs` re-attaches, `socrates-launch down` "
                                       "ends it") from None
 

@@ -22,7 +22,7 @@ from contracts.errors import ContractError
 from contracts.events import dumps, make
 from launcher import registry
 from launcher.backends import check_infra, get_backend
-from launcher.backends.base import BackendError
+from launcher.backends.base import BackendError, StreamLost
 from launcher.gpu import GpuSpec, parse_gpu
 from launcher.secrets import redact
 
@@ -288,6 +288,14 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
             _say_detached(run, console)
             return 128 + e.signum
         return _interrupted(run, backend, console, recorder)
+    except StreamLost as e:  # the job is not known to have failed: detach, never tear down over a lost stream
+        progress.close()
+        message = redact(str(e))
+        run.update(note=f"detached: {message}")
+        console.print(f"[bold yellow]run {run.id}: {message}[/]; the job is left running (not torn down).",
+                      highlight=False)
+        _say_detached(run, console)
+        return 1
     except (BackendError, ContractError, OSError) as e:
         progress.close()
         _save_log(run, backend)
