@@ -112,7 +112,9 @@ def finished(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKESKY_DIR", str(tmp_path / "cloud"))
     monkeypatch.setattr("launcher.verbs.up.DOWNLOAD_RETRY_S", 0.0)
     run = registry.new_run("trust", "sky", gpu="A100:1", config={})
-    cluster = f"socrates-{run.id}".lower()
+    from launcher.backends.sky import cluster_name_for
+
+    cluster = cluster_name_for(run.id)
     work = tmp_path / "cloud" / cluster / "workdir"
     (work / "out").mkdir(parents=True)
     (work / "job.log").write_text("")
@@ -372,3 +374,110 @@ def test_logs_reattaches_a_run_recorded_failed_whose_job_still_runs(cloud):
     assert "still running on the machine" in r.stdout
     assert only_run(runs)["state"] == "done"
     _done_and_verified(env)
+
+
+# --- records are not authority for destructive actions -----------------------------------------
+
+def _record(runs: Path, infra: str, backend_state: dict, **kw) -> registry.Run:
+    os.environ["SOCRATES_RUNS_DIR"] = str(runs)
+    try:
+        run = registry.new_run("rec", infra, config={})
+        return run.transition("provisioning", machine="up").transition("running", backend_state=backend_state, **kw)
+    finally:
+        del os.environ["SOCRATES_RUNS_DIR"]
+
+
+def test_local_down_spares_a_foreign_process_group_and_folder(tmp_path):
+    """A local record whose pgid now belongs to someone else (pid reuse, an edited record) and whose
+    workdir is not the run's: `down` kills nothing and deletes nothing."""
+    import subprocess
+    import sys
+
+    from launcher_helpers import cli, launcher_env, pid_alive
+
+    foreign = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    try:
+        runs = tmp_path / "runs"
+        run = _record(runs, "local", {"workdir": str(folder), "pid": foreign.pid, "pgid": foreign.pid})
+        r = cli(["down", run.id], launcher_env(runs))
+        assert pid_alive(foreign.pid), "a foreign process group was killed"
+        assert (folder / "thesis.tex").read_text() == "years of work"
+        assert r.returncode == 1 and "is not run" in r.stdout and "not deleted" in " ".join(r.stdout.split())
+    finally:
+        foreign.kill()
+        foreign.wait(timeout=10)
+
+
+def test_sky_down_acts_only_on_the_cluster_derived_from_the_run_id(cloud, tmp_path):
+    from launcher.backends.sky import cluster_name_for
+    from launcher_helpers import cli
+
+    other = Path(cloud["FAKESKY_DIR"]) / "socrates-someone-elses-cluster"
+    other.mkdir(parents=True)
+    run = _record(Path(cloud["SOCRATES_RUNS_DIR"]), "sky", {"cluster": other.name, "job_id": 1})
+    r = cli(["down", run.id], {**cloud, "FAKESKY_FAIL": ""})
+    assert r.returncode == 1 and other.is_dir(), r.stdout
+    assert not any(c.startswith("down ") for c in _cloud_calls(cloud))
+    assert "refusing to act on a cluster this run did not make" in " ".join(r.stdout.split())
+    assert cluster_name_for(run.id) in " ".join(r.stdout.split())
+
+
+def _ssh_options(**kw) -> dict:
+    pytest.importorskip("paramiko")
+    from launcher.ssh_options import SshOptions
+
+    return SshOptions(**kw).to_dict()
+
+
+def test_ssh_down_does_not_run_a_hook_found_in_run_json(tmp_path):
+    from launcher_helpers import cli, launcher_env
+
+    marker = tmp_path / "hook-ran"
+    runs = tmp_path / "runs"
+    run = _record(runs, "ssh://root@127.0.0.1:1",
+                  {"options": _ssh_options(on_teardown=f"touch {marker}", trust_new_host=True)})
+    r = cli(["down", run.id], launcher_env(runs))
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 1 and not marker.exists(), out
+    assert "not run from run.json" in out and f"socrates-launch down {run.id} --on-teardown" in out
+    r = cli(["down", run.id, "--on-teardown", f"touch {marker}"], launcher_env(runs))  # the user passes it again
+    assert r.returncode == 0 and marker.exists(), r.stdout + r.stderr
+    rec = json.loads((runs / run.id / "run.json").read_text())
+    assert rec["backend_state"]["torn_down"] is True and rec["backend_state"]["on_teardown"]["ok"] is True
+
+
+def test_ssh_down_never_deletes_a_remote_folder_that_is_not_the_runs(tmp_path):
+    from launcher_helpers import cli, launcher_env
+
+    runs = tmp_path / "runs"
+    run = _record(runs, "ssh://root@127.0.0.1:1", {"options": _ssh_options(reconnect_s=0.5), "remote_dir": "/srv/data",
+                                                  "work": "/srv/data", "pgid": 4242})
+    r = cli(["down", run.id], launcher_env(runs))
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 1 and "refusing to delete it" in out, out
+
+
+def test_the_printed_ssh_teardown_command_is_quoted(tmp_path, monkeypatch):
+    """Unreachable host: the command printed to end the run by hand, pasted into a shell, removes exactly
+    the run's folder even when the remote dir has a space (and a quote) in it."""
+    import shlex
+
+    pytest.importorskip("paramiko")
+    from launcher.backends.base import BackendError
+    from launcher.backends.ssh import SshBackend
+
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(tmp_path / "runs"))
+    run = registry.new_run("quoted", "ssh://root@127.0.0.1:1", config={})
+    base = "/srv/my runs/o'brien"
+    work = f"{base}/runs/{run.id}"
+    run.update(backend_state={"options": _ssh_options(reconnect_s=0.3), "remote_dir": base, "work": work, "pgid": 4242})
+    with pytest.raises(BackendError) as err:
+        SshBackend("ssh://root@127.0.0.1:1").down(run)
+    command = str(err.value).split("End it: ", 1)[1]
+    argv = shlex.split(command)
+    assert argv[:4] == ["ssh", "-p", "1", "root@127.0.0.1"] and len(argv) == 5, argv
+    remote = shlex.split(argv[4].split("; ", 1)[1])
+    assert remote == ["rm", "-rf", work]

@@ -103,7 +103,7 @@ class SkyBackend(Backend):
 
     def follow(self, run: Any, on_event: EventCallback) -> int:
         """Stream the job's log; on a dropped stream reconnect and skip what was already seen."""
-        cluster = run.backend_state["cluster"]
+        cluster = self._cluster(run)
         job_id = run.backend_state.get("job_id")
         if job_id is None:  # the launcher that launched was killed before the job id came back
             try:
@@ -163,7 +163,7 @@ class SkyBackend(Backend):
             return False
 
     def job_running(self, run: Any) -> bool | None:
-        cluster, job_id = run.backend_state.get("cluster"), run.backend_state.get("job_id")
+        cluster, job_id = self._cluster(run), run.backend_state.get("job_id")
         if not cluster or job_id is None:
             return None
         try:
@@ -177,14 +177,25 @@ class SkyBackend(Backend):
 
     def download(self, run: Any, dest: Path) -> None:
         try:
-            self.adapter.rsync_down(run.backend_state["cluster"], REMOTE_OUT, dest)
+            self.adapter.rsync_down(self._cluster(run), REMOTE_OUT, dest)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001
             raise BackendError("downloading", redact(f"{type(e).__name__}: {e}")) from None
 
+    def _cluster(self, run: Any) -> str | None:
+        """The run's cluster: only ever the name derived from its id (run.json is not the authority)."""
+        recorded = run.backend_state.get("cluster")
+        if recorded is None:
+            return None
+        derived = cluster_name_for(run.id)
+        if recorded != derived:
+            raise BackendError("down", f"run.json names cluster {recorded!r}, but run {run.id}'s cluster is "
+                                       f"{derived!r}: refusing to act on a cluster this run did not make")
+        return derived
+
     def down(self, run: Any) -> None:
-        cluster = run.backend_state.get("cluster")
+        cluster = self._cluster(run)
         if run.backend_state.get("request_id") and run.backend_state.get("job_id") is None:
             self.adapter.cancel(run.backend_state["request_id"])
         if not cluster:
@@ -202,7 +213,7 @@ class SkyBackend(Backend):
                 time.sleep(DOWN_RETRY_S * attempt)
 
     def machine_state(self, run: Any) -> str:
-        cluster = run.backend_state.get("cluster")
+        cluster = self._cluster(run)
         if not cluster:
             return "gone"
         state = self.adapter.cluster_state(cluster)

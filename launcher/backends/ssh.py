@@ -54,8 +54,11 @@ class SshBackend(Backend):
     def __init__(self, infra: str, run_block: str | None = None, code_root: Path = tasklib.REPO, **options: Any):
         self.target: SshTarget = parse_infra(infra)
         self.opts = SshOptions(**options)
-        # Built without options (logs/status/down/download after a restart): the run record's are used.
+        # Built without options (logs/status/down/download after a restart): the run record's are used,
+        # except what a record must not decide: a command to run (--on-teardown, which `down
+        # --on-teardown` passes again as `on_teardown_override`) and trusting a new host key.
         self._restore = not options
+        self.on_teardown_override: str | None = None
         self.run_block = run_block
         """Bash the host runs as the job; None: sky/train.yaml's run block (launcher/task.py)."""
         self.code_root = code_root
@@ -188,24 +191,38 @@ class SshBackend(Backend):
         error = None
         work = state.get("work")
         if work and not state.get("remote_clean"):
+            _check_work(state, run.id)  # run.json is not the authority for what `rm -rf` removes
+            # A provider stop keeps the disk: results that were never pulled back stay with it.
+            keep = bool(self.opts.on_teardown) and not getattr(run, "verified", False) and \
+                getattr(run, "exit_code", None) == 0
             try:
                 self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s))
-                self._kill_and_remove(state, work)
+                self._kill_and_remove(state, work, keep=keep)
+                if keep:
+                    state["results_kept"] = f"{self.target}:{work}/out"
             except (SshDropped, *DROPPED) as e:
-                pg = state.get("pgid") or f"$(cat {work}/{PID_FILE})"
+                pg = int(state["pgid"]) if state.get("pgid") else f"$(cat {shlex.quote(work + '/' + PID_FILE)})"
+                remote = f"kill -9 -- -{pg}; rm -rf {shlex.quote(work)}"
                 error = (f"could not reach {self.target} to tear down ({e}); the job may still be running there. "
-                         f"End it: ssh -p {self.target.port} {self.target.user}@{self.target.host} "
-                         f"'kill -9 -- -{pg}; rm -rf {work}'")
+                         f"End it: ssh -p {self.target.port} {shlex.quote(f'{self.target.user}@{self.target.host}')} "
+                         f"{shlex.quote(remote)}")
         state["remote_clean"] = error is None
         hook = state.get("on_teardown")
+        recorded = (state.get("options") or {}).get("on_teardown")
         if self.opts.on_teardown and not (hook and hook["ok"]):
             # the provider's stop command runs even if the host was unreachable: it is what stops billing
             state["on_teardown"] = hook = _run_hook(self.opts.on_teardown)
-        state["torn_down"] = error is None and (hook is None or hook["ok"])
+        # A command found only in run.json is never run on the record's word: the user passes it again.
+        unrun = bool(recorded) and not self.opts.on_teardown and not (hook and hook["ok"])
+        state["torn_down"] = error is None and not unrun and (hook is None or hook["ok"])
         _save(run)
         self._drop()
         if error:
             raise BackendError("down", error)
+        if unrun:
+            raise BackendError("down", f"the run's --on-teardown command is not run from run.json (a record is "
+                                       f"not trusted to run commands); the host may still be billing. Run it "
+                                       f"yourself, or: socrates-launch down {run.id} --on-teardown {shlex.quote(recorded)}")
         if hook and not hook["ok"]:
             raise BackendError("down", f"--on-teardown {hook['cmd']!r} exited {hook['rc']}: "
                                        f"{hook['output'].strip()[-200:]} (the host may still be billing: stop it yourself)")
@@ -247,7 +264,8 @@ class SshBackend(Backend):
         """The run's backend_state; restores this backend's options from it after a launcher restart."""
         state = run.backend_state
         if self._restore and state.get("options"):
-            self.opts = SshOptions(**state["options"])
+            self.opts = SshOptions(**{**state["options"], "on_teardown": self.on_teardown_override,
+                                      "trust_new_host": False})
             self._restore = False
         return state
 
@@ -350,7 +368,7 @@ class SshBackend(Backend):
     def _check(self, client: paramiko.SSHClient, work: str, mode: str, python: str) -> None:
         """`job check` before the job is started: a card or config that can't run is refused here."""
         q = shlex.quote
-        py = python or "$HOME/socrates-venv/bin/python"
+        py = q(python) if python else '"$HOME/socrates-venv/bin/python"'  # a path with a space stays one word
         cmd = (f"docker run --rm --gpus all -v {q(work)}:/work -w /work {q(self.opts.image)} check --config run_config.yaml"
                if mode == "docker" else f"cd {q(work)} && PYTHONPATH=. {py} -m job check --config run_config.yaml")
         res = ssh_run(client, cmd, timeout=900)
@@ -376,7 +394,7 @@ class SshBackend(Backend):
 
     # --- teardown, liveness ----------------------------------------------------------------
 
-    def _kill_and_remove(self, state: dict, work: str) -> None:
+    def _kill_and_remove(self, state: dict, work: str, keep: bool = False) -> None:
         q = shlex.quote(work)
         # the pid file on the host covers a launcher killed between starting the job and saving its pid
         pg = f"{int(state['pgid'])}" if state.get("pgid") else f"$(cat {q}/{PID_FILE} 2>/dev/null || echo 0)"
@@ -384,6 +402,11 @@ class SshBackend(Backend):
                 f"kill -0 -- -$pg 2>/dev/null || break; sleep 0.2; done; kill -KILL -- -$pg 2>/dev/null; fi; ")
         docker = f"docker rm -f socrates-{shlex.quote(posixpath.basename(work))} >/dev/null 2>&1; " \
             if state.get("mode") == "docker" else ""
+        if keep:  # the job is ended; its folder (the results) stays for the stopped host's disk
+            res = ssh_run(self._connect(), f"{kill}{docker}test -d {q}")
+            if res.rc != 0:
+                raise SshDropped(f"ending the job in {work} failed: {_last_line(res)}")
+            return
         res = ssh_run(self._connect(), f"{kill}{docker}rm -rf {q}; test ! -e {q}")
         if res.rc != 0:
             raise SshDropped(f"rm -rf {work} failed: {_last_line(res)}")
@@ -452,6 +475,16 @@ echo $$ > job.pid.tmp && mv job.pid.tmp job.pid
 rc=$?
 echo $rc > exit_code.tmp && mv exit_code.tmp exit_code
 """
+
+
+def _check_work(state: dict, run_id: str) -> None:
+    """The run's remote folder must be <remote_dir>/runs/<run id> under an absolute, normalized remote_dir."""
+    base, work = state.get("remote_dir"), state.get("work")
+    ok = (isinstance(base, str) and isinstance(work, str) and base.startswith("/") and posixpath.normpath(base) == base
+          and base != "/" and work == posixpath.join(base, "runs", run_id))
+    if not ok:
+        raise BackendError("down", f"run.json names remote folder {work!r}, which is not run {run_id}'s "
+                                   f"(<remote dir>/runs/{run_id}): refusing to delete it")
 
 
 def _config_dict(run: Any) -> dict:
