@@ -16,11 +16,15 @@ connection drops; `down` kills the job's process group, removes the run's folder
 `--on-teardown` command locally and records whether it worked.
 
 Remote layout (REMOTE_DIR defaults to ~/.socrates-launch):
-    REMOTE_DIR/cache/          synced code and data, kept between runs so unchanged files aren't resent
+    REMOTE_DIR/cache/          synced code, and data under cache/data/<content hash>/ (pruned to what was
+                               sent, checked after the sync), kept between runs so unchanged files aren't
+                               resent; cache/ and runs/ are 0700
     REMOTE_DIR/runs/<run-id>/  one run: code hard-linked from the cache, out/, job.log, job.pid, exit_code
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 import shlex
 import subprocess
@@ -36,12 +40,13 @@ try:
     import paramiko
 except ImportError:  # an optional extra: say how to get it instead of a traceback
     raise ContractError("--infra ssh://...: needs paramiko (pip install 'socrates-launch[ssh]')") from None
+from contracts._io import sha256_file
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost
 from launcher.ssh_options import SshOptions, parse_infra
 from launcher.ssh_transport import (
     DROPPED, SshAuth, SshDropped, SshTarget, SshUnsafe, SyncStats, connect, env_exports, get_tree, local_files,
-    read_from, run as ssh_run, secret_envs, sync_tree,
+    read_from, remote_hashes, run as ssh_run, secret_envs, sync_tree,
 )
 
 CODE_PATHS = ("contracts", "job", "configs", "sky", "requirements", "Dockerfile", "pyproject.toml")
@@ -103,7 +108,7 @@ class SshBackend(Backend):
         mode, python = self._probe(client, base, data)
         state.update(mode=mode, python=python)
         self.on_phase("syncing", f"code and data to {self.target} (unchanged files skipped)")
-        stats = self._sync(client, base, data)
+        stats = self._sync(client, base, data, state)
         state["sync"] = asdict(stats)
         _save(run)
         self.on_phase("synced", f"sent {stats.bytes_sent:,} B in {stats.files_sent} files; "
@@ -283,7 +288,8 @@ class SshBackend(Backend):
         need_gb += (_size(data) if data else 0) / 2**30
         q = shlex.quote(base)
         res = ssh_run(client, (
-            f"mkdir -p {q} 2>&1 && t={q}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && echo WRITABLE && "
+            f"umask 077; mkdir -p {q} {q}/cache {q}/runs 2>&1 && chmod 700 {q}/cache {q}/runs && "
+            f"t={q}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && echo WRITABLE && "
             f"df -Pk {q} | tail -1 | awk '{{print \"FREE_KB\", $4}}'; "
             "command -v docker >/dev/null && echo HAS_DOCKER; "
             "command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && echo HAS_GPU; "
@@ -307,20 +313,32 @@ class SshBackend(Backend):
             raise ContractError(f"ssh {self.target}: no python3 on the host (install it, or give --remote-python)")
         return "venv", ""  # empty JOB_PYTHON: the run block's default, the venv its setup block builds
 
-    def _sync(self, client: paramiko.SSHClient, base: str, data: Path | None) -> SyncStats:
+    def _sync(self, client: paramiko.SSHClient, base: str, data: Path | None, state: dict) -> SyncStats:
+        """Code into the shared cache; data into a folder named by its content (cache/data/<hash>), pruned
+        to exactly what is sent and checked file by file after the sync: a run trains on exactly its data,
+        whatever another run (same folder name, fewer files, at the same time) sent."""
         python = self.opts.remote_python or "python3"
         code = local_files(self.code_root, [p for p in CODE_PATHS if (self.code_root / p).exists()])
         stats = sync_tree(client, code, posixpath.join(base, "cache", "code"), python=python, prune=True)
         if data is not None:
-            stats.add(sync_tree(client, local_files(data.parent, [data.name]), posixpath.join(base, "cache", "data"),
-                                python=python))
+            files = local_files(data.parent, [data.name])
+            listing = {rel: [p.stat().st_size, sha256_file(p)] for rel, p in files.items()}
+            digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+            root = posixpath.join(base, "cache", "data", digest[:32])
+            stats.add(sync_tree(client, files, root, python=python, prune=True))
+            there = remote_hashes(client, root, python)
+            if there != listing:
+                odd = sorted(set(there) ^ set(listing)) or sorted(r for r in listing if there.get(r) != listing[r])
+                raise BackendError("syncing", f"the data on {self.target} under {root} is not what was sent "
+                                              f"(differs at {', '.join(odd[:3])})")
+            state["data"] = {"remote": posixpath.join(root, data.name), "sha256": digest, "files": len(listing)}
         return stats
 
     def _prepare_work(self, client: paramiko.SSHClient, base: str, work: str, run: Any, task: dict | None,
                       data: Path | None, mode: str, python: str) -> None:
         """The run's folder: code hard-linked from the cache (cheap), the rendered script, the runner."""
         q = shlex.quote
-        remote_data = posixpath.join(base, "cache", "data", data.name) if data else None
+        remote_data = run.backend_state["data"]["remote"] if data else None
         if task is not None:
             overrides = {"JOB_PYTHON": python, **({"DATA": remote_data} if remote_data else {})}
             script = tasklib.run_script(task, **overrides)
@@ -369,9 +387,13 @@ class SshBackend(Backend):
         """`job check` before the job is started: a card or config that can't run is refused here."""
         q = shlex.quote
         py = q(python) if python else '"$HOME/socrates-venv/bin/python"'  # a path with a space stays one word
-        cmd = (f"docker run --rm --gpus all -v {q(work)}:/work -w /work {q(self.opts.image)} check --config run_config.yaml"
+        secrets = secret_envs()
+        names = "".join(f" -e {k}" for k in secrets)  # docker copies the values from the environment by name
+        cmd = (f"docker run --rm --gpus all{names} -v {q(work)}:/work -w /work {q(self.opts.image)} check "
+               "--config run_config.yaml"
                if mode == "docker" else f"cd {q(work)} && PYTHONPATH=. {py} -m job check --config run_config.yaml")
-        res = ssh_run(client, cmd, timeout=900)
+        # the secrets reach the check as they reach the job (a gated model needs HF_TOKEN): over stdin, never argv
+        res = ssh_run(client, "bash -s", stdin=env_exports(secrets) + cmd + "\n", timeout=900)
         if res.rc == 2:
             raise ContractError(f"ssh {self.target}: job check refused the run: {_last_line(res)}")
         if res.rc != 0:
