@@ -481,3 +481,50 @@ def test_the_printed_ssh_teardown_command_is_quoted(tmp_path, monkeypatch):
     assert argv[:4] == ["ssh", "-p", "1", "root@127.0.0.1"] and len(argv) == 5, argv
     remote = shlex.split(argv[4].split("; ", 1)[1])
     assert remote == ["rm", "-rf", work]
+
+
+# --- one writer per run ------------------------------------------------------------------------
+
+def test_a_down_during_up_is_not_overwritten_by_ups_stale_copy(tmp_path, monkeypatch):
+    """Issue case 9: `up` holds its copy of the record; `down` (another process, another copy) ends the
+    run; up's later write must not put back its stale state or drop torn_down from the history."""
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(tmp_path / "runs"))
+    ups = registry.new_run("race", "local", config={})
+    ups.transition("provisioning", machine="up").transition("running", backend_state={"pgid": 1, "workdir": "/w"})
+    downs = registry.load(ups.id)  # what `down` reads
+    downs.transition("torn_down", note="torn down before the run ended", machine="gone", ended_at=123.0)
+    ups.update(backend_state={**ups.backend_state, "reconnects": 2})  # up goes on with its stale copy
+    ups.transition("failed", note="running: lost the machine", error="running: lost the machine")
+    rec = json.loads((tmp_path / "runs" / ups.id / "run.json").read_text())
+    assert rec["state"] == "torn_down" and [h["state"] for h in rec["history"]].count("torn_down") == 1
+    assert "failed" not in [h["state"] for h in rec["history"]]
+    assert rec["machine"] == "gone" and rec["ended_at"] == 123.0  # down's fields stand
+    assert rec["backend_state"] == {"pgid": 1, "workdir": "/w", "reconnects": 2}  # up's own change is kept
+    assert rec["error"] == "running: lost the machine"
+    assert ups.state == "torn_down"  # up's copy is refreshed from the record
+
+
+def test_a_second_follower_only_reads(tmp_path):
+    """`logs` while `up` follows the run: it shows the recorded events, appends nothing, pulls nothing;
+    `download` is refused with one line."""
+    from launcher_helpers import cli, launcher_env
+
+    runs = tmp_path / "runs"
+    run = _record(runs, "local", {"workdir": str(tmp_path / "gone"), "pgid": 0})
+    events = Path(run.dir) / "events.jsonl"
+    events.write_text('{"event":"phase","phase":"training","ts":1.0,"v":1}\n')
+    before = events.read_bytes()
+    holder = registry.Follower(run.dir)
+    assert holder.acquire()  # as `up` does while it follows
+    try:
+        r = cli(["logs", run.id], launcher_env(runs))
+        assert r.returncode == 0 and "being followed by another launcher" in " ".join(r.stdout.split()), r.stdout
+        assert events.read_bytes() == before and not (Path(run.dir) / ".download").exists()
+        assert json.loads((Path(run.dir) / "run.json").read_text())["state"] == "running"
+        run_rec = registry.Run(**{**json.loads((Path(run.dir) / "run.json").read_text()), "dir": Path(run.dir)})
+        run_rec.transition("failed")  # an ended run, as `download` wants one
+        r = cli(["download", run.id], launcher_env(runs))
+        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "being followed by another launcher" in lines[0], lines
+    finally:
+        holder.release()

@@ -253,7 +253,28 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
 
     Whatever happens after the run exists, the machine is torn down at the end, except on an
     explicit detach (--detach, first Ctrl-C), which prints how to come back and how to end it.
+    One follower per run: if another launcher already follows it (runs/<id>/.follow.lock), this one
+    only shows what was recorded and says so: it never appends events, pulls or moves results.
     """
+    follower = registry.Follower(run.dir)
+    if not follower.acquire():
+        from launcher.progress import Progress
+
+        progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
+        for ev in _read_events(run.events_path):
+            progress.on_event(ev)
+        progress.close()
+        console.print(f"run {run.id} is being followed by another launcher (pid {follower.holder or '?'}), which "
+                      f"downloads and tears down at the end; this one only shows what it recorded. "
+                      f"`socrates-launch status {run.id}` shows where it is.", highlight=False)
+        return 0
+    try:
+        return _drive(run, backend, console, launch=launch, detach=detach)
+    finally:
+        follower.release()
+
+
+def _drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = False) -> int:
     from launcher.progress import Progress
 
     progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
@@ -382,7 +403,7 @@ class Recorder:
 
 # Names in runs/<id>/ that belong to the launcher: a manifest listing one of them is refused.
 RESERVED = ("run.json", "events.jsonl", "job.log", "task.yaml", "launch.log", ".download", ".lock",
-            "manifest.json", "checkpoints")
+            ".follow.lock", "manifest.json", "checkpoints")
 
 
 def fetch_and_verify(run: registry.Run, backend, recorder: Recorder, attempts: int = DOWNLOAD_ATTEMPTS) -> None:
