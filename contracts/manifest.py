@@ -238,9 +238,30 @@ def _refuse_secrets(obj: Any, where: str = "meta") -> None:
         raise ManifestError(f"manifest {where}: refusing to record a credential-looking value")
 
 
-if __name__ == "__main__":  # on the machine, after the evaluations: python3 -m contracts.manifest extend OUT
+def data_hash(path: str | os.PathLike) -> str:
+    """sha256 of a data file or folder as sent: every file's path relative to `path` (a file: "") with
+    its size and sha256. Independent of where it lies, so the launcher (what it sent) and the machine
+    (what the job was given, `data-hash`) compute the same value for the same bytes."""
+    import hashlib
+    import json
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    listing = {("" if p == path else p.relative_to(path).as_posix()): [p.stat().st_size, sha256_file(p)]
+               for p in files}
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
+if __name__ == "__main__":
+    # on the machine: `extend OUT` after the evaluations; `data-hash DATA` before prepare (an event line)
     import sys
 
-    if len(sys.argv) < 3 or sys.argv[1] != "extend":
-        sys.exit("usage: python3 -m contracts.manifest extend OUT_DIR [FOLDER ...]")
-    extend(sys.argv[2], sys.argv[3:] or LATE_FOLDERS)
+    if len(sys.argv) >= 3 and sys.argv[1] == "extend":
+        extend(sys.argv[2], sys.argv[3:] or LATE_FOLDERS)
+    elif len(sys.argv) == 3 and sys.argv[1] == "data-hash":
+        from contracts.events import LINE_PREFIX, dumps, make
+
+        print(LINE_PREFIX + dumps(make("log", message="data received", data_sha256=data_hash(sys.argv[2]))),
+              flush=True)
+    else:
+        sys.exit("usage: python3 -m contracts.manifest extend OUT_DIR [FOLDER ...] | data-hash PATH")

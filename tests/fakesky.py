@@ -9,7 +9,7 @@ files, so several launcher processes (up, then status/logs/down) see the same cl
 Faults ($FAKESKY_FAIL, comma-separated): provision, sync, setup (the launch fails in that step,
 leaving the cluster up, as SkyPilot does), stream (the log stream drops once after 3 lines),
 outage (after 3 lines the whole API is unreachable for $FAKESKY_OUTAGE_S seconds: log stream,
-job status, cluster status), download (every rsync fails), download-once (the first rsync fails), down (teardown fails). $FAKESKY_PROVISION_S and
+job status, cluster status), stale-data (a file is added to the mounted --data folder), download (every rsync fails), download-once (the first rsync fails), down (teardown fails). $FAKESKY_PROVISION_S and
 $FAKESKY_DOWNLOAD_S slow those steps down so a test can kill the launcher inside them.
 """
 from __future__ import annotations
@@ -210,6 +210,11 @@ def provision(cdir: Path) -> None:
         target = cdir / "mounts" / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, target)
+    if "stale-data" in faults:  # what a data cache shared across runs did: an earlier run's file is left in
+        for dest, src in (task.get("file_mounts") or {}).items():
+            target = cdir / "mounts" / dest.lstrip("/")
+            if target.is_dir():
+                (target / "left-by-an-earlier-run.jsonl").write_text("{}\n")
     if "sync" in faults:
         fail("syncing", "fake: rsync of the workdir failed")
     if "setup" in faults:

@@ -528,3 +528,39 @@ def test_a_second_follower_only_reads(tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and "being followed by another launcher" in lines[0], lines
     finally:
         holder.release()
+
+
+# --- the data a run trains on is the data it was given ------------------------------------------
+
+def _data_folder(tmp_path: Path) -> Path:
+    data = tmp_path / "mydata"
+    data.mkdir()
+    for i in range(3):
+        (data / f"part-{i}.jsonl").write_text(json.dumps({"row": i}) + "\n")
+    return data
+
+
+def test_a_run_given_other_data_than_was_sent_fails_with_both_hashes(cloud, tmp_path):
+    from launcher_helpers import cli, only_run
+
+    data = _data_folder(tmp_path)
+    env = {**cloud, "FAKESKY_FAIL": "stale-data", "FAKEJOB_STEPS": "3"}
+    r = cli([*UP, "--data", str(data)], env, timeout=300)
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    sent = manifest.data_hash(data)
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    assert rec["state"] == "failed" and "other data than was sent" in rec["error"] and sent in rec["error"]
+    got = rec["error"].split("it hashed ")[1].split(",")[0]
+    assert got != sent and len(got) == 64
+    assert any(c.startswith("down ") for c in _cloud_calls(cloud))  # a failed run is torn down
+
+
+def test_a_run_given_exactly_its_data_is_done(cloud, tmp_path):
+    from launcher_helpers import cli, only_run
+
+    data = _data_folder(tmp_path)
+    r = cli([*UP, "--data", str(data)], {**cloud, "FAKESKY_FAIL": "", "FAKEJOB_STEPS": "3"}, timeout=300)
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert r.returncode == 0 and rec["state"] == "done", (r.stdout + r.stderr)[-3000:]
+    assert rec["options"]["data_sha256"] == manifest.data_hash(data)
+    assert f'"data_sha256":"{manifest.data_hash(data)}"' in (Path(rec["dir"]) / "job.log").read_text().replace(" ", "")

@@ -83,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         _confirm(plan, console)
     if plan.infra.startswith("ssh://"):  # host key, credentials, disk: refused (exit 2) before a run exists
         get_backend(plan.infra, **_backend_opts(plan)).preflight(plan.cfg)
+    source = Path(plan.cfg.data.source).expanduser()
+    if not plan.cfg.data.source.startswith("synthetic:") and source.exists():
+        # What is sent, hashed as the machine hashes what it got (sky/train.yaml): compared at the end.
+        plan.options["data_sha256"] = manifest_lib.data_hash(source)
     run_rec = registry.new_run(
         plan.name, plan.infra, gpu=str(plan.gpu) if plan.gpu else None, config=plan.cfg.to_dict(),
         options=plan.options, estimate=estimate,
@@ -353,6 +357,10 @@ def _lifecycle(run: registry.Run, backend, recorder: "Recorder", console, *, lau
     code = backend.follow(run, recorder.job_event)
     _save_log(run, backend)
     run.update(exit_code=code)
+    sent, got = run.options.get("data_sha256"), recorder.data_sha256
+    if sent and got and sent != got:
+        raise BackendError("running", f"the job was given other data than was sent: it hashed {got}, "
+                                      f"the launcher sent {sent} (a stale or mixed data folder on the machine)")
     if code != 0:
         raise BackendError("running", f"the job exited with status {code}{_salvage(run, backend, recorder)}")
     recorder.progress.close()
@@ -385,8 +393,11 @@ class Recorder:
         self.run = run
         self.progress = progress
         self.skip = sum(1 for ev in _read_events(run.events_path) if ev.get("event") != "phase")
+        self.data_sha256: str | None = None
 
     def job_event(self, ev: dict) -> None:
+        if ev.get("event") == "log" and isinstance(ev.get("data_sha256"), str):
+            self.data_sha256 = ev["data_sha256"]  # the last one: what the job was given
         self.progress.on_event(ev)
         if self.skip > 0:
             self.skip -= 1
