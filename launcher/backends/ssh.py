@@ -288,8 +288,7 @@ class SshBackend(Backend):
         need_gb += (_size(data) if data else 0) / 2**30
         q = shlex.quote(base)
         res = ssh_run(client, (
-            f"umask 077; mkdir -p {q} {q}/cache {q}/runs 2>&1 && chmod 700 {q}/cache {q}/runs && "
-            f"t={q}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && echo WRITABLE && "
+            f"mkdir -p {q} 2>&1 && t={q}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && echo WRITABLE && "
             f"df -Pk {q} | tail -1 | awk '{{print \"FREE_KB\", $4}}'; "
             "command -v docker >/dev/null && echo HAS_DOCKER; "
             "command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && echo HAS_GPU; "
@@ -318,6 +317,12 @@ class SshBackend(Backend):
         to exactly what is sent and checked file by file after the sync: a run trains on exactly its data,
         whatever another run (same folder name, fewer files, at the same time) sent."""
         python = self.opts.remote_python or "python3"
+        q = shlex.quote
+        res = ssh_run(client, f"umask 077; mkdir -p {q(base)}/cache {q(base)}/runs && chmod 700 {q(base)}/cache "
+                              f"{q(base)}/runs")  # private: the run's data, code and results
+        if res.rc != 0:
+            raise BackendError("syncing", f"could not create {base}/cache and {base}/runs on {self.target}: "
+                                          f"{_last_line(res)}")
         code = local_files(self.code_root, [p for p in CODE_PATHS if (self.code_root / p).exists()])
         stats = sync_tree(client, code, posixpath.join(base, "cache", "code"), python=python, prune=True)
         if data is not None:
