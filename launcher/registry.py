@@ -98,8 +98,17 @@ class Run:
         import copy
 
         for key in _FIELDS - {"dir"}:
-            if key in data:
-                setattr(self, key, copy.deepcopy(data[key]))
+            if key not in data:
+                continue
+            new, old = copy.deepcopy(data[key]), getattr(self, key, None)
+            # in place: a backend holds run.backend_state and keeps writing into that very dict
+            if isinstance(old, dict) and isinstance(new, dict):
+                old.clear()
+                old.update(new)
+            elif isinstance(old, list) and isinstance(new, list):
+                old[:] = new
+            else:
+                setattr(self, key, new)
         self._base = copy.deepcopy({**data, "dir": str(self.dir)})
 
     def transition(self, state: str, note: str | None = None, **updates: Any) -> "Run":

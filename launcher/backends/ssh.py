@@ -51,6 +51,7 @@ from launcher.ssh_transport import (
 
 CODE_PATHS = ("contracts", "job", "configs", "sky", "requirements", "Dockerfile", "pyproject.toml")
 LOG_FILE, EXIT_FILE, PID_FILE = "job.log", "exit_code", "job.pid"
+SECRETS_FILE = ".secrets.env"  # docker mode only: 0600, removed by the container before the job starts
 
 
 class SshBackend(Backend):
@@ -351,11 +352,16 @@ class SshBackend(Backend):
             script = "#!/usr/bin/env bash\nexport OUT=out\n" + self.run_block
         launch = "bash ./run.sh"
         if mode == "docker":
-            # secrets by name only (-e NAME): docker copies their values from the environment, never argv
-            names = " ".join(f"-e {k}" for k in ("SOCRATES_RUN_ID", "PYTHONUNBUFFERED", *secret_envs()))
+            # Secrets never go through docker's -e (the values would be in `docker inspect`): the runner
+            # writes them (from its environment, sent over stdin) to a 0600 file in the run's folder, which
+            # the container sources and deletes before the job starts.
+            names = " ".join(f"-e {k}" for k in ("SOCRATES_RUN_ID", "PYTHONUNBUFFERED"))
+            secrets = " ".join(secret_envs())
             mounts = f"-v {q(posixpath.join(base, 'cache', 'data'))}:{q(posixpath.join(base, 'cache', 'data'))}:ro"
-            launch = (f"docker run --rm --gpus all --name socrates-{q(run.id)} -v \"$PWD\":/work -w /work {mounts} "
-                      f"{names} -e PYTHONPATH=/work --entrypoint bash {q(self.opts.image)} ./run.sh")
+            inner = q(f". ./{SECRETS_FILE} 2>/dev/null; rm -f ./{SECRETS_FILE}; exec bash ./run.sh")
+            launch = ((f"(umask 077; declare -p {secrets} > {SECRETS_FILE} 2>/dev/null || true); " if secrets else "")
+                      + f"docker run --rm --gpus all --name socrates-{q(run.id)} -v \"$PWD\":/work -w /work {mounts} "
+                      f"{names} -e PYTHONPATH=/work --entrypoint bash {q(self.opts.image)} -c {inner}")
         res = ssh_run(client, f"rm -rf {q(work)} && mkdir -p {q(posixpath.dirname(work))} && "
                               f"cp -al {q(posixpath.join(base, 'cache', 'code'))} {q(work)} && mkdir -p {q(work)}/out")
         if res.rc != 0:
