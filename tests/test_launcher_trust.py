@@ -564,3 +564,19 @@ def test_a_run_given_exactly_its_data_is_done(cloud, tmp_path):
     assert r.returncode == 0 and rec["state"] == "done", (r.stdout + r.stderr)[-3000:]
     assert rec["options"]["data_sha256"] == manifest.data_hash(data)
     assert f'"data_sha256":"{manifest.data_hash(data)}"' in (Path(rec["dir"]) / "job.log").read_text().replace(" ", "")
+
+
+# --- quoting wherever a path reaches a shell ----------------------------------------------------
+
+def test_a_job_python_whose_path_has_a_space_runs(tmp_path):
+    """JOB_PYTHON reaches sky/train.yaml's run block (the same on every backend): quoted, a path with a
+    space is one word (the local backend runs the block as is)."""
+    from launcher_helpers import cli, fake_python, launcher_env, only_run
+
+    folder = tmp_path / "my python"
+    folder.mkdir()
+    runs = tmp_path / "runs"
+    r = cli(["up", "--infra", "local", "--config", "configs/smoke.yaml", "--yes", "--no-eval"],
+            launcher_env(runs, fake_python(folder), FAKEJOB_STEPS="2"), timeout=300)
+    rec = only_run(runs)
+    assert r.returncode == 0 and rec["state"] == "done" and rec["verified"], (r.stdout + r.stderr)[-3000:]
