@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import posixpath
 import re
+import stat
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -21,6 +23,12 @@ MANIFEST_FILE = "manifest.json"
 DEFAULT_EXCLUDE = (MANIFEST_FILE, "events.jsonl", "job.log", "checkpoints/*")
 _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key|credentials?)($|_)", re.I)
 _SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|sk-[A-Za-z0-9]{20,})")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# What a trained run's manifest must list: a PEFT adapter (its config and its weights).
+ADAPTER_CONFIG = "adapter/adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter/adapter_model.safetensors", "adapter/adapter_model.bin")
+# Folders written after training (sky/train.yaml's evaluations): `extend` lists them afterwards.
+LATE_FOLDERS = ("eval", "eval-base")
 
 
 class ManifestError(ContractError):
@@ -61,34 +69,160 @@ def load(root_or_file: str | os.PathLike) -> dict:
         raise ManifestError(f"{path}: no manifest (the job writes it last; the run did not finish)") from None
     except ValueError as e:
         raise ManifestError(f"{path}: manifest is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
-        raise ManifestError(f"{path}: manifest has no 'files' list")
+    return validate(manifest, str(path))
+
+
+def check_path(rel: Any, where: str = "manifest") -> str:
+    """`rel` if it is a relative, normalized POSIX path that stays inside its root; else ManifestError."""
+    if not isinstance(rel, str) or not rel:
+        raise ManifestError(f"{where}: path {rel!r} is not accepted (a non-empty string)")
+    bad = ("\\" in rel or "\x00" in rel or rel.startswith("/") or posixpath.normpath(rel) != rel
+           or any(part in ("", ".", "..") for part in rel.split("/")))
+    if bad:
+        raise ManifestError(f"{where}: path {rel!r} is not accepted (relative, normalized, inside the output folder)")
+    return rel
+
+
+def validate(manifest: Any, where: str = "manifest", reserved: Iterable[str] = ()) -> dict:
+    """The manifest checked against its schema before anything uses it (what comes back is untrusted).
+
+    `schema` 1; `files` a list of {path, size, sha256}: path relative and normalized (no absolute, `..`,
+    `.` or empty parts), no duplicates (nor a file listed under another listed file), size an integer >= 0,
+    sha256 64 lowercase hex digits. Top-level names in `reserved` are refused (the launcher's own files).
+    """
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{where}: not accepted (a JSON object with a 'files' list)")
+    if manifest.get("schema") != SCHEMA_VERSION or isinstance(manifest.get("schema"), bool):
+        raise ManifestError(f"{where}: schema {manifest.get('schema')!r} is not accepted (expected {SCHEMA_VERSION})")
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise ManifestError(f"{where}: manifest has no 'files' list")
+    seen: set[str] = set()
+    reserved = set(reserved)
+    for i, entry in enumerate(files):
+        at = f"{where}: files[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"path", "size", "sha256"}:
+            raise ManifestError(f"{at} is not accepted (an object with exactly path, size, sha256)")
+        rel = check_path(entry["path"], at)
+        size, digest = entry["size"], entry["sha256"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ManifestError(f"{at} ({rel}): size {size!r} is not accepted (an integer >= 0)")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ManifestError(f"{at} ({rel}): sha256 {digest!r} is not accepted (64 lowercase hex digits)")
+        if rel in seen:
+            raise ManifestError(f"{at}: {rel} is listed twice")
+        if rel.split("/")[0] in reserved or rel == MANIFEST_FILE:
+            raise ManifestError(f"{at}: {rel} is not accepted (a name the launcher keeps for itself)")
+        seen.add(rel)
+    for rel in seen:
+        parents = {"/".join(rel.split("/")[:k]) for k in range(1, rel.count("/") + 1)}
+        if parents & seen:
+            raise ManifestError(f"{where}: {rel} is listed under a path that is itself listed as a file")
+    return manifest
+
+
+def extend(root: str | os.PathLike, folders: Iterable[str] = LATE_FOLDERS) -> dict | None:
+    """Add the files under `folders` (written after the manifest, e.g. evaluations) to root's manifest,
+    keeping every existing entry and the metadata as they are. No manifest: nothing to extend (None)."""
+    root = Path(root)
+    if not (root / MANIFEST_FILE).is_file():
+        return None
+    manifest = load(root)
+    listed = {e["path"] for e in manifest["files"]}
+    for folder in folders:
+        base = root / folder
+        if not base.is_dir() or base.is_symlink():
+            continue
+        for path in sorted(p for p in base.rglob("*") if p.is_file() and not p.is_symlink()):
+            rel = path.relative_to(root).as_posix()
+            if rel not in listed:
+                manifest["files"].append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
+    atomic_write_json(root / MANIFEST_FILE, manifest)
     return manifest
 
 
 def verify(root: str | os.PathLike, manifest: dict | None = None) -> list[str]:
-    """Problems found comparing `root` to its manifest; an empty list means every file checks out."""
+    """Problems found comparing the files `root`'s manifest lists; an empty list means each checks out.
+
+    Only the listed files are looked at (runs/<id>/ holds the launcher's files too); a listed path that
+    is a symlink or not a regular file is a problem. `verify_tree` also refuses anything unlisted.
+    """
     root = Path(root)
-    manifest = manifest if manifest is not None else load(root)
+    manifest = validate(manifest, str(root)) if manifest is not None else load(root)
     problems = []
     for entry in manifest["files"]:
-        path = root / entry["path"]
-        if not path.is_file():
-            problems.append(f"{entry['path']}: missing")
-        elif path.stat().st_size != entry["size"]:
-            problems.append(f"{entry['path']}: size {path.stat().st_size} != {entry['size']}")
+        rel = entry["path"]
+        path = root / rel
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            problems.append(f"{rel}: missing")
+            continue
+        except OSError as e:  # a listed parent that is a file, a name too long, ...
+            problems.append(f"{rel}: unreadable ({e.strerror or e})")
+            continue
+        if _link_inside(root, rel):
+            problems.append(f"{rel}: a symlink on its path (not accepted)")
+        elif not stat.S_ISREG(st.st_mode):
+            problems.append(f"{rel}: not a regular file")
+        elif st.st_size != entry["size"]:
+            problems.append(f"{rel}: size {st.st_size} != {entry['size']}")
         elif sha256_file(path) != entry["sha256"]:
-            problems.append(f"{entry['path']}: sha256 mismatch")
+            problems.append(f"{rel}: sha256 mismatch")
     return problems
 
 
-def verify_or_raise(root: str | os.PathLike, manifest: dict | None = None) -> dict:
+def verify_tree(root: str | os.PathLike, manifest: dict | None = None, reserved: Iterable[str] = (),
+                require_adapter: bool = True, exempt: Iterable[str] = DEFAULT_EXCLUDE) -> list[str]:
+    """Problems with a whole downloaded tree: `verify` plus no symlinks or special files anywhere, no
+    file the manifest does not list (except `exempt`: the log, events, checkpoints, the manifest), and
+    (with `require_adapter`) a listed adapter. An empty list: the tree is exactly what the job wrote."""
+    root = Path(root)
+    manifest = validate(manifest, str(root), reserved) if manifest is not None else \
+        validate(load(root), str(root / MANIFEST_FILE), reserved)
+    patterns = tuple(exempt)
+    listed = {e["path"] for e in manifest["files"]}
+    problems = []
+    if require_adapter and (ADAPTER_CONFIG not in listed or not listed & set(ADAPTER_WEIGHTS)):
+        problems.append(f"no adapter in the manifest (it must list {ADAPTER_CONFIG} and one of "
+                        f"{', '.join(ADAPTER_WEIGHTS)})")
+    found: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):  # never follows links
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                problems.append(f"{rel}: a symlink (not accepted in what comes back)")
+            elif stat.S_ISDIR(st.st_mode):
+                continue
+            elif not stat.S_ISREG(st.st_mode):
+                problems.append(f"{rel}: not a regular file (not accepted in what comes back)")
+            else:
+                found.add(rel)
+    extra = sorted(r for r in found - listed if not any(fnmatch.fnmatchcase(r, p) for p in patterns))
+    if extra:
+        problems.append(f"not in the manifest: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    return problems + verify(root, manifest)
+
+
+def verify_or_raise(root: str | os.PathLike, manifest: dict | None = None, tree: bool = False, **kw: Any) -> dict:
     manifest = manifest if manifest is not None else load(root)
-    problems = verify(root, manifest)
+    problems = verify_tree(root, manifest, **kw) if tree else verify(root, manifest)
     if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ManifestError(f"{root}: artifacts do not match the manifest: {problems[0]}{more}")
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ManifestError(f"{root}: artifacts do not match the manifest: {'; '.join(problems[:3])}{more}")
     return manifest
+
+
+def _link_inside(root: Path, rel: str) -> bool:
+    """Whether any component of root/rel (below root) is a symlink."""
+    path = root
+    for part in rel.split("/"):
+        path = path / part
+        if path.is_symlink():
+            return True
+    return False
 
 
 def _refuse_secrets(obj: Any, where: str = "meta") -> None:
@@ -102,3 +236,32 @@ def _refuse_secrets(obj: Any, where: str = "meta") -> None:
             _refuse_secrets(v, f"{where}[{i}]")
     elif isinstance(obj, str) and _SECRET_VALUE.search(obj):
         raise ManifestError(f"manifest {where}: refusing to record a credential-looking value")
+
+
+def data_hash(path: str | os.PathLike) -> str:
+    """sha256 of a data file or folder as sent: every file's path relative to `path` (a file: "") with
+    its size and sha256. Independent of where it lies, so the launcher (what it sent) and the machine
+    (what the job was given, `data-hash`) compute the same value for the same bytes."""
+    import hashlib
+    import json
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    listing = {("" if p == path else p.relative_to(path).as_posix()): [p.stat().st_size, sha256_file(p)]
+               for p in files}
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
+if __name__ == "__main__":
+    # on the machine: `extend OUT` after the evaluations; `data-hash DATA` before prepare (an event line)
+    import sys
+
+    if len(sys.argv) >= 3 and sys.argv[1] == "extend":
+        extend(sys.argv[2], sys.argv[3:] or LATE_FOLDERS)
+    elif len(sys.argv) == 3 and sys.argv[1] == "data-hash":
+        from contracts.events import LINE_PREFIX, dumps, make
+
+        print(LINE_PREFIX + dumps(make("log", message="data received", data_sha256=data_hash(sys.argv[2]))),
+              flush=True)
+    else:
+        sys.exit("usage: python3 -m contracts.manifest extend OUT_DIR [FOLDER ...] | data-hash PATH")

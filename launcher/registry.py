@@ -10,6 +10,7 @@ backend saves the handles it needs (cluster name, request id, pid, working dir) 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "running": ("downloading", "failed", "torn_down"),
     "downloading": ("done", "failed", "torn_down"),
     "done": ("downloading", "torn_down"),
-    "failed": ("downloading", "torn_down"),
+    "failed": ("downloading", "torn_down", "running"),  # running: `logs` found the job still running
     "torn_down": ("downloading",),
 }
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
@@ -79,16 +80,43 @@ class Run:
         return self.dir / RUN_FILE
 
     def save(self) -> "Run":
-        self.updated_at = time.time()
-        data = asdict(self)
-        data["dir"] = str(self.dir)
-        atomic_write_json(self.path, data)
+        """Write the record: read-modify-write under runs/<id>/.lock, so two processes working on one
+        run (`up` following while `down` ends it) never overwrite each other's changes: what this copy
+        changed since it was read is applied over what is on disk now, and this copy is refreshed."""
+        mine = asdict(self)
+        mine["dir"] = str(self.dir)
+        with record_lock(self.dir):
+            base = getattr(self, "_base", None)
+            disk = _read_object(self.path) if base is not None else None
+            merged = _merge(base, mine, disk) if disk is not None else mine
+            merged["updated_at"] = time.time()
+            atomic_write_json(self.path, merged)
+        self._refresh(merged)
         return self
+
+    def _refresh(self, data: dict) -> None:
+        import copy
+
+        for key in _FIELDS - {"dir"}:
+            if key not in data:
+                continue
+            new, old = copy.deepcopy(data[key]), getattr(self, key, None)
+            # in place: a backend holds run.backend_state and keeps writing into that very dict
+            if isinstance(old, dict) and isinstance(new, dict):
+                old.clear()
+                old.update(new)
+            elif isinstance(old, list) and isinstance(new, list):
+                old[:] = new
+            else:
+                setattr(self, key, new)
+        self._base = copy.deepcopy({**data, "dir": str(self.dir)})
 
     def transition(self, state: str, note: str | None = None, **updates: Any) -> "Run":
         """Move to `state` (checked against TRANSITIONS), apply `updates`, write atomically."""
         if state not in STATES:
             raise ValueError(f"unknown run state {state!r}")
+        if self.state == "torn_down" and state in ("failed", "done"):
+            state = self.state  # `down` ended the run meanwhile (another process): its word stands
         if state != self.state and state not in TRANSITIONS[self.state]:
             raise ValueError(f"run {self.id}: {self.state} -> {state} is not a valid transition")
         for key, value in updates.items():
@@ -123,6 +151,100 @@ class Run:
 
 
 _FIELDS = {f.name for f in fields(Run)}
+LOCK_FILE = ".lock"
+FOLLOW_LOCK_FILE = ".follow.lock"
+
+
+@contextlib.contextmanager
+def record_lock(run_dir: Path):
+    """Exclusive, short: held only around one read-modify-write of run.json."""
+    import fcntl
+
+    with open(Path(run_dir) / LOCK_FILE, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Follower:
+    """One follower per run (`up`, `logs`, `download`): an exclusive lock on runs/<id>/.follow.lock held
+    while it follows, downloads or verifies. `acquire()` is False when another process holds it (its pid
+    is in `holder`): then only read (replay events), never append, pull or move results."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / FOLLOW_LOCK_FILE
+        self._file = None
+        self.holder: str = ""
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            self.holder = f.read().strip()
+            f.close()
+            return False
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock
+            self._file = None
+
+
+def _read_object(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _merge(base: dict, mine: dict, disk: dict) -> dict:
+    """Three-way: start from disk, apply what `mine` changed relative to `base` (the copy it was read
+    as). History: disk's plus the entries `mine` added. backend_state: per key. A state change is
+    applied only if it is a valid move from the state on disk (a `down` that ended the run while this
+    copy followed it keeps its torn_down; this copy's later 'failed' is dropped, not written over it)."""
+    out = dict(disk)
+    for key, value in mine.items():
+        if key in ("history", "state", "updated_at") or value == base.get(key):
+            continue
+        if key == "backend_state" and isinstance(disk.get(key), dict) and isinstance(base.get(key), dict):
+            merged = dict(disk[key])
+            for k in set(value) | set(base[key]):
+                if value.get(k, _MISSING) != base[key].get(k, _MISSING):
+                    if k in value:
+                        merged[k] = value[k]
+                    else:
+                        merged.pop(k, None)
+            out[key] = merged
+        else:
+            out[key] = value
+    added = list(mine.get("history") or [])[len(base.get("history") or []):]
+    state = disk.get("state")
+    if mine.get("state") != base.get("state"):
+        if mine["state"] == state or state not in TRANSITIONS or mine["state"] in TRANSITIONS[state] \
+                or disk.get("state") == base.get("state"):
+            state = mine["state"]
+        else:  # someone else moved the run meanwhile, to where this move is not allowed: theirs stands
+            added = [h for h in added if h.get("state") != mine["state"]]
+    out["state"] = state
+    if isinstance(disk.get("history"), list):
+        out["history"] = disk["history"] + added
+    return out
+
+
+_MISSING = object()
 
 
 def new_run(name: str, infra: str, **kw: Any) -> Run:
@@ -259,7 +381,9 @@ def _parse(path: Path) -> tuple[Run | None, Damaged | None]:
     found = problems(data, folder)
     if not found:
         data["dir"] = path.parent
-        return Run(**{k: v for k, v in data.items() if k in _FIELDS}), None
+        run = Run(**{k: v for k, v in data.items() if k in _FIELDS})
+        run._refresh(data)  # the copy as read: a later save applies only what this copy changed
+        return run, None
     damaged = {k for k, (check, _) in SCHEMA.items() if k in data and not check(data[k])}
     if data.get("id") != folder:
         damaged.add("id")

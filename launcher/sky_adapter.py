@@ -102,7 +102,8 @@ class SkyAdapter:
         # A dead link must fail (and be retried), not hang: ssh keepalives end a silent connection in
         # ~1 min, rsync's --timeout ends a stalled transfer, and the whole pull has a ceiling.
         ssh = "ssh -o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4"
-        cmd = ["rsync", "-az", "--partial", "--timeout=120", "--exclude", "checkpoints/", "-e", ssh,
+        # -rt, not -a: symlinks, devices and special files are never copied (what comes back is untrusted).
+        cmd = ["rsync", "-rtz", "--partial", "--timeout=120", "--exclude", "checkpoints/", "-e", ssh,
                f"{cluster_name}:{remote_dir.rstrip('/')}/", f"{local_dir}/"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RSYNC_CEILING_S)

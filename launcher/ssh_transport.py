@@ -231,19 +231,34 @@ def _mkdirs(sftp: paramiko.SFTPClient, path: str, made: set[str]) -> None:
 
 
 def get_tree(sftp: paramiko.SFTPClient, remote: str, local: Path, skip: tuple[str, ...] = ()) -> int:
-    """Copy the remote folder `remote` into `local` (minus top-level names in `skip`); returns bytes received."""
+    """Copy the remote folder `remote` into `local` (minus top-level names in `skip`); returns bytes received.
+
+    The server's listing is untrusted: a name that is not one plain path component (empty, `.`, `..`,
+    with `/`, `\\` or NUL) or an entry that is a symlink or special file fails the download with
+    SshUnsafe, so nothing is ever written outside `local` and no link is ever created.
+    """
     local.mkdir(parents=True, exist_ok=True)
     total = 0
     for entry in sftp.listdir_attr(remote):
-        src, dst = posixpath.join(remote, entry.filename), local / entry.filename
-        if entry.filename in skip:
+        name = entry.filename
+        if name in skip:
             continue
-        if stat.S_ISDIR(entry.st_mode):
+        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\x00"):
+            raise SshUnsafe(f"{remote}: the server listed a file name that is not accepted: {name!r}")
+        src, dst = posixpath.join(remote, name), local / name
+        mode = entry.st_mode or 0
+        if stat.S_ISDIR(mode):
             total += get_tree(sftp, src, dst)
-        elif stat.S_ISREG(entry.st_mode):
+        elif stat.S_ISREG(mode):
             sftp.get(src, str(dst))
             total += entry.st_size
+        else:
+            raise SshUnsafe(f"{src}: a symlink or special file is not accepted in what comes back")
     return total
+
+
+class SshUnsafe(ValueError):
+    """The server sent something that must not be written locally (a hostile name, a link)."""
 
 
 def read_from(sftp: paramiko.SFTPClient, path: str, offset: int, limit: int = 4 << 20) -> bytes:

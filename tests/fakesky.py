@@ -8,7 +8,8 @@ files, so several launcher processes (up, then status/logs/down) see the same cl
 
 Faults ($FAKESKY_FAIL, comma-separated): provision, sync, setup (the launch fails in that step,
 leaving the cluster up, as SkyPilot does), stream (the log stream drops once after 3 lines),
-download (every rsync fails), download-once (the first rsync fails), down (teardown fails). $FAKESKY_PROVISION_S and
+outage (after 3 lines the whole API is unreachable for $FAKESKY_OUTAGE_S seconds: log stream,
+job status, cluster status), stale-data (a file is added to the mounted --data folder), download (every rsync fails), download-once (the first rsync fails), down (teardown fails). $FAKESKY_PROVISION_S and
 $FAKESKY_DOWNLOAD_S slow those steps down so a test can kill the launcher inside them.
 """
 from __future__ import annotations
@@ -39,6 +40,19 @@ def _root() -> Path:
 
 def _faults() -> set[str]:
     return {f for f in os.environ.get("FAKESKY_FAIL", "").split(",") if f}
+
+
+def _outage(after_start: bool = False) -> None:
+    """Raise while an injected outage lasts (fault 'outage'); `after_start` starts it now."""
+    if "outage" not in _faults():
+        return
+    mark = _root() / "outage-started"
+    if after_start and not mark.exists():
+        mark.write_text(str(time.time()))
+    if mark.exists() and time.time() < float(mark.read_text()) + float(os.environ.get("FAKESKY_OUTAGE_S", "120")):
+        with open(_root() / "outage-refused", "a") as f:
+            f.write("1\n")
+        raise ConnectionError("fake: the API server is unreachable")
 
 
 def _record(kind: str, cluster: str) -> None:
@@ -92,6 +106,7 @@ class FakeSky:
             _kill_group(int(pid_file.read_text()))
 
     def tail(self, cluster_name: str, job_id: int) -> Iterator[str]:
+        _outage()
         cdir = _root() / cluster_name
         log = cdir / "workdir" / "job.log"
         drop = "stream" in _faults() and not (_root() / "dropped").exists()
@@ -108,6 +123,8 @@ class FakeSky:
                 for line in lines:
                     yield line.decode("utf-8", "replace")
                     sent += 1
+                    if sent == 3 and "outage" in _faults() and not (_root() / "outage-started").exists():
+                        _outage(after_start=True)
                     if drop and sent == 3:
                         (_root() / "dropped").write_text("1")
                         raise ConnectionError("fake: log stream dropped")
@@ -118,10 +135,12 @@ class FakeSky:
             time.sleep(0.05)
 
     def job_exit_code(self, cluster_name: str, job_id: int) -> int | None:
+        _outage()
         path = _root() / cluster_name / "workdir" / "exit_code"
         return int(path.read_text().strip() or 1) if path.is_file() else None
 
     def cluster_state(self, cluster_name: str) -> str:
+        _outage()
         return "up" if (_root() / cluster_name).is_dir() else "gone"
 
     def rsync_down(self, cluster_name: str, remote_dir: str, local_dir: Path) -> None:
@@ -133,7 +152,8 @@ class FakeSky:
             once.write_text("1")
             raise RuntimeError("fake: rsync: connection closed")
         src = _root() / cluster_name / "workdir" / "out"
-        shutil.copytree(src, local_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
+        # Links are copied as links (what `rsync -a` did): the launcher's verification must refuse them.
+        shutil.copytree(src, local_dir, dirs_exist_ok=True, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
 
     def down(self, cluster_name: str) -> None:
         if "down" in _faults():
@@ -190,6 +210,11 @@ def provision(cdir: Path) -> None:
         target = cdir / "mounts" / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, target)
+    if "stale-data" in faults:  # what a data cache shared across runs did: an earlier run's file is left in
+        for dest, src in (task.get("file_mounts") or {}).items():
+            target = cdir / "mounts" / dest.lstrip("/")
+            if target.is_dir():
+                (target / "left-by-an-earlier-run.jsonl").write_text("{}\n")
     if "sync" in faults:
         fail("syncing", "fake: rsync of the workdir failed")
     if "setup" in faults:

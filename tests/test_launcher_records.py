@@ -92,13 +92,21 @@ def test_latest_run_is_never_an_older_one_when_the_latest_is_damaged(tmp_path, m
 def test_down_ends_the_machine_of_a_damaged_record_whose_handles_are_intact(tmp_path, monkeypatch):
     """Money first: the record says which backend and where the machine is; the damage elsewhere
     (a bogus state, a null history) must not leave it billing. Only the sound fields are written back."""
+    import tempfile
+
     runs = tmp_path / "runs"
-    workdir = tmp_path / "machine"
-    workdir.mkdir()
-    job = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    path = _record(runs, monkeypatch)
+    run_id = path.parent.name
+    # The local backend's machine as it makes one: a marked temp folder, a job carrying the run's id
+    # (down checks both: the record alone is not the authority, issue #13).
+    workdir = Path(tempfile.mkdtemp(prefix=f"socrates-{run_id}-"))
+    (workdir / ".socrates-run").write_text(run_id)
+    job = subprocess.Popen(["sleep", "300"], start_new_session=True, env={**os.environ, "SOCRATES_RUN_ID": run_id})
     try:
-        path = _record(runs, monkeypatch, state="bogus", history=None, machine="up",
-                       backend_state={"workdir": str(workdir), "pid": job.pid, "pgid": job.pid})
+        data = json.loads(path.read_text())
+        data.update(state="bogus", history=None, machine="up",
+                    backend_state={"workdir": str(workdir), "pid": job.pid, "pgid": job.pid})
+        path.write_text(json.dumps(data))
         r = cli(["down"], launcher_env(runs))
         assert r.returncode == 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
         assert "state 'bogus'" in r.stdout and "machine down" in r.stdout

@@ -100,7 +100,9 @@ def test_status_and_down_through_the_real_sdk_for_a_cluster_that_is_gone(sky_hom
     os.environ["SOCRATES_RUNS_DIR"] = str(runs)
     try:
         run = registry.new_run("gone", "sky", gpu="A100:1")
-        run.transition("provisioning").transition("running", backend_state={"cluster": "socrates-gone-0000", "job_id": 1})
+        from launcher.backends.sky import cluster_name_for
+
+        run.transition("provisioning").transition("running", backend_state={"cluster": cluster_name_for(run.id), "job_id": 1})
     finally:
         del os.environ["SOCRATES_RUNS_DIR"]
     env = {**sky_home.env, "SOCRATES_RUNS_DIR": str(runs)}
@@ -412,7 +414,10 @@ def test_status_of_a_run_whose_launch_request_is_still_queued_says_up(tmp_path, 
             pass
 
     run = registry.new_run("queued", "sky", config={})
-    run.transition("provisioning", backend_state={"cluster": "socrates-queued", "request_id": "req-1"}, machine="up")
+    from launcher.backends.sky import cluster_name_for
+
+    run.transition("provisioning", backend_state={"cluster": cluster_name_for(run.id), "request_id": "req-1"},
+                   machine="up")
     adapter = QueuedRequest()
     backend = SkyBackend(adapter=adapter)
     assert reconcile(run, backend) == "up" and run.state == "provisioning"  # not marked failed and gone

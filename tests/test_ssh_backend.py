@@ -346,17 +346,20 @@ FAKE_DOCKER = r"""#!/usr/bin/env bash
 printf '%s\n' "$*" >> {log}
 case "$1" in
   image|build|rm) exit 0 ;;
-  run) shift; src=""; ep=""; rest=()
+  run) shift; src=""; ep=""; rest=(); keep=()
     while [ $# -gt 0 ]; do
       case "$1" in
         -v) [[ "$2" == *:/work ]] && src="${{2%:/work}}"; shift 2 ;;
-        -w|--name|-e|--gpus) shift 2 ;;
+        -e) if [[ "$2" == *=* ]]; then keep+=("$2"); else keep+=("$2=${{!2}}"); fi; shift 2 ;;
+        -w|--name|--gpus) shift 2 ;;
         --entrypoint) ep="$2"; shift 2 ;;
         --rm) shift ;;
         *) rest+=("$1"); shift ;;
       esac
     done
-    cd "$src" && if [ "$ep" = bash ]; then exec bash "${{rest[@]:1}}"; else exec python -m job "${{rest[@]:1}}"; fi ;;
+    # like a container: only the -e variables get in (plus PATH/HOME to find the host's tools)
+    cd "$src" && if [ "$ep" = bash ]; then exec env -i PATH="$PATH" HOME="$HOME" "${{keep[@]}}" bash "${{rest[@]:1}}"
+    else exec env -i PATH="$PATH" HOME="$HOME" "${{keep[@]}}" python -m job "${{rest[@]:1}}"; fi ;;
 esac
 exit 1
 """
@@ -379,15 +382,20 @@ def test_docker_path_when_the_host_has_docker_and_a_gpu(tmp_path, monkeypatch):
     try:
         run = new_run(srv, "docker")
         # min_free_gb: the GPU default (60 GB) is about the real job; this host's disk is not under test
-        b = backend(srv, tmp_path, fake_job(steps=3, delay=0), remote_python=None, allow_cpu=False, min_free_gb=0.01)
+        b = backend(srv, tmp_path, 'echo "token-seen ${#HF_TOKEN}"\n' + fake_job(steps=3, delay=0), remote_python=None,
+                    allow_cpu=False, min_free_gb=0.01)
         b.launch(run)
         assert run.backend_state["mode"] == "docker"
         assert b.follow(run, lambda e: None) == 0
+        work = Path(run.backend_state["work"])
+        assert f"token-seen {len(canary)}" in (work / "job.log").read_text()  # the job got the secret
+        assert not (work / ".secrets.env").exists()  # from a 0600 file the container removed before the job
         b.down(run)
         calls = log.read_text()
         run_line = next(line for line in calls.splitlines() if line.startswith("run "))
         assert "--gpus all" in run_line and "socrates-launch-job:latest" in run_line and f"--name socrates-{run.id}" in run_line
-        assert "-e HF_TOKEN" in run_line and canary not in calls  # the secret by name, its value never in argv
+        # the secret is neither in argv nor a docker -e (whose value `docker inspect` would show)
+        assert "HF_TOKEN" not in run_line and canary not in calls
         assert calls.splitlines()[0].startswith("image inspect socrates-launch-job:latest")
         assert f"rm -f socrates-{run.id}" in calls  # teardown removes the container too
         assert not Path(run.backend_state["work"]).exists()

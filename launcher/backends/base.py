@@ -14,6 +14,7 @@ by `status`/`logs`/`down` from runs/<id>/run.json.
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,26 @@ class BackendError(RuntimeError):
     def __init__(self, phase: str, message: str):
         super().__init__(f"{phase}: {message}")
         self.phase = phase
+
+
+class StreamLost(BackendError):
+    """The job's log stream could not be re-established in time. The job is not known to have failed:
+    the caller detaches (the machine's autodown/deadline stay armed) and `logs` re-attaches."""
+
+
+def reconnect_policy() -> tuple[float, float, float]:
+    """(first wait, longest wait, how long to keep trying) in seconds for re-attaching to a dropped log
+    stream; SOCRATES_RECONNECT_{WAIT,MAX_WAIT,WINDOW}_S override them (tests run an outage in seconds)."""
+    def read(name: str, default: float) -> float:
+        raw = os.environ.get(name)
+        try:
+            value = float(raw) if raw not in (None, "") else default
+        except ValueError:
+            value = default
+        return value if value > 0 else default
+
+    return (read("SOCRATES_RECONNECT_WAIT_S", 2.0), read("SOCRATES_RECONNECT_MAX_WAIT_S", 30.0),
+            read("SOCRATES_RECONNECT_WINDOW_S", 900.0))
 
 
 class Backend(ABC):
@@ -51,6 +72,10 @@ class Backend(ABC):
     @abstractmethod
     def machine_state(self, run: Any) -> str:
         """What really exists now: 'up', 'gone' or 'unknown' (used by `status` to reconcile)."""
+
+    def job_running(self, run: Any) -> bool | None:
+        """Whether the run's job is still running, asked of the machine (not the record); None: unknown."""
+        return None
 
     def left_up_ends_by(self, run: Any) -> str | None:
         """If the results could not be pulled after the job ended, leaving the machine up keeps them

@@ -21,6 +21,7 @@ from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback
 
 CODE_DIRS = ("contracts", "job", "configs", "requirements")
+OWNER_FILE = ".socrates-run"
 EXIT_FILE = "exit_code"
 LOG_FILE = "job.log"
 
@@ -38,6 +39,7 @@ class LocalBackend(Backend):
 
     def launch(self, run: Any) -> None:
         workdir = Path(tempfile.mkdtemp(prefix=f"socrates-{run.id}-"))
+        (workdir / OWNER_FILE).write_text(run.id, encoding="utf-8")  # `down` deletes only a folder that says so
         # Saved before anything runs, so `down` can always find and remove it.
         run.update(backend_state={"workdir": str(workdir)}, machine="up")
         self.on_phase("syncing", f"code and data into {workdir}")
@@ -61,7 +63,8 @@ class LocalBackend(Backend):
         except OSError as e:
             raise BackendError("syncing", f"copying code and data into {workdir}: {e}") from None
         wrapper = f"bash run.sh > {LOG_FILE} 2>&1; echo $? > {EXIT_FILE}.tmp; mv {EXIT_FILE}.tmp {EXIT_FILE}"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(workdir)}
+        # SOCRATES_RUN_ID marks every process of the job: `down` kills a process group only if it carries it.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(workdir), "SOCRATES_RUN_ID": run.id}
         proc = subprocess.Popen(["bash", "-c", wrapper], cwd=workdir, env=env, start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         run.update(backend_state={**run.backend_state, "pid": proc.pid, "pgid": proc.pid})
@@ -97,11 +100,16 @@ class LocalBackend(Backend):
         shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
 
     def down(self, run: Any) -> None:
+        """Kill the job's process group and delete its folder, each only if it is this run's (run.json is
+        not the authority: a pid is reused, a record can be edited)."""
         pgid = run.backend_state.get("pgid")
-        if pgid and _alive(pgid):
+        if pgid and _alive(pgid) and _group_of_run(int(pgid), run.id):
             _kill_group(pgid)
         workdir = run.backend_state.get("workdir")
-        if workdir and Path(workdir).exists():
+        if workdir and os.path.lexists(workdir):
+            if not _own_workdir(Path(workdir), run.id):
+                raise BackendError("down", f"{workdir} is not run {run.id}'s folder (not a socrates-{run.id}-* "
+                                           f"folder in {tempfile.gettempdir()} holding {OWNER_FILE}): not deleted")
             shutil.rmtree(workdir, ignore_errors=True)
 
     def left_up_ends_by(self, run: Any) -> str | None:
@@ -123,6 +131,38 @@ def _local_data(run: Any) -> Path | None:
     source = run.config["data"]["source"]
     path = Path(source).expanduser()
     return path if path.exists() else None
+
+
+def _own_workdir(workdir: Path, run_id: str) -> bool:
+    """A real folder (not a link) named socrates-<run id>-* directly in the temp dir, marked with the run id."""
+    try:
+        if workdir.is_symlink() or not workdir.is_dir():
+            return False
+        if workdir.parent.resolve() != Path(tempfile.gettempdir()).resolve():
+            return False
+        marker = workdir / OWNER_FILE
+        return (workdir.name.startswith(f"socrates-{run_id}-") and not marker.is_symlink()
+                and marker.read_text(encoding="utf-8").strip() == run_id)
+    except OSError:
+        return False
+
+
+def _group_of_run(pgid: int, run_id: str) -> bool:
+    """Whether a live process of group `pgid` carries SOCRATES_RUN_ID=<run_id> in its environment."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # no /proc (macOS): the group's identity can't be read; the record is all there is
+        return True
+    want = f"SOCRATES_RUN_ID={run_id}".encode()
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[0] == "Z" or int(fields[2]) != pgid:
+                continue
+            if want in (stat.parent / "environ").read_bytes().split(b"\0"):
+                return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
 
 
 def _alive(pgid: int | None) -> bool:

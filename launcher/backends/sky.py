@@ -17,7 +17,7 @@ from typing import Any
 
 from contracts.events import parse_line
 from launcher import task as tasklib
-from launcher.backends.base import Backend, BackendError, EventCallback
+from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, reconnect_policy
 from launcher.secrets import collect as collect_secrets
 from launcher.secrets import redact
 
@@ -53,11 +53,11 @@ def load_adapter() -> Any:
 class SkyBackend(Backend):
     name = "sky"
 
-    def __init__(self, adapter: Any = None, reconnects: int = 5, reconnect_wait_s: float = 2.0,
-                 idle_minutes: int = AUTODOWN_IDLE_MIN):
+    def __init__(self, adapter: Any = None, idle_minutes: int = AUTODOWN_IDLE_MIN,
+                 reconnect: tuple[float, float, float] | None = None):
         self.adapter = adapter if adapter is not None else load_adapter()
-        self.reconnects = reconnects
-        self.reconnect_wait_s = reconnect_wait_s
+        # first wait, longest wait, how long a lost stream is retried before detaching (never a teardown)
+        self.reconnect_wait_s, self.reconnect_max_wait_s, self.reconnect_window_s = reconnect or reconnect_policy()
         self.idle_minutes = idle_minutes
         self.on_phase = lambda name, detail=None: None
 
@@ -103,7 +103,7 @@ class SkyBackend(Backend):
 
     def follow(self, run: Any, on_event: EventCallback) -> int:
         """Stream the job's log; on a dropped stream reconnect and skip what was already seen."""
-        cluster = run.backend_state["cluster"]
+        cluster = self._cluster(run)
         job_id = run.backend_state.get("job_id")
         if job_id is None:  # the launcher that launched was killed before the job id came back
             try:
@@ -117,6 +117,7 @@ class SkyBackend(Backend):
             run.update(backend_state={**run.backend_state, "job_id": job_id})
         seen = 0
         failures = 0
+        lost_since: float | None = None
         while True:
             index = 0
             try:
@@ -126,7 +127,7 @@ class SkyBackend(Backend):
                         if index <= seen:
                             continue
                         seen = index
-                        failures = 0
+                        failures, lost_since = 0, None
                         log.write(redact(line) + "\n")
                         log.flush()
                         ev = parse_line(line)
@@ -141,21 +142,60 @@ class SkyBackend(Backend):
             except Exception as e:  # noqa: BLE001  (a dropped stream is retried, whatever raised it)
                 error = f"{type(e).__name__}: {e}"
             failures += 1
-            if failures > self.reconnects:
-                raise BackendError("running", redact(f"lost the log stream {failures} times in a row ({error})"))
+            lost_since = lost_since or time.time()
+            if self._cluster_gone(cluster):  # no machine, no job: that is a failure, not an outage
+                raise BackendError("running", redact(f"the cluster {cluster} is gone ({error})"))
+            lost_for = time.time() - lost_since
+            if lost_for >= self.reconnect_window_s:
+                raise StreamLost("running", redact(
+                    f"lost the log stream for {lost_for:.0f} s ({failures} tries; last: {error})"))
             self.on_phase("reconnecting", redact(error))
-            time.sleep(self.reconnect_wait_s * failures)
+            time.sleep(min(self.reconnect_wait_s * 2 ** min(failures - 1, 16), self.reconnect_max_wait_s,
+                           max(0.0, self.reconnect_window_s - lost_for)))
+
+    def _cluster_gone(self, cluster: str) -> bool:
+        """Only a definite 'gone' counts: an API that can't be reached during an outage is not an answer."""
+        try:
+            return self.adapter.cluster_state(cluster) == "gone"
+        except KeyboardInterrupt:
+            raise
+        except Exception:  # noqa: BLE001
+            return False
+
+    def job_running(self, run: Any) -> bool | None:
+        cluster, job_id = self._cluster(run), run.backend_state.get("job_id")
+        if not cluster or job_id is None:
+            return None
+        try:
+            if self.adapter.cluster_state(cluster) != "up":
+                return False
+            return self.adapter.job_exit_code(cluster, job_id) is None
+        except KeyboardInterrupt:
+            raise
+        except Exception:  # noqa: BLE001
+            return None
 
     def download(self, run: Any, dest: Path) -> None:
         try:
-            self.adapter.rsync_down(run.backend_state["cluster"], REMOTE_OUT, dest)
+            self.adapter.rsync_down(self._cluster(run), REMOTE_OUT, dest)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001
             raise BackendError("downloading", redact(f"{type(e).__name__}: {e}")) from None
 
+    def _cluster(self, run: Any) -> str | None:
+        """The run's cluster: only ever the name derived from its id (run.json is not the authority)."""
+        recorded = run.backend_state.get("cluster")
+        if recorded is None:
+            return None
+        derived = cluster_name_for(run.id)
+        if recorded != derived:
+            raise BackendError("down", f"run.json names cluster {recorded!r}, but run {run.id}'s cluster is "
+                                       f"{derived!r}: refusing to act on a cluster this run did not make")
+        return derived
+
     def down(self, run: Any) -> None:
-        cluster = run.backend_state.get("cluster")
+        cluster = self._cluster(run)
         if run.backend_state.get("request_id") and run.backend_state.get("job_id") is None:
             self.adapter.cancel(run.backend_state["request_id"])
         if not cluster:
@@ -173,7 +213,7 @@ class SkyBackend(Backend):
                 time.sleep(DOWN_RETRY_S * attempt)
 
     def machine_state(self, run: Any) -> str:
-        cluster = run.backend_state.get("cluster")
+        cluster = self._cluster(run)
         if not cluster:
             return "gone"
         state = self.adapter.cluster_state(cluster)

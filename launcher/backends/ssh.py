@@ -16,11 +16,15 @@ connection drops; `down` kills the job's process group, removes the run's folder
 `--on-teardown` command locally and records whether it worked.
 
 Remote layout (REMOTE_DIR defaults to ~/.socrates-launch):
-    REMOTE_DIR/cache/          synced code and data, kept between runs so unchanged files aren't resent
+    REMOTE_DIR/cache/          synced code, and data under cache/data/<content hash>/ (pruned to what was
+                               sent, checked after the sync), kept between runs so unchanged files aren't
+                               resent; cache/ and runs/ are 0700
     REMOTE_DIR/runs/<run-id>/  one run: code hard-linked from the cache, out/, job.log, job.pid, exit_code
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 import shlex
 import subprocess
@@ -36,16 +40,18 @@ try:
     import paramiko
 except ImportError:  # an optional extra: say how to get it instead of a traceback
     raise ContractError("--infra ssh://...: needs paramiko (pip install 'socrates-launch[ssh]')") from None
+from contracts._io import sha256_file
 from launcher import task as tasklib
-from launcher.backends.base import Backend, BackendError, EventCallback
+from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost
 from launcher.ssh_options import SshOptions, parse_infra
 from launcher.ssh_transport import (
-    DROPPED, SshAuth, SshDropped, SshTarget, SyncStats, connect, env_exports, get_tree, local_files,
-    read_from, run as ssh_run, secret_envs, sync_tree,
+    DROPPED, SshAuth, SshDropped, SshTarget, SshUnsafe, SyncStats, connect, env_exports, get_tree, local_files,
+    read_from, remote_hashes, run as ssh_run, secret_envs, sync_tree,
 )
 
 CODE_PATHS = ("contracts", "job", "configs", "sky", "requirements", "Dockerfile", "pyproject.toml")
 LOG_FILE, EXIT_FILE, PID_FILE = "job.log", "exit_code", "job.pid"
+SECRETS_FILE = ".secrets.env"  # docker mode only: 0600, removed by the container before the job starts
 
 
 class SshBackend(Backend):
@@ -54,8 +60,11 @@ class SshBackend(Backend):
     def __init__(self, infra: str, run_block: str | None = None, code_root: Path = tasklib.REPO, **options: Any):
         self.target: SshTarget = parse_infra(infra)
         self.opts = SshOptions(**options)
-        # Built without options (logs/status/down/download after a restart): the run record's are used.
+        # Built without options (logs/status/down/download after a restart): the run record's are used,
+        # except what a record must not decide: a command to run (--on-teardown, which `down
+        # --on-teardown` passes again as `on_teardown_override`) and trusting a new host key.
         self._restore = not options
+        self.on_teardown_override: str | None = None
         self.run_block = run_block
         """Bash the host runs as the job; None: sky/train.yaml's run block (launcher/task.py)."""
         self.code_root = code_root
@@ -100,7 +109,7 @@ class SshBackend(Backend):
         mode, python = self._probe(client, base, data)
         state.update(mode=mode, python=python)
         self.on_phase("syncing", f"code and data to {self.target} (unchanged files skipped)")
-        stats = self._sync(client, base, data)
+        stats = self._sync(client, base, data, state)
         state["sync"] = asdict(stats)
         _save(run)
         self.on_phase("synced", f"sent {stats.bytes_sent:,} B in {stats.files_sent} files; "
@@ -149,7 +158,7 @@ class SshBackend(Backend):
                 self.reconnects += 1
                 state["reconnects"] = state.get("reconnects", 0) + 1
                 self.on_phase("reconnecting", f"ssh connection lost ({type(e).__name__}); resuming at byte {offset}")
-                self._reconnect_or_fail("running")
+                self._reconnect_or_fail("running", StreamLost)  # the job is not known to have failed: detach
 
     def log_lines(self, run: Any, max_bytes: int = 1 << 20) -> list[str]:
         """The job's stdout/stderr on the host (its last MiB)."""
@@ -172,6 +181,8 @@ class SshBackend(Backend):
                 return
             except FileNotFoundError:
                 raise BackendError("downloading", f"{self.target}:{remote_out} does not exist (run torn down?)") from None
+            except SshUnsafe as e:
+                raise BackendError("downloading", f"{self.target}: {e}") from None
             except (SshDropped, *DROPPED):
                 self._drop()
                 if attempt == 2:
@@ -186,27 +197,55 @@ class SshBackend(Backend):
         error = None
         work = state.get("work")
         if work and not state.get("remote_clean"):
+            _check_work(state, run.id)  # run.json is not the authority for what `rm -rf` removes
+            # A provider stop keeps the disk: results that were never pulled back stay with it.
+            keep = bool(self.opts.on_teardown) and not getattr(run, "verified", False) and \
+                getattr(run, "exit_code", None) == 0
             try:
                 self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s))
-                self._kill_and_remove(state, work)
+                self._kill_and_remove(state, work, keep=keep)
+                if keep:
+                    state["results_kept"] = f"{self.target}:{work}/out"
             except (SshDropped, *DROPPED) as e:
-                pg = state.get("pgid") or f"$(cat {work}/{PID_FILE})"
+                pg = int(state["pgid"]) if state.get("pgid") else f"$(cat {shlex.quote(work + '/' + PID_FILE)})"
+                remote = f"kill -9 -- -{pg}; rm -rf {shlex.quote(work)}"
                 error = (f"could not reach {self.target} to tear down ({e}); the job may still be running there. "
-                         f"End it: ssh -p {self.target.port} {self.target.user}@{self.target.host} "
-                         f"'kill -9 -- -{pg}; rm -rf {work}'")
+                         f"End it: ssh -p {self.target.port} {shlex.quote(f'{self.target.user}@{self.target.host}')} "
+                         f"{shlex.quote(remote)}")
         state["remote_clean"] = error is None
         hook = state.get("on_teardown")
+        recorded = (state.get("options") or {}).get("on_teardown")
         if self.opts.on_teardown and not (hook and hook["ok"]):
             # the provider's stop command runs even if the host was unreachable: it is what stops billing
             state["on_teardown"] = hook = _run_hook(self.opts.on_teardown)
-        state["torn_down"] = error is None and (hook is None or hook["ok"])
+        # A command found only in run.json is never run on the record's word: the user passes it again.
+        unrun = bool(recorded) and not self.opts.on_teardown and not (hook and hook["ok"])
+        state["torn_down"] = error is None and not unrun and (hook is None or hook["ok"])
         _save(run)
         self._drop()
         if error:
             raise BackendError("down", error)
+        if unrun:
+            raise BackendError("down", f"the run's --on-teardown command is not run from run.json (a record is "
+                                       f"not trusted to run commands); the host may still be billing. Run it "
+                                       f"yourself, or: socrates-launch down {run.id} --on-teardown {shlex.quote(recorded)}")
         if hook and not hook["ok"]:
             raise BackendError("down", f"--on-teardown {hook['cmd']!r} exited {hook['rc']}: "
                                        f"{hook['output'].strip()[-200:]} (the host may still be billing: stop it yourself)")
+
+    def job_running(self, run: Any) -> bool | None:
+        """Asked of the host: the job has no exit code yet and its process group is alive."""
+        state = self._bind(run)
+        if state.get("torn_down") or not state.get("work"):
+            return False
+        try:
+            if _read_int(self._sftp_client(), posixpath.join(state["work"], EXIT_FILE)) is not None:
+                return False
+            return self._alive(state.get("pgid"))
+        except (SshDropped, *DROPPED):
+            return None
+        finally:
+            self._drop()
 
     def left_up_ends_by(self, run: Any) -> str | None:
         if self.opts.on_teardown:
@@ -231,7 +270,8 @@ class SshBackend(Backend):
         """The run's backend_state; restores this backend's options from it after a launcher restart."""
         state = run.backend_state
         if self._restore and state.get("options"):
-            self.opts = SshOptions(**state["options"])
+            self.opts = SshOptions(**{**state["options"], "on_teardown": self.on_teardown_override,
+                                      "trust_new_host": False})
             self._restore = False
         return state
 
@@ -276,20 +316,38 @@ class SshBackend(Backend):
             raise ContractError(f"ssh {self.target}: no python3 on the host (install it, or give --remote-python)")
         return "venv", ""  # empty JOB_PYTHON: the run block's default, the venv its setup block builds
 
-    def _sync(self, client: paramiko.SSHClient, base: str, data: Path | None) -> SyncStats:
+    def _sync(self, client: paramiko.SSHClient, base: str, data: Path | None, state: dict) -> SyncStats:
+        """Code into the shared cache; data into a folder named by its content (cache/data/<hash>), pruned
+        to exactly what is sent and checked file by file after the sync: a run trains on exactly its data,
+        whatever another run (same folder name, fewer files, at the same time) sent."""
         python = self.opts.remote_python or "python3"
+        q = shlex.quote
+        res = ssh_run(client, f"umask 077; mkdir -p {q(base)}/cache {q(base)}/runs && chmod 700 {q(base)}/cache "
+                              f"{q(base)}/runs")  # private: the run's data, code and results
+        if res.rc != 0:
+            raise BackendError("syncing", f"could not create {base}/cache and {base}/runs on {self.target}: "
+                                          f"{_last_line(res)}")
         code = local_files(self.code_root, [p for p in CODE_PATHS if (self.code_root / p).exists()])
         stats = sync_tree(client, code, posixpath.join(base, "cache", "code"), python=python, prune=True)
         if data is not None:
-            stats.add(sync_tree(client, local_files(data.parent, [data.name]), posixpath.join(base, "cache", "data"),
-                                python=python))
+            files = local_files(data.parent, [data.name])
+            listing = {rel: [p.stat().st_size, sha256_file(p)] for rel, p in files.items()}
+            digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+            root = posixpath.join(base, "cache", "data", digest[:32])
+            stats.add(sync_tree(client, files, root, python=python, prune=True))
+            there = remote_hashes(client, root, python)
+            if there != listing:
+                odd = sorted(set(there) ^ set(listing)) or sorted(r for r in listing if there.get(r) != listing[r])
+                raise BackendError("syncing", f"the data on {self.target} under {root} is not what was sent "
+                                              f"(differs at {', '.join(odd[:3])})")
+            state["data"] = {"remote": posixpath.join(root, data.name), "sha256": digest, "files": len(listing)}
         return stats
 
     def _prepare_work(self, client: paramiko.SSHClient, base: str, work: str, run: Any, task: dict | None,
                       data: Path | None, mode: str, python: str) -> None:
         """The run's folder: code hard-linked from the cache (cheap), the rendered script, the runner."""
         q = shlex.quote
-        remote_data = posixpath.join(base, "cache", "data", data.name) if data else None
+        remote_data = run.backend_state["data"]["remote"] if data else None
         if task is not None:
             overrides = {"JOB_PYTHON": python, **({"DATA": remote_data} if remote_data else {})}
             script = tasklib.run_script(task, **overrides)
@@ -297,11 +355,16 @@ class SshBackend(Backend):
             script = "#!/usr/bin/env bash\nexport OUT=out\n" + self.run_block
         launch = "bash ./run.sh"
         if mode == "docker":
-            # secrets by name only (-e NAME): docker copies their values from the environment, never argv
-            names = " ".join(f"-e {k}" for k in ("SOCRATES_RUN_ID", "PYTHONUNBUFFERED", *secret_envs()))
+            # Secrets never go through docker's -e (the values would be in `docker inspect`): the runner
+            # writes them (from its environment, sent over stdin) to a 0600 file in the run's folder, which
+            # the container sources and deletes before the job starts.
+            names = " ".join(f"-e {k}" for k in ("SOCRATES_RUN_ID", "PYTHONUNBUFFERED"))
+            secrets = " ".join(secret_envs())
             mounts = f"-v {q(posixpath.join(base, 'cache', 'data'))}:{q(posixpath.join(base, 'cache', 'data'))}:ro"
-            launch = (f"docker run --rm --gpus all --name socrates-{q(run.id)} -v \"$PWD\":/work -w /work {mounts} "
-                      f"{names} -e PYTHONPATH=/work --entrypoint bash {q(self.opts.image)} ./run.sh")
+            inner = q(f". ./{SECRETS_FILE} 2>/dev/null; rm -f ./{SECRETS_FILE}; exec bash ./run.sh")
+            launch = ((f"(umask 077; declare -p {secrets} > {SECRETS_FILE} 2>/dev/null || true); " if secrets else "")
+                      + f"docker run --rm --gpus all --name socrates-{q(run.id)} -v \"$PWD\":/work -w /work {mounts} "
+                      f"{names} -e PYTHONPATH=/work --entrypoint bash {q(self.opts.image)} -c {inner}")
         res = ssh_run(client, f"rm -rf {q(work)} && mkdir -p {q(posixpath.dirname(work))} && "
                               f"cp -al {q(posixpath.join(base, 'cache', 'code'))} {q(work)} && mkdir -p {q(work)}/out")
         if res.rc != 0:
@@ -338,10 +401,14 @@ class SshBackend(Backend):
     def _check(self, client: paramiko.SSHClient, work: str, mode: str, python: str) -> None:
         """`job check` before the job is started: a card or config that can't run is refused here."""
         q = shlex.quote
-        py = python or "$HOME/socrates-venv/bin/python"
-        cmd = (f"docker run --rm --gpus all -v {q(work)}:/work -w /work {q(self.opts.image)} check --config run_config.yaml"
+        py = q(python) if python else '"$HOME/socrates-venv/bin/python"'  # a path with a space stays one word
+        secrets = secret_envs()
+        names = "".join(f" -e {k}" for k in secrets)  # docker copies the values from the environment by name
+        cmd = (f"docker run --rm --gpus all{names} -v {q(work)}:/work -w /work {q(self.opts.image)} check "
+               "--config run_config.yaml"
                if mode == "docker" else f"cd {q(work)} && PYTHONPATH=. {py} -m job check --config run_config.yaml")
-        res = ssh_run(client, cmd, timeout=900)
+        # the secrets reach the check as they reach the job (a gated model needs HF_TOKEN): over stdin, never argv
+        res = ssh_run(client, "bash -s", stdin=env_exports(secrets) + cmd + "\n", timeout=900)
         if res.rc == 2:
             raise ContractError(f"ssh {self.target}: job check refused the run: {_last_line(res)}")
         if res.rc != 0:
@@ -364,7 +431,7 @@ class SshBackend(Backend):
 
     # --- teardown, liveness ----------------------------------------------------------------
 
-    def _kill_and_remove(self, state: dict, work: str) -> None:
+    def _kill_and_remove(self, state: dict, work: str, keep: bool = False) -> None:
         q = shlex.quote(work)
         # the pid file on the host covers a launcher killed between starting the job and saving its pid
         pg = f"{int(state['pgid'])}" if state.get("pgid") else f"$(cat {q}/{PID_FILE} 2>/dev/null || echo 0)"
@@ -372,6 +439,11 @@ class SshBackend(Backend):
                 f"kill -0 -- -$pg 2>/dev/null || break; sleep 0.2; done; kill -KILL -- -$pg 2>/dev/null; fi; ")
         docker = f"docker rm -f socrates-{shlex.quote(posixpath.basename(work))} >/dev/null 2>&1; " \
             if state.get("mode") == "docker" else ""
+        if keep:  # the job is ended; its folder (the results) stays for the stopped host's disk
+            res = ssh_run(self._connect(), f"{kill}{docker}test -d {q}")
+            if res.rc != 0:
+                raise SshDropped(f"ending the job in {work} failed: {_last_line(res)}")
+            return
         res = ssh_run(self._connect(), f"{kill}{docker}rm -rf {q}; test ! -e {q}")
         if res.rc != 0:
             raise SshDropped(f"rm -rf {work} failed: {_last_line(res)}")
@@ -413,11 +485,11 @@ class SshBackend(Backend):
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _reconnect_or_fail(self, phase: str) -> None:
+    def _reconnect_or_fail(self, phase: str, error: type[BackendError] = BackendError) -> None:
         try:
             self._client_or_wait()
         except SshDropped as e:
-            raise BackendError(phase, f"lost {self.target} for {self.opts.reconnect_s:.0f} s ({e}); the job may still "
+            raise error(phase, f"lost {self.target} for {self.opts.reconnect_s:.0f} s ({e}); the job may still "
                                       "be running there: `socrates-launch logs` re-attaches, `socrates-launch down` "
                                       "ends it") from None
 
@@ -440,6 +512,16 @@ echo $$ > job.pid.tmp && mv job.pid.tmp job.pid
 rc=$?
 echo $rc > exit_code.tmp && mv exit_code.tmp exit_code
 """
+
+
+def _check_work(state: dict, run_id: str) -> None:
+    """The run's remote folder must be <remote_dir>/runs/<run id> under an absolute, normalized remote_dir."""
+    base, work = state.get("remote_dir"), state.get("work")
+    ok = (isinstance(base, str) and isinstance(work, str) and base.startswith("/") and posixpath.normpath(base) == base
+          and base != "/" and work == posixpath.join(base, "runs", run_id))
+    if not ok:
+        raise BackendError("down", f"run.json names remote folder {work!r}, which is not run {run_id}'s "
+                                   f"(<remote dir>/runs/{run_id}): refusing to delete it")
 
 
 def _config_dict(run: Any) -> dict:

@@ -8,6 +8,9 @@ from launcher import registry
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_id", nargs="?", default=None, metavar="RUN", help="run id (default: the latest run)")
+    p.add_argument("--on-teardown", default=None, metavar="CMD",
+                   help="ssh runs: the provider's stop command, run locally after the job is ended (a command "
+                        "saved in run.json is never run on the record's word: pass it again here)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +28,14 @@ def run(args: argparse.Namespace) -> int:
 
         console.print(f"[bold yellow]warning:[/] {escape(run_rec.damage)} (its machine is ended from its "
                       "backend_state anyway)", highlight=False, soft_wrap=True)
-    if not teardown(run_rec, get_backend(run_rec.infra), None, console):
+    backend = get_backend(run_rec.infra)
+    if getattr(args, "on_teardown", None):
+        if not hasattr(backend, "on_teardown_override"):
+            from contracts.errors import ContractError
+
+            raise ContractError(f"--on-teardown: only for ssh runs (run {run_rec.id} is on {run_rec.infra})")
+        backend.on_teardown_override = args.on_teardown
+    if not teardown(run_rec, backend, None, console):
         return 1
     console.print(f"run {run_rec.id}: machine down ({run_rec.state})", highlight=False)
     return 0

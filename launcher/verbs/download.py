@@ -15,16 +15,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from launcher.backends import get_backend
-    from launcher.backends.base import BackendError
-    from launcher.verbs.up import Recorder, fetch_and_verify
-
     console = Console()
     run_rec = registry.resolve(args.run_id)
     if run_rec.state in ("created", "provisioning", "running"):
         # Mid-run outputs have no manifest yet; following the run downloads at its end.
         raise ContractError(f"run {run_rec.id} is {run_rec.state}: `socrates-launch logs {run_rec.id}` follows it "
                             "and downloads when the job ends")
+    follower = registry.Follower(run_rec.dir)  # one writer of runs/<id>/ at a time (issue #13)
+    if not follower.acquire():
+        raise ContractError(f"run {run_rec.id} is being followed by another launcher (pid {follower.holder or '?'}), "
+                            "which downloads at the end: wait for it, or stop it (Ctrl-C detaches) and retry")
+    try:
+        return _download(run_rec, console)
+    finally:
+        follower.release()
+
+
+def _download(run_rec, console) -> int:
+    from launcher.backends import get_backend
+    from launcher.verbs.up import Recorder, _describe, fetch_and_verify
+
     backend = get_backend(run_rec.infra)
     before = run_rec.state
     if backend.machine_state(run_rec) != "up":
@@ -38,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     recorder = Recorder(run_rec, Progress(console))
     try:
         fetch_and_verify(run_rec, backend, recorder)
-    except (BackendError, OSError, manifest_lib.ManifestError) as e:
-        run_rec.transition(before, note=f"download failed: {e}")  # an earlier verified copy stays as it was
-        console.print(f"[bold red]download failed:[/] {e}", highlight=False)
+    except Exception as e:  # noqa: BLE001  (what comes back is untrusted: any failure is a failed download)
+        why = _describe(e)
+        run_rec.transition(before, note=f"download failed: {why}")  # an earlier verified copy stays as it was
+        console.print(f"[bold red]download failed:[/] {why}", highlight=False, markup=False)
         status = 1
     else:
         run_rec.transition("done" if not run_rec.exit_code else before)  # a job that failed stays failed

@@ -22,7 +22,7 @@ from contracts.errors import ContractError
 from contracts.events import dumps, make
 from launcher import registry
 from launcher.backends import check_infra, get_backend
-from launcher.backends.base import BackendError
+from launcher.backends.base import BackendError, StreamLost
 from launcher.gpu import GpuSpec, parse_gpu
 from launcher.secrets import redact
 
@@ -86,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
         _confirm(plan, console)
     if plan.infra.startswith("ssh://"):  # host key, credentials, disk: refused (exit 2) before a run exists
         get_backend(plan.infra, **_backend_opts(plan)).preflight(plan.cfg)
+    source = Path(plan.cfg.data.source).expanduser()
+    if not plan.cfg.data.source.startswith("synthetic:") and source.exists():
+        # What is sent, hashed as the machine hashes what it got (sky/train.yaml): compared at the end.
+        plan.options["data_sha256"] = manifest_lib.data_hash(source)
     run_rec = registry.new_run(
         plan.name, plan.infra, gpu=str(plan.gpu) if plan.gpu else None, config=plan.cfg.to_dict(),
         options=plan.options, estimate=estimate,
@@ -285,7 +289,28 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
 
     Whatever happens after the run exists, the machine is torn down at the end, except on an
     explicit detach (--detach, first Ctrl-C), which prints how to come back and how to end it.
+    One follower per run: if another launcher already follows it (runs/<id>/.follow.lock), this one
+    only shows what was recorded and says so: it never appends events, pulls or moves results.
     """
+    follower = registry.Follower(run.dir)
+    if not follower.acquire():
+        from launcher.progress import Progress
+
+        progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
+        for ev in _read_events(run.events_path):
+            progress.on_event(ev)
+        progress.close()
+        console.print(f"run {run.id} is being followed by another launcher (pid {follower.holder or '?'}), which "
+                      f"downloads and tears down at the end; this one only shows what it recorded. "
+                      f"`socrates-launch status {run.id}` shows where it is.", highlight=False)
+        return 0
+    try:
+        return _drive(run, backend, console, launch=launch, detach=detach)
+    finally:
+        follower.release()
+
+
+def _drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = False) -> int:
     from launcher.progress import Progress
 
     progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
@@ -296,7 +321,7 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
             status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
     except _DownloadFailed as e:
         progress.close()
-        message = redact(str(e.__cause__ or e))
+        message = redact(_describe(e.__cause__ or e))
         ends_by = backend.left_up_ends_by(run)
         run.transition("failed", note=message, error=message)
         if ends_by is None:
@@ -320,6 +345,14 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
             _say_detached(run, console)
             return 128 + e.signum
         return _interrupted(run, backend, console, recorder)
+    except StreamLost as e:  # the job is not known to have failed: detach, never tear down over a lost stream
+        progress.close()
+        message = redact(str(e))
+        run.update(note=f"detached: {message}")
+        console.print(f"[bold yellow]run {run.id}: {message}[/]; the job is left running (not torn down).",
+                      highlight=False)
+        _say_detached(run, console)
+        return 1
     except (BackendError, ContractError, OSError) as e:
         progress.close()
         _save_log(run, backend)
@@ -356,12 +389,16 @@ def _lifecycle(run: registry.Run, backend, recorder: "Recorder", console, *, lau
     code = backend.follow(run, recorder.job_event)
     _save_log(run, backend)
     run.update(exit_code=code)
+    sent, got = run.options.get("data_sha256"), recorder.data_sha256
+    if sent and got and sent != got:
+        raise BackendError("running", f"the job was given other data than was sent: it hashed {got}, "
+                                      f"the launcher sent {sent} (a stale or mixed data folder on the machine)")
     if code != 0:
         raise BackendError("running", f"the job exited with status {code}{_salvage(run, backend, recorder)}")
     recorder.progress.close()
     try:
         fetch_and_verify(run, backend, recorder)
-    except (BackendError, ContractError, OSError) as e:
+    except Exception as e:  # noqa: BLE001  (whatever went wrong, the only copy is on the machine: keep it up)
         raise _DownloadFailed() from e
     run.transition("done")
     return 0
@@ -376,7 +413,7 @@ def _salvage(run: registry.Run, backend, recorder: "Recorder") -> str:
     paid-for adapter on the machine: pull it back before teardown if its manifest verifies."""
     try:
         fetch_and_verify(run, backend, recorder, attempts=SALVAGE_ATTEMPTS)
-    except (BackendError, ContractError, OSError):
+    except Exception:  # noqa: BLE001  (a salvage that fails for any reason leaves the run failed, as it was)
         return "; no finished adapter on the machine to pull back"
     return f"; the adapter it had finished was pulled back and verifies: {run.adapter}"
 
@@ -388,8 +425,11 @@ class Recorder:
         self.run = run
         self.progress = progress
         self.skip = sum(1 for ev in _read_events(run.events_path) if ev.get("event") != "phase")
+        self.data_sha256: str | None = None
 
     def job_event(self, ev: dict) -> None:
+        if ev.get("event") == "log" and isinstance(ev.get("data_sha256"), str):
+            self.data_sha256 = ev["data_sha256"]  # the last one: what the job was given
         self.progress.on_event(ev)
         if self.skip > 0:
             self.skip -= 1
@@ -404,11 +444,19 @@ class Recorder:
             f.write(dumps(ev) + "\n")
 
 
-def fetch_and_verify(run: registry.Run, backend, recorder: Recorder, attempts: int = DOWNLOAD_ATTEMPTS) -> None:
-    """Pull out/ into a staging folder, verify every sha256, then move the results into runs/<id>/.
+# Names in runs/<id>/ that belong to the launcher: a manifest listing one of them is refused.
+RESERVED = ("run.json", "events.jsonl", "job.log", "task.yaml", "launch.log", ".download", ".lock",
+            ".follow.lock", "manifest.json", "checkpoints")
 
-    Retried: a failed or corrupt pull is worth another try before the machine (and the only copy)
-    is torn down. Results already in runs/<id>/ are replaced only by a copy that verified.
+
+def fetch_and_verify(run: registry.Run, backend, recorder: Recorder, attempts: int = DOWNLOAD_ATTEMPTS) -> None:
+    """Pull out/ into a staging folder, verify it, then move the results into runs/<id>/.
+
+    What comes back is untrusted: the manifest is checked against its schema, and the staging tree
+    must be exactly the manifest's files (no symlinks, special files, unlisted files; paths relative
+    and inside), with an adapter, each sha256 matching. Retried: a failed or corrupt pull is worth
+    another try before the machine (and the only copy) is torn down. Results already in runs/<id>/
+    are replaced only by a copy that verified.
     """
     run.transition("downloading")
     recorder.phase("downloading")
@@ -418,26 +466,32 @@ def fetch_and_verify(run: registry.Run, backend, recorder: Recorder, attempts: i
         staging.mkdir(parents=True)
         try:
             backend.download(run, staging)
-            manifest_lib.verify_or_raise(staging)
+            manifest = manifest_lib.verify_or_raise(staging, tree=True, reserved=RESERVED)
             break
-        except (BackendError, ContractError, OSError) as e:
+        except Exception as e:  # noqa: BLE001  (any failure of an untrusted pull is retried, then reported)
             if attempt == attempts:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            recorder.phase("downloading", f"attempt {attempt} failed ({redact(str(e))}); retrying")
+            recorder.phase("downloading", f"attempt {attempt} failed ({redact(_describe(e))}); retrying")
             time.sleep(DOWNLOAD_RETRY_S * attempt)
-    for entry in staging.iterdir():
-        if entry.name in ("events.jsonl", "job.log", "checkpoints"):
-            continue
-        target = run.dir / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
+    # Only what the manifest lists (and the manifest) is moved; its top-level names were checked above.
+    for name in sorted({e["path"].split("/")[0] for e in manifest["files"]} | {manifest_lib.MANIFEST_FILE}):
+        entry, target = staging / name, run.dir / name
+        if target.is_symlink() or target.is_file():
             target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
         entry.rename(target)
     shutil.rmtree(staging, ignore_errors=True)
     manifest_lib.verify_or_raise(run.dir)
     run.update(adapter=str((run.dir / "adapter").resolve()), verified=True)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for any exception (a bare KeyError's str is only the key)."""
+    if isinstance(e, (BackendError, ContractError, OSError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
 
 
 def teardown(run: registry.Run, backend, recorder: Recorder | None, console) -> bool:
