@@ -160,8 +160,12 @@ class Estimate:
 # --- the entry point -------------------------------------------------------------------------
 
 def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot: bool = False,
-                 data: str | None = None, infra: str = "sky") -> Estimate:
-    """Hours and dollars of `cfg` on `gpu` ("A100:1", a GpuSpec, or None for every card that fits)."""
+                 data: str | None = None, infra: str = "sky", allow_unpriced: bool = False) -> Estimate:
+    """Hours and dollars of `cfg` on `gpu` ("A100:1", a GpuSpec, or None for every card that fits).
+
+    SkyPilot's catalog is read offline when cached; a catalog that cannot be fetched falls back to
+    the copy SkyPilot cached last (a note gives its date), and with none at all `allow_unpriced`
+    returns the tokens and hours with "price unknown" (`estimate`) instead of refusing (`up`)."""
     table = load_throughput()
     params_b = model_params_b(cfg)
     local = infra.startswith(LOCAL_INFRA_PREFIXES)
@@ -192,7 +196,10 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
 
         for p in list(plans):
             rows = sky_adapter.list_offers(p.card, p.count, cloud, spot)
-            if not rows and gpu is not None:
+            unfetched = getattr(sky_adapter, "CATALOG_UNFETCHED", {})
+            if not rows and unfetched and not allow_unpriced:
+                raise ContractError(_unfetched(unfetched))
+            if not rows and gpu is not None and not (unfetched and allow_unpriced):
                 where = f" on {cloud}" if cloud else ""
                 kind = "spot " if spot else ""
                 failed = getattr(sky_adapter, "CATALOG_ERRORS", {})
@@ -213,6 +220,14 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                 offers.append(Offer(cloud=str(r["cloud"]), region=str(r["region"]), instance=str(r["instance"]),
                                     card=p.card, count=p.count, spot=spot, price_per_h=price, hours=hours,
                                     dollars=tuple(round(h * price, 2) for h in hours), spec=plan.card))
+        for name, date in sorted(getattr(sky_adapter, "CATALOG_STALE", {}).items()):
+            notes.append(f"SkyPilot's {name} catalog could not be fetched (offline?): prices from the copy it "
+                         f"cached{' on ' + date if date else ''}")
+        unfetched = getattr(sky_adapter, "CATALOG_UNFETCHED", {})
+        if not offers and unfetched and allow_unpriced:
+            notes.append(f"price unknown: {_unfetched(unfetched)}")
+            return Estimate(infra=infra, method=cfg.train.method, model=cfg.model.id, params_b=params_b,
+                            tokens=tokens, plans=tuple(plans), offers=(), spot=spot, notes=tuple(notes))
         if not offers:
             failed = getattr(sky_adapter, "CATALOG_ERRORS", {})
             why = f"; catalog unreadable for {', '.join(sorted(failed))} (offline? `sky show-gpus` fetches it)" if failed else ""
@@ -592,6 +607,11 @@ def check_caps(max_cost: float | None, max_hours: float | None, infra: str | Non
         raise ContractError(_no_price(max_cost))
 
 
+def _unfetched(clouds: dict) -> str:
+    return (f"SkyPilot could not fetch its price catalog for {', '.join(sorted(clouds))} (offline?) and has "
+            "none cached: check the network and run this again")
+
+
 def _no_price(max_cost: float) -> str:
     return (f"--max-cost {max_cost:g}: a dollar cap needs a cloud price (--infra sky); "
             "on local or ssh machines use --max-hours")
@@ -656,8 +676,9 @@ def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
     elif est.hours:
         lo, exp, hi = est.hours
         console.print(f"hours on {est.plan.card}:{est.plan.count}: {lo:.2f} / {exp:.2f} / {hi:.2f} (low / expected / high)")
-    for n in est.notes:
-        console.print(f"  note: {n}")
+    unpriced = [n for n in est.notes if n.startswith("price unknown")] if est.infra == "sky" and not est.offers else []
+    for n in unpriced or est.notes:  # no catalog at all: that one line says what is missing and what to do
+        console.print(n if unpriced else f"  note: {n}", highlight=False)
     if explain and est.plan:
         p = est.plan
         t = Table(title=f"How the hours add up on {p.card}:{p.count}", title_justify="left")

@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         _confirm(plan, console)
     if plan.infra.startswith("ssh://"):  # host key, credentials, disk: refused (exit 2) before a run exists
         get_backend(plan.infra, **_backend_opts(plan)).preflight(plan.cfg)
+    if plan.infra == "sky":  # no cloud credentials: one line, exit 2, before a run exists
+        _check_clouds()
     run_rec = registry.new_run(
         plan.name, plan.infra, gpu=str(plan.gpu) if plan.gpu else None, config=plan.cfg.to_dict(),
         options=plan.options, estimate=estimate,
@@ -216,6 +218,14 @@ def _confirm(plan: Plan, console) -> None:
         raise SystemExit(1)
 
 
+def _check_clouds() -> None:
+    from launcher.backends.sky import load_adapter
+    from launcher.sky_adapter import NO_CLOUD
+
+    if not load_adapter().enabled_clouds():
+        raise ContractError(NO_CLOUD)
+
+
 def _dryrun(plan: Plan, console) -> int:
     """Render the task, show it, and let SkyPilot's optimizer + dry run pick the offer."""
     from rich.text import Text
@@ -236,9 +246,18 @@ def _dryrun(plan: Plan, console) -> int:
         return 0
     from launcher.backends.sky import cluster_name_for, load_adapter
 
+    from launcher.sky_adapter import NoCloudEnabled
+
     adapter = load_adapter()
     adapter.log = lambda line: console.print(Text.from_ansi(redact(line)), highlight=False)  # SkyPilot's colours
-    offer = adapter.dryrun(rendered, cluster_name=cluster_name_for(f"{plan.name}-dryrun"), secrets=secrets)
+    console.print("SkyPilot's dry run: its optimizer picks the offer (the first call starts SkyPilot's API server)",
+                  highlight=False)
+    try:
+        offer = adapter.dryrun(rendered, cluster_name=cluster_name_for(f"{plan.name}-dryrun"), secrets=secrets)
+    except NoCloudEnabled as e:  # the task and the catalog's offers (above) are still worth seeing
+        console.print(str(e), highlight=False, markup=False)
+        console.print("dry run: nothing was provisioned")
+        return 0
     console.print(f"chosen: cloud {offer['cloud']}, region {offer.get('region')}, instance {offer['instance']}, "
                   f"{offer['accelerators']}, ${offer['price_per_hour']:.2f}/h{' (spot)' if offer.get('spot') else ''}",
                   highlight=False)
