@@ -1,0 +1,145 @@
+"""A new user's first hour (issue #18): no cloud credentials, no catalog, no network.
+
+The launcher runs as a subprocess with HOME pointing at an empty (or catalog-only) folder and a
+proxy that refuses every connection, so SkyPilot cannot fetch anything. SkyPilot's local API
+server, where one is needed, is the real one the launcher starts itself, on a free port of its own
+(SKYPILOT_API_SERVER_LOCAL_PORT) so other servers on the machine are never touched.
+"""
+from __future__ import annotations
+
+import calendar
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher_helpers import cli, launcher_env
+from skyfix import _free_port, _kill_server_tree, seed_catalog
+
+NO_CLOUD = "no cloud is enabled: set one up with `sky check`"
+
+
+def _server_pids(port: int) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = cmdline.read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"sky.server.server" in cmd and f"--port={port}".encode() in cmd:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.fixture
+def new_user(tmp_path):
+    """(env, port): an empty HOME, no network, a private API server port; any server left is killed."""
+    pytest.importorskip("sky", reason="skypilot is not installed")
+    home = tmp_path / "home"
+    home.mkdir()
+    port = _free_port()
+    dead = "http://127.0.0.1:9"  # nothing listens there: every download fails at once
+    env = launcher_env(tmp_path / "runs", HOME=str(home), SKYPILOT_API_SERVER_LOCAL_PORT=str(port),
+                       SKYPILOT_DISABLE_USAGE_COLLECTION="1", HTTPS_PROXY=dead, HTTP_PROXY=dead,
+                       https_proxy=dead, http_proxy=dead, NO_PROXY="127.0.0.1,localhost",
+                       no_proxy="127.0.0.1,localhost", COLUMNS="80")  # the local API server stays reachable
+    env.pop("SKYPILOT_API_SERVER_ENDPOINT", None)
+    yield env, port
+    _kill_server_tree(port)
+
+
+def _check_short(r, limit: int = 6) -> list[str]:
+    out = (r.stdout + r.stderr)
+    lines = out.splitlines()
+    assert "<sky-payload>" not in out and "rich_" not in out and "Traceback" not in out, out
+    assert "\x1b[" not in out, out
+    assert len(lines) <= limit, f"{len(lines)} lines:\n{out}"
+    return lines
+
+
+def test_estimate_and_dryrun_with_no_catalog_and_no_network_are_short_and_say_why(new_user, tmp_path):
+    env, port = new_user
+    r = cli(["estimate", "--gpu", "A100:1", "--subset", "0.1"], env, timeout=300)
+    _check_short(r)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = " ".join((r.stdout + r.stderr).split())
+    assert "hours on A100:1" in out and "price unknown" in out
+    assert "could not fetch its price catalog" in out and "check the network" in out
+
+    r = cli(["up", "--gpu", "A100:1", "--subset", "0.1", "--dryrun"], env, timeout=300)
+    lines = _check_short(r)
+    assert r.returncode == 2 and "could not fetch its price catalog" in lines[-1], r.stdout + r.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert _server_pids(port) == []  # no SkyPilot server was left behind
+
+
+AWS_VMS = """\
+InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,Price,SpotPrice,Region,AvailabilityZone
+p4de.test,A100,1.0,12.0,144.0,"{'Gpus': [{'Name': 'A100', 'Manufacturer': 'NVIDIA', 'Count': 1, \
+'MemoryInfo': {'SizeInMiB': 40960}}], 'TotalGpuMemoryInMiB': 40960}",4.10,1.50,us-east-1,us-east-1a
+"""
+
+
+def test_estimate_falls_back_to_the_catalog_skypilot_cached_last(new_user):
+    """A catalog SkyPilot fetched itself (its md5 in .meta) and older than its 7-hour refresh: the refresh
+    fails offline, the cached copy is used, and the estimate says so with the copy's date."""
+    env, _port = new_user
+    root = Path(env["HOME"]) / ".sky" / "catalogs" / "v8"
+    vms = root / "aws" / "vms.csv"
+    vms.parent.mkdir(parents=True)
+    vms.write_text(AWS_VMS)
+    (root / ".meta" / "aws").mkdir(parents=True)
+    (root / ".meta" / "aws" / "vms.csv.md5").write_text(hashlib.md5(vms.read_bytes()).hexdigest())
+    stamp = calendar.timegm((2026, 1, 2, 3, 4, 0, 0, 0, 0))
+    os.utime(vms, (stamp, stamp))
+    r = cli(["estimate", "--gpu", "A100:1", "--subset", "0.1", "--cloud", "aws"], {**env, "COLUMNS": "160"},
+            timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "<sky-payload>" not in out and "Failed to fetch" not in out, out
+    flat = " ".join(out.split())
+    assert "aws catalog could not be fetched (offline?): prices from the copy it cached on 2026-01-02 03:04 UTC" \
+        in flat, out
+    assert "p4de.test" in out and "4.10" in out  # the cached row is priced
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed (SkyPilot needs it)")
+def test_no_credentials_dryrun_shows_task_and_offers_and_up_refuses_before_a_run(new_user, tmp_path):
+    env, port = new_user
+    seed_catalog(Path(env["HOME"]))
+    env = {**env, "COLUMNS": "160"}
+    r = cli(["up", "--gpu", "A100:1", "--subset", "0.1", "--dryrun"], env, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "<sky-payload>" not in out and "Traceback" not in out and "NoCloudAccessError" not in out, out[-3000:]
+    assert "rendered task" in out and "run: |" in out  # the task
+    assert "Lambda" in out and "gpu_1x_a100" in out and "1.99" in out  # offers from the catalog, priced
+    assert out.count(NO_CLOUD) == 1 and "nothing was provisioned" in out
+    assert _server_pids(port) == [], "the API server this command started was left running"
+    assert "left running" not in out
+
+    t0 = time.monotonic()
+    r = cli(["up", "--gpu", "A100:1", "--subset", "0.1", "--yes"], env, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    assert [ln for ln in out.splitlines() if "error" in ln] == [f"socrates-launch up: error: {NO_CLOUD}"], out
+    assert "\x1b[" not in out and "Traceback" not in out
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), "a run record was created"
+    assert _server_pids(port) == [], f"API server left running ({time.monotonic() - t0:.0f} s)"
+
+
+def test_up_without_credentials_with_the_fake_sky_creates_no_run(tmp_path):
+    """The same refusal through the adapter seam (tests/fakesky.py), with no SkyPilot at all."""
+    pytest.importorskip("sky", reason="skypilot is not installed (the estimate reads its catalog)")
+    runs = tmp_path / "runs"
+    seed_catalog(tmp_path / "home")
+    env = launcher_env(runs, SOCRATES_SKY_ADAPTER="fakesky:FakeSky", FAKESKY_DIR=str(tmp_path / "cloud"),
+                       FAKESKY_FAIL="no-cloud", HOME=str(tmp_path / "home"),
+                       PYTHONPATH=f"{Path(__file__).parent}{os.pathsep}{Path(__file__).parent.parent}")
+    r = cli(["up", "--gpu", "A100:1", "--subset", "0.1", "--yes"], env, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and out.strip().splitlines()[-1] == f"socrates-launch up: error: {NO_CLOUD}", out
+    assert not runs.exists() or not any(runs.iterdir())
