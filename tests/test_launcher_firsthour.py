@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -143,3 +144,19 @@ def test_up_without_credentials_with_the_fake_sky_creates_no_run(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 2 and out.strip().splitlines()[-1] == f"socrates-launch up: error: {NO_CLOUD}", out
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_report_json_names_the_run_by_its_id(tmp_path):
+    runs = tmp_path / "runs"
+    run_dir = runs / "demo-20260101-000000-abcd"
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({
+        "id": run_dir.name, "dir": str(run_dir), "infra": "local", "name": "demo", "state": "done",
+        "created_at": 1.0, "history": [{"state": "created", "ts": 1.0}]}))
+    (run_dir / "eval" / "metrics.json").write_text(json.dumps(
+        {"results": {"fine-tuned/sample": {"wasserstein": 0.25, "individual_accuracy": 0.5}}}))
+    r = cli(["report", run_dir.name, "--json"], launcher_env(runs))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["run"] == "demo-20260101-000000-abcd"
+    r = cli(["report", run_dir.name], launcher_env(runs))
+    assert r.returncode == 0 and f"run {run_dir.name}" in r.stdout, r.stdout + r.stderr

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    folders, label = _eval_folders(args.run_id)
+    folders, run_id = _eval_folders(args.run_id)
+    label = run_id if Path(run_id).is_dir() else f"run {run_id}"
     results: dict[str, dict] = {}
     reports: list[tuple[float, Path]] = []
     for folder in folders:
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     # The newest report: evaluate draws sibling results in, so the last one written shows them all.
     report = max(reports, key=lambda r: r[0])[1] if reports else None
     if args.json:
-        print(json.dumps({"run": label, "report": str(report) if report else None,
+        print(json.dumps({"run": run_id, "report": str(report) if report else None,
                           "results": {k: _summary(v) for k, v in results.items()}}, indent=2))
         return 0
     print(render(label, results, report))
@@ -56,7 +57,7 @@ def _eval_folders(run_id: str | None) -> tuple[list[Path], str]:
     candidates = []
     for root in (rec.dir, rec.dir / "out"):
         candidates += sorted(p.parent for p in root.glob(f"eval*/{METRICS_FILE}"))
-    return candidates, f"run {rec.id}"
+    return candidates, rec.id
 
 
 def _read(path: Path) -> dict:

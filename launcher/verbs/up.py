@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import shutil
 import signal
 import sys
@@ -96,6 +97,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --- validation ------------------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """An error as it is saved and shown: SkyPilot's colour codes removed (run.json holds plain text)."""
+    return _ANSI.sub("", text)
+
 
 def check_combinations(args: argparse.Namespace, infra: str) -> None:
     """Flags that contradict each other (shared with `estimate`): refused, never resolved silently."""
@@ -283,7 +292,7 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
             status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
     except _DownloadFailed as e:
         progress.close()
-        message = redact(str(e.__cause__ or e))
+        message = plain(redact(str(e.__cause__ or e)))
         ends_by = backend.left_up_ends_by(run)
         run.transition("failed", note=message, error=message)
         if ends_by is None:
@@ -310,7 +319,7 @@ def drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = F
     except (BackendError, ContractError, OSError) as e:
         progress.close()
         _save_log(run, backend)
-        message = redact(str(e))
+        message = plain(redact(str(e)))
         run.transition("failed", note=message, error=message)
         console.print(f"[bold red]run {run.id} failed:[/] {message}", highlight=False)
         _tail_log(run, console)
