@@ -262,7 +262,10 @@ def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
         if not n.isdigit() or int(n) < 1:
             raise ContractError(f"--data {source!r}: synthetic:N needs a whole number of rows N >= 1")
         hub = load_hub_stats()
-        return _schedule(cfg, round(int(n) * _train_share(hub, d.split) * d.subset),
+        train = synthetic_train_rows(int(n), d.split, d.subset)
+        if train is None:
+            train = round(int(n) * _train_share(hub, d.split) * d.subset)
+        return _schedule(cfg, train, int(n) - train if d.subset >= 1 else
                          round(int(n) * (1 - _train_share(hub, d.split))), hub, exact=False, kind="synthetic",
                          how=f"{source}: generated rows, tokens per row from the shipped SocSci210 mean")
     if source.startswith((".", "/", "~")) or path.suffix in (".jsonl", ".json", ".parquet"):
@@ -340,6 +343,25 @@ def _schedule(cfg: RunConfig, train_rows: int, test_rows: int, hub: dict | None,
 
 
 CHECKED_ROWS = 1000  # rows of each .jsonl file parsed before launching (the job validates every row)
+
+
+def synthetic_train_rows(n: int, split: str, subset: float) -> int | None:
+    """Training rows the job gets from `synthetic:n`, where that follows from n alone (else None).
+
+    Mirrors job/synthetic.generate (n rows dealt round-robin over max(4, min(40, n // 30)) studies)
+    and job/data.split_rows (20% of the studies, at least 1, held out; `random`: 20% of the rows), so
+    the demo's header says the rows the job trains; tests/test_launcher_firsthour.py checks it against
+    the job's own prepare. Per-study counts differ when n is not a multiple of the studies, and then
+    which studies are held out decides: None."""
+    if subset < 1:
+        return None
+    if split == "random":
+        return n - max(1, round(n * 0.2))
+    studies = max(4, min(40, n // 30))
+    if split != "unseen-studies" or n % studies:
+        return None
+    held = min(studies - 1, max(1, round(studies * 0.2)))
+    return n - held * (n // studies)
 
 
 def count_rows(path: Path) -> int:

@@ -218,3 +218,24 @@ def test_report_to_is_checked_by_the_config_schema(tmp_path):
         load_config(tmp_path / "c.yaml")
     assert "train.report_to" in str(e.value) and "'mlflow'" in str(e.value) and "tensorboard" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("n,split", [(240, "unseen-studies"), (60, "unseen-studies"), (300, "random")])
+def test_the_estimate_counts_the_training_rows_the_job_prepares_from_synthetic_data(tmp_path, n, split):
+    """The demo's header (`up`/`estimate`'s first line) says the rows the job will train: checked
+    against the job's own `prepare` of the same synthetic source (the reference, run as a subprocess)."""
+    import subprocess
+    import sys
+
+    from contracts.config import load_config
+    from launcher import cost
+
+    out = tmp_path / "prepared"
+    r = subprocess.run([sys.executable, "-m", "job", "prepare", "--config", str(REPO / "configs" / "smoke.yaml"),
+                        "--data", f"synthetic:{n}", "--split", split, "--subset", "1.0", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    prepared = sum(1 for line in (out / "train.jsonl").read_text().splitlines() if line.strip())
+    cfg = load_config(REPO / "configs" / "smoke.yaml").with_overrides(
+        {"data.source": f"synthetic:{n}", "data.split": split, "data.subset": 1.0})
+    assert cost.count_tokens(cfg).train_rows == prepared
