@@ -3,6 +3,11 @@
 A thin layer over the 0.14 SDK: launch (with autodown), tail, job status, cluster status,
 rsync-down through the cluster's SSH alias, down, and the optimizer's dry run. The sky backend
 (launcher/backends/sky.py) drives it; tests swap in a fake with the same methods to inject faults.
+
+What SkyPilot prints itself (catalog updates as `<sky-payload>` markup, the API server starting) is
+captured (`captured`): never shown raw, read for the facts that matter (a catalog that could not be
+fetched, a server this process started), which the launcher turns into one line each. A local API
+server this process started is stopped when the command ends (`stop_server_if_started`, from cli).
 """
 from __future__ import annotations
 

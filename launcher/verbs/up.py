@@ -267,6 +267,12 @@ def _dryrun(plan: Plan, console) -> int:
         console.print(str(e), highlight=False, markup=False)
         console.print("dry run: nothing was provisioned")
         return 0
+    except Exception as e:  # noqa: BLE001 - SkyPilot's own failure: one plain line, not its traceback
+        first = plain(str(e)).strip().splitlines()[0] if str(e).strip() else ""
+        console.print(f"SkyPilot's dry run failed ({type(e).__name__}): {redact(first)[:300]}", highlight=False,
+                      markup=False)
+        console.print("dry run: nothing was provisioned")
+        return 1
     console.print(f"chosen: cloud {offer['cloud']}, region {offer.get('region')}, instance {offer['instance']}, "
                   f"{offer['accelerators']}, ${offer['price_per_hour']:.2f}/h{' (spot)' if offer.get('spot') else ''}",
                   highlight=False)
