@@ -30,6 +30,9 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "eager")
 MEMORY_MODES = ("auto", "fast", "lean")
+REPORT_TO = ("none", "tensorboard", "wandb")
+TENSORBOARD_DIR = "tensorboard"
+"""Where train.report_to: tensorboard writes its event files, under the job's out/ (they come back with it)."""
 OPTIMIZERS = (
     # transformers' OptimizerNames that need nothing beyond torch + bitsandbytes (the image's deps);
     # kept explicit so contracts imports neither transformers nor torch.
@@ -112,6 +115,9 @@ class TrainSpec:
     """Stop after this many optimizer steps (smoke runs, benchmarks); None: the schedule's own."""
     logging_steps: int = 1
     seed: int = 42
+    report_to: str = "none"
+    """Experiment tracking: none | tensorboard (event files in out/tensorboard/, brought back) | wandb
+    (WANDB_API_KEY passed as a secret; WANDB_PROJECT etc. from the environment)."""
 
     def grad_accum(self, world_size: int = 1) -> int:
         """Accumulation steps that make `global_batch` from the micro-batch on `world_size` GPUs."""
@@ -277,6 +283,7 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("train.max_steps", _whole(1, null=True), "a whole number >= 1, or null"),
     ("train.checkpoint_layers", _whole(0, null=True), "a whole number >= 0, or null for all layers"),
     ("train.logging_steps", _whole(1), "a whole number >= 1"),
+    ("train.report_to", _one_of(REPORT_TO), " | ".join(REPORT_TO)),
     ("train.seed", _whole(0, SEED_MAX), f"a whole number in 0..{SEED_MAX}"),
     ("lora.r", _whole(1), "a whole number >= 1"),
     ("lora.alpha", _finite(0, lo_open=True), "a finite number > 0"),

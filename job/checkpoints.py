@@ -23,7 +23,7 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 HOW_NOT_WHAT = frozenset({
     "train.micro_batch", "train.packing", "train.gradient_checkpointing", "train.checkpoint_layers", "train.liger",
     "train.attn_implementation", "train.fused_lora", "train.offload_checkpoints", "train.compile", "train.memory_mode",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.logging_steps",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.logging_steps", "train.report_to",
 })
 _SECTIONS = ("model", "lora", "train")
 

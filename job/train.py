@@ -11,6 +11,7 @@ one carries the run's fingerprint (job/checkpoints.py): a resume with another co
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import shutil
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts import manifest
-from contracts.config import RunConfig, load_config
+from contracts.config import TENSORBOARD_DIR, RunConfig, load_config
 from contracts.errors import ContractError
 from contracts.events import EventWriter
 from job.checkpoints import (  # noqa: F401
@@ -207,6 +208,7 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
 
     t = cfg.train
     on_gpu = device.type == "cuda"
+    report_to = _report_to(t.report_to, ckpt_root.parent)
     sft = SFTConfig(
         output_dir=str(ckpt_root / ".staging"),
         per_device_train_batch_size=t.micro_batch,
@@ -225,7 +227,7 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
         save_total_limit=None,  # rotation happens in checkpoints/, after the atomic rename
         seed=t.seed,
         data_seed=t.seed,
-        report_to=[],
+        report_to=report_to,
         disable_tqdm=True,
         use_cpu=not on_gpu,
         gradient_checkpointing=False,  # enabled on the model itself (model.add_lora), once
@@ -253,6 +255,22 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
 
     fast.speed_up(model, t, device, trainer=trainer, pad_id=tok.pad_token_id)
     return trainer
+
+
+def _report_to(choice: str, out: Path) -> list[str]:
+    """train.report_to -> the trainer's integrations. TensorBoard writes under out/tensorboard/ (not the
+    checkpoint staging folder), so its event files are in the manifest and come back with the run."""
+    if choice == "none":
+        return []
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[choice]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ContractError(f"train.report_to: {choice!r} needs the {module} package, which is not installed "
+                            f"here (pip install {module}, or train.report_to: none)") from None
+    if choice == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / TENSORBOARD_DIR)  # read by transformers' callback
+    return [choice]
 
 
 def cpu_optimizer(optim: str) -> str:

@@ -162,8 +162,12 @@ class Estimate:
 # --- the entry point -------------------------------------------------------------------------
 
 def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot: bool = False,
-                 data: str | None = None, infra: str = "sky") -> Estimate:
-    """Hours and dollars of `cfg` on `gpu` ("A100:1", a GpuSpec, or None for every card that fits)."""
+                 data: str | None = None, infra: str = "sky", allow_unpriced: bool = False) -> Estimate:
+    """Hours and dollars of `cfg` on `gpu` ("A100:1", a GpuSpec, or None for every card that fits).
+
+    SkyPilot's catalog is read offline when cached; a catalog that cannot be fetched falls back to
+    the copy SkyPilot cached last (a note gives its date), and with none at all `allow_unpriced`
+    returns the tokens and hours with "price unknown" (`estimate`) instead of refusing (`up`)."""
     table = load_throughput()
     params_b = model_params_b(cfg)
     local = infra.startswith(LOCAL_INFRA_PREFIXES)
@@ -200,7 +204,10 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
 
         for p in list(plans):
             rows = sky_adapter.list_offers(p.card, p.count, cloud, spot)
-            if not rows and gpu is not None:
+            unfetched = getattr(sky_adapter, "CATALOG_UNFETCHED", {})
+            if not rows and unfetched and not allow_unpriced:
+                raise ContractError(_unfetched(unfetched))
+            if not rows and gpu is not None and not (unfetched and allow_unpriced):
                 where = f" on {cloud}" if cloud else ""
                 kind = "spot " if spot else ""
                 failed = getattr(sky_adapter, "CATALOG_ERRORS", {})
@@ -221,6 +228,14 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                 offers.append(Offer(cloud=str(r["cloud"]), region=str(r["region"]), instance=str(r["instance"]),
                                     card=p.card, count=p.count, spot=spot, price_per_h=price, hours=hours,
                                     dollars=tuple(round(h * price, 2) for h in hours), spec=plan.card))
+        for name, date in sorted(getattr(sky_adapter, "CATALOG_STALE", {}).items()):
+            notes.append(f"SkyPilot's {name} catalog could not be fetched (offline?): prices from the copy it "
+                         f"cached{' on ' + date if date else ''}")
+        unfetched = getattr(sky_adapter, "CATALOG_UNFETCHED", {})
+        if not offers and unfetched and allow_unpriced:
+            notes.append(f"price unknown: {_unfetched(unfetched)}")
+            return Estimate(infra=infra, method=cfg.train.method, model=cfg.model.id, params_b=params_b,
+                            tokens=tokens, plans=tuple(plans), offers=(), spot=spot, notes=tuple(notes))
         if not offers:
             failed = getattr(sky_adapter, "CATALOG_ERRORS", {})
             why = f"; catalog unreadable for {', '.join(sorted(failed))} (offline? `sky show-gpus` fetches it)" if failed else ""
@@ -256,7 +271,10 @@ def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
         if not n.isdigit() or int(n) < 1:
             raise ContractError(f"--data {source!r}: synthetic:N needs a whole number of rows N >= 1")
         hub = load_hub_stats()
-        return _schedule(cfg, round(int(n) * _train_share(hub, d.split) * d.subset),
+        train = synthetic_train_rows(int(n), d.split, d.subset)
+        if train is None:
+            train = round(int(n) * _train_share(hub, d.split) * d.subset)
+        return _schedule(cfg, train, int(n) - train if d.subset >= 1 else
                          round(int(n) * (1 - _train_share(hub, d.split))), hub, exact=False, kind="synthetic",
                          how=f"{source}: generated rows, tokens per row from the shipped SocSci210 mean")
     if source.startswith((".", "/", "~")) or path.suffix in (".jsonl", ".json", ".parquet"):
@@ -331,6 +349,25 @@ def _schedule(cfg: RunConfig, train_rows: int, test_rows: int, hub: dict | None,
                   low=tokens * lo / mean if mean else tokens, high=tokens * hi / mean if mean else tokens,
                   test_rows=max(0, test_rows), prompt_tokens_per_row=prompt_mean or 0.0, exact=exact, source=how,
                   kind=kind, data_bytes=data_bytes)
+
+
+def synthetic_train_rows(n: int, split: str, subset: float) -> int | None:
+    """Training rows the job gets from `synthetic:n`, where that follows from n alone (else None).
+
+    Mirrors job/synthetic.generate (n rows dealt round-robin over max(4, min(40, n // 30)) studies)
+    and job/data.split_rows (20% of the studies, at least 1, held out; `random`: 20% of the rows), so
+    the demo's header says the rows the job trains; tests/test_launcher_firsthour.py checks it against
+    the job's own prepare. Per-study counts differ when n is not a multiple of the studies, and then
+    which studies are held out decides: None."""
+    if subset < 1:
+        return None
+    if split == "random":
+        return n - max(1, round(n * 0.2))
+    studies = max(4, min(40, n // 30))
+    if split != "unseen-studies" or n % studies:
+        return None
+    held = min(studies - 1, max(1, round(studies * 0.2)))
+    return n - held * (n // studies)
 
 
 def count_rows(path: Path) -> int:
@@ -609,6 +646,11 @@ def check_caps(max_cost: float | None, max_hours: float | None, infra: str | Non
         raise ContractError(_no_price(max_cost))
 
 
+def _unfetched(clouds: dict) -> str:
+    return (f"SkyPilot could not fetch its price catalog for {', '.join(sorted(clouds))} (offline?) and has "
+            "none cached: check the network and run this again")
+
+
 def _no_price(max_cost: float) -> str:
     return (f"--max-cost {max_cost:g}: a dollar cap needs a cloud price (--infra sky); "
             "on local or ssh machines use --max-hours")
@@ -673,8 +715,9 @@ def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
     elif est.hours:
         lo, exp, hi = est.hours
         console.print(f"hours on {est.plan.card}:{est.plan.count}: {lo:.2f} / {exp:.2f} / {hi:.2f} (low / expected / high)")
-    for n in est.notes:
-        console.print(f"  note: {n}")
+    unpriced = [n for n in est.notes if n.startswith("price unknown")] if est.infra == "sky" and not est.offers else []
+    for n in unpriced or est.notes:  # no catalog at all: that one line says what is missing and what to do
+        console.print(n if unpriced else f"  note: {n}", highlight=False)
     if explain and est.plan:
         p = est.plan
         t = Table(title=f"How the hours add up on {p.card}:{p.count}", title_justify="left")

@@ -3,12 +3,23 @@
 A thin layer over the 0.14 SDK: launch (with autodown), tail, job status, cluster status,
 rsync-down through the cluster's SSH alias, down, and the optimizer's dry run. The sky backend
 (launcher/backends/sky.py) drives it; tests swap in a fake with the same methods to inject faults.
+
+What SkyPilot prints itself (catalog updates as `<sky-payload>` markup, the API server starting) is
+captured (`captured`): never shown raw, read for the facts that matter (a catalog that could not be
+fetched, a server this process started), which the launcher turns into one line each. A local API
+server this process started is stopped when the command ends (`stop_server_if_started`, from cli).
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -20,11 +31,137 @@ REMOTE_WORKDIR = "~/sky_workdir"
 RSYNC_CEILING_S = 3600  # out/ without checkpoints/ is adapters + eval files: minutes even on a slow link
 
 
+NO_CLOUD = "no cloud is enabled: set one up with `sky check`"
+
+
+class NoCloudEnabled(RuntimeError):
+    """SkyPilot has no cloud with working credentials (`sky check` enables them)."""
+
+    def __init__(self):
+        super().__init__(NO_CLOUD)
+
+
+# Whether this process started SkyPilot's local API server (stop_server_if_started ends it).
+SERVER = {"started": False, "endpoint": None}
+SERVER_SETTLE_S = 10.0
+_SKY_NOISE = ("<sky-payload>", "rich_init", "rich_update", "rich_start", "rich_exit")
+
+
+@contextlib.contextmanager
+def captured(lines: list[str] | None = None) -> Iterator[None]:
+    """Everything SkyPilot prints (to Python's streams or straight to fd 1/2) while the block runs
+    is captured, never shown raw: its rich-markup payloads are dropped, the facts the launcher needs
+    are read out (catalog fetch failures, a local API server being started), and the other lines
+    are appended to `lines` for the caller to render or drop."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    with tempfile.TemporaryFile() as tmp:
+        saved = (os.dup(1), os.dup(2))
+        try:
+            os.dup2(tmp.fileno(), 1)
+            os.dup2(tmp.fileno(), 2)
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            tmp.seek(0)
+            kept = digest(tmp.read().decode("utf-8", errors="replace"))
+            if lines is not None:
+                lines.extend(kept)
+
+
+_FETCH_FAILED = re.compile(r"Failed to fetch (\S+) catalog (\S+?)\.? (Using cached|Please check)")
+
+
+def digest(text: str) -> list[str]:
+    """SkyPilot's captured output -> the lines worth keeping (see `captured`)."""
+    kept = []
+    for raw in text.splitlines():
+        line = _ANSI.sub("", raw).rstrip()
+        if not line.strip() or any(n in line for n in _SKY_NOISE):
+            continue
+        if m := _FETCH_FAILED.search(line):
+            cloud = m.group(1).lower()
+            if m.group(3) == "Using cached":
+                CATALOG_STALE.setdefault(cloud, _CATALOG_MTIME.get(cloud))
+            else:
+                CATALOG_UNFETCHED[cloud] = m.group(2)
+            continue
+        if "Starting a local server" in line:
+            SERVER["started"] = True
+            continue
+        if "API server started" in line or "API server stopped" in line:
+            continue
+        kept.append(raw)
+    return kept
+
+
+def sky_command() -> str:
+    """How to run SkyPilot's CLI from here: `sky` when it is on PATH, else the venv's own."""
+    if shutil.which("sky"):
+        return "sky"
+    return str(Path(sys.executable).parent / "sky")
+
+
+def stop_server_if_started(say: Callable[[str], None]) -> None:
+    """Stop SkyPilot's local API server if this process started it and no other request is in
+    flight on it; else say once that it is left running and how to stop it."""
+    if not SERVER["started"]:
+        return
+    SERVER["started"] = False
+    import sky
+
+    try:
+        with captured():
+            deadline = time.monotonic() + SERVER_SETTLE_S  # our own last request may still be closing
+            while True:
+                busy = [r for r in sky.api_status() if str(getattr(r, "status", "")).rsplit(".", 1)[-1].upper()
+                        in _IN_FLIGHT and getattr(r, "entrypoint", None) != "run_event"]  # not its daemons
+                if not busy or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            if not busy:
+                sky.api_stop()
+                return
+    except Exception as e:  # noqa: BLE001 - never hide that a server may be left running
+        say(f"SkyPilot's API server (started by this command) may still be running ({type(e).__name__}); "
+            f"stop it with `{sky_command()} api stop`")
+        return
+    names = ", ".join(sorted({str(getattr(r, "name", "?")) for r in busy}))
+    say(f"SkyPilot's API server (started by this command) is left running: {len(busy)} other request(s) use it "
+        f"({names}); "
+        f"stop it with `{sky_command()} api stop`")
+
+
 class SkyAdapter:
     """Each method is one SDK call (or a short sequence); errors surface as the SDK raises them."""
 
     def __init__(self, log: Callable[[str], None] | None = None):
         self.log = log or (lambda line: None)
+
+    def enabled_clouds(self) -> list[str]:
+        """The clouds SkyPilot may launch on (credentials checked by `sky check`); starts the local
+        API server if none runs (stop_server_if_started ends it). A credential check the server
+        runs when it boots is waited for first, so a fresh server does not answer "none"."""
+        import sky
+
+        with captured():
+            for req in sky.api_status():
+                if "check" in str(getattr(req, "name", "")):
+                    try:
+                        sky.get(req.request_id)
+                    except Exception:  # noqa: BLE001 - a failed check leaves clouds disabled: asked below
+                        pass
+            from sky.client import sdk
+
+            return [str(c) for c in sky.get(sdk.enabled_clouds())]
 
     def launch(self, task_config: dict, cluster_name: str, secrets: dict[str, str], idle_minutes: int,
                on_request_id: Callable[[str], None]) -> int:
@@ -132,13 +269,16 @@ class SkyAdapter:
 
         task = sky.Task.from_yaml_config(task_config, secrets_overrides=list((secrets or {}).items()) or None)
         lines: list[str] = []
-
-        def keep(line: str) -> None:
-            lines.append(line)
+        noise: list[str] = []
+        try:
+            with captured(noise):
+                request_id = sky.launch(task, cluster_name=cluster_name, dryrun=True, down=True,
+                                        idle_minutes_to_autostop=10)
+                sky.stream_and_get(request_id, output_stream=_LineSink(lines.append))
+        except sky.exceptions.NoCloudAccessError:
+            raise NoCloudEnabled() from None
+        for line in lines:
             self.log(line)
-
-        request_id = sky.launch(task, cluster_name=cluster_name, dryrun=True, down=True, idle_minutes_to_autostop=10)
-        sky.stream_and_get(request_id, output_stream=_LineSink(keep))
         return parse_chosen(lines)
 
 
@@ -209,6 +349,11 @@ def _name(record: Any) -> str | None:
 
 # Clouds whose catalog could not be read or fetched in this process (cloud -> why): asked once only.
 CATALOG_ERRORS: dict[str, str] = {}
+# Clouds whose catalog SkyPilot could not download and has no copy of (cloud -> file).
+CATALOG_UNFETCHED: dict[str, str] = {}
+# Clouds whose catalog could not be refreshed, so SkyPilot read the copy it cached (cloud -> its date).
+CATALOG_STALE: dict[str, str | None] = {}
+_CATALOG_MTIME: dict[str, str] = {}
 
 
 def list_offers(accelerator: str, count: int, cloud: str | None, spot: bool) -> list[dict]:
@@ -235,10 +380,14 @@ def list_offers(accelerator: str, count: int, cloud: str | None, spot: bool) -> 
     for name in clouds:
         if name in CATALOG_ERRORS:
             continue
+        vms = catalog_common.get_catalog_path(f"{name}/vms.csv")
+        if os.path.exists(vms):  # read before SkyPilot refreshes it (a failed refresh touches the file)
+            _CATALOG_MTIME[name] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(os.path.getmtime(vms)))
         try:
-            found = catalog.list_accelerators(gpus_only=True, name_filter=accelerator, quantity_filter=count,
-                                              clouds=name, case_sensitive=False, all_regions=True,
-                                              require_price=True)
+            with captured():
+                found = catalog.list_accelerators(gpus_only=True, name_filter=accelerator, quantity_filter=count,
+                                                  clouds=name, case_sensitive=False, all_regions=True,
+                                                  require_price=True)
         except Exception as e:  # noqa: BLE001 - one cloud's missing or unreadable catalog must not hide the others
             CATALOG_ERRORS[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             continue

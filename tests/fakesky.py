@@ -166,6 +166,9 @@ class FakeSky:
                 _kill_group(int((cdir / name).read_text()))
         shutil.rmtree(cdir, ignore_errors=True)
 
+    def enabled_clouds(self) -> list[str]:
+        return [] if "no-cloud" in _faults() else ["Fake"]
+
     def dryrun(self, task_config: dict, cluster_name: str, secrets: dict | None = None) -> dict:
         return {"cloud": "Fake", "region": "here", "instance": "fake-1x", "accelerators": "A100:1",
                 "price_per_hour": 1.0, "spot": False}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -42,9 +43,18 @@ def cli(args: list[str], env: dict, timeout: float = 120, cwd: Path = REPO) -> s
                           text=True, timeout=timeout)
 
 
+def default_signals() -> None:
+    """In the child before exec: the signals the tests send get their default dispositions, since a
+    suite started with SIGINT ignored (nohup, `&`, some CI wrappers) would pass that on and Python
+    keeps an ignored SIGINT ignored, so Ctrl-C would never reach the launcher."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def spawn(args: list[str], env: dict, cwd: Path = REPO) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=default_signals)
 
 
 def only_run(runs: Path) -> dict:

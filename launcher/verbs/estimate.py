@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.with_overrides({"eval.rows": args.eval_rows}, source="command line")
     if args.no_eval:
         cfg = cfg.with_overrides({"eval.enabled": False}, source="command line")
-    est = cost.estimate_run(cfg, gpu=args.gpu, cloud=args.cloud, spot=args.spot, data=args.data, infra=args.infra)
+    est = cost.estimate_run(cfg, gpu=args.gpu, cloud=args.cloud, spot=args.spot, data=args.data, infra=args.infra,
+                             allow_unpriced=True)
     if args.json:
         out = cost.to_json(est)
         out["deadline_s"] = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
     if deadline_s is not None:
         console.print(f"caps hold: the job will stop by itself {deadline_s / 3600:.2f} h after setup starts on the machine")
-    elif (safety := cost.safety_deadline(est)) is not None:
+    elif est.offers and (safety := cost.safety_deadline(est)) is not None:
         console.print(cost.safety_line(safety), highlight=False)
     return 0
 

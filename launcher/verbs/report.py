@@ -26,7 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    folders, label = _eval_folders(args.run_id)
+    folders, run_id = _eval_folders(args.run_id)
+    label = run_id if Path(run_id).is_dir() else f"run {run_id}"
+    tb = _tensorboard_dir(run_id)
+    if tb is not None and not args.json:
+        print(f"training curves (train.report_to: tensorboard): tensorboard --logdir {tb}")
     results: dict[str, dict] = {}
     reports: list[tuple[float, Path]] = []
     for folder in folders:
@@ -42,11 +46,21 @@ def run(args: argparse.Namespace) -> int:
     # The newest report: evaluate draws sibling results in, so the last one written shows them all.
     report = max(reports, key=lambda r: r[0])[1] if reports else None
     if args.json:
-        print(json.dumps({"run": label, "report": str(report) if report else None,
+        print(json.dumps({"run": run_id, "report": str(report) if report else None,
+                          "tensorboard": str(tb) if tb else None,
                           "results": {k: _summary(v) for k, v in results.items()}}, indent=2))
         return 0
     print(render(label, results, report))
     return 0
+
+
+def _tensorboard_dir(run_id: str) -> Path | None:
+    """The run's TensorBoard event files (downloaded with out/ and verified with the manifest), if any."""
+    root = Path(run_id) if Path(run_id).is_dir() else registry.resolve(run_id).dir
+    for d in (root / "tensorboard", root / "out" / "tensorboard", root.parent / "tensorboard"):
+        if d.is_dir() and any(d.rglob("events.out.tfevents*")):
+            return d
+    return None
 
 
 def _eval_folders(run_id: str | None) -> tuple[list[Path], str]:
@@ -56,7 +70,7 @@ def _eval_folders(run_id: str | None) -> tuple[list[Path], str]:
     candidates = []
     for root in (rec.dir, rec.dir / "out"):
         candidates += sorted(p.parent for p in root.glob(f"eval*/{METRICS_FILE}"))
-    return candidates, f"run {rec.id}"
+    return candidates, rec.id
 
 
 def _read(path: Path) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import shutil
 import signal
 import sys
@@ -90,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if not plan.cfg.data.source.startswith("synthetic:") and source.exists():
         # What is sent, hashed as the machine hashes what it got (sky/train.yaml): compared at the end.
         plan.options["data_sha256"] = manifest_lib.data_hash(source)
+    if plan.infra == "sky":  # no cloud credentials: one line, exit 2, before a run exists
+        _check_clouds()
     run_rec = registry.new_run(
         plan.name, plan.infra, gpu=str(plan.gpu) if plan.gpu else None, config=plan.cfg.to_dict(),
         options=plan.options, estimate=estimate,
@@ -101,6 +104,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --- validation ------------------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """An error as it is saved and shown: SkyPilot's colour codes removed (run.json holds plain text)."""
+    return _ANSI.sub("", text)
+
 
 def check_combinations(args: argparse.Namespace, infra: str) -> None:
     """Flags that contradict each other (shared with `estimate`): refused, never resolved silently."""
@@ -246,6 +257,14 @@ def _confirm(plan: Plan, console) -> None:
         raise SystemExit(1)
 
 
+def _check_clouds() -> None:
+    from launcher.backends.sky import load_adapter
+    from launcher.sky_adapter import NO_CLOUD
+
+    if not load_adapter().enabled_clouds():
+        raise ContractError(NO_CLOUD)
+
+
 def _dryrun(plan: Plan, console) -> int:
     """Render the task, show it, and let SkyPilot's optimizer + dry run pick the offer."""
     from rich.text import Text
@@ -272,9 +291,24 @@ def _dryrun(plan: Plan, console) -> int:
         return 0
     from launcher.backends.sky import cluster_name_for, load_adapter
 
+    from launcher.sky_adapter import NoCloudEnabled
+
     adapter = load_adapter()
     adapter.log = lambda line: console.print(Text.from_ansi(redact(line)), highlight=False)  # SkyPilot's colours
-    offer = adapter.dryrun(rendered, cluster_name=cluster_name_for(f"{plan.name}-dryrun"), secrets=secrets)
+    console.print("SkyPilot's dry run: its optimizer picks the offer (the first call starts SkyPilot's API server)",
+                  highlight=False)
+    try:
+        offer = adapter.dryrun(rendered, cluster_name=cluster_name_for(f"{plan.name}-dryrun"), secrets=secrets)
+    except NoCloudEnabled as e:  # the task and the catalog's offers (above) are still worth seeing
+        console.print(str(e), highlight=False, markup=False)
+        console.print("dry run: nothing was provisioned")
+        return 0
+    except Exception as e:  # noqa: BLE001 - SkyPilot's own failure: one plain line, not its traceback
+        first = plain(str(e)).strip().splitlines()[0] if str(e).strip() else ""
+        console.print(f"SkyPilot's dry run failed ({type(e).__name__}): {redact(first)[:300]}", highlight=False,
+                      markup=False)
+        console.print("dry run: nothing was provisioned")
+        return 1
     console.print(f"chosen: cloud {offer['cloud']}, region {offer.get('region')}, instance {offer['instance']}, "
                   f"{offer['accelerators']}, ${offer['price_per_hour']:.2f}/h{' (spot)' if offer.get('spot') else ''}",
                   highlight=False)
@@ -321,7 +355,7 @@ def _drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = 
             status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
     except _DownloadFailed as e:
         progress.close()
-        message = redact(_describe(e.__cause__ or e))
+        message = plain(redact(_describe(e.__cause__ or e)))
         ends_by = backend.left_up_ends_by(run)
         run.transition("failed", note=message, error=message)
         if ends_by is None:
@@ -356,7 +390,7 @@ def _drive(run: registry.Run, backend, console, *, launch: bool, detach: bool = 
     except (BackendError, ContractError, OSError) as e:
         progress.close()
         _save_log(run, backend)
-        message = redact(str(e))
+        message = plain(redact(str(e)))
         run.transition("failed", note=message, error=message)
         console.print(f"[bold red]run {run.id} failed:[/] {message}", highlight=False)
         _tail_log(run, console)

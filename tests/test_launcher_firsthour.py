@@ -1,0 +1,241 @@
+"""A new user's first hour (issue #18): no cloud credentials, no catalog, no network.
+
+The launcher runs as a subprocess with HOME pointing at an empty (or catalog-only) folder and a
+proxy that refuses every connection, so SkyPilot cannot fetch anything. SkyPilot's local API
+server, where one is needed, is the real one the launcher starts itself, on a free port of its own
+(SKYPILOT_API_SERVER_LOCAL_PORT) so other servers on the machine are never touched.
+"""
+from __future__ import annotations
+
+import calendar
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher_helpers import REPO, cli, launcher_env, only_run
+from skyfix import _free_port, _kill_server_tree, seed_catalog
+
+NO_CLOUD = "no cloud is enabled: set one up with `sky check`"
+
+
+def _server_pids(port: int) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = cmdline.read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"sky.server.server" in cmd and f"--port={port}".encode() in cmd:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.fixture
+def new_user(tmp_path):
+    """(env, port): an empty HOME, no network, a private API server port; any server left is killed."""
+    pytest.importorskip("sky", reason="skypilot is not installed")
+    home = tmp_path / "home"
+    home.mkdir()
+    port = _free_port()
+    dead = "http://127.0.0.1:9"  # nothing listens there: every download fails at once
+    env = launcher_env(tmp_path / "runs", HOME=str(home), SKYPILOT_API_SERVER_LOCAL_PORT=str(port),
+                       SKYPILOT_DISABLE_USAGE_COLLECTION="1", HTTPS_PROXY=dead, HTTP_PROXY=dead,
+                       https_proxy=dead, http_proxy=dead, NO_PROXY="127.0.0.1,localhost",
+                       no_proxy="127.0.0.1,localhost", COLUMNS="80")  # the local API server stays reachable
+    env.pop("SKYPILOT_API_SERVER_ENDPOINT", None)
+    yield env, port
+    _kill_server_tree(port)
+
+
+def _check_short(r, limit: int = 6) -> list[str]:
+    out = (r.stdout + r.stderr)
+    lines = out.splitlines()
+    assert "<sky-payload>" not in out and "rich_" not in out and "Traceback" not in out, out
+    assert "\x1b[" not in out, out
+    assert len(lines) <= limit, f"{len(lines)} lines:\n{out}"
+    return lines
+
+
+def test_estimate_and_dryrun_with_no_catalog_and_no_network_are_short_and_say_why(new_user, tmp_path):
+    env, port = new_user
+    r = cli(["estimate", "--gpu", "A100:1", "--subset", "0.1"], env, timeout=300)
+    _check_short(r)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = " ".join((r.stdout + r.stderr).split())
+    assert "hours on A100:1" in out and "price unknown" in out
+    assert "could not fetch its price catalog" in out and "check the network" in out
+
+    r = cli(["up", "--gpu", "A100:1", "--subset", "0.1", "--dryrun"], env, timeout=300)
+    lines = _check_short(r)
+    assert r.returncode == 2 and "could not fetch its price catalog" in lines[-1], r.stdout + r.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert _server_pids(port) == []  # no SkyPilot server was left behind
+
+
+AWS_VMS = """\
+InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,Price,SpotPrice,Region,AvailabilityZone
+p4de.test,A100,1.0,12.0,144.0,"{'Gpus': [{'Name': 'A100', 'Manufacturer': 'NVIDIA', 'Count': 1, \
+'MemoryInfo': {'SizeInMiB': 40960}}], 'TotalGpuMemoryInMiB': 40960}",4.10,1.50,us-east-1,us-east-1a
+"""
+
+
+def test_estimate_falls_back_to_the_catalog_skypilot_cached_last(new_user):
+    """A catalog SkyPilot fetched itself (its md5 in .meta) and older than its 7-hour refresh: the refresh
+    fails offline, the cached copy is used, and the estimate says so with the copy's date."""
+    env, _port = new_user
+    root = Path(env["HOME"]) / ".sky" / "catalogs" / "v8"
+    vms = root / "aws" / "vms.csv"
+    vms.parent.mkdir(parents=True)
+    vms.write_text(AWS_VMS)
+    (root / ".meta" / "aws").mkdir(parents=True)
+    (root / ".meta" / "aws" / "vms.csv.md5").write_text(hashlib.md5(vms.read_bytes()).hexdigest())
+    stamp = calendar.timegm((2026, 1, 2, 3, 4, 0, 0, 0, 0))
+    os.utime(vms, (stamp, stamp))
+    r = cli(["estimate", "--gpu", "A100:1", "--subset", "0.1", "--cloud", "aws"], {**env, "COLUMNS": "160"},
+            timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "<sky-payload>" not in out and "Failed to fetch" not in out, out
+    flat = " ".join(out.split())
+    assert "aws catalog could not be fetched (offline?): prices from the copy it cached on 2026-01-02 03:04 UTC" \
+        in flat, out
+    assert "p4de.test" in out and "4.10" in out  # the cached row is priced
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed (SkyPilot needs it)")
+def test_no_credentials_dryrun_shows_task_and_offers_and_up_refuses_before_a_run(new_user, tmp_path):
+    env, port = new_user
+    seed_catalog(Path(env["HOME"]))
+    env = {**env, "COLUMNS": "160"}
+    r = cli(["up", "--gpu", "A100:1", "--subset", "0.1", "--dryrun"], env, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "<sky-payload>" not in out and "Traceback" not in out and "NoCloudAccessError" not in out, out[-3000:]
+    assert "rendered task" in out and "run: |" in out  # the task
+    assert "Lambda" in out and "gpu_1x_a100" in out and "1.99" in out  # offers from the catalog, priced
+    assert out.count(NO_CLOUD) == 1 and "nothing was provisioned" in out
+    assert _server_pids(port) == [], "the API server this command started was left running"
+    assert "left running" not in out
+
+    t0 = time.monotonic()
+    r = cli(["up", "--gpu", "A100:1", "--subset", "0.1", "--yes"], env, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    assert [ln for ln in out.splitlines() if "error" in ln] == [f"socrates-launch up: error: {NO_CLOUD}"], out
+    assert "\x1b[" not in out and "Traceback" not in out
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), "a run record was created"
+    assert _server_pids(port) == [], f"API server left running ({time.monotonic() - t0:.0f} s)"
+
+
+def test_up_without_credentials_with_the_fake_sky_creates_no_run(tmp_path):
+    """The same refusal through the adapter seam (tests/fakesky.py), with no SkyPilot at all."""
+    pytest.importorskip("sky", reason="skypilot is not installed (the estimate reads its catalog)")
+    runs = tmp_path / "runs"
+    seed_catalog(tmp_path / "home")
+    env = launcher_env(runs, SOCRATES_SKY_ADAPTER="fakesky:FakeSky", FAKESKY_DIR=str(tmp_path / "cloud"),
+                       FAKESKY_FAIL="no-cloud", HOME=str(tmp_path / "home"),
+                       PYTHONPATH=f"{Path(__file__).parent}{os.pathsep}{Path(__file__).parent.parent}")
+    r = cli(["up", "--gpu", "A100:1", "--subset", "0.1", "--yes"], env, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and out.strip().splitlines()[-1] == f"socrates-launch up: error: {NO_CLOUD}", out
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_report_json_names_the_run_by_its_id(tmp_path):
+    runs = tmp_path / "runs"
+    run_dir = runs / "demo-20260101-000000-abcd"
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({
+        "id": run_dir.name, "dir": str(run_dir), "infra": "local", "name": "demo", "state": "done",
+        "created_at": 1.0, "history": [{"state": "created", "ts": 1.0}]}))
+    (run_dir / "eval" / "metrics.json").write_text(json.dumps(
+        {"results": {"fine-tuned/sample": {"wasserstein": 0.25, "individual_accuracy": 0.5}}}))
+    r = cli(["report", run_dir.name, "--json"], launcher_env(runs))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["run"] == "demo-20260101-000000-abcd"
+    r = cli(["report", run_dir.name], launcher_env(runs))
+    assert r.returncode == 0 and f"run {run_dir.name}" in r.stdout, r.stdout + r.stderr
+
+
+def test_report_to_tensorboard_brings_back_event_files_that_match_the_steps(tmp_path):
+    """A smoke run (local backend, the real job: tiny Qwen2, NF4 on CPU) with train.report_to:
+    tensorboard: the event files come back in the run, are in its verified manifest, TensorBoard's
+    own reader loads them, and their loss per step is the one in events.jsonl; `report` links them."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (requirements/dev.txt has it)")
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from contracts import manifest
+    from contracts.events import read_all
+
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg["train"].update(max_steps=3, report_to="tensorboard", logging_steps=1)
+    cfg["data"]["source"] = "synthetic:60"
+    (tmp_path / "tb.yaml").write_text(yaml.safe_dump(cfg))
+    env = launcher_env(tmp_path / "runs")
+    r = cli(["up", "--infra", "local", "--config", str(tmp_path / "tb.yaml"), "--no-eval", "--yes"], env, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    rec = only_run(tmp_path / "runs")
+    run_dir = Path(rec["dir"])
+    assert rec["state"] == "done" and rec["verified"] and manifest.verify(run_dir) == []
+    listed = [f["path"] for f in manifest.load(run_dir)["files"]]
+    tb_files = [p for p in listed if p.startswith("tensorboard/") and "events.out.tfevents" in p]
+    assert tb_files, listed
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"], acc.Tags()
+    tb_loss = {s.step: s.value for s in acc.Scalars("train/loss")}
+    job_loss = {e["step"]: e["loss"] for e in read_all(run_dir / "events.jsonl") if e["event"] == "step"}
+    assert sorted(tb_loss) == sorted(job_loss) == [1, 2, 3]
+    for step, loss in job_loss.items():
+        assert tb_loss[step] == pytest.approx(loss, rel=1e-4, abs=1e-4), (step, tb_loss, job_loss)
+
+    r = cli(["report", rec["id"]], env)
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in r.stdout, r.stdout + r.stderr
+
+
+def test_report_to_is_checked_by_the_config_schema(tmp_path):
+    import yaml
+
+    from contracts.config import load_config
+    from contracts.errors import ContractError
+
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    assert load_config(REPO / "configs" / "smoke.yaml").train.report_to == "none"  # the default
+    for ok in ("none", "tensorboard", "wandb"):
+        cfg["train"]["report_to"] = ok
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        assert load_config(tmp_path / "c.yaml").train.report_to == ok
+    cfg["train"]["report_to"] = "mlflow"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ContractError) as e:
+        load_config(tmp_path / "c.yaml")
+    assert "train.report_to" in str(e.value) and "'mlflow'" in str(e.value) and "tensorboard" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("n,split", [(240, "unseen-studies"), (60, "unseen-studies"), (300, "random")])
+def test_the_estimate_counts_the_training_rows_the_job_prepares_from_synthetic_data(tmp_path, n, split):
+    """The demo's header (`up`/`estimate`'s first line) says the rows the job will train: checked
+    against the job's own `prepare` of the same synthetic source (the reference, run as a subprocess)."""
+    import subprocess
+    import sys
+
+    from contracts.config import load_config
+    from launcher import cost
+
+    out = tmp_path / "prepared"
+    r = subprocess.run([sys.executable, "-m", "job", "prepare", "--config", str(REPO / "configs" / "smoke.yaml"),
+                        "--data", f"synthetic:{n}", "--split", split, "--subset", "1.0", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    prepared = sum(1 for line in (out / "train.jsonl").read_text().splitlines() if line.strip())
+    cfg = load_config(REPO / "configs" / "smoke.yaml").with_overrides(
+        {"data.source": f"synthetic:{n}", "data.split": split, "data.subset": 1.0})
+    assert cost.count_tokens(cfg).train_rows == prepared
