@@ -536,7 +536,8 @@ def _data_folder(tmp_path: Path) -> Path:
     data = tmp_path / "mydata"
     data.mkdir()
     for i in range(3):
-        (data / f"part-{i}.jsonl").write_text(json.dumps({"row": i}) + "\n")
+        row = {"study_id": f"s{i}", "condition_num": 0, "task_num": 0, "response": 3, "prompt": f"row {i}"}
+        (data / f"part-{i}.jsonl").write_text(json.dumps(row) + "\n")  # rows up's schema check accepts
     return data
 
 
