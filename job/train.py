@@ -62,8 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if args.resume not in ("auto", "never") and not is_complete(Path(args.resume)):
         raise ContractError(f"--resume {args.resume}: not a complete checkpoint folder (accepted: auto | never | "
                             f"a checkpoints/checkpoint-N folder with a {COMPLETE} marker)")
-    events = EventWriter(out / "events.jsonl", echo=True)
-    events.emit("start", verb="train", config=cfg.name)
+    from job import dist
+
+    dist.init()
+    # Rank 0 alone writes events (and everything else the run leaves); other ranks stay quiet.
+    events = EventWriter(out / "events.jsonl", echo=True) if dist.is_main() else dist.QuietEvents()
+    events.emit("start", verb="train", config=cfg.name, **({"world_size": dist.world_size()} if dist.world_size() > 1 else {}))
     try:
         res = train(cfg, out, events, data_dir=Path(args.data) if args.data else None, resume=args.resume)
     except (ContractError, JobCannotRun) as e:
@@ -72,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:
         events.emit("error", message=f"{type(e).__name__}: {str(e)[:500]}")
         raise
-    print(f"trained {res.steps}/{res.total_steps} steps ({res.reason}) -> {res.out / 'adapter'}")
+    if dist.is_main():
+        print(f"trained {res.steps}/{res.total_steps} steps ({res.reason}) -> {res.out / 'adapter'}")
+    dist.destroy()
     return 0
 
 
@@ -82,7 +88,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     import torch
 
     from job import data as D
-    from job import env
+    from job import dist, env
     from job.model import build
     from job.tokenizer import load_tokenizer
 
@@ -99,13 +105,15 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
 
         d = cfg.data
         data_dir = out / "data"
-        prepare(d.source, data_dir, split=d.split, subset=d.subset, eval_subset=d.eval_subset, seed=d.seed, cfg=cfg)
+        if dist.is_main():
+            prepare(d.source, data_dir, split=d.split, subset=d.subset, eval_subset=d.eval_subset, seed=d.seed, cfg=cfg)
+        dist.barrier()
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.id, revision=cfg.model.revision)
     dataset, n_rows, dropped = _dataset(cfg, tok, data_dir)
     if dropped:
         events.emit("log", message=f"{dropped} training rows longer than train.max_length={cfg.train.max_length} "
                                    "tokens were left out (truncating would cut the answer)")
-    world = env.world_size()
+    world = dist.world_size()
     total_steps = cfg.train.total_steps(n_rows)
     reason_at_end = "max_steps" if cfg.train.max_steps and total_steps == cfg.train.max_steps and \
         total_steps < math.ceil(n_rows * cfg.train.epochs / cfg.train.global_batch) else "completed"
@@ -118,7 +126,9 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         events.emit("log", message=f"{resume_from.name} carries no run fingerprint (written by an older version): "
                                    "resuming without checking that config and data match")
     done_at = global_step(resume_from) if resume_from else 0
-    shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
+    if dist.is_main():
+        shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
+    dist.barrier()
     torch.manual_seed(cfg.train.seed)
     model = build(cfg, tok, device)
     trainer = _trainer(cfg, model, tok, dataset, ckpt_root, total_steps, world, device, events, run_fp)
@@ -136,6 +146,10 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         step = trainer.state.global_step
     deadline_hit = trainer.socrates_deadline.hit  # type: ignore[attr-defined]
     reason = "deadline" if deadline_hit else reason_at_end
+    res = TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
+    if not dist.is_main():
+        dist.barrier()  # rank 0 saves the adapter and the manifest
+        return res
 
     adapter = out / "adapter"
     tmp = out / ".adapter.tmp"
@@ -156,11 +170,13 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         "reason": reason, "resumed_from": resume_from.name if resume_from else None, "train_rows": n_rows,
         "rows_too_long": dropped, "peak_gpu_mem_gib": peak, "train_seconds": round(time.time() - t0, 1),
         "data_stats": "data/stats.json" if (out / "data" / "stats.json").is_file() else None,
+        "world_size": world,
     }
     manifest.write(out, meta)
     events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json",
                 peak_gpu_mem_gib=peak)
-    return TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
+    dist.barrier()
+    return res
 
 
 def _dataset(cfg: RunConfig, tok, data_dir: Path):
@@ -216,6 +232,8 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         save_only_model=False,
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
+        ddp_backend=("nccl" if on_gpu else "gloo") if world > 1 else None,
     )
     if not on_gpu:
         _score_answer_positions_only_on_cpu()
@@ -232,7 +250,30 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
     )
 
     fast.speed_up(model, t, device, trainer=trainer, pad_id=tok.pad_token_id)
+    from job.dist import use_rank_batches
+
+    use_rank_batches(trainer, dataset, t.micro_batch, t.seed, tok.pad_token_id)
+    if not on_gpu and world > 1:
+        _load_optimizer_on_cpu(trainer)
     return trainer
+
+
+def _load_optimizer_on_cpu(trainer) -> None:
+    """With world > 1 the Trainer loads optimizer.pt onto `args.device`, which gloo ranks name
+    'cpu:<rank>', a location torch.load cannot restore to: load it onto the plain CPU instead."""
+    import torch
+
+    original = trainer._load_optimizer_and_scheduler
+
+    def load(checkpoint):
+        real = torch.load
+        torch.load = lambda f, *a, map_location=None, **kw: real(f, *a, map_location="cpu", **kw)
+        try:
+            return original(checkpoint)
+        finally:
+            torch.load = real
+
+    trainer._load_optimizer_and_scheduler = load
 
 
 def cpu_optimizer(optim: str) -> str:
