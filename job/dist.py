@@ -73,6 +73,21 @@ def gather_objects(obj: Any) -> list | None:
     return out
 
 
+def merge(share: list) -> list | None:
+    """Rows scored in shares (None where another rank scored it) -> the full list on rank 0, row
+    order kept; None on the other ranks. At world 1 the list itself."""
+    if world_size() <= 1:
+        return share
+    shares = gather_objects(share)
+    if shares is None:
+        return None
+    merged = [next((s[i] for s in shares if s[i] is not None), None) for i in range(len(share))]
+    missing = [i for i, v in enumerate(merged) if v is None]
+    if missing:
+        raise RuntimeError(f"evaluation shards left rows {missing[:5]} unscored")
+    return merged
+
+
 def shard(items: list, r: int | None = None, world: int | None = None) -> list:
     """Rank r's share of `items`: every world-th item from r (order kept; merge by index)."""
     r = rank() if r is None else r
