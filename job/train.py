@@ -148,16 +148,12 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     reason = "deadline" if deadline_hit else reason_at_end
     res = TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
     if not dist.is_main():
-        dist.barrier()  # rank 0 saves the adapter and the manifest
+        if dist.local_rank() == 0:  # another node's first rank: its evaluation needs the adapter on its disk
+            _save_adapter(trainer, tok, out)
+        dist.barrier()  # rank 0 saves the adapter and the manifest (the node that is pulled back)
         return res
 
-    adapter = out / "adapter"
-    tmp = out / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(adapter, ignore_errors=True)
-    os.replace(tmp, adapter)
+    adapter = _save_adapter(trainer, tok, out)
     for f in sorted(adapter.iterdir()):
         from contracts._io import sha256_file
 
@@ -177,6 +173,17 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
                 peak_gpu_mem_gib=peak)
     dist.barrier()
     return res
+
+
+def _save_adapter(trainer, tok, out: Path) -> Path:
+    adapter = out / "adapter"
+    tmp = out / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(adapter, ignore_errors=True)
+    os.replace(tmp, adapter)
+    return adapter
 
 
 def _dataset(cfg: RunConfig, tok, data_dir: Path):
