@@ -121,7 +121,13 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     ckpt_root = out / "checkpoints"
     data_hash = D.content_hash(data_dir)
     run_fp = fingerprint(cfg.to_dict(), data_hash)
-    resume_from = resume_point(resume, ckpt_root)
+    # Rank 0 decides where to resume from (and deletes on `never`); every rank loads that checkpoint.
+    chosen = resume_point(resume, ckpt_root) if dist.is_main() else None
+    chosen = dist.broadcast_object(str(chosen) if chosen else None)
+    resume_from = Path(chosen) if chosen else None
+    if resume_from and not is_complete(resume_from):
+        raise JobCannotRun(f"rank {dist.rank()}: {resume_from} is not on this node's disk (resuming over several nodes "
+                           "needs the checkpoints on every node; resume on one node)")
     if resume_from and not check_resumable(resume_from, run_fp, resume):
         events.emit("log", message=f"{resume_from.name} carries no run fingerprint (written by an older version): "
                                    "resuming without checking that config and data match")
