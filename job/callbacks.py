@@ -60,8 +60,16 @@ class CheckpointCallback(TrainerCallback):
         self.root, self.keep, self.events, self.run_fp = root, keep, events, run_fp
 
     def on_save(self, args, state, control, **kw):
-        if not state.is_world_process_zero:
-            return
+        from job import dist
+
+        dist.barrier()  # every rank has written its part (rng_state_<rank>.pth) into .staging
+        try:
+            if state.is_world_process_zero:
+                self._commit(args, state)
+        finally:
+            dist.barrier()  # nobody runs ahead to the next save while rank 0 renames
+
+    def _commit(self, args, state):
         name = f"checkpoint-{state.global_step}"
         src = Path(args.output_dir) / name
         if not src.is_dir():

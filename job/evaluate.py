@@ -95,7 +95,13 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_out(args.out)  # not "" (the current folder), not an existing file
     rows = select_rows(D.read_split(args.data, "test"), rows_cap, cfg.data.seed)
-    events = EventWriter(Path(args.events) if args.events else out / "events.jsonl", echo=True)
+    from job import dist
+
+    # Under torchrun every rank scores its share of the batches; rank 0 gathers, scores and writes.
+    dist.init()
+    shard = (dist.rank(), dist.world_size())
+    events = EventWriter(Path(args.events) if args.events else out / "events.jsonl", echo=True) \
+        if dist.is_main() else dist.QuietEvents()
     which = "fine-tuned" if args.adapter else "base"
     events.emit("start", verb="evaluate", mode=mode, model=which, rows=len(rows))
 
@@ -104,14 +110,21 @@ def run(args: argparse.Namespace) -> int:
     events.emit("log", message=f"evaluate: weights {precision} ({'merged dense' if precision == 'bf16' else 'as trained'})")
     t0 = time.perf_counter()
     if mode == "sample":
-        preds = sample_answers(model, tok, rows, cfg)
+        preds = dist.merge(sample_answers(model, tok, rows, cfg, shard=shard))
+        if preds is None:  # not rank 0: its share went to rank 0
+            dist.destroy()
+            return 0
         records = [_record(r, sample=p.value) for r, p in zip(rows, preds)]
         prompt_tokens = sum(p.prompt_tokens for p in preds)
         extra: dict[str, Any] = {"examples": [{"answer": p.text, "human": r["response"]}
                                               for r, p in list(zip(rows, preds))[:20]]}
     else:
         scales = row_scales(rows)
-        dists = score_distributions(model, tok, rows, scales, cfg.model.system_prompt, args.tokens_per_batch)
+        dists = dist.merge(score_distributions(model, tok, rows, scales, cfg.model.system_prompt, args.tokens_per_batch,
+                                               shard=shard))
+        if dists is None:
+            dist.destroy()
+            return 0
         records = [_record(r, values=d.values, probs=d.probs) for r, d in zip(rows, dists)]
         prompt_tokens = sum(d.prompt_tokens for d in dists)
         scored = [d for d in dists if d.values]
@@ -182,6 +195,7 @@ def _write_outputs(out: Path, key: str, result: dict, events: EventWriter, args:
     print(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
     print(f"cells: {cells}")
     print(f"report: {html}")
+    dist.destroy()
     return 0
 
 
@@ -390,7 +404,9 @@ def _load_base(cfg: RunConfig, tok):
     from job import model as JM
     from job.tokenizer import padded_vocab
 
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    from job.dist import local_rank
+
+    device = torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = JM.compute_dtype(cfg, device)
     quantize = cfg.train.method == "qlora"
     if cfg.model.init == "random":
@@ -424,18 +440,25 @@ class Sampled:
     prompt_tokens: int
 
 
-def sample_answers(model, tok, rows: Sequence[dict], cfg: RunConfig, seed: int | None = None) -> list[Sampled]:
-    """One sampled answer per row (the paper's protocol), batched by similar prompt length."""
+def sample_answers(model, tok, rows: Sequence[dict], cfg: RunConfig, seed: int | None = None,
+                   shard: tuple[int, int] = (0, 1)) -> list[Sampled | None]:
+    """One sampled answer per row (the paper's protocol), batched by similar prompt length.
+
+    shard (rank, world): this rank samples batches rank, rank+world, ... of the one batch plan (None
+    for the other rows); each batch draws from its own seed, so the answers do not depend on the split."""
     import torch
 
     e = cfg.eval
-    torch.manual_seed(cfg.train.seed if seed is None else seed)
+    seed = cfg.train.seed if seed is None else seed
     ids = prompt_ids(tok, rows, cfg.model.system_prompt)
     order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
     dev = _device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else D.answer_end_id(tok)
     out: list[Sampled | None] = [None] * len(rows)
-    for start in range(0, len(order), e.batch_size):
+    for k, start in enumerate(range(0, len(order), e.batch_size)):
+        if k % shard[1] != shard[0]:
+            continue
+        torch.manual_seed(seed + 1_000_003 * k)  # batch 0: the seed itself, as before sharding
         batch = order[start:start + e.batch_size]
         width = max(len(ids[i]) for i in batch)
         # Left padding: every row's answer starts right after its own prompt.
@@ -515,8 +538,11 @@ def answer_tree(tok, scale: Scale | tuple[int, int], end_id: int) -> _Tree:
 
 def score_distributions(model, tok, rows: Sequence[dict], scales: Sequence[Scale | tuple[int, int] | None],
                         system_prompt: str, tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
-                        ids: Sequence[list[int]] | None = None) -> list[Distribution]:
-    """Exact P(answer) for every answer of each row's scale; rows without a scale get none."""
+                        ids: Sequence[list[int]] | None = None, shard: tuple[int, int] = (0, 1)) -> list[Distribution | None]:
+    """Exact P(answer) for every answer of each row's scale; rows without a scale get none.
+
+    shard (rank, world): this rank scores batches rank, rank+world, ... of the one batch plan (the
+    same batches as one process, so the same numbers bit for bit); the other rows are None."""
     import torch
 
     ids = list(ids) if ids is not None else prompt_ids(tok, rows, system_prompt)
@@ -526,20 +552,29 @@ def score_distributions(model, tok, rows: Sequence[dict], scales: Sequence[Scale
     for s in scales:
         if s is not None and s not in trees:
             trees[s] = answer_tree(tok, s, end)
-    out: list[Distribution] = [Distribution([], [], 0.0, len(ids[i])) for i in range(len(rows))]
+    out: list[Distribution | None] = [Distribution([], [], 0.0, len(ids[i])) if shard[0] == 0 else None
+                                      for i in range(len(rows))]
     todo = [i for i in range(len(rows)) if scales[i] is not None]
     todo.sort(key=lambda i: len(ids[i]) + len(trees[scales[i]].node_tokens))
     decoder, head = _core(model)
     dev = _device(model)
     dtype = head.weight.dtype if head.weight.dtype.is_floating_point else torch.bfloat16
     batch: list[int] = []
+    n_batch = 0
     for n, i in enumerate(todo):
         batch.append(i)
         nxt = todo[n + 1] if n + 1 < len(todo) else None
         width = len(ids[nxt]) + len(trees[scales[nxt]].node_tokens) if nxt is not None else 0
         if nxt is None or width * (len(batch) + 1) > tokens_per_batch:
-            _score_batch(decoder, head, dev, dtype, [ids[k] for k in batch],
-                         [trees[scales[k]] for k in batch], [out[k] for k in batch])
+            if n_batch % shard[1] == shard[0]:
+                for k in batch:
+                    out[k] = out[k] or Distribution([], [], 0.0, len(ids[k]))
+                _score_batch(decoder, head, dev, dtype, [ids[k] for k in batch],
+                             [trees[scales[k]] for k in batch], [out[k] for k in batch])
+            else:
+                for k in batch:
+                    out[k] = None
+            n_batch += 1
             batch = []
     return out
 

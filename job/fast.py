@@ -164,15 +164,36 @@ def count_targets(batch: dict) -> int:
 # --- the loss ----------------------------------------------------------------------------------
 
 def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The *ForCausalLM inside a PeftModel (LoRA layers are injected in place, so it trains them)."""
+    """The *ForCausalLM inside a PeftModel (LoRA layers are injected in place, so it trains them),
+    also under a DistributedDataParallel wrapper."""
+    model = unwrap_ddp(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _decoder_hidden(model: torch.nn.Module, lm: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+    """The decoder's last hidden state. Under DDP the forward must go through the wrapper (it arms the
+    gradient all-reduce of the backward), so the whole model runs with its lm_head on one position
+    only and a hook takes the decoder's output; unwrapped, the decoder runs alone."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return lm.model(**kwargs, use_cache=False).last_hidden_state
+    box = {}
+    hook = lm.model.register_forward_hook(lambda mod, args, out: box.__setitem__("h", out.last_hidden_state))
+    try:
+        model(**kwargs, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return box["h"]
 
 
 def answer_loss_sum(model: torch.nn.Module, batch: dict, liger: bool = False) -> torch.Tensor:
     """Summed cross-entropy over the target positions only; the lm_head sees just those rows."""
     lm = causal_lm_of(model)
     kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    hidden = lm.model(**kwargs, use_cache=False).last_hidden_state
+    hidden = _decoder_hidden(model, lm, kwargs)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1][keep]

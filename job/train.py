@@ -63,10 +63,15 @@ def run(args: argparse.Namespace) -> int:
     if args.resume not in ("auto", "never") and not is_complete(Path(args.resume)):
         raise ContractError(f"--resume {args.resume}: not a complete checkpoint folder (accepted: auto | never | "
                             f"a checkpoints/checkpoint-N folder with a {COMPLETE} marker)")
-    events = EventWriter(out / "events.jsonl", echo=True)
+    from job import dist
     from job.levers import for_this_machine
 
-    events.emit("start", verb="train", config=cfg.name, levers=for_this_machine(cfg))  # what this run really gets
+    dist.init()
+    # Rank 0 alone writes events (and everything else the run leaves); other ranks stay quiet.
+    events = EventWriter(out / "events.jsonl", echo=True) if dist.is_main() else dist.QuietEvents()
+    events.emit("start", verb="train", config=cfg.name, levers=for_this_machine(cfg),  # what this run really gets
+                **({"world_size": dist.world_size()} if dist.world_size() > 1 else {}))
+
     try:
         res = train(cfg, out, events, data_dir=Path(args.data) if args.data else None, resume=args.resume)
     except (ContractError, JobCannotRun) as e:
@@ -75,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:
         events.emit("error", message=f"{type(e).__name__}: {str(e)[:500]}")
         raise
-    print(f"trained {res.steps}/{res.total_steps} steps ({res.reason}) -> {res.out / 'adapter'}")
+    if dist.is_main():
+        print(f"trained {res.steps}/{res.total_steps} steps ({res.reason}) -> {res.out / 'adapter'}")
+    dist.destroy()
     return 0
 
 
@@ -85,7 +92,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     import torch
 
     from job import data as D
-    from job import env
+    from job import dist, env
     from job.model import build
     from job.tokenizer import load_tokenizer
 
@@ -102,7 +109,9 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
 
         d = cfg.data
         data_dir = out / "data"
-        prepare(d.source, data_dir, split=d.split, subset=d.subset, eval_subset=d.eval_subset, seed=d.seed, cfg=cfg)
+        if dist.is_main():
+            prepare(d.source, data_dir, split=d.split, subset=d.subset, eval_subset=d.eval_subset, seed=d.seed, cfg=cfg)
+        dist.barrier()
     written = cfg
     mode = None
     if device.type == "cuda":
@@ -125,7 +134,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     if dropped:
         events.emit("log", message=f"{dropped} training rows longer than train.max_length={cfg.train.max_length} "
                                    "tokens were left out (truncating would cut the answer)")
-    world = env.world_size()
+    world = dist.world_size()
     total_steps = cfg.train.total_steps(n_rows)
     reason_at_end = "max_steps" if cfg.train.max_steps and total_steps == cfg.train.max_steps and \
         total_steps < math.ceil(n_rows * cfg.train.epochs / cfg.train.global_batch) else "completed"
@@ -133,12 +142,20 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     ckpt_root = out / "checkpoints"
     data_hash = D.content_hash(data_dir)
     run_fp = fingerprint(written.to_dict(), data_hash)
-    resume_from = resume_point(resume, ckpt_root)
+    # Rank 0 decides where to resume from (and deletes on `never`); every rank loads that checkpoint.
+    chosen = resume_point(resume, ckpt_root) if dist.is_main() else None
+    chosen = dist.broadcast_object(str(chosen) if chosen else None)
+    resume_from = Path(chosen) if chosen else None
+    if resume_from and not is_complete(resume_from):
+        raise JobCannotRun(f"rank {dist.rank()}: {resume_from} is not on this node's disk (resuming over several nodes "
+                           "needs the checkpoints on every node; resume on one node)")
     if resume_from and not check_resumable(resume_from, run_fp, resume):
         events.emit("log", message=f"{resume_from.name} carries no run fingerprint (written by an older version): "
                                    "resuming without checking that config and data match")
     done_at = global_step(resume_from) if resume_from else 0
-    shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
+    if dist.is_main():
+        shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
+    dist.barrier()
     torch.manual_seed(cfg.train.seed)
     model = build(cfg, tok, device)
     trainer = _trainer(cfg, model, tok, dataset, ckpt_root, total_steps, world, device, events, run_fp)
@@ -156,14 +173,14 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         step = trainer.state.global_step
     deadline_hit = trainer.socrates_deadline.hit  # type: ignore[attr-defined]
     reason = "deadline" if deadline_hit else reason_at_end
+    res = TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
+    if not dist.is_main():
+        if dist.local_rank() == 0:  # another node's first rank: its evaluation needs the adapter on its disk
+            _save_adapter(trainer, tok, out)
+        dist.barrier()  # rank 0 saves the adapter and the manifest (the node that is pulled back)
+        return res
 
-    adapter = out / "adapter"
-    tmp = out / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(adapter, ignore_errors=True)
-    os.replace(tmp, adapter)
+    adapter = _save_adapter(trainer, tok, out)
     for f in sorted(adapter.iterdir()):
         from contracts._io import sha256_file
 
@@ -177,11 +194,24 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         "rows_too_long": dropped, "peak_gpu_mem_gib": peak, "train_seconds": round(time.time() - t0, 1),
         "data_stats": "data/stats.json" if (out / "data" / "stats.json").is_file() else None,
         "image": env.image_info(),  # the prebuilt job image (ref, digest) or None: a venv from the lock
+        "world_size": world,
     }
     manifest.write(out, meta)
     events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json",
                 peak_gpu_mem_gib=peak)
-    return TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
+    dist.barrier()
+    return res
+
+
+def _save_adapter(trainer, tok, out: Path) -> Path:
+    adapter = out / "adapter"
+    tmp = out / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(adapter, ignore_errors=True)
+    os.replace(tmp, adapter)
+    return adapter
 
 
 def _dataset(cfg: RunConfig, tok, data_dir: Path):
@@ -238,6 +268,8 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         save_only_model=False,
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
+        ddp_backend=("nccl" if on_gpu else "gloo") if world > 1 else None,
     )
     if not on_gpu:
         _score_answer_positions_only_on_cpu()
@@ -254,6 +286,11 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
     )
 
     fast.speed_up(model, t, device, trainer=trainer, pad_id=tok.pad_token_id)
+    from job.dist import use_rank_batches
+
+    use_rank_batches(trainer, dataset, t.micro_batch, t.seed, tok.pad_token_id)
+    if not on_gpu and world > 1:
+        _load_optimizer_on_cpu(trainer)
     return trainer
 
 
@@ -271,6 +308,24 @@ def _report_to(choice: str, out: Path) -> list[str]:
     if choice == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / TENSORBOARD_DIR)  # read by transformers' callback
     return [choice]
+
+
+def _load_optimizer_on_cpu(trainer) -> None:
+    """With world > 1 the Trainer loads optimizer.pt onto `args.device`, which gloo ranks name
+    'cpu:<rank>', a location torch.load cannot restore to: load it onto the plain CPU instead."""
+    import torch
+
+    original = trainer._load_optimizer_and_scheduler
+
+    def load(checkpoint):
+        real = torch.load
+        torch.load = lambda f, *a, map_location=None, **kw: real(f, *a, map_location="cpu", **kw)
+        try:
+            return original(checkpoint)
+        finally:
+            torch.load = real
+
+    trainer._load_optimizer_and_scheduler = load
 
 
 def cpu_optimizer(optim: str) -> str:

@@ -162,12 +162,15 @@ class Estimate:
 # --- the entry point -------------------------------------------------------------------------
 
 def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot: bool = False,
-                 data: str | None = None, infra: str = "sky", allow_unpriced: bool = False) -> Estimate:
+                 data: str | None = None, infra: str = "sky", allow_unpriced: bool = False,
+                 nodes: int = 1) -> Estimate:
     """Hours and dollars of `cfg` on `gpu` ("A100:1", a GpuSpec, or None for every card that fits).
 
     SkyPilot's catalog is read offline when cached; a catalog that cannot be fetched falls back to
     the copy SkyPilot cached last (a note gives its date), and with none at all `allow_unpriced`
-    returns the tokens and hours with "price unknown" (`estimate`) instead of refusing (`up`)."""
+    returns the tokens and hours with "price unknown" (`estimate`) instead of refusing (`up`).
+    `nodes`: that many machines of `gpu` each; the rate is per-GPU rate x all GPUs x the multi-GPU
+    efficiency, and every node is priced."""
     table = load_throughput()
     params_b = model_params_b(cfg)
     local = infra.startswith(LOCAL_INFRA_PREFIXES)
@@ -178,7 +181,7 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
 
     if gpu is not None:
         spec = _parse_gpu(gpu)
-        candidates = [(_check_card(spec.name, table), spec.count)]
+        candidates = [(_check_card(spec.name, table), spec.count * nodes)]
     elif local:
         candidates = []
     else:
@@ -203,7 +206,8 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
         from launcher import sky_adapter
 
         for p in list(plans):
-            rows = sky_adapter.list_offers(p.card, p.count, cloud, spot)
+            per_node = p.count // nodes
+            rows = sky_adapter.list_offers(p.card, per_node, cloud, spot)
             unfetched = getattr(sky_adapter, "CATALOG_UNFETCHED", {})
             if not rows and unfetched and not allow_unpriced:
                 raise ContractError(_unfetched(unfetched))
@@ -224,7 +228,7 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                     if plan not in plans:
                         plans.append(plan)
                 hours = plan.hours(spot)
-                price = float(r["price_per_h"])
+                price = float(r["price_per_h"]) * nodes  # every node bills
                 offers.append(Offer(cloud=str(r["cloud"]), region=str(r["region"]), instance=str(r["instance"]),
                                     card=p.card, count=p.count, spot=spot, price_per_h=price, hours=hours,
                                     dollars=tuple(round(h * price, 2) for h in hours), spec=plan.card))
@@ -251,6 +255,13 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
         notes.append(f"infra {infra}: your own machine, no cloud price")
     notes.extend(rate_levers(table, cfg, params_b))
 
+    if any(p.count > 1 for p in plans):
+        eff, measured = table.get("multi_gpu_efficiency", 0.9), table.get("multi_gpu_efficiency_measured")
+        notes.append(f"multi-GPU: rate = per-GPU rate x GPUs x {eff} scaling efficiency "
+                     f"({'measured: ' + str(measured) if measured else 'configured, not measured'}; bench/scale.py measures it)")
+    if nodes > 1:
+        notes.append(f"{nodes} nodes: the price is {nodes} machines' and the rate that of all {nodes} x "
+                     f"{(plans[0].count // nodes) if plans else '?'} GPUs")
     return Estimate(infra=infra, method=cfg.train.method, model=cfg.model.id, params_b=params_b, tokens=tokens,
                     plans=tuple(plans), offers=tuple(offers), spot=spot, notes=tuple(notes))
 
@@ -466,7 +477,8 @@ def card_throughput(table: dict, card: str, method: str, params_b: float, count:
     if count > 1:
         eff = float(table.get("multi_gpu_efficiency", 0.9))
         tps *= count * eff
-        how += f"; x{count} cards x {eff} efficiency"
+        measured = table.get("multi_gpu_efficiency_measured")
+        how += f"; x{count} cards x {eff} efficiency ({'measured: ' + str(measured) if measured else 'configured, not measured'})"
     band = float(table["band_derived"] if derived else table["band_measured"])
     return tps, band, how
 

@@ -43,6 +43,12 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
     envs["EVAL_ROWS"] = str(opts["eval_rows"]) if opts.get("eval_rows") else ""
     envs["EVAL_BASE"] = "1" if opts.get("eval_base") else "0"
     envs["DEADLINE_S"] = str(int(opts["deadline_s"])) if opts.get("deadline_s") else "0"
+    nodes = int(opts.get("nodes") or 1)
+    if nodes > 1:
+        task["num_nodes"] = nodes
+    else:
+        task.pop("num_nodes", None)
+    envs["NPROC_PER_NODE"] = str(opts["ranks"]) if opts.get("ranks") else ""
     task["name"] = f"socrates-{run.name}"[:60]
     resources = task.setdefault("resources", {})
     if gpu:
@@ -69,6 +75,18 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
     if names:
         task["secrets"] = {name: None for name in names}
     return task
+
+
+def layout_line(task: dict, gpu) -> str:
+    """What the dry run says about the process layout: nodes, GPUs, the torchrun line the run block builds."""
+    nodes = int(task.get("num_nodes") or 1)
+    per_node = int(task.get("envs", {}).get("NPROC_PER_NODE") or (gpu.count if gpu else 1))
+    world = nodes * per_node
+    if world == 1:
+        return "layout: 1 node, 1 process (python -m job; no torchrun)"
+    return (f"layout: {nodes} node(s) x {per_node} GPU(s) = {world} ranks; on every node: python -m torch.distributed.run "
+            f"--nnodes {nodes} --nproc-per-node {per_node} --node-rank $SKYPILOT_NODE_RANK "
+            f"--master-addr <first of $SKYPILOT_NODE_IPS> --master-port 29500 -m job train|evaluate ...")
 
 
 class _Dumper(yaml.SafeDumper):

@@ -2,7 +2,7 @@
 manifest, and fails where FAKEJOB_FAIL says. Faults are injected around the real launcher.
 
 Knobs (environment): FAKEJOB_STEPS (default 5), FAKEJOB_STEP_S (sleep per step, default 0.05),
-FAKEJOB_FAIL=check|prepare|train|evaluate (exit 1 there), FAKEJOB_CORRUPT=1 (an artifact that
+FAKEJOB_FAIL=check|prepare|train|evaluate (exit 1 there), FAKEJOB_HANG=VERB (never ends there), FAKEJOB_CORRUPT=1 (an artifact that
 does not match its manifest), FAKEJOB_LEAK=1 (print HF_TOKEN, to test redaction).
 """
 from __future__ import annotations
@@ -33,6 +33,9 @@ def main(argv: list[str]) -> int:
     if os.environ.get("FAKEJOB_FAIL") == verb:
         print(f"fakejob: failing in {verb} as asked", file=sys.stderr, flush=True)
         return 1
+    if os.environ.get("FAKEJOB_HANG") == verb:  # a node of the cluster died under it (tests/fakesky.py)
+        while True:
+            time.sleep(1)
     if verb == "check":
         emit("check", ok=True, card="cpu")
     elif verb == "prepare":

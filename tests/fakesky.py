@@ -9,7 +9,8 @@ files, so several launcher processes (up, then status/logs/down) see the same cl
 Faults ($FAKESKY_FAIL, comma-separated): provision, sync, setup (the launch fails in that step,
 leaving the cluster up, as SkyPilot does), stream (the log stream drops once after 3 lines),
 outage (after 3 lines the whole API is unreachable for $FAKESKY_OUTAGE_S seconds: log stream,
-job status, cluster status), stale-data (a file is added to the mounted --data folder), download (every rsync fails), download-once (the first rsync fails), down (teardown fails). $FAKESKY_PROVISION_S and
+job status, cluster status), stale-data (a file is added to the mounted --data folder), download (every rsync fails), download-once (the first rsync fails), down (teardown fails),
+node-lost (a task of num_nodes > 1: node 1 dies once training wrote its manifest, the job fails). $FAKESKY_PROVISION_S and
 $FAKESKY_DOWNLOAD_S slow those steps down so a test can kill the launcher inside them.
 """
 from __future__ import annotations
@@ -222,7 +223,14 @@ def provision(cdir: Path) -> None:
         fail("syncing", "fake: rsync of the workdir failed")
     if "setup" in faults:
         fail("installing", "fake: setup exited with status 1")
+    nodes = int(task.get("num_nodes") or 1)
+    for i in range(nodes):  # every node of the cluster; down removes them all with the cluster
+        (cdir / "nodes").mkdir(exist_ok=True)
+        (cdir / "nodes" / f"node-{i}").write_text("up\n")
     overrides = {"JOB_PYTHON": os.environ["SOCRATES_JOB_PYTHON"]}
+    lose_node = "node-lost" in faults and nodes > 1
+    if lose_node:
+        overrides["FAKEJOB_HANG"] = "evaluate"  # the job is mid-evaluation when the node goes
     for dest in task.get("file_mounts") or {}:
         if task["envs"].get("DATA") == dest:
             overrides["DATA"] = str(cdir / "mounts" / dest.lstrip("/"))
@@ -232,9 +240,29 @@ def provision(cdir: Path) -> None:
     proc = subprocess.Popen(["bash", "-c", wrapper], cwd=workdir, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (cdir / "job.pid").write_text(str(proc.pid))
+    if lose_node:
+        subprocess.Popen([sys.executable, __file__, "lose-node", str(cdir)], env=os.environ, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (cdir / "launch_state").write_text("running")
+
+
+def lose_node(cdir: Path) -> None:
+    """Node 1 dies after training: the job on every node ends (torchrun's rendezvous breaks), failed."""
+    workdir = cdir / "workdir"
+    deadline = time.time() + 120
+    while not (workdir / "out" / "manifest.json").is_file():
+        if time.time() > deadline or not cdir.is_dir():
+            return
+        time.sleep(0.05)
+    (cdir / "nodes" / "node-1").write_text("lost\n")
+    _kill_group(int((cdir / "job.pid").read_text()))
+    with open(workdir / "job.log", "a") as f:
+        f.write("fake: node 1 lost (instance terminated); the job ends on every node\n")
+    (workdir / "exit_code").write_text("137\n")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "provision":
         provision(Path(sys.argv[2]))
+    elif sys.argv[1] == "lose-node":
+        lose_node(Path(sys.argv[2]))

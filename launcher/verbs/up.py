@@ -38,6 +38,10 @@ SALVAGE_ATTEMPTS = 2  # after a failed job: usually there is simply no manifest,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--infra", default="sky", help="where to run: sky (SkyPilot, default) | local | ssh://user@host[:port]")
     p.add_argument("--gpu", default=None, help=f"card and count, e.g. A100:1 (default {DEFAULT_GPU} on sky)")
+    p.add_argument("--nodes", type=int, default=1, help="machines of --gpu each (sky): train and evaluate run under torchrun "
+                   "on every GPU of every node, the global batch unchanged (default 1)")
+    p.add_argument("--ranks", type=int, default=None, help="local/ssh without a GPU: start N CPU ranks (gloo) under torchrun "
+                   "(the multi-GPU path, tested without GPUs)")
     p.add_argument("--subset", type=float, default=None, help="fraction of training rows kept, in (0, 1]")
     p.add_argument("--config", default=None, help="run config (default: configs/paper.yaml on sky, configs/smoke.yaml locally)")
     p.add_argument("--data", default=None, help="dataset: Hugging Face id, local .jsonl/.parquet file or folder, or synthetic:N")
@@ -119,6 +123,14 @@ def check_combinations(args: argparse.Namespace, infra: str) -> None:
         for flag, value in (("--eval-rows", getattr(args, "eval_rows", None)), ("--eval-base", getattr(args, "eval_base", False))):
             if value not in (None, False):
                 raise ContractError(f"{flag}: not accepted with --no-eval (it sets how to evaluate; drop one of them)")
+    nodes, ranks = getattr(args, "nodes", 1), getattr(args, "ranks", None)
+    if not isinstance(nodes, int) or nodes < 1:
+        raise ContractError(f"--nodes {nodes}: not accepted (a whole number >= 1)")
+    if nodes > 1 and infra != "sky":
+        raise ContractError(f"--nodes {nodes}: not accepted with --infra {infra} (several machines come from SkyPilot)")
+    if ranks is not None and (ranks < 1 or infra == "sky"):
+        raise ContractError(f"--ranks {ranks}: not accepted" + (" with --infra sky (the GPUs of --gpu set the ranks there)"
+                            if infra == "sky" else " (a whole number >= 1)"))
     if infra != "sky" and (args.cloud or args.spot):
         raise ContractError(f"--cloud/--spot: not accepted with --infra {infra} (they choose a SkyPilot offer)")
 
@@ -164,7 +176,17 @@ def plan_run(args: argparse.Namespace) -> Plan:
         "config_file": str(args.config or _default_config(infra)),
         # None: setup builds a venv from the lock (the local backend always runs this machine's python)
         "image": cfg.image if infra != "local" else None,
+        "nodes": args.nodes, "ranks": args.ranks,
     }
+    # The world the job will see; its accumulation must make the global batch (contracts/config.py).
+    world = (gpu.count if gpu else 1) * args.nodes if infra == "sky" else (args.ranks or 1)
+    t = cfg.train
+    if t.micro_batch * world > t.global_batch and t.global_batch % world == 0:
+        # More GPUs than the global batch has micro-batches: each GPU takes global / world rows a step
+        # (no accumulation); the global batch, and so the schedule, stays the config's.
+        cfg = cfg.with_overrides({"train.micro_batch": t.global_batch // world},
+                                 source=f"{world} GPUs: micro_batch {t.micro_batch} -> {t.global_batch // world}")
+    cfg.train.grad_accum(world)
     if infra.startswith("ssh://"):  # the SSH flags, checked before anything exists (issue #6)
         from launcher.ssh_options import options_from_args, parse_infra
 
@@ -232,7 +254,7 @@ def _estimate(plan: Plan, args: argparse.Namespace, console) -> tuple[dict | Non
     # --no-eval lives in the options, not the config; the estimate must not bill an evaluation.
     cfg = plan.cfg if plan.options.get("eval", True) else plan.cfg.with_overrides({"eval.enabled": False})
     est = cost.estimate_run(cfg, gpu=plan.gpu, cloud=plan.options["cloud"], spot=plan.options["spot"],
-                            data=plan.cfg.data.source, infra=plan.infra)
+                            data=plan.cfg.data.source, infra=plan.infra, nodes=plan.options.get("nodes") or 1)
     cost.render(est, console)
     deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
     if deadline_s is None and (deadline_s := cost.safety_deadline(est)) is not None:
@@ -286,6 +308,7 @@ def _dryrun(plan: Plan, console) -> int:
     else:
         console.print("environment: a venv from requirements/job.lock, installed by setup on the machine "
                       "(--image REF runs a prebuilt image instead)", highlight=False, markup=False)
+    console.print(tasklib.layout_line(rendered, plan.gpu), highlight=False, markup=False)
     if plan.infra != "sky":
         console.print(f"dry run: nothing started ({plan.infra} backend)")
         return 0

@@ -1,0 +1,183 @@
+"""torch.distributed for the job: one process per GPU under torchrun (or N CPU ranks with gloo).
+
+torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; a plain `python -m job`
+is world 1 and never touches torch.distributed. The Trainer (accelerate) runs DDP over the process
+group started here; rank 0 alone writes events, checkpoints' markers, the adapter and the manifest.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from contracts.events import make
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> bool:
+    """Start the process group once when launched by torchrun (nccl on CUDA, gloo on CPU)."""
+    if world_size() <= 1:
+        return False
+    import torch
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank())
+        td.init_process_group(backend=backend)
+    return True
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (identity at world 1)."""
+    if world_size() <= 1:
+        return obj
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere); [obj] at world 1."""
+    if world_size() <= 1:
+        return [obj]
+    import torch.distributed as td
+
+    out = [None] * world_size() if is_main() else None
+    td.gather_object(obj, out, dst=0)
+    return out
+
+
+def merge(share: list) -> list | None:
+    """Rows scored in shares (None where another rank scored it) -> the full list on rank 0, row
+    order kept; None on the other ranks. At world 1 the list itself."""
+    if world_size() <= 1:
+        return share
+    shares = gather_objects(share)
+    if shares is None:
+        return None
+    merged = [next((s[i] for s in shares if s[i] is not None), None) for i in range(len(share))]
+    missing = [i for i, v in enumerate(merged) if v is None]
+    if missing:
+        raise RuntimeError(f"evaluation shards left rows {missing[:5]} unscored")
+    return merged
+
+
+def shard(items: list, r: int | None = None, world: int | None = None) -> list:
+    """Rank r's share of `items`: every world-th item from r (order kept; merge by index)."""
+    r = rank() if r is None else r
+    world = world_size() if world is None else world
+    return items[r::world]
+
+
+def destroy() -> None:
+    if world_size() > 1:
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.destroy_process_group()
+
+
+class QuietEvents:
+    """The EventWriter of ranks other than 0: events are built (and checked) but never written."""
+
+    path = None
+
+    def emit(self, event: str, **fields: Any) -> dict:
+        return make(event, **fields)
+
+
+# --- the data of each rank -----------------------------------------------------------------------
+
+class RankBatches:
+    """Batch sampler: the rank's micro-batches of one global order, the same on any world size.
+
+    Each epoch the rows are permuted by (seed, epoch) alone and cut into micro-batches; rank r takes
+    micro-batches r, r+world, ... So the micro-batches of one optimizer step (accumulation x world of
+    them) are the same rows, packed the same way, whether 1 process accumulates them or N ranks split
+    them: with the loss divided by the step's global target count (the Trainer all-reduces it) the
+    gradient is the same. When the epoch's micro-batch count is not a multiple of the world size, the
+    short ranks get a `blank` micro-batch (one pad token, no target): it adds nothing to the loss or
+    the gradient but keeps every rank at the same number of forward/backward passes.
+    """
+
+    def __init__(self, n_rows: int, micro_batch: int, seed: int, rank: int = 0, world: int = 1, blank: int | None = None):
+        self.n, self.micro, self.seed, self.rank, self.world = n_rows, micro_batch, seed, rank, world
+        self.blank = n_rows if blank is None else blank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def global_batches(self) -> list[list[int]]:
+        import torch
+
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        return [perm[i:i + self.micro] for i in range(0, self.n, self.micro)]
+
+    def __iter__(self):
+        batches = self.global_batches()
+        batches += [[self.blank]] * (-len(batches) % self.world)
+        return iter(batches[self.rank::self.world])
+
+    def __len__(self) -> int:
+        return -(-(-(-self.n // self.micro)) // self.world)
+
+
+class WithBlank:
+    """A dataset plus one last row that carries no target (RankBatches' filler)."""
+
+    def __init__(self, rows, pad_id: int):
+        self.rows, self.pad_id = rows, pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows) + 1
+
+    def __getitem__(self, i: int) -> dict:
+        if i == len(self.rows):
+            return {"input_ids": [self.pad_id], "labels": [-100]}
+        return self.rows[i]
+
+
+def use_rank_batches(trainer, dataset, micro_batch: int, seed: int, pad_id: int) -> None:
+    """Make `trainer` draw RankBatches (instead of accelerate's sharding, which pads a short last
+    batch with rows from the epoch's start and so changes what a step trains on)."""
+    from torch.utils.data import DataLoader
+
+    class Loader(DataLoader):
+        def set_epoch(self, epoch: int) -> None:
+            self.batch_sampler.set_epoch(epoch)
+
+    def get_train_dataloader():
+        sampler = RankBatches(len(dataset), micro_batch, seed, rank(), world_size())
+        return Loader(WithBlank(dataset, pad_id), batch_sampler=sampler, collate_fn=trainer.data_collator,
+                      num_workers=0)
+
+    trainer.get_train_dataloader = get_train_dataloader

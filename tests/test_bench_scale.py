@@ -1,0 +1,37 @@
+"""bench/scale.py --tiny: the scaling benchmark's code path on CPU with 1 and 2 gloo ranks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_scale_bench_tiny_measures_one_and_two_ranks(tmp_path):
+    out = tmp_path / "scale.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "scale.py"), "--tiny", "--gpus", "2", "--steps", "3",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = {row["n"]: row for row in res["rows"]}
+    assert sorted(rows) == [1, 2] and res["global_batch"] == 8 and res["micro_batch"] == 2
+    one, two = rows[1], rows[2]
+    assert one["steps"] == two["steps"] == 3 and one["tokens_per_s"] > 0 and two["tokens_per_s"] > 0
+    # the efficiency is rate(N) / (N x rate(1)), from the rates it printed
+    assert one["efficiency"] == 1.0
+    assert two["efficiency"] == pytest.approx(two["tokens_per_s"] / (2 * one["tokens_per_s"]), abs=1e-4)
+    # same global batch and data order on 1 and 2 ranks: the same losses (job/dist.py's RankBatches)
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
+    assert "peak GiB/GPU" in r.stdout and "efficiency" in r.stdout
+    assert r.stdout.count("cpu ") >= 2
+
+
+def test_scale_bench_refuses_full_until_it_exists(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "scale.py"), "--tiny", "--method", "full",
+                        "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2 and "not implemented" in r.stderr and not (tmp_path / "x.json").exists()
