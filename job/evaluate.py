@@ -40,6 +40,7 @@ from contracts.errors import ContractError
 from contracts.events import EventWriter
 from contracts.scale import Scale, as_scale
 from job import data as D
+from job import dist  # stdlib until torchrun is in use
 from job import metrics as M
 
 METRICS_FILE = "metrics.json"
@@ -95,8 +96,6 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_out(args.out)  # not "" (the current folder), not an existing file
     rows = select_rows(D.read_split(args.data, "test"), rows_cap, cfg.data.seed)
-    from job import dist
-
     # Under torchrun every rank scores its share of the batches; rank 0 gathers, scores and writes.
     dist.init()
     shard = (dist.rank(), dist.world_size())
