@@ -256,9 +256,8 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
     notes.extend(rate_levers(table, cfg, params_b))
 
     if any(p.count > 1 for p in plans):
-        eff, measured = table.get("multi_gpu_efficiency", 0.9), table.get("multi_gpu_efficiency_measured")
-        notes.append(f"multi-GPU: rate = per-GPU rate x GPUs x {eff} scaling efficiency "
-                     f"({'measured: ' + str(measured) if measured else 'configured, not measured'}; bench/scale.py measures it)")
+        eff, how = multi_gpu_efficiency(table, max(p.count for p in plans))
+        notes.append(f"multi-GPU: rate = per-GPU rate x GPUs x {eff} scaling efficiency ({how}; bench/scale.py measures it)")
     if nodes > 1:
         notes.append(f"{nodes} nodes: the price is {nodes} machines' and the rate that of all {nodes} x "
                      f"{(plans[0].count // nodes) if plans else '?'} GPUs")
@@ -475,12 +474,27 @@ def card_throughput(table: dict, card: str, method: str, params_b: float, count:
         derived = True
         how += f"; scaled x{size / params_b:.3g} for {params_b:.2f}B parameters"
     if count > 1:
-        eff = float(table.get("multi_gpu_efficiency", 0.9))
+        eff, eff_how = multi_gpu_efficiency(table, count)
         tps *= count * eff
-        measured = table.get("multi_gpu_efficiency_measured")
-        how += f"; x{count} cards x {eff} efficiency ({'measured: ' + str(measured) if measured else 'configured, not measured'})"
+        how += f"; x{count} cards x {eff} efficiency ({eff_how})"
     band = float(table["band_derived"] if derived else table["band_measured"])
     return tps, band, how
+
+
+def multi_gpu_efficiency(table: dict, count: int) -> tuple[float, str]:
+    """(scaling efficiency for `count` GPUs, where it comes from). A measured row (bench/scale.py on a
+    device) serves up to the GPU count it was measured at; past the largest measured count the
+    configured `multi_gpu_efficiency` stands, and the note says how far the measurement goes."""
+    measured = {int(n): row for n, row in (table.get("multi_gpu_efficiency_measured") or {}).items()}
+    configured = float(table.get("multi_gpu_efficiency", 0.9))
+    covering = [n for n in measured if n >= count]
+    if covering:
+        row = measured[min(covering)]
+        return float(row["efficiency"]), f"measured at {min(covering)} GPUs on {row['card']}, {row['date']}"
+    if measured:
+        top = max(measured)
+        return configured, f"configured; measured only up to {top} GPUs: {measured[top]['efficiency']}"
+    return configured, "configured, not measured"
 
 
 def _nearest_size(by_size: dict, params_b: float, method: str) -> tuple[float, dict]:

@@ -226,7 +226,9 @@ def test_throughput_measured_vs_derived_cards():
     assert a100 / ref_tps == pytest.approx(math.sqrt(spec_a["tflops"] / spec_r["tflops"] * spec_a["tbps"] / spec_r["tbps"]))
     assert band == table["band_derived"] and "derived" in how
     two, _, _ = cost.card_throughput(table, ref, "qlora", 14.0, count=2)
-    assert two == pytest.approx(2 * ref_tps * table["multi_gpu_efficiency"])
+    assert two == pytest.approx(2 * ref_tps * table["multi_gpu_efficiency_measured"][2]["efficiency"])
+    eight, _, how8 = cost.card_throughput(table, ref, "qlora", 14.0, count=8)  # past the measured 2 GPUs
+    assert eight == pytest.approx(8 * ref_tps * table["multi_gpu_efficiency"]) and "measured only up to 2" in how8
     seven, _, _ = cost.card_throughput(table, ref, "qlora", 7.0)
     assert seven == pytest.approx(2 * ref_tps)
 
