@@ -78,7 +78,7 @@ except SystemExit:
     pass
 print(json.dumps({{"canary_in_yaml": {CANARY!r} in text, "secrets": sorted(task.secrets),
     "secret_value_ok": task.secrets["HF_TOKEN"].get_secret_value() == {CANARY!r}, "acc": str(res.accelerators),
-    "cloud": str(res.cloud), "deadline": task.envs["DEADLINE_S"], "run_has_job": "-m job train" in task.run,
+    "cloud": str(res.cloud), "deadline": task.envs["DEADLINE_S"], "run_has_job": '"$JOB_PYTHON" -m job)' in task.run and '"${{JOB[@]}}" train' in task.run,
     "down": seen.get("down"), "idle": seen.get("idle_minutes_to_autostop")}}))
 """
     r = sky_home.python(code)
