@@ -110,6 +110,9 @@ class TrainSpec:
     error in `job check` (exit 3), not a silently slower run; false: run without it."""
     checkpoint_every: int = 50
     """Optimizer steps between checkpoints (0: only the final save)."""
+    checkpoint_every_s: int | None = None
+    """Also checkpoint once this many seconds of training passed since the last save (0: never by time).
+    None: 600 s when the run is managed (SOCRATES_MANAGED=1: a preemption loses at most ~10 min), else never."""
     keep_checkpoints: int = 2
     max_steps: int | None = None
     """Stop after this many optimizer steps (smoke runs, benchmarks); None: the schedule's own."""
@@ -279,6 +282,7 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("train.warmup_ratio", _finite(0, hi=1, hi_open=True), "0 <= x < 1"),
     ("train.weight_decay", _finite(0), "a finite number >= 0"),
     ("train.checkpoint_every", _whole(0), "steps >= 0 (0: only the final save)"),
+    ("train.checkpoint_every_s", _whole(0, null=True), "seconds >= 0 (0: never by time), or null (600 when managed)"),
     ("train.keep_checkpoints", _whole(0), "a whole number >= 0 (0: keep every checkpoint)"),
     ("train.max_steps", _whole(1, null=True), "a whole number >= 1, or null"),
     ("train.checkpoint_layers", _whole(0, null=True), "a whole number >= 0, or null for all layers"),

@@ -34,6 +34,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "done": ("reason",),
     "error": ("message",),
     "log": ("message",),
+    # A managed run (SkyPilot managed jobs): the machine ended before the job did and the job was started
+    # again on a new one (`launch` counts the starts, 1 = the first), and where training took up again.
+    "preempted": ("launch", "last_step"),
+    "resume": ("step", "steps_lost"),
 }
 KINDS = tuple(REQUIRED)
 # The speed levers a train `start` event reports in `levers` (job/levers.py): each an object with

@@ -11,10 +11,10 @@ from transformers import TrainerCallback
 from contracts.errors import ContractError
 from contracts.events import EventWriter
 from job.checkpoints import (
-    COMPLETE,
     complete_checkpoints,
     fsync_dir,
     fsync_tree,
+    seal,
     write_fingerprint,
 )
 
@@ -75,7 +75,8 @@ class CheckpointCallback(TrainerCallback):
         if not src.is_dir():
             return
         write_fingerprint(src, self.run_fp)
-        (src / COMPLETE).write_text(f"{state.global_step}\n")
+        fsync_tree(src)  # every file on disk before the marker that lists them
+        seal(src, state.global_step)
         fsync_tree(src)
         dst = self.root / name
         if dst.exists():
@@ -85,6 +86,27 @@ class CheckpointCallback(TrainerCallback):
         self.events.emit("checkpoint", step=state.global_step, path=f"checkpoints/{name}")
         for old in complete_checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+
+
+class TimedCheckpointCallback(TrainerCallback):
+    """Also save once `every_s` seconds of training passed since the last save (a managed run on spot:
+    a preemption then loses at most that much). Saving reads the RNG states, never advances them, so
+    the math is the same with or without these extra saves."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self.last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.every_s > 0 and not control.should_training_stop and time.monotonic() - self.last >= self.every_s:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kw):
+        self.last = time.monotonic()
 
 
 class DeadlineCallback(TrainerCallback):

@@ -23,13 +23,42 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 HOW_NOT_WHAT = frozenset({
     "train.micro_batch", "train.packing", "train.gradient_checkpointing", "train.checkpoint_layers", "train.liger",
     "train.attn_implementation", "train.fused_lora", "train.offload_checkpoints", "train.compile", "train.memory_mode",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.logging_steps", "train.report_to",
+    "train.checkpoint_every", "train.checkpoint_every_s", "train.keep_checkpoints", "train.logging_steps", "train.report_to",
 })
 _SECTIONS = ("model", "lora", "train")
 
 
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / COMPLETE).is_file() and (path / "trainer_state.json").is_file()
+    """A COMPLETE marker, trainer_state.json, and every file the marker lists there at its size.
+
+    The marker lists the checkpoint's files (written last, after they were fsynced), so a copy that
+    stopped part-way still reads as incomplete where a folder rename is not atomic: a bucket mount
+    (SkyPilot's MOUNT_CACHED uploads file by file) can hold the marker of a checkpoint whose other
+    files never arrived. A marker from before the list (a bare step number) counts as it did."""
+    marker = path / COMPLETE
+    if not (path.is_dir() and marker.is_file() and (path / "trainer_state.json").is_file()):
+        return False
+    try:
+        sealed = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(sealed, dict):
+        return isinstance(sealed, int)  # the bare step number older versions wrote
+    files = sealed.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for rel, size in files.items():
+        f = path / rel
+        if ".." in Path(rel).parts or not f.is_file() or f.stat().st_size != size:
+            return False
+    return True
+
+
+def seal(checkpoint: Path, step: int) -> None:
+    """Write the COMPLETE marker: the step and every file's size (is_complete checks them)."""
+    files = {p.relative_to(checkpoint).as_posix(): p.stat().st_size
+             for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    (checkpoint / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

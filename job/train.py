@@ -153,6 +153,10 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         events.emit("log", message=f"{resume_from.name} carries no run fingerprint (written by an older version): "
                                    "resuming without checking that config and data match")
     done_at = global_step(resume_from) if resume_from else 0
+    from job.managed import launch_number
+
+    if (resume_from or (launch_number() or 1) > 1) and dist.is_main():  # a relaunch with no checkpoint yet: step 0
+        _emit_resume(events, out, done_at)
     if dist.is_main():
         shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
     dist.barrier()
@@ -203,6 +207,20 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     return res
 
 
+def _emit_resume(events, out: Path, step: int) -> None:
+    """Where training takes up again, and how many logged steps since that checkpoint are trained again
+    (a managed run's relaunch after a preemption: at most one checkpoint interval)."""
+    from contracts.events import read_all
+    from job.managed import launch_number
+
+    logged = [e["step"] for e in read_all(out / "events.jsonl") if e.get("event") == "step"] \
+        if (out / "events.jsonl").is_file() else []
+    last = max(logged) if logged else step
+    launch = launch_number()
+    events.emit("resume", step=step, steps_lost=max(0, last - step), last_logged_step=last,
+                **({"launch": launch} if launch is not None else {}))
+
+
 def _save_adapter(trainer, tok, out: Path) -> Path:
     adapter = out / "adapter"
     tmp = out / ".adapter.tmp"
@@ -234,7 +252,8 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
              run_fp: dict):
     from trl import SFTConfig, SFTTrainer
 
-    from job.callbacks import CheckpointCallback, DeadlineCallback, EventsCallback
+    from job.callbacks import CheckpointCallback, DeadlineCallback, EventsCallback, TimedCheckpointCallback
+    from job.managed import CHECKPOINT_EVERY_S, is_managed
 
     t = cfg.train
     on_gpu = device.type == "cuda"
@@ -278,6 +297,9 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
                          callbacks=[EventsCallback(events, total_steps), CheckpointCallback(ckpt_root, t.keep_checkpoints, events, run_fp),
                                     deadline])
     trainer.socrates_deadline = deadline
+    every_s = t.checkpoint_every_s if t.checkpoint_every_s is not None else (CHECKPOINT_EVERY_S if is_managed() else 0)
+    if every_s:  # by time as well as by steps (a managed run: what a preemption can cost)
+        trainer.add_callback(TimedCheckpointCallback(every_s))
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the step events already say it, as JSON

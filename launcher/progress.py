@@ -67,6 +67,11 @@ class Progress:
             self.line(f"[bold red]    job error:[/] {_escape(v('message'))}")
         elif kind == "log":
             self.line(f"    {_escape(v('message'))}")
+        elif kind == "preempted":
+            self.line(f"[bold yellow]    preempted:[/] launch {_escape(v('launch'))} on a new machine "
+                      f"(the last logged step was {_escape(v('last_step'))})")
+        elif kind == "resume":
+            self.line(f"    resumed from step {_escape(v('step'))} ({_escape(v('steps_lost'))} step(s) trained again)")
 
     def line(self, text: str) -> None:
         """A phase or status line, printed above the bar (or plain)."""

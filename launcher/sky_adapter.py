@@ -259,6 +259,65 @@ class SkyAdapter:
         except sky.exceptions.ClusterDoesNotExist:
             return
 
+    # --- managed jobs (sky.jobs): SkyPilot's controller relaunches the job after a preemption ------
+
+    def jobs_launch(self, task_config: dict, name: str, secrets: dict[str, str],
+                    on_request_id: Callable[[str], None]) -> int:
+        """Submit the task as a managed job (its `resources.job_recovery` says how a preemption is
+        recovered); returns the managed job id. The machine is the controller's to start, relaunch and
+        end: nothing here is left running when the job ends, however it ends."""
+        import sky
+
+        task = sky.Task.from_yaml_config(task_config, secrets_overrides=list(secrets.items()) or None)
+        request_id = sky.jobs.launch(task, name=name)
+        on_request_id(str(request_id))
+        job_ids, _handle = sky.stream_and_get(request_id, output_stream=_LineSink(self.log))
+        ids = job_ids if isinstance(job_ids, (list, tuple)) else [job_ids]
+        if not ids or ids[0] is None:
+            raise RuntimeError(f"SkyPilot returned no managed job id for {name}")
+        return int(ids[0])
+
+    def wait_jobs_launch(self, request_id: str) -> int:
+        """The managed job id of a launch request made by a launcher that was since killed."""
+        import sky
+
+        job_ids, _handle = sky.get(request_id)
+        ids = job_ids if isinstance(job_ids, (list, tuple)) else [job_ids]
+        if not ids or ids[0] is None:
+            raise RuntimeError(f"managed-job launch request {request_id} returned no job id")
+        return int(ids[0])
+
+    def jobs_queue(self, job_id: int) -> dict | None:
+        """The managed job's record: status (a ManagedJobStatus name), recovery_count, submitted_at,
+        end_at, job_duration; None when the controller has no such job."""
+        import sky
+
+        with captured():
+            reply = sky.get(sky.jobs.queue_v2(refresh=False, all_users=False, job_ids=[int(job_id)]))
+        records = reply[0] if isinstance(reply, tuple) else reply
+        for r in records or []:
+            if int(_field(r, "job_id") or -1) == int(job_id):
+                status = _field(r, "status")
+                return {"status": str(getattr(status, "name", status)).rsplit(".", 1)[-1].upper(),
+                        "recovery_count": int(_field(r, "recovery_count") or 0),
+                        "submitted_at": _field(r, "submitted_at"), "end_at": _field(r, "end_at"),
+                        "job_duration": _field(r, "job_duration")}
+        return None
+
+    def jobs_tail(self, job_id: int) -> Iterator[str]:
+        """The managed job's log lines, following across its relaunches until it ends."""
+        import sky
+
+        return join_lines(sky.jobs.tail_logs(job_id=int(job_id), follow=True, preload_content=False))
+
+    def jobs_cancel(self, job_id: int) -> None:
+        """Cancel the managed job: the controller ends its machine (graceful: MOUNT_CACHED writes are
+        uploaded to the bucket first)."""
+        import sky
+
+        with captured():
+            sky.get(sky.jobs.cancel(job_ids=[int(job_id)], graceful=True, graceful_timeout=300))
+
     def dryrun(self, task_config: dict, cluster_name: str, secrets: dict[str, str] | None = None) -> dict:
         """SkyPilot's own dry-run launch: its optimizer picks the offer; nothing is provisioned.
 
@@ -339,6 +398,11 @@ def parse_chosen(lines: list[str]) -> dict:
                 "accelerators": cells.get("GPUS"), "price_per_hour": float(cells.get("COST ($)", "nan")),
                 "spot": "[spot]" in row.lower() or "spot" in cells.get("INSTANCE", "").lower()}
     raise RuntimeError("SkyPilot's optimizer table has no CHOSEN row")
+
+
+def _field(record: Any, name: str) -> Any:
+    """A field of an SDK record, whether a dict or a (pydantic) object."""
+    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
 
 
 def _name(record: Any) -> str | None:

@@ -22,6 +22,9 @@ TEMPLATE = REPO / "sky" / "train.yaml"
 REMOTE_DATA_DIR = "/tmp/socrates-data"
 # In the job image (Dockerfile): the lock's venv; setup then only stamps the deadline's start.
 IMAGE_PYTHON = "/opt/venv/bin/python"
+# A managed run (`up --spot/--managed`): the run's bucket is mounted here; OUT (and so its checkpoints)
+# and the launch record live inside it, so they outlive a preempted machine.
+BUCKET_MOUNT = "/socrates-bucket"
 IMAGE_SETUP = "set -euo pipefail\ndate +%s > .socrates-t0  # the job image has the lock installed: nothing to install\n"
 
 
@@ -30,7 +33,8 @@ def load_template(path: Path = TEMPLATE) -> dict:
 
 
 def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = False,
-           data_path: Path | None = None, secret_names: tuple[str, ...] = (), template: Path = TEMPLATE) -> dict:
+           data_path: Path | None = None, secret_names: tuple[str, ...] = (), template: Path = TEMPLATE,
+           managed: bool = False, bucket_url: str | None = None) -> dict:
     """The task for `run` (its resolved config and options), ready for sky.Task.from_yaml_config."""
     task = copy.deepcopy(load_template(template))
     opts = run.options
@@ -69,6 +73,15 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
         remote = f"{REMOTE_DATA_DIR}/{data_path.name}"
         task["file_mounts"] = {remote: str(data_path.resolve())}
         envs["DATA"] = remote
+    if managed:  # a managed job: SkyPilot relaunches it after a preemption; what must survive is in the bucket
+        if not bucket_url:
+            raise ContractError("a managed run needs a bucket (--bucket s3://... | gs://... | r2://...)")
+        task.setdefault("file_mounts", {})[BUCKET_MOUNT] = {"source": bucket_url, "mode": "MOUNT_CACHED"}
+        envs["SOCRATES_MANAGED"] = "1"
+        envs["SOCRATES_BUCKET"] = BUCKET_MOUNT
+        envs["OUT"] = f"{BUCKET_MOUNT}/out"
+        # A preemption is recovered on new capacity; a failing job is not restarted (it would fail again).
+        resources["job_recovery"] = {"strategy": "FAILOVER", "max_restarts_on_errors": 0}
     # Only the secrets the user has set: SkyPilot refuses a declared secret that gets no value.
     task.pop("secrets", None)
     names = [n for n in SECRET_NAMES if n in secret_names]

@@ -12,6 +12,17 @@ outage (after 3 lines the whole API is unreachable for $FAKESKY_OUTAGE_S seconds
 job status, cluster status), stale-data (a file is added to the mounted --data folder), download (every rsync fails), download-once (the first rsync fails), down (teardown fails),
 node-lost (a task of num_nodes > 1: node 1 dies once training wrote its manifest, the job fails). $FAKESKY_PROVISION_S and
 $FAKESKY_DOWNLOAD_S slow those steps down so a test can kill the launcher inside them.
+
+Managed jobs (`jobs_launch`, `jobs_queue`, `jobs_tail`, `jobs_cancel`, like sky.jobs.*): a detached
+controller process ($FAKESKY_DIR/jobs/<id>/) runs the real rendered run block on a fresh 'machine'
+(launch-N/, a new workdir: nothing on the old one's disk survives) with the task's bucket mount
+(a file:// folder) shared by every launch, as SkyPilot's controller does. It preempts the job
+(SIGKILL of its whole process group) $FAKESKY_PREEMPT times, each at a step drawn with
+random.Random($FAKESKY_SEED) once the job's first step event says how many there are, and starts it
+again, counting recoveries. $FAKESKY_PREEMPT_CKPT=N preempts the first launch in the middle of
+writing the first checkpoint at step >= N (tests/fault_job.py: the checkpoint's files and marker
+are part-copied into checkpoints/, as a non-atomic bucket rename would leave them). A job that exits
+non-zero by itself is FAILED (max_restarts_on_errors: 0).
 """
 from __future__ import annotations
 
@@ -175,6 +186,195 @@ class FakeSky:
                 "price_per_hour": 1.0, "spot": False}
 
 
+    # --- managed jobs (sky.jobs.launch / queue / tail_logs / cancel) ---------------------------
+
+    def jobs_launch(self, task_config: dict, name: str, secrets: dict, on_request_id: Callable[[str], None]) -> int:
+        jobs = _root() / "jobs"
+        jobs.mkdir(parents=True, exist_ok=True)
+        job_id = 1 + max((int(p.name) for p in jobs.iterdir() if p.name.isdigit()), default=0)
+        jdir = jobs / str(job_id)
+        jdir.mkdir()
+        (jdir / "task.json").write_text(json.dumps({"task": task_config, "name": name}))
+        _write_job_state(jdir, status="PENDING", recovery_count=0, launch=0)
+        _record("jobs-launch", name)
+        on_request_id(f"jobreq-{job_id}")
+        if "provision" in _faults():
+            _write_job_state(jdir, status="FAILED_NO_RESOURCE", recovery_count=0, launch=0)
+            raise RuntimeError("fake: no capacity for the managed job anywhere")
+        env = {**os.environ, **secrets}
+        proc = subprocess.Popen([sys.executable, __file__, "controller", str(jdir)], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        (jdir / "controller.pid").write_text(str(proc.pid))
+        return job_id
+
+    def jobs_queue(self, job_id: int) -> dict | None:
+        """The job's record: status (SkyPilot's ManagedJobStatus names), recovery_count; None: no such job."""
+        _outage()
+        path = _root() / "jobs" / str(job_id) / "state.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def jobs_tail(self, job_id: int) -> Iterator[str]:
+        """Like `sky jobs logs --follow`: the current launch's log from its start, then each relaunch's
+        (a reconnect starts at the launch running then: earlier machines' logs are gone with them)."""
+        _outage()
+        jdir = _root() / "jobs" / str(job_id)
+        if not jdir.is_dir():
+            raise ValueError(f"fake: no managed job {job_id}")
+        launch = max(1, _job_state(jdir).get("launch", 0))
+        while True:
+            log = jdir / f"launch-{launch}" / "workdir" / "job.log"
+            while not log.is_file():
+                st = _job_state(jdir)
+                if st["status"] in JOB_ENDED and st.get("launch", 0) < launch:
+                    return
+                time.sleep(0.05)
+            pos, buf = 0, b""
+            while True:
+                st = _job_state(jdir)
+                ended = st["status"] in JOB_ENDED or st.get("launch", 0) > launch  # this launch is over
+                with open(log, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                pos += len(chunk)
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    yield line.decode("utf-8", "replace")
+                if ended and not chunk:
+                    break
+                time.sleep(0.05)
+            st = _job_state(jdir)
+            if st["status"] in JOB_ENDED and st.get("launch", 0) <= launch:
+                return
+            launch += 1
+            yield f"(controller) managed job {job_id} is recovering: launch {launch} on new capacity"
+
+    def jobs_cancel(self, job_id: int) -> None:
+        jdir = _root() / "jobs" / str(job_id)
+        _record("jobs-cancel", str(job_id))
+        if not jdir.is_dir():
+            return
+        st = _job_state(jdir)
+        if st["status"] in JOB_ENDED:
+            return
+        (jdir / "cancelled").write_text("1")
+        for name in ("controller.pid", "job.pid"):
+            if (jdir / name).is_file():
+                _kill_group(int((jdir / name).read_text()))
+        _write_job_state(jdir, status="CANCELLED", recovery_count=st.get("recovery_count", 0),
+                         launch=st.get("launch", 0))
+
+
+JOB_ENDED = ("SUCCEEDED", "FAILED", "FAILED_SETUP", "FAILED_NO_RESOURCE", "FAILED_CONTROLLER", "CANCELLED")
+
+
+def _job_state(jdir: Path) -> dict:
+    for _ in range(50):  # written atomically, but a reader may race the very first write
+        try:
+            return json.loads((jdir / "state.json").read_text())
+        except (OSError, ValueError):
+            time.sleep(0.02)
+    raise RuntimeError(f"fake: {jdir}/state.json unreadable")
+
+
+def _write_job_state(jdir: Path, **state: Any) -> None:
+    tmp = jdir / "state.json.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, jdir / "state.json")
+
+
+def _bucket_dir(task: dict) -> tuple[str, Path] | None:
+    """The task's bucket mount (a file:// source) as (mount path, local folder)."""
+    for dest, src in (task.get("file_mounts") or {}).items():
+        if isinstance(src, dict) and str(src.get("source", "")).startswith("file://"):
+            return dest, Path(src["source"][len("file://"):])
+    return None
+
+
+def _step_events(events: Path, offset: int) -> tuple[list[dict], int]:
+    from contracts.events import parse_chunk
+
+    if not events.is_file():
+        return [], offset
+    with open(events, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    evs, used = parse_chunk(data)
+    return [e for e in evs if e["event"] == "step"], offset + used
+
+
+def controller(jdir: Path) -> None:
+    """The managed-jobs controller: launch, watch, preempt (as planned), relaunch, until the job ends."""
+    import random
+
+    spec = json.loads((jdir / "task.json").read_text())
+    task = spec["task"]
+    mount = _bucket_dir(task)
+    if mount is None:
+        _write_job_state(jdir, status="FAILED_CONTROLLER", recovery_count=0, launch=0)
+        return
+    mount_path, bucket = mount
+    bucket.mkdir(parents=True, exist_ok=True)
+    out = bucket / "out"
+    events = out / "events.jsonl"
+    preemptions = int(os.environ.get("FAKESKY_PREEMPT", "0"))
+    rng = random.Random(int(os.environ.get("FAKESKY_SEED", "0")))
+    ckpt_kill = os.environ.get("FAKESKY_PREEMPT_CKPT")
+    points: list[int] | None = None
+    recoveries = 0
+    launch = 0
+    while True:
+        launch += 1
+        _write_job_state(jdir, status="STARTING" if launch == 1 else "RECOVERING", recovery_count=recoveries,
+                         launch=launch)
+        machine = jdir / f"launch-{launch}"
+        workdir = machine / "workdir"
+        for name in CODE_DIRS:  # a fresh machine: the workdir synced again, nothing else from the last one
+            src = Path(task["workdir"]) / name
+            if src.is_dir():
+                shutil.copytree(src, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
+        (workdir / ".socrates-t0").write_text(f"{int(time.time())}\n")  # what setup's first line writes
+        overrides = {"JOB_PYTHON": os.environ["SOCRATES_JOB_PYTHON"], "SOCRATES_BUCKET": str(bucket),
+                     "OUT": str(bucket / task["envs"]["OUT"][len(mount_path):].lstrip("/"))}
+        if ckpt_kill and launch == 1:
+            overrides.update({"FAKESKY_CKPT_KILL_STEP": ckpt_kill, "FAKESKY_CKPT_MARK": str(jdir / "killed-in-checkpoint")})
+        (workdir / "run.sh").write_text(tasklib.run_script(task, **overrides))
+        wrapper = "bash run.sh > job.log 2>&1; echo $? > exit_code.tmp; mv exit_code.tmp exit_code"
+        env = {**os.environ, "PYTHONPATH": str(workdir), "PYTHONUNBUFFERED": "1"}
+        offset = events.stat().st_size if events.is_file() else 0
+        proc = subprocess.Popen(["bash", "-c", wrapper], cwd=workdir, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        (jdir / "job.pid").write_text(str(proc.pid))
+        _write_job_state(jdir, status="RUNNING", recovery_count=recoveries, launch=launch)
+        preempted = False
+        while proc.poll() is None:
+            steps, offset = _step_events(events, offset)
+            if steps and points is None and preemptions:
+                total = int(steps[0]["total_steps"])
+                points = sorted(rng.sample(range(2, total), preemptions))
+                (jdir / "preempt_at.json").write_text(json.dumps(points))
+            target = points[recoveries] if points and recoveries < len(points) and not ckpt_kill else None
+            mid_checkpoint = bool(ckpt_kill) and launch == 1 and (jdir / "killed-in-checkpoint").exists()
+            if mid_checkpoint or (target is not None and any(e["step"] >= target for e in steps)):
+                _kill_group(proc.pid)  # the machine is gone: no handler, no flush, mid-step
+                preempted = True
+                with open(jdir / "preemptions.log", "a") as f:
+                    f.write(f"launch {launch}: preempted " + ("while writing a checkpoint\n" if mid_checkpoint else
+                                                             f"at step {max(e['step'] for e in steps)}\n"))
+                break
+            time.sleep(0.02)
+        proc.wait()
+        if (jdir / "cancelled").exists():
+            return
+        if preempted:
+            recoveries += 1
+            continue
+        code = (workdir / "exit_code").read_text().strip() if (workdir / "exit_code").is_file() else "1"
+        _write_job_state(jdir, status="SUCCEEDED" if code == "0" else "FAILED", recovery_count=recoveries,
+                         launch=launch, exit_code=int(code or 1))
+        return
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -264,5 +464,7 @@ def lose_node(cdir: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "provision":
         provision(Path(sys.argv[2]))
+    elif sys.argv[1] == "controller":
+        controller(Path(sys.argv[2]))
     elif sys.argv[1] == "lose-node":
         lose_node(Path(sys.argv[2]))

@@ -1,0 +1,110 @@
+"""A managed run's state across relaunches, kept in the bucket (stdlib only: runs before the venv exists).
+
+    python3 -m job.managed start --state DIR --events OUT/events.jsonl [--deadline-s N] [--t0 UNIX_TS]
+
+SkyPilot's managed jobs start the task again on a new machine after a preemption (or a lost host);
+everything on the old machine's disk is gone, the bucket mounted at $SOCRATES_BUCKET is not. Each
+start of the run block calls this first. It
+
+- counts the start in DIR/launches.json (1 = the first launch; written atomically);
+- fixes the remote deadline at the first start (`--t0` + `--deadline-s`: setup's start on that first
+  machine) and hands the same one to every relaunch: a cap is never reset by a preemption, so the time
+  spent recovering and every relaunch's machine time count against it;
+- on a relaunch, appends a `preempted` event (this launch's number and the last step the events
+  recorded) to the run's events, so the launcher and the record show each one;
+- prints shell assignments for the run block to `eval`: SOCRATES_LAUNCH, and SOCRATES_DEADLINE
+  when there is a deadline.
+
+`python -m job train --resume auto` then resumes from the newest complete checkpoint in the bucket
+and emits a `resume` event (the step, the steps lost since the last logged one, SOCRATES_LAUNCH).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from contracts.errors import EXIT_BAD_INPUT
+
+STATE_FILE = "launches.json"
+# The time-based checkpoint interval a managed run gets when its config leaves train.checkpoint_every_s unset.
+CHECKPOINT_EVERY_S = 600
+
+
+def is_managed() -> bool:
+    return os.environ.get("SOCRATES_MANAGED") == "1"
+
+
+def launch_number() -> int | None:
+    raw = os.environ.get("SOCRATES_LAUNCH", "")
+    return int(raw) if raw.isdigit() else None
+
+
+def read_state(state_dir: Path) -> dict:
+    """The stored state, or a fresh one. A state file that does not parse is refused (never reset:
+    a reset would restart the deadline)."""
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return {"launches": 0, "first_start": None, "deadline": 0, "starts": []}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}); it holds the run's deadline and launch count, "
+                         "so it is not reset") from None
+    if not isinstance(state, dict) or not isinstance(state.get("launches"), int) or \
+            not isinstance(state.get("deadline", 0), (int, float)):
+        raise ValueError(f"{path}: not a launch record (expected launches: int, deadline: unix seconds)")
+    return state
+
+
+def start(state_dir: Path, events: Path | None, deadline_s: float, t0: float | None = None) -> dict:
+    """Count this start; return the state (with this launch's number and the run's deadline)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = read_state(state_dir)
+    now = time.time()
+    state["launches"] += 1
+    if state.get("first_start") is None:
+        state["first_start"] = t0 or now
+        state["deadline"] = int(state["first_start"] + deadline_s) if deadline_s > 0 else 0
+    state.setdefault("starts", []).append(now)
+    tmp = state_dir / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(tmp, state_dir / STATE_FILE)
+    if state["launches"] > 1 and events is not None:
+        from contracts.events import LINE_PREFIX, EventWriter, dumps, read_all
+
+        steps = [e["step"] for e in read_all(events) if e.get("event") == "step"] if events.is_file() else []
+        ev = EventWriter(events).emit(
+            "preempted", launch=state["launches"], last_step=max(steps) if steps else None,
+            message=f"launch {state['launches']}: the previous machine ended before the job did (a preemption or a "
+                    "lost host); SkyPilot started it again on a new one")
+        # stdout is the run block's `eval` input: the log stream gets the event on stderr
+        print(LINE_PREFIX + dumps(ev), file=sys.stderr, flush=True)
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m job.managed", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="verb", required=True)
+    s = sub.add_parser("start", help="count this launch, fix or read the deadline, print shell assignments")
+    s.add_argument("--state", type=Path, required=True, help="the run's state folder in the bucket mount")
+    s.add_argument("--events", type=Path, default=None, help="the run's events.jsonl (in the bucket)")
+    s.add_argument("--deadline-s", type=float, default=0.0, help="the cap in seconds from the first start (0: none)")
+    s.add_argument("--t0", type=float, default=None, help="when the first start began (setup's first line); default now")
+    args = p.parse_args(argv)
+    try:
+        state = start(args.state, args.events, args.deadline_s, args.t0)
+    except ValueError as e:
+        print(f"job.managed: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"export SOCRATES_LAUNCH={int(state['launches'])}")
+    if state["deadline"]:
+        print(f"export SOCRATES_DEADLINE={int(state['deadline'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

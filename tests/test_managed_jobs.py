@@ -1,0 +1,287 @@
+"""Managed runs (issue 15): the job side across preemptions, through tests/fakesky.py's fake managed-jobs
+controller running the REAL job (CPU QLoRA on a tiny random Qwen2) with a file:// bucket.
+
+A run preempted (SIGKILL of its machine) at two seeded random steps ends SUCCEEDED, each relaunch
+resumes from the newest complete checkpoint in the bucket (at most one checkpoint interval repeated)
+and says so in its events, and the final adapter equals an uninterrupted run's; a preemption in the
+middle of a checkpoint write resumes from the previous complete one. Plus the pieces: the launch
+record and deadline kept across relaunches (job/managed.py), a torn checkpoint never complete, the
+time-based checkpoint interval.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from contracts.events import read_all
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+CKPT_EVERY = 4
+TOTAL = 16
+TINY = {
+    "name": "tiny-managed", "allow_cpu": True,
+    "model": {"id": "tiny", "init": "random", "tokenizer": "qwen2.5-offline",
+              "arch": {"preset": "qwen2-tiny", "initializer_range": 0.25}},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "train": {"method": "qlora", "epochs": 3, "global_batch": 8, "micro_batch": 4, "lr": 1.0e-2, "optim": "adamw_torch",
+              "precision": "fp32", "max_length": 512, "packing": True, "gradient_checkpointing": False,
+              "checkpoint_every": CKPT_EVERY, "keep_checkpoints": 2, "max_steps": TOTAL, "seed": 5},
+    "data": {"source": "synthetic:64", "split": "random", "subset": 1.0, "seed": 1},
+    "eval": {"mode": "sample", "rows": 4},
+}
+
+
+def managed_task(bucket: Path, deadline_s: int = 0) -> dict:
+    """The managed task `up --spot` renders (launcher/task.py), with the bucket a local folder."""
+    from launcher import task as tasklib
+
+    cfg = load_config_from(TINY)
+    run = SimpleNamespace(name="tiny-managed", config=cfg, options={"eval": False, "deadline_s": deadline_s})
+    return tasklib.render(run, gpu=None, managed=True, bucket_url=f"file://{bucket}")
+
+
+def load_config_from(raw: dict) -> dict:
+    import tempfile
+
+    from contracts.config import load_config
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(raw, f)
+    try:
+        return load_config(f.name).to_dict()
+    finally:
+        os.unlink(f.name)
+
+
+def fault_python(tmp: Path) -> Path:
+    """An interpreter for the job: `-m job ...` runs tests/fault_job.py (the real job, a fault injected
+    only when FAKESKY_CKPT_KILL_STEP is set); anything else is this python."""
+    exe = tmp / "jobpython"
+    exe.write_text("#!/usr/bin/env bash\n"
+                   f'if [ "$1 $2" != "-m job" ]; then exec "{sys.executable}" "$@"; fi\n'
+                   f'shift 2\nexec "{sys.executable}" "{REPO / "tests" / "fault_job.py"}" "$@"\n')
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    """One fake controller for the module (its jobs numbered 1, 2, ...); every job cancelled at the end."""
+    root = tmp_path_factory.mktemp("managed")
+    env = {"FAKESKY_DIR": str(root / "cloud"), "SOCRATES_JOB_PYTHON": str(fault_python(root))}
+    saved = {k: os.environ.get(k) for k in (*env, "FAKESKY_PREEMPT", "FAKESKY_SEED", "FAKESKY_PREEMPT_CKPT",
+                                            "FAKESKY_FAIL")}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    import fakesky
+
+    sky = fakesky.FakeSky()
+    try:
+        yield sky
+    finally:
+        for jdir in (root / "cloud" / "jobs").glob("*"):  # nothing of ours left running
+            sky.jobs_cancel(int(jdir.name))
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def straight(fake, tmp_path_factory):
+    """The same run, never preempted: started now, waited for by whoever compares with it."""
+    bucket = tmp_path_factory.mktemp("straight") / "bucket"
+    return launch(fake, bucket), bucket
+
+
+def straight_out(fake, straight) -> Path:
+    job, bucket = straight
+    assert wait_ended(fake, job)["status"] == "SUCCEEDED"
+    return bucket / "out"
+
+
+def launch(sky, bucket: Path, **env: str) -> int:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return sky.jobs_launch(managed_task(bucket), "tiny-managed", {}, on_request_id=lambda rid: None)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def wait_ended(sky, job_id: int, timeout: float = 300) -> dict:
+    from fakesky import JOB_ENDED
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = sky.jobs_queue(job_id)
+        if st and st["status"] in JOB_ENDED:
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"managed job {job_id} did not end in {timeout} s: {sky.jobs_queue(job_id)}")
+
+
+def adapter_diff(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+    assert set(wa) == set(wb) and wa
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def checkpoint_steps(events: list[dict]) -> list[int]:
+    return [e["step"] for e in events if e["event"] == "checkpoint"]
+
+
+@pytest.mark.slow
+def test_preempted_twice_at_random_steps_resumes_each_time_and_matches_a_straight_run(fake, straight, tmp_path):
+    bucket = tmp_path / "bucket"
+    managed = launch(fake, bucket, FAKESKY_PREEMPT="2", FAKESKY_SEED="7")
+    st = wait_ended(fake, managed)
+    jdir = Path(os.environ["FAKESKY_DIR"]) / "jobs" / str(managed)
+    log = (jdir / "preemptions.log").read_text()
+    assert st["status"] == "SUCCEEDED", (jdir / f"launch-{st['launch']}" / "workdir" / "job.log").read_text()[-3000:]
+    assert st["recovery_count"] == 2 and log.count("preempted at step") == 2, log  # both really happened
+    points = json.loads((jdir / "preempt_at.json").read_text())
+    assert len(points) == 2 and all(2 <= p < TOTAL for p in points)
+
+    out = bucket / "out"
+    events = read_all(out / "events.jsonl")
+    assert json.loads((bucket / "managed" / "launches.json").read_text())["launches"] == 3
+    pre = [e for e in events if e["event"] == "preempted"]
+    res = [e for e in events if e["event"] == "resume"]
+    assert [e["launch"] for e in pre] == [2, 3] and [e["launch"] for e in res] == [2, 3]
+    # Each relaunch resumed from the newest checkpoint complete before its preemption, losing at most one
+    # interval; what the events say it lost is what was logged past that checkpoint.
+    starts = [i for i, e in enumerate(events) if e["event"] == "start" and e.get("verb") == "train"]
+    assert len(starts) == 3
+    for k, (a, b) in enumerate(zip(starts, starts[1:])):
+        before = events[a:b]
+        saved = [0] + checkpoint_steps(before) + checkpoint_steps(events[:a])  # 0: none yet, starts over
+        logged = max(e["step"] for e in before if e["event"] == "step")
+        r = res[k]
+        assert r["step"] == max(saved), (r, saved)
+        assert r["steps_lost"] == logged - r["step"] and 0 <= r["steps_lost"] < CKPT_EVERY + 1
+        after = [e["step"] for e in events[b:] if e["event"] == "step"]
+        assert after[0] == r["step"] + 1  # training took up at the step after the checkpoint
+    done = [e for e in events if e["event"] == "done"]
+    assert len(done) == 1 and done[0]["steps"] == TOTAL
+    # Every step was trained (some twice), and the result is the uninterrupted run's.
+    assert sorted({e["step"] for e in events if e["event"] == "step"}) == list(range(1, TOTAL + 1))
+    diff = adapter_diff(out, straight_out(fake, straight))
+    assert diff <= 1e-5, diff
+    from contracts import manifest
+
+    assert manifest.verify(out) == []
+
+
+@pytest.mark.slow
+def test_preempted_during_a_checkpoint_write_resumes_from_the_previous_complete_one(fake, straight, tmp_path):
+    bucket = tmp_path / "bucket"
+    job = launch(fake, bucket, FAKESKY_PREEMPT_CKPT=str(2 * CKPT_EVERY))
+    st = wait_ended(fake, job)
+    jdir = Path(os.environ["FAKESKY_DIR"]) / "jobs" / str(job)
+    assert st["status"] == "SUCCEEDED", (jdir / f"launch-{st['launch']}" / "workdir" / "job.log").read_text()[-3000:]
+    torn_step, torn_file = (jdir / "killed-in-checkpoint").read_text().split()
+    assert int(torn_step) == 2 * CKPT_EVERY and st["recovery_count"] == 1
+    assert "while writing a checkpoint" in (jdir / "preemptions.log").read_text()
+    events = read_all(bucket / "out" / "events.jsonl")
+    res = [e for e in events if e["event"] == "resume"]
+    # The torn checkpoint-8 (its marker there, a file cut short) was skipped: back to checkpoint-4.
+    assert len(res) == 1 and res[0]["step"] == CKPT_EVERY and res[0]["launch"] == 2, res
+    assert res[0]["steps_lost"] == 2 * CKPT_EVERY - CKPT_EVERY
+    assert [e for e in events if e["event"] == "done"][0]["steps"] == TOTAL
+    assert adapter_diff(bucket / "out", straight_out(fake, straight)) <= 1e-5
+
+
+# --- the pieces ------------------------------------------------------------------------------
+
+def test_launch_record_keeps_the_first_deadline_and_counts_relaunches(tmp_path):
+    from contracts.events import EventWriter
+    from job import managed
+
+    state, events = tmp_path / "bucket" / "managed", tmp_path / "bucket" / "out" / "events.jsonl"
+    EventWriter(events).emit("step", step=7, total_steps=10, epoch=1.0, loss=1.0, lr=0.1, tokens_per_s=1.0,
+                             gpu_mem_gib=0.0, eta_s=1.0)
+    first = managed.start(state, events, deadline_s=3600, t0=1_000_000.0)
+    assert first["launches"] == 1 and first["deadline"] == 1_000_000 + 3600
+    assert [e["event"] for e in read_all(events)] == ["step"]  # the first launch is no preemption
+    again = managed.start(state, events, deadline_s=3600, t0=2_000_000.0)  # a later setup: the cap is not reset
+    assert again["launches"] == 2 and again["deadline"] == 1_000_000 + 3600
+    pre = [e for e in read_all(events) if e["event"] == "preempted"]
+    assert pre and pre[0]["launch"] == 2 and pre[0]["last_step"] == 7
+    r = subprocess.run([sys.executable, "-m", "job.managed", "start", "--state", str(state), "--events", str(events),
+                        "--deadline-s", "60"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["export", "SOCRATES_LAUNCH=3", "export",
+                                                      f"SOCRATES_DEADLINE={1_000_000 + 3600}"], r.stdout + r.stderr
+    (state / "launches.json").write_text("{not json")  # a damaged record is refused, never reset
+    r = subprocess.run([sys.executable, "-m", "job.managed", "start", "--state", str(state)], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not reset" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_whose_files_did_not_all_arrive_is_not_complete(tmp_path):
+    from job.checkpoints import complete_checkpoints, is_complete, seal
+
+    root = tmp_path / "checkpoints"
+    for step in (4, 8):
+        d = root / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (d / "optimizer.pt").write_bytes(b"x" * 1000)
+        (d / "adapter_model.safetensors").write_bytes(b"y" * 500)
+        seal(d, step)
+    assert [p.name for p in complete_checkpoints(root)] == ["checkpoint-4", "checkpoint-8"]
+    torn = root / "checkpoint-8"
+    with open(torn / "optimizer.pt", "r+b") as f:  # the upload stopped part-way
+        f.truncate(400)
+    assert not is_complete(torn) and [p.name for p in complete_checkpoints(root)] == ["checkpoint-4"]
+    (torn / "optimizer.pt").unlink()  # or never arrived
+    assert not is_complete(torn)
+    (torn / "COMPLETE").write_text("{\"step\": 8, \"files\": {\"../x\": 1}}")  # a marker pointing outside
+    assert not is_complete(torn)
+    (root / "checkpoint-4" / "COMPLETE").write_text("4\n")  # an older version's bare marker still counts
+    assert is_complete(root / "checkpoint-4")
+
+
+def test_time_based_checkpoints_default_when_managed_and_follow_the_clock(monkeypatch):
+    from job import callbacks
+    from job.managed import CHECKPOINT_EVERY_S
+
+    clock = [100.0]
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock[0])
+    cb = callbacks.TimedCheckpointCallback(60)
+    cb.on_train_begin(None, None, None)
+    control = SimpleNamespace(should_save=False, should_training_stop=False)
+    clock[0] += 59
+    assert cb.on_step_end(None, None, control).should_save is False
+    clock[0] += 1
+    assert cb.on_step_end(None, None, control).should_save is True
+    cb.on_save(None, None, control)
+    control.should_save = False
+    clock[0] += 30
+    assert cb.on_step_end(None, None, control).should_save is False
+    clock[0] += 100
+    control.should_training_stop = True  # the deadline stopped training: no extra save
+    assert cb.on_step_end(None, None, control).should_save is False
+    assert 300 <= CHECKPOINT_EVERY_S <= 900  # "about ten minutes" of training between saves on spot
+    from contracts.config import load_config
+
+    assert load_config(REPO / "configs" / "smoke.yaml").train.checkpoint_every_s is None  # unset: managed decides
