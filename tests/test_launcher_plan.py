@@ -159,3 +159,19 @@ def test_the_local_default_config_is_the_same_for_both_and_help_says_so():
         r = cli([verb, "--help"], launcher_env(Path("/nonexistent-runs")))
         assert r.returncode == 0, r.stderr
         assert re.search(r"configs/smoke\.yaml\s+with\s+--infra\s+local", r.stdout), (verb, r.stdout)
+
+
+def test_status_shows_the_handles_that_find_the_machine_again(tmp_path, monkeypatch):
+    """Backend.handles: what status prints to find the machine by hand (here a local run's folder and
+    process group, written into its record as a launcher would have)."""
+    from launcher import registry
+
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(tmp_path / "runs"))
+    run = registry.new_run("handles", "local", config={})
+    workdir = tmp_path / f"socrates-{run.id}-gone"
+    run.transition("provisioning", machine="up", backend_state={"workdir": str(workdir), "pgid": 4194000,
+                                                                 "other": "not a handle"})
+    r = cli(["status", run.id], launcher_env(tmp_path / "runs"))
+    assert r.returncode == 0, r.stderr
+    machine = next(line for line in r.stdout.splitlines() if line.startswith("machine:"))
+    assert f"workdir {workdir}" in machine and "pgid 4194000" in machine and "not a handle" not in machine, machine

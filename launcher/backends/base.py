@@ -64,6 +64,8 @@ class Backend(ABC):
     """
 
     name: str = "base"
+    HANDLES: tuple[str, ...] = ()
+    """The backend_state keys that find the machine again (`handles`)."""
 
     def on_phase(self, name: str, detail: str | None = None) -> None:
         """Called by the backend when a lifecycle phase begins (syncing, installing, reconnecting, ...).
@@ -133,8 +135,8 @@ class Backend(ABC):
 
     def handles(self, run: Any) -> dict:
         """The handles this backend saved in run.json to find the machine again (cluster name, request
-        id, pid, remote folder)."""
-        return dict(run.backend_state)
+        id, pid, remote folder: the HANDLES keys of backend_state), for `status` to show; those set."""
+        return {k: run.backend_state[k] for k in self.HANDLES if run.backend_state.get(k) is not None}
 
     @classmethod
     def end_by_hand(cls, handles: dict) -> str | None:

@@ -53,6 +53,7 @@ def load_adapter() -> Any:
 
 class SkyBackend(Backend):
     name = "sky"
+    HANDLES = ("cluster", "request_id", "job_id")
 
     def __init__(self, adapter: Any = None, idle_minutes: int = AUTODOWN_IDLE_MIN,
                  reconnect: tuple[float, float, float] | None = None):

@@ -55,6 +55,7 @@ SECRETS_FILE = ".secrets.env"  # docker mode only: 0600, removed by the containe
 
 class SshBackend(Backend):
     name = "ssh"
+    HANDLES = ("target", "work", "pgid")
 
     def __init__(self, infra: str, run_block: str | None = None, code_root: Path = tasklib.REPO, **options: Any):
         self.target: SshTarget = parse_infra(infra)

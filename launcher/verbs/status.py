@@ -41,11 +41,16 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     run_rec = registry.resolve(args.run_id)
-    machine = reconcile(run_rec, for_run(run_rec))
+    backend = for_run(run_rec)
+    machine = reconcile(run_rec, backend)
     duration = run_rec.duration_s()
-    console.print(f"run:      {run_rec.id}\nstate:    {run_rec.state}\nmachine:  {machine}\n"
+    from rich.markup import escape
+
+    handles = escape("  ".join(f"{k} {v}" for k, v in backend.handles(run_rec).items()))  # run.json: untrusted
+    console.print(f"run:      {run_rec.id}\nstate:    {run_rec.state}\nmachine:  {machine}"
+                  + (f" ({handles})" if handles else "") + "\n"
                   f"infra:    {run_rec.infra}  card: {run_rec.gpu or '-'}\n"
-                  f"duration: {_hms(duration)}", highlight=False)
+                  f"duration: {_hms(duration)}", highlight=False, soft_wrap=True)
     if run_rec.estimate:
         console.print(f"estimate: {_money(run_rec.expected_cost())}", highlight=False)
     actual = run_rec.actual_cost()
