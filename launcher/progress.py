@@ -7,9 +7,6 @@ from typing import Any
 
 from rich.console import Console
 
-PHASES = ("provisioning", "syncing", "installing", "training", "evaluating", "downloading", "tearing down")
-
-
 class Progress:
     """`on_event(ev)` for every job or launcher event; `close()` at the end (idempotent)."""
 

@@ -19,9 +19,10 @@ import secrets as _random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from contracts._io import atomic_write_json
+from contracts.events import EVENTS_FILE
 from contracts.errors import ContractError
 
 RUN_FILE = "run.json"
@@ -46,6 +47,9 @@ def runs_root() -> Path:
 
 @dataclass
 class Run:
+    damaged: ClassVar[bool] = False
+    """A sound record (`Damaged` says True): what `scan` lists is told apart by this, not by type."""
+
     id: str
     dir: Path
     infra: str = "local"
@@ -138,7 +142,7 @@ class Run:
 
     @property
     def events_path(self) -> Path:
-        return self.dir / "events.jsonl"
+        return self.dir / EVENTS_FILE
 
     @property
     def log_path(self) -> Path:
@@ -148,6 +152,17 @@ class Run:
         if self.started_at is None:
             return None
         return (self.ended_at or time.time()) - self.started_at
+
+    def expected_cost(self) -> float | None:
+        """The estimate's expected dollars (SCHEMA: estimate.dollars is null or [low, expected, high])."""
+        dollars = (self.estimate or {}).get("dollars")
+        return dollars[1] if dollars else None
+
+    def actual_cost(self) -> float | None:
+        """Price x billed time (launcher/cost.py), None without a price or a start."""
+        from launcher.cost import actual_cost
+
+        return actual_cost(self)
 
 
 _FIELDS = {f.name for f in fields(Run)}
@@ -355,6 +370,8 @@ class Salvaged(Run):
 class Damaged:
     """A record under runs/ that can't be used: `error` is the one line that says why."""
 
+    damaged: ClassVar[bool] = True
+
     id: str
     dir: Path
     error: str
@@ -391,10 +408,11 @@ def _parse(path: Path) -> tuple[Run | None, Damaged | None]:
     salvageable = not ({"infra", "backend_state"} & damaged) and bool(data.get("backend_state"))
     hint = (f"fix it, or end its machine with `socrates-launch down {folder}` and remove the folder" if salvageable
             else "fix or remove the folder")
-    handles = data.get("backend_state")
-    cluster = handles.get("cluster") if isinstance(handles, dict) else None
-    if not salvageable and isinstance(cluster, str) and cluster:
-        hint += f" (it names SkyPilot cluster {cluster!r}: `sky down {cluster}` ends it if it is still up)"
+    if not salvageable:
+        from launcher.backends import end_by_hand  # what ends its machine, from the handles alone
+
+        by_hand = end_by_hand(data.get("backend_state"))
+        hint += f" ({by_hand})" if by_hand else ""
     bad = Damaged(folder, path.parent, _fail(path, "; ".join(found), hint), when, salvageable)
     if not salvageable:
         return None, bad
@@ -454,11 +472,6 @@ def scan() -> list[Run | Damaged]:
         run, bad = _parse(path)
         found.append(bad if bad is not None else run)
     return sorted(found, key=lambda r: (r.created_at, r.id))
-
-
-def list_runs() -> list[Run]:
-    """Every sound run under runs/, oldest first."""
-    return [r for r in scan() if isinstance(r, Run)]
 
 
 def resolve(run_id: str | None, salvage: bool = False) -> Run:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Mapping
 
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY")
@@ -22,6 +23,9 @@ def redact(text: str, secrets: Mapping[str, str] | None = None) -> str:
     return text
 
 
-def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
-    """A copy of an environment with the secrets removed (for processes that must not see them)."""
-    return {k: v for k, v in env.items() if k not in SECRET_NAMES}
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """An error as it is saved and shown: SkyPilot's colour codes removed (run.json holds plain text)."""
+    return _ANSI.sub("", text)

@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterator
 _ENDED_OK = ("SUCCEEDED",)
 _ENDED_BAD = ("FAILED", "FAILED_SETUP", "FAILED_DRIVER", "CANCELLED")
 _IN_FLIGHT = ("PENDING", "WAITING", "RUNNING")  # API server request states before it ends
-REMOTE_WORKDIR = "~/sky_workdir"
 RSYNC_CEILING_S = 3600  # out/ without checkpoints/ is adapters + eval files: minutes even on a slow link
 
 

@@ -20,6 +20,8 @@ from launcher.secrets import SECRET_NAMES
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "sky" / "train.yaml"
 REMOTE_DATA_DIR = "/tmp/socrates-data"
+# What the local and SSH backends ship to the machine (SkyPilot syncs the whole workdir, REPO).
+CODE_PATHS = ("contracts", "job", "configs", "sky", "requirements", "Dockerfile", "pyproject.toml")
 # In the job image (Dockerfile): the lock's venv; setup then only stamps the deadline's start.
 IMAGE_PYTHON = "/opt/venv/bin/python"
 # A managed run (`up --spot/--managed`): the run's bucket is mounted here; OUT (and so its checkpoints)
@@ -88,6 +90,14 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
     if names:
         task["secrets"] = {name: None for name in names}
     return task
+
+
+def local_data(config: dict) -> Path | None:
+    """The run's data when it is a local file or folder (then it is shipped with the job); None for hub
+    ids and synthetic:N. `config` is the resolved run config (RunConfig.to_dict)."""
+    source = (config.get("data") or {}).get("source") or ""
+    path = Path(source).expanduser()
+    return path.resolve() if source and not source.startswith("synthetic:") and path.exists() else None
 
 
 def layout_line(task: dict, gpu) -> str:

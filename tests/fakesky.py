@@ -41,8 +41,6 @@ sys.path.insert(0, str(HERE.parent))
 
 from launcher import task as tasklib  # noqa: E402
 
-CODE_DIRS = ("contracts", "job", "configs", "requirements")
-
 
 def _root() -> Path:
     root = Path(os.environ["FAKESKY_DIR"])
@@ -406,7 +404,7 @@ def provision(cdir: Path) -> None:
     if "provision" in faults:
         fail("provisioning", "fake: no capacity for A100:1 anywhere")
     workdir = cdir / "workdir"
-    for name in CODE_DIRS:
+    for name in tasklib.CODE_PATHS:  # what the launcher ships; SkyPilot syncs the whole workdir
         src = Path(task["workdir"]) / name
         if src.is_dir():
             shutil.copytree(src, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -219,14 +219,14 @@ def test_ssh_uses_the_given_image_and_pulls_it(tmp_path, monkeypatch):
     pytest.importorskip("paramiko")
     import argparse
 
+    from launcher import plan as up
     from launcher.backends import ssh
-    from launcher.verbs import up
 
     p = argparse.ArgumentParser()
     up.add_arguments(p)
-    plan = up.plan_run(p.parse_args(["--infra", "ssh://me@host", "--image", REF, "--config", "configs/paper.yaml"]))
+    plan = up.resolve(p.parse_args(["--infra", "ssh://me@host", "--image", REF, "--config", "configs/paper.yaml"]))
     assert plan.options["image"] == REF and plan.options["ssh"]["image"] == REF and plan.options["ssh"]["pull_image"]
-    plain = up.plan_run(p.parse_args(["--infra", "ssh://me@host", "--config", "configs/paper.yaml"]))
+    plain = up.resolve(p.parse_args(["--infra", "ssh://me@host", "--config", "configs/paper.yaml"]))
     assert plain.options["ssh"]["image"] == f"socrates-launch-job:{expected_tag()}" and not plain.options["ssh"]["pull_image"]
     seen = []
     from launcher.ssh_transport import Result
@@ -244,7 +244,7 @@ def test_ssh_uses_the_given_image_and_pulls_it(tmp_path, monkeypatch):
 def test_a_config_image_is_not_claimed_by_a_local_run(tmp_path):
     import argparse
 
-    from launcher.verbs import up
+    from launcher import plan as up
 
     doc = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     doc["image"] = REF
@@ -252,5 +252,5 @@ def test_a_config_image_is_not_claimed_by_a_local_run(tmp_path):
     cfg.write_text(yaml.safe_dump(doc))
     p = argparse.ArgumentParser()
     up.add_arguments(p)
-    assert up.plan_run(p.parse_args(["--infra", "local", "--config", str(cfg)])).options["image"] is None
-    assert up.plan_run(p.parse_args(["--gpu", "A100:1", "--config", str(cfg)])).options["image"] == REF
+    assert up.resolve(p.parse_args(["--infra", "local", "--config", str(cfg)])).options["image"] is None
+    assert up.resolve(p.parse_args(["--gpu", "A100:1", "--config", str(cfg)])).options["image"] == REF

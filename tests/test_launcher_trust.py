@@ -1,6 +1,6 @@
 """Issue #13: nothing that comes back from a machine, nor what a run record says, is trusted.
 
-Fetch-and-verify runs for real (launcher/verbs/up.py's drive, the real sky backend) against
+Fetch-and-verify runs for real (launcher/lifecycle.py's drive, the real sky backend) against
 tests/fakesky.py: a finished job's out/ folder is written by hand with a hostile manifest, a link
 pointing out of the run, an unlisted file; each must fail verification while the machine stays up
 (autodown armed) with the commands to pull and to end it printed, never tear down the only copy.
@@ -110,7 +110,7 @@ def finished(tmp_path, monkeypatch):
     """A run whose job finished (exit 0) on a fake cluster; returns (run, out folder on the machine)."""
     monkeypatch.setenv("SOCRATES_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("FAKESKY_DIR", str(tmp_path / "cloud"))
-    monkeypatch.setattr("launcher.verbs.up.DOWNLOAD_RETRY_S", 0.0)
+    monkeypatch.setattr("launcher.lifecycle.DOWNLOAD_RETRY_S", 0.0)
     run = registry.new_run("trust", "sky", gpu="A100:1", config={})
     from launcher.backends.sky import cluster_name_for
 
@@ -128,7 +128,7 @@ def _drive(run) -> tuple[int, str]:
 
     from fakesky import FakeSky
     from launcher.backends.sky import SkyBackend
-    from launcher.verbs.up import drive
+    from launcher.lifecycle import drive
 
     buf = io.StringIO()
     code = drive(run, SkyBackend(adapter=FakeSky()), Console(file=buf, width=200), launch=False)

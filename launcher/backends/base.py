@@ -7,6 +7,10 @@ The lifecycle a verb drives, whatever the backend:
     backend.download(run, dest)    pull the job's out/ (adapter, manifest, report) into dest
     backend.down(run)              end everything that costs money; idempotent, safe to repeat
 
+launcher/lifecycle.py drives these (with the signal handling and salvage rules); the verbs call
+the lifecycle and the optional methods below, never a concrete backend. A new backend is one more
+subclass and one line in launcher/backends/__init__.py (BACKENDS); no verb changes.
+
 `run` is the run's registry record (launcher.registry); a backend writes the handles it needs
 to find its machine again (cluster name, request id, pid, remote dir) into `run.backend_state`
 and saves it *before* it creates anything, so a launcher killed at any instant can be picked up
@@ -51,7 +55,35 @@ def reconnect_policy() -> tuple[float, float, float]:
 
 
 class Backend(ABC):
+    """What every verb and launcher/lifecycle.py may ask of a backend; nothing else is asked.
+
+    A verb never asks which backend it has: where backends differ, the difference is a method
+    here (with a default for a backend that has nothing to do). Nothing here assumes one machine
+    for the whole run: `follow` may see the job restart elsewhere (a managed job relaunched after a
+    preemption), `download` may read a bucket rather than the machine.
+    """
+
     name: str = "base"
+    HANDLES: tuple[str, ...] = ()
+    """The backend_state keys that find the machine again (`handles`)."""
+
+    def on_phase(self, name: str, detail: str | None = None) -> None:
+        """Called by the backend when a lifecycle phase begins (syncing, installing, reconnecting, ...).
+        The lifecycle replaces it (`backend.on_phase = recorder.phase`); by default nothing is shown."""
+
+    # --- before a run exists --------------------------------------------------------------
+
+    def preflight(self, cfg: Any) -> None:
+        """Checks that need the infrastructure (credentials, host key, disk), before a run exists:
+        ContractError (exit 2, one line) refuses. Default: nothing to check."""
+
+    def dryrun(self, task: dict, plan: Any, console: Any) -> int:
+        """After the rendered task was shown: what this backend adds to a dry run (SkyPilot's optimizer
+        picks the offer). Returns the exit status. Nothing is started. Default: says so."""
+        console.print(f"dry run: nothing started ({plan.infra} backend)")
+        return 0
+
+    # --- the lifecycle -------------------------------------------------------------------
 
     @abstractmethod
     def launch(self, run: Any) -> None:
@@ -61,6 +93,11 @@ class Backend(ABC):
     def follow(self, run: Any, on_event: EventCallback) -> int:
         """Deliver each new job event once, in order, reconnecting as needed; return the job's exit code."""
 
+    def log_lines(self, run: Any) -> list[str]:
+        """The job's output as lines, for runs/<id>/job.log (the lifecycle writes it, redacted). Empty:
+        nothing to add (e.g. `follow` already writes job.log itself)."""
+        return []
+
     @abstractmethod
     def download(self, run: Any, dest: Path) -> None:
         """Copy the job's output folder into `dest` (verification is the caller's)."""
@@ -69,12 +106,42 @@ class Backend(ABC):
     def down(self, run: Any) -> None:
         """Stop the job and release the machine. Idempotent: a second call is a no-op."""
 
+    def detach(self, run: Any) -> str:
+        """The launcher stops following; the job runs on. Release what this process holds (connections)
+        and return what ends the machine now (a sentence for the user)."""
+        return "nothing ends it or pulls results back until you run `logs` or `down`."
+
+    def set_on_teardown(self, run: Any, command: str) -> None:
+        """`down --on-teardown CMD`: a local command to run once the job is ended. Refused (exit 2) by a
+        backend that has no such hook."""
+        from contracts.errors import ContractError
+
+        raise ContractError(f"--on-teardown: only for ssh runs (run {run.id} is on {run.infra})")
+
+    # --- finding the machine again (from run.json, after the launcher was killed) ---------
+
     @abstractmethod
     def machine_state(self, run: Any) -> str:
         """What really exists now: 'up', 'gone' or 'unknown' (used by `status` to reconcile)."""
 
     def job_running(self, run: Any) -> bool | None:
         """Whether the run's job is still running, asked of the machine (not the record); None: unknown."""
+        return None
+
+    def launch_submitted(self, run: Any) -> bool:
+        """Whether the record shows the launch got far enough that the job runs or will run (a request
+        id, a pid): a run still recorded `provisioning` is then re-attached by `logs`."""
+        return False
+
+    def handles(self, run: Any) -> dict:
+        """The handles this backend saved in run.json to find the machine again (cluster name, request
+        id, pid, remote folder: the HANDLES keys of backend_state), for `status` to show; those set."""
+        return {k: run.backend_state[k] for k in self.HANDLES if run.backend_state.get(k) is not None}
+
+    @classmethod
+    def end_by_hand(cls, handles: dict) -> str | None:
+        """For a run.json too damaged to use: the command that ends its machine from `handles` alone
+        (backend_state as read), or None when this backend's handles are not there."""
         return None
 
     def left_up_ends_by(self, run: Any) -> str | None:

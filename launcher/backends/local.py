@@ -20,7 +20,6 @@ from contracts.events import EventReader
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback
 
-CODE_DIRS = ("contracts", "job", "configs", "requirements")
 OWNER_FILE = ".socrates-run"
 EXIT_FILE = "exit_code"
 LOG_FILE = "job.log"
@@ -28,12 +27,12 @@ LOG_FILE = "job.log"
 
 class LocalBackend(Backend):
     name = "local"
+    HANDLES = ("workdir", "pgid")
 
     def __init__(self, poll_s: float = 0.2, python: str | None = None):
         self.poll_s = poll_s
         # SOCRATES_JOB_PYTHON picks the interpreter that runs the job (a venv with the job deps).
         self.python = python or os.environ.get("SOCRATES_JOB_PYTHON") or sys.executable
-        self.on_phase = lambda name, detail=None: None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -44,11 +43,13 @@ class LocalBackend(Backend):
         run.update(backend_state={"workdir": str(workdir)}, machine="up")
         self.on_phase("syncing", f"code and data into {workdir}")
         try:
-            for name in CODE_DIRS:
+            for name in tasklib.CODE_PATHS:
                 if (tasklib.REPO / name).is_dir():
                     shutil.copytree(tasklib.REPO / name, workdir / name,
                                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            data_path = _local_data(run)
+                elif (tasklib.REPO / name).is_file():
+                    shutil.copy2(tasklib.REPO / name, workdir / name)
+            data_path = tasklib.local_data(run.config)
             overrides = {"JOB_PYTHON": self.python}
             if data_path is not None:
                 dest = workdir / "data" / data_path.name
@@ -121,16 +122,8 @@ class LocalBackend(Backend):
             return "up"
         return "gone"
 
-    def job_finished(self, run: Any) -> int | None:
-        """The job's exit code if it has ended on the 'machine', else None."""
-        path = Path(run.backend_state.get("workdir", "/nonexistent")) / EXIT_FILE
-        return int(path.read_text().strip() or 1) if path.is_file() else None
-
-
-def _local_data(run: Any) -> Path | None:
-    source = run.config["data"]["source"]
-    path = Path(source).expanduser()
-    return path if path.exists() else None
+    def launch_submitted(self, run: Any) -> bool:
+        return bool(run.backend_state.get("pid"))
 
 
 def _own_workdir(workdir: Path, run_id: str) -> bool:

@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contracts.errors import ContractError
 from contracts.events import parse_line
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, reconnect_policy
 from launcher.secrets import collect as collect_secrets
-from launcher.secrets import redact
+from launcher.secrets import plain, redact
 
 # Idle minutes after the job ends before SkyPilot downs the machine by itself: time to download.
 AUTODOWN_IDLE_MIN = 15
@@ -52,6 +53,7 @@ def load_adapter() -> Any:
 
 class SkyBackend(Backend):
     name = "sky"
+    HANDLES = ("cluster", "request_id", "job_id")
 
     def __init__(self, adapter: Any = None, idle_minutes: int = AUTODOWN_IDLE_MIN,
                  reconnect: tuple[float, float, float] | None = None):
@@ -59,7 +61,44 @@ class SkyBackend(Backend):
         # first wait, longest wait, how long a lost stream is retried before detaching (never a teardown)
         self.reconnect_wait_s, self.reconnect_max_wait_s, self.reconnect_window_s = reconnect or reconnect_policy()
         self.idle_minutes = idle_minutes
-        self.on_phase = lambda name, detail=None: None
+
+    # --- before a run exists --------------------------------------------------------------
+
+    def preflight(self, cfg: Any) -> None:
+        """No cloud with working credentials: one line, exit 2, before a run exists."""
+        from launcher.sky_adapter import NO_CLOUD
+
+        if not self.adapter.enabled_clouds():
+            raise ContractError(NO_CLOUD)
+
+    def dryrun(self, task: dict, plan: Any, console: Any) -> int:
+        """SkyPilot's optimizer and dry run pick the offer for the rendered task; nothing is provisioned."""
+        from rich.text import Text
+
+        from launcher.sky_adapter import NoCloudEnabled
+
+        self.adapter.log = lambda line: console.print(Text.from_ansi(redact(line)), highlight=False)  # SkyPilot's colours
+        console.print("SkyPilot's dry run: its optimizer picks the offer (the first call starts SkyPilot's API server)",
+                      highlight=False)
+        try:
+            offer = self.adapter.dryrun(task, cluster_name=cluster_name_for(f"{plan.name}-dryrun"),
+                                        secrets=collect_secrets())
+        except NoCloudEnabled as e:  # the task and the catalog's offers (above) are still worth seeing
+            console.print(str(e), highlight=False, markup=False)
+            console.print("dry run: nothing was provisioned")
+            return 0
+        except Exception as e:  # noqa: BLE001 - SkyPilot's own failure: one plain line, not its traceback
+            text = plain(str(e)).strip()
+            first = text.splitlines()[0] if text else ""
+            console.print(f"SkyPilot's dry run failed ({type(e).__name__}): {redact(first)[:300]}", highlight=False,
+                          markup=False)
+            console.print("dry run: nothing was provisioned")
+            return 1
+        console.print(f"chosen: cloud {offer['cloud']}, region {offer.get('region')}, instance {offer['instance']}, "
+                      f"{offer['accelerators']}, ${offer['price_per_hour']:.2f}/h{' (spot)' if offer.get('spot') else ''}",
+                      highlight=False)
+        console.print("dry run: nothing was provisioned")
+        return 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -67,15 +106,27 @@ class SkyBackend(Backend):
         return (f"SkyPilot's autodown ends it {self.idle_minutes} min after the job ended, and deletes the "
                 "results with it")
 
+    def detach(self, run: Any) -> str:
+        return (f"SkyPilot's autodown ends its machine {self.idle_minutes} min after the job ends; "
+                "`logs` before then pulls the results back.")
+
+    def launch_submitted(self, run: Any) -> bool:
+        return bool(run.backend_state.get("request_id"))
+
+    @classmethod
+    def end_by_hand(cls, handles: dict) -> str | None:
+        cluster = handles.get("cluster")
+        if isinstance(cluster, str) and cluster:
+            return f"it names SkyPilot cluster {cluster!r}: `sky down {cluster}` ends it if it is still up"
+        return None
 
     def launch(self, run: Any) -> None:
         cluster = cluster_name_for(run.id)
         # Saved before SkyPilot is asked for anything: `down` can always find it.
         run.update(backend_state={"cluster": cluster}, machine="up")
-        data = Path(run.config["data"]["source"])
         secrets = collect_secrets()
         task = tasklib.render(run, gpu=run.gpu, cloud=run.options.get("cloud"), spot=run.options.get("spot", False),
-                              data_path=data if data.exists() else None, secret_names=tuple(secrets))
+                              data_path=tasklib.local_data(run.config), secret_names=tuple(secrets))
         (run.dir / "task.yaml").write_text(tasklib.to_yaml(task), encoding="utf-8")
         launch_log = run.dir / "launch.log"
         seen_phases: set[str] = set()

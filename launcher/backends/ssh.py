@@ -31,7 +31,7 @@ import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from contracts import events as ev
 from contracts.errors import ContractError
@@ -49,13 +49,13 @@ from launcher.ssh_transport import (
     read_from, remote_hashes, run as ssh_run, secret_envs, sync_tree,
 )
 
-CODE_PATHS = ("contracts", "job", "configs", "sky", "requirements", "Dockerfile", "pyproject.toml")
 LOG_FILE, EXIT_FILE, PID_FILE = "job.log", "exit_code", "job.pid"
 SECRETS_FILE = ".secrets.env"  # docker mode only: 0600, removed by the container before the job starts
 
 
 class SshBackend(Backend):
     name = "ssh"
+    HANDLES = ("target", "work", "pgid")
 
     def __init__(self, infra: str, run_block: str | None = None, code_root: Path = tasklib.REPO, **options: Any):
         self.target: SshTarget = parse_infra(infra)
@@ -69,7 +69,6 @@ class SshBackend(Backend):
         """Bash the host runs as the job; None: sky/train.yaml's run block (launcher/task.py)."""
         self.code_root = code_root
         self.reconnects = 0
-        self.on_phase: Callable[..., None] = lambda name, detail=None: None
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
 
@@ -79,7 +78,7 @@ class SshBackend(Backend):
         """Connect (host key, credentials) and probe disk/permissions; ContractError = exit 2, nothing created."""
         try:
             client = self._connect()
-            data = _local_data(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
+            data = tasklib.local_data(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
             self._probe(client, self._resolve_remote_dir(client), data)
         except SshDropped as e:
             raise ContractError(f"{e} (is the host up, and is {self.target} the right user, host and port?)") from None
@@ -104,7 +103,7 @@ class SshBackend(Backend):
         state.update(remote_dir=base, work=work, log=posixpath.join(work, LOG_FILE))
         _save(run)  # saved before anything exists on the host: `down` can always find it
 
-        data = _local_data(_config_dict(run))
+        data = tasklib.local_data(_config_dict(run))
         self.on_phase("probing", f"{self.target}: permissions and free disk under {base}")
         mode, python = self._probe(client, base, data)
         state.update(mode=mode, python=python)
@@ -247,6 +246,13 @@ class SshBackend(Backend):
         finally:
             self._drop()
 
+    def launch_submitted(self, run: Any) -> bool:
+        return bool(run.backend_state.get("pid"))
+
+    def set_on_teardown(self, run: Any, command: str) -> None:
+        """`down --on-teardown CMD`: the provider's stop command, passed again (never taken from run.json)."""
+        self.on_teardown_override = command
+
     def left_up_ends_by(self, run: Any) -> str | None:
         if self.opts.on_teardown:
             return None  # the hook stops a paid host: it runs, results or not
@@ -327,7 +333,7 @@ class SshBackend(Backend):
         if res.rc != 0:
             raise BackendError("syncing", f"could not create {base}/cache and {base}/runs on {self.target}: "
                                           f"{_last_line(res)}")
-        code = local_files(self.code_root, [p for p in CODE_PATHS if (self.code_root / p).exists()])
+        code = local_files(self.code_root, [p for p in tasklib.CODE_PATHS if (self.code_root / p).exists()])
         stats = sync_tree(client, code, posixpath.join(base, "cache", "code"), python=python, prune=True)
         if data is not None:
             files = local_files(data.parent, [data.name])
@@ -527,13 +533,6 @@ def _check_work(state: dict, run_id: str) -> None:
 def _config_dict(run: Any) -> dict:
     cfg = run.config
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-
-
-def _local_data(cfg: dict) -> Path | None:
-    """The run's data when it is a local file or folder (then it is synced); None for hub ids, synthetic:N."""
-    source = (cfg.get("data") or {}).get("source") or ""
-    path = Path(source).expanduser()
-    return path.resolve() if source and not source.startswith("synthetic:") and path.exists() else None
 
 
 def _run_hook(cmd: str) -> dict:

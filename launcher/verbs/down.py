@@ -16,25 +16,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from launcher.backends import get_backend
-    from launcher.verbs.up import teardown
+    from launcher.backends import for_run
+    from launcher.lifecycle import teardown
 
     console = Console()
     # Money first: a damaged record whose infra and backend_state are sound still has its machine
     # ended (writing back only its sound fields); any other damage is the one-line error.
     run_rec = registry.resolve(args.run_id, salvage=True)
-    if isinstance(run_rec, registry.Salvaged):
+    damage = getattr(run_rec, "damage", None)  # a Salvaged record says what is wrong with it
+    if damage:
         from rich.markup import escape
 
-        console.print(f"[bold yellow]warning:[/] {escape(run_rec.damage)} (its machine is ended from its "
+        console.print(f"[bold yellow]warning:[/] {escape(damage)} (its machine is ended from its "
                       "backend_state anyway)", highlight=False, soft_wrap=True)
-    backend = get_backend(run_rec.infra)
-    if getattr(args, "on_teardown", None):
-        if not hasattr(backend, "on_teardown_override"):
-            from contracts.errors import ContractError
-
-            raise ContractError(f"--on-teardown: only for ssh runs (run {run_rec.id} is on {run_rec.infra})")
-        backend.on_teardown_override = args.on_teardown
+    backend = for_run(run_rec)
+    if args.on_teardown:
+        backend.set_on_teardown(run_rec, args.on_teardown)
     if not teardown(run_rec, backend, None, console):
         return 1
     console.print(f"run {run_rec.id}: machine down ({run_rec.state})", highlight=False)

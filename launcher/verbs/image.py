@@ -117,4 +117,4 @@ def _digest(meta: Path) -> str | None:
         digest = json.loads(meta.read_text()).get("containerimage.digest")
     except (OSError, ValueError, AttributeError):
         return None
-    return digest if isinstance(digest, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", digest) else None
+    return digest if re.fullmatch(r"sha256:[0-9a-f]{64}", str(digest)) else None  # str(): a non-string never matches

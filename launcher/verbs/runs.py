@@ -16,13 +16,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Column, Table
 
-    from launcher.verbs.status import _actual_cost, _expected, _money
-
     runs = registry.scan()  # a damaged record is a row that says so, not the end of the listing
     if args.json:
-        print(json.dumps([{"id": r.id, "state": "damaged", "error": r.error} if isinstance(r, registry.Damaged) else
+        print(json.dumps([{"id": r.id, "state": "damaged", "error": r.error} if r.damaged else
                           {"id": r.id, "state": r.state, "infra": r.infra, "gpu": r.gpu, "duration_s": r.duration_s(),
-                           "cost_usd": _actual_cost(r), "adapter": r.adapter} for r in runs], indent=2))
+                           "cost_usd": r.actual_cost(), "adapter": r.adapter} for r in runs], indent=2))
         return 0
     console = Console()
     if not runs:
@@ -31,13 +29,13 @@ def run(args: argparse.Namespace) -> int:
     table = Table("state", "infra", "card", "time", "$ spent", "$ est.")
     # Run ids are what the other verbs take: never cut them short.
     table.columns.insert(0, Column("run", no_wrap=True, min_width=max(len(r.id) for r in runs)))
-    damaged = [r for r in runs if isinstance(r, registry.Damaged)]
+    damaged = [r for r in runs if r.damaged]
     for r in runs:
-        if isinstance(r, registry.Damaged):
+        if r.damaged:
             table.add_row(r.id, "[bold red]damaged[/]", "?", "?", "?", "?", "?")
             continue
-        est = _expected(r.estimate)
-        table.add_row(r.id, r.state, r.infra, r.gpu or "-", _short(r.duration_s()), _money(_actual_cost(r)), _money(est))
+        table.add_row(r.id, r.state, r.infra, r.gpu or "-", _short(r.duration_s()), _money(r.actual_cost()),
+                      _money(r.expected_cost()))
     console.print(table)
     for r in damaged:
         console.print(f"damaged: {r.error}", highlight=False, markup=False, soft_wrap=True)
@@ -49,3 +47,7 @@ def _short(seconds: float | None) -> str:
         return "-"
     s = int(seconds)
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _money(v: float | None) -> str:
+    return "-" if v is None else f"${v:.2f}"

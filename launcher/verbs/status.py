@@ -37,18 +37,23 @@ def reconcile(run: registry.Run, backend) -> str:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from launcher.backends import get_backend
+    from launcher.backends import for_run
 
     console = Console()
     run_rec = registry.resolve(args.run_id)
-    machine = reconcile(run_rec, get_backend(run_rec.infra))
+    backend = for_run(run_rec)
+    machine = reconcile(run_rec, backend)
     duration = run_rec.duration_s()
-    console.print(f"run:      {run_rec.id}\nstate:    {run_rec.state}\nmachine:  {machine}\n"
+    from rich.markup import escape
+
+    handles = escape("  ".join(f"{k} {v}" for k, v in backend.handles(run_rec).items()))  # run.json: untrusted
+    console.print(f"run:      {run_rec.id}\nstate:    {run_rec.state}\nmachine:  {machine}"
+                  + (f" ({handles})" if handles else "") + "\n"
                   f"infra:    {run_rec.infra}  card: {run_rec.gpu or '-'}\n"
-                  f"duration: {_hms(duration)}", highlight=False)
+                  f"duration: {_hms(duration)}", highlight=False, soft_wrap=True)
     if run_rec.estimate:
-        console.print(f"estimate: {_money(_expected(run_rec.estimate))}", highlight=False)
-    actual = _actual_cost(run_rec)
+        console.print(f"estimate: {_money(run_rec.expected_cost())}", highlight=False)
+    actual = run_rec.actual_cost()
     if actual is not None:
         console.print(f"cost:     {_money(actual)} (price x billed time)", highlight=False)
     if run_rec.error:
@@ -63,20 +68,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _actual_cost(run: registry.Run) -> float | None:
-    try:
-        from launcher import cost
-    except ImportError:
-        return None
-    fn = getattr(cost, "actual_cost", None)
-    return fn(run) if fn else None
-
-
-def _expected(estimate: dict | None) -> float | None:
-    dollars = (estimate or {}).get("dollars")  # registry.SCHEMA: null or [low, expected, high] numbers
-    return dollars[1] if dollars else None
-
-
 def _hms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -85,4 +76,4 @@ def _hms(seconds: float | None) -> str:
 
 
 def _money(v) -> str:
-    return f"${v:.2f}" if isinstance(v, (int, float)) else "-"
+    return "-" if v is None else f"${v:.2f}"

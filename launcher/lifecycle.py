@@ -1,0 +1,435 @@
+"""The run lifecycle, whatever the backend: provision -> sync -> run -> stream -> fetch+verify -> teardown.
+
+`up` starts it (`start`), `logs` re-attaches to it (`reattach`), `download` pulls again (`download`),
+`down` ends it (`teardown`). From the moment a run exists, every path out of here either leaves the
+run done and the machine down, or says loudly how to reach and end what is still running (detach,
+first Ctrl-C). It asks the backend only what launcher/backends/base.Backend declares: the job may
+restart under `follow` (a managed job relaunched after a preemption) and `download` may read a
+bucket, not the machine; nothing here assumes one machine for the whole run.
+
+Signals: SIGTERM/SIGHUP raise `_HungUp` where the launcher is. While provisioning (SkyPilot arms
+autodown only when it submits the job) an interrupt tears down; once the job runs the first
+Ctrl-C (or SIGTERM/SIGHUP) detaches, a second Ctrl-C within SECOND_CTRL_C_S tears down now.
+Salvage: a job that failed after training still has its verified adapter pulled back before
+teardown; a job that succeeded whose results can't be pulled back leaves the machine up when the
+backend says what ends it (`left_up_ends_by`), else it is torn down (money first).
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from contracts import manifest as manifest_lib
+from contracts.errors import ContractError
+from contracts.events import EVENTS_FILE, LINE_PREFIX, dumps, make, read_all
+from launcher import registry
+from launcher.backends import for_run
+from launcher.backends.base import Backend, BackendError, StreamLost
+from launcher.secrets import plain, redact
+
+SECOND_CTRL_C_S = 3.0
+DOWNLOAD_ATTEMPTS = 3
+DOWNLOAD_RETRY_S = 1.0
+SALVAGE_ATTEMPTS = 2  # after a failed job: usually there is simply no manifest, so fewer tries
+# Names in runs/<id>/ that belong to the launcher: a manifest listing one of them is refused.
+RESERVED = (registry.RUN_FILE, EVENTS_FILE, "job.log", "task.yaml", "launch.log", ".download", registry.LOCK_FILE,
+            registry.FOLLOW_LOCK_FILE, manifest_lib.MANIFEST_FILE, "checkpoints")
+
+def read_events(path: Path) -> list[dict]:
+    """The events recorded in runs/<id>/events.jsonl (none when there is no file yet)."""
+    return read_all(path) if path.is_file() else []
+
+
+# --- the verbs' entry points -------------------------------------------------------------------
+
+def start(run: registry.Run, backend: Backend, console, *, detach: bool = False) -> int:
+    """`up`: launch a new run (its record exists, nothing else does), follow it to the end."""
+    return drive(run, backend, console, launch=True, detach=detach)
+
+
+def reattach(run: registry.Run, console, backend: Backend | None = None) -> int:
+    """`logs`: a live run is followed to its end (then downloaded, verified and torn down as `up`
+    would have); an ended run replays its recorded events. A run recorded `failed` whose job the
+    machine says is still running is re-attached: the machine is asked, the record is not the authority.
+    The backend is made (`for_run`) only when the machine must be asked: an ended run only replays."""
+    def machine() -> Backend:
+        nonlocal backend
+        backend = backend or for_run(run)
+        return backend
+
+    # sky: a launch request in flight; ssh/local: the job was started (its pid saved) before the launcher died
+    if run.state == "provisioning" and machine().launch_submitted(run):
+        run.transition("running", note="re-attached while the launch was in flight")
+    if run.state == "failed" and not run.verified and run.exit_code is None and run.machine == "up":
+        # The record may be wrong (an old launcher gave up on a lost log stream): ask the machine.
+        if machine().job_running(run):
+            console.print("the record says failed, but its job is still running on the machine: re-attaching",
+                          highlight=False)
+            run.transition("running", note="re-attached: the job was found still running", error=None)
+    if run.state in ("running", "downloading"):  # downloading: a pull that was cut off is redone
+        return drive(run, machine(), console, launch=False)
+    replay(run, console)
+    if run.state in ("created", "provisioning"):
+        console.print(f"the run has not started its job yet; `socrates-launch status {run.id}` reconciles it")
+    if run.error:
+        console.print(f"error: {run.error}", highlight=False, markup=False)
+    if run.adapter:
+        console.print(f"adapter: {run.adapter}", highlight=False)
+    return 0 if run.state == "done" else 1
+
+
+def replay(run: registry.Run, console) -> None:
+    """Show the recorded events with the same progress display (nothing is appended)."""
+    from launcher.progress import Progress
+
+    progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
+    for ev in read_events(run.events_path):
+        progress.on_event(ev)
+    progress.close()
+
+
+def download(run: registry.Run, console, backend: Backend | None = None) -> int:
+    """`download`: pull the artifacts again and verify them; the machine (or bucket) is left as it is.
+    The caller holds the run's follower lock."""
+    backend = backend or for_run(run)
+    before = run.state
+    if backend.machine_state(run) != "up":
+        # The machine is gone: what we can still do is re-verify the copy we already hold.
+        manifest_lib.verify_or_raise(run.dir)
+        console.print(f"run {run.id}: machine gone; local artifacts verify against manifest.json "
+                      f"({run.adapter or run.dir})", highlight=False)
+        return 0
+    from launcher.progress import Progress
+
+    recorder = Recorder(run, Progress(console))
+    try:
+        fetch_and_verify(run, backend, recorder)
+    except Exception as e:  # noqa: BLE001  (what comes back is untrusted: any failure is a failed download)
+        why = describe(e)
+        run.transition(before, note=f"download failed: {why}")  # an earlier verified copy stays as it was
+        console.print(f"[bold red]download failed:[/] {why}", highlight=False, markup=False)
+        status = 1
+    else:
+        run.transition("done" if not run.exit_code else before)  # a job that failed stays failed
+        console.print(f"adapter: {run.adapter} (verified)", highlight=False)
+        status = 0
+    console.print(f"[bold red]the machine of run {run.id} is still up (billing). End it: "
+                  f"socrates-launch down {run.id}[/]", highlight=False)
+    return status
+
+
+# --- following a run ----------------------------------------------------------------------------
+
+def drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach: bool = False) -> int:
+    """Launch (if asked), follow, download + verify, tear down. Returns the exit status of `up`.
+
+    Whatever happens after the run exists, the machine is torn down at the end, except on an
+    explicit detach (--detach, first Ctrl-C), which prints how to come back and how to end it.
+    One follower per run: if another launcher already follows it (runs/<id>/.follow.lock), this one
+    only shows what was recorded and says so: it never appends events, pulls or moves results.
+    """
+    follower = registry.Follower(run.dir)
+    if not follower.acquire():
+        replay(run, console)
+        console.print(f"run {run.id} is being followed by another launcher (pid {follower.holder or '?'}), which "
+                      f"downloads and tears down at the end; this one only shows what it recorded. "
+                      f"`socrates-launch status {run.id}` shows where it is.", highlight=False)
+        return 0
+    try:
+        return _drive(run, backend, console, launch=launch, detach=detach)
+    finally:
+        follower.release()
+
+
+def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach: bool = False) -> int:
+    from launcher.progress import Progress
+
+    progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
+    recorder = Recorder(run, progress)
+    backend.on_phase = recorder.phase
+    try:
+        with _hangups_raise():
+            status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
+    except _DownloadFailed as e:
+        progress.close()
+        message = plain(redact(describe(e.__cause__ or e)))
+        ends_by = backend.left_up_ends_by(run)
+        run.transition("failed", note=message, error=message)
+        if ends_by is None:
+            console.print(f"[bold red]run {run.id}: the job finished but its results could not be pulled back "
+                          f"({message}); the machine is torn down (nothing would end it otherwise)[/]", highlight=False)
+        else:
+            # The only copy of the adapter is on the machine: leave it up (its end is armed) and say so.
+            console.print(
+                f"[bold red]run {run.id}: the job finished but its results could not be pulled back:[/] {message}\n"
+                f"  they are still on the machine, which is left up: {ends_by}.\n"
+                f"  pull them:  socrates-launch download {run.id}\n  then end it: socrates-launch down {run.id}",
+                highlight=False)
+            return 1
+        status = 1
+    except (KeyboardInterrupt, _HungUp) as e:
+        progress.close()
+        if run.state in ("created", "provisioning"):
+            return _abort_provisioning(run, backend, console, recorder, e)
+        if isinstance(e, _HungUp):  # the terminal went away or we were asked to stop: detach, quietly
+            run.update(note=f"launcher stopped by {e.name}; the job runs on")
+            say_detached(run, backend, console)
+            return 128 + e.signum
+        return _interrupted(run, backend, console, recorder)
+    except StreamLost as e:  # the job is not known to have failed: detach, never tear down over a lost stream
+        progress.close()
+        message = redact(str(e))
+        run.update(note=f"detached: {message}")
+        console.print(f"[bold yellow]run {run.id}: {message}[/]; the job is left running (not torn down).",
+                      highlight=False)
+        say_detached(run, backend, console)
+        return 1
+    except (BackendError, ContractError, OSError) as e:
+        progress.close()
+        _save_log(run, backend)
+        message = plain(redact(str(e)))
+        run.transition("failed", note=message, error=message)
+        console.print(f"[bold red]run {run.id} failed:[/] {message}", highlight=False)
+        _tail_log(run, console)
+        status = 1
+    except BaseException:
+        progress.close()
+        teardown(run, backend, recorder, console)  # an unexpected error must not leave a machine up
+        raise
+    progress.close()
+    if detach and run.state == "running":
+        return status
+    if not teardown(run, backend, recorder, console):
+        return 1
+    if run.state == "done":
+        console.print(f"[bold green]adapter:[/] {run.adapter} (verified against manifest.json)", highlight=False)
+    return status
+
+
+def _lifecycle(run: registry.Run, backend: Backend, recorder: "Recorder", console, *, launch: bool,
+               detach: bool) -> int:
+    if launch:
+        run.transition("provisioning", started_at=time.time(), machine="up")
+        recorder.progress.started_at = run.started_at
+        recorder.phase("provisioning", f"{run.gpu or 'local'} via {run.infra}")
+        backend.launch(run)
+        run.transition("running")
+        recorder.phase("training")
+        if detach:
+            say_detached(run, backend, console)
+            return 0
+    code = backend.follow(run, recorder.job_event)
+    _save_log(run, backend)
+    run.update(exit_code=code)
+    sent, got = run.options.get("data_sha256"), recorder.data_sha256
+    if sent and got and sent != got:
+        raise BackendError("running", f"the job was given other data than was sent: it hashed {got}, "
+                                      f"the launcher sent {sent} (a stale or mixed data folder on the machine)")
+    if code != 0:
+        raise BackendError("running", f"the job exited with status {code}{_salvage(run, backend, recorder)}")
+    recorder.progress.close()
+    try:
+        fetch_and_verify(run, backend, recorder)
+    except Exception as e:  # noqa: BLE001  (whatever went wrong, the only copy is on the machine: keep it up)
+        raise _DownloadFailed() from e
+    run.transition("done")
+    return 0
+
+
+class _DownloadFailed(Exception):
+    """The job succeeded, its results did not come back (the cause is chained)."""
+
+
+def _salvage(run: registry.Run, backend: Backend, recorder: "Recorder") -> str:
+    """A job that failed after training (evaluation crashed, the deadline's hard kill) has a finished,
+    paid-for adapter on the machine: pull it back before teardown if its manifest verifies."""
+    try:
+        fetch_and_verify(run, backend, recorder, attempts=SALVAGE_ATTEMPTS)
+    except Exception:  # noqa: BLE001  (a salvage that fails for any reason leaves the run failed, as it was)
+        return "; no finished adapter on the machine to pull back"
+    return f"; the adapter it had finished was pulled back and verifies: {run.adapter}"
+
+
+class Recorder:
+    """Writes each event to runs/<id>/events.jsonl once (also across re-attaches) and shows it."""
+
+    def __init__(self, run: registry.Run, progress):
+        self.run = run
+        self.progress = progress
+        self.skip = sum(1 for ev in read_events(run.events_path) if ev.get("event") != "phase")
+        self.data_sha256: str | None = None
+
+    def job_event(self, ev: dict) -> None:
+        if ev.get("event") == "log" and isinstance(ev.get("data_sha256"), str):
+            self.data_sha256 = ev["data_sha256"]  # the last one: what the job was given
+        self.progress.on_event(ev)
+        if self.skip > 0:
+            self.skip -= 1
+            return
+        with open(self.run.events_path, "a", encoding="utf-8") as f:
+            f.write(redact(dumps(ev)) + "\n")
+
+    def phase(self, name: str, detail: str | None = None) -> None:
+        ev = make("phase", phase=name, **({"detail": detail} if detail else {}))
+        self.progress.on_event(ev)
+        with open(self.run.events_path, "a", encoding="utf-8") as f:
+            f.write(dumps(ev) + "\n")
+
+
+def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, attempts: int = DOWNLOAD_ATTEMPTS) -> None:
+    """Pull out/ into a staging folder, verify it, then move the results into runs/<id>/.
+
+    What comes back is untrusted: the manifest is checked against its schema, and the staging tree
+    must be exactly the manifest's files (no symlinks, special files, unlisted files; paths relative
+    and inside), with an adapter, each sha256 matching. Retried: a failed or corrupt pull is worth
+    another try before the machine (and the only copy) is torn down. Results already in runs/<id>/
+    are replaced only by a copy that verified.
+    """
+    run.transition("downloading")
+    recorder.phase("downloading")
+    staging = run.dir / ".download"
+    for attempt in range(1, attempts + 1):
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            backend.download(run, staging)
+            manifest = manifest_lib.verify_or_raise(staging, tree=True, reserved=RESERVED)
+            break
+        except Exception as e:  # noqa: BLE001  (any failure of an untrusted pull is retried, then reported)
+            if attempt == attempts:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            recorder.phase("downloading", f"attempt {attempt} failed ({redact(describe(e))}); retrying")
+            time.sleep(DOWNLOAD_RETRY_S * attempt)
+    # Only what the manifest lists (and the manifest) is moved; its top-level names were checked above.
+    for name in sorted({e["path"].split("/")[0] for e in manifest["files"]} | {manifest_lib.MANIFEST_FILE}):
+        entry, target = staging / name, run.dir / name
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+        entry.rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    manifest_lib.verify_or_raise(run.dir)
+    run.update(adapter=str((run.dir / "adapter").resolve()), verified=True)
+
+
+def describe(e: BaseException) -> str:
+    """One line for any exception (a bare KeyError's str is only the key)."""
+    if isinstance(e, (BackendError, ContractError, OSError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def teardown(run: registry.Run, backend: Backend, recorder: Recorder | None, console) -> bool:
+    """End the machine; if that fails, say loudly how to end it (money). True when it is down."""
+    if recorder is not None:
+        recorder.phase("tearing down")
+    try:
+        backend.down(run)
+    except Exception as e:  # noqa: BLE001  (any failure here must reach the user, not a traceback)
+        console.print(f"[bold red]TEARDOWN FAILED for run {run.id}: {redact(str(e))}[/]\n"
+                      f"  the machine may still be running and billing. Retry: socrates-launch down {run.id}",
+                      highlight=False)
+        run.update(machine="unknown")
+        return False
+    state = {"machine": "gone", "ended_at": run.ended_at or time.time()}
+    if run.live:
+        run.transition("torn_down", note="torn down before the run ended", **state)
+    else:
+        run.update(**state)
+    return True
+
+
+# --- signals and detaching ----------------------------------------------------------------------
+
+class _HungUp(BaseException):
+    """SIGTERM or SIGHUP (a closed terminal, a logout, `kill`), raised where the launcher is."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _hangups_raise():
+    """Without this, SIGTERM/SIGHUP end the launcher on the spot: no teardown of a machine still
+    being provisioned, which SkyPilot has not armed autodown on yet."""
+    def raise_hangup(signum, frame):
+        raise _HungUp(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, raise_hangup) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _uninterrupted(*signals: int):
+    """A half-done teardown is the expensive outcome: these signals are ignored while it runs."""
+    try:
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _abort_provisioning(run: registry.Run, backend: Backend, console, recorder: Recorder, why: BaseException) -> int:
+    """Interrupted before the job started: SkyPilot arms autodown only when it submits the job (after
+    provisioning and file sync), so a machine left now might have nothing to end it. End it."""
+    name = why.name if isinstance(why, _HungUp) else "Ctrl-C"
+    console.print(f"\n[bold yellow]{name} while provisioning run {run.id}[/]: its autodown is not armed yet, "
+                  "so it is torn down now (nothing was trained)", highlight=False)
+    with _uninterrupted(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        teardown(run, backend, recorder, console)
+    return 128 + (why.signum if isinstance(why, _HungUp) else signal.SIGINT)
+
+
+def _interrupted(run: registry.Run, backend: Backend, console, recorder: Recorder) -> int:
+    """First Ctrl-C detaches (autodown armed); a second within a few seconds tears down now."""
+    console.print(
+        f"\n[bold yellow]detached from run {run.id}[/]: the job keeps running; {backend.detach(run)}\n"
+        f"  re-attach:  socrates-launch logs {run.id}\n  tear down:  socrates-launch down {run.id}\n"
+        f"  (press Ctrl-C again within {SECOND_CTRL_C_S:.0f} s to tear down now)", highlight=False)
+    try:
+        time.sleep(SECOND_CTRL_C_S)
+    except KeyboardInterrupt:
+        with _uninterrupted(signal.SIGINT):
+            console.print("tearing down now")
+            teardown(run, backend, recorder, console)
+    return 130
+
+
+def say_detached(run: registry.Run, backend: Backend, console) -> None:
+    console.print(f"detached: run {run.id} is running; {backend.detach(run)}\n  follow:     socrates-launch logs {run.id}\n"
+                  f"  tear down:  socrates-launch down {run.id}", highlight=False)
+
+
+def _save_log(run: registry.Run, backend: Backend) -> None:
+    try:
+        text = "\n".join(backend.log_lines(run))
+    except Exception:  # noqa: BLE001  (the log is a convenience; never mask the real outcome)
+        return
+    if text:
+        run.log_path.write_text(redact(text) + "\n", encoding="utf-8")
+
+
+def _tail_log(run: registry.Run, console, n: int = 15) -> None:
+    if run.log_path.is_file():
+        lines = [ln for ln in run.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if LINE_PREFIX.strip() not in ln][-n:]
+        if lines:
+            console.print("last job output:\n  " + "\n  ".join(lines), highlight=False, markup=False)
