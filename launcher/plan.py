@@ -47,7 +47,14 @@ def add_arguments(p: argparse.ArgumentParser, *, every_card: bool = False) -> No
                    help="run the job in this prebuilt image (`socrates-launch image build --push REPO` prints one; "
                    "the config's `image:` otherwise); default: a venv from requirements/job.lock")
     p.add_argument("--cloud", default=None, help="pin a cloud (e.g. lambda, runpod, aws); default: the cheapest offer")
-    p.add_argument("--spot", action="store_true", help="use spot/preemptible instances (cheaper; a preemption ends the run: no automatic recovery)")
+    p.add_argument("--spot", action="store_true", help="use spot/preemptible instances (cheaper), as a managed job: after a "
+                   "preemption SkyPilot relaunches it and it resumes from its newest checkpoint in the run's bucket")
+    p.add_argument("--managed", action="store_true", help="run on-demand as a SkyPilot managed job (outlives its machine: "
+                   "checkpoints and results in a bucket; --spot implies it)")
+    p.add_argument("--bucket", default=None, metavar="URL", help="managed runs: s3://NAME | gs://NAME | r2://NAME[/PATH] "
+                   "(the run writes under URL/<run id>; default: a bucket named after the run, made for it)")
+    p.add_argument("--keep-bucket", action="store_true", help="managed runs: keep the bucket after the verified download "
+                   "(default: deleted then)")
     p.add_argument("--eval-rows", type=int, default=None, help="evaluate on at most N test rows")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     p.add_argument("--eval-base", action="store_true", help="also evaluate the base model (the paper's baseline)")
@@ -123,6 +130,12 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
         "image": cfg.image if infra != "local" else None,
         "nodes": args.nodes, "ranks": args.ranks,
     }
+    managed = bool(getattr(args, "spot", False) or getattr(args, "managed", False))
+    if managed:  # a SkyPilot managed job (launcher/backends/managed.py)
+        from launcher.bucket import check_url
+
+        options.update(managed_job=True, keep_bucket=bool(getattr(args, "keep_bucket", False)),
+                       bucket=check_url(args.bucket) if getattr(args, "bucket", None) else None)
     # The world the job will see; its accumulation must make the global batch (contracts/config.py).
     world = (gpu.count if gpu else 1) * args.nodes if infra == "sky" else (args.ranks or 1)
     t = cfg.train
@@ -161,6 +174,12 @@ def check_combinations(args: argparse.Namespace, infra: str) -> None:
                             if infra == "sky" else " (a whole number >= 1)"))
     if infra != "sky" and (args.cloud or args.spot):
         raise ContractError(f"--cloud/--spot: not accepted with --infra {infra} (they choose a SkyPilot offer)")
+    for flag, value in (("--managed", getattr(args, "managed", False)), ("--bucket", getattr(args, "bucket", None)),
+                        ("--keep-bucket", getattr(args, "keep_bucket", False))):
+        if value and infra != "sky":
+            raise ContractError(f"{flag}: not accepted with --infra {infra} (managed jobs are SkyPilot's)")
+        if value and flag != "--managed" and not (args.spot or getattr(args, "managed", False)):
+            raise ContractError(f"{flag}: only with --spot or --managed (the bucket of a managed run)")
 
 
 def default_config(infra: str) -> Path:

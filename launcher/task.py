@@ -75,6 +75,10 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
         remote = f"{REMOTE_DATA_DIR}/{data_path.name}"
         task["file_mounts"] = {remote: str(data_path.resolve())}
         envs["DATA"] = remote
+    if opts.get("managed_job") and not managed:  # a managed run's preview (dry run): the bucket it would get
+        from launcher.backends.managed import bucket_url_for
+
+        managed, bucket_url = True, bucket_url or bucket_url_for(run)
     if managed:  # a managed job: SkyPilot relaunches it after a preemption; what must survive is in the bucket
         if not bucket_url:
             raise ContractError("a managed run needs a bucket (--bucket s3://... | gs://... | r2://...)")

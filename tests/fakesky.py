@@ -289,12 +289,12 @@ def _bucket_dir(task: dict) -> tuple[str, Path] | None:
     return None
 
 
-def _step_events(events: Path, offset: int) -> tuple[list[dict], int]:
+def _step_events(log: Path, offset: int) -> tuple[list[dict], int]:
     from contracts.events import parse_chunk
 
-    if not events.is_file():
+    if not log.is_file():
         return [], offset
-    with open(events, "rb") as f:
+    with open(log, "rb") as f:
         f.seek(offset)
         data = f.read()
     evs, used = parse_chunk(data)
@@ -313,8 +313,6 @@ def controller(jdir: Path) -> None:
         return
     mount_path, bucket = mount
     bucket.mkdir(parents=True, exist_ok=True)
-    out = bucket / "out"
-    events = out / "events.jsonl"
     preemptions = int(os.environ.get("FAKESKY_PREEMPT", "0"))
     rng = random.Random(int(os.environ.get("FAKESKY_SEED", "0")))
     ckpt_kill = os.environ.get("FAKESKY_PREEMPT_CKPT")
@@ -327,7 +325,7 @@ def controller(jdir: Path) -> None:
                          launch=launch)
         machine = jdir / f"launch-{launch}"
         workdir = machine / "workdir"
-        for name in CODE_DIRS:  # a fresh machine: the workdir synced again, nothing else from the last one
+        for name in tasklib.CODE_PATHS:  # a fresh machine: the workdir synced again, nothing else from the last one
             src = Path(task["workdir"]) / name
             if src.is_dir():
                 shutil.copytree(src, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -339,14 +337,14 @@ def controller(jdir: Path) -> None:
         (workdir / "run.sh").write_text(tasklib.run_script(task, **overrides))
         wrapper = "bash run.sh > job.log 2>&1; echo $? > exit_code.tmp; mv exit_code.tmp exit_code"
         env = {**os.environ, "PYTHONPATH": str(workdir), "PYTHONUNBUFFERED": "1"}
-        offset = events.stat().st_size if events.is_file() else 0
+        offset = 0  # this launch's own log: the steps it printed (the real job and tests/fakejob.py alike)
         proc = subprocess.Popen(["bash", "-c", wrapper], cwd=workdir, env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         (jdir / "job.pid").write_text(str(proc.pid))
         _write_job_state(jdir, status="RUNNING", recovery_count=recoveries, launch=launch)
         preempted = False
         while proc.poll() is None:
-            steps, offset = _step_events(events, offset)
+            steps, offset = _step_events(workdir / "job.log", offset)
             if steps and points is None and preemptions:
                 total = int(steps[0]["total_steps"])
                 points = sorted(rng.sample(range(2, total), preemptions))

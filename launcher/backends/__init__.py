@@ -18,6 +18,7 @@ BACKENDS: dict[str, str] = {
     "local": "launcher.backends.local:LocalBackend",
     "sky": "launcher.backends.sky:SkyBackend",
     "ssh": "launcher.backends.ssh:SshBackend",
+    "managed": "launcher.backends.managed:ManagedBackend",  # sky with --spot/--managed: SkyPilot managed jobs
 }
 
 
@@ -36,6 +37,8 @@ def check_infra(infra: str) -> str:
 def kind_of(infra: str, options: dict | None = None) -> str:
     """Which backend serves `infra` (and the run's options): a key of BACKENDS."""
     check_infra(infra)
+    if infra == "sky" and (options or {}).get("managed_job"):
+        return "managed"
     return "ssh" if infra.startswith("ssh://") else infra
 
 

@@ -1,0 +1,295 @@
+"""The managed-jobs backend (`up --spot`, `up --managed`): a run that outlives its machine.
+
+The task runs as a SkyPilot managed job (`sky.jobs.launch`): SkyPilot's controller starts it, and
+after a preemption (or a lost host) starts it again on new capacity (`resources.job_recovery`).
+OUT, its checkpoints and the run's launch record live in the run's bucket, mounted on every machine
+(launcher/task.py, MOUNT_CACHED), so a relaunch resumes from the newest complete checkpoint there
+and keeps the first start's deadline. The launcher need not be alive for any of it: `logs` follows
+the job across relaunches, `status` shows its state and recovery count, `down` cancels it, and the
+adapter and evaluation are downloaded from the bucket and verified against its manifest.json, also
+after the laptop was off for the whole run. The bucket is deleted after a verified download unless
+--keep-bucket (a bucket the user named keeps everything but this run's folder).
+
+Every SDK call goes through the same adapter seam as the sky backend (tests/fakesky.py's managed
+controller stands in for SkyPilot's).
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from contracts.errors import ContractError
+from contracts.events import parse_line
+from launcher import task as tasklib
+from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, reconnect_policy
+from launcher.backends.sky import _phase_of, load_adapter
+from launcher.secrets import collect as collect_secrets
+from launcher.secrets import redact
+
+# ManagedJobStatus names (sky.jobs.ManagedJobStatus) by what they mean here.
+LIVE = ("PENDING", "DEPRECATED_SUBMITTED", "STARTING", "RUNNING", "RECOVERING", "CANCELLING", "WINDING_DOWN")
+SUCCEEDED = "SUCCEEDED"
+DEFAULT_STORE = "s3"
+
+
+def job_name_for(run_id: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", f"socrates-{run_id}".lower()).strip("-")[:60].rstrip("-")
+
+
+def bucket_url_for(run: Any) -> str:
+    """The run's bucket: under --bucket URL (or the config's storage.bucket) the run's own folder
+    URL/<run id>; else a bucket named after the run, made for it."""
+    given = (run.options.get("bucket") or "").rstrip("/")
+    if given:
+        return f"{given}/{run.id}"
+    return f"{DEFAULT_STORE}://{job_name_for(run.id)[:63]}"
+
+
+class ManagedBackend(Backend):
+    name = "managed"
+    HANDLES = ("job_name", "request_id", "job_id", "bucket")
+
+    def __init__(self, adapter: Any = None, reconnect: tuple[float, float, float] | None = None):
+        self.adapter = adapter if adapter is not None else load_adapter()
+        self.reconnect_wait_s, self.reconnect_max_wait_s, self.reconnect_window_s = reconnect or reconnect_policy()
+
+    # --- before a run exists --------------------------------------------------------------
+
+    def preflight(self, cfg: Any) -> None:
+        from launcher.sky_adapter import NO_CLOUD
+
+        if not self.adapter.enabled_clouds():
+            raise ContractError(NO_CLOUD)
+
+    # --- the lifecycle -------------------------------------------------------------------
+
+    def launch(self, run: Any) -> None:
+        from launcher.bucket import Bucket
+
+        url = bucket_url_for(run)
+        name = job_name_for(run.id)
+        # Saved before anything is made: `down` and `status` find the job and the bucket from here.
+        run.update(backend_state={"job_name": name, "bucket": url, "bucket_made": not run.options.get("bucket")},
+                   machine="up")
+        try:
+            bucket = Bucket.from_url(url)
+            bucket.create()
+        except ContractError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BackendError("provisioning", redact(f"could not create the bucket {url}: {type(e).__name__}: {e}")) from None
+        secrets = collect_secrets()
+        task = tasklib.render(run, gpu=run.gpu, cloud=run.options.get("cloud"), spot=run.options.get("spot", False),
+                              data_path=tasklib.local_data(run.config), secret_names=tuple(secrets),
+                              managed=True, bucket_url=url)
+        (run.dir / "task.yaml").write_text(tasklib.to_yaml(task), encoding="utf-8")
+        launch_log = run.dir / "launch.log"
+
+        def log(line: str) -> None:
+            with open(launch_log, "a", encoding="utf-8") as f:
+                f.write(redact(line) + "\n")
+
+        if hasattr(self.adapter, "log"):
+            self.adapter.log = log
+        try:
+            job_id = self.adapter.jobs_launch(
+                task, name, secrets,
+                on_request_id=lambda rid: run.update(backend_state={**run.backend_state, "request_id": rid}))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BackendError(getattr(e, "phase", None) or _phase_of(e), redact(f"{type(e).__name__}: {e}")) from None
+        run.update(backend_state={**run.backend_state, "job_id": job_id})
+
+    def _job_id(self, run: Any) -> int | None:
+        job_id = run.backend_state.get("job_id")
+        if job_id is None and run.backend_state.get("request_id"):
+            try:  # a launcher killed before the job id came back
+                job_id = self.adapter.wait_jobs_launch(run.backend_state["request_id"])
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise BackendError(_phase_of(e), redact(f"{type(e).__name__}: {e}")) from None
+            run.update(backend_state={**run.backend_state, "job_id": job_id})
+        return int(job_id) if isinstance(job_id, int) or (isinstance(job_id, str) and job_id.isdigit()) else None
+
+    def _record(self, run: Any) -> dict | None:
+        job_id = self._job_id(run)
+        if job_id is None:
+            return None
+        rec = self.adapter.jobs_queue(job_id)
+        if rec is not None:
+            recoveries = int(rec.get("recovery_count") or 0)
+            if recoveries != run.backend_state.get("recoveries") or rec.get("status") != run.backend_state.get("job_status"):
+                run.update(backend_state={**run.backend_state, "recoveries": recoveries, "job_status": rec.get("status")})
+        return rec
+
+    def follow(self, run: Any, on_event: EventCallback) -> int:
+        """Every job event once, in order, across relaunches and re-attaches.
+
+        SkyPilot's managed-job log follows the job onto each new machine, but a reconnect starts at the
+        launch running then (the earlier machines' logs are gone with them), so lines can't be counted
+        as the sky backend does. Events are told apart by (kind, ts) instead: the ones already recorded
+        in runs/<id>/events.jsonl are handed over first (the lifecycle's recorder skips exactly those),
+        then each new one once."""
+        job_id = self._job_id(run)
+        if job_id is None:
+            raise BackendError("provisioning", "the managed job was never submitted (no request id)")
+        seen: set[tuple] = set()
+        if run.events_path.is_file():
+            from contracts.events import read_all
+
+            for ev in read_all(run.events_path):
+                if ev.get("event") != "phase":
+                    seen.add(_key(ev))
+                    on_event(ev)
+        failures, lost_since, recoveries = 0, None, run.backend_state.get("recoveries") or 0
+        while True:
+            try:
+                with open(run.log_path, "a", encoding="utf-8") as log:
+                    for line in self.adapter.jobs_tail(job_id):
+                        failures, lost_since = 0, None
+                        ev = parse_line(line)
+                        if ev is None:
+                            log.write(redact(line) + "\n")
+                            log.flush()
+                            continue
+                        if _key(ev) in seen:
+                            continue
+                        seen.add(_key(ev))
+                        log.write(redact(line) + "\n")
+                        log.flush()
+                        if ev.get("event") == "preempted":
+                            self.on_phase("recovering", f"launch {ev.get('launch')} on a new machine")
+                        on_event(ev)
+                rec = self._record(run)
+                status = (rec or {}).get("status")
+                if status == SUCCEEDED:
+                    return 0
+                if status is not None and status not in LIVE:
+                    return 1
+                if rec is None:
+                    raise BackendError("running", f"managed job {job_id} is not known to SkyPilot's controller")
+                error = "the log stream ended while the job was still running"
+            except (KeyboardInterrupt, BackendError):
+                raise
+            except Exception as e:  # noqa: BLE001  (a dropped stream is retried, whatever raised it)
+                error = f"{type(e).__name__}: {e}"
+            try:
+                rec = self._record(run)
+                now = int((rec or {}).get("recovery_count") or 0)
+                if now > recoveries:
+                    recoveries = now
+                    self.on_phase("recovering", f"SkyPilot relaunched the job ({now} recover{'y' if now == 1 else 'ies'})")
+            except KeyboardInterrupt:
+                raise
+            except Exception:  # noqa: BLE001  (an unreachable controller during an outage is no answer)
+                pass
+            failures += 1
+            lost_since = lost_since or time.time()
+            lost_for = time.time() - lost_since
+            if lost_for >= self.reconnect_window_s:
+                raise StreamLost("running", redact(f"lost the managed job's log stream for {lost_for:.0f} s "
+                                                   f"({failures} tries; last: {error})"))
+            self.on_phase("reconnecting", redact(error))
+            time.sleep(min(self.reconnect_wait_s * 2 ** min(failures - 1, 16), self.reconnect_max_wait_s,
+                           max(0.0, self.reconnect_window_s - lost_for)))
+
+    def download(self, run: Any, dest: Path) -> None:
+        """The job's out/ from the bucket (checkpoints left there); the caller verifies it."""
+        from launcher.bucket import Bucket
+
+        try:
+            Bucket.from_url(run.backend_state["bucket"]).download("out", dest)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BackendError("downloading", redact(f"{type(e).__name__}: {e}")) from None
+
+    def down(self, run: Any) -> None:
+        """Cancel the managed job (SkyPilot's controller ends its machine). The bucket is deleted once
+        the results were verified here, unless --keep-bucket; before that it is the only copy and
+        stays (status and `down` say where)."""
+        job_id = self._job_id(run) if run.backend_state.get("request_id") or run.backend_state.get("job_id") else None
+        if job_id is not None:
+            rec = self.adapter.jobs_queue(job_id)
+            if rec is not None and rec.get("status") in LIVE:
+                self.adapter.jobs_cancel(job_id)
+        url = run.backend_state.get("bucket")
+        if not url or run.backend_state.get("bucket_deleted"):
+            return
+        if run.verified and not run.options.get("keep_bucket"):
+            from launcher.bucket import Bucket
+
+            Bucket.from_url(url).delete()
+            run.update(backend_state={**run.backend_state, "bucket_deleted": True})
+        else:
+            run.update(backend_state={**run.backend_state, "bucket_kept": True})
+
+    def detach(self, run: Any) -> str:
+        return ("SkyPilot's managed-jobs controller keeps it running, relaunches it after a preemption and ends "
+                f"its machine when it ends; its results stay in {run.backend_state.get('bucket')} for `logs` or "
+                "`download` to pull back.")
+
+    def left_up_ends_by(self, run: Any) -> str | None:
+        return (f"the managed job has ended its machine; its results stay in the bucket "
+                f"{run.backend_state.get('bucket')} until they are downloaded")
+
+    # --- finding it again (from run.json, after the launcher was killed) ---------------------
+
+    def machine_state(self, run: Any) -> str:
+        """'up' while the managed job is live (a machine bills or will), and while its results wait in
+        the bucket to be pulled back (the job succeeded, nothing verified here yet, the bucket kept);
+        'gone' otherwise."""
+        if run.backend_state.get("job_id") is None and not run.backend_state.get("request_id"):
+            return "gone"
+        rec = self._record(run)
+        status = (rec or {}).get("status")
+        if status in LIVE:
+            return "up"
+        if status == SUCCEEDED and not run.verified and not run.backend_state.get("bucket_kept") \
+                and not run.backend_state.get("bucket_deleted"):
+            return "up"
+        return "gone"
+
+    def job_running(self, run: Any) -> bool | None:
+        try:
+            rec = self._record(run)
+        except KeyboardInterrupt:
+            raise
+        except Exception:  # noqa: BLE001
+            return None
+        return None if rec is None else rec.get("status") in LIVE
+
+    def launch_submitted(self, run: Any) -> bool:
+        return bool(run.backend_state.get("request_id"))
+
+    def handles(self, run: Any) -> dict:
+        """What status shows: the managed job, its state and recovery count, the bucket."""
+        shown = {k: run.backend_state[k] for k in ("job_id", "bucket") if run.backend_state.get(k) is not None}
+        try:
+            rec = self._record(run)
+        except Exception:  # noqa: BLE001  (status still shows what the record holds)
+            rec = None
+        if rec is not None:
+            shown["job"] = rec.get("status")
+            shown["recoveries"] = rec.get("recovery_count", 0)
+        elif run.backend_state.get("job_status"):
+            shown["job"] = f"{run.backend_state['job_status']} (as last seen)"
+            shown["recoveries"] = run.backend_state.get("recoveries", 0)
+        if run.backend_state.get("bucket_deleted"):
+            shown["bucket"] = f"{run.backend_state.get('bucket')} (deleted)"
+        return shown
+
+    @classmethod
+    def end_by_hand(cls, handles: dict) -> str | None:
+        job_id = handles.get("job_id")
+        if isinstance(job_id, int) and handles.get("job_name"):
+            return f"it names SkyPilot managed job {job_id}: `sky jobs cancel {job_id}` ends it if it still runs"
+        return None
+
+
+def _key(ev: dict) -> tuple:
+    return (ev.get("event"), ev.get("ts"), ev.get("step"))

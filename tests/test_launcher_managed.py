@@ -1,0 +1,174 @@
+"""`up --spot/--managed` on the launcher side, through tests/fakesky.py's fake managed-jobs controller
+with the fake job (tests/fakejob.py, fast): status, logs and down on a managed run after the launcher
+was SIGKILLed (acceptance 4 of issue 15), a run followed only after it ended (the laptop off the whole
+run), the flags refused where they mean nothing. The real job across preemptions: test_managed_jobs.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from contracts import manifest
+from contracts.events import read_all
+from launcher_helpers import REPO, cli, fake_python, launcher_env, only_run, pid_alive, spawn, wait_for_state
+from skyfix import seed_catalog
+
+
+@pytest.fixture
+def cloud(tmp_path):
+    home = tmp_path / "home"
+    seed_catalog(home)
+    env = launcher_env(tmp_path / "runs", fake_python(tmp_path), HOME=str(home),
+                       SOCRATES_SKY_ADAPTER="fakesky:FakeSky", FAKESKY_DIR=str(tmp_path / "cloud"),
+                       PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    yield env
+    import fakesky  # nothing of ours left running, whatever the test did
+
+    os.environ["FAKESKY_DIR"] = env["FAKESKY_DIR"]
+    try:
+        for jdir in (tmp_path / "cloud" / "jobs").glob("*"):
+            fakesky.FakeSky().jobs_cancel(int(jdir.name))
+    finally:
+        del os.environ["FAKESKY_DIR"]
+
+
+def up(bucket: Path, *extra: str) -> list[str]:
+    return ["up", "--infra", "sky", "--gpu", "A100-80GB:1", "--config", "configs/smoke.yaml", "--spot",
+            "--bucket", f"file://{bucket}", "--yes", *extra]
+
+
+def job_dir(env: dict, rec: dict) -> Path:
+    return Path(env["FAKESKY_DIR"]) / "jobs" / str(rec["backend_state"]["job_id"])
+
+
+def job_state(env: dict, rec: dict) -> dict:
+    return json.loads((job_dir(env, rec) / "state.json").read_text())
+
+
+def wait_until(cond, timeout: float = 120, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not reached in {timeout} s")
+
+
+def launch_steps(env: dict, rec: dict, launch: int) -> int:
+    log = job_dir(env, rec) / f"launch-{launch}" / "workdir" / "job.log"
+    return log.read_text().count('"event":"step"') if log.is_file() else 0
+
+
+def test_status_logs_down_after_the_launcher_was_sigkilled(cloud, tmp_path):
+    """Acceptance 4: the launcher dies mid-run; the managed job goes on (and is preempted once meanwhile);
+    status shows its state and recovery count, logs follows it across the relaunch to the end, downloads
+    from the bucket, verifies and deletes it; down is then a no-op."""
+    env = {**cloud, "FAKEJOB_STEPS": "40", "FAKEJOB_STEP_S": "0.1", "FAKESKY_PREEMPT": "1", "FAKESKY_SEED": "3"}
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    proc = spawn(up(tmp_path / "bucket"), env)
+    wait_for_state(runs, ("running",), timeout=120)
+    rec = only_run(runs)
+    wait_until(lambda: launch_steps(cloud, rec, 1) >= 2, what="the first launch training")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    wait_until(lambda: job_state(cloud, rec)["recovery_count"] == 1 and launch_steps(cloud, rec, 2) >= 1,
+               what="the preemption and relaunch, with no launcher")
+    rec = only_run(runs)
+    assert rec["state"] == "running" and rec["options"]["managed_job"] is True
+
+    r = cli(["status", rec["id"]], env)
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "machine: up" in out and "state: running" in out, r.stdout + r.stderr
+    assert "job RUNNING" in out and "recoveries 1" in out and f"bucket file://{tmp_path / 'bucket' / rec['id']}" in out
+
+    r = cli(["logs", rec["id"]], env, timeout=180)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(runs)
+    assert rec["state"] == "done" and rec["verified"] and manifest.verify(rec["dir"]) == []
+    events = read_all(Path(rec["dir"]) / "events.jsonl")
+    assert [e["launch"] for e in events if e["event"] == "preempted"] == [2]
+    last_start = max(i for i, e in enumerate(events) if e["event"] == "start" and e.get("verb") == "train")
+    assert [e["step"] for e in events[last_start:] if e["event"] == "step"] == list(range(1, 41))  # none lost
+    keys = [(e["event"], e["ts"]) for e in events if e["event"] != "phase"]
+    assert len(keys) == len(set(keys))  # none doubled across the kill and the relaunch
+    assert job_state(cloud, rec)["status"] == "SUCCEEDED"
+    assert not (tmp_path / "bucket" / rec["id"]).exists() and rec["backend_state"]["bucket_deleted"]
+
+    r = cli(["down", rec["id"]], env)
+    assert r.returncode == 0 and only_run(runs)["state"] == "done"
+    r = cli(["status", rec["id"]], env)
+    assert "machine:  gone" in r.stdout and "state:    done" in r.stdout and "(deleted)" in r.stdout
+
+
+def test_down_after_the_launcher_was_sigkilled_cancels_the_managed_job(cloud, tmp_path):
+    env = {**cloud, "FAKEJOB_STEPS": "600", "FAKEJOB_STEP_S": "0.1"}
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    proc = spawn(up(tmp_path / "bucket"), env)
+    wait_for_state(runs, ("running",), timeout=120)
+    rec = only_run(runs)
+    wait_until(lambda: launch_steps(cloud, rec, 1) >= 2, what="the job training")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    jdir = job_dir(cloud, rec)
+    controller, job = int((jdir / "controller.pid").read_text()), int((jdir / "job.pid").read_text())
+    assert pid_alive(controller) and pid_alive(job)  # the managed job outlived the launcher
+
+    r = cli(["down", rec["id"]], env)
+    assert r.returncode == 0 and "machine down" in r.stdout, r.stdout + r.stderr
+    assert job_state(cloud, rec)["status"] == "CANCELLED"
+    wait_until(lambda: not pid_alive(controller) and not pid_alive(job), timeout=30, what="the job's processes ended")
+    rec = only_run(runs)
+    assert rec["state"] == "torn_down" and rec["machine"] == "gone"
+    # Nothing was verified here: the bucket holds the only copy of what was trained, so it stays.
+    assert (tmp_path / "bucket" / rec["id"] / "managed" / "launches.json").is_file()
+    assert rec["backend_state"]["bucket_kept"] is True
+    r = cli(["status", rec["id"]], env)
+    assert "machine:  gone" in r.stdout and "job CANCELLED" in " ".join(r.stdout.split())
+    assert cli(["down", rec["id"]], env).returncode == 0  # idempotent
+
+
+def test_a_run_followed_only_after_it_ended_is_downloaded_from_the_bucket(cloud, tmp_path):
+    """The laptop was off for the whole run (--detach, then nothing): the job ended on its own and its
+    machine with it; `status` says the results wait, `logs` pulls them from the bucket and verifies them."""
+    env = {**cloud, "FAKEJOB_STEPS": "5"}
+    r = cli(up(tmp_path / "bucket", "--detach", "--keep-bucket"), env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert "managed-jobs controller keeps it running" in " ".join(r.stdout.split())
+    wait_until(lambda: job_state(cloud, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    r = cli(["status", rec["id"]], env)
+    assert "machine:  up" in r.stdout and "job SUCCEEDED" in " ".join(r.stdout.split())
+    r = cli(["logs", rec["id"]], env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert rec["state"] == "done" and rec["verified"] and manifest.verify(rec["dir"]) == []
+    steps = [e["step"] for e in read_all(Path(rec["dir"]) / "events.jsonl") if e["event"] == "step"]
+    assert steps == [1, 2, 3, 4, 5]
+    assert (tmp_path / "bucket" / rec["id"] / "out" / "manifest.json").is_file()  # --keep-bucket
+    assert rec["backend_state"].get("bucket_kept") is True
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--infra", "local", "--managed"], "--managed: not accepted with --infra local"),
+    (["--bucket", "s3://x"], "--bucket: only with --spot or --managed"),
+    (["--spot", "--bucket", "ftp://x"], "--bucket 'ftp://x': not accepted"),
+    (["--managed", "--keep-bucket", "--bucket", "gs://"], "--bucket 'gs://': not accepted"),
+])
+def test_managed_flags_refused_in_one_line(cloud, tmp_path, args, needle):
+    r = cli(["up", "--config", "configs/smoke.yaml", "--yes", *args], cloud)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stdout + r.stderr
+    assert not Path(cloud["SOCRATES_RUNS_DIR"]).exists()  # nothing created
+
+
+def test_dryrun_shows_the_managed_task(cloud):
+    r = cli(["up", "--infra", "sky", "--gpu", "A100-80GB:1", "--config", "configs/smoke.yaml", "--spot", "--dryrun", "--yes"], cloud)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "SOCRATES_MANAGED: '1'" in out and "/socrates-bucket" in out and "MOUNT_CACHED" in out
+    assert "job_recovery" in out and "use_spot: true" in out
