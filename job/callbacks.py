@@ -14,6 +14,7 @@ from job.checkpoints import (
     complete_checkpoints,
     fsync_dir,
     fsync_tree,
+    move_checkpoint,
     seal,
     write_fingerprint,
 )
@@ -81,7 +82,7 @@ class CheckpointCallback(TrainerCallback):
         dst = self.root / name
         if dst.exists():
             shutil.rmtree(dst)
-        os.replace(src, dst)
+        move_checkpoint(src, dst)
         fsync_dir(self.root)
         self.events.emit("checkpoint", step=state.global_step, path=f"checkpoints/{name}")
         for old in complete_checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:

@@ -54,6 +54,26 @@ def is_complete(path: Path) -> bool:
     return True
 
 
+def move_checkpoint(src: Path, dst: Path) -> None:
+    """Move a sealed checkpoint into place: one folder rename where the file system has it; else (a
+    bucket mount that renames no folders) file by file with the COMPLETE marker last, so that until
+    the last move the copy in place reads as incomplete."""
+    try:
+        os.replace(src, dst)
+        return
+    except OSError:
+        pass
+    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: (p.name == COMPLETE, str(p)))
+    for f in files:
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(f, target)
+        except OSError:
+            shutil.copy2(f, target)
+    shutil.rmtree(src, ignore_errors=True)
+
+
 def seal(checkpoint: Path, step: int) -> None:
     """Write the COMPLETE marker: the step and every file's size (is_complete checks them)."""
     files = {p.relative_to(checkpoint).as_posix(): p.stat().st_size

@@ -286,13 +286,15 @@ class SkyAdapter:
             raise RuntimeError(f"managed-job launch request {request_id} returned no job id")
         return int(ids[0])
 
-    def jobs_queue(self, job_id: int) -> dict | None:
+    def jobs_queue(self, job_id: int, refresh: bool = False) -> dict | None:
         """The managed job's record: status (a ManagedJobStatus name), recovery_count, submitted_at,
-        end_at, job_duration; None when the controller has no such job."""
+        end_at, job_duration; None when the controller has no such job. The jobs controller stops
+        itself when idle: `refresh` starts it again to answer (following a run to its end does;
+        `status` does not, and an unreachable controller is then 'unknown')."""
         import sky
 
         with captured():
-            reply = sky.get(sky.jobs.queue_v2(refresh=False, all_users=False, job_ids=[int(job_id)]))
+            reply = sky.get(sky.jobs.queue_v2(refresh=refresh, all_users=False, job_ids=[int(job_id)]))
         records = reply[0] if isinstance(reply, tuple) else reply
         for r in records or []:
             if int(_field(r, "job_id") or -1) == int(job_id):

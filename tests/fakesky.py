@@ -205,7 +205,7 @@ class FakeSky:
         (jdir / "controller.pid").write_text(str(proc.pid))
         return job_id
 
-    def jobs_queue(self, job_id: int) -> dict | None:
+    def jobs_queue(self, job_id: int, refresh: bool = False) -> dict | None:
         """The job's record: status (SkyPilot's ManagedJobStatus names), recovery_count; None: no such job."""
         _outage()
         path = _root() / "jobs" / str(job_id) / "state.json"

@@ -172,3 +172,23 @@ def test_dryrun_shows_the_managed_task(cloud):
     out = r.stdout
     assert "SOCRATES_MANAGED: '1'" in out and "/socrates-bucket" in out and "MOUNT_CACHED" in out
     assert "job_recovery" in out and "use_spot: true" in out
+
+
+def test_the_real_sdk_takes_the_managed_task_with_its_bucket_mount_and_recovery():
+    """SkyPilot's own parser (no API server needed) on what `up --spot --bucket URL` renders."""
+    sky = pytest.importorskip("sky", reason="skypilot is not installed")
+    from types import SimpleNamespace
+
+    from contracts.config import load_config
+    from launcher import task as tasklib
+
+    run = SimpleNamespace(id="r1", name="paper", config=load_config(REPO / "configs" / "paper.yaml").to_dict(),
+                          options={"eval": True, "deadline_s": 3600, "managed_job": True, "bucket": "s3://my-bucket"})
+    task = sky.Task.from_yaml_config(tasklib.render(run, gpu="A100:1", spot=True))
+    storage = task.storage_mounts["/socrates-bucket"]
+    res = list(task.resources)[0]
+    assert storage.source == "s3://my-bucket/r1" and str(storage.mode).endswith("MOUNT_CACHED")
+    assert storage.persistent is True  # the results outlive the job; the launcher deletes them after verifying
+    assert res.use_spot is True and res.job_recovery == {"strategy": "FAILOVER", "max_restarts_on_errors": 0}
+    assert task.envs["OUT"] == "/socrates-bucket/out" and task.envs["SOCRATES_MANAGED"] == "1"
+    assert task.envs["SOCRATES_BUCKET"] == "/socrates-bucket" and task.envs["DEADLINE_S"] == "3600"

@@ -314,3 +314,28 @@ def test_time_based_checkpoints_default_when_managed_and_follow_the_clock(monkey
     from contracts.config import load_config
 
     assert load_config(REPO / "configs" / "smoke.yaml").train.checkpoint_every_s is None  # unset: managed decides
+
+
+def test_a_mount_that_renames_no_folders_gets_the_checkpoint_file_by_file_marker_last(tmp_path, monkeypatch):
+    from job import checkpoints
+    from job.checkpoints import COMPLETE, is_complete, move_checkpoint, seal
+
+    src, dst = tmp_path / ".staging" / "checkpoint-4", tmp_path / "checkpoint-4"
+    (src / "sub").mkdir(parents=True)
+    (src / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    (src / "sub" / "optimizer.pt").write_bytes(b"z" * 300)
+    seal(src, 4)
+    real, moved = os.replace, []
+
+    def no_folder_rename(a, b):  # what an object-store mount answers to a folder rename
+        if Path(a).is_dir():
+            raise OSError(38, "Function not implemented")
+        moved.append(Path(a).name)
+        assert (Path(a).name == COMPLETE) == (not any(p.is_file() and p.name != COMPLETE for p in src.rglob("*"))
+                                              and len(moved) > 1)
+        return real(a, b)
+
+    monkeypatch.setattr(checkpoints.os, "replace", no_folder_rename)
+    move_checkpoint(src, dst)
+    assert moved[-1] == COMPLETE and sorted(moved) == sorted(["trainer_state.json", "optimizer.pt", COMPLETE])
+    assert is_complete(dst) and not src.exists()

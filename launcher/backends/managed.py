@@ -115,11 +115,11 @@ class ManagedBackend(Backend):
             run.update(backend_state={**run.backend_state, "job_id": job_id})
         return int(job_id) if isinstance(job_id, int) or (isinstance(job_id, str) and job_id.isdigit()) else None
 
-    def _record(self, run: Any) -> dict | None:
+    def _record(self, run: Any, refresh: bool = False) -> dict | None:
         job_id = self._job_id(run)
         if job_id is None:
             return None
-        rec = self.adapter.jobs_queue(job_id)
+        rec = self.adapter.jobs_queue(job_id, refresh=refresh)
         if rec is not None:
             recoveries = int(rec.get("recovery_count") or 0)
             if recoveries != run.backend_state.get("recoveries") or rec.get("status") != run.backend_state.get("job_status"):
@@ -164,7 +164,7 @@ class ManagedBackend(Backend):
                         if ev.get("event") == "preempted":
                             self.on_phase("recovering", f"launch {ev.get('launch')} on a new machine")
                         on_event(ev)
-                rec = self._record(run)
+                rec = self._record(run, refresh=True)  # a stopped (idle) controller is started to answer
                 status = (rec or {}).get("status")
                 if status == SUCCEEDED:
                     return 0
