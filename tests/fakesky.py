@@ -205,6 +205,12 @@ class FakeSky:
         (jdir / "controller.pid").write_text(str(proc.pid))
         return job_id
 
+    def wait_jobs_launch(self, request_id: str) -> int:
+        job_id = int(request_id.removeprefix("jobreq-"))
+        if not (_root() / "jobs" / str(job_id) / "state.json").is_file():
+            raise RuntimeError(f"fake: launch request {request_id} made no job")
+        return job_id
+
     def jobs_queue(self, job_id: int, refresh: bool = False) -> dict | None:
         """The job's record: status (SkyPilot's ManagedJobStatus names), recovery_count; None: no such job."""
         _outage()

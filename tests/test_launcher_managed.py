@@ -192,3 +192,23 @@ def test_the_real_sdk_takes_the_managed_task_with_its_bucket_mount_and_recovery(
     assert res.use_spot is True and res.job_recovery == {"strategy": "FAILOVER", "max_restarts_on_errors": 0}
     assert task.envs["OUT"] == "/socrates-bucket/out" and task.envs["SOCRATES_MANAGED"] == "1"
     assert task.envs["SOCRATES_BUCKET"] == "/socrates-bucket" and task.envs["DEADLINE_S"] == "3600"
+
+
+def test_a_managed_job_that_finds_no_capacity_fails_in_one_line_and_leaves_nothing_running(cloud, tmp_path):
+    r = cli(up(tmp_path / "bucket"), {**cloud, "FAKESKY_FAIL": "provision"})
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert rec["state"] == "failed" and rec["error"].startswith("provisioning") and "no capacity" in rec["error"]
+    assert job_state(cloud, rec)["status"] == "FAILED_NO_RESOURCE" and rec["machine"] == "gone"
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_a_job_that_fails_by_itself_is_not_relaunched_and_the_run_fails(cloud, tmp_path):
+    r = cli(up(tmp_path / "bucket"), {**cloud, "FAKEJOB_FAIL": "train"})
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    st = job_state(cloud, rec)
+    assert st["status"] == "FAILED" and st["recovery_count"] == 0 and st["launch"] == 1  # max_restarts_on_errors: 0
+    assert rec["state"] == "failed" and rec["error"].startswith("running: the job exited with status 1")
+    assert "no finished adapter" in rec["error"] and not rec["verified"]
+    assert rec["backend_state"]["bucket_kept"] is True  # nothing verified: what the bucket holds stays
