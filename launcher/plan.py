@@ -132,10 +132,17 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
     }
     managed = bool(getattr(args, "spot", False) or getattr(args, "managed", False))
     if managed:  # a SkyPilot managed job (launcher/backends/managed.py)
-        from launcher.bucket import check_url
+        from launcher.bucket import parse_url
 
-        options.update(managed_job=True, keep_bucket=bool(getattr(args, "keep_bucket", False)),
-                       bucket=check_url(args.bucket) if getattr(args, "bucket", None) else None)
+        storage = getattr(cfg, "storage", None)  # the config's storage: section, where it has one
+        bucket = getattr(args, "bucket", None) or getattr(storage, "bucket", None)
+        if bucket:
+            try:
+                parse_url(bucket)
+            except ContractError as e:
+                raise ContractError(f"--bucket: {e}") from None
+        options.update(managed_job=True, bucket=bucket,
+                       keep_bucket=bool(getattr(args, "keep_bucket", False) or getattr(storage, "keep_bucket", False)))
     # The world the job will see; its accumulation must make the global batch (contracts/config.py).
     world = (gpu.count if gpu else 1) * args.nodes if infra == "sky" else (args.ranks or 1)
     t = cfg.train

@@ -80,12 +80,17 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
 
         managed, bucket_url = True, bucket_url or bucket_url_for(run)
     if managed:  # a managed job: SkyPilot relaunches it after a preemption; what must survive is in the bucket
+        from launcher.bucket import Bucket
+
         if not bucket_url:
-            raise ContractError("a managed run needs a bucket (--bucket s3://... | gs://... | r2://...)")
-        task.setdefault("file_mounts", {})[BUCKET_MOUNT] = {"source": bucket_url, "mode": "MOUNT_CACHED"}
+            raise ContractError("a managed run needs a bucket (--bucket s3://NAME, r2://NAME or gs://NAME)")
+        bucket = Bucket.from_url(bucket_url)  # the URL only: nothing is asked of the store here
+        task.setdefault("file_mounts", {})[BUCKET_MOUNT] = {"source": bucket.mount_source, "mode": "MOUNT_CACHED"}
+        out = f"{BUCKET_MOUNT}/{bucket.out_prefix(run.id)}".rstrip("/")
+        envs["OUT"] = out
+        envs["SOCRATES_CHECKPOINT_DIR"] = f"{out}/checkpoints"
         envs["SOCRATES_MANAGED"] = "1"
-        envs["SOCRATES_BUCKET"] = BUCKET_MOUNT
-        envs["OUT"] = f"{BUCKET_MOUNT}/out"
+        envs["SOCRATES_BUCKET"] = bucket_url
         # A preemption is recovered on new capacity; a failing job is not restarted (it would fail again).
         resources["job_recovery"] = {"strategy": "FAILOVER", "max_restarts_on_errors": 0}
     # Only the secrets the user has set: SkyPilot refuses a declared secret that gets no value.

@@ -336,7 +336,7 @@ def controller(jdir: Path) -> None:
             if src.is_dir():
                 shutil.copytree(src, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
         (workdir / ".socrates-t0").write_text(f"{int(time.time())}\n")  # what setup's first line writes
-        overrides = {"JOB_PYTHON": os.environ["SOCRATES_JOB_PYTHON"], "SOCRATES_BUCKET": str(bucket),
+        overrides = {"JOB_PYTHON": os.environ["SOCRATES_JOB_PYTHON"],  # OUT as the mount maps it here
                      "OUT": str(bucket / task["envs"]["OUT"][len(mount_path):].lstrip("/"))}
         if ckpt_kill and launch == 1:
             overrides.update({"FAKESKY_CKPT_KILL_STEP": ckpt_kill, "FAKESKY_CKPT_MARK": str(jdir / "killed-in-checkpoint")})

@@ -85,7 +85,7 @@ def test_status_logs_down_after_the_launcher_was_sigkilled(cloud, tmp_path):
     r = cli(["status", rec["id"]], env)
     out = " ".join(r.stdout.split())
     assert r.returncode == 0 and "machine: up" in out and "state: running" in out, r.stdout + r.stderr
-    assert "job RUNNING" in out and "recoveries 1" in out and f"bucket file://{tmp_path / 'bucket' / rec['id']}" in out
+    assert "job RUNNING" in out and "recoveries 1" in out and f"bucket file://{tmp_path / 'bucket'}" in out
 
     r = cli(["logs", rec["id"]], env, timeout=180)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -157,8 +157,8 @@ def test_a_run_followed_only_after_it_ended_is_downloaded_from_the_bucket(cloud,
 @pytest.mark.parametrize("args,needle", [
     (["--infra", "local", "--managed"], "--managed: not accepted with --infra local"),
     (["--bucket", "s3://x"], "--bucket: only with --spot or --managed"),
-    (["--spot", "--bucket", "ftp://x"], "--bucket 'ftp://x': not accepted"),
-    (["--managed", "--keep-bucket", "--bucket", "gs://"], "--bucket 'gs://': not accepted"),
+    (["--spot", "--bucket", "ftp://x"], "--bucket: bucket 'ftp://x': scheme 'ftp' is not accepted"),
+    (["--managed", "--keep-bucket", "--bucket", "gs://"], "--bucket: bucket 'gs://': name '' is not accepted"),
 ])
 def test_managed_flags_refused_in_one_line(cloud, tmp_path, args, needle):
     r = cli(["up", "--config", "configs/smoke.yaml", "--yes", *args], cloud)
@@ -187,11 +187,11 @@ def test_the_real_sdk_takes_the_managed_task_with_its_bucket_mount_and_recovery(
     task = sky.Task.from_yaml_config(tasklib.render(run, gpu="A100:1", spot=True))
     storage = task.storage_mounts["/socrates-bucket"]
     res = list(task.resources)[0]
-    assert storage.source == "s3://my-bucket/r1" and str(storage.mode).endswith("MOUNT_CACHED")
+    assert storage.source == "s3://my-bucket" and str(storage.mode).endswith("MOUNT_CACHED")
     assert storage.persistent is True  # the results outlive the job; the launcher deletes them after verifying
     assert res.use_spot is True and res.job_recovery == {"strategy": "FAILOVER", "max_restarts_on_errors": 0}
-    assert task.envs["OUT"] == "/socrates-bucket/out" and task.envs["SOCRATES_MANAGED"] == "1"
-    assert task.envs["SOCRATES_BUCKET"] == "/socrates-bucket" and task.envs["DEADLINE_S"] == "3600"
+    assert task.envs["OUT"] == "/socrates-bucket/r1/out" and task.envs["SOCRATES_MANAGED"] == "1"  # the run's folder
+    assert task.envs["SOCRATES_BUCKET"] == "s3://my-bucket" and task.envs["DEADLINE_S"] == "3600"
 
 
 def test_a_managed_job_that_finds_no_capacity_fails_in_one_line_and_leaves_nothing_running(cloud, tmp_path):

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 CKPT_EVERY = 4
+RUN = "tiny-managed-1"  # the run id: the run lives under <bucket>/<run id>/ (out/, managed/)
 TOTAL = 16
 TINY = {
     "name": "tiny-managed", "allow_cpu": True,
@@ -47,7 +48,7 @@ def managed_task(bucket: Path, deadline_s: int = 0) -> dict:
     from launcher import task as tasklib
 
     cfg = load_config_from(TINY)
-    run = SimpleNamespace(name="tiny-managed", config=cfg, options={"eval": False, "deadline_s": deadline_s})
+    run = SimpleNamespace(id=RUN, name="tiny-managed", config=cfg, options={"eval": False, "deadline_s": deadline_s})
     return tasklib.render(run, gpu=None, managed=True, bucket_url=f"file://{bucket}")
 
 
@@ -110,7 +111,7 @@ def straight(fake, tmp_path_factory):
 def straight_out(fake, straight) -> Path:
     job, bucket = straight
     assert wait_ended(fake, job)["status"] == "SUCCEEDED"
-    return bucket / "out"
+    return bucket / RUN / "out"
 
 
 def launch(sky, bucket: Path, **env: str) -> int:
@@ -231,13 +232,13 @@ def test_preempted_during_a_checkpoint_write_resumes_from_the_previous_complete_
     torn_step, torn_file = (jdir / "killed-in-checkpoint").read_text().split()
     assert int(torn_step) == 2 * CKPT_EVERY and st["recovery_count"] == 1
     assert "while writing a checkpoint" in (jdir / "preemptions.log").read_text()
-    events = read_all(bucket / "out" / "events.jsonl")
+    events = read_all(bucket / RUN / "out" / "events.jsonl")
     res = [e for e in events if e["event"] == "resume"]
     # The torn checkpoint-8 (its marker there, a file cut short) was skipped: back to checkpoint-4.
     assert len(res) == 1 and res[0]["step"] == CKPT_EVERY and res[0]["launch"] == 2, res
     assert res[0]["steps_lost"] == 2 * CKPT_EVERY - CKPT_EVERY
     assert [e for e in events if e["event"] == "done"][0]["steps"] == TOTAL
-    assert adapter_diff(bucket / "out", straight_out(fake, straight)) <= 1e-5
+    assert adapter_diff(bucket / RUN / "out", straight_out(fake, straight)) <= 1e-5
 
 
 # --- the pieces ------------------------------------------------------------------------------

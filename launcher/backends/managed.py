@@ -39,12 +39,11 @@ def job_name_for(run_id: str) -> str:
 
 
 def bucket_url_for(run: Any) -> str:
-    """The run's bucket: under --bucket URL (or the config's storage.bucket) the run's own folder
-    URL/<run id>; else a bucket named after the run, made for it."""
-    given = (run.options.get("bucket") or "").rstrip("/")
-    if given:
-        return f"{given}/{run.id}"
-    return f"{DEFAULT_STORE}://{job_name_for(run.id)[:63]}"
+    """The run's bucket: --bucket URL (or the config's storage.bucket), where the run writes under
+    `<run id>/`; else a bucket named after the run, made for it."""
+    from launcher.bucket import default_url
+
+    return (run.options.get("bucket") or "").rstrip("/") or default_url(run.id, DEFAULT_STORE)
 
 
 class ManagedBackend(Backend):
@@ -202,7 +201,8 @@ class ManagedBackend(Backend):
         from launcher.bucket import Bucket
 
         try:
-            Bucket.from_url(run.backend_state["bucket"]).download("out", dest)
+            bucket = Bucket.from_url(run.backend_state["bucket"])
+            bucket.download(bucket.out_prefix(run.id), dest)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001
@@ -223,7 +223,8 @@ class ManagedBackend(Backend):
         if run.verified and not run.options.get("keep_bucket"):
             from launcher.bucket import Bucket
 
-            Bucket.from_url(url).delete()
+            # The bucket made for the run goes; of a bucket the user gave, only the run's folder.
+            Bucket.from_url(url if run.backend_state.get("bucket_made") else f"{url.rstrip('/')}/{run.id}").delete()
             run.update(backend_state={**run.backend_state, "bucket_deleted": True})
         else:
             run.update(backend_state={**run.backend_state, "bucket_kept": True})
