@@ -16,11 +16,12 @@ from typing import Any, Iterable
 
 from contracts._io import atomic_write_json, sha256_file
 from contracts.errors import ContractError
+from contracts.events import EVENTS_FILE
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 # Files that keep changing after the manifest is written, or are not results.
-DEFAULT_EXCLUDE = (MANIFEST_FILE, "events.jsonl", "job.log", "checkpoints/*")
+DEFAULT_EXCLUDE = (MANIFEST_FILE, EVENTS_FILE, "job.log", "checkpoints/*")
 _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key|credentials?)($|_)", re.I)
 _SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|sk-[A-Za-z0-9]{20,})")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -356,35 +356,32 @@ class _HungUp(BaseException):
 
 
 @contextlib.contextmanager
+def _signals_to(handler, *signals: int):
+    """`handler` for `signals` inside the block; the previous handlers after it (outside the main
+    thread signals can't be set: they are left alone)."""
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _hangups_raise():
     """Without this, SIGTERM/SIGHUP end the launcher on the spot: no teardown of a machine still
     being provisioned, which SkyPilot has not armed autodown on yet."""
     def raise_hangup(signum, frame):
         raise _HungUp(signum)
 
-    try:
-        previous = {sig: signal.signal(sig, raise_hangup) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    except ValueError:  # not the main thread: leave signals alone
-        previous = {}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return _signals_to(raise_hangup, signal.SIGTERM, signal.SIGHUP)
 
 
-@contextlib.contextmanager
 def _uninterrupted(*signals: int):
     """A half-done teardown is the expensive outcome: these signals are ignored while it runs."""
-    try:
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
-    except ValueError:  # not the main thread
-        previous = {}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return _signals_to(signal.SIG_IGN, *signals)
 
 
 def _abort_provisioning(run: registry.Run, backend: Backend, console, recorder: Recorder, why: BaseException) -> int:

@@ -65,7 +65,7 @@ def host_processes_under(path: Path) -> list[int]:
 def changed_since_cache(cache: Path) -> tuple[int, int]:
     """Files (and bytes) of the synced code whose size or sha256 differ from the host's cache copy."""
     from contracts._io import sha256_file
-    from launcher.backends.ssh import CODE_PATHS
+    from launcher.task import CODE_PATHS
     from launcher.ssh_transport import local_files
 
     files = local_files(REPO, [p for p in CODE_PATHS if (REPO / p).exists()])
