@@ -104,6 +104,8 @@ def test_status_logs_down_after_the_launcher_was_sigkilled(cloud, tmp_path):
     assert r.returncode == 0 and only_run(runs)["state"] == "done"
     r = cli(["status", rec["id"]], env)
     assert "machine:  gone" in r.stdout and "state:    done" in r.stdout and "(deleted)" in r.stdout
+    listed = json.loads(cli(["runs", "--json"], env).stdout)
+    assert [(x["id"], x["state"], x["infra"]) for x in listed] == [(rec["id"], "done", "sky")]
 
 
 def test_down_after_the_launcher_was_sigkilled_cancels_the_managed_job(cloud, tmp_path):
