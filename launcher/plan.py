@@ -3,8 +3,9 @@
 `add_arguments(p)` declares the flags both verbs take (config, data, card, caps, where it runs);
 `resolve(args)` checks every input and returns a `Plan`: the run config after overrides, the data
 checked (a local file's rows against contracts/rows.py), the caps checked, the default config per
-infrastructure. Both verbs print `describe(plan)` before the cost table, and estimate with
-`estimate(plan, ...)`, so what `estimate` shows is what `up` would run. Nothing is created here.
+infrastructure. `up --dryrun` and `estimate --explain` print `describe(plan)` (`estimate --json`:
+`summary(plan)`), and both estimate with `estimate(plan, ...)`, so what `estimate` shows is what
+`up` would run. Nothing is created here.
 """
 from __future__ import annotations
 
@@ -236,7 +237,7 @@ def summary(plan: Plan) -> dict:
 
 
 def describe(plan: Plan) -> str:
-    """`summary` as three lines, printed by `up` and `estimate` before the cost table."""
+    """`summary` as three lines (`up --dryrun`, `estimate --explain`)."""
     s = summary(plan)
     c, d, caps = s["config"], s["data"], s["caps"]
     cost = f"${caps['max_cost']:,.2f}" if caps["max_cost"] is not None else "none"

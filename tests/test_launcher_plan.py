@@ -1,5 +1,6 @@
 """The launcher's shape (issue #14): `estimate` and `up --dryrun` resolve the same flags the same way
-on every infrastructure, verbs ask no backend what it is, and no verb imports another."""
+on every infrastructure (`estimate --explain` and the dry run print the plan: config, data, caps),
+verbs ask no backend what it is, and no verb imports another."""
 from __future__ import annotations
 
 import ast
@@ -128,7 +129,7 @@ def test_estimate_and_up_dryrun_print_the_same_config_data_and_caps(env, infra, 
     e, rows, tmp = env
     flags = [f.replace("{rows}", str(rows)) for f in FLAG_SETS[name][0]]
     argv = INFRAS[infra] + flags
-    est = cli(["estimate", *argv], e, timeout=300)
+    est = cli(["estimate", *argv, "--explain"], e, timeout=300)
     up = cli(["up", *argv, "--dryrun"], e, timeout=300)
     assert est.returncode == 0, est.stdout[-2000:] + est.stderr[-2000:]
     assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
@@ -148,7 +149,7 @@ def test_estimate_json_carries_the_same_plan(env):
     est = cli(["estimate", *argv, "--json"], e, timeout=300)
     assert est.returncode == 0, est.stderr[-2000:]
     plan = json.loads(est.stdout)["plan"]
-    text = _plan_lines(cli(["estimate", *argv], e, timeout=300).stdout)
+    text = _plan_lines(cli(["estimate", *argv, "--explain"], e, timeout=300).stdout)
     assert plan["config"]["file"] == "configs/smoke.yaml" and plan["data"] == {"source": str(rows.resolve()), "subset": 0.5}
     assert plan["caps"] == {"max_cost": None, "max_hours": 3.0}
     assert f"resolved config sha256 {plan['config']['sha256']}" in text["config"]

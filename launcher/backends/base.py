@@ -9,7 +9,9 @@ The lifecycle a verb drives, whatever the backend:
 
 launcher/lifecycle.py drives these (with the signal handling and salvage rules); the verbs call
 the lifecycle and the optional methods below, never a concrete backend. A new backend is one more
-subclass and one line in launcher/backends/__init__.py (BACKENDS); no verb changes.
+subclass, a row in launcher/backends/__init__.py's BACKENDS and, when it serves an --infra another
+backend serves (managed jobs on sky), a line in its `kind_of` (the run's options choose); its own
+options travel in the plan as `options[kind]`. No verb, and nothing in lifecycle.py, changes.
 
 `run` is the run's registry record (launcher.registry); a backend writes the handles it needs
 to find its machine again (cluster name, request id, pid, remote dir) into `run.backend_state`

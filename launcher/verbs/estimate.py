@@ -1,7 +1,8 @@
 """`socrates-launch estimate`: what a run will cost, per cloud offer, before anything starts.
 
 It takes `up`'s flags and resolves them as `up` does (launcher/plan.py: the same config, data and
-caps, the same default config per infrastructure), so the estimate is of the run `up` would start.
+caps, the same default config per infrastructure), so the estimate is of the run `up` would start;
+`--explain` (and `--json`'s `plan`) show that resolution as `up --dryrun` does.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from launcher import plan as planlib
 def add_arguments(p: argparse.ArgumentParser) -> None:
     planlib.add_arguments(p, every_card=True)
     p.add_argument("--json", action="store_true", help="print the estimate as JSON (with `plan`: config, data, caps)")
-    p.add_argument("--explain", action="store_true", help="show every term of the hours")
+    p.add_argument("--explain", action="store_true", help="show the resolved plan (config, data, caps: what `up --dryrun` "
+                   "shows) and every term of the hours")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
-    console.print(planlib.describe(plan), highlight=False, markup=False)
+    if args.explain:  # the resolved plan, as `up --dryrun` shows it (the short default stays short)
+        console.print(planlib.describe(plan), highlight=False, markup=False)
     cost.render(est, console, explain=args.explain)
     # After the table, as `up` does: a cap the high estimate exceeds is one line and exit 2.
     deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)

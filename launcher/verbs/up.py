@@ -32,7 +32,6 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     plan = planlib.resolve(args)
-    console.print(planlib.describe(plan), highlight=False, markup=False)
     estimate, deadline_s = _estimate(plan, console)
     if deadline_s:
         plan.options["deadline_s"] = deadline_s
@@ -95,6 +94,7 @@ def _dryrun(plan: planlib.Plan, backend, console) -> int:
     rendered = tasklib.render(preview, gpu=str(plan.gpu) if plan.gpu else None, cloud=plan.options["cloud"],
                               spot=plan.options["spot"], data_path=tasklib.local_data(preview.config),
                               secret_names=tuple(collect()))
+    console.print(planlib.describe(plan), highlight=False, markup=False)  # as `estimate --explain` shows it
     console.rule("rendered task (sky/train.yaml)")
     console.print(redact(tasklib.to_yaml(rendered)), highlight=False, markup=False)
     if plan.options.get("image"):
