@@ -400,11 +400,8 @@ class _S3Store(_Store):
             session = boto3.session.Session()
             if self.r2:
                 kw["endpoint_url"] = _r2_endpoint()
-                creds = Path.home() / ".cloudflare" / "r2.credentials"
-                if creds.is_file():  # SkyPilot's R2 credentials file, profile `r2`
-                    os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", str(creds))
-                    session = boto3.session.Session(profile_name="r2")
                 kw["region_name"] = "auto"
+                kw.update(_r2_credentials())
             self._client = session.client("s3", **kw)
         return self._client
 
@@ -497,6 +494,25 @@ def _r2_endpoint() -> str:
         return f"https://{account.read_text().strip()}.r2.cloudflarestorage.com"
     raise BucketError("r2:// buckets need the account's endpoint: set R2_ENDPOINT_URL or write the account id "
                       "to ~/.cloudflare/accountid (as SkyPilot's R2 setup does)")
+
+
+def _r2_credentials() -> dict:
+    """The `r2` profile of SkyPilot's ~/.cloudflare/r2.credentials, read (never copied) when it exists;
+    else nothing, and boto3 takes the environment's credentials."""
+    import configparser
+
+    path = Path.home() / ".cloudflare" / "r2.credentials"
+    if not path.is_file():
+        return {}
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+        section = parser["r2"]
+        return {"aws_access_key_id": section["aws_access_key_id"],
+                "aws_secret_access_key": section["aws_secret_access_key"]}
+    except (configparser.Error, KeyError, UnicodeDecodeError):
+        raise BucketError(f"{path}: no readable [r2] profile with aws_access_key_id and aws_secret_access_key "
+                          f"(SkyPilot's R2 setup writes it)") from None
 
 
 class _GCSStore(_Store):

@@ -270,6 +270,25 @@ def test_r2_speaks_s3_at_its_endpoint(s3, monkeypatch, tmp_path):
     assert {rel: _sha((dest / rel).read_bytes()) for rel in files} == {rel: _sha(d) for rel, d in files.items()}
 
 
+def test_r2_reads_skypilots_credentials_file_and_leaves_the_environment_alone(s3, monkeypatch):
+    monkeypatch.setenv("R2_ENDPOINT_URL", s3.url)
+    s3.client().create_bucket(Bucket="socrates-r2-creds")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    creds = Path(os.environ["HOME"]) / ".cloudflare" / "r2.credentials"
+    creds.parent.mkdir(parents=True)
+    creds.write_text("[r2]\naws_access_key_id = r2-key\naws_secret_access_key = r2-secret\n")
+    before = dict(os.environ)
+    assert Bucket.from_url("r2://socrates-r2-creds").exists()  # signed with the file's keys
+    assert dict(os.environ) == before
+    # ...which an s3:// bucket in the same process does not pick up.
+    with pytest.raises(BucketError, match="no credentials"):
+        Bucket.from_url("s3://socrates-r2-creds").exists()
+    creds.write_text("[default]\nx = y\n")
+    with pytest.raises(BucketError, match=r"no readable \[r2\] profile"):
+        Bucket.from_url("r2://socrates-r2-creds").exists()
+
+
 def test_r2_without_an_endpoint_is_one_line(monkeypatch, tmp_path):
     monkeypatch.delenv("R2_ENDPOINT_URL", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

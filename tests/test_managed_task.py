@@ -154,3 +154,48 @@ def test_bad_managed_inputs_are_one_line(kw, bad):
 def test_bad_recovery_options_are_one_line(options, bad):
     with pytest.raises(ContractError, match=bad):
         tasklib.render(_run(options=options), gpu="A100:1", managed=True, bucket_url="s3://socrates-x")
+
+
+@pytest.mark.parametrize("storage,bad", [
+    ("bucket: ftp://host/x", "storage.bucket"),
+    ("bucket: s3://", "storage.bucket"),
+    ("job_recovery: SOMETIMES", "storage.job_recovery"),
+    ("max_restarts_on_errors: -1", "storage.max_restarts_on_errors"),
+    ("keep_bucket: perhaps", "storage.keep_bucket"),
+    ("region: us-east-1", "region"),
+])
+def test_the_configs_storage_section_is_checked_in_one_line(tmp_path, storage, bad):
+    from contracts.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"storage:\n  {storage}\n")
+    with pytest.raises(ContractError, match=bad.replace(".", r"\.")) as err:
+        load_config(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_the_configs_storage_section_reaches_the_task(tmp_path):
+    from contracts.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("storage:\n  bucket: s3://team-bucket/socrates\n  keep_bucket: true\n"
+                    "  job_recovery: failover\n  max_restarts_on_errors: 3\n")
+    with pytest.raises(ContractError, match="job_recovery"):  # choices are exact, as SkyPilot spells them
+        load_config(path)
+    path.write_text(path.read_text().replace("failover", "FAILOVER"))
+    cfg = load_config(path)
+    assert (cfg.storage.bucket, cfg.storage.keep_bucket) == ("s3://team-bucket/socrates", True)
+    run = registry.Run(id=RUN_ID, dir="/nonexistent", config=cfg.to_dict(), options={})
+    conf = tasklib.render(run, gpu="A100:1", managed=True, bucket_url=cfg.storage.bucket)
+    assert conf["resources"]["job_recovery"] == {"strategy": "FAILOVER", "max_restarts_on_errors": 3}
+    assert conf["envs"]["OUT"] == f"/socrates-bucket/socrates/{RUN_ID}/out"
+    assert conf["file_mounts"]["/socrates-bucket"]["source"] == "s3://team-bucket"
+
+
+def test_bucket_credentials_never_reach_the_rendered_task(monkeypatch):
+    canary = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYCANARYKEY"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIACANARY0000000000")
+    conf = tasklib.render(_run(), gpu="A100:1", spot=True, managed=True, bucket_url="s3://socrates-x")
+    text = tasklib.to_yaml(conf)
+    assert canary not in text and "AKIACANARY" not in text and "s3://socrates-x" in text
