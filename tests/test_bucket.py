@@ -112,6 +112,9 @@ def test_job_output_uploaded_then_downloaded_and_verified(uploaded, tmp_path):
     assert not (dest / "checkpoints").exists() and not (dest / "events.jsonl").exists()  # not results
     assert not (dest / bucket_lib.PARTIAL_DIR).exists() and not (dest / bucket_lib.STATE_FILE).exists()
     assert manifest_lib.verify(dest) == []
+    # The job's events stay in the bucket; a follower reads them from the last offset it had (ranged GET).
+    events = (tmp_path / "job" / "out" / "events.jsonl").read_bytes()
+    assert b.read_bytes(b.out_prefix(RUN_ID) + "events.jsonl", start=5) == events[5:]
 
 
 def test_an_interrupted_download_resumes_with_a_ranged_get(uploaded, tmp_path):
