@@ -156,6 +156,100 @@ def test_an_interrupted_download_resumes_with_a_ranged_get(uploaded, tmp_path):
     assert manifest_lib.verify(dest) == []
 
 
+class SlowProxy:
+    """A TCP relay to the S3 server that passes at most `rate` bytes/s back (a slow link, so a download
+    can be killed midway). Threads only; stopped by close()."""
+
+    def __init__(self, target_port: int, rate: int = 1_000_000):
+        import socket
+        import threading
+
+        self.rate, self.target_port = rate, target_port
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while not self.closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, self.rate), daemon=True).start()
+
+    def _pipe(self, src, dst, rate):
+        import time
+
+        try:
+            while data := src.recv(16384):
+                dst.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+
+
+def test_a_download_killed_midway_resumes_where_it_stopped(uploaded, tmp_path, s3):
+    """SIGKILL the launcher's download (a slow link) while the weights are half there; the next download
+    continues that file from its size with a ranged GET and verifies."""
+    import signal
+    import time
+
+    b, files, _, _ = uploaded
+    dest = _dest(tmp_path)
+    port = int(s3.url.rsplit(":", 1)[1])
+    proxy = SlowProxy(port)
+    code = ("import sys; from launcher.bucket import Bucket\n"
+            "b = Bucket.from_url(sys.argv[1]); b.download(b.out_prefix(sys.argv[2]), sys.argv[3])\n")
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code, b.url, RUN_ID, str(dest)], env=env, cwd=REPO,
+                            stderr=subprocess.PIPE)
+    partial = dest / bucket_lib.PARTIAL_DIR / "adapter" / "adapter_model.safetensors"
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial.is_file() and partial.stat().st_size > WEIGHTS // 4):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the download never got a quarter of the weights"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        proxy.close()
+    had = partial.stat().st_size
+    assert 0 < had < WEIGHTS and not (dest / "manifest.json").exists()
+    real_get = b._store.get
+    starts = {}
+    b._store.get = lambda key, start, etag: (starts.setdefault(key.rsplit("/", 1)[1], start),
+                                             real_get(key, start, etag))[1]
+    b.download(b.out_prefix(RUN_ID), dest)
+    assert starts["adapter_model.safetensors"] == had  # continued, not fetched anew
+    assert _sha((dest / "adapter" / "adapter_model.safetensors").read_bytes()) == \
+        _sha(files["adapter/adapter_model.safetensors"])
+    assert manifest_lib.verify(dest) == []
+
+
 def test_a_changed_object_is_fetched_again_from_the_start(uploaded, tmp_path):
     """A partial copy of an object that has since been replaced is not continued (its ETag changed)."""
     b, files, client, name = uploaded
