@@ -515,6 +515,35 @@ def _r2_credentials() -> dict:
                           f"(SkyPilot's R2 setup writes it)") from None
 
 
+def _gcs_errors(fn):
+    """google-cloud-storage's and google-auth's exceptions as one BucketError line."""
+    import functools
+    import inspect
+
+    def convert(self, e: Exception) -> Exception:
+        if isinstance(e, BucketError) or not type(e).__module__.startswith(("google.", "requests.", "urllib3.")):
+            return e
+        first = str(e).splitlines()[0] if str(e) else ""
+        return BucketError(f"gs://{self.name}: {type(e).__name__}: {first[:200]}")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(self, *a, **kw):
+            try:
+                yield from fn(self, *a, **kw)
+            except Exception as e:  # noqa: BLE001
+                raise convert(self, e) from None
+        return gen
+
+    @functools.wraps(fn)
+    def call(self, *a, **kw):
+        try:
+            return fn(self, *a, **kw)
+        except Exception as e:  # noqa: BLE001
+            raise convert(self, e) from None
+    return call
+
+
 class _GCSStore(_Store):
     """GCS through google-cloud-storage (application-default credentials). Not exercised by the suite:
     it has no GCS server; the S3 path carries the tests."""
@@ -534,23 +563,29 @@ class _GCSStore(_Store):
                                   f"(`gcloud auth application-default login`)") from None
         return self._bucket
 
+    @_gcs_errors
     def exists(self) -> bool:
         return self.bucket.exists()
 
+    @_gcs_errors
     def create(self) -> None:
         self.bucket.create()
 
+    @_gcs_errors
     def delete_bucket(self) -> None:
         self.bucket.delete()
 
+    @_gcs_errors
     def delete_objects(self, prefix: str) -> None:
         for blob in self.bucket.list_blobs(prefix=prefix):
             blob.delete()
 
+    @_gcs_errors
     def list(self, prefix: str) -> Iterator[Obj]:
         for blob in self.bucket.list_blobs(prefix=prefix):
             yield Obj(blob.name, int(blob.size or 0), str(blob.generation))
 
+    @_gcs_errors
     def get(self, key: str, start: int, etag: str | None) -> Iterator[bytes]:
         blob = self.bucket.blob(key, generation=int(etag) if etag else None)  # that version, or an error
         step = 16 * CHUNK
@@ -567,5 +602,6 @@ class _GCSStore(_Store):
                 return
             start += len(data)
 
+    @_gcs_errors
     def put(self, key: str, path: Path) -> None:
         self.bucket.blob(key).upload_from_filename(str(path))

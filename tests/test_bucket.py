@@ -473,3 +473,36 @@ def test_launcher_imports_no_client_library_and_a_missing_one_is_one_line(tmp_pa
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ("BucketError | s3:// buckets need boto3, which is not installed: "
                                 "pip install 'socrates-launch[bucket]'")
+
+
+def test_gs_without_its_client_library_is_one_line():
+    code = ("import sys; sys.modules['google.cloud.storage'] = None\n"
+            "from launcher.bucket import Bucket\n"
+            "try:\n    Bucket.from_url('gs://socrates-x').exists()\nexcept Exception as e:\n"
+            "    print(type(e).__name__, '|', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("BucketError | gs:// buckets need google-cloud-storage, which is not installed: "
+                                "pip install 'socrates-launch[gcs]'")
+
+
+def test_gs_client_errors_become_one_line():
+    """google-cloud-storage's exceptions (injected: the suite has no GCS server) reach the user as one line."""
+    Forbidden = type("Forbidden", (Exception,), {"__module__": "google.api_core.exceptions"})
+
+    class Refusing:
+        def exists(self):
+            raise Forbidden("403 GET https://storage.googleapis.com/storage/v1/b/socrates-x: denied\nmore detail")
+
+        def list_blobs(self, prefix):
+            yield from ()
+            raise Forbidden("403 list denied")
+
+    b = Bucket.from_url("gs://socrates-x")
+    b._store._bucket = Refusing()
+    with pytest.raises(BucketError) as err:
+        b.exists()
+    assert str(err.value) == ("gs://socrates-x: Forbidden: 403 GET https://storage.googleapis.com/storage/v1/b/"
+                              "socrates-x: denied")
+    with pytest.raises(BucketError, match="list denied"):
+        b.list("r1/")
