@@ -478,6 +478,14 @@ class _S3Store(_Store):
         body = self._call(self.client.get_object, **kw)["Body"]
         try:
             yield from body.iter_chunks(CHUNK)
+        except (OSError, ValueError) as e:  # urllib3/botocore read errors: the stream broke midway
+            raise BucketError(f"{'r2' if self.r2 else 's3'}://{self.name}/{key}: the download broke off "
+                              f"({type(e).__name__}); run it again: it resumes where it stopped") from None
+        except Exception as e:  # noqa: BLE001
+            if type(e).__module__.startswith(("botocore.", "urllib3.")):
+                raise BucketError(f"{'r2' if self.r2 else 's3'}://{self.name}/{key}: the download broke off "
+                                  f"({type(e).__name__}); run it again: it resumes where it stopped") from None
+            raise
         finally:
             body.close()
 

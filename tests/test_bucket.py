@@ -160,11 +160,11 @@ class SlowProxy:
     """A TCP relay to the S3 server that passes at most `rate` bytes/s back (a slow link, so a download
     can be killed midway). Threads only; stopped by close()."""
 
-    def __init__(self, target_port: int, rate: int = 1_000_000):
+    def __init__(self, target_port: int, rate: int = 1_000_000, cut_after: int | None = None):
         import socket
         import threading
 
-        self.rate, self.target_port = rate, target_port
+        self.rate, self.target_port, self.cut_after = rate, target_port, cut_after
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -188,19 +188,24 @@ class SlowProxy:
     def _pipe(self, src, dst, rate):
         import time
 
+        sent = 0
         try:
             while data := src.recv(16384):
+                if rate and self.cut_after is not None and sent + len(data) > self.cut_after:
+                    return  # the link drops: both sockets are closed below
                 dst.sendall(data)
+                sent += len(data)
                 if rate:
                     time.sleep(len(data) / rate)
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+            for s in (src, dst):  # shutdown first: it wakes the other direction's thread blocked in recv
+                for end in (lambda: s.shutdown(2), s.close):
+                    try:
+                        end()
+                    except OSError:
+                        pass
 
     def close(self):
         self.closed = True
@@ -248,6 +253,30 @@ def test_a_download_killed_midway_resumes_where_it_stopped(uploaded, tmp_path, s
     assert _sha((dest / "adapter" / "adapter_model.safetensors").read_bytes()) == \
         _sha(files["adapter/adapter_model.safetensors"])
     assert manifest_lib.verify(dest) == []
+
+
+def test_a_link_that_drops_midway_is_one_line_and_the_next_download_resumes(uploaded, tmp_path, s3, monkeypatch):
+    b, files, _, _ = uploaded
+    dest = tmp_path / "dest"
+    proxy = SlowProxy(int(s3.url.rsplit(":", 1)[1]), rate=50_000_000, cut_after=WEIGHTS // 2)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    try:
+        with pytest.raises(BucketError) as err:
+            Bucket.from_url(b.url).download(b.out_prefix(RUN_ID), dest)
+    finally:
+        proxy.close()
+    assert "broke off" in str(err.value) and "\n" not in str(err.value)
+    partial = dest / bucket_lib.PARTIAL_DIR / "adapter" / "adapter_model.safetensors"
+    had = partial.stat().st_size
+    assert 0 < had < WEIGHTS
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
+    again = Bucket.from_url(b.url)
+    real_get, starts = again._store.get, []
+    again._store.get = lambda key, start, etag: (starts.append(start), real_get(key, start, etag))[1]
+    again.download(again.out_prefix(RUN_ID), dest)
+    assert had in starts
+    assert _sha((dest / "adapter" / "adapter_model.safetensors").read_bytes()) == \
+        _sha(files["adapter/adapter_model.safetensors"])
 
 
 def test_a_changed_object_is_fetched_again_from_the_start(uploaded, tmp_path):
