@@ -161,6 +161,23 @@ class EvalSpec:
     batch_size: int = 16
 
 
+JOB_RECOVERY_STRATEGIES = ("EAGER_NEXT_REGION", "FAILOVER")
+BUCKET_SCHEMES = ("s3://", "r2://", "gs://", "file://")
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """Where a managed run (`up --spot` / `--managed`) keeps checkpoints and out/ (launcher/bucket.py)."""
+    bucket: str | None = None
+    """s3://NAME[/PREFIX], r2://NAME[/PREFIX], gs://NAME[/PREFIX]; None: one is made, named after the run."""
+    keep_bucket: bool = False
+    """Keep a bucket made for the run after its verified download (default: deleted)."""
+    job_recovery: str = "EAGER_NEXT_REGION"
+    """SkyPilot's recovery strategy after a preemption: EAGER_NEXT_REGION | FAILOVER."""
+    max_restarts_on_errors: int = 0
+    """Relaunches after the job itself fails (not a preemption); each is paid machine time."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
@@ -169,6 +186,7 @@ class RunConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
     data: DataSpec = field(default_factory=DataSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
     allow_cpu: bool = False
     """Let `check` and `train` run without a GPU (the smoke config; tests)."""
     image: str | None = None
@@ -195,7 +213,8 @@ class RunConfig:
         return from_dict(raw, source=source)
 
 
-_SECTIONS = {"model": ModelSpec, "lora": LoraSpec, "train": TrainSpec, "data": DataSpec, "eval": EvalSpec}
+_SECTIONS = {"model": ModelSpec, "lora": LoraSpec, "train": TrainSpec, "data": DataSpec, "eval": EvalSpec,
+             "storage": StorageSpec}
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -302,6 +321,10 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("eval.top_p", _finite(0, lo_open=True, hi=1), "0 < top_p <= 1"),
     ("eval.max_new_tokens", _whole(1), "a whole number >= 1"),
     ("eval.batch_size", _whole(1), "a whole number >= 1"),
+    ("storage.bucket", lambda v: v is None or (v.startswith(BUCKET_SCHEMES) and len(v) > len("s3://")),
+     "s3://NAME[/PREFIX], r2://NAME[/PREFIX], gs://NAME[/PREFIX], or null (one made for the run)"),
+    ("storage.job_recovery", _one_of(JOB_RECOVERY_STRATEGIES), " | ".join(JOB_RECOVERY_STRATEGIES)),
+    ("storage.max_restarts_on_errors", _whole(0), "a whole number >= 0"),
     ("image", lambda v: v is None or bool(IMAGE_REF.fullmatch(v)),
      "a docker image reference like ghcr.io/you/socrates-job:lock-0123456789ab, or null"),
 )

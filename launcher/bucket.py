@@ -1,92 +1,615 @@
-"""A run's bucket, seen from the launcher: where a managed run lives in it, create, download, delete.
+"""Buckets: where a managed run's checkpoints and out/ live, and how the launcher gets them back.
 
-MINIMAL VERSION (branch managed): only `file://` (a local folder standing in for a bucket: what the
-tests and the fake managed-jobs controller use). Branch bucket's launcher/bucket.py (s3:// r2:// gs://
-with their client libraries, resumable and verified downloads) replaces this file; the names and
-signatures here are that module's, so the managed backend works with either.
+A managed run (`up --spot` / `up --managed`) mounts a bucket on the machine (launcher/task.py:
+`MOUNT_CACHED` at `/socrates-bucket`); the job writes `<run id>/out/` (adapter, manifest.json, eval,
+events, checkpoints) into it. The launcher downloads `out/` from the bucket, also when it was off
+for the whole run, with the provider's own client library, and verifies it with contracts/manifest.py:
+
+    b = Bucket.from_url("s3://my-bucket/some/prefix")       # or r2://, gs://, file:///abs/folder
+    b.download(b.out_prefix(run_id), runs_dir / run_id)      # resumable, verified, then moved in
+
+URL forms (a bad one is a ContractError: one line, exit 2):
+  s3://NAME[/PREFIX]     AWS S3 (boto3; credentials from the environment or ~/.aws, as boto3 reads
+                         them; `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` point it at another S3 server)
+  r2://NAME[/PREFIX]     Cloudflare R2 through its S3 API (boto3): the endpoint from `R2_ENDPOINT_URL`
+                         or SkyPilot's ~/.cloudflare/accountid; credentials from the `r2` profile of
+                         ~/.cloudflare/r2.credentials (SkyPilot's file) when it exists, else the environment
+  gs://NAME[/PREFIX]     Google Cloud Storage (google-cloud-storage, application-default credentials)
+  file:///ABS/FOLDER     a local folder standing in for a bucket (tests, the fake managed-jobs controller)
+boto3 and google-cloud-storage are optional extras (`pip install 'socrates-launch[bucket]'`, `[gcs]`);
+imported only when a bucket of that kind is used. Credentials are never written anywhere by this module.
+
+Download (`download`): the manifest first (schema-checked), then a listing of the prefix: an object
+that is not one plain relative path, a link or special file (file://), or a file the manifest does not
+list (except events.jsonl, job.log, checkpoints/) refuses the whole download. The listed files land in
+`<dest>/.bucket-partial/`; an interrupted download resumes there (a file whose size and ETag match is
+kept, a shorter one with the same ETag continues with a ranged GET, a changed object starts over).
+Each file is sha256-checked against the manifest (a mismatch deletes that local copy and refuses);
+only a tree that passes `verify_tree` is moved into dest, replacing what is there. On refusal nothing
+in dest is touched.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-from pathlib import Path
-from typing import Any
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Iterator
 
+from contracts import manifest as manifest_lib
+from contracts._io import atomic_write_json, sha256_file
 from contracts.errors import ContractError
 
 SCHEMES = ("s3", "r2", "gs", "file")
 ACCEPTED = "s3://NAME[/PREFIX], r2://NAME[/PREFIX], gs://NAME[/PREFIX] or file:///ABSOLUTE/FOLDER"
+# S3/R2/GCS bucket names: 3-63 lowercase letters, digits, dots and hyphens, starting and ending alnum.
+_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_PART = re.compile(r"^[A-Za-z0-9._=+@-]+$")
+PARTIAL_DIR = ".bucket-partial"
+STATE_FILE = ".bucket-partial.json"
+# Names in runs/<id>/ that the launcher keeps for itself: a manifest listing one of them is refused
+# (the same list as launcher/verbs/up.py's RESERVED, plus this module's partial folder and state).
+RESERVED = ("run.json", "events.jsonl", "job.log", "task.yaml", "launch.log", ".download", ".lock",
+            ".follow.lock", "manifest.json", "checkpoints", PARTIAL_DIR, STATE_FILE)
+CHUNK = 1 << 20
+MAX_MANIFEST = 16 << 20
 
 
 class BucketError(ContractError):
-    """A bucket URL or operation refused: one line."""
+    """A bucket that can't be used or a download that is refused: one line for the user."""
+
+
+@dataclass(frozen=True)
+class Obj:
+    key: str          # the full object key
+    size: int
+    etag: str         # the store's version tag (S3 ETag, GCS generation, file: size+mtime_ns)
+    kind: str = "file"  # file | link | special (only file:// can say the latter two)
 
 
 def default_name(run_id: str) -> str:
+    """The bucket made for a run when none is given: `socrates-<run id>`, lowercased and cut to 63."""
     slug = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
-    return f"socrates-{slug}"[:63].rstrip("-.")
+    name = f"socrates-{slug}"[:63].rstrip("-.")
+    if not _NAME.match(name):
+        raise BucketError(f"run id {run_id!r}: no valid bucket name can be derived from it")
+    return name
 
 
 def default_url(run_id: str, scheme: str = "s3") -> str:
+    if scheme not in SCHEMES or scheme == "file":
+        raise BucketError(f"bucket scheme {scheme!r} is not accepted for a created bucket (s3, r2 or gs)")
     return f"{scheme}://{default_name(run_id)}"
 
 
 def parse_url(url: Any) -> tuple[str, str, str]:
-    """(scheme, bucket name or folder, key prefix); BucketError when the URL is not accepted."""
+    """(scheme, bucket name or folder, key prefix without slashes at the ends); ContractError if bad."""
     if not isinstance(url, str) or "://" not in url:
         raise BucketError(f"bucket {url!r} is not accepted ({ACCEPTED})")
     scheme, rest = url.split("://", 1)
     if scheme not in SCHEMES:
         raise BucketError(f"bucket {url!r}: scheme {scheme!r} is not accepted ({ACCEPTED})")
     if scheme == "file":
-        if not rest.startswith("/") or os.path.normpath(rest) != rest.rstrip("/") or rest == "/":
+        if not rest.startswith("/") or "\x00" in rest or os.path.normpath(rest) != rest.rstrip("/") or rest == "/":
             raise BucketError(f"bucket {url!r}: a file:// bucket is an absolute, normalized folder path ({ACCEPTED})")
         return scheme, rest.rstrip("/"), ""
     name, _, prefix = rest.partition("/")
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", name):
-        raise BucketError(f"bucket {url!r}: name {name!r} is not accepted ({ACCEPTED})")
-    return scheme, name, prefix.strip("/")
+    if not _NAME.match(name) or ".." in name:
+        raise BucketError(f"bucket {url!r}: name {name!r} is not accepted (3-63 lowercase letters, digits, "
+                          f"dots, hyphens; starting and ending with a letter or digit)")
+    prefix = prefix.strip("/")
+    if prefix and not all(_PREFIX_PART.match(p) and p not in (".", "..") for p in prefix.split("/")):
+        raise BucketError(f"bucket {url!r}: prefix {prefix!r} is not accepted (path parts of letters, "
+                          f"digits and ._=+@-)")
+    return scheme, name, prefix
 
 
 class Bucket:
-    def __init__(self, url: str, scheme: str, name: str, prefix: str):
-        self.url, self.scheme, self.name, self.prefix = url, scheme, name, prefix
+    """One bucket (plus an optional key prefix) and the operations a managed run needs."""
+
+    def __init__(self, url: str, scheme: str, name: str, prefix: str, store: "_Store"):
+        self.url, self.scheme, self.name, self.prefix, self._store = url, scheme, name, prefix, store
 
     @classmethod
     def from_url(cls, url: str) -> "Bucket":
-        return cls(url, *parse_url(url))
+        scheme, name, prefix = parse_url(url)
+        store: _Store
+        if scheme == "file":
+            store = _FileStore(Path(name))
+        elif scheme == "gs":
+            store = _GCSStore(name)
+        else:
+            store = _S3Store(name, r2=(scheme == "r2"))
+        return cls(url, scheme, name, prefix, store)
 
+    def __repr__(self) -> str:
+        return f"Bucket({self.url!r})"
+
+    # --- where a run lives in the bucket -------------------------------------------------------
     @property
     def mount_source(self) -> str:
+        """What SkyPilot mounts (`file_mounts.<path>.source`): the bucket itself, never a prefix."""
         return f"{self.scheme}://{self.name}"
 
     def run_prefix(self, run_id: str) -> str:
+        """`[PREFIX/]<run id>/`: everything of one run (out/, checkpoints under out/)."""
         return f"{self.prefix}/{run_id}/" if self.prefix else f"{run_id}/"
 
     def out_prefix(self, run_id: str) -> str:
         return self.run_prefix(run_id) + "out/"
 
-    @property
-    def _root(self) -> Path:
-        if self.scheme != "file":  # parsing any URL is fine; talking to a store needs its client
-            raise BucketError(f"bucket {self.url}: this build reads only file:// buckets (the s3/r2/gs client is "
-                              "branch bucket's launcher/bucket.py)")
-        return Path(self.name)
-
+    # --- lifecycle -------------------------------------------------------------------------------
     def exists(self) -> bool:
-        return self._root.is_dir()
+        return self._store.exists()
 
     def create(self) -> None:
-        self._root.mkdir(parents=True, exist_ok=True)
+        """Make the bucket (a no-op when it is there already and ours to use)."""
+        if not self._store.exists():
+            self._store.create()
 
     def delete(self) -> None:
-        shutil.rmtree(self._root / self.prefix if self.prefix else self._root, ignore_errors=True)
+        """Delete every object, then the bucket. Only for the bucket made for a run (`--keep-bucket`
+        keeps it); a prefix URL (a bucket you gave) deletes only the objects under its prefix."""
+        if not self._store.exists():
+            return
+        self._store.delete_objects(self.prefix + "/" if self.prefix else "")
+        if not self.prefix:
+            self._store.delete_bucket()
 
-    def download(self, prefix: str, dest: str | os.PathLike) -> None:
-        """Copy everything under `prefix` into `dest` (checkpoints left out). Links are copied as links:
-        the caller's verification refuses them (what comes back is untrusted)."""
-        src = self._root / prefix.strip("/")
-        if not src.is_dir():
-            raise BucketError(f"{self.mount_source}/{prefix}: nothing there")
-        shutil.copytree(src, Path(dest), dirs_exist_ok=True, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    # --- objects -----------------------------------------------------------------------------------
+    def list(self, prefix: str) -> list[Obj]:
+        return list(self._store.list(prefix))
+
+    def read_bytes(self, key: str, start: int = 0) -> bytes:
+        """The object's bytes from `start` (a ranged GET): e.g. events.jsonl from the last offset read."""
+        buf = bytearray()
+        for chunk in self._store.get(key, start, None):
+            buf += chunk
+        return bytes(buf)
+
+    def upload(self, src: str | os.PathLike, prefix: str) -> int:
+        """Copy every regular file under `src` to `prefix` (what the mount's sync does); the file count.
+        Links and special files are not uploaded."""
+        src = Path(src)
+        n = 0
+        for path in sorted(src.rglob("*")):
+            if path.is_symlink() or not path.is_file():
+                continue
+            self._store.put(prefix + path.relative_to(src).as_posix(), path)
+            n += 1
+        return n
+
+    # --- download + verify -------------------------------------------------------------------------
+    def download(self, prefix: str, dest: str | os.PathLike, reserved: tuple[str, ...] = RESERVED) -> dict:
+        """Pull the job's output under `prefix` into `dest`, resumable and verified; the manifest.
+
+        Raises BucketError (one line) when the bucket's tree is not exactly what the manifest lists
+        (unlisted files, links, bad names, wrong size or sha256); dest is then left as it was.
+        """
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        dest = Path(dest)
+        where = f"{self.mount_source}/{prefix}"
+        found = [o for o in self._store.list(prefix + manifest_lib.MANIFEST_FILE)
+                 if o.key == prefix + manifest_lib.MANIFEST_FILE]
+        if not found or found[0].kind != "file":
+            raise BucketError(f"{where}: no {manifest_lib.MANIFEST_FILE} (the job writes it last; the run did not "
+                              f"finish, or its results are elsewhere)")
+        if found[0].size > MAX_MANIFEST:
+            raise BucketError(f"{where}{manifest_lib.MANIFEST_FILE}: {found[0].size} bytes is not accepted "
+                              f"(a manifest is at most {MAX_MANIFEST} bytes)")
+        raw = self.read_bytes(found[0].key)
+        try:
+            manifest = manifest_lib.validate(json.loads(raw.decode("utf-8")), where + manifest_lib.MANIFEST_FILE,
+                                             reserved)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BucketError(f"{where}{manifest_lib.MANIFEST_FILE}: not valid JSON ({e})") from None
+        listed = {e["path"]: e for e in manifest["files"]}
+        objects = self._checked_listing(prefix, listed, where)
+        missing = sorted(set(listed) - set(objects))
+        if missing:
+            raise BucketError(f"{where}: listed in the manifest but not in the bucket: {', '.join(missing[:5])}")
+        dest.mkdir(parents=True, exist_ok=True)
+        partial, state_path = dest / PARTIAL_DIR, dest / STATE_FILE
+        state = _load_state(state_path, where)
+        for rel, entry in sorted(listed.items()):
+            obj = objects[rel]
+            if obj.size != entry["size"]:
+                raise BucketError(f"{where}{rel}: size {obj.size} in the bucket != {entry['size']} in the manifest")
+            self._fetch(obj, partial / rel, state, state_path)
+            if sha256_file(partial / rel) != entry["sha256"]:
+                (partial / rel).unlink()  # a retry fetches it again
+                state.pop(obj.key, None)
+                atomic_write_json(state_path, state)
+                raise BucketError(f"{where}{rel}: sha256 does not match the manifest (refused; nothing was moved "
+                                  f"into {dest})")
+        atomic_write_json(partial / manifest_lib.MANIFEST_FILE, manifest)
+        problems = manifest_lib.verify_tree(partial, manifest, reserved=reserved)
+        if problems:
+            raise BucketError(f"{where}: refused: {'; '.join(problems[:3])}")
+        # Only what the manifest lists (and the manifest) is moved in, replacing what dest had.
+        for name in sorted({e["path"].split("/")[0] for e in manifest["files"]} | {manifest_lib.MANIFEST_FILE}):
+            entry_path, target = partial / name, dest / name
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+            elif target.is_dir():
+                shutil.rmtree(target)
+            entry_path.rename(target)
+        shutil.rmtree(partial, ignore_errors=True)
+        state_path.unlink(missing_ok=True)
+        manifest_lib.verify_or_raise(dest, manifest)
+        return manifest
+
+    def _checked_listing(self, prefix: str, listed: dict, where: str) -> dict[str, Obj]:
+        objects: dict[str, Obj] = {}
+        unlisted = []
+        for obj in self._store.list(prefix):
+            rel = obj.key[len(prefix):]
+            try:
+                manifest_lib.check_path(rel, where)
+            except ContractError:
+                raise BucketError(f"{where}: object name {rel!r} is not accepted (one plain relative path)") from None
+            if obj.kind == "link":
+                raise BucketError(f"{where}{rel}: a symlink (not accepted in what comes back)")
+            if obj.kind != "file":
+                raise BucketError(f"{where}{rel}: not a regular file (not accepted in what comes back)")
+            if rel == manifest_lib.MANIFEST_FILE:
+                continue
+            if rel not in listed:
+                if not any(_match(rel, pat) for pat in manifest_lib.DEFAULT_EXCLUDE):
+                    unlisted.append(rel)
+                continue
+            objects[rel] = obj
+        if unlisted:
+            more = " ..." if len(unlisted) > 5 else ""
+            raise BucketError(f"{where}: not in the manifest: {', '.join(sorted(unlisted)[:5])}{more} (refused)")
+        return objects
+
+    def _fetch(self, obj: Obj, path: Path, state: dict, state_path: Path) -> None:
+        """Bring one object to `path`: kept if complete, continued with a ranged GET, or fetched anew."""
+        have = path.stat().st_size if path.is_file() and not path.is_symlink() else 0
+        known = state.get(obj.key)
+        if known != obj.etag or have > obj.size:
+            have = 0  # a changed object (or a longer local file) starts over
+        if have == obj.size and path.is_file():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state[obj.key] = obj.etag
+        atomic_write_json(state_path, state)
+        with open(path, "r+b" if have else "wb") as f:
+            f.seek(have)
+            f.truncate()
+            for chunk in self._store.get(obj.key, have, obj.etag):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        got = path.stat().st_size
+        if got != obj.size:
+            raise BucketError(f"{obj.key}: got {got} of {obj.size} bytes (the object changed or the stream ended early; "
+                              f"download again to resume)")
+
+
+def _match(rel: str, pattern: str) -> bool:
+    import fnmatch
+
+    return fnmatch.fnmatchcase(rel, pattern)
+
+
+def _load_state(path: Path, where: str) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) and all(isinstance(v, str) for v in state.values()) else {}
+
+
+# --- stores: the thin part that differs per provider ----------------------------------------------
+
+class _Store:
+    def exists(self) -> bool: raise NotImplementedError
+    def create(self) -> None: raise NotImplementedError
+    def delete_bucket(self) -> None: raise NotImplementedError
+    def delete_objects(self, prefix: str) -> None: raise NotImplementedError
+    def list(self, prefix: str) -> Iterator[Obj]: raise NotImplementedError
+    def get(self, key: str, start: int, etag: str | None) -> Iterator[bytes]: raise NotImplementedError
+    def put(self, key: str, path: Path) -> None: raise NotImplementedError
+
+
+class _FileStore(_Store):
+    """A local folder as a bucket: keys are paths below it. Links and special files are reported as such."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def create(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def delete_bucket(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def delete_objects(self, prefix: str) -> None:
+        base = self.root / prefix if prefix else self.root
+        if prefix and base.is_dir() and not base.is_symlink():
+            shutil.rmtree(base)
+
+    def list(self, prefix: str) -> Iterator[Obj]:
+        # The deepest folder the prefix names, walked without following links; keys filtered by prefix.
+        top = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if top.is_symlink() or not top.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in sorted(dirnames + filenames):
+                path = Path(dirpath) / name
+                key = path.relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                st = os.lstat(path)
+                if stat.S_ISDIR(st.st_mode):
+                    continue
+                kind = "link" if stat.S_ISLNK(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "special"
+                yield Obj(key, st.st_size, f"{st.st_size}-{st.st_mtime_ns}", kind)
+
+    def get(self, key: str, start: int, etag: str | None) -> Iterator[bytes]:
+        path = self.root / key
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            f.seek(start)
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+    def put(self, key: str, path: Path) -> None:
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp-upload")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+
+
+def _need(module: str, package: str, extra: str, scheme: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise BucketError(f"{scheme}:// buckets need {package}, which is not installed: "
+                          f"pip install 'socrates-launch[{extra}]'") from None
+
+
+class _S3Store(_Store):
+    """S3 and R2 through boto3 (its own credential chain; R2: SkyPilot's endpoint and profile files)."""
+
+    def __init__(self, name: str, r2: bool = False):
+        self.name, self.r2 = name, r2
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            boto3 = _need("boto3", "boto3", "bucket", "r2" if self.r2 else "s3")
+            from botocore.config import Config
+
+            kw: dict[str, Any] = {"config": Config(retries={"max_attempts": 5, "mode": "standard"})}
+            session = boto3.session.Session()
+            if self.r2:
+                kw["endpoint_url"] = _r2_endpoint()
+                kw["region_name"] = "auto"
+                kw.update(_r2_credentials())
+            self._client = session.client("s3", **kw)
+        return self._client
+
+    def _err(self, e: Exception) -> BucketError:
+        code = getattr(e, "response", {}).get("Error", {}).get("Code", "") if hasattr(e, "response") else ""
+        what = f"{'r2' if self.r2 else 's3'}://{self.name}"
+        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            return BucketError(f"{what}: no credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run "
+                               f"`aws configure`{'; R2: ~/.cloudflare/r2.credentials' if self.r2 else ''})")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return BucketError(f"{what}: access denied ({code}): check the credentials for this bucket")
+        if code in ("NoSuchBucket", "404"):
+            return BucketError(f"{what}: no such bucket")
+        return BucketError(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else code}")
+
+    def _call(self, fn, **kw):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kw)
+        except (BotoCoreError, ClientError) as e:
+            raise self._err(e) from None
+
+    def exists(self) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.name)
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            raise self._err(e) from None
+        except BucketError:
+            raise
+        except Exception as e:  # noqa: BLE001  (botocore's connection errors: one line)
+            raise self._err(e) from None
+
+    def create(self) -> None:
+        kw: dict[str, Any] = {"Bucket": self.name}
+        region = self.client.meta.region_name
+        if not self.r2 and region and region != "us-east-1":
+            kw["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        self._call(self.client.create_bucket, **kw)
+
+    def delete_bucket(self) -> None:
+        self._call(self.client.delete_bucket, Bucket=self.name)
+
+    def delete_objects(self, prefix: str) -> None:
+        keys = [o.key for o in self.list(prefix)]
+        for i in range(0, len(keys), 1000):
+            self._call(self.client.delete_objects, Bucket=self.name,
+                       Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+
+    def list(self, prefix: str) -> Iterator[Obj]:
+        token = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.name, "Prefix": prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call(self.client.list_objects_v2, **kw)
+            for o in page.get("Contents", []):
+                yield Obj(o["Key"], int(o["Size"]), str(o.get("ETag", "")).strip('"'))
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    def get(self, key: str, start: int, etag: str | None) -> Iterator[bytes]:
+        kw: dict[str, Any] = {"Bucket": self.name, "Key": key}
+        if start:
+            kw["Range"] = f"bytes={start}-"
+        if etag:
+            kw["IfMatch"] = f'"{etag}"'  # the object we started on, or a precondition failure
+        body = self._call(self.client.get_object, **kw)["Body"]
+        try:
+            yield from body.iter_chunks(CHUNK)
+        except (OSError, ValueError) as e:  # urllib3/botocore read errors: the stream broke midway
+            raise BucketError(f"{'r2' if self.r2 else 's3'}://{self.name}/{key}: the download broke off "
+                              f"({type(e).__name__}); run it again: it resumes where it stopped") from None
+        except Exception as e:  # noqa: BLE001
+            if type(e).__module__.startswith(("botocore.", "urllib3.")):
+                raise BucketError(f"{'r2' if self.r2 else 's3'}://{self.name}/{key}: the download broke off "
+                                  f"({type(e).__name__}); run it again: it resumes where it stopped") from None
+            raise
+        finally:
+            body.close()
+
+    def put(self, key: str, path: Path) -> None:
+        self._call(self.client.upload_file, Filename=str(path), Bucket=self.name, Key=key)
+
+
+def _r2_endpoint() -> str:
+    url = os.environ.get("R2_ENDPOINT_URL")
+    if url:
+        return url
+    account = Path.home() / ".cloudflare" / "accountid"
+    if account.is_file() and account.read_text().strip():
+        return f"https://{account.read_text().strip()}.r2.cloudflarestorage.com"
+    raise BucketError("r2:// buckets need the account's endpoint: set R2_ENDPOINT_URL or write the account id "
+                      "to ~/.cloudflare/accountid (as SkyPilot's R2 setup does)")
+
+
+def _r2_credentials() -> dict:
+    """The `r2` profile of SkyPilot's ~/.cloudflare/r2.credentials, read (never copied) when it exists;
+    else nothing, and boto3 takes the environment's credentials."""
+    import configparser
+
+    path = Path.home() / ".cloudflare" / "r2.credentials"
+    if not path.is_file():
+        return {}
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+        section = parser["r2"]
+        return {"aws_access_key_id": section["aws_access_key_id"],
+                "aws_secret_access_key": section["aws_secret_access_key"]}
+    except (configparser.Error, KeyError, UnicodeDecodeError):
+        raise BucketError(f"{path}: no readable [r2] profile with aws_access_key_id and aws_secret_access_key "
+                          f"(SkyPilot's R2 setup writes it)") from None
+
+
+def _gcs_errors(fn):
+    """google-cloud-storage's and google-auth's exceptions as one BucketError line."""
+    import functools
+    import inspect
+
+    def convert(self, e: Exception) -> Exception:
+        if isinstance(e, BucketError) or not type(e).__module__.startswith(("google.", "requests.", "urllib3.")):
+            return e
+        first = str(e).splitlines()[0] if str(e) else ""
+        return BucketError(f"gs://{self.name}: {type(e).__name__}: {first[:200]}")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(self, *a, **kw):
+            try:
+                yield from fn(self, *a, **kw)
+            except Exception as e:  # noqa: BLE001
+                raise convert(self, e) from None
+        return gen
+
+    @functools.wraps(fn)
+    def call(self, *a, **kw):
+        try:
+            return fn(self, *a, **kw)
+        except Exception as e:  # noqa: BLE001
+            raise convert(self, e) from None
+    return call
+
+
+class _GCSStore(_Store):
+    """GCS through google-cloud-storage (application-default credentials). Not exercised by the suite:
+    it has no GCS server; the S3 path carries the tests."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._bucket = None
+
+    @property
+    def bucket(self):
+        if self._bucket is None:
+            storage = _need("google.cloud.storage", "google-cloud-storage", "gcs", "gs")
+            try:
+                self._bucket = storage.Client().bucket(self.name)
+            except Exception as e:  # noqa: BLE001  (google.auth's DefaultCredentialsError and kin: one line)
+                raise BucketError(f"gs://{self.name}: {type(e).__name__}: {str(e).splitlines()[0]} "
+                                  f"(`gcloud auth application-default login`)") from None
+        return self._bucket
+
+    @_gcs_errors
+    def exists(self) -> bool:
+        return self.bucket.exists()
+
+    @_gcs_errors
+    def create(self) -> None:
+        self.bucket.create()
+
+    @_gcs_errors
+    def delete_bucket(self) -> None:
+        self.bucket.delete()
+
+    @_gcs_errors
+    def delete_objects(self, prefix: str) -> None:
+        for blob in self.bucket.list_blobs(prefix=prefix):
+            blob.delete()
+
+    @_gcs_errors
+    def list(self, prefix: str) -> Iterator[Obj]:
+        for blob in self.bucket.list_blobs(prefix=prefix):
+            yield Obj(blob.name, int(blob.size or 0), str(blob.generation))
+
+    @_gcs_errors
+    def get(self, key: str, start: int, etag: str | None) -> Iterator[bytes]:
+        blob = self.bucket.blob(key, generation=int(etag) if etag else None)  # that version, or an error
+        step = 16 * CHUNK
+        while True:  # ranged reads of 16 MiB: a large adapter never sits in memory whole
+            try:
+                data = blob.download_as_bytes(start=start, end=start + step - 1)
+            except Exception as e:  # noqa: BLE001  (past the end of an object of a whole number of steps)
+                if type(e).__name__ == "RequestRangeNotSatisfiable" and start > 0:
+                    return
+                raise
+            if data:
+                yield data
+            if len(data) < step:
+                return
+            start += len(data)
+
+    @_gcs_errors
+    def put(self, key: str, path: Path) -> None:
+        self.bucket.blob(key).upload_from_filename(str(path))

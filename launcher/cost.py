@@ -39,9 +39,13 @@ LOCAL_INFRA_PREFIXES = ("local", "ssh://")
 # Bandwidth assumptions (MB/s) for low / expected / high time: cloud VM <-> Hugging Face, and laptop <-> VM.
 CLOUD_MBPS = (500.0, 200.0, 60.0)
 LAPTOP_MBPS = (50.0, 20.0, 5.0)
-# Spot: a preemption ends the run (no automatic recovery: checkpoints live on the machine's disk), so the
-# high end allows for time thrown away, as a rough share of training.
-SPOT_HIGH_EXTRA = 0.3
+# Spot as a managed job (#15): a preemption relaunches the job on new capacity, which resumes from its newest
+# complete checkpoint in the bucket. Each preemption costs a restart (every fixed term before training again:
+# provisioning, setup, model/data download, load, prepare, trainer startup) plus half a checkpoint interval of
+# training repeated, on average. The rate is an assumption, not a measurement: SPOT_PREEMPTIONS_PER_H expected
+# preemptions per hour of the run (about one in ten hours) on the expected hours, twice that on the high end.
+SPOT_PREEMPTIONS_PER_H = 0.1
+_NOT_RESTARTED = ("training", "checkpoints", "evaluation", "adapter download", "teardown")
 # After the deadline the job gets this long to save, then the wrapper hard-kills it.
 DEADLINE_GRACE_S = 300.0
 MAX_CAP_HOURS = 8760.0      # a year of machine time: above it a cap is a typo, and overflows the remote arithmetic
@@ -100,15 +104,30 @@ class CardPlan:
     terms: tuple[Term, ...]
     memory_mode: str | None = "fast"
     """The job's memory mode on this card: fast | lean (a card too small for fast) | None (fits neither)."""
+    checkpoint_interval_s: float = 0.0
+    """Expected training seconds between checkpoints (the whole training when it saves only at the end)."""
 
     def hours(self, spot: bool = False) -> tuple[float, float, float]:
         low = sum(t.low_s for t in self.terms) / 3600
         exp = sum(t.expected_s for t in self.terms) / 3600
         high = sum(t.high_s for t in self.terms) / 3600
         if spot:
-            train = next((t.high_s for t in self.terms if t.name == "training"), 0.0)
-            high += SPOT_HIGH_EXTRA * train / 3600
+            allowance = self.preemption_allowance()
+            exp += allowance["expected_s"] / 3600
+            high += allowance["high_s"] / 3600
         return low, exp, high
+
+    def preemption_allowance(self) -> dict:
+        """Spot's expected cost of preemptions (SPOT_PREEMPTIONS_PER_H): preemptions x (restart + half a
+        checkpoint interval), on the expected hours and, at twice the rate, on the high ones."""
+        restart_exp = sum(t.expected_s for t in self.terms if t.name not in _NOT_RESTARTED)
+        restart_high = sum(t.high_s for t in self.terms if t.name not in _NOT_RESTARTED)
+        n_exp = SPOT_PREEMPTIONS_PER_H * sum(t.expected_s for t in self.terms) / 3600
+        n_high = 2 * SPOT_PREEMPTIONS_PER_H * sum(t.high_s for t in self.terms) / 3600
+        half = self.checkpoint_interval_s / 2
+        return {"rate_per_h": SPOT_PREEMPTIONS_PER_H, "preemptions": n_exp, "preemptions_high": n_high,
+                "restart_s": restart_exp, "half_interval_s": half,
+                "expected_s": n_exp * (restart_exp + half), "high_s": n_high * (restart_high + half)}
 
 
 @dataclass(frozen=True)
@@ -125,6 +144,8 @@ class Offer:
     cheapest: bool = False
     spec: str = ""
     """The throughput-table card behind the hours (e.g. H100-PCIE for a PCIe H100 instance)."""
+    on_demand_per_h: float | None = None
+    """For a spot offer: the same instance's on-demand price (None when the catalog has none)."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +229,8 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
         for p in list(plans):
             per_node = p.count // nodes
             rows = sky_adapter.list_offers(p.card, per_node, cloud, spot)
+            on_demand = {(r["cloud"], r["region"], r["instance"]): float(r["price_per_h"]) * nodes
+                         for r in (sky_adapter.list_offers(p.card, per_node, cloud, False) if spot else ())}
             unfetched = getattr(sky_adapter, "CATALOG_UNFETCHED", {})
             if not rows and unfetched and not allow_unpriced:
                 raise ContractError(_unfetched(unfetched))
@@ -231,7 +254,8 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                 price = float(r["price_per_h"]) * nodes  # every node bills
                 offers.append(Offer(cloud=str(r["cloud"]), region=str(r["region"]), instance=str(r["instance"]),
                                     card=p.card, count=p.count, spot=spot, price_per_h=price, hours=hours,
-                                    dollars=tuple(round(h * price, 2) for h in hours), spec=plan.card))
+                                    dollars=tuple(round(h * price, 2) for h in hours), spec=plan.card,
+                                    on_demand_per_h=on_demand.get((str(r["cloud"]), r["region"], r["instance"]))))
         for name, date in sorted(getattr(sky_adapter, "CATALOG_STALE", {}).items()):
             notes.append(f"SkyPilot's {name} catalog could not be fetched (offline?): prices from the copy it "
                          f"cached{' on ' + date if date else ''}")
@@ -248,9 +272,17 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
         offers.sort(key=lambda o: (o.dollars[1], o.price_per_h, o.cloud, o.region))
         offers[0] = replace(offers[0], cheapest=True)
         if spot:
-            notes.append(f"spot: a preemption ends the run (no automatic recovery: checkpoints live on the "
-                         f"machine's disk, the launcher tears down what is left); the high end allows "
-                         f"{SPOT_HIGH_EXTRA:.0%} more training for time thrown away")
+            best = next((q for q in plans if q.card == offers[0].spec), plans[0] if plans else None)
+            a = best.preemption_allowance() if best else None
+            od = offers[0].on_demand_per_h
+            if a:
+                notes.append(f"spot (a managed job: a preemption relaunches it and it resumes from its newest "
+                             f"checkpoint): preemption allowance {a['preemptions']:.2f} expected preemptions "
+                             f"({a['rate_per_h']:g}/h, assumed) x ({a['restart_s'] / 60:.0f} min restart + "
+                             f"{a['half_interval_s'] / 60:.1f} min, half a checkpoint interval) = "
+                             f"{a['expected_s'] / 3600:.2f} h on the expected hours, {a['high_s'] / 3600:.2f} h on "
+                             f"the high end (twice the rate); on demand the cheapest offer is "
+                             + (f"${od:.2f}/h" if od is not None else "not in the catalog"))
     else:
         notes.append(f"infra {infra}: your own machine, no cloud price")
     notes.extend(rate_levers(table, cfg, params_b))
@@ -575,6 +607,8 @@ def plan_card(cfg: RunConfig, table: dict, card: str, count: int, params_b: floa
     terms.append(Term("trainer startup", start * (1 - band), start, start * (1 + band),
                       "first step (warm-up), optimizer init, adapter save (bench/cost_accuracy.py)"))
     ckpts = tokens.steps // cfg.train.checkpoint_every if cfg.train.checkpoint_every else 0
+    interval_s = (t_exp * min(1.0, cfg.train.checkpoint_every / tokens.steps)
+                  if cfg.train.checkpoint_every and tokens.steps else t_exp)
     ck_s = 3 * lora_bytes(cfg, params_b) / 300e6 + 2
     terms.append(Term("checkpoints", ckpts * ck_s * 0.5, ckpts * ck_s, ckpts * ck_s * 3,
                       f"{ckpts} saves of adapter + optimizer state"))
@@ -594,7 +628,7 @@ def plan_card(cfg: RunConfig, table: dict, card: str, count: int, params_b: floa
                           10 + mb / LAPTOP_MBPS[2], f"~{mb:,.0f} MB adapter + report to your machine"))
         terms.append(Term("teardown", 30, 90, 300, "billed until the cloud confirms the VM is gone"))
     return CardPlan(card=card, count=count, tokens_per_s=tps, throughput_band=band, throughput_how=how,
-                    terms=tuple(terms), memory_mode=mode)
+                    terms=tuple(terms), memory_mode=mode, checkpoint_interval_s=interval_s)
 
 
 def _transfer(name: str, gb: float, mbps: tuple[float, float, float], what: str) -> Term:
@@ -731,7 +765,8 @@ def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
                              overflow="fold")
         for o in est.offers[:SHOWN_OFFERS]:
             table.add_row("*" if o.cheapest else "", o.cloud, o.region, o.instance, f"{o.card}:{o.count}",
-                          f"{o.price_per_h:.2f}" + (" spot" if o.spot else ""),
+                          f"{o.price_per_h:.2f}" + (" spot" if o.spot else "") +
+                          (f" ({o.on_demand_per_h:.2f} on demand)" if o.on_demand_per_h is not None else ""),
                           "-".join(f"{h:.1f}" for h in o.hours), "-".join(f"{d:,.0f}" for d in o.dollars),
                           style="bold green" if o.cheapest else None)
         console.print(table)
@@ -753,7 +788,7 @@ def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
             t.add_row(term.name, _hms(term.low_s), _hms(term.expected_s), _hms(term.high_s), term.how)
         lo, exp, hi = p.hours(est.spot)
         t.add_row("total", f"{lo:.2f} h", f"{exp:.2f} h", f"{hi:.2f} h", "sum of the terms" +
-                  (" (+ spot preemption allowance on high)" if est.spot else ""), style="bold")
+                  (" (+ spot preemption allowance)" if est.spot else ""), style="bold")
         console.print(t)
         console.print(f"  tokens: {tok.source}")
         console.print("  bands: low/high = token band x throughput band (measured +-10%, derived +-30%) "

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from contracts.config import JOB_RECOVERY_STRATEGIES
 from contracts.errors import ContractError
 from launcher.secrets import SECRET_NAMES
 
@@ -24,10 +25,16 @@ REMOTE_DATA_DIR = "/tmp/socrates-data"
 CODE_PATHS = ("contracts", "job", "configs", "sky", "requirements", "Dockerfile", "pyproject.toml")
 # In the job image (Dockerfile): the lock's venv; setup then only stamps the deadline's start.
 IMAGE_PYTHON = "/opt/venv/bin/python"
-# A managed run (`up --spot/--managed`): the run's bucket is mounted here; OUT (and so its checkpoints)
-# and the launch record live inside it, so they outlive a preempted machine.
-BUCKET_MOUNT = "/socrates-bucket"
 IMAGE_SETUP = "set -euo pipefail\ndate +%s > .socrates-t0  # the job image has the lock installed: nothing to install\n"
+# A managed run (`up --spot` / `--managed`): the bucket is mounted here (MOUNT_CACHED: writes land on
+# local disk and are uploaded in the background, so a checkpoint save is not held up by the network).
+BUCKET_MOUNT = "/socrates-bucket"
+BUCKET_MODE = "MOUNT_CACHED"
+# SkyPilot's job_recovery for a managed run, when neither the config's `storage:` nor a flag says:
+# relaunch in the next cheapest region after a preemption (SkyPilot's own default strategy), and do
+# not relaunch a job that failed by itself (each relaunch is paid; a deterministic failure repeats).
+DEFAULT_JOB_RECOVERY = "EAGER_NEXT_REGION"
+DEFAULT_MAX_RESTARTS_ON_ERRORS = 0
 
 
 def load_template(path: Path = TEMPLATE) -> dict:
@@ -37,7 +44,13 @@ def load_template(path: Path = TEMPLATE) -> dict:
 def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = False,
            data_path: Path | None = None, secret_names: tuple[str, ...] = (), template: Path = TEMPLATE,
            managed: bool = False, bucket_url: str | None = None) -> dict:
-    """The task for `run` (its resolved config and options), ready for sky.Task.from_yaml_config."""
+    """The task for `run` (its resolved config and options), ready for sky.Task.from_yaml_config.
+
+    `managed`: the same task as a SkyPilot managed job (`sky.jobs.launch`): the bucket `bucket_url`
+    (launcher/bucket.py's URL forms; it must exist: `Bucket.create()` first) mounted at BUCKET_MOUNT,
+    OUT inside it at `<prefix>/<run id>/out` (checkpoints in OUT/checkpoints, so a relaunch resumes
+    from them), SOCRATES_MANAGED=1, and `resources.job_recovery` from the options
+    (`job_recovery`, `max_restarts_on_errors`), else the config's `storage:`, else the defaults above."""
     task = copy.deepcopy(load_template(template))
     opts = run.options
     cfg = run.config
@@ -79,20 +92,10 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
         from launcher.backends.managed import bucket_url_for
 
         managed, bucket_url = True, bucket_url or bucket_url_for(run)
-    if managed:  # a managed job: SkyPilot relaunches it after a preemption; what must survive is in the bucket
-        from launcher.bucket import Bucket
-
-        if not bucket_url:
-            raise ContractError("a managed run needs a bucket (--bucket s3://NAME, r2://NAME or gs://NAME)")
-        bucket = Bucket.from_url(bucket_url)  # the URL only: nothing is asked of the store here
-        task.setdefault("file_mounts", {})[BUCKET_MOUNT] = {"source": bucket.mount_source, "mode": "MOUNT_CACHED"}
-        out = f"{BUCKET_MOUNT}/{bucket.out_prefix(run.id)}".rstrip("/")
-        envs["OUT"] = out
-        envs["SOCRATES_CHECKPOINT_DIR"] = f"{out}/checkpoints"
-        envs["SOCRATES_MANAGED"] = "1"
-        envs["SOCRATES_BUCKET"] = bucket_url
-        # A preemption is recovered on new capacity; a failing job is not restarted (it would fail again).
-        resources["job_recovery"] = {"strategy": "FAILOVER", "max_restarts_on_errors": 0}
+    if managed:
+        _render_managed(task, run, bucket_url)
+    elif bucket_url:
+        raise ContractError(f"bucket {bucket_url}: a bucket is used by managed runs only (up --spot or --managed)")
     # Only the secrets the user has set: SkyPilot refuses a declared secret that gets no value.
     task.pop("secrets", None)
     names = [n for n in SECRET_NAMES if n in secret_names]
@@ -107,6 +110,34 @@ def local_data(config: dict) -> Path | None:
     source = (config.get("data") or {}).get("source") or ""
     path = Path(source).expanduser()
     return path.resolve() if source and not source.startswith("synthetic:") and path.exists() else None
+
+
+def _render_managed(task: dict, run: Any, bucket_url: str | None) -> None:
+    from launcher.bucket import Bucket  # parses the URL only: no client library is imported here
+
+    if not bucket_url:
+        raise ContractError("a managed run needs a bucket (--bucket s3://NAME, r2://NAME or gs://NAME, or "
+                            "storage.bucket in the config; up makes one named after the run when none is given)")
+    bucket = Bucket.from_url(bucket_url)
+    opts, storage = run.options, (run.config.get("storage") or {})
+    strategy = opts.get("job_recovery") or storage.get("job_recovery") or DEFAULT_JOB_RECOVERY
+    restarts = opts.get("max_restarts_on_errors")
+    if restarts is None:
+        restarts = storage.get("max_restarts_on_errors", DEFAULT_MAX_RESTARTS_ON_ERRORS)
+    if str(strategy).upper() not in JOB_RECOVERY_STRATEGIES:
+        raise ContractError(f"job_recovery {strategy!r} is not accepted ({' | '.join(JOB_RECOVERY_STRATEGIES)})")
+    if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
+        raise ContractError(f"max_restarts_on_errors {restarts!r} is not accepted (a whole number >= 0)")
+    mounts = task.get("file_mounts") or {}
+    mounts[BUCKET_MOUNT] = {"source": bucket.mount_source, "mode": BUCKET_MODE}
+    task["file_mounts"] = mounts
+    out = f"{BUCKET_MOUNT}/{bucket.out_prefix(run.id)}".rstrip("/")
+    envs = task["envs"]
+    envs["OUT"] = out
+    envs["SOCRATES_CHECKPOINT_DIR"] = f"{out}/checkpoints"
+    envs["SOCRATES_MANAGED"] = "1"
+    envs["SOCRATES_BUCKET"] = bucket.url
+    task["resources"]["job_recovery"] = {"strategy": str(strategy).upper(), "max_restarts_on_errors": restarts}
 
 
 def layout_line(task: dict, gpu) -> str:

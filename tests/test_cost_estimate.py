@@ -102,12 +102,26 @@ def test_subsets_differ_by_the_token_ratio_in_the_training_term(est_json):
     assert fixed["0.1"]["model download"] == fixed["0.01"]["model download"]
 
 
-def test_spot_uses_spot_price_and_widens_only_the_high_end(sky_home):
+def test_spot_uses_spot_price_with_a_preemption_allowance_and_the_on_demand_price_beside(sky_home):
     on = json.loads(cli(sky_home, "estimate", "--gpu", "A100-80GB:1", "--subset", "0.01", "--json").stdout)
     spot = json.loads(cli(sky_home, "estimate", "--gpu", "A100-80GB:1", "--subset", "0.01", "--spot", "--json").stdout)
     assert on["cheapest"]["price_per_h"] == 1.53 and spot["cheapest"]["price_per_h"] == 0.93
-    assert spot["hours"][:2] == on["hours"][:2] and spot["hours"][2] > on["hours"][2]
-    assert any("preemption" in n for n in spot["notes"])
+    assert spot["cheapest"]["on_demand_per_h"] == 1.53 and on["cheapest"]["on_demand_per_h"] is None
+    # The allowance, recomputed from the terms by the documented rule: 0.1 preemptions per hour of the run,
+    # each a restart (every fixed term before training) + half a checkpoint interval of training.
+    terms = {t["name"]: t for t in on["terms"]}
+    later = ("training", "checkpoints", "evaluation", "adapter download", "teardown")
+    restart = sum(t["expected_s"] for name, t in terms.items() if name not in later)
+    steps, every = on["tokens"]["steps"], 50  # configs/paper.yaml: checkpoint_every 50
+    interval = terms["training"]["expected_s"] * min(1.0, every / steps)
+    allowance_h = 0.1 * on["hours"][1] * (restart + interval / 2) / 3600
+    assert spot["hours"][0] == on["hours"][0]
+    assert spot["hours"][1] == pytest.approx(on["hours"][1] + allowance_h, rel=1e-9)
+    assert spot["hours"][2] > on["hours"][2] + allowance_h
+    note = next(n for n in spot["notes"] if "preemption allowance" in n)
+    assert "$1.53/h" in note and f"{allowance_h:.2f} h" in note
+    table = cli(sky_home, "estimate", "--gpu", "A100-80GB:1", "--subset", "0.01", "--spot").stdout
+    assert "0.93 spot (1.53 on demand)" in " ".join(table.split())
 
 
 def test_without_gpu_every_fitting_card_competes_and_the_cheapest_wins(sky_home):

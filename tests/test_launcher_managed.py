@@ -191,7 +191,7 @@ def test_the_real_sdk_takes_the_managed_task_with_its_bucket_mount_and_recovery(
     res = list(task.resources)[0]
     assert storage.source == "s3://my-bucket" and str(storage.mode).endswith("MOUNT_CACHED")
     assert storage.persistent is True  # the results outlive the job; the launcher deletes them after verifying
-    assert res.use_spot is True and res.job_recovery == {"strategy": "FAILOVER", "max_restarts_on_errors": 0}
+    assert res.use_spot is True and res.job_recovery == {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
     assert task.envs["OUT"] == "/socrates-bucket/r1/out" and task.envs["SOCRATES_MANAGED"] == "1"  # the run's folder
     assert task.envs["SOCRATES_BUCKET"] == "s3://my-bucket" and task.envs["DEADLINE_S"] == "3600"
 

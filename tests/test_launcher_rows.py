@@ -131,7 +131,8 @@ def test_the_launchers_imports_are_declared_in_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = {d.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower()
                 for d in project["dependencies"] + [x for xs in project["optional-dependencies"].values() for x in xs]}
-    dist_of = {"yaml": "pyyaml", "rich": "rich", "sky": "skypilot", "paramiko": "paramiko", "pyarrow": "pyarrow"}
+    dist_of = {"yaml": "pyyaml", "rich": "rich", "sky": "skypilot", "paramiko": "paramiko", "pyarrow": "pyarrow",
+               "boto3": "boto3", "botocore": "botocore"}
     used = set()
     for f in (REPO / "launcher").rglob("*.py"):
         for n in ast.walk(ast.parse(f.read_text())):
