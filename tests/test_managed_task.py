@@ -132,7 +132,7 @@ def test_job_recovery_comes_from_flags_then_the_config_then_the_defaults():
 def test_an_unmanaged_task_has_no_mount_and_the_template_is_unchanged():
     conf = tasklib.render(_run(), gpu="A100:1", spot=True)
     assert "job_recovery" not in conf["resources"] and "/socrates-bucket" not in (conf.get("file_mounts") or {})
-    assert conf["envs"]["OUT"] == "out" and "SOCRATES_MANAGED" not in conf["envs"]
+    assert conf["envs"]["OUT"] == "out" and conf["envs"].get("SOCRATES_MANAGED", "0") == "0"
     assert "job_recovery" not in tasklib.load_template()["resources"]
 
 
