@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         events.emit("error", message=f"{type(e).__name__}: {str(e)[:500]}")
         raise
     if dist.is_main():
-        print(f"trained {res.steps}/{res.total_steps} steps ({res.reason}) -> {res.out / 'adapter'}")
+        what = "model" if cfg.train.method == "full" else "adapter"
+        print(f"trained {res.steps}/{res.total_steps} steps ({res.reason}) -> {res.out / what}")
     dist.destroy()
     return 0
 
@@ -156,6 +157,11 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     if dist.is_main():
         shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
     dist.barrier()
+    if cfg.train.method == "full":  # every weight, FSDP2 over the ranks: job/full.py
+        from job.full import train_full
+
+        return train_full(cfg, written, out, events, tok, dataset, n_rows, dropped, total_steps, reason_at_end, run_fp,
+                          data_hash, resume_from, done_at, device, mode)
     torch.manual_seed(cfg.train.seed)
     model = build(cfg, tok, device)
     trainer = _trainer(cfg, model, tok, dataset, ckpt_root, total_steps, world, device, events, run_fp)
