@@ -34,11 +34,13 @@ resume point are settled; everything else of a full fine-tune lives in this modu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,7 +55,6 @@ from job.checkpoints import COMPLETE, complete_checkpoints, fsync_dir, fsync_tre
 MODEL_DIR = "model"
 SHARD_BYTES = 5 * 10**9
 IGNORE_INDEX = -100
-ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 class AnswerLoss(nn.Module):
@@ -284,7 +285,8 @@ def save_checkpoint(model, optimizer, root: Path, step: int, world: int, run_fp:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=str(staging))
+    with _one_process_ok():
+        dcp.save(_state(model, optimizer), checkpoint_id=str(staging))
     dist.barrier()
     try:
         if dist.is_main():
@@ -316,8 +318,17 @@ def load_checkpoint(model, optimizer, checkpoint: Path) -> None:
         raise ContractError(f"--resume: {checkpoint} holds no torch.distributed.checkpoint (.metadata missing): it was not "
                             "written by a train.method: full run (accepted: a checkpoint of this run)")
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(checkpoint))
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=str(checkpoint))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+@contextlib.contextmanager
+def _one_process_ok():
+    """DCP warns that it assumes one process when there is no process group: that is world 1, as meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _written_world(checkpoint: Path):
