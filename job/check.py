@@ -88,6 +88,14 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
                            f"{nf4['rel_error']:.3f} >= {NF4_TOLERANCE}")
     free = env.disk_free_gib(where)
     need_disk = MIN_DISK_GIB + (_weights_gib(cfg) if cfg.model.init == "pretrained" else 0.0)
+    if cfg.train.method == "full":
+        full_disk = full_disk_gib(cfg)
+        if free < need_disk + full_disk["total_gib"]:
+            raise JobCannotRun(
+                f"{free} GiB disk free at {where.resolve()}; train.method full needs ~{need_disk + full_disk['total_gib']:.0f} "
+                f"GiB on this node: {full_disk['checkpoints']} sharded checkpoint(s) of {full_disk['checkpoint_gib']} GiB "
+                f"(fp32 weights + AdamW, 12 B/param over {full_disk['nodes']} node(s)) and {full_disk['output_gib']} GiB of "
+                "output weights (a larger disk, train.keep_checkpoints: 1, or train.checkpoint_every: 0)")
     if free < need_disk:
         raise JobCannotRun(f"{free} GiB disk free at {where.resolve()}; this config needs ~{need_disk:.0f} GiB "
                            "(model download + checkpoints)")
@@ -197,6 +205,21 @@ def full_fit_estimate(cfg: RunConfig, data_dir: Path | None, world: int) -> dict
             "activations_gib": acts, "total_gib": round(total, 2), "base_gib": round(n * compute / gib, 2),
             "lora_gib": 0.0, "host_gib": 0.0, "row_tokens": base["row_tokens"],
             "bytes_per_param": FULL_BYTES_PER_PARAM}
+
+
+def full_disk_gib(cfg: RunConfig) -> dict:
+    """Disk a full fine-tune writes on one node: its share of each kept checkpoint (plus one being written)
+    and, on node 0, the output weights in the training precision."""
+    from job.model import PRESETS, param_count, qwen2_config
+
+    n = param_count(_model_config(cfg, qwen2_config, PRESETS))
+    nodes = max(1, int(os.environ.get("SKYPILOT_NUM_NODES") or 1))
+    t = cfg.train
+    kept = 0 if not t.checkpoint_every else max(t.keep_checkpoints, 1) + 1
+    ckpt = n * 12 / nodes / 2**30
+    out = n * (4 if t.precision == "fp32" else 2) / 2**30
+    return {"nodes": nodes, "checkpoints": kept, "checkpoint_gib": round(ckpt, 1), "output_gib": round(out, 1),
+            "total_gib": round(kept * ckpt + out, 1)}
 
 
 def _plan_full(cfg: RunConfig, card_gib: float | None, data_dir: Path | None, world: int) -> tuple[RunConfig, dict]:

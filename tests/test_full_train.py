@@ -253,3 +253,15 @@ def test_manifest_accepts_full_weights_where_an_adapter_is_required(tmp_path):
     # weights without the config, or neither model nor adapter: refused as before
     bare = _tree(tmp_path / "bare", {"model/model.safetensors": b"w"})
     assert any(p.startswith("no adapter in the manifest") for p in manifest.verify_tree(bare))
+
+
+def test_check_counts_the_disk_a_full_fine_tune_writes(monkeypatch):
+    from job.check import full_disk_gib
+
+    cfg = load_config(REPO / "configs" / "paper.yaml").with_overrides({"train.method": "full", "train.micro_batch": 32})
+    d = full_disk_gib(cfg)  # keep 2 checkpoints + 1 being written, each 12 B/param (fp32 weights + AdamW m, v)
+    assert d["checkpoints"] == 3 and d["checkpoint_gib"] == pytest.approx(14_770_033_664 * 12 / 2**30, abs=0.1)
+    assert d["output_gib"] == pytest.approx(14_770_033_664 * 2 / 2**30, abs=0.1)  # bf16 weights
+    monkeypatch.setenv("SKYPILOT_NUM_NODES", "2")  # each node holds only its ranks' shards
+    assert full_disk_gib(cfg)["checkpoint_gib"] == pytest.approx(d["checkpoint_gib"] / 2, abs=0.1)
+    assert full_disk_gib(cfg.with_overrides({"train.checkpoint_every": 0}))["checkpoints"] == 0
