@@ -1,5 +1,5 @@
 """`python -m job train`: QLoRA SFT with TRL's SFTTrainer, resumable atomic checkpoints, events,
-the adapter and a manifest.
+the adapter and a manifest (`train.method: full`: the FSDP2 full fine-tune of job/full.py instead).
 
     python -m job train --config configs/smoke.yaml --data runs/data --out runs/smoke [--resume auto]
 
@@ -50,7 +50,8 @@ class TrainResult:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run config (.yaml, or seed-style .json)")
     p.add_argument("--data", default=None, help="folder from `job prepare` (default: prepare the config's data.source into OUT/data)")
-    p.add_argument("--out", required=True, help="output folder: adapter/, manifest.json, events.jsonl, checkpoints/")
+    p.add_argument("--out", required=True, help="output folder: adapter/ (train.method full: model/, the whole model's "
+                   "safetensors shards), manifest.json, events.jsonl, checkpoints/")
     p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint in OUT, if any) | never (deletes OUT/checkpoints) | PATH; a "
                    "checkpoint trained with another config or data is refused")
 
