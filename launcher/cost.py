@@ -263,7 +263,7 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
     if any(p.count > 1 for p in plans):
         eff, how = multi_gpu_efficiency(table, max(p.count for p in plans))
         notes.append(f"multi-GPU: rate = per-GPU rate x GPUs x {eff} scaling efficiency ({how}; bench/scale.py measures it)")
-    if cfg.train.method == "full":
+    if cfg.train.method == "full" and not local:
         notes.append(full_output_note(params_b))
     if nodes > 1:
         notes.append(f"{nodes} nodes: the price is {nodes} machines' and the rate that of all {nodes} x "
@@ -652,7 +652,7 @@ def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None)
     best, hours = est.cheapest, est.hours
     tail = 0.0
     if best is not None and est.plan is not None:
-        around = ("provisioning", "adapter download", "teardown")
+        around = ("provisioning", "adapter download", "model download (back)", "teardown")
         tail = DEADLINE_GRACE_S + sum(t.high_s for t in est.plan.terms if t.name in around)
     limits = []  # (seconds, the cap that sets them)
     if max_cost is not None:

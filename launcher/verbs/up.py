@@ -541,7 +541,8 @@ def fetch_and_verify(run: registry.Run, backend, recorder: Recorder, attempts: i
         entry.rename(target)
     shutil.rmtree(staging, ignore_errors=True)
     manifest_lib.verify_or_raise(run.dir)
-    run.update(adapter=str((run.dir / "adapter").resolve()), verified=True)
+    got = "model" if not (run.dir / "adapter").is_dir() and (run.dir / "model").is_dir() else "adapter"  # method full: model/
+    run.update(adapter=str((run.dir / got).resolve()), verified=True)
 
 
 def _describe(e: BaseException) -> str:
