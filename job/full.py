@@ -87,7 +87,7 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
                device: torch.device, mode: dict | None):
     """Train every weight (FSDP2 over the ranks when there are several); save out/model and the manifest."""
     from job import env
-    from job.fast import PackedCollator, _with_labels, collate_padded, count_targets, levers_for
+    from job.fast import PackedCollator, _with_labels, collate_padded, count_targets
     from job.model import build, compute_dtype
     from job.train import TrainResult
 
@@ -101,7 +101,10 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
         p.requires_grad_(True)
     lv = _levers(lm, t, device)
     model = AnswerLoss(lm, liger=lv.liger)
-    mp = _shard(model, device, out_dtype) if world > 1 else _master_fp32(model)
+    if world > 1:
+        _shard(model, device, out_dtype)
+    else:
+        _master_fp32(model)
     autocast = world == 1 and device.type == "cuda" and out_dtype != torch.float32
     optimizer = _optimizer(model, t, device)
     scheduler = _scheduler(optimizer, t, total_steps)
@@ -173,7 +176,7 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
 
     reason = "deadline" if hit else reason_at_end
     res = TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
-    files = save_weights(model, lm, tok, out, out_dtype, mp)
+    files = save_weights(model, lm, tok, out, out_dtype)
     if not dist.is_main():
         dist.barrier()
         return res
@@ -218,13 +221,12 @@ def _levers(lm, t, device):
     return lv
 
 
-def _master_fp32(model: nn.Module):
+def _master_fp32(model: nn.Module) -> None:
     """World 1: fp32 master weights (a GPU computes under bf16 autocast)."""
     model.float()
-    return None
 
 
-def _shard(model: AnswerLoss, device: torch.device, compute: torch.dtype):
+def _shard(model: AnswerLoss, device: torch.device, compute: torch.dtype) -> None:
     """fully_shard every decoder layer, then the root (embedding, final norm, lm_head), over all ranks.
     Each layer is made fp32 (the master copy) just before it is sharded, so at most one fp32 layer is
     ever whole on a rank."""
@@ -240,7 +242,6 @@ def _shard(model: AnswerLoss, device: torch.device, compute: torch.dtype):
     for rest in (model.lm.model.embed_tokens, model.lm.model.norm, model.lm.lm_head):
         rest.float()
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    return mp
 
 
 def _optimizer(model: nn.Module, t, device: torch.device):
@@ -340,7 +341,7 @@ def _written_world(checkpoint: Path):
 
 # --- the weights ------------------------------------------------------------------------------------
 
-def save_weights(model: AnswerLoss, lm, tok, out: Path, dtype: torch.dtype, mp) -> list[Path]:
+def save_weights(model: AnswerLoss, lm, tok, out: Path, dtype: torch.dtype) -> list[Path]:
     """out/model/: safetensors shards in `dtype`, config.json, tokenizer. Every rank takes part in
     gathering each tensor (FSDP's shards), one at a time; rank 0 alone writes. Returns the files (rank 0)."""
     from safetensors.torch import save_file

@@ -193,7 +193,10 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(runs, tmp_path,
     print(f"\nfull, killed on {first} rank(s) after checkpoint-{at}, resumed on {then}: max loss gap {loss_gap:.2e}, "
           f"max weight gap {weight_gap:.2e} vs the uninterrupted {then}-rank run")
     assert loss_gap < 1e-4
-    assert weight_gap < 1e-5
+    # Same world size: the same sums in the same order, so the same weights (1e-5; measured 0.0). Across world
+    # sizes the reduction order differs (FSDP's reduce-scatter vs one process), as between the two
+    # uninterrupted runs (7.8e-6 measured there): the same bound as that comparison.
+    assert weight_gap < (1e-5 if first == then else 5e-5)
     assert manifest.verify_tree(out) == []
 
 
