@@ -115,6 +115,10 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
         events.emit("log", message=f"resumed the full fine-tune from {resume_from.name} (step {done_at}, written by "
                                    f"{_written_world(resume_from)} rank(s), loaded on {world})")
 
+    if world > int(os.environ.get("LOCAL_WORLD_SIZE") or world) and t.checkpoint_every:
+        events.emit("log", message="checkpoints: each node writes its own ranks' shards to its own disk, so a checkpoint "
+                                   "is whole only on a file system every node shares at OUT; resuming a multi-node "
+                                   "full fine-tune from local disks is not supported yet")
     from job.dist import RankBatches, WithBlank
     from job.callbacks import DeadlineCallback
 
