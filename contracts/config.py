@@ -345,6 +345,10 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
             shown = list(value) if isinstance(value, tuple) else value
             raise ContractError(f"{source}: {key}: {shown!r} is not accepted ({accepted})")
     cfg.train.grad_accum(1)
+    if cfg.train.method == "full" and "adamw" not in cfg.train.optim:
+        raise ContractError(f"{source}: train.optim: {cfg.train.optim!r} is not accepted with train.method full (an AdamW: "
+                            "adamw_torch, adamw_torch_fused, or an 8-bit/paged AdamW name, which the full fine-tune "
+                            "runs as torch AdamW with fp32 states sharded over the GPUs)")
     check_fraction(cfg.data.subset, f"{source}: data.subset")
     if cfg.data.eval_subset is not None:
         check_fraction(cfg.data.eval_subset, f"{source}: data.eval_subset")

@@ -28,6 +28,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # What a trained run's manifest must list: a PEFT adapter (its config and its weights).
 ADAPTER_CONFIG = "adapter/adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter/adapter_model.safetensors", "adapter/adapter_model.bin")
+# ... or, for train.method: full, the whole model's weights (job/full.py): its config and safetensors shards.
+FULL_CONFIG = "model/config.json"
+FULL_WEIGHTS = re.compile(r"^model/model(-\d{5}-of-\d{5})?\.safetensors$")
 # Folders written after training (sky/train.yaml's evaluations): `extend` lists them afterwards.
 LATE_FOLDERS = ("eval", "eval-base")
 
@@ -177,16 +180,23 @@ def verify_tree(root: str | os.PathLike, manifest: dict | None = None, reserved:
                 require_adapter: bool = True, exempt: Iterable[str] = DEFAULT_EXCLUDE) -> list[str]:
     """Problems with a whole downloaded tree: `verify` plus no symlinks or special files anywhere, no
     file the manifest does not list (except `exempt`: the log, events, checkpoints, the manifest), and
-    (with `require_adapter`) a listed adapter. An empty list: the tree is exactly what the job wrote."""
+    (with `require_adapter`) a listed adapter, or a full fine-tune's model (model/config.json and its
+    model*.safetensors shards, every shard a present model.safetensors.index.json names). An empty list:
+    the tree is exactly what the job wrote."""
     root = Path(root)
     manifest = validate(manifest, str(root), reserved) if manifest is not None else \
         validate(load(root), str(root / MANIFEST_FILE), reserved)
     patterns = tuple(exempt)
     listed = {e["path"] for e in manifest["files"]}
     problems = []
-    if require_adapter and (ADAPTER_CONFIG not in listed or not listed & set(ADAPTER_WEIGHTS)):
+    has_adapter = ADAPTER_CONFIG in listed and bool(listed & set(ADAPTER_WEIGHTS))
+    has_full = FULL_CONFIG in listed and any(FULL_WEIGHTS.match(p) for p in listed)
+    if require_adapter and not (has_adapter or has_full):
         problems.append(f"no adapter in the manifest (it must list {ADAPTER_CONFIG} and one of "
-                        f"{', '.join(ADAPTER_WEIGHTS)})")
+                        f"{', '.join(ADAPTER_WEIGHTS)}; or, for a full fine-tune, {FULL_CONFIG} and "
+                        "model/model*.safetensors)")
+    elif require_adapter and not has_adapter:
+        problems += _full_shards_missing(root, listed)
     found: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):  # never follows links
         for name in sorted(dirnames + filenames):
@@ -214,6 +224,26 @@ def verify_or_raise(root: str | os.PathLike, manifest: dict | None = None, tree:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ManifestError(f"{root}: artifacts do not match the manifest: {'; '.join(problems[:3])}{more}")
     return manifest
+
+
+def _full_shards_missing(root: Path, listed: set[str]) -> list[str]:
+    """A sharded full model: every shard its index names is listed (the index is read only once it is
+    itself listed; what is listed is checked against its sha256 by `verify`)."""
+    import json
+
+    index = "model/model.safetensors.index.json"
+    shards = {p for p in listed if FULL_WEIGHTS.match(p) and p != "model/model.safetensors"}
+    if not shards:
+        return []
+    if index not in listed:
+        return [f"{index}: not in the manifest, but the model is sharded"]
+    try:
+        weight_map = json.loads((root / index).read_text(encoding="utf-8"))["weight_map"]
+        named = {f"model/{v}" for v in weight_map.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [f"{index}: unreadable (a JSON object with a weight_map)"]
+    missing = sorted(named - shards)
+    return [f"{index} names {', '.join(missing[:3])}, not in the manifest"] if missing else []
 
 
 def _link_inside(root: Path, rel: str) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from pathlib import Path
 
 from contracts.config import RunConfig, load_config
@@ -49,9 +51,14 @@ def run(args: argparse.Namespace) -> int:
           f"CUDA {c['cuda']}, driver {c['driver']}, bf16 {c['bf16']}")
     print(f"nf4 self-test: relative error {report['nf4']['rel_error']:.4f} (limit {NF4_TOLERANCE}) on {report['nf4']['device']}")
     print(f"disk free: {report['disk_free_gib']} GiB")
-    print(f"fit: {cfg.model.id} ({f['params'] / 1e9:.2f}B params, {cfg.train.method}) needs ~{f['total_gib']} GiB "
-          f"(base {f['base_gib']}, LoRA+optimizer {f['lora_gib']}, activations {f['activations_gib']}) "
-          f"of {f['available_gib']} GiB: ok")
+    if cfg.train.method == "full":
+        print(f"fit: {cfg.model.id} ({f['params'] / 1e9:.2f}B params, full, sharded over {f['world']} GPU(s)) needs "
+              f"~{f['total_gib']} GiB per GPU (weights+grads+AdamW {f['sharded_gib']}, gathered layers "
+              f"{f['gathered_gib']}, activations {f['activations_gib']}) of {f['available_gib']} GiB: ok")
+    else:
+        print(f"fit: {cfg.model.id} ({f['params'] / 1e9:.2f}B params, {cfg.train.method}) needs ~{f['total_gib']} GiB "
+              f"(base {f['base_gib']}, LoRA+optimizer {f['lora_gib']}, activations {f['activations_gib']}) "
+              f"of {f['available_gib']} GiB: ok")
     m = report["mode"]
     print(f"memory mode: {m['mode']} ({m['why']}): micro_batch {m['micro_batch']}, checkpointed layers "
           f"{'all' if m['checkpoint_layers'] is None else m['checkpoint_layers']}, offloaded checkpoints "
@@ -81,11 +88,20 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
                            f"{nf4['rel_error']:.3f} >= {NF4_TOLERANCE}")
     free = env.disk_free_gib(where)
     need_disk = MIN_DISK_GIB + (_weights_gib(cfg) if cfg.model.init == "pretrained" else 0.0)
+    if cfg.train.method == "full":
+        full_disk = full_disk_gib(cfg)
+        if free < need_disk + full_disk["total_gib"]:
+            raise JobCannotRun(
+                f"{free} GiB disk free at {where.resolve()}; train.method full needs ~{need_disk + full_disk['total_gib']:.0f} "
+                f"GiB on this node: {full_disk['checkpoints']} sharded checkpoint(s) of {full_disk['checkpoint_gib']} GiB "
+                f"(fp32 weights + AdamW, 12 B/param over {full_disk['nodes']} node(s)) and {full_disk['output_gib']} GiB of "
+                "output weights (a larger disk, train.keep_checkpoints: 1, or train.checkpoint_every: 0)")
     if free < need_disk:
         raise JobCannotRun(f"{free} GiB disk free at {where.resolve()}; this config needs ~{need_disk:.0f} GiB "
                            "(model download + checkpoints)")
+    world = planned_world(card["gpus"]) if cfg.train.method == "full" else env.world_size()
     run_cfg, mode = plan_memory(cfg, card["memory_gib"] if on_gpu else None,
-                                env.host_mem_available_gib() if on_gpu else None, data_dir, env.world_size())
+                                env.host_mem_available_gib() if on_gpu else None, data_dir, world)
     fit = mode.pop("fit")
     fit["available_gib"] = card["memory_gib"] if on_gpu else None
     from job import levers as levers_mod  # which speed levers this machine really gives the config
@@ -111,6 +127,8 @@ def plan_memory(cfg: RunConfig, card_gib: float | None, host_gib: float | None, 
     the global batch, and so what is learned, is unchanged. No card (CPU): the config as written.
     Raises JobCannotRun when neither fits, naming the smallest need."""
     t = cfg.train
+    if t.method == "full":
+        return _plan_full(cfg, card_gib, data_dir, world)
     fit = fit_estimate(cfg, data_dir)
     fits = card_gib is None or fit["total_gib"] <= FIT_SHARE * card_gib
     if card_gib is None or t.memory_mode == "fast" or (t.memory_mode == "auto" and fits):
@@ -147,6 +165,80 @@ def plan_memory(cfg: RunConfig, card_gib: float | None, host_gib: float | None, 
     raise JobCannotRun(f"{cfg.model.id} with {t.method} does not fit this card even in the lean mode: micro_batch {mb} "
                        f"needs ~{gib} GiB of {card_gib:.2f} GiB GPU memory and ~{host} GiB of {host_gib} GiB host memory "
                        "(pick a larger card or a machine with more RAM)")
+
+
+# A full fine-tune (job/full.py) keeps per parameter, sharded over the ranks: fp32 master weights (4 B),
+# fp32 gradients (4 B) and AdamW's two fp32 moments (8 B).
+FULL_BYTES_PER_PARAM = 16
+
+
+def planned_world(gpus: int) -> int:
+    """The ranks `train` will run on: WORLD_SIZE under torchrun; otherwise (check runs once per node,
+    before torchrun) nodes x ranks per node as sky/train.yaml starts them, else this node's GPUs."""
+    if os.environ.get("WORLD_SIZE"):
+        return env.world_size()
+    nodes = int(os.environ.get("SKYPILOT_NUM_NODES") or 1)
+    per_node = int(os.environ.get("NPROC_PER_NODE") or os.environ.get("SKYPILOT_NUM_GPUS_PER_NODE") or max(gpus, 1))
+    return max(1, nodes * per_node)
+
+
+def full_fit_estimate(cfg: RunConfig, data_dir: Path | None, world: int) -> dict:
+    """Per-GPU memory of `train.method: full` over `world` ranks: the sharded 16 B/param, the gathered
+    compute copies (the root's embedding + lm_head, two decoder layers in flight, their unsharded
+    gradients in fp32), one micro-batch's activations (memory_estimate_gib's terms), CUDA context."""
+    from job.model import PRESETS, param_count, qwen2_config
+
+    base = fit_estimate(cfg, data_dir)  # activations of one micro-batch at the same checkpointing
+    qc = _model_config(cfg, qwen2_config, PRESETS)
+    n = param_count(qc)
+    h, i = qc.hidden_size, qc.intermediate_size
+    kv = qc.num_key_value_heads * (h // qc.num_attention_heads)
+    layer = h * h + 2 * h * kv + h + 2 * kv + h * h + 3 * h * i + 2 * h
+    emb = qc.vocab_size * h * (1 if qc.tie_word_embeddings else 2)
+    compute = 4 if cfg.train.precision == "fp32" else 2
+    gib = 2**30
+    sharded = n * FULL_BYTES_PER_PARAM / world / gib
+    gathered = (emb * compute + 2 * layer * (compute + 4)) / gib
+    acts = base["activations_gib"]
+    total = sharded + gathered + acts + 1.5
+    return {"params": n, "world": world, "sharded_gib": round(sharded, 2), "gathered_gib": round(gathered, 2),
+            "activations_gib": acts, "total_gib": round(total, 2), "base_gib": round(n * compute / gib, 2),
+            "lora_gib": 0.0, "host_gib": 0.0, "row_tokens": base["row_tokens"],
+            "bytes_per_param": FULL_BYTES_PER_PARAM}
+
+
+def full_disk_gib(cfg: RunConfig) -> dict:
+    """Disk a full fine-tune writes on one node: its share of each kept checkpoint (plus one being written)
+    and, on node 0, the output weights in the training precision."""
+    from job.model import PRESETS, param_count, qwen2_config
+
+    n = param_count(_model_config(cfg, qwen2_config, PRESETS))
+    nodes = max(1, int(os.environ.get("SKYPILOT_NUM_NODES") or 1))
+    t = cfg.train
+    kept = 0 if not t.checkpoint_every else max(t.keep_checkpoints, 1) + 1
+    ckpt = n * 12 / nodes / 2**30
+    out = n * (4 if t.precision == "fp32" else 2) / 2**30
+    return {"nodes": nodes, "checkpoints": kept, "checkpoint_gib": round(ckpt, 1), "output_gib": round(out, 1),
+            "total_gib": round(kept * ckpt + out, 1)}
+
+
+def _plan_full(cfg: RunConfig, card_gib: float | None, data_dir: Path | None, world: int) -> tuple[RunConfig, dict]:
+    """A full fine-tune has no lean mode: it fits the cards as written, or is refused with the numbers."""
+    fit = full_fit_estimate(cfg, data_dir, world)
+    if card_gib is not None and fit["total_gib"] > FIT_SHARE * card_gib:
+        fixed = fit["total_gib"] - fit["sharded_gib"]
+        room = FIT_SHARE * card_gib - fixed
+        need = math.ceil(fit["sharded_gib"] * world / room) if room > 0 else None
+        more = f"~{need} such GPUs" if need else "cards with more memory"
+        raise JobCannotRun(
+            f"train.method full: {cfg.model.id} ({fit['params'] / 1e9:.2f}B params) needs ~{fit['total_gib']} GiB per GPU "
+            f"on {world} GPU(s) ({fit['params'] / 1e9:.2f}B x {FULL_BYTES_PER_PARAM} B weights+grads+AdamW / {world} = "
+            f"{fit['sharded_gib']} GiB, gathered layers {fit['gathered_gib']} GiB, activations {fit['activations_gib']} "
+            f"GiB at micro_batch {cfg.train.micro_batch}); this card has {card_gib:.2f} GiB, {FIT_SHARE:.0%} usable "
+            f"(use {more}, or train.method: qlora)")
+    return cfg, {"mode": "fast", "micro_batch": cfg.train.micro_batch, "checkpoint_layers": cfg.train.checkpoint_layers,
+                 "offload_checkpoints": False, "fit": fit,
+                 "why": f"full fine-tune sharded over {world} rank(s)"}
 
 
 def host_fit(cfg: RunConfig, fit: dict, available_gib: float | None) -> None:

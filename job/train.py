@@ -1,5 +1,5 @@
 """`python -m job train`: QLoRA SFT with TRL's SFTTrainer, resumable atomic checkpoints, events,
-the adapter and a manifest.
+the adapter and a manifest (`train.method: full`: the FSDP2 full fine-tune of job/full.py instead).
 
     python -m job train --config configs/smoke.yaml --data runs/data --out runs/smoke [--resume auto]
 
@@ -50,7 +50,8 @@ class TrainResult:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run config (.yaml, or seed-style .json)")
     p.add_argument("--data", default=None, help="folder from `job prepare` (default: prepare the config's data.source into OUT/data)")
-    p.add_argument("--out", required=True, help="output folder: adapter/, manifest.json, events.jsonl, checkpoints/")
+    p.add_argument("--out", required=True, help="output folder: adapter/ (train.method full: model/, the whole model's "
+                   "safetensors shards), manifest.json, events.jsonl, checkpoints/")
     p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint in OUT, if any) | never (deletes OUT/checkpoints) | PATH; a "
                    "checkpoint trained with another config or data is refused")
 
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         events.emit("error", message=f"{type(e).__name__}: {str(e)[:500]}")
         raise
     if dist.is_main():
-        print(f"trained {res.steps}/{res.total_steps} steps ({res.reason}) -> {res.out / 'adapter'}")
+        what = "model" if cfg.train.method == "full" else "adapter"
+        print(f"trained {res.steps}/{res.total_steps} steps ({res.reason}) -> {res.out / what}")
     dist.destroy()
     return 0
 
@@ -160,6 +162,11 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     if dist.is_main():
         shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
     dist.barrier()
+    if cfg.train.method == "full":  # every weight, FSDP2 over the ranks: job/full.py
+        from job.full import train_full
+
+        return train_full(cfg, written, out, events, tok, dataset, n_rows, dropped, total_steps, reason_at_end, run_fp,
+                          data_hash, resume_from, done_at, device, mode)
     torch.manual_seed(cfg.train.seed)
     model = build(cfg, tok, device)
     trainer = _trainer(cfg, model, tok, dataset, ckpt_root, total_steps, world, device, events, run_fp)

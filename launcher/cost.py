@@ -56,6 +56,9 @@ MIN_DEADLINE_S = 60.0       # a cap that leaves the job less than this is no run
 SAFETY_FACTOR = 2.0
 SAFETY_MIN_EXTRA_S = 3600.0
 SHOWN_OFFERS = 12
+# train.method full writes the whole model (job/full.py: out/model/, safetensors in the training precision):
+# ~2 bytes a parameter in bf16, pulled back to your machine by default like an adapter.
+FULL_OUTPUT_BYTES_PER_PARAM = 2
 
 
 # --- what an estimate is ---------------------------------------------------------------------
@@ -211,6 +214,8 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
     plans = [plan_card(cfg, table, card, count, params_b, tokens, local) for card, count in candidates]
     for p in plans:
         need = min_memory_gib(table, cfg.train.method, params_b)
+        if cfg.train.method == "full":
+            need = full_need_gib(params_b, p.count)
         have = table["cards"][p.card]["memory_gib"]
         if p.memory_mode == "lean":
             notes.append(f"{p.card}:{p.count} has {have} GiB per card: the job trains in its lean memory mode there "
@@ -290,6 +295,8 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
     if any(p.count > 1 for p in plans):
         eff, how = multi_gpu_efficiency(table, max(p.count for p in plans))
         notes.append(f"multi-GPU: rate = per-GPU rate x GPUs x {eff} scaling efficiency ({how}; bench/scale.py measures it)")
+    if cfg.train.method == "full" and not local:
+        notes.append(full_output_note(params_b))
     if nodes > 1:
         notes.append(f"{nodes} nodes: the price is {nodes} machines' and the rate that of all {nodes} x "
                      f"{(plans[0].count // nodes) if plans else '?'} GPUs")
@@ -576,6 +583,8 @@ def lora_bytes(cfg: RunConfig, params_b: float) -> float:
 def plan_card(cfg: RunConfig, table: dict, card: str, count: int, params_b: float, tokens: Tokens,
               local: bool) -> CardPlan:
     mode = memory_mode(table, card, cfg.train.method, params_b, cfg.train.memory_mode)
+    if cfg.train.method == "full":  # sharded over every GPU of the run (job/check.py refuses what does not fit)
+        mode = "fast" if float(table["cards"][card]["memory_gib"]) >= full_need_gib(params_b, count) else None
     tps, band, how = card_throughput(table, card, cfg.train.method, params_b, count, mode=mode or "fast")
     scale = params_b / 14.0
     terms: list[Term] = []
@@ -622,13 +631,38 @@ def plan_card(cfg: RunConfig, table: dict, card: str, count: int, params_b: floa
         terms.append(Term("evaluation", e * (1 - b), e, e * (1 + b),
                           f"{rows:,} test rows: prefill {prefill / 60:,.0f} min + decode {cfg.eval.max_new_tokens} "
                           f"tokens x {math.ceil(rows / cfg.eval.batch_size):,} batches at {step:.3f} s (derived)"))
-    if not local:
+    if not local and cfg.train.method == "full":
+        gb = full_output_gb(params_b)
+        terms.append(_transfer("model download (back)", gb, LAPTOP_MBPS, f"{gb:.1f} GB of full weights (out/model) to your machine"))
+        terms.append(Term("teardown", 30, 90, 300, "billed until the cloud confirms the VM is gone"))
+    elif not local:
         mb = lora_bytes(cfg, params_b) / 1e6 + 5
         terms.append(Term("adapter download", 10 + mb / LAPTOP_MBPS[0], 10 + mb / LAPTOP_MBPS[1],
                           10 + mb / LAPTOP_MBPS[2], f"~{mb:,.0f} MB adapter + report to your machine"))
         terms.append(Term("teardown", 30, 90, 300, "billed until the cloud confirms the VM is gone"))
     return CardPlan(card=card, count=count, tokens_per_s=tps, throughput_band=band, throughput_how=how,
                     terms=tuple(terms), memory_mode=mode, checkpoint_interval_s=interval_s)
+
+
+def full_need_gib(params_b: float, gpus: int) -> float:
+    """GiB per card of a full fine-tune sharded over `gpus` (job/check.py full_fit_estimate, rounded up):
+    16 bytes a parameter (fp32 weights, gradients, AdamW moments) divided over the GPUs, plus ~16 GiB at
+    14B for the gathered layers, the activations and the CUDA context."""
+    return 16 * params_b * 1e9 / 2**30 / max(gpus, 1) + 16 * params_b / 14.0
+
+
+def full_output_gb(params_b: float) -> float:
+    return params_b * FULL_OUTPUT_BYTES_PER_PARAM
+
+
+def full_output_note(params_b: float) -> str:
+    """What a full fine-tune brings back: its size and the download time at the assumed laptop bandwidth."""
+    gb = full_output_gb(params_b)
+    lo, exp, hi = (gb * 1000 / r for r in LAPTOP_MBPS)
+    return (f"output: the full fine-tune's weights, ~{gb:.1f} GB ({FULL_OUTPUT_BYTES_PER_PARAM} bytes x "
+            f"{params_b:.1f}B params, bf16 safetensors in out/model), pulled back to this machine by default: "
+            f"~{exp / 60:,.0f} min at {LAPTOP_MBPS[1]:g} MB/s ({lo / 60:,.0f}-{hi / 60:,.0f} min at "
+            f"{LAPTOP_MBPS[0]:g}-{LAPTOP_MBPS[2]:g} MB/s, assumed); the machine is billed until it is done")
 
 
 def _transfer(name: str, gb: float, mbps: tuple[float, float, float], what: str) -> Term:
@@ -652,7 +686,7 @@ def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None)
     best, hours = est.cheapest, est.hours
     tail = 0.0
     if best is not None and est.plan is not None:
-        around = ("provisioning", "adapter download", "teardown")
+        around = ("provisioning", "adapter download", "model download (back)", "teardown")
         tail = DEADLINE_GRACE_S + sum(t.high_s for t in est.plan.terms if t.name in around)
     limits = []  # (seconds, the cap that sets them)
     if max_cost is not None:

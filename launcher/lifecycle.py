@@ -315,7 +315,8 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
         entry.rename(target)
     shutil.rmtree(staging, ignore_errors=True)
     manifest_lib.verify_or_raise(run.dir)
-    run.update(adapter=str((run.dir / "adapter").resolve()), verified=True)
+    got = "model" if not (run.dir / "adapter").is_dir() and (run.dir / "model").is_dir() else "adapter"  # method full: model/
+    run.update(adapter=str((run.dir / got).resolve()), verified=True)
 
 
 def describe(e: BaseException) -> str:

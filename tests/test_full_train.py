@@ -1,0 +1,321 @@
+"""train.method full on CPU: the FSDP2 full fine-tune (job/full.py) with 2 gloo ranks under torchrun against
+the single-process full fine-tune (the plain model, no FSDP) at the same global batch; SIGKILL after a sharded
+checkpoint, resume (same or another world size), same weights as an uninterrupted run; the saved model/
+loads with transformers and passes the manifest's tree check; job check's fit refusal; the config rule."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from contracts import manifest
+from contracts.config import load_config
+from contracts.errors import ContractError
+from contracts.events import read_all
+from job.checkpoints import complete_checkpoints
+from job.prepare import prepare
+
+REPO = Path(__file__).resolve().parent.parent
+
+# micro-batch 4 on 35 training rows: 9 micro-batches an epoch, so the 2-rank run's last step of each epoch
+# has one rank on the blank filler batch (RankBatches) and 1 rank accumulates 2 micro-batches a step.
+# Gradient checkpointing on: the recompute re-gathers FSDP's shards.
+CFG = {
+    "name": "tiny-full", "allow_cpu": True,
+    "model": {"id": "tiny", "init": "random", "tokenizer": "qwen2.5-offline",
+              "arch": {"preset": "qwen2-tiny", "initializer_range": 0.25}},
+    "train": {"method": "full", "epochs": 3, "global_batch": 8, "micro_batch": 4, "lr": 1.0e-3, "optim": "adamw_torch",
+              "precision": "fp32", "max_length": 512, "packing": True, "gradient_checkpointing": True,
+              "checkpoint_every": 4, "keep_checkpoints": 3, "max_steps": 12, "seed": 5},
+    "data": {"source": "synthetic:44", "split": "random", "seed": 1},
+}
+ENV = {"OMP_NUM_THREADS": "1", "SOCRATES_CPU_THREADS": "1"}
+STEPS = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(ranks: int, *args: str) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, "-m", "job", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
+            "--master-port", str(_free_port()), "-m", "job", *args]
+
+
+def _train(ranks: int, cfg: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(ranks, "train", "--config", str(cfg), "--data", str(data), "--out", str(out)), cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, **ENV}, timeout=240)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in read_all(out / "events.jsonl") if e["event"] == "step"}
+
+
+def _weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "model" / "model.safetensors")
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The single-process full fine-tune and the uninterrupted 2-rank FSDP2 one, on the same data."""
+    root = tmp_path_factory.mktemp("full")
+    cfg = root / "tiny-full.yaml"
+    cfg.write_text(yaml.safe_dump(CFG))
+    prepare("synthetic:44", root / "data", split="random", seed=1, cfg=load_config(cfg))
+    n = sum(1 for _ in open(root / "data" / "train.jsonl"))
+    assert n == 35 and -(-n // 4) % 2 == 1, n  # the odd micro-batch count the comment above relies on
+    outs = {}
+    for ranks in (1, 2):
+        out = root / f"world{ranks}"
+        r = _train(ranks, cfg, root / "data", out)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[ranks] = (out, r)
+    return cfg, root / "data", outs
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_gloo_ranks_trains_what_one_process_trains(runs):
+    _, _, outs = runs
+    (one, _), (two, r) = outs[1], outs[2]
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    loss_gap = max(abs(a[s] - b[s]) for s in a)
+    assert loss_gap < 1e-4, (a, b)
+    assert len(set(round(v, 3) for v in a.values())) > 8 and a[STEPS] < a[1] - 1.0  # it learns: not constants
+    # every weight trained, and the sharded run's gathered weights are the single process's
+    w1, w2 = _weights(one), _weights(two)
+    weight_gap = _max_diff(w1, w2)
+    assert weight_gap < 5e-5
+    print(f"\nfull, 2 FSDP2 ranks vs 1 process: max loss gap {loss_gap:.2e}, max weight gap {weight_gap:.2e}, "
+          f"loss {a[1]:.3f} -> {a[STEPS]:.3f}")
+    assert "lm_head.weight" not in w2  # tied to the embedding (qwen2-tiny), saved once as transformers does
+    # Rank 0 alone wrote: one start, one event per step, one per checkpoint, one done; rank 1 echoes nothing.
+    events = read_all(two / "events.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds.count("start") == 1 and kinds.count("done") == 1 and kinds.count("step") == STEPS
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [4, 8, 12]
+    assert r.stdout.count('"event":"done"') == 1
+    # sharded checkpoints: torch.distributed.checkpoint files of both ranks, marked complete and fingerprinted
+    assert [p.name for p in complete_checkpoints(two / "checkpoints")] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+    files = {p.name for p in (two / "checkpoints" / "checkpoint-12").iterdir()}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "COMPLETE", "trainer_state.json", "socrates_run.json"} <= files
+    assert json.loads((two / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())["world_size"] == 2
+    # the output: model/ listed in the manifest, the whole tree verified as the launcher verifies a download
+    m = manifest.load(two)
+    assert m["kind"] == "full" and m["world_size"] == 2 and m["steps"] == STEPS and m["full"]["fsdp"] is True
+    assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= {f["path"] for f in m["files"]}
+    assert manifest.verify_tree(two) == []
+    assert manifest.load(one)["world_size"] == 1 and manifest.load(one)["full"]["fsdp"] is False
+
+
+@pytest.mark.slow
+def test_the_saved_model_loads_with_transformers_as_trained(runs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, _, outs = runs
+    two = outs[2][0]
+    model, info = AutoModelForCausalLM.from_pretrained(two / "model", output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    saved = _weights(two)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in saved.items())
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL torchrun (or the one process) and every rank: nothing gets to clean up."""
+    import psutil
+
+    procs = psutil.Process(pid).children(recursive=True)
+    os.kill(pid, signal.SIGKILL)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _kill_after_first_checkpoint(ranks: int, cfg: Path, data: Path, out: Path) -> None:
+    proc = subprocess.Popen(_cmd(ranks, "train", "--config", str(cfg), "--data", str(data), "--out", str(out)), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **ENV},
+                            start_new_session=True)
+    deadline = time.time() + 200
+    killed = False
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "events.jsonl").is_file() and any(e["event"] == "checkpoint" for e in read_all(out / "events.jsonl")):
+            _kill_tree(proc.pid)
+            killed = True
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed, "the run ended (or never checkpointed) before it could be killed"
+    assert not (out / "manifest.json").exists() and not (out / "model").exists()
+    assert complete_checkpoints(out / "checkpoints")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [(2, 2), (2, 1), (1, 2)])
+def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(runs, tmp_path, first, then):
+    cfg, data, outs = runs
+    out = tmp_path / "run"
+    _kill_after_first_checkpoint(first, cfg, data, out)
+    at = int(complete_checkpoints(out / "checkpoints")[-1].name.split("-")[1])
+    assert at < STEPS
+    r = _train(then, cfg, data, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = manifest.load(out)
+    assert m["resumed_from"] == f"checkpoint-{at}" and m["steps"] == STEPS and m["world_size"] == then
+    ref_out = outs[then][0]  # the uninterrupted run on the world size that finished
+    ref, got = _losses(ref_out), _losses(out)
+    loss_gap = max(abs(ref[s] - got[s]) for s in range(at + 1, STEPS + 1))
+    weight_gap = _max_diff(_weights(ref_out), _weights(out))
+    print(f"\nfull, killed on {first} rank(s) after checkpoint-{at}, resumed on {then}: max loss gap {loss_gap:.2e}, "
+          f"max weight gap {weight_gap:.2e} vs the uninterrupted {then}-rank run")
+    assert loss_gap < 1e-4
+    # Same world size: the same sums in the same order, so the same weights (1e-5; measured 0.0). Across world
+    # sizes the reduction order differs (FSDP's reduce-scatter vs one process), as between the two
+    # uninterrupted runs (7.8e-6 measured there): the same bound as that comparison.
+    assert weight_gap < (1e-5 if first == then else 5e-5)
+    assert manifest.verify_tree(out) == []
+
+
+# --- no training: the fit refusal, the config rule, the manifest rule -------------------------------------
+
+def test_check_refuses_a_full_fine_tune_that_cannot_fit_its_cards_with_the_numbers():
+    from job.check import plan_memory
+    from job.errors import JobCannotRun
+
+    cfg = load_config(REPO / "configs" / "paper.yaml").with_overrides({"train.method": "full", "train.micro_batch": 32})
+    # 14.77B params x 16 B (fp32 weights, grads, AdamW m and v) = 220 GiB: one 80 GB card cannot hold it
+    with pytest.raises(JobCannotRun) as e:
+        plan_memory(cfg, 79.15, 500.0, None, 1)
+    msg = str(e.value)
+    assert "\n" not in msg and "14.77B params" in msg and "220.09 GiB" in msg and "79.15 GiB" in msg, msg
+    assert "train.method: qlora" in msg
+    # sharded over 8 such cards: 27.5 GiB of it per card, and the plan fits
+    run_cfg, mode = plan_memory(cfg, 79.15, 500.0, None, 8)
+    assert run_cfg == cfg and mode["fit"]["world"] == 8
+    assert mode["fit"]["sharded_gib"] == pytest.approx(14_770_033_664 * 16 / 8 / 2**30, abs=0.01)
+    assert mode["fit"]["total_gib"] < 0.95 * 79.15
+
+
+def test_check_on_cpu_reports_the_full_fit_over_the_planned_ranks(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(CFG))
+    r = subprocess.run([sys.executable, "-m", "job", "check", "--config", str(cfg)], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, **ENV, "NPROC_PER_NODE": "2", "SKYPILOT_NUM_NODES": "3"})
+    assert r.returncode == 0, r.stderr
+    assert "full, sharded over 6 GPU(s)" in r.stdout and "weights+grads+AdamW" in r.stdout
+
+
+def test_full_fine_tune_takes_only_an_adamw(tmp_path):
+    raw = json.loads(json.dumps(CFG))
+    raw["train"]["optim"] = "sgd"
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ContractError, match=r"train.optim: 'sgd' is not accepted with train.method full"):
+        load_config(f)
+    raw["train"]["optim"] = "paged_adamw_8bit"
+    f.write_text(yaml.safe_dump(raw))
+    assert load_config(f).train.optim == "paged_adamw_8bit"
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    manifest.write(root, {"kind": "full"})
+    return root
+
+
+def test_manifest_accepts_full_weights_where_an_adapter_is_required(tmp_path):
+    one = _tree(tmp_path / "one", {"model/config.json": b"{}", "model/model.safetensors": b"w"})
+    assert manifest.verify_tree(one) == []
+    index = json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    sharded = _tree(tmp_path / "sharded", {"model/config.json": b"{}", "model/model-00001-of-00002.safetensors": b"1",
+                                           "model/model-00002-of-00002.safetensors": b"2",
+                                           "model/model.safetensors.index.json": index.encode()})
+    assert manifest.verify_tree(sharded) == []
+    # a shard the index names is not in the manifest (a partial copy): refused
+    short = _tree(tmp_path / "short", {"model/config.json": b"{}", "model/model-00001-of-00002.safetensors": b"1",
+                                       "model/model.safetensors.index.json": index.encode()})
+    assert any("model-00002-of-00002.safetensors" in p for p in manifest.verify_tree(short))
+    # weights without the config, or neither model nor adapter: refused as before
+    bare = _tree(tmp_path / "bare", {"model/model.safetensors": b"w"})
+    assert any(p.startswith("no adapter in the manifest") for p in manifest.verify_tree(bare))
+
+
+def test_check_counts_the_disk_a_full_fine_tune_writes(monkeypatch):
+    from job.check import full_disk_gib
+
+    cfg = load_config(REPO / "configs" / "paper.yaml").with_overrides({"train.method": "full", "train.micro_batch": 32})
+    d = full_disk_gib(cfg)  # keep 2 checkpoints + 1 being written, each 12 B/param (fp32 weights + AdamW m, v)
+    assert d["checkpoints"] == 3 and d["checkpoint_gib"] == pytest.approx(14_770_033_664 * 12 / 2**30, abs=0.1)
+    assert d["output_gib"] == pytest.approx(14_770_033_664 * 2 / 2**30, abs=0.1)  # bf16 weights
+    monkeypatch.setenv("SKYPILOT_NUM_NODES", "2")  # each node holds only its ranks' shards
+    assert full_disk_gib(cfg)["checkpoint_gib"] == pytest.approx(d["checkpoint_gib"] / 2, abs=0.1)
+    assert full_disk_gib(cfg.with_overrides({"train.checkpoint_every": 0}))["checkpoints"] == 0
+
+
+# --- the launcher: a full run through `up` on the local backend, and the estimate ---------------------
+
+@pytest.mark.slow
+def test_up_on_two_local_ranks_brings_back_verified_full_weights(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launcher_helpers import cli, launcher_env, only_run
+
+    raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    raw["train"].update(method="full", lr=1.0e-3, max_steps=4, checkpoint_every=2)
+    cfg = tmp_path / "smoke-full.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    runs = tmp_path / "runs"
+    env = launcher_env(runs, OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    r = cli(["up", "--infra", "local", "--ranks", "2", "--config", str(cfg), "--yes", "--name", "full-two"], env, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    rec = only_run(runs)
+    run_dir = next(p for p in runs.iterdir() if p.is_dir() and p.name.startswith("full-two"))
+    assert rec["state"] == "done" and rec["verified"] and rec["adapter"] == str((run_dir / "model").resolve())
+    m = manifest.load(run_dir)
+    assert m["kind"] == "full" and m["world_size"] == 2 and m["steps"] == 4
+    assert manifest.verify(run_dir) == [] and (run_dir / "model" / "model.safetensors").is_file()
+    assert "evaluate: skipped: train.method full" in out + "".join(p.read_text(errors="replace") for p in run_dir.rglob("*.log"))
+
+
+def test_the_estimate_shows_the_full_output_and_its_download(tmp_path):
+    from launcher import cost
+
+    cfg = load_config(REPO / "configs" / "paper.yaml").with_overrides({"train.method": "full", "train.micro_batch": 32})
+    table = cost.load_throughput()
+    tokens = cost.count_tokens(cfg)
+    params_b = cost.model_params_b(cfg)
+    plan = cost.plan_card(cfg, table, "A100-80GB", 8, params_b, tokens, local=False)
+    back = {t.name: t for t in plan.terms}["model download (back)"]
+    gb = 2 * params_b  # bf16: 2 bytes a parameter
+    assert (back.low_s, back.expected_s, back.high_s) == pytest.approx((gb * 1000 / 50, gb * 1000 / 20, gb * 1000 / 5))
+    assert "adapter download" not in {t.name for t in plan.terms}
+    assert plan.memory_mode == "fast"  # sharded over 8 x 80 GB it fits; on 2 it does not
+    assert cost.plan_card(cfg, table, "A100-80GB", 2, params_b, tokens, local=False).memory_mode is None
+    note = cost.full_output_note(params_b)
+    assert f"~{gb:.1f} GB" in note and "pulled back to this machine by default" in note and "20 MB/s" in note
