@@ -56,6 +56,8 @@ class Levers:
     """job/fused_lora.py's forward on every LoRA layer (same function, less memory and traffic)."""
     offload_checkpoints: bool = False
     """Checkpointed layers keep their input in pinned host memory (job/offload.py)."""
+    fp8: bool = False
+    """The frozen base's decoder linears run their matmuls in fp8 e4m3 (job/fp8.py; Hopper/Ada)."""
 
 
 # --- batches ---------------------------------------------------------------------------------

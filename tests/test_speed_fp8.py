@@ -1,0 +1,158 @@
+"""FP8 matmuls for the frozen base (job/fp8.py): the wrapper computes the layer's function to fp8
+accuracy, forward and input gradient, on the 4-bit layer and a frozen bf16 one; it is switched on only
+where it applies and switched off exactly. On CPU the fp8 product is emulated from the same e4m3 values;
+the CUDA test (skipped without a GPU) checks torch._scaled_mm and the Triton quantizer against that."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from job import fast, fp8
+from tests.test_speed_packing import ARCH, _examples
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+def test_row_quantization_round_trips_within_e4m3_precision():
+    torch.manual_seed(0)
+    t = torch.randn(37, 96) * torch.logspace(-3, 3, 37).unsqueeze(1)  # rows six decades apart
+    t[5] = 0.0  # an all-zero row must not divide by zero
+    q, s = fp8.quant_rows_torch(t)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (37, 1) and s.dtype == torch.float32
+    back = q.float() * s
+    assert torch.isfinite(back).all() and (back[5] == 0).all()
+    amax = t.abs().amax(dim=1, keepdim=True)
+    # e4m3 keeps 3 mantissa bits: an element's error is at most 2^-4 of its own magnitude (normal
+    # range) or of the row's amax / 448 * 2^-6 (subnormals); the row max maps to 448 exactly.
+    err = (back - t).abs()
+    assert (err <= t.abs() * 2 ** -4 + amax / 448 * 2 ** -6 + 1e-30).all()
+    assert torch.allclose(back.abs().amax(dim=1, keepdim=True), amax, rtol=1e-6)
+
+
+def _linear(k: int, n: int, bias: bool, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    for p in lin.parameters():
+        p.requires_grad_(False)
+    return lin
+
+
+@pytest.mark.parametrize("tokens", [48, 13])  # 13: padded to 16 inside, cut back after
+def test_fp8_linear_matches_the_fp32_layer_forward_and_input_grad(tokens):
+    lin = _linear(64, 96, bias=True)
+    x = torch.randn(tokens, 64, requires_grad=True)
+    g = torch.randn(tokens, 96)
+    want_y = x.detach().double() @ lin.weight.double().t() + lin.bias.double()
+    want_dx = g.double() @ lin.weight.double()
+    assert fp8.enable_fp8 is not None
+    lin.forward = fp8._fp8_forward.__get__(lin)
+    y = lin(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    assert y.shape == (tokens, 96) and dx.shape == x.shape
+    # e4m3 inputs: ~2-4% relative error in norm; exact (< 1e-6) would mean fp8 was not used at all.
+    assert 1e-4 < rel(y, want_y) < 0.06
+    assert 1e-4 < rel(dx, want_dx) < 0.06
+
+
+def test_fp8_saves_nothing_for_backward():
+    """The base is frozen: dx = dy @ W needs no activation, so the op keeps no tensor alive."""
+    lin = _linear(64, 64, bias=False)
+    lin.forward = fp8._fp8_forward.__get__(lin)
+    x = torch.randn(32, 64, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        y = lin(x)
+    assert kept == []
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _lora_model(base):
+    for p in base.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                                                      target_modules=TARGETS))
+    model.train()
+    return model
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    s = fast.answer_loss_sum(model, batch)
+    s.backward()
+    return float(s.detach()), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_fp8_on_a_lora_model_close_to_the_plain_one_and_undone_exactly(four_bit):
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
+        from transformers import Qwen2Config
+
+        from job.model import PRESETS, build_random
+
+        base = build_random(Qwen2Config(**dict(PRESETS["qwen2-tiny"], vocab_size=ARCH["vocab_size"])),
+                            torch.device("cpu"), torch.float32, quantize=True, seed=0)
+    else:
+        torch.manual_seed(0)
+        base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa")).float()
+    model = _lora_model(base)
+    fast.set_checkpointing(model, True)
+    batch = fast.collate_padded(_examples(6, seed=3), pad_id=0)
+    want_loss, want_g = _loss_and_grads(model, batch)
+    n = fp8.enable_fp8(model)
+    layers = fast.causal_lm_of(model).model.layers
+    assert n == 7 * len(layers)  # every frozen projection of every decoder layer, nothing else
+    switched = [m for m in model.modules() if "forward" in m.__dict__]
+    assert len(switched) == n and all(not hasattr(m, "lora_A") for m in switched)
+    if four_bit:
+        assert {type(m).__name__ for m in switched} == {"Linear4bit"}
+    got_loss, got_g = _loss_and_grads(model, batch)
+    assert got_loss != want_loss  # fp8 really ran
+    assert got_loss == pytest.approx(want_loss, rel=2e-3)
+    cos = float(torch.nn.functional.cosine_similarity(got_g.double(), want_g.double(), dim=0))
+    assert cos > 0.995 and rel(got_g, want_g) < 0.1
+    assert fp8.enable_fp8(model, enabled=False) == n
+    again_loss, again_g = _loss_and_grads(model, batch)
+    assert again_loss == want_loss and torch.equal(again_g, want_g)
+
+
+def test_only_frozen_projections_with_widths_divisible_by_16():
+    torch.manual_seed(0)
+    base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa"))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    base.model.layers[0].mlp.down_proj.weight.requires_grad_(True)  # trained: its weight grad is needed
+    assert fp8.enable_fp8(base) == 7 * ARCH["num_hidden_layers"] - 1
+    assert "forward" not in base.model.layers[0].mlp.down_proj.__dict__
+    assert "forward" not in base.lm_head.__dict__
+
+
+def test_available_says_why_not_off_hopper():
+    ok, why = fp8.available("cpu")
+    assert not ok and "CUDA" in why
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with fp8 tensor cores (8.9+)")
+def test_cuda_scaled_mm_and_triton_quantizer_agree_with_the_emulation():
+    torch.manual_seed(0)
+    x = torch.randn(4096, 5120, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 5120, device="cuda", dtype=torch.bfloat16) * 0.02
+    xq, xs = fp8.quant_rows(x)
+    tq, ts = fp8.quant_rows_torch(x)
+    assert torch.equal(xs, ts)
+    assert float((xq.float() == tq.float()).float().mean()) > 0.999
+    wq, ws = fp8.quant_rows(w)
+    y = fp8.scaled_mm(xq, wq.t(), xs, ws.t(), torch.bfloat16, fast_accum=False)
+    emul = fp8.scaled_mm(xq.cpu(), wq.t().cpu(), xs.cpu(), ws.t().cpu(), torch.float32, fast_accum=False)
+    assert rel(y.float().cpu(), emul) < 1e-2
+    assert rel(y.float(), x.float() @ w.float().t()) < 0.06
