@@ -99,6 +99,10 @@ class TrainSpec:
     same function as peft's forward; job/fused_lora.py)."""
     offload_checkpoints: bool = False
     """Checkpointed layers keep their input in pinned host memory, not on the GPU (job/offload.py)."""
+    fp8: bool = False
+    """The frozen base's decoder matmuls in fp8 e4m3 with row-wise scales, forward and input gradient
+    (job/fp8.py): ~1.35x the step rate on an H200; off on cards without fp8 tensor cores (before Ada/Hopper).
+    Rounds the matmul inputs to 3 mantissa bits, so the loss moves slightly (bench/RESULTS.md round 6)."""
     memory_mode: str = "auto"
     """auto: the config as written when `job check`'s fit says it fits the card, else the lean mode |
     fast: always as written | lean: always lean (every layer recomputed, its input offloaded to pinned

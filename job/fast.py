@@ -358,7 +358,14 @@ def levers_for(train, device: torch.device | str) -> Levers:
                   liger=train.liger, checkpoint_layers=train.checkpoint_layers,
                   attn_implementation=resolve_attention(train.attn_implementation, device),
                   compile=train.compile, fused_lora=train.fused_lora,
-                  offload_checkpoints=train.offload_checkpoints)
+                  offload_checkpoints=train.offload_checkpoints,
+                  fp8=train.fp8 and _fp8_here(device))
+
+
+def _fp8_here(device: torch.device | str) -> bool:
+    from job.fp8 import available
+
+    return available(device)[0]
 
 
 def speed_up(model: torch.nn.Module, train, device: torch.device | str, trainer=None, pad_id: int = 0) -> Levers:
@@ -376,6 +383,10 @@ def speed_up(model: torch.nn.Module, train, device: torch.device | str, trainer=
         print("speed: liger-kernel not installed; fused RMSNorm/SwiGLU/RoPE off (slower)", flush=True)
     set_checkpointing(model, train.gradient_checkpointing, lv.checkpoint_layers, lv.offload_checkpoints)
     fuse_lora(model, lv.fused_lora)
+    if lv.fp8:
+        from job.fp8 import enable_fp8
+
+        print(f"speed: fp8 (e4m3) matmuls on {enable_fp8(model)} frozen linears", flush=True)
     set_compile(model, lv.compile)
     if trainer is not None:
         trainable_to_fp32(model)

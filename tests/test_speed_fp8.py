@@ -156,3 +156,66 @@ def test_cuda_scaled_mm_and_triton_quantizer_agree_with_the_emulation():
     emul = fp8.scaled_mm(xq.cpu(), wq.t().cpu(), xs.cpu(), ws.t().cpu(), torch.float32, fast_accum=False)
     assert rel(y.float().cpu(), emul) < 1e-2
     assert rel(y.float(), x.float() @ w.float().t()) < 0.06
+
+
+# --- the job's switch: train.fp8 ----------------------------------------------------------------------
+
+def _paper(**train):
+    from pathlib import Path
+
+    from contracts.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
+    return cfg.with_overrides({f"train.{k}": v for k, v in train.items()})
+
+
+def test_train_fp8_is_off_by_default_and_must_be_a_boolean():
+    from contracts.errors import ContractError
+
+    assert _paper().train.fp8 is False
+    assert _paper(fp8=True).train.fp8 is True
+    with pytest.raises(ContractError, match="fp8"):
+        _paper(fp8="fast")
+
+
+def test_the_levers_report_says_whether_fp8_runs_here_and_never_refuses_it(monkeypatch):
+    from contracts import events
+    from job import levers
+
+    assert levers.report(_paper(), on_gpu=True, layers=48, probe_flex=False)["fp8"] == {"on": False, "why": "train.fp8: false"}
+    cpu = levers.report(_paper(fp8=True), on_gpu=False, layers=48, probe_flex=False)
+    assert cpu["fp8"]["on"] is False and "CUDA only" in cpu["fp8"]["why"] and levers.refusal(cpu) is None
+    full = levers.report(_paper(fp8=True, method="full"), on_gpu=True, layers=48, probe_flex=False)
+    assert full["fp8"]["on"] is False and "train.method: full" in full["fp8"]["why"]
+    # An A100 (8.0) has no fp8 tensor cores, an H200 (9.0) has: the real capability check, the card faked.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cap, on in (((8, 0), False), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, cap=cap: cap)
+        lv = levers.report(_paper(fp8=True, liger=False), on_gpu=True, layers=48, probe_flex=False)
+        assert lv["fp8"]["on"] is on and levers.refusal(lv) is None, lv["fp8"]
+        if not on:
+            assert "8.0" in lv["fp8"]["why"] and "8.9" in lv["fp8"]["why"]
+        assert events.make("start", verb="train", levers=lv)["levers"]["fp8"] == lv["fp8"]
+        assert f"fp8 {'on' if on else 'off'}" in levers.summary(lv)
+
+
+def test_a_start_event_from_an_older_job_without_fp8_still_reads():
+    from contracts import events
+    from contracts.errors import ContractError
+    from job import levers
+
+    lv = levers.report(_paper(), on_gpu=False, layers=48, probe_flex=False)
+    lv.pop("fp8")
+    assert "fp8" not in events.make("start", verb="train", levers=lv)["levers"]
+    lv.pop("offload")  # an old lever missing is still an error
+    with pytest.raises(ContractError, match="levers"):
+        events.make("start", verb="train", levers=lv)
+
+
+def test_speed_up_switches_fp8_on_only_where_the_card_has_it():
+    torch.manual_seed(0)
+    base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa"))
+    model = _lora_model(base)
+    lv = fast.speed_up(model, _paper(fp8=True, liger=False).train, "cpu")
+    assert lv.fp8 is False  # CPU: no fp8 tensor cores, the config's switch is not enough
+    assert not any("forward" in m.__dict__ and not hasattr(m, "lora_A") for m in model.modules())
