@@ -19,6 +19,8 @@ What each lever does (bench/train_throughput.py measures each on the 14B archite
 - Offloaded checkpoints: a checkpointed layer's input waits in pinned host memory (copied out and
   back on a side stream, the way back prefetched one layer ahead), which frees ~9 GiB at
   micro-batch 64 for layers that are not recomputed.
+- FP8 (train.fp8, off by default; job/fp8.py): the frozen base's decoder matmuls, forward and
+  input gradient, in e4m3 with row-wise scales on cards with fp8 tensor cores (~1.35x a step on an H200).
 - Compile (off by default): regional torch.compile, each decoder layer compiled on its own with
   dynamic shapes (identical layers share one graph; checkpointing wraps the compiled layer).
 - Micro-batch: with packing, more sequences per micro-batch amortize the NF4 dequantization of
