@@ -4,6 +4,8 @@ where it applies and switched off exactly. On CPU the fp8 product is emulated fr
 the CUDA test (skipped without a GPU) checks torch._scaled_mm and the Triton quantizer against that."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from tests.test_speed_packing import ARCH, _examples
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -161,11 +164,9 @@ def test_cuda_scaled_mm_and_triton_quantizer_agree_with_the_emulation():
 # --- the job's switch: train.fp8 ----------------------------------------------------------------------
 
 def _paper(**train):
-    from pathlib import Path
-
     from contracts.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
+    cfg = load_config(REPO / "configs" / "paper.yaml")
     return cfg.with_overrides({f"train.{k}": v for k, v in train.items()})
 
 
@@ -219,3 +220,33 @@ def test_speed_up_switches_fp8_on_only_where_the_card_has_it():
     lv = fast.speed_up(model, _paper(fp8=True, liger=False).train, "cpu")
     assert lv.fp8 is False  # CPU: no fp8 tensor cores, the config's switch is not enough
     assert not any("forward" in m.__dict__ and not hasattr(m, "lora_A") for m in model.modules())
+
+
+def test_the_estimate_uses_the_fp8_rate_only_on_fp8_cards_in_the_fast_mode():
+    import yaml
+
+    from launcher import cost
+
+    table = yaml.safe_load((REPO / "configs" / "throughput.yaml").read_text())
+    fp8_tps = float(table["fp8"]["qlora"][14]["tokens_per_s"])
+    bf16_tps = float(table["measured"]["qlora"][14]["tokens_per_s"])
+    assert fp8_tps > bf16_tps
+
+    def plan(card, **train):
+        est = cost.estimate_run(_paper(**train), gpu=f"{card}:1", infra="local")
+        return est.plans[0], " ".join(est.notes)
+
+    on, notes = plan("H200", fp8=True)
+    assert on.tokens_per_s == pytest.approx(fp8_tps) and "fp8 fast mode" in on.throughput_how
+    assert "no fp8 tensor cores" not in notes
+    off, _ = plan("H200")
+    assert off.tokens_per_s == pytest.approx(bf16_tps) and "fp8" not in off.throughput_how
+    # An A100 has no fp8 tensor cores: the bf16 rate, and a note that says why.
+    a100_fp8, notes = plan("A100-80GB", fp8=True)
+    a100, _ = plan("A100-80GB")
+    assert a100_fp8.tokens_per_s == pytest.approx(a100.tokens_per_s)
+    assert "train.fp8: A100-80GB has no fp8 tensor cores" in notes
+    # The lean memory mode keeps its own (bf16) measured row even with fp8 asked for.
+    lean_fp8, _ = plan("L4", fp8=True)
+    lean, _ = plan("L4")
+    assert lean_fp8.memory_mode == "lean" and lean_fp8.tokens_per_s == pytest.approx(lean.tokens_per_s)
