@@ -30,6 +30,7 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "eager")
 MEMORY_MODES = ("auto", "fast", "lean")
+FP8_BACKWARDS = ("fp8", "bf16")  # train.fp8_backward: the input gradient in e4m3, or in bf16 as bnb does
 REPORT_TO = ("none", "tensorboard", "wandb")
 TENSORBOARD_DIR = "tensorboard"
 """Where train.report_to: tensorboard writes its event files, under the job's out/ (they come back with it)."""
@@ -103,6 +104,11 @@ class TrainSpec:
     """The frozen base's decoder matmuls in fp8 e4m3 with row-wise scales, forward and input gradient
     (job/fp8.py): ~1.35x the step rate on an H200; off on cards without fp8 tensor cores (before Ada/Hopper).
     Rounds the matmul inputs to 3 mantissa bits, so the loss moves slightly (bench/RESULTS.md round 6)."""
+    fp8_fast_accum: bool = True
+    """With fp8: the forward's matmul uses Hopper's fast accumulation (false: exact accumulation)."""
+    fp8_backward: str = "fp8"
+    """With fp8: the input gradient dx = dy @ W in fp8 | bf16 (from the dequantized weight, as bnb does;
+    only the forward and its recompute in fp8). bench/RESULTS.md round 7 measures both switches."""
     memory_mode: str = "auto"
     """auto: the config as written when `job check`'s fit says it fits the card, else the lean mode |
     fast: always as written | lean: always lean (every layer recomputed, its input offloaded to pinned
@@ -275,6 +281,7 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("train.optim", _one_of(OPTIMIZERS), " | ".join(OPTIMIZERS)),
     ("train.attn_implementation", _one_of(ATTN_IMPLEMENTATIONS), " | ".join(ATTN_IMPLEMENTATIONS)),
     ("train.memory_mode", _one_of(MEMORY_MODES), " | ".join(MEMORY_MODES)),
+    ("train.fp8_backward", _one_of(FP8_BACKWARDS), " | ".join(FP8_BACKWARDS)),
     ("train.global_batch", _whole(1), "a whole number >= 1"),
     ("train.micro_batch", _whole(1), "a whole number >= 1"),
     ("train.max_length", _whole(1), "a whole number >= 1"),

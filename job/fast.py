@@ -60,6 +60,10 @@ class Levers:
     """Checkpointed layers keep their input in pinned host memory (job/offload.py)."""
     fp8: bool = False
     """The frozen base's decoder linears run their matmuls in fp8 e4m3 (job/fp8.py; Hopper/Ada)."""
+    fp8_fast_accum: bool = True
+    """With fp8: the forward's `_scaled_mm` uses fast accumulation (False: exact)."""
+    fp8_backward: str = "fp8"
+    """With fp8: dx = dy @ W in fp8 | bf16 (dequantized weight, as bnb does)."""
 
 
 # --- batches ---------------------------------------------------------------------------------
@@ -361,7 +365,8 @@ def levers_for(train, device: torch.device | str) -> Levers:
                   attn_implementation=resolve_attention(train.attn_implementation, device),
                   compile=train.compile, fused_lora=train.fused_lora,
                   offload_checkpoints=train.offload_checkpoints,
-                  fp8=train.fp8 and _fp8_here(device))
+                  fp8=train.fp8 and _fp8_here(device),
+                  fp8_fast_accum=getattr(train, "fp8_fast_accum", True), fp8_backward=getattr(train, "fp8_backward", "fp8"))
 
 
 def _fp8_here(device: torch.device | str) -> bool:
@@ -386,9 +391,10 @@ def speed_up(model: torch.nn.Module, train, device: torch.device | str, trainer=
     set_checkpointing(model, train.gradient_checkpointing, lv.checkpoint_layers, lv.offload_checkpoints)
     fuse_lora(model, lv.fused_lora)
     if lv.fp8:
-        from job.fp8 import enable_fp8
+        from job.fp8 import enable_fp8, recipe
 
-        print(f"speed: fp8 (e4m3) matmuls on {enable_fp8(model)} frozen linears", flush=True)
+        n = enable_fp8(model, fast_accum=lv.fp8_fast_accum, backward=lv.fp8_backward)
+        print(f"speed: fp8 (e4m3) matmuls on {n} frozen linears ({recipe(lv.fp8_fast_accum, lv.fp8_backward)})", flush=True)
     set_compile(model, lv.compile)
     if trainer is not None:
         trainable_to_fp32(model)

@@ -11,6 +11,13 @@ autograd op that runs both in fp8:
   writes bf16 (fast accumulation on, as torchao's row-wise recipe does for the output).
 - backward: dy quantized per token (e4m3: row-wise scales leave it enough range, as torchao's
   row-wise recipe does), W^T quantized per input column, `dx = dy @ W` in fp8 with exact accumulation.
+
+Two switches pick the recipe (train.fp8_fast_accum, train.fp8_backward; bench levers `exact`, `dxbf16`):
+- `fast_accum=False`: the forward's `_scaled_mm` accumulates exactly too (Hopper's fast accumulation
+  keeps fewer bits in the running sum of long K; exact costs a little speed).
+- `backward="bf16"`: `dx = dy @ W` in bf16 from the dequantized W, as bnb's own matmul does (dy's
+  range is not squeezed into e4m3); only the forward (and its recompute) runs in fp8.
+The defaults (fast accumulation, fp8 dx) are what round 6 measured.
 - nothing is saved for backward (the weight is re-read from the module; x is not needed, the base is
   frozen), so a layer that is not recomputed keeps less than bnb's matmul does.
 
@@ -26,6 +33,7 @@ count is padded to a multiple of 16 when it is not one.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -126,37 +134,49 @@ class _Fp8Linear(torch.autograd.Function):
     """y = x @ W^T + b with e4m3 inputs; dx = dy @ W likewise; W frozen (no weight gradient)."""
 
     @staticmethod
-    def forward(ctx, x, layer, out_dtype):  # noqa: D401 - autograd API
+    def forward(ctx, x, layer, out_dtype, fast_accum=True, backward="fp8"):  # noqa: D401 - autograd API
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
         xq, xs = quant_rows(_pad16(x2))
         wq, ws = quant_rows(frozen_weight(layer))
-        y = scaled_mm(xq, wq.t(), xs, ws.t(), out_dtype, fast_accum=True)[:m]
+        y = scaled_mm(xq, wq.t(), xs, ws.t(), out_dtype, fast_accum=fast_accum)[:m]
         if layer.bias is not None:
             y = y + layer.bias.to(out_dtype)
-        ctx.layer, ctx.shape = layer, x.shape
+        ctx.layer, ctx.shape, ctx.dx_in = layer, x.shape, backward
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
+        none = (None,) * 4
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return (None, *none)
         layer = ctx.layer
         n = g.shape[-1]
         g2 = g.reshape(-1, n)
+        if ctx.dx_in == "bf16":  # bnb's way: the dequantized weight, a plain matmul in the grad's dtype
+            return ((g2 @ frozen_weight(layer).to(g.dtype)).view(ctx.shape), *none)
         m = g2.shape[0]
         gq, gs = quant_rows(_pad16(g2))
         wtq, wts = quant_rows(frozen_weight(layer).t().contiguous())  # (in, out): one scale per input column
         dx = scaled_mm(gq, wtq.t(), gs, wts.t(), g.dtype, fast_accum=False)[:m]
-        return dx.view(ctx.shape), None, None
+        return (dx.view(ctx.shape), *none)
 
 
-def _fp8_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+BACKWARDS = ("fp8", "bf16")
+
+
+def recipe(fast_accum: bool, backward: str) -> str:
+    """The recipe in words: the forward's accumulation and where dx is computed."""
+    return (f"forward {'fast' if fast_accum else 'exact'} accumulation, "
+            f"dx in {'bf16 (dequantized weight)' if backward == 'bf16' else 'fp8'}")
+
+
+def _fp8_forward(self, x: torch.Tensor, *args, fast_accum: bool = True, backward: str = "fp8", **kwargs) -> torch.Tensor:
     dev = x.device.type
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     with torch.autocast(dev, enabled=False):
-        return _Fp8Linear.apply(x.to(dt), self, dt)
+        return _Fp8Linear.apply(x.to(dt), self, dt, fast_accum, backward)
 
 
 def _frozen_linears(model: torch.nn.Module):
@@ -175,12 +195,18 @@ def _frozen_linears(model: torch.nn.Module):
             yield m
 
 
-def enable_fp8(model: torch.nn.Module, enabled: bool = True) -> int:
-    """Switch every frozen decoder linear to the fp8 forward (or back); returns how many."""
+def enable_fp8(model: torch.nn.Module, enabled: bool = True, fast_accum: bool = True, backward: str = "fp8") -> int:
+    """Switch every frozen decoder linear to the fp8 forward (or back); returns how many.
+
+    fast_accum: the forward's `_scaled_mm` uses Hopper's fast accumulation (False: exact, as dx's);
+    backward: "fp8" (dx = dy @ W in e4m3) or "bf16" (dx from the dequantized weight, as bnb does)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"fp8 backward {backward!r} is not accepted ({' | '.join(BACKWARDS)})")
+    fwd = functools.partial(_fp8_forward, fast_accum=bool(fast_accum), backward=backward)
     n = 0
     for m in _frozen_linears(model):
         if enabled:
-            m.forward = types.MethodType(_fp8_forward, m)
+            m.forward = types.MethodType(fwd, m)
         else:
             m.__dict__.pop("forward", None)
         n += 1

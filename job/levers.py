@@ -73,9 +73,11 @@ def _fp8_report(t, on_gpu: bool, lora: bool) -> dict:
         return {"on": False, "why": "train.fp8: false"}
     if not lora:
         return {"on": False, "why": f"the base is trained (train.method: {t.method}); fp8 is for frozen weights"}
-    from job.fp8 import available
+    from job.fp8 import available, recipe
 
     ok, why = available("cuda") if on_gpu else (False, "CUDA only (fp8 tensor cores)")
+    if ok:
+        why += "; " + recipe(getattr(t, "fp8_fast_accum", True), getattr(t, "fp8_backward", "fp8"))
     return {"on": ok, "why": why}
 
 

@@ -4,6 +4,8 @@ where it applies and switched off exactly. On CPU the fp8 product is emulated fr
 the CUDA test (skipped without a GPU) checks torch._scaled_mm and the Triton quantizer against that."""
 from __future__ import annotations
 
+import functools
+import types
 from pathlib import Path
 
 import pytest
@@ -250,3 +252,87 @@ def test_the_estimate_uses_the_fp8_rate_only_on_fp8_cards_in_the_fast_mode():
     lean_fp8, _ = plan("L4", fp8=True)
     lean, _ = plan("L4")
     assert lean_fp8.memory_mode == "lean" and lean_fp8.tokens_per_s == pytest.approx(lean.tokens_per_s)
+
+
+# --- the recipe switches: train.fp8_fast_accum, train.fp8_backward (round 7) -------------------------
+
+def test_dx_in_bf16_is_the_dequantized_weights_product_while_the_forward_stays_fp8():
+    lin = _linear(64, 96, bias=True)
+    x = torch.randn(40, 64, requires_grad=True)
+    g = torch.randn(40, 96)
+    want_y = x.detach().double() @ lin.weight.double().t() + lin.bias.double()
+    want_dx = g.double() @ lin.weight.double()
+    lin.forward = types.MethodType(functools.partial(fp8._fp8_forward, backward="bf16"), lin)
+    y = lin(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    assert 1e-4 < rel(y, want_y) < 0.06  # the forward is still e4m3
+    assert rel(dx, want_dx) < 1e-6  # dx: the plain product in the grad's dtype (fp32 here), no e4m3 rounding
+
+
+def test_the_forward_accumulation_switch_reaches_scaled_mm_and_dx_stays_exact(monkeypatch):
+    seen = []
+    real = fp8.scaled_mm
+
+    def spy(a, b, sa, sb, out_dtype, fast_accum):  # records the flag, then the real product
+        seen.append(fast_accum)
+        return real(a, b, sa, sb, out_dtype, fast_accum)
+
+    monkeypatch.setattr(fp8, "scaled_mm", spy)
+    for fast_accum in (True, False):
+        torch.manual_seed(0)
+        base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa"))
+        model = _lora_model(base)
+        n = fp8.enable_fp8(model, fast_accum=fast_accum)
+        seen.clear()
+        _loss_and_grads(model, fast.collate_padded(_examples(2, seed=3), pad_id=0))
+        # n forwards with the switch, then the input grads, always exact (layer 0's q/k/v get none:
+        # their input comes from the frozen embedding)
+        assert seen[:n] == [fast_accum] * n and seen[n:] == [False] * (n - 3)
+
+
+def test_enable_fp8_refuses_an_unknown_backward():
+    lin = _linear(64, 64, bias=False)
+    with pytest.raises(ValueError, match=r"'fp16' is not accepted \(fp8 \| bf16\)"):
+        fp8.enable_fp8(lin, backward="fp16")
+
+
+def test_the_recipe_switches_default_to_round_6_and_are_checked():
+    from contracts.errors import ContractError
+
+    t = _paper().train
+    assert (t.fp8_fast_accum, t.fp8_backward) == (True, "fp8")
+    t = _paper(fp8=True, fp8_fast_accum=False, fp8_backward="bf16").train
+    assert (t.fp8_fast_accum, t.fp8_backward) == (False, "bf16")
+    with pytest.raises(ContractError, match=r"train.fp8_backward: 'fp16' is not accepted \(fp8 \| bf16\)"):
+        _paper(fp8_backward="fp16")
+    with pytest.raises(ContractError, match="fp8_fast_accum"):
+        _paper(fp8_fast_accum="sometimes")
+
+
+def test_speed_up_applies_the_configs_recipe_where_fp8_runs(monkeypatch):
+    monkeypatch.setattr(fast, "_fp8_here", lambda device: True)  # the card faked; the emulated product runs
+    torch.manual_seed(0)
+    model = _lora_model(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa")))
+    lv = fast.speed_up(model, _paper(fp8=True, liger=False, fp8_fast_accum=False, fp8_backward="bf16").train, "cpu")
+    assert lv.fp8 and (lv.fp8_fast_accum, lv.fp8_backward) == (False, "bf16")
+    switched = [m for m in model.modules() if "forward" in m.__dict__ and not hasattr(m, "lora_A")]
+    assert len(switched) == 7 * ARCH["num_hidden_layers"]
+    for m in switched:
+        assert isinstance(m.forward, types.MethodType)
+        assert m.forward.__func__.keywords == {"fast_accum": False, "backward": "bf16"}
+
+
+def test_the_bench_levers_name_the_recipe(monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_train_throughput", REPO / "bench" / "train_throughput.py")
+    tt = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, tt)  # its dataclasses look their module up there
+    spec.loader.exec_module(tt)
+    v = tt.parse_ours("packing,fp8,mb=32", tiny=False)
+    assert (v.levers.fp8, v.levers.fp8_fast_accum, v.levers.fp8_backward) == (True, True, "fp8")
+    v = tt.parse_ours("packing,fp8,exact,mb=32", tiny=False)
+    assert (v.levers.fp8, v.levers.fp8_fast_accum, v.levers.fp8_backward) == (True, False, "fp8")
+    v = tt.parse_ours("packing,fp8,dxbf16,mb=32", tiny=False)
+    assert (v.levers.fp8, v.levers.fp8_fast_accum, v.levers.fp8_backward) == (True, True, "bf16")
