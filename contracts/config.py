@@ -108,7 +108,9 @@ class TrainSpec:
     """With fp8: the forward's matmul uses Hopper's fast accumulation (false: exact accumulation)."""
     fp8_backward: str = "fp8"
     """With fp8: the input gradient dx = dy @ W in fp8 | bf16 (from the dequantized weight, as bnb does;
-    only the forward and its recompute in fp8). bench/RESULTS.md round 7 measures both switches."""
+    only the forward and its recompute in fp8). Round 7 (bench/RESULTS.md): neither bf16 dx nor exact
+    accumulation narrowed fp8's loss gap, and both are slower (6,803 / 7,266 vs 7,376 tok/s), so the
+    defaults are round 6's recipe."""
     memory_mode: str = "auto"
     """auto: the config as written when `job check`'s fit says it fits the card, else the lean mode |
     fast: always as written | lean: always lean (every layer recomputed, its input offloaded to pinned
