@@ -128,12 +128,18 @@ def attach_lora(base, v: Variant, lora: LoraSpec, seed: int, dtype: torch.dtype)
             print("  (liger not available here: kernels unchanged)")
         fast.fuse_lora(model, v.levers.fused_lora)
         fast.set_compile(model, v.levers.compile)
+        if v.levers.fp8:
+            from job.fp8 import enable_fp8, recipe
+            n = enable_fp8(model, fast_accum=v.levers.fp8_fast_accum, backward=v.levers.fp8_backward)
+            print(f"  fp8 on {n} frozen linears ({recipe(v.levers.fp8_fast_accum, v.levers.fp8_backward)})")
     model.train()
     return model
 
 
 def detach_lora(model):
     fast.set_compile(model, False)  # the base's layers outlive the variant: eager for the next one
+    from job.fp8 import enable_fp8
+    enable_fp8(model, False)
     base = model.unload()
     base.gradient_checkpointing_disable()
     base.disable_input_require_grads()  # prepare_model_for_kbit_training's hook: the baseline's only
@@ -327,7 +333,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: levers 1, final 20)")
     ap.add_argument("--baseline-steps", type=int, default=None, help="final mode: baseline steps (default --steps)")
     ap.add_argument("--ours", default="packing,answer,liger,mb=32",
-                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, fused, offload, compile, rows=N, mb=N, gc=K|all|none); "
+                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, fused, offload, compile, fp8, exact (fp8's forward without fast accumulation), dxbf16 (fp8's dx in bf16), rows=N, mb=N, gc=K|all|none); "
                          "several variants separated by ';'")
     ap.add_argument("--max-gib", type=float, default=36.0,
                     help="final mode: best.json names the fastest 'ours' row whose peak fits this many GiB")
@@ -410,7 +416,8 @@ def main() -> int:
 # --ours switches: each name sets these Levers fields.
 SWITCHES = {"packing": {"packing": True}, "answer": {"answer_only_loss": True}, "liger": {"liger": True},
             "flex": {"attn_implementation": "flex_attention"}, "fused": {"fused_lora": True},
-            "offload": {"offload_checkpoints": True}, "compile": {"compile": True}}
+            "offload": {"offload_checkpoints": True}, "compile": {"compile": True},
+            "fp8": {"fp8": True}, "exact": {"fp8_fast_accum": False}, "dxbf16": {"fp8_backward": "bf16"}}
 
 
 def parse_ours(spec: str, tiny: bool) -> Variant:

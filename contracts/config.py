@@ -30,6 +30,7 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "eager")
 MEMORY_MODES = ("auto", "fast", "lean")
+FP8_BACKWARDS = ("fp8", "bf16")  # train.fp8_backward: the input gradient in e4m3, or in bf16 as bnb does
 REPORT_TO = ("none", "tensorboard", "wandb")
 TENSORBOARD_DIR = "tensorboard"
 """Where train.report_to: tensorboard writes its event files, under the job's out/ (they come back with it)."""
@@ -99,6 +100,17 @@ class TrainSpec:
     same function as peft's forward; job/fused_lora.py)."""
     offload_checkpoints: bool = False
     """Checkpointed layers keep their input in pinned host memory, not on the GPU (job/offload.py)."""
+    fp8: bool = False
+    """The frozen base's decoder matmuls in fp8 e4m3 with row-wise scales, forward and input gradient
+    (job/fp8.py): ~1.35x the step rate on an H200; off on cards without fp8 tensor cores (before Ada/Hopper).
+    Rounds the matmul inputs to 3 mantissa bits, so the loss moves slightly (bench/RESULTS.md round 6)."""
+    fp8_fast_accum: bool = True
+    """With fp8: the forward's matmul uses Hopper's fast accumulation (false: exact accumulation)."""
+    fp8_backward: str = "fp8"
+    """With fp8: the input gradient dx = dy @ W in fp8 | bf16 (from the dequantized weight, as bnb does;
+    only the forward and its recompute in fp8). Round 7 (bench/RESULTS.md): neither bf16 dx nor exact
+    accumulation narrowed fp8's loss gap, and both are slower (6,803 / 7,266 vs 7,376 tok/s), so the
+    defaults are round 6's recipe."""
     memory_mode: str = "auto"
     """auto: the config as written when `job check`'s fit says it fits the card, else the lean mode |
     fast: always as written | lean: always lean (every layer recomputed, its input offloaded to pinned
@@ -293,6 +305,7 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("train.optim", _one_of(OPTIMIZERS), " | ".join(OPTIMIZERS)),
     ("train.attn_implementation", _one_of(ATTN_IMPLEMENTATIONS), " | ".join(ATTN_IMPLEMENTATIONS)),
     ("train.memory_mode", _one_of(MEMORY_MODES), " | ".join(MEMORY_MODES)),
+    ("train.fp8_backward", _one_of(FP8_BACKWARDS), " | ".join(FP8_BACKWARDS)),
     ("train.global_batch", _whole(1), "a whole number >= 1"),
     ("train.micro_batch", _whole(1), "a whole number >= 1"),
     ("train.max_length", _whole(1), "a whole number >= 1"),

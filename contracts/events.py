@@ -42,7 +42,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 KINDS = tuple(REQUIRED)
 # The speed levers a train `start` event reports in `levers` (job/levers.py): each an object with
 # `on` (bool) and `why` (text); checkpointed_layers also `layers` (int or null: all).
-LEVERS = ("liger", "flex_attention", "fused_lora", "packing", "checkpointed_layers", "offload")
+LEVERS = ("liger", "flex_attention", "fused_lora", "packing", "checkpointed_layers", "offload", "fp8")
+LEVERS_NEWER = ("fp8",)  # added later: a record from an older job may lack them
 DONE_REASONS = ("completed", "deadline", "max_steps", "stopped")
 
 
@@ -71,9 +72,10 @@ def validate(obj: Any) -> dict:
 
 
 def _check_levers(levers: Any) -> None:
-    if not isinstance(levers, dict) or set(levers) != set(LEVERS):
+    if not isinstance(levers, dict) or set(levers) | set(LEVERS_NEWER) != set(LEVERS):
         got = sorted(levers) if isinstance(levers, dict) else type(levers).__name__
-        raise ContractError(f"event start: levers {got} (accepted: an object with exactly {', '.join(LEVERS)})")
+        raise ContractError(f"event start: levers {got} (accepted: an object with exactly {', '.join(LEVERS)}; "
+                            f"{', '.join(LEVERS_NEWER)} may be absent)")
     for name, lv in levers.items():
         if not isinstance(lv, dict) or not isinstance(lv.get("on"), bool) or not isinstance(lv.get("why", ""), str):
             raise ContractError(f"event start: levers.{name} {lv!r} (accepted: an object with on: bool, why: text)")

@@ -61,8 +61,24 @@ def report(cfg: RunConfig, on_gpu: bool, layers: int | None = None, probe_flex: 
     else:
         out["offload"] = {"on": bool(ckpt), "why": "checkpointed layers' inputs in pinned host memory" if ckpt
                           else "nothing is checkpointed"}
+    out["fp8"] = _fp8_report(t, on_gpu, lora)
     assert tuple(out) == LEVERS
     return out
+
+
+def _fp8_report(t, on_gpu: bool, lora: bool) -> dict:
+    """fp8 needs fp8 tensor cores (compute capability 8.9+) and a frozen base; a card without them
+    trains in bf16 (the same function at bf16 rounding): reported off with the reason, never refused."""
+    if not getattr(t, "fp8", False):
+        return {"on": False, "why": "train.fp8: false"}
+    if not lora:
+        return {"on": False, "why": f"the base is trained (train.method: {t.method}); fp8 is for frozen weights"}
+    from job.fp8 import available, recipe
+
+    ok, why = available("cuda") if on_gpu else (False, "CUDA only (fp8 tensor cores)")
+    if ok:
+        why += "; " + recipe(getattr(t, "fp8_fast_accum", True), getattr(t, "fp8_backward", "fp8"))
+    return {"on": ok, "why": why}
 
 
 def missing(levers: dict) -> list[tuple[str, str, str]]:

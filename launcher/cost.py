@@ -226,6 +226,8 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
             also = f", {lean:.0f} GiB in the lean memory mode" if lean and cfg.train.memory_mode != "fast" else ""
             notes.append(f"{p.card}:{p.count} has {have} GiB per card; {cfg.train.method} at {params_b:.1f}B needs "
                          f"about {need:.0f} GiB{also} (the job's `check` will refuse it)")
+        if cfg.train.fp8 and p.card not in (table.get("fp8_cards") or ()):
+            notes.append(f"train.fp8: {p.card} has no fp8 tensor cores; the job trains in bf16 there (the bf16 rate)")
 
     offers: list[Offer] = []
     if not local:
@@ -483,12 +485,17 @@ def lean_min_memory_gib(table: dict, method: str, params_b: float) -> float | No
     return float(need) * params_b / 14.0
 
 
+def fp8_rate(table: dict, cfg: RunConfig, card: str) -> bool:
+    """Whether the fp8 row applies: train.fp8, a card with fp8 tensor cores, and a row for the method."""
+    return bool(cfg.train.fp8 and card in (table.get("fp8_cards") or ()) and (table.get("fp8") or {}).get(cfg.train.method))
+
+
 def card_throughput(table: dict, card: str, method: str, params_b: float, count: int = 1,
                     mode: str = "fast") -> tuple[float, float, str]:
     """(tokens/s for `count` cards, relative band, how) from configs/throughput.yaml; `mode` 'lean'
-    reads the lean memory mode's measured row instead of the fast one."""
+    reads the lean memory mode's measured row instead of the fast one, 'fp8' the fp8 fast mode's."""
     ref = table["reference"]
-    rows = (table.get("lean") or {}) if mode == "lean" else table["measured"]
+    rows = (table.get(mode) or {}) if mode in ("lean", "fp8") else table["measured"]  # fp8: a rate, not a memory mode
     size, entry = _nearest_size(rows.get(method) or {}, params_b, method)
     ratio_how = ""
     if "derived_from" in entry:
@@ -500,7 +507,8 @@ def card_throughput(table: dict, card: str, method: str, params_b: float, count:
         tps, measured = float(entry["tokens_per_s"]), entry
     measured_card = measured.get("card") or ref
     derived = bool(ratio_how) or not measured.get("date")
-    how = (f"{ratio_how}{'lean memory mode: ' if mode == 'lean' else ''}{method} {size:g}B on {measured_card}: "
+    label = {"lean": "lean memory mode: ", "fp8": "fp8 fast mode: "}.get(mode, "")
+    how = (f"{ratio_how}{label}{method} {size:g}B on {measured_card}: "
            f"{tps:,.0f} tok/s ({measured.get('command', 'prior')})")
     if card != measured_card:
         a, b = table["cards"][card], table["cards"][measured_card]
@@ -585,7 +593,8 @@ def plan_card(cfg: RunConfig, table: dict, card: str, count: int, params_b: floa
     mode = memory_mode(table, card, cfg.train.method, params_b, cfg.train.memory_mode)
     if cfg.train.method == "full":  # sharded over every GPU of the run (job/check.py refuses what does not fit)
         mode = "fast" if float(table["cards"][card]["memory_gib"]) >= full_need_gib(params_b, count) else None
-    tps, band, how = card_throughput(table, card, cfg.train.method, params_b, count, mode=mode or "fast")
+    rate = "fp8" if mode == "fast" and fp8_rate(table, cfg, card) else (mode or "fast")
+    tps, band, how = card_throughput(table, card, cfg.train.method, params_b, count, mode=rate)
     scale = params_b / 14.0
     terms: list[Term] = []
     if not local:
