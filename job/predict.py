@@ -1,5 +1,5 @@
 """`python -m job predict`: how would this person answer this question? The model's exact
-distribution over the scale's answers (job.evaluate's tree scorer) plus one sampled answer.
+distribution over the scale's answers (job/scoring.py's tree scorer) plus one sampled answer.
 
 Called by `socrates-launch predict`, which validates the input and renders the JSON this prints:
 one JSON object per query on stdout, on a line starting with RESULT_PREFIX. With --stdin, queries
@@ -18,8 +18,9 @@ from contracts.config import SEED_MAX, RunConfig, from_dict, load_config
 from contracts.errors import ContractError
 from contracts.scale import Scale, has_instruction, instruction
 from job import data as D
-from job import evaluate as E
 from job import metrics as M
+from job.load import load_model
+from job.scoring import sample_answers, score_distributions
 
 RESULT_PREFIX = "@@socrates-predict "
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     test_rows = D.read_split(args.data, "test") if args.data else None
     if not args.stdin:
         row = to_row(queries[0], test_rows)  # bad input fails before the model loads
-    tok, model = E.load_model(cfg, None if args.base else args.adapter)
+    tok, model = load_model(cfg, None if args.base else args.adapter)
     if not args.stdin:
         _emit(predict(model, tok, cfg, row, args.seed))
         return 0
@@ -180,8 +181,8 @@ def predict(model, tok, cfg: RunConfig, row: dict, seed: int = 0) -> dict[str, A
         scale = Scale(min(int(row["response"]), 0), max(int(row["response"]), 1))
     if scale is None or scale.levels > M.MAX_LEVELS:
         raise ContractError(f"row's answer scale {scale}: not a bounded scale of at most {M.MAX_LEVELS} levels")
-    dist = E.score_distributions(model, tok, [row], [scale], cfg.model.system_prompt)[0]
-    sampled = E.sample_answers(model, tok, [row], cfg, seed=seed)[0]
+    dist = score_distributions(model, tok, [row], [scale], cfg.model.system_prompt)[0]
+    sampled = sample_answers(model, tok, [row], cfg, seed=seed)[0]
     return {"scale": [scale.lo, scale.hi], "values": dist.values, "probs": dist.probs, "valid_mass": dist.valid_mass,
             "sample": sampled.value, "sample_text": sampled.text, "human": row.get("response"),
             "example": row.get("_example"), "prompt": D.render_prompt(row), "prompt_tokens": dist.prompt_tokens}

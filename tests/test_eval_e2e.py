@@ -113,11 +113,13 @@ def test_tree_scorer_equals_one_forward_per_answer(prepared):
     """Exact answer probabilities: the batched prefix-tree forward vs the naive reference."""
     import torch
 
-    from job import evaluate as E
+    from bench.reference import score_one_by_one
+    from job import load as JL
+    from job import scoring as S
     from job.data import read_split
 
     cfg = load_config(SMOKE)
-    tok, model = E.load_model(cfg, str(prepared / "run" / "adapter"))
+    tok, model = JL.load_model(cfg, str(prepared / "run" / "adapter"))
     # fp32 on both sides: in eval mode bnb's CPU path (on avx512-bf16 CPUs) repacks the 4-bit weights
     # and computes in bf16, ~1e-3 apart on a 0-100 row; dropout is 0, so train mode changes nothing else.
     model.train()
@@ -125,13 +127,13 @@ def test_tree_scorer_equals_one_forward_per_answer(prepared):
     # A multi-token scale (0-100: "1" vs "10" vs "100") beside the rows' own.
     rows[0] = dict(rows[0], stimuli=rows[0]["stimuli"].rsplit("Only return", 1)[0]
                    + "Only return an integer from 0 to 100, nothing else.")
-    scales = E.row_scales(rows)
+    scales = S.row_scales(rows)
     assert scales[0] == (0, 100)
-    dists = E.score_distributions(model, tok, rows, scales, cfg.model.system_prompt, tokens_per_batch=600)
-    ids = E.prompt_ids(tok, rows, cfg.model.system_prompt)
+    dists = S.score_distributions(model, tok, rows, scales, cfg.model.system_prompt, tokens_per_batch=600)
+    ids = S.prompt_ids(tok, rows, cfg.model.system_prompt)
     peaks = []
     for d, p, s in zip(dists, ids, scales):
-        ref = E.score_one_by_one(model, tok, p, *s)
+        ref = score_one_by_one(model, tok, p, *s)
         assert d.values == list(range(s[0], s[1] + 1))
         # fp32 reduction order differs between the two (batched vs single): agree to ~1e-7.
         assert np.max(np.abs(np.array(ref) - np.array(d.probs))) < 2e-6
@@ -156,26 +158,27 @@ def test_merged_dense_model_gives_the_same_distribution_as_4bit_plus_adapter(pre
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from job import evaluate as E
+    from job import load as JL
+    from job import scoring as S
     from job.data import read_split
 
     cfg = load_config(SMOKE)
     adapter = str(prepared / "run" / "adapter")
-    tok, unmerged = E.load_model(cfg, adapter, "nf4")
-    _, base = E.load_model(cfg, None, "nf4")
+    tok, unmerged = JL.load_model(cfg, adapter, "nf4")
+    _, base = JL.load_model(cfg, None, "nf4")
     # Reference in fp32: in eval mode bnb's CPU path (on avx512-bf16 CPUs) computes in bf16; dropout is 0.
     unmerged.train()
-    _, merged = E.load_model(cfg, adapter, "bf16")
-    assert not any(E._is_4bit(m) or isinstance(m, LoraLayer) for m in merged.modules())
-    assert any(E._is_4bit(m) for m in unmerged.modules())  # the fallback keeps the model as trained
+    _, merged = JL.load_model(cfg, adapter, "bf16")
+    assert not any(JL.is_4bit(m) or isinstance(m, LoraLayer) for m in merged.modules())
+    assert any(JL.is_4bit(m) for m in unmerged.modules())  # the fallback keeps the model as trained
     rows = read_split(prepared / "data", "test")[:12]
     rows[0] = dict(rows[0], stimuli=rows[0]["stimuli"].rsplit("Only return", 1)[0]
                    + "Only return an integer from 0 to 100, nothing else.")
-    scales = E.row_scales(rows)
+    scales = S.row_scales(rows)
     sp = cfg.model.system_prompt
-    ref = E.score_distributions(unmerged, tok, rows, scales, sp, tokens_per_batch=2000)
-    got = E.score_distributions(merged, tok, rows, scales, sp, tokens_per_batch=2000)
-    plain = E.score_distributions(base, tok, rows, scales, sp, tokens_per_batch=2000)
+    ref = S.score_distributions(unmerged, tok, rows, scales, sp, tokens_per_batch=2000)
+    got = S.score_distributions(merged, tok, rows, scales, sp, tokens_per_batch=2000)
+    plain = S.score_distributions(base, tok, rows, scales, sp, tokens_per_batch=2000)
     diff = max(abs(a - b) for r, g in zip(ref, got) for a, b in zip(r.probs, g.probs))
     assert diff < 1e-4
     assert max(abs(r.valid_mass - g.valid_mass) for r, g in zip(ref, got)) < 1e-4
@@ -199,7 +202,7 @@ def test_eval_precision_cli_records_the_path_used(prepared, tmp_path):
 
 
 def test_choose_precision_merges_only_when_the_gpu_has_room():
-    from job.evaluate import activation_bytes, choose_precision
+    from job.load import activation_bytes, choose_precision
 
     need = 20 * 2**30 + activation_bytes(32768, 5120)
     assert choose_precision("auto", 100 * 2**30, need) == "bf16"

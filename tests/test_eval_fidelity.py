@@ -318,7 +318,8 @@ def test_cell_whose_rows_state_different_scales_is_reported_not_merged(tmp_path)
 
 def test_distribution_candidates_are_the_stated_grid():
     from job import data as D
-    from job.evaluate import answer_tree, baseline_records, row_scales
+    from job.evaluate import baseline_records
+    from job.scoring import answer_tree, row_scales
     from job.tokenizer import qwen25_offline
 
     rows = [r for r in generated_rows() if r["study_id"] == "bbbbb"]
