@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from contracts.config import load_config
+from bench import reference
 from job import env, fast
 from job.check import plan_memory
 from job.errors import JobCannotRun
@@ -95,7 +96,7 @@ def test_lean_levers_give_the_same_loss_and_gradients_as_the_config_as_written()
         off = None
         if offload:  # set_checkpointing(offload=True) installs HostOffload(), which leaves CPU tensors in place
             off = install(fast.causal_lm_of(model).model.layers, HostOffload(min_bytes=0, copy_cpu=True))
-        batches = fast.micro_batches(examples, cfg.train.micro_batch, lv, pad_id=0)
+        batches = reference.micro_batches(examples, cfg.train.micro_batch, lv, pad_id=0)
         total = sum(fast.count_targets(b) for b in batches)
         model.zero_grad(set_to_none=True)
         loss = 0.0
