@@ -18,19 +18,19 @@ none falls back to its cell's human min..max.
 Results accumulate in OUT/metrics.json under "<base|fine-tuned>/<mode>", so a base run and a
 fine-tuned run into the same OUT sit side by side in OUT/report.html. OUT/cells.jsonl is rewritten
 from them: one line per cell (study, condition, task, scale used and its source, human n, W under
-each result and the uniform guess), so two runs compare cell by cell.
+each result and the uniform guess), so two runs compare cell by cell. Both formats are
+contracts/results.py's (the launcher's `report` reads them from there too).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from contracts._io import atomic_write_json
+from contracts import results
 from contracts.config import EVAL_MODES, load_config
 from contracts.errors import ContractError
 from contracts.events import EventWriter
@@ -40,8 +40,6 @@ from job import metrics as M
 from job.load import DEFAULT_TOKENS_PER_BATCH, EVAL_PRECISIONS, load_model
 from job.scoring import row_scales, sample_answers, score_distributions, stated_scale
 
-METRICS_FILE = "metrics.json"
-CELLS_FILE = "cells.jsonl"
 BASELINES = ("uniform",)
 
 
@@ -129,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                   eval_precision=precision,
                   prompt_tokens=prompt_tokens, prompt_tokens_per_s=prompt_tokens / seconds if seconds else None)
 
-    return _write_outputs(out, f"{which}/{mode}", result, events, args)
+    return _write_outputs(out, results.result_key(which, mode), result, events, args)
 
 
 def run_baseline(args: argparse.Namespace) -> int:
@@ -157,7 +155,7 @@ def run_baseline(args: argparse.Namespace) -> int:
                   base_model=None, seconds=seconds, eval_precision=None, prompt_tokens=0,
                   prompt_tokens_per_s=None, valid_mass=1.0 if scored else None,
                   rows_unscored_unbounded=len(records) - scored)
-    return _write_outputs(out, f"{args.baseline}/distribution", result, events, args)
+    return _write_outputs(out, results.result_key(args.baseline, "distribution"), result, events, args)
 
 
 def baseline_records(rows: Sequence[dict], baseline: str = "uniform") -> list[M.Record]:
@@ -173,62 +171,21 @@ def baseline_records(rows: Sequence[dict], baseline: str = "uniform") -> list[M.
 
 
 def _write_outputs(out: Path, key: str, result: dict, events: EventWriter, args: argparse.Namespace) -> int:
-    all_metrics = _load_metrics(out)
-    all_metrics.setdefault("results", {})[key] = result
-    all_metrics.update(paper_table2=M.PAPER_TABLE2, dpd_definition=M.DPD_DEFINITION)
-    atomic_write_json(out / METRICS_FILE, all_metrics)
-    cells = write_cells(out, all_metrics["results"])
+    all_metrics = results.write_metrics(out, key, result, paper_table2=M.PAPER_TABLE2,
+                                        dpd_definition=M.DPD_DEFINITION)
+    cells = results.write_cells(out, all_metrics["results"])
     from job import report
 
     shown = {"results": {**_compared(out, args.compare), **all_metrics["results"]},
              **{k: v for k, v in all_metrics.items() if k != "results"}}
     html = report.write_report(out, shown, report.find_train_events(out, args.train_events))
-    summary = summarize(result)
+    summary = results.summary(result)
     events.emit("eval", metrics=summary, key=key, report=str(html))
     print(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
     print(f"cells: {cells}")
     print(f"report: {html}")
     dist.destroy()
     return 0
-
-
-def cell_lines(results: dict[str, dict]) -> list[dict]:
-    """One line per cell over every result in OUT/metrics.json: study, condition, task, the scale
-    used and its source, human n, and W under each result key and the uniform guess (w["uniform"]);
-    a cell a result did not score names why under `skipped` (too_few, constant, unbounded,
-    scale_conflict, no_valid_prediction)."""
-    lines: dict[tuple, dict] = {}
-    for key, res in sorted(results.items()):
-        for c in res.get("cells") or []:
-            line = _cell_line(lines, c)
-            line["w"][key] = c.get("w")
-            line["w"]["uniform"] = c.get("w_uniform")
-        for c in res.get("cells_skipped") or []:
-            line = _cell_line(lines, c)
-            line["skipped"][key] = c.get("skipped")
-            if c.get("scales"):
-                line["scales"] = c["scales"]
-    return [lines[k] for k in sorted(lines)]
-
-
-def _cell_line(lines: dict, c: dict) -> dict:
-    study, cond, task = c["cell"]
-    k = (str(study), int(cond), int(task))
-    if k not in lines:
-        lines[k] = {"study_id": k[0], "condition_num": k[1], "task_num": k[2], "scale": c.get("scale"),
-                    "scale_source": c.get("scale_source"), "human_n": c.get("n"), "w": {}, "skipped": {}}
-    return lines[k]
-
-
-def write_cells(out: Path, results: dict[str, dict]) -> Path:
-    """OUT/cells.jsonl, rewritten whole (atomically) from every result OUT/metrics.json holds."""
-    path = out / CELLS_FILE
-    tmp = path.with_name(f".{CELLS_FILE}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in cell_lines(results):
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
 
 
 # --- Rows ------------------------------------------------------------------------------------
@@ -257,21 +214,10 @@ def _record(r: dict, **pred: Any) -> M.Record:
 
 # --- Outputs ---------------------------------------------------------------------------------
 
-SUMMARY_KEYS = ("mode", "model", "rows", "cells_scored", "studies_scored", "wasserstein", "wasserstein_uniform",
-                "individual_accuracy", "invalid_rate", "cells_unbounded", "cells_scale_conflict", "cells_human_range",
-                "prompt_tokens_per_s")
-
-
-def summarize(result: dict) -> dict:
-    s = {k: result.get(k) for k in SUMMARY_KEYS}
-    s["demographic_parity_difference"] = (result.get("demographic_parity_difference") or {}).get("value")
-    return s
-
-
 def _compared(out: Path, folders: list[str] | None) -> dict:
     """Results of other evaluations (e.g. out/eval-base beside out/eval), for the report only."""
     if folders is None:
-        folders = [str(p.parent) for p in sorted(out.resolve().parent.glob(f"*/{METRICS_FILE}"))
+        folders = [str(p.parent) for p in sorted(out.resolve().parent.glob(f"*/{results.METRICS_FILE}"))
                    if p.parent != out.resolve()]
     merged: dict = {}
     for f in folders:
@@ -280,13 +226,11 @@ def _compared(out: Path, folders: list[str] | None) -> dict:
 
 
 def _load_metrics(out: Path) -> dict:
-    f = out / METRICS_FILE
-    if not f.is_file():
-        return {}
+    """OUT/metrics.json, or {} when there is none or it is damaged (shown nowhere, replaced on write)."""
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except ValueError:
-        return {}  # a damaged earlier file is replaced, not trusted
+        return results.read_metrics(out / results.METRICS_FILE)
+    except ContractError:
+        return {}
 
 
 def _fmt(v: Any) -> str:

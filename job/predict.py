@@ -2,8 +2,8 @@
 distribution over the scale's answers (job/scoring.py's tree scorer) plus one sampled answer.
 
 Called by `socrates-launch predict`, which validates the input and renders the JSON this prints:
-one JSON object per query on stdout, on a line starting with RESULT_PREFIX. With --stdin, queries
-come one JSON object a line ({"profile": {...}, "scenario": "..."} or {"example": N}) and the
+one JSON object per query on stdout, on a result line (contracts/results.py: prefix and fields).
+With --stdin, queries come one JSON object a line ({"profile": {...}, "scenario": "..."} or {"example": N}) and the
 model is loaded once (the launcher's --interactive loop).
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from contracts import results
 from contracts.config import SEED_MAX, RunConfig, from_dict, load_config
 from contracts.errors import ContractError
 from contracts.scale import Scale, has_instruction, instruction
@@ -21,9 +22,6 @@ from job import data as D
 from job import metrics as M
 from job.load import load_model
 from job.scoring import sample_answers, score_distributions
-
-RESULT_PREFIX = "@@socrates-predict "
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (omit with --base)")
@@ -189,4 +187,4 @@ def predict(model, tok, cfg: RunConfig, row: dict, seed: int = 0) -> dict[str, A
 
 
 def _emit(obj: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(obj), flush=True)
+    print(results.predict_line(obj), flush=True)
