@@ -17,11 +17,11 @@ from typing import Any
 from contracts import results
 from contracts.config import SEED_MAX, RunConfig, from_dict, load_config
 from contracts.errors import ContractError
-from contracts.scale import Scale, has_instruction, instruction
+from contracts.scale import Scale, has_instruction, instruction, parse_scale
 from job import data as D
 from job import metrics as M
 from job.load import load_model
-from job.scoring import sample_answers, score_distributions
+from job.scoring import sample_answers, score_distributions, stated_scale
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (omit with --base)")
@@ -162,7 +162,7 @@ def to_row(query: dict, test_rows: list[dict] | None) -> dict:
     if not isinstance(scenario, str):
         raise ContractError(f"scenario {json.dumps(scenario)[:60]}: not accepted (text: the question, stating its "
                             "answer scale)")
-    scale = M.parse_scale(scenario)
+    scale = parse_scale(scenario)
     if scale is None:
         raise ContractError(f"scenario {scenario[:60]!r}: states no answer scale (add e.g. '(1-7 scale)' or "
                             "'Only return an integer from 1 to 7')")
@@ -174,7 +174,7 @@ def to_row(query: dict, test_rows: list[dict] | None) -> dict:
 
 
 def predict(model, tok, cfg: RunConfig, row: dict, seed: int = 0) -> dict[str, Any]:
-    scale = M.parse_scale(row.get("stimuli") or row.get("prompt") or "")
+    scale = stated_scale(row)
     if scale is None and row.get("response") is not None:
         scale = Scale(min(int(row["response"]), 0), max(int(row["response"]), 1))
     if scale is None or scale.levels > M.MAX_LEVELS:

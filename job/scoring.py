@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from contracts.config import RunConfig
-from contracts.scale import Scale, as_scale
+from contracts.scale import Scale, as_scale, parse_scale
 from job import data as D
 from job import metrics as M
 from job.load import DEFAULT_TOKENS_PER_BATCH, core, device_of
@@ -32,7 +32,7 @@ HEAD_CHUNK = 4096  # scored positions per LM-head call: the fp32 logits of all o
 
 def stated_scale(r: dict) -> Scale | None:
     """The answer scale a row's stimulus (else its prompt) states (contracts/scale.py), or None."""
-    return M.parse_scale(r.get("stimuli") or r.get("prompt") or "")
+    return parse_scale(r.get("stimuli") or r.get("prompt") or "")
 
 
 def row_scales(rows: Sequence[dict]) -> list[Scale | None]:
