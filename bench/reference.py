@@ -1,10 +1,10 @@
 """Naive references the job's fast paths are checked against: nothing in job/ runs these.
 
 - `score_one_by_one`: one full forward per candidate answer with standard causal attention, the
-  reference for job/scoring.py's tree scorer (tests/test_eval_e2e.py, bench/eval_throughput.py).
+  reference for job/scoring.py's tree scorer (tests/test_job_evaluate.py, bench/eval_throughput.py).
 - `step`: a plain training loop over one global batch (`micro_batches` as the Trainer draws them,
   packed or padded; answer-only loss or the stock full-logits loss, `hf_loss_sum`), the reference
-  the Trainer path of job/fast.py is checked against (tests/test_speed_*.py) and the loop
+  the Trainer path of job/fast.py is checked against (tests/test_job_fast_*.py) and the loop
   bench/train_throughput.py times; `frozen_to` undoes peft's fp32 upcast for the plain stack.
 """
 from __future__ import annotations

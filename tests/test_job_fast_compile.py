@@ -10,7 +10,7 @@ from contracts.config import RunConfig
 from contracts.errors import ContractError
 from bench import reference
 from job import fast
-from tests.test_speed_packing import _examples, _loss_and_grads, _model
+from tests.test_job_fast_packing import _examples, _loss_and_grads, _model
 
 
 def test_compile_switch_is_validated_and_reaches_the_levers():

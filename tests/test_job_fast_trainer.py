@@ -7,7 +7,7 @@ import torch
 from contracts.config import TrainSpec
 from bench import reference
 from job import fast
-from tests.test_speed_packing import _examples, _model
+from tests.test_job_fast_packing import _examples, _model
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

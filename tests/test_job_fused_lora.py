@@ -7,7 +7,7 @@ import torch
 from bench import reference
 from job import fast
 from job.fused_lora import fuse_lora
-from tests.test_speed_packing import ARCH, _examples
+from tests.test_job_fast_packing import ARCH, _examples
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

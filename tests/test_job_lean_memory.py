@@ -78,8 +78,8 @@ def test_memory_cap_env_shrinks_the_reported_card(monkeypatch):
 
 def test_lean_levers_give_the_same_loss_and_gradients_as_the_config_as_written():
     pytest.importorskip("peft")
-    from tests.test_speed_fused_lora import _model
-    from tests.test_speed_packing import _examples
+    from tests.test_job_fused_lora import _model
+    from tests.test_job_fast_packing import _examples
 
     tiny = PAPER.with_overrides({"train.global_batch": 12, "train.micro_batch": 6, "train.checkpoint_layers": 1,
                                  "train.max_length": 128})

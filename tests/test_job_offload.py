@@ -8,8 +8,8 @@ import torch
 from bench import reference
 from job import fast
 from job.offload import HostOffload, install
-from tests.test_speed_fused_lora import _model, _run
-from tests.test_speed_packing import ARCH, _examples
+from tests.test_job_fused_lora import _model, _run
+from tests.test_job_fast_packing import ARCH, _examples
 
 pytest.importorskip("peft")
 
