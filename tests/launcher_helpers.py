@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import REPO
+
 # A fake HF_TOKEN that must never show up anywhere; built at run time so no credential-shaped
 # literal is committed (secret scanners would flag it).
 CANARY = "hf_" + "CANARYcanary" * 3
 
-REPO = Path(__file__).resolve().parent.parent
 FAKEJOB = REPO / "tests" / "fakejob.py"
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import REPO
+
 pytest.importorskip("peft")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_train_throughput_tiny_runs_baseline_and_ours_with_new_levers(tmp_path):

@@ -13,8 +13,7 @@ import pytest
 
 from contracts import manifest
 from contracts.events import read_all
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def wrap(at: float, grace: float, code: str, *extra: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:

@@ -14,8 +14,8 @@ import yaml
 
 from contracts.config import load_config
 from contracts.events import read_all
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 ENV = {"OMP_NUM_THREADS": "1", "SOCRATES_CPU_THREADS": "1"}
 TIMING = {"seconds", "prompt_tokens_per_s"}
 

@@ -9,9 +9,9 @@ import pytest
 from contracts.config import load_config
 from contracts.events import EventWriter, read_all
 from job.__main__ import main as job_main
+from conftest import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
+SMOKE = REPO / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")

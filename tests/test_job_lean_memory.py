@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from job.check import plan_memory
 from job.errors import JobCannotRun
 from job.offload import HostOffload, install
 from launcher import cost
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PAPER = load_config(REPO / "configs" / "paper.yaml")
 L4_GIB = 23034 / 1024      # what torch reports for an L4 / A10G (24 GB = 22.5 GiB)
 H200_GIB = 143771 / 1024

@@ -16,8 +16,8 @@ from contracts import events
 from contracts.config import load_config
 from contracts.errors import ContractError
 from job import levers
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
 PAPER = REPO / "configs" / "paper.yaml"
 

@@ -20,8 +20,8 @@ from job.checkpoints import FINGERPRINT, check_resumable, fingerprint, write_fin
 from job.prepare import prepare
 from job.train import COMPLETE, complete_checkpoints
 from job.train import resume_point as _resume_point
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / ".." / "shared" / "fixtures" / "socsci210_real_sample.jsonl"
 
 TINY = {

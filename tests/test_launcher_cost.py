@@ -14,8 +14,8 @@ import pytest
 from contracts.config import load_config
 from contracts.errors import ContractError
 from launcher import cost
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper.yaml"
 
 # Catalog rows in SkyPilot's v8 CSV layout, with prices no real catalog has, so a match proves origin.

@@ -5,14 +5,13 @@ user would (a process, stdin for --interactive)."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from contracts.config import load_config
+from conftest import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
+SMOKE = REPO / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,8 @@ def setup(tmp_path_factory):
 
 
 def cli(args, stdin=None, module="launcher"):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", module, "predict", *args], cwd=ROOT, env=env, input=stdin,
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", module, "predict", *args], cwd=REPO, env=env, input=stdin,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -207,4 +206,4 @@ def test_example_out_of_range_comes_back_as_exit_2(setup):
 def test_launcher_predict_never_imports_torch():
     code = ("import sys, launcher.verbs.predict, launcher.verbs.report; "
             "sys.exit(1 if 'torch' in sys.modules or 'job' in sys.modules else 0)")
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
