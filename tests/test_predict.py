@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from contracts.config import load_config
-from conftest import REPO
+from conftest import REPO, one_line, run_cli
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 
@@ -38,14 +38,7 @@ def setup(tmp_path_factory):
 
 def cli(args, stdin=None, module="launcher"):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", module, "predict", *args], cwd=REPO, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line(r, needle: str) -> None:
-    """exit 2, one stderr line holding `needle`, no traceback."""
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], (r.returncode, r.stderr[-2000:])
+    return run_cli(["predict", *args], env, module=module, input=stdin, timeout=300)
 
 
 def _bars(out: str) -> dict[str, float]:
@@ -118,7 +111,7 @@ def test_bad_config_is_refused_by_the_launcher(setup, tmp_path, name, content, n
     (tmp_path / name).write_bytes(content)
     r = cli(["--adapter", str(setup / "adapter"), "--config", str(tmp_path / name), "--python", "/bin/false",
              "--demographics", "Age: 25", "--scenario", "Q? (1-7 scale)"])  # /bin/false: the job never starts
-    assert_one_line(r, needle)
+    one_line(r, needle)
 
 
 def test_python_that_cannot_be_run_is_exit_2(setup, tmp_path):
@@ -126,7 +119,7 @@ def test_python_that_cannot_be_run_is_exit_2(setup, tmp_path):
     (tmp_path / "python").chmod(0o755)
     r = cli(["--adapter", str(setup / "adapter"), "--python", str(tmp_path / "python"),
              "--demographics", "Age: 25", "--scenario", "Q? (1-7 scale)"])
-    assert_one_line(r, f"--python {tmp_path / 'python'}: cannot be run")
+    one_line(r, f"--python {tmp_path / 'python'}: cannot be run")
 
 
 @pytest.fixture()
@@ -161,13 +154,13 @@ def test_unusable_adapter_is_one_line_before_any_model(broken, adapter, needle, 
         needle = "no adapter_config.json there"  # the launcher's own check, already there
     args = ["--adapter", str(broken / adapter), "--scenario", "Q? (1-7 scale)"]
     args += ["--demographics", "Age: 25"] if module == "launcher" else []
-    assert_one_line(cli(args, module=module), needle)
+    one_line(cli(args, module=module), needle)
 
 
 def test_job_refuses_a_seed_out_of_range(setup):
     r = cli(["--adapter", str(setup / "adapter"), "--config", str(SMOKE), "--seed", str(2**32), "--scenario",
              "Q? (1-7 scale)"], module="job")
-    assert_one_line(r, f"--seed {2**32}: not accepted (a whole number from 0 to 4294967295)")
+    one_line(r, f"--seed {2**32}: not accepted (a whole number from 0 to 4294967295)")
 
 
 def test_job_stdin_answers_each_line_and_survives_bad_ones(setup):
