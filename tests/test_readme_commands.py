@@ -16,7 +16,7 @@ in HOW below:
   does, it is not run (a real build downloads the base image and every wheel: minutes and a
   registry). `image tag [--push REPO]` runs as written (without the optional part), and its tag
   stands in for `lock-<hash>@sha256:...` in the `up --image` example, which runs as a dry run;
-- not run: `make test` (this suite itself) and the SSH host example (needs a host: tests/test_ssh_e2e.py
+- not run: `make test` and `make test-fast` (this suite itself) and the SSH host example (needs a host: tests/test_ssh_e2e.py
   runs that flow against a real sshd).
 """
 from __future__ import annotations
