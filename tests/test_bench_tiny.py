@@ -13,6 +13,7 @@ from conftest import REPO
 pytest.importorskip("peft")
 
 
+@pytest.mark.slow
 def test_train_throughput_tiny_runs_baseline_and_ours_with_new_levers(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--final",
                           "--steps", "2", "--ours", "packing,answer,fused,offload,mb=8,gc=1", "--out", str(tmp_path)],
@@ -28,6 +29,7 @@ def test_train_throughput_tiny_runs_baseline_and_ours_with_new_levers(tmp_path):
     assert "Loss per optimizer step" in out.stdout and "largest |ours - baseline|" in out.stdout
 
 
+@pytest.mark.slow
 def test_train_throughput_refuses_an_unknown_lever(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--final",
                           "--ours", "packing,warp", "--out", str(tmp_path)], capture_output=True, text=True,

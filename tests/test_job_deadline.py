@@ -124,6 +124,7 @@ def test_deadline_mid_training_leaves_a_usable_adapter_and_done_deadline(tmp_pat
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _RUN_BLOCK_READY, reason="needs the job's check/prepare/train verbs (issue #2) for the local backend's run block")
 def test_up_local_with_max_hours_ends_in_a_done_deadline_run_with_a_verified_adapter(tmp_path):
     """Acceptance 3 end to end: `up --infra local --max-hours` -> the deadline hits mid-training."""

@@ -49,6 +49,7 @@ def _png_has_content(path: Path) -> float:
     return float(img.reshape(-1, 3).std(axis=0).max())
 
 
+@pytest.mark.slow
 def test_evaluate_both_modes_writes_metrics_and_a_report_with_real_plots(prepared):
     out = prepared / "run" / "eval"
     data = str(prepared / "data")
@@ -109,6 +110,7 @@ def test_missing_data_folder_is_exit_2(tmp_path, capsys):
     assert rc == 2 and "no test.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tree_scorer_equals_one_forward_per_answer(prepared):
     """Exact answer probabilities: the batched prefix-tree forward vs the naive reference."""
     import torch
@@ -152,6 +154,7 @@ def test_select_rows_keeps_whole_cells():
     assert select_rows(rows, None, 1) == rows
 
 
+@pytest.mark.slow
 def test_merged_dense_model_gives_the_same_distribution_as_4bit_plus_adapter(prepared):
     """--eval-precision bf16: the NF4 base dequantized and the LoRA merged in, then scored densely,
     must give the unmerged model's probabilities (fp32 on CPU: to 1e-4), with no 4-bit or LoRA layer left."""

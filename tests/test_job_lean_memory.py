@@ -164,6 +164,7 @@ def test_estimate_offers_the_l4_in_the_lean_mode(tmp_path):
     _says_lean_l4(" ".join(p.stdout.split()))
 
 
+@pytest.mark.slow
 @pytest.mark.sky
 def test_dry_run_offers_the_l4_in_the_lean_mode(sky_home, tmp_path):
     from launcher_helpers import cli

@@ -51,6 +51,7 @@ def _bars(out: str) -> dict[str, float]:
     return bars
 
 
+@pytest.mark.slow
 def test_profile_and_scenario(setup):
     r = cli(["--adapter", str(setup / "adapter"), "--config", str(SMOKE), "--demographics",
              "Age: 25; Gender: Female; Education: Bachelor's",
@@ -62,6 +63,7 @@ def test_profile_and_scenario(setup):
     assert "sampled answer:" in r.stdout
 
 
+@pytest.mark.slow
 def test_example_shows_the_human_answer(setup):
     import json
 
@@ -72,6 +74,7 @@ def test_example_shows_the_human_answer(setup):
     assert len(_bars(r.stdout)) >= 2
 
 
+@pytest.mark.slow
 def test_interactive_loop_answers_each_query_and_survives_a_bad_one(setup):
     stdin = ("Age: 40; Party Id: Lean Democrat\nHow much do you trust the news? Only return an integer from 0 to 100, nothing else.\n"
              "Age forty\nanything (1-5)\n"
@@ -163,6 +166,7 @@ def test_job_refuses_a_seed_out_of_range(setup):
     one_line(r, f"--seed {2**32}: not accepted (a whole number from 0 to 4294967295)")
 
 
+@pytest.mark.slow
 def test_job_stdin_answers_each_line_and_survives_bad_ones(setup):
     """Each bad --stdin line gets an error line; the loop goes on to the good one at the end."""
     import json

@@ -58,6 +58,7 @@ def readme_commands() -> list[str]:
     return cmds
 
 
+@pytest.mark.slow
 def test_the_readme_commands_run_in_order_after_the_demo(tmp_path):
     pytest.importorskip("sky", reason="skypilot is not installed (estimate reads its catalog)")
     import yaml
