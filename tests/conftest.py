@@ -1,4 +1,5 @@
-"""Shared by every test module (`from conftest import REPO, run_cli, one_line, wait_until`), and the
+"""Shared by every test module (`from conftest import REPO, run_cli, one_line, wait_until,
+random_adapter`), and the
 `sky_home` fixture (an offline SkyPilot API server with a seeded catalog, tests/skyfix.py).
 
 The repository root is on sys.path, so tests import the benchmarks' references (bench/reference.py)."""
@@ -53,3 +54,21 @@ def wait_until(condition: Callable[[], T], timeout: float = 30, interval: float 
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: not within {timeout:g} s")
         time.sleep(interval)
+
+
+def random_adapter(cfg, out: Path, seed: int = 0) -> Path:
+    """A LoRA adapter on `cfg`'s base (built on the CPU as train builds it) whose B matrices are random
+    (peft starts them at zero: this adapter changes the model), saved to `out`; returns `out`."""
+    import torch
+
+    from job import model as JM
+    from job.tokenizer import load_tokenizer
+
+    model = JM.build(cfg, load_tokenizer(cfg.model.tokenizer, cfg.model.id), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.save_pretrained(out)
+    return out

@@ -9,7 +9,7 @@ import pytest
 from contracts.config import load_config
 from contracts.events import EventWriter, read_all
 from job.__main__ import main as job_main
-from conftest import REPO
+from conftest import REPO, random_adapter
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 
@@ -18,23 +18,12 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 def prepared(tmp_path_factory):
     """A prepared data folder (synthetic rows), a random-weight LoRA adapter on the smoke base,
     and a training events file with step events (the loss curve's input)."""
-    import torch
-
-    from job import model as JM
     from job.prepare import prepare
-    from job.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("eval")
     cfg = load_config(SMOKE)
     prepare("synthetic:240", root / "data", cfg=cfg)
-    tok = load_tokenizer(cfg.model.tokenizer, cfg.model.id)
-    model = JM.build(cfg, tok, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero: make the adapter change the model
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    model.save_pretrained(root / "run" / "adapter")
+    random_adapter(cfg, root / "run" / "adapter")
     events = EventWriter(root / "run" / "events.jsonl")
     for step in range(1, 11):
         events.emit("step", step=step, total_steps=10, epoch=step / 10, loss=3.0 / step, lr=1e-3,

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from contracts.config import load_config
-from conftest import REPO, one_line, run_cli
+from conftest import REPO, one_line, random_adapter, run_cli
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 
@@ -17,22 +17,12 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A prepared test split and a random-weight LoRA adapter on the smoke base."""
-    import torch
-
-    from job import model as JM
     from job.prepare import prepare
-    from job.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("predict")
     cfg = load_config(SMOKE)
     prepare("synthetic:120", root / "data", cfg=cfg)
-    model = JM.build(cfg, load_tokenizer(cfg.model.tokenizer, cfg.model.id), torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    model.save_pretrained(root / "adapter")
+    random_adapter(cfg, root / "adapter")
     return root
 
 
