@@ -1,11 +1,12 @@
 # Two commands on a fresh machine:   make demo   (the job end to end, local, tiny model, no GPU)
 #                                    make test   (the test suite; what .ci/run calls)
+#                                    make test-fast (the suite without the tests marked slow)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Machines of this workplace keep a CPU torch wheel there; elsewhere pip takes it from PyPI.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: demo test venv sysdeps lock-check clean
+.PHONY: demo test test-fast venv sysdeps lock-check clean
 
 $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	python3 -m venv $(VENV)
@@ -30,6 +31,11 @@ demo: venv
 # pytest exits 5 when it collects no test: that is a failure here too, said plainly.
 test: venv sysdeps
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	 if [ $$rc = 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+# The same suite without the tests marked `slow` (real training, torchrun, the real smoke job end to end).
+test-fast: venv sysdeps
+	@$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	 if [ $$rc = 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 clean:

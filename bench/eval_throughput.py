@@ -32,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from contracts.config import RunConfig, from_dict  # noqa: E402
-from job import evaluate as E  # noqa: E402
+from contracts.scale import parse_scale  # noqa: E402
+from bench.reference import score_one_by_one  # noqa: E402
+from job import load as JL  # noqa: E402
+from job import scoring as S  # noqa: E402
 from job import model as JM  # noqa: E402
 from job import synthetic  # noqa: E402
 from job.tokenizer import load_tokenizer, padded_vocab  # noqa: E402
@@ -58,14 +61,14 @@ def main(preset: str = "qwen2.5-14b", rows: int = 512, naive_rows: int = 4, samp
     print(f"built {preset} (4-bit, random LoRA) on {card} in {time.perf_counter() - t0:.0f}s", flush=True)
 
     data = bench_rows(rows, stimulus_words)
-    scales = [E.M.parse_scale(r["stimuli"]) for r in data]
-    ids = E.prompt_ids(tok, data, cfg.model.system_prompt)
+    scales = [parse_scale(r["stimuli"]) for r in data]
+    ids = S.prompt_ids(tok, data, cfg.model.system_prompt)
     table = []
 
     def tree(label: str, tpb: int) -> None:
         _reset_peak(cuda)
         try:
-            sec = _timed(lambda: E.score_distributions(model, tok, data, scales, "", tpb, ids=ids), cuda)
+            sec = _timed(lambda: S.score_distributions(model, tok, data, scales, "", tpb, ids=ids), cuda)
         except torch.OutOfMemoryError as e:
             print(f"{label}, {tpb} tok/batch: out of memory ({e})", flush=True)
             return
@@ -75,14 +78,14 @@ def main(preset: str = "qwen2.5-14b", rows: int = 512, naive_rows: int = 4, samp
         print(table[-1], flush=True)
 
     # The previous path: the model as train built it, 4-bit base + separate adapter.
-    E.score_distributions(model, tok, data[:8], scales[:8], "", ids=ids[:8])  # warm-up: kernels, allocator
+    S.score_distributions(model, tok, data[:8], scales[:8], "", ids=ids[:8])  # warm-up: kernels, allocator
     tree("previous: 4-bit NF4 + LoRA", previous_tokens_per_batch)
-    ref = E.score_distributions(model, tok, data[:check_rows], scales[:check_rows], "", ids=ids[:check_rows])
+    ref = S.score_distributions(model, tok, data[:check_rows], scales[:check_rows], "", ids=ids[:check_rows])
     if naive_rows:
         try:  # a baseline failing must not lose the figures around it
             sub = list(range(naive_rows))
             naive: list = []
-            sec = _timed(lambda: naive.extend(E.score_one_by_one(model, tok, ids[i], *scales[i]) for i in sub), cuda)
+            sec = _timed(lambda: naive.extend(score_one_by_one(model, tok, ids[i], *scales[i]) for i in sub), cuda)
             table.append(_row(card, "naive: 4-bit + LoRA, one forward per answer", [ids[i] for i in sub], sec))
             table[-1]["max_prob_diff_vs_tree"] = max(abs(a - b) for r, d in zip(naive, ref) for a, b in zip(r, d.probs))
             print(table[-1], flush=True)
@@ -92,18 +95,18 @@ def main(preset: str = "qwen2.5-14b", rows: int = 512, naive_rows: int = 4, samp
     # Ours: dequantize once, merge the adapter, dense GEMMs.
     dtype = JM.compute_dtype(cfg, device)
     free = torch.cuda.mem_get_info(0)[0] if cuda else None
-    need = E.extra_dense_bytes(model, dtype) + E.activation_bytes(max(tokens_per_batch), model.config.hidden_size)
-    print(f"auto would choose {E.choose_precision('auto', free, need)}: free {(free or 0) / 2**30:.1f} GiB, "
+    need = JL.extra_dense_bytes(model, dtype) + JL.activation_bytes(max(tokens_per_batch), model.config.hidden_size)
+    print(f"auto would choose {JL.choose_precision('auto', free, need)}: free {(free or 0) / 2**30:.1f} GiB, "
           f"needs {need / 2**30:.1f} GiB", flush=True)
     box: list = []
-    merge_s = _timed(lambda: box.append(E.merge_dense(model, dtype)), cuda)
+    merge_s = _timed(lambda: box.append(JL.merge_dense(model, dtype)), cuda)
     model = box.pop()
     weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
     print(f"merged to dense {dtype} in {merge_s:.1f}s; weights {weights_gib:.1f} GiB", flush=True)
-    E.score_distributions(model, tok, data[:8], scales[:8], "", ids=ids[:8])
+    S.score_distributions(model, tok, data[:8], scales[:8], "", ids=ids[:8])
     for tpb in tokens_per_batch:
         tree(f"ours: merged dense {str(dtype).removeprefix('torch.')}", tpb)
-    got = E.score_distributions(model, tok, data[:check_rows], scales[:check_rows], "", ids=ids[:check_rows])
+    got = S.score_distributions(model, tok, data[:check_rows], scales[:check_rows], "", ids=ids[:check_rows])
     prob_diff = max(abs(a - b) for r, g in zip(ref, got) for a, b in zip(r.probs, g.probs))
     print(f"merged vs 4-bit + adapter, {check_rows} rows: max |p diff| {prob_diff:.2e}", flush=True)
     for r in table:
@@ -113,7 +116,7 @@ def main(preset: str = "qwen2.5-14b", rows: int = 512, naive_rows: int = 4, samp
     if sample_rows:
         try:
             sub = data[:sample_rows]
-            sec = _timed(lambda: E.sample_answers(model, tok, sub, cfg), cuda)
+            sec = _timed(lambda: S.sample_answers(model, tok, sub, cfg), cuda)
             table.append(_row(card, f"sample: merged, generate {cfg.eval.max_new_tokens} tokens, batch 32",
                               ids[:sample_rows], sec))
             print(table[-1], flush=True)

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from contracts.config import LoraSpec, TrainSpec  # noqa: E402
+from bench import reference  # noqa: E402
 from job import fast  # noqa: E402
 
 FLOPS_PER_TOKEN_14B = 4 * 14.8e9
@@ -116,7 +117,7 @@ def attach_lora(base, v: Variant, lora: LoraSpec, seed: int, dtype: torch.dtype)
     if v.baseline:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=v.gc)
     else:
-        fast.frozen_to(base, dtype)
+        reference.frozen_to(base, dtype)
     torch.manual_seed(seed)
     lc = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                     target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
@@ -193,8 +194,8 @@ def run_variant(base, v: Variant, examples: list[dict], steps: int, gb: int, spe
             if v.baseline:
                 loss = plain_hf_step(model, opt, group, v.micro_batch, device, dtype, tick)
             else:
-                mbs = fast.micro_batches(group, v.micro_batch, v.levers, pad_id=0)
-                loss = fast.step(model, opt, mbs, v.levers, device, dtype, after_micro=tick)
+                mbs = reference.micro_batches(group, v.micro_batch, v.levers, pad_id=0)
+                loss = reference.step(model, opt, mbs, v.levers, device, dtype, after_micro=tick)
             sync()
             step_s.append(time.perf_counter() - t0)
             losses.append(loss)
@@ -245,7 +246,7 @@ def _packed_real(batch: dict) -> int:
 def plain_hf_step(model, opt, group: list[dict], mb: int, device, dtype, tick) -> float:
     """The plain loop: padded micro-batches, the model's own loss, normalized over the global batch
     (transformers' Trainer passes num_items_in_batch the same way)."""
-    batches = [fast.collate_padded(group[i:i + mb], pad_id=0) for i in range(0, len(group), mb)]
+    batches = [reference.collate_padded(group[i:i + mb], pad_id=0) for i in range(0, len(group), mb)]
     total = sum(fast.count_targets(b) for b in batches)
     loss_sum = 0.0
     for b in batches:

@@ -17,7 +17,7 @@ from contracts.errors import ContractError
 from job import synthetic
 
 # The row schema lives in contracts/ (stdlib only): the launcher checks local rows with it before launching.
-from contracts.rows import REQUIRED_COLUMNS, validate_rows  # noqa: F401 (re-exported)
+from contracts.rows import validate_rows
 
 MAPPING_FILES = {
     "unseen-studies": "participant_mapping.json",

@@ -1,5 +1,4 @@
 """Exit codes of the job: 2 bad input (contracts.errors.ContractError), 3 a machine that can't run it."""
-from contracts.errors import EXIT_BAD_INPUT, ContractError  # noqa: F401  (re-exported)
 
 EXIT_CANNOT_RUN = 3
 

@@ -5,11 +5,9 @@ Two modes (say in every output which one produced a number):
   (temperature/top_p/max_new_tokens from the config's eval section), first integer parsed;
   unparseable answers are counted and reported, never silently dropped.
 - `distribution`: the model's exact probability for every answer of the row's scale, from one
-  batched forward per group of rows. Each candidate answer is its full token sequence plus the
-  end token (<|im_end|>), so "1" and "10" are told apart exactly. The candidates of a row share a
-  prefix tree laid after the prompt in the same sequence; a 4-D attention mask lets each tree
-  node see the prompt and its own ancestors only ("tree attention"), and the LM head runs only on
-  the positions whose next token is scored.
+  batched forward per group of rows (job/scoring.py: the answers as a prefix tree after the prompt).
+
+The model is loaded (and, when it fits, merged dense) by job/load.py.
 
 A model-free baseline (`--baseline uniform`: equal mass on every answer of each cell's scale) loads
 no model and writes the same outputs in seconds, under "uniform/distribution".
@@ -20,35 +18,29 @@ none falls back to its cell's human min..max.
 Results accumulate in OUT/metrics.json under "<base|fine-tuned>/<mode>", so a base run and a
 fine-tuned run into the same OUT sit side by side in OUT/report.html. OUT/cells.jsonl is rewritten
 from them: one line per cell (study, condition, task, scale used and its source, human n, W under
-each result and the uniform guess), so two runs compare cell by cell.
+each result and the uniform guess), so two runs compare cell by cell. Both formats are
+contracts/results.py's (the launcher's `report` reads them from there too).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from contracts._io import atomic_write_json
-from contracts.config import EVAL_MODES, RunConfig, load_config
+from contracts import results
+from contracts.config import EVAL_MODES, load_config
 from contracts.errors import ContractError
 from contracts.events import EventWriter
-from contracts.scale import Scale, as_scale
 from job import data as D
 from job import dist  # stdlib until torchrun is in use
 from job import metrics as M
+from job.load import DEFAULT_TOKENS_PER_BATCH, EVAL_PRECISIONS, load_model
+from job.scoring import row_scales, sample_answers, score_distributions, stated_scale
 
-METRICS_FILE = "metrics.json"
-CELLS_FILE = "cells.jsonl"
 BASELINES = ("uniform",)
-DEFAULT_TOKENS_PER_BATCH = 32768  # H200, merged bf16: 17.2k tok/s at 32768 = 65536 (17.1k), peak 33.5 GiB
-EVAL_PRECISIONS = ("auto", "bf16", "nf4")
-HEAD_CHUNK = 4096  # scored positions per LM-head call: the fp32 logits of all of them at once take GiBs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                   eval_precision=precision,
                   prompt_tokens=prompt_tokens, prompt_tokens_per_s=prompt_tokens / seconds if seconds else None)
 
-    return _write_outputs(out, f"{which}/{mode}", result, events, args)
+    return _write_outputs(out, results.result_key(which, mode), result, events, args)
 
 
 def run_baseline(args: argparse.Namespace) -> int:
@@ -163,7 +155,7 @@ def run_baseline(args: argparse.Namespace) -> int:
                   base_model=None, seconds=seconds, eval_precision=None, prompt_tokens=0,
                   prompt_tokens_per_s=None, valid_mass=1.0 if scored else None,
                   rows_unscored_unbounded=len(records) - scored)
-    return _write_outputs(out, f"{args.baseline}/distribution", result, events, args)
+    return _write_outputs(out, results.result_key(args.baseline, "distribution"), result, events, args)
 
 
 def baseline_records(rows: Sequence[dict], baseline: str = "uniform") -> list[M.Record]:
@@ -179,17 +171,15 @@ def baseline_records(rows: Sequence[dict], baseline: str = "uniform") -> list[M.
 
 
 def _write_outputs(out: Path, key: str, result: dict, events: EventWriter, args: argparse.Namespace) -> int:
-    all_metrics = _load_metrics(out)
-    all_metrics.setdefault("results", {})[key] = result
-    all_metrics.update(paper_table2=M.PAPER_TABLE2, dpd_definition=M.DPD_DEFINITION)
-    atomic_write_json(out / METRICS_FILE, all_metrics)
-    cells = write_cells(out, all_metrics["results"])
+    all_metrics = results.write_metrics(out, key, result, paper_table2=M.PAPER_TABLE2,
+                                        dpd_definition=M.DPD_DEFINITION)
+    cells = results.write_cells(out, all_metrics["results"])
     from job import report
 
     shown = {"results": {**_compared(out, args.compare), **all_metrics["results"]},
              **{k: v for k, v in all_metrics.items() if k != "results"}}
     html = report.write_report(out, shown, report.find_train_events(out, args.train_events))
-    summary = summarize(result)
+    summary = results.summary(result)
     events.emit("eval", metrics=summary, key=key, report=str(html))
     print(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
     print(f"cells: {cells}")
@@ -198,46 +188,7 @@ def _write_outputs(out: Path, key: str, result: dict, events: EventWriter, args:
     return 0
 
 
-def cell_lines(results: dict[str, dict]) -> list[dict]:
-    """One line per cell over every result in OUT/metrics.json: study, condition, task, the scale
-    used and its source, human n, and W under each result key and the uniform guess (w["uniform"]);
-    a cell a result did not score names why under `skipped` (too_few, constant, unbounded,
-    scale_conflict, no_valid_prediction)."""
-    lines: dict[tuple, dict] = {}
-    for key, res in sorted(results.items()):
-        for c in res.get("cells") or []:
-            line = _cell_line(lines, c)
-            line["w"][key] = c.get("w")
-            line["w"]["uniform"] = c.get("w_uniform")
-        for c in res.get("cells_skipped") or []:
-            line = _cell_line(lines, c)
-            line["skipped"][key] = c.get("skipped")
-            if c.get("scales"):
-                line["scales"] = c["scales"]
-    return [lines[k] for k in sorted(lines)]
-
-
-def _cell_line(lines: dict, c: dict) -> dict:
-    study, cond, task = c["cell"]
-    k = (str(study), int(cond), int(task))
-    if k not in lines:
-        lines[k] = {"study_id": k[0], "condition_num": k[1], "task_num": k[2], "scale": c.get("scale"),
-                    "scale_source": c.get("scale_source"), "human_n": c.get("n"), "w": {}, "skipped": {}}
-    return lines[k]
-
-
-def write_cells(out: Path, results: dict[str, dict]) -> Path:
-    """OUT/cells.jsonl, rewritten whole (atomically) from every result OUT/metrics.json holds."""
-    path = out / CELLS_FILE
-    tmp = path.with_name(f".{CELLS_FILE}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in cell_lines(results):
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
-
-
-# --- Rows and scales -------------------------------------------------------------------------
+# --- Rows ------------------------------------------------------------------------------------
 
 def select_rows(rows: list[dict], cap: int | None, seed: int) -> list[dict]:
     """At most `cap` rows, taken whole cell by cell in a seeded order (a cell's W needs its rows)."""
@@ -256,434 +207,17 @@ def select_rows(rows: list[dict], cap: int | None, seed: int) -> list[dict]:
     return kept
 
 
-def stated_scale(r: dict) -> Scale | None:
-    """The answer scale a row's stimulus (else its prompt) states (contracts/scale.py), or None."""
-    return M.parse_scale(r.get("stimuli") or r.get("prompt") or "")
-
-
-def row_scales(rows: Sequence[dict]) -> list[Scale | None]:
-    """Each row's answer scale: the one its stimulus states (a step grid's candidates are the grid's
-    points), else its cell's human min..max; None for scales over 101 levels (unbounded: excluded
-    from the metric, so not scored)."""
-    human: dict[tuple, list[int]] = defaultdict(list)
-    for r in rows:
-        human[(r["study_id"], r["condition_num"], r["task_num"])].append(int(r["response"]))
-    out = []
-    for r in rows:
-        s = stated_scale(r)
-        if s is None:
-            h = human[(r["study_id"], r["condition_num"], r["task_num"])]
-            s = Scale(min(h), max(h)) if max(h) > min(h) else None
-        out.append(s if s is not None and s.levels <= M.MAX_LEVELS else None)
-    return out
-
-
 def _record(r: dict, **pred: Any) -> M.Record:
     return M.Record(r["study_id"], r["condition_num"], r["task_num"], r["response"], stated_scale(r),
                     r.get("demographic") or {}, **pred)
 
 
-# --- The model -------------------------------------------------------------------------------
-
-def load_model(cfg: RunConfig, adapter: str | None, precision: str = "nf4",
-               tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH):
-    """(tokenizer, model in eval mode) for this config, with the adapter applied when given;
-    dense and merged when `precision` (auto|bf16|nf4) asks for it and, for auto, the GPU holds it."""
-    import torch
-
-    from job.tokenizer import load_tokenizer
-
-    if precision not in EVAL_PRECISIONS:
-        raise ContractError(f"--eval-precision: {precision!r} is not accepted ({' | '.join(EVAL_PRECISIONS)})")
-    tok = load_tokenizer(cfg.model.tokenizer, cfg.model.id, cfg.model.revision)
-    model = _load_base(cfg, tok)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    model.requires_grad_(False)  # no autograd graph, without flipping the process-wide grad mode
-    dev = _device(model)
-    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
-    dtype = _core(model)[1].weight.dtype
-    hidden = _core(model)[0].config.hidden_size
-    need = extra_dense_bytes(model, dtype) + activation_bytes(tokens_per_batch, hidden)
-    if choose_precision(precision, free, need) == "bf16":
-        model = merge_dense(model, dtype).requires_grad_(False)
-    return tok, model
-
-
-def choose_precision(requested: str, free_bytes: int | None, needed_bytes: int) -> str:
-    """bf16 or nf4. auto: bf16 only on a GPU (free_bytes given) whose free memory covers the growth
-    from 4-bit to dense plus one forward's activations; CPU evaluation is for checks, kept as built."""
-    if requested != "auto":
-        return requested
-    return "bf16" if free_bytes is not None and free_bytes >= needed_bytes else "nf4"
-
-
-def activation_bytes(tokens_per_batch: int, hidden: int) -> int:
-    """Peak activations of one scoring forward, with slack (bench-14b, H200: ~9 GiB at 32768 tokens)."""
-    return tokens_per_batch * hidden * 64 + 2 * 2**30
-
-
-def _is_4bit(m) -> bool:
-    return type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
-
-
-def extra_dense_bytes(model, dtype) -> int:
-    """How much more memory the model takes once every 4-bit weight is dense in `dtype`."""
-    import torch
-
-    size = torch.empty((), dtype=dtype).element_size()
-    extra = 0
-    for m in model.modules():
-        if _is_4bit(m):
-            extra += m.in_features * m.out_features * size - m.weight.data.numel() * m.weight.data.element_size()
-    return extra
-
-
-def merge_dense(model, dtype):
-    """The plain causal LM with every 4-bit weight dequantized to `dtype` and the active LoRA adapters
-    merged in (W + B@A*scaling, summed in fp32), one layer at a time: evaluation runs dense GEMMs only."""
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    _densify_(base, dtype)
-    base._eval_dense = True
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the freed 4-bit blocks
-    return base
-
-
-def _densify_(module, dtype) -> None:
-    from peft.tuners.lora import LoraLayer
-
-    for name, child in list(module.named_children()):
-        if isinstance(child, LoraLayer):
-            dense = _dense_linear(child.get_base_layer(), dtype)
-            w = dense.weight.data.float()
-            for a in child.active_adapters:
-                if a in child.lora_A:
-                    if child.use_dora.get(a):
-                        raise ContractError(f"--eval-precision bf16: adapter {a!r} uses DoRA (merge not supported; use nf4)")
-                    w += child.get_delta_weight(a).float()
-            dense.weight.data = w.to(dtype)
-            setattr(module, name, dense)
-        elif _is_4bit(child):
-            setattr(module, name, _dense_linear(child, dtype))
-        else:
-            _densify_(child, dtype)
-
-
-def _dense_linear(layer, dtype):
-    """An nn.Linear in `dtype` with the weights of `layer` (bnb 4-bit dequantized, or a plain Linear)."""
-    import torch
-    from torch import nn
-
-    if _is_4bit(layer):
-        import bitsandbytes.functional as F
-
-        data, state = layer.weight.data, layer.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # bnb repacks for its CPU bf16 kernel on an eval forward
-            data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
-        w = F.dequantize_4bit(data, state).to(dtype)
-    else:
-        w = layer.weight.data.to(dtype)
-    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    lin.weight = nn.Parameter(w, requires_grad=False)
-    if layer.bias is not None:
-        lin.bias = nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
-    return lin
-
-
-def _load_base(cfg: RunConfig, tok):
-    """The base exactly as train built it (job/model.py: same seed, same 4-bit NF4), so an adapter fits."""
-    import torch
-
-    from job import model as JM
-    from job.tokenizer import padded_vocab
-
-    from job.dist import local_rank
-
-    device = torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = JM.compute_dtype(cfg, device)
-    quantize = cfg.train.method == "qlora"
-    if cfg.model.init == "random":
-        return JM.build_random(JM.qwen2_config(cfg, padded_vocab(tok)), device, dtype, quantize, cfg.train.seed)
-    return JM.load_pretrained(cfg, device, dtype, quantize)
-
-
-def _device(model):
-    return next(model.parameters()).device
-
-
-def _core(model):
-    """(decoder, lm_head) of a causal LM, through a PeftModel wrapper if there is one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model, base.lm_head
-
-
-def prompt_ids(tok, rows: Sequence[dict], system_prompt: str) -> list[list[int]]:
-    """The chat-templated prompt of each row, as train saw it, up to the assistant turn."""
-    texts = [tok.apply_chat_template(D.messages(r, system_prompt), tokenize=False, add_generation_prompt=True)
-             for r in rows]
-    return [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
-
-
-# --- Sample mode -----------------------------------------------------------------------------
-
-@dataclass
-class Sampled:
-    text: str
-    value: int | None
-    prompt_tokens: int
-
-
-def sample_answers(model, tok, rows: Sequence[dict], cfg: RunConfig, seed: int | None = None,
-                   shard: tuple[int, int] = (0, 1)) -> list[Sampled | None]:
-    """One sampled answer per row (the paper's protocol), batched by similar prompt length.
-
-    shard (rank, world): this rank samples batches rank, rank+world, ... of the one batch plan (None
-    for the other rows); each batch draws from its own seed, so the answers do not depend on the split."""
-    import torch
-
-    e = cfg.eval
-    seed = cfg.train.seed if seed is None else seed
-    ids = prompt_ids(tok, rows, cfg.model.system_prompt)
-    order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
-    dev = _device(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else D.answer_end_id(tok)
-    out: list[Sampled | None] = [None] * len(rows)
-    for k, start in enumerate(range(0, len(order), e.batch_size)):
-        if k % shard[1] != shard[0]:
-            continue
-        torch.manual_seed(seed + 1_000_003 * k)  # batch 0: the seed itself, as before sharding
-        batch = order[start:start + e.batch_size]
-        width = max(len(ids[i]) for i in batch)
-        # Left padding: every row's answer starts right after its own prompt.
-        input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in batch], device=dev)
-        mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=dev)
-        gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=e.temperature > 0,
-                             temperature=e.temperature if e.temperature > 0 else None,
-                             top_p=e.top_p, max_new_tokens=e.max_new_tokens, pad_token_id=pad,
-                             eos_token_id=D.answer_end_id(tok))
-        for j, i in enumerate(batch):
-            text = tok.decode(gen[j, width:], skip_special_tokens=True)
-            out[i] = Sampled(text, M.parse_answer(text), len(ids[i]))
-    return out  # type: ignore[return-value]
-
-
-# --- Distribution mode -----------------------------------------------------------------------
-
-@dataclass
-class Distribution:
-    values: list[int]
-    probs: list[float]
-    """Normalized over the scale's answers."""
-    valid_mass: float
-    """How much of the model's probability the scale's answers hold (the rest: anything else)."""
-    prompt_tokens: int
-
-
-@dataclass
-class _Tree:
-    """A scale's candidate answers as a prefix tree of tokens."""
-
-    values: list[int]
-    node_tokens: list[int]
-    node_parent: list[int]  # -1: the prompt's last token
-    node_depth: list[int]  # 1-based offset after the prompt
-    paths: list[list[tuple[int, int]]]  # per value: (context node, or -1, scored token)
-    _anc: dict = field(default_factory=dict)
-
-    def ancestors(self, device):
-        """[i, j]: node j is node i or one of its ancestors (what node i may attend to), cached per device."""
-        key = str(device)
-        if key not in self._anc:
-            import torch
-
-            n = len(self.node_tokens)
-            anc = torch.zeros((n, n), dtype=torch.bool)
-            for i in range(n):
-                j = i
-                while j >= 0:
-                    anc[i, j] = True
-                    j = self.node_parent[j]
-            self._anc[key] = anc.to(device)
-        return self._anc[key]
-
-
-def answer_tree(tok, scale: Scale | tuple[int, int], end_id: int) -> _Tree:
-    """The prefix tree of every answer on `scale` (a step grid: its points only), each + `end_id`."""
-    values = as_scale(scale).values()
-    encoded = tok([str(v) for v in values], add_special_tokens=False)["input_ids"]
-    index: dict[tuple[int, ...], int] = {}
-    tokens, parent, depth, paths = [], [], [], []
-    for seq in encoded:
-        seq = list(seq) + [end_id]
-        path = []
-        for j, t in enumerate(seq):
-            path.append((index[tuple(seq[:j])] if j else -1, t))
-            if j < len(seq) - 1:  # the end token is only scored, never fed
-                key = tuple(seq[: j + 1])
-                if key not in index:
-                    index[key] = len(tokens)
-                    tokens.append(seq[j])
-                    parent.append(index[tuple(seq[:j])] if j else -1)
-                    depth.append(j + 1)
-        paths.append(path)
-    return _Tree(values, tokens, parent, depth, paths)
-
-
-def score_distributions(model, tok, rows: Sequence[dict], scales: Sequence[Scale | tuple[int, int] | None],
-                        system_prompt: str, tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
-                        ids: Sequence[list[int]] | None = None, shard: tuple[int, int] = (0, 1)) -> list[Distribution | None]:
-    """Exact P(answer) for every answer of each row's scale; rows without a scale get none.
-
-    shard (rank, world): this rank scores batches rank, rank+world, ... of the one batch plan (the
-    same batches as one process, so the same numbers bit for bit); the other rows are None."""
-    import torch
-
-    ids = list(ids) if ids is not None else prompt_ids(tok, rows, system_prompt)
-    end = D.answer_end_id(tok)
-    scales = [as_scale(s) for s in scales]
-    trees: dict[Scale, _Tree] = {}
-    for s in scales:
-        if s is not None and s not in trees:
-            trees[s] = answer_tree(tok, s, end)
-    out: list[Distribution | None] = [Distribution([], [], 0.0, len(ids[i])) if shard[0] == 0 else None
-                                      for i in range(len(rows))]
-    todo = [i for i in range(len(rows)) if scales[i] is not None]
-    todo.sort(key=lambda i: len(ids[i]) + len(trees[scales[i]].node_tokens))
-    decoder, head = _core(model)
-    dev = _device(model)
-    dtype = head.weight.dtype if head.weight.dtype.is_floating_point else torch.bfloat16
-    batch: list[int] = []
-    n_batch = 0
-    for n, i in enumerate(todo):
-        batch.append(i)
-        nxt = todo[n + 1] if n + 1 < len(todo) else None
-        width = len(ids[nxt]) + len(trees[scales[nxt]].node_tokens) if nxt is not None else 0
-        if nxt is None or width * (len(batch) + 1) > tokens_per_batch:
-            if n_batch % shard[1] == shard[0]:
-                for k in batch:
-                    out[k] = out[k] or Distribution([], [], 0.0, len(ids[k]))
-                _score_batch(decoder, head, dev, dtype, [ids[k] for k in batch],
-                             [trees[scales[k]] for k in batch], [out[k] for k in batch])
-            else:
-                for k in batch:
-                    out[k] = None
-            n_batch += 1
-            batch = []
-    return out
-
-
-def _score_batch(decoder, head, dev, dtype, prompts: list[list[int]], trees: list[_Tree],
-                 outs: list[Distribution]) -> None:
-    import torch
-
-    lens = [len(p) + len(t.node_tokens) for p, t in zip(prompts, trees)]
-    width = max(lens)
-    b = len(prompts)
-    input_ids = torch.zeros((b, width), dtype=torch.long)
-    pos = torch.zeros((b, width), dtype=torch.long)
-    # The mask is built on the device with a few slice writes per row (no per-node Python loop).
-    allowed = torch.zeros((b, width, width), dtype=torch.bool, device=dev)
-    causal = torch.ones((width, width), dtype=torch.bool, device=dev).tril()
-    gather_rows, gather_cols = [], []
-    for r, (p, t) in enumerate(zip(prompts, trees)):
-        L, n = len(p), len(t.node_tokens)
-        input_ids[r, :L] = torch.tensor(p)
-        input_ids[r, L:lens[r]] = torch.tensor(t.node_tokens, dtype=torch.long)
-        pos[r, :L] = torch.arange(L)
-        pos[r, L:lens[r]] = L - 1 + torch.tensor(t.node_depth, dtype=torch.long)
-        allowed[r, :L, :L] = causal[:L, :L]
-        allowed[r, L:L + n, :L] = True  # every answer node sees the whole prompt
-        allowed[r, L:L + n, L:L + n] = t.ancestors(dev)  # and its own ancestors in the tree
-        allowed[r].diagonal()[lens[r]:] = True  # padding sees itself: no all-masked softmax row
-        gather_rows += [r] * (n + 1)
-        gather_cols += [L - 1] + [L + k for k in range(n)]
-    mask = torch.zeros((b, 1, width, width), dtype=dtype, device=dev)
-    mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
-    del allowed
-    hidden = decoder(input_ids=input_ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
-                     use_cache=False).last_hidden_state
-    sel = hidden[torch.tensor(gather_rows, device=dev), torch.tensor(gather_cols, device=dev)]
-    # Only the (context, token) pairs on some answer's path leave the GPU.
-    ctx_idx, tok_idx, bounds, at = [], [], [], 0
-    for t in trees:
-        for path in t.paths:
-            ctx_idx += [at + ctx + 1 for ctx, _ in path]  # row `at`: after the prompt; at+1+k: after node k
-            tok_idx += [tokid for _, tokid in path]
-            bounds.append(len(path))
-        at += len(t.node_tokens) + 1
-    picked = _head_logprobs(head, sel, torch.tensor(ctx_idx, device=dev), torch.tensor(tok_idx, device=dev))
-    k = 0
-    paths = iter(bounds)
-    for t, o in zip(trees, outs):
-        scores = []
-        for _ in t.paths:
-            n = next(paths)
-            scores.append(sum(picked[k:k + n]))
-            k += n
-        top = max(scores)
-        weights = [math.exp(s - top) for s in scores]
-        total = sum(weights)
-        o.values = list(t.values)
-        o.probs = [w / total for w in weights]
-        o.valid_mass = math.exp(top) * total
-
-
-def _head_logprobs(head, sel, ctx, tok) -> list[float]:
-    """log P(tok | position ctx) for each pair, the LM head run chunk by chunk over `sel`'s positions."""
-    import torch
-
-    picked = torch.empty(len(ctx), dtype=torch.float64, device=sel.device)
-    for s in range(0, sel.shape[0], HEAD_CHUNK):
-        logits = head(sel[s:s + HEAD_CHUNK]).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        m = (ctx >= s) & (ctx < s + HEAD_CHUNK)
-        c = ctx[m] - s
-        picked[m] = (logits[c, tok[m]] - lse[c]).double()
-    return picked.cpu().tolist()
-
-
-def score_one_by_one(model, tok, prompt: list[int], lo: int, hi: int, values: Sequence[int] | None = None
-                     ) -> list[float]:
-    """The naive reference: one full forward per candidate answer, standard causal attention.
-    Slow (the prompt is recomputed per answer); the tests and the bench compare against it."""
-    import torch
-
-    end = D.answer_end_id(tok)
-    dev = _device(model)
-    scores = []
-    for v in (range(lo, hi + 1) if values is None else values):
-        ans = list(tok(str(v), add_special_tokens=False)["input_ids"]) + [end]
-        ids = torch.tensor([prompt + ans[:-1]], device=dev)
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-        scores.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(ans)))
-    top = max(scores)
-    weights = [math.exp(s - top) for s in scores]
-    return [w / sum(weights) for w in weights]
-
-
 # --- Outputs ---------------------------------------------------------------------------------
-
-SUMMARY_KEYS = ("mode", "model", "rows", "cells_scored", "studies_scored", "wasserstein", "wasserstein_uniform",
-                "individual_accuracy", "invalid_rate", "cells_unbounded", "cells_scale_conflict", "cells_human_range",
-                "prompt_tokens_per_s")
-
-
-def summarize(result: dict) -> dict:
-    s = {k: result.get(k) for k in SUMMARY_KEYS}
-    s["demographic_parity_difference"] = (result.get("demographic_parity_difference") or {}).get("value")
-    return s
-
 
 def _compared(out: Path, folders: list[str] | None) -> dict:
     """Results of other evaluations (e.g. out/eval-base beside out/eval), for the report only."""
     if folders is None:
-        folders = [str(p.parent) for p in sorted(out.resolve().parent.glob(f"*/{METRICS_FILE}"))
+        folders = [str(p.parent) for p in sorted(out.resolve().parent.glob(f"*/{results.METRICS_FILE}"))
                    if p.parent != out.resolve()]
     merged: dict = {}
     for f in folders:
@@ -692,13 +226,11 @@ def _compared(out: Path, folders: list[str] | None) -> dict:
 
 
 def _load_metrics(out: Path) -> dict:
-    f = out / METRICS_FILE
-    if not f.is_file():
-        return {}
+    """OUT/metrics.json, or {} when there is none or it is damaged (shown nowhere, replaced on write)."""
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except ValueError:
-        return {}  # a damaged earlier file is replaced, not trusted
+        return results.read_metrics(out / results.METRICS_FILE)
+    except ContractError:
+        return {}
 
 
 def _fmt(v: Any) -> str:

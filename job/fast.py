@@ -11,7 +11,7 @@ What each lever does (bench/train_throughput.py measures each on the 14B archite
 - Attention: flex_attention on CUDA (block-sparse: skips the masked blocks of packed rows; sdpa
   runs its masked kernel over the whole row), sdpa elsewhere or when flex can't compile.
 - Kernels: Liger's fused RMSNorm / SwiGLU / RoPE (CUDA only). Frozen non-4-bit weights stay bf16
-  (no prepare_model_for_kbit_training fp32 upcast: `frozen_to` undoes one).
+  (no prepare_model_for_kbit_training fp32 upcast; bench/reference.py's `frozen_to` undoes one).
 - Checkpointing: non-reentrant, on all decoder layers or only the first `checkpoint_layers`.
 - Fused LoRA: one autograd op per LoRA layer instead of peft's dropout / A / B / scale / clone / add:
   the dropout copy of the input is not kept (its mask is redrawn in backward), so a decoder layer
@@ -31,7 +31,7 @@ What each lever does (bench/train_throughput.py measures each on the 14B archite
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,19 +85,6 @@ def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
     return rows
 
 
-def micro_batches(examples: Sequence[dict], micro_batch: int, levers: "Levers", pad_id: int) -> list[dict]:
-    """Consecutive groups of `micro_batch` sequences (as the Trainer draws them), collated.
-
-    Packed: each group's sequences packed into rows of `row_len`; padded: the plain stack's batch.
-    """
-    out = []
-    for i in range(0, len(examples), micro_batch):
-        group = examples[i:i + micro_batch]
-        flex = levers.attn_implementation == "flex_attention"
-        out.append(PackedCollator(pad_id, levers.row_len, flex)(group) if levers.packing else collate_padded(group, pad_id))
-    return out
-
-
 @dataclass
 class PackedCollator:
     """A Trainer data collator: one micro-batch's sequences packed into rows, no padding inside.
@@ -147,21 +134,6 @@ def collate_packed(examples: Sequence[dict], rows: Sequence[Sequence[int]], pad_
         # The tail is its own segment (positions from 0), attended only by itself, never a target.
         pos[r, at:] = torch.arange(width - at)
     return {"input_ids": ids, "position_ids": pos, "labels": lab}
-
-
-def collate_padded(examples: Sequence[dict], pad_id: int) -> dict:
-    """The plain stack's batch: right-padded to the longest sequence, with an attention mask."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(examples), width), dtype=torch.long)
-    lab = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for r, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[r, :n] = torch.as_tensor(e["input_ids"])
-        att[r, :n] = 1
-        lab[r, :n] = torch.as_tensor(e["labels"])
-        lab[r, 0] = IGNORE_INDEX
-    return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
 def count_targets(batch: dict) -> int:
@@ -221,56 +193,7 @@ def trainer_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch=None, 
     return s / n
 
 
-def hf_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """The stock loss (full-sequence logits) scaled back to a sum, for the lever comparison."""
-    out = model(**batch, use_cache=False)
-    return out.loss.float() * count_targets(batch)
-
-
-def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[dict],
-         levers: Levers, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
-         max_grad_norm: float | None = 1.0, scheduler=None, after_micro=None) -> float:
-    """One optimizer step over a global batch; returns its mean loss per target token.
-
-    Every micro-batch's summed loss is divided by the global batch's target count, so packing
-    (uneven micro-batches) gives the same gradient as any other split of the same sequences.
-    """
-    micro_batches = list(micro_batches)
-    total = sum(count_targets(b) for b in micro_batches)
-    loss_sum = 0.0
-    use_amp = torch.device(device).type == "cuda" and dtype != torch.float32
-    for b in micro_batches:
-        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=use_amp):
-            s = answer_loss_sum(model, b, levers.liger) if levers.answer_only_loss else hf_loss_sum(model, b)
-        (s / total).backward()
-        loss_sum += float(s.detach())
-        if after_micro is not None:
-            after_micro(b)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum / max(total, 1)
-
-
 # --- model switches ------------------------------------------------------------------------------
-
-def frozen_to(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Cast frozen, non-4-bit floating weights (embeddings, lm_head, norms) to `dtype`.
-
-    peft's prepare_model_for_kbit_training upcasts them to fp32, which makes the 152k lm_head an
-    fp32 matmul and the residual stream fp32; trainable (LoRA) weights are left as they are.
-    """
-    n = 0
-    for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and type(p).__name__ != "Params4bit":
-            p.data = p.data.to(dtype)
-            n += p.numel()
-    return n
-
 
 def trainable_to_fp32(model: torch.nn.Module) -> int:
     """Keep the LoRA weights fp32 (autocast still computes in bf16): TRL casts them to bf16 on a 4-bit

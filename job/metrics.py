@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy.stats import wasserstein_distance
 
-from contracts.scale import Scale, as_scale, parse_scale  # noqa: F401  (parse_scale: re-exported)
+from contracts.scale import Scale, as_scale
 
 MAX_LEVELS = 101
 MIN_GROUP_ROWS = 10
@@ -105,9 +105,6 @@ class CellResult:
     """The scale used: {"lo", "hi", "step", "values"} (the uniform guess spreads over `values`)."""
     scale_source: str = "stated"
     """stated (the stimulus says it) | human_range (it states none: the cell's human min..max)."""
-
-
-SCALE_SOURCES = ("stated", "human_range")
 
 
 def cell_scale(records: Sequence[Record]) -> tuple[Scale | None, str, list[Scale]]:

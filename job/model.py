@@ -67,18 +67,23 @@ def param_count(qc) -> int:
 
 def build(cfg: RunConfig, tok, device: torch.device):
     """The model ready for training: base (4-bit for qlora), LoRA on `lora.target_modules`."""
+    model = build_base(cfg, tok, device)
+    model.config.use_cache = False
+    if cfg.train.method == "full":
+        return model
+    return add_lora(model, cfg)
+
+
+def build_base(cfg: RunConfig, tok, device: torch.device):
+    """The base model (4-bit NF4 for qlora): pretrained, or random from `model.arch` seeded by
+    `train.seed`, so evaluation rebuilds exactly the base an adapter was trained on."""
     dtype = compute_dtype(cfg, device)
     quantize = cfg.train.method == "qlora"
     if cfg.model.init == "random":
         from job.tokenizer import padded_vocab
 
-        model = build_random(qwen2_config(cfg, padded_vocab(tok)), device, dtype, quantize, cfg.train.seed)
-    else:
-        model = load_pretrained(cfg, device, dtype, quantize)
-    model.config.use_cache = False
-    if cfg.train.method == "full":
-        return model
-    return add_lora(model, cfg)
+        return build_random(qwen2_config(cfg, padded_vocab(tok)), device, dtype, quantize, cfg.train.seed)
+    return load_pretrained(cfg, device, dtype, quantize)
 
 
 def build_random(qc, device: torch.device, dtype: torch.dtype, quantize: bool, seed: int = 0):

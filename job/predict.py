@@ -1,9 +1,9 @@
 """`python -m job predict`: how would this person answer this question? The model's exact
-distribution over the scale's answers (job.evaluate's tree scorer) plus one sampled answer.
+distribution over the scale's answers (job/scoring.py's tree scorer) plus one sampled answer.
 
 Called by `socrates-launch predict`, which validates the input and renders the JSON this prints:
-one JSON object per query on stdout, on a line starting with RESULT_PREFIX. With --stdin, queries
-come one JSON object a line ({"profile": {...}, "scenario": "..."} or {"example": N}) and the
+one JSON object per query on stdout, on a result line (contracts/results.py: prefix and fields).
+With --stdin, queries come one JSON object a line ({"profile": {...}, "scenario": "..."} or {"example": N}) and the
 model is loaded once (the launcher's --interactive loop).
 """
 from __future__ import annotations
@@ -14,15 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from contracts import results
 from contracts.config import SEED_MAX, RunConfig, from_dict, load_config
 from contracts.errors import ContractError
-from contracts.scale import Scale, has_instruction, instruction
+from contracts.scale import Scale, has_instruction, instruction, parse_scale
 from job import data as D
-from job import evaluate as E
 from job import metrics as M
-
-RESULT_PREFIX = "@@socrates-predict "
-
+from job.load import load_model
+from job.scoring import sample_answers, score_distributions, stated_scale
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (omit with --base)")
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     test_rows = D.read_split(args.data, "test") if args.data else None
     if not args.stdin:
         row = to_row(queries[0], test_rows)  # bad input fails before the model loads
-    tok, model = E.load_model(cfg, None if args.base else args.adapter)
+    tok, model = load_model(cfg, None if args.base else args.adapter)
     if not args.stdin:
         _emit(predict(model, tok, cfg, row, args.seed))
         return 0
@@ -163,7 +162,7 @@ def to_row(query: dict, test_rows: list[dict] | None) -> dict:
     if not isinstance(scenario, str):
         raise ContractError(f"scenario {json.dumps(scenario)[:60]}: not accepted (text: the question, stating its "
                             "answer scale)")
-    scale = M.parse_scale(scenario)
+    scale = parse_scale(scenario)
     if scale is None:
         raise ContractError(f"scenario {scenario[:60]!r}: states no answer scale (add e.g. '(1-7 scale)' or "
                             "'Only return an integer from 1 to 7')")
@@ -175,17 +174,17 @@ def to_row(query: dict, test_rows: list[dict] | None) -> dict:
 
 
 def predict(model, tok, cfg: RunConfig, row: dict, seed: int = 0) -> dict[str, Any]:
-    scale = M.parse_scale(row.get("stimuli") or row.get("prompt") or "")
+    scale = stated_scale(row)
     if scale is None and row.get("response") is not None:
         scale = Scale(min(int(row["response"]), 0), max(int(row["response"]), 1))
     if scale is None or scale.levels > M.MAX_LEVELS:
         raise ContractError(f"row's answer scale {scale}: not a bounded scale of at most {M.MAX_LEVELS} levels")
-    dist = E.score_distributions(model, tok, [row], [scale], cfg.model.system_prompt)[0]
-    sampled = E.sample_answers(model, tok, [row], cfg, seed=seed)[0]
+    dist = score_distributions(model, tok, [row], [scale], cfg.model.system_prompt)[0]
+    sampled = sample_answers(model, tok, [row], cfg, seed=seed)[0]
     return {"scale": [scale.lo, scale.hi], "values": dist.values, "probs": dist.probs, "valid_mass": dist.valid_mass,
             "sample": sampled.value, "sample_text": sampled.text, "human": row.get("response"),
             "example": row.get("_example"), "prompt": D.render_prompt(row), "prompt_tokens": dist.prompt_tokens}
 
 
 def _emit(obj: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(obj), flush=True)
+    print(results.predict_line(obj), flush=True)

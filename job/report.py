@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.events import read_all
-
-REPORT_FILE = "report.html"
+from contracts.results import REPORT_FILE
 
 
 def find_train_events(out: Path, explicit: str | None = None) -> Path | None:

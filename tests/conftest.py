@@ -1,2 +1,74 @@
-"""Shared fixtures: `sky_home` (an offline SkyPilot API server with a seeded catalog, tests/skyfix.py)."""
-from skyfix import sky_home  # noqa: F401  (re-exported for every test module)
+"""Shared by every test module (`from conftest import REPO, run_cli, one_line, wait_until,
+random_adapter`), and the
+`sky_home` fixture (an offline SkyPilot API server with a seeded catalog, tests/skyfix.py).
+
+The repository root is on sys.path, so tests import the benchmarks' references (bench/reference.py)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from skyfix import sky_home  # noqa: E402,F401  (re-exported for every test module)
+
+T = TypeVar("T")
+
+
+def run_cli(args: list[str], env: dict | None = None, *, module: str = "launcher", cwd: Path = REPO,
+            timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS...` (the launcher's CLI by default, or `job`) in a subprocess, text output
+    captured; `kw` goes to subprocess.run (input=..., stdout=...)."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def one_line(r: subprocess.CompletedProcess, *needles: str, rc: int | None = 2, both: bool = False) -> str:
+    """The project's bad-input rule: exit `rc` (None: any), exactly one non-blank line on stderr (`both`:
+    on stdout and stderr together) holding every needle, and no traceback. Returns that line."""
+    text = (r.stdout or "") + (r.stderr or "") if both else (r.stderr or "")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    shown = (r.returncode, (r.stdout or "")[-2000:], (r.stderr or "")[-2000:])
+    assert "Traceback" not in (r.stderr or ""), shown
+    assert rc is None or r.returncode == rc, shown
+    assert len(lines) == 1, shown
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 30, interval: float = 0.05,
+               what: str = "the condition") -> T:
+    """Poll `condition` until it returns something truthy (returned) or `timeout` seconds pass
+    (AssertionError naming `what`): how a test waits for another process, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(interval)
+
+
+def random_adapter(cfg, out: Path, seed: int = 0) -> Path:
+    """A LoRA adapter on `cfg`'s base (built on the CPU as train builds it) whose B matrices are random
+    (peft starts them at zero: this adapter changes the model), saved to `out`; returns `out`."""
+    import torch
+
+    from job import model as JM
+    from job.tokenizer import load_tokenizer
+
+    model = JM.build(cfg, load_tokenizer(cfg.model.tokenizer, cfg.model.id), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.save_pretrained(out)
+    return out

@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import REPO, run_cli
+
 # A fake HF_TOKEN that must never show up anywhere; built at run time so no credential-shaped
 # literal is committed (secret scanners would flag it).
 CANARY = "hf_" + "CANARYcanary" * 3
 
-REPO = Path(__file__).resolve().parent.parent
 FAKEJOB = REPO / "tests" / "fakejob.py"
 
 
@@ -39,8 +40,7 @@ def launcher_env(runs: Path, job_python: Path | None = None, **extra: str) -> di
 
 
 def cli(args: list[str], env: dict, timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_cli(args, env, cwd=cwd, timeout=timeout)
 
 
 def default_signals() -> None:

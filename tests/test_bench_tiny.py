@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import REPO
+
 pytest.importorskip("peft")
-REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_train_throughput_tiny_runs_baseline_and_ours_with_new_levers(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--final",
                           "--steps", "2", "--ours", "packing,answer,fp8,mb=8;packing,answer,fused,offload,mb=8,gc=1",
@@ -33,6 +34,7 @@ def test_train_throughput_tiny_runs_baseline_and_ours_with_new_levers(tmp_path):
     assert "Loss per optimizer step" in out.stdout and "largest |ours - baseline|" in out.stdout
 
 
+@pytest.mark.slow
 def test_train_throughput_refuses_an_unknown_lever(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--final",
                           "--ours", "packing,warp", "--out", str(tmp_path)], capture_output=True, text=True,

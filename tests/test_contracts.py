@@ -1,18 +1,16 @@
 """The three contracts: config schema, event stream, artifacts manifest."""
 import json
-from pathlib import Path
 
 import pytest
 
 from contracts import events, manifest
 from contracts.config import RunConfig, load_config
 from contracts.errors import ContractError
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO
 
 
 def test_paper_config_is_the_papers_schedule():
-    cfg = load_config(ROOT / "configs/paper.yaml")
+    cfg = load_config(REPO / "configs/paper.yaml")
     t = cfg.train
     assert (cfg.model.id, t.method, t.epochs, t.global_batch, t.lr) == (
         "Qwen/Qwen2.5-14B-Instruct", "qlora", 1.0, 256, 1e-5)
@@ -22,7 +20,7 @@ def test_paper_config_is_the_papers_schedule():
 
 
 def test_accumulation_is_derived_and_must_divide():
-    cfg = load_config(ROOT / "configs/paper.yaml")
+    cfg = load_config(REPO / "configs/paper.yaml")
     with pytest.raises(ContractError, match="global_batch: 256 is not a multiple"):
         cfg.with_overrides({"train.micro_batch": 7})
 
@@ -132,7 +130,7 @@ def test_seed_style_json_with_inconsistent_accumulation_is_refused(tmp_path):
 
 
 def test_config_round_trips_through_dict():
-    cfg = load_config(ROOT / "configs/smoke.yaml")
+    cfg = load_config(REPO / "configs/smoke.yaml")
     from contracts.config import from_dict
     assert from_dict(cfg.to_dict()) == cfg
     assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()

@@ -12,8 +12,7 @@ import torch
 from contracts.config import load_config
 from job.check import NF4_TOLERANCE, fit_estimate, nf4_self_test
 from job.model import param_count, qwen2_config
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
 
 
 def test_nf4_self_test_quantizes_for_real():

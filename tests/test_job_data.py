@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,8 @@ from job import data as D
 from job import synthetic
 from job.prepare import prepare
 from job.tokenizer import qwen25_offline
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / ".." / "shared" / "fixtures" / "socsci210_real_sample.jsonl"
 SYSTEM = "You are simulating a survey respondent. Answer exactly as instructed, following the specified response format without additional commentary."
 

@@ -5,11 +5,11 @@ import re
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
 LOCK = REPO / "requirements" / "job.lock"
 
 

@@ -16,8 +16,8 @@ from contracts import events
 from contracts.config import load_config
 from contracts.errors import ContractError
 from job import levers
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
 PAPER = REPO / "configs" / "paper.yaml"
 
@@ -49,6 +49,7 @@ def test_check_on_cpu_prints_the_levers_really_on(tmp_path):
     assert check_event["levers"] == report
 
 
+@pytest.mark.slow
 def test_a_lever_the_machine_cant_provide_is_exit_3_naming_the_package(tmp_path):
     # flex_attention asked for explicitly on a CPU machine: it has no CPU backward here, so the
     # real probe (compile + backward) fails.

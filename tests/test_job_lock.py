@@ -14,7 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
 LOCK = REPO / "requirements" / "job.lock"
 # What the image copies and runs (Dockerfile: COPY contracts/ job/).
 JOB_PACKAGES = ("job", "contracts")

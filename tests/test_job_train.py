@@ -20,8 +20,8 @@ from job.checkpoints import FINGERPRINT, check_resumable, fingerprint, write_fin
 from job.prepare import prepare
 from job.train import COMPLETE, complete_checkpoints
 from job.train import resume_point as _resume_point
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / ".." / "shared" / "fixtures" / "socsci210_real_sample.jsonl"
 
 TINY = {
@@ -224,6 +224,7 @@ def test_bad_resume_path_exits_2(tiny, tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_padding_free_batch_gives_the_padded_loss():
     """train.packing: rows concatenated with per-row position_ids (TRL's padding-free collator) must
     not attend across rows under sdpa: same loss as a padded batch; without position_ids it differs."""
@@ -254,6 +255,7 @@ def test_padding_free_batch_gives_the_padded_loss():
     assert abs(loss({"input_ids": packed["input_ids"], "labels": packed["labels"]}) - loss(padded)) > 1e-2
 
 
+@pytest.mark.slow
 def test_train_without_prepared_data_exits_2(tiny, tmp_path):
     cfg, _ = tiny
     r = _job("train", "--config", str(cfg), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))

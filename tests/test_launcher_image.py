@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import one_line
 from launcher_helpers import CANARY, REPO, cli, launcher_env
 
 DIGEST = "sha256:" + "ab" * 32
@@ -64,12 +65,6 @@ def _env(tmp_path: Path, bin_dir: Path | None = None) -> dict:
     return env
 
 
-def _one_line_exit_2(r) -> str:
-    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stdout, r.stderr)
-    return lines[0]
-
-
 # --- image build / tag -----------------------------------------------------------------------
 
 def test_the_tag_derives_from_the_lock_and_the_dockerfile(tmp_path):
@@ -80,7 +75,7 @@ def test_the_tag_derives_from_the_lock_and_the_dockerfile(tmp_path):
 
 
 def test_no_docker_daemon_is_one_line_exit_2(tmp_path):
-    line = _one_line_exit_2(cli(["image", "build"], _env(tmp_path, _fake_docker(tmp_path, info_rc=1))))
+    line = one_line(cli(["image", "build"], _env(tmp_path, _fake_docker(tmp_path, info_rc=1))), both=True)
     assert "no docker daemon reachable" in line and "Cannot connect to the Docker daemon" in line, line
     argv = (tmp_path / "docker.argv").read_text()
     assert "buildx build" not in argv
@@ -90,12 +85,12 @@ def test_no_docker_daemon_is_one_line_exit_2(tmp_path):
 def test_the_real_docker_cli_without_a_daemon_is_one_line_exit_2(tmp_path):
     if subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0:
         pytest.skip("a docker daemon runs here: `image build` would really build")
-    line = _one_line_exit_2(cli(["image", "build"], _env(tmp_path)))
+    line = one_line(cli(["image", "build"], _env(tmp_path)), both=True)
     assert "no docker daemon reachable" in line
 
 
 def test_no_buildx_is_one_line_exit_2(tmp_path):
-    line = _one_line_exit_2(cli(["image", "build"], _env(tmp_path, _fake_docker(tmp_path, buildx=False))))
+    line = one_line(cli(["image", "build"], _env(tmp_path, _fake_docker(tmp_path, buildx=False))), both=True)
     assert "buildx is not installed" in line
 
 
@@ -114,7 +109,7 @@ def test_build_and_push_runs_buildx_with_the_lock_tag_and_prints_the_pinned_ref(
 
 @pytest.mark.parametrize("repo", ["ghcr.io/you/socrates-job:v1", f"ghcr.io/you/x@{DIGEST}", "Not A Repo"])
 def test_push_takes_a_repository_without_a_tag(tmp_path, repo):
-    line = _one_line_exit_2(cli(["image", "build", "--push", repo], _env(tmp_path, _fake_docker(tmp_path))))
+    line = one_line(cli(["image", "build", "--push", repo], _env(tmp_path, _fake_docker(tmp_path))), both=True)
     assert repr(repo) in line and "repository without a tag" in line
     assert not (tmp_path / "docker.argv").exists()  # refused before docker is asked anything
 
@@ -122,9 +117,9 @@ def test_push_takes_a_repository_without_a_tag(tmp_path, repo):
 # --- up --image ------------------------------------------------------------------------------
 
 def test_image_is_refused_where_it_cant_apply_or_is_not_a_reference(tmp_path):
-    line = _one_line_exit_2(cli(["up", "--infra", "local", "--image", REF, "--yes"], _env(tmp_path)))
+    line = one_line(cli(["up", "--infra", "local", "--image", REF, "--yes"], _env(tmp_path)), both=True)
     assert "--image" in line and "--infra local" in line
-    line = _one_line_exit_2(cli(["up", "--gpu", "A100:1", "--image", "a b;rm -rf /", "--dryrun"], _env(tmp_path)))
+    line = one_line(cli(["up", "--gpu", "A100:1", "--image", "a b;rm -rf /", "--dryrun"], _env(tmp_path)), both=True)
     assert "image" in line and "docker image reference" in line
     assert not (tmp_path / "runs").exists()
 

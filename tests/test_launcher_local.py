@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from contracts import manifest
 from contracts.events import read_all
 from launcher_helpers import CANARY, REPO, cli, fake_python, launcher_env, only_run, pid_alive, spawn, wait_for_state
@@ -147,7 +148,7 @@ def test_status_reconciles_a_vanished_machine(tmp_path):
     import shutil
 
     shutil.rmtree(rec["backend_state"]["workdir"])
-    time.sleep(0.2)
+    wait_until(lambda: not pid_alive(rec["backend_state"]["pgid"]), 10, what="the job's process group ending")
     r = cli(["status"], env)
     assert "machine:  gone" in r.stdout
     rec = only_run(tmp_path / "runs")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line
 from launcher import registry
 from launcher_helpers import cli, launcher_env, pid_alive
 
@@ -25,12 +26,6 @@ def _record(runs: Path, monkeypatch, name: str = "demo", **fields) -> Path:
     data.update(fields)
     run.path.write_text(json.dumps(data))
     return run.path
-
-
-def _one_line(r: subprocess.CompletedProcess) -> str:
-    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
-    return lines[0]
 
 
 DAMAGE = [
@@ -53,7 +48,7 @@ def test_a_damaged_record_is_one_line_exit_2_naming_file_and_field(fields, named
     for argv in ([verb, path.parent.name], [verb]):  # named, and as the latest run
         r = cli(argv, launcher_env(runs))
         assert r.returncode == 2, (argv, r.stdout, r.stderr)
-        line = _one_line(r)
+        line = one_line(r, rc=None, both=True)
         assert str(path) in line and named in line and "damaged" in line, line
         assert "--infra" not in line  # the user passed no --infra
     assert path.read_bytes() == before  # refused: the record is left as it was
@@ -83,7 +78,7 @@ def test_latest_run_is_never_an_older_one_when_the_latest_is_damaged(tmp_path, m
     broken.mkdir()
     (broken / "run.json").write_text("{not json")
     r = cli(["status"], launcher_env(runs))
-    assert r.returncode == 2 and str(broken / "run.json") in _one_line(r)
+    assert r.returncode == 2 and str(broken / "run.json") in one_line(r, rc=None, both=True)
     assert cli(["status", good], launcher_env(runs)).returncode == 0  # the others stay usable by name
     (broken / "run.json").unlink()
     assert good in cli(["status"], launcher_env(runs)).stdout
@@ -127,7 +122,7 @@ def test_damaged_record_down_cannot_use_names_the_cluster_to_end_by_hand(tmp_pat
     runs = tmp_path / "runs"
     path = _record(runs, monkeypatch, infra="bogus", backend_state={"cluster": "sky-demo-1"})
     r = cli(["down", path.parent.name], launcher_env(runs))
-    line = _one_line(r)
+    line = one_line(r, rc=None, both=True)
     assert r.returncode == 2 and "infra 'bogus'" in line and "`sky down sky-demo-1`" in line
 
 
@@ -156,7 +151,7 @@ def test_report_refuses_results_that_are_not_an_object(tmp_path, monkeypatch):
     path = _record(runs, monkeypatch)
     _metrics(path.parent, [1])
     r = cli(["report"], launcher_env(runs))
-    assert r.returncode == 2 and "metrics.json: results is list" in _one_line(r)
+    assert r.returncode == 2 and "metrics.json: results is list" in one_line(r, rc=None, both=True)
 
 
 def test_report_shows_odd_result_values_as_they_are(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line
 from launcher_helpers import REPO, cli, launcher_env
 
 GOOD = {"study_id": "s1", "response": 3, "condition_num": 1, "task_num": 2,
@@ -27,13 +28,6 @@ def _without(row: dict, key: str) -> dict:
     return {k: v for k, v in row.items() if k != key}
 
 
-def _one_line_exit_2(r) -> str:
-    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
-    assert "Traceback" not in r.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize("bad_row,row_index,named", [
     (_without(GOOD, "task_num"), 2, "missing column(s) task_num"),
     (_without(GOOD, "stimuli"), 2, "missing column(s) stimuli"),
@@ -47,7 +41,7 @@ def test_up_and_estimate_refuse_a_bad_row_naming_file_row_and_column(tmp_path, b
     data = write_jsonl(tmp_path / "rows_missing_columns.jsonl", rows)
     runs = tmp_path / "runs"
     for argv in (["up", "--infra", "local", "--yes"], ["estimate"], ["up", "--gpu", "A100:1", "--dryrun"]):
-        line = _one_line_exit_2(cli([*argv, "--data", str(data)], launcher_env(runs)))
+        line = one_line(cli([*argv, "--data", str(data)], launcher_env(runs)), both=True)
         assert str(data) in line and f"row {row_index}" in line and named in line, (argv, line)
         assert f"line {row_index + 1}" in line, line  # the file's line too, for an editor
     assert not runs.exists()
@@ -63,7 +57,7 @@ def test_a_bad_row_in_the_configs_data_source_is_refused_too(tmp_path):
     doc.setdefault("data", {})["source"] = str(data)
     cfg.write_text(yaml.safe_dump(doc))
     runs = tmp_path / "runs"
-    line = _one_line_exit_2(cli(["up", "--infra", "local", "--config", str(cfg), "--yes"], launcher_env(runs)))
+    line = one_line(cli(["up", "--infra", "local", "--config", str(cfg), "--yes"], launcher_env(runs)), both=True)
     assert str(data) in line and "row 1" in line and "response" in line
     assert not runs.exists()
 
@@ -78,7 +72,7 @@ def test_a_good_file_passes_and_a_parquet_with_a_bad_row_is_refused(tmp_path):
     assert "40 rows counted" in r.stdout.replace("\n", " ") or "40 rows" in r.stdout, r.stdout[-3000:]
     table = pa.Table.from_pylist([dict(GOOD), dict(GOOD)] + [{k: v for k, v in GOOD.items() if k != "task_num"}])
     pq.write_table(table, tmp_path / "bad.parquet")  # parquet fills the missing key with null
-    line = _one_line_exit_2(cli(["estimate", "--data", str(tmp_path / "bad.parquet")], launcher_env(tmp_path / "runs")))
+    line = one_line(cli(["estimate", "--data", str(tmp_path / "bad.parquet")], launcher_env(tmp_path / "runs")), both=True)
     assert "bad.parquet" in line and "row 2" in line and "task_num" in line, line
 
 
@@ -111,7 +105,7 @@ def test_parquet_without_pyarrow_is_one_line_naming_the_extra(tmp_path):
     env = launcher_env(tmp_path / "runs")
     env["PYTHONPATH"] = f"{tmp_path / 'shadow'}:{env['PYTHONPATH']}"
     for argv in (["estimate"], ["up", "--infra", "local", "--yes"]):
-        line = _one_line_exit_2(cli([*argv, "--data", str(tmp_path / "x.parquet")], env))
+        line = one_line(cli([*argv, "--data", str(tmp_path / "x.parquet")], env), both=True)
         assert "x.parquet" in line and "pyarrow" in line and "socrates-launch[parquet]" in line, line
     assert not (tmp_path / "runs").exists()
 

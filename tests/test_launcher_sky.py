@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from contracts import manifest
 from contracts.events import read_all
 from launcher_helpers import CANARY, REPO, cli, fake_python, launcher_env, only_run, spawn, wait_for_state
@@ -312,8 +313,7 @@ def test_interrupted_while_provisioning_tears_down(cloud, sig):
     proc = spawn(UP, env)
     runs = Path(cloud["SOCRATES_RUNS_DIR"])
     wait_for_state(runs, ("provisioning",), timeout=90)
-    time.sleep(0.5)
-    assert len(_clusters(cloud)) == 1  # it was really being provisioned
+    wait_until(lambda: len(_clusters(cloud)) == 1, 30, what="the cluster being provisioned")  # it really was
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     rec = only_run(runs)

@@ -16,7 +16,7 @@ in HOW below:
   does, it is not run (a real build downloads the base image and every wheel: minutes and a
   registry). `image tag [--push REPO]` runs as written (without the optional part), and its tag
   stands in for `lock-<hash>@sha256:...` in the `up --image` example, which runs as a dry run;
-- not run: `make test` (this suite itself) and the SSH host example (needs a host: tests/test_ssh_e2e.py
+- not run: `make test` and `make test-fast` (this suite itself) and the SSH host example (needs a host: tests/test_ssh_e2e.py
   runs that flow against a real sshd).
 """
 from __future__ import annotations
@@ -58,6 +58,7 @@ def readme_commands() -> list[str]:
     return cmds
 
 
+@pytest.mark.slow
 def test_the_readme_commands_run_in_order_after_the_demo(tmp_path):
     pytest.importorskip("sky", reason="skypilot is not installed (estimate reads its catalog)")
     import yaml

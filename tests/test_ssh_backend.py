@@ -11,11 +11,11 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from contracts import events as ev
 from contracts import manifest
 from contracts.errors import ContractError
@@ -282,8 +282,7 @@ def test_down_stops_a_running_job_and_runs_on_teardown(sshd, tmp_path):
     run = new_run(sshd, "down")
     b = backend(sshd, tmp_path, fake_job(steps=1000, delay=0.05), on_teardown=f"touch {marker}")
     b.launch(run)
-    time.sleep(0.5)
-    assert job_processes(run.id)
+    wait_until(lambda: job_processes(run.id), 10, what="the job running on the host")
     b.down(run)
     assert not job_processes(run.id) and not Path(run.backend_state["work"]).exists()
     assert marker.exists() and run.backend_state["on_teardown"]["ok"] is True
@@ -321,10 +320,9 @@ def test_down_finds_the_job_from_the_host_when_the_launcher_died_before_saving_i
     run = new_run(sshd, "no-pid")
     b = backend(sshd, tmp_path, fake_job(steps=1000, delay=0.05))
     b.launch(run)
-    time.sleep(0.3)
+    wait_until(lambda: job_processes(run.id), 10, what="the job running on the host")
     for key in ("pid", "pgid"):  # as if killed between starting the job and writing run.json
         run.backend_state.pop(key)
-    assert job_processes(run.id)
     SshBackend(run.infra).down(run)
     assert not job_processes(run.id) and not Path(run.backend_state["work"]).exists()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from contracts import manifest
 from sshd import PYTHON, REPO, SshServer, sshd, sshd_available  # noqa: F401
 
@@ -24,8 +25,7 @@ pytestmark = pytest.mark.ssh
 
 
 def cli(*args: str, env: dict, timeout: float = 1800, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, **kw)
+    return run_cli(list(args), env, timeout=timeout, **kw)
 
 
 def up_args(srv: SshServer, tmp: Path, *extra: str, user: str = "root", config: str = "configs/smoke.yaml") -> list[str]:

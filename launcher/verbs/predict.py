@@ -2,7 +2,8 @@
 
 Validates the demographics and the scenario here (exit 2, one line, before anything starts), then
 runs `python -m job predict` as a subprocess (the model work lives in job/; the launcher never
-imports torch) and renders its JSON: the predicted distribution over the answers as a text bar
+imports torch) and renders its result line (contracts/results.py; a malformed one is refused in
+one line, never rendered): the predicted distribution over the answers as a text bar
 chart, and one sampled answer. `--interactive` keeps one job process (the model loaded once) and
 asks in a loop; `--example N` takes row N of a prepared test split and shows the human answer.
 """
@@ -19,10 +20,10 @@ from pathlib import Path
 
 from contracts.config import SEED_MAX, load_config
 from contracts.errors import ContractError
+from contracts.results import parse_predict_line
 from contracts.scale import parse_scale
 from launcher import REPO_ROOT
 
-RESULT_PREFIX = "@@socrates-predict "  # job/predict.py's result lines
 FIELDS = ("age", "gender", "education", "employment", "ethnicity", "income", "party_id", "ideology",
           "location", "marital_status", "household_size", "housing_ownership", "housing_type",
           "metro_status", "internet_access", "phone_service")
@@ -82,11 +83,10 @@ def run(args: argparse.Namespace) -> int:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
     except OSError as e:
         raise ContractError(f"--python {args.python}: cannot be run ({e.strerror or e})") from None
-    results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
-               if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not results:
+    found = [r for r in map(parse_predict_line, proc.stdout.splitlines()) if r is not None]
+    if proc.returncode != 0 or not found:
         return _job_failed(proc.returncode, proc.stderr)
-    print(render(results[0]))
+    print(render(found[0]))
     return 0
 
 
@@ -173,8 +173,9 @@ def _interactive(cmd: list[str], python: str) -> int:
             proc.stdin.write(json.dumps(query) + "\n")
             proc.stdin.flush()
             for line in proc.stdout:
-                if line.startswith(RESULT_PREFIX):
-                    print(render(json.loads(line[len(RESULT_PREFIX):])))
+                result = parse_predict_line(line)
+                if result is not None:
+                    print(render(result))
                     break
             else:
                 errlog.seek(0)

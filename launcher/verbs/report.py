@@ -10,11 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from contracts.errors import ContractError
+from contracts.results import METRICS_FILE, REPORT_FILE, read_metrics, summary
 from launcher import registry
 
-METRICS_FILE = "metrics.json"
-REPORT_FILE = "report.html"
 # Table 2 rows of the SOCRATES paper (arXiv 2509.05830) most worth seeing beside a run.
 PAPER_REFERENCE = (("uniform guess", 0.203), ("Qwen2.5-14B base", 0.205), ("SOCRATES-Qwen-14B", 0.151))
 
@@ -34,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {}
     reports: list[tuple[float, Path]] = []
     for folder in folders:
-        data = _read(folder / METRICS_FILE)
+        data = read_metrics(folder / METRICS_FILE)
         got = data.get("results") or {}
         results.update(got)
         if (folder / REPORT_FILE).is_file():
@@ -48,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"run": run_id, "report": str(report) if report else None,
                           "tensorboard": str(tb) if tb else None,
-                          "results": {k: _summary(v) for k, v in results.items()}}, indent=2))
+                          "results": {k: summary(v) for k, v in results.items()}}, indent=2))
         return 0
     print(render(label, results, report))
     return 0
@@ -73,30 +71,6 @@ def _eval_folders(run_id: str | None) -> tuple[list[Path], str]:
     return candidates, rec.id
 
 
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ContractError(f"{path}: unreadable metrics ({e}); `socrates-launch download` pulls it again") from None
-    if not isinstance(data, dict):
-        raise ContractError(f"{path}: not an evaluation metrics file")
-    if not isinstance(data.get("results") or {}, dict):
-        raise ContractError(f"{path}: results is {type(data['results']).__name__}, not an object of model/mode -> "
-                            "metrics; `socrates-launch download` pulls it again")
-    return data
-
-
-def _summary(r: dict) -> dict:
-    """The numbers shown for one result; a result that is not an object shows them all as unknown."""
-    if not isinstance(r, dict):
-        r = {}
-    dpd = r.get("demographic_parity_difference")
-    dpd = dpd.get("value") if isinstance(dpd, dict) else dpd
-    keys = ("model", "mode", "rows", "wasserstein", "wasserstein_uniform", "individual_accuracy",
-            "invalid_rate", "cells_scored", "cells_unbounded", "studies_scored", "prompt_tokens_per_s")
-    return {**{k: r.get(k) for k in keys}, "demographic_parity_difference": dpd}
-
-
 def render(label: str, results: dict[str, dict], report: Path | None) -> str:
     def f(v, spec=".4f"):
         """A number in `spec`; anything else as it is (a hand-edited file: '0.2' stays '0.2')."""
@@ -116,7 +90,7 @@ def render(label: str, results: dict[str, dict], report: Path | None) -> str:
         if not isinstance(r, dict):
             lines.append(f"{key:<26}{'?':>7}  (not a result: {f(r)})")
             continue
-        s = _summary(r)
+        s = summary(r)
         invalid = f(s["invalid_rate"], ".1%") if s["mode"] == "sample" else "n/a"
         lines.append(f"{key:<26}{f(s['rows'] or 0, 'd'):>7}{f(s['wasserstein']):>9}{f(s['wasserstein_uniform']):>11}"
                      f"{f(s['individual_accuracy']):>10}{f(s['demographic_parity_difference']):>9}{invalid:>9}"

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from contracts.config import TrainSpec
+from bench import reference
 from job import fast
-from tests.test_speed_packing import _examples, _model
+from tests.test_job_fast_packing import _examples, _model
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -39,7 +40,7 @@ def test_sft_trainer_with_levers_matches_fast_step(tmp_path):
     ref = _model()
     lv = fast.levers_for(spec, "cpu")
     assert lv.attn_implementation == "sdpa" and lv.row_len == 128 and lv.packing
-    batches = fast.micro_batches(ex, mb, lv, pad_id=0)
+    batches = reference.micro_batches(ex, mb, lv, pad_id=0)
     total = sum(fast.count_targets(b) for b in batches)
     for b in batches:
         (fast.answer_loss_sum(ref, b) / total).backward()

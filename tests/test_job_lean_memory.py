@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from contracts.config import load_config
+from bench import reference
 from job import env, fast
 from job.check import plan_memory
 from job.errors import JobCannotRun
 from job.offload import HostOffload, install
 from launcher import cost
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PAPER = load_config(REPO / "configs" / "paper.yaml")
 L4_GIB = 23034 / 1024      # what torch reports for an L4 / A10G (24 GB = 22.5 GiB)
 H200_GIB = 143771 / 1024
@@ -77,8 +77,8 @@ def test_memory_cap_env_shrinks_the_reported_card(monkeypatch):
 
 def test_lean_levers_give_the_same_loss_and_gradients_as_the_config_as_written():
     pytest.importorskip("peft")
-    from tests.test_speed_fused_lora import _model
-    from tests.test_speed_packing import _examples
+    from tests.test_job_fused_lora import _model
+    from tests.test_job_fast_packing import _examples
 
     tiny = PAPER.with_overrides({"train.global_batch": 12, "train.micro_batch": 6, "train.checkpoint_layers": 1,
                                  "train.max_length": 128})
@@ -95,7 +95,7 @@ def test_lean_levers_give_the_same_loss_and_gradients_as_the_config_as_written()
         off = None
         if offload:  # set_checkpointing(offload=True) installs HostOffload(), which leaves CPU tensors in place
             off = install(fast.causal_lm_of(model).model.layers, HostOffload(min_bytes=0, copy_cpu=True))
-        batches = fast.micro_batches(examples, cfg.train.micro_batch, lv, pad_id=0)
+        batches = reference.micro_batches(examples, cfg.train.micro_batch, lv, pad_id=0)
         total = sum(fast.count_targets(b) for b in batches)
         model.zero_grad(set_to_none=True)
         loss = 0.0
@@ -164,6 +164,7 @@ def test_estimate_offers_the_l4_in_the_lean_mode(tmp_path):
     _says_lean_l4(" ".join(p.stdout.split()))
 
 
+@pytest.mark.slow
 @pytest.mark.sky
 def test_dry_run_offers_the_l4_in_the_lean_mode(sky_home, tmp_path):
     from launcher_helpers import cli

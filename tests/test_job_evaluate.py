@@ -9,32 +9,21 @@ import pytest
 from contracts.config import load_config
 from contracts.events import EventWriter, read_all
 from job.__main__ import main as job_main
+from conftest import REPO, random_adapter
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
+SMOKE = REPO / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A prepared data folder (synthetic rows), a random-weight LoRA adapter on the smoke base,
     and a training events file with step events (the loss curve's input)."""
-    import torch
-
-    from job import model as JM
     from job.prepare import prepare
-    from job.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("eval")
     cfg = load_config(SMOKE)
     prepare("synthetic:240", root / "data", cfg=cfg)
-    tok = load_tokenizer(cfg.model.tokenizer, cfg.model.id)
-    model = JM.build(cfg, tok, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero: make the adapter change the model
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    model.save_pretrained(root / "run" / "adapter")
+    random_adapter(cfg, root / "run" / "adapter")
     events = EventWriter(root / "run" / "events.jsonl")
     for step in range(1, 11):
         events.emit("step", step=step, total_steps=10, epoch=step / 10, loss=3.0 / step, lr=1e-3,
@@ -49,6 +38,7 @@ def _png_has_content(path: Path) -> float:
     return float(img.reshape(-1, 3).std(axis=0).max())
 
 
+@pytest.mark.slow
 def test_evaluate_both_modes_writes_metrics_and_a_report_with_real_plots(prepared):
     out = prepared / "run" / "eval"
     data = str(prepared / "data")
@@ -109,15 +99,18 @@ def test_missing_data_folder_is_exit_2(tmp_path, capsys):
     assert rc == 2 and "no test.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tree_scorer_equals_one_forward_per_answer(prepared):
     """Exact answer probabilities: the batched prefix-tree forward vs the naive reference."""
     import torch
 
-    from job import evaluate as E
+    from bench.reference import score_one_by_one
+    from job import load as JL
+    from job import scoring as S
     from job.data import read_split
 
     cfg = load_config(SMOKE)
-    tok, model = E.load_model(cfg, str(prepared / "run" / "adapter"))
+    tok, model = JL.load_model(cfg, str(prepared / "run" / "adapter"))
     # fp32 on both sides: in eval mode bnb's CPU path (on avx512-bf16 CPUs) repacks the 4-bit weights
     # and computes in bf16, ~1e-3 apart on a 0-100 row; dropout is 0, so train mode changes nothing else.
     model.train()
@@ -125,13 +118,13 @@ def test_tree_scorer_equals_one_forward_per_answer(prepared):
     # A multi-token scale (0-100: "1" vs "10" vs "100") beside the rows' own.
     rows[0] = dict(rows[0], stimuli=rows[0]["stimuli"].rsplit("Only return", 1)[0]
                    + "Only return an integer from 0 to 100, nothing else.")
-    scales = E.row_scales(rows)
+    scales = S.row_scales(rows)
     assert scales[0] == (0, 100)
-    dists = E.score_distributions(model, tok, rows, scales, cfg.model.system_prompt, tokens_per_batch=600)
-    ids = E.prompt_ids(tok, rows, cfg.model.system_prompt)
+    dists = S.score_distributions(model, tok, rows, scales, cfg.model.system_prompt, tokens_per_batch=600)
+    ids = S.prompt_ids(tok, rows, cfg.model.system_prompt)
     peaks = []
     for d, p, s in zip(dists, ids, scales):
-        ref = E.score_one_by_one(model, tok, p, *s)
+        ref = score_one_by_one(model, tok, p, *s)
         assert d.values == list(range(s[0], s[1] + 1))
         # fp32 reduction order differs between the two (batched vs single): agree to ~1e-7.
         assert np.max(np.abs(np.array(ref) - np.array(d.probs))) < 2e-6
@@ -150,32 +143,34 @@ def test_select_rows_keeps_whole_cells():
     assert select_rows(rows, None, 1) == rows
 
 
+@pytest.mark.slow
 def test_merged_dense_model_gives_the_same_distribution_as_4bit_plus_adapter(prepared):
     """--eval-precision bf16: the NF4 base dequantized and the LoRA merged in, then scored densely,
     must give the unmerged model's probabilities (fp32 on CPU: to 1e-4), with no 4-bit or LoRA layer left."""
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from job import evaluate as E
+    from job import load as JL
+    from job import scoring as S
     from job.data import read_split
 
     cfg = load_config(SMOKE)
     adapter = str(prepared / "run" / "adapter")
-    tok, unmerged = E.load_model(cfg, adapter, "nf4")
-    _, base = E.load_model(cfg, None, "nf4")
+    tok, unmerged = JL.load_model(cfg, adapter, "nf4")
+    _, base = JL.load_model(cfg, None, "nf4")
     # Reference in fp32: in eval mode bnb's CPU path (on avx512-bf16 CPUs) computes in bf16; dropout is 0.
     unmerged.train()
-    _, merged = E.load_model(cfg, adapter, "bf16")
-    assert not any(E._is_4bit(m) or isinstance(m, LoraLayer) for m in merged.modules())
-    assert any(E._is_4bit(m) for m in unmerged.modules())  # the fallback keeps the model as trained
+    _, merged = JL.load_model(cfg, adapter, "bf16")
+    assert not any(JL.is_4bit(m) or isinstance(m, LoraLayer) for m in merged.modules())
+    assert any(JL.is_4bit(m) for m in unmerged.modules())  # the fallback keeps the model as trained
     rows = read_split(prepared / "data", "test")[:12]
     rows[0] = dict(rows[0], stimuli=rows[0]["stimuli"].rsplit("Only return", 1)[0]
                    + "Only return an integer from 0 to 100, nothing else.")
-    scales = E.row_scales(rows)
+    scales = S.row_scales(rows)
     sp = cfg.model.system_prompt
-    ref = E.score_distributions(unmerged, tok, rows, scales, sp, tokens_per_batch=2000)
-    got = E.score_distributions(merged, tok, rows, scales, sp, tokens_per_batch=2000)
-    plain = E.score_distributions(base, tok, rows, scales, sp, tokens_per_batch=2000)
+    ref = S.score_distributions(unmerged, tok, rows, scales, sp, tokens_per_batch=2000)
+    got = S.score_distributions(merged, tok, rows, scales, sp, tokens_per_batch=2000)
+    plain = S.score_distributions(base, tok, rows, scales, sp, tokens_per_batch=2000)
     diff = max(abs(a - b) for r, g in zip(ref, got) for a, b in zip(r.probs, g.probs))
     assert diff < 1e-4
     assert max(abs(r.valid_mass - g.valid_mass) for r, g in zip(ref, got)) < 1e-4
@@ -199,7 +194,7 @@ def test_eval_precision_cli_records_the_path_used(prepared, tmp_path):
 
 
 def test_choose_precision_merges_only_when_the_gpu_has_room():
-    from job.evaluate import activation_bytes, choose_precision
+    from job.load import activation_bytes, choose_precision
 
     need = 20 * 2**30 + activation_bytes(32768, 5120)
     assert choose_precision("auto", 100 * 2**30, need) == "bf16"

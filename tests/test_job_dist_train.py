@@ -19,8 +19,8 @@ from contracts.config import load_config
 from contracts.events import read_all
 from job.prepare import prepare
 from job.train import complete_checkpoints
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 # micro-batch 4 on 35 training rows: 9 micro-batches an epoch, an odd count, so the 2-rank run's
 # last step of each epoch has one rank with the blank filler batch (RankBatches).

@@ -8,8 +8,9 @@ import torch
 
 from contracts.config import RunConfig
 from contracts.errors import ContractError
+from bench import reference
 from job import fast
-from tests.test_speed_packing import _examples, _loss_and_grads, _model
+from tests.test_job_fast_packing import _examples, _loss_and_grads, _model
 
 
 def test_compile_switch_is_validated_and_reaches_the_levers():
@@ -34,7 +35,7 @@ def test_set_compile_wraps_every_layer_and_undoes_it():
 def test_compiled_layers_give_eager_loss_and_grads():
     ex = _examples(12, seed=5)
     lv = fast.Levers(row_len=128, attn_implementation="sdpa", liger=False)
-    batches = fast.micro_batches(ex, 6, lv, pad_id=0)  # two micro-batches of different row counts/widths
+    batches = reference.micro_batches(ex, 6, lv, pad_id=0)  # two micro-batches of different row counts/widths
     want_loss, want = _loss_and_grads(_model(), batches, answer_only=True)
 
     model = _model()

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from scipy.stats import wasserstein_distance
 
-from job.metrics import Record, evaluate, parse_answer, parse_scale
+from contracts.scale import parse_scale
+from job.metrics import Record, evaluate, parse_answer
+from conftest import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = Path(os.environ.get("SOCRATES_SHARED", ROOT / ".." / "shared")) / "fixtures" / "socsci210_real_sample.jsonl"
+FIXTURE = Path(os.environ.get("SOCRATES_SHARED", REPO / ".." / "shared")) / "fixtures" / "socsci210_real_sample.jsonl"
 
 
 def generated_rows(n: int = 600, seed: int = 3) -> list[dict]:

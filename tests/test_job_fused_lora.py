@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench import reference
 from job import fast
 from job.fused_lora import fuse_lora
-from tests.test_speed_packing import ARCH, _examples
+from tests.test_job_fast_packing import ARCH, _examples
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -50,7 +51,7 @@ def _run(model, batch, checkpointing: bool | None):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fused_equals_peft_loss_and_gradients(dropout, checkpointing):
-    batch = fast.collate_padded(_examples(6, seed=3), pad_id=0)
+    batch = reference.collate_padded(_examples(6, seed=3), pad_id=0)
     model = _model(dropout)
     want = _run(model, batch, checkpointing)
     assert fuse_lora(model) == 2 * len(TARGETS)
@@ -67,7 +68,7 @@ def test_fused_equals_peft_loss_and_gradients(dropout, checkpointing):
 
 def test_fused_keeps_no_dropout_copy_for_backward():
     ex = _examples(6, seed=3)
-    batch = fast.collate_padded(ex, pad_id=0)
+    batch = reference.collate_padded(ex, pad_id=0)
     model = _model(0.3)
     peft_bytes = _run(model, batch, checkpointing=False)[2]
     fuse_lora(model)
@@ -80,7 +81,7 @@ def test_fused_keeps_no_dropout_copy_for_backward():
 
 
 def test_unusual_cases_take_peft_own_forward_and_unfuse_restores_it():
-    batch = fast.collate_padded(_examples(3, seed=4), pad_id=0)
+    batch = reference.collate_padded(_examples(3, seed=4), pad_id=0)
     model = _model(0.0)
     model.eval()
     with torch.no_grad():
@@ -108,7 +109,7 @@ def test_fused_on_the_4bit_layer_equals_peft():
                         torch.float32, quantize=True, seed=0)
     model = _model(0.1, base=base)
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    batch = fast.collate_padded(_examples(4, seed=5), pad_id=0)
+    batch = reference.collate_padded(_examples(4, seed=5), pad_id=0)
     want = _run(model, batch, checkpointing=True)
     fuse_lora(model)
     got = _run(model, batch, checkpointing=True)

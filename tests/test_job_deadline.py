@@ -13,8 +13,7 @@ import pytest
 
 from contracts import manifest
 from contracts.events import read_all
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, wait_until
 
 
 def wrap(at: float, grace: float, code: str, *extra: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
@@ -63,8 +62,7 @@ def test_a_job_that_outlives_deadline_plus_grace_is_killed_with_its_children(tmp
     p, took = wrap(time.time() + 1, 1, code, "--events", str(events))
     assert p.returncode == 124 and took < 30, (p.returncode, took, p.stderr)
     gpid = int(marker.read_text())
-    time.sleep(0.5)
-    assert not _alive(gpid), f"grandchild {gpid} still running"
+    wait_until(lambda: not _alive(gpid), 10, what=f"grandchild {gpid} ending")
     assert any(e["event"] == "log" and "deadline" in e["message"] for e in read_all(events))
 
 
@@ -81,18 +79,10 @@ def test_a_wrapper_killed_outright_takes_the_job_with_it(tmp_path):
     code = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     w = subprocess.Popen([sys.executable, "-m", "job.deadline", "--at", str(time.time() + 3600), "--",
                           sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    for _ in range(200):
-        if marker.exists() and marker.read_text():
-            break
-        time.sleep(0.1)
-    job = int(marker.read_text())
+    job = int(wait_until(lambda: marker.exists() and marker.read_text(), 20, what="the job writing its pid"))
     w.kill()
     w.wait()
-    for _ in range(50):
-        if not _alive(job):
-            break
-        time.sleep(0.1)
-    assert not _alive(job), f"job {job} outlived its killed wrapper"
+    wait_until(lambda: not _alive(job), 5, what=f"job {job} ending with its killed wrapper")
 
 
 def test_bad_wrapper_input_is_exit_2():
@@ -134,6 +124,7 @@ def test_deadline_mid_training_leaves_a_usable_adapter_and_done_deadline(tmp_pat
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _RUN_BLOCK_READY, reason="needs the job's check/prepare/train verbs (issue #2) for the local backend's run block")
 def test_up_local_with_max_hours_ends_in_a_done_deadline_run_with_a_verified_adapter(tmp_path):
     """Acceptance 3 end to end: `up --infra local --max-hours` -> the deadline hits mid-training."""

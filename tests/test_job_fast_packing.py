@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from bench import reference
 from job import fast
 
 transformers = pytest.importorskip("transformers")
@@ -39,7 +40,7 @@ def _loss_and_grads(model, batches, answer_only: bool) -> tuple[float, list[torc
     total = sum(fast.count_targets(b) for b in batches)
     s_all = 0.0
     for b in batches:
-        s = fast.answer_loss_sum(model, b) if answer_only else fast.hf_loss_sum(model, b)
+        s = fast.answer_loss_sum(model, b) if answer_only else reference.hf_loss_sum(model, b)
         (s / total).backward()
         s_all += float(s.detach())
     grads = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -48,9 +49,9 @@ def _loss_and_grads(model, batches, answer_only: bool) -> tuple[float, list[torc
 
 def test_packed_equals_padded_equals_one_by_one():
     model, ex = _model(), _examples(13)
-    one = [fast.collate_padded([e], pad_id=0) for e in ex]
-    padded = [fast.collate_padded(ex[i:i + 4], pad_id=0) for i in range(0, len(ex), 4)]
-    packed = fast.micro_batches(ex, 5, fast.Levers(row_len=96), pad_id=0)
+    one = [reference.collate_padded([e], pad_id=0) for e in ex]
+    padded = [reference.collate_padded(ex[i:i + 4], pad_id=0) for i in range(0, len(ex), 4)]
+    packed = reference.micro_batches(ex, 5, fast.Levers(row_len=96), pad_id=0)
     assert sum(int((b["position_ids"] == 0).sum()) for b in packed) >= len(ex)
     assert any(int((b["position_ids"][r] == 0).sum()) > 1 for b in packed for r in range(len(b["input_ids"]))), \
         "the test must actually pack"
@@ -64,7 +65,7 @@ def test_packed_equals_padded_equals_one_by_one():
 
 def test_answer_only_loss_equals_stock_hf_loss():
     model, ex = _model(), _examples(6, seed=3)
-    batch = [fast.collate_padded(ex, pad_id=0)]
+    batch = [reference.collate_padded(ex, pad_id=0)]
     a, ga = _loss_and_grads(model, batch, answer_only=True)
     b, gb = _loss_and_grads(model, batch, answer_only=False)
     _assert_same(a, ga, b, gb)
@@ -82,7 +83,7 @@ def test_packing_does_not_leak_across_sequences():
     model, ex = _model(), _examples(2, seed=5)
     rows = [[0, 1]]
     base = fast.collate_packed(ex, rows, pad_id=0)
-    alone = fast.collate_padded([ex[1]], pad_id=0)
+    alone = reference.collate_padded([ex[1]], pad_id=0)
     changed = [dict(e) for e in ex]
     changed[0] = {"input_ids": [7] * len(ex[0]["input_ids"]), "labels": ex[0]["labels"]}
     other = fast.collate_packed(changed, rows, pad_id=0)
@@ -113,13 +114,13 @@ def test_step_checkpointing_and_frozen_cast():
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ex = _examples(8, seed=7)
-    batches = fast.micro_batches(ex, 4, fast.Levers(row_len=128), pad_id=0)
+    batches = reference.micro_batches(ex, 4, fast.Levers(row_len=128), pad_id=0)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    loss = fast.step(model, opt, batches, fast.Levers(liger=False), device="cpu", dtype=torch.float32)
+    loss = reference.step(model, opt, batches, fast.Levers(liger=False), device="cpu", dtype=torch.float32)
     assert 5.0 < loss < 8.0
     after = [p for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
-    n = fast.frozen_to(model, torch.bfloat16)
+    n = reference.frozen_to(model, torch.bfloat16)
     assert n > 0 and fast.causal_lm_of(model).lm_head.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
@@ -140,8 +141,8 @@ def test_flex_attention_packed_rows_give_the_sdpa_loss():
     # flex_attention (the CUDA default) on fixed-width packed rows: same loss as sdpa (forward only:
     # flex has no CPU backward). Its compile makes this the slowest test here (~30 s on 2 cores).
     model, ex = _model(), _examples(9, seed=2)
-    sdpa = fast.micro_batches(ex, 9, fast.Levers(row_len=128), pad_id=0)[0]
-    flex = fast.micro_batches(ex, 9, fast.Levers(row_len=128, attn_implementation="flex_attention"), pad_id=0)[0]
+    sdpa = reference.micro_batches(ex, 9, fast.Levers(row_len=128), pad_id=0)[0]
+    flex = reference.micro_batches(ex, 9, fast.Levers(row_len=128, attn_implementation="flex_attention"), pad_id=0)[0]
     assert flex["input_ids"].shape[1] == 128 > sdpa["input_ids"].shape[1]  # fixed width: one compile
     with torch.no_grad():
         want = float(fast.answer_loss_sum(model, sdpa))

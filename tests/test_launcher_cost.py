@@ -14,8 +14,8 @@ import pytest
 from contracts.config import load_config
 from contracts.errors import ContractError
 from launcher import cost
+from conftest import REPO, one_line, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper.yaml"
 
 # Catalog rows in SkyPilot's v8 CSV layout, with prices no real catalog has, so a match proves origin.
@@ -44,16 +44,7 @@ def cli(sky_home: Path, *args: str, runs: Path | None = None) -> subprocess.Comp
     env = {**os.environ, "HOME": str(sky_home), "PYTHONPATH": str(REPO)}
     if runs is not None:
         env["SOCRATES_RUNS_DIR"] = str(runs)
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
-
-
-def one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+    return run_cli(list(args), env)
 
 
 # --- acceptance 1: offers from the seeded catalog, totals from tokens / throughput + overhead ------
@@ -152,24 +143,24 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
 
     rc = main(["estimate", *args])
     err = capsys.readouterr().err
-    one_line_error(subprocess.CompletedProcess([], rc, "", err), needle)
+    one_line(subprocess.CompletedProcess([], rc, "", err), needle)
 
 
 @pytest.mark.parametrize("args,needle", [
     (("--gpu", "L40S:1"), "no price"), (("--cloud", "runpod", "--gpu", "A100:1"), "no price"),
 ])
 def test_a_card_the_catalog_has_no_price_for_is_exit_2(sky_home, args, needle):
-    one_line_error(cli(sky_home, "estimate", *args), needle)
+    one_line(cli(sky_home, "estimate", *args), needle)
 
 
 def test_max_cost_below_the_low_estimate_refuses_and_launches_nothing(sky_home, est_json, tmp_path):
     est = est_json["0.1"]
     cap = est["dollars"][0] * 0.9
     p = cli(sky_home, "estimate", "--gpu", "A100:1", "--subset", "0.1", "--max-cost", f"{cap:.2f}")
-    one_line_error(p, "--max-cost", "high estimate", f"${est['dollars'][2]:,.2f}")
+    one_line(p, "--max-cost", "high estimate", f"${est['dollars'][2]:,.2f}")
     runs = tmp_path / "runs"
     p = cli(sky_home, "up", "--gpu", "A100:1", "--subset", "0.1", "--max-cost", f"{cap:.2f}", "--yes", runs=runs)
-    one_line_error(p, "--max-cost")
+    one_line(p, "--max-cost")
     assert not runs.exists() or not any(runs.iterdir())
 
 
@@ -181,7 +172,7 @@ def test_max_cost_on_a_machine_without_a_price_is_refused_not_ignored(sky_home, 
     runs = tmp_path / "runs"
     extra = ("--yes",) if verb == "up" else ()
     p = cli(sky_home, verb, "--infra", infra, "--max-cost", "0.01", *extra, runs=runs)
-    one_line_error(p, "--max-cost 0.01", "cloud price", "--infra sky", "--max-hours")
+    one_line(p, "--max-cost 0.01", "cloud price", "--infra sky", "--max-hours")
     assert not runs.exists() or not any(runs.iterdir())
 
 

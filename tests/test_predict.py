@@ -5,48 +5,30 @@ user would (a process, stdin for --interactive)."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from contracts.config import load_config
+from conftest import REPO, one_line, random_adapter, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
+SMOKE = REPO / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A prepared test split and a random-weight LoRA adapter on the smoke base."""
-    import torch
-
-    from job import model as JM
     from job.prepare import prepare
-    from job.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("predict")
     cfg = load_config(SMOKE)
     prepare("synthetic:120", root / "data", cfg=cfg)
-    model = JM.build(cfg, load_tokenizer(cfg.model.tokenizer, cfg.model.id), torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    model.save_pretrained(root / "adapter")
+    random_adapter(cfg, root / "adapter")
     return root
 
 
 def cli(args, stdin=None, module="launcher"):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", module, "predict", *args], cwd=ROOT, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line(r, needle: str) -> None:
-    """exit 2, one stderr line holding `needle`, no traceback."""
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], (r.returncode, r.stderr[-2000:])
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    return run_cli(["predict", *args], env, module=module, input=stdin, timeout=300)
 
 
 def _bars(out: str) -> dict[str, float]:
@@ -59,6 +41,7 @@ def _bars(out: str) -> dict[str, float]:
     return bars
 
 
+@pytest.mark.slow
 def test_profile_and_scenario(setup):
     r = cli(["--adapter", str(setup / "adapter"), "--config", str(SMOKE), "--demographics",
              "Age: 25; Gender: Female; Education: Bachelor's",
@@ -70,6 +53,7 @@ def test_profile_and_scenario(setup):
     assert "sampled answer:" in r.stdout
 
 
+@pytest.mark.slow
 def test_example_shows_the_human_answer(setup):
     import json
 
@@ -80,6 +64,7 @@ def test_example_shows_the_human_answer(setup):
     assert len(_bars(r.stdout)) >= 2
 
 
+@pytest.mark.slow
 def test_interactive_loop_answers_each_query_and_survives_a_bad_one(setup):
     stdin = ("Age: 40; Party Id: Lean Democrat\nHow much do you trust the news? Only return an integer from 0 to 100, nothing else.\n"
              "Age forty\nanything (1-5)\n"
@@ -119,7 +104,7 @@ def test_bad_config_is_refused_by_the_launcher(setup, tmp_path, name, content, n
     (tmp_path / name).write_bytes(content)
     r = cli(["--adapter", str(setup / "adapter"), "--config", str(tmp_path / name), "--python", "/bin/false",
              "--demographics", "Age: 25", "--scenario", "Q? (1-7 scale)"])  # /bin/false: the job never starts
-    assert_one_line(r, needle)
+    one_line(r, needle)
 
 
 def test_python_that_cannot_be_run_is_exit_2(setup, tmp_path):
@@ -127,7 +112,7 @@ def test_python_that_cannot_be_run_is_exit_2(setup, tmp_path):
     (tmp_path / "python").chmod(0o755)
     r = cli(["--adapter", str(setup / "adapter"), "--python", str(tmp_path / "python"),
              "--demographics", "Age: 25", "--scenario", "Q? (1-7 scale)"])
-    assert_one_line(r, f"--python {tmp_path / 'python'}: cannot be run")
+    one_line(r, f"--python {tmp_path / 'python'}: cannot be run")
 
 
 @pytest.fixture()
@@ -162,15 +147,16 @@ def test_unusable_adapter_is_one_line_before_any_model(broken, adapter, needle, 
         needle = "no adapter_config.json there"  # the launcher's own check, already there
     args = ["--adapter", str(broken / adapter), "--scenario", "Q? (1-7 scale)"]
     args += ["--demographics", "Age: 25"] if module == "launcher" else []
-    assert_one_line(cli(args, module=module), needle)
+    one_line(cli(args, module=module), needle)
 
 
 def test_job_refuses_a_seed_out_of_range(setup):
     r = cli(["--adapter", str(setup / "adapter"), "--config", str(SMOKE), "--seed", str(2**32), "--scenario",
              "Q? (1-7 scale)"], module="job")
-    assert_one_line(r, f"--seed {2**32}: not accepted (a whole number from 0 to 4294967295)")
+    one_line(r, f"--seed {2**32}: not accepted (a whole number from 0 to 4294967295)")
 
 
+@pytest.mark.slow
 def test_job_stdin_answers_each_line_and_survives_bad_ones(setup):
     """Each bad --stdin line gets an error line; the loop goes on to the good one at the end."""
     import json
@@ -207,4 +193,4 @@ def test_example_out_of_range_comes_back_as_exit_2(setup):
 def test_launcher_predict_never_imports_torch():
     code = ("import sys, launcher.verbs.predict, launcher.verbs.report; "
             "sys.exit(1 if 'torch' in sys.modules or 'job' in sys.modules else 0)")
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

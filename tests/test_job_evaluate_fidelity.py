@@ -19,9 +19,9 @@ import pytest
 
 from contracts.scale import Scale, instruction, parse_scale
 from job.__main__ import main as job_main
+from conftest import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("SOCRATES_SHARED", ROOT / ".." / "shared"))
+SHARED = Path(os.environ.get("SOCRATES_SHARED", REPO / ".." / "shared"))
 FIXTURE = SHARED / "fixtures" / "socsci210_real_sample.jsonl"
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"{FIXTURE} absent (set SOCRATES_SHARED)")
 
@@ -318,7 +318,8 @@ def test_cell_whose_rows_state_different_scales_is_reported_not_merged(tmp_path)
 
 def test_distribution_candidates_are_the_stated_grid():
     from job import data as D
-    from job.evaluate import answer_tree, baseline_records, row_scales
+    from job.evaluate import baseline_records
+    from job.scoring import answer_tree, row_scales
     from job.tokenizer import qwen25_offline
 
     rows = [r for r in generated_rows() if r["study_id"] == "bbbbb"]
@@ -339,7 +340,7 @@ def test_baseline_loads_no_model_and_writes_what_a_model_run_writes(tmp_path):
             f"rc = main(['evaluate', '--data', {str(tmp_path / 'data')!r}, '--baseline', 'uniform', "
             f"'--out', {str(tmp_path / 'eval')!r}]); "
             "assert rc == 0, rc; assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "eval"
     for name in ("metrics.json", "cells.jsonl", "report.html", "per_study.png", "cells.png", "events.jsonl"):

@@ -14,8 +14,8 @@ import yaml
 
 from contracts.config import load_config
 from contracts.events import read_all
+from conftest import REPO, random_adapter
 
-REPO = Path(__file__).resolve().parent.parent
 ENV = {"OMP_NUM_THREADS": "1", "SOCRATES_CPU_THREADS": "1"}
 TIMING = {"seconds", "prompt_tokens_per_s"}
 
@@ -30,11 +30,7 @@ def _free_port() -> int:
 def prepared(tmp_path_factory):
     """Synthetic test rows, a smoke config whose eval batches are small (several batches to split),
     and a LoRA adapter whose B weights are random (so it changes the model)."""
-    import torch
-
-    from job import model as JM
     from job.prepare import prepare
-    from job.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("disteval")
     raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
@@ -43,14 +39,7 @@ def prepared(tmp_path_factory):
     cfg_path.write_text(yaml.safe_dump(raw))
     cfg = load_config(cfg_path)
     prepare("synthetic:240", root / "data", cfg=cfg)
-    tok = load_tokenizer(cfg.model.tokenizer, cfg.model.id)
-    model = JM.build(cfg, tok, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    model.save_pretrained(root / "adapter")
+    random_adapter(cfg, root / "adapter")
     return root
 
 

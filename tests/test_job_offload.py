@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench import reference
 from job import fast
 from job.offload import HostOffload, install
-from tests.test_speed_fused_lora import _model, _run
-from tests.test_speed_packing import ARCH, _examples
+from tests.test_job_fused_lora import _model, _run
+from tests.test_job_fast_packing import ARCH, _examples
 
 pytest.importorskip("peft")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_offloaded_checkpoints_give_the_same_gradients(dropout):
-    batches = fast.micro_batches(_examples(9, seed=7), 3, fast.Levers(row_len=128), pad_id=0)
+    batches = reference.micro_batches(_examples(9, seed=7), 3, fast.Levers(row_len=128), pad_id=0)
     model = _model(dropout)
     want = [_run(model, b, checkpointing=True)[:2] for b in batches]
 
