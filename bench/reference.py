@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import torch
 
 from job import data as D
-from job.fast import IGNORE_INDEX, Levers, PackedCollator, answer_loss_sum, count_targets
+from job.fast import Levers, PackedCollator, answer_loss_sum, collate_padded, count_targets
 from job.load import device_of
 
 
@@ -49,21 +49,6 @@ def micro_batches(examples: Sequence[dict], micro_batch: int, levers: Levers, pa
         flex = levers.attn_implementation == "flex_attention"
         out.append(PackedCollator(pad_id, levers.row_len, flex)(group) if levers.packing else collate_padded(group, pad_id))
     return out
-
-
-def collate_padded(examples: Sequence[dict], pad_id: int) -> dict:
-    """The plain stack's batch: right-padded to the longest sequence, with an attention mask."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(examples), width), dtype=torch.long)
-    lab = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for r, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[r, :n] = torch.as_tensor(e["input_ids"])
-        att[r, :n] = 1
-        lab[r, :n] = torch.as_tensor(e["labels"])
-        lab[r, 0] = IGNORE_INDEX
-    return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
 def hf_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:

@@ -136,6 +136,21 @@ def collate_packed(examples: Sequence[dict], rows: Sequence[Sequence[int]], pad_
     return {"input_ids": ids, "position_ids": pos, "labels": lab}
 
 
+def collate_padded(examples: Sequence[dict], pad_id: int) -> dict:
+    """The plain (unpacked) batch (the full fine-tune without packing; the bench's plain stack): right-padded to the longest sequence, with an attention mask."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(examples), width), dtype=torch.long)
+    lab = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[r, :n] = torch.as_tensor(e["input_ids"])
+        att[r, :n] = 1
+        lab[r, :n] = torch.as_tensor(e["labels"])
+        lab[r, 0] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
 def count_targets(batch: dict) -> int:
     """Positions that carry a loss (labels shifted by one, as the causal LM predicts)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from job import fast, fp8
-from tests.test_speed_packing import ARCH, _examples
+from tests.test_job_fast_packing import ARCH, _examples
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
