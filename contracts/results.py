@@ -288,6 +288,16 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_number(v: Any) -> bool:
+    """A finite int or float (not a bool): what a metric's value is when the file is sound."""
+    return _is_number(v)
+
+
+def is_result(r: Any) -> bool:
+    """One evaluation's result is an object; anything else in `results` is shown as not a result."""
+    return isinstance(r, dict)
+
+
 def _bad(where: str, key: str, value: Any, accepted: str) -> None:
     shown = json.dumps(value, default=str)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."

@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from contracts import results as results_lib
 from contracts.results import METRICS_FILE, REPORT_FILE, read_metrics, summary
 from launcher import registry
 
@@ -76,7 +77,7 @@ def render(label: str, results: dict[str, dict], report: Path | None) -> str:
         """A number in `spec`; anything else as it is (a hand-edited file: '0.2' stays '0.2')."""
         if v is None:
             return "-"
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if results_lib.is_number(v):
             try:
                 return format(v, spec)
             except ValueError:  # 12.5 rows
@@ -87,7 +88,7 @@ def render(label: str, results: dict[str, dict], report: Path | None) -> str:
     head = f"{'model/mode':<26}{'rows':>7}{'W':>9}{'W uniform':>11}{'accuracy':>10}{'DPD':>9}{'invalid':>9}{'cells':>7}"
     lines = [f"{label}: evaluation (W: per-cell Wasserstein, mean over studies; lower is better)", head]
     for key, r in sorted(results.items()):
-        if not isinstance(r, dict):
+        if not results_lib.is_result(r):
             lines.append(f"{key:<26}{'?':>7}  (not a result: {f(r)})")
             continue
         s = summary(r)
