@@ -10,6 +10,7 @@ import fnmatch
 import os
 import posixpath
 import re
+import shutil
 import stat
 from pathlib import Path
 from typing import Any, Iterable
@@ -296,3 +297,18 @@ if __name__ == "__main__":
               flush=True)
     else:
         sys.exit("usage: python3 -m contracts.manifest extend OUT_DIR [FOLDER ...] | data-hash PATH")
+
+
+def move_listed(src: Path, dest: Path, manifest: dict) -> None:
+    """Move what a verified `manifest` lists (its top-level names) and the manifest itself from `src`
+    into `dest`, replacing what `dest` had under those names; then remove `src`. Call it only after
+    verification passed on `src`: nothing else in `dest` is touched."""
+    src, dest = Path(src), Path(dest)
+    for name in sorted({e["path"].split("/")[0] for e in manifest["files"]} | {MANIFEST_FILE}):
+        entry, target = src / name, dest / name
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+        entry.rename(target)
+    shutil.rmtree(src, ignore_errors=True)

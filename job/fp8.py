@@ -34,7 +34,6 @@ count is padded to a multiple of 16 when it is not one.
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 
@@ -203,11 +202,6 @@ def enable_fp8(model: torch.nn.Module, enabled: bool = True, fast_accum: bool = 
     if backward not in BACKWARDS:
         raise ValueError(f"fp8 backward {backward!r} is not accepted ({' | '.join(BACKWARDS)})")
     fwd = functools.partial(_fp8_forward, fast_accum=bool(fast_accum), backward=backward)
-    n = 0
-    for m in _frozen_linears(model):
-        if enabled:
-            m.forward = types.MethodType(fwd, m)
-        else:
-            m.__dict__.pop("forward", None)
-        n += 1
-    return n
+    from job.fused_lora import swap_forward
+
+    return swap_forward(_frozen_linears(model), fwd, enabled)

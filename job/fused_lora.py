@@ -113,13 +113,19 @@ def _lora_linears(model: torch.nn.Module):
             yield m
 
 
-def fuse_lora(model: torch.nn.Module, enabled: bool = True) -> int:
-    """Use the fused forward on every peft LoRA Linear / Linear4bit (or undo it); returns the count."""
+def swap_forward(modules, forward, enabled: bool = True) -> int:
+    """Bind `forward` as each module's own forward (enabled) or drop that binding so the class's
+    forward is used again; returns how many modules."""
     n = 0
-    for m in _lora_linears(model):
+    for m in modules:
         if enabled:
-            m.forward = types.MethodType(_fused_forward, m)
+            m.forward = types.MethodType(forward, m)
         else:
             m.__dict__.pop("forward", None)
         n += 1
     return n
+
+
+def fuse_lora(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Use the fused forward on every peft LoRA Linear / Linear4bit (or undo it); returns the count."""
+    return swap_forward(_lora_linears(model), _fused_forward, enabled)

@@ -231,14 +231,7 @@ class Bucket:
         if problems:
             raise BucketError(f"{where}: refused: {'; '.join(problems[:3])}")
         # Only what the manifest lists (and the manifest) is moved in, replacing what dest had.
-        for name in sorted({e["path"].split("/")[0] for e in manifest["files"]} | {manifest_lib.MANIFEST_FILE}):
-            entry_path, target = partial / name, dest / name
-            if target.is_symlink() or target.is_file():
-                target.unlink()
-            elif target.is_dir():
-                shutil.rmtree(target)
-            entry_path.rename(target)
-        shutil.rmtree(partial, ignore_errors=True)
+        manifest_lib.move_listed(partial, dest, manifest)
         state_path.unlink(missing_ok=True)
         manifest_lib.verify_or_raise(dest, manifest)
         return manifest

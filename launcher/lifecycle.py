@@ -306,14 +306,7 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
             recorder.phase("downloading", f"attempt {attempt} failed ({redact(describe(e))}); retrying")
             time.sleep(DOWNLOAD_RETRY_S * attempt)
     # Only what the manifest lists (and the manifest) is moved; its top-level names were checked above.
-    for name in sorted({e["path"].split("/")[0] for e in manifest["files"]} | {manifest_lib.MANIFEST_FILE}):
-        entry, target = staging / name, run.dir / name
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        elif target.is_dir():
-            shutil.rmtree(target)
-        entry.rename(target)
-    shutil.rmtree(staging, ignore_errors=True)
+    manifest_lib.move_listed(staging, run.dir, manifest)
     manifest_lib.verify_or_raise(run.dir)
     got = "model" if not (run.dir / "adapter").is_dir() and (run.dir / "model").is_dir() else "adapter"  # method full: model/
     run.update(adapter=str((run.dir / got).resolve()), verified=True)
