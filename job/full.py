@@ -179,6 +179,7 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
             break
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             save_checkpoint(model, optimizer, ckpt_root, step, world, run_fp, t.keep_checkpoints, events)
+            t0 = time.time()  # the next step's tokens/s is its own, not the save's (the checkpoint event has that)
 
     reason = "deadline" if hit else reason_at_end
     res = TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
