@@ -111,9 +111,11 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
     if resume_from is not None:
         for _ in range(done_at):  # the schedule's position; the optimizer's own lr comes with its state
             scheduler.step()
+        t_load = time.time()
         load_checkpoint(model, optimizer, resume_from)
+        took = round(time.time() - t_load, 2)
         events.emit("log", message=f"resumed the full fine-tune from {resume_from.name} (step {done_at}, written by "
-                                   f"{_written_world(resume_from)} rank(s), loaded on {world})")
+                                   f"{_written_world(resume_from)} rank(s), loaded on {world} in {took} s)", seconds=took)
 
     if world > int(os.environ.get("LOCAL_WORLD_SIZE") or world) and t.checkpoint_every:
         events.emit("log", message="checkpoints: each node writes its own ranks' shards to its own disk, so a checkpoint "
@@ -177,6 +179,7 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
             break
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             save_checkpoint(model, optimizer, ckpt_root, step, world, run_fp, t.keep_checkpoints, events)
+            t0 = time.time()  # the next step's tokens/s is its own, not the save's (the checkpoint event has that)
 
     reason = "deadline" if hit else reason_at_end
     res = TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
@@ -284,6 +287,7 @@ def save_checkpoint(model, optimizer, root: Path, step: int, world: int, run_fp:
     """Every rank writes its shards (DCP) into .staging; rank 0 marks the folder complete and renames it."""
     import torch.distributed.checkpoint as dcp
 
+    t_save = time.time()
     name = f"checkpoint-{step}"
     staging = root / ".staging" / name
     if dist.is_main():
@@ -305,7 +309,7 @@ def save_checkpoint(model, optimizer, root: Path, step: int, world: int, run_fp:
                 shutil.rmtree(dst)
             os.replace(staging, dst)
             fsync_dir(root)
-            events.emit("checkpoint", step=step, path=f"checkpoints/{name}")
+            events.emit("checkpoint", step=step, path=f"checkpoints/{name}", seconds=round(time.time() - t_save, 2))
             for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -220,6 +220,25 @@ def test_check_refuses_a_full_fine_tune_that_cannot_fit_its_cards_with_the_numbe
     assert mode["fit"]["total_gib"] < 0.95 * 79.15
 
 
+def test_the_one_gpu_bench_config_fits_an_h200_with_room():
+    """configs/bench-full-8l.yaml (bench/gpu_call6.sh) is planned to fit one H200 (139 GiB) with room, and the
+    plan's 16 B/param is of the params transformers builds for it (counted on the meta device)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from job.check import plan_memory
+    from job.model import PRESETS
+
+    cfg = load_config(REPO / "configs" / "bench-full-8l.yaml")
+    assert cfg.train.method == "full" and cfg.train.gradient_checkpointing and cfg.model.init == "random"
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Qwen2ForCausalLM(Qwen2Config(**{**PRESETS["qwen2.5-14b"], "num_hidden_layers": 8})).parameters())
+    run_cfg, mode = plan_memory(cfg, 139.0, 100.0, None, 1)
+    assert mode["fit"]["params"] == n
+    assert mode["fit"]["sharded_gib"] == pytest.approx(n * 16 / 2**30, abs=0.01)
+    assert mode["fit"]["total_gib"] < 0.6 * 139.0  # room: the measured peak was 62.89 GiB (bench/RESULTS.md)
+
+
 def test_check_on_cpu_reports_the_full_fit_over_the_planned_ranks(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
