@@ -146,8 +146,15 @@ def extend(root: str | os.PathLike, folders: Iterable[str] = LATE_FOLDERS) -> di
     return manifest
 
 
-def verify(root: str | os.PathLike, manifest: dict | None = None) -> list[str]:
+def weight_files(manifest: dict) -> set[str]:
+    """A full fine-tune's weight shards (model/model*.safetensors) the manifest lists: what `up --weights
+    leave` does not pull back."""
+    return {e["path"] for e in manifest["files"] if FULL_WEIGHTS.match(e["path"])}
+
+
+def verify(root: str | os.PathLike, manifest: dict | None = None, left: Iterable[str] = ()) -> list[str]:
     """Problems found comparing the files `root`'s manifest lists; an empty list means each checks out.
+    `left`: listed files deliberately not pulled back (`up --weights leave`): not looked for here.
 
     Only the listed files are looked at (runs/<id>/ holds the launcher's files too); a listed path that
     is a symlink or not a regular file is a problem. `verify_tree` also refuses anything unlisted.
@@ -155,8 +162,11 @@ def verify(root: str | os.PathLike, manifest: dict | None = None) -> list[str]:
     root = Path(root)
     manifest = validate(manifest, str(root)) if manifest is not None else load(root)
     problems = []
+    left = set(left)
     for entry in manifest["files"]:
         rel = entry["path"]
+        if rel in left:
+            continue
         path = root / rel
         try:
             st = os.lstat(path)
@@ -178,7 +188,8 @@ def verify(root: str | os.PathLike, manifest: dict | None = None) -> list[str]:
 
 
 def verify_tree(root: str | os.PathLike, manifest: dict | None = None, reserved: Iterable[str] = (),
-                require_adapter: bool = True, exempt: Iterable[str] = DEFAULT_EXCLUDE) -> list[str]:
+                require_adapter: bool = True, exempt: Iterable[str] = DEFAULT_EXCLUDE,
+                left: Iterable[str] = ()) -> list[str]:
     """Problems with a whole downloaded tree: `verify` plus no symlinks or special files anywhere, no
     file the manifest does not list (except `exempt`: the log, events, checkpoints, the manifest), and
     (with `require_adapter`) a listed adapter, or a full fine-tune's model (model/config.json and its
@@ -215,12 +226,12 @@ def verify_tree(root: str | os.PathLike, manifest: dict | None = None, reserved:
     extra = sorted(r for r in found - listed if not any(fnmatch.fnmatchcase(r, p) for p in patterns))
     if extra:
         problems.append(f"not in the manifest: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-    return problems + verify(root, manifest)
+    return problems + verify(root, manifest, left=left)
 
 
 def verify_or_raise(root: str | os.PathLike, manifest: dict | None = None, tree: bool = False, **kw: Any) -> dict:
     manifest = manifest if manifest is not None else load(root)
-    problems = verify_tree(root, manifest, **kw) if tree else verify(root, manifest)
+    problems = verify_tree(root, manifest, **kw) if tree else verify(root, manifest, left=kw.get("left", ()))
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ManifestError(f"{root}: artifacts do not match the manifest: {'; '.join(problems[:3])}{more}")

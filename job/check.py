@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from contracts.config import RunConfig, load_config
+from contracts.disk import MIN_FREE_GIB
 from contracts.errors import ContractError
 from contracts.events import EventWriter
 from job import env
@@ -22,7 +23,7 @@ from job.errors import JobCannotRun
 env.quiet_bnb_cpu_notice()
 
 NF4_TOLERANCE = 0.2  # NF4 keeps ~3.5 bits: relative matmul error is ~0.1; garbage would be ~1.0
-MIN_DISK_GIB = 2.0
+MIN_DISK_GIB = MIN_FREE_GIB  # contracts/disk.py: the same floor the launcher sizes the machine's disk with
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,12 +91,13 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
     need_disk = MIN_DISK_GIB + (_weights_gib(cfg) if cfg.model.init == "pretrained" else 0.0)
     if cfg.train.method == "full":
         full_disk = full_disk_gib(cfg)
-        if free < need_disk + full_disk["total_gib"]:
+        if free < full_disk["need_gib"]:
             raise JobCannotRun(
-                f"{free} GiB disk free at {where.resolve()}; train.method full needs ~{need_disk + full_disk['total_gib']:.0f} "
+                f"{free} GiB disk free at {where.resolve()}; train.method full needs ~{full_disk['need_gib']:.0f} "
                 f"GiB on this node: {full_disk['checkpoints']} sharded checkpoint(s) of {full_disk['checkpoint_gib']} GiB "
                 f"(fp32 weights + AdamW, 12 B/param over {full_disk['nodes']} node(s)) and {full_disk['output_gib']} GiB of "
-                "output weights (a larger disk, train.keep_checkpoints: 1, or train.checkpoint_every: 0)")
+                f"output weights, {full_disk['base_gib']} GiB of base model (a larger disk, train.keep_checkpoints: 1, "
+                "or train.checkpoint_every: 0)")
     if free < need_disk:
         raise JobCannotRun(f"{free} GiB disk free at {where.resolve()}; this config needs ~{need_disk:.0f} GiB "
                            "(model download + checkpoints)")
@@ -209,17 +211,16 @@ def full_fit_estimate(cfg: RunConfig, data_dir: Path | None, world: int) -> dict
 
 def full_disk_gib(cfg: RunConfig) -> dict:
     """Disk a full fine-tune writes on one node: its share of each kept checkpoint (plus one being written)
-    and, on node 0, the output weights in the training precision."""
+    and, on node 0, the output weights in the training precision (contracts/disk.py, which the launcher
+    reads too for the machine's disk_size)."""
+    from contracts.disk import full_disk
     from job.model import PRESETS, param_count, qwen2_config
 
     n = param_count(_model_config(cfg, qwen2_config, PRESETS))
     nodes = max(1, int(os.environ.get("SKYPILOT_NUM_NODES") or 1))
     t = cfg.train
-    kept = 0 if not t.checkpoint_every else max(t.keep_checkpoints, 1) + 1
-    ckpt = n * 12 / nodes / 2**30
-    out = n * (4 if t.precision == "fp32" else 2) / 2**30
-    return {"nodes": nodes, "checkpoints": kept, "checkpoint_gib": round(ckpt, 1), "output_gib": round(out, 1),
-            "total_gib": round(kept * ckpt + out, 1)}
+    return full_disk(n, nodes=nodes, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+                     precision=t.precision, pretrained=cfg.model.init == "pretrained")
 
 
 def _plan_full(cfg: RunConfig, card_gib: float | None, data_dir: Path | None, world: int) -> tuple[RunConfig, dict]:

@@ -183,8 +183,11 @@ class Bucket:
         return n
 
     # --- download + verify -------------------------------------------------------------------------
-    def download(self, prefix: str, dest: str | os.PathLike, reserved: tuple[str, ...] = RESERVED) -> dict:
+    def download(self, prefix: str, dest: str | os.PathLike, reserved: tuple[str, ...] = RESERVED,
+                 leave: Any = None) -> dict:
         """Pull the job's output under `prefix` into `dest`, resumable and verified; the manifest.
+        `leave(path)`: manifest entries that stay in the bucket (a full fine-tune's weights, `up --weights
+        leave`): checked present in the listing with the manifest's size, not fetched.
 
         Raises BucketError (one line) when the bucket's tree is not exactly what the manifest lists
         (unlisted files, links, bad names, wrong size or sha256); dest is then left as it was.
@@ -212,6 +215,7 @@ class Bucket:
         missing = sorted(set(listed) - set(objects))
         if missing:
             raise BucketError(f"{where}: listed in the manifest but not in the bucket: {', '.join(missing[:5])}")
+        left = {rel for rel in listed if leave is not None and leave(rel)}
         dest.mkdir(parents=True, exist_ok=True)
         partial, state_path = dest / PARTIAL_DIR, dest / STATE_FILE
         state = _load_state(state_path, where)
@@ -219,6 +223,8 @@ class Bucket:
             obj = objects[rel]
             if obj.size != entry["size"]:
                 raise BucketError(f"{where}{rel}: size {obj.size} in the bucket != {entry['size']} in the manifest")
+            if rel in left:
+                continue
             self._fetch(obj, partial / rel, state, state_path)
             if sha256_file(partial / rel) != entry["sha256"]:
                 (partial / rel).unlink()  # a retry fetches it again
@@ -227,13 +233,13 @@ class Bucket:
                 raise BucketError(f"{where}{rel}: sha256 does not match the manifest (refused; nothing was moved "
                                   f"into {dest})")
         atomic_write_json(partial / manifest_lib.MANIFEST_FILE, manifest)
-        problems = manifest_lib.verify_tree(partial, manifest, reserved=reserved)
+        problems = manifest_lib.verify_tree(partial, manifest, reserved=reserved, left=left)
         if problems:
             raise BucketError(f"{where}: refused: {'; '.join(problems[:3])}")
         # Only what the manifest lists (and the manifest) is moved in, replacing what dest had.
         manifest_lib.move_listed(partial, dest, manifest)
         state_path.unlink(missing_ok=True)
-        manifest_lib.verify_or_raise(dest, manifest)
+        manifest_lib.verify_or_raise(dest, manifest, left=left)
         return manifest
 
     def _checked_listing(self, prefix: str, listed: dict, where: str) -> dict[str, Obj]:

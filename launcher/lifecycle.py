@@ -97,7 +97,7 @@ def download(run: registry.Run, console, backend: Backend | None = None) -> int:
     The caller holds the run's follower lock."""
     backend = backend or for_run(run)
     before = run.state
-    if backend.machine_state(run) != "up":
+    if backend.machine_state(run) != "up" and not run.weights_left:
         # The machine is gone: what we can still do is re-verify the copy we already hold.
         manifest_lib.verify_or_raise(run.dir)
         console.print(f"run {run.id}: machine gone; local artifacts verify against manifest.json "
@@ -117,6 +117,8 @@ def download(run: registry.Run, console, backend: Backend | None = None) -> int:
         run.transition("done" if not run.exit_code else before)  # a job that failed stays failed
         console.print(f"adapter: {run.adapter} (verified)", highlight=False)
         status = 0
+    if backend.machine_state(run) != "up":  # the weights came from where they were left; no machine bills
+        return status
     console.print(f"[bold red]the machine of run {run.id} is still up (billing). End it: "
                   f"socrates-launch down {run.id}[/]", highlight=False)
     return status
@@ -207,6 +209,9 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
         return 1
     if run.state == "done":
         console.print(f"[bold green]adapter:[/] {run.adapter} (verified against manifest.json)", highlight=False)
+    if run.weights_left:
+        console.print(f"the weights were left in {run.weights_left} (--weights leave; everything "
+                      f"else came back and verifies). Pull them: socrates-launch download {run.id}", highlight=False)
     return status
 
 
@@ -233,7 +238,7 @@ def _lifecycle(run: registry.Run, backend: Backend, recorder: "Recorder", consol
         raise BackendError("running", f"the job exited with status {code}{_salvage(run, backend, recorder)}")
     recorder.progress.close()
     try:
-        fetch_and_verify(run, backend, recorder)
+        fetch_and_verify(run, backend, recorder, pull_weights=run.options.get("weights", "pull") != "leave")
     except Exception as e:  # noqa: BLE001  (whatever went wrong, the only copy is on the machine: keep it up)
         raise _DownloadFailed() from e
     run.transition("done")
@@ -248,7 +253,8 @@ def _salvage(run: registry.Run, backend: Backend, recorder: "Recorder") -> str:
     """A job that failed after training (evaluation crashed, the deadline's hard kill) has a finished,
     paid-for adapter on the machine: pull it back before teardown if its manifest verifies."""
     try:
-        fetch_and_verify(run, backend, recorder, attempts=SALVAGE_ATTEMPTS)
+        fetch_and_verify(run, backend, recorder, attempts=SALVAGE_ATTEMPTS,
+                         pull_weights=run.options.get("weights", "pull") != "leave")
     except Exception:  # noqa: BLE001  (a salvage that fails for any reason leaves the run failed, as it was)
         return "; no finished adapter on the machine to pull back"
     return f"; the adapter it had finished was pulled back and verifies: {run.adapter}"
@@ -280,7 +286,8 @@ class Recorder:
             f.write(dumps(ev) + "\n")
 
 
-def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, attempts: int = DOWNLOAD_ATTEMPTS) -> None:
+def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, attempts: int = DOWNLOAD_ATTEMPTS,
+                     pull_weights: bool = True) -> None:
     """Pull out/ into a staging folder, verify it, then move the results into runs/<id>/.
 
     What comes back is untrusted: the manifest is checked against its schema, and the staging tree
@@ -288,6 +295,10 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
     and inside), with an adapter, each sha256 matching. Retried: a failed or corrupt pull is worth
     another try before the machine (and the only copy) is torn down. Results already in runs/<id>/
     are replaced only by a copy that verified.
+
+    `pull_weights=False` (`up --weights leave`, where the backend's WEIGHTS_OUTLIVE says they outlive the
+    machine): a full fine-tune's weight shards stay where they are (the backend checks them present);
+    everything else is pulled and verified, and run.json's weights_left says where they are.
     """
     run.transition("downloading")
     recorder.phase("downloading")
@@ -296,8 +307,12 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            backend.download(run, staging)
-            manifest = manifest_lib.verify_or_raise(staging, tree=True, reserved=RESERVED)
+            left_at = None if pull_weights else backend.download_leaving(run, staging, _is_weights)
+            if pull_weights:
+                backend.download(run, staging)
+            manifest = manifest_lib.load(staging)
+            left = manifest_lib.weight_files(manifest) if left_at else set()
+            manifest = manifest_lib.verify_or_raise(staging, tree=True, reserved=RESERVED, left=left)
             break
         except Exception as e:  # noqa: BLE001  (any failure of an untrusted pull is retried, then reported)
             if attempt == attempts:
@@ -307,9 +322,13 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
             time.sleep(DOWNLOAD_RETRY_S * attempt)
     # Only what the manifest lists (and the manifest) is moved; its top-level names were checked above.
     manifest_lib.move_listed(staging, run.dir, manifest)
-    manifest_lib.verify_or_raise(run.dir)
+    manifest_lib.verify_or_raise(run.dir, left=left)
     got = "model" if not (run.dir / "adapter").is_dir() and (run.dir / "model").is_dir() else "adapter"  # method full: model/
-    run.update(adapter=str((run.dir / got).resolve()), verified=True)
+    run.update(adapter=str((run.dir / got).resolve()), verified=True, weights_left=left_at if left else None)
+
+
+def _is_weights(path: str) -> bool:
+    return bool(manifest_lib.FULL_WEIGHTS.match(path))
 
 
 def describe(e: BaseException) -> str:

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser, *, every_card: bool = False) -> No
                    "(the run writes under URL/<run id>; default: a bucket named after the run, made for it)")
     p.add_argument("--keep-bucket", action="store_true", help="managed runs: keep the bucket after the verified download "
                    "(default: deleted then)")
+    p.add_argument("--weights", choices=("pull", "leave"), default="pull", help="train.method full: pull the ~2 B/param "
+                   "weights back (default), or leave them where they outlive the machine (a managed run's bucket) and "
+                   "pull everything else; `socrates-launch download RUN` fetches them later")
     p.add_argument("--eval-rows", type=int, default=None, help="evaluate on at most N test rows")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     p.add_argument("--eval-base", action="store_true", help="also evaluate the base model (the paper's baseline)")
@@ -130,7 +133,11 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
         # None: setup builds a venv from the lock (the local backend always runs this machine's python)
         "image": cfg.image if infra != "local" else None,
         "nodes": args.nodes, "ranks": args.ranks,
+        "weights": getattr(args, "weights", "pull"),
     }
+    if options["weights"] == "leave" and cfg.train.method != "full":
+        raise ContractError(f"--weights leave: only for train.method full (this config's method is {cfg.train.method}: "
+                            "its adapter is small and always comes back)")
     managed = bool(getattr(args, "spot", False) or getattr(args, "managed", False))
     if managed:  # a SkyPilot managed job (launcher/backends/managed.py)
         from launcher.bucket import parse_url

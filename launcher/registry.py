@@ -73,6 +73,8 @@ class Run:
     machine: str = "none"
     """What the launcher last knew of the machine: none, up, gone."""
     adapter: str | None = None
+    weights_left: str | None = None
+    """`up --weights leave`: where a full fine-tune's weights stayed (not pulled back); None once pulled."""
     verified: bool = False
     backend_state: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
@@ -324,6 +326,7 @@ SCHEMA: dict[str, tuple[Any, str]] = {
     "error": (_opt(_str), "a string or null"),
     "machine": (_str, "a string"),
     "adapter": (_opt(_str), "a string or null"),
+    "weights_left": (_opt(_str), "a string or null"),
     "verified": (lambda v: isinstance(v, bool), "true or false"),
     "backend_state": (_dict, "an object"),
     "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "a list of objects"),

@@ -77,6 +77,8 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
     if cloud:
         resources["infra"] = cloud
     resources["use_spot"] = bool(spot)
+    if cfg.get("train", {}).get("method") == "full":
+        resources["disk_size"] = full_disk_size(cfg, nodes, int(resources.get("disk_size") or 0))
     task["workdir"] = str(REPO)
     image = opts.get("image")
     if image:  # the prebuilt job image: SkyPilot runs setup and run inside it, nothing to install
@@ -102,6 +104,22 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
     if names:
         task["secrets"] = {name: None for name in names}
     return task
+
+
+def full_disk_size(config: dict, nodes: int, floor_gb: int) -> int:
+    """`resources.disk_size` for a full fine-tune: contracts/disk.py's need (the kept sharded checkpoints
+    at 12 B/param over the nodes, the output weights, the base, what `job check` keeps free) for this
+    config, plus the machine image and venv and a margin; never below the template's `floor_gb`."""
+    from contracts.config import from_dict
+    from contracts.disk import full_disk, machine_disk_gb
+    from launcher.cost import model_params_b
+
+    rc = from_dict(config)
+    t = rc.train
+    need = full_disk(model_params_b(rc) * 1e9, nodes=nodes, checkpoint_every=t.checkpoint_every,
+                     keep_checkpoints=t.keep_checkpoints, precision=t.precision,
+                     pretrained=rc.model.init == "pretrained")
+    return machine_disk_gb(need["need_gib"], floor_gb=floor_gb)
 
 
 def local_data(config: dict) -> Path | None:
@@ -145,11 +163,13 @@ def layout_line(task: dict, gpu) -> str:
     nodes = int(task.get("num_nodes") or 1)
     per_node = int(task.get("envs", {}).get("NPROC_PER_NODE") or (gpu.count if gpu else 1))
     world = nodes * per_node
+    disk = task.get("resources", {}).get("disk_size")
+    disk = f"; disk {disk} GB per node" if disk else ""
     if world == 1:
-        return "layout: 1 node, 1 process (python -m job; no torchrun)"
+        return f"layout: 1 node, 1 process (python -m job; no torchrun){disk}"
     return (f"layout: {nodes} node(s) x {per_node} GPU(s) = {world} ranks; on every node: python -m torch.distributed.run "
             f"--nnodes {nodes} --nproc-per-node {per_node} --node-rank $SKYPILOT_NODE_RANK "
-            f"--master-addr <first of $SKYPILOT_NODE_IPS> --master-port 29500 -m job train|evaluate ...")
+            f"--master-addr <first of $SKYPILOT_NODE_IPS> --master-port 29500 -m job train|evaluate ...{disk}")
 
 
 class _Dumper(yaml.SafeDumper):

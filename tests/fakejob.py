@@ -1,7 +1,8 @@
 """A stand-in for `python -m job VERB` (tests only): prints real events, writes a real adapter +
 manifest, and fails where FAKEJOB_FAIL says. Faults are injected around the real launcher.
 
-Knobs (environment): FAKEJOB_STEPS (default 5), FAKEJOB_STEP_S (sleep per step, default 0.05),
+Knobs (environment): FAKEJOB_STEPS (default 5), FAKEJOB_STEP_S (sleep per step, default 0.05), FAKEJOB_FULL (train
+writes a full fine-tune's model/ in two shards instead of an adapter),
 FAKEJOB_FAIL=check|prepare|train|evaluate (exit 1 there), FAKEJOB_HANG=VERB (never ends there), FAKEJOB_CORRUPT=1 (an artifact that
 does not match its manifest), FAKEJOB_LEAK=1 (print HF_TOKEN, to test redaction).
 """
@@ -50,6 +51,17 @@ def main(argv: list[str]) -> int:
             time.sleep(float(os.environ.get("FAKEJOB_STEP_S", "0.05")))
             emit("step", step=step, total_steps=steps, epoch=step / steps, loss=2.0 / step, lr=1e-3,
                  tokens_per_s=1000.0, gpu_mem_gib=0.0, eta_s=(steps - step) * 0.05)
+        if os.environ.get("FAKEJOB_FULL"):  # a full fine-tune's output: model/ in two safetensors shards
+            model = out / "model"
+            model.mkdir(parents=True, exist_ok=True)
+            (model / "config.json").write_text('{"model_type": "qwen2"}\n')
+            shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+            for name in shards:
+                (model / name).write_bytes(os.urandom(8192))
+            (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}))
+            manifest.write(out, {"config": "fake"})
+            emit("done", reason="completed")
+            return 0
         adapter = out / "adapter"
         adapter.mkdir(parents=True, exist_ok=True)
         (adapter / "adapter_model.safetensors").write_bytes(os.urandom(4096))

@@ -104,6 +104,18 @@ class Backend(ABC):
     def download(self, run: Any, dest: Path) -> None:
         """Copy the job's output folder into `dest` (verification is the caller's)."""
 
+    # --- a full fine-tune's weights left where they are (`up --weights leave`) ----------------
+
+    WEIGHTS_OUTLIVE: str | None = None
+    """Where a full fine-tune's weights outlive the machine on this backend (words for the plan and the
+    refusal), or None: `up --weights leave` is refused (exit 2), the machine and the weights end together."""
+
+    def download_leaving(self, run: Any, dest: Path, leave: Callable[[str], bool]) -> str:
+        """`download`, except the manifest entries `leave(path)` is true for: they stay where they are,
+        checked present (with the manifest's size) where the backend can list them. Returns where they
+        are (a URL or path for run.json and `download`). Only called where WEIGHTS_OUTLIVE is set."""
+        raise NotImplementedError(f"{self.name}: the weights cannot be left behind")
+
     @abstractmethod
     def down(self, run: Any) -> None:
         """Stop the job and release the machine. Idempotent: a second call is a no-op."""

@@ -208,6 +208,22 @@ class ManagedBackend(Backend):
         except Exception as e:  # noqa: BLE001
             raise BackendError("downloading", redact(f"{type(e).__name__}: {e}")) from None
 
+    WEIGHTS_OUTLIVE = "the run's bucket (kept after the download)"
+
+    def download_leaving(self, run: Any, dest: Path, leave) -> str:
+        """out/ from the bucket except the weights `leave` names: the bucket's listing is checked for them
+        (present, the manifest's size); they stay in it, and the bucket is kept (plan: --weights leave)."""
+        from launcher.bucket import Bucket
+
+        try:
+            bucket = Bucket.from_url(run.backend_state["bucket"])
+            bucket.download(bucket.out_prefix(run.id), dest, leave=leave)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BackendError("downloading", redact(f"{type(e).__name__}: {e}")) from None
+        return f"{bucket.mount_source}/{bucket.out_prefix(run.id)}model/"
+
     def down(self, run: Any) -> None:
         """Cancel the managed job (SkyPilot's controller ends its machine). The bucket is deleted once
         the results were verified here, unless --keep-bucket; before that it is the only copy and
@@ -220,7 +236,7 @@ class ManagedBackend(Backend):
         url = run.backend_state.get("bucket")
         if not url or run.backend_state.get("bucket_deleted"):
             return
-        if run.verified and not run.options.get("keep_bucket"):
+        if run.verified and not run.options.get("keep_bucket") and not run.weights_left:
             from launcher.bucket import Bucket
 
             # The bucket made for the run goes; of a bucket the user gave, only the run's folder.

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if deadline_s:
         plan.options["deadline_s"] = deadline_s
     backend = for_plan(plan.infra, plan.options)
+    _weights_choice(plan, backend, console)
     if args.dryrun:
         return _dryrun(plan, backend, console)
     if not args.yes:
@@ -74,12 +75,39 @@ def _estimate_summary(full: dict) -> dict:
             "price_per_hour": best.get("price_per_h"), "notes": full.get("notes", [])}
 
 
+def _weights_choice(plan: planlib.Plan, backend, console) -> None:
+    """A full fine-tune's ~30 GB of weights: say what happens to them before asking (pull back, with the
+    size and time, or leave them where they outlive the machine); refuse `leave` where nothing does."""
+    if plan.cfg.train.method != "full":
+        return
+    where = backend.WEIGHTS_OUTLIVE
+    if plan.options.get("weights") == "leave" and where is None:
+        raise ContractError(f"--weights leave: not accepted with --infra {plan.infra} (this machine is torn down at the "
+                            "end and its weights with it; a managed run's bucket (--managed or --spot) outlives it)")
+    from launcher import cost
+
+    gb = cost.full_output_gb(cost.model_params_b(plan.cfg))
+    minutes = gb * 1000 / cost.LAPTOP_MBPS[1] / 60
+    if plan.options.get("weights") == "leave":
+        line = (f"weights: the full fine-tune's ~{gb:.1f} GB of weights stay in {where} (--weights leave); everything "
+                f"else comes back and is verified; `socrates-launch download RUN` pulls them later (~{minutes:,.0f} min "
+                f"at {cost.LAPTOP_MBPS[1]:g} MB/s)")
+    else:
+        line = (f"weights: the full fine-tune's ~{gb:.1f} GB of weights are pulled back to this machine (~{minutes:,.0f} "
+                f"min at {cost.LAPTOP_MBPS[1]:g} MB/s, assumed; the machine bills until it is done)"
+                + (f"; --weights leave keeps them in {where} instead" if where else
+                   "; on this backend they cannot be left behind (the machine is torn down at the end)"))
+    console.print(line, highlight=False, markup=False)
+
+
 def _confirm(plan: planlib.Plan, console) -> None:
     if not sys.stdin.isatty():
         raise ContractError("up: no terminal to confirm on; pass --yes to launch (or --dryrun to look first)")
     from rich.prompt import Confirm
 
     where = f"{plan.gpu} on {plan.infra}" if plan.gpu else plan.infra
+    if plan.cfg.train.method == "full":
+        where += f", weights {plan.options.get('weights', 'pull')}"
     if not Confirm.ask(f"Launch {plan.name} ({where})?", console=console, default=False):
         raise SystemExit(1)
 
