@@ -214,3 +214,45 @@ def test_a_job_that_fails_by_itself_is_not_relaunched_and_the_run_fails(cloud, t
     assert rec["state"] == "failed" and rec["error"].startswith("running: the job exited with status 1")
     assert "no finished adapter" in rec["error"] and not rec["verified"]
     assert rec["backend_state"]["bucket_kept"] is True  # nothing verified: what the bucket holds stays
+
+
+def test_down_before_a_download_keeps_the_bucket_loudly_and_download_still_pulls_it(cloud, tmp_path):
+    """Finding 1: `down` on a run whose results were never verified here keeps the bucket, says so with
+    its URL and the commands that pull or delete it; the job SUCCEEDED, so `download` still pulls the
+    adapter from it afterwards; a later `down` (now verified) deletes it."""
+    env = {**cloud, "FAKEJOB_STEPS": "5"}
+    r = cli(up(tmp_path / "bucket", "--detach"), env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    rec = only_run(runs)
+    wait_until(lambda: job_state(cloud, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    r = cli(["down", rec["id"]], env)
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "machine down" in out, r.stdout + r.stderr
+    assert f"bucket file://{tmp_path / 'bucket'}/{rec['id']}/ is KEPT" in out, out
+    assert f"socrates-launch download {rec['id']}" in out and f"socrates-launch down {rec['id']} --delete-bucket" in out
+    assert (tmp_path / "bucket" / rec["id"] / "out" / "manifest.json").is_file()
+    r = cli(["status", rec["id"]], env)
+    assert "machine:  up" in r.stdout, r.stdout  # the results still wait in the bucket
+    r = cli(["download", rec["id"]], env)
+    assert r.returncode == 0 and "(verified)" in r.stdout, r.stdout + r.stderr
+    rec = only_run(runs)
+    assert rec["verified"] and manifest.verify(rec["dir"]) == [] and (Path(rec["dir"]) / "adapter").is_dir()
+    r = cli(["down", rec["id"]], env)
+    assert r.returncode == 0 and "KEPT" not in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "bucket" / rec["id"]).exists() and only_run(runs)["backend_state"]["bucket_deleted"]
+
+
+def test_down_delete_bucket_deletes_an_unverified_runs_bucket(cloud, tmp_path):
+    env = {**cloud, "FAKEJOB_STEPS": "5"}
+    r = cli(up(tmp_path / "bucket", "--detach"), env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    rec = only_run(runs)
+    wait_until(lambda: job_state(cloud, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    assert (tmp_path / "bucket" / rec["id"]).is_dir()
+    r = cli(["down", rec["id"], "--delete-bucket"], env)
+    assert r.returncode == 0 and "KEPT" not in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "bucket" / rec["id"]).exists() and only_run(runs)["backend_state"]["bucket_deleted"]
+    r = cli(["status", rec["id"]], env)
+    assert "machine:  gone" in r.stdout and "(deleted)" in r.stdout, r.stdout

@@ -49,6 +49,7 @@ def bucket_url_for(run: Any) -> str:
 class ManagedBackend(Backend):
     name = "managed"
     HANDLES = ("job_name", "request_id", "job_id", "bucket")
+    delete_bucket = False  # `down --delete-bucket`: delete it even though nothing was verified here
 
     def __init__(self, adapter: Any = None, reconnect: tuple[float, float, float] | None = None):
         self.adapter = adapter if adapter is not None else load_adapter()
@@ -220,7 +221,7 @@ class ManagedBackend(Backend):
         url = run.backend_state.get("bucket")
         if not url or run.backend_state.get("bucket_deleted"):
             return
-        if run.verified and not run.options.get("keep_bucket"):
+        if self.delete_bucket or (run.verified and not run.options.get("keep_bucket")):
             from launcher.bucket import Bucket
 
             # The bucket made for the run goes; of a bucket the user gave, only the run's folder.
@@ -228,6 +229,19 @@ class ManagedBackend(Backend):
             run.update(backend_state={**run.backend_state, "bucket_deleted": True})
         else:
             run.update(backend_state={**run.backend_state, "bucket_kept": True})
+
+    def bucket_left(self, run: Any) -> str | None:
+        """What `down` prints when the run's bucket (or its folder in a bucket the user gave) stays:
+        where it is, why, and the command that deletes it (it bills storage until then)."""
+        url = run.backend_state.get("bucket")
+        if not url or run.backend_state.get("bucket_deleted") or not run.backend_state.get("bucket_kept"):
+            return None
+        where = url if run.backend_state.get("bucket_made") else f"{url.rstrip('/')}/{run.id}/"
+        why = ("--keep-bucket" if run.options.get("keep_bucket") and run.verified else
+               "nothing was downloaded and verified here: it may hold the only copy of the run's results")
+        return (f"the bucket {where} is KEPT ({why}); it bills storage until deleted. "
+                f"Pull the results: socrates-launch download {run.id}. "
+                f"Delete it: socrates-launch down {run.id} --delete-bucket")
 
     def detach(self, run: Any) -> str:
         return ("SkyPilot's managed-jobs controller keeps it running, relaunches it after a preemption and ends "
@@ -250,9 +264,8 @@ class ManagedBackend(Backend):
         status = (rec or {}).get("status")
         if status in LIVE:
             return "up"
-        if status == SUCCEEDED and not run.verified and not run.backend_state.get("bucket_kept") \
-                and not run.backend_state.get("bucket_deleted"):
-            return "up"
+        if status == SUCCEEDED and not run.verified and not run.backend_state.get("bucket_deleted"):
+            return "up"  # (also after `down` kept the bucket: `download`/`logs` still pull from it)
         return "gone"
 
     def job_running(self, run: Any) -> bool | None:
