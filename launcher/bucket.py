@@ -183,8 +183,13 @@ class Bucket:
         return n
 
     # --- download + verify -------------------------------------------------------------------------
-    def download(self, prefix: str, dest: str | os.PathLike, reserved: tuple[str, ...] = RESERVED) -> dict:
+    def download(self, prefix: str, dest: str | os.PathLike, reserved: tuple[str, ...] = RESERVED,
+                 partial_dir: str | os.PathLike | None = None) -> dict:
         """Pull the job's output under `prefix` into `dest`, resumable and verified; the manifest.
+
+        The files land in `partial_dir` (default `<dest>/.bucket-partial`, its resume state beside it as
+        `<partial_dir>.json`) and are moved into dest once they verify: a caller that wipes dest
+        between attempts passes a partial_dir outside it, so a retry resumes.
 
         Raises BucketError (one line) when the bucket's tree is not exactly what the manifest lists
         (unlisted files, links, bad names, wrong size or sha256); dest is then left as it was.
@@ -213,7 +218,8 @@ class Bucket:
         if missing:
             raise BucketError(f"{where}: listed in the manifest but not in the bucket: {', '.join(missing[:5])}")
         dest.mkdir(parents=True, exist_ok=True)
-        partial, state_path = dest / PARTIAL_DIR, dest / STATE_FILE
+        partial = Path(partial_dir) if partial_dir is not None else dest / PARTIAL_DIR
+        state_path = partial.with_name(partial.name + ".json") if partial_dir is not None else dest / STATE_FILE
         state = _load_state(state_path, where)
         for rel, entry in sorted(listed.items()):
             obj = objects[rel]
@@ -233,6 +239,8 @@ class Bucket:
         # Only what the manifest lists (and the manifest) is moved in, replacing what dest had.
         manifest_lib.move_listed(partial, dest, manifest)
         state_path.unlink(missing_ok=True)
+        if partial_dir is not None:
+            shutil.rmtree(partial, ignore_errors=True)  # what is left: empty folders (all was moved)
         manifest_lib.verify_or_raise(dest, manifest)
         return manifest
 

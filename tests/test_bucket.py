@@ -535,3 +535,46 @@ def test_gs_client_errors_become_one_line():
                               "socrates-x: denied")
     with pytest.raises(BucketError, match="list denied"):
         b.list("r1/")
+
+
+def test_the_launchers_retried_download_resumes_in_a_partial_folder_outside_its_staging(uploaded, tmp_path, monkeypatch):
+    """Finding 7: lifecycle.fetch_and_verify wipes runs/<id>/.download before each attempt; the managed
+    backend's resume folder is runs/<id>/.bucket-partial, outside it, so attempt 2 continues the weights
+    from the byte attempt 1 stopped at (a ranged GET), and is left clean after the verified move."""
+    from types import SimpleNamespace
+
+    from launcher import lifecycle, registry
+    from launcher.backends.managed import ManagedBackend
+
+    b, files, _, _ = uploaded
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(runs))
+    monkeypatch.setattr(lifecycle, "DOWNLOAD_RETRY_S", 0.0)
+    (runs / RUN_ID).mkdir(parents=True)
+    run = registry.Run(id=RUN_ID, dir=runs / RUN_ID, infra="sky", state="running",
+                       backend_state={"job_name": "socrates-x", "bucket": b.url, "bucket_made": False}).save()
+    weights_key = b.out_prefix(RUN_ID) + "adapter/adapter_model.safetensors"
+    real_get = bucket_lib._S3Store.get
+    calls: list[tuple[str, int]] = []
+    cut_after, cuts = 1_200_000, [1]
+
+    def cut(store, key, start, etag):  # attempt 1's weights stream drops after cut_after bytes
+        calls.append((key, start))
+        sent = 0
+        for chunk in real_get(store, key, start, etag):
+            if key == weights_key and cuts and sent + len(chunk) > cut_after:
+                cuts.clear()
+                yield chunk[:cut_after - sent]
+                raise ConnectionResetError("connection reset by peer (injected)")
+            sent += len(chunk)
+            yield chunk
+
+    monkeypatch.setattr(bucket_lib._S3Store, "get", cut)
+    recorder = lifecycle.Recorder(run, SimpleNamespace(on_event=lambda ev: None))
+    lifecycle.fetch_and_verify(run, ManagedBackend(adapter=object()), recorder, attempts=2)
+    assert [s for k, s in calls if k == weights_key] == [0, cut_after]  # resumed, not fetched anew
+    assert run.verified and manifest_lib.verify(run.dir) == []
+    assert _sha((run.dir / "adapter" / "adapter_model.safetensors").read_bytes()) == \
+        _sha(files["adapter/adapter_model.safetensors"])
+    assert not (run.dir / bucket_lib.PARTIAL_DIR).exists() and not (run.dir / bucket_lib.STATE_FILE).exists()
+    assert not (run.dir / ".download").exists()

@@ -199,11 +199,13 @@ class ManagedBackend(Backend):
 
     def download(self, run: Any, dest: Path) -> None:
         """The job's out/ from the bucket (checkpoints left there); the caller verifies it."""
-        from launcher.bucket import Bucket
+        from launcher.bucket import PARTIAL_DIR, Bucket
 
         try:
             bucket = Bucket.from_url(run.backend_state["bucket"])
-            bucket.download(bucket.out_prefix(run.id), dest)
+            # The resume folder lives beside the staging folder the caller wipes before each attempt
+            # (runs/<id>/.bucket-partial, a reserved name): a retried or later download resumes there.
+            bucket.download(bucket.out_prefix(run.id), dest, partial_dir=Path(run.dir) / PARTIAL_DIR)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001
