@@ -300,6 +300,7 @@ class SkyAdapter:
             if int(_field(r, "job_id") or -1) == int(job_id):
                 status = _field(r, "status")
                 return {"status": str(getattr(status, "name", status)).rsplit(".", 1)[-1].upper(),
+                        "job_name": _field(r, "job_name"),
                         "recovery_count": int(_field(r, "recovery_count") or 0),
                         "submitted_at": _field(r, "submitted_at"), "end_at": _field(r, "end_at"),
                         "job_duration": _field(r, "job_duration")}

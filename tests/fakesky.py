@@ -215,7 +215,10 @@ class FakeSky:
         """The job's record: status (SkyPilot's ManagedJobStatus names), recovery_count; None: no such job."""
         _outage()
         path = _root() / "jobs" / str(job_id) / "state.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        task = json.loads((path.parent / "task.json").read_text())
+        return {**json.loads(path.read_text()), "job_name": task["name"]}  # as SkyPilot's queue has it
 
     def jobs_tail(self, job_id: int) -> Iterator[str]:
         """Like `sky jobs logs --follow`: the current launch's log from its start, then each relaunch's

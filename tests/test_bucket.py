@@ -578,3 +578,32 @@ def test_the_launchers_retried_download_resumes_in_a_partial_folder_outside_its_
         _sha(files["adapter/adapter_model.safetensors"])
     assert not (run.dir / bucket_lib.PARTIAL_DIR).exists() and not (run.dir / bucket_lib.STATE_FILE).exists()
     assert not (run.dir / ".download").exists()
+
+
+def test_a_bucket_to_be_made_for_a_run_that_exists_already_is_refused(s3, tmp_path, monkeypatch):
+    """Finding 4: without --bucket the run's bucket (socrates-<run id>) is made for it and deleted after;
+    one that is there already is someone's: the launch is refused before anything is recorded as made
+    or submitted, and the bucket is untouched."""
+    from launcher import registry
+    from launcher.backends.base import BackendError
+    from launcher.backends.managed import ManagedBackend
+
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(runs))
+    (runs / RUN_ID).mkdir(parents=True)
+    run = registry.Run(id=RUN_ID, dir=runs / RUN_ID, infra="sky", state="provisioning",
+                       options={"spot": True, "managed_job": True}).save()
+    client = s3.client()
+    name = bucket_lib.default_name(RUN_ID)
+    client.create_bucket(Bucket=name)
+    client.put_object(Bucket=name, Key="theirs.txt", Body=b"someone's")
+
+    class NoLaunch:
+        def jobs_launch(self, *a, **kw):
+            raise AssertionError("submitted a job after the bucket was refused")
+
+    with pytest.raises(BackendError) as err:
+        ManagedBackend(adapter=NoLaunch()).launch(run)
+    assert f"s3://{name} already exists" in str(err.value) and "\n" not in str(err.value)
+    assert not run.backend_state.get("bucket_made")
+    assert client.get_object(Bucket=name, Key="theirs.txt")["Body"].read() == b"someone's"

@@ -256,3 +256,44 @@ def test_down_delete_bucket_deletes_an_unverified_runs_bucket(cloud, tmp_path):
     assert not (tmp_path / "bucket" / rec["id"]).exists() and only_run(runs)["backend_state"]["bucket_deleted"]
     r = cli(["status", rec["id"]], env)
     assert "machine:  gone" in r.stdout and "(deleted)" in r.stdout, r.stdout
+
+
+def _edit_record(rec: dict, **backend_state) -> None:
+    path = Path(rec["dir"]) / "run.json"
+    data = json.loads(path.read_text())
+    data["backend_state"].update(backend_state)
+    path.write_text(json.dumps(data))
+
+
+def test_an_edited_record_never_gets_another_bucket_deleted_whole(cloud, tmp_path):
+    """Finding 4: `bucket_made` in run.json counts only for the name the launcher gives a run's bucket;
+    a record claiming it made the user's own bucket gets only the run's folder in it deleted."""
+    env = {**cloud, "FAKEJOB_STEPS": "3"}
+    bucket = tmp_path / "bucket"
+    r = cli(up(bucket, "--detach"), env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    wait_until(lambda: job_state(cloud, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    (bucket / "precious.txt").write_text("the user's own data")
+    _edit_record(rec, bucket_made=True)
+    r = cli(["down", rec["id"], "--delete-bucket"], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (bucket / rec["id"]).exists()  # the run's folder went
+    assert (bucket / "precious.txt").read_text() == "the user's own data"  # the rest of the bucket stayed
+
+
+def test_an_edited_record_never_gets_another_runs_job_cancelled(cloud, tmp_path):
+    """Finding 4: down cancels only a managed job whose name is this run's; a run.json whose job_id names
+    another job is refused loudly (exit 1, TEARDOWN FAILED) and that job runs on."""
+    env = {**cloud, "FAKEJOB_STEPS": "600", "FAKEJOB_STEP_S": "0.1"}
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    for sub in ("a", "b"):
+        r = cli(up(tmp_path / f"bucket-{sub}", "--detach"), env)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    recs = [json.loads(p.read_text()) for p in runs.glob("*/run.json")]
+    a, b = sorted(recs, key=lambda x: x["backend_state"]["job_id"])
+    wait_until(lambda: job_state(cloud, b)["status"] == "RUNNING", what="the other run's job running")
+    _edit_record(a, job_id=b["backend_state"]["job_id"])
+    r = cli(["down", a["id"]], env)
+    assert r.returncode == 1 and "TEARDOWN FAILED" in r.stdout and "not cancelled" in r.stdout, r.stdout + r.stderr
+    assert job_state(cloud, b)["status"] == "RUNNING"

@@ -70,11 +70,21 @@ class ManagedBackend(Backend):
 
         url = bucket_url_for(run)
         name = job_name_for(run.id)
-        # Saved before anything is made: `down` and `status` find the job and the bucket from here.
-        run.update(backend_state={"job_name": name, "bucket": url, "bucket_made": not run.options.get("bucket")},
-                   machine="up")
+        make = not run.options.get("bucket")
         try:
             bucket = Bucket.from_url(url)
+            # A bucket to be made for the run that is there already is someone's: `down` would delete it.
+            if make and bucket.exists():
+                raise BackendError("provisioning", f"the bucket {url} already exists: a bucket made for a run must "
+                                                   f"be new (to use it, pass --bucket {url}: only the run's folder "
+                                                   f"in it is ever deleted)")
+        except (ContractError, BackendError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BackendError("provisioning", redact(f"could not reach the bucket {url}: {type(e).__name__}: {e}")) from None
+        # Saved before anything is made: `down` and `status` find the job and the bucket from here.
+        run.update(backend_state={"job_name": name, "bucket": url, "bucket_made": make}, machine="up")
+        try:
             bucket.create()
         except ContractError:
             raise
@@ -219,6 +229,11 @@ class ManagedBackend(Backend):
         if job_id is not None:
             rec = self.adapter.jobs_queue(job_id)
             if rec is not None and rec.get("status") in LIVE:
+                # run.json is untrusted: only a job that is this run's (by its name) is cancelled.
+                if rec.get("job_name") != job_name_for(run.id):
+                    raise BackendError("tearing down", redact(
+                        f"managed job {job_id} is named {rec.get('job_name')!r}, not this run's "
+                        f"{job_name_for(run.id)!r}: not cancelled (run.json names another job; see `sky jobs queue`)"))
                 self.adapter.jobs_cancel(job_id)
         url = run.backend_state.get("bucket")
         if not url or run.backend_state.get("bucket_deleted"):
@@ -226,8 +241,8 @@ class ManagedBackend(Backend):
         if self.delete_bucket or (run.verified and not run.options.get("keep_bucket")):
             from launcher.bucket import Bucket
 
-            # The bucket made for the run goes; of a bucket the user gave, only the run's folder.
-            Bucket.from_url(url if run.backend_state.get("bucket_made") else f"{url.rstrip('/')}/{run.id}").delete()
+            # The bucket made for the run goes; of any other bucket, only the run's folder.
+            Bucket.from_url(_deletable(run)).delete()
             run.update(backend_state={**run.backend_state, "bucket_deleted": True})
         else:
             run.update(backend_state={**run.backend_state, "bucket_kept": True})
@@ -238,7 +253,7 @@ class ManagedBackend(Backend):
         url = run.backend_state.get("bucket")
         if not url or run.backend_state.get("bucket_deleted") or not run.backend_state.get("bucket_kept"):
             return None
-        where = url if run.backend_state.get("bucket_made") else f"{url.rstrip('/')}/{run.id}/"
+        where = _deletable(run) + ("" if _made_for(run) else "/")
         why = ("--keep-bucket" if run.options.get("keep_bucket") and run.verified else
                "nothing was downloaded and verified here: it may hold the only copy of the run's results")
         return (f"the bucket {where} is KEPT ({why}); it bills storage until deleted. "
@@ -305,6 +320,26 @@ class ManagedBackend(Backend):
         if isinstance(job_id, int) and handles.get("job_name"):
             return f"it names SkyPilot managed job {job_id}: `sky jobs cancel {job_id}` ends it if it still runs"
         return None
+
+
+def _made_for(run: Any) -> bool:
+    """The record's bucket counts as made for the run only when it is the name the launcher gives
+    one (`socrates-<run id>`): an edited run.json naming any other bucket never gets it deleted whole."""
+    from launcher.bucket import default_url, parse_url
+
+    url = (run.backend_state.get("bucket") or "").rstrip("/")
+    if not run.backend_state.get("bucket_made"):
+        return False
+    try:
+        return url == default_url(run.id, parse_url(url)[0])
+    except ContractError:
+        return False
+
+
+def _deletable(run: Any) -> str:
+    """What `down` may delete of the run's bucket: all of it if made for the run, else `URL/<run id>`."""
+    url = (run.backend_state.get("bucket") or "").rstrip("/")
+    return url if _made_for(run) else f"{url}/{run.id}"
 
 
 def _key(ev: dict) -> tuple:
