@@ -297,3 +297,21 @@ def test_an_edited_record_never_gets_another_runs_job_cancelled(cloud, tmp_path)
     r = cli(["down", a["id"]], env)
     assert r.returncode == 1 and "TEARDOWN FAILED" in r.stdout and "not cancelled" in r.stdout, r.stdout + r.stderr
     assert job_state(cloud, b)["status"] == "RUNNING"
+
+
+def test_a_failed_launch_request_is_no_job_and_down_goes_on_to_the_bucket(cloud, tmp_path):
+    """Finding 2: the `sky.jobs.launch` request itself failed (its id recorded, no job made): teardown
+    (in `up`, then every `down`) finds no job to cancel instead of failing on the request's error
+    forever, and reaches the bucket (kept and said: nothing was verified)."""
+    env = {**cloud, "FAKESKY_FAIL": "request"}
+    r = cli(up(tmp_path / "bucket"), env)
+    assert r.returncode == 1 and "TEARDOWN FAILED" not in r.stdout, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert rec["backend_state"]["request_id"] and rec["backend_state"].get("job_id") is None
+    assert rec["machine"] == "gone" and rec["backend_state"]["launch_failed"] is True
+    for _ in range(2):
+        r = cli(["down", rec["id"]], env)
+        out = " ".join(r.stdout.split())
+        assert r.returncode == 0 and "TEARDOWN FAILED" not in out and "machine down" in out, r.stdout + r.stderr
+        assert "is KEPT" in out and "--delete-bucket" in out
+    assert only_run(Path(cloud["SOCRATES_RUNS_DIR"]))["backend_state"]["bucket_kept"] is True

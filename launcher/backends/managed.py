@@ -225,7 +225,18 @@ class ManagedBackend(Backend):
         """Cancel the managed job (SkyPilot's controller ends its machine). The bucket is deleted once
         the results were verified here, unless --keep-bucket; before that it is the only copy and
         stays (status and `down` say where)."""
-        job_id = self._job_id(run) if run.backend_state.get("request_id") or run.backend_state.get("job_id") else None
+        job_id = None
+        if (run.backend_state.get("request_id") or run.backend_state.get("job_id")) \
+                and not run.backend_state.get("launch_failed"):
+            from launcher.sky_adapter import LaunchRequestFailed
+
+            try:
+                job_id = self._job_id(run)
+            except BackendError as e:
+                if not isinstance(e.__context__, LaunchRequestFailed):
+                    raise
+                # The launch request itself failed: there is no job to cancel; the bucket is still dealt with.
+                run.update(backend_state={**run.backend_state, "launch_failed": True})
         if job_id is not None:
             rec = self.adapter.jobs_queue(job_id)
             if rec is not None and rec.get("status") in LIVE:
