@@ -454,8 +454,14 @@ class _S3Store(_Store):
     def delete_objects(self, prefix: str) -> None:
         keys = [o.key for o in self.list(prefix)]
         for i in range(0, len(keys), 1000):
-            self._call(self.client.delete_objects, Bucket=self.name,
-                       Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+            resp = self._call(self.client.delete_objects, Bucket=self.name,
+                              Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+            # S3 answers 200 and names each key it did not delete in Errors: those objects are still there.
+            errors = (resp or {}).get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise BucketError(f"s3://{self.name}: {len(errors)} object(s) not deleted (first: "
+                                  f"{first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')})".rstrip())
 
     def list(self, prefix: str) -> Iterator[Obj]:
         token = None

@@ -607,3 +607,27 @@ def test_a_bucket_to_be_made_for_a_run_that_exists_already_is_refused(s3, tmp_pa
     assert f"s3://{name} already exists" in str(err.value) and "\n" not in str(err.value)
     assert not run.backend_state.get("bucket_made")
     assert client.get_object(Bucket=name, Key="theirs.txt")["Body"].read() == b"someone's"
+
+
+def test_objects_s3_did_not_delete_fail_the_delete(s3, monkeypatch):
+    """Finding 3: DeleteObjects answers HTTP 200 with per-key Errors for objects it kept (e.g. AccessDenied
+    on one key); the delete is then a BucketError (one line), not a bucket recorded as deleted."""
+    name = bucket_lib.default_name(RUN_ID)
+    b = Bucket.from_url(bucket_lib.default_url(RUN_ID))
+    b.create()
+    client = s3.client()
+    for key in ("r/a.txt", "r/locked.txt"):
+        client.put_object(Bucket=name, Key=key, Body=b"x")
+    real = b._store.client.delete_objects
+
+    def keep_one(**kw):  # S3 refuses one key: it stays, and the reply names it in Errors
+        objs = kw["Delete"]["Objects"]
+        resp = real(**{**kw, "Delete": {**kw["Delete"], "Objects": [o for o in objs if o["Key"] != "r/locked.txt"]}})
+        return {**resp, "Errors": [{"Key": "r/locked.txt", "Code": "AccessDenied", "Message": "Access Denied"}]}
+
+    monkeypatch.setattr(b._store.client, "delete_objects", keep_one)
+    with pytest.raises(BucketError) as err:
+        b.delete()
+    assert "1 object(s) not deleted" in str(err.value) and "r/locked.txt" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert b.exists() and [o["Key"] for o in client.list_objects_v2(Bucket=name)["Contents"]] == ["r/locked.txt"]
