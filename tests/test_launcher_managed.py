@@ -161,6 +161,10 @@ def test_a_run_followed_only_after_it_ended_is_downloaded_from_the_bucket(cloud,
     (["--bucket", "s3://x"], "--bucket: only with --spot or --managed"),
     (["--spot", "--bucket", "ftp://x"], "--bucket: bucket 'ftp://x': scheme 'ftp' is not accepted"),
     (["--managed", "--keep-bucket", "--bucket", "gs://"], "--bucket: bucket 'gs://': name '' is not accepted"),
+    (["--infra", "sky", "--gpu", "A100-80GB:1", "--nodes", "2", "--spot"],
+     "--nodes 2: not accepted with --spot/--managed"),
+    (["--infra", "sky", "--gpu", "A100-80GB:1", "--nodes", "2", "--managed"],
+     "--nodes 2: not accepted with --spot/--managed"),
 ])
 def test_managed_flags_refused_in_one_line(cloud, tmp_path, args, needle):
     r = cli(["up", "--config", "configs/smoke.yaml", "--yes", *args], cloud)
