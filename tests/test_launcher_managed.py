@@ -319,3 +319,24 @@ def test_a_failed_launch_request_is_no_job_and_down_goes_on_to_the_bucket(cloud,
         assert r.returncode == 0 and "TEARDOWN FAILED" not in out and "machine down" in out, r.stdout + r.stderr
         assert "is KEPT" in out and "--delete-bucket" in out
     assert only_run(Path(cloud["SOCRATES_RUNS_DIR"]))["backend_state"]["bucket_kept"] is True
+
+
+@pytest.mark.parametrize("cloud,url", [("gcp", "gs://socrates-r1"), ("GCP", "gs://socrates-r1"),
+                                       ("aws", "s3://socrates-r1"), (None, "s3://socrates-r1"),
+                                       ("lambda", "s3://socrates-r1")])
+def test_the_bucket_made_for_a_run_is_on_its_clouds_store(cloud, url):
+    """Finding 9: without --bucket the run's bucket is made where --cloud keeps buckets (gcp: gs://), and
+    the rendered task mounts that one; a --bucket URL is used as given."""
+    from types import SimpleNamespace
+
+    from contracts.config import load_config
+    from launcher import task as tasklib
+    from launcher.backends.managed import bucket_url_for
+
+    run = SimpleNamespace(id="r1", name="paper", config=load_config(REPO / "configs" / "paper.yaml").to_dict(),
+                          options={"eval": True, "deadline_s": 3600, "managed_job": True, "cloud": cloud})
+    assert bucket_url_for(run) == url
+    task = tasklib.render(run, gpu="A100:1", spot=True)
+    assert task["envs"]["SOCRATES_BUCKET"] == url and url in json.dumps(task["file_mounts"])
+    run.options["bucket"] = "s3://mine/team/"
+    assert bucket_url_for(run) == "s3://mine/team"

@@ -32,6 +32,7 @@ from launcher.secrets import redact
 LIVE = ("PENDING", "DEPRECATED_SUBMITTED", "STARTING", "RUNNING", "RECOVERING", "CANCELLING", "WINDING_DOWN")
 SUCCEEDED = "SUCCEEDED"
 DEFAULT_STORE = "s3"
+STORE_FOR_CLOUD = {"gcp": "gs"}  # a bucket made for a run lives with its cloud (--cloud); else S3
 
 
 def job_name_for(run_id: str) -> str:
@@ -40,10 +41,12 @@ def job_name_for(run_id: str) -> str:
 
 def bucket_url_for(run: Any) -> str:
     """The run's bucket: --bucket URL (or the config's storage.bucket), where the run writes under
-    `<run id>/`; else a bucket named after the run, made for it."""
+    `<run id>/`; else a bucket named after the run, made for it on --cloud's store (gcp: gs://, any
+    other or none: s3://)."""
     from launcher.bucket import default_url
 
-    return (run.options.get("bucket") or "").rstrip("/") or default_url(run.id, DEFAULT_STORE)
+    store = STORE_FOR_CLOUD.get(str(run.options.get("cloud") or "").lower(), DEFAULT_STORE)
+    return (run.options.get("bucket") or "").rstrip("/") or default_url(run.id, store)
 
 
 class ManagedBackend(Backend):
