@@ -261,6 +261,9 @@ class ManagedBackend(Backend):
         else:
             run.update(backend_state={**run.backend_state, "bucket_kept": True})
 
+    def set_delete_bucket(self, run: Any) -> None:
+        self.delete_bucket = True
+
     def bucket_left(self, run: Any) -> str | None:
         """What `down` prints when the run's bucket (or its folder in a bucket the user gave) stays:
         where it is, why, and the command that deletes it (it bills storage until then)."""

@@ -35,21 +35,14 @@ def run(args: argparse.Namespace) -> int:
     backend = for_run(run_rec)
     if args.on_teardown:
         backend.set_on_teardown(run_rec, args.on_teardown)
-    if getattr(args, "delete_bucket", False):
-        if not hasattr(backend, "bucket_left"):
-            from contracts.errors import ContractError
-
-            raise ContractError(f"--delete-bucket: only for managed runs (--spot/--managed); run {run_rec.id} "
-                                f"has no bucket")
-        backend.delete_bucket = True
+    if args.delete_bucket:
+        backend.set_delete_bucket(run_rec)
     if not teardown(run_rec, backend, None, console):
         return 1
     console.print(f"run {run_rec.id}: machine down ({run_rec.state})", highlight=False)
-    left = backend.bucket_left(run_rec) if hasattr(backend, "bucket_left") else None
+    left = backend.bucket_left(run_rec)
     if left:
         from rich.markup import escape
 
         console.print(f"[bold yellow]{escape(left)}[/]", highlight=False, soft_wrap=True)
-    elif run_rec.backend_state.get("bucket_deleted") and hasattr(backend, "bucket_left"):
-        console.print(f"bucket {run_rec.backend_state.get('bucket')}: deleted", highlight=False)
     return 0
