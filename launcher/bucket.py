@@ -184,10 +184,14 @@ class Bucket:
 
     # --- download + verify -------------------------------------------------------------------------
     def download(self, prefix: str, dest: str | os.PathLike, reserved: tuple[str, ...] = RESERVED,
-                 leave: Any = None) -> dict:
+                 leave: Any = None, partial_dir: str | os.PathLike | None = None) -> dict:
         """Pull the job's output under `prefix` into `dest`, resumable and verified; the manifest.
         `leave(path)`: manifest entries that stay in the bucket (a full fine-tune's weights, `up --weights
         leave`): checked present in the listing with the manifest's size, not fetched.
+
+        The files land in `partial_dir` (default `<dest>/.bucket-partial`, its resume state beside it as
+        `<partial_dir>.json`) and are moved into dest once they verify: a caller that wipes dest
+        between attempts passes a partial_dir outside it, so a retry resumes.
 
         Raises BucketError (one line) when the bucket's tree is not exactly what the manifest lists
         (unlisted files, links, bad names, wrong size or sha256); dest is then left as it was.
@@ -217,7 +221,8 @@ class Bucket:
             raise BucketError(f"{where}: listed in the manifest but not in the bucket: {', '.join(missing[:5])}")
         left = {rel for rel in listed if leave is not None and leave(rel)}
         dest.mkdir(parents=True, exist_ok=True)
-        partial, state_path = dest / PARTIAL_DIR, dest / STATE_FILE
+        partial = Path(partial_dir) if partial_dir is not None else dest / PARTIAL_DIR
+        state_path = partial.with_name(partial.name + ".json") if partial_dir is not None else dest / STATE_FILE
         state = _load_state(state_path, where)
         for rel, entry in sorted(listed.items()):
             obj = objects[rel]
@@ -239,6 +244,8 @@ class Bucket:
         # Only what the manifest lists (and the manifest) is moved in, replacing what dest had.
         manifest_lib.move_listed(partial, dest, manifest)
         state_path.unlink(missing_ok=True)
+        if partial_dir is not None:
+            shutil.rmtree(partial, ignore_errors=True)  # what is left: empty folders (all was moved)
         manifest_lib.verify_or_raise(dest, manifest, left=left)
         return manifest
 
@@ -452,8 +459,14 @@ class _S3Store(_Store):
     def delete_objects(self, prefix: str) -> None:
         keys = [o.key for o in self.list(prefix)]
         for i in range(0, len(keys), 1000):
-            self._call(self.client.delete_objects, Bucket=self.name,
-                       Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+            resp = self._call(self.client.delete_objects, Bucket=self.name,
+                              Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+            # S3 answers 200 and names each key it did not delete in Errors: those objects are still there.
+            errors = (resp or {}).get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise BucketError(f"s3://{self.name}: {len(errors)} object(s) not deleted (first: "
+                                  f"{first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')})".rstrip())
 
     def list(self, prefix: str) -> Iterator[Obj]:
         token = None

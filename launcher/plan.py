@@ -195,6 +195,9 @@ def check_combinations(args: argparse.Namespace, infra: str) -> None:
             raise ContractError(f"{flag}: not accepted with --infra {infra} (managed jobs are SkyPilot's)")
         if value and flag != "--managed" and not (args.spot or getattr(args, "managed", False)):
             raise ContractError(f"{flag}: only with --spot or --managed (the bucket of a managed run)")
+    if nodes > 1 and (args.spot or getattr(args, "managed", False)):
+        raise ContractError(f"--nodes {nodes}: not accepted with --spot/--managed (a managed job runs on one node; "
+                            f"its launch record is kept by one machine)")
 
 
 def default_config(infra: str) -> Path:

@@ -280,7 +280,14 @@ class SkyAdapter:
         """The managed job id of a launch request made by a launcher that was since killed."""
         import sky
 
-        job_ids, _handle = sky.get(request_id)
+        try:
+            job_ids, _handle = sky.get(request_id)
+        except Exception:
+            # The request's own failure (SkyPilot's request record says FAILED/CANCELLED) made no job;
+            # anything else (an unreachable API server) is raised as it is: the job may exist.
+            if _request_ended_unsuccessfully(request_id):
+                raise LaunchRequestFailed(f"managed-job launch request {request_id} failed: it made no job") from None
+            raise
         ids = job_ids if isinstance(job_ids, (list, tuple)) else [job_ids]
         if not ids or ids[0] is None:
             raise RuntimeError(f"managed-job launch request {request_id} returned no job id")
@@ -300,6 +307,7 @@ class SkyAdapter:
             if int(_field(r, "job_id") or -1) == int(job_id):
                 status = _field(r, "status")
                 return {"status": str(getattr(status, "name", status)).rsplit(".", 1)[-1].upper(),
+                        "job_name": _field(r, "job_name"),
                         "recovery_count": int(_field(r, "recovery_count") or 0),
                         "submitted_at": _field(r, "submitted_at"), "end_at": _field(r, "end_at"),
                         "job_duration": _field(r, "job_duration")}
@@ -399,6 +407,25 @@ def parse_chosen(lines: list[str]) -> dict:
                 "accelerators": cells.get("GPUS"), "price_per_hour": float(cells.get("COST ($)", "nan")),
                 "spot": "[spot]" in row.lower() or "spot" in cells.get("INSTANCE", "").lower()}
     raise RuntimeError("SkyPilot's optimizer table has no CHOSEN row")
+
+
+class LaunchRequestFailed(RuntimeError):
+    """`wait_jobs_launch`: the managed-job launch request itself failed or was cancelled: there is no job."""
+
+
+def _request_ended_unsuccessfully(request_id: str) -> bool:
+    import sky
+
+    try:
+        with captured():
+            payloads = sky.api_status(request_ids=[request_id])
+    except Exception:  # noqa: BLE001  (no answer is no proof that the request failed)
+        return False
+    for p in payloads or []:
+        if str(_field(p, "request_id") or "") == str(request_id):
+            status = _field(p, "status")
+            return str(getattr(status, "value", status)).rsplit(".", 1)[-1].upper() in ("FAILED", "CANCELLED")
+    return False
 
 
 def _field(record: Any, name: str) -> Any:

@@ -195,6 +195,10 @@ class FakeSky:
         (jdir / "task.json").write_text(json.dumps({"task": task_config, "name": name}))
         _write_job_state(jdir, status="PENDING", recovery_count=0, launch=0)
         _record("jobs-launch", name)
+        if "request" in _faults():  # the launch request itself fails: no job was made
+            shutil.rmtree(jdir)
+            on_request_id(f"jobreq-{job_id}")
+            raise RuntimeError("fake: the managed-job launch request failed (injected)")
         on_request_id(f"jobreq-{job_id}")
         if "provision" in _faults():
             _write_job_state(jdir, status="FAILED_NO_RESOURCE", recovery_count=0, launch=0)
@@ -208,14 +212,19 @@ class FakeSky:
     def wait_jobs_launch(self, request_id: str) -> int:
         job_id = int(request_id.removeprefix("jobreq-"))
         if not (_root() / "jobs" / str(job_id) / "state.json").is_file():
-            raise RuntimeError(f"fake: launch request {request_id} made no job")
+            from launcher.sky_adapter import LaunchRequestFailed
+
+            raise LaunchRequestFailed(f"fake: launch request {request_id} failed: it made no job")
         return job_id
 
     def jobs_queue(self, job_id: int, refresh: bool = False) -> dict | None:
         """The job's record: status (SkyPilot's ManagedJobStatus names), recovery_count; None: no such job."""
         _outage()
         path = _root() / "jobs" / str(job_id) / "state.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        task = json.loads((path.parent / "task.json").read_text())
+        return {**json.loads(path.read_text()), "job_name": task["name"]}  # as SkyPilot's queue has it
 
     def jobs_tail(self, job_id: int) -> Iterator[str]:
         """Like `sky jobs logs --follow`: the current launch's log from its start, then each relaunch's

@@ -535,3 +535,99 @@ def test_gs_client_errors_become_one_line():
                               "socrates-x: denied")
     with pytest.raises(BucketError, match="list denied"):
         b.list("r1/")
+
+
+def test_the_launchers_retried_download_resumes_in_a_partial_folder_outside_its_staging(uploaded, tmp_path, monkeypatch):
+    """Finding 7: lifecycle.fetch_and_verify wipes runs/<id>/.download before each attempt; the managed
+    backend's resume folder is runs/<id>/.bucket-partial, outside it, so attempt 2 continues the weights
+    from the byte attempt 1 stopped at (a ranged GET), and is left clean after the verified move."""
+    from types import SimpleNamespace
+
+    from launcher import lifecycle, registry
+    from launcher.backends.managed import ManagedBackend
+
+    b, files, _, _ = uploaded
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(runs))
+    monkeypatch.setattr(lifecycle, "DOWNLOAD_RETRY_S", 0.0)
+    (runs / RUN_ID).mkdir(parents=True)
+    run = registry.Run(id=RUN_ID, dir=runs / RUN_ID, infra="sky", state="running",
+                       backend_state={"job_name": "socrates-x", "bucket": b.url, "bucket_made": False}).save()
+    weights_key = b.out_prefix(RUN_ID) + "adapter/adapter_model.safetensors"
+    real_get = bucket_lib._S3Store.get
+    calls: list[tuple[str, int]] = []
+    cut_after, cuts = 1_200_000, [1]
+
+    def cut(store, key, start, etag):  # attempt 1's weights stream drops after cut_after bytes
+        calls.append((key, start))
+        sent = 0
+        for chunk in real_get(store, key, start, etag):
+            if key == weights_key and cuts and sent + len(chunk) > cut_after:
+                cuts.clear()
+                yield chunk[:cut_after - sent]
+                raise ConnectionResetError("connection reset by peer (injected)")
+            sent += len(chunk)
+            yield chunk
+
+    monkeypatch.setattr(bucket_lib._S3Store, "get", cut)
+    recorder = lifecycle.Recorder(run, SimpleNamespace(on_event=lambda ev: None))
+    lifecycle.fetch_and_verify(run, ManagedBackend(adapter=object()), recorder, attempts=2)
+    assert [s for k, s in calls if k == weights_key] == [0, cut_after]  # resumed, not fetched anew
+    assert run.verified and manifest_lib.verify(run.dir) == []
+    assert _sha((run.dir / "adapter" / "adapter_model.safetensors").read_bytes()) == \
+        _sha(files["adapter/adapter_model.safetensors"])
+    assert not (run.dir / bucket_lib.PARTIAL_DIR).exists() and not (run.dir / bucket_lib.STATE_FILE).exists()
+    assert not (run.dir / ".download").exists()
+
+
+def test_a_bucket_to_be_made_for_a_run_that_exists_already_is_refused(s3, tmp_path, monkeypatch):
+    """Finding 4: without --bucket the run's bucket (socrates-<run id>) is made for it and deleted after;
+    one that is there already is someone's: the launch is refused before anything is recorded as made
+    or submitted, and the bucket is untouched."""
+    from launcher import registry
+    from launcher.backends.base import BackendError
+    from launcher.backends.managed import ManagedBackend
+
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(runs))
+    (runs / RUN_ID).mkdir(parents=True)
+    run = registry.Run(id=RUN_ID, dir=runs / RUN_ID, infra="sky", state="provisioning",
+                       options={"spot": True, "managed_job": True}).save()
+    client = s3.client()
+    name = bucket_lib.default_name(RUN_ID)
+    client.create_bucket(Bucket=name)
+    client.put_object(Bucket=name, Key="theirs.txt", Body=b"someone's")
+
+    class NoLaunch:
+        def jobs_launch(self, *a, **kw):
+            raise AssertionError("submitted a job after the bucket was refused")
+
+    with pytest.raises(BackendError) as err:
+        ManagedBackend(adapter=NoLaunch()).launch(run)
+    assert f"s3://{name} already exists" in str(err.value) and "\n" not in str(err.value)
+    assert not run.backend_state.get("bucket_made")
+    assert client.get_object(Bucket=name, Key="theirs.txt")["Body"].read() == b"someone's"
+
+
+def test_objects_s3_did_not_delete_fail_the_delete(s3, monkeypatch):
+    """Finding 3: DeleteObjects answers HTTP 200 with per-key Errors for objects it kept (e.g. AccessDenied
+    on one key); the delete is then a BucketError (one line), not a bucket recorded as deleted."""
+    name = bucket_lib.default_name(RUN_ID)
+    b = Bucket.from_url(bucket_lib.default_url(RUN_ID))
+    b.create()
+    client = s3.client()
+    for key in ("r/a.txt", "r/locked.txt"):
+        client.put_object(Bucket=name, Key=key, Body=b"x")
+    real = b._store.client.delete_objects
+
+    def keep_one(**kw):  # S3 refuses one key: it stays, and the reply names it in Errors
+        objs = kw["Delete"]["Objects"]
+        resp = real(**{**kw, "Delete": {**kw["Delete"], "Objects": [o for o in objs if o["Key"] != "r/locked.txt"]}})
+        return {**resp, "Errors": [{"Key": "r/locked.txt", "Code": "AccessDenied", "Message": "Access Denied"}]}
+
+    monkeypatch.setattr(b._store.client, "delete_objects", keep_one)
+    with pytest.raises(BucketError) as err:
+        b.delete()
+    assert "1 object(s) not deleted" in str(err.value) and "r/locked.txt" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert b.exists() and [o["Key"] for o in client.list_objects_v2(Bucket=name)["Contents"]] == ["r/locked.txt"]

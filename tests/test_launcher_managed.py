@@ -161,6 +161,10 @@ def test_a_run_followed_only_after_it_ended_is_downloaded_from_the_bucket(cloud,
     (["--bucket", "s3://x"], "--bucket: only with --spot or --managed"),
     (["--spot", "--bucket", "ftp://x"], "--bucket: bucket 'ftp://x': scheme 'ftp' is not accepted"),
     (["--managed", "--keep-bucket", "--bucket", "gs://"], "--bucket: bucket 'gs://': name '' is not accepted"),
+    (["--infra", "sky", "--gpu", "A100-80GB:1", "--nodes", "2", "--spot"],
+     "--nodes 2: not accepted with --spot/--managed"),
+    (["--infra", "sky", "--gpu", "A100-80GB:1", "--nodes", "2", "--managed"],
+     "--nodes 2: not accepted with --spot/--managed"),
 ])
 def test_managed_flags_refused_in_one_line(cloud, tmp_path, args, needle):
     r = cli(["up", "--config", "configs/smoke.yaml", "--yes", *args], cloud)
@@ -214,3 +218,125 @@ def test_a_job_that_fails_by_itself_is_not_relaunched_and_the_run_fails(cloud, t
     assert rec["state"] == "failed" and rec["error"].startswith("running: the job exited with status 1")
     assert "no finished adapter" in rec["error"] and not rec["verified"]
     assert rec["backend_state"]["bucket_kept"] is True  # nothing verified: what the bucket holds stays
+
+
+def test_down_before_a_download_keeps_the_bucket_loudly_and_download_still_pulls_it(cloud, tmp_path):
+    """Finding 1: `down` on a run whose results were never verified here keeps the bucket, says so with
+    its URL and the commands that pull or delete it; the job SUCCEEDED, so `download` still pulls the
+    adapter from it afterwards; a later `down` (now verified) deletes it."""
+    env = {**cloud, "FAKEJOB_STEPS": "5"}
+    r = cli(up(tmp_path / "bucket", "--detach"), env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    rec = only_run(runs)
+    wait_until(lambda: job_state(cloud, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    r = cli(["down", rec["id"]], env)
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "machine down" in out, r.stdout + r.stderr
+    assert f"bucket file://{tmp_path / 'bucket'}/{rec['id']}/ is KEPT" in out, out
+    assert f"socrates-launch download {rec['id']}" in out and f"socrates-launch down {rec['id']} --delete-bucket" in out
+    assert (tmp_path / "bucket" / rec["id"] / "out" / "manifest.json").is_file()
+    r = cli(["status", rec["id"]], env)
+    assert "machine:  up" in r.stdout, r.stdout  # the results still wait in the bucket
+    r = cli(["download", rec["id"]], env)
+    assert r.returncode == 0 and "(verified)" in r.stdout, r.stdout + r.stderr
+    rec = only_run(runs)
+    assert rec["verified"] and manifest.verify(rec["dir"]) == [] and (Path(rec["dir"]) / "adapter").is_dir()
+    r = cli(["down", rec["id"]], env)
+    assert r.returncode == 0 and "KEPT" not in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "bucket" / rec["id"]).exists() and only_run(runs)["backend_state"]["bucket_deleted"]
+
+
+def test_down_delete_bucket_deletes_an_unverified_runs_bucket(cloud, tmp_path):
+    env = {**cloud, "FAKEJOB_STEPS": "5"}
+    r = cli(up(tmp_path / "bucket", "--detach"), env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    rec = only_run(runs)
+    wait_until(lambda: job_state(cloud, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    assert (tmp_path / "bucket" / rec["id"]).is_dir()
+    r = cli(["down", rec["id"], "--delete-bucket"], env)
+    assert r.returncode == 0 and "KEPT" not in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "bucket" / rec["id"]).exists() and only_run(runs)["backend_state"]["bucket_deleted"]
+    r = cli(["status", rec["id"]], env)
+    assert "machine:  gone" in r.stdout and "(deleted)" in r.stdout, r.stdout
+
+
+def _edit_record(rec: dict, **backend_state) -> None:
+    path = Path(rec["dir"]) / "run.json"
+    data = json.loads(path.read_text())
+    data["backend_state"].update(backend_state)
+    path.write_text(json.dumps(data))
+
+
+def test_an_edited_record_never_gets_another_bucket_deleted_whole(cloud, tmp_path):
+    """Finding 4: `bucket_made` in run.json counts only for the name the launcher gives a run's bucket;
+    a record claiming it made the user's own bucket gets only the run's folder in it deleted."""
+    env = {**cloud, "FAKEJOB_STEPS": "3"}
+    bucket = tmp_path / "bucket"
+    r = cli(up(bucket, "--detach"), env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    wait_until(lambda: job_state(cloud, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    (bucket / "precious.txt").write_text("the user's own data")
+    _edit_record(rec, bucket_made=True)
+    r = cli(["down", rec["id"], "--delete-bucket"], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (bucket / rec["id"]).exists()  # the run's folder went
+    assert (bucket / "precious.txt").read_text() == "the user's own data"  # the rest of the bucket stayed
+
+
+def test_an_edited_record_never_gets_another_runs_job_cancelled(cloud, tmp_path):
+    """Finding 4: down cancels only a managed job whose name is this run's; a run.json whose job_id names
+    another job is refused loudly (exit 1, TEARDOWN FAILED) and that job runs on."""
+    env = {**cloud, "FAKEJOB_STEPS": "600", "FAKEJOB_STEP_S": "0.1"}
+    runs = Path(cloud["SOCRATES_RUNS_DIR"])
+    for sub in ("a", "b"):
+        r = cli(up(tmp_path / f"bucket-{sub}", "--detach"), env)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    recs = [json.loads(p.read_text()) for p in runs.glob("*/run.json")]
+    a, b = sorted(recs, key=lambda x: x["backend_state"]["job_id"])
+    wait_until(lambda: job_state(cloud, b)["status"] == "RUNNING", what="the other run's job running")
+    _edit_record(a, job_id=b["backend_state"]["job_id"])
+    r = cli(["down", a["id"]], env)
+    assert r.returncode == 1 and "TEARDOWN FAILED" in r.stdout and "not cancelled" in r.stdout, r.stdout + r.stderr
+    assert job_state(cloud, b)["status"] == "RUNNING"
+
+
+def test_a_failed_launch_request_is_no_job_and_down_goes_on_to_the_bucket(cloud, tmp_path):
+    """Finding 2: the `sky.jobs.launch` request itself failed (its id recorded, no job made): teardown
+    (in `up`, then every `down`) finds no job to cancel instead of failing on the request's error
+    forever, and reaches the bucket (kept and said: nothing was verified)."""
+    env = {**cloud, "FAKESKY_FAIL": "request"}
+    r = cli(up(tmp_path / "bucket"), env)
+    assert r.returncode == 1 and "TEARDOWN FAILED" not in r.stdout, (r.stdout + r.stderr)[-3000:]
+    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
+    assert rec["backend_state"]["request_id"] and rec["backend_state"].get("job_id") is None
+    assert rec["machine"] == "gone" and rec["backend_state"]["launch_failed"] is True
+    for _ in range(2):
+        r = cli(["down", rec["id"]], env)
+        out = " ".join(r.stdout.split())
+        assert r.returncode == 0 and "TEARDOWN FAILED" not in out and "machine down" in out, r.stdout + r.stderr
+        assert "is KEPT" in out and "--delete-bucket" in out
+    assert only_run(Path(cloud["SOCRATES_RUNS_DIR"]))["backend_state"]["bucket_kept"] is True
+
+
+@pytest.mark.parametrize("cloud,url", [("gcp", "gs://socrates-r1"), ("GCP", "gs://socrates-r1"),
+                                       ("aws", "s3://socrates-r1"), (None, "s3://socrates-r1"),
+                                       ("lambda", "s3://socrates-r1")])
+def test_the_bucket_made_for_a_run_is_on_its_clouds_store(cloud, url):
+    """Finding 9: without --bucket the run's bucket is made where --cloud keeps buckets (gcp: gs://), and
+    the rendered task mounts that one; a --bucket URL is used as given."""
+    from types import SimpleNamespace
+
+    from contracts.config import load_config
+    from launcher import task as tasklib
+    from launcher.backends.managed import bucket_url_for
+
+    run = SimpleNamespace(id="r1", name="paper", config=load_config(REPO / "configs" / "paper.yaml").to_dict(),
+                          options={"eval": True, "deadline_s": 3600, "managed_job": True, "cloud": cloud})
+    assert bucket_url_for(run) == url
+    task = tasklib.render(run, gpu="A100:1", spot=True)
+    assert task["envs"]["SOCRATES_BUCKET"] == url and url in json.dumps(task["file_mounts"])
+    run.options["bucket"] = "s3://mine/team/"
+    assert bucket_url_for(run) == "s3://mine/team"

@@ -132,6 +132,17 @@ class Backend(ABC):
 
         raise ContractError(f"--on-teardown: only for ssh runs (run {run.id} is on {run.infra})")
 
+    def set_delete_bucket(self, run: Any) -> None:
+        """`down --delete-bucket`: delete the run's bucket even though nothing was verified here. Refused
+        (exit 2) by a backend that keeps no bucket."""
+        from contracts.errors import ContractError
+
+        raise ContractError(f"--delete-bucket: only for managed runs (--spot/--managed); run {run.id} has no bucket")
+
+    def bucket_left(self, run: Any) -> str | None:
+        """After `down`: what it left that still bills (a kept bucket) and how to delete it; None: nothing."""
+        return None
+
     # --- finding the machine again (from run.json, after the launcher was killed) ---------
 
     @abstractmethod

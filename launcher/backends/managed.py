@@ -32,6 +32,7 @@ from launcher.secrets import redact
 LIVE = ("PENDING", "DEPRECATED_SUBMITTED", "STARTING", "RUNNING", "RECOVERING", "CANCELLING", "WINDING_DOWN")
 SUCCEEDED = "SUCCEEDED"
 DEFAULT_STORE = "s3"
+STORE_FOR_CLOUD = {"gcp": "gs"}  # a bucket made for a run lives with its cloud (--cloud); else S3
 
 
 def job_name_for(run_id: str) -> str:
@@ -40,15 +41,18 @@ def job_name_for(run_id: str) -> str:
 
 def bucket_url_for(run: Any) -> str:
     """The run's bucket: --bucket URL (or the config's storage.bucket), where the run writes under
-    `<run id>/`; else a bucket named after the run, made for it."""
+    `<run id>/`; else a bucket named after the run, made for it on --cloud's store (gcp: gs://, any
+    other or none: s3://)."""
     from launcher.bucket import default_url
 
-    return (run.options.get("bucket") or "").rstrip("/") or default_url(run.id, DEFAULT_STORE)
+    store = STORE_FOR_CLOUD.get(str(run.options.get("cloud") or "").lower(), DEFAULT_STORE)
+    return (run.options.get("bucket") or "").rstrip("/") or default_url(run.id, store)
 
 
 class ManagedBackend(Backend):
     name = "managed"
     HANDLES = ("job_name", "request_id", "job_id", "bucket")
+    delete_bucket = False  # `down --delete-bucket`: delete it even though nothing was verified here
 
     def __init__(self, adapter: Any = None, reconnect: tuple[float, float, float] | None = None):
         self.adapter = adapter if adapter is not None else load_adapter()
@@ -69,11 +73,21 @@ class ManagedBackend(Backend):
 
         url = bucket_url_for(run)
         name = job_name_for(run.id)
-        # Saved before anything is made: `down` and `status` find the job and the bucket from here.
-        run.update(backend_state={"job_name": name, "bucket": url, "bucket_made": not run.options.get("bucket")},
-                   machine="up")
+        make = not run.options.get("bucket")
         try:
             bucket = Bucket.from_url(url)
+            # A bucket to be made for the run that is there already is someone's: `down` would delete it.
+            if make and bucket.exists():
+                raise BackendError("provisioning", f"the bucket {url} already exists: a bucket made for a run must "
+                                                   f"be new (to use it, pass --bucket {url}: only the run's folder "
+                                                   f"in it is ever deleted)")
+        except (ContractError, BackendError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BackendError("provisioning", redact(f"could not reach the bucket {url}: {type(e).__name__}: {e}")) from None
+        # Saved before anything is made: `down` and `status` find the job and the bucket from here.
+        run.update(backend_state={"job_name": name, "bucket": url, "bucket_made": make}, machine="up")
+        try:
             bucket.create()
         except ContractError:
             raise
@@ -198,52 +212,82 @@ class ManagedBackend(Backend):
 
     def download(self, run: Any, dest: Path) -> None:
         """The job's out/ from the bucket (checkpoints left there); the caller verifies it."""
-        from launcher.bucket import Bucket
-
-        try:
-            bucket = Bucket.from_url(run.backend_state["bucket"])
-            bucket.download(bucket.out_prefix(run.id), dest)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise BackendError("downloading", redact(f"{type(e).__name__}: {e}")) from None
+        self._pull(run, dest)
 
     WEIGHTS_OUTLIVE = "the run's bucket (kept after the download)"
 
     def download_leaving(self, run: Any, dest: Path, leave) -> str:
         """out/ from the bucket except the weights `leave` names: the bucket's listing is checked for them
         (present, the manifest's size); they stay in it, and the bucket is kept (plan: --weights leave)."""
-        from launcher.bucket import Bucket
+        bucket = self._pull(run, dest, leave)
+        return f"{bucket.mount_source}/{bucket.out_prefix(run.id)}model/"
+
+    def _pull(self, run: Any, dest: Path, leave=None):
+        from launcher.bucket import PARTIAL_DIR, Bucket
 
         try:
             bucket = Bucket.from_url(run.backend_state["bucket"])
-            bucket.download(bucket.out_prefix(run.id), dest, leave=leave)
+            # The resume folder lives beside the staging folder the caller wipes before each attempt
+            # (runs/<id>/.bucket-partial, a reserved name): a retried or later download resumes there.
+            bucket.download(bucket.out_prefix(run.id), dest, leave=leave, partial_dir=Path(run.dir) / PARTIAL_DIR)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001
             raise BackendError("downloading", redact(f"{type(e).__name__}: {e}")) from None
-        return f"{bucket.mount_source}/{bucket.out_prefix(run.id)}model/"
+        return bucket
 
     def down(self, run: Any) -> None:
         """Cancel the managed job (SkyPilot's controller ends its machine). The bucket is deleted once
         the results were verified here, unless --keep-bucket; before that it is the only copy and
         stays (status and `down` say where)."""
-        job_id = self._job_id(run) if run.backend_state.get("request_id") or run.backend_state.get("job_id") else None
+        job_id = None
+        if (run.backend_state.get("request_id") or run.backend_state.get("job_id")) \
+                and not run.backend_state.get("launch_failed"):
+            from launcher.sky_adapter import LaunchRequestFailed
+
+            try:
+                job_id = self._job_id(run)
+            except BackendError as e:
+                if not isinstance(e.__context__, LaunchRequestFailed):
+                    raise
+                # The launch request itself failed: there is no job to cancel; the bucket is still dealt with.
+                run.update(backend_state={**run.backend_state, "launch_failed": True})
         if job_id is not None:
             rec = self.adapter.jobs_queue(job_id)
             if rec is not None and rec.get("status") in LIVE:
+                # run.json is untrusted: only a job that is this run's (by its name) is cancelled.
+                if rec.get("job_name") != job_name_for(run.id):
+                    raise BackendError("tearing down", redact(
+                        f"managed job {job_id} is named {rec.get('job_name')!r}, not this run's "
+                        f"{job_name_for(run.id)!r}: not cancelled (run.json names another job; see `sky jobs queue`)"))
                 self.adapter.jobs_cancel(job_id)
         url = run.backend_state.get("bucket")
         if not url or run.backend_state.get("bucket_deleted"):
             return
-        if run.verified and not run.options.get("keep_bucket") and not run.weights_left:
+        if self.delete_bucket or (run.verified and not run.options.get("keep_bucket") and not run.weights_left):
             from launcher.bucket import Bucket
 
-            # The bucket made for the run goes; of a bucket the user gave, only the run's folder.
-            Bucket.from_url(url if run.backend_state.get("bucket_made") else f"{url.rstrip('/')}/{run.id}").delete()
+            # The bucket made for the run goes; of any other bucket, only the run's folder.
+            Bucket.from_url(_deletable(run)).delete()
             run.update(backend_state={**run.backend_state, "bucket_deleted": True})
         else:
             run.update(backend_state={**run.backend_state, "bucket_kept": True})
+
+    def set_delete_bucket(self, run: Any) -> None:
+        self.delete_bucket = True
+
+    def bucket_left(self, run: Any) -> str | None:
+        """What `down` prints when the run's bucket (or its folder in a bucket the user gave) stays:
+        where it is, why, and the command that deletes it (it bills storage until then)."""
+        url = run.backend_state.get("bucket")
+        if not url or run.backend_state.get("bucket_deleted") or not run.backend_state.get("bucket_kept"):
+            return None
+        where = _deletable(run) + ("" if _made_for(run) else "/")
+        why = ("--keep-bucket" if run.options.get("keep_bucket") and run.verified else
+               "nothing was downloaded and verified here: it may hold the only copy of the run's results")
+        return (f"the bucket {where} is KEPT ({why}); it bills storage until deleted. "
+                f"Pull the results: socrates-launch download {run.id}. "
+                f"Delete it: socrates-launch down {run.id} --delete-bucket")
 
     def detach(self, run: Any) -> str:
         return ("SkyPilot's managed-jobs controller keeps it running, relaunches it after a preemption and ends "
@@ -266,9 +310,8 @@ class ManagedBackend(Backend):
         status = (rec or {}).get("status")
         if status in LIVE:
             return "up"
-        if status == SUCCEEDED and not run.verified and not run.backend_state.get("bucket_kept") \
-                and not run.backend_state.get("bucket_deleted"):
-            return "up"
+        if status == SUCCEEDED and not run.verified and not run.backend_state.get("bucket_deleted"):
+            return "up"  # (also after `down` kept the bucket: `download`/`logs` still pull from it)
         return "gone"
 
     def job_running(self, run: Any) -> bool | None:
@@ -306,6 +349,26 @@ class ManagedBackend(Backend):
         if isinstance(job_id, int) and handles.get("job_name"):
             return f"it names SkyPilot managed job {job_id}: `sky jobs cancel {job_id}` ends it if it still runs"
         return None
+
+
+def _made_for(run: Any) -> bool:
+    """The record's bucket counts as made for the run only when it is the name the launcher gives
+    one (`socrates-<run id>`): an edited run.json naming any other bucket never gets it deleted whole."""
+    from launcher.bucket import default_url, parse_url
+
+    url = (run.backend_state.get("bucket") or "").rstrip("/")
+    if not run.backend_state.get("bucket_made"):
+        return False
+    try:
+        return url == default_url(run.id, parse_url(url)[0])
+    except ContractError:
+        return False
+
+
+def _deletable(run: Any) -> str:
+    """What `down` may delete of the run's bucket: all of it if made for the run, else `URL/<run id>`."""
+    url = (run.backend_state.get("bucket") or "").rstrip("/")
+    return url if _made_for(run) else f"{url}/{run.id}"
 
 
 def _key(ev: dict) -> tuple:

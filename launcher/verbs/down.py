@@ -11,6 +11,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-teardown", default=None, metavar="CMD",
                    help="ssh runs: the provider's stop command, run locally after the job is ended (a command "
                         "saved in run.json is never run on the record's word: pass it again here)")
+    p.add_argument("--delete-bucket", action="store_true",
+                   help="managed runs (--spot/--managed): delete the run's bucket (or its folder in the bucket "
+                        "you gave) even though its results were not downloaded and verified here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +35,14 @@ def run(args: argparse.Namespace) -> int:
     backend = for_run(run_rec)
     if args.on_teardown:
         backend.set_on_teardown(run_rec, args.on_teardown)
+    if args.delete_bucket:
+        backend.set_delete_bucket(run_rec)
     if not teardown(run_rec, backend, None, console):
         return 1
     console.print(f"run {run_rec.id}: machine down ({run_rec.state})", highlight=False)
+    left = backend.bucket_left(run_rec)
+    if left:
+        from rich.markup import escape
+
+        console.print(f"[bold yellow]{escape(left)}[/]", highlight=False, soft_wrap=True)
     return 0
