@@ -24,8 +24,8 @@ resume point are settled; everything else of a full fine-tune lives in this modu
   step's answer tokens over all ranks (times the world size: FSDP averages the gradients).
 - Checkpoints: `torch.distributed.checkpoint` (DCP) writes every rank's shard of the model and the
   optimizer into checkpoints/.staging/checkpoint-N; rank 0 adds trainer_state.json, the run
-  fingerprint and the COMPLETE marker and renames it into checkpoints/ (job/checkpoints.py). DCP
-  stores global tensors, so a checkpoint loads on any world size (the data order depends on the
+  fingerprint and the sealed COMPLETE marker (every file and its size) and moves it into checkpoints/
+  (job/checkpoints.py: one rename, or file by file marker last on a bucket mount). DCP stores global tensors, so a checkpoint loads on any world size (the data order depends on the
   step alone; a full step draws no random numbers).
 - Output: out/model/: the weights in the training precision (bf16 on GPUs: ~2 bytes a parameter)
   as safetensors shards of at most 5 GB (`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`,
@@ -50,7 +50,7 @@ from torch import nn
 from contracts import manifest
 from contracts.events import EventWriter
 from job import dist
-from job.checkpoints import COMPLETE, complete_checkpoints, fsync_dir, fsync_tree, write_fingerprint
+from job.checkpoints import complete_checkpoints, fsync_dir, fsync_tree, move_checkpoint, seal, write_fingerprint
 
 MODEL_DIR = "model"
 SHARD_BYTES = 5 * 10**9
@@ -284,7 +284,8 @@ def _state(model, optimizer) -> dict:
 
 
 def save_checkpoint(model, optimizer, root: Path, step: int, world: int, run_fp: dict, keep: int, events) -> None:
-    """Every rank writes its shards (DCP) into .staging; rank 0 marks the folder complete and renames it."""
+    """Every rank writes its shards (DCP) into .staging; rank 0 seals the folder (the COMPLETE marker lists every
+    file and its size, written after they were fsynced) and moves it into place (job/checkpoints.py)."""
     import torch.distributed.checkpoint as dcp
 
     t_save = time.time()
@@ -302,12 +303,13 @@ def save_checkpoint(model, optimizer, root: Path, step: int, world: int, run_fp:
             (staging / "trainer_state.json").write_text(json.dumps(
                 {"global_step": step, "world_size": world, "method": "full", "format": "torch.distributed.checkpoint"}) + "\n")
             write_fingerprint(staging, run_fp)
-            (staging / COMPLETE).write_text(f"{step}\n")
+            fsync_tree(staging)  # every file on disk before the marker that lists them
+            seal(staging, step)
             fsync_tree(staging)
             dst = root / name
             if dst.exists():
                 shutil.rmtree(dst)
-            os.replace(staging, dst)
+            move_checkpoint(staging, dst)  # file by file, marker last, where a bucket mount renames no folders
             fsync_dir(root)
             events.emit("checkpoint", step=step, path=f"checkpoints/{name}", seconds=round(time.time() - t_save, 2))
             for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:

@@ -338,3 +338,41 @@ def test_the_estimate_shows_the_full_output_and_its_download(tmp_path):
     assert cost.plan_card(cfg, table, "A100-80GB", 2, params_b, tokens, local=False).memory_mode is None
     note = cost.full_output_note(params_b)
     assert f"~{gb:.1f} GB" in note and "pulled back to this machine by default" in note and "20 MB/s" in note
+
+
+def test_a_full_checkpoint_is_sealed_and_lands_whole_on_a_mount_that_renames_no_folders(tmp_path, monkeypatch):
+    """The full path's save goes through checkpoints.seal/move_checkpoint: the marker lists every file with its
+    size, and on a bucket mount (no folder rename) the files move one by one with the marker last."""
+    import torch
+
+    from contracts.events import EventWriter
+    from job import full
+    from job.checkpoints import COMPLETE, is_complete
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    real, moved = os.replace, []
+
+    def no_folder_rename(a, b):  # what an object-store mount answers to a folder rename
+        if Path(a).is_dir():
+            raise OSError(38, "Function not implemented")
+        moved.append(Path(a).name)
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", no_folder_rename)
+    root = tmp_path / "checkpoints"
+    events = EventWriter(tmp_path / "events.jsonl")
+    full.save_checkpoint(model, optimizer, root, 3, 1, {"config": {}, "data_hash": "x"}, 2, events)
+    dst = root / "checkpoint-3"
+    assert moved and moved[-1] == COMPLETE, moved  # marker last
+    sealed = json.loads((dst / COMPLETE).read_text())
+    on_disk = {p.relative_to(dst).as_posix(): p.stat().st_size for p in dst.rglob("*") if p.is_file() and p.name != COMPLETE}
+    assert sealed["step"] == 3 and sealed["files"] == on_disk and ".metadata" in on_disk and "trainer_state.json" in on_disk
+    assert is_complete(dst) and complete_checkpoints(root) == [dst]
+    assert not (root / ".staging" / "checkpoint-3").exists()
+    (dst / ".metadata").write_bytes(b"")  # a copy that stopped part-way no longer reads as complete
+    assert not is_complete(dst)
+    assert [e["step"] for e in read_all(tmp_path / "events.jsonl") if e["event"] == "checkpoint"] == [3]
