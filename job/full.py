@@ -122,7 +122,8 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
                                    "is whole only on a file system every node shares at OUT; resuming a multi-node "
                                    "full fine-tune from local disks is not supported yet")
     from job.dist import RankBatches, WithBlank
-    from job.callbacks import DeadlineCallback
+    from job.callbacks import DeadlineCallback, SaveClock
+    from job.managed import checkpoint_every_s
 
     rows = WithBlank(dataset, tok.pad_token_id)
     sampler = RankBatches(len(dataset), t.micro_batch, t.seed, dist.rank(), world)
@@ -136,6 +137,7 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
     ckpt_root = out / "checkpoints"
     step, hit = done_at, False
     t0 = t_start = time.time()
+    timer = SaveClock(checkpoint_every_s(t))  # by time as well as by steps (a managed run: what a preemption can cost)
     epoch_cache: dict[int, list] = {}
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
@@ -174,11 +176,14 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
                         lr=lr, tokens_per_s=round(tokens / max(now - t0, 1e-9), 1), gpu_mem_gib=mem,
                         eta_s=round(eta, 1), grad_norm=grad_norm)
         t0 = now
-        hit = dist.broadcast_object(deadline is not None and time.time() >= deadline)
+        # rank 0's clocks decide for every rank (one broadcast): a rank that alone saw the deadline or a timed
+        # save due would enter a save's collectives while the others are in the next step's all-reduce
+        hit, timed = dist.broadcast_object((deadline is not None and time.time() >= deadline, timer.local_due()))
         if hit:
             break
-        if t.checkpoint_every and step % t.checkpoint_every == 0:
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or (timed and step < total_steps):
             save_checkpoint(model, optimizer, ckpt_root, step, world, run_fp, t.keep_checkpoints, events)
+            timer.reset()
             t0 = time.time()  # the next step's tokens/s is its own, not the save's (the checkpoint event has that)
 
     reason = "deadline" if hit else reason_at_end

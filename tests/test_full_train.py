@@ -376,3 +376,26 @@ def test_a_full_checkpoint_is_sealed_and_lands_whole_on_a_mount_that_renames_no_
     (dst / ".metadata").write_bytes(b"")  # a copy that stopped part-way no longer reads as complete
     assert not is_complete(dst)
     assert [e["step"] for e in read_all(tmp_path / "events.jsonl") if e["event"] == "checkpoint"] == [3]
+
+
+def test_the_full_fine_tune_also_checkpoints_by_time(tmp_path, monkeypatch):
+    """train.checkpoint_every_s on the full path: a save once that many seconds passed since the last one (a
+    clock reading 25 s later at each look, every 60 s: after steps 3 and 6 of 8), each sealed and complete."""
+    from job import callbacks
+    from job.__main__ import main
+    from job.checkpoints import is_complete
+
+    cfg = {**CFG, "train": {**CFG["train"], "checkpoint_every": 0, "checkpoint_every_s": 60, "max_steps": 8,
+                            "keep_checkpoints": 0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    prepare("synthetic:44", tmp_path / "data", split="random", seed=1, cfg=load_config(tmp_path / "c.yaml"))
+    ticks = iter(range(0, 10_000, 25))
+    real = callbacks.SaveClock
+    monkeypatch.setattr(callbacks, "SaveClock", lambda every_s: real(every_s, clock=lambda: float(next(ticks))))
+    monkeypatch.setenv("SOCRATES_CPU_THREADS", "1")
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    saved = [e["step"] for e in read_all(out / "events.jsonl") if e["event"] == "checkpoint"]
+    assert saved == [3, 6], saved
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["checkpoint-3", "checkpoint-6"]
+    assert all(is_complete(p) for p in complete_checkpoints(out / "checkpoints"))
