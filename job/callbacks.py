@@ -89,40 +89,69 @@ class CheckpointCallback(TrainerCallback):
             shutil.rmtree(old, ignore_errors=True)
 
 
+class SaveClock:
+    """Is a save due: `every_s` seconds (of `clock`) since the last one? Decided on rank 0 and broadcast
+    (job/dist.agreed), so every rank saves at the same step. `due()` is a collective at world > 1: every
+    rank calls it at every step boundary (the same count on each, as every_s comes from the config)."""
+
+    def __init__(self, every_s: float, clock=None):
+        self.every_s, self.clock = every_s, clock or (lambda: time.monotonic())
+        self.last = self.clock()
+
+    def reset(self) -> None:
+        self.last = self.clock()
+
+    def local_due(self) -> bool:
+        return self.every_s > 0 and self.clock() - self.last >= self.every_s
+
+    def due(self) -> bool:
+        from job import dist
+
+        return self.every_s > 0 and dist.agreed(self.local_due())
+
+
 class TimedCheckpointCallback(TrainerCallback):
     """Also save once `every_s` seconds of training passed since the last save (a managed run on spot:
-    a preemption then loses at most that much). Saving reads the RNG states, never advances them, so
-    the math is the same with or without these extra saves."""
+    a preemption then loses at most that much), at the same step on every rank (SaveClock). Saving reads
+    the RNG states, never advances them, so the math is the same with or without these extra saves."""
 
-    def __init__(self, every_s: float):
-        self.every_s = every_s
-        self.last = time.monotonic()
+    def __init__(self, every_s: float, clock=None):
+        self.timer = SaveClock(every_s, clock)
 
     def on_train_begin(self, args, state, control, **kw):
-        self.last = time.monotonic()
+        self.timer.reset()
 
     def on_step_end(self, args, state, control, **kw):
-        if self.every_s > 0 and not control.should_training_stop and time.monotonic() - self.last >= self.every_s:
+        # should_training_stop is the same on every rank (max_steps, the broadcast deadline): ask only then
+        if not control.should_training_stop and self.timer.due():
             control.should_save = True
         return control
 
     def on_save(self, args, state, control, **kw):
-        self.last = time.monotonic()
+        self.timer.reset()
 
 
 class DeadlineCallback(TrainerCallback):
-    """SOCRATES_DEADLINE (unix seconds): stop at the next step boundary once it has passed."""
+    """SOCRATES_DEADLINE (unix seconds): stop at the next step boundary once it has passed (rank 0's clock
+    decides, for every rank: job/dist.agreed)."""
 
-    def __init__(self):
+    def __init__(self, clock=None):
         raw = os.environ.get("SOCRATES_DEADLINE")
         try:
             self.deadline = float(raw) if raw else None
         except ValueError:
             raise ContractError(f"SOCRATES_DEADLINE: {raw!r} is not unix seconds") from None
+        self.clock = clock or (lambda: time.time())
         self.hit = False
 
+    def passed(self) -> bool:
+        """Collective at world > 1 when a deadline is set (torchrun gives every rank the same environment)."""
+        from job import dist
+
+        return self.deadline is not None and dist.agreed(self.clock() >= self.deadline)
+
     def on_step_end(self, args, state, control, **kw):
-        if self.deadline is not None and time.time() >= self.deadline:
+        if self.passed():
             self.hit = True
             control.should_training_stop = True
             control.should_save = False

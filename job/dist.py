@@ -62,6 +62,13 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def agreed(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank. A decision taken from a local clock (a timed save, the deadline) must
+    be the same on all ranks: ranks whose clocks disagree by one step would send one into a save's
+    collectives while the others wait in the step's all-reduce, and NCCL hangs."""
+    return bool(broadcast_object(bool(flag)))
+
+
 def gather_objects(obj: Any) -> list | None:
     """Every rank's `obj`, in rank order, on rank 0 (None elsewhere); [obj] at world 1."""
     if world_size() <= 1:

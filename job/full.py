@@ -24,8 +24,8 @@ resume point are settled; everything else of a full fine-tune lives in this modu
   step's answer tokens over all ranks (times the world size: FSDP averages the gradients).
 - Checkpoints: `torch.distributed.checkpoint` (DCP) writes every rank's shard of the model and the
   optimizer into checkpoints/.staging/checkpoint-N; rank 0 adds trainer_state.json, the run
-  fingerprint and the COMPLETE marker and renames it into checkpoints/ (job/checkpoints.py). DCP
-  stores global tensors, so a checkpoint loads on any world size (the data order depends on the
+  fingerprint and the sealed COMPLETE marker (every file and its size) and moves it into checkpoints/
+  (job/checkpoints.py: one rename, or file by file marker last on a bucket mount). DCP stores global tensors, so a checkpoint loads on any world size (the data order depends on the
   step alone; a full step draws no random numbers).
 - Output: out/model/: the weights in the training precision (bf16 on GPUs: ~2 bytes a parameter)
   as safetensors shards of at most 5 GB (`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`,
@@ -50,7 +50,7 @@ from torch import nn
 from contracts import manifest
 from contracts.events import EventWriter
 from job import dist
-from job.checkpoints import COMPLETE, complete_checkpoints, fsync_dir, fsync_tree, write_fingerprint
+from job.checkpoints import complete_checkpoints, fsync_dir, fsync_tree, move_checkpoint, seal, write_fingerprint
 
 MODEL_DIR = "model"
 SHARD_BYTES = 5 * 10**9
@@ -122,7 +122,8 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
                                    "is whole only on a file system every node shares at OUT; resuming a multi-node "
                                    "full fine-tune from local disks is not supported yet")
     from job.dist import RankBatches, WithBlank
-    from job.callbacks import DeadlineCallback
+    from job.callbacks import DeadlineCallback, SaveClock
+    from job.managed import checkpoint_every_s
 
     rows = WithBlank(dataset, tok.pad_token_id)
     sampler = RankBatches(len(dataset), t.micro_batch, t.seed, dist.rank(), world)
@@ -136,6 +137,7 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
     ckpt_root = out / "checkpoints"
     step, hit = done_at, False
     t0 = t_start = time.time()
+    timer = SaveClock(checkpoint_every_s(t))  # by time as well as by steps (a managed run: what a preemption can cost)
     epoch_cache: dict[int, list] = {}
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
@@ -174,11 +176,14 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
                         lr=lr, tokens_per_s=round(tokens / max(now - t0, 1e-9), 1), gpu_mem_gib=mem,
                         eta_s=round(eta, 1), grad_norm=grad_norm)
         t0 = now
-        hit = dist.broadcast_object(deadline is not None and time.time() >= deadline)
+        # rank 0's clocks decide for every rank (one broadcast): a rank that alone saw the deadline or a timed
+        # save due would enter a save's collectives while the others are in the next step's all-reduce
+        hit, timed = dist.broadcast_object((deadline is not None and time.time() >= deadline, timer.local_due()))
         if hit:
             break
-        if t.checkpoint_every and step % t.checkpoint_every == 0:
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or (timed and step < total_steps):
             save_checkpoint(model, optimizer, ckpt_root, step, world, run_fp, t.keep_checkpoints, events)
+            timer.reset()
             t0 = time.time()  # the next step's tokens/s is its own, not the save's (the checkpoint event has that)
 
     reason = "deadline" if hit else reason_at_end
@@ -284,7 +289,8 @@ def _state(model, optimizer) -> dict:
 
 
 def save_checkpoint(model, optimizer, root: Path, step: int, world: int, run_fp: dict, keep: int, events) -> None:
-    """Every rank writes its shards (DCP) into .staging; rank 0 marks the folder complete and renames it."""
+    """Every rank writes its shards (DCP) into .staging; rank 0 seals the folder (the COMPLETE marker lists every
+    file and its size, written after they were fsynced) and moves it into place (job/checkpoints.py)."""
     import torch.distributed.checkpoint as dcp
 
     t_save = time.time()
@@ -302,12 +308,13 @@ def save_checkpoint(model, optimizer, root: Path, step: int, world: int, run_fp:
             (staging / "trainer_state.json").write_text(json.dumps(
                 {"global_step": step, "world_size": world, "method": "full", "format": "torch.distributed.checkpoint"}) + "\n")
             write_fingerprint(staging, run_fp)
-            (staging / COMPLETE).write_text(f"{step}\n")
+            fsync_tree(staging)  # every file on disk before the marker that lists them
+            seal(staging, step)
             fsync_tree(staging)
             dst = root / name
             if dst.exists():
                 shutil.rmtree(dst)
-            os.replace(staging, dst)
+            move_checkpoint(staging, dst)  # file by file, marker last, where a bucket mount renames no folders
             fsync_dir(root)
             events.emit("checkpoint", step=step, path=f"checkpoints/{name}", seconds=round(time.time() - t_save, 2))
             for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:

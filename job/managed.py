@@ -38,6 +38,11 @@ def is_managed() -> bool:
     return os.environ.get("SOCRATES_MANAGED") == "1"
 
 
+def checkpoint_every_s(train) -> int:
+    """Seconds between time-based checkpoints: train.checkpoint_every_s, else 600 when managed, else 0 (never)."""
+    return train.checkpoint_every_s if train.checkpoint_every_s is not None else (CHECKPOINT_EVERY_S if is_managed() else 0)
+
+
 def launch_number() -> int | None:
     raw = os.environ.get("SOCRATES_LAUNCH", "")
     return int(raw) if raw.isdigit() else None

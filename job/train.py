@@ -260,7 +260,7 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
     from trl import SFTConfig, SFTTrainer
 
     from job.callbacks import CheckpointCallback, DeadlineCallback, EventsCallback, TimedCheckpointCallback
-    from job.managed import CHECKPOINT_EVERY_S, is_managed
+    from job.managed import checkpoint_every_s
 
     t = cfg.train
     on_gpu = device.type == "cuda"
@@ -304,7 +304,7 @@ def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: 
                          callbacks=[EventsCallback(events, total_steps), CheckpointCallback(ckpt_root, t.keep_checkpoints, events, run_fp),
                                     deadline])
     trainer.socrates_deadline = deadline
-    every_s = t.checkpoint_every_s if t.checkpoint_every_s is not None else (CHECKPOINT_EVERY_S if is_managed() else 0)
+    every_s = checkpoint_every_s(t)
     if every_s:  # by time as well as by steps (a managed run: what a preemption can cost)
         trainer.add_callback(TimedCheckpointCallback(every_s))
     from transformers.trainer_callback import PrinterCallback

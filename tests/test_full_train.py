@@ -338,3 +338,64 @@ def test_the_estimate_shows_the_full_output_and_its_download(tmp_path):
     assert cost.plan_card(cfg, table, "A100-80GB", 2, params_b, tokens, local=False).memory_mode is None
     note = cost.full_output_note(params_b)
     assert f"~{gb:.1f} GB" in note and "pulled back to this machine by default" in note and "20 MB/s" in note
+
+
+def test_a_full_checkpoint_is_sealed_and_lands_whole_on_a_mount_that_renames_no_folders(tmp_path, monkeypatch):
+    """The full path's save goes through checkpoints.seal/move_checkpoint: the marker lists every file with its
+    size, and on a bucket mount (no folder rename) the files move one by one with the marker last."""
+    import torch
+
+    from contracts.events import EventWriter
+    from job import full
+    from job.checkpoints import COMPLETE, is_complete
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    real, moved = os.replace, []
+
+    def no_folder_rename(a, b):  # what an object-store mount answers to a folder rename
+        if Path(a).is_dir():
+            raise OSError(38, "Function not implemented")
+        moved.append(Path(a).name)
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", no_folder_rename)
+    root = tmp_path / "checkpoints"
+    events = EventWriter(tmp_path / "events.jsonl")
+    full.save_checkpoint(model, optimizer, root, 3, 1, {"config": {}, "data_hash": "x"}, 2, events)
+    dst = root / "checkpoint-3"
+    assert moved and moved[-1] == COMPLETE, moved  # marker last
+    sealed = json.loads((dst / COMPLETE).read_text())
+    on_disk = {p.relative_to(dst).as_posix(): p.stat().st_size for p in dst.rglob("*") if p.is_file() and p.name != COMPLETE}
+    assert sealed["step"] == 3 and sealed["files"] == on_disk and ".metadata" in on_disk and "trainer_state.json" in on_disk
+    assert is_complete(dst) and complete_checkpoints(root) == [dst]
+    assert not (root / ".staging" / "checkpoint-3").exists()
+    (dst / ".metadata").write_bytes(b"")  # a copy that stopped part-way no longer reads as complete
+    assert not is_complete(dst)
+    assert [e["step"] for e in read_all(tmp_path / "events.jsonl") if e["event"] == "checkpoint"] == [3]
+
+
+def test_the_full_fine_tune_also_checkpoints_by_time(tmp_path, monkeypatch):
+    """train.checkpoint_every_s on the full path: a save once that many seconds passed since the last one (a
+    clock reading 25 s later at each look, every 60 s: after steps 3 and 6 of 8), each sealed and complete."""
+    from job import callbacks
+    from job.__main__ import main
+    from job.checkpoints import is_complete
+
+    cfg = {**CFG, "train": {**CFG["train"], "checkpoint_every": 0, "checkpoint_every_s": 60, "max_steps": 8,
+                            "keep_checkpoints": 0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    prepare("synthetic:44", tmp_path / "data", split="random", seed=1, cfg=load_config(tmp_path / "c.yaml"))
+    ticks = iter(range(0, 10_000, 25))
+    real = callbacks.SaveClock
+    monkeypatch.setattr(callbacks, "SaveClock", lambda every_s: real(every_s, clock=lambda: float(next(ticks))))
+    monkeypatch.setenv("SOCRATES_CPU_THREADS", "1")
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    saved = [e["step"] for e in read_all(out / "events.jsonl") if e["event"] == "checkpoint"]
+    assert saved == [3, 6], saved
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["checkpoint-3", "checkpoint-6"]
+    assert all(is_complete(p) for p in complete_checkpoints(out / "checkpoints"))

@@ -340,3 +340,61 @@ def test_a_mount_that_renames_no_folders_gets_the_checkpoint_file_by_file_marker
     move_checkpoint(src, dst)
     assert moved[-1] == COMPLETE and sorted(moved) == sorted(["trainer_state.json", "optimizer.pt", COMPLETE])
     assert is_complete(dst) and not src.exists()
+
+
+_RANK_CLOCKS = r'''
+import json, os, sys
+from types import SimpleNamespace
+sys.path.insert(0, os.environ["REPO"])
+from job import callbacks, dist
+
+assert dist.init()
+r = dist.rank()
+ticks = [0.0, 30.0, 59.5, 61.0, 90.0, 119.8, 125.0, 200.0]  # rank 0's clock at train begin, then at each step's end
+# rank 1 began training with rank 0 but its clock reads 0.6 s later at every step end (it finished its step later)
+now = [0]
+clock = lambda: ticks[now[0]] + (0.6 if r == 1 and now[0] > 0 else 0.0)
+timed = callbacks.TimedCheckpointCallback(60, clock=clock)
+timed.on_train_begin(None, None, None)
+deadline = callbacks.DeadlineCallback(clock=clock)
+saves, stops = [], []
+for k in range(1, len(ticks)):
+    now[0] = k
+    c = SimpleNamespace(should_save=False, should_training_stop=False)
+    timed.on_step_end(None, None, c)
+    saves.append(c.should_save)
+    if c.should_save:
+        timed.on_save(None, None, c)
+    stops.append(deadline.on_step_end(None, None, SimpleNamespace(should_save=False, should_training_stop=False)).should_training_stop)
+json.dump({"saves": saves, "stops": stops}, open(os.path.join(os.environ["OUTDIR"], f"rank{r}.json"), "w"))
+dist.destroy()
+'''
+
+
+def test_timed_save_and_deadline_are_decided_on_rank_0_for_every_rank(tmp_path):
+    """2 gloo ranks whose clocks differ by 0.6 s: each rank deciding alone would save (or stop) one step
+    apart, one rank in a save's collectives while the other is in the all-reduce (an NCCL hang). Rank 0's
+    clock decides for both: saves after steps 3, 6, 7 (61 s, 64 s, 75 s since the last save), the
+    deadline at 60 s (rank 1 reads 60.1 s at step 2) stops both at step 3."""
+    import socket
+
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANK_CLOCKS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "REPO": str(REPO), "OUTDIR": str(tmp_path), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "SOCRATES_DEADLINE": "60", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    expected_saves = [False, False, True, False, False, True, True]  # steps 1..7 on rank 0's clock
+    assert got[0]["saves"] == got[1]["saves"] == expected_saves, got
+    assert got[0]["stops"] == got[1]["stops"] == [False, False, True, True, True, True, True], got
