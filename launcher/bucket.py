@@ -42,18 +42,16 @@ from typing import Any, BinaryIO, Iterator
 from contracts import manifest as manifest_lib
 from contracts._io import atomic_write_json, sha256_file
 from contracts.errors import ContractError
+from launcher import registry
 
 SCHEMES = ("s3", "r2", "gs", "file")
 ACCEPTED = "s3://NAME[/PREFIX], r2://NAME[/PREFIX], gs://NAME[/PREFIX] or file:///ABSOLUTE/FOLDER"
 # S3/R2/GCS bucket names: 3-63 lowercase letters, digits, dots and hyphens, starting and ending alnum.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _PREFIX_PART = re.compile(r"^[A-Za-z0-9._=+@-]+$")
-PARTIAL_DIR = ".bucket-partial"
-STATE_FILE = ".bucket-partial.json"
-# Names in runs/<id>/ that the launcher keeps for itself: a manifest listing one of them is refused
-# (the same list as launcher/verbs/up.py's RESERVED, plus this module's partial folder and state).
-RESERVED = ("run.json", "events.jsonl", "job.log", "task.yaml", "launch.log", ".download", ".lock",
-            ".follow.lock", "manifest.json", "checkpoints", PARTIAL_DIR, STATE_FILE)
+PARTIAL_DIR = registry.BUCKET_PARTIAL_DIR
+STATE_FILE = registry.BUCKET_STATE_FILE
+RESERVED = registry.RESERVED  # names in runs/<id>/ that the launcher keeps: a manifest listing one is refused
 CHUNK = 1 << 20
 MAX_MANIFEST = 16 << 20
 

@@ -35,9 +35,7 @@ SECOND_CTRL_C_S = 3.0
 DOWNLOAD_ATTEMPTS = 3
 DOWNLOAD_RETRY_S = 1.0
 SALVAGE_ATTEMPTS = 2  # after a failed job: usually there is simply no manifest, so fewer tries
-# Names in runs/<id>/ that belong to the launcher: a manifest listing one of them is refused.
-RESERVED = (registry.RUN_FILE, EVENTS_FILE, "job.log", "task.yaml", "launch.log", ".download", registry.LOCK_FILE,
-            registry.FOLLOW_LOCK_FILE, manifest_lib.MANIFEST_FILE, "checkpoints")
+RESERVED = registry.RESERVED  # names in runs/<id>/ that belong to the launcher
 
 def read_events(path: Path) -> list[dict]:
     """The events recorded in runs/<id>/events.jsonl (none when there is no file yet)."""

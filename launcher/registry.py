@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from contracts._io import atomic_write_json
 from contracts.events import EVENTS_FILE
+from contracts.manifest import MANIFEST_FILE
 from contracts.errors import ContractError
 
 RUN_FILE = "run.json"
@@ -170,6 +171,12 @@ class Run:
 _FIELDS = {f.name for f in fields(Run)}
 LOCK_FILE = ".lock"
 FOLLOW_LOCK_FILE = ".follow.lock"
+BUCKET_PARTIAL_DIR = ".bucket-partial"  # launcher/bucket.py: a bucket pull's resumable staging
+BUCKET_STATE_FILE = ".bucket-partial.json"
+# Names in runs/<id>/ that the launcher keeps for itself: a manifest listing one of them is refused
+# (lifecycle's and the bucket pull's verification both use this one list).
+RESERVED = (RUN_FILE, EVENTS_FILE, "job.log", "task.yaml", "launch.log", ".download", LOCK_FILE,
+            FOLLOW_LOCK_FILE, MANIFEST_FILE, "checkpoints", BUCKET_PARTIAL_DIR, BUCKET_STATE_FILE)
 
 
 @contextlib.contextmanager
