@@ -25,7 +25,7 @@ from typing import Any
 
 from contracts import manifest as manifest_lib
 from contracts.errors import ContractError
-from contracts.events import EVENTS_FILE, LINE_PREFIX, dumps, make, read_all
+from contracts.events import LINE_PREFIX, dumps, make, read_all
 from launcher import registry
 from launcher.backends import for_run
 from launcher.backends.base import Backend, BackendError, StreamLost
