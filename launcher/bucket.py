@@ -36,8 +36,8 @@ import re
 import shutil
 import stat
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 from contracts import manifest as manifest_lib
 from contracts._io import atomic_write_json, sha256_file

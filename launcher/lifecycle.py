@@ -21,7 +21,6 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 from contracts import manifest as manifest_lib
 from contracts.errors import ContractError

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from contracts import events, manifest
-from contracts.config import RunConfig, load_config
+from contracts.config import load_config
 from contracts.errors import ContractError
 from conftest import REPO
 

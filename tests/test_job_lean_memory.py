@@ -3,7 +3,6 @@ config as written (loss and gradients), and offered by the cost model on 24 GiB 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
