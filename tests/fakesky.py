@@ -74,6 +74,23 @@ class ClusterSetUpError(RuntimeError):
     """Named like SkyPilot's, so the backend files it under 'installing'."""
 
 
+class _Growing:
+    """A log file read as it grows: each new_lines() returns the complete lines written since the last
+    call (a partial last line waits for its newline); `grew` says whether that call read anything."""
+
+    def __init__(self, path: Path):
+        self.path, self.pos, self.buf, self.grew = path, 0, b"", False
+
+    def new_lines(self) -> list[str]:
+        with open(self.path, "rb") as f:
+            f.seek(self.pos)
+            chunk = f.read()
+        self.pos += len(chunk)
+        self.grew = bool(chunk)
+        *lines, self.buf = (self.buf + chunk).split(b"\n")
+        return [line.decode("utf-8", "replace") for line in lines]
+
+
 class FakeSky:
     def __init__(self):
         self.log: Callable[[str], None] = lambda line: None
@@ -120,18 +137,12 @@ class FakeSky:
         cdir = _root() / cluster_name
         log = cdir / "workdir" / "job.log"
         drop = "stream" in _faults() and not (_root() / "dropped").exists()
-        pos, sent, buf = 0, 0, b""
+        sent, growing = 0, _Growing(log)
         while True:
             ended = (cdir / "workdir" / "exit_code").is_file()
             if log.is_file():
-                with open(log, "rb") as f:
-                    f.seek(pos)
-                    chunk = f.read()
-                pos += len(chunk)
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    yield line.decode("utf-8", "replace")
+                for line in growing.new_lines():
+                    yield line
                     sent += 1
                     if sent == 3 and "outage" in _faults() and not (_root() / "outage-started").exists():
                         _outage(after_start=True)
@@ -241,19 +252,12 @@ class FakeSky:
                 if st["status"] in JOB_ENDED and st.get("launch", 0) < launch:
                     return
                 time.sleep(0.05)
-            pos, buf = 0, b""
+            growing = _Growing(log)
             while True:
                 st = _job_state(jdir)
                 ended = st["status"] in JOB_ENDED or st.get("launch", 0) > launch  # this launch is over
-                with open(log, "rb") as f:
-                    f.seek(pos)
-                    chunk = f.read()
-                pos += len(chunk)
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    yield line.decode("utf-8", "replace")
-                if ended and not chunk:
+                yield from growing.new_lines()
+                if ended and not growing.grew:
                     break
                 time.sleep(0.05)
             st = _job_state(jdir)

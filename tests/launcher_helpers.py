@@ -1,6 +1,7 @@
 """Shared by the launcher tests: run the real CLI in a subprocess with a fake job interpreter."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +38,34 @@ def launcher_env(runs: Path, job_python: Path | None = None, **extra: str) -> di
         env["SOCRATES_JOB_PYTHON"] = str(job_python)
     env.update(extra)
     return env
+
+
+def fakesky_env(tmp: Path, job_python: Path | None = None, *, cloud: str | None = None, **extra: str) -> dict:
+    """The environment of a launcher whose SkyPilot is tests/fakesky.py: runs in tmp/runs, a HOME (tmp/home)
+    with the offline price catalog and no cloud credentials, the fake's state in `cloud` (tmp/cloud)."""
+    from skyfix import seed_catalog
+
+    home = tmp / "home"
+    seed_catalog(home)
+    return launcher_env(tmp / "runs", job_python, HOME=str(home), SOCRATES_SKY_ADAPTER="fakesky:FakeSky",
+                        FAKESKY_DIR=cloud or str(tmp / "cloud"), PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}",
+                        **extra)
+
+
+@contextlib.contextmanager
+def fake_managed_cloud(tmp: Path):
+    """fakesky_env with the fake job; afterwards every managed job of the fake controller is cancelled,
+    whatever the test did (nothing of ours left running)."""
+    env = fakesky_env(tmp, fake_python(tmp))
+    yield env
+    import fakesky
+
+    os.environ["FAKESKY_DIR"] = env["FAKESKY_DIR"]
+    try:
+        for jdir in (tmp / "cloud" / "jobs").glob("*"):
+            fakesky.FakeSky().jobs_cancel(int(jdir.name))
+    finally:
+        del os.environ["FAKESKY_DIR"]
 
 
 def cli(args: list[str], env: dict, timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ pid) at the end. Clients talk HTTP to it like to S3: nothing of boto3 is mocked.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from ports import free_port
 
 
 @dataclass
@@ -32,12 +33,6 @@ class S3Server:
                                      region_name="us-east-1").client("s3", endpoint_url=self.url)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(url: str, home: Path) -> dict:
     return {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(home / "aws-config"),
@@ -48,7 +43,7 @@ def _env(url: str, home: Path) -> dict:
 def s3_server(tmp_path_factory):
     pytest.importorskip("boto3", reason="boto3 is not installed (requirements/dev.txt)")
     pytest.importorskip("moto.server", reason="moto[server] is not installed (requirements/dev.txt)")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     home = tmp_path_factory.mktemp("s3home")
     log = open(home / "moto.log", "wb")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CLOUDS = ("lambda", "runpod")
@@ -87,12 +88,6 @@ def seed_catalog(home: Path) -> None:
         (root / rel).write_text(text)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def sky_home():
     if shutil.which("rsync") is None:
@@ -100,7 +95,7 @@ def sky_home():
     pytest.importorskip("sky", reason="skypilot is not installed")
     home = Path(tempfile.mkdtemp(prefix="skyhome-"))
     seed_catalog(home)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYPILOT_", "SOCRATES_"))}
     env.update({"HOME": str(home), "SKYPILOT_API_SERVER_ENDPOINT": f"http://127.0.0.1:{port}",
                 "SKYPILOT_DISABLE_USAGE_COLLECTION": "1", "PYTHONPATH": str(REPO), "COLUMNS": "160"})

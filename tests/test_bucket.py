@@ -491,6 +491,13 @@ def test_default_name_is_a_valid_bucket_name_derived_from_the_run_id():
     bucket_lib.parse_url(f"s3://{long}")  # accepted by its own rules
 
 
+def _printed_by(code: str) -> str:
+    """What a fresh interpreter running `code` printed (it must exit 0)."""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
 def test_launcher_imports_no_client_library_and_a_missing_one_is_one_line(tmp_path):
     code = ("import sys; sys.modules['boto3'] = None\n"
             "from launcher.bucket import Bucket\n"
@@ -498,10 +505,8 @@ def test_launcher_imports_no_client_library_and_a_missing_one_is_one_line(tmp_pa
             "b = Bucket.from_url('s3://socrates-x')\n"
             "assert 'botocore' not in sys.modules\n"
             "try:\n    b.exists()\nexcept Exception as e:\n    print(type(e).__name__, '|', e)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == ("BucketError | s3:// buckets need boto3, which is not installed: "
-                                "pip install 'socrates-launch[bucket]'")
+    assert _printed_by(code) == ("BucketError | s3:// buckets need boto3, which is not installed: "
+                                 "pip install 'socrates-launch[bucket]'")
 
 
 def test_gs_without_its_client_library_is_one_line():
@@ -509,10 +514,8 @@ def test_gs_without_its_client_library_is_one_line():
             "from launcher.bucket import Bucket\n"
             "try:\n    Bucket.from_url('gs://socrates-x').exists()\nexcept Exception as e:\n"
             "    print(type(e).__name__, '|', e)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == ("BucketError | gs:// buckets need google-cloud-storage, which is not installed: "
-                                "pip install 'socrates-launch[gcs]'")
+    assert _printed_by(code) == ("BucketError | gs:// buckets need google-cloud-storage, which is not installed: "
+                                 "pip install 'socrates-launch[gcs]'")
 
 
 def test_gs_client_errors_become_one_line():

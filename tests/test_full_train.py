@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +19,9 @@ from contracts.errors import ContractError
 from contracts.events import read_all
 from job.checkpoints import complete_checkpoints
 from job.prepare import prepare
-
-REPO = Path(__file__).resolve().parent.parent
+from ports import free_port
+from ranks import job_env, kill_after_first_checkpoint, max_diff, run_train, step_losses
+from conftest import REPO
 
 # micro-batch 4 on 35 training rows: 9 micro-batches an epoch, so the 2-rank run's last step of each epoch
 # has one rank on the blank filler batch (RankBatches) and 1 rank accumulates 2 micro-batches a step.
@@ -37,41 +35,13 @@ CFG = {
               "checkpoint_every": 4, "keep_checkpoints": 3, "max_steps": 12, "seed": 5},
     "data": {"source": "synthetic:44", "split": "random", "seed": 1},
 }
-ENV = {"OMP_NUM_THREADS": "1", "SOCRATES_CPU_THREADS": "1"}
 STEPS = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cmd(ranks: int, *args: str) -> list[str]:
-    if ranks == 1:
-        return [sys.executable, "-m", "job", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
-            "--master-port", str(_free_port()), "-m", "job", *args]
-
-
-def _train(ranks: int, cfg: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(ranks, "train", "--config", str(cfg), "--data", str(data), "--out", str(out)), cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, **ENV}, timeout=240)
-
-
-def _losses(out: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in read_all(out / "events.jsonl") if e["event"] == "step"}
 
 
 def _weights(out: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(out / "model" / "model.safetensors")
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +56,7 @@ def runs(tmp_path_factory):
     outs = {}
     for ranks in (1, 2):
         out = root / f"world{ranks}"
-        r = _train(ranks, cfg, root / "data", out)
+        r = run_train(ranks, cfg, root / "data", out)
         assert r.returncode == 0, r.stderr[-3000:]
         outs[ranks] = (out, r)
     return cfg, root / "data", outs
@@ -96,14 +66,14 @@ def runs(tmp_path_factory):
 def test_fsdp2_on_two_gloo_ranks_trains_what_one_process_trains(runs):
     _, _, outs = runs
     (one, _), (two, r) = outs[1], outs[2]
-    a, b = _losses(one), _losses(two)
+    a, b = step_losses(one), step_losses(two)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     loss_gap = max(abs(a[s] - b[s]) for s in a)
     assert loss_gap < 1e-4, (a, b)
     assert len(set(round(v, 3) for v in a.values())) > 8 and a[STEPS] < a[1] - 1.0  # it learns: not constants
     # every weight trained, and the sharded run's gathered weights are the single process's
     w1, w2 = _weights(one), _weights(two)
-    weight_gap = _max_diff(w1, w2)
+    weight_gap = max_diff(w1, w2)
     assert weight_gap < 5e-5
     print(f"\nfull, 2 FSDP2 ranks vs 1 process: max loss gap {loss_gap:.2e}, max weight gap {weight_gap:.2e}, "
           f"loss {a[1]:.3f} -> {a[STEPS]:.3f}")
@@ -142,54 +112,23 @@ def test_the_saved_model_loads_with_transformers_as_trained(runs):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL torchrun (or the one process) and every rank: nothing gets to clean up."""
-    import psutil
-
-    procs = psutil.Process(pid).children(recursive=True)
-    os.kill(pid, signal.SIGKILL)
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-def _kill_after_first_checkpoint(ranks: int, cfg: Path, data: Path, out: Path) -> None:
-    proc = subprocess.Popen(_cmd(ranks, "train", "--config", str(cfg), "--data", str(data), "--out", str(out)), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **ENV},
-                            start_new_session=True)
-    deadline = time.time() + 200
-    killed = False
-    while proc.poll() is None and time.time() < deadline:
-        if (out / "events.jsonl").is_file() and any(e["event"] == "checkpoint" for e in read_all(out / "events.jsonl")):
-            _kill_tree(proc.pid)
-            killed = True
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    assert killed, "the run ended (or never checkpointed) before it could be killed"
-    assert not (out / "manifest.json").exists() and not (out / "model").exists()
-    assert complete_checkpoints(out / "checkpoints")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("first,then", [(2, 2), (2, 1), (1, 2)])
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(runs, tmp_path, first, then):
     cfg, data, outs = runs
     out = tmp_path / "run"
-    _kill_after_first_checkpoint(first, cfg, data, out)
+    kill_after_first_checkpoint(first, cfg, data, out)
+    assert not (out / "model").exists()  # the weights are written only at the end
     at = int(complete_checkpoints(out / "checkpoints")[-1].name.split("-")[1])
     assert at < STEPS
-    r = _train(then, cfg, data, out)
+    r = run_train(then, cfg, data, out)
     assert r.returncode == 0, r.stderr[-3000:]
     m = manifest.load(out)
     assert m["resumed_from"] == f"checkpoint-{at}" and m["steps"] == STEPS and m["world_size"] == then
     ref_out = outs[then][0]  # the uninterrupted run on the world size that finished
-    ref, got = _losses(ref_out), _losses(out)
+    ref, got = step_losses(ref_out), step_losses(out)
     loss_gap = max(abs(ref[s] - got[s]) for s in range(at + 1, STEPS + 1))
-    weight_gap = _max_diff(_weights(ref_out), _weights(out))
+    weight_gap = max_diff(_weights(ref_out), _weights(out))
     print(f"\nfull, killed on {first} rank(s) after checkpoint-{at}, resumed on {then}: max loss gap {loss_gap:.2e}, "
           f"max weight gap {weight_gap:.2e} vs the uninterrupted {then}-rank run")
     assert loss_gap < 1e-4
@@ -243,7 +182,7 @@ def test_check_on_cpu_reports_the_full_fit_over_the_planned_ranks(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
     r = subprocess.run([sys.executable, "-m", "job", "check", "--config", str(cfg)], cwd=REPO, capture_output=True,
-                       text=True, timeout=120, env={**os.environ, **ENV, "NPROC_PER_NODE": "2", "SKYPILOT_NUM_NODES": "3"})
+                       text=True, timeout=120, env=job_env(NPROC_PER_NODE="2", SKYPILOT_NUM_NODES="3"))
     assert r.returncode == 0, r.stderr
     assert "full, sharded over 6 GPU(s)" in r.stdout and "weights+grads+AdamW" in r.stdout
 
@@ -309,7 +248,7 @@ def test_up_on_two_local_ranks_brings_back_verified_full_weights(tmp_path):
     cfg = tmp_path / "smoke-full.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     runs = tmp_path / "runs"
-    env = launcher_env(runs, OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    env = launcher_env(runs, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     r = cli(["up", "--infra", "local", "--ranks", "2", "--config", str(cfg), "--yes", "--name", "full-two"], env, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]

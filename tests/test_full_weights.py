@@ -6,35 +6,21 @@ file:// bucket; the fake job writes a two-shard model/ (tests/fakejob.py FAKEJOB
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from contracts import manifest
 from launcher.bucket import Bucket, BucketError
-from launcher_helpers import REPO, cli, fake_python, launcher_env, only_run
-from skyfix import seed_catalog
+from launcher_helpers import REPO, cli, fake_managed_cloud, only_run
 
 SHARDS = ["model/model-00001-of-00002.safetensors", "model/model-00002-of-00002.safetensors"]
 
 
 @pytest.fixture
 def cloud(tmp_path):
-    home = tmp_path / "home"
-    seed_catalog(home)
-    env = launcher_env(tmp_path / "runs", fake_python(tmp_path), HOME=str(home),
-                       SOCRATES_SKY_ADAPTER="fakesky:FakeSky", FAKESKY_DIR=str(tmp_path / "cloud"),
-                       PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
-    yield env
-    import fakesky  # nothing of ours left running, whatever the test did
-
-    os.environ["FAKESKY_DIR"] = env["FAKESKY_DIR"]
-    try:
-        for jdir in (tmp_path / "cloud" / "jobs").glob("*"):
-            fakesky.FakeSky().jobs_cancel(int(jdir.name))
-    finally:
-        del os.environ["FAKESKY_DIR"]
+    with fake_managed_cloud(tmp_path) as env:
+        yield env
 
 
 def full_config(tmp_path: Path, method: str = "full") -> Path:

@@ -3,10 +3,7 @@ and writes the same metrics (and cells) as one process, in both modes."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +12,9 @@ import yaml
 from contracts.config import load_config
 from contracts.events import read_all
 from conftest import REPO, random_adapter
+from ranks import run_job
 
-ENV = {"OMP_NUM_THREADS": "1", "SOCRATES_CPU_THREADS": "1"}
 TIMING = {"seconds", "prompt_tokens_per_s"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +35,8 @@ def prepared(tmp_path_factory):
 
 
 def _evaluate(root: Path, ranks: int, mode: str, out: Path) -> subprocess.CompletedProcess:
-    args = ["-m", "job", "evaluate", "--config", str(root / "smoke.yaml"), "--data", str(root / "data"),
-            "--adapter", str(root / "adapter"), "--mode", mode, "--out", str(out), "--tokens-per-batch", "1500"]
-    cmd = [sys.executable, *args] if ranks == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=240)
+    return run_job(ranks, "evaluate", "--config", str(root / "smoke.yaml"), "--data", str(root / "data"),
+                   "--adapter", str(root / "adapter"), "--mode", mode, "--out", str(out), "--tokens-per-batch", "1500")
 
 
 def _result(out: Path, mode: str) -> dict:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher_helpers import REPO, cli, launcher_env, only_run
-from skyfix import _free_port, _kill_server_tree, seed_catalog
+from launcher_helpers import REPO, cli, fakesky_env, launcher_env, only_run
+from ports import free_port
+from skyfix import _kill_server_tree, seed_catalog
 
 NO_CLOUD = "no cloud is enabled: set one up with `sky check`"
 
@@ -41,7 +42,7 @@ def new_user(tmp_path):
     pytest.importorskip("sky", reason="skypilot is not installed")
     home = tmp_path / "home"
     home.mkdir()
-    port = _free_port()
+    port = free_port()
     dead = "http://127.0.0.1:9"  # nothing listens there: every download fails at once
     env = launcher_env(tmp_path / "runs", HOME=str(home), SKYPILOT_API_SERVER_LOCAL_PORT=str(port),
                        SKYPILOT_DISABLE_USAGE_COLLECTION="1", HTTPS_PROXY=dead, HTTP_PROXY=dead,
@@ -136,10 +137,7 @@ def test_up_without_credentials_with_the_fake_sky_creates_no_run(tmp_path):
     """The same refusal through the adapter seam (tests/fakesky.py), with no SkyPilot at all."""
     pytest.importorskip("sky", reason="skypilot is not installed (the estimate reads its catalog)")
     runs = tmp_path / "runs"
-    seed_catalog(tmp_path / "home")
-    env = launcher_env(runs, SOCRATES_SKY_ADAPTER="fakesky:FakeSky", FAKESKY_DIR=str(tmp_path / "cloud"),
-                       FAKESKY_FAIL="no-cloud", HOME=str(tmp_path / "home"),
-                       PYTHONPATH=f"{Path(__file__).parent}{os.pathsep}{Path(__file__).parent.parent}")
+    env = fakesky_env(tmp_path, FAKESKY_FAIL="no-cloud")
     r = cli(["up", "--gpu", "A100:1", "--subset", "0.1", "--yes"], env, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 2 and out.strip().splitlines()[-1] == f"socrates-launch up: error: {NO_CLOUD}", out

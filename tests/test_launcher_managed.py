@@ -8,33 +8,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from contracts import manifest
 from contracts.events import read_all
-from launcher_helpers import REPO, cli, fake_python, launcher_env, only_run, pid_alive, spawn, wait_for_state
-from skyfix import seed_catalog
+from conftest import wait_until as _wait_until
+from launcher_helpers import REPO, cli, fake_managed_cloud, only_run, pid_alive, spawn, wait_for_state
 
 
 @pytest.fixture
 def cloud(tmp_path):
-    home = tmp_path / "home"
-    seed_catalog(home)
-    env = launcher_env(tmp_path / "runs", fake_python(tmp_path), HOME=str(home),
-                       SOCRATES_SKY_ADAPTER="fakesky:FakeSky", FAKESKY_DIR=str(tmp_path / "cloud"),
-                       PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
-    yield env
-    import fakesky  # nothing of ours left running, whatever the test did
-
-    os.environ["FAKESKY_DIR"] = env["FAKESKY_DIR"]
-    try:
-        for jdir in (tmp_path / "cloud" / "jobs").glob("*"):
-            fakesky.FakeSky().jobs_cancel(int(jdir.name))
-    finally:
-        del os.environ["FAKESKY_DIR"]
+    with fake_managed_cloud(tmp_path) as env:
+        yield env
 
 
 def up(bucket: Path, *extra: str) -> list[str]:
@@ -50,14 +37,9 @@ def job_state(env: dict, rec: dict) -> dict:
     return json.loads((job_dir(env, rec) / "state.json").read_text())
 
 
-def wait_until(cond, timeout: float = 120, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not reached in {timeout} s")
+def wait_until(cond, timeout: float = 120, what: str = "the condition"):
+    """conftest's wait_until with this module's longer default (a fake managed job's whole life)."""
+    return _wait_until(cond, timeout=timeout, interval=0.1, what=what)
 
 
 def launch_steps(env: dict, rec: dict, launch: int) -> int:
@@ -65,18 +47,24 @@ def launch_steps(env: dict, rec: dict, launch: int) -> int:
     return log.read_text().count('"event":"step"') if log.is_file() else 0
 
 
+def up_then_kill_the_launcher(env: dict, bucket: Path, what: str) -> tuple[Path, dict]:
+    """`up --spot` in the background, SIGKILLed once the first launch trained 2 steps: (runs, its record)."""
+    runs = Path(env["SOCRATES_RUNS_DIR"])
+    proc = spawn(up(bucket), env)
+    wait_for_state(runs, ("running",), timeout=120)
+    rec = only_run(runs)
+    wait_until(lambda: launch_steps(env, rec, 1) >= 2, what=what)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    return runs, rec
+
+
 def test_status_logs_down_after_the_launcher_was_sigkilled(cloud, tmp_path):
     """Acceptance 4: the launcher dies mid-run; the managed job goes on (and is preempted once meanwhile);
     status shows its state and recovery count, logs follows it across the relaunch to the end, downloads
     from the bucket, verifies and deletes it; down is then a no-op."""
     env = {**cloud, "FAKEJOB_STEPS": "40", "FAKEJOB_STEP_S": "0.1", "FAKESKY_PREEMPT": "1", "FAKESKY_SEED": "3"}
-    runs = Path(cloud["SOCRATES_RUNS_DIR"])
-    proc = spawn(up(tmp_path / "bucket"), env)
-    wait_for_state(runs, ("running",), timeout=120)
-    rec = only_run(runs)
-    wait_until(lambda: launch_steps(cloud, rec, 1) >= 2, what="the first launch training")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    runs, rec = up_then_kill_the_launcher(env, tmp_path / "bucket", "the first launch training")
     wait_until(lambda: job_state(cloud, rec)["recovery_count"] == 1 and launch_steps(cloud, rec, 2) >= 1,
                what="the preemption and relaunch, with no launcher")
     rec = only_run(runs)
@@ -110,13 +98,7 @@ def test_status_logs_down_after_the_launcher_was_sigkilled(cloud, tmp_path):
 
 def test_down_after_the_launcher_was_sigkilled_cancels_the_managed_job(cloud, tmp_path):
     env = {**cloud, "FAKEJOB_STEPS": "600", "FAKEJOB_STEP_S": "0.1"}
-    runs = Path(cloud["SOCRATES_RUNS_DIR"])
-    proc = spawn(up(tmp_path / "bucket"), env)
-    wait_for_state(runs, ("running",), timeout=120)
-    rec = only_run(runs)
-    wait_until(lambda: launch_steps(cloud, rec, 1) >= 2, what="the job training")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    runs, rec = up_then_kill_the_launcher(env, tmp_path / "bucket", "the job training")
     jdir = job_dir(cloud, rec)
     controller, job = int((jdir / "controller.pid").read_text()), int((jdir / "job.pid").read_text())
     assert pid_alive(controller) and pid_alive(job)  # the managed job outlived the launcher

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from launcher_helpers import REPO, cli, launcher_env
-from skyfix import seed_catalog
+from launcher_helpers import REPO, cli, fakesky_env, launcher_env
 
 VERBS = REPO / "launcher" / "verbs"
 CONCRETE = ("launcher.backends.local", "launcher.backends.sky", "launcher.backends.ssh")
@@ -73,13 +71,10 @@ def test_neither_the_registry_nor_the_lifecycle_names_a_concrete_backend():
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plan")
-    home = tmp / "home"
-    seed_catalog(home)  # offline prices for the sky estimate, as the other sky tests
     rows = tmp / "rows.jsonl"
     rows.write_text("".join(json.dumps(dict(ROW, study_id=f"s{i % 5}")) + "\n" for i in range(30)))
-    # the dry run's SkyPilot part through the adapter fake (no API server); the estimate reads the catalog
-    e = launcher_env(tmp / "runs", HOME=str(home), SOCRATES_SKY_ADAPTER="fakesky:FakeSky",
-                     FAKESKY_DIR=str(tmp / "cloud"), PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    # the dry run's SkyPilot part through the adapter fake (no API server); the estimate reads the seeded catalog
+    e = fakesky_env(tmp)
     return e, rows, tmp
 
 

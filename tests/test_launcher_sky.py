@@ -24,8 +24,7 @@ import pytest
 from conftest import wait_until
 from contracts import manifest
 from contracts.events import read_all
-from launcher_helpers import CANARY, REPO, cli, fake_python, launcher_env, only_run, spawn, wait_for_state
-from skyfix import seed_catalog
+from launcher_helpers import CANARY, REPO, cli, fake_python, fakesky_env, only_run, spawn, wait_for_state
 
 UP = ["up", "--infra", "sky", "--gpu", "A100:1", "--config", "configs/smoke.yaml", "--yes"]
 
@@ -119,12 +118,7 @@ def test_status_and_down_through_the_real_sdk_for_a_cluster_that_is_gone(sky_hom
 @pytest.fixture
 def cloud(tmp_path):
     """Environment for a launcher process whose SkyPilot is tests/fakesky.py (catalog seeded)."""
-    home = tmp_path / "home"
-    seed_catalog(home)
-    env = launcher_env(tmp_path / "runs", fake_python(tmp_path), HOME=str(home),
-                       SOCRATES_SKY_ADAPTER="fakesky:FakeSky", FAKESKY_DIR=str(tmp_path / "cloud"),
-                       PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
-    return env
+    return fakesky_env(tmp_path, fake_python(tmp_path))
 
 
 def _clusters(env: dict) -> list[Path]:

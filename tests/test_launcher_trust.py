@@ -279,14 +279,9 @@ OUTAGE_S = 120 * SCALE
 
 @pytest.fixture
 def cloud(tmp_path):
-    from launcher_helpers import REPO, fake_python, launcher_env
-    from skyfix import seed_catalog
+    from launcher_helpers import fake_python, fakesky_env
 
-    home = tmp_path / "home"
-    seed_catalog(home)
-    return launcher_env(tmp_path / "runs", fake_python(tmp_path), HOME=str(home),
-                        SOCRATES_SKY_ADAPTER="fakesky:FakeSky", FAKESKY_DIR=str(tmp_path / "cloud"),
-                        PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", FAKESKY_FAIL="outage",
+    return fakesky_env(tmp_path, fake_python(tmp_path), FAKESKY_FAIL="outage",
                         FAKESKY_OUTAGE_S=str(OUTAGE_S), FAKEJOB_STEPS="60", FAKEJOB_STEP_S="0.1",
                         SOCRATES_RECONNECT_WAIT_S=str(2 * SCALE), SOCRATES_RECONNECT_MAX_WAIT_S=str(30 * SCALE),
                         SOCRATES_RECONNECT_WINDOW_S=str(900 * SCALE))

@@ -155,16 +155,11 @@ def checkpoint_steps(events: list[dict]) -> list[int]:
 def launcher(fake, tmp_path):
     """Environment for a launcher process whose SkyPilot is tests/fakesky.py (catalog seeded), with the
     module's fake controller and the real job (tests/fault_job.py, no fault unless asked)."""
-    from launcher_helpers import launcher_env
-    from skyfix import seed_catalog
+    from launcher_helpers import fakesky_env
 
-    home = tmp_path / "home"
-    seed_catalog(home)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
-    env = launcher_env(tmp_path / "runs", Path(os.environ["SOCRATES_JOB_PYTHON"]), HOME=str(home),
-                       SOCRATES_SKY_ADAPTER="fakesky:FakeSky", FAKESKY_DIR=os.environ["FAKESKY_DIR"],
-                       PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    env = fakesky_env(tmp_path, Path(os.environ["SOCRATES_JOB_PYTHON"]), cloud=os.environ["FAKESKY_DIR"])
     return SimpleNamespace(env=env, config=cfg, runs=tmp_path / "runs", bucket=tmp_path / "bucket")
 
 

@@ -32,8 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher_helpers import REPO, launcher_env, only_run
-from skyfix import seed_catalog
+from launcher_helpers import REPO, fakesky_env, only_run
 
 PREFIXES = ("socrates-launch ", "make ", "python -m job ")
 SKIP = {"make test": "the suite itself", "up --infra ssh://": "needs an SSH host (tests/test_ssh_e2e.py runs it)"}
@@ -69,14 +68,10 @@ def test_the_readme_commands_run_in_order_after_the_demo(tmp_path):
     cfg["eval"]["rows"] = 4
     smoke = tmp_path / "smoke-short.yaml"
     smoke.write_text(yaml.safe_dump(cfg))
-    home = tmp_path / "home"
-    seed_catalog(home)  # a price catalog, no cloud credentials, nothing fetched
     work = tmp_path / "work"
     work.mkdir()
     runs = tmp_path / "runs"
-    env = launcher_env(runs, HOME=str(home), SOCRATES_SKY_ADAPTER="fakesky:FakeSky",
-                       FAKESKY_DIR=str(tmp_path / "cloud"),
-                       PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    env = fakesky_env(tmp_path)  # a price catalog, no cloud credentials, nothing fetched
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # socrates-launch
 
     demo = "socrates-launch up --infra local --config configs/smoke.yaml --yes"
