@@ -14,7 +14,7 @@ export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import torch, transformers, peft, bitsandbytes, liger_kernel, trl, triton, importlib.metadata as m; print('versions:', {p: m.version(p) for p in ['torch','transformers','peft','bitsandbytes','liger-kernel','trl','triton']}, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/versions.txt"
 echo "== CUDA test ($(( $(date +%s) - t0 ))s)"
-timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_speed_fp8.py -k cuda 2>&1 | tail -15 | tee "$OUT/pytest_fp8.txt"
+timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_job_fp8.py -k cuda 2>&1 | tail -15 | tee "$OUT/pytest_fp8.txt"
 echo "== layer microbench ($(( $(date +%s) - t0 ))s)"
 timeout 120 python3 bench/fp8_layer.py --tokens 40960 --out "$OUT" 2>&1 | grep -v Warning
 echo "== bench ($(( $(date +%s) - t0 ))s)"
