@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from contracts._io import atomic_write_json
 from contracts.errors import EXIT_BAD_INPUT
 
 STATE_FILE = "launches.json"
@@ -75,9 +76,7 @@ def start(state_dir: Path, events: Path | None, deadline_s: float, t0: float | N
         state["first_start"] = t0 or now
         state["deadline"] = int(state["first_start"] + deadline_s) if deadline_s > 0 else 0
     state.setdefault("starts", []).append(now)
-    tmp = state_dir / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1) + "\n")
-    os.replace(tmp, state_dir / STATE_FILE)
+    atomic_write_json(state_dir / STATE_FILE, state)
     if state["launches"] > 1 and events is not None:
         from contracts.events import LINE_PREFIX, EventWriter, dumps, read_all
 
