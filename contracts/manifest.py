@@ -40,6 +40,11 @@ class ManifestError(ContractError):
     pass
 
 
+def excluded(rel: str, patterns: Iterable[str] = DEFAULT_EXCLUDE) -> bool:
+    """Whether `rel` (a relative POSIX path) matches one of the patterns a manifest leaves out."""
+    return any(fnmatch.fnmatchcase(rel, pat) for pat in patterns)
+
+
 def build(root: str | os.PathLike, meta: dict | None = None,
           exclude: Iterable[str] = DEFAULT_EXCLUDE) -> dict:
     """List every file under `root` (sorted, relative POSIX paths) with size and sha256."""
@@ -48,7 +53,7 @@ def build(root: str | os.PathLike, meta: dict | None = None,
     files = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if any(fnmatch.fnmatchcase(rel, pat) for pat in patterns):
+        if excluded(rel, patterns):
             continue
         files.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
     meta = dict(meta or {})
@@ -223,7 +228,7 @@ def verify_tree(root: str | os.PathLike, manifest: dict | None = None, reserved:
                 problems.append(f"{rel}: not a regular file (not accepted in what comes back)")
             else:
                 found.add(rel)
-    extra = sorted(r for r in found - listed if not any(fnmatch.fnmatchcase(r, p) for p in patterns))
+    extra = sorted(r for r in found - listed if not excluded(r, patterns))
     if extra:
         problems.append(f"not in the manifest: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
     return problems + verify(root, manifest, left=left)

@@ -263,7 +263,7 @@ class Bucket:
             if rel == manifest_lib.MANIFEST_FILE:
                 continue
             if rel not in listed:
-                if not any(_match(rel, pat) for pat in manifest_lib.DEFAULT_EXCLUDE):
+                if not manifest_lib.excluded(rel):
                     unlisted.append(rel)
                 continue
             objects[rel] = obj
@@ -294,12 +294,6 @@ class Bucket:
         if got != obj.size:
             raise BucketError(f"{obj.key}: got {got} of {obj.size} bytes (the object changed or the stream ended early; "
                               f"download again to resume)")
-
-
-def _match(rel: str, pattern: str) -> bool:
-    import fnmatch
-
-    return fnmatch.fnmatchcase(rel, pattern)
 
 
 def _load_state(path: Path, where: str) -> dict:
