@@ -188,17 +188,20 @@ def answer_loss_sum(model: torch.nn.Module, batch: dict, liger: bool = False) ->
     """Summed cross-entropy over the target positions only; the lm_head sees just those rows."""
     lm = causal_lm_of(model)
     kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    hidden = _decoder_hidden(model, lm, kwargs)
-    targets = batch["labels"][:, 1:]
+    return summed_target_loss(_decoder_hidden(model, lm, kwargs), batch["labels"], lm.lm_head, liger)
+
+
+def summed_target_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module,
+                       liger: bool = False) -> torch.Tensor:
+    """The summed cross-entropy of `head` on the decoder's `hidden` states at the target positions of
+    `labels` only (shifted by one; IGNORE_INDEX elsewhere): the full logits are never built."""
+    targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    h = hidden[:, :-1][keep]
-    y = targets[keep]
-    head = lm.lm_head
+    h, y = hidden[:, :-1][keep], targets[keep]
     if liger and h.is_cuda and h.shape[0] > 4096:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # never builds full logits
         return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, y)
-    logits = head(h).float()
-    return F.cross_entropy(logits, y, reduction="sum")
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
 def trainer_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch=None, liger: bool = True) -> torch.Tensor:

@@ -44,17 +44,16 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from contracts import manifest
 from contracts.events import EventWriter
 from job import dist
 from job.checkpoints import complete_checkpoints, fsync_dir, fsync_tree, move_checkpoint, seal, write_fingerprint
+from job.fast import summed_target_loss
 
 MODEL_DIR = "model"
 SHARD_BYTES = 5 * 10**9
-IGNORE_INDEX = -100
 
 
 class AnswerLoss(nn.Module):
@@ -68,14 +67,7 @@ class AnswerLoss(nn.Module):
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None):
         kw = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
         hidden = self.lm.model(**{k: v for k, v in kw.items() if v is not None}, use_cache=False).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        h, y = hidden[:, :-1][keep], targets[keep]
-        head = self.lm.lm_head
-        if self.liger and h.is_cuda and h.shape[0] > 4096:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # never builds full logits
-            return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, y)
-        return F.cross_entropy(head(h).float(), y, reduction="sum")
+        return summed_target_loss(hidden, labels, self.lm.lm_head, self.liger)
 
 
 def weight_bytes(dtype: torch.dtype) -> int:
