@@ -46,7 +46,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from contracts import manifest
 from contracts.events import EventWriter
 from job import dist
 from job.checkpoints import complete_checkpoints, fsync_dir, fsync_tree, move_checkpoint, seal, write_fingerprint
@@ -78,10 +77,9 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
                reason_at_end: str, run_fp: dict, data_hash: str, resume_from: Path | None, done_at: int,
                device: torch.device, mode: dict | None):
     """Train every weight (FSDP2 over the ranks when there are several); save out/model and the manifest."""
-    from job import env
     from job.fast import PackedCollator, _with_labels, collate_padded, count_targets
     from job.model import build, compute_dtype
-    from job.train import TrainResult
+    from job.train import TrainResult, finish
 
     t = cfg.train
     world = dist.world_size()
@@ -184,24 +182,11 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
     if not dist.is_main():
         dist.barrier()
         return res
-    from contracts._io import sha256_file
-
-    for f in files:
-        events.emit("artifact", path=f"{MODEL_DIR}/{f.name}", sha256=sha256_file(f), size=f.stat().st_size)
-    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else 0.0
-    meta = {
-        "kind": "full", "config": written.to_dict(), "memory_mode": mode, "data_hash": data_hash,
-        "packages": env.package_versions(), "card": env.card_info(), "git_revision": env.git_revision(), "steps": step,
-        "total_steps": total_steps, "reason": reason, "resumed_from": resume_from.name if resume_from else None,
-        "train_rows": n_rows, "rows_too_long": dropped, "peak_gpu_mem_gib": peak,
-        "train_seconds": round(time.time() - t_start, 1),
-        "data_stats": "data/stats.json" if (out / "data" / "stats.json").is_file() else None,
-        "image": env.image_info(), "world_size": world,
-        "full": {"weights": f"{MODEL_DIR}/", "dtype": str(out_dtype).removeprefix("torch."), "fsdp": world > 1,
-                 "bytes": sum(f.stat().st_size for f in files if f.suffix == ".safetensors")},
-    }
-    manifest.write(out, meta)
-    events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json", peak_gpu_mem_gib=peak)
+    finish(out, events, device, files, kind="full", written=written, mode=mode, data_hash=data_hash, step=step,
+           total_steps=total_steps, reason=reason, resume_from=resume_from, n_rows=n_rows, dropped=dropped,
+           seconds=time.time() - t_start, world=world,
+           full={"weights": f"{MODEL_DIR}/", "dtype": str(out_dtype).removeprefix("torch."), "fsdp": world > 1,
+                 "bytes": sum(f.stat().st_size for f in files if f.suffix == ".safetensors")})
     dist.barrier()
     return res
 

@@ -192,26 +192,40 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         return res
 
     adapter = _save_adapter(trainer, tok, out)
-    for f in sorted(adapter.iterdir()):
-        from contracts._io import sha256_file
-
-        events.emit("artifact", path=f"adapter/{f.name}", sha256=sha256_file(f), size=f.stat().st_size)
-    card = env.card_info()
-    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else 0.0
-    meta = {
-        "kind": "adapter", "config": written.to_dict(), "memory_mode": mode, "data_hash": data_hash, "packages": env.package_versions(),
-        "card": card, "git_revision": env.git_revision(), "steps": step, "total_steps": total_steps,
-        "reason": reason, "resumed_from": resume_from.name if resume_from else None, "train_rows": n_rows,
-        "rows_too_long": dropped, "peak_gpu_mem_gib": peak, "train_seconds": round(time.time() - t0, 1),
-        "data_stats": "data/stats.json" if (out / "data" / "stats.json").is_file() else None,
-        "image": env.image_info(),  # the prebuilt job image (ref, digest) or None: a venv from the lock
-        "world_size": world,
-    }
-    manifest.write(out, meta)
-    events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json",
-                peak_gpu_mem_gib=peak)
+    finish(out, events, device, sorted(adapter.iterdir()), kind="adapter", written=written, mode=mode,
+           data_hash=data_hash, step=step, total_steps=total_steps, reason=reason, resume_from=resume_from,
+           n_rows=n_rows, dropped=dropped, seconds=time.time() - t0, world=world)
     dist.barrier()
     return res
+
+
+def finish(out: Path, events: EventWriter, device, files: list[Path], *, kind: str, written: RunConfig, mode,
+           data_hash: str, step: int, total_steps: int, reason: str, resume_from: Path | None, n_rows: int,
+           dropped: int, seconds: float, world: int, **extra) -> dict:
+    """Rank 0, training over (an adapter or a full fine-tune's weights): an `artifact` event for each of
+    `files` (under out/), manifest.json (what the launcher verifies; `extra` adds keys) and the `done` event."""
+    import torch
+
+    from contracts._io import sha256_file
+    from job import env
+
+    for f in files:
+        events.emit("artifact", path=f.relative_to(out).as_posix(), sha256=sha256_file(f), size=f.stat().st_size)
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else 0.0
+    meta = {
+        "kind": kind, "config": written.to_dict(), "memory_mode": mode, "data_hash": data_hash,
+        "packages": env.package_versions(), "card": env.card_info(), "git_revision": env.git_revision(),
+        "steps": step, "total_steps": total_steps, "reason": reason,
+        "resumed_from": resume_from.name if resume_from else None, "train_rows": n_rows, "rows_too_long": dropped,
+        "peak_gpu_mem_gib": peak, "train_seconds": round(seconds, 1),
+        "data_stats": "data/stats.json" if (out / "data" / "stats.json").is_file() else None,
+        "image": env.image_info(),  # the prebuilt job image (ref, digest) or None: a venv from the lock
+        "world_size": world, **extra,
+    }
+    written_manifest = manifest.write(out, meta)
+    events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json",
+                peak_gpu_mem_gib=peak)
+    return written_manifest
 
 
 def _emit_resume(events, out: Path, step: int) -> None:
