@@ -121,8 +121,8 @@ def stop_server_if_started(say: Callable[[str], None]) -> None:
         with captured():
             deadline = time.monotonic() + SERVER_SETTLE_S  # our own last request may still be closing
             while True:
-                busy = [r for r in sky.api_status() if str(getattr(r, "status", "")).rsplit(".", 1)[-1].upper()
-                        in _IN_FLIGHT and getattr(r, "entrypoint", None) != "run_event"]  # not its daemons
+                busy = [r for r in sky.api_status() if _status_name(getattr(r, "status", "")) in _IN_FLIGHT
+                        and getattr(r, "entrypoint", None) != "run_event"]  # not its daemons
                 if not busy or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
@@ -175,18 +175,14 @@ class SkyAdapter:
         request_id = sky.launch(task, cluster_name=cluster_name, idle_minutes_to_autostop=idle_minutes, down=True)
         on_request_id(str(request_id))
         job_id, _handle = sky.stream_and_get(request_id, output_stream=_LineSink(self.log))
-        if job_id is None:
-            raise RuntimeError(f"SkyPilot returned no job id for cluster {cluster_name}")
-        return int(job_id)
+        return _first_job_id(job_id, f"SkyPilot's launch of cluster {cluster_name}")
 
     def wait_launch(self, request_id: str) -> int:
         """The job id of a launch request made earlier (by a launcher that was since killed)."""
         import sky
 
         job_id, _handle = sky.get(request_id)
-        if job_id is None:
-            raise RuntimeError(f"launch request {request_id} returned no job id")
-        return int(job_id)
+        return _first_job_id(job_id, f"launch request {request_id}")
 
     def request_in_flight(self, request_id: str) -> bool:
         """Whether a launch request is still queued or running on the API server (it may yet make a
@@ -194,7 +190,7 @@ class SkyAdapter:
         import sky
 
         records = sky.api_status([request_id])
-        return any(str(getattr(r, "status", "")).rsplit(".", 1)[-1].upper() in _IN_FLIGHT for r in records)
+        return any(_status_name(getattr(r, "status", "")) in _IN_FLIGHT for r in records)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a launch request still in flight (provisioning continues server-side otherwise)."""
@@ -230,7 +226,7 @@ class SkyAdapter:
         from sky.utils import common
 
         records = sky.get(sky.status([cluster_name], refresh=common.StatusRefreshMode.AUTO))
-        return "up" if any(_name(r) == cluster_name for r in records) else "gone"
+        return "up" if any(_field(r, "name") == cluster_name for r in records) else "gone"
 
     def rsync_down(self, cluster_name: str, remote_dir: str, local_dir: Path) -> None:
         """rsync through the SSH alias SkyPilot writes for the cluster (~/.sky/generated/ssh)."""
@@ -271,10 +267,7 @@ class SkyAdapter:
         request_id = sky.jobs.launch(task, name=name)
         on_request_id(str(request_id))
         job_ids, _handle = sky.stream_and_get(request_id, output_stream=_LineSink(self.log))
-        ids = job_ids if isinstance(job_ids, (list, tuple)) else [job_ids]
-        if not ids or ids[0] is None:
-            raise RuntimeError(f"SkyPilot returned no managed job id for {name}")
-        return int(ids[0])
+        return _first_job_id(job_ids, f"SkyPilot's launch of {name}")
 
     def wait_jobs_launch(self, request_id: str) -> int:
         """The managed job id of a launch request made by a launcher that was since killed."""
@@ -288,10 +281,7 @@ class SkyAdapter:
             if _request_ended_unsuccessfully(request_id):
                 raise LaunchRequestFailed(f"managed-job launch request {request_id} failed: it made no job") from None
             raise
-        ids = job_ids if isinstance(job_ids, (list, tuple)) else [job_ids]
-        if not ids or ids[0] is None:
-            raise RuntimeError(f"managed-job launch request {request_id} returned no job id")
-        return int(ids[0])
+        return _first_job_id(job_ids, f"managed-job launch request {request_id}")
 
     def jobs_queue(self, job_id: int, refresh: bool = False) -> dict | None:
         """The managed job's record: status (a ManagedJobStatus name), recovery_count, submitted_at,
@@ -306,7 +296,7 @@ class SkyAdapter:
         for r in records or []:
             if int(_field(r, "job_id") or -1) == int(job_id):
                 status = _field(r, "status")
-                return {"status": str(getattr(status, "name", status)).rsplit(".", 1)[-1].upper(),
+                return {"status": _status_name(status),
                         "job_name": _field(r, "job_name"),
                         "recovery_count": int(_field(r, "recovery_count") or 0),
                         "submitted_at": _field(r, "submitted_at"), "end_at": _field(r, "end_at"),
@@ -424,7 +414,7 @@ def _request_ended_unsuccessfully(request_id: str) -> bool:
     for p in payloads or []:
         if str(_field(p, "request_id") or "") == str(request_id):
             status = _field(p, "status")
-            return str(getattr(status, "value", status)).rsplit(".", 1)[-1].upper() in ("FAILED", "CANCELLED")
+            return _status_name(status) in ("FAILED", "CANCELLED")
     return False
 
 
@@ -433,8 +423,17 @@ def _field(record: Any, name: str) -> Any:
     return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
 
 
-def _name(record: Any) -> str | None:
-    return record.get("name") if isinstance(record, dict) else getattr(record, "name", None)
+def _status_name(status: Any) -> str:
+    """An SDK status (an enum member, its str "Class.NAME", or a plain name) as its upper-case name."""
+    return str(getattr(status, "name", status)).rsplit(".", 1)[-1].upper()
+
+
+def _first_job_id(job_ids: Any, what: str) -> int:
+    """The job id in what a launch request returns (sky.launch: one id; sky.jobs.launch: a list of them)."""
+    ids = job_ids if isinstance(job_ids, (list, tuple)) else [job_ids]
+    if not ids or ids[0] is None:
+        raise RuntimeError(f"{what} returned no job id")
+    return int(ids[0])
 
 
 # --- catalog queries used by launcher/cost.py (the cost engineer's functions go below) ---------
