@@ -43,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
         _confirm(plan, console)
     # credentials, host key, disk (ssh), enabled clouds (sky): refused (exit 2) before a run exists
     backend.preflight(plan.cfg)
-    source = Path(plan.cfg.data.source).expanduser()
-    if not plan.cfg.data.source.startswith("synthetic:") and source.exists():
+    from launcher import task as tasklib
+
+    source = tasklib.local_data(plan.cfg.to_dict())  # a local file or folder: shipped with the job
+    if source is not None:
         # What is sent, hashed as the machine hashes what it got (sky/train.yaml): compared at the end.
         plan.options["data_sha256"] = manifest_lib.data_hash(source)
     run_rec = registry.new_run(
