@@ -159,7 +159,7 @@ def plan_memory(cfg: RunConfig, card_gib: float | None, host_gib: float | None, 
             host_fit(lean, f, host_gib)
         except JobCannotRun:
             continue
-        why = (f"train.memory_mode: lean" if t.memory_mode == "lean" else
+        why = ("train.memory_mode: lean" if t.memory_mode == "lean" else
                f"the config as written needs ~{fit['total_gib']} GiB, over {FIT_SHARE:.0%} of {card_gib:.2f} GiB")
         return lean, {"mode": "lean", "micro_batch": mb, "checkpoint_layers": None, "offload_checkpoints": True,
                       "fit": f, "why": why}

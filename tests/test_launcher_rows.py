@@ -50,7 +50,7 @@ def test_up_and_estimate_refuse_a_bad_row_naming_file_row_and_column(tmp_path, b
 def test_a_bad_row_in_the_configs_data_source_is_refused_too(tmp_path):
     data = write_jsonl(tmp_path / "rows.jsonl", [GOOD, _without(GOOD, "response")])
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text((REPO / "configs" / "smoke.yaml").read_text() + f"\n# data from here\n")
+    cfg.write_text((REPO / "configs" / "smoke.yaml").read_text() + "\n# data from here\n")
     import yaml
 
     doc = yaml.safe_load(cfg.read_text())
