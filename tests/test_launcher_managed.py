@@ -59,6 +59,17 @@ def up_then_kill_the_launcher(env: dict, bucket: Path, what: str) -> tuple[Path,
     return runs, rec
 
 
+def detached_until_done(env: dict, bucket: Path, *extra: str) -> tuple[Path, dict, str]:
+    """`up --spot --detach` (the launcher returns at once), then the managed job left to SUCCEED by
+    itself: (the runs folder, the run's record, what up printed)."""
+    r = cli(up(bucket, "--detach", *extra), env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    runs = Path(env["SOCRATES_RUNS_DIR"])
+    rec = only_run(runs)
+    wait_until(lambda: job_state(env, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    return runs, rec, r.stdout
+
+
 def test_status_logs_down_after_the_launcher_was_sigkilled(cloud, tmp_path):
     """Acceptance 4: the launcher dies mid-run; the managed job goes on (and is preempted once meanwhile);
     status shows its state and recovery count, logs follows it across the relaunch to the end, downloads
@@ -121,11 +132,8 @@ def test_a_run_followed_only_after_it_ended_is_downloaded_from_the_bucket(cloud,
     """The laptop was off for the whole run (--detach, then nothing): the job ended on its own and its
     machine with it; `status` says the results wait, `logs` pulls them from the bucket and verifies them."""
     env = {**cloud, "FAKEJOB_STEPS": "5"}
-    r = cli(up(tmp_path / "bucket", "--detach", "--keep-bucket"), env)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
-    assert "managed-jobs controller keeps it running" in " ".join(r.stdout.split())
-    wait_until(lambda: job_state(cloud, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    _, rec, said = detached_until_done(env, tmp_path / "bucket", "--keep-bucket")
+    assert "managed-jobs controller keeps it running" in " ".join(said.split())
     r = cli(["status", rec["id"]], env)
     assert "machine:  up" in r.stdout and "job SUCCEEDED" in " ".join(r.stdout.split())
     r = cli(["logs", rec["id"]], env)
@@ -207,11 +215,7 @@ def test_down_before_a_download_keeps_the_bucket_loudly_and_download_still_pulls
     its URL and the commands that pull or delete it; the job SUCCEEDED, so `download` still pulls the
     adapter from it afterwards; a later `down` (now verified) deletes it."""
     env = {**cloud, "FAKEJOB_STEPS": "5"}
-    r = cli(up(tmp_path / "bucket", "--detach"), env)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    runs = Path(cloud["SOCRATES_RUNS_DIR"])
-    rec = only_run(runs)
-    wait_until(lambda: job_state(cloud, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    runs, rec, _ = detached_until_done(env, tmp_path / "bucket")
     r = cli(["down", rec["id"]], env)
     out = " ".join(r.stdout.split())
     assert r.returncode == 0 and "machine down" in out, r.stdout + r.stderr
@@ -231,11 +235,7 @@ def test_down_before_a_download_keeps_the_bucket_loudly_and_download_still_pulls
 
 def test_down_delete_bucket_deletes_an_unverified_runs_bucket(cloud, tmp_path):
     env = {**cloud, "FAKEJOB_STEPS": "5"}
-    r = cli(up(tmp_path / "bucket", "--detach"), env)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    runs = Path(cloud["SOCRATES_RUNS_DIR"])
-    rec = only_run(runs)
-    wait_until(lambda: job_state(cloud, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    runs, rec, _ = detached_until_done(env, tmp_path / "bucket")
     assert (tmp_path / "bucket" / rec["id"]).is_dir()
     r = cli(["down", rec["id"], "--delete-bucket"], env)
     assert r.returncode == 0 and "KEPT" not in r.stdout, r.stdout + r.stderr
@@ -256,10 +256,7 @@ def test_an_edited_record_never_gets_another_bucket_deleted_whole(cloud, tmp_pat
     a record claiming it made the user's own bucket gets only the run's folder in it deleted."""
     env = {**cloud, "FAKEJOB_STEPS": "3"}
     bucket = tmp_path / "bucket"
-    r = cli(up(bucket, "--detach"), env)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
-    wait_until(lambda: job_state(cloud, rec)["status"] == "SUCCEEDED", what="the job ending by itself")
+    _, rec, _ = detached_until_done(env, bucket)
     (bucket / "precious.txt").write_text("the user's own data")
     _edit_record(rec, bucket_made=True)
     r = cli(["down", rec["id"], "--delete-bucket"], env)
