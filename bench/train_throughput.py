@@ -10,6 +10,10 @@ ceiling measured in the same run.
     python bench/train_throughput.py --tiny                   # CPU dry run of every code path
     python bench/train_throughput.py --levers --out $OUT      # device: each lever added in turn
     python bench/train_throughput.py --final --out $OUT       # device: baseline vs ours, loss curves
+    python bench/train_throughput.py --final --targets learnable --baseline-seeds 0,1 \
+        --ours "packing,answer,fp8,mb=32;packing,answer,fp8,mb=32,seed=1" --global-batch 32 --lr 1e-3
+        # the loss check: each variant against the plain stack at the same LoRA seed, beside the
+        # plain stack against itself under another seed (the noise), on answers it can learn
 
 Baseline = what a plain transformers + peft + bitsandbytes script does: prepare_model_for_kbit_training
 (frozen weights upcast to fp32, reentrant checkpointing), LoRA on the 7 projections, right-padded
@@ -50,6 +54,10 @@ class Variant:
     levers: fast.Levers = field(default_factory=lambda: fast.Levers(liger=False, answer_only_loss=False))
     gc: bool = True
     note: str = ""
+    seed: int | None = None
+    """The LoRA seed (A's init, dropout masks); None: the config's. The data never changes with it."""
+    fp8_names: tuple[str, ...] | None = None
+    """With fp8: the projections switched (None: job.fp8.PROJECTIONS)."""
 
 
 def lever_sweep(mb: int) -> list[Variant]:
@@ -72,23 +80,38 @@ def lever_sweep(mb: int) -> list[Variant]:
     ]
 
 
-def final_pair(mb: int, ours: list[Variant]) -> list[Variant]:
-    return [Variant("baseline (plain HF)", baseline=True, micro_batch=mb,
-                    levers=fast.Levers(packing=False, answer_only_loss=False, liger=False)), *ours]
+def final_pair(mb: int, ours: list[Variant], seeds: list[int] | None = None) -> list[Variant]:
+    plain = fast.Levers(packing=False, answer_only_loss=False, liger=False)
+    if not seeds:
+        return [Variant("baseline (plain HF)", baseline=True, micro_batch=mb, levers=plain), *ours]
+    return [*(Variant(f"baseline (plain HF) seed {s}", baseline=True, micro_batch=mb, levers=plain, seed=s)
+              for s in seeds), *ours]
 
 
 # --- data ---------------------------------------------------------------------------------------
 
-def make_examples(n: int, vocab: int, seed: int, tiny: bool) -> list[dict]:
-    """`n` sequences with SocSci210's prompt/answer token lengths; random ids; loss on the answer only."""
+# --targets learnable: every answer token is one of these 8 ids, drawn with weights 1/1 .. 1/8 (a
+# SocSci210 answer is one option of a short scale). A model can learn that in a few steps, so the loss
+# falls (from ~ln(vocab) + its logit spread toward the answers' entropy, ANSWER_ENTROPY nats) and the
+# loss check compares learning curves, not how runs wander on targets nothing can predict.
+ANSWER_IDS = tuple(range(1000, 1008))
+ANSWER_WEIGHTS = tuple(1 / (i + 1) for i in range(len(ANSWER_IDS)))
+TARGETS = ("random", "learnable")
+
+
+def make_examples(n: int, vocab: int, seed: int, tiny: bool, targets: str = "random") -> list[dict]:
+    """`n` sequences with SocSci210's prompt/answer token lengths; loss on the answer only. Prompts are
+    random ids; answers are random ids too ("random") or drawn from ANSWER_IDS ("learnable")."""
     pairs = json.loads(LENGTHS.read_text())["prompt_answer"]
-    rng = random.Random(seed)
+    rng, answers = random.Random(seed), random.Random(seed + 1)  # two streams: the same lengths and prompts either way
     out = []
     for _ in range(n):
         p, a = rng.choice(pairs)
         if tiny:
             p = max(4, p // 8)
         ids = [rng.randrange(10, vocab) for _ in range(p + a)]
+        if targets == "learnable":
+            ids[p:] = answers.choices(ANSWER_IDS, weights=ANSWER_WEIGHTS, k=a)
         out.append({"input_ids": ids, "labels": [fast.IGNORE_INDEX] * p + ids[p:]})
     return out
 
@@ -109,6 +132,7 @@ def build_base(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
 
 
 def attach_lora(base, v: Variant, lora: LoraSpec, seed: int, dtype: torch.dtype):
+    seed = seed if v.seed is None else v.seed
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     for p in base.parameters():
@@ -129,9 +153,11 @@ def attach_lora(base, v: Variant, lora: LoraSpec, seed: int, dtype: torch.dtype)
         fast.fuse_lora(model, v.levers.fused_lora)
         fast.set_compile(model, v.levers.compile)
         if v.levers.fp8:
-            from job.fp8 import enable_fp8, recipe
-            n = enable_fp8(model, fast_accum=v.levers.fp8_fast_accum, backward=v.levers.fp8_backward)
-            print(f"  fp8 on {n} frozen linears ({recipe(v.levers.fp8_fast_accum, v.levers.fp8_backward)})")
+            from job.fp8 import PROJECTIONS, enable_fp8, recipe
+            names = v.fp8_names or PROJECTIONS
+            n = enable_fp8(model, fast_accum=v.levers.fp8_fast_accum, backward=v.levers.fp8_backward, names=names)
+            print(f"  fp8 on {n} frozen linears ({'/'.join(names)}; "
+                  f"{recipe(v.levers.fp8_fast_accum, v.levers.fp8_backward)})")
     model.train()
     return model
 
@@ -218,7 +244,8 @@ def run_variant(base, v: Variant, examples: list[dict], steps: int, gb: int, spe
     base = detach_lora(model)
     step_tokens = [sum(len(e["input_ids"]) for e in examples[s * gb:(s + 1) * gb]) for s in range(len(step_s))]
     steady = sum(step_tokens[1:]) / sum(step_s[1:]) if len(step_s) > 1 else None
-    return {"name": v.name, "baseline": v.baseline, "steady_tokens_per_s": steady, "micro_batch": v.micro_batch, "gc": v.gc,
+    return {"name": v.name, "baseline": v.baseline, "seed": spec.seed if v.seed is None else v.seed,
+            "steady_tokens_per_s": steady, "micro_batch": v.micro_batch, "gc": v.gc,
             "levers": asdict(v.levers), "steps": len(losses), "losses": losses, "step_s": step_s,
             "tokens_per_s": timed_tokens / timed_s if timed_s else None, "timed_tokens": timed_tokens,
             "peak_gib": peak, "error": error, "dynamo": dynamo, "_base": base}
@@ -303,25 +330,70 @@ def table(rows: list[dict], card: str, ceiling: float, flops_per_token: float) -
 
 
 def loss_table(rows: list[dict]) -> str:
-    """Loss per optimizer step, every row beside the baseline, and the largest gap to it."""
-    base = next((r for r in rows if r["baseline"] and r["losses"]), None)
+    """Loss per optimizer step, every row beside the baseline of its seed, and the largest gap to it."""
+    bases = [r for r in rows if r["baseline"] and r["losses"]]
     others = [r for r in rows if not r["baseline"] and r["losses"]]
-    if base is None or not others:
+    if not bases or not others:
         return ""
-    n = max(len(r["losses"]) for r in [base, *others])
-    lines = ["| step | baseline | " + " | ".join(r["name"] for r in others) + " |",
-             "|---" * (2 + len(others)) + "|"]
+    shown = [*bases, *others]
+    n = max(len(r["losses"]) for r in shown)
+    lines = ["| step | " + " | ".join(r["name"] for r in shown) + " |", "|---" * (1 + len(shown)) + "|"]
     for i in range(n):
         cell = lambda r: f"{r['losses'][i]:.4f}" if i < len(r["losses"]) else "-"  # noqa: E731
-        lines.append(f"| {i + 1} | {cell(base)} | " + " | ".join(cell(r) for r in others) + " |")
+        lines.append(f"| {i + 1} | " + " | ".join(cell(r) for r in shown) + " |")
     for r in others:
+        base = _baseline_of(r, bases)
         k = min(len(r["losses"]), len(base["losses"]))
         gap = max(abs(a - b) for a, b in zip(r["losses"][:k], base["losses"][:k]))
         steps = [b - a for a, b in zip(base["losses"][:k], base["losses"][1:k])]
         spread = max(abs(x) for x in steps) if steps else float("nan")
         lines.append(f"\n{r['name']}: largest |ours - baseline| over {k} steps {gap:.4f}; "
                      f"the baseline's own largest step-to-step change {spread:.4f}")
+    check = loss_check(rows)
+    if check:
+        lines += ["", "Within noise? Each row against the plain stack at its LoRA seed, beside the plain stack "
+                  "against itself under another LoRA seed (RMS of the per-step loss difference; the row is within "
+                  "noise when both its RMS over all steps and over the later half are at most the seeds')."]
+        for c in check:
+            lines.append(f"- {c['name']}: RMS {c['rms']:.4f} (later half {c['rms_late']:.4f}, mean there "
+                         f"{c['mean_late']:+.4f}) vs seeds {c['noise_rms']:.4f} ({c['noise_rms_late']:.4f}) over "
+                         f"{c['steps']} steps: {'WITHIN noise' if c['within'] else 'NOT within noise'}")
     return "\n".join(lines)
+
+
+def _baseline_of(r: dict, bases: list[dict]) -> dict:
+    return next((b for b in bases if b.get("seed") == r.get("seed")), bases[0])
+
+
+def _rms(xs: list[float]) -> float:
+    return (sum(x * x for x in xs) / len(xs)) ** 0.5 if xs else float("nan")
+
+
+def loss_check(rows: list[dict]) -> list[dict]:
+    """The loss check, decided by a rule fixed before any row ran: a variant at LoRA seed s is within
+    noise when the RMS over steps of (its loss - the plain stack's at seed s) is at most the RMS of
+    (plain stack at the second seed - plain stack at the first), over all compared steps and over their
+    later half (where a slow drift would show). Needs two baseline seeds; [] otherwise."""
+    bases = sorted((r for r in rows if r["baseline"] and r["losses"]), key=lambda r: r["seed"])
+    if len(bases) < 2:
+        return []
+    p0, p1 = bases[0]["losses"], bases[1]["losses"]
+    out = []
+    for r in rows:
+        if r["baseline"] or not r["losses"] or not any(b["seed"] == r["seed"] for b in bases):
+            continue
+        mine = _baseline_of(r, bases)["losses"]
+        k = min(len(r["losses"]), len(mine), len(p0), len(p1))
+        if k < 2:
+            continue
+        gap = [a - b for a, b in zip(r["losses"][:k], mine[:k])]
+        seeds = [b - a for a, b in zip(p0[:k], p1[:k])]
+        h = k // 2
+        c = {"name": r["name"], "seed": r["seed"], "steps": k, "rms": _rms(gap), "rms_late": _rms(gap[h:]),
+             "mean_late": sum(gap[h:]) / (k - h), "noise_rms": _rms(seeds), "noise_rms_late": _rms(seeds[h:])}
+        c["within"] = c["rms"] <= c["noise_rms"] and c["rms_late"] <= c["noise_rms_late"]
+        out.append(c)
+    return out
 
 
 def main() -> int:
@@ -333,13 +405,17 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: levers 1, final 20)")
     ap.add_argument("--baseline-steps", type=int, default=None, help="final mode: baseline steps (default --steps)")
     ap.add_argument("--ours", default="packing,answer,liger,mb=32",
-                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, fused, offload, compile, fp8, exact (fp8's forward without fast accumulation), dxbf16 (fp8's dx in bf16), rows=N, mb=N, gc=K|all|none); "
+                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, fused, offload, compile, fp8, exact (fp8's forward without fast accumulation), dxbf16 (fp8's dx in bf16), fp8mlp (fp8 on the MLP's projections only), rows=N, mb=N, gc=K|all|none, seed=N (LoRA seed)); "
                          "several variants separated by ';'")
     ap.add_argument("--max-gib", type=float, default=36.0,
                     help="final mode: best.json names the fastest 'ours' row whose peak fits this many GiB")
     ap.add_argument("--global-batch", type=int, default=None,
                     help="sequences per optimizer step (default: the config's 256; smaller for a many-step loss comparison)")
     ap.add_argument("--lr", type=float, default=None, help="constant learning rate (default: the config's 1e-5)")
+    ap.add_argument("--targets", choices=TARGETS, default="random",
+                    help="answers: random ids (nothing to learn) or drawn from 8 ids a model can learn (the loss check)")
+    ap.add_argument("--baseline-seeds", default=None,
+                    help="final mode: run the baseline once per LoRA seed (comma-separated, e.g. 0,1): the loss check's noise")
     ap.add_argument("--baseline-mb", type=int, default=None, help="the baseline's micro-batch (default: the config's 8)")
     ap.add_argument("--only", default=None, help="levers mode: comma-separated row numbers to run (1-based)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new steps after this many seconds")
@@ -370,7 +446,8 @@ def main() -> int:
     mb = 4 if args.tiny else (args.baseline_mb or spec.micro_batch)
     if args.final:
         ours = [parse_ours(o, args.tiny) for o in args.ours.split(";") if o.strip()]
-        variants = final_pair(mb, ours)
+        seeds = [int(x) for x in args.baseline_seeds.split(",")] if args.baseline_seeds else None
+        variants = final_pair(mb, ours, seeds)
         steps = args.steps or (3 if args.tiny else 20)
         base_steps = args.baseline_steps or steps
     else:
@@ -384,7 +461,7 @@ def main() -> int:
         base_steps = steps
     n_steps = max(steps, base_steps)
     vocab = base.config.vocab_size
-    examples = make_examples(gb * n_steps, vocab, spec.seed, args.tiny)
+    examples = make_examples(gb * n_steps, vocab, spec.seed, args.tiny, args.targets)
 
     rows: list[dict] = []
     out_dir = Path(args.out)
@@ -402,7 +479,8 @@ def main() -> int:
         dump(out_dir, card, ceiling, flops_per_token, build_s, rows, args)
     text = table(rows, card, ceiling, flops_per_token)
     if args.final:
-        text += "\n\nLoss per optimizer step (same data, order and seed):\n\n" + loss_table(rows)
+        text += (f"\n\nLoss per optimizer step (same data and order; {args.targets} answers):\n\n"
+                 + loss_table(rows))
     print("\n" + text)
     if args.final:
         best = best_within(rows, args.max_gib)
@@ -422,7 +500,7 @@ SWITCHES = {"packing": {"packing": True}, "answer": {"answer_only_loss": True}, 
 
 def parse_ours(spec: str, tiny: bool) -> Variant:
     lv = fast.Levers(packing=False, answer_only_loss=False, liger=False)
-    mb, gc_on = 8, True
+    mb, gc_on, seed, names = 8, True, None, None
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         key, _, val = item.partition("=")
         if key in SWITCHES and not val:
@@ -431,14 +509,20 @@ def parse_ours(spec: str, tiny: bool) -> Variant:
             lv = replace(lv, row_len=int(val))
         elif key == "mb":
             mb = int(val)
+        elif key == "seed":
+            seed = int(val)
+        elif key == "fp8mlp" and not val:
+            from job.fp8 import MLP
+            lv, names = replace(lv, fp8=True), MLP
         elif key == "gc":
             gc_on = val != "none"
             lv = replace(lv, checkpoint_layers=None if val in ("none", "all") else int(val))
         else:
-            raise SystemExit(f"--ours: {item!r} is not accepted ({', '.join(SWITCHES)}, rows=N, mb=N, gc=K|all|none)")
+            raise SystemExit(f"--ours: {item!r} is not accepted ({', '.join(SWITCHES)}, fp8mlp, rows=N, mb=N, "
+                             "gc=K|all|none, seed=N)")
     if tiny:
         mb = max(2, mb // 8)
-    return Variant(f"ours ({spec})", micro_batch=mb, levers=lv, gc=gc_on)
+    return Variant(f"ours ({spec})", micro_batch=mb, levers=lv, gc=gc_on, seed=seed, fp8_names=names)
 
 
 def best_within(rows: list[dict], max_gib: float) -> dict | None:
@@ -458,7 +542,8 @@ def dump(out_dir: Path, card, ceiling, fpt, build_s, rows, args) -> None:
     (out_dir / "train_throughput.json").write_text(json.dumps({
         "card": card, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv[1:],
         "matmul_ceiling_flops": ceiling, "flops_per_token": fpt, "build_s": build_s,
-        "lengths": json.loads(LENGTHS.read_text())["meta"], "rows": rows}, indent=1, default=str) + "\n")
+        "lengths": json.loads(LENGTHS.read_text())["meta"], "targets": args.targets,
+        "loss_check": loss_check(rows), "rows": rows}, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

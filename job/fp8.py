@@ -2,9 +2,9 @@
 
 With QLoRA the base weights are frozen, so each decoder linear does two matmuls a pass and no weight
 gradient: the forward `y = x @ W^T` (twice with recompute) and the activation gradient `dx = dy @ W`.
-Those are ~90% of a step's FLOPs. `enable_fp8(model)` swaps the forward of every frozen linear inside
-the decoder layers (bnb's NF4 `Linear4bit`, or a frozen bf16 `nn.Linear` for `method: lora`) for one
-autograd op that runs both in fp8:
+Those are ~90% of a step's FLOPs. `enable_fp8(model)` swaps the forward of the frozen q/o/gate/up/down
+projections inside the decoder layers (bnb's NF4 `Linear4bit`, or a frozen bf16 `nn.Linear` for
+`method: lora`; k/v stay bf16, see PROJECTIONS) for one autograd op that runs both in fp8:
 
 - forward: W is dequantized (NF4 -> bf16, as bnb's own matmul does every pass) and quantized to e4m3
   with one scale per output row; x with one scale per token; `_scaled_mm` accumulates in fp32 and
@@ -178,13 +178,24 @@ def _fp8_forward(self, x: torch.Tensor, *args, fast_accum: bool = True, backward
         return _Fp8Linear.apply(x.to(dt), self, dt, fast_accum, backward)
 
 
-def _frozen_linears(model: torch.nn.Module):
-    """Frozen linear layers inside the decoder layers (never the lm_head or embeddings)."""
+# The projections fp8 pays on. Qwen2's k_proj and v_proj (GQA: 5120 -> 1024 in the 14B) are left in bf16:
+# round 6's layer microbench (bench/fp8_layer.py, H200) timed them at 0.53 + 0.85 ms in fp8 against
+# bnb's 0.61 + 0.69 ms (forward + input gradient, one micro-batch of 128): with the forward run twice
+# (recompute) that is 1.91 ms either way, so fp8 there only adds rounding. MLP names the bench's
+# variant that leaves attention's projections in bf16 too.
+PROJECTIONS = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _frozen_linears(model: torch.nn.Module, names: tuple[str, ...] = PROJECTIONS):
+    """Frozen linear layers named in `names` inside the decoder layers (never the lm_head or embeddings)."""
     from job.fast import causal_lm_of
 
     for block in causal_lm_of(model).model.layers:
-        for m in block.modules():
+        for qual, m in block.named_modules():
             if type(m).__name__ not in ("Linear4bit", "Linear") or hasattr(m, "lora_A"):
+                continue
+            if not _named(qual, names):
                 continue
             w = getattr(m, "weight", None)
             if w is None or w.requires_grad or not isinstance(m, torch.nn.Linear):
@@ -194,8 +205,19 @@ def _frozen_linears(model: torch.nn.Module):
             yield m
 
 
-def enable_fp8(model: torch.nn.Module, enabled: bool = True, fast_accum: bool = True, backward: str = "fp8") -> int:
-    """Switch every frozen decoder linear to the fp8 forward (or back); returns how many.
+def _named(qual: str, names: tuple[str, ...]) -> bool:
+    """Whether a module path inside a decoder layer ("self_attn.q_proj", or peft's
+    "self_attn.q_proj.base_layer") is one of the projections in `names`."""
+    parts = qual.split(".")
+    if parts and parts[-1] == "base_layer":
+        parts = parts[:-1]
+    return bool(parts) and parts[-1] in names
+
+
+def enable_fp8(model: torch.nn.Module, enabled: bool = True, fast_accum: bool = True, backward: str = "fp8",
+               names: tuple[str, ...] = PROJECTIONS) -> int:
+    """Switch the frozen decoder linears named in `names` (PROJECTIONS: all but k/v) to the fp8 forward
+    (or every switched one back); returns how many.
 
     fast_accum: the forward's `_scaled_mm` uses Hopper's fast accumulation (False: exact, as dx's);
     backward: "fp8" (dx = dy @ W in e4m3) or "bf16" (dx from the dequantized weight, as bnb does)."""
@@ -204,4 +226,7 @@ def enable_fp8(model: torch.nn.Module, enabled: bool = True, fast_accum: bool = 
     fwd = functools.partial(_fp8_forward, fast_accum=bool(fast_accum), backward=backward)
     from job.fused_lora import swap_forward
 
-    return swap_forward(_frozen_linears(model), fwd, enabled)
+    if not enabled:  # back: whatever was switched, whichever names it was switched with
+        every = PROJECTIONS + ("k_proj", "v_proj")
+        return swap_forward([m for m in _frozen_linears(model, every) if "forward" in m.__dict__], fwd, False)
+    return swap_forward(_frozen_linears(model, names), fwd, True)

@@ -115,7 +115,7 @@ def test_fp8_on_a_lora_model_close_to_the_plain_one_and_undone_exactly(four_bit)
     want_loss, want_g = _loss_and_grads(model, batch)
     n = fp8.enable_fp8(model)
     layers = fast.causal_lm_of(model).model.layers
-    assert n == 7 * len(layers)  # every frozen projection of every decoder layer, nothing else
+    assert n == 5 * len(layers)  # q/o/gate/up/down of every decoder layer (k/v stay bf16), nothing else
     switched = [m for m in model.modules() if "forward" in m.__dict__]
     assert len(switched) == n and all(not hasattr(m, "lora_A") for m in switched)
     if four_bit:
@@ -136,9 +136,29 @@ def test_only_frozen_projections_with_widths_divisible_by_16():
     for p in base.parameters():
         p.requires_grad_(False)
     base.model.layers[0].mlp.down_proj.weight.requires_grad_(True)  # trained: its weight grad is needed
-    assert fp8.enable_fp8(base) == 7 * ARCH["num_hidden_layers"] - 1
+    assert fp8.enable_fp8(base) == 5 * ARCH["num_hidden_layers"] - 1
     assert "forward" not in base.model.layers[0].mlp.down_proj.__dict__
     assert "forward" not in base.lm_head.__dict__
+    attn = base.model.layers[1].self_attn
+    assert "forward" in attn.q_proj.__dict__ and "forward" in attn.o_proj.__dict__
+    assert "forward" not in attn.k_proj.__dict__ and "forward" not in attn.v_proj.__dict__
+
+
+def test_names_pick_the_projections_and_switching_off_undoes_whichever_were_on():
+    torch.manual_seed(0)
+    base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa"))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    layers = ARCH["num_hidden_layers"]
+    assert fp8.enable_fp8(base, names=fp8.MLP) == 3 * layers
+    on = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if "forward" in m.__dict__}
+    assert on == {"gate_proj", "up_proj", "down_proj"}
+    assert fp8.enable_fp8(base, enabled=False) == 3 * layers  # only the switched ones
+    assert not [n for n, m in base.named_modules() if "forward" in m.__dict__]
+    model = _lora_model(base)  # peft wraps each projection: the frozen one is its base_layer
+    assert fp8.enable_fp8(model, names=("k_proj",)) == layers
+    assert all(n.endswith("k_proj.base_layer") for n, m in model.named_modules() if "forward" in m.__dict__
+               and not hasattr(m, "lora_A"))
 
 
 def test_available_says_why_not_off_hopper():
@@ -285,9 +305,9 @@ def test_the_forward_accumulation_switch_reaches_scaled_mm_and_dx_stays_exact(mo
         n = fp8.enable_fp8(model, fast_accum=fast_accum)
         seen.clear()
         _loss_and_grads(model, fast.collate_padded(_examples(2, seed=3), pad_id=0))
-        # n forwards with the switch, then the input grads, always exact (layer 0's q/k/v get none:
-        # their input comes from the frozen embedding)
-        assert seen[:n] == [fast_accum] * n and seen[n:] == [False] * (n - 3)
+        # n forwards with the switch, then the input grads, always exact (layer 0's q_proj gets none:
+        # its input comes from the frozen embedding; k/v are not switched)
+        assert seen[:n] == [fast_accum] * n and seen[n:] == [False] * (n - 1)
 
 
 def test_enable_fp8_refuses_an_unknown_backward():
@@ -316,7 +336,7 @@ def test_speed_up_applies_the_configs_recipe_where_fp8_runs(monkeypatch):
     lv = fast.speed_up(model, _paper(fp8=True, liger=False, fp8_fast_accum=False, fp8_backward="bf16").train, "cpu")
     assert lv.fp8 and (lv.fp8_fast_accum, lv.fp8_backward) == (False, "bf16")
     switched = [m for m in model.modules() if "forward" in m.__dict__ and not hasattr(m, "lora_A")]
-    assert len(switched) == 7 * ARCH["num_hidden_layers"]
+    assert len(switched) == 5 * ARCH["num_hidden_layers"]
     for m in switched:
         assert isinstance(m.forward, types.MethodType)
         assert m.forward.__func__.keywords == {"fast_accum": False, "backward": "bf16"}
