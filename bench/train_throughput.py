@@ -56,8 +56,6 @@ class Variant:
     note: str = ""
     seed: int | None = None
     """The LoRA seed (A's init, dropout masks); None: the config's. The data never changes with it."""
-    fp8_names: tuple[str, ...] | None = None
-    """With fp8: the projections switched (None: job.fp8.PROJECTIONS)."""
 
 
 def lever_sweep(mb: int) -> list[Variant]:
@@ -153,11 +151,10 @@ def attach_lora(base, v: Variant, lora: LoraSpec, seed: int, dtype: torch.dtype)
         fast.fuse_lora(model, v.levers.fused_lora)
         fast.set_compile(model, v.levers.compile)
         if v.levers.fp8:
-            from job.fp8 import PROJECTIONS, enable_fp8, recipe
-            names = v.fp8_names or PROJECTIONS
-            n = enable_fp8(model, fast_accum=v.levers.fp8_fast_accum, backward=v.levers.fp8_backward, names=names)
-            print(f"  fp8 on {n} frozen linears ({'/'.join(names)}; "
-                  f"{recipe(v.levers.fp8_fast_accum, v.levers.fp8_backward)})")
+            from job.fp8 import enable_fp8, projections, recipe
+            lv = v.levers
+            n = enable_fp8(model, fast_accum=lv.fp8_fast_accum, backward=lv.fp8_backward, names=projections(lv.fp8_attention))
+            print(f"  fp8 on {n} frozen linears ({recipe(lv.fp8_fast_accum, lv.fp8_backward, lv.fp8_attention)})")
     model.train()
     return model
 
@@ -405,7 +402,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: levers 1, final 20)")
     ap.add_argument("--baseline-steps", type=int, default=None, help="final mode: baseline steps (default --steps)")
     ap.add_argument("--ours", default="packing,answer,liger,mb=32",
-                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, fused, offload, compile, fp8, exact (fp8's forward without fast accumulation), dxbf16 (fp8's dx in bf16), fp8mlp (fp8 on the MLP's projections only), rows=N, mb=N, gc=K|all|none, seed=N (LoRA seed)); "
+                    help="final mode: ours as comma-separated levers (packing, answer, liger, flex, fused, offload, compile, fp8 (the MLP's projections), fp8attn (fp8 on attention's q/o too), fp8mlp (= fp8), exact (fp8's forward without fast accumulation), dxbf16 (fp8's dx in bf16), rows=N, mb=N, gc=K|all|none, seed=N (LoRA seed)); "
                          "several variants separated by ';'")
     ap.add_argument("--max-gib", type=float, default=36.0,
                     help="final mode: best.json names the fastest 'ours' row whose peak fits this many GiB")
@@ -495,12 +492,14 @@ def main() -> int:
 SWITCHES = {"packing": {"packing": True}, "answer": {"answer_only_loss": True}, "liger": {"liger": True},
             "flex": {"attn_implementation": "flex_attention"}, "fused": {"fused_lora": True},
             "offload": {"offload_checkpoints": True}, "compile": {"compile": True},
-            "fp8": {"fp8": True}, "exact": {"fp8_fast_accum": False}, "dxbf16": {"fp8_backward": "bf16"}}
+            "fp8": {"fp8": True}, "exact": {"fp8_fast_accum": False}, "dxbf16": {"fp8_backward": "bf16"},
+            # fp8mlp: the name round 8 measured the MLP-only recipe under, before it became fp8's default
+            "fp8attn": {"fp8": True, "fp8_attention": True}, "fp8mlp": {"fp8": True, "fp8_attention": False}}
 
 
 def parse_ours(spec: str, tiny: bool) -> Variant:
     lv = fast.Levers(packing=False, answer_only_loss=False, liger=False)
-    mb, gc_on, seed, names = 8, True, None, None
+    mb, gc_on, seed = 8, True, None
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         key, _, val = item.partition("=")
         if key in SWITCHES and not val:
@@ -511,18 +510,15 @@ def parse_ours(spec: str, tiny: bool) -> Variant:
             mb = int(val)
         elif key == "seed":
             seed = int(val)
-        elif key == "fp8mlp" and not val:
-            from job.fp8 import MLP
-            lv, names = replace(lv, fp8=True), MLP
         elif key == "gc":
             gc_on = val != "none"
             lv = replace(lv, checkpoint_layers=None if val in ("none", "all") else int(val))
         else:
-            raise SystemExit(f"--ours: {item!r} is not accepted ({', '.join(SWITCHES)}, fp8mlp, rows=N, mb=N, "
+            raise SystemExit(f"--ours: {item!r} is not accepted ({', '.join(SWITCHES)}, rows=N, mb=N, "
                              "gc=K|all|none, seed=N)")
     if tiny:
         mb = max(2, mb // 8)
-    return Variant(f"ours ({spec})", micro_batch=mb, levers=lv, gc=gc_on, seed=seed, fp8_names=names)
+    return Variant(f"ours ({spec})", micro_batch=mb, levers=lv, gc=gc_on, seed=seed)
 
 
 def best_within(rows: list[dict], max_gib: float) -> dict | None:

@@ -101,16 +101,21 @@ class TrainSpec:
     offload_checkpoints: bool = False
     """Checkpointed layers keep their input in pinned host memory, not on the GPU (job/offload.py)."""
     fp8: bool = False
-    """The frozen base's decoder matmuls in fp8 e4m3 with row-wise scales, forward and input gradient
-    (job/fp8.py): ~1.35x the step rate on an H200; off on cards without fp8 tensor cores (before Ada/Hopper).
-    Rounds the matmul inputs to 3 mantissa bits, so the loss moves slightly (bench/RESULTS.md round 6)."""
+    """The frozen base's MLP matmuls (and attention's q/o with fp8_attention) in fp8 e4m3 with row-wise
+    scales, forward and input gradient (job/fp8.py): ~1.25x the step rate on an H200; off on cards
+    without fp8 tensor cores (before Ada/Hopper). Rounds the matmul inputs to 3 mantissa bits: the
+    20-step loss stayed within seed-to-seed noise (bench/RESULTS.md round 8)."""
     fp8_fast_accum: bool = True
     """With fp8: the forward's matmul uses Hopper's fast accumulation (false: exact accumulation)."""
     fp8_backward: str = "fp8"
     """With fp8: the input gradient dx = dy @ W in fp8 | bf16 (from the dequantized weight, as bnb does;
     only the forward and its recompute in fp8). Round 7 (bench/RESULTS.md): neither bf16 dx nor exact
-    accumulation narrowed fp8's loss gap, and both are slower (6,803 / 7,266 vs 7,376 tok/s), so the
-    defaults are round 6's recipe."""
+    accumulation narrowed fp8's loss gap (then on all 7 projections), and both are slower (6,803 /
+    7,266 vs 7,376 tok/s), so the defaults are round 6's recipe."""
+    fp8_attention: bool = False
+    """With fp8: attention's q_proj/o_proj in fp8 too (the MLP's gate/up/down always are; k/v never).
+    Round 8 (bench/RESULTS.md, H200): +6.6% (7,505 vs 7,043 tok/s) but its 20-step loss at lr 3e-4 left
+    the plain stack's seed-to-seed noise (RMS 0.171 vs 0.101), which the MLP alone stayed within (0.096)."""
     memory_mode: str = "auto"
     """auto: the config as written when `job check`'s fit says it fits the card, else the lean mode |
     fast: always as written | lean: always lean (every layer recomputed, its input offloaded to pinned

@@ -64,6 +64,8 @@ class Levers:
     """With fp8: the forward's `_scaled_mm` uses fast accumulation (False: exact)."""
     fp8_backward: str = "fp8"
     """With fp8: dx = dy @ W in fp8 | bf16 (dequantized weight, as bnb does)."""
+    fp8_attention: bool = False
+    """With fp8: attention's q/o projections too (the MLP's always; job/fp8.py projections)."""
 
 
 # --- batches ---------------------------------------------------------------------------------
@@ -307,7 +309,8 @@ def levers_for(train, device: torch.device | str) -> Levers:
                   compile=train.compile, fused_lora=train.fused_lora,
                   offload_checkpoints=train.offload_checkpoints,
                   fp8=train.fp8 and _fp8_here(device),
-                  fp8_fast_accum=getattr(train, "fp8_fast_accum", True), fp8_backward=getattr(train, "fp8_backward", "fp8"))
+                  fp8_fast_accum=getattr(train, "fp8_fast_accum", True), fp8_backward=getattr(train, "fp8_backward", "fp8"),
+                  fp8_attention=getattr(train, "fp8_attention", False))
 
 
 def _fp8_here(device: torch.device | str) -> bool:
@@ -332,10 +335,11 @@ def speed_up(model: torch.nn.Module, train, device: torch.device | str, trainer=
     set_checkpointing(model, train.gradient_checkpointing, lv.checkpoint_layers, lv.offload_checkpoints)
     fuse_lora(model, lv.fused_lora)
     if lv.fp8:
-        from job.fp8 import enable_fp8, recipe
+        from job.fp8 import enable_fp8, projections, recipe
 
-        n = enable_fp8(model, fast_accum=lv.fp8_fast_accum, backward=lv.fp8_backward)
-        print(f"speed: fp8 (e4m3) matmuls on {n} frozen linears ({recipe(lv.fp8_fast_accum, lv.fp8_backward)})", flush=True)
+        n = enable_fp8(model, fast_accum=lv.fp8_fast_accum, backward=lv.fp8_backward, names=projections(lv.fp8_attention))
+        print(f"speed: fp8 (e4m3) matmuls on {n} frozen linears "
+              f"({recipe(lv.fp8_fast_accum, lv.fp8_backward, lv.fp8_attention)})", flush=True)
     set_compile(model, lv.compile)
     if trainer is not None:
         trainable_to_fp32(model)

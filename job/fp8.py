@@ -2,9 +2,10 @@
 
 With QLoRA the base weights are frozen, so each decoder linear does two matmuls a pass and no weight
 gradient: the forward `y = x @ W^T` (twice with recompute) and the activation gradient `dx = dy @ W`.
-Those are ~90% of a step's FLOPs. `enable_fp8(model)` swaps the forward of the frozen q/o/gate/up/down
-projections inside the decoder layers (bnb's NF4 `Linear4bit`, or a frozen bf16 `nn.Linear` for
-`method: lora`; k/v stay bf16, see PROJECTIONS) for one autograd op that runs both in fp8:
+Those are ~90% of a step's FLOPs. `enable_fp8(model)` swaps the forward of the frozen MLP projections
+(gate/up/down, ~77% of the decoder's linear FLOPs) inside the decoder layers, and with
+`attention=True` attention's q/o too (bnb's NF4 `Linear4bit`, or a frozen bf16 `nn.Linear` for
+`method: lora`; k/v never: see ATTENTION), for one autograd op that runs both in fp8:
 
 - forward: W is dequantized (NF4 -> bf16, as bnb's own matmul does every pass) and quantized to e4m3
   with one scale per output row; x with one scale per token; `_scaled_mm` accumulates in fp32 and
@@ -165,9 +166,9 @@ class _Fp8Linear(torch.autograd.Function):
 BACKWARDS = ("fp8", "bf16")
 
 
-def recipe(fast_accum: bool, backward: str) -> str:
-    """The recipe in words: the forward's accumulation and where dx is computed."""
-    return (f"forward {'fast' if fast_accum else 'exact'} accumulation, "
+def recipe(fast_accum: bool, backward: str, attention: bool = False) -> str:
+    """The recipe in words: which projections, the forward's accumulation and where dx is computed."""
+    return (f"{'/'.join(projections(attention))}; forward {'fast' if fast_accum else 'exact'} accumulation, "
             f"dx in {'bf16 (dequantized weight)' if backward == 'bf16' else 'fp8'}")
 
 
@@ -178,16 +179,25 @@ def _fp8_forward(self, x: torch.Tensor, *args, fast_accum: bool = True, backward
         return _Fp8Linear.apply(x.to(dt), self, dt, fast_accum, backward)
 
 
-# The projections fp8 pays on. Qwen2's k_proj and v_proj (GQA: 5120 -> 1024 in the 14B) are left in bf16:
-# round 6's layer microbench (bench/fp8_layer.py, H200) timed them at 0.53 + 0.85 ms in fp8 against
-# bnb's 0.61 + 0.69 ms (forward + input gradient, one micro-batch of 128): with the forward run twice
-# (recompute) that is 1.91 ms either way, so fp8 there only adds rounding. MLP names the bench's
-# variant that leaves attention's projections in bf16 too.
-PROJECTIONS = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Which projections run in fp8 (bench/RESULTS.md rounds 6 and 8, H200):
+# - the MLP's, always: most of the gain (7,043 tok/s vs bf16's 5,650 in the fast-mode shape), and its
+#   20-step loss stayed within the seed-to-seed noise of the plain stack at lr 3e-4;
+# - attention's q/o only with train.fp8_attention: +6.6% more (7,505 tok/s), but the loss left that
+#   noise (RMS 0.171 vs the seeds' 0.101; the base model's loss at step 1 moved 0.26 vs the MLP's 0.09);
+# - never k/v (GQA: 5120 -> 1024 in the 14B): round 6's layer microbench timed them at 0.53 + 0.85 ms
+#   in fp8 against bnb's 0.61 + 0.69 ms (forward + input gradient, one micro-batch of 128); with the
+#   forward run twice (recompute) that is 1.91 ms either way, so fp8 there only adds rounding.
 MLP = ("gate_proj", "up_proj", "down_proj")
+ATTENTION = ("q_proj", "o_proj")
+_EVERY = MLP + ATTENTION + ("k_proj", "v_proj")
 
 
-def _frozen_linears(model: torch.nn.Module, names: tuple[str, ...] = PROJECTIONS):
+def projections(attention: bool = False) -> tuple[str, ...]:
+    """The projections switched to fp8: the MLP's, and attention's q/o with `attention`."""
+    return ATTENTION + MLP if attention else MLP
+
+
+def _frozen_linears(model: torch.nn.Module, names: tuple[str, ...] = MLP):
     """Frozen linear layers named in `names` inside the decoder layers (never the lm_head or embeddings)."""
     from job.fast import causal_lm_of
 
@@ -215,9 +225,9 @@ def _named(qual: str, names: tuple[str, ...]) -> bool:
 
 
 def enable_fp8(model: torch.nn.Module, enabled: bool = True, fast_accum: bool = True, backward: str = "fp8",
-               names: tuple[str, ...] = PROJECTIONS) -> int:
-    """Switch the frozen decoder linears named in `names` (PROJECTIONS: all but k/v) to the fp8 forward
-    (or every switched one back); returns how many.
+               names: tuple[str, ...] = MLP) -> int:
+    """Switch the frozen decoder linears named in `names` (default: the MLP's; see projections()) to
+    the fp8 forward (or every switched one back); returns how many.
 
     fast_accum: the forward's `_scaled_mm` uses Hopper's fast accumulation (False: exact, as dx's);
     backward: "fp8" (dx = dy @ W in e4m3) or "bf16" (dx from the dequantized weight, as bnb does)."""
@@ -227,6 +237,5 @@ def enable_fp8(model: torch.nn.Module, enabled: bool = True, fast_accum: bool = 
     from job.fused_lora import swap_forward
 
     if not enabled:  # back: whatever was switched, whichever names it was switched with
-        every = PROJECTIONS + ("k_proj", "v_proj")
-        return swap_forward([m for m in _frozen_linears(model, every) if "forward" in m.__dict__], fwd, False)
+        return swap_forward([m for m in _frozen_linears(model, _EVERY) if "forward" in m.__dict__], fwd, False)
     return swap_forward(_frozen_linears(model, names), fwd, True)

@@ -77,7 +77,8 @@ def _fp8_report(t, on_gpu: bool, lora: bool) -> dict:
 
     ok, why = available("cuda") if on_gpu else (False, "CUDA only (fp8 tensor cores)")
     if ok:
-        why += "; " + recipe(getattr(t, "fp8_fast_accum", True), getattr(t, "fp8_backward", "fp8"))
+        why += "; " + recipe(getattr(t, "fp8_fast_accum", True), getattr(t, "fp8_backward", "fp8"),
+                             getattr(t, "fp8_attention", False))
     return {"on": ok, "why": why}
 
 

@@ -113,7 +113,7 @@ def test_fp8_on_a_lora_model_close_to_the_plain_one_and_undone_exactly(four_bit)
     fast.set_checkpointing(model, True)
     batch = fast.collate_padded(_examples(6, seed=3), pad_id=0)
     want_loss, want_g = _loss_and_grads(model, batch)
-    n = fp8.enable_fp8(model)
+    n = fp8.enable_fp8(model, names=fp8.projections(attention=True))
     layers = fast.causal_lm_of(model).model.layers
     assert n == 5 * len(layers)  # q/o/gate/up/down of every decoder layer (k/v stay bf16), nothing else
     switched = [m for m in model.modules() if "forward" in m.__dict__]
@@ -136,12 +136,15 @@ def test_only_frozen_projections_with_widths_divisible_by_16():
     for p in base.parameters():
         p.requires_grad_(False)
     base.model.layers[0].mlp.down_proj.weight.requires_grad_(True)  # trained: its weight grad is needed
-    assert fp8.enable_fp8(base) == 5 * ARCH["num_hidden_layers"] - 1
+    assert fp8.enable_fp8(base) == 3 * ARCH["num_hidden_layers"] - 1  # the MLP's, by default
     assert "forward" not in base.model.layers[0].mlp.down_proj.__dict__
     assert "forward" not in base.lm_head.__dict__
     attn = base.model.layers[1].self_attn
+    assert not any("forward" in m.__dict__ for m in attn.modules())
+    fp8.enable_fp8(base, enabled=False)
+    assert fp8.enable_fp8(base, names=fp8.projections(attention=True)) == 5 * ARCH["num_hidden_layers"] - 1
     assert "forward" in attn.q_proj.__dict__ and "forward" in attn.o_proj.__dict__
-    assert "forward" not in attn.k_proj.__dict__ and "forward" not in attn.v_proj.__dict__
+    assert "forward" not in attn.k_proj.__dict__ and "forward" not in attn.v_proj.__dict__  # never k/v
 
 
 def test_names_pick_the_projections_and_switching_off_undoes_whichever_were_on():
@@ -302,7 +305,7 @@ def test_the_forward_accumulation_switch_reaches_scaled_mm_and_dx_stays_exact(mo
         torch.manual_seed(0)
         base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa"))
         model = _lora_model(base)
-        n = fp8.enable_fp8(model, fast_accum=fast_accum)
+        n = fp8.enable_fp8(model, fast_accum=fast_accum, names=fp8.projections(attention=True))
         seen.clear()
         _loss_and_grads(model, fast.collate_padded(_examples(2, seed=3), pad_id=0))
         # n forwards with the switch, then the input grads, always exact (layer 0's q_proj gets none:
@@ -320,7 +323,10 @@ def test_the_recipe_switches_default_to_round_6_and_are_checked():
     from contracts.errors import ContractError
 
     t = _paper().train
-    assert (t.fp8_fast_accum, t.fp8_backward) == (True, "fp8")
+    assert (t.fp8_fast_accum, t.fp8_backward, t.fp8_attention) == (True, "fp8", False)
+    assert _paper(fp8=True, fp8_attention=True).train.fp8_attention is True
+    with pytest.raises(ContractError, match="fp8_attention"):
+        _paper(fp8_attention="q_proj")
     t = _paper(fp8=True, fp8_fast_accum=False, fp8_backward="bf16").train
     assert (t.fp8_fast_accum, t.fp8_backward) == (False, "bf16")
     with pytest.raises(ContractError, match=r"train.fp8_backward: 'fp16' is not accepted \(fp8 \| bf16\)"):
@@ -336,10 +342,15 @@ def test_speed_up_applies_the_configs_recipe_where_fp8_runs(monkeypatch):
     lv = fast.speed_up(model, _paper(fp8=True, liger=False, fp8_fast_accum=False, fp8_backward="bf16").train, "cpu")
     assert lv.fp8 and (lv.fp8_fast_accum, lv.fp8_backward) == (False, "bf16")
     switched = [m for m in model.modules() if "forward" in m.__dict__ and not hasattr(m, "lora_A")]
-    assert len(switched) == 5 * ARCH["num_hidden_layers"]
+    assert len(switched) == 3 * ARCH["num_hidden_layers"]  # the MLP's gate/up/down
     for m in switched:
         assert isinstance(m.forward, types.MethodType)
         assert m.forward.__func__.keywords == {"fast_accum": False, "backward": "bf16"}
+    fp8.enable_fp8(model, enabled=False)
+    lv = fast.speed_up(model, _paper(fp8=True, liger=False, fp8_attention=True).train, "cpu")
+    assert lv.fp8_attention
+    on = [n for n, m in model.named_modules() if "forward" in m.__dict__ and not hasattr(m, "lora_A")]
+    assert len(on) == 5 * ARCH["num_hidden_layers"] and sum(".q_proj." in n or ".o_proj." in n for n in on) == 2 * ARCH["num_hidden_layers"]
 
 
 def test_the_bench_levers_name_the_recipe(monkeypatch):
@@ -356,3 +367,7 @@ def test_the_bench_levers_name_the_recipe(monkeypatch):
     assert (v.levers.fp8, v.levers.fp8_fast_accum, v.levers.fp8_backward) == (True, False, "fp8")
     v = tt.parse_ours("packing,fp8,dxbf16,mb=32", tiny=False)
     assert (v.levers.fp8, v.levers.fp8_fast_accum, v.levers.fp8_backward) == (True, True, "bf16")
+    assert not v.levers.fp8_attention
+    assert tt.parse_ours("fp8attn", tiny=False).levers.fp8_attention is True
+    v = tt.parse_ours("fp8mlp", tiny=False)
+    assert v.levers.fp8 and not v.levers.fp8_attention
