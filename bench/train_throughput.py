@@ -10,8 +10,8 @@ ceiling measured in the same run.
     python bench/train_throughput.py --tiny                   # CPU dry run of every code path
     python bench/train_throughput.py --levers --out $OUT      # device: each lever added in turn
     python bench/train_throughput.py --final --out $OUT       # device: baseline vs ours, loss curves
-    python bench/train_throughput.py --final --targets learnable --baseline-seeds 0,1 \
-        --ours "packing,answer,fp8,mb=32;packing,answer,fp8,mb=32,seed=1" --global-batch 32 --lr 1e-3
+    python bench/train_throughput.py --final --targets learnable --baseline-seeds 42,43 \
+        --ours "packing,answer,fp8,mb=32;packing,answer,fp8,mb=32,seed=43" --global-batch 32 --lr 3e-4
         # the loss check: each variant against the plain stack at the same LoRA seed, beside the
         # plain stack against itself under another seed (the noise), on answers it can learn
 
@@ -90,7 +90,7 @@ def final_pair(mb: int, ours: list[Variant], seeds: list[int] | None = None) -> 
 
 # --targets learnable: every answer token is one of these 8 ids, drawn with weights 1/1 .. 1/8 (a
 # SocSci210 answer is one option of a short scale). A model can learn that in a few steps, so the loss
-# falls (from ~ln(vocab) + its logit spread toward the answers' entropy, ANSWER_ENTROPY nats) and the
+# falls (from ~ln(vocab) + its logit spread, ~13 nats, toward the answers' entropy, 1.82 nats) and the
 # loss check compares learning curves, not how runs wander on targets nothing can predict.
 ANSWER_IDS = tuple(range(1000, 1008))
 ANSWER_WEIGHTS = tuple(1 / (i + 1) for i in range(len(ANSWER_IDS)))
