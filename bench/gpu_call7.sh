@@ -10,16 +10,8 @@
 #       seeds 42 and 43, then fp8 at seed 42 and the bf16 levers at 42 (the control: exact arithmetic,
 #       other kernels); SEED43=1 adds fp8 at seed 43 (the first call ran it; it got 7 steps)
 # From the repo root, wheels in .whl (carried):   bash bench/gpu_call7.sh
-set -uo pipefail
-OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-t0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/versions.txt"
-python3 -c "import torch, transformers, peft, bitsandbytes, liger_kernel, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, 'triton', triton.__version__)" | tee -a "$OUT/versions.txt"
+source bench/device_prelude.sh
 LEVERS=packing,answer,liger,flex,fused,offload
-quiet() { grep -v "Backend impl\|UserWarning\|return fn"; }
 echo "== B: rate, fast-mode shape ($(( $(date +%s) - t0 ))s)"
 # budget: build ~15 s, the baseline's step ~40-55 s, fp8's first step ~80 s (flex/Liger/Triton compiles), then ~11 s a step
 timeout ${B_S:-240} python3 bench/train_throughput.py --final --steps 3 --baseline-steps 1 --lr 1e-3 \

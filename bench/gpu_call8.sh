@@ -6,15 +6,8 @@
 # as two calls on one held machine (bench/results/round8_call3_log.txt, round8_call4_log.txt); this
 # script is them in one (~450 s; not run as one: no device time was left).
 # From the repo root, wheels in .whl (carried):   bash bench/gpu_call8.sh
-set -uo pipefail
-OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-t0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/versions.txt"
+source bench/device_prelude.sh
 L=packing,answer,liger,flex,fused,offload
-quiet() { grep -v "Backend impl\|UserWarning\|return fn"; }
 echo "== A: loss check, lr 3e-4, 20 steps, learnable answers ($(( $(date +%s) - t0 ))s)"
 timeout ${A_S:-360} python3 bench/train_throughput.py --final --steps 20 --global-batch 32 --lr 3e-4 \
   --targets learnable --baseline-seeds 42,43 --ours "$L,fp8,mb=32,gc=all;$L,mb=32,gc=all" \
