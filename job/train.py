@@ -201,7 +201,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
 
 def finish(out: Path, events: EventWriter, device, files: list[Path], *, kind: str, written: RunConfig, mode,
            data_hash: str, step: int, total_steps: int, reason: str, resume_from: Path | None, n_rows: int,
-           dropped: int, seconds: float, world: int, **extra) -> dict:
+           dropped: int, seconds: float, world: int, **extra) -> None:
     """Rank 0, training over (an adapter or a full fine-tune's weights): an `artifact` event for each of
     `files` (under out/), manifest.json (what the launcher verifies; `extra` adds keys) and the `done` event."""
     import torch
@@ -222,10 +222,9 @@ def finish(out: Path, events: EventWriter, device, files: list[Path], *, kind: s
         "image": env.image_info(),  # the prebuilt job image (ref, digest) or None: a venv from the lock
         "world_size": world, **extra,
     }
-    written_manifest = manifest.write(out, meta)
+    manifest.write(out, meta)
     events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json",
                 peak_gpu_mem_gib=peak)
-    return written_manifest
 
 
 def _emit_resume(events, out: Path, step: int) -> None:

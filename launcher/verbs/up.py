@@ -14,6 +14,7 @@ from contracts import manifest as manifest_lib
 from contracts.errors import ContractError
 from launcher import plan as planlib
 from launcher import registry
+from launcher import task as tasklib
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
         _confirm(plan, console)
     # credentials, host key, disk (ssh), enabled clouds (sky): refused (exit 2) before a run exists
     backend.preflight(plan.cfg)
-    from launcher import task as tasklib
-
     source = tasklib.local_data(plan.cfg.to_dict())  # a local file or folder: shipped with the job
     if source is not None:
         # What is sent, hashed as the machine hashes what it got (sky/train.yaml): compared at the end.
@@ -116,7 +115,6 @@ def _confirm(plan: planlib.Plan, console) -> None:
 
 def _dryrun(plan: planlib.Plan, backend, console) -> int:
     """Render the task and show it; the backend adds its part (SkyPilot's optimizer picks the offer)."""
-    from launcher import task as tasklib
     from launcher.secrets import collect, redact
 
     preview = registry.Run(id=f"{plan.name}-dryrun", dir=Path("/nonexistent"), infra=plan.infra, name=plan.name,
