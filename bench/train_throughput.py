@@ -130,7 +130,6 @@ def build_base(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
 
 
 def attach_lora(base, v: Variant, lora: LoraSpec, seed: int, dtype: torch.dtype):
-    seed = seed if v.seed is None else v.seed
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     for p in base.parameters():
@@ -187,7 +186,8 @@ def run_variant(base, v: Variant, examples: list[dict], steps: int, gb: int, spe
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = attach_lora(base, v, lora, spec.seed, dtype)
+    seed = spec.seed if v.seed is None else v.seed  # the LoRA seed: the variant's own, else the config's
+    model = attach_lora(base, v, lora, seed, dtype)
     opt = optimizer_for(model, spec.lr, spec.weight_decay, device)
     timed_tokens, timed_s, micro_seen = 0, 0.0, 0
     losses, step_s = [], []
@@ -241,7 +241,7 @@ def run_variant(base, v: Variant, examples: list[dict], steps: int, gb: int, spe
     base = detach_lora(model)
     step_tokens = [sum(len(e["input_ids"]) for e in examples[s * gb:(s + 1) * gb]) for s in range(len(step_s))]
     steady = sum(step_tokens[1:]) / sum(step_s[1:]) if len(step_s) > 1 else None
-    return {"name": v.name, "baseline": v.baseline, "seed": spec.seed if v.seed is None else v.seed,
+    return {"name": v.name, "baseline": v.baseline, "seed": seed,
             "steady_tokens_per_s": steady, "micro_batch": v.micro_batch, "gc": v.gc,
             "levers": asdict(v.levers), "steps": len(losses), "losses": losses, "step_s": step_s,
             "tokens_per_s": timed_tokens / timed_s if timed_s else None, "timed_tokens": timed_tokens,
@@ -377,9 +377,9 @@ def loss_check(rows: list[dict]) -> list[dict]:
     p0, p1 = bases[0]["losses"], bases[1]["losses"]
     out = []
     for r in rows:
-        if r["baseline"] or not r["losses"] or not any(b["seed"] == r["seed"] for b in bases):
+        mine = next((b["losses"] for b in bases if b["seed"] == r["seed"]), None)
+        if r["baseline"] or not r["losses"] or mine is None:
             continue
-        mine = _baseline_of(r, bases)["losses"]
         k = min(len(r["losses"]), len(mine), len(p0), len(p1))
         if k < 2:
             continue
