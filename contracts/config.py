@@ -23,7 +23,8 @@ from contracts.errors import ContractError
 SCHEMA_VERSION = 1
 
 METHODS = ("qlora", "lora", "full")
-SPLITS = ("unseen-studies", "unseen-conditions", "unseen-tasks", "random")
+SPLITS = ("unseen-studies", "unseen-conditions", "unseen-tasks", "unseen-participants", "random")
+PARTICIPANT_FRACTION = 0.1  # the paper: unseen-participants gains level off at about 10% of a study's participants
 MODEL_INITS = ("pretrained", "random")
 EVAL_MODES = ("sample", "distribution")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -164,6 +165,8 @@ class DataSpec:
     """Fraction of *training* rows kept, stratified by study."""
     eval_subset: float | None = None
     """Fraction of test rows kept (None: the whole test side)."""
+    participant_fraction: float = PARTICIPANT_FRACTION
+    """split unseen-participants: the fraction of each study's participants in training (the rest are test)."""
     seed: int = 42
 
 
@@ -370,6 +373,15 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     check_fraction(cfg.data.subset, f"{source}: data.subset")
     if cfg.data.eval_subset is not None:
         check_fraction(cfg.data.eval_subset, f"{source}: data.eval_subset")
+    check_participant_fraction(cfg.data.participant_fraction, f"{source}: data.participant_fraction")
+
+
+def check_participant_fraction(value: Any, where: str) -> float:
+    """A fraction in (0, 1): some of each study's participants train, the others are test."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < 1):
+        raise ContractError(f"{where}: {value!r} is not accepted (a fraction in (0, 1), e.g. 0.1: that share of "
+                            "each study's participants trains, the rest are test)")
+    return float(value)
 
 
 def check_fraction(value: Any, where: str) -> float:

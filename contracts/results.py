@@ -14,11 +14,14 @@ and what comes back is untrusted: every reader here refuses a malformed file or 
 
 **OUT/cells.jsonl** (`CELLS_FILE`), rewritten whole from metrics.json's results by every evaluation:
 one JSON object a line, one line per cell (`CELL_KEYS`): `study_id` (str), `condition_num`,
-`task_num` (int), `scale` (the scale used: {lo, hi, step[, values]}, or null), `scale_source`
-(`stated` | `human_range`, `conflict` when its rows state different scales, or null), `human_n` (int or null), `w` (result key -> W of the cell under
-it, and `uniform` -> the uniform guess's W), `skipped` (result key -> why that result did not score
-the cell: too_few, constant, unbounded, scale_conflict, no_valid_prediction), and for a scale
-conflict the distinct `scales`.
+`task_num` (int), `scale` (the scale its stimuli state: {lo, hi, step[, values]}, or null), `scale_source`
+(`stated`, `conflict` when its rows state different scales, or null when they state none;
+`human_range` in files from before cells without a stated scale were skipped), `human_n` (int or
+null), `out_of_scale` (how many human answers are not one of the stated scale's answers: > 0 flags
+the cell; null without a scale), `w` (result key -> W of the cell under it, and `uniform` -> the
+uniform guess's W), `skipped` (result key -> why that result did not score the cell: no_scale,
+scale_conflict, unbounded, too_few, constant, no_valid_prediction), and for a scale conflict the
+distinct `scales`. `out_of_scale` and `scales` may be absent (older files; no conflict).
 
 **The predict result line** (`PREDICT_PREFIX` + one JSON object): `python -m job predict` prints one
 per query on stdout; `socrates-launch predict` renders it. Either `{"error": "<one line>"}` (that query
@@ -45,12 +48,13 @@ REPORT_FILE = "report.html"
 MAX_METRICS_BYTES = 64 << 20  # a 2,780-row evaluation's file is ~100 KiB; larger is not one of ours
 # The numbers a result is summarized by (the `eval` event, `socrates-launch report`), in this order,
 # then `demographic_parity_difference` (its value).
-SUMMARY_KEYS = ("mode", "model", "rows", "cells_scored", "studies_scored", "wasserstein", "wasserstein_uniform",
-                "individual_accuracy", "invalid_rate", "cells_unbounded", "cells_scale_conflict", "cells_human_range",
-                "prompt_tokens_per_s")
+SUMMARY_KEYS = ("mode", "model", "split", "rows", "cells_scored", "studies_scored", "wasserstein",
+                "wasserstein_in_scale", "wasserstein_uniform", "individual_accuracy", "invalid_rate", "cells_no_scale",
+                "cells_out_of_scale", "cells_unbounded", "cells_scale_conflict", "prompt_tokens_per_s")
 CELL_KEYS = ("study_id", "condition_num", "task_num", "scale", "scale_source", "human_n", "w", "skipped")
-SCALE_SOURCES = ("stated", "human_range", "conflict")
-SKIP_REASONS = ("too_few", "constant", "unbounded", "scale_conflict", "no_valid_prediction")
+OPTIONAL_CELL_KEYS = ("out_of_scale", "scales")
+SCALE_SOURCES = ("stated", "human_range", "conflict")  # human_range: results written before no-scale cells were skipped
+SKIP_REASONS = ("no_scale", "too_few", "constant", "unbounded", "scale_conflict", "no_valid_prediction")
 
 PREDICT_PREFIX = "@@socrates-predict "
 PREDICT_FIELDS = ("scale", "values", "probs", "valid_mass", "sample", "sample_text", "human", "example",
@@ -141,7 +145,10 @@ def _cell_line(lines: dict, c: dict) -> dict:
     k = (str(study), int(cond), int(task))
     if k not in lines:
         lines[k] = {"study_id": k[0], "condition_num": k[1], "task_num": k[2], "scale": c.get("scale"),
-                    "scale_source": c.get("scale_source"), "human_n": c.get("n"), "w": {}, "skipped": {}}
+                    "scale_source": c.get("scale_source"), "human_n": c.get("n"),
+                    "out_of_scale": c.get("out_of_scale"), "w": {}, "skipped": {}}
+    elif lines[k]["out_of_scale"] is None:  # an older result first: a newer one knows the count
+        lines[k]["out_of_scale"] = c.get("out_of_scale")
     return lines[k]
 
 
@@ -185,16 +192,18 @@ def validate_cell_line(obj: Any, where: str = "cells.jsonl") -> dict:
     missing = [k for k in CELL_KEYS if k not in obj]
     if missing:
         raise ContractError(f"{where}: missing {', '.join(missing)} (a cell line has {', '.join(CELL_KEYS)})")
-    unknown = sorted(set(obj) - set(CELL_KEYS) - {"scales"})
+    unknown = sorted(set(obj) - set(CELL_KEYS) - set(OPTIONAL_CELL_KEYS))
     if unknown:
-        raise ContractError(f"{where}: unknown key {unknown[0]!r} (accepted: {', '.join(CELL_KEYS)}, scales)")
+        raise ContractError(f"{where}: unknown key {unknown[0]!r} (accepted: "
+                            f"{', '.join(CELL_KEYS + OPTIONAL_CELL_KEYS)})")
     if not isinstance(obj["study_id"], str):
         _bad(where, "study_id", obj["study_id"], "text")
     for k in ("condition_num", "task_num"):
         if not _is_int(obj[k]):
             _bad(where, k, obj[k], "a whole number")
-    if obj["human_n"] is not None and not (_is_int(obj["human_n"]) and obj["human_n"] >= 0):
-        _bad(where, "human_n", obj["human_n"], "a whole number >= 0, or null")
+    for k in ("human_n", "out_of_scale"):
+        if obj.get(k) is not None and not (_is_int(obj[k]) and obj[k] >= 0):
+            _bad(where, k, obj[k], "a whole number >= 0, or null")
     if obj["scale_source"] is not None and obj["scale_source"] not in SCALE_SOURCES:
         _bad(where, "scale_source", obj["scale_source"], f"{' | '.join(SCALE_SOURCES)} or null")
     if obj["scale"] is not None:

@@ -17,6 +17,7 @@ a passage ("the rate rose from 8 to 9 percent") is not a scale. None: the text s
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -58,6 +59,12 @@ class Scale:
         if self.options is not None:
             return list(self.options)
         return list(range(self.lo, self.hi + 1, self.step))
+
+    def accepts(self, value: float) -> bool:
+        """Whether `value` is one of the scale's answers (without listing them: a scale may be huge)."""
+        if self.options is not None:
+            return value in self.options
+        return self.lo <= value <= self.hi and float(value - self.lo) % self.step == 0
 
     @property
     def levels(self) -> int:
@@ -203,6 +210,7 @@ def _with_step(text: str, m: re.Match, lo: int, hi: int) -> Scale:
     return Scale(lo, hi)
 
 
+@functools.lru_cache(maxsize=4096)  # a test split repeats each stimulus over its cell's rows
 def parse_scale(text: str) -> Scale | None:
     """The answer scale a stimulus states, or None when it states none (see the module doc)."""
     if not text:

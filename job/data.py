@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from contracts.config import SPLITS
+from contracts.config import PARTICIPANT_FRACTION, SPLITS
 from contracts.errors import ContractError
 from job import synthetic
 
@@ -28,6 +28,7 @@ PROFILE_HEADER = "You are a survey respondent with the following demographic pro
 INSTRUCTION = ("Read the question below and answer exactly as this person would. "
                "Follow the response instructions precisely.")
 ALL_TEST = "all-test"
+UNSEEN_PARTICIPANTS = "unseen-participants"
 PREPARE_SPLITS = (*SPLITS, ALL_TEST)  # all-test is for `prepare` only: a run config trains on a split
 TEST_FRACTION = 0.2  # without the authors' mappings: ~40/210 studies held out, as in the paper
 
@@ -215,15 +216,21 @@ def encode(tok, rows: list[dict], system_prompt: str) -> list[tuple[list[int], l
 
 # --- Splits and subset -----------------------------------------------------------------------
 
-def split_rows(src: Source, split: str, seed: int) -> tuple[list[dict], list[dict]]:
+def split_rows(src: Source, split: str, seed: int, participant_fraction: float = PARTICIPANT_FRACTION
+               ) -> tuple[list[dict], list[dict]]:
     """(train, test) per the SOCRATES paper: the authors' mapping when the source has it, else deterministic.
+    `unseen-participants`: `participant_fraction` of each study's participants train, the others are test.
     `all-test`: every row in the test split (nothing to train on), for scoring a whole file."""
     if split not in PREPARE_SPLITS:
         raise ContractError(f"--split: {split!r} is not accepted ({' | '.join(PREPARE_SPLITS)})")
     rows, mapping = src.rows, src.mappings.get(split)
     if split == ALL_TEST:
         return [], list(rows)
-    if split == "random":
+    if split == UNSEEN_PARTICIPANTS:
+        trained = _training_participants(src, participant_fraction, seed)
+        train = [r for r in rows if (r["study_id"], r["participant"]) in trained]
+        test = [r for r in rows if (r["study_id"], r["participant"]) not in trained]
+    elif split == "random":
         rng = random.Random(seed)
         idx = list(range(len(rows)))
         rng.shuffle(idx)
@@ -261,6 +268,33 @@ def split_rows(src: Source, split: str, seed: int) -> tuple[list[dict], list[dic
     return train, test
 
 
+def participant_id(r: dict) -> Any:
+    """A row's participant (an index within its study, as SocSci210's `participant`), or None."""
+    p = r.get("participant")
+    return p if (isinstance(p, int) and not isinstance(p, bool)) or (isinstance(p, str) and p) else None
+
+
+def _training_participants(src: Source, fraction: float, seed: int) -> set[tuple[str, Any]]:
+    """(study_id, participant) pairs that train: per study, round(fraction x its participants), at least 1
+    and never all (a study of one participant is all test), chosen by a seeded hash; so the split is
+    stratified by study, deterministic, and no participant has rows on both sides."""
+    missing = [i for i, r in enumerate(src.rows) if participant_id(r) is None]
+    if missing:
+        r = src.rows[missing[0]]
+        raise ContractError(f"{src.name}: --split {UNSEEN_PARTICIPANTS} needs participant ids, and {len(missing):,} of "
+                            f"{len(src.rows):,} rows have none (row {missing[0]}, study {r['study_id']}: participant "
+                            f"{_short(r.get('participant'))}); give a source whose rows carry `participant`, or another --split")
+    per_study: dict[str, set] = {}
+    for r in src.rows:
+        per_study.setdefault(r["study_id"], set()).add(r["participant"])
+    trained: set[tuple[str, Any]] = set()
+    for study, people in per_study.items():
+        ranked = sorted(people, key=lambda p: hashlib.sha256(f"{seed}:{study}:participant:{p}".encode()).hexdigest())
+        k = min(len(ranked) - 1, max(1, round(len(ranked) * fraction)))
+        trained.update((study, p) for p in ranked[:k])
+    return trained
+
+
 def _held_out(values: list, seed: int, salt: str) -> list:
     """A deterministic ~20% of `values` (at least 1, never all), by a seeded hash."""
     ranked = sorted(values, key=lambda v: hashlib.sha256(f"{seed}:{salt}:{v}".encode()).hexdigest())
@@ -292,6 +326,16 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_stats(data_dir: str | Path) -> dict:
+    """The stats.json `prepare` wrote beside the splits, or {} when there is none or it is unreadable
+    (it only names the split in results; the rows themselves are checked by read_split)."""
+    try:
+        stats = json.loads((Path(data_dir) / "stats.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stats if isinstance(stats, dict) else {}
 
 
 def read_split(data_dir: str | Path, name: str = "train") -> list[dict]:

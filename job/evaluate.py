@@ -12,8 +12,9 @@ The model is loaded (and, when it fits, merged dense) by job/load.py.
 A model-free baseline (`--baseline uniform`: equal mass on every answer of each cell's scale) loads
 no model and writes the same outputs in seconds, under "uniform/distribution".
 
-Each row's answer scale is the one its stimulus states (contracts/scale.py); only a row that states
-none falls back to its cell's human min..max.
+Each row's answer scale is the one its stimulus states (contracts/scale.py); a cell whose rows state
+none is skipped and counted (`cells_no_scale`), never scored on a scale read from its answers.
+`--rows`/`eval.rows` keeps whole cells, rounding down to the last whole one, and says how many rows.
 
 Results accumulate in OUT/metrics.json under "<base|fine-tuned>/<mode>", so a base run and a
 fine-tuned run into the same OUT sit side by side in OUT/report.html. OUT/cells.jsonl is rewritten
@@ -55,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "answer of each cell's scale); loads no model, takes seconds")
     p.add_argument("--mode", choices=EVAL_MODES, default=None, help="sample (the paper's) | distribution "
                    "(exact answer probabilities); default: the config's eval.mode")
-    p.add_argument("--rows", type=int, default=None, help="cap on test rows, kept cell by cell (default: eval.rows)")
+    p.add_argument("--rows", type=int, default=None, help="cap on test rows: whole cells in a seeded order, rounded "
+                   "down to the last whole cell (default: eval.rows)")
     p.add_argument("--out", required=True, help="folder for metrics.json, report.html and the plots")
     p.add_argument("--events", default=None, help="events file to append to (default: OUT/events.jsonl)")
     p.add_argument("--train-events", default=None, help="training events.jsonl for the loss curve "
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from job.prepare import check_out
 
     out = check_out(args.out)  # not "" (the current folder), not an existing file
-    rows = select_rows(D.read_split(args.data, "test"), rows_cap, cfg.data.seed)
+    test = D.read_split(args.data, "test")
+    rows = select_rows(test, rows_cap, cfg.data.seed)
     # Under torchrun every rank scores its share of the batches; rank 0 gathers, scores and writes.
     dist.init()
     shard = (dist.rank(), dist.world_size())
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_main() else dist.QuietEvents()
     which = "fine-tuned" if args.adapter else "base"
     events.emit("start", verb="evaluate", mode=mode, model=which, rows=len(rows))
+    _log_cap(events, rows, test, rows_cap)
 
     tok, model = load_model(cfg, args.adapter, args.eval_precision, args.tokens_per_batch)
     precision = "bf16" if getattr(model, "_eval_dense", False) else "nf4"
@@ -120,11 +124,11 @@ def run(args: argparse.Namespace) -> int:
         prompt_tokens = sum(d.prompt_tokens for d in dists)
         scored = [d for d in dists if d.values]
         extra = {"valid_mass": sum(d.valid_mass for d in scored) / len(scored) if scored else None,
-                 "rows_unscored_unbounded": len(dists) - len(scored)}
+                 "rows_unscored": len(dists) - len(scored)}
     seconds = time.perf_counter() - t0
     result = M.evaluate(records, mode)
     result.update(extra, model=which, adapter=args.adapter, base_model=cfg.model.id, seconds=seconds,
-                  eval_precision=precision,
+                  eval_precision=precision, **_provenance(args.data, test, rows_cap),
                   prompt_tokens=prompt_tokens, prompt_tokens_per_s=prompt_tokens / seconds if seconds else None)
 
     return _write_outputs(out, results.result_key(which, mode), result, events, args)
@@ -143,9 +147,11 @@ def run_baseline(args: argparse.Namespace) -> int:
     from job.prepare import check_out
 
     out = check_out(args.out)
-    rows = select_rows(D.read_split(args.data, "test"), rows_cap, cfg.data.seed if cfg else 42)
+    test = D.read_split(args.data, "test")
+    rows = select_rows(test, rows_cap, cfg.data.seed if cfg else 42)
     events = EventWriter(Path(args.events) if args.events else out / "events.jsonl", echo=True)
     events.emit("start", verb="evaluate", mode="distribution", model=args.baseline, rows=len(rows))
+    _log_cap(events, rows, test, rows_cap)
     t0 = time.perf_counter()
     records = baseline_records(rows, args.baseline)
     result = M.evaluate(records, "distribution")
@@ -154,13 +160,13 @@ def run_baseline(args: argparse.Namespace) -> int:
     result.update(model=args.baseline, baseline=args.baseline, adapter=None,
                   base_model=None, seconds=seconds, eval_precision=None, prompt_tokens=0,
                   prompt_tokens_per_s=None, valid_mass=1.0 if scored else None,
-                  rows_unscored_unbounded=len(records) - scored)
+                  rows_unscored=len(records) - scored, **_provenance(args.data, test, rows_cap))
     return _write_outputs(out, results.result_key(args.baseline, "distribution"), result, events, args)
 
 
 def baseline_records(rows: Sequence[dict], baseline: str = "uniform") -> list[M.Record]:
     """Each row's prediction under a model-free baseline. uniform: equal probability on every answer
-    of the row's scale (its stated scale, step grid included; else its cell's human min..max)."""
+    of the row's stated scale, step grid included; none for a row that states no scale (not scored)."""
     if baseline not in BASELINES:
         raise ContractError(f"--baseline {baseline!r}: not accepted ({' | '.join(BASELINES)})")
     out = []
@@ -191,7 +197,9 @@ def _write_outputs(out: Path, key: str, result: dict, events: EventWriter, args:
 # --- Rows ------------------------------------------------------------------------------------
 
 def select_rows(rows: list[dict], cap: int | None, seed: int) -> list[dict]:
-    """At most `cap` rows, taken whole cell by cell in a seeded order (a cell's W needs its rows)."""
+    """At most `cap` rows in whole cells (a cell's W needs all its rows): cells in a seeded order, each
+    taken whole if it fits in what the cap has left, never cut (the cap rounds down to whole cells). A
+    cap smaller than every cell is refused (one line), before any model is loaded."""
     if cap is None or cap >= len(rows):
         return rows
     by_cell: dict[tuple, list[dict]] = defaultdict(list)
@@ -201,10 +209,33 @@ def select_rows(rows: list[dict], cap: int | None, seed: int) -> list[dict]:
     random.Random(seed).shuffle(cells)
     kept: list[dict] = []
     for c in cells:
-        kept.extend(by_cell[c][: cap - len(kept)])
-        if len(kept) >= cap:
-            break
+        if len(kept) + len(by_cell[c]) <= cap:
+            kept.extend(by_cell[c])
+    if not kept:
+        raise ContractError(f"--rows/eval.rows {cap}: smaller than every cell of the test split (the smallest has "
+                            f"{min(map(len, by_cell.values()))} rows; a cell is scored whole or not at all); "
+                            "give a larger cap, or none")
     return kept
+
+
+def _cells(rows: Sequence[dict]) -> int:
+    return len({(r["study_id"], r["condition_num"], r["task_num"]) for r in rows})
+
+
+def _log_cap(events: EventWriter, kept: Sequence[dict], test: Sequence[dict], cap: int | None) -> None:
+    """One line saying what the row cap kept (nothing when there is none or it keeps everything)."""
+    if cap is not None and len(kept) < len(test):
+        events.emit("log", message=f"evaluate: --rows/eval.rows {cap} kept {len(kept)} of {len(test)} test rows "
+                    f"({_cells(kept)} of {_cells(test)} cells, whole cells only)")
+
+
+def _provenance(data: str, test: Sequence[dict], cap: int | None) -> dict[str, Any]:
+    """What a result was scored on: the split (from prepare's stats.json) and the row cap's effect."""
+    stats = D.read_stats(data)
+    out: dict[str, Any] = {"split": stats.get("split"), "rows_test": len(test), "rows_cap": cap}
+    if stats.get("split") == D.UNSEEN_PARTICIPANTS:
+        out["participant_fraction"] = stats.get("participant_fraction")
+    return out
 
 
 def _record(r: dict, **pred: Any) -> M.Record:

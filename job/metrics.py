@@ -4,9 +4,13 @@ A *cell* is (study_id, condition_num, task_num). Per cell, human and model answe
 to [0, 1] with the cell's *human* min and max; model answers are clipped to [0, 1]. Cells with
 fewer than 2 human answers or a constant human answer are skipped; cells whose answer scale has
 more than 101 levels ("unbounded", e.g. amounts in dollars) are excluded and counted. A cell's
-scale is the one its stimuli state (contracts/scale.py: ranges, step grids, enumerated options);
-only when they state none does the cell's human min..max stand in ("human_range"); a cell whose
-rows state different scales is excluded and reported ("scale_conflict"), never merged. The
+scale is the one its stimuli state (contracts/scale.py: ranges, step grids, enumerated options),
+never one read from its answers: a cell whose stimuli state none is skipped and counted
+("no_scale"), and a cell whose rows state different scales is excluded and reported
+("scale_conflict"), never merged. These three are decided from the questions alone, before any
+answer is looked at. A scored cell with human answers outside its stated scale (not one of the
+scale's answers) is scored, counted (`cells_out_of_scale`) and flagged (`out_of_scale`: how many
+answers), and the headline W is also given without those cells (`wasserstein_in_scale`). The
 distance is `scipy.stats.wasserstein_distance`, averaged over the cells of a study, then over
 studies.
 
@@ -104,12 +108,15 @@ class CellResult:
     scale: dict = field(default_factory=dict)
     """The scale used: {"lo", "hi", "step", "values"} (the uniform guess spreads over `values`)."""
     scale_source: str = "stated"
-    """stated (the stimulus says it) | human_range (it states none: the cell's human min..max)."""
+    """stated: the stimulus says it (the only source a scored cell has)."""
+    out_of_scale: int = 0
+    """Human answers that are not one of the stated scale's answers (flagged when > 0)."""
 
 
-def cell_scale(records: Sequence[Record]) -> tuple[Scale | None, str, list[Scale]]:
-    """A cell's scale and where it came from: (scale, "stated" | "human_range", []) or, when its
-    rows state different scales, (None, "conflict", the distinct scales): reported, never merged."""
+def cell_scale(records: Sequence[Record]) -> tuple[Scale | None, str | None, list[Scale]]:
+    """A cell's scale, from its rows' stimuli only (never their answers): (scale, "stated", []);
+    (None, None, []) when they state none; (None, "conflict", the distinct scales) when its rows
+    state different ones (reported, never merged)."""
     stated: list[Scale] = []
     for r in records:
         s = as_scale(r.scale)
@@ -119,8 +126,7 @@ def cell_scale(records: Sequence[Record]) -> tuple[Scale | None, str, list[Scale
         return None, "conflict", stated
     if stated:
         return stated[0], "stated", []
-    responses = [r.response for r in records]
-    return Scale(int(np.floor(min(responses))), int(np.ceil(max(responses)))), "human_range", []
+    return None, None, []
 
 
 def evaluate(records: Iterable[Record], mode: str, max_levels: int = MAX_LEVELS,
@@ -136,9 +142,9 @@ def evaluate(records: Iterable[Record], mode: str, max_levels: int = MAX_LEVELS,
         if mode == "sample" and r.sample is None:
             invalid += 1
 
-    counts = {"cells_total": len(by_cell), "cells_too_few": 0, "cells_constant": 0,
-              "cells_unbounded": 0, "cells_scale_conflict": 0, "cells_no_valid_prediction": 0,
-              "cells_scored": 0, "cells_human_range": 0}
+    counts = {"cells_total": len(by_cell), "cells_no_scale": 0, "cells_scale_conflict": 0, "cells_unbounded": 0,
+              "cells_too_few": 0, "cells_constant": 0, "cells_no_valid_prediction": 0, "cells_scored": 0,
+              "cells_out_of_scale": 0}
     results: list[CellResult] = []
     skipped: list[dict[str, Any]] = []
     row_errors: list[tuple[dict, float]] = []
@@ -146,26 +152,20 @@ def evaluate(records: Iterable[Record], mode: str, max_levels: int = MAX_LEVELS,
     for cell, rows in sorted(by_cell.items()):
         human = np.array([r.response for r in rows], dtype=float)
         scale, source, conflict = cell_scale(rows)
+        outside = None if scale is None else sum(not scale.accepts(x) for x in human.tolist())
         info = {"cell": list(cell), "n": len(rows), "scale": scale.to_json() if scale else None,
-                "scale_source": source}
-        if len(human) < 2:
-            counts["cells_too_few"] += 1
-            skipped.append(info | {"skipped": "too_few"})
-            continue
-        lo_h, hi_h = float(human.min()), float(human.max())
-        if lo_h == hi_h:
-            counts["cells_constant"] += 1
-            skipped.append(info | {"skipped": "constant"})
-            continue
-        if scale is None:
-            counts["cells_scale_conflict"] += 1
-            skipped.append(info | {"skipped": "scale_conflict", "scales": [s.to_json() for s in conflict]})
+                "scale_source": source, "out_of_scale": outside}
+        # What is scored is decided from the questions first (no scale, conflict, unbounded), then
+        # by the paper's two rules on the answers (fewer than 2, constant).
+        why = ("no_scale" if scale is None and source is None else "scale_conflict" if scale is None
+               else "unbounded" if scale.levels > max_levels else "too_few" if len(human) < 2
+               else "constant" if human.min() == human.max() else None)
+        if why is not None:
+            counts[f"cells_{why}"] += 1
+            skipped.append(info | {"skipped": why} | ({"scales": [s.to_json() for s in conflict]} if conflict else {}))
             continue
         levels = scale.levels
-        if levels > max_levels:
-            counts["cells_unbounded"] += 1
-            skipped.append(info | {"skipped": "unbounded"})
-            continue
+        lo_h, hi_h = float(human.min()), float(human.max())
         span = hi_h - lo_h
         h = (human - lo_h) / span
         scale_values = np.array(scale.values(), dtype=float)
@@ -182,14 +182,15 @@ def evaluate(records: Iterable[Record], mode: str, max_levels: int = MAX_LEVELS,
             row_errors.append((r.demographic or {}, e))
         uniform_errors.extend(float(np.mean(np.abs(scale01 - x))) for x in h)
         counts["cells_scored"] += 1
-        counts["cells_human_range"] += source == "human_range"
+        counts["cells_out_of_scale"] += outside > 0
         results.append(CellResult(cell, len(rows), levels, lo_h, hi_h, w, w_uni,
                                   h.tolist(), list(map(float, pv)),
                                   [1.0] * len(pv) if pw is None else list(map(float, pw)),
-                                  scale.to_json(), source))
+                                  scale.to_json(), source, outside))
 
     per_study = _per_study(results, "w")
     per_study_uniform = _per_study(results, "w_uniform")
+    in_scale = [c for c in results if not c.out_of_scale]
     errors = np.array([e for _, e in row_errors], dtype=float)
     return {
         "mode": mode,
@@ -200,6 +201,9 @@ def evaluate(records: Iterable[Record], mode: str, max_levels: int = MAX_LEVELS,
         "studies_scored": len(per_study),
         "wasserstein": _mean(per_study.values()),
         "wasserstein_uniform": _mean(per_study_uniform.values()),
+        # The same headline without the cells flagged out_of_scale (equal when none is).
+        "wasserstein_in_scale": _mean(_per_study(in_scale, "w").values()),
+        "wasserstein_uniform_in_scale": _mean(_per_study(in_scale, "w_uniform").values()),
         "individual_accuracy": float(1 - errors.mean()) if errors.size else None,
         "individual_accuracy_uniform": float(1 - np.mean(uniform_errors)) if uniform_errors else None,
         "demographic_parity_difference": demographic_parity(row_errors, min_group_rows),

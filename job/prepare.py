@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts._io import _UMASK, atomic_write_json
-from contracts.config import RunConfig, check_fraction, load_config
+from contracts.config import PARTICIPANT_FRACTION, RunConfig, check_fraction, check_participant_fraction, load_config
 from contracts.errors import ContractError
 from contracts.events import EventWriter
 from job import data as D
@@ -37,7 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", type=float, default=None, help="fraction of training rows kept, stratified by study")
     p.add_argument("--eval-subset", type=float, default=None, help="fraction of test rows kept (default: all)")
     p.add_argument("--split", default=None, choices=D.PREPARE_SPLITS, help="which generalization split (default "
-                   "unseen-studies); all-test: every row in test.jsonl, train.jsonl empty (to score a whole file)")
+                   "unseen-studies); unseen-participants: a fraction of each study's participants trains, the "
+                   "others are test (needs the rows' `participant`); all-test: every row in test.jsonl, train.jsonl "
+                   "empty (to score a whole file)")
+    p.add_argument("--participant-fraction", type=float, default=None, help="with --split unseen-participants: the "
+                   f"fraction of each study's participants in training, in (0, 1) (default: the config's "
+                   f"data.participant_fraction, else {PARTICIPANT_FRACTION}, the paper's)")
     p.add_argument("--seed", type=int, default=None, help="split/subset seed (default 42)")
     p.add_argument("--out", required=True, help="folder for train.jsonl, test.jsonl, stats.json")
     p.add_argument("--config", default=None, help="run config: its tokenizer counts tokens; its data section gives defaults")
@@ -52,21 +57,26 @@ def run(args: argparse.Namespace) -> int:
     if eval_subset is not None:
         check_fraction(eval_subset, "--eval-subset")
     split = args.split or (d.split if d else "unseen-studies")
+    fraction = check_participant_fraction(args.participant_fraction, "--participant-fraction") \
+        if args.participant_fraction is not None else (d.participant_fraction if d else PARTICIPANT_FRACTION)
     seed = args.seed if args.seed is not None else (d.seed if d else 42)
     out = check_out(args.out)
     # Bad input is refused before anything exists: OUT and its events.jsonl only once the rows validated.
-    loaded = load(source, split=split, subset=subset, eval_subset=eval_subset, seed=seed)
+    loaded = load(source, split=split, subset=subset, eval_subset=eval_subset, seed=seed, participant_fraction=fraction)
     events = EventWriter(out / "events.jsonl", echo=True)
     events.emit("start", verb="prepare", source=source)
     try:
-        res = write(loaded, out, split=split, subset=subset, eval_subset=eval_subset, seed=seed, cfg=cfg)
+        res = write(loaded, out, split=split, subset=subset, eval_subset=eval_subset, seed=seed, cfg=cfg,
+                    participant_fraction=fraction)
     except Exception as e:
         events.emit("error", message=str(e) if isinstance(e, ContractError) else f"{type(e).__name__}: {str(e)[:500]}")
         raise
     events.emit("prepare", train_rows=res.train_rows, test_rows=res.test_rows, data_hash=res.data_hash,
                 studies=res.stats["train"]["studies"] + res.stats["test"]["studies"],
                 train_tokens=res.stats["train"]["tokens"]["total"])
-    print(f"prepared {res.train_rows} train / {res.test_rows} test rows ({split}, subset {subset}) -> {res.out}")
+    how = split if split != D.UNSEEN_PARTICIPANTS else (
+        f"{split}: {fraction:g} of each study's participants train, {res.stats['participants']['shared']} shared")
+    print(f"prepared {res.train_rows} train / {res.test_rows} test rows ({how}, subset {subset}) -> {res.out}")
     return 0
 
 
@@ -88,10 +98,10 @@ class Loaded:
 
 
 def load(source: str, split: str = "unseen-studies", subset: float = 1.0, eval_subset: float | None = None,
-         seed: int = 42) -> Loaded:
+         seed: int = 42, participant_fraction: float = PARTICIPANT_FRACTION) -> Loaded:
     """Load, validate, split and subset; writes nothing (every data problem raises here)."""
     src = D.load_source(source, seed=seed)
-    train, test = D.split_rows(src, split, seed)
+    train, test = D.split_rows(src, split, seed, participant_fraction)
     train = D.stratified_subset(train, subset, seed)
     if eval_subset is not None:
         test = D.stratified_subset(test, eval_subset, seed)
@@ -99,15 +109,22 @@ def load(source: str, split: str = "unseen-studies", subset: float = 1.0, eval_s
 
 
 def prepare(source: str, out: Path, split: str = "unseen-studies", subset: float = 1.0,
-            eval_subset: float | None = None, seed: int = 42, cfg: RunConfig | None = None) -> PrepareResult:
-    """Load, split, subset, count and write. Returns what it wrote."""
+            eval_subset: float | None = None, seed: int = 42, cfg: RunConfig | None = None,
+            participant_fraction: float | None = None) -> PrepareResult:
+    """Load, split, subset, count and write. Returns what it wrote. participant_fraction: default the
+    config's data.participant_fraction (the paper's 0.1 without a config)."""
     out = check_out(out)
-    loaded = load(source, split=split, subset=subset, eval_subset=eval_subset, seed=seed)
-    return write(loaded, out, split=split, subset=subset, eval_subset=eval_subset, seed=seed, cfg=cfg)
+    if participant_fraction is None:
+        participant_fraction = cfg.data.participant_fraction if cfg else PARTICIPANT_FRACTION
+    loaded = load(source, split=split, subset=subset, eval_subset=eval_subset, seed=seed,
+                  participant_fraction=participant_fraction)
+    return write(loaded, out, split=split, subset=subset, eval_subset=eval_subset, seed=seed, cfg=cfg,
+                 participant_fraction=participant_fraction)
 
 
 def write(loaded: Loaded, out: Path, split: str = "unseen-studies", subset: float = 1.0,
-          eval_subset: float | None = None, seed: int = 42, cfg: RunConfig | None = None) -> PrepareResult:
+          eval_subset: float | None = None, seed: int = 42, cfg: RunConfig | None = None,
+          participant_fraction: float = PARTICIPANT_FRACTION) -> PrepareResult:
     """Count tokens and write the splits + stats into a temp folder beside OUT, then move them in:
     a failure on the way leaves an existing OUT as it was (other files in OUT, events.jsonl among them, are kept)."""
     src, train, test = loaded.src, loaded.train, loaded.test
@@ -126,6 +143,9 @@ def write(loaded: Loaded, out: Path, split: str = "unseen-studies", subset: floa
             "mappings": sorted(src.mappings), "tokenizer": tok_name, "data_hash": data_hash,
             "train": _stats(tok, train, system), "test": _stats(tok, test, system),
         }
+        if split == D.UNSEEN_PARTICIPANTS:
+            stats["participant_fraction"] = participant_fraction
+            stats["participants"] = _participants(train, test)
         atomic_write_json(tmp / "stats.json", stats)
         for name in OUTPUTS:
             with open(tmp / name, "rb") as f:
@@ -152,6 +172,13 @@ def _stats(tok, rows: list[dict], system: str) -> dict:
         "rows": len(rows), "studies": len(per_study), "cells": len(cells), "tokens": _summary(lengths),
         "per_study": {s: {"rows": len(v), **_summary(v)} for s, v in sorted(per_study.items())},
     }
+
+
+def _participants(train: list[dict], test: list[dict]) -> dict:
+    """Distinct (study, participant) pairs on each side, and how many are on both (0 by construction)."""
+    a = {(r["study_id"], D.participant_id(r)) for r in train}
+    b = {(r["study_id"], D.participant_id(r)) for r in test}
+    return {"train": len(a), "test": len(b), "shared": len(a & b)}
 
 
 def _encode_batched(tok, rows, system, batch: int = 4096):

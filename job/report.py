@@ -84,27 +84,70 @@ def _f(v: Any, digits: int = 4) -> str:
 def _summary_table(results: dict[str, dict]) -> str:
     if not results:
         return "<p>No evaluation results yet.</p>"
-    head = ("<tr><th>model</th><th>mode</th><th>rows</th><th>W</th><th>W uniform guess</th>"
+    head = ("<tr><th>model</th><th>mode</th><th>split</th><th>rows</th><th>W</th>"
+            "<th>W without out-of-scale cells</th><th>W uniform guess</th>"
             "<th>individual accuracy</th><th>accuracy uniform</th><th>demographic parity diff.</th>"
-            "<th>invalid answers</th><th>cells scored</th><th>cells skipped (&lt;2 / constant)</th>"
-            "<th>cells excluded (unbounded / scales disagree)</th><th>cells on the human range (no stated scale)</th>"
-            "<th>prompt tokens/s</th></tr>")
+            "<th>invalid answers</th><th>cells scored</th><th>cells flagged: answers outside the stated scale</th>"
+            "<th>cells skipped (no stated scale / &lt;2 / constant)</th>"
+            "<th>cells excluded (unbounded / scales disagree)</th><th>prompt tokens/s</th></tr>")
     body = []
     for key, r in sorted(results.items()):
         inv = f"{r.get('invalid_answers', 0)} ({100 * r.get('invalid_rate', 0):.1f}%)" if r["mode"] == "sample" \
             else "n/a (exact distribution)"
+        cap = (f" of {r['rows_test']} (cap {r['rows_cap']}, whole cells)"
+               if r.get("rows_cap") is not None and r.get("rows_test", 0) > r.get("rows", 0) else "")
         body.append(
-            f"<tr><td>{_f(r.get('model'))}</td><td>{_f(r['mode'])}</td><td>{r.get('rows')}</td>"
-            f"<td>{_f(r.get('wasserstein'))}</td><td>{_f(r.get('wasserstein_uniform'))}</td>"
+            f"<tr><td>{_f(r.get('model'))}</td><td>{_f(r['mode'])}</td><td>{_f(_split(r))}</td>"
+            f"<td>{r.get('rows')}{_f(cap)}</td>"
+            f"<td>{_f(r.get('wasserstein'))}</td><td>{_f(r.get('wasserstein_in_scale'))}</td>"
+            f"<td>{_f(r.get('wasserstein_uniform'))}</td>"
             f"<td>{_f(r.get('individual_accuracy'))}</td><td>{_f(r.get('individual_accuracy_uniform'))}</td>"
             f"<td>{_f((r.get('demographic_parity_difference') or {}).get('value'))}</td><td>{inv}</td>"
-            f"<td>{r.get('cells_scored')}</td><td>{r.get('cells_too_few')} / {r.get('cells_constant')}</td>"
+            f"<td>{r.get('cells_scored')}</td><td>{_f(r.get('cells_out_of_scale'))}</td>"
+            f"<td>{_f(r.get('cells_no_scale'))} / {r.get('cells_too_few')} / {r.get('cells_constant')}</td>"
             f"<td>{r.get('cells_unbounded')} / {_f(r.get('cells_scale_conflict'))}</td>"
-            f"<td>{_f(r.get('cells_human_range'))}</td><td>{_f(r.get('prompt_tokens_per_s'), 0)}</td></tr>")
+            f"<td>{_f(r.get('prompt_tokens_per_s'), 0)}</td></tr>")
     note = ("<p><b>sample</b>: one answer sampled per row (temperature 0.6, top_p 0.9), first integer parsed, "
             "as in the paper. <b>distribution</b>: the model's exact probability for every answer on the "
-            "row's scale (no sampling noise); its W is not the paper's protocol, compare like with like.</p>")
-    return f"<table>{head}{''.join(body)}</table>{note}"
+            "row's scale (no sampling noise); its W is not the paper's protocol, compare like with like. "
+            "A cell's scale is the one its question states: cells that state none are skipped, never scored "
+            "on a range read from their answers. Cells with human answers outside the stated scale are scored "
+            "and flagged; W is shown with them and without them.</p>")
+    return f"<table>{head}{''.join(body)}</table>{note}{_flagged_table(results)}"
+
+
+def _split(r: dict) -> str | None:
+    split = r.get("split")
+    if split == "unseen-participants" and isinstance(r.get("participant_fraction"), (int, float)):
+        return f"{split} ({r['participant_fraction']:g} of each study's participants trained)"
+    return split
+
+
+def _flagged_table(results: dict[str, dict]) -> str:
+    """The cells whose human answers fall outside their stated scale (scored, flagged), once each."""
+    flagged: dict[tuple, dict] = {}
+    for r in results.values():
+        for c in r.get("cells") or []:
+            if c.get("out_of_scale"):
+                flagged.setdefault(tuple(c["cell"]), c)
+    if not flagged:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(str(k[0]))}</td><td>{k[1]}</td><td>{k[2]}</td>"
+        f"<td>{html.escape(_describe(c.get('scale')))}</td><td>{c['out_of_scale']} of {c.get('n')}</td>"
+        f"<td>{_f(c.get('lo'), 0)}..{_f(c.get('hi'), 0)}</td></tr>" for k, c in sorted(flagged.items()))
+    return ("<h2>Cells flagged: human answers outside the stated scale</h2><p>Scored and counted in W; the "
+            "column \"W without out-of-scale cells\" leaves them out.</p><table><tr><th>study</th><th>condition</th>"
+            f"<th>task</th><th>stated scale</th><th>answers outside</th><th>human range</th></tr>{rows}</table>")
+
+
+def _describe(scale: dict | None) -> str:
+    if not isinstance(scale, dict):
+        return "-"
+    if scale.get("values"):
+        return "{" + ", ".join(map(str, scale["values"][:12])) + ("...}" if len(scale["values"]) > 12 else "}")
+    step = scale.get("step") or 1
+    return f"{scale.get('lo')}..{scale.get('hi')}" + (f" step {step}" if step != 1 else "")
 
 
 def _paper_table(table: dict[str, float]) -> str:

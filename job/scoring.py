@@ -9,13 +9,12 @@
   prompt and its own ancestors only ("tree attention"), and the LM head runs only on the positions
   whose next token is scored.
 
-Which scale a row is scored on: the one its stimulus states (contracts/scale.py), else its cell's
-human min..max (`row_scales`).
+Which scale a row is scored on: the one its stimulus states (contracts/scale.py); a row that states
+none is not scored (`row_scales`): its answers never decide its scale.
 """
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -37,17 +36,11 @@ def stated_scale(r: dict) -> Scale | None:
 
 def row_scales(rows: Sequence[dict]) -> list[Scale | None]:
     """Each row's answer scale: the one its stimulus states (a step grid's candidates are the grid's
-    points), else its cell's human min..max; None for scales over 101 levels (unbounded: excluded
-    from the metric, so not scored)."""
-    human: dict[tuple, list[int]] = defaultdict(list)
-    for r in rows:
-        human[(r["study_id"], r["condition_num"], r["task_num"])].append(int(r["response"]))
+    points); None where it states none or one of over 101 levels (unbounded): such a row is not
+    scored, and its cell is skipped and counted by job/metrics.py."""
     out = []
     for r in rows:
         s = stated_scale(r)
-        if s is None:
-            h = human[(r["study_id"], r["condition_num"], r["task_num"])]
-            s = Scale(min(h), max(h)) if max(h) > min(h) else None
         out.append(s if s is not None and s.levels <= M.MAX_LEVELS else None)
     return out
 

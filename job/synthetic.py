@@ -1,6 +1,6 @@
 """SocSci210-like rows, generated: `data.source: synthetic:N` (tests, the demo, benchmarks).
 
-Same columns as the real dataset; several studies, each with conditions and tasks whose answer
+Same columns as the real dataset (`participant` included: 3 rows each); several studies, each with conditions and tasks whose answer
 scale and response distribution depend on the cell and on a demographic, so a model can learn
 something. Deterministic for a given (N, seed).
 """
@@ -58,7 +58,8 @@ def generate(n: int, seed: int = 0, studies: int | None = None, stimulus_words: 
         stimuli = (f"You read a short article about {topic} (version {c}): {filler}. Then you were asked "
                    f"question {t} about {topic}. Only return an integer from {lo} to {hi}, nothing else.")
         rows.append({
-            "sample_id": per_study[s], "participant": i // 3, "demographic": demo, "stimuli": stimuli,
+            # A participant answers 3 questions of its study (an index within the study, as SocSci210's).
+            "sample_id": per_study[s], "participant": per_study[s] // 3, "demographic": demo, "stimuli": stimuli,
             "prompt": None, "reasoning": "", "response": int(response), "condition_num": c,
             "task_num": t, "study_id": s,
         })

@@ -1,10 +1,11 @@
-"""Shared by every test module (`from conftest import REPO, run_cli, one_line, wait_until,
-random_adapter`), and the
+"""Shared by every test module (`from conftest import REPO, SHARED, REAL_SAMPLE, needs_real_sample,
+run_cli, one_line, wait_until, random_adapter`), and the
 `sky_home` fixture (an offline SkyPilot API server with a seeded catalog, tests/skyfix.py).
 
 The repository root is on sys.path, so tests import the benchmarks' references (bench/reference.py)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +17,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from skyfix import sky_home  # noqa: E402,F401  (re-exported for every test module)
+
+import pytest  # noqa: E402
+
+# ../shared beside the checkout, or the folder SOCRATES_SHARED names: the one way tests find it.
+SHARED = Path(os.environ.get("SOCRATES_SHARED") or REPO.parent / "shared")
+REAL_SAMPLE = SHARED / "fixtures" / "socsci210_real_sample.jsonl"
+needs_real_sample = pytest.mark.skipif(not REAL_SAMPLE.is_file(),
+                                       reason=f"{REAL_SAMPLE} absent (set SOCRATES_SHARED to a folder holding fixtures/)")
 
 T = TypeVar("T")
 

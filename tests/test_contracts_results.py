@@ -67,10 +67,10 @@ def test_write_metrics_accumulates_results_and_replaces_a_damaged_file(tmp_path)
 def test_summary_names_every_number_and_tolerates_what_is_not_a_result():
     s = R.summary({"mode": "sample", "wasserstein": 0.1, "demographic_parity_difference": {"value": 0.02},
                    "cells_scale_conflict": 1, "extra": "not shown"})
-    assert list(s) == ["mode", "model", "rows", "cells_scored", "studies_scored", "wasserstein",
-                       "wasserstein_uniform", "individual_accuracy", "invalid_rate", "cells_unbounded",
-                       "cells_scale_conflict", "cells_human_range", "prompt_tokens_per_s",
-                       "demographic_parity_difference"]
+    assert list(s) == ["mode", "model", "split", "rows", "cells_scored", "studies_scored", "wasserstein",
+                       "wasserstein_in_scale", "wasserstein_uniform", "individual_accuracy", "invalid_rate",
+                       "cells_no_scale", "cells_out_of_scale", "cells_unbounded", "cells_scale_conflict",
+                       "prompt_tokens_per_s", "demographic_parity_difference"]
     assert (s["mode"], s["wasserstein"], s["cells_scale_conflict"], s["demographic_parity_difference"]) == \
         ("sample", 0.1, 1, 0.02)
     assert s["rows"] is None
@@ -121,7 +121,7 @@ def test_cells_file_round_trips_one_line_per_cell_with_each_results_w(tmp_path):
     first = lines[0]
     assert first["w"]["base/sample"] == by_cell[("s1", 1, 1)]["w"]
     assert first["scale"] == {"lo": 1, "hi": 5, "step": 1} and first["scale_source"] == "stated"
-    assert first["human_n"] == 12 and first["skipped"] == {}
+    assert first["human_n"] == 12 and first["skipped"] == {} and first["out_of_scale"] == 0
     assert lines[-1]["skipped"] == {"base/sample": "constant", "uniform/distribution": "constant"}
     assert lines[-1]["w"] == {}
 
@@ -130,6 +130,7 @@ def test_cells_file_round_trips_one_line_per_cell_with_each_results_w(tmp_path):
     ({"study_id": 7}, "study_id 7 is not accepted (text)"),
     ({"task_num": True}, "task_num true is not accepted (a whole number)"),
     ({"human_n": -1}, "human_n -1 is not accepted"),
+    ({"out_of_scale": 1.5}, "out_of_scale 1.5 is not accepted (a whole number >= 0, or null)"),
     ({"scale_source": "guessed"}, "scale_source \"guessed\" is not accepted (stated | human_range | conflict or null)"),
     ({"scale": {"lo": 5, "hi": 1, "step": 1}}, "scale {\"lo\": 5, \"hi\": 1, \"step\": 1} is not accepted"),
     ({"w": {"base/sample": "0.2"}}, "w {\"base/sample\": \"0.2\"} is not accepted"),

@@ -13,9 +13,7 @@ from job import data as D
 from job import synthetic
 from job.prepare import prepare
 from job.tokenizer import qwen25_offline
-from conftest import REPO
-
-FIXTURE = REPO / ".." / "shared" / "fixtures" / "socsci210_real_sample.jsonl"
+from conftest import REAL_SAMPLE, REPO, needs_real_sample
 SYSTEM = "You are simulating a survey respondent. Answer exactly as instructed, following the specified response format without additional commentary."
 
 
@@ -50,9 +48,9 @@ def test_prompt_renders_paper_format_byte_for_byte():
     assert D.render_prompt({**row, "prompt": "verbatim"}) == "verbatim"
 
 
-@pytest.mark.skipif(not FIXTURE.is_file(), reason="../shared/fixtures/socsci210_real_sample.jsonl not present")
+@needs_real_sample
 def test_rendering_matches_the_authors_prompts_on_real_rows():
-    rows = [json.loads(line) for line in FIXTURE.open(encoding="utf-8")]
+    rows = [json.loads(line) for line in REAL_SAMPLE.open(encoding="utf-8")]
     with_prompt = [r for r in rows if r.get("prompt")]
     assert len(with_prompt) > 1000
     mismatched = [r["sample_id"] for r in with_prompt if D.render_prompt({**r, "prompt": None}) != r["prompt"]]
@@ -216,3 +214,95 @@ def test_bad_source_names():
         D.load_source("synthetic:abc")
     with pytest.raises(ContractError, match="unseen-studies"):
         D.split_rows(D.load_source("synthetic:50"), "by-vibes", 0)
+
+
+# --- unseen-participants: the paper's setting (a fraction of each study's participants trains) -------------
+
+def _people(rows: list[dict]) -> set[tuple]:
+    return {(r["study_id"], r["participant"]) for r in rows}
+
+
+def test_unseen_participants_split_shares_no_participant_and_is_stratified_per_study():
+    src = D.load_source("synthetic:600", seed=0)
+    # Generated rows carry participant ids, each answering several questions of one study.
+    per_person = {}
+    for r in src.rows:
+        per_person[(r["study_id"], r["participant"])] = per_person.get((r["study_id"], r["participant"]), 0) + 1
+    assert max(per_person.values()) >= 3
+    train, test = D.split_rows(src, "unseen-participants", seed=7, participant_fraction=0.25)
+    assert not _people(train) & _people(test)
+    assert len(train) + len(test) == 600 and sorted(map(id, train + test)) == sorted(map(id, src.rows))
+    assert D.split_rows(src, "unseen-participants", seed=7, participant_fraction=0.25) == (train, test)
+    assert D.split_rows(src, "unseen-participants", seed=8, participant_fraction=0.25) != (train, test)
+    # Per study: round(25% of its participants), at least 1, never all; computed here by counting.
+    for study in {r["study_id"] for r in src.rows}:
+        everyone = {p for s, p in per_person if s == study}
+        trained = {p for s, p in _people(train) if s == study}
+        assert len(trained) == min(len(everyone) - 1, max(1, round(len(everyone) * 0.25))), study
+    # The default is the paper's 10%.
+    train10, _ = D.split_rows(src, "unseen-participants", seed=7)
+    assert len(_people(train10)) < len(_people(train))
+
+
+def test_unseen_participants_one_participant_study_is_all_test():
+    rows = [{"study_id": s, "participant": p, "response": 1, "condition_num": 1, "task_num": t, "prompt": "q"}
+            for s, people in (("aaaaa", 10), ("bbbbb", 1)) for p in range(people) for t in (1, 2)]
+    train, test = D.split_rows(D.Source(rows, "hand"), "unseen-participants", seed=0, participant_fraction=0.3)
+    # aaaaa: 3 of 10 participants (6 rows) train; bbbbb's only participant is test.
+    assert len(_people(train)) == 3 and {s for s, _ in _people(train)} == {"aaaaa"}
+    assert len(train) == 6 and ("bbbbb", 0) in _people(test)
+
+
+def test_unseen_participants_prepare_writes_the_split_and_zero_shared(tmp_path):
+    r = _job("prepare", "--data", "synthetic:300", "--split", "unseen-participants", "--participant-fraction", "0.2",
+             "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "unseen-participants: 0.2 of each study's participants train, 0 shared" in r.stdout
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    train = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (tmp_path / "out" / "test.jsonl").read_text().splitlines()]
+    assert stats["split"] == "unseen-participants" and stats["participant_fraction"] == 0.2
+    assert stats["participants"] == {"train": len(_people(train)), "test": len(_people(test)), "shared": 0}
+    assert not _people(train) & _people(test)
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1"])
+def test_participant_fraction_out_of_range_is_refused(tmp_path, value):
+    r = _job("prepare", "--data", "synthetic:60", "--split", "unseen-participants", "--participant-fraction", value,
+             "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"--participant-fraction: {float(value)!r} is not accepted (a fraction in (0, 1)" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_rows_without_participant_ids_are_refused_in_one_line(tmp_path):
+    rows = synthetic.generate(60, seed=0)
+    rows[5]["participant"] = None
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = _job("prepare", "--data", str(src), "--split", "unseen-participants", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{src}: --split unseen-participants needs participant ids, and 1 of 60 rows have none (row 5" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@needs_real_sample
+def test_real_sample_unseen_participants(tmp_path):
+    """The sample's `participant` is null on every row: a one-line refusal. With ids attached (here: one
+    participant per (study, demographic profile), an approximation), the split shares none."""
+    r = _job("prepare", "--data", str(REAL_SAMPLE), "--split", "unseen-participants", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "needs participant ids, and 2,780 of 2,780 rows have none" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+    rows = [json.loads(line) for line in REAL_SAMPLE.open(encoding="utf-8")]
+    ids: dict[tuple, int] = {}
+    for row in rows:
+        key = (row["study_id"], json.dumps(row["demographic"], sort_keys=True))
+        row["participant"] = ids.setdefault(key, len(ids))
+    train, test = D.split_rows(D.Source(rows, "real+ids"), "unseen-participants", seed=42)
+    assert not _people(train) & _people(test)
+    assert len(train) + len(test) == len(rows)
+    studies = {r["study_id"] for r in rows}
+    people = {s: {p for t, p in _people(rows) if t == s} for s in studies}
+    assert {r["study_id"] for r in train} == {s for s in studies if len(people[s]) > 1}

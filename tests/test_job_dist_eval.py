@@ -53,7 +53,13 @@ def test_two_ranks_write_the_metrics_one_process_writes(prepared, tmp_path, mode
     r2 = _evaluate(prepared, 2, mode, two)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = _result(one, mode), _result(two, mode)
-    assert a["rows"] == 30
+    # eval.rows 30 keeps whole cells only: at most 30 rows, and every cell scored or skipped is whole.
+    test = [json.loads(x) for x in (prepared / "data" / "test.jsonl").read_text().splitlines()]
+    sizes = {}
+    for r in test:
+        sizes[(r["study_id"], r["condition_num"], r["task_num"])] = sizes.get((r["study_id"], r["condition_num"], r["task_num"]), 0) + 1
+    named = a["cells"] + a["cells_skipped"]
+    assert a["rows"] == sum(c["n"] for c in named) <= 30 and all(c["n"] == sizes[tuple(c["cell"])] for c in named)
     assert a == b  # bit for bit: every number, every example
     for cells in ("cells.jsonl",):  # written beside metrics.json where the scorer writes cells
         if (one / cells).exists():

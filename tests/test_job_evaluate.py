@@ -133,6 +133,7 @@ def test_tree_scorer_equals_one_forward_per_answer(prepared):
 
 
 def test_select_rows_keeps_whole_cells():
+    from contracts.errors import ContractError
     from job.evaluate import select_rows
 
     rows = [{"study_id": s, "condition_num": 1, "task_num": t, "response": i}
@@ -141,6 +142,42 @@ def test_select_rows_keeps_whole_cells():
     cells = {(r["study_id"], r["task_num"]) for r in kept}
     assert len(kept) == 10 and len(cells) == 2
     assert select_rows(rows, None, 1) == rows
+    # The case: 7 over 5-row cells once kept 2 of a second cell's 5 rows; now it rounds down to 5.
+    for cap, want in ((7, 5), (14, 10), (29, 25), (5, 5)):
+        kept = select_rows(rows, cap, seed=1)
+        sizes = {}
+        for r in kept:
+            sizes[(r["study_id"], r["task_num"])] = sizes.get((r["study_id"], r["task_num"]), 0) + 1
+        assert len(kept) == want and set(sizes.values()) == {5}, cap
+    with pytest.raises(ContractError, match=r"--rows/eval.rows 4: smaller than every cell .* smallest has 5 rows"):
+        select_rows(rows, 4, seed=1)
+    # A cell that does not fit is passed over, and a smaller one later in the order fills the rest.
+    mixed = rows + [{"study_id": "d", "condition_num": 1, "task_num": 1, "response": 0}]
+    assert len(select_rows(mixed, 6, seed=1)) == 6
+
+
+def test_the_row_cap_is_said_in_a_log_line_and_in_metrics(tmp_path):
+    from job import synthetic
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in synthetic.generate(120, seed=4)))
+    assert job_main(["prepare", "--data", str(src), "--split", "all-test", "--out", str(tmp_path / "data")]) == 0
+    assert job_main(["evaluate", "--data", str(tmp_path / "data"), "--baseline", "uniform", "--rows", "50",
+                     "--out", str(tmp_path / "eval")]) == 0
+    res = json.loads((tmp_path / "eval" / "metrics.json").read_text())["results"]["uniform/distribution"]
+    test = [json.loads(x) for x in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
+    sizes = {}
+    for r in test:
+        key = (r["study_id"], r["condition_num"], r["task_num"])
+        sizes[key] = sizes.get(key, 0) + 1
+    scored = [c for c in res["cells"] + res["cells_skipped"]]
+    # Every cell the result names is whole, and their rows are the rows kept: at most the cap.
+    assert all(c["n"] == sizes[tuple(c["cell"])] for c in scored)
+    assert res["rows"] == sum(c["n"] for c in scored) <= 50
+    assert (res["rows_cap"], res["rows_test"], res["split"]) == (50, 120, "all-test")
+    logs = [e["message"] for e in read_all(tmp_path / "eval" / "events.jsonl") if e["event"] == "log"]
+    assert f"evaluate: --rows/eval.rows 50 kept {res['rows']} of 120 test rows ({len(scored)} of {len(sizes)} " \
+           "cells, whole cells only)" in logs
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ written by hand, the real sample's scales come from `reference_scale` below, and
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,11 +18,7 @@ import pytest
 
 from contracts.scale import Scale, instruction, parse_scale
 from job.__main__ import main as job_main
-from conftest import REPO
-
-SHARED = Path(os.environ.get("SOCRATES_SHARED", REPO / ".." / "shared"))
-FIXTURE = SHARED / "fixtures" / "socsci210_real_sample.jsonl"
-needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"{FIXTURE} absent (set SOCRATES_SHARED)")
+from conftest import REAL_SAMPLE, REPO, needs_real_sample
 
 
 def R(lo: int, hi: int, step: int = 1) -> list[int]:
@@ -197,9 +192,10 @@ def w1(u: list[float], v: list[float]) -> float:
 
 def reference_uniform(rows: list[dict]) -> dict:
     """The paper's protocol for the uniform guess, from scratch: per cell (study, condition, task) with
-    >= 2 human answers that are not all equal and a scale of <= 101 answers (stated, else the humans'
-    min..max), W between the rescaled humans and the scale's answers rescaled the same way (min/max of
-    the humans) and clipped to [0, 1]; mean per study, then over studies."""
+    a stated scale of <= 101 answers (none stated: skipped) and >= 2 human answers that are not all
+    equal, W between the rescaled humans and the scale's answers rescaled the same way (min/max of
+    the humans) and clipped to [0, 1]; mean per study, then over studies. `outside`: the cell's human
+    answers that are not on its scale; `w_in`: the mean without the cells that have any."""
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         cells[(r["study_id"], r["condition_num"], r["task_num"])].append(r)
@@ -208,21 +204,27 @@ def reference_uniform(rows: list[dict]) -> dict:
         human = [float(r["response"]) for r in rs]
         stated = {tuple(s) for s in (reference_scale(r["stimuli"]) for r in rs) if s is not None}
         assert len(stated) <= 1, f"cell {key}: rows state different scales"
-        values = list(next(iter(stated))) if stated else R(int(min(human)), int(max(human)))
-        source = "stated" if stated else "human_range"
-        if len(human) < 2 or min(human) == max(human) or len(values) > 101:
-            per_cell[key] = {"source": source, "values": values, "w": None}
+        values = list(next(iter(stated))) if stated else None
+        source = "stated" if stated else None
+        outside = sum(x not in values for x in human) if values else None
+        if not values or len(human) < 2 or min(human) == max(human) or len(values) > 101:
+            per_cell[key] = {"source": source, "values": values, "w": None, "outside": outside}
             continue
         lo, span = min(human), max(human) - min(human)
         h = [(x - lo) / span for x in human]
         u = [min(1.0, max(0.0, (v - lo) / span)) for v in values]
-        per_cell[key] = {"source": source, "values": values, "w": w1(h, u)}
-    studies: dict[str, list[float]] = defaultdict(list)
-    for (study, _, _), c in per_cell.items():
-        if c["w"] is not None:
-            studies[study].append(c["w"])
-    overall = sum(sum(v) / len(v) for v in studies.values()) / len(studies)
-    return {"cells": per_cell, "w": overall, "studies": len(studies)}
+        per_cell[key] = {"source": source, "values": values, "w": w1(h, u), "outside": outside}
+
+    def mean_over_studies(keep) -> float:
+        studies: dict[str, list[float]] = defaultdict(list)
+        for (study, _, _), c in per_cell.items():
+            if c["w"] is not None and keep(c):
+                studies[study].append(c["w"])
+        return sum(sum(v) / len(v) for v in studies.values()) / len(studies), len(studies)
+
+    overall, n_studies = mean_over_studies(lambda c: True)
+    in_scale, _ = mean_over_studies(lambda c: not c["outside"])
+    return {"cells": per_cell, "w": overall, "w_in": in_scale, "studies": n_studies}
 
 
 def score_baseline(rows: list[dict], tmp: Path) -> tuple[dict, dict[tuple, dict]]:
@@ -246,8 +248,9 @@ def check_against_reference(rows: list[dict], result: dict, cells: dict[tuple, d
         got = cells[key]
         assert got["human_n"] == sum(1 for r in rows if (r["study_id"], r["condition_num"], r["task_num"]) == key)
         assert got["scale_source"] == want["source"], key
+        assert got["out_of_scale"] == want["outside"], key
         s = got["scale"]
-        got_values = s.get("values") or R(s["lo"], s["hi"], s["step"])
+        got_values = s and (s.get("values") or R(s["lo"], s["hi"], s["step"]))
         assert got_values == want["values"], key
         if want["w"] is None:
             assert got["w"] == {} and got["skipped"], key
@@ -256,6 +259,9 @@ def check_against_reference(rows: list[dict], result: dict, cells: dict[tuple, d
             assert got["w"]["uniform"] == pytest.approx(want["w"], abs=1e-9), key
     assert result["wasserstein"] == pytest.approx(ref["w"], abs=1e-9)
     assert result["wasserstein_uniform"] == pytest.approx(ref["w"], abs=1e-9)
+    assert result["wasserstein_in_scale"] == pytest.approx(ref["w_in"], abs=1e-9)
+    assert result["cells_out_of_scale"] == sum(bool(c["outside"]) for c in ref["cells"].values() if c["w"] is not None)
+    assert result["cells_no_scale"] == sum(c["values"] is None for c in ref["cells"].values())
     assert result["studies_scored"] == ref["studies"]
     assert result["cells_scored"] == sum(c["w"] is not None for c in ref["cells"].values())
     return ref
@@ -275,6 +281,7 @@ def generated_rows() -> list[dict]:
         ("ccccc", "Only return 1 if you accept it as final, up to 4 if you strongly disagree.", [2, 3, 3]),
         ("ccccc", "Only return an integer from 0 to 100 representing percent, nothing else.", [40, 60, 50, 45]),
         ("ccccc", "Only return an integer representing the hours saved, nothing else.", [3, 9, 4]),  # no scale
+        ("ccccc", "Only return 1 for the first scenario; 2 for the second, nothing else.", [1, 2, 12, 7]),  # outside
         ("ccccc", "Only return an integer from 0 to 5000 representing dollars, nothing else.", [10, 900]),  # > 101
         ("ddddd", "Only return an integer from 1 to 5, nothing else.", [4]),  # one answer
         ("ddddd", "Only return an integer from 1 to 5, nothing else.", [2, 2, 2]),  # constant
@@ -296,10 +303,15 @@ def test_uniform_baseline_matches_reference_on_generated_rows(tmp_path):
     # scale's 1..5 to {0: 1/5, 1: 4/5} (3, 4, 5 clip to 1): W = 0.2 (over the humans' 1..2 it would be 0.1).
     assert cells[("aaaaa", 1, 0)]["w"]["uniform"] == pytest.approx(0.2, abs=1e-12)
     assert cells[("bbbbb", 1, 2)]["scale"] == {"lo": 0, "hi": 1000, "step": 100}
-    assert cells[("ccccc", 1, 6)]["scale_source"] == "human_range"
-    assert cells[("ccccc", 1, 7)]["skipped"] == {"uniform/distribution": "unbounded"}
+    # No stated scale: skipped and counted, never scored on the answers' 3..9.
+    assert cells[("ccccc", 1, 6)]["skipped"] == {"uniform/distribution": "no_scale"}
+    assert cells[("ccccc", 1, 6)]["scale"] is None and cells[("ccccc", 1, 6)]["w"] == {}
+    # Answers 12 and 7 under "1 for ...; 2 for ...": scored, flagged with the count.
+    assert cells[("ccccc", 1, 7)]["out_of_scale"] == 2 and "uniform" in cells[("ccccc", 1, 7)]["w"]
+    assert cells[("ccccc", 1, 8)]["skipped"] == {"uniform/distribution": "unbounded"}
     assert (result["cells_too_few"], result["cells_constant"], result["cells_unbounded"]) == (1, 1, 1)
-    assert result["cells_human_range"] == 1 and result["cells_scale_conflict"] == 0
+    assert result["cells_no_scale"] == 1 and result["cells_scale_conflict"] == 0 and result["cells_out_of_scale"] == 1
+    assert result["wasserstein_in_scale"] < result["wasserstein"]
     assert ref["studies"] == 3
 
 
@@ -395,10 +407,10 @@ def test_prepared_rows_keep_the_demographic_order():
 
 @pytest.fixture(scope="module")
 def sample_rows():
-    return [json.loads(line) for line in FIXTURE.open(encoding="utf-8")]
+    return [json.loads(line) for line in REAL_SAMPLE.open(encoding="utf-8")]
 
 
-@needs_fixture
+@needs_real_sample
 def test_sample_wordings_table_is_complete(sample_rows):
     """Every distinct instruction of the sample is in the table, and the reference reads it as the table says."""
     table = dict(SAMPLE_WORDINGS)
@@ -408,22 +420,23 @@ def test_sample_wordings_table_is_complete(sample_rows):
         assert reference_scale(text) == values, text
 
 
-@needs_fixture
+@needs_real_sample
 def test_uniform_baseline_matches_reference_on_real_sample(sample_rows, tmp_path):
     result, cells = score_baseline(sample_rows, tmp_path)
     ref = check_against_reference(sample_rows, result, cells)
-    # No cell falls back to the human range when its stimulus states a scale: the only human-range
-    # cells are those whose rows state none (study zrwjp: "an integer representing ... dollars").
-    fallback = {k for k, c in cells.items() if c["scale_source"] == "human_range"}
+    # The cells skipped for stating no scale are exactly those whose rows state none (study zrwjp: "an
+    # integer representing ... dollars"), and on the sample no scored cell has an answer off its scale.
+    no_scale = {k for k, c in cells.items() if c["skipped"].get("uniform/distribution") == "no_scale"}
     stating = {(r["study_id"], r["condition_num"], r["task_num"]) for r in sample_rows
                if reference_scale(r["stimuli"]) is not None}
-    assert fallback and not (fallback & stating)
-    assert {k[0] for k in fallback} == {"zrwjp"}
+    assert no_scale == set(cells) - stating and {k[0] for k in no_scale} == {"zrwjp"}
+    assert result["cells_no_scale"] == len(no_scale) == 4
+    assert result["cells_out_of_scale"] == 0 and result["wasserstein_in_scale"] == result["wasserstein"]
     assert result["cells_scale_conflict"] == 0
     assert 0.15 < ref["w"] < 0.25  # the paper's uniform guess: 0.203 over all unseen studies
 
 
-@needs_fixture
+@needs_real_sample
 def test_promptless_sample_renders_each_prompt_byte_for_byte_after_prepare(sample_rows, tmp_path):
     from job import data as D
 
@@ -437,3 +450,65 @@ def test_promptless_sample_renders_each_prompt_byte_for_byte_after_prepare(sampl
     assert [r["stimuli"] for r in prepared] == [r["stimuli"] for r in sample_rows]
     wrong = [i for i, (p, r) in enumerate(zip(prepared, sample_rows)) if D.render_prompt(p) != r["prompt"]]
     assert wrong == []
+
+
+# --- No test label decides a scale -------------------------------------------------------------------
+
+QUESTION_SKIPS = ("no_scale", "scale_conflict", "unbounded")  # decided from the questions alone
+
+
+def scales_seen(rows: list[dict]) -> dict[tuple, tuple]:
+    """Per cell, what the evaluation decided from the questions: its scale (the uniform guess's answers),
+    its source, and whether it was skipped for a question-side reason."""
+    from job import metrics as M
+    from job.evaluate import baseline_records
+
+    recs = baseline_records(rows)
+    m = M.evaluate(recs, "distribution")
+    seen = {}
+    for c in m["cells"] + m["cells_skipped"]:
+        why = c.get("skipped")
+        seen[tuple(c["cell"])] = (json.dumps(c["scale"], sort_keys=True), c["scale_source"],
+                                  why if why in QUESTION_SKIPS else None)
+    candidates = {}  # what each row would be scored over
+    for r, rec in zip(rows, recs):
+        candidates.setdefault((r["study_id"], r["condition_num"], r["task_num"]), set()).add(
+            tuple(rec.values) if rec.values else None)
+    return {k: (*v, frozenset(candidates[k])) for k, v in seen.items()}
+
+
+def check_labels_decide_no_scale(rows: list[dict], picks: list[int]) -> None:
+    """One test label changed at a time (to a value far outside any scale, and to 1 + itself), then all
+    of them at once: no cell's scale, scale source, question-side skip or candidate answers changes; and
+    each cell's scale is the one this test reads from its questions (reference_scale), or none."""
+    before = scales_seen(rows)
+    for key, (scale, source, _, _) in before.items():
+        stated = {tuple(reference_scale(r["stimuli"]) or ()) for r in rows
+                  if (r["study_id"], r["condition_num"], r["task_num"]) == key}
+        want = None if stated == {()} else list(next(iter(stated)))
+        got = json.loads(scale)
+        assert (got and (got.get("values") or R(got["lo"], got["hi"], got["step"]))) == want, key
+    for i in picks:
+        for new in (10**6, rows[i]["response"] + 1):
+            changed = [dict(r, response=new) if j == i else r for j, r in enumerate(rows)]
+            assert scales_seen(changed) == before, (i, new)
+    assert scales_seen([dict(r, response=r["response"] * 7 + 3) for r in rows]) == before
+
+
+def test_changing_a_test_label_changes_no_scale_on_generated_rows():
+    rows = generated_rows()
+    # Every row: the no-scale cell (once scored on its answers' range), the flagged cell, the grid, ...
+    check_labels_decide_no_scale(rows, list(range(len(rows))))
+
+
+@needs_real_sample
+def test_changing_a_test_label_changes_no_scale_on_real_sample(sample_rows):
+    import random
+
+    no_scale = {}
+    for i, r in enumerate(sample_rows):
+        if reference_scale(r["stimuli"]) is None:
+            no_scale.setdefault((r["study_id"], r["condition_num"], r["task_num"]), i)
+    assert len(no_scale) == 4  # study zrwjp's 4 cells
+    # A row of each no-scale cell (where the old fallback read the scale from the answers), and 4 others.
+    check_labels_decide_no_scale(sample_rows, [*no_scale.values(), *random.Random(5).sample(range(len(sample_rows)), 4)])

@@ -1,10 +1,8 @@
 """job.metrics against an independent per-cell computation written here (scipy), to 1e-9."""
 import json
-import os
 import random
 import re
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +10,12 @@ from scipy.stats import wasserstein_distance
 
 from contracts.scale import parse_scale
 from job.metrics import Record, evaluate, parse_answer
-from conftest import REPO
-
-FIXTURE = Path(os.environ.get("SOCRATES_SHARED", REPO / ".." / "shared")) / "fixtures" / "socsci210_real_sample.jsonl"
+from conftest import REAL_SAMPLE, needs_real_sample
 
 
 def generated_rows(n: int = 600, seed: int = 3) -> list[dict]:
-    """SocSci210-shaped rows with every edge cell: single answer, constant, unbounded, no scale."""
+    """SocSci210-shaped rows with every edge cell: single answer, constant, unbounded, no scale, and
+    answers outside the stated scale."""
     rng = random.Random(seed)
     rows = []
     for study in ("aaaaa", "bbbbb", "ccccc"):
@@ -30,10 +27,13 @@ def generated_rows(n: int = 600, seed: int = 3) -> list[dict]:
     rows.append(_row("ddddd", 1, 1, 3, 1, 7, rng))  # a single human answer
     rows += [_row("ddddd", 1, 2, 4, 1, 7, rng) for _ in range(6)]  # constant human answers
     rows += [_row("ddddd", 2, 1, rng.randint(0, 5000), 0, 5000, rng) for _ in range(9)]  # unbounded
-    for _ in range(12):  # no scale sentence: the human range stands in
+    for _ in range(12):  # no scale sentence: skipped, never scored on the answers' own range
         r = _row("ddddd", 2, 2, rng.randint(0, 30), 0, 30, rng)
         r["stimuli"] = "How many hours? Only return an integer representing the hours, nothing else."
         rows.append(r)
+    # Answers 1..12 under a stated 1..2 (the issue's study 8ctbk): scored, flagged.
+    rows += [_row("eeeee", 1, 1, v, 1, 2, rng) for v in (1, 2, 3, 7, 12, 2, 1)]
+    rows += [_row("eeeee", 1, 2, v, 1, 5, rng) for v in (1, 2, 3, 4, 5, 3)]
     return rows
 
 
@@ -50,19 +50,20 @@ def fixed_predictor(row: dict) -> int:
 
 
 def reference(rows: list[dict], preds: list[int | None]) -> dict:
-    """The paper's protocol written out as a plain per-cell loop, for comparison."""
+    """The paper's protocol written out as a plain per-cell loop, for comparison: a cell is scored on
+    the scale its questions state (none: skipped); "in scale" leaves out cells with an answer outside it."""
     cells = defaultdict(list)
     for r, p in zip(rows, preds):
         cells[(r["study_id"], r["condition_num"], r["task_num"])].append((r, p))
     study_w, study_u, errors = defaultdict(list), defaultdict(list), []
+    study_w_in, outside_cells = defaultdict(list), 0
     for (study, _, _), items in cells.items():
         human = np.array([r["response"] for r, _ in items], float)
-        if len(human) < 2 or human.min() == human.max():
-            continue
         scales = [_stated(r["stimuli"]) for r, _ in items]
-        scales = [s for s in scales if s]
-        lo_s, hi_s = (min(s[0] for s in scales), max(s[1] for s in scales)) if scales else (human.min(), human.max())
-        if hi_s - lo_s + 1 > 101:
+        if not all(scales):
+            continue
+        lo_s, hi_s = min(s[0] for s in scales), max(s[1] for s in scales)
+        if hi_s - lo_s + 1 > 101 or len(human) < 2 or human.min() == human.max():
             continue
         mn, mx = human.min(), human.max()
         hum = (human - mn) / (mx - mn)
@@ -70,10 +71,15 @@ def reference(rows: list[dict], preds: list[int | None]) -> dict:
         uniform = np.clip((np.arange(lo_s, hi_s + 1) - mn) / (mx - mn), 0, 1)
         study_w[study].append(wasserstein_distance(hum, model))
         study_u[study].append(wasserstein_distance(hum, uniform))
+        if human.min() < lo_s or human.max() > hi_s:
+            outside_cells += 1
+        else:
+            study_w_in[study].append(study_w[study][-1])
         errors += [abs(min(1, max(0, (p - mn) / (mx - mn))) - (r["response"] - mn) / (mx - mn))
                    for r, p in items if p is not None]
     return {"w": np.mean([np.mean(v) for v in study_w.values()]),
             "u": np.mean([np.mean(v) for v in study_u.values()]),
+            "w_in": np.mean([np.mean(v) for v in study_w_in.values()]), "outside": outside_cells,
             "acc": 1 - np.mean(errors), "studies": len(study_w)}
 
 
@@ -105,6 +111,8 @@ def _check(rows):
     m = evaluate(records(rows, preds), "sample")
     assert m["wasserstein"] == pytest.approx(ref["w"], abs=1e-9)
     assert m["wasserstein_uniform"] == pytest.approx(ref["u"], abs=1e-9)
+    assert m["wasserstein_in_scale"] == pytest.approx(ref["w_in"], abs=1e-9)
+    assert m["cells_out_of_scale"] == ref["outside"]
     assert m["individual_accuracy"] == pytest.approx(ref["acc"], abs=1e-9)
     assert m["studies_scored"] == ref["studies"]
     assert m["invalid_answers"] == len(preds[::17])
@@ -113,15 +121,36 @@ def _check(rows):
 
 def test_generated_rows_match_independent_computation():
     m = _check(generated_rows())
-    # The edge cells of study ddddd: one single-answer, one constant, one unbounded; the no-scale cell is scored.
-    assert (m["cells_too_few"], m["cells_constant"], m["cells_unbounded"]) == (1, 1, 1)
-    assert ["ddddd", 2, 2] in [c["cell"] for c in m["cells"]]
-    assert m["cells_scored"] + 3 == m["cells_total"]
+    # The edge cells of study ddddd: one single-answer, one constant, one unbounded, one with no stated scale.
+    assert (m["cells_too_few"], m["cells_constant"], m["cells_unbounded"], m["cells_no_scale"]) == (1, 1, 1, 1)
+    assert ["ddddd", 2, 2] not in [c["cell"] for c in m["cells"]]
+    assert {"cell": ["ddddd", 2, 2], "n": 12, "scale": None, "scale_source": None, "out_of_scale": None,
+            "skipped": "no_scale"} in m["cells_skipped"]
+    assert m["cells_scored"] + 4 == m["cells_total"]
+    # eeeee 1/1: answers 3, 7, 12 lie outside the stated 1..2; scored and flagged, and the only such cell.
+    flagged = [c for c in m["cells"] if c["out_of_scale"]]
+    assert [(c["cell"], c["out_of_scale"]) for c in flagged] == [(["eeeee", 1, 1], 3)]
+    assert m["cells_out_of_scale"] == 1 and m["wasserstein_in_scale"] != m["wasserstein"]
 
 
-@pytest.mark.skipif(not FIXTURE.is_file(), reason="../shared/fixtures/socsci210_real_sample.jsonl absent")
+def test_out_of_scale_headline_by_hand():
+    """Two studies; one cell's answers leave its stated 1..2. W with it and without it, computed by hand."""
+    recs = [Record("s", 1, 1, v, (1, 2), sample=1) for v in (1, 2)]  # humans {0, 1}, model all 0: W 0.5
+    recs += [Record("t", 1, 1, v, (1, 5), sample=v) for v in (1, 5)]  # perfect: W 0
+    recs += [Record("t", 1, 2, v, (1, 2), sample=2) for v in (1, 3)]  # 3 is outside 1..2; model 2 -> 0.5: W 0.5
+    m = evaluate(recs, "sample")
+    # With: study s 0.5, study t (0 + 0.5) / 2 = 0.25 -> 0.375. Without: s 0.5, t 0 -> 0.25.
+    assert m["wasserstein"] == pytest.approx(0.375) and m["wasserstein_in_scale"] == pytest.approx(0.25)
+    assert m["cells_out_of_scale"] == 1
+    # Uniform guess: s humans {0, 1} vs 1..2 -> {0, 1}: 0. t/1 humans {0, 1} vs {0, .25, .5, .75, 1}: CDF gaps
+    # .3, .1, .1, .3 over quarters = 0.2. t/2 humans 1, 3 -> {0, 1} vs 1..2 -> {0, .5}: gap .5 over [.5, 1) = 0.25.
+    assert m["wasserstein_uniform"] == pytest.approx((0 + (0.2 + 0.25) / 2) / 2)
+    assert m["wasserstein_uniform_in_scale"] == pytest.approx((0 + 0.2) / 2)
+
+
+@needs_real_sample
 def test_real_sample_matches_independent_computation():
-    rows = [json.loads(line) for line in FIXTURE.open(encoding="utf-8")]
+    rows = [json.loads(line) for line in REAL_SAMPLE.open(encoding="utf-8")]
     m = _check(rows)
     assert m["cells_unbounded"] > 0 and m["cells_constant"] > 0 and m["cells_too_few"] > 0
     # The paper's uniform-guess row is 0.203 on all unseen studies; 20 real studies land near it.

@@ -20,9 +20,7 @@ from job.checkpoints import FINGERPRINT, check_resumable, fingerprint, write_fin
 from job.prepare import prepare
 from job.train import COMPLETE, complete_checkpoints
 from job.train import resume_point as _resume_point
-from conftest import REPO
-
-FIXTURE = REPO / ".." / "shared" / "fixtures" / "socsci210_real_sample.jsonl"
+from conftest import REAL_SAMPLE, REPO
 
 TINY = {
     "name": "tiny-resume", "allow_cpu": True,
@@ -59,7 +57,7 @@ def test_smoke_acceptance_adapter_verifies_and_loss_falls(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     # The real rows when ../shared is there (10% of them), else the demo's generated rows (all of
     # them: 10% of 240 would be fewer rows than 40 steps need).
-    src, subset = (str(FIXTURE), "0.1") if FIXTURE.is_file() else ("synthetic:240", "1.0")
+    src, subset = (str(REAL_SAMPLE), "0.1") if REAL_SAMPLE.is_file() else ("synthetic:240", "1.0")
     r = _job("prepare", "--data", src, "--subset", subset, "--split", "unseen-studies", "--seed", "1", "--out", str(data))
     assert r.returncode == 0, r.stderr
     t0 = time.time()
