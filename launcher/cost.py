@@ -93,6 +93,8 @@ class Tokens:
     kind: str = "hub"
     """hub | prepared | raw | synthetic: decides the dataset transfer and prepare terms."""
     data_bytes: int = 0
+    split: str = ""
+    """The split the rows are counted for (a prepared folder's own, else the config's data.split)."""
 
 
 @dataclass(frozen=True)
@@ -324,9 +326,9 @@ def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
         hub = load_hub_stats()
         train = synthetic_train_rows(int(n), d.split, d.subset)
         if train is None:
-            train = round(int(n) * _train_share(hub, d.split) * d.subset)
+            train = round(int(n) * _train_share(hub, d) * d.subset)
         return _schedule(cfg, train, int(n) - train if d.subset >= 1 else
-                         round(int(n) * (1 - _train_share(hub, d.split))), hub, exact=False, kind="synthetic",
+                         round(int(n) * (1 - _train_share(hub, d))), hub, exact=False, kind="synthetic",
                          how=f"{source}: generated rows, tokens per row from the shipped SocSci210 mean")
     if source.startswith((".", "/", "~")) or path.suffix in (".jsonl", ".json", ".parquet"):
         raise ContractError(f"--data {source!r}: no such file or folder (a prepared folder with stats.json, "
@@ -339,7 +341,7 @@ def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
     if rows:
         train_all, test_all, where = rows["train"], rows["test"], "rows from the SOCRATES paper (arXiv 2509.05830)"
     else:
-        share = _train_share(hub, d.split)
+        share = _train_share(hub, d)
         train_all, test_all = round(hub["total_rows"] * share), round(hub["total_rows"] * (1 - share))
         where = f"rows approximate ({share:.0%} of {hub['total_rows']:,} for split {d.split})"
     # The subset is stratified by study and keeps >= 1 row per study: the rounding is negligible.
@@ -368,13 +370,13 @@ def _from_prepared(cfg: RunConfig, stats_file: Path) -> Tokens:
     size = sum(f.stat().st_size for f in stats_file.parent.rglob("*") if f.is_file())
     return _schedule(cfg, max(1, round(rows * scale)), test_rows, None, exact=scale == 1.0, how=how,
                      kind="prepared", data_bytes=size, mean=mean, total=total * scale if scale != 1.0 else total,
-                     prompt_mean=max(1.0, test_mean - 4))
+                     prompt_mean=max(1.0, test_mean - 4), split=_split_name(stats.get("split"), stats.get("participant_fraction")))
 
 
 def _from_raw_local(cfg: RunConfig, path: Path) -> Tokens:
     n = count_rows(path)
     hub = load_hub_stats()
-    share = _train_share(hub, cfg.data.split)
+    share = _train_share(hub, cfg.data)
     size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
     return _schedule(cfg, max(1, round(n * share * cfg.data.subset)), round(n * (1 - share)), hub, exact=False,
                      kind="raw", data_bytes=size,
@@ -383,7 +385,8 @@ def _from_raw_local(cfg: RunConfig, path: Path) -> Tokens:
 
 
 def _schedule(cfg: RunConfig, train_rows: int, test_rows: int, hub: dict | None, exact: bool, how: str,
-              kind: str = "hub", data_bytes: int = 0, mean: float | None = None, total: float | None = None, prompt_mean: float | None = None) -> Tokens:
+              kind: str = "hub", data_bytes: int = 0, mean: float | None = None, total: float | None = None,
+              prompt_mean: float | None = None, split: str | None = None) -> Tokens:
     """Steps the schedule takes, and the tokens those steps consume (packed: no padding)."""
     t = cfg.train
     train_rows = max(1, train_rows)
@@ -399,7 +402,8 @@ def _schedule(cfg: RunConfig, train_rows: int, test_rows: int, hub: dict | None,
     return Tokens(train_rows=train_rows, trained_rows=int(math.ceil(trained_rows)), steps=steps, tokens=tokens,
                   low=tokens * lo / mean if mean else tokens, high=tokens * hi / mean if mean else tokens,
                   test_rows=max(0, test_rows), prompt_tokens_per_row=prompt_mean or 0.0, exact=exact, source=how,
-                  kind=kind, data_bytes=data_bytes)
+                  kind=kind, data_bytes=data_bytes,
+                  split=split if split is not None else _split_name(cfg.data.split, cfg.data.participant_fraction))
 
 
 def synthetic_train_rows(n: int, split: str, subset: float) -> int | None:
@@ -431,11 +435,23 @@ def count_rows(path: Path) -> int:
     return check_local(path)
 
 
-def _train_share(hub: dict, split: str) -> float:
-    rows = hub["splits"].get(split)
+def _train_share(hub: dict, d) -> float:
+    """The share of rows that trains under data section `d`'s split (unseen-participants: about its
+    participant_fraction, as rows per participant are alike within a study)."""
+    rows = hub["splits"].get(d.split)
     if rows:
         return rows["train"] / (rows["train"] + rows["test"])
-    return float(hub["approx_train_share"].get(split, 0.8))
+    if d.split == "unseen-participants":
+        return d.participant_fraction
+    return float(hub["approx_train_share"].get(d.split, 0.8))
+
+
+def _split_name(split: Any, fraction: Any) -> str:
+    """The split as the estimate names it: unseen-participants with its fraction of participants in training
+    (a prepared folder's stats.json is read back: anything odd in it is shown as it is, never trusted)."""
+    if split == "unseen-participants" and isinstance(fraction, (int, float)) and not isinstance(fraction, bool):
+        return f"{split}, {fraction:g} of each study's participants in training"
+    return " ".join(str(split or "unknown").split())[:40]
 
 
 # --- term 2: throughput ----------------------------------------------------------------------
@@ -798,7 +814,8 @@ def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
 
     console = console or Console()
     tok = est.tokens
-    console.print(f"[bold]{est.model}[/] {est.method}, {tok.train_rows:,} training rows -> {tok.steps:,} steps, "
+    console.print(f"[bold]{est.model}[/] {est.method}, {tok.train_rows:,} training rows (split {tok.split}) -> "
+                  f"{tok.steps:,} steps, "
                   f"{tok.tokens / 1e6:,.1f}M tokens ({'exact' if tok.exact else 'estimated'})")
     if est.offers:
         table = Table(title="What this run will cost" + (" (spot)" if est.spot else ""), title_justify="left")

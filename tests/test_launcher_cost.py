@@ -188,6 +188,30 @@ def test_hub_tokens_scale_with_subset_and_split_rows():
     assert tok.low < tok.tokens < tok.high and not tok.exact
 
 
+def test_unseen_participants_trains_its_fraction_of_the_rows_and_the_estimate_names_the_split(sky_home, tmp_path):
+    cfg = load_config(PAPER).with_overrides({"data.split": "unseen-participants", "data.participant_fraction": 0.2})
+    tok = cost.count_tokens(cfg)
+    # Rows per participant are alike within a study: about 20% of all 2,901,390 rows train, 80% are test.
+    assert tok.train_rows == round(2_901_390 * 0.2) and tok.test_rows == round(2_901_390 * 0.8)
+    assert tok.split == "unseen-participants, 0.2 of each study's participants in training"
+    assert cost.count_tokens(load_config(PAPER)).split == "unseen-studies"
+    # A prepared folder's own split wins over the config's.
+    (tmp_path / "prep").mkdir()
+    (tmp_path / "prep" / "stats.json").write_text(json.dumps(
+        {"subset": 1.0, "split": "unseen-participants", "participant_fraction": 0.1,
+         "train": {"rows": 100, "tokens": {"total": 25_000, "mean": 250.0}},
+         "test": {"rows": 900, "tokens": {"total": 234_000, "mean": 260.0}}}))
+    assert cost.count_tokens(load_config(PAPER), data=str(tmp_path / "prep")).split == \
+        "unseen-participants, 0.1 of each study's participants in training"
+    conf = tmp_path / "up.yaml"
+    conf.write_text(PAPER.read_text().replace("split: unseen-studies", "split: unseen-participants"))
+    assert "split: unseen-participants" in conf.read_text()
+    p = cli(sky_home, "estimate", "--config", str(conf), "--gpu", "A100:1", "--subset", "0.01")
+    assert p.returncode == 0, p.stderr
+    assert "training rows (split unseen-participants, 0.1 of each study's participants in training)" in \
+        " ".join(p.stdout.split())
+
+
 def test_prepared_stats_give_exact_tokens_and_max_steps_caps_them(tmp_path):
     stats = {"subset": 1.0, "tokenizer": "qwen2.5-offline",
              "train": {"rows": 1000, "tokens": {"total": 250_000, "mean": 250.0}},
