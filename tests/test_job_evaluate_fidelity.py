@@ -313,6 +313,12 @@ def test_uniform_baseline_matches_reference_on_generated_rows(tmp_path):
     assert result["cells_no_scale"] == 1 and result["cells_scale_conflict"] == 0 and result["cells_out_of_scale"] == 1
     assert result["wasserstein_in_scale"] < result["wasserstein"]
     assert ref["studies"] == 3
+    # The report names the split, shows W with and without the flagged cell, the counts, and the cell.
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "<th>split</th>" in page and "<td>all-test</td>" in page
+    assert f"<td>{result['wasserstein']:.4f}</td><td>{ref['w_in']:.4f}</td>" in page
+    assert "<td>1</td><td>1 / 1 / 1</td>" in page  # flagged; skipped no scale / <2 / constant
+    assert "<td>ccccc</td><td>1</td><td>7</td><td>1..2</td><td>2 of 4</td><td>1..12</td>" in page
 
 
 def test_cell_whose_rows_state_different_scales_is_reported_not_merged(tmp_path):

@@ -76,3 +76,19 @@ def test_bad_run_id_and_damaged_metrics_are_exit_2(run_dir, capsys):
     assert cli_main(["report"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unreadable metrics" in err and len(err.splitlines()) == 1
+
+
+def test_report_names_the_split_and_the_skipped_and_flagged_cells(run_dir, capsys):
+    recs = [M.Record("s", 1, 1, v, (1, 2), sample=1) for v in (1, 2)]  # W 0.5
+    recs += [M.Record("t", 1, 2, v, (1, 2), sample=2) for v in (1, 3)]  # 3 is outside 1..2: W 0.5, flagged
+    recs += [M.Record("t", 1, 1, v, (1, 5), sample=v) for v in (1, 5)]  # W 0
+    recs += [M.Record("t", 2, 1, v, None, sample=v) for v in (4, 9)]  # no stated scale: skipped
+    res = M.evaluate(recs, "sample") | {"model": "base", "split": "unseen-participants"}
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "metrics.json").write_text(json.dumps({"results": {"base/sample": res}}))
+    assert cli_main(["report"]) == 0
+    out = capsys.readouterr().out
+    # With the flagged cell: (0.5 + (0 + 0.5) / 2) / 2 = 0.375; without it: (0.5 + 0) / 2 = 0.25.
+    assert "split unseen-participants; 1 cells skipped (no stated scale); 1 cells flagged (answers outside the " \
+           "stated scale): W without them 0.2500" in out
+    assert "0.3750" in out.splitlines()[[i for i, x in enumerate(out.splitlines()) if x.startswith("base/sample")][0]]

@@ -96,6 +96,15 @@ def render(label: str, results: dict[str, dict], report: Path | None) -> str:
         lines.append(f"{key:<26}{f(s['rows'] or 0, 'd'):>7}{f(s['wasserstein']):>9}{f(s['wasserstein_uniform']):>11}"
                      f"{f(s['individual_accuracy']):>10}{f(s['demographic_parity_difference']):>9}{invalid:>9}"
                      f"{f(s['cells_scored'] or 0, 'd'):>7}")
+        # What the W is of: the split, the cells skipped for stating no scale, and those flagged.
+        notes = [f"split {' '.join(str(s['split']).split())[:40]}"] if s["split"] is not None else []
+        if s["cells_no_scale"]:
+            notes.append(f"{f(s['cells_no_scale'], 'd')} cells skipped (no stated scale)")
+        if s["cells_out_of_scale"]:
+            notes.append(f"{f(s['cells_out_of_scale'], 'd')} cells flagged (answers outside the stated scale): "
+                         f"W without them {f(s['wasserstein_in_scale'])}")
+        if notes:
+            lines.append(f"{'':<26}" + "; ".join(notes))
     lines.append("modes: sample = one sampled answer per row (the paper's protocol); "
                  "distribution = the model's exact answer probabilities")
     lines.append("paper, Table 2 (unseen studies): " + ", ".join(f"{n} {w:.3f}" for n, w in PAPER_REFERENCE))
