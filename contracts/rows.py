@@ -63,3 +63,16 @@ def short(value: Any, n: int = 60) -> str:
     """A value's repr cut to one short line, for an error message."""
     text = repr(value)
     return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def participant_id(r: dict) -> Any:
+    """A row's participant (SocSci210's `participant`: an index within its study; a non-empty string is
+    taken too), or None when it has none. What split unseen-participants needs on every row."""
+    p = r.get("participant")
+    return p if (isinstance(p, int) and not isinstance(p, bool)) or (isinstance(p, str) and p) else None
+
+
+def no_participants(where: str, missing: int, total: int, first: str) -> ContractError:
+    """The one-line refusal of split unseen-participants for rows without participant ids."""
+    return ContractError(f"{where}: --split unseen-participants needs participant ids, and {missing:,} of {total:,} "
+                         f"rows have none ({first}); give a source whose rows carry `participant`, or another --split")

@@ -17,7 +17,7 @@ from contracts.errors import ContractError
 from job import synthetic
 
 # The row schema lives in contracts/ (stdlib only): the launcher checks local rows with it before launching.
-from contracts.rows import validate_rows
+from contracts.rows import no_participants, participant_id, validate_rows
 
 MAPPING_FILES = {
     "unseen-studies": "participant_mapping.json",
@@ -268,12 +268,6 @@ def split_rows(src: Source, split: str, seed: int, participant_fraction: float =
     return train, test
 
 
-def participant_id(r: dict) -> Any:
-    """A row's participant (an index within its study, as SocSci210's `participant`), or None."""
-    p = r.get("participant")
-    return p if (isinstance(p, int) and not isinstance(p, bool)) or (isinstance(p, str) and p) else None
-
-
 def _training_participants(src: Source, fraction: float, seed: int) -> set[tuple[str, Any]]:
     """(study_id, participant) pairs that train: per study, round(fraction x its participants), at least 1
     and never all (a study of one participant is all test), chosen by a seeded hash; so the split is
@@ -281,9 +275,8 @@ def _training_participants(src: Source, fraction: float, seed: int) -> set[tuple
     missing = [i for i, r in enumerate(src.rows) if participant_id(r) is None]
     if missing:
         r = src.rows[missing[0]]
-        raise ContractError(f"{src.name}: --split {UNSEEN_PARTICIPANTS} needs participant ids, and {len(missing):,} of "
-                            f"{len(src.rows):,} rows have none (row {missing[0]}, study {r['study_id']}: participant "
-                            f"{_short(r.get('participant'))}); give a source whose rows carry `participant`, or another --split")
+        raise no_participants(src.name, len(missing), len(src.rows),
+                              f"row {missing[0]}, study {r['study_id']}: participant {_short(r.get('participant'))}")
     per_study: dict[str, set] = {}
     for r in src.rows:
         per_study.setdefault(r["study_id"], set()).add(r["participant"])

@@ -119,7 +119,7 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
         overrides["eval.rows"] = args.eval_rows
     if overrides:
         cfg = cfg.with_overrides(overrides, source="command line")
-    check_local_rows(cfg.data.source)
+    check_local_rows(cfg.data.source, cfg.data.split)
     from launcher.cost import check_caps
 
     check_caps(args.max_cost, args.max_hours, infra)  # numbers > 0; a dollar cap only where there is a price
@@ -224,14 +224,15 @@ def check_data(source: str) -> str:
     return source
 
 
-def check_local_rows(source: str) -> None:
-    """Local rows (from --data or the config) against the job's schema, before anything is created:
-    a bad row found here costs a second, found on the machine it costs a provisioned one."""
+def check_local_rows(source: str, split: str | None = None) -> None:
+    """Local rows (from --data or the config) against the job's schema (and, for split
+    unseen-participants, their participant ids), before anything is created: a bad row found here
+    costs a second, found on the machine it costs a provisioned one."""
     path = Path(source).expanduser()
     if path.exists() and not (path.is_dir() and (path / "stats.json").is_file()):  # a prepared folder is the job's
         from launcher.rows import check_local
 
-        check_local(path)
+        check_local(path, need_participants=split == "unseen-participants")
 
 
 def summary(plan: Plan) -> dict:

@@ -136,3 +136,27 @@ def test_the_launchers_imports_are_declared_in_pyproject():
     third = {t for t in used if t not in sys.stdlib_module_names and t not in ("launcher", "contracts", "__future__")}
     assert third <= set(dist_of), f"add {sorted(third - set(dist_of))} to this table and to pyproject.toml"
     assert {dist_of[t] for t in third} <= declared, sorted({dist_of[t] for t in third} - declared)
+
+
+def test_unseen_participants_without_participant_ids_is_refused_before_anything_exists(tmp_path):
+    """split unseen-participants on rows lacking `participant`: one line, exit 2, no run folder; with
+    ids on every row the same file passes."""
+    import yaml
+
+    rows = [dict(GOOD, study_id=f"s{i % 3}", participant=i // 2) for i in range(30)]
+    rows[4]["participant"] = None
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    doc = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    doc["data"].update(source=str(data), split="unseen-participants")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    runs = tmp_path / "runs"
+    for argv in (["up", "--infra", "local", "--yes"], ["estimate", "--infra", "local"]):
+        line = one_line(cli([*argv, "--config", str(cfg)], launcher_env(runs)), both=True)
+        assert f"--data {data}: --split unseen-participants needs participant ids, and 1 of 30 rows have none " \
+               f"({data} line 5, study s1)" in line, line
+    assert not runs.exists()
+    rows[4]["participant"] = 2
+    write_jsonl(data, rows)
+    r = cli(["estimate", "--infra", "local", "--config", str(cfg)], launcher_env(runs))
+    assert r.returncode == 0 and "split unseen-participants" in " ".join(r.stdout.split()), r.stderr[-2000:]
