@@ -19,18 +19,22 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # needs in an image it uses as the runtime (it syncs the workdir with rsync; the container runs as root).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv git ca-certificates rsync curl \
- && rm -rf /var/lib/apt/lists/* \
- && python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+ && rm -rf /var/lib/apt/lists/*
+ENV PATH=/opt/venv/bin:$PATH \
+    UV_NO_CACHE=1
 
 WORKDIR /app
-# Every package, exact version and hash, nothing resolved at build time.
-COPY requirements/job.lock requirements/job.lock
-RUN pip install --require-hashes --no-deps -r requirements/job.lock
+# The install of sky/train.yaml's setup block, the same commands: uv pinned by hash in a folder of its own,
+# then every package of the lock, exact version and hash, synced into the job's venv; nothing resolved here.
+COPY requirements/uv.lock requirements/job.lock requirements/
+RUN python3 -m venv /opt/venv \
+ && python3 -m pip install -q --no-deps --require-hashes --target /opt/uv -r requirements/uv.lock \
+ && /opt/uv/bin/uv pip sync -q --python /opt/venv/bin/python --require-hashes requirements/job.lock
 
 COPY contracts/ contracts/
 COPY job/ job/
 COPY configs/ configs/
+RUN python -m job.stack
 
 ENTRYPOINT ["python", "-m", "job"]
 CMD ["--help"]

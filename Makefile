@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Machines of this workplace keep a CPU torch wheel there; elsewhere pip takes it from PyPI.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: demo test test-fast venv sysdeps lock-check clean
+.PHONY: demo test test-fast rehearse venv sysdeps lock-check clean
 
 $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ test: venv sysdeps
 # The same suite without the tests marked `slow` (real training, torchrun, the real smoke job end to end).
 test-fast: venv sysdeps
 	@$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	 if [ $$rc = 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+# The cloud machine rehearsed (tests/test_rehearsal.py; also in `make test`): the task `up --dryrun` renders,
+# run the way SkyPilot runs it on simulated fresh nodes, the real lock installed from the package index.
+rehearse: venv sysdeps
+	@$(PY) -m pytest -q tests/test_rehearsal.py $(PYTEST_ARGS); rc=$$?; \
 	 if [ $$rc = 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 clean:

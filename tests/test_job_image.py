@@ -17,9 +17,6 @@ def test_dockerfile_uses_the_lock_a_pinned_base_and_the_job_entrypoint():
     text = (REPO / "Dockerfile").read_text()
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert froms and all(re.search(r"@sha256:[0-9a-f]{64}$", f) for f in froms), froms
-    install = [line for line in text.splitlines() if "pip install" in line]
-    assert install and all("--require-hashes" in line and "--no-deps" in line and "requirements/job.lock" in line
-                           for line in install)
     assert re.search(r'^ENTRYPOINT \["python", "-m", "job"\]', text, re.M)
     for folder in ("contracts/", "job/", "configs/"):
         assert re.search(rf"^COPY {folder} ", text, re.M)
@@ -84,21 +81,34 @@ def _instructions(text: str) -> list[tuple[str, str]]:
 
 def test_the_image_installs_exactly_the_lock_with_hashes():
     """No daemon here (`docker info` fails), so the Dockerfile is checked as text: the only Python
-    packages it installs are requirements/job.lock's, hash-checked, nothing resolved at build time."""
+    packages it installs are the locks' (uv from requirements/uv.lock, the job's from requirements/job.lock),
+    hash-checked, nothing resolved at build time. tests/test_rehearsal.py runs these steps for real."""
     steps = _instructions((REPO / "Dockerfile").read_text())
     runs = [args for ins, args in steps if ins == "RUN"]
     installs = [cmd.strip() for args in runs for cmd in re.split(r"&&|;", args)
-                if re.search(r"\b(pip|uv)\b.*\binstall\b", cmd)]
+                if re.search(r"\b(pip|uv)\b.*\b(install|sync)\b", cmd)]
     assert installs, runs
+    locks = []
     for cmd in installs:
         words = cmd.split()
-        assert "--require-hashes" in words and "--no-deps" in words, cmd
-        assert words[words.index("-r") + 1] == "requirements/job.lock", cmd
-        # Nothing but options and the one requirements file: no package named on the command line.
-        rest = [w for i, w in enumerate(words[words.index("install") + 1:]) if not w.startswith("-")]
-        assert rest == ["requirements/job.lock"], cmd
+        assert "--require-hashes" in words, cmd
+        verb = "install" if "install" in words else "sync"
+        if verb == "install":
+            assert "--no-deps" in words, cmd  # `uv pip sync` installs exactly the file's packages by itself
+        # Nothing but options (and their values) and one lock file: no package named on the command line.
+        args, skip = [], False
+        for w in words[words.index(verb) + 1:]:
+            if skip:
+                skip = False
+            elif w in ("-r", "--target", "--python"):
+                skip = w != "-r"
+            elif not w.startswith("-"):
+                args.append(w)
+        assert len(args) == 1 and re.fullmatch(r"requirements/(uv|job)\.lock", args[0]), cmd
+        locks.append(args[0])
+    assert sorted(locks) == ["requirements/job.lock", "requirements/uv.lock"]
     copies = [args.split() for ins, args in steps if ins == "COPY"]
-    assert ["requirements/job.lock", "requirements/job.lock"] in copies
+    assert ["requirements/uv.lock", "requirements/job.lock", "requirements/"] in copies
     assert any(ins == "FROM" for ins, _ in steps)
 
 

@@ -97,6 +97,34 @@ def test_every_package_the_job_imports_is_in_the_lock():
     assert missing_from_lock(imports, locked_distributions()) == []
 
 
+def test_setups_import_check_covers_every_package_the_job_imports():
+    """sky/train.yaml's setup ends with `python -m job.stack`: a package it does not try to import could
+    be missing from the job's venv and only fail hours later, in the step that imports it."""
+    from job.stack import MODULES
+
+    imports = third_party_imports(_job_sources())
+    assert sorted(set(imports) - set(MODULES)) == []
+
+
+def test_the_import_check_fails_with_one_line_naming_what_is_missing(tmp_path):
+    """What setup prints when the lock went into another interpreter (the failure rehearsed in
+    tests/test_rehearsal.py): a bare python (this venv's base, without the job's stack) runs it."""
+    import subprocess
+
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    probe = subprocess.run([base, "-c", "import torch"], capture_output=True)
+    if probe.returncode == 0:
+        import pytest
+
+        pytest.skip(f"{base} has torch: no bare interpreter to run the check with")
+    r = subprocess.run([base, "-m", "job.stack"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("setup: the job's python ")
+    assert "torch (ModuleNotFoundError: No module named 'torch')" in lines[0]
+
+
 def test_the_walk_catches_an_import_hidden_in_a_cuda_branch(tmp_path):
     src = tmp_path / "fastpath.py"
     src.write_text("import os\nimport torch\n\n"

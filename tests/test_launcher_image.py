@@ -24,7 +24,7 @@ REF = f"ghcr.io/you/socrates-job:lock-0123456789ab@{DIGEST}"
 
 def expected_tag() -> str:
     h = hashlib.sha256()
-    for f in ("requirements/job.lock", "Dockerfile"):
+    for f in ("requirements/job.lock", "requirements/uv.lock", "Dockerfile"):
         h.update((REPO / f).read_bytes() + b"\0")
     return f"lock-{h.hexdigest()[:12]}"
 
@@ -137,7 +137,7 @@ def _render(options: dict) -> dict:
 def test_without_an_image_the_rendered_task_keeps_the_templates_setup_and_resources():
     template = yaml.safe_load((REPO / "sky" / "train.yaml").read_text())
     plain = _render({})
-    assert plain["setup"] == template["setup"] and "uv pip install" in plain["setup"]
+    assert plain["setup"] == template["setup"] and "uv\" pip sync" in plain["setup"]
     assert "image_id" not in plain["resources"] and "SOCRATES_IMAGE" not in plain["envs"]
     assert plain == _render({"image": None})
     with_image = _render({"image": REF})
@@ -189,7 +189,7 @@ print(json.dumps(out))
     assert any("> .socrates-t0" in c for c in commands)  # the deadline still counts from setup's start
     assert image["job_python"] == "/opt/venv/bin/python"
     assert plain["image_id"] is None and plain["extract"] is None
-    assert "uv pip install" in plain["setup"] and "--require-hashes" in plain["setup"]
+    assert "uv\" pip sync" in plain["setup"] and "--require-hashes" in plain["setup"]
 
 
 @pytest.mark.sky

@@ -22,6 +22,7 @@ from contracts.errors import ContractError
 
 REPO = Path(__file__).resolve().parents[2]
 LOCK = REPO / "requirements" / "job.lock"
+UV_LOCK = REPO / "requirements" / "uv.lock"
 DOCKERFILE = REPO / "Dockerfile"
 LOCAL_REPOSITORY = "socrates-launch-job"
 PLATFORM = "linux/amd64"  # the lock is compiled for x86_64 manylinux
@@ -35,9 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def lock_tag() -> str:
-    """`lock-` + 12 hex of sha256(job.lock, Dockerfile): what the image installs and how."""
+    """`lock-` + 12 hex of sha256(job.lock, uv.lock, Dockerfile): what the image installs and how."""
     h = hashlib.sha256()
-    for f in (LOCK, DOCKERFILE):
+    for f in (LOCK, UV_LOCK, DOCKERFILE):
         h.update(f.read_bytes())
         h.update(b"\0")
     return f"lock-{h.hexdigest()[:12]}"

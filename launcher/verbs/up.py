@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     planlib.add_arguments(p)
     p.add_argument("--yes", "-y", action="store_true", help="don't ask before launching")
     p.add_argument("--dryrun", action="store_true", help="render the task and run SkyPilot's dry run; nothing is provisioned")
+    p.add_argument("--save-task", metavar="FILE", default=None,
+                   help="with --dryrun: also write the rendered task (the YAML it shows) to FILE")
     p.add_argument("--detach", action="store_true", help="return once the job runs (autodown stays armed); `logs` re-attaches")
     p.add_argument("--name", default=None, help="run name (default: the config's name)")
 
@@ -32,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from launcher.backends import for_plan
 
     console = Console()
+    if args.save_task and not args.dryrun:
+        raise ContractError("--save-task FILE: only with --dryrun (a launch records its task in runs/<id>/task.yaml)")
     plan = planlib.resolve(args)
     estimate, deadline_s = _estimate(plan, console)
     if deadline_s:
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     backend = for_plan(plan.infra, plan.options)
     _weights_choice(plan, backend, console)
     if args.dryrun:
-        return _dryrun(plan, backend, console)
+        return _dryrun(plan, backend, console, save_to=args.save_task)
     if not args.yes:
         _confirm(plan, console)
     # credentials, host key, disk (ssh), enabled clouds (sky): refused (exit 2) before a run exists
@@ -113,7 +117,7 @@ def _confirm(plan: planlib.Plan, console) -> None:
         raise SystemExit(1)
 
 
-def _dryrun(plan: planlib.Plan, backend, console) -> int:
+def _dryrun(plan: planlib.Plan, backend, console, save_to: str | None = None) -> int:
     """Render the task and show it; the backend adds its part (SkyPilot's optimizer picks the offer)."""
     from launcher.secrets import collect, redact
 
@@ -123,8 +127,15 @@ def _dryrun(plan: planlib.Plan, backend, console) -> int:
                               spot=plan.options["spot"], data_path=tasklib.local_data(preview.config),
                               secret_names=tuple(collect()))
     console.print(planlib.describe(plan), highlight=False, markup=False)  # as `estimate --explain` shows it
+    text = redact(tasklib.to_yaml(rendered))
     console.rule("rendered task (sky/train.yaml)")
-    console.print(redact(tasklib.to_yaml(rendered)), highlight=False, markup=False)
+    console.print(text, highlight=False, markup=False)
+    if save_to:  # the same text, for `make rehearse` (tests/rehearsal.py) or a look with other tools
+        try:
+            Path(save_to).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise ContractError(f"--save-task {save_to}: {e.strerror or e}") from None
+        console.print(f"task written to {save_to}", highlight=False, markup=False)
     if plan.options.get("image"):
         console.print(f"environment: the job image {plan.options['image']} (image_id docker:...; setup installs nothing)",
                       highlight=False, markup=False)

@@ -1,0 +1,244 @@
+"""A rehearsal of the cloud machine: the task `up --dryrun` renders, run the way SkyPilot runs it.
+
+No cloud can be reached from here, so the machine is simulated, and only the machine: everything that
+decides what happens on it is the real thing.
+- The task is the file `up --dryrun --save-task` wrote (the same text the dry run prints), parsed by
+  SkyPilot's own `sky.Task.from_yaml_config`.
+- A fresh node: an empty HOME, and a `python3` that is an environment of its own, of an older Python
+  than the lock's: SkyPilot 0.14's default user env (`~/sky-user-env`), made by SkyPilot's own
+  SKY_USER_ENV_CREATION_COMMANDS from a Python 3.10 (as SkyPilot's images ship). The job's own 3.12
+  comes through uv, as on the cloud; uv cannot download it here, so the node's PATH has a `python3.12`
+  and UV_PYTHON_DOWNLOADS=never (the one stand-in: on the cloud uv downloads the same CPython).
+- The workdir is synced to ~/sky_workdir by SkyPilot's own rsync command (LocalProcessCommandRunner:
+  its filters, .skyignore included).
+- The setup and run blocks are wrapped by SkyPilot's own `make_task_bash_script` (and the run block by
+  TaskCodeGen.build_task_bash_script, as its job codegen does), with the envs SkyPilot exports (the
+  task's envs and secrets, SKYPILOT_NODE_RANK, SKYPILOT_NODE_IPS, SKYPILOT_NUM_NODES,
+  SKYPILOT_NUM_GPUS_PER_NODE, SKYPILOT_TASK_ID, ...), and run with `/bin/bash -i FILE` as SkyPilot does.
+- The lock is installed for real from the package index; the uv and pip caches are shared with this
+  machine's (UV_CACHE_DIR, PIP_CACHE_DIR), so a second rehearsal downloads nothing.
+What only a real cloud shows: the cloud's image and driver, a real GPU, uv's CPython download, the
+network between nodes, the bucket mount (rclone), SkyPilot's controller.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NETWORK_ENV = ("SSL_CERT_FILE", "SSL_CERT_DIR", "PIP_CERT", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_INDEX_URL",
+               "UV_INDEX_URL", "UV_DEFAULT_INDEX", "PIP_DEFAULT_TIMEOUT")
+
+
+def find_python(version: str) -> str | None:
+    """An interpreter of `version` (e.g. "3.10"), found without running the shims of a version manager."""
+    home = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+    for cand in sorted(home.glob(f"versions/{version}.*/bin/python{version}"), reverse=True):
+        if os.access(cand, os.X_OK):
+            return str(cand)
+    for d in ("/usr/local/bin", "/usr/bin"):
+        cand = Path(d) / f"python{version}"
+        if cand.exists() and os.access(cand, os.X_OK):
+            return str(cand)
+    return None
+
+
+def network_env() -> dict[str, str]:
+    """This machine's network settings (its CA bundle, proxies): they pass through, as a cloud image has its own."""
+    return {k: v for k, v in os.environ.items() if k.lower().endswith("_proxy") or k in NETWORK_ENV}
+
+
+def _sky(code: str, *args: str, timeout: float = 120) -> str:
+    """Run `code` with SkyPilot imported in a subprocess (this process never imports sky); its stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYPILOT_")}
+    env["SKYPILOT_DISABLE_USAGE_COLLECTION"] = "1"
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"SkyPilot helper failed: {r.stderr[-2000:]}")
+    return r.stdout
+
+
+_PARSE = textwrap.dedent("""
+    import json, sys, yaml
+    import sky
+    from sky import task as task_lib
+    config = yaml.safe_load(open(sys.argv[1]))
+    secrets = json.loads(sys.argv[2])
+    # as launcher/sky_adapter.py builds the task it launches, the secrets' values given at launch
+    t = sky.Task.from_yaml_config(config, secrets_overrides=list(secrets.items()) or None)
+    envs = task_lib.get_plaintext_envs_and_secrets(t.envs_and_secrets)
+    print(json.dumps({"setup": t.setup, "run": t.run, "envs": envs, "workdir": t.workdir,
+                      "num_nodes": t.num_nodes}))
+""")
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from sky.skylet import log_lib
+    from sky.backends.task_codegen import TaskCodeGen, UNSET_RAY_ENV_VARS
+    spec = json.load(open(sys.argv[1]))
+    body = spec["body"]
+    if spec["kind"] == "run":  # as the job codegen wraps a run block
+        body = TaskCodeGen.build_task_bash_script(body, env_prefix=" && ".join(f"unset {v}" for v in UNSET_RAY_ENV_VARS))
+    open(spec["out"], "w").write(log_lib.make_task_bash_script(body, env_vars=spec["envs"]))
+""")
+
+_SYNC = textwrap.dedent("""
+    import sys
+    from sky.utils.command_runner import LocalProcessCommandRunner
+    LocalProcessCommandRunner().rsync(source=sys.argv[1], target=sys.argv[2], up=True, stream_logs=False)
+""")
+
+_USER_ENV = textwrap.dedent("""
+    import sys
+    from sky.skylet import constants
+    print(constants.SKY_USER_ENV_CREATION_COMMANDS.replace(constants.SKY_UV_CMD, sys.argv[1]))
+""")
+
+
+@dataclass
+class Task:
+    """The parts of a rendered task that decide what runs on the node."""
+    setup: str
+    run: str
+    envs: dict
+    workdir: str
+    num_nodes: int
+
+    @classmethod
+    def from_file(cls, path: Path, secrets: dict[str, str]) -> Task:
+        return cls(**json.loads(_sky(_PARSE, str(path), json.dumps(secrets))))
+
+
+@dataclass
+class Node:
+    """One simulated fresh node under `root`: HOME, a bin folder on PATH, SkyPilot's user env."""
+    root: Path
+    rank: int = 0
+    home: Path = field(init=False)
+    bin: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.home = self.root / "home"
+        self.bin = self.root / "bin"
+
+    @property
+    def workdir(self) -> Path:
+        return self.home / "sky_workdir"
+
+    def env(self) -> dict[str, str]:
+        """The node's process environment: nothing of this machine's but the caches (shared) and locale."""
+        real_home = Path.home()
+        return {**network_env(),
+            "HOME": str(self.home), "USER": os.environ.get("USER", "root"), "LANG": "C.UTF-8",
+            "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin",
+            "UV_CACHE_DIR": os.environ.get("UV_CACHE_DIR") or str(real_home / ".cache" / "uv"),
+            "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR") or str(real_home / ".cache" / "pip"),
+            "UV_PYTHON_DOWNLOADS": "never",  # the node's python3.12 stands for uv's download (see above)
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        }
+
+    def provision(self, python3: str, python312: str, uv: str) -> None:
+        """A fresh node as SkyPilot leaves it before setup: `python3` an old CPython, SkyPilot's user env
+        made from it by SkyPilot's own commands (with `uv` standing for SkyPilot's ~/.local/bin/uv)."""
+        self.home.mkdir(parents=True)
+        self.bin.mkdir(parents=True)
+        (self.bin / "python3").symlink_to(python3)
+        (self.bin / "python3.12").symlink_to(python312)
+        commands = _sky(_USER_ENV, shlex_quote(uv)).strip()
+        r = subprocess.run(["bash", "-c", commands], env=self.env(), cwd=self.home, capture_output=True,
+                           text=True, timeout=300)
+        if not (self.home / "sky-user-env" / "bin" / "pip").exists():
+            raise RuntimeError(f"SkyPilot's user env was not created: {r.stdout[-1000:]} {r.stderr[-1000:]}")
+
+    def sync(self, workdir: str) -> None:
+        """SkyPilot's workdir sync (its rsync command and filters) into ~/sky_workdir."""
+        _sky(_SYNC, workdir.rstrip("/") + "/", str(self.workdir), timeout=300)
+
+    def block(self, kind: str, body: str, envs: dict[str, str], log: Path, timeout: float,
+              extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start the `setup` or `run` block as SkyPilot does: its script file, `/bin/bash -i FILE`."""
+        script = self.root / f"sky_{kind}_{self.rank}.sh"
+        spec = self.root / f"sky_{kind}_{self.rank}.json"
+        spec.write_text(json.dumps({"kind": kind, "body": body, "envs": envs, "out": str(script)}))
+        _sky(_SCRIPT, str(spec))
+        env = self.env()
+        env.update(extra_env or {})
+        out = open(log, "ab")
+        return subprocess.Popen(["/bin/bash", "-i", str(script)], env=env, cwd=self.home, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def shlex_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def setup_envs(task: Task, node: int, ips: list[str], gpus: int) -> dict[str, str]:
+    """What SkyPilot exports to the setup block (cloud_vm_ray_backend._setup)."""
+    envs = dict(task.envs)
+    envs.update({"SKYPILOT_TASK_ID": "sky-rehearsal-task", "SKYPILOT_NUM_NODES": str(len(ips)),
+                 "SKYPILOT_SETUP_NODE_IPS": "\n".join(ips), "SKYPILOT_SETUP_NODE_RANK": str(node),
+                 "SKYPILOT_SETUP_NUM_GPUS_PER_NODE": str(gpus)})
+    return envs
+
+
+def run_envs(task: Task, node: int, ips: list[str], gpus: int) -> dict[str, str]:
+    """What SkyPilot's job codegen exports to the run block on node `node`."""
+    envs = dict(task.envs)
+    envs.update({"SKYPILOT_TASK_ID": "sky-rehearsal-task", "SKYPILOT_NODE_IPS": "\n".join(ips),
+                 "SKYPILOT_NUM_NODES": str(len(ips)), "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus),
+                 "SKYPILOT_NODE_RANK": str(node), "SKYPILOT_INTERNAL_JOB_ID": "1"})
+    return envs
+
+
+def bootstrap_uv(dest: Path) -> str:
+    """The pinned uv (requirements/uv.lock) for SkyPilot's own user-env commands, as the setup block installs it."""
+    uv = dest / "bin" / "uv"
+    if not uv.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--require-hashes", "--target",
+                        str(dest), "-r", str(REPO / "requirements" / "uv.lock")], check=True, timeout=600)
+    return str(uv)
+
+
+def wait(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        raise
+
+
+def tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def clean(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def dockerfile_script(dockerfile: Path, opt: Path) -> str:
+    """The Dockerfile's RUN steps that build the Python side, as one bash script: every RUN but the
+    apt-get one (no Ubuntu here), `/opt/` pointed at `opt`. ENV lines are the caller's (PATH, caches)."""
+    text = dockerfile.read_text()
+    logical = re.sub(r"\\\n", " ", text)
+    steps = []
+    for line in logical.splitlines():
+        line = line.strip()
+        if line.startswith("RUN ") and "apt-get" not in line:
+            steps.append(line[4:].replace("/opt/", f"{opt}/"))
+    if not steps:
+        raise RuntimeError(f"{dockerfile}: no RUN step to rehearse")
+    return "\n".join(steps)

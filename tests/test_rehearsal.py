@@ -1,0 +1,276 @@
+"""The rehearsal (`make rehearse`; also part of `make test`): the task `up --dryrun` renders, run the way
+SkyPilot runs it on simulated fresh nodes (tests/rehearsal.py says what is real and what stands in).
+
+One node: setup installs the real lock into the job's venv, the run block trains, evaluates and writes
+a tree the launcher's own verification accepts, the adapter loads with PEFT, no secret value lands in
+what comes back. Two nodes: torchrun forms the group across the two run blocks and the adapter equals
+the one-node run's. A managed run: killed after its first checkpoint, started again on a fresh node, it
+resumes and keeps the first start's deadline. The image path: the Dockerfile's install steps as a
+script into a fresh venv, then the job's CLI with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, wait_until
+from launcher_helpers import cli
+from ports import free_port
+from rehearsal import Node, Task, bootstrap_uv, find_python, network_env, run_envs, setup_envs, tail, wait
+
+pytestmark = [pytest.mark.slow, pytest.mark.sky]
+
+# A CPU config: the tiny Qwen2 is made on the spot (random init); the real QLoRA path (NF4 on the CPU).
+CFG = {
+    "name": "rehearsal", "allow_cpu": True,
+    "model": {"id": "tiny", "init": "random", "tokenizer": "qwen2.5-offline",
+              "arch": {"preset": "qwen2-tiny", "initializer_range": 0.25}},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "train": {"method": "qlora", "epochs": 1, "global_batch": 8, "micro_batch": 4, "lr": 1.0e-2,
+              "optim": "adamw_torch", "precision": "fp32", "max_length": 512, "packing": True,
+              "gradient_checkpointing": False, "checkpoint_every": 2, "keep_checkpoints": 2, "max_steps": 6,
+              "seed": 5},
+    "data": {"source": "synthetic:60", "split": "random", "seed": 1},
+    "eval": {"mode": "sample", "rows": 8},
+}
+SECRET = "rehearsal-canary-7f3a91"  # HF_TOKEN's value: it must reach the job's environment and nothing else
+SETUP_S, RUN_S = 900, 900
+
+
+@pytest.fixture(scope="module")
+def pythons(tmp_path_factory):
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (SkyPilot's workdir sync; `make sysdeps` installs it)")
+    old, job = find_python("3.10"), find_python("3.12")
+    if old is None or job is None:
+        pytest.skip("the rehearsal needs CPython 3.10 (the node's python3) and 3.12 (the lock's, which uv "
+                    "would download on the cloud) on this machine")
+    uv = bootstrap_uv(tmp_path_factory.mktemp("uv"))
+    return {"old": old, "job": job, "uv": uv}
+
+
+def render(sky_home, tmp: Path, *argv: str) -> tuple[Task, str]:
+    """`up ... --dryrun --save-task` as a user runs it, the task parsed by SkyPilot; also the dry run's output."""
+    cfg = tmp / "rehearsal.yaml"
+    cfg.write_text(yaml.safe_dump(CFG))
+    saved = tmp / "task.yaml"
+    env = {**sky_home.env, "HF_TOKEN": SECRET, "SOCRATES_RUNS_DIR": str(tmp / "runs")}
+    r = cli(["up", "--config", str(cfg), *argv, "--dryrun", "--yes", "--save-task", str(saved)], env, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    text = saved.read_text()
+    assert SECRET not in text and SECRET not in r.stdout + r.stderr
+    assert text.strip() in r.stdout.replace("\r", ""), "the saved task is not the one the dry run shows"
+    return Task.from_file(saved, {"HF_TOKEN": SECRET}), r.stdout
+
+
+def provision(root: Path, task: Task, pythons: dict, rank: int = 0) -> Node:
+    node = Node(root / f"node{rank}", rank=rank)
+    node.provision(pythons["old"], pythons["job"], pythons["uv"])
+    node.sync(task.workdir)
+    return node
+
+
+def setup(node: Node, task: Task, ips: list[str]) -> subprocess.Popen:
+    return node.block("setup", task.setup, setup_envs(task, node.rank, ips, gpus=1), node.root / "setup.log", SETUP_S)
+
+
+def run(node: Node, task: Task, ips: list[str], **extra: str) -> subprocess.Popen:
+    return node.block("run", task.run, run_envs(task, node.rank, ips, gpus=1), node.root / "run.log", RUN_S,
+                      extra_env=extra)
+
+
+def ok(proc: subprocess.Popen, node: Node, kind: str, timeout: float) -> None:
+    rc = wait(proc, timeout)
+    assert rc == 0, f"{kind} on node {node.rank} exited {rc}:\n{tail(node.root / f'{kind}.log', 60)}"
+
+
+def verify_out(out: Path) -> dict:
+    """The launcher's own verification of a pulled tree, then PEFT loading the adapter."""
+    from contracts import manifest as manifest_lib
+    from launcher.registry import RESERVED
+
+    manifest = manifest_lib.verify_or_raise(out, tree=True, reserved=RESERVED)
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from contracts.config import from_dict
+    from job import model as JM
+    from job.tokenizer import load_tokenizer
+
+    cfg = from_dict(CFG)
+    tok = load_tokenizer(cfg.model.tokenizer, cfg.model.id)
+    base = JM.build_base(cfg, tok, torch.device("cpu"))
+    peft = PeftModel.from_pretrained(base, str(out / "adapter"))
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    state = {k: v for k, v in peft.state_dict().items() if "lora_" in k}
+    some = next(k for k in saved if "lora_B" in k)
+    loaded = next(v for k, v in state.items() if k.replace(".default", "").endswith(some.split("base_model.model.", 1)[-1]))
+    assert torch.equal(loaded.cpu(), saved[some]), "the adapter PEFT loaded is not the one on disk"
+    assert float(saved[some].abs().max()) > 0, "lora_B is all zeros: nothing was trained"
+    return manifest
+
+
+def no_secret_in(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            assert SECRET.encode() not in p.read_bytes(), f"{p} holds the secret's value"
+
+
+# --- one node ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_node(sky_home, pythons, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    task, shown = render(sky_home, tmp, "--gpu", "A100:1")
+    node = provision(tmp, task, pythons)
+    started = time.monotonic()
+    ok(setup(node, task, ["127.0.0.1"]), node, "setup", SETUP_S)
+    setup_s = time.monotonic() - started
+    ok(run(node, task, ["127.0.0.1"]), node, "run", RUN_S)
+    return {"task": task, "node": node, "out": node.workdir / task.envs["OUT"], "setup_s": setup_s, "shown": shown}
+
+
+def test_setup_builds_the_jobs_venv_from_the_lock_and_leaves_the_nodes_python_alone(one_node, pythons):
+    node = one_node["node"]
+    venv_py = node.home / "socrates-venv" / "bin" / "python"
+    probe = subprocess.run([str(venv_py), "-c", "import sys, torch, peft, trl, bitsandbytes; print(sys.version_info[:2])"],
+                           capture_output=True, text=True, env=node.env(), timeout=300)
+    assert probe.returncode == 0 and probe.stdout.strip() == "(3, 12)", probe.stderr[-2000:]
+    # The node's own python3 (SkyPilot's user env) got none of the lock: no torch, no transformers.
+    user_py = node.home / "sky-user-env" / "bin" / "python"
+    for name in ("torch", "transformers", "uv"):
+        r = subprocess.run([str(user_py), "-c", f"import {name}"], capture_output=True, text=True, env=node.env())
+        assert r.returncode != 0, f"the node's python3 can import {name}: setup installed into it"
+    log = (node.root / "setup.log").read_text()
+    assert "setup: the job's stack imports in" in log and str(venv_py.parent) in log
+
+
+def test_the_run_block_trains_evaluates_and_the_launcher_verifies_what_it_wrote(one_node):
+    out = one_node["out"]
+    manifest = verify_out(out)
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("step") == 6 and kinds.count("done") == 1
+    assert (out / "eval" / "metrics.json").exists()
+    listed = {e["path"] for e in manifest["files"]}
+    assert "eval/metrics.json" in listed, "the run block's EXIT trap did not list the evaluation"
+    log = (one_node["node"].root / "run.log").read_text()
+    assert "speed levers:" in log  # job check ran with the job's python
+    no_secret_in(out)
+    no_secret_in(one_node["node"].root / "run.log")
+
+
+def test_the_secret_reaches_the_jobs_environment(one_node):
+    # The run block exports it (SkyPilot passes secrets as envs); the job's process sees it.
+    script = next(one_node["node"].root.glob("sky_run_0.sh")).read_text()
+    assert re.search(r"^export HF_TOKEN=", script, re.M)
+
+
+# --- two nodes ----------------------------------------------------------------------------------
+
+def test_two_nodes_form_one_torchrun_group_and_train_what_one_node_trains(sky_home, pythons, one_node, tmp_path):
+    task, _ = render(sky_home, tmp_path, "--gpu", "A100:1", "--nodes", "2")
+    assert task.num_nodes == 2
+    ips = ["127.0.0.1", "127.0.0.1"]
+    nodes = [provision(tmp_path, task, pythons, rank) for rank in (0, 1)]
+    for proc, node in [(setup(n, task, ips), n) for n in nodes]:
+        ok(proc, node, "setup", SETUP_S)
+    port = str(free_port())  # both nodes on one host: a free rendezvous port instead of the default 29500
+    procs = [run(n, task, ips, MASTER_PORT=port, OMP_NUM_THREADS="1") for n in nodes]
+    for proc, node in zip(procs, nodes):
+        ok(proc, node, "run", RUN_S)
+    for node in nodes:
+        assert "torchrun: 2 node(s) x 1 rank(s)" in (node.root / "run.log").read_text()
+    out0 = nodes[0].workdir / task.envs["OUT"]
+    verify_out(out0)
+    from safetensors.torch import load_file
+
+    from ranks import max_diff, step_losses
+
+    one, two = one_node["out"], out0
+    a, b = step_losses(one), step_losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-4, (a, b)
+    assert max_diff(load_file(one / "adapter" / "adapter_model.safetensors"),
+                    load_file(two / "adapter" / "adapter_model.safetensors")) < 1e-5
+
+
+# --- a managed run --------------------------------------------------------------------------------
+
+def test_a_managed_run_killed_after_its_first_checkpoint_resumes_on_a_fresh_node_with_the_same_deadline(
+        sky_home, pythons, tmp_path):
+    from launcher.task import BUCKET_MOUNT
+
+    task, _ = render(sky_home, tmp_path, "--gpu", "A100-80GB:1", "--spot", "--max-hours", "2")
+    assert task.envs["SOCRATES_MANAGED"] == "1" and task.envs["OUT"].startswith(BUCKET_MOUNT + "/")
+    bucket = tmp_path / "bucket"  # stands for the bucket SkyPilot mounts (rclone) on every node
+    for k, v in list(task.envs.items()):
+        if isinstance(v, str) and v.startswith(BUCKET_MOUNT):
+            task.envs[k] = str(bucket) + v[len(BUCKET_MOUNT):]
+    out = Path(task.envs["OUT"])
+    state = out.parent / "managed" / "launches.json"
+
+    first = provision(tmp_path / "launch1", task, pythons)
+    ok(setup(first, task, ["127.0.0.1"]), first, "setup", SETUP_S)
+    proc = run(first, task, ["127.0.0.1"])
+    try:
+        wait_until(lambda: any((out / "checkpoints").glob("checkpoint-*/COMPLETE")), timeout=RUN_S,
+                   what="the first complete checkpoint in the bucket")
+    finally:
+        os.killpg(proc.pid, 9)  # the preemption: nothing on the node gets to clean up
+        proc.wait()
+    deadline_1 = json.loads(state.read_text())["deadline"]
+    assert not (out / "adapter").exists()
+
+    second = provision(tmp_path / "launch2", task, pythons)
+    ok(setup(second, task, ["127.0.0.1"]), second, "setup", SETUP_S)
+    ok(run(second, task, ["127.0.0.1"]), second, "run", RUN_S)
+    record = json.loads(state.read_text())
+    t0_1, t0_2 = (int((n.workdir / ".socrates-t0").read_text()) for n in (first, second))
+    assert t0_2 > t0_1  # the relaunch's setup started later (it installed the venv again)
+    assert record["launches"] == 2 and record["deadline"] == deadline_1 == t0_1 + 2 * 3600, \
+        "the relaunch took a deadline from its own start"
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    resumed = [e for e in events if e["event"] == "resume"]
+    assert resumed and resumed[-1]["step"] >= 2
+    assert any(e["event"] == "preempted" for e in events)
+    verify_out(out)
+
+
+# --- the image path -------------------------------------------------------------------------------
+
+def test_the_dockerfiles_install_steps_build_a_venv_that_runs_the_job(pythons, tmp_path):
+    """No Docker daemon here: the Dockerfile's RUN steps that build the Python side (all but apt-get), as a
+    script with /opt replaced by a temp folder, the image's python3 (Ubuntu 24.04: 3.12) standing in."""
+    from rehearsal import dockerfile_script
+
+    root = tmp_path / "opt"
+    app = tmp_path / "app"
+    shutil.copytree(REPO / "requirements", app / "requirements")
+    script = dockerfile_script(REPO / "Dockerfile", opt=root)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(pythons["job"])
+    env = {**network_env(), "HOME": str(tmp_path), "PATH": f"{root}/venv/bin:{bin_dir}:/usr/bin:/bin", "LANG": "C.UTF-8",
+           "UV_CACHE_DIR": os.environ.get("UV_CACHE_DIR") or str(Path.home() / ".cache" / "uv"),
+           "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR") or str(Path.home() / ".cache" / "pip")}
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=app, env=env, capture_output=True, text=True,
+                       timeout=SETUP_S)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for d in ("contracts", "job"):
+        shutil.copytree(REPO / d, app / d)
+    py = root / "venv" / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "job", "check", "--help"], cwd=app, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "--config" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([str(py), "-m", "job.stack"], cwd=app, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
