@@ -49,7 +49,7 @@ def build(dest: Path) -> Staged:
 
 def for_run(run: Any) -> Staged:
     """The run's own staged folder, runs/<id>/code, built afresh (a leftover from a killed launch is replaced)."""
-    dest = Path(run.dir) / FOLDER
+    dest = Path(run.dir).absolute() / FOLDER  # SkyPilot resolves a relative workdir against its own cwd
     if dest.is_dir() and not dest.is_symlink():
         shutil.rmtree(dest)
     return build(dest)
