@@ -50,7 +50,9 @@ def build(dest: Path) -> Staged:
 def for_run(run: Any) -> Staged:
     """The run's own staged folder, runs/<id>/code, built afresh (a leftover from a killed launch is replaced)."""
     dest = Path(run.dir).absolute() / FOLDER  # SkyPilot resolves a relative workdir against its own cwd
-    if dest.is_dir() and not dest.is_symlink():
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()  # never followed: only runs/<id>/code itself is replaced
+    elif dest.is_dir():
         shutil.rmtree(dest)
     return build(dest)
 
