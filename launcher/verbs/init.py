@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         raise ContractError(f"{args.dir}: not a folder (give a folder to write {' and '.join(CONFIGS)} into)")
     there = [str(dest / name) for name in CONFIGS if (dest / name).exists() or (dest / name).is_symlink()]
     if there:
-        raise ContractError(f"{' and '.join(there)}: already there; nothing was written (move it away or "
+        raise ContractError(f"{' and '.join(there)}: already there; nothing was written (move them away or "
                             "pick another folder)")
     dest.mkdir(parents=True, exist_ok=True)
     for name in CONFIGS:
