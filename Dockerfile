@@ -1,6 +1,8 @@
 # The job image: `python -m job check|prepare|train|evaluate|predict` on a CUDA machine.
 #   socrates-launch image build [--push REPO]     # docker buildx; tag lock-<sha256 of job.lock + this file>
-#   docker run --gpus all socrates-launch-job:lock-... check --config configs/paper.yaml
+#   docker run --gpus all -v "$PWD":/w socrates-launch-job:lock-... check --config /w/paper.yaml
+# Its build context is a run's staged folder (launcher/stage.py): job/, contracts/, requirements/*.lock,
+# configs/socsci210_stats.json (the table job check reads) and this file.
 # `socrates-launch up --image REF` runs it as SkyPilot's runtime (image_id: docker:REF; setup installs
 # nothing, the synced workdir's job/ runs with /opt/venv/bin/python); the SSH backend runs it with docker.
 # Base pinned by digest. torch's CUDA 13.0 libraries come from the lock (PyPI wheels), so the base

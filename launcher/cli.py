@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "report": ("launcher.verbs.report", "print a run's evaluation summary and the report's path"),
     "predict": ("launcher.verbs.predict", "predict how a person would answer, from an adapter"),
     "image": ("launcher.verbs.image", "build (and push) the job image; its tag derives from the lock"),
+    "init": ("launcher.verbs.init", "write editable copies of the packaged configs (paper.yaml, smoke.yaml)"),
 }
 
 

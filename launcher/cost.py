@@ -30,10 +30,10 @@ import yaml
 
 from contracts.config import RunConfig
 from contracts.errors import ContractError
+from launcher import resources
 
-REPO = Path(__file__).resolve().parents[1]
-THROUGHPUT_FILE = REPO / "configs" / "throughput.yaml"
-HUB_STATS_FILE = REPO / "configs" / "socsci210_stats.json"
+THROUGHPUT_FILE = resources.path("configs/throughput.yaml")  # shipped in the package (launcher/resources)
+HUB_STATS_FILE = resources.path("configs/socsci210_stats.json")
 HUB_DATASET = "socratesft/SocSci210"
 LOCAL_INFRA_PREFIXES = ("local", "ssh://")
 # Bandwidth assumptions (MB/s) for low / expected / high time: cloud VM <-> Hugging Face, and laptop <-> VM.

@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser, *, every_card: bool = False) -> No
     p.add_argument("--ranks", type=int, default=None, help="local/ssh without a GPU: start N CPU ranks (gloo) under torchrun "
                    "(the multi-GPU path, tested without GPUs)")
     p.add_argument("--subset", type=float, default=None, help="fraction of training rows kept, in (0, 1] (default: the config's)")
-    p.add_argument("--config", default=None, help="run config (default: configs/paper.yaml; configs/smoke.yaml with "
-                   "--infra local; up and estimate alike)")
+    p.add_argument("--config", default=None, help="run config, any path (default: the packaged configs/paper.yaml; "
+                   "configs/smoke.yaml with --infra local; up and estimate alike; `socrates-launch init` writes "
+                   "editable copies)")
     p.add_argument("--data", default=None, help="dataset: Hugging Face id, local .jsonl/.parquet file or folder (a prepared "
                    "folder gives exact tokens), or synthetic:N")
     p.add_argument("--model", default=None, help="base model id or path (overrides the config's model.id)")
@@ -201,9 +202,11 @@ def check_combinations(args: argparse.Namespace, infra: str) -> None:
 
 
 def default_config(infra: str) -> Path:
-    """configs/<default>.yaml from the current directory, else from the installed checkout."""
-    rel = Path(DEFAULT_CONFIG.get(infra, DEFAULT_CONFIG["sky"]))
-    return rel if rel.is_file() else Path(__file__).resolve().parents[1] / rel
+    """The packaged configs/<default>.yaml (launcher/resources), wherever the command runs; an edited copy
+    (`socrates-launch init`) is passed with --config."""
+    from launcher import resources
+
+    return resources.path(DEFAULT_CONFIG.get(infra, DEFAULT_CONFIG["sky"]))
 
 
 def check_data(source: str) -> str:

@@ -16,13 +16,11 @@ import yaml
 
 from contracts.config import JOB_RECOVERY_STRATEGIES
 from contracts.errors import ContractError
+from launcher import resources
 from launcher.secrets import SECRET_NAMES
 
-REPO = Path(__file__).resolve().parent.parent
-TEMPLATE = REPO / "sky" / "train.yaml"
+TEMPLATE = resources.path(resources.TEMPLATE)  # shipped in the package (launcher/resources)
 REMOTE_DATA_DIR = "/tmp/socrates-data"
-# What the local and SSH backends ship to the machine (SkyPilot syncs the whole workdir, REPO).
-CODE_PATHS = ("contracts", "job", "configs", "sky", "requirements", "Dockerfile", "pyproject.toml")
 # In the job image (Dockerfile): the lock's venv; setup then only stamps the deadline's start.
 IMAGE_PYTHON = "/opt/venv/bin/python"
 IMAGE_SETUP = "set -euo pipefail\ndate +%s > .socrates-t0  # the job image has the lock installed: nothing to install\n"
@@ -43,8 +41,11 @@ def load_template(path: Path = TEMPLATE) -> dict:
 
 def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = False,
            data_path: Path | None = None, secret_names: tuple[str, ...] = (), template: Path = TEMPLATE,
-           managed: bool = False, bucket_url: str | None = None) -> dict:
+           managed: bool = False, bucket_url: str | None = None, workdir: Path | None = None) -> dict:
     """The task for `run` (its resolved config and options), ready for sky.Task.from_yaml_config.
+
+    `workdir`: the run's staged folder (launcher/stage.py), what SkyPilot syncs; None (the local and
+    SSH backends, which take only the run script and ship the staged folder themselves): no workdir.
 
     `managed`: the same task as a SkyPilot managed job (`sky.jobs.launch`): the bucket `bucket_url`
     (launcher/bucket.py's URL forms; it must exist: `Bucket.create()` first) mounted at BUCKET_MOUNT,
@@ -79,7 +80,10 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
     resources["use_spot"] = bool(spot)
     if cfg.get("train", {}).get("method") == "full":
         resources["disk_size"] = full_disk_size(cfg, nodes, int(resources.get("disk_size") or 0))
-    task["workdir"] = str(REPO)
+    if workdir is not None:
+        task["workdir"] = str(workdir)
+    else:
+        task.pop("workdir", None)
     image = opts.get("image")
     if image:  # the prebuilt job image: SkyPilot runs setup and run inside it, nothing to install
         resources["image_id"] = f"docker:{image}"

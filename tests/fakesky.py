@@ -344,10 +344,8 @@ def controller(jdir: Path) -> None:
                          launch=launch)
         machine = jdir / f"launch-{launch}"
         workdir = machine / "workdir"
-        for name in tasklib.CODE_PATHS:  # a fresh machine: the workdir synced again, nothing else from the last one
-            src = Path(task["workdir"]) / name
-            if src.is_dir():
-                shutil.copytree(src, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
+        # a fresh machine: the workdir (the run's staged folder) synced again, nothing else from the last one
+        shutil.copytree(task["workdir"], workdir, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
         (workdir / ".socrates-t0").write_text(f"{int(time.time())}\n")  # what setup's first line writes
         overrides = {"JOB_PYTHON": os.environ["SOCRATES_JOB_PYTHON"],  # OUT as the mount maps it here
                      "OUT": str(bucket / task["envs"]["OUT"][len(mount_path):].lstrip("/"))}
@@ -421,10 +419,8 @@ def provision(cdir: Path) -> None:
     if "provision" in faults:
         fail("provisioning", "fake: no capacity for A100:1 anywhere")
     workdir = cdir / "workdir"
-    for name in tasklib.CODE_PATHS:  # what the launcher ships; SkyPilot syncs the whole workdir
-        src = Path(task["workdir"]) / name
-        if src.is_dir():
-            shutil.copytree(src, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # SkyPilot syncs the whole workdir: the run's staged folder (launcher/stage.py)
+    shutil.copytree(task["workdir"], workdir, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     for dest, src in (task.get("file_mounts") or {}).items():
         target = cdir / "mounts" / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,8 @@ def _expected(infra: str, flags: list[str]) -> dict[str, str]:
         opt[flag] = rest.pop(0) if rest and not rest[0].startswith("--") else True
     config = opt.get("--config") or ("configs/smoke.yaml" if infra == "local" else "configs/paper.yaml")
     doc = yaml.safe_load((REPO / config).read_text())
+    if "--config" not in opt:  # the default: the packaged copy (launcher/resources links to configs/), wherever the cwd
+        config = str(REPO / "launcher" / "resources" / config)
     data = opt.get("--data") or doc["data"]["source"]
     if data.startswith("/"):
         data = str(Path(data).resolve())
@@ -145,7 +147,7 @@ def test_estimate_json_carries_the_same_plan(env):
     assert est.returncode == 0, est.stderr[-2000:]
     plan = json.loads(est.stdout)["plan"]
     text = _plan_lines(cli(["estimate", *argv, "--explain"], e, timeout=300).stdout)
-    assert plan["config"]["file"] == "configs/smoke.yaml" and plan["data"] == {"source": str(rows.resolve()), "subset": 0.5}
+    assert plan["config"]["file"] == str(REPO / "launcher" / "resources" / "configs" / "smoke.yaml") and plan["data"] == {"source": str(rows.resolve()), "subset": 0.5}
     assert plan["caps"] == {"max_cost": None, "max_hours": 3.0}
     assert f"resolved config sha256 {plan['config']['sha256']}" in text["config"]
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import wait_until
 from contracts import manifest
@@ -150,6 +151,8 @@ def test_sky_up_end_to_end_with_fake_cloud(cloud):
             assert CANARY.encode() not in path.read_bytes(), path
     assert CANARY not in r.stdout + r.stderr
     assert "HF_TOKEN" in (Path(rec["dir"]) / "task.yaml").read_text()
+    # SkyPilot syncs the run's staged folder, never the checkout (launcher/stage.py)
+    assert yaml.safe_load((Path(rec["dir"]) / "task.yaml").read_text())["workdir"] == str(Path(rec["dir"]) / "code")
 
 
 @pytest.mark.parametrize("fault,phase", [("provision", "provisioning"), ("sync", "syncing"),

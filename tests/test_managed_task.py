@@ -18,6 +18,7 @@ import json
 import pytest
 
 from contracts.errors import ContractError
+from conftest import REPO
 from launcher import registry, task as tasklib
 from s3server import s3_server  # noqa: F401  (the fixture)
 
@@ -38,9 +39,13 @@ cfg = load_config("configs/paper.yaml").with_overrides({"data.subset": 0.1})
 run = registry.Run(id=sys.argv[1], dir="/nonexistent", config=cfg.to_dict(), options={"eval": True, "deadline_s": 3600})
 url = default_url(run.id)
 Bucket.from_url(url).create()  # what `up` does before launching: the mount's source must exist
-conf = tasklib.render(run, gpu="A100-80GB:1", spot=True, managed=True, bucket_url=url)
+import pathlib, tempfile
+from launcher import stage
+staged = stage.build(pathlib.Path(tempfile.mkdtemp()) / "code")  # what a run's workdir is (runs/<id>/code)
+conf = tasklib.render(run, gpu="A100-80GB:1", spot=True, managed=True, bucket_url=url, workdir=staged.path)
 got = {}
 task = sky.Task.from_yaml_config(copy.deepcopy(conf))  # (from_yaml_config consumes its argument)
+got["workdir"] = [task.workdir, str(staged.path)]
 res = list(task.resources)[0]
 got["job_recovery"] = res.job_recovery
 got["use_spot"] = res.use_spot
@@ -84,13 +89,14 @@ def test_real_sdk_accepts_the_managed_task_with_its_mount_and_job_recovery(sky_h
     import sys
 
     r = subprocess.run([sys.executable, "-c", _SDK, RUN_ID], env=proc_env, capture_output=True, text=True,
-                       timeout=300, cwd=tasklib.REPO)
+                       timeout=300, cwd=REPO)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     name = "socrates-" + RUN_ID  # the bucket named after the run
     out = f"/socrates-bucket/{RUN_ID}/out"
     assert got["job_recovery"] == {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
     assert got["use_spot"] is True
+    assert got["workdir"][0] == got["workdir"][1]  # the staged folder, not the checkout
     assert got["mount"] == [f"s3://{name}", "MOUNT_CACHED"]
     assert got["envs"] == {"OUT": out, "SOCRATES_CHECKPOINT_DIR": f"{out}/checkpoints", "SOCRATES_MANAGED": "1",
                            "SOCRATES_BUCKET": f"s3://{name}"}

@@ -62,13 +62,15 @@ def host_processes_under(path: Path) -> list[int]:
     return found
 
 
-def changed_since_cache(cache: Path) -> tuple[int, int]:
-    """Files (and bytes) of the synced code whose size or sha256 differ from the host's cache copy."""
+def changed_since_cache(cache: Path, tmp: Path) -> tuple[int, int]:
+    """Files (and bytes) of the synced code (a run's staged folder) whose size or sha256 differ from the
+    host's cache copy."""
     from contracts._io import sha256_file
-    from launcher.task import CODE_PATHS
+    from launcher import stage
     from launcher.ssh_transport import local_files
 
-    files = local_files(REPO, [p for p in CODE_PATHS if (REPO / p).exists()])
+    staged = stage.build(tmp / "staged").path
+    files = local_files(staged, stage.entries(staged))
     changed = [f for rel, f in files.items() if not (cache / rel).is_file()
                or (cache / rel).stat().st_size != f.stat().st_size or sha256_file(cache / rel) != sha256_file(f)]
     return len(changed), sum(f.stat().st_size for f in changed)
@@ -146,7 +148,7 @@ def test_up_over_ssh_brings_back_a_verified_adapter_and_leaves_nothing(sshd, tmp
 def test_launcher_killed_mid_run_then_logs_reattaches_and_down_cleans(sshd, tmp_path, env, host_dir):
     needs_job()
     # what a sync now has to send: the files whose content differs from the host's cache (left by the test above)
-    expect_files, expect_bytes = changed_since_cache(host_dir / "cache" / "code")
+    expect_files, expect_bytes = changed_since_cache(host_dir / "cache" / "code", tmp_path)
     import yaml
 
     # the smoke config cut to a few steps: this test is about the launcher dying, not the training

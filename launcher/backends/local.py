@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.events import EventReader
+from launcher import stage as stagelib
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback
 
@@ -43,12 +44,8 @@ class LocalBackend(Backend):
         run.update(backend_state={"workdir": str(workdir)}, machine="up")
         self.on_phase("syncing", f"code and data into {workdir}")
         try:
-            for name in tasklib.CODE_PATHS:
-                if (tasklib.REPO / name).is_dir():
-                    shutil.copytree(tasklib.REPO / name, workdir / name,
-                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-                elif (tasklib.REPO / name).is_file():
-                    shutil.copy2(tasklib.REPO / name, workdir / name)
+            # the run's staged folder (launcher/stage.py), as SkyPilot and the SSH backend ship it
+            shutil.copytree(stagelib.for_run(run).path, workdir, dirs_exist_ok=True)
             data_path = tasklib.local_data(run.config)
             overrides = {"JOB_PYTHON": self.python}
             if data_path is not None:

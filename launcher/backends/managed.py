@@ -22,6 +22,7 @@ from typing import Any
 
 from contracts.errors import ContractError
 from contracts.events import parse_line
+from launcher import stage as stagelib
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, reconnect_policy
 from launcher.backends.sky import _phase_of, load_adapter
@@ -96,7 +97,7 @@ class ManagedBackend(Backend):
         secrets = collect_secrets()
         task = tasklib.render(run, gpu=run.gpu, cloud=run.options.get("cloud"), spot=run.options.get("spot", False),
                               data_path=tasklib.local_data(run.config), secret_names=tuple(secrets),
-                              managed=True, bucket_url=url)
+                              managed=True, bucket_url=url, workdir=stagelib.for_run(run).path)
         (run.dir / "task.yaml").write_text(tasklib.to_yaml(task), encoding="utf-8")
         launch_log = run.dir / "launch.log"
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from contracts.errors import ContractError
 from contracts.events import parse_line
+from launcher import stage as stagelib
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, reconnect_policy
 from launcher.secrets import collect as collect_secrets
@@ -126,7 +127,8 @@ class SkyBackend(Backend):
         run.update(backend_state={"cluster": cluster}, machine="up")
         secrets = collect_secrets()
         task = tasklib.render(run, gpu=run.gpu, cloud=run.options.get("cloud"), spot=run.options.get("spot", False),
-                              data_path=tasklib.local_data(run.config), secret_names=tuple(secrets))
+                              data_path=tasklib.local_data(run.config), secret_names=tuple(secrets),
+                              workdir=stagelib.for_run(run).path)
         (run.dir / "task.yaml").write_text(tasklib.to_yaml(task), encoding="utf-8")
         launch_log = run.dir / "launch.log"
         seen_phases: set[str] = set()

@@ -41,6 +41,7 @@ try:
 except ImportError:  # an optional extra: say how to get it instead of a traceback
     raise ContractError("--infra ssh://...: needs paramiko (pip install 'socrates-launch[ssh]')") from None
 from contracts._io import sha256_file
+from launcher import stage as stagelib
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost
 from launcher.ssh_options import SshOptions, parse_infra
@@ -57,7 +58,7 @@ class SshBackend(Backend):
     name = "ssh"
     HANDLES = ("target", "work", "pgid")
 
-    def __init__(self, infra: str, run_block: str | None = None, code_root: Path = tasklib.REPO, **options: Any):
+    def __init__(self, infra: str, run_block: str | None = None, code_root: Path | None = None, **options: Any):
         self.target: SshTarget = parse_infra(infra)
         self.opts = SshOptions(**options)
         # Built without options (logs/status/down/download after a restart): the run record's are used,
@@ -68,6 +69,7 @@ class SshBackend(Backend):
         self.run_block = run_block
         """Bash the host runs as the job; None: sky/train.yaml's run block (launcher/task.py)."""
         self.code_root = code_root
+        """The folder sent as the job's code; None: the run's staged folder (launcher/stage.py), built at launch."""
         self.reconnects = 0
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
@@ -108,6 +110,8 @@ class SshBackend(Backend):
         mode, python = self._probe(client, base, data)
         state.update(mode=mode, python=python)
         self.on_phase("syncing", f"code and data to {self.target} (unchanged files skipped)")
+        if self.code_root is None:
+            self.code_root = stagelib.for_run(run).path
         stats = self._sync(client, base, data, state)
         state["sync"] = asdict(stats)
         _save(run)
@@ -333,7 +337,7 @@ class SshBackend(Backend):
         if res.rc != 0:
             raise BackendError("syncing", f"could not create {base}/cache and {base}/runs on {self.target}: "
                                           f"{_last_line(res)}")
-        code = local_files(self.code_root, [p for p in tasklib.CODE_PATHS if (self.code_root / p).exists()])
+        code = local_files(self.code_root, stagelib.entries(self.code_root))
         stats = sync_tree(client, code, posixpath.join(base, "cache", "code"), python=python, prune=True)
         if data is not None:
             files = local_files(data.parent, [data.name])

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     if args.explain:  # the resolved plan, as `up --dryrun` shows it (the short default stays short)
-        console.print(planlib.describe(plan), highlight=False, markup=False)
+        console.print(planlib.describe(plan), highlight=False, markup=False, soft_wrap=True)
     cost.render(est, console, explain=args.explain)
     # After the table, as `up` does: a cap the high estimate exceeds is one line and exit 2.
     deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from contracts.config import IMAGE_REF
 from contracts.errors import ContractError
+from launcher import resources
+from launcher import stage as stagelib
 
-REPO = Path(__file__).resolve().parents[2]
-LOCK = REPO / "requirements" / "job.lock"
-UV_LOCK = REPO / "requirements" / "uv.lock"
-DOCKERFILE = REPO / "Dockerfile"
+LOCK = resources.path("requirements/job.lock")  # shipped in the package (launcher/resources)
+UV_LOCK = resources.path("requirements/uv.lock")
+DOCKERFILE = resources.path(resources.DOCKERFILE)
 LOCAL_REPOSITORY = "socrates-launch-job"
 PLATFORM = "linux/amd64"  # the lock is compiled for x86_64 manylinux
 
@@ -65,11 +66,13 @@ def run(args: argparse.Namespace) -> int:
     docker = require_docker()
     with tempfile.TemporaryDirectory(prefix="socrates-image-") as tmp:
         meta = Path(tmp) / "metadata.json"
-        cmd = [docker, "buildx", "build", "--platform", PLATFORM, "-f", str(DOCKERFILE), "-t", ref,
+        # The build context is the staged folder (launcher/stage.py): what the SSH host builds from too.
+        context = stagelib.build(Path(tmp) / stagelib.FOLDER).path
+        cmd = [docker, "buildx", "build", "--platform", PLATFORM, "-f", str(context / "Dockerfile"), "-t", ref,
                "--label", f"org.socrates-launch.lock={lock_tag()}", "--metadata-file", str(meta),
-               "--push" if args.push else "--load", str(REPO)]
-        print(f"building {ref} ({PLATFORM}) from {DOCKERFILE.name} and {LOCK.relative_to(REPO)}", flush=True)
-        rc = subprocess.run(cmd, cwd=REPO).returncode
+               "--push" if args.push else "--load", str(context)]
+        print(f"building {ref} ({PLATFORM}) from Dockerfile and requirements/job.lock", flush=True)
+        rc = subprocess.run(cmd, cwd=context).returncode
         if rc != 0:
             print(f"socrates-launch image: error: docker buildx build exited {rc} (its output is above)")
             return 1

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from contracts import manifest as manifest_lib
 from contracts.errors import ContractError
 from launcher import plan as planlib
 from launcher import registry
+from launcher import stage as stagelib
 from launcher import task as tasklib
 
 
@@ -118,15 +120,30 @@ def _confirm(plan: planlib.Plan, console) -> None:
 
 
 def _dryrun(plan: planlib.Plan, backend, console, save_to: str | None = None) -> int:
-    """Render the task and show it; the backend adds its part (SkyPilot's optimizer picks the offer)."""
+    """Render the task and show it; the backend adds its part (SkyPilot's optimizer picks the offer).
+    The staged folder is built in a temporary folder (a dry run creates no run) and removed after; with
+    --save-task FILE it is kept beside FILE (FILE.workdir/), the folder the saved task's workdir names."""
+    if save_to:
+        keep = Path(save_to).absolute().with_name(Path(save_to).name + ".workdir")
+        if keep.exists() or keep.is_symlink():
+            raise ContractError(f"--save-task {save_to}: {keep} exists (the staged workdir is kept there); "
+                                "remove it or name another FILE")
+        return _dryrun_in(plan, backend, console, stagelib.build(keep), save_to)
+    with tempfile.TemporaryDirectory(prefix="socrates-dryrun-") as tmp:
+        return _dryrun_in(plan, backend, console, stagelib.build(Path(tmp) / stagelib.FOLDER))
+
+
+def _dryrun_in(plan: planlib.Plan, backend, console, staged, save_to: str | None = None) -> int:
     from launcher.secrets import collect, redact
 
     preview = registry.Run(id=f"{plan.name}-dryrun", dir=Path("/nonexistent"), infra=plan.infra, name=plan.name,
                            config=plan.cfg.to_dict(), options=plan.options)  # never saved: a dry run creates no run
     rendered = tasklib.render(preview, gpu=str(plan.gpu) if plan.gpu else None, cloud=plan.options["cloud"],
                               spot=plan.options["spot"], data_path=tasklib.local_data(preview.config),
-                              secret_names=tuple(collect()))
-    console.print(planlib.describe(plan), highlight=False, markup=False)  # as `estimate --explain` shows it
+                              secret_names=tuple(collect()), workdir=staged.path)
+    console.print(planlib.describe(plan), highlight=False, markup=False, soft_wrap=True)  # as `estimate --explain` shows it
+    where = "kept for --save-task" if save_to else "temporary here; a run stages runs/<id>/code"
+    console.print(f"{staged.line()}; what every backend ships ({where})", highlight=False, markup=False, soft_wrap=True)
     text = redact(tasklib.to_yaml(rendered))
     console.rule("rendered task (sky/train.yaml)")
     console.print(text, highlight=False, markup=False)
