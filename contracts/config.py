@@ -173,6 +173,7 @@ class DataSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     enabled: bool = True
+    base: bool = False  # also evaluate the base model (no adapter) into eval-base/: the paper's baseline
     mode: str = "sample"
     rows: int | None = None
     temperature: float = 0.6

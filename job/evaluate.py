@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "answer of each cell's scale); loads no model, takes seconds")
     p.add_argument("--mode", choices=EVAL_MODES, default=None, help="sample (the paper's) | distribution "
                    "(exact answer probabilities); default: the config's eval.mode")
+    p.add_argument("--as-configured", action="store_true",
+                   help="as the run config says (what the machine's run block runs): skip when eval.enabled is false, "
+                   "and skip --base unless eval.base is true")
     p.add_argument("--rows", type=int, default=None, help="cap on test rows: whole cells in a seeded order, rounded "
                    "down to the last whole cell (default: eval.rows)")
     p.add_argument("--out", required=True, help="folder for metrics.json, report.html and the plots")
@@ -78,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         raise ContractError("evaluate: give --config FILE (the run config) to score a model, or --baseline uniform")
     cfg = load_config(args.config)
+    if args.as_configured and (not cfg.eval.enabled or (args.base and not cfg.eval.base)):
+        print(f"evaluate: skipped ({'eval.enabled' if not cfg.eval.enabled else 'eval.base'}: false in {args.config})")
+        return 0
     mode = args.mode or cfg.eval.mode
     rows_cap = args.rows if args.rows is not None else cfg.eval.rows
     if rows_cap is not None and rows_cap < 1:

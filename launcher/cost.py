@@ -651,11 +651,13 @@ def plan_card(cfg: RunConfig, table: dict, card: str, count: int, params_b: floa
         prefill = rows * tokens.prompt_tokens_per_row / (tps * float(table["eval_prefill_ratio"]))
         step = table["decode_step_s"].get(card, table["decode_step_s"]["default"]) * scale
         decode = math.ceil(rows / cfg.eval.batch_size) * cfg.eval.max_new_tokens * step
-        e = prefill + decode
+        models = 2 if cfg.eval.base else 1  # eval.base: the base model is evaluated on the same rows too
+        e = (prefill + decode) * models
         b = float(table["band_derived"])
         terms.append(Term("evaluation", e * (1 - b), e, e * (1 + b),
                           f"{rows:,} test rows: prefill {prefill / 60:,.0f} min + decode {cfg.eval.max_new_tokens} "
-                          f"tokens x {math.ceil(rows / cfg.eval.batch_size):,} batches at {step:.3f} s (derived)"))
+                          f"tokens x {math.ceil(rows / cfg.eval.batch_size):,} batches at {step:.3f} s (derived)"
+                          + (", twice (the adapter and the base model)" if models == 2 else "")))
     if not local and cfg.train.method == "full":
         gb = full_output_gb(params_b)
         terms.append(_transfer("model download (back)", gb, LAPTOP_MBPS, f"{gb:.1f} GB of full weights (out/model) to your machine"))

@@ -83,10 +83,6 @@ class Plan:
     options: dict
     config_file: str
 
-    @property
-    def cost_config(self) -> RunConfig:
-        """The config the estimate prices: --no-eval lives in the options, and must not bill an evaluation."""
-        return self.cfg if self.options.get("eval", True) else self.cfg.with_overrides({"eval.enabled": False})
 
 
 def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
@@ -118,6 +114,11 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
         if args.eval_rows < 1:
             raise ContractError(f"--eval-rows {args.eval_rows}: not accepted (a whole number >= 1)")
         overrides["eval.rows"] = args.eval_rows
+    # One route per knob: the evaluation flags land in the run config, which the estimate prices and the job reads.
+    if args.no_eval:
+        overrides["eval.enabled"] = False
+    if args.eval_base:
+        overrides["eval.base"] = True
     if overrides:
         cfg = cfg.with_overrides(overrides, source="command line")
     check_local_rows(cfg.data.source, cfg.data.split)
@@ -128,8 +129,7 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
     if not name or len(name) > 60 or not all(c.isalnum() or c in "._-" for c in name):
         raise ContractError(f"--name {name!r}: not accepted (letters, digits, . _ -; at most 60)")
     options = {
-        "cloud": args.cloud, "spot": bool(args.spot), "eval": not args.no_eval, "eval_base": bool(args.eval_base),
-        "eval_rows": args.eval_rows, "max_cost": args.max_cost, "max_hours": args.max_hours,
+        "cloud": args.cloud, "spot": bool(args.spot), "max_cost": args.max_cost, "max_hours": args.max_hours,
         "config_file": config_file,
         # None: setup builds a venv from the lock (the local backend always runs this machine's python)
         "image": cfg.image if infra != "local" else None,
@@ -265,6 +265,6 @@ def estimate(plan: Plan, *, allow_unpriced: bool = False):
     """The cost estimate of the plan (launcher/cost.py): `up` refuses an unpriced card, `estimate` shows it."""
     from launcher import cost
 
-    return cost.estimate_run(plan.cost_config, gpu=plan.gpu, cloud=plan.options["cloud"], spot=plan.options["spot"],
+    return cost.estimate_run(plan.cfg, gpu=plan.gpu, cloud=plan.options["cloud"], spot=plan.options["spot"],
                              data=plan.cfg.data.source, infra=plan.infra, nodes=plan.options["nodes"] or 1,
                              allow_unpriced=allow_unpriced)

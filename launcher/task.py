@@ -57,11 +57,7 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
     cfg = run.config
     envs = task.setdefault("envs", {})
     envs["CONFIG_YAML"] = yaml.safe_dump(cfg, sort_keys=False)
-    envs["SUBSET"] = str(cfg["data"]["subset"])
-    envs["DATA"] = cfg["data"]["source"]
-    envs["EVAL"] = "1" if opts.get("eval", True) else "0"
-    envs["EVAL_ROWS"] = str(opts["eval_rows"]) if opts.get("eval_rows") else ""
-    envs["EVAL_BASE"] = "1" if opts.get("eval_base") else "0"
+    envs["DATA"] = ""  # the config's data.source; DATA names only where a shipped local file/folder lands
     envs["DEADLINE_S"] = str(int(opts["deadline_s"])) if opts.get("deadline_s") else "0"
     nodes = int(opts.get("nodes") or 1)
     if nodes > 1:

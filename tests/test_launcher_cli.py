@@ -195,14 +195,14 @@ def test_rendered_task_mounts_local_data_and_runs_the_same_block_everywhere(tmp_
     monkeypatch.setenv("HF_TOKEN", CANARY)
     data = tmp_path / "rows.jsonl"
     data.write_text("{}\n")
-    cfg = load_config(REPO / "configs" / "paper.yaml").with_overrides({"data.source": str(data), "data.subset": 0.1})
-    run = registry.Run(id="r", dir=tmp_path, config=cfg.to_dict(), options={"eval": False, "eval_base": True})
+    cfg = load_config(REPO / "configs" / "paper.yaml").with_overrides(
+        {"data.source": str(data), "data.subset": 0.1, "eval.enabled": False, "eval.base": True})
+    run = registry.Run(id="r", dir=tmp_path, config=cfg.to_dict(), options={})
     conf = tasklib.render(run, gpu="H100:2", cloud="runpod", spot=True, data_path=data, secret_names=("HF_TOKEN",))
     text = tasklib.to_yaml(conf)
     assert CANARY not in text and yaml.safe_load(text) == conf
     assert conf["file_mounts"] == {"/tmp/socrates-data/rows.jsonl": str(data)}
-    assert conf["envs"]["DATA"] == "/tmp/socrates-data/rows.jsonl" and conf["envs"]["SUBSET"] == "0.1"
-    assert conf["envs"]["EVAL"] == "0" and conf["envs"]["EVAL_BASE"] == "1"
+    assert conf["envs"]["DATA"] == "/tmp/socrates-data/rows.jsonl"
     assert conf["resources"]["accelerators"] == "H100:2" and conf["resources"]["use_spot"] is True
     assert conf["resources"]["infra"] == "runpod" and conf["secrets"] == {"HF_TOKEN": None}
     assert yaml.safe_load(conf["envs"]["CONFIG_YAML"]) == cfg.to_dict()

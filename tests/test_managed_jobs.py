@@ -39,7 +39,7 @@ TINY = {
               "precision": "fp32", "max_length": 512, "packing": True, "gradient_checkpointing": False,
               "checkpoint_every": CKPT_EVERY, "keep_checkpoints": 2, "max_steps": TOTAL, "seed": 5},
     "data": {"source": "synthetic:64", "split": "random", "subset": 1.0, "seed": 1},
-    "eval": {"mode": "sample", "rows": 4},
+    "eval": {"enabled": False, "mode": "sample", "rows": 4},
 }
 
 
@@ -48,7 +48,7 @@ def managed_task(bucket: Path, deadline_s: int = 0) -> dict:
     from launcher import task as tasklib
 
     cfg = load_config_from(TINY)
-    run = SimpleNamespace(id=RUN, name="tiny-managed", config=cfg, options={"eval": False, "deadline_s": deadline_s})
+    run = SimpleNamespace(id=RUN, name="tiny-managed", config=cfg, options={"deadline_s": deadline_s})
     return tasklib.render(run, gpu=None, managed=True, bucket_url=f"file://{bucket}")
 
 
