@@ -28,5 +28,5 @@ def fit(console: Any, table: Any, droppable: tuple[str, ...]) -> list[str]:
 
 def say_dropped(console: Any, dropped: list[str], more: str = "--json") -> None:
     if dropped:
-        console.print(f"  ({console.width} columns: {', '.join(dropped)} left out; a wider terminal or {more} "
-                      "shows them)", highlight=False, markup=False)
+        console.print(f"  ({', '.join(dropped)}: left out at {console.width} columns; {more} has them)",
+                      highlight=False, markup=False, soft_wrap=True)

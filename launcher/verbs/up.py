@@ -33,13 +33,13 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     plan = planlib.resolve(args)
-    estimate, deadline_s = _estimate(plan, console)
+    estimate, deadline_s = _estimate(plan, console, dryrun=args.dryrun)
     if deadline_s:
         plan.options["deadline_s"] = deadline_s
     backend = for_plan(plan.infra, plan.options)
     _weights_choice(plan, backend, console)
     if args.dryrun:
-        return _dryrun(plan, backend, console)
+        return _dryrun(plan, backend, console, priced=plan.infra != "sky" or (estimate or {}).get("price_per_hour") is not None)
     if not args.yes:
         _confirm(plan, console)
     # credentials, host key, disk (ssh), enabled clouds (sky): refused (exit 2) before a run exists
@@ -57,11 +57,12 @@ def run(args: argparse.Namespace) -> int:
     return lifecycle.start(run_rec, backend, console, detach=args.detach)
 
 
-def _estimate(plan: planlib.Plan, console) -> tuple[dict | None, float | None]:
-    """Show the cost table (launcher/cost.py); enforce --max-cost/--max-hours before anything starts."""
+def _estimate(plan: planlib.Plan, console, dryrun: bool = False) -> tuple[dict | None, float | None]:
+    """Show the cost table (launcher/cost.py); enforce --max-cost/--max-hours before anything starts.
+    A dry run without a price (no catalog, offline) shows the hours with "price unknown", as `estimate` does."""
     from launcher import cost
 
-    est = planlib.estimate(plan)
+    est = planlib.estimate(plan, allow_unpriced=dryrun)
     cost.render(est, console)
     deadline_s = cost.deadline_for(est, max_cost=plan.options["max_cost"], max_hours=plan.options["max_hours"])
     if deadline_s is None and (deadline_s := cost.safety_deadline(est)) is not None:
@@ -113,8 +114,10 @@ def _confirm(plan: planlib.Plan, console) -> None:
         raise SystemExit(1)
 
 
-def _dryrun(plan: planlib.Plan, backend, console) -> int:
-    """Render the task and show it; the backend adds its part (SkyPilot's optimizer picks the offer)."""
+def _dryrun(plan: planlib.Plan, backend, console, priced: bool = True) -> int:
+    """Render the task and show it; the backend adds its part (SkyPilot's optimizer picks the offer).
+    Without a price catalog (offline, nothing cached) SkyPilot's optimizer has nothing to pick from: the
+    plan and the task are shown, and what a launch still needs is said."""
     from launcher.secrets import collect, redact
 
     preview = registry.Run(id=f"{plan.name}-dryrun", dir=Path("/nonexistent"), infra=plan.infra, name=plan.name,
@@ -122,9 +125,10 @@ def _dryrun(plan: planlib.Plan, backend, console) -> int:
     rendered = tasklib.render(preview, gpu=str(plan.gpu) if plan.gpu else None, cloud=plan.options["cloud"],
                               spot=plan.options["spot"], data_path=tasklib.local_data(preview.config),
                               secret_names=tuple(collect()))
-    console.print(planlib.describe(plan), highlight=False, markup=False)  # as `estimate --explain` shows it
+    console.print(planlib.describe(plan), highlight=False, markup=False, soft_wrap=True)  # as `estimate --explain` does
     console.rule("rendered task (sky/train.yaml)")
-    console.print(redact(tasklib.to_yaml(rendered)), highlight=False, markup=False)
+    # soft_wrap: never folded at the terminal's width, so the YAML can be copied as it is
+    console.print(redact(tasklib.to_yaml(rendered)), highlight=False, markup=False, soft_wrap=True)
     if plan.options.get("image"):
         console.print(f"environment: the job image {plan.options['image']} (image_id docker:...; setup installs nothing)",
                       highlight=False, markup=False)
@@ -132,4 +136,10 @@ def _dryrun(plan: planlib.Plan, backend, console) -> int:
         console.print("environment: a venv from requirements/job.lock, installed by setup on the machine "
                       "(--image REF runs a prebuilt image instead)", highlight=False, markup=False)
     console.print(tasklib.layout_line(rendered, plan.gpu), highlight=False, markup=False)
+    if not priced:
+        console.print("SkyPilot's optimizer was not run: it needs the price catalog, which could not be fetched. "
+                      "To launch: network access (SkyPilot fetches its catalog) and a cloud set up (`sky check`); "
+                      "`socrates-launch estimate` then shows the offers", highlight=False, markup=False, soft_wrap=True)
+        console.print("dry run: nothing was provisioned")
+        return 0
     return backend.dryrun(rendered, plan, console)
