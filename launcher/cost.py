@@ -313,7 +313,8 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                              + (f"${od:.2f}/h" if od is not None else "not in the catalog"))
     else:
         notes.append(f"infra {infra}: your own machine, no cloud price")
-    notes.extend(rate_levers(table, cfg, params_b))
+    if not local:  # the measured rate and its levers are the cloud machine's, not this one's
+        notes.extend(rate_levers(table, cfg, params_b))
 
     if any(p.count > 1 for p in plans):
         eff, how = multi_gpu_efficiency(table, max(p.count for p in plans))

@@ -237,3 +237,33 @@ def test_the_estimate_counts_the_training_rows_the_job_prepares_from_synthetic_d
     cfg = load_config(REPO / "configs" / "smoke.yaml").with_overrides(
         {"data.source": f"synthetic:{n}", "data.split": split, "data.subset": 1.0})
     assert cost.count_tokens(cfg).train_rows == prepared
+
+
+@pytest.mark.parametrize("lines", [False, True])
+def test_job_verbs_by_hand_print_plain_events_and_the_launchers_channel_keeps_its_lines(tmp_path, lines):
+    """`python -m job prepare` run by hand prints its events as plain lines; with SOCRATES_EVENT_LINES=1 (set
+    by sky/train.yaml's run block, which every backend runs) stdout carries the @@socrates-event lines the
+    launcher parses. Either way events.jsonl (the reference) has the same events."""
+    import subprocess
+    import sys
+
+    from contracts.events import LINES_ENV, parse_line, read_all
+
+    env = {k: v for k, v in os.environ.items() if k != LINES_ENV}
+    if lines:
+        env[LINES_ENV] = "1"
+    out = tmp_path / "prepared"
+    r = subprocess.run([sys.executable, "-m", "job", "prepare", "--config", str(REPO / "configs" / "smoke.yaml"),
+                        "--data", "synthetic:60", "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recorded = read_all(out / "events.jsonl")
+    prepare = next(e for e in recorded if e["event"] == "prepare")
+    if lines:
+        echoed = [e for e in map(parse_line, r.stdout.splitlines()) if e is not None]
+        assert echoed == recorded
+    else:
+        assert "@@socrates-event" not in r.stdout and "{" not in r.stdout.split("\n")[0], r.stdout
+        assert f"[job] prepare: train_rows={prepare['train_rows']}, test_rows={prepare['test_rows']}," in r.stdout
+        assert [e for e in map(parse_line, r.stdout.splitlines()) if e is not None] == []
+    assert f"export {LINES_ENV}=1" in (REPO / "sky" / "train.yaml").read_text()

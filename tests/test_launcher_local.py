@@ -138,6 +138,26 @@ def test_launcher_sigkilled_mid_run_then_status_and_down(tmp_path):
     assert cli(["down", rec["id"]], env).returncode == 0  # idempotent
 
 
+def test_ctrl_c_stops_a_local_run_and_removes_its_folder(tmp_path):
+    """On your own machine Ctrl-C stops the job (nothing bills; `up --detach` keeps it running): the
+    process group ends, the folder is removed, the run says so and is recorded torn down."""
+    env = launcher_env(tmp_path / "runs", fake_python(tmp_path), FAKEJOB_STEPS="200", FAKEJOB_STEP_S="0.1")
+    proc = spawn(["up", "--infra", "local", "--yes"], env)
+    rec = wait_for_state(tmp_path / "runs", ("running",))
+    while not rec["backend_state"].get("pgid"):
+        time.sleep(0.05)
+        rec = only_run(tmp_path / "runs")
+    assert pid_alive(rec["backend_state"]["pgid"])
+    os.kill(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    flat = " ".join(out.split())
+    assert f"Ctrl-C: stopping run {rec['id']}" in flat and "up --detach" in flat and "detached" not in flat, out
+    rec = only_run(tmp_path / "runs")
+    assert rec["state"] == "torn_down" and rec["machine"] == "gone", rec
+    _assert_machine_gone(rec)
+
+
 def test_status_reconciles_a_vanished_machine(tmp_path):
     env = launcher_env(tmp_path / "runs", fake_python(tmp_path), FAKEJOB_STEPS="200", FAKEJOB_STEP_S="0.1")
     r = cli(["up", "--infra", "local", "--yes", "--detach"], env)
