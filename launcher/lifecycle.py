@@ -208,7 +208,8 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
     if not teardown(run, backend, recorder, console):
         return 1
     if run.state == "done":
-        console.print(f"[bold green]adapter:[/] {run.adapter} (verified against manifest.json)", highlight=False)
+        console.print(f"[bold green]adapter:[/] {run.adapter} (verified against manifest.json)", highlight=False,
+                      soft_wrap=True)
     if run.weights_left:
         console.print(f"the weights were left in {run.weights_left} (--weights leave; everything "
                       f"else came back and verifies). Pull them: socrates-launch download {run.id}", highlight=False)

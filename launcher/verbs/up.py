@@ -53,8 +53,61 @@ def run(args: argparse.Namespace) -> int:
         options=plan.options, estimate=estimate,
         price_per_hour=(estimate or {}).get("price_per_hour"),
     )
-    console.print(f"run [bold]{run_rec.id}[/] ({run_rec.dir})", highlight=False)
-    return lifecycle.start(run_rec, backend, console, detach=args.detach)
+    console.print(f"run [bold]{run_rec.id}[/] ({run_rec.dir})", highlight=False, soft_wrap=True)
+    status = lifecycle.start(run_rec, backend, console, detach=args.detach)
+    if status == 0 and run_rec.state == "done":
+        _next_steps(plan, run_rec, console)
+    return status
+
+
+def _next_steps(plan: planlib.Plan, run: registry.Run, console) -> None:
+    """What to do with a finished run, as commands that work from here (the venv's, when it is not on PATH)."""
+    import shlex
+    import shutil
+
+    def here(path: str | Path) -> str:  # relative to the current folder when inside it
+        path = Path(path).absolute()
+        try:
+            return shlex.quote(str(path.relative_to(Path.cwd())))
+        except ValueError:
+            return shlex.quote(str(path))
+
+    def bare(name: str, exe: Path) -> str:  # `name` when PATH finds this very file (not resolved: a venv's
+        found = shutil.which(name)          # python is a symlink to the system's)
+        return name if found and Path(found).absolute() == exe.absolute() else here(exe)
+
+    exe = Path(sys.argv[0])
+    launcher = bare("socrates-launch", exe) if exe.name == "socrates-launch" else "socrates-launch"
+    python = bare("python", Path(sys.executable))
+    report = next(iter(sorted(run.dir.glob("eval*/report.html"))), None)
+    lines = []
+    if plan.cfg.model.init == "random" and report is not None:
+        lines.append(f"the scores above are a tiny random model's ({plan.cfg.model.id}, trained for seconds): not "
+                     "meaningful, a uniform guess scores better. The paper's (Table 2, unseen studies, W lower is "
+                     "better): uniform 0.203, Qwen2.5-14B base 0.205, SOCRATES-Qwen-14B 0.151; `report` shows them "
+                     "beside a run's.")
+    lines.append("next:")
+    lines.append(f"  {launcher} report {run.id}    # its metrics, the paper's rows, the report's path")
+    if report is not None:
+        lines.append(f"  report: {here(report)}    # open it in a browser")
+    if run.adapter and (Path(run.adapter) / "adapter_config.json").is_file():
+        d = plan.cfg.data
+        prep = f"  {python} -m job prepare --config {here(plan.config_file)}"
+        if plan.config_file and Path(plan.config_file).is_file():
+            from contracts.config import load_config
+
+            written = load_config(plan.config_file).data
+            for flag, key in (("--data", "source"), ("--subset", "subset"), ("--split", "split"), ("--seed", "seed")):
+                if getattr(written, key) != getattr(d, key):
+                    prep += f" {flag} {shlex.quote(str(getattr(d, key)))}"
+        lines.append(prep + " --out prepared    # its test split, for:")
+        lines.append(f"  {launcher} predict --adapter {here(run.adapter)} --example 3 --data prepared/")
+    lines.append(f"  {launcher} runs")
+    if launcher != "socrates-launch" or python != "python":
+        lines.append(f"  (or `source {here(Path(sys.executable).parent / 'activate')}` first, then plain "
+                     "`socrates-launch` and `python`)")
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _estimate(plan: planlib.Plan, console, dryrun: bool = False) -> tuple[dict | None, float | None]:
