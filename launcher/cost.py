@@ -352,37 +352,44 @@ def card_choices(offers: list[Offer], plans: list[CardPlan], asked: Offer | None
 def too_big(cfg: RunConfig, table: dict, best: Offer, cards: tuple[CardChoice, ...], params_b: float,
             data: str | None, spot: bool) -> str | None:
     """A loud line when the offer the run takes is expected above LONG_HOURS or BIG_DOLLARS, naming the
-    cheapest card that stays under both and the largest subset that does on this card."""
+    cheapest card that stays under both, else the largest subset that does on the fastest card, and the
+    largest subset that does on this card."""
     hours, dollars = best.hours[1], best.dollars[1]
     if hours <= LONG_HOURS and dollars <= BIG_DOLLARS:
         return None
     ways = []
     under = [c for c in cards if c.hours[1] <= LONG_HOURS and c.dollars[1] <= BIG_DOLLARS]
+    fastest = next((c for c in cards if "fastest" in c.marks), None)
     if under:
         c = min(under, key=lambda c: (c.dollars[1], c.hours[1]))
         ways.append(f"--gpu {c.card}:{c.count} ({c.hours[1]:.1f} h, ${c.dollars[1]:,.0f} on {c.offer})")
-    subset = subset_under(cfg, table, best, params_b, data, spot)
-    if subset is not None:
-        s, h = subset
-        ways.append(f"--subset {s:g} on {best.card}:{best.count} ({h:.1f} h, ${h * best.price_per_h:,.0f})")
+    elif fastest is not None and (fastest.card, fastest.count) != (best.card, best.count):
+        found = subset_under(cfg, table, fastest.spec, fastest.count, fastest.price_per_h, params_b, data, spot)
+        if found is not None:
+            ways.append(f"--gpu {fastest.card}:{fastest.count} --subset {found[0]:g} ({found[1]:.1f} h, "
+                        f"${found[1] * fastest.price_per_h:,.0f})")
+    found = subset_under(cfg, table, best.spec or best.card, best.count, best.price_per_h, params_b, data, spot)
+    if found is not None:
+        ways.append(f"--subset {found[0]:g} on {best.card}:{best.count} ({found[1]:.1f} h, "
+                    f"${found[1] * best.price_per_h:,.0f})")
     return (f"LONG RUN: expected {hours:,.1f} h and ${dollars:,.0f} on {best.card}:{best.count} ({best.cloud} "
             f"{best.instance} at ${best.price_per_h:.2f}/h). "
             + (f"Under {LONG_HOURS:g} h and ${BIG_DOLLARS:g}: {', or '.join(ways)}" if ways else
                f"No card or subset here brings it under {LONG_HOURS:g} h and ${BIG_DOLLARS:g}"))
 
 
-def subset_under(cfg: RunConfig, table: dict, best: Offer, params_b: float, data: str | None,
-                 spot: bool) -> tuple[float, float] | None:
+def subset_under(cfg: RunConfig, table: dict, card: str, count: int, price_per_h: float, params_b: float,
+                 data: str | None, spot: bool) -> tuple[float, float] | None:
     """(subset, expected hours): the largest data.subset, two significant digits, below the config's, whose
-    expected hours and dollars on `best` stay within LONG_HOURS and BIG_DOLLARS; None when even 0.001 doesn't."""
+    expected hours and dollars on `count` x `card` at `price_per_h` stay within LONG_HOURS and BIG_DOLLARS;
+    None when even 0.001 doesn't."""
     def expected_h(subset: float) -> float:
         c = cfg.with_overrides({"data.subset": subset})
-        plan = plan_card(c, table, best.spec or best.card, best.count, params_b, count_tokens(c, data), False)
-        return plan.hours(spot)[1]
+        return plan_card(c, table, card, count, params_b, count_tokens(c, data), False).hours(spot)[1]
 
     def fits(subset: float) -> bool:
         h = expected_h(subset)
-        return h <= LONG_HOURS and h * best.price_per_h <= BIG_DOLLARS
+        return h <= LONG_HOURS and h * price_per_h <= BIG_DOLLARS
 
     lo, hi = 0.001, float(cfg.data.subset)
     if hi <= lo or not fits(lo):
@@ -920,9 +927,10 @@ def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
     from launcher import tables
 
     console = console or Console()
+    whole = not console.is_terminal  # in a pipe a line stays one line (grep); a terminal wraps it at words
     tok = est.tokens
     console.print(f"[bold]{est.model}[/] {est.method}, {tok.train_rows:,} training rows -> {tok.steps:,} steps, "
-                  f"{tok.tokens / 1e6:,.1f}M tokens ({'exact' if tok.exact else 'estimated'})", soft_wrap=True)
+                  f"{tok.tokens / 1e6:,.1f}M tokens ({'exact' if tok.exact else 'estimated'})", soft_wrap=whole)
     if est.offers:
         # At 80 columns or in a pipe: numbers and names never break mid-word; the offer wraps at its spaces.
         table = Table(title="What this run will cost" + (" (spot)" if est.spot else ""), title_justify="left",
@@ -954,9 +962,9 @@ def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
         console.print(f"hours on {est.plan.card}:{est.plan.count}: {lo:.2f} / {exp:.2f} / {hi:.2f} (low / expected / high)")
     unpriced = [n for n in est.notes if n.startswith("price unknown")] if est.infra == "sky" and not est.offers else []
     for n in unpriced or est.notes:  # no catalog at all: that one line says what is missing and what to do
-        console.print(n if unpriced else f"  note: {n}", highlight=False, markup=False, soft_wrap=True)
+        console.print(n if unpriced else f"  note: {n}", highlight=False, markup=False, soft_wrap=whole)
     if est.warning:
-        console.print(f"[bold red]{escape(est.warning)}[/]", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]{escape(est.warning)}[/]", highlight=False, soft_wrap=whole)
     if explain and est.plan:
         p = est.plan
         t = Table(title=f"How the hours add up on {p.card}:{p.count}", title_justify="left")

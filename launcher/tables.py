@@ -29,4 +29,4 @@ def fit(console: Any, table: Any, droppable: tuple[str, ...]) -> list[str]:
 def say_dropped(console: Any, dropped: list[str], more: str = "--json") -> None:
     if dropped:
         console.print(f"  ({', '.join(dropped)}: left out at {console.width} columns; {more} has them)",
-                      highlight=False, markup=False, soft_wrap=True)
+                      highlight=False, markup=False, soft_wrap=not console.is_terminal)

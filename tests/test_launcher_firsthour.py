@@ -458,6 +458,11 @@ def test_a_long_run_is_said_loudly_with_a_subset_and_a_card_that_bring_it_under(
         assert (hours <= 24 and dollars <= 100) == under, (s, hours, dollars)
         if under:
             assert float(m[2]) == pytest.approx(hours, abs=0.051) and est["warning"] is None
+    # No card is under both on the full dataset: the fastest card with its own largest subset
+    m = re.search(r"--gpu (\S+) --subset ([\d.]+) \(([\d.]+) h", out)
+    assert m and m[1] == "H100:1", out  # the fastest card in the seeded catalog
+    est = json.loads(cli(["estimate", "--gpu", m[1], "--subset", m[2], "--json"], env, timeout=300).stdout)
+    assert est["hours"][1] <= 24 and est["dollars"][1] <= 100 and float(m[3]) == pytest.approx(est["hours"][1], abs=0.051)
     # Under 24 h and $100 on an A100 at 0.1: no warning (the headline run)
     est = json.loads(cli(["estimate", "--gpu", "A100:1", "--subset", "0.1", "--json"], env, timeout=300).stdout)
     assert est["warning"] is None and est["hours"][1] < 24

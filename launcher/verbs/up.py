@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     backend = for_plan(plan.infra, plan.options)
     _weights_choice(plan, backend, console)
     if args.dryrun:
-        return _dryrun(plan, backend, console, priced=plan.infra != "sky" or (estimate or {}).get("price_per_hour") is not None)
+        priced = plan.infra != "sky" or (estimate or {}).get("price_per_hour") is not None
+        return _dryrun(plan, backend, console, priced=priced)
     if not args.yes:
         _confirm(plan, console)
     # credentials, host key, disk (ssh), enabled clouds (sky): refused (exit 2) before a run exists
@@ -192,7 +193,8 @@ def _dryrun(plan: planlib.Plan, backend, console, priced: bool = True) -> int:
     if not priced:
         console.print("SkyPilot's optimizer was not run: it needs the price catalog, which could not be fetched. "
                       "To launch: network access (SkyPilot fetches its catalog) and a cloud set up (`sky check`); "
-                      "`socrates-launch estimate` then shows the offers", highlight=False, markup=False, soft_wrap=True)
+                      "`socrates-launch estimate` then shows the offers", highlight=False, markup=False,
+                      soft_wrap=not console.is_terminal)
         console.print("dry run: nothing was provisioned")
         return 0
     return backend.dryrun(rendered, plan, console)
