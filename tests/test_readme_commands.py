@@ -61,7 +61,7 @@ def readme_commands() -> list[str]:
 def next_steps(demo_out: str) -> tuple[list[str], list[str]]:
     """(commands, other lines) the demo printed under `next:`, as printed."""
     lines = demo_out.split("\nnext:\n", 1)[1].splitlines()
-    steps = [ln.strip() for ln in lines if ln.startswith("  ") and not ln.strip().startswith(("(", "report:"))]
+    steps = [ln.strip() for ln in lines if ln.startswith("  ") and not ln.strip().startswith("#")]
     return steps, [ln.strip() for ln in lines if ln.strip() and ln.strip() not in steps]
 
 
@@ -71,7 +71,7 @@ def _run_the_next_steps_the_demo_printed(out: str, run_dir: Path, work: Path, en
     relative to the repository, so the folder changes nothing else."""
     assert "not meaningful" in out and "0.151" in out, out[-3000:]  # the tiny model's scores, the paper's
     steps, other = next_steps(out)
-    assert f"report: {run_dir / 'eval' / 'report.html'}    # open it in a browser" in other
+    assert f"# the report, to open in a browser: {run_dir / 'eval' / 'report.html'}" in other
     assert (run_dir / "eval" / "report.html").is_file()
     kinds = [next((k for k in ("report", "prepare", "predict", "runs") if f" {k} " in f" {s} "), s) for s in steps]
     assert kinds == ["report", "prepare", "predict", "runs"], steps

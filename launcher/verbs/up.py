@@ -83,14 +83,14 @@ def _next_steps(plan: planlib.Plan, run: registry.Run, console) -> None:
     report = next(iter(sorted(run.dir.glob("eval*/report.html"))), None)
     lines = []
     if plan.cfg.model.init == "random" and report is not None:
-        lines.append(f"the scores above are a tiny random model's ({plan.cfg.model.id}, trained for seconds): not "
-                     "meaningful, a uniform guess scores better. The paper's (Table 2, unseen studies, W lower is "
-                     "better): uniform 0.203, Qwen2.5-14B base 0.205, SOCRATES-Qwen-14B 0.151; `report` shows them "
-                     "beside a run's.")
+        lines.append(f"note: the scores above are a tiny random model's ({plan.cfg.model.id}): not meaningful (a "
+                     "uniform guess does better). The paper's, Table 2, unseen studies, W (lower is better): uniform "
+                     "0.203, Qwen2.5-14B base 0.205, SOCRATES-Qwen-14B 0.151.")
     lines.append("next:")
-    lines.append(f"  {launcher} report {run.id}    # its metrics, the paper's rows, the report's path")
+    lines.append("  # its metrics beside the paper's, and the report's path")
+    lines.append(f"  {launcher} report {run.id}")
     if report is not None:
-        lines.append(f"  report: {here(report)}    # open it in a browser")
+        lines.append(f"  # the report, to open in a browser: {here(report)}")
     if run.adapter and (Path(run.adapter) / "adapter_config.json").is_file():
         d = plan.cfg.data
         prep = f"  {python} -m job prepare --config {here(plan.config_file)}"
@@ -101,12 +101,14 @@ def _next_steps(plan: planlib.Plan, run: registry.Run, console) -> None:
             for flag, key in (("--data", "source"), ("--subset", "subset"), ("--split", "split"), ("--seed", "seed")):
                 if getattr(written, key) != getattr(d, key):
                     prep += f" {flag} {shlex.quote(str(getattr(d, key)))}"
-        lines.append(prep + " --out prepared    # its test split, for:")
+        lines.append("  # its test split, then a test row predicted beside the person's answer")
+        lines.append(prep + " --out prepared")
         lines.append(f"  {launcher} predict --adapter {here(run.adapter)} --example 3 --data prepared/")
+    lines.append("  # every run: state, card, time, cost")
     lines.append(f"  {launcher} runs")
     if launcher != "socrates-launch" or python != "python":
-        lines.append(f"  (or `source {here(Path(sys.executable).parent / 'activate')}` first, then plain "
-                     "`socrates-launch` and `python`)")
+        lines.append(f"  # or `source {here(Path(sys.executable).parent / 'activate')}` once, then plain "
+                     "`socrates-launch`, `python`")
     for line in lines:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
