@@ -967,9 +967,11 @@ def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
         console.print(f"[bold red]{escape(est.warning)}[/]", highlight=False, soft_wrap=whole)
     if explain and est.plan:
         p = est.plan
-        t = Table(title=f"How the hours add up on {p.card}:{p.count}", title_justify="left")
-        for col in ("term", "low", "expected", "high", "how"):
-            t.add_column(col, justify="right" if col in ("low", "expected", "high") else "left")
+        t = Table(title=f"How the hours add up on {p.card}:{p.count}", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+        for col in ("term", "low", "expected", "high", "how"):  # numbers whole; a long word of `how` folds
+            t.add_column(col, justify="right" if col in ("low", "expected", "high") else "left",
+                         no_wrap=col != "how", overflow="fold")
         for term in p.terms:
             t.add_row(term.name, _hms(term.low_s), _hms(term.expected_s), _hms(term.high_s), term.how)
         lo, exp, hi = p.hours(est.spot)
