@@ -190,6 +190,11 @@ class Estimate:
     """Said loudly: the run takes over LONG_HOURS or BIG_DOLLARS, and what would bring it under."""
 
     @property
+    def unpriced(self) -> bool:
+        """A cloud run with no priced offer (no catalog, offline): hours only, "price unknown"."""
+        return not self.offers and not self.infra.startswith(LOCAL_INFRA_PREFIXES)
+
+    @property
     def cheapest(self) -> Offer | None:
         return next((o for o in self.offers if o.cheapest), None)
 

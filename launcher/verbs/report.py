@@ -61,9 +61,10 @@ def _random_model(run_id: str) -> bool:
     """The run's model was built with random weights (configs/smoke.yaml): its scores say nothing."""
     if Path(run_id).is_dir():
         return False
-    config = registry.resolve(run_id).config
-    model = config.get("model") if isinstance(config, dict) else None
-    return isinstance(model, dict) and model.get("init") == "random"
+    try:
+        return registry.resolve(run_id).config["model"]["init"] == "random"
+    except (KeyError, TypeError):  # a record without a config (or a hand-edited one): nothing to say
+        return False
 
 
 def _tensorboard_dir(run_id: str) -> Path | None:

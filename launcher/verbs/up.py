@@ -33,13 +33,12 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     plan = planlib.resolve(args)
-    estimate, deadline_s = _estimate(plan, console, dryrun=args.dryrun)
+    estimate, deadline_s, priced = _estimate(plan, console, dryrun=args.dryrun)
     if deadline_s:
         plan.options["deadline_s"] = deadline_s
     backend = for_plan(plan.infra, plan.options)
     _weights_choice(plan, backend, console)
     if args.dryrun:
-        priced = plan.infra != "sky" or (estimate or {}).get("price_per_hour") is not None
         return _dryrun(plan, backend, console, priced=priced)
     if not args.yes:
         _confirm(plan, console)
@@ -113,9 +112,10 @@ def _next_steps(plan: planlib.Plan, run: registry.Run, console) -> None:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
-def _estimate(plan: planlib.Plan, console, dryrun: bool = False) -> tuple[dict | None, float | None]:
+def _estimate(plan: planlib.Plan, console, dryrun: bool = False) -> tuple[dict | None, float | None, bool]:
     """Show the cost table (launcher/cost.py); enforce --max-cost/--max-hours before anything starts.
-    A dry run without a price (no catalog, offline) shows the hours with "price unknown", as `estimate` does."""
+    A dry run without a price (no catalog, offline) shows the hours with "price unknown", as `estimate` does;
+    the third value says whether the run was priced (or needs no price: your own machine)."""
     from launcher import cost
 
     est = planlib.estimate(plan, allow_unpriced=dryrun)
@@ -123,7 +123,7 @@ def _estimate(plan: planlib.Plan, console, dryrun: bool = False) -> tuple[dict |
     deadline_s = cost.deadline_for(est, max_cost=plan.options["max_cost"], max_hours=plan.options["max_hours"])
     if deadline_s is None and (deadline_s := cost.safety_deadline(est)) is not None:
         console.print(cost.safety_line(deadline_s), highlight=False)
-    return _estimate_summary(cost.to_json(est)), deadline_s
+    return _estimate_summary(cost.to_json(est)), deadline_s, not est.unpriced
 
 
 def _estimate_summary(full: dict) -> dict:
