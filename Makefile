@@ -8,14 +8,15 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 .PHONY: demo test test-fast venv sysdeps lock-check clean
 
-# Each step says what it does and how long it usually takes (measured on a 2-core machine, pip's cache warm).
+# Each step says what it does and how long it usually takes. Measured on 2 cores: ~8 min for a fresh clone
+# (issue #30), 20.5 min with the cores shared by other test runs and 115 of ~190 packages downloaded.
 $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	@echo "==> [1/4] creating the virtual environment $(VENV) (seconds)"
 	python3 -m venv $(VENV)
 	@echo "==> [2/4] upgrading pip (seconds)"
 	$(PY) -m pip install -q --upgrade pip
-	@echo "==> [3/4] installing requirements/dev.txt: torch (CPU), transformers, SkyPilot and ~200 more packages,"
-	@echo "          about 3-8 minutes with pip's cache warm, longer on a first download (each package is listed below)"
+	@echo "==> [3/4] installing requirements/dev.txt: torch (CPU), transformers, SkyPilot and ~190 more packages;"
+	@echo "          on 2 cores this takes about 8-20 minutes, less with more cores (each package is listed below)"
 	$(PY) -m pip install --progress-bar on $(FIND_LINKS) -r requirements/dev.txt
 	@echo "==> [4/4] installing socrates-launch itself (editable; seconds)"
 	$(PY) -m pip install -q --no-deps -e .
