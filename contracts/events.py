@@ -21,6 +21,9 @@ SCHEMA_VERSION = 1
 EVENTS_FILE = "events.jsonl"
 # Lines the job prints to stdout carry this prefix so they can be picked out of a mixed log stream.
 LINE_PREFIX = "@@socrates-event "
+# Set by sky/train.yaml's run block (every backend runs it): the job's stdout is then the launcher's event
+# channel. Unset (`python -m job VERB` by hand), the echo is a plain line for a person instead.
+LINES_ENV = "SOCRATES_EVENT_LINES"
 
 REQUIRED: dict[str, tuple[str, ...]] = {
     "start": ("verb",),
@@ -117,8 +120,19 @@ class EventWriter:
             f.flush()
             os.fsync(f.fileno())
         if self.echo:
-            print(LINE_PREFIX + line, flush=True)
+            print(LINE_PREFIX + line if os.environ.get(LINES_ENV) == "1" else plain_line(obj), flush=True)
         return obj
+
+
+def plain_line(obj: dict) -> str:
+    """An event as a person reads it: `[job] kind: key=value, ...` (nested values as compact JSON, cut short)."""
+    fields = []
+    for key, value in obj.items():
+        if key in ("v", "ts", "event"):
+            continue
+        text = value if isinstance(value, str) else json.dumps(_finite(value), separators=(",", ":"))
+        fields.append(f"{key}={text if len(text) <= 120 else text[:117] + '...'}")
+    return f"[job] {obj.get('event')}: " + ", ".join(fields)
 
 
 @dataclass

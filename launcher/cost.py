@@ -56,6 +56,9 @@ MIN_DEADLINE_S = 60.0       # a cap that leaves the job less than this is no run
 SAFETY_FACTOR = 2.0
 SAFETY_MIN_EXTRA_S = 3600.0
 SHOWN_OFFERS = 12
+# Above either, on the offer the run would take, the estimate warns and names a card or subset that stays under.
+LONG_HOURS = 24.0
+BIG_DOLLARS = 100.0
 # train.method full writes the whole model (job/full.py: out/model/, safetensors in the training precision):
 # ~2 bytes a parameter in bf16, pulled back to your machine by default like an adapter.
 FULL_OUTPUT_BYTES_PER_PARAM = 2
@@ -154,6 +157,25 @@ class Offer:
 
 
 @dataclass(frozen=True)
+class CardChoice:
+    """One card's cheapest offer for this run: a row of the card table (`estimate`, `up` before asking)."""
+
+    card: str
+    """SkyPilot's name, what --gpu takes."""
+    count: int
+    spec: str
+    """The throughput-table card behind the hours (H100-PCIE for a PCIe H100 instance)."""
+    memory_mode: str | None
+    hours: tuple[float, float, float]
+    price_per_h: float
+    dollars: tuple[float, float, float]
+    offer: str
+    """cloud region instance of that cheapest offer."""
+    marks: tuple[str, ...] = ()
+    """asked | cheapest | fastest."""
+
+
+@dataclass(frozen=True)
 class Estimate:
     infra: str
     method: str
@@ -164,6 +186,15 @@ class Estimate:
     offers: tuple[Offer, ...]
     spot: bool
     notes: tuple[str, ...] = ()
+    cards: tuple[CardChoice, ...] = ()
+    """The same run on each card the catalog offers that fits (its cheapest offer), cheapest first."""
+    warning: str | None = None
+    """Said loudly: the run takes over LONG_HOURS or BIG_DOLLARS, and what would bring it under."""
+
+    @property
+    def unpriced(self) -> bool:
+        """A cloud run with no priced offer (no catalog, offline): hours only, "price unknown"."""
+        return not self.offers and not self.infra.startswith(LOCAL_INFRA_PREFIXES)
 
     @property
     def cheapest(self) -> Offer | None:
@@ -232,14 +263,13 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
             notes.append(f"train.fp8: {p.card} has no fp8 tensor cores; the job trains in bf16 there (the bf16 rate)")
 
     offers: list[Offer] = []
+    cards: tuple[CardChoice, ...] = ()
+    warning = None
     if not local:
         from launcher import sky_adapter
 
         for p in list(plans):
-            per_node = p.count // nodes
-            rows = sky_adapter.list_offers(p.card, per_node, cloud, spot)
-            on_demand = {(r["cloud"], r["region"], r["instance"]): float(r["price_per_h"]) * nodes
-                         for r in (sky_adapter.list_offers(p.card, per_node, cloud, False) if spot else ())}
+            rows = _offers_of(cfg, table, p, plans, params_b, tokens, cloud, spot, nodes, offers)
             unfetched = getattr(sky_adapter, "CATALOG_UNFETCHED", {})
             if not rows and unfetched and not allow_unpriced:
                 raise ContractError(_unfetched(unfetched))
@@ -250,21 +280,6 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                 why = f"; catalog unreadable for {', '.join(sorted(failed))}" if failed else ""
                 raise ContractError(f"--gpu {p.card}:{p.count}: SkyPilot's catalog has no {kind}price for it{where} "
                                     f"(try another card or cloud; `sky show-gpus` lists them){why}")
-            for r in rows:
-                # SkyPilot names PCIe and SXM H100s alike; the instance says which, and PCIe is slower.
-                plan = p
-                variant = f"{p.card}-PCIE"
-                if "pcie" in str(r["instance"]).lower() and variant in table["cards"]:
-                    plan = next((q for q in plans if q.card == variant and q.count == p.count), None) or \
-                        plan_card(cfg, table, variant, p.count, params_b, tokens, local)
-                    if plan not in plans:
-                        plans.append(plan)
-                hours = plan.hours(spot)
-                price = float(r["price_per_h"]) * nodes  # every node bills
-                offers.append(Offer(cloud=str(r["cloud"]), region=str(r["region"]), instance=str(r["instance"]),
-                                    card=p.card, count=p.count, spot=spot, price_per_h=price, hours=hours,
-                                    dollars=tuple(round(h * price, 2) for h in hours), spec=plan.card,
-                                    on_demand_per_h=on_demand.get((str(r["cloud"]), r["region"], r["instance"]))))
         for name, date in sorted(getattr(sky_adapter, "CATALOG_STALE", {}).items()):
             notes.append(f"SkyPilot's {name} catalog could not be fetched (offline?): prices from the copy it "
                          f"cached{' on ' + date if date else ''}")
@@ -280,6 +295,17 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                                 f"{' on ' + cloud if cloud else ''} (pass --gpu NAME:COUNT, or another --cloud){why}")
         offers.sort(key=lambda o: (o.dollars[1], o.price_per_h, o.cloud, o.region))
         offers[0] = replace(offers[0], cheapest=True)
+        if nodes == 1:
+            count = offers[0].count if gpu is not None else 1
+            others = [c for c in fitting_cards(table, cfg.train.method, params_b, cfg.train.memory_mode)
+                      if not any(p.card == c and p.count == count for p in plans)]
+            alt_plans = [plan_card(cfg, table, c, count, params_b, tokens, local) for c in others]
+            alt_offers: list[Offer] = []
+            for p in list(alt_plans):
+                _offers_of(cfg, table, p, alt_plans, params_b, tokens, cloud, spot, nodes, alt_offers)
+            cards = card_choices(offers + sorted(alt_offers, key=lambda o: o.dollars[1]), plans + alt_plans,
+                                 asked=offers[0] if gpu is not None else None)
+        warning = too_big(cfg, table, offers[0], cards, params_b, data, spot)
         if spot:
             best = next((q for q in plans if q.card == offers[0].spec), plans[0] if plans else None)
             a = best.preemption_allowance() if best else None
@@ -294,7 +320,8 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
                              + (f"${od:.2f}/h" if od is not None else "not in the catalog"))
     else:
         notes.append(f"infra {infra}: your own machine, no cloud price")
-    notes.extend(rate_levers(table, cfg, params_b))
+    if not local:  # the measured rate and its levers are the cloud machine's, not this one's
+        notes.extend(rate_levers(table, cfg, params_b))
 
     if any(p.count > 1 for p in plans):
         eff, how = multi_gpu_efficiency(table, max(p.count for p in plans))
@@ -305,7 +332,109 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
         notes.append(f"{nodes} nodes: the price is {nodes} machines' and the rate that of all {nodes} x "
                      f"{(plans[0].count // nodes) if plans else '?'} GPUs")
     return Estimate(infra=infra, method=cfg.train.method, model=cfg.model.id, params_b=params_b, tokens=tokens,
-                    plans=tuple(plans), offers=tuple(offers), spot=spot, notes=tuple(notes))
+                    plans=tuple(plans), offers=tuple(offers), spot=spot, notes=tuple(notes), cards=cards,
+                    warning=warning)
+
+
+
+def card_choices(offers: list[Offer], plans: list[CardPlan], asked: Offer | None) -> tuple[CardChoice, ...]:
+    """Each card's cheapest offer (`offers` sorted by expected dollars), marked: the one asked for (the offer
+    the run takes), the cheapest, the fastest. Nothing to choose from with fewer than two cards."""
+    best: dict[tuple[str, int], Offer] = {}
+    for o in offers:
+        best.setdefault((o.spec or o.card, o.count), o)
+    if len(best) < 2:
+        return ()
+    modes = {(p.card, p.count): p.memory_mode for p in plans}
+    fastest = min(best.values(), key=lambda o: (o.hours[1], o.dollars[1]))
+    cheapest = min(best.values(), key=lambda o: (o.dollars[1], o.hours[1]))
+    rows = [CardChoice(card=o.card, count=o.count, spec=spec, memory_mode=modes.get((spec, count)), hours=o.hours,
+                       price_per_h=o.price_per_h, dollars=o.dollars, offer=f"{o.cloud} {o.region} {o.instance}",
+                       marks=tuple(m for m, hit in (("asked", o is asked), ("cheapest", o is cheapest),
+                                                    ("fastest", o is fastest)) if hit))
+            for (spec, count), o in best.items()]
+    return tuple(sorted(rows, key=lambda c: (c.dollars[1], c.hours[1])))
+
+
+def too_big(cfg: RunConfig, table: dict, best: Offer, cards: tuple[CardChoice, ...], params_b: float,
+            data: str | None, spot: bool) -> str | None:
+    """A loud line when the offer the run takes is expected above LONG_HOURS or BIG_DOLLARS, naming the
+    cheapest card that stays under both, else the largest subset that does on the fastest card, and the
+    largest subset that does on this card."""
+    hours, dollars = best.hours[1], best.dollars[1]
+    if hours <= LONG_HOURS and dollars <= BIG_DOLLARS:
+        return None
+    ways = []
+    under = [c for c in cards if c.hours[1] <= LONG_HOURS and c.dollars[1] <= BIG_DOLLARS]
+    fastest = next((c for c in cards if "fastest" in c.marks), None)
+    if under:
+        c = min(under, key=lambda c: (c.dollars[1], c.hours[1]))
+        ways.append(f"--gpu {c.card}:{c.count} ({c.hours[1]:.1f} h, ${c.dollars[1]:,.0f} on {c.offer})")
+    elif fastest is not None and (fastest.card, fastest.count) != (best.card, best.count):
+        found = subset_under(cfg, table, fastest.spec, fastest.count, fastest.price_per_h, params_b, data, spot)
+        if found is not None:
+            ways.append(f"--gpu {fastest.card}:{fastest.count} --subset {found[0]:g} ({found[1]:.1f} h, "
+                        f"${found[1] * fastest.price_per_h:,.0f})")
+    found = subset_under(cfg, table, best.spec or best.card, best.count, best.price_per_h, params_b, data, spot)
+    if found is not None:
+        ways.append(f"--subset {found[0]:g} on {best.card}:{best.count} ({found[1]:.1f} h, "
+                    f"${found[1] * best.price_per_h:,.0f})")
+    return (f"LONG RUN: expected {hours:,.1f} h and ${dollars:,.0f} on {best.card}:{best.count} ({best.cloud} "
+            f"{best.instance} at ${best.price_per_h:.2f}/h). "
+            + (f"Under {LONG_HOURS:g} h and ${BIG_DOLLARS:g}: {', or '.join(ways)}" if ways else
+               f"No card or subset here brings it under {LONG_HOURS:g} h and ${BIG_DOLLARS:g}"))
+
+
+def subset_under(cfg: RunConfig, table: dict, card: str, count: int, price_per_h: float, params_b: float,
+                 data: str | None, spot: bool) -> tuple[float, float] | None:
+    """(subset, expected hours): the largest data.subset, two significant digits, below the config's, whose
+    expected hours and dollars on `count` x `card` at `price_per_h` stay within LONG_HOURS and BIG_DOLLARS;
+    None when even 0.001 doesn't."""
+    def expected_h(subset: float) -> float:
+        c = cfg.with_overrides({"data.subset": subset})
+        return plan_card(c, table, card, count, params_b, count_tokens(c, data), False).hours(spot)[1]
+
+    def fits(subset: float) -> bool:
+        h = expected_h(subset)
+        return h <= LONG_HOURS and h * price_per_h <= BIG_DOLLARS
+
+    lo, hi = 0.001, float(cfg.data.subset)
+    if hi <= lo or not fits(lo):
+        return None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    digits = 1 - math.floor(math.log10(lo))
+    subset = math.floor(lo * 10 ** digits) / 10 ** digits
+    return subset, expected_h(subset)
+
+
+def _offers_of(cfg: RunConfig, table: dict, p: CardPlan, plans: list[CardPlan], params_b: float, tokens: Tokens,
+               cloud: str | None, spot: bool, nodes: int, offers: list[Offer]) -> list[dict]:
+    """Append the catalog's offers of plan `p`'s card to `offers` (a PCIe variant's plan is added to
+    `plans`); returns the catalog rows found."""
+    from launcher import sky_adapter
+
+    per_node = p.count // nodes
+    rows = sky_adapter.list_offers(p.card, per_node, cloud, spot)
+    on_demand = {(r["cloud"], r["region"], r["instance"]): float(r["price_per_h"]) * nodes
+                 for r in (sky_adapter.list_offers(p.card, per_node, cloud, False) if spot and rows else ())}
+    for r in rows:
+        # SkyPilot names PCIe and SXM H100s alike; the instance says which, and PCIe is slower.
+        plan = p
+        variant = f"{p.card}-PCIE"
+        if "pcie" in str(r["instance"]).lower() and variant in table["cards"]:
+            plan = next((q for q in plans if q.card == variant and q.count == p.count), None) or \
+                plan_card(cfg, table, variant, p.count, params_b, tokens, False)
+            if plan not in plans:
+                plans.append(plan)
+        hours = plan.hours(spot)
+        price = float(r["price_per_h"]) * nodes  # every node bills
+        offers.append(Offer(cloud=str(r["cloud"]), region=str(r["region"]), instance=str(r["instance"]),
+                            card=p.card, count=p.count, spot=spot, price_per_h=price, hours=hours,
+                            dollars=tuple(round(h * price, 2) for h in hours), spec=plan.card,
+                            on_demand_per_h=on_demand.get((str(r["cloud"]), r["region"], r["instance"]))))
+    return rows
 
 
 # --- term 1: tokens --------------------------------------------------------------------------
@@ -806,46 +935,67 @@ def to_json(est: Estimate) -> dict:
         "offers": [asdict(o) for o in est.offers],
         "terms": [asdict(t) for t in plan.terms] if plan else [],
         "notes": list(est.notes),
+        "cards": [asdict(c) for c in est.cards],
+        "warning": est.warning,
     }
 
 
 def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
     """The offers table (cheapest marked), a summary line, and with `explain` every term."""
+    from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    from launcher import tables
+
     console = console or Console()
+    whole = not console.is_terminal  # in a pipe a line stays one line (grep); a terminal wraps it at words
     tok = est.tokens
     console.print(f"[bold]{est.model}[/] {est.method}, {tok.train_rows:,} training rows (split {tok.split}) -> "
-                  f"{tok.steps:,} steps, "
-                  f"{tok.tokens / 1e6:,.1f}M tokens ({'exact' if tok.exact else 'estimated'})")
+                  f"{tok.steps:,} steps, {tok.tokens / 1e6:,.1f}M tokens ({'exact' if tok.exact else 'estimated'})",
+                  soft_wrap=whole)
     if est.offers:
-        table = Table(title="What this run will cost" + (" (spot)" if est.spot else ""), title_justify="left")
-        for col in ("", "cloud", "region", "instance", "card", "$/h", "hours lo-exp-hi", "$ lo-exp-hi"):
-            numeric = col.startswith(("$", "hours"))
-            table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric,
-                             overflow="fold")
+        # At 80 columns or in a pipe: numbers and names never break mid-word; the offer wraps at its spaces.
+        table = Table(title="What this run will cost" + (" (spot)" if est.spot else ""), title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("", no_wrap=True)
+        table.add_column("offer", min_width=max(len(o.instance) for o in est.offers[:SHOWN_OFFERS]))
+        table.add_column("card", no_wrap=True)
+        table.add_column("$/h", justify="right", no_wrap=True)
+        if est.spot:
+            table.add_column("on demand", justify="right", no_wrap=True)
+        table.add_column("hours", justify="right", no_wrap=True)
+        table.add_column("$", justify="right", no_wrap=True)
         for o in est.offers[:SHOWN_OFFERS]:
-            table.add_row("*" if o.cheapest else "", o.cloud, o.region, o.instance, f"{o.card}:{o.count}",
-                          f"{o.price_per_h:.2f}" + (" spot" if o.spot else "") +
-                          (f" ({o.on_demand_per_h:.2f} on demand)" if o.on_demand_per_h is not None else ""),
-                          "-".join(f"{h:.1f}" for h in o.hours), "-".join(f"{d:,.0f}" for d in o.dollars),
+            cells = ["*" if o.cheapest else "", f"{o.cloud} {o.region} {o.instance}", _card(o), f"{o.price_per_h:.2f}"]
+            if est.spot:
+                cells.append("-" if o.on_demand_per_h is None else f"{o.on_demand_per_h:.2f}")
+            table.add_row(*cells, "-".join(f"{h:.1f}" for h in o.hours), "-".join(f"{d:,.0f}" for d in o.dollars),
                           style="bold green" if o.cheapest else None)
+        dropped = tables.fit(console, table, ("on demand", "$/h", "card"))
         console.print(table)
-        console.print("  * cheapest expected cost")
+        tables.say_dropped(console, dropped)
+        console.print("  * cheapest expected cost; hours and $: low-expected-high"
+                      + ("; $/h is the spot price" if est.spot else ""))
         if len(est.offers) > SHOWN_OFFERS:
             console.print(f"  (+{len(est.offers) - SHOWN_OFFERS} more offers; --json lists all)")
+        render_cards(est, console)
     elif est.hours:
         lo, exp, hi = est.hours
         console.print(f"hours on {est.plan.card}:{est.plan.count}: {lo:.2f} / {exp:.2f} / {hi:.2f} (low / expected / high)")
     unpriced = [n for n in est.notes if n.startswith("price unknown")] if est.infra == "sky" and not est.offers else []
     for n in unpriced or est.notes:  # no catalog at all: that one line says what is missing and what to do
-        console.print(n if unpriced else f"  note: {n}", highlight=False)
+        console.print(n if unpriced else f"  note: {n}", highlight=False, markup=False, soft_wrap=whole)
+    if est.warning:
+        console.print(f"[bold red]{escape(est.warning)}[/]", highlight=False, soft_wrap=whole)
     if explain and est.plan:
         p = est.plan
-        t = Table(title=f"How the hours add up on {p.card}:{p.count}", title_justify="left")
-        for col in ("term", "low", "expected", "high", "how"):
-            t.add_column(col, justify="right" if col in ("low", "expected", "high") else "left")
+        t = Table(title=f"How the hours add up on {p.card}:{p.count}", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+        for col in ("term", "low", "expected", "high", "how"):  # numbers whole; a long word of `how` folds
+            t.add_column(col, justify="right" if col in ("low", "expected", "high") else "left",
+                         no_wrap=col != "how", overflow="fold")
         for term in p.terms:
             t.add_row(term.name, _hms(term.low_s), _hms(term.expected_s), _hms(term.high_s), term.how)
         lo, exp, hi = p.hours(est.spot)
@@ -855,6 +1005,30 @@ def render(est: Estimate, console: Any = None, explain: bool = False) -> None:
         console.print(f"  tokens: {tok.source}")
         console.print("  bands: low/high = token band x throughput band (measured +-10%, derived +-30%) "
                       "+ each fixed term's own range")
+
+
+def render_cards(est: Estimate, console: Any) -> None:
+    """The same run on every card the catalog offers that fits, at its cheapest offer, marked."""
+    if not est.cards:
+        return
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title="The same run on each card that fits (its cheapest offer)", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, right in (("card", False), ("memory", False), ("hours", True), ("$/h", True), ("$", True), ("", False)):
+        t.add_column(name, justify="right" if right else "left", no_wrap=True)
+    for c in est.cards:
+        t.add_row(f"{c.card}:{c.count}" + (" PCIe" if c.spec.endswith("-PCIE") else ""), c.memory_mode or "-",
+                  f"{c.hours[1]:,.1f}", f"{c.price_per_h:.2f}", f"{c.dollars[1]:,.0f}",
+                  ", ".join(("<- " if m == "asked" else "") + m for m in c.marks),
+                  style="bold" if "asked" in c.marks else None)
+    console.print(t)
+    console.print("  expected hours and dollars; `--gpu CARD:N` picks one", highlight=False)
+
+
+def _card(o: Offer) -> str:
+    return f"{o.card}:{o.count}" + (" PCIe" if (o.spec or "").endswith("-PCIE") else "")
 
 
 def _hms(s: float) -> str:

@@ -9,7 +9,8 @@ bucket, not the machine; nothing here assumes one machine for the whole run.
 
 Signals: SIGTERM/SIGHUP raise `_HungUp` where the launcher is. While provisioning (SkyPilot arms
 autodown only when it submits the job) an interrupt tears down; once the job runs the first
-Ctrl-C (or SIGTERM/SIGHUP) detaches, a second Ctrl-C within SECOND_CTRL_C_S tears down now.
+Ctrl-C (or SIGTERM/SIGHUP) detaches, a second Ctrl-C within SECOND_CTRL_C_S tears down now;
+on a backend whose CTRL_C_STOPS (local: the user's own machine) Ctrl-C during `up` stops the job.
 Salvage: a job that failed after training still has its verified adapter pulled back before
 teardown; a job that succeeded whose results can't be pulled back leaves the machine up when the
 backend says what ends it (`left_up_ends_by`), else it is torn down (money first).
@@ -178,6 +179,8 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
             run.update(note=f"launcher stopped by {e.name}; the job runs on")
             say_detached(run, backend, console)
             return 128 + e.signum
+        if launch and backend.CTRL_C_STOPS:
+            return _stopped(run, backend, console, recorder)
         return _interrupted(run, backend, console, recorder)
     except StreamLost as e:  # the job is not known to have failed: detach, never tear down over a lost stream
         progress.close()
@@ -205,7 +208,8 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
     if not teardown(run, backend, recorder, console):
         return 1
     if run.state == "done":
-        console.print(f"[bold green]adapter:[/] {run.adapter} (verified against manifest.json)", highlight=False)
+        console.print(f"[bold green]adapter:[/] {run.adapter} (verified against manifest.json)", highlight=False,
+                      soft_wrap=True)
     if run.weights_left:
         console.print(f"the weights were left in {run.weights_left} (--weights leave; everything "
                       f"else came back and verifies). Pull them: socrates-launch download {run.id}", highlight=False)
@@ -403,6 +407,16 @@ def _abort_provisioning(run: registry.Run, backend: Backend, console, recorder: 
     with _uninterrupted(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         teardown(run, backend, recorder, console)
     return 128 + (why.signum if isinstance(why, _HungUp) else signal.SIGINT)
+
+
+def _stopped(run: registry.Run, backend: Backend, console, recorder: Recorder) -> int:
+    """Ctrl-C where it stops the job (backend.CTRL_C_STOPS: your own machine): stop it, tear down, say so."""
+    console.print(f"\n[bold yellow]Ctrl-C: stopping run {run.id}[/]: its job is ended and its folder removed "
+                  "(`up --detach` keeps a local job running)", highlight=False)
+    run.update(note="stopped by Ctrl-C")
+    with _uninterrupted(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        teardown(run, backend, recorder, console)
+    return 130
 
 
 def _interrupted(run: registry.Run, backend: Backend, console, recorder: Recorder) -> int:

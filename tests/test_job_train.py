@@ -61,7 +61,9 @@ def test_smoke_acceptance_adapter_verifies_and_loss_falls(tmp_path):
     r = _job("prepare", "--data", src, "--subset", subset, "--split", "unseen-studies", "--seed", "1", "--out", str(data))
     assert r.returncode == 0, r.stderr
     t0 = time.time()
-    r = _job("train", "--config", "configs/smoke.yaml", "--data", str(data), "--out", str(out))
+    # as the backends run it (sky/train.yaml's run block): stdout is the launcher's event channel
+    r = _job("train", "--config", "configs/smoke.yaml", "--data", str(data), "--out", str(out),
+             env={"SOCRATES_EVENT_LINES": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     print(f"smoke train on {src}: {time.time() - t0:.1f}s wall")
     assert manifest.verify(out) == []

@@ -40,8 +40,10 @@ def sky_home(tmp_path_factory) -> Path:
     return home
 
 
-def cli(sky_home: Path, *args: str, runs: Path | None = None) -> subprocess.CompletedProcess:
+def cli(sky_home: Path, *args: str, runs: Path | None = None, columns: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HOME": str(sky_home), "PYTHONPATH": str(REPO)}
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
     if runs is not None:
         env["SOCRATES_RUNS_DIR"] = str(runs)
     return run_cli(list(args), env)
@@ -111,8 +113,11 @@ def test_spot_uses_spot_price_with_a_preemption_allowance_and_the_on_demand_pric
     assert spot["hours"][2] > on["hours"][2] + allowance_h
     note = next(n for n in spot["notes"] if "preemption allowance" in n)
     assert "$1.53/h" in note and f"{allowance_h:.2f} h" in note
-    table = cli(sky_home, "estimate", "--gpu", "A100-80GB:1", "--subset", "0.01", "--spot").stdout
-    assert "0.93 spot (1.53 on demand)" in " ".join(table.split())
+    table = cli(sky_home, "estimate", "--gpu", "A100-80GB:1", "--subset", "0.01", "--spot", columns=160).stdout
+    header = next(line for line in table.splitlines() if " offer " in line)
+    assert header.split()[-4:-2] == ["on", "demand"] and "$/h is the spot price" in table
+    row = next(line.split() for line in table.splitlines() if line.lstrip().startswith("*"))
+    assert row[row.index("A100-80GB:1") + 1:][:2] == ["0.93", "1.53"], table  # spot $/h, then on demand
 
 
 def test_without_gpu_every_fitting_card_competes_and_the_cheapest_wins(sky_home):

@@ -117,13 +117,19 @@ def test_detach_then_logs_reattaches_and_finishes(tmp_path):
     _assert_machine_gone(rec)
 
 
-def test_launcher_sigkilled_mid_run_then_status_and_down(tmp_path):
+def _up_until_the_job_runs(tmp_path):
+    """(env, the launcher's process, its run record once the job's process group is recorded): a long fake job."""
     env = launcher_env(tmp_path / "runs", fake_python(tmp_path), FAKEJOB_STEPS="200", FAKEJOB_STEP_S="0.1")
     proc = spawn(["up", "--infra", "local", "--yes"], env)
     rec = wait_for_state(tmp_path / "runs", ("running",))
     while not rec["backend_state"].get("pgid"):
         time.sleep(0.05)
         rec = only_run(tmp_path / "runs")
+    return env, proc, rec
+
+
+def test_launcher_sigkilled_mid_run_then_status_and_down(tmp_path):
+    env, proc, rec = _up_until_the_job_runs(tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     pgid = rec["backend_state"]["pgid"]
@@ -136,6 +142,21 @@ def test_launcher_sigkilled_mid_run_then_status_and_down(tmp_path):
     assert rec["state"] == "torn_down" and rec["machine"] == "gone"
     _assert_machine_gone(rec)
     assert cli(["down", rec["id"]], env).returncode == 0  # idempotent
+
+
+def test_ctrl_c_stops_a_local_run_and_removes_its_folder(tmp_path):
+    """On your own machine Ctrl-C stops the job (nothing bills; `up --detach` keeps it running): the
+    process group ends, the folder is removed, the run says so and is recorded torn down."""
+    env, proc, rec = _up_until_the_job_runs(tmp_path)
+    assert pid_alive(rec["backend_state"]["pgid"])
+    os.kill(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    flat = " ".join(out.split())
+    assert f"Ctrl-C: stopping run {rec['id']}" in flat and "up --detach" in flat and "detached" not in flat, out
+    rec = only_run(tmp_path / "runs")
+    assert rec["state"] == "torn_down" and rec["machine"] == "gone", rec
+    _assert_machine_gone(rec)
 
 
 def test_status_reconciles_a_vanished_machine(tmp_path):

@@ -63,7 +63,7 @@ def test_runs_lists_damaged_records_and_goes_on(tmp_path, monkeypatch):
     (broken / "run.json").write_text('{"id": "broken-2020')  # cut short
     r = cli(["runs"], launcher_env(runs))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    rows = {ln.split()[1]: ln for ln in r.stdout.splitlines() if ln.startswith("│")}
+    rows = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.split()[:1] and ln.split()[0] in (good, odd, broken.name)}
     assert "created" in rows[good] and "damaged" in rows[odd] and "damaged" in rows[broken.name]
     assert "started_at 'yesterday'" in r.stdout and "not readable JSON" in r.stdout
     listed = json.loads(cli(["runs", "--json"], launcher_env(runs)).stdout)

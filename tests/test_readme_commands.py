@@ -5,7 +5,8 @@ not handled here fails this test. Each runs as written, with these substitutions
 in HOW below:
 - the demo (`make demo` = `up --infra local --config configs/smoke.yaml --yes`) runs the smoke
   config shortened to 2 optimizer steps on 60 synthetic rows (as tests/test_launcher_local.py does);
-  every later `configs/smoke.yaml` is that shortened copy, so the split and the adapter match;
+  every later `configs/smoke.yaml` is that shortened copy, so the split and the adapter match; the
+  commands the demo prints under `next:` run right after it, as printed, each in a fresh shell;
 - `RUN`, `runs/<id>` become the demo's run id and folder (SOCRATES_RUNS_DIR is a temp folder);
 - commands that need a cloud run in their dry/offline form: `up` on SkyPilot with `--dryrun`,
   `estimate` against a seeded offline catalog (tests/skyfix.py), both with a HOME that has no cloud
@@ -55,6 +56,33 @@ def readme_commands() -> list[str]:
         cmds.append(re.sub(r"\s+#.*$", "", cur).strip())
         cur = None
     return cmds
+
+
+def next_steps(demo_out: str) -> tuple[list[str], list[str]]:
+    """(commands, other lines) the demo printed under `next:`, as printed."""
+    lines = demo_out.split("\nnext:\n", 1)[1].splitlines()
+    steps = [ln.strip() for ln in lines if ln.startswith("  ") and not ln.strip().startswith("#")]
+    return steps, [ln.strip() for ln in lines if ln.strip() and ln.strip() not in steps]
+
+
+def _run_the_next_steps_the_demo_printed(out: str, run_dir: Path, work: Path, env: dict) -> None:
+    """Each command the demo's `next:` block printed, as printed, in a fresh shell. From a scratch folder
+    (the prepare step writes prepared/ where it runs): with the venv on PATH the demo prints no path
+    relative to the repository, so the folder changes nothing else."""
+    assert "not meaningful" in out and "0.151" in out, out[-3000:]  # the tiny model's scores, the paper's
+    steps, other = next_steps(out)
+    assert f"# the report, to open in a browser: {run_dir / 'eval' / 'report.html'}" in other
+    assert (run_dir / "eval" / "report.html").is_file()
+    kinds = [next((k for k in ("report", "prepare", "predict", "runs") if f" {k} " in f" {s} "), s) for s in steps]
+    assert kinds == ["report", "prepare", "predict", "runs"], steps
+    for step in steps:
+        r = subprocess.run(["bash", "-c", step], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        got = r.stdout + r.stderr
+        assert r.returncode == 0 and "Traceback" not in got, f"the demo printed {step!r}; it failed:\n{got[-3000:]}"
+        if " predict " in step:
+            assert "human answer (test row 3)" in got, got[-2000:]
+        if " report " in step:
+            assert f"run {run_dir.name}" in got and str(run_dir / "eval" / "report.html") in got, got
 
 
 @pytest.mark.slow
@@ -133,6 +161,7 @@ def test_the_readme_commands_run_in_order_after_the_demo(tmp_path):
             run_dir, run_id = Path(rec["dir"]), rec["id"]
             latest_id = run_id
             assert rec["state"] == "done" and rec["verified"]
+            _run_the_next_steps_the_demo_printed(r.stdout, run_dir, work, env)
         if cmd.startswith("socrates-launch up --infra local") and cmd != demo:  # another local run (--ranks 2)
             recs = [json.loads(p.read_text()) for p in runs.glob("*/run.json")]
             newest = max(recs, key=lambda rec: rec["created_at"])

@@ -68,6 +68,9 @@ class Backend(ABC):
     name: str = "base"
     HANDLES: tuple[str, ...] = ()
     """The backend_state keys that find the machine again (`handles`)."""
+    CTRL_C_STOPS = False
+    """Ctrl-C during `up` stops the job and tears down (the job runs on the user's own machine: nothing
+    bills, and a newcomer expects Ctrl-C to stop it); else the first Ctrl-C detaches."""
 
     def on_phase(self, name: str, detail: str | None = None) -> None:
         """Called by the backend when a lifecycle phase begins (syncing, installing, reconnecting, ...).

@@ -29,6 +29,7 @@ LOG_FILE = "job.log"
 class LocalBackend(Backend):
     name = "local"
     HANDLES = ("workdir", "pgid")
+    CTRL_C_STOPS = True
 
     def __init__(self, poll_s: float = 0.2, python: str | None = None):
         self.poll_s = poll_s

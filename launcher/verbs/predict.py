@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             raise ContractError(f"--data {args.data}: no test.jsonl (a folder `python -m job prepare` wrote)")
         cmd += ["--data", str(Path(args.data).resolve())]
     if args.interactive:
+        _say_loading(args, adapter)
         return _interactive(cmd + ["--stdin"], args.python)
     if args.example is not None:
         if not args.data:
@@ -80,14 +81,26 @@ def run(args: argparse.Namespace) -> int:
         check_scenario(args.scenario)
         cmd += ["--profile", json.dumps(profile), "--scenario", args.scenario]
     try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except OSError as e:
         raise ContractError(f"--python {args.python}: cannot be run ({e.strerror or e})") from None
-    found = [r for r in map(parse_predict_line, proc.stdout.splitlines()) if r is not None]
+    _say_loading(args, adapter)
+    stdout, stderr = proc.communicate()
+    found = [r for r in map(parse_predict_line, stdout.splitlines()) if r is not None]
     if proc.returncode != 0 or not found:
-        return _job_failed(proc.returncode, proc.stderr)
+        return _job_failed(proc.returncode, stderr)
     print(render(found[0]))
     return 0
+
+
+def _say_loading(args: argparse.Namespace, adapter: Path) -> None:
+    """The model loads in the job process before any answer (seconds for the demo's, minutes for a 14B): say so
+    to a person waiting at a terminal (in a pipe, bad input stays one line with nothing before it)."""
+    if not sys.stderr.isatty():
+        return
+    base = f"the base model {args.base_model}" if args.base_model else "its base model (named in its config)"
+    print(f"predict: loading the adapter {adapter} and {base} with {args.python} -m job predict "
+          "(a 14B model takes minutes)...", file=sys.stderr, flush=True)
 
 
 def parse_demographics(text: str) -> dict:

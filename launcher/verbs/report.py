@@ -49,8 +49,22 @@ def run(args: argparse.Namespace) -> int:
                           "tensorboard": str(tb) if tb else None,
                           "results": {k: summary(v) for k, v in results.items()}}, indent=2))
         return 0
+    print("read: " + ", ".join(str(f / METRICS_FILE) for f in folders), flush=True)
     print(render(label, results, report))
+    if _random_model(run_id):
+        print("note: this run's model is a tiny random one (model.init: random, the demo's): its scores are not "
+              "meaningful; the paper's rows above are what a real run is compared with")
     return 0
+
+
+def _random_model(run_id: str) -> bool:
+    """The run's model was built with random weights (configs/smoke.yaml): its scores say nothing."""
+    if Path(run_id).is_dir():
+        return False
+    try:
+        return registry.resolve(run_id).config["model"]["init"] == "random"
+    except (KeyError, TypeError):  # a record without a config (or a hand-edited one): nothing to say
+        return False
 
 
 def _tensorboard_dir(run_id: str) -> Path | None:

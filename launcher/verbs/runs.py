@@ -14,7 +14,10 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from rich.console import Console
-    from rich.table import Column, Table
+    from rich import box
+    from rich.table import Table
+
+    from launcher import tables
 
     runs = registry.scan()  # a damaged record is a row that says so, not the end of the listing
     if args.json:
@@ -26,9 +29,11 @@ def run(args: argparse.Namespace) -> int:
     if not runs:
         console.print(f"no runs under {registry.runs_root()}/")
         return 0
-    table = Table("state", "infra", "card", "time", "$ spent", "$ est.")
-    # Run ids are what the other verbs take: never cut them short.
-    table.columns.insert(0, Column("run", no_wrap=True, min_width=max(len(r.id) for r in runs)))
+    # Run ids and states are what the other verbs take and what matters: never cut short; at 80 columns or
+    # in a pipe the columns that don't fit are left out (and said), instead of cells cut to "runni...".
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("run", "state", "infra", "card", "time", "$ spent", "$ est."):
+        table.add_column(name, no_wrap=True, justify="right" if name.startswith(("$", "time")) else "left")
     damaged = [r for r in runs if r.damaged]
     for r in runs:
         if r.damaged:
@@ -36,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         table.add_row(r.id, r.state, r.infra, r.gpu or "-", _short(r.duration_s()), _money(r.actual_cost()),
                       _money(r.expected_cost()))
+    dropped = tables.fit(console, table, ("infra", "$ est.", "$ spent", "time", "card"))
     console.print(table)
+    tables.say_dropped(console, dropped)
     for r in damaged:
         console.print(f"damaged: {r.error}", highlight=False, markup=False, soft_wrap=True)
     return 0

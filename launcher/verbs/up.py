@@ -39,13 +39,13 @@ def run(args: argparse.Namespace) -> int:
     if args.save_task and not args.dryrun:
         raise ContractError("--save-task FILE: only with --dryrun (a launch records its task in runs/<id>/task.yaml)")
     plan = planlib.resolve(args)
-    estimate, deadline_s = _estimate(plan, console)
+    estimate, deadline_s, priced = _estimate(plan, console, dryrun=args.dryrun)
     if deadline_s:
         plan.options["deadline_s"] = deadline_s
     backend = for_plan(plan.infra, plan.options)
     _weights_choice(plan, backend, console)
     if args.dryrun:
-        return _dryrun(plan, backend, console, save_to=args.save_task)
+        return _dryrun(plan, backend, console, priced=priced, save_to=args.save_task)
     if not args.yes:
         _confirm(plan, console)
     # credentials, host key, disk (ssh), enabled clouds (sky): refused (exit 2) before a run exists
@@ -59,20 +59,77 @@ def run(args: argparse.Namespace) -> int:
         options=plan.options, estimate=estimate,
         price_per_hour=(estimate or {}).get("price_per_hour"),
     )
-    console.print(f"run [bold]{run_rec.id}[/] ({run_rec.dir})", highlight=False)
-    return lifecycle.start(run_rec, backend, console, detach=args.detach)
+    console.print(f"run [bold]{run_rec.id}[/] ({run_rec.dir})", highlight=False, soft_wrap=True)
+    status = lifecycle.start(run_rec, backend, console, detach=args.detach)
+    if status == 0 and run_rec.state == "done":
+        _next_steps(plan, run_rec, console)
+    return status
 
 
-def _estimate(plan: planlib.Plan, console) -> tuple[dict | None, float | None]:
-    """Show the cost table (launcher/cost.py); enforce --max-cost/--max-hours before anything starts."""
+def _next_steps(plan: planlib.Plan, run: registry.Run, console) -> None:
+    """What to do with a finished run, as commands that work from here (the venv's, when it is not on PATH)."""
+    import shlex
+    import shutil
+
+    def here(path: str | Path) -> str:  # relative to the current folder when inside it
+        path = Path(path).absolute()
+        try:
+            return shlex.quote(str(path.relative_to(Path.cwd())))
+        except ValueError:
+            return shlex.quote(str(path))
+
+    def bare(name: str, exe: Path) -> str:  # `name` when PATH finds this very file (not resolved: a venv's
+        found = shutil.which(name)          # python is a symlink to the system's)
+        return name if found and Path(found).absolute() == exe.absolute() else here(exe)
+
+    exe = Path(sys.argv[0])
+    launcher = bare("socrates-launch", exe) if exe.name == "socrates-launch" else "socrates-launch"
+    python = bare("python", Path(sys.executable))
+    report = next(iter(sorted(run.dir.glob("eval*/report.html"))), None)
+    lines = []
+    if plan.cfg.model.init == "random" and report is not None:
+        lines.append(f"note: the scores above are a tiny random model's ({plan.cfg.model.id}): not meaningful (a "
+                     "uniform guess does better). The paper's, Table 2, unseen studies, W (lower is better): uniform "
+                     "0.203, Qwen2.5-14B base 0.205, SOCRATES-Qwen-14B 0.151.")
+    lines.append("next:")
+    lines.append("  # its metrics beside the paper's, and the report's path")
+    lines.append(f"  {launcher} report {run.id}")
+    if report is not None:
+        lines.append(f"  # the report, to open in a browser: {here(report)}")
+    if run.adapter and (Path(run.adapter) / "adapter_config.json").is_file():
+        d = plan.cfg.data
+        prep = f"  {python} -m job prepare --config {here(plan.config_file)}"
+        if plan.config_file and Path(plan.config_file).is_file():
+            from contracts.config import load_config
+
+            written = load_config(plan.config_file).data
+            for flag, key in (("--data", "source"), ("--subset", "subset"), ("--split", "split"), ("--seed", "seed")):
+                if getattr(written, key) != getattr(d, key):
+                    prep += f" {flag} {shlex.quote(str(getattr(d, key)))}"
+        lines.append("  # its test split, then a test row predicted beside the person's answer")
+        lines.append(prep + " --out prepared")
+        lines.append(f"  {launcher} predict --adapter {here(run.adapter)} --example 3 --data prepared/")
+    lines.append("  # every run: state, card, time, cost")
+    lines.append(f"  {launcher} runs")
+    if launcher != "socrates-launch" or python != "python":
+        lines.append(f"  # or `source {here(Path(sys.executable).parent / 'activate')}` once, then plain "
+                     "`socrates-launch`, `python`")
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _estimate(plan: planlib.Plan, console, dryrun: bool = False) -> tuple[dict | None, float | None, bool]:
+    """Show the cost table (launcher/cost.py); enforce --max-cost/--max-hours before anything starts.
+    A dry run without a price (no catalog, offline) shows the hours with "price unknown", as `estimate` does;
+    the third value says whether the run was priced (or needs no price: your own machine)."""
     from launcher import cost
 
-    est = planlib.estimate(plan)
+    est = planlib.estimate(plan, allow_unpriced=dryrun)
     cost.render(est, console)
     deadline_s = cost.deadline_for(est, max_cost=plan.options["max_cost"], max_hours=plan.options["max_hours"])
     if deadline_s is None and (deadline_s := cost.safety_deadline(est)) is not None:
         console.print(cost.safety_line(deadline_s), highlight=False)
-    return _estimate_summary(cost.to_json(est)), deadline_s
+    return _estimate_summary(cost.to_json(est)), deadline_s, not est.unpriced
 
 
 def _estimate_summary(full: dict) -> dict:
@@ -119,8 +176,10 @@ def _confirm(plan: planlib.Plan, console) -> None:
         raise SystemExit(1)
 
 
-def _dryrun(plan: planlib.Plan, backend, console, save_to: str | None = None) -> int:
+def _dryrun(plan: planlib.Plan, backend, console, priced: bool = True, save_to: str | None = None) -> int:
     """Render the task and show it; the backend adds its part (SkyPilot's optimizer picks the offer).
+    Without a price catalog (offline, nothing cached) SkyPilot's optimizer has nothing to pick from: the
+    plan and the task are shown, and what a launch still needs is said.
     The staged folder is built in a temporary folder (a dry run creates no run) and removed after; with
     --save-task FILE it is kept beside FILE (FILE.workdir/), the folder the saved task's workdir names."""
     if save_to:
@@ -128,12 +187,12 @@ def _dryrun(plan: planlib.Plan, backend, console, save_to: str | None = None) ->
         if keep.exists() or keep.is_symlink():
             raise ContractError(f"--save-task {save_to}: {keep} exists (the staged workdir is kept there); "
                                 "remove it or name another FILE")
-        return _dryrun_in(plan, backend, console, stagelib.build(keep), save_to)
+        return _dryrun_in(plan, backend, console, stagelib.build(keep), priced, save_to)
     with tempfile.TemporaryDirectory(prefix="socrates-dryrun-") as tmp:
-        return _dryrun_in(plan, backend, console, stagelib.build(Path(tmp) / stagelib.FOLDER))
+        return _dryrun_in(plan, backend, console, stagelib.build(Path(tmp) / stagelib.FOLDER), priced)
 
 
-def _dryrun_in(plan: planlib.Plan, backend, console, staged, save_to: str | None = None) -> int:
+def _dryrun_in(plan: planlib.Plan, backend, console, staged, priced: bool, save_to: str | None = None) -> int:
     from launcher.secrets import collect, redact
 
     preview = registry.Run(id=f"{plan.name}-dryrun", dir=Path("/nonexistent"), infra=plan.infra, name=plan.name,
@@ -146,7 +205,8 @@ def _dryrun_in(plan: planlib.Plan, backend, console, staged, save_to: str | None
     console.print(f"{staged.line()}; what every backend ships ({where})", highlight=False, markup=False, soft_wrap=True)
     text = redact(tasklib.to_yaml(rendered))
     console.rule("rendered task (sky/train.yaml)")
-    console.print(text, highlight=False, markup=False)
+    # soft_wrap: never folded at the terminal's width, so the YAML can be copied as it is
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
     if save_to:  # the same text, for `make rehearse` (tests/rehearsal.py) or a look with other tools
         try:
             Path(save_to).write_text(text, encoding="utf-8")
@@ -160,4 +220,11 @@ def _dryrun_in(plan: planlib.Plan, backend, console, staged, save_to: str | None
         console.print("environment: a venv from requirements/job.lock, installed by setup on the machine "
                       "(--image REF runs a prebuilt image instead)", highlight=False, markup=False)
     console.print(tasklib.layout_line(rendered, plan.gpu), highlight=False, markup=False)
+    if not priced:
+        console.print("SkyPilot's optimizer was not run: it needs the price catalog, which could not be fetched. "
+                      "To launch: network access (SkyPilot fetches its catalog) and a cloud set up (`sky check`); "
+                      "`socrates-launch estimate` then shows the offers", highlight=False, markup=False,
+                      soft_wrap=not console.is_terminal)
+        console.print("dry run: nothing was provisioned")
+        return 0
     return backend.dryrun(rendered, plan, console)
