@@ -229,16 +229,28 @@ def clean(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def dockerfile_script(dockerfile: Path, opt: Path) -> str:
-    """The Dockerfile's RUN steps that build the Python side, as one bash script: every RUN but the
-    apt-get one (no Ubuntu here), `/opt/` pointed at `opt`. ENV lines are the caller's (PATH, caches)."""
-    text = dockerfile.read_text()
-    logical = re.sub(r"\\\n", " ", text)
-    steps = []
+def build_image_as_script(dockerfile: Path, context: Path, app: Path, opt: Path, env: dict[str, str]) -> None:
+    """No Docker daemon here: the Dockerfile's COPY and RUN steps in order, COPY from the build `context`
+    into `app` (the WORKDIR), every RUN but the apt-get one (no Ubuntu here) with bash in `app`, `/opt/`
+    pointed at `opt`. ENV lines are the caller's `env` (PATH, caches)."""
+    logical = re.sub(r"\\\n", " ", dockerfile.read_text())
+    ran = 0
     for line in logical.splitlines():
-        line = line.strip()
-        if line.startswith("RUN ") and "apt-get" not in line:
-            steps.append(line[4:].replace("/opt/", f"{opt}/"))
-    if not steps:
+        word, _, args = line.strip().partition(" ")
+        if word == "COPY":
+            *sources, dest = args.split()
+            for src in sources:
+                target = app / dest / Path(src).name if dest.endswith("/") else app / dest
+                if (context / src).is_dir():
+                    shutil.copytree(context / src, target, dirs_exist_ok=True)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(context / src, target)
+        elif word == "RUN" and "apt-get" not in args:
+            r = subprocess.run(["bash", "-euo", "pipefail", "-c", args.replace("/opt/", f"{opt}/")], cwd=app,
+                               env=env, capture_output=True, text=True, timeout=1800)
+            if r.returncode != 0:
+                raise RuntimeError(f"RUN {args[:200]} exited {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}")
+            ran += 1
+    if not ran:
         raise RuntimeError(f"{dockerfile}: no RUN step to rehearse")
-    return "\n".join(steps)
