@@ -72,6 +72,13 @@ def main(argv: list[str]) -> int:
         emit("artifact", path="adapter/adapter_model.safetensors", sha256="-", size=4096)
         emit("done", reason="completed")
     elif verb == "evaluate":
+        if "--as-configured" in argv:  # as the real job: the run config says whether (eval.enabled, eval.base)
+            import yaml
+
+            wanted = (yaml.safe_load(Path(arg(argv, "--config")).read_text()) or {}).get("eval") or {}
+            if not wanted.get("enabled", True) or ("--base" in argv and not wanted.get("base", False)):
+                print("evaluate: skipped (as configured)")
+                return 0
         out = Path(arg(argv, "--out"))
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps({"wasserstein": 0.1, "argv": argv}) + "\n")

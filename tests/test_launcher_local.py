@@ -41,8 +41,10 @@ def test_up_local_end_to_end(tmp_path):
     # The rendered run block ran every verb with the flags `up` was given.
     tuned = json.loads((run_dir / "eval" / "metrics.json").read_text())["argv"]
     base = json.loads((run_dir / "eval-base" / "metrics.json").read_text())["argv"]
-    assert "--adapter" in tuned and tuned[tuned.index("--rows") + 1] == "4"
-    assert "--base" in base and "--adapter" not in base
+    assert "--adapter" in tuned and "--as-configured" in tuned and "--rows" not in tuned
+    assert "--base" in base and "--adapter" not in base and "--as-configured" in base
+    # --eval-rows and --eval-base travel one way: in the run config the job reads (eval.rows, eval.base)
+    assert rec["config"]["eval"]["rows"] == 4 and rec["config"]["eval"]["base"] is True
     assert rec["state"] == "done" and rec["verified"] and rec["exit_code"] == 0 and rec["machine"] == "gone"
     assert manifest.verify(run_dir) == []
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
