@@ -146,7 +146,7 @@ class SshBackend(Backend):
                     state.update(exit_code=finished, log_offset=offset)
                     _save(run)
                     return finished
-                if not self._alive(state.get("pgid")) and _read_int(sftp, posixpath.join(work, EXIT_FILE)) is None:
+                if not self._alive(run.id) and _read_int(sftp, posixpath.join(work, EXIT_FILE)) is None:
                     raise BackendError("running", f"the job's process group on {self.target} is gone and left "
                                                   f"no exit code (killed, or the host rebooted); see {log}")
                 time.sleep(self.opts.poll_s)
@@ -202,12 +202,13 @@ class SshBackend(Backend):
                 getattr(run, "exit_code", None) == 0
             try:
                 self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s))
-                self._kill_and_remove(state, work, keep=keep)
+                self._kill_and_remove(state, run.id, work, keep=keep)
                 if keep:
                     state["results_kept"] = f"{self.target}:{work}/out"
             except (SshDropped, *DROPPED) as e:
-                pg = int(state["pgid"]) if state.get("pgid") else f"$(cat {shlex.quote(work + '/' + PID_FILE)})"
-                remote = f"kill -9 -- -{pg}; rm -rf {shlex.quote(work)}"
+                # the host's own job.pid (its runner's pid and group), never run.json's pgid; never group 1
+                pid_file = shlex.quote(f"{work}/{PID_FILE}")
+                remote = f"pg=$(cat {pid_file}) && [ \"$pg\" -gt 1 ] && kill -9 -- -$pg; rm -rf {shlex.quote(work)}"
                 error = (f"could not reach {self.target} to tear down ({e}); the job may still be running there. "
                          f"End it: ssh -p {self.target.port} {shlex.quote(f'{self.target.user}@{self.target.host}')} "
                          f"{shlex.quote(remote)}")
@@ -240,7 +241,7 @@ class SshBackend(Backend):
         try:
             if _read_int(self._sftp_client(), posixpath.join(state["work"], EXIT_FILE)) is not None:
                 return False
-            return self._alive(state.get("pgid"))
+            return self._alive(run.id)
         except (SshDropped, *DROPPED):
             return None
         finally:
@@ -265,7 +266,7 @@ class SshBackend(Backend):
             return "gone"
         try:
             res = ssh_run(self._connect(), f"test -d {shlex.quote(state['work'])} && echo yes || echo no")
-            alive = self._alive(state.get("pgid"))
+            alive = self._alive(run.id)
         except (SshDropped, *DROPPED):
             return "unknown"
         return "up" if (res.out.strip() == "yes" or alive) else "gone"
@@ -437,12 +438,10 @@ class SshBackend(Backend):
 
     # --- teardown, liveness ----------------------------------------------------------------
 
-    def _kill_and_remove(self, state: dict, work: str, keep: bool = False) -> None:
+    def _kill_and_remove(self, state: dict, run_id: str, work: str, keep: bool = False) -> None:
         q = shlex.quote(work)
-        # the pid file on the host covers a launcher killed between starting the job and saving its pid
-        pg = f"{int(state['pgid'])}" if state.get("pgid") else f"$(cat {q}/{PID_FILE} 2>/dev/null || echo 0)"
-        kill = (f"pg={pg}; if [ \"$pg\" != 0 ]; then kill -TERM -- -$pg 2>/dev/null; for i in $(seq 50); do "
-                f"kill -0 -- -$pg 2>/dev/null || break; sleep 0.2; done; kill -KILL -- -$pg 2>/dev/null; fi; ")
+        # the groups are found on the host by the run id (run.json's pgid is not the authority: `pgid: 1`)
+        kill = _kill_script(run_id)
         docker = f"docker rm -f socrates-{shlex.quote(posixpath.basename(work))} >/dev/null 2>&1; " \
             if state.get("mode") == "docker" else ""
         if keep:  # the job is ended; its folder (the results) stays for the stopped host's disk
@@ -454,10 +453,9 @@ class SshBackend(Backend):
         if res.rc != 0:
             raise SshDropped(f"rm -rf {work} failed: {_last_line(res)}")
 
-    def _alive(self, pgid: int | None) -> bool:
-        if not pgid:
-            return False
-        res = ssh_run(self._client_or_wait(), f"kill -0 -- -{int(pgid)} 2>/dev/null && echo yes || echo no")
+    def _alive(self, run_id: str) -> bool:
+        """Whether a live process on the host carries this run's SOCRATES_RUN_ID."""
+        res = ssh_run(self._client_or_wait(), f"{_groups_script(run_id)}[ -n \"$groups\" ] && echo yes || echo no")
         return res.out.strip() == "yes"
 
     # --- connection ------------------------------------------------------------------------
@@ -518,6 +516,24 @@ echo $$ > job.pid.tmp && mv job.pid.tmp job.pid
 rc=$?
 echo $rc > exit_code.tmp && mv exit_code.tmp exit_code
 """
+
+
+def _groups_script(run_id: str) -> str:
+    """Shell that sets $groups to the process groups (> 1, not its own) of the live processes on the host
+    whose environment holds SOCRATES_RUN_ID=<run id> (the runner exports it; the job inherits it)."""
+    want = shlex.quote(f"SOCRATES_RUN_ID={run_id}")
+    return (f"me=$(sed 's/.*) //' /proc/$$/stat | cut -d' ' -f3); groups=$(for e in $(grep -lzxF {want} "
+            f"/proc/[0-9]*/environ 2>/dev/null); do s=$(sed 's/.*) //' ${{e%/environ}}/stat 2>/dev/null) || continue; "
+            f"case \"$s\" in Z*) continue;; esac; g=$(echo \"$s\" | cut -d' ' -f3); "
+            f"[ \"$g\" -gt 1 ] 2>/dev/null && [ \"$g\" != \"$me\" ] && echo $g; done | sort -u); ")
+
+
+def _kill_script(run_id: str) -> str:
+    """Shell that ends the run's process groups (found by its id): TERM, up to 10 s, then KILL."""
+    find = _groups_script(run_id)
+    return (f"{find}for g in $groups; do kill -TERM -- -$g 2>/dev/null; done; for i in $(seq 50); do "
+            f"{find}[ -z \"$groups\" ] && break; sleep 0.2; done; for g in $groups; do kill -KILL -- -$g 2>/dev/null; "
+            f"done; ")
 
 
 def _check_work(state: dict, run_id: str) -> None:
