@@ -77,3 +77,107 @@ def test_sky_down_cancels_its_own_launch_request(tmp_path, monkeypatch):
         if provisioner.poll() is None:
             provisioner.kill()
             provisioner.wait(10)
+
+
+# --- item 6: a full disk during the download -----------------------------------------------------------
+
+def _adapter_out(out: Path, adapter_bytes: int) -> None:
+    """A finished job's out/: an adapter of `adapter_bytes` and its manifest (written by the real contract)."""
+    from contracts import manifest
+
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(adapter_bytes))
+    (out / "adapter" / "adapter_config.json").write_text('{"r": 8}\n')
+    manifest.write(out, {"config": "fake"})
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (a real filesystem that fills up); skipped where mounting is not allowed."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_during_the_download_is_one_line_and_leaves_the_machine_up(small_disk, tmp_path, monkeypatch):
+    """The run's folder is on a 2 MB disk, the adapter is 3 MB: the pull fills the disk. One line says how
+    much to free and how to pull again; the staging folder is gone (the disk has room again); the record
+    says the download failed; the cluster is left up and the autodown that would delete the only copy is
+    said loudly; no traceback."""
+    import io
+
+    from rich.console import Console
+
+    from fakesky import FakeSky
+    from launcher.backends.sky import SkyBackend, cluster_name_for
+    from launcher.lifecycle import drive
+
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(small_disk / "runs"))
+    monkeypatch.setenv("FAKESKY_DIR", str(tmp_path / "cloud"))
+    run = registry.new_run("full", "sky", gpu="A100:1", config={})
+    cluster = cluster_name_for(run.id)
+    work = tmp_path / "cloud" / cluster / "workdir"
+    _adapter_out(work / "out", 3 << 20)
+    (work / "job.log").write_text("")
+    (work / "exit_code").write_text("0\n")
+    run.transition("provisioning", machine="up").transition("running", backend_state={"cluster": cluster, "job_id": 1})
+    buf = io.StringIO()
+    code = drive(run, SkyBackend(adapter=FakeSky()), Console(file=buf, width=400), launch=False)
+    text = buf.getvalue()
+    assert code == 1 and "Traceback" not in text, text
+    line = next(ln for ln in text.splitlines() if "is full" in ln)
+    assert "free at least" in line and " MB" in line
+    assert f"socrates-launch download {run.id}" in text and f"socrates-launch down {run.id}" in text
+    assert "autodown" in text and "deletes the results with it" in text  # the only copy's fate, said loudly
+    assert not (run.dir / ".download").exists()
+    rec = registry.load(run.id)
+    assert rec.state == "failed" and "downloading failed" in rec.error and not rec.verified
+    calls = (tmp_path / "cloud" / "calls.log").read_text()
+    assert (tmp_path / "cloud" / cluster).is_dir() and "\ndown " not in "\n" + calls  # left up
+
+
+# --- item 7: the local backend's pull never follows a link ----------------------------------------------
+
+@pytest.mark.parametrize("target", ["/dev/zero", "folder"])
+def test_a_local_pull_copies_links_as_links_and_never_reads_their_target(tmp_path, monkeypatch, target):
+    """out/ holds a link to /dev/zero (reading it never ends) or to a big folder: the pull copies the link as
+    a link, verification refuses it, and the target is never read."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from launcher import lifecycle
+    from launcher.backends.local import OWNER_FILE, LocalBackend
+
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setattr(lifecycle, "DOWNLOAD_RETRY_S", 0.0)
+    run = registry.new_run("links", "local", config={})
+    work = Path(tempfile.mkdtemp(prefix=f"socrates-{run.id}-"))
+    try:
+        (work / OWNER_FILE).write_text(run.id)
+        _adapter_out(work / "out", 4096)
+        if target == "folder":
+            big = tmp_path / "big"
+            big.mkdir()
+            for i in range(20):
+                (big / f"f{i}").write_bytes(b"x" * 100_000)
+            (work / "out" / "adapter" / "extra").symlink_to(big)
+        else:
+            (work / "out" / "adapter" / "extra").symlink_to(target)
+        run.transition("provisioning", machine="up").transition("running", backend_state={"workdir": str(work)})
+        dest = tmp_path / "dest"
+        LocalBackend().download(run, dest)
+        assert (dest / "adapter" / "extra").is_symlink()  # copied as a link, its target not read
+        with pytest.raises(Exception, match="symlink"):
+            lifecycle.fetch_and_verify(run, LocalBackend(), lifecycle.Recorder(run, SimpleNamespace(on_event=lambda e: None)),
+                                       attempts=1)
+        assert not (run.dir / "adapter").exists() and not (run.dir / ".download").exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)

@@ -96,9 +96,9 @@ class LocalBackend(Backend):
 
     def download(self, run: Any, dest: Path) -> None:
         src = Path(run.backend_state.get("workdir", "/nonexistent")) / "out"
-        if not src.is_dir():
+        if src.is_symlink() or not src.is_dir():
             raise BackendError("downloading", f"{src}: the job left no output folder")
-        shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
+        _copy_out(src, Path(dest), skip=("checkpoints",))
 
     def down(self, run: Any) -> None:
         """Kill the job's process group and delete its folder, each only if it is this run's (run.json is
@@ -124,6 +124,27 @@ class LocalBackend(Backend):
 
     def launch_submitted(self, run: Any) -> bool:
         return bool(run.backend_state.get("pid"))
+
+
+def _copy_out(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy the job's out/ without following anything: a link is copied as a link (verification then
+    refuses it; its target is never read), a regular file is copied, anything else (a FIFO, a device)
+    fails the pull unread."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with os.scandir(src) as entries:
+        for entry in entries:
+            if entry.name in skip:
+                continue
+            target = dest / entry.name
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), target)
+            elif entry.is_dir(follow_symlinks=False):
+                _copy_out(Path(entry.path), target)
+            elif entry.is_file(follow_symlinks=False):
+                shutil.copy2(entry.path, target, follow_symlinks=False)
+            else:
+                raise BackendError("downloading", f"{entry.path}: not a regular file, folder or link (not accepted "
+                                                  f"in what comes back)")
 
 
 def _own_workdir(workdir: Path, run_id: str) -> bool:

@@ -42,7 +42,7 @@ except ImportError:  # an optional extra: say how to get it instead of a traceba
     raise ContractError("--infra ssh://...: needs paramiko (pip install 'socrates-launch[ssh]')") from None
 from contracts._io import sha256_file
 from launcher import task as tasklib
-from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost
+from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, disk_full
 from launcher.ssh_options import SshOptions, parse_infra
 from launcher.ssh_transport import (
     DROPPED, SshAuth, SshDropped, SshTarget, SshUnsafe, SyncStats, connect, env_exports, get_tree, local_files,
@@ -182,7 +182,9 @@ class SshBackend(Backend):
                 raise BackendError("downloading", f"{self.target}:{remote_out} does not exist (run torn down?)") from None
             except SshUnsafe as e:
                 raise BackendError("downloading", f"{self.target}: {e}") from None
-            except (SshDropped, *DROPPED):
+            except (SshDropped, *DROPPED) as e:
+                if disk_full(e):  # this machine's disk, not the connection: retrying fills it again
+                    raise
                 self._drop()
                 if attempt == 2:
                     raise BackendError("downloading", f"{self.target}: the connection kept dropping") from None
