@@ -40,9 +40,11 @@ try:
     import paramiko
 except ImportError:  # an optional extra: say how to get it instead of a traceback
     raise ContractError("--infra ssh://...: needs paramiko (pip install 'socrates-launch[ssh]')") from None
-from contracts._io import sha256_file
+from contracts._io import atomic_write_text, sha256_file
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, disk_full
+from launcher.registry import PRIVATE, TEARDOWN_FILE
+from launcher.secrets import redact
 from launcher.ssh_options import SshOptions, parse_infra
 from launcher.ssh_transport import (
     DROPPED, SshAuth, SshDropped, SshTarget, SshUnsafe, SyncStats, connect, env_exports, get_tree, local_files,
@@ -95,7 +97,10 @@ class SshBackend(Backend):
 
     def _launch(self, run: Any) -> None:
         state = self._bind(run)
-        state.update(options=self.opts.to_dict(), target=str(self.target))
+        # the --on-teardown command (it may hold a provider token) is kept once, in a 0600 side file
+        state.update(options={**self.opts.to_dict(), "on_teardown": None}, target=str(self.target))
+        if self.opts.on_teardown:
+            _keep_hook(run, self.opts.on_teardown)
         _save(run)
         client = self._connect()
         base = self._resolve_remote_dir(client)
@@ -216,7 +221,7 @@ class SshBackend(Backend):
                          f"{shlex.quote(remote)}")
         state["remote_clean"] = error is None
         hook = state.get("on_teardown")
-        recorded = (state.get("options") or {}).get("on_teardown")
+        recorded = _kept_hook(run) or (state.get("options") or {}).get("on_teardown")  # shown, never run
         if self.opts.on_teardown and not (hook and hook["ok"]):
             # the provider's stop command runs even if the host was unreachable: it is what stops billing
             state["on_teardown"] = hook = _run_hook(self.opts.on_teardown)
@@ -232,7 +237,7 @@ class SshBackend(Backend):
                                        f"not trusted to run commands); the host may still be billing. Run it "
                                        f"yourself, or: socrates-launch down {run.id} --on-teardown {shlex.quote(recorded)}")
         if hook and not hook["ok"]:
-            raise BackendError("down", f"--on-teardown {hook['cmd']!r} exited {hook['rc']}: "
+            raise BackendError("down", f"--on-teardown {self.opts.on_teardown!r} exited {hook['rc']}: "
                                        f"{hook['output'].strip()[-200:]} (the host may still be billing: stop it yourself)")
 
     def job_running(self, run: Any) -> bool | None:
@@ -554,11 +559,27 @@ def _config_dict(run: Any) -> dict:
 
 
 def _run_hook(cmd: str) -> dict:
+    """Run the --on-teardown command; what run.json keeps of it (not the command: it may hold a token)."""
     try:
         p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=600)
-        return {"cmd": cmd, "rc": p.returncode, "ok": p.returncode == 0, "output": (p.stdout + p.stderr)[-2000:]}
+        return {"rc": p.returncode, "ok": p.returncode == 0, "output": redact((p.stdout + p.stderr)[-2000:])}
     except subprocess.TimeoutExpired:
-        return {"cmd": cmd, "rc": None, "ok": False, "output": "timed out after 600 s"}
+        return {"rc": None, "ok": False, "output": "timed out after 600 s"}
+
+
+def _keep_hook(run: Any, cmd: str) -> None:
+    """The --on-teardown command in runs/<id>/.on-teardown (0600): what `down` names when it is not passed again."""
+    run_dir = getattr(run, "dir", None)
+    if run_dir is not None and Path(run_dir).is_dir():
+        atomic_write_text(Path(run_dir) / TEARDOWN_FILE, cmd, mode=PRIVATE)
+
+
+def _kept_hook(run: Any) -> str | None:
+    path = Path(getattr(run, "dir", "/nonexistent")) / TEARDOWN_FILE
+    try:
+        return path.read_text(encoding="utf-8")[:4096] if path.is_file() and not path.is_symlink() else None
+    except OSError:
+        return None
 
 
 def _read_int(sftp: paramiko.SFTPClient, path: str) -> int | None:

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from launcher.backends import for_plan
 
     console = Console()
+    registry.writable_runs_root()  # a SOCRATES_RUNS_DIR that can't hold runs: exit 2 before anything is asked
     plan = planlib.resolve(args)
     estimate, deadline_s = _estimate(plan, console)
     if deadline_s:
@@ -48,9 +49,11 @@ def run(args: argparse.Namespace) -> int:
     if source is not None:
         # What is sent, hashed as the machine hashes what it got (sky/train.yaml): compared at the end.
         plan.options["data_sha256"] = manifest_lib.data_hash(source)
+    # ssh's --on-teardown command stays out of run.json (the backend keeps it in a 0600 side file)
+    options = {**plan.options, **({"ssh": {**plan.options["ssh"], "on_teardown": None}} if plan.options.get("ssh") else {})}
     run_rec = registry.new_run(
         plan.name, plan.infra, gpu=str(plan.gpu) if plan.gpu else None, config=plan.cfg.to_dict(),
-        options=plan.options, estimate=estimate,
+        options=options, estimate=estimate,
         price_per_hour=(estimate or {}).get("price_per_hour"),
     )
     console.print(f"run [bold]{run_rec.id}[/] ({run_rec.dir})", highlight=False)
