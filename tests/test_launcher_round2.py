@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from launcher import registry
-from launcher_helpers import REPO, cli, launcher_env, pid_alive
+from launcher_helpers import REPO, cli, fake_python, launcher_env, pid_alive
 
 
 def _record(runs: Path, infra: str, backend_state: dict, **kw) -> registry.Run:
@@ -192,7 +192,7 @@ def test_a_runs_dir_that_cannot_hold_runs_is_one_line_exit_2(tmp_path, where):
         runs.write_text("not a folder")
     for args in (["up", "--infra", "local", "--yes"], ["runs"], ["status"]):
         r = cli(args, launcher_env(runs))
-        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]  # (up shows its estimate first, on stdout)
         if args[0] == "runs" and where != "a-file":
             assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr  # nothing to list, nothing made
             continue
@@ -275,3 +275,50 @@ def test_the_teardown_command_is_not_in_run_json_and_is_never_run_from_the_recor
     r = cli(["down", run.id, "--on-teardown", hook], env)
     assert marker.exists(), r.stdout + r.stderr
     assert token not in (run.dir / "run.json").read_text()
+
+
+# --- items 10, 16: a --data folder is walked one way; links are refused before anything exists -----------
+
+def _rows(folder: Path, n: int = 3) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        row = {"study_id": f"s{i}", "condition_num": 0, "task_num": 0, "response": 3, "prompt": f"row {i}"}
+        (folder / f"part-{i}.jsonl").write_text(json.dumps(row) + "\n")
+
+
+@pytest.mark.parametrize("link", ["subfolder", "loop", "file"])
+def test_a_data_folder_with_a_link_is_refused_before_a_run_exists(tmp_path, link):
+    """A linked subfolder (the row check and the data hash used to skip it while the copy followed it: the
+    run trained to the end, then failed 'given other data'), a link loop, a linked file: one line, exit 2,
+    no run record."""
+    data = tmp_path / "mydata"
+    _rows(data)
+    elsewhere = tmp_path / "elsewhere"
+    _rows(elsewhere / "more")
+    if link == "subfolder":
+        (data / "more").symlink_to(elsewhere / "more")
+    elif link == "loop":
+        (data / "again").symlink_to(data)
+    else:
+        (data / "extra.jsonl").symlink_to(elsewhere / "more" / "part-0.jsonl")
+    runs = tmp_path / "runs"
+    r = cli(["up", "--infra", "local", "--yes", "--data", str(data)], launcher_env(runs, fake_python(tmp_path)),
+            timeout=300)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.stdout + r.stderr)[-2000:]
+    assert "symbolic link" in lines[-1] and "--data" in lines[-1], lines
+    assert not list(runs.glob("*/run.json"))
+
+
+def test_the_row_check_the_hash_and_the_copy_see_the_same_files(tmp_path):
+    """A nested folder of plain files: the rows counted, the files hashed and the files the local backend
+    copies are the same set (an independent walk of the folder is the reference)."""
+    from contracts import manifest
+    from launcher.rows import check_local
+
+    data = tmp_path / "mydata"
+    _rows(data)
+    _rows(data / "nested" / "deeper", 2)
+    want = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.jsonl"))
+    assert [f.relative_to(data).as_posix() for f in manifest.data_files(data)] == want
+    assert check_local(data) == 5

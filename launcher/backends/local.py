@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.events import EventReader
+from contracts.manifest import data_files
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback
 
@@ -55,9 +56,11 @@ class LocalBackend(Backend):
                 dest = workdir / "data" / data_path.name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if data_path.is_dir():
-                    shutil.copytree(data_path, dest)
-                else:
-                    shutil.copy2(data_path, dest)
+                    dest.mkdir(parents=True, exist_ok=True)
+                for f in data_files(data_path):  # the walk the row check and the data hash use (no links)
+                    target = dest / f.relative_to(data_path) if f != data_path else dest
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, target, follow_symlinks=False)
                 overrides["DATA"] = str(dest.relative_to(workdir))
             task = tasklib.render(run, gpu=None)
             (workdir / "run.sh").write_text(tasklib.run_script(task, **overrides), encoding="utf-8")

@@ -41,6 +41,7 @@ try:
 except ImportError:  # an optional extra: say how to get it instead of a traceback
     raise ContractError("--infra ssh://...: needs paramiko (pip install 'socrates-launch[ssh]')") from None
 from contracts._io import atomic_write_text, sha256_file
+from contracts.manifest import data_files
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, disk_full
 from launcher.registry import PRIVATE, TEARDOWN_FILE
@@ -344,7 +345,8 @@ class SshBackend(Backend):
         code = local_files(self.code_root, [p for p in tasklib.CODE_PATHS if (self.code_root / p).exists()])
         stats = sync_tree(client, code, posixpath.join(base, "cache", "code"), python=python, prune=True)
         if data is not None:
-            files = local_files(data.parent, [data.name])
+            files = {Path(data.name, f.relative_to(data)).as_posix() if f != data else data.name: f
+                     for f in data_files(data)}  # the walk the row check and the data hash use
             listing = {rel: [p.stat().st_size, sha256_file(p)] for rel, p in files.items()}
             digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
             root = posixpath.join(base, "cache", "data", digest[:32])

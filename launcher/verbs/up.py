@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from launcher.backends import for_plan
 
     console = Console()
-    registry.writable_runs_root()  # a SOCRATES_RUNS_DIR that can't hold runs: exit 2 before anything is asked
+    registry.runs_root()  # a SOCRATES_RUNS_DIR naming a file: exit 2 before anything is asked (new_run checks the rest)
     plan = planlib.resolve(args)
     estimate, deadline_s = _estimate(plan, console)
     if deadline_s:
