@@ -4,6 +4,7 @@ gets its own code folder. The host is this machine, so the remote side is inspec
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -100,3 +101,73 @@ def test_down_kills_the_runs_job_found_by_its_id_and_spares_the_group_run_json_n
     finally:
         other.kill()
         other.wait(10)
+
+
+# --- item 8: a silent network drop is noticed and detached from ---------------------------------------
+
+def _descendants(root: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(pid))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def test_a_silent_drop_detaches_after_reconnect_s_instead_of_hanging(tmp_path):
+    """The server (listener and every session) is stopped with SIGSTOP mid-run: nothing closes, nothing
+    answers, as when a network path dies silently. `follow` notices (the SFTP read times out), retries for
+    reconnect_s, then detaches (StreamLost: the job is not known to have failed), in bounded time."""
+    import threading
+
+    why = sshd_available()
+    if why:
+        pytest.skip(why)
+    srv = SshServer.start(tmp_path / "sshd")
+    stopped: list[int] = []
+    run = new_run(srv, "silent")
+    from contracts.events import LINE_PREFIX, dumps, make
+
+    hello = shlex.quote(LINE_PREFIX + dumps(make("log", message="hello")))
+    b = backend(srv, tmp_path, run_block=f"echo {hello}\n" + LONG_JOB, reconnect_s=3.0, timeout_s=2.0)
+    try:
+        b.launch(run)
+        outcome: list[BaseException | int] = []
+
+        def on_event(e):
+            if not stopped:
+                stopped.extend(_descendants(srv.proc.pid))
+                for pid in stopped:
+                    os.kill(pid, signal.SIGSTOP)
+
+        def follow():
+            try:
+                outcome.append(b.follow(run, on_event))
+            except BaseException as e:  # noqa: BLE001  (what follow raised is the result)
+                outcome.append(e)
+
+        t = threading.Thread(target=follow, daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        t.join(60)
+        took = time.monotonic() - t0
+        assert not t.is_alive(), "follow still hangs 60 s into a silent drop"
+        assert isinstance(outcome[0], StreamLost) and "lost" in str(outcome[0]), outcome
+        assert took < 40, took
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        try:
+            SshBackend(run.infra).down(registry.load(run.id))
+        finally:
+            srv.stop()

@@ -273,7 +273,8 @@ class SshBackend(Backend):
         if state.get("torn_down") or not state.get("work"):
             return "gone"
         try:
-            res = ssh_run(self._connect(), f"test -d {shlex.quote(state['work'])} && echo yes || echo no")
+            res = ssh_run(self._connect(), f"test -d {shlex.quote(state['work'])} && echo yes || echo no",
+                          timeout=self.opts.timeout_s)
             alive = self._alive(run.id)
         except (SshDropped, *DROPPED):
             return "unknown"
@@ -464,7 +465,8 @@ class SshBackend(Backend):
 
     def _alive(self, run_id: str) -> bool:
         """Whether a live process on the host carries this run's SOCRATES_RUN_ID."""
-        res = ssh_run(self._client_or_wait(), f"{_groups_script(run_id)}[ -n \"$groups\" ] && echo yes || echo no")
+        res = ssh_run(self._client_or_wait(), f"{_groups_script(run_id)}[ -n \"$groups\" ] && echo yes || echo no",
+                      timeout=self.opts.timeout_s)
         return res.out.strip() == "yes"
 
     # --- connection ------------------------------------------------------------------------
@@ -472,7 +474,7 @@ class SshBackend(Backend):
     def _auth(self) -> SshAuth:
         kh = Path(self.opts.known_hosts).expanduser() if self.opts.known_hosts else Path.home() / ".ssh" / "known_hosts"
         return SshAuth(key=Path(self.opts.key).expanduser() if self.opts.key else None, known_hosts=kh,
-                       trust_new_host=self.opts.trust_new_host)
+                       trust_new_host=self.opts.trust_new_host, timeout_s=self.opts.timeout_s)
 
     def _connect(self) -> paramiko.SSHClient:
         transport = self._client.get_transport() if self._client else None
@@ -484,6 +486,7 @@ class SshBackend(Backend):
     def _sftp_client(self) -> paramiko.SFTPClient:
         if self._sftp is None:
             self._sftp = self._connect().open_sftp()
+            self._sftp.get_channel().settimeout(self.opts.timeout_s)  # a silent host is a dropped connection
         return self._sftp
 
     def _client_or_wait(self, timeout: float | None = None) -> paramiko.SSHClient:
