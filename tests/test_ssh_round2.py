@@ -171,3 +171,41 @@ def test_a_silent_drop_detaches_after_reconnect_s_instead_of_hanging(tmp_path):
             SshBackend(run.infra).down(registry.load(run.id))
         finally:
             srv.stop()
+
+
+# --- item 9: each run's code is its own checkout's ----------------------------------------------------
+
+def _checkout(root: Path, marker: str) -> Path:
+    (root / "job").mkdir(parents=True)
+    (root / "job" / "train.py").write_text(f"# checkout {marker}\n")
+    (root / "job" / "same.py").write_text("# the same in both\n")
+    return root
+
+
+def test_two_ups_from_different_checkouts_each_run_their_own_code(sshd, tmp_path, monkeypatch):
+    """`up` A syncs its code; before it builds its run folder, `up` B (another checkout) syncs and starts. A's
+    run folder must hold A's job/train.py (the shared cache/code gave it B's), and B's B's."""
+    a_code, b_code = _checkout(tmp_path / "a", "A"), _checkout(tmp_path / "b", "B")
+    run_a, run_b = new_run(sshd, "code-a"), new_run(sshd, "code-b")
+    b_backend = backend(sshd, tmp_path, run_block="true\n", code_root=b_code)
+    a_backend = backend(sshd, tmp_path, run_block="true\n", code_root=a_code)
+    real = SshBackend._prepare_work
+    cut_in = []
+
+    def b_cuts_in(self, *args, **kw):  # A synced its code; now B's whole launch happens, then A goes on
+        if self is a_backend and not cut_in:
+            cut_in.append(1)
+            b_backend.launch(run_b)
+        return real(self, *args, **kw)
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(SshBackend, "_prepare_work", b_cuts_in)
+            a_backend.launch(run_a)
+        assert cut_in
+        for run, marker in ((run_a, "A"), (run_b, "B")):
+            work = Path(run.backend_state["work"])
+            assert (work / "job" / "train.py").read_text() == f"# checkout {marker}\n", run.id
+    finally:
+        for run in (run_a, run_b):
+            SshBackend(run.infra).down(registry.load(run.id))

@@ -3,8 +3,8 @@
 What `launch` does on the host, in order, each step before anything costs more:
     probe      the remote folder is writable and its disk has room (`up` runs this as `preflight`
                before a run exists: host key, credentials, disk refused with exit 2)
-    sync       code + data into a persistent cache over SFTP, sending only files whose size or
-               sha256 differ (bytes counted into the run's backend_state["sync"])
+    sync       code + data into content-addressed cache folders over SFTP, sending only files whose
+               size or sha256 differ (bytes counted into the run's backend_state["sync"])
     check      `python -m job check` against the run's config (a refusal fails the run, job not started)
     start      the run block, detached in its own session (setsid), in the job image with
                `docker run --gpus all` when the host has docker and a GPU, else with a python
@@ -16,9 +16,11 @@ connection drops; `down` kills the job's process group, removes the run's folder
 `--on-teardown` command locally and records whether it worked.
 
 Remote layout (REMOTE_DIR defaults to ~/.socrates-launch):
-    REMOTE_DIR/cache/          synced code, and data under cache/data/<content hash>/ (pruned to what was
-                               sent, checked after the sync), kept between runs so unchanged files aren't
-                               resent; cache/ and runs/ are 0700
+    REMOTE_DIR/cache/          code under cache/code/<content hash>/ (made whole under a run-private name,
+                               checked, then renamed into place: two `up`s from different checkouts never
+                               mix), data under cache/data/<content hash>/ (pruned to what was sent, checked
+                               after the sync), kept between runs so unchanged files aren't resent; cache/
+                               and runs/ are 0700
     REMOTE_DIR/runs/<run-id>/  one run: code hard-linked from the cache, out/, job.log, job.pid, exit_code
 """
 from __future__ import annotations
@@ -126,7 +128,7 @@ class SshBackend(Backend):
             self._setup(client, work, task)
         if mode == "docker":
             self.on_phase("installing", f"the job image {self.opts.image} (built from the synced Dockerfile if missing)")
-            self._docker_image(client, base)
+            self._docker_image(client, state["code"])
         if task is not None:
             self.on_phase("checking", "python -m job check on the host")
             self._check(client, work, mode, python)
@@ -344,7 +346,7 @@ class SshBackend(Backend):
             raise BackendError("syncing", f"could not create {base}/cache and {base}/runs on {self.target}: "
                                           f"{_last_line(res)}")
         code = local_files(self.code_root, [p for p in tasklib.CODE_PATHS if (self.code_root / p).exists()])
-        stats = sync_tree(client, code, posixpath.join(base, "cache", "code"), python=python, prune=True)
+        stats = self._sync_code(client, base, code, python, state)
         if data is not None:
             files = {Path(data.name, f.relative_to(data)).as_posix() if f != data else data.name: f
                      for f in data_files(data)}  # the walk the row check and the data hash use
@@ -358,6 +360,40 @@ class SshBackend(Backend):
                 raise BackendError("syncing", f"the data on {self.target} under {root} is not what was sent "
                                               f"(differs at {', '.join(odd[:3])})")
             state["data"] = {"remote": posixpath.join(root, data.name), "sha256": digest, "files": len(listing)}
+        return stats
+
+    def _sync_code(self, client: paramiko.SSHClient, base: str, code: dict[str, Path], python: str,
+                   state: dict) -> SyncStats:
+        """The code into a folder named by its content (cache/code/<hash>), made complete under a run-private
+        name and renamed into place: a run never sees another checkout's files, whatever runs at the same
+        time. A new version starts from hard links of the last one, so only changed files are sent."""
+        q = shlex.quote
+        listing = {rel: [p.stat().st_size, sha256_file(p)] for rel, p in code.items()}
+        digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:32]
+        codes = posixpath.join(base, "cache", "code")
+        root, tmp = posixpath.join(codes, digest), posixpath.join(codes, f".tmp-{posixpath.basename(state['work'])}")
+        state["code"] = root
+        res = ssh_run(client, f"test -d {q(root)} && echo HAVE && exit 0; mkdir -p {q(codes)} && rm -rf {q(tmp)} && "
+                              f"last=$(cat {q(codes)}/latest 2>/dev/null); case \"$last\" in ''|*[!0-9a-f]*) mkdir "
+                              f"{q(tmp)};; *) cp -al {q(codes)}/\"$last\" {q(tmp)} 2>/dev/null || mkdir -p {q(tmp)};; "
+                              f"esac")
+        if res.rc != 0:
+            raise BackendError("syncing", f"could not prepare {codes} on {self.target}: {_last_line(res)}")
+        if res.out.strip() == "HAVE":  # this exact code is there, complete (it was renamed in only once whole)
+            return SyncStats(files_skipped=len(listing), bytes_skipped=sum(size for size, _ in listing.values()))
+        stats = sync_tree(client, code, tmp, python=python, prune=True)
+        there = remote_hashes(client, tmp, python)
+        if there != listing:
+            odd = sorted(set(there) ^ set(listing)) or sorted(r for r in listing if there.get(r) != listing[r])
+            raise BackendError("syncing", f"the code on {self.target} under {tmp} is not what was sent "
+                                          f"(differs at {', '.join(odd[:3])})")
+        # another run may have renamed the same content in first: then this copy goes, theirs is identical
+        res = ssh_run(client, f"mv -T {q(tmp)} {q(root)} 2>/dev/null || rm -rf {q(tmp)}; "
+                              f"printf %s {digest} > {q(codes)}/.latest.$$ && mv -f {q(codes)}/.latest.$$ "
+                              f"{q(codes)}/latest; test -d {q(root)}")
+        if res.rc != 0:
+            raise BackendError("syncing", f"could not put the code in place at {root} on {self.target}: "
+                                          f"{_last_line(res)}")
         return stats
 
     def _prepare_work(self, client: paramiko.SSHClient, base: str, work: str, run: Any, task: dict | None,
@@ -383,7 +419,7 @@ class SshBackend(Backend):
                       + f"docker run --rm --gpus all --name socrates-{q(run.id)} -v \"$PWD\":/work -w /work {mounts} "
                       f"{names} -e PYTHONPATH=/work --entrypoint bash {q(self.opts.image)} -c {inner}")
         res = ssh_run(client, f"rm -rf {q(work)} && mkdir -p {q(posixpath.dirname(work))} && "
-                              f"cp -al {q(posixpath.join(base, 'cache', 'code'))} {q(work)} && mkdir -p {q(work)}/out")
+                              f"cp -al {q(run.backend_state['code'])} {q(work)} && mkdir -p {q(work)}/out")
         if res.rc != 0:
             raise BackendError("syncing", f"could not create {work} on {self.target}: {_last_line(res)}")
         import yaml
@@ -406,9 +442,9 @@ class SshBackend(Backend):
         if res.rc != 0:
             raise BackendError("installing", f"the setup block failed on {self.target}: {_last_line(res)}")
 
-    def _docker_image(self, client: paramiko.SSHClient, base: str) -> None:
+    def _docker_image(self, client: paramiko.SSHClient, code: str) -> None:
         q = shlex.quote
-        image, context = q(self.opts.image), q(posixpath.join(base, "cache", "code"))
+        image, context = q(self.opts.image), q(code)  # the run's own code folder is the build context
         get = f"docker pull -q {image}" if self.opts.pull_image else f"docker build -q -t {image} {context}"
         res = ssh_run(client, f"docker image inspect {image} >/dev/null 2>&1 || {get}", timeout=3600)
         if res.rc != 0:
