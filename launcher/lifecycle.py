@@ -326,7 +326,7 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
         manifest_lib.move_listed(staging, run.dir, manifest)
         manifest_lib.verify_or_raise(run.dir, left=left)
     except Exception as e:
-        need = _tree_bytes(staging)
+        need = _needed_bytes(staging) if disk_full(e) else 0
         shutil.rmtree(staging, ignore_errors=True)  # first: what it held is the room the record needs
         if disk_full(e):
             raise DiskFull(run, need) from e
@@ -338,15 +338,22 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
 class DiskFull(OSError):
     """This machine's disk filled up while results came back: what to free, and how to pull again."""
 
-    def __init__(self, run: registry.Run, got: int):
+    def __init__(self, run: registry.Run, need: int):
         free = shutil.disk_usage(run.dir).free if run.dir.is_dir() else 0
-        mb = max(1, -(-(got * 2 - free) // 10**6))  # the part that came, twice over (the rest is of that order)
-        super().__init__(errno.ENOSPC, f"downloading failed: the disk holding {run.dir} is full ({got / 1e6:,.1f} MB had come back "
-                                       f"when it filled): free at least {mb:,} MB, then `socrates-launch download "
-                                       f"{run.id}`")
+        mb = max(1, -(-(need - free) // 10**6))
+        super().__init__(errno.ENOSPC, f"downloading failed: the disk holding {run.dir} is full: free at least "
+                                       f"{mb:,} MB, then `socrates-launch download {run.id}`")
 
     def __str__(self) -> str:
         return self.strerror
+
+
+def _needed_bytes(staging: Path) -> int:
+    """What the pull needs: the manifest's sizes when it had come back, else twice what had (a guess)."""
+    try:
+        return sum(int(e["size"]) for e in manifest_lib.load(staging)["files"]) + (1 << 20)
+    except Exception:  # noqa: BLE001  (no manifest yet, or an unreadable one: the guess)
+        return 2 * _tree_bytes(staging)
 
 
 def _tree_bytes(root: Path) -> int:

@@ -335,7 +335,7 @@ class SshBackend(Backend):
         return "venv", ""  # empty JOB_PYTHON: the run block's default, the venv its setup block builds
 
     def _sync(self, client: paramiko.SSHClient, base: str, data: Path | None, state: dict) -> SyncStats:
-        """Code into the shared cache; data into a folder named by its content (cache/data/<hash>), pruned
+        """Code into a folder named by its content (`_sync_code`); data into a folder named by its content (cache/data/<hash>), pruned
         to exactly what is sent and checked file by file after the sync: a run trains on exactly its data,
         whatever another run (same folder name, fewer files, at the same time) sent."""
         python = self.opts.remote_python or "python3"
@@ -350,15 +350,10 @@ class SshBackend(Backend):
         if data is not None:
             files = {Path(data.name, f.relative_to(data)).as_posix() if f != data else data.name: f
                      for f in data_files(data)}  # the walk the row check and the data hash use
-            listing = {rel: [p.stat().st_size, sha256_file(p)] for rel, p in files.items()}
-            digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+            listing, digest = _listing(files)
             root = posixpath.join(base, "cache", "data", digest[:32])
             stats.add(sync_tree(client, files, root, python=python, prune=True))
-            there = remote_hashes(client, root, python)
-            if there != listing:
-                odd = sorted(set(there) ^ set(listing)) or sorted(r for r in listing if there.get(r) != listing[r])
-                raise BackendError("syncing", f"the data on {self.target} under {root} is not what was sent "
-                                              f"(differs at {', '.join(odd[:3])})")
+            self._check_sent(client, root, listing, python, "data")
             state["data"] = {"remote": posixpath.join(root, data.name), "sha256": digest, "files": len(listing)}
         return stats
 
@@ -368,8 +363,8 @@ class SshBackend(Backend):
         name and renamed into place: a run never sees another checkout's files, whatever runs at the same
         time. A new version starts from hard links of the last one, so only changed files are sent."""
         q = shlex.quote
-        listing = {rel: [p.stat().st_size, sha256_file(p)] for rel, p in code.items()}
-        digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:32]
+        listing, digest = _listing(code)
+        digest = digest[:32]
         codes = posixpath.join(base, "cache", "code")
         root, tmp = posixpath.join(codes, digest), posixpath.join(codes, f".tmp-{posixpath.basename(state['work'])}")
         state["code"] = root
@@ -382,11 +377,7 @@ class SshBackend(Backend):
         if res.out.strip() == "HAVE":  # this exact code is there, complete (it was renamed in only once whole)
             return SyncStats(files_skipped=len(listing), bytes_skipped=sum(size for size, _ in listing.values()))
         stats = sync_tree(client, code, tmp, python=python, prune=True)
-        there = remote_hashes(client, tmp, python)
-        if there != listing:
-            odd = sorted(set(there) ^ set(listing)) or sorted(r for r in listing if there.get(r) != listing[r])
-            raise BackendError("syncing", f"the code on {self.target} under {tmp} is not what was sent "
-                                          f"(differs at {', '.join(odd[:3])})")
+        self._check_sent(client, tmp, listing, python, "code")
         # another run may have renamed the same content in first: then this copy goes, theirs is identical
         res = ssh_run(client, f"mv -T {q(tmp)} {q(root)} 2>/dev/null || rm -rf {q(tmp)}; "
                               f"printf %s {digest} > {q(codes)}/.latest.$$ && mv -f {q(codes)}/.latest.$$ "
@@ -395,6 +386,14 @@ class SshBackend(Backend):
             raise BackendError("syncing", f"could not put the code in place at {root} on {self.target}: "
                                           f"{_last_line(res)}")
         return stats
+
+    def _check_sent(self, client: paramiko.SSHClient, root: str, listing: dict, python: str, what: str) -> None:
+        """The folder on the host holds exactly `listing` (path -> [size, sha256]), re-hashed there."""
+        there = remote_hashes(client, root, python)
+        if there != listing:
+            odd = sorted(set(there) ^ set(listing)) or sorted(r for r in listing if there.get(r) != listing[r])
+            raise BackendError("syncing", f"the {what} on {self.target} under {root} is not what was sent "
+                                          f"(differs at {', '.join(odd[:3])})")
 
     def _prepare_work(self, client: paramiko.SSHClient, base: str, work: str, run: Any, task: dict | None,
                       data: Path | None, mode: str, python: str) -> None:
@@ -592,6 +591,12 @@ def _check_work(state: dict, run_id: str) -> None:
     if not ok:
         raise BackendError("down", f"run.json names remote folder {work!r}, which is not run {run_id}'s "
                                    f"(<remote dir>/runs/{run_id}): refusing to delete it")
+
+
+def _listing(files: dict[str, Path]) -> tuple[dict, str]:
+    """path -> [size, sha256] of what is sent, and the sha256 of that listing (the folder's name by content)."""
+    listing = {rel: [p.stat().st_size, sha256_file(p)] for rel, p in files.items()}
+    return listing, hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 
 def _config_dict(run: Any) -> dict:
