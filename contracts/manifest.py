@@ -286,6 +286,27 @@ def _refuse_secrets(obj: Any, where: str = "meta") -> None:
         raise ManifestError(f"manifest {where}: refusing to record a credential-looking value")
 
 
+def data_files(path: str | os.PathLike) -> list[Path]:
+    """The files of a data file or folder as they are checked, hashed and sent (one walk for all three):
+    the regular files under it, sorted, never following a link. A symbolic link (to a file or a folder,
+    a loop) or a special file anywhere is a ContractError naming it: copy the files in instead."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(path):  # never follows links
+        for name in sorted(dirnames) + sorted(filenames):
+            entry = Path(dirpath) / name
+            mode = os.lstat(entry).st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+                raise ContractError(f"--data {path}: {entry.relative_to(path).as_posix()} is {what} (not accepted: "
+                                    "a data folder holds plain files and folders; copy the files in)")
+            if stat.S_ISREG(mode):
+                files.append(entry)
+    return sorted(files)
+
+
 def data_hash(path: str | os.PathLike) -> str:
     """sha256 of a data file or folder as sent: every file's path relative to `path` (a file: "") with
     its size and sha256. Independent of where it lies, so the launcher (what it sent) and the machine
@@ -294,7 +315,7 @@ def data_hash(path: str | os.PathLike) -> str:
     import json
 
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = data_files(path)
     listing = {("" if p == path else p.relative_to(path).as_posix()): [p.stat().st_size, sha256_file(p)]
                for p in files}
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()

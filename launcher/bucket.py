@@ -30,6 +30,7 @@ in dest is touched.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -54,6 +55,8 @@ STATE_FILE = registry.BUCKET_STATE_FILE
 RESERVED = registry.RESERVED  # names in runs/<id>/ that the launcher keeps: a manifest listing one is refused
 CHUNK = 1 << 20
 MAX_MANIFEST = 16 << 20
+OWNER_KEY = ".socrates-owner.json"  # at the bucket's root: which run made it (never under a run's out/)
+MAX_OWNER = 4096
 
 
 class BucketError(ContractError):
@@ -69,9 +72,10 @@ class Obj:
 
 
 def default_name(run_id: str) -> str:
-    """The bucket made for a run when none is given: `socrates-<run id>`, lowercased and cut to 63."""
+    """The bucket made for a run when none is given: `socrates-<run id>`, lowercased, cut to fit 63 with a
+    hash of the whole run id (two ids that share their first 50 characters never share a bucket)."""
     slug = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
-    name = f"socrates-{slug}"[:63].rstrip("-.")
+    name = f"{f'socrates-{slug}'[:54].rstrip('-.')}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
     if not _NAME.match(name):
         raise BucketError(f"run id {run_id!r}: no valid bucket name can be derived from it")
     return name
@@ -147,6 +151,29 @@ class Bucket:
         """Make the bucket (a no-op when it is there already and ours to use)."""
         if not self._store.exists():
             self._store.create()
+
+    def create_for(self, run_id: str, token: str) -> None:
+        """Make the bucket for run `run_id`, or fail (BucketError) when it was there already or another
+        create raced this one: S3 (us-east-1) answers 200 to a second create of a bucket one owns, so
+        what tells is the owner marker, written only if absent (a conditional put) with a token that is
+        this run's alone. `owned_by` checks it before a whole-bucket delete."""
+        if self._store.exists():
+            raise BucketError(f"the bucket {self.mount_source} already exists: a bucket made for a run must be new")
+        self._store.create()
+        marker = json.dumps({"run_id": run_id, "token": token}).encode()
+        if not self._store.put_new(OWNER_KEY, marker):
+            raise BucketError(f"the bucket {self.mount_source} was made for another run at the same time "
+                              f"(its {OWNER_KEY} is not this run's): not used")
+
+    def owned_by(self, run_id: str, token: str) -> bool:
+        """Whether the bucket's owner marker says it was made for run `run_id` with `token`."""
+        try:
+            raw = self._store.read(OWNER_KEY, MAX_OWNER)
+            owner = json.loads(raw.decode("utf-8")) if raw is not None else None
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(owner, dict) and owner.get("run_id") == run_id and owner.get("token") == token \
+            and bool(token)
 
     def delete(self) -> None:
         """Delete every object, then the bucket. Only for the bucket made for a run (`--keep-bucket`
@@ -311,6 +338,8 @@ def _load_state(path: Path, where: str) -> dict:
 class _Store:
     def exists(self) -> bool: raise NotImplementedError
     def create(self) -> None: raise NotImplementedError
+    def put_new(self, key: str, data: bytes) -> bool: raise NotImplementedError  # only if absent: False if not
+    def read(self, key: str, limit: int) -> bytes | None: raise NotImplementedError  # None: no such object
     def delete_bucket(self) -> None: raise NotImplementedError
     def delete_objects(self, prefix: str) -> None: raise NotImplementedError
     def list(self, prefix: str) -> Iterator[Obj]: raise NotImplementedError
@@ -329,6 +358,23 @@ class _FileStore(_Store):
 
     def create(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        try:
+            fd = os.open(self.root / key, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def read(self, key: str, limit: int) -> bytes | None:
+        try:
+            fd = os.open(self.root / key, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except (FileNotFoundError, OSError):
+            return None
+        with os.fdopen(fd, "rb") as f:
+            return f.read(limit)
 
     def delete_bucket(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -444,6 +490,35 @@ class _S3Store(_Store):
         if not self.r2 and region and region != "us-east-1":
             kw["CreateBucketConfiguration"] = {"LocationConstraint": region}
         self._call(self.client.create_bucket, **kw)
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.name, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise self._err(e) from None
+        except Exception as e:  # noqa: BLE001  (botocore's connection errors: one line)
+            raise self._err(e) from None
+        return True
+
+    def read(self, key: str, limit: int) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.name, Key=key, Range=f"bytes=0-{limit - 1}")["Body"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
+                return None
+            raise self._err(e) from None
+        except Exception as e:  # noqa: BLE001
+            raise self._err(e) from None
+        try:
+            return body.read(limit)
+        finally:
+            body.close()
 
     def delete_bucket(self) -> None:
         self._call(self.client.delete_bucket, Bucket=self.name)
@@ -582,6 +657,25 @@ class _GCSStore(_Store):
     @_gcs_errors
     def create(self) -> None:
         self.bucket.create()
+
+    @_gcs_errors
+    def put_new(self, key: str, data: bytes) -> bool:
+        try:
+            self.bucket.blob(key).upload_from_string(data, if_generation_match=0)  # only if no object is there
+        except Exception as e:  # noqa: BLE001
+            if type(e).__name__ == "PreconditionFailed":
+                return False
+            raise
+        return True
+
+    @_gcs_errors
+    def read(self, key: str, limit: int) -> bytes | None:
+        try:
+            return self.bucket.blob(key).download_as_bytes(start=0, end=limit - 1)
+        except Exception as e:  # noqa: BLE001
+            if type(e).__name__ == "NotFound":
+                return None
+            raise
 
     @_gcs_errors
     def delete_bucket(self) -> None:

@@ -18,6 +18,8 @@ backend says what ends it (`left_up_ends_by`), else it is torn down (money first
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import shutil
 import signal
 import time
@@ -28,7 +30,7 @@ from contracts.errors import ContractError
 from contracts.events import LINE_PREFIX, dumps, make, read_all
 from launcher import registry
 from launcher.backends import for_run
-from launcher.backends.base import Backend, BackendError, StreamLost
+from launcher.backends.base import Backend, BackendError, StreamLost, disk_full
 from launcher.secrets import plain, redact
 
 SECOND_CTRL_C_S = 3.0
@@ -158,7 +160,10 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
         progress.close()
         message = plain(redact(describe(e.__cause__ or e)))
         ends_by = backend.left_up_ends_by(run)
-        run.transition("failed", note=message, error=message)
+        try:
+            run.transition("failed", note=message, error=message)
+        except OSError as write_error:  # the disk is still full: the user is told below all the same
+            console.print(f"[bold red]run {run.id}: could not update run.json ({write_error})[/]", highlight=False)
         if ends_by is None:
             console.print(f"[bold red]run {run.id}: the job finished but its results could not be pulled back "
                           f"({message}); the machine is torn down (nothing would end it otherwise)[/]", highlight=False)
@@ -301,31 +306,69 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
     machine): a full fine-tune's weight shards stay where they are (the backend checks them present);
     everything else is pulled and verified, and run.json's weights_left says where they are.
     """
-    run.transition("downloading")
-    recorder.phase("downloading")
     staging = run.dir / ".download"
-    for attempt in range(1, attempts + 1):
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            left_at = None if pull_weights else backend.download_leaving(run, staging, _is_weights)
-            if pull_weights:
-                backend.download(run, staging)
-            manifest = manifest_lib.load(staging)
-            left = manifest_lib.weight_files(manifest) if left_at else set()
-            manifest = manifest_lib.verify_or_raise(staging, tree=True, reserved=RESERVED, left=left)
-            break
-        except Exception as e:  # noqa: BLE001  (any failure of an untrusted pull is retried, then reported)
-            if attempt == attempts:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            recorder.phase("downloading", f"attempt {attempt} failed ({redact(describe(e))}); retrying")
-            time.sleep(DOWNLOAD_RETRY_S * attempt)
-    # Only what the manifest lists (and the manifest) is moved; its top-level names were checked above.
-    manifest_lib.move_listed(staging, run.dir, manifest)
-    manifest_lib.verify_or_raise(run.dir, left=left)
+    try:
+        run.transition("downloading")
+        recorder.phase("downloading")
+        for attempt in range(1, attempts + 1):
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            try:
+                left_at = None if pull_weights else backend.download_leaving(run, staging, _is_weights)
+                if pull_weights:
+                    backend.download(run, staging)
+                manifest = manifest_lib.load(staging)
+                left = manifest_lib.weight_files(manifest) if left_at else set()
+                manifest = manifest_lib.verify_or_raise(staging, tree=True, reserved=RESERVED, left=left)
+                break
+            except Exception as e:  # noqa: BLE001  (any failure of an untrusted pull is retried, then reported)
+                if attempt == attempts or disk_full(e):  # a full disk stays full: no retry
+                    raise
+                recorder.phase("downloading", f"attempt {attempt} failed ({redact(describe(e))}); retrying")
+                time.sleep(DOWNLOAD_RETRY_S * attempt)
+        # Only what the manifest lists (and the manifest) is moved; its top-level names were checked above.
+        manifest_lib.move_listed(staging, run.dir, manifest)
+        manifest_lib.verify_or_raise(run.dir, left=left)
+    except Exception as e:
+        need = _needed_bytes(staging) if disk_full(e) else 0
+        shutil.rmtree(staging, ignore_errors=True)  # first: what it held is the room the record needs
+        if disk_full(e):
+            raise DiskFull(run, need) from e
+        raise
     got = "model" if not (run.dir / "adapter").is_dir() and (run.dir / "model").is_dir() else "adapter"  # method full: model/
     run.update(adapter=str((run.dir / got).resolve()), verified=True, weights_left=left_at if left else None)
+
+
+class DiskFull(OSError):
+    """This machine's disk filled up while results came back: what to free, and how to pull again."""
+
+    def __init__(self, run: registry.Run, need: int):
+        free = shutil.disk_usage(run.dir).free if run.dir.is_dir() else 0
+        mb = max(1, -(-(need - free) // 10**6))
+        super().__init__(errno.ENOSPC, f"downloading failed: the disk holding {run.dir} is full: free at least "
+                                       f"{mb:,} MB, then `socrates-launch download {run.id}`")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _needed_bytes(staging: Path) -> int:
+    """What the pull needs: the manifest's sizes when it had come back, else twice what had (a guess)."""
+    try:
+        return sum(int(e["size"]) for e in manifest_lib.load(staging)["files"]) + (1 << 20)
+    except Exception:  # noqa: BLE001  (no manifest yet, or an unreadable one: the guess)
+        return 2 * _tree_bytes(staging)
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def _is_weights(path: str) -> bool:

@@ -232,6 +232,10 @@ def check_local_rows(source: str, split: str | None = None) -> None:
     unseen-participants, their participant ids), before anything is created: a bad row found here
     costs a second, found on the machine it costs a provisioned one."""
     path = Path(source).expanduser()
+    if path.is_dir():
+        from contracts.manifest import data_files
+
+        data_files(path.resolve())  # a link anywhere in it (a loop, a linked subfolder): refused here, exit 2
     if path.exists() and not (path.is_dir() and (path / "stats.json").is_file()):  # a prepared folder is the job's
         from launcher.rows import check_local
 

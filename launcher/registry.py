@@ -42,8 +42,32 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 
 
+PRIVATE = 0o600  # run.json and the side files: they name hosts, buckets and commands
+PRIVATE_DIR = 0o700
+
+
 def runs_root() -> Path:
-    return Path(os.environ.get("SOCRATES_RUNS_DIR") or "runs")
+    """./runs, or $SOCRATES_RUNS_DIR (`~` expanded); one that names something other than a folder is
+    a ContractError (exit 2)."""
+    raw = os.environ.get("SOCRATES_RUNS_DIR") or "runs"
+    root = Path(raw).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ContractError(f"SOCRATES_RUNS_DIR {raw!r}: {root} is not a folder (accepted: a folder, made if missing)")
+    return root
+
+
+def writable_runs_root() -> Path:
+    """runs_root(), made (0700) if missing and checked writable: a ContractError (exit 2) before a run exists."""
+    root = runs_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ContractError(f"SOCRATES_RUNS_DIR {str(root)!r}: runs cannot be written there ({e.strerror or e}); "
+                            "accepted: a folder you can write") from None
+    return root
 
 
 @dataclass
@@ -97,7 +121,7 @@ class Run:
             disk = _read_object(self.path) if base is not None else None
             merged = _merge(base, mine, disk) if disk is not None else mine
             merged["updated_at"] = time.time()
-            atomic_write_json(self.path, merged)
+            atomic_write_json(self.path, merged, mode=PRIVATE)
         self._refresh(merged)
         return self
 
@@ -173,10 +197,11 @@ LOCK_FILE = ".lock"
 FOLLOW_LOCK_FILE = ".follow.lock"
 BUCKET_PARTIAL_DIR = ".bucket-partial"  # launcher/bucket.py: a bucket pull's resumable staging
 BUCKET_STATE_FILE = ".bucket-partial.json"
+TEARDOWN_FILE = ".on-teardown"  # ssh: the --on-teardown command, 0600, never run from here
 # Names in runs/<id>/ that the launcher keeps for itself: a manifest listing one of them is refused
 # (lifecycle's and the bucket pull's verification both use this one list).
 RESERVED = (RUN_FILE, EVENTS_FILE, "job.log", "task.yaml", "launch.log", ".download", LOCK_FILE,
-            FOLLOW_LOCK_FILE, MANIFEST_FILE, "checkpoints", BUCKET_PARTIAL_DIR, BUCKET_STATE_FILE)
+            FOLLOW_LOCK_FILE, MANIFEST_FILE, "checkpoints", BUCKET_PARTIAL_DIR, BUCKET_STATE_FILE, TEARDOWN_FILE)
 
 
 @contextlib.contextmanager
@@ -240,8 +265,15 @@ def _merge(base: dict, mine: dict, disk: dict) -> dict:
     applied only if it is a valid move from the state on disk (a `down` that ended the run while this
     copy followed it keeps its torn_down; this copy's later 'failed' is dropped, not written over it)."""
     out = dict(disk)
+    refused = mine.get("state") != base.get("state") and not _allowed(disk.get("state"), base.get("state"),
+                                                                    mine.get("state"))
+    # A run that ended done meanwhile is never moved backwards: a stale copy's refused move is dropped with
+    # what came with it (its error, machine, ended_at), so "machine gone while live" never lands on it.
+    ended_well = refused and disk.get("state") == "done"
     for key, value in mine.items():
         if key in ("history", "state", "updated_at") or value == base.get(key):
+            continue
+        if ended_well and key != "backend_state":
             continue
         if key == "backend_state" and isinstance(disk.get(key), dict) and isinstance(base.get(key), dict):
             merged = dict(disk[key])
@@ -257,8 +289,7 @@ def _merge(base: dict, mine: dict, disk: dict) -> dict:
     added = list(mine.get("history") or [])[len(base.get("history") or []):]
     state = disk.get("state")
     if mine.get("state") != base.get("state"):
-        if mine["state"] == state or state not in TRANSITIONS or mine["state"] in TRANSITIONS[state] \
-                or disk.get("state") == base.get("state"):
+        if not refused:
             state = mine["state"]
         else:  # someone else moved the run meanwhile, to where this move is not allowed: theirs stands
             added = [h for h in added if h.get("state") != mine["state"]]
@@ -271,13 +302,19 @@ def _merge(base: dict, mine: dict, disk: dict) -> dict:
 _MISSING = object()
 
 
+def _allowed(disk_state: Any, base_state: Any, new_state: Any) -> bool:
+    """Whether a copy read in `base_state` may move the record, now `disk_state` on disk, to `new_state`."""
+    return (new_state == disk_state or disk_state not in TRANSITIONS or new_state in TRANSITIONS[disk_state]
+            or disk_state == base_state)
+
+
 def new_run(name: str, infra: str, **kw: Any) -> Run:
     """Create runs/<name>-<utc time>-<random>/run.json in state `created`."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:40] or "run"
     run_id = f"{safe}-{stamp}-{_random.token_hex(2)}"
-    run_dir = runs_root() / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir = writable_runs_root() / run_id
+    run_dir.mkdir(mode=PRIVATE_DIR)
     run = Run(id=run_id, dir=run_dir, infra=infra, name=name, **kw)
     run.history.append({"state": "created", "ts": run.created_at})
     return run.save()
@@ -372,7 +409,7 @@ class Salvaged(Run):
         data = asdict(self)
         data["dir"] = str(self.dir)
         out = {**self._raw, **{k: v for k, v in data.items() if k not in self._damaged}}
-        atomic_write_json(self.path, out)
+        atomic_write_json(self.path, out, mode=PRIVATE)
         return self
 
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from contracts.errors import ContractError
+from contracts.manifest import data_files
 from contracts.rows import check_row, no_participants, participant_id
 
 PARQUET_EXTRA = "pip install 'socrates-launch[parquet]'"
@@ -25,9 +26,9 @@ def check_local(path: Path, need_participants: bool = False) -> int:
     One `ContractError` line names the file, the row and the problem. The folder walk is the job's
     (job/data.py: *.jsonl and *.parquet, outside metadata/, not hidden)."""
     path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet") and p.is_file()
-                       and "metadata" not in p.relative_to(path).parts and not p.name.startswith("."))
+    if path.is_dir():  # the walk the data hash and the sync use (links refused)
+        files = [p for p in data_files(path) if p.suffix in (".jsonl", ".parquet")
+                 and "metadata" not in p.relative_to(path).parts and not p.name.startswith(".")]
     else:
         files = [path]
     if not files:

@@ -192,6 +192,21 @@ class SkyAdapter:
         records = sky.api_status([request_id])
         return any(_status_name(getattr(r, "status", "")) in _IN_FLIGHT for r in records)
 
+    def request_cluster(self, request_id: str) -> str | None:
+        """The cluster a request acts on, as SkyPilot's request record names it (None: no record, no answer)."""
+        import sky
+
+        try:
+            with captured():
+                payloads = sky.api_status(request_ids=[request_id])
+        except Exception:  # noqa: BLE001  (no answer: the request can't be tied to a cluster)
+            return None
+        for p in payloads or []:
+            if str(_field(p, "request_id") or "") == str(request_id):
+                name = _field(p, "cluster_name")
+                return str(name) if name else None
+        return None
+
     def cancel(self, request_id: str) -> None:
         """Cancel a launch request still in flight (provisioning continues server-side otherwise)."""
         import sky

@@ -66,6 +66,9 @@ class SshOptions:
     poll_s: float = 0.5
     reconnect_s: float = 300.0
     """How long follow/download keep retrying a dropped connection (down: at most 60 s) before giving up loudly."""
+    timeout_s: float = 30.0
+    """How long one SSH step (connect, a log read, a short command) may wait in silence before the connection
+    counts as dropped (a host that went silent, not only one that closed); keepalives go every timeout_s/2."""
 
     def to_dict(self) -> dict:
         return asdict(self)

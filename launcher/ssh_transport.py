@@ -101,6 +101,9 @@ def connect(target: SshTarget, auth: SshAuth) -> paramiko.SSHClient:
         if isinstance(e, paramiko.SSHException) and "not a valid" in str(e).lower():
             raise ContractError(f"--ssh-key {auth.key}: not a private key ({e})") from None
         raise SshDropped(f"ssh {target}: {type(e).__name__}: {e}") from None
+    # keepalives keep NATs and idle timers from cutting a quiet connection; the read timeouts (SFTP channel,
+    # commands) are what notice a host that went silent
+    client.get_transport().set_keepalive(max(1, int(auth.timeout_s / 2)))
     return client
 
 

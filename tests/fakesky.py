@@ -127,6 +127,11 @@ class FakeSky:
         pid_file = _root() / request_id.removeprefix("req-") / "provisioner.pid"
         return pid_file.is_file() and _alive(int(pid_file.read_text()))
 
+    def request_cluster(self, request_id: str) -> str | None:
+        """As SkyPilot's request record: the cluster a launch request (req-<cluster>) was made for."""
+        cdir = _root() / request_id.removeprefix("req-")
+        return cdir.name if request_id.startswith("req-") and (cdir / "task.json").is_file() else None
+
     def cancel(self, request_id: str) -> None:
         pid_file = _root() / request_id.removeprefix("req-") / "provisioner.pid"
         if pid_file.is_file():

@@ -485,10 +485,23 @@ def test_url_forms(url, scheme, name, prefix):
 
 
 def test_default_name_is_a_valid_bucket_name_derived_from_the_run_id():
-    assert bucket_lib.default_name("Smoke_Run-20261201-031500-ab12") == "socrates-smoke-run-20261201-031500-ab12"
+    run_id = "Smoke_Run-20261201-031500-ab12"
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    assert bucket_lib.default_name(run_id) == f"socrates-smoke-run-20261201-031500-ab12-{digest}"
     long = bucket_lib.default_name("x" * 120)
     assert len(long) == 63 and long.startswith("socrates-x")
     bucket_lib.parse_url(f"s3://{long}")  # accepted by its own rules
+
+
+def test_long_run_names_started_in_the_same_minute_get_different_buckets():
+    """Issue #25 item 2: `up --name` of 38+ characters used to lose the id's random suffix to the 63-character
+    cut, so two runs started in the same minute shared one bucket."""
+    name = "a-very-long-descriptive-experiment-name-for-the-paper-x"
+    ids = [f"{name}-20261207-021500-{suffix}" for suffix in ("ab12", "cd34")]
+    names = [bucket_lib.default_name(i) for i in ids]
+    assert names[0] != names[1] and all(len(n) <= 63 for n in names)
+    for n in names:
+        bucket_lib.parse_url(f"s3://{n}")
 
 
 def _printed_by(code: str) -> str:
@@ -634,3 +647,77 @@ def test_objects_s3_did_not_delete_fail_the_delete(s3, monkeypatch):
     assert "1 object(s) not deleted" in str(err.value) and "r/locked.txt" in str(err.value)
     assert "\n" not in str(err.value)
     assert b.exists() and [o["Key"] for o in client.list_objects_v2(Bucket=name)["Contents"]] == ["r/locked.txt"]
+
+
+def _managed_run(runs: Path, run_id: str, **backend_state):
+    from contracts.config import load_config
+    from launcher import registry
+
+    (runs / run_id).mkdir(parents=True)
+    return registry.Run(id=run_id, dir=runs / run_id, infra="sky", state="provisioning",
+                        config=load_config(REPO / "configs" / "smoke.yaml").to_dict(),
+                        options={"spot": True, "managed_job": True}, backend_state=backend_state).save()
+
+
+class _Launched:
+    """Stands in for SkyPilot's jobs API only: the bucket side is the real S3 server."""
+
+    def jobs_launch(self, task, name, secrets, on_request_id):
+        on_request_id("req-1")
+        return 1
+
+
+def test_two_runs_racing_for_one_bucket_name_the_second_is_refused(s3, tmp_path, monkeypatch):
+    """Issue #25 item 2: both launches pass `exists()` before either creates (a race); S3 us-east-1 answers
+    200 to the second create. The owner marker, written only if absent, tells: the second launch is refused
+    before any job is submitted, and the bucket stays the first run's."""
+    from launcher.backends.base import BackendError
+    from launcher.backends.managed import ManagedBackend
+
+    race_id = "race-20261207-021500-ab12"
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(runs))
+    first = _managed_run(runs, race_id)
+    ManagedBackend(adapter=_Launched()).launch(first)
+    second = _managed_run(tmp_path / "runs2", race_id)  # the same id: the same bucket name
+
+    class NoLaunch:
+        def jobs_launch(self, *a, **kw):
+            raise AssertionError("submitted a job into another run's bucket")
+
+    with monkeypatch.context() as m, pytest.raises((BackendError, ContractError)) as err:
+        m.setattr(bucket_lib._S3Store, "exists", lambda self: False)  # it passed the check before the create
+        ManagedBackend(adapter=NoLaunch()).launch(second)
+    assert "made for another run" in str(err.value) and "\n" not in str(err.value)
+    assert Bucket.from_url(first.backend_state["bucket"]).owned_by(race_id, first.backend_state["bucket_token"])
+
+
+def test_down_deletes_a_whole_bucket_only_when_its_owner_marker_is_the_runs(s3, tmp_path, monkeypatch):
+    """Issue #25 item 2: a verified run whose record says it made bucket X, but X's owner marker is another
+    run's (or missing): `down` does not delete X; the run that made it does."""
+    from launcher.backends.base import BackendError
+    from launcher.backends.managed import ManagedBackend
+
+    own_id = "owned-20261207-021500-ab12"
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(runs))
+    owner = _managed_run(runs, own_id)
+    ManagedBackend(adapter=_Launched()).launch(owner)
+    url = owner.backend_state["bucket"]
+    client = s3.client()
+    client.put_object(Bucket=Bucket.from_url(url).name, Key=f"{own_id}/out/ckpt", Body=b"the owner's checkpoint")
+    # A second record for the same id (a copied runs/ folder) with its own token: not the marker's.
+    other = _managed_run(tmp_path / "runs-copy", own_id, job_name="x", bucket=url, bucket_made=True,
+                         bucket_token="f" * 32)
+    other.update(verified=True)
+
+    class Gone:
+        def jobs_queue(self, job_id, refresh=False):
+            return None
+
+    with pytest.raises(BackendError, match="owner marker"):
+        ManagedBackend(adapter=Gone()).down(other)
+    assert Bucket.from_url(url).exists()
+    owner.update(verified=True)
+    ManagedBackend(adapter=Gone()).down(owner)
+    assert not Bucket.from_url(url).exists()

@@ -403,6 +403,9 @@ def test_status_of_a_run_whose_launch_request_is_still_queued_says_up(tmp_path, 
         def request_in_flight(self, request_id):
             return self.in_flight
 
+        def request_cluster(self, request_id):  # SkyPilot's record ties the request to the run's cluster
+            return cluster_name_for(run.id)
+
         def cancel(self, request_id):
             self.cancelled.append(request_id)
             self.in_flight = False

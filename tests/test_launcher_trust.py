@@ -474,7 +474,7 @@ def test_the_printed_ssh_teardown_command_is_quoted(tmp_path, monkeypatch):
     command = str(err.value).split("End it: ", 1)[1]
     argv = shlex.split(command)
     assert argv[:4] == ["ssh", "-p", "1", "root@127.0.0.1"] and len(argv) == 5, argv
-    remote = shlex.split(argv[4].split("; ", 1)[1])
+    remote = shlex.split(argv[4].rsplit("; ", 1)[1])
     assert remote == ["rm", "-rf", work]
 
 

@@ -13,6 +13,7 @@ credentials for the bucket (`sky check` with AWS storage enabled), which the off
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -92,7 +93,7 @@ def test_real_sdk_accepts_the_managed_task_with_its_mount_and_job_recovery(sky_h
                        timeout=300, cwd=REPO)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    name = "socrates-" + RUN_ID  # the bucket named after the run
+    name = f"socrates-{RUN_ID}-{hashlib.sha256(RUN_ID.encode()).hexdigest()[:8]}"  # named after the run, with its hash
     out = f"/socrates-bucket/{RUN_ID}/out"
     assert got["job_recovery"] == {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
     assert got["use_spot"] is True

@@ -266,7 +266,7 @@ def test_launcher_killed_mid_run_job_survives_logs_reattaches_down_cleans(sshd, 
 
     reloaded = registry.load(run.id)  # a fresh launcher: only run.json to go on
     b = SshBackend(reloaded.infra)  # no options: they come back from the run record
-    assert b.machine_state(reloaded) == "up" and b._alive(reloaded.backend_state["pgid"])
+    assert b.machine_state(reloaded) == "up" and b._alive(reloaded.id)
     got = []
     assert b.follow(reloaded, got.append) == 0  # re-attached from the first byte
     assert [e["step"] for e in got if e["event"] == "step"] == list(range(1, 61))
@@ -414,7 +414,7 @@ def test_host_unreachable_follow_fails_loudly_and_down_says_how_then_cleans_late
         srv.stop()  # the host vanishes mid-run
         with pytest.raises(BackendError, match=r"running: lost root@127\.0\.0\.1:\d+ for 1 s .*socrates-launch down"):
             b.follow(run, lambda e: None)
-        with pytest.raises(BackendError, match=r"could not reach .* End it: ssh -p \d+ root@127\.0\.0\.1 'kill -9 -- -\d+"):
+        with pytest.raises(BackendError, match=r"could not reach .* End it: ssh -p \d+ root@127\.0\.0\.1 'pg=\$\(cat .*/job\.pid\)"):
             b.down(run)
         # the provider's stop command ran anyway (it is what stops the billing), and is not repeated
         assert marker.exists() and run.backend_state["on_teardown"]["ok"] and not run.backend_state["torn_down"]

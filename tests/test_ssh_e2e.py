@@ -148,7 +148,8 @@ def test_up_over_ssh_brings_back_a_verified_adapter_and_leaves_nothing(sshd, tmp
 def test_launcher_killed_mid_run_then_logs_reattaches_and_down_cleans(sshd, tmp_path, env, host_dir):
     needs_job()
     # what a sync now has to send: the files whose content differs from the host's cache (left by the test above)
-    expect_files, expect_bytes = changed_since_cache(host_dir / "cache" / "code", tmp_path)
+    codes = host_dir / "cache" / "code"  # code folders by content; `latest` names the last one made
+    expect_files, expect_bytes = changed_since_cache(codes / (codes / "latest").read_text(), tmp_path)
     import yaml
 
     # the smoke config cut to a few steps: this test is about the launcher dying, not the training

@@ -20,6 +20,7 @@ by `status`/`logs`/`down` from runs/<id>/run.json.
 """
 from __future__ import annotations
 
+import errno
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -39,6 +40,20 @@ class BackendError(RuntimeError):
 class StreamLost(BackendError):
     """The job's log stream could not be re-established in time. The job is not known to have failed:
     the caller detaches (the machine's autodown/deadline stay armed) and `logs` re-attaches."""
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether `e`, or what it was raised from, is this machine's disk filling up (ENOSPC, EDQUOT; also
+    as text, as shutil's Error list and rsync report it)."""
+    for _ in range(20):
+        if e is None:
+            return False
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def reconnect_policy() -> tuple[float, float, float]:

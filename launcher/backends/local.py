@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.events import EventReader
+from contracts.manifest import data_files
 from launcher import stage as stagelib
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback
@@ -53,9 +54,11 @@ class LocalBackend(Backend):
                 dest = workdir / "data" / data_path.name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if data_path.is_dir():
-                    shutil.copytree(data_path, dest)
-                else:
-                    shutil.copy2(data_path, dest)
+                    dest.mkdir(parents=True, exist_ok=True)
+                for f in data_files(data_path):  # the walk the row check and the data hash use (no links)
+                    target = dest / f.relative_to(data_path) if f != data_path else dest
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, target, follow_symlinks=False)
                 overrides["DATA"] = str(dest.relative_to(workdir))
             task = tasklib.render(run, gpu=None)
             (workdir / "run.sh").write_text(tasklib.run_script(task, **overrides), encoding="utf-8")
@@ -94,9 +97,9 @@ class LocalBackend(Backend):
 
     def download(self, run: Any, dest: Path) -> None:
         src = Path(run.backend_state.get("workdir", "/nonexistent")) / "out"
-        if not src.is_dir():
+        if src.is_symlink() or not src.is_dir():
             raise BackendError("downloading", f"{src}: the job left no output folder")
-        shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
+        _copy_out(src, Path(dest), skip=("checkpoints",))
 
     def down(self, run: Any) -> None:
         """Kill the job's process group and delete its folder, each only if it is this run's (run.json is
@@ -122,6 +125,27 @@ class LocalBackend(Backend):
 
     def launch_submitted(self, run: Any) -> bool:
         return bool(run.backend_state.get("pid"))
+
+
+def _copy_out(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy the job's out/ without following anything: a link is copied as a link (verification then
+    refuses it; its target is never read), a regular file is copied, anything else (a FIFO, a device)
+    fails the pull unread."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with os.scandir(src) as entries:
+        for entry in entries:
+            if entry.name in skip:
+                continue
+            target = dest / entry.name
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), target)
+            elif entry.is_dir(follow_symlinks=False):
+                _copy_out(Path(entry.path), target)
+            elif entry.is_file(follow_symlinks=False):
+                shutil.copy2(entry.path, target, follow_symlinks=False)
+            else:
+                raise BackendError("downloading", f"{entry.path}: not a regular file, folder or link (not accepted "
+                                                  f"in what comes back)")
 
 
 def _own_workdir(workdir: Path, run_id: str) -> bool:

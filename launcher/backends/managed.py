@@ -16,6 +16,7 @@ controller stands in for SkyPilot's).
 from __future__ import annotations
 
 import re
+import secrets as secrets_lib
 import time
 from pathlib import Path
 from typing import Any
@@ -86,10 +87,16 @@ class ManagedBackend(Backend):
             raise
         except Exception as e:  # noqa: BLE001
             raise BackendError("provisioning", redact(f"could not reach the bucket {url}: {type(e).__name__}: {e}")) from None
-        # Saved before anything is made: `down` and `status` find the job and the bucket from here.
-        run.update(backend_state={"job_name": name, "bucket": url, "bucket_made": make}, machine="up")
+        # Saved before anything is made: `down` and `status` find the job and the bucket from here; the
+        # token is what the bucket's owner marker must hold before `down` deletes it whole.
+        token = secrets_lib.token_hex(16) if make else None
+        run.update(backend_state={"job_name": name, "bucket": url, "bucket_made": make,
+                                  **({"bucket_token": token} if make else {})}, machine="up")
         try:
-            bucket.create()
+            if make:
+                bucket.create_for(run.id, token)
+            else:
+                bucket.create()  # a bucket you named: made if missing, used as it is otherwise
         except ContractError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -268,8 +275,15 @@ class ManagedBackend(Backend):
         if self.delete_bucket or (run.verified and not run.options.get("keep_bucket") and not run.weights_left):
             from launcher.bucket import Bucket
 
-            # The bucket made for the run goes; of any other bucket, only the run's folder.
-            Bucket.from_url(_deletable(run)).delete()
+            # The bucket made for the run goes (once its owner marker says it is this run's); of any other
+            # bucket, only the run's folder.
+            bucket = Bucket.from_url(_deletable(run))
+            if _made_for(run) and bucket.exists() and \
+                    not bucket.owned_by(run.id, str(run.backend_state.get("bucket_token") or "")):
+                raise BackendError("tearing down", f"the bucket {bucket.url} does not carry run {run.id}'s owner "
+                                                   f"marker (made by another run, or before markers existed): not "
+                                                   f"deleted; delete it yourself if it is yours")
+            bucket.delete()
             run.update(backend_state={**run.backend_state, "bucket_deleted": True})
         else:
             run.update(backend_state={**run.backend_state, "bucket_kept": True})

@@ -249,8 +249,15 @@ class SkyBackend(Backend):
 
     def down(self, run: Any) -> None:
         cluster = self._cluster(run)
-        if run.backend_state.get("request_id") and run.backend_state.get("job_id") is None:
-            self.adapter.cancel(run.backend_state["request_id"])
+        request = run.backend_state.get("request_id")
+        if request and run.backend_state.get("job_id") is None:
+            # run.json's request id is not the authority: only a request SkyPilot ties to this run's cluster
+            tied = self.adapter.request_cluster(request)
+            if cluster and tied == cluster:
+                self.adapter.cancel(request)
+            elif tied is not None:
+                raise BackendError("down", f"run.json names launch request {request!r}, which SkyPilot ties to "
+                                           f"cluster {tied!r}, not this run's {cluster!r}: not cancelled")
         if not cluster:
             return
         # A cluster mid-provisioning can refuse a first `down` (locked); a few tries before giving up loudly.

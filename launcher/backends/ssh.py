@@ -3,8 +3,8 @@
 What `launch` does on the host, in order, each step before anything costs more:
     probe      the remote folder is writable and its disk has room (`up` runs this as `preflight`
                before a run exists: host key, credentials, disk refused with exit 2)
-    sync       code + data into a persistent cache over SFTP, sending only files whose size or
-               sha256 differ (bytes counted into the run's backend_state["sync"])
+    sync       code + data into content-addressed cache folders over SFTP, sending only files whose
+               size or sha256 differ (bytes counted into the run's backend_state["sync"])
     check      `python -m job check` against the run's config (a refusal fails the run, job not started)
     start      the run block, detached in its own session (setsid), in the job image with
                `docker run --gpus all` when the host has docker and a GPU, else with a python
@@ -16,9 +16,11 @@ connection drops; `down` kills the job's process group, removes the run's folder
 `--on-teardown` command locally and records whether it worked.
 
 Remote layout (REMOTE_DIR defaults to ~/.socrates-launch):
-    REMOTE_DIR/cache/          synced code, and data under cache/data/<content hash>/ (pruned to what was
-                               sent, checked after the sync), kept between runs so unchanged files aren't
-                               resent; cache/ and runs/ are 0700
+    REMOTE_DIR/cache/          code under cache/code/<content hash>/ (made whole under a run-private name,
+                               checked, then renamed into place: two `up`s from different checkouts never
+                               mix), data under cache/data/<content hash>/ (pruned to what was sent, checked
+                               after the sync), kept between runs so unchanged files aren't resent; cache/
+                               and runs/ are 0700
     REMOTE_DIR/runs/<run-id>/  one run: code hard-linked from the cache, out/, job.log, job.pid, exit_code
 """
 from __future__ import annotations
@@ -40,10 +42,13 @@ try:
     import paramiko
 except ImportError:  # an optional extra: say how to get it instead of a traceback
     raise ContractError("--infra ssh://...: needs paramiko (pip install 'socrates-launch[ssh]')") from None
-from contracts._io import sha256_file
+from contracts._io import atomic_write_text, sha256_file
+from contracts.manifest import data_files
 from launcher import stage as stagelib
 from launcher import task as tasklib
-from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost
+from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, disk_full
+from launcher.registry import PRIVATE, TEARDOWN_FILE
+from launcher.secrets import redact
 from launcher.ssh_options import SshOptions, parse_infra
 from launcher.ssh_transport import (
     DROPPED, SshAuth, SshDropped, SshTarget, SshUnsafe, SyncStats, connect, env_exports, get_tree, local_files,
@@ -97,7 +102,10 @@ class SshBackend(Backend):
 
     def _launch(self, run: Any) -> None:
         state = self._bind(run)
-        state.update(options=self.opts.to_dict(), target=str(self.target))
+        # the --on-teardown command (it may hold a provider token) is kept once, in a 0600 side file
+        state.update(options={**self.opts.to_dict(), "on_teardown": None}, target=str(self.target))
+        if self.opts.on_teardown:
+            _keep_hook(run, self.opts.on_teardown)
         _save(run)
         client = self._connect()
         base = self._resolve_remote_dir(client)
@@ -124,7 +132,7 @@ class SshBackend(Backend):
             self._setup(client, work, task)
         if mode == "docker":
             self.on_phase("installing", f"the job image {self.opts.image} (built from the synced Dockerfile if missing)")
-            self._docker_image(client, base)
+            self._docker_image(client, state["code"])
         if task is not None:
             self.on_phase("checking", "python -m job check on the host")
             self._check(client, work, mode, python)
@@ -150,7 +158,7 @@ class SshBackend(Backend):
                     state.update(exit_code=finished, log_offset=offset)
                     _save(run)
                     return finished
-                if not self._alive(state.get("pgid")) and _read_int(sftp, posixpath.join(work, EXIT_FILE)) is None:
+                if not self._alive(run.id) and _read_int(sftp, posixpath.join(work, EXIT_FILE)) is None:
                     raise BackendError("running", f"the job's process group on {self.target} is gone and left "
                                                   f"no exit code (killed, or the host rebooted); see {log}")
                 time.sleep(self.opts.poll_s)
@@ -186,7 +194,9 @@ class SshBackend(Backend):
                 raise BackendError("downloading", f"{self.target}:{remote_out} does not exist (run torn down?)") from None
             except SshUnsafe as e:
                 raise BackendError("downloading", f"{self.target}: {e}") from None
-            except (SshDropped, *DROPPED):
+            except (SshDropped, *DROPPED) as e:
+                if disk_full(e):  # this machine's disk, not the connection: retrying fills it again
+                    raise
                 self._drop()
                 if attempt == 2:
                     raise BackendError("downloading", f"{self.target}: the connection kept dropping") from None
@@ -206,18 +216,19 @@ class SshBackend(Backend):
                 getattr(run, "exit_code", None) == 0
             try:
                 self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s))
-                self._kill_and_remove(state, work, keep=keep)
+                self._kill_and_remove(state, run.id, work, keep=keep)
                 if keep:
                     state["results_kept"] = f"{self.target}:{work}/out"
             except (SshDropped, *DROPPED) as e:
-                pg = int(state["pgid"]) if state.get("pgid") else f"$(cat {shlex.quote(work + '/' + PID_FILE)})"
-                remote = f"kill -9 -- -{pg}; rm -rf {shlex.quote(work)}"
+                # the host's own job.pid (its runner's pid and group), never run.json's pgid; never group 1
+                pid_file = shlex.quote(f"{work}/{PID_FILE}")
+                remote = f"pg=$(cat {pid_file}) && [ \"$pg\" -gt 1 ] && kill -9 -- -$pg; rm -rf {shlex.quote(work)}"
                 error = (f"could not reach {self.target} to tear down ({e}); the job may still be running there. "
                          f"End it: ssh -p {self.target.port} {shlex.quote(f'{self.target.user}@{self.target.host}')} "
                          f"{shlex.quote(remote)}")
         state["remote_clean"] = error is None
         hook = state.get("on_teardown")
-        recorded = (state.get("options") or {}).get("on_teardown")
+        recorded = _kept_hook(run) or (state.get("options") or {}).get("on_teardown")  # shown, never run
         if self.opts.on_teardown and not (hook and hook["ok"]):
             # the provider's stop command runs even if the host was unreachable: it is what stops billing
             state["on_teardown"] = hook = _run_hook(self.opts.on_teardown)
@@ -233,7 +244,7 @@ class SshBackend(Backend):
                                        f"not trusted to run commands); the host may still be billing. Run it "
                                        f"yourself, or: socrates-launch down {run.id} --on-teardown {shlex.quote(recorded)}")
         if hook and not hook["ok"]:
-            raise BackendError("down", f"--on-teardown {hook['cmd']!r} exited {hook['rc']}: "
+            raise BackendError("down", f"--on-teardown {self.opts.on_teardown!r} exited {hook['rc']}: "
                                        f"{hook['output'].strip()[-200:]} (the host may still be billing: stop it yourself)")
 
     def job_running(self, run: Any) -> bool | None:
@@ -244,7 +255,7 @@ class SshBackend(Backend):
         try:
             if _read_int(self._sftp_client(), posixpath.join(state["work"], EXIT_FILE)) is not None:
                 return False
-            return self._alive(state.get("pgid"))
+            return self._alive(run.id)
         except (SshDropped, *DROPPED):
             return None
         finally:
@@ -268,8 +279,9 @@ class SshBackend(Backend):
         if state.get("torn_down") or not state.get("work"):
             return "gone"
         try:
-            res = ssh_run(self._connect(), f"test -d {shlex.quote(state['work'])} && echo yes || echo no")
-            alive = self._alive(state.get("pgid"))
+            res = ssh_run(self._connect(), f"test -d {shlex.quote(state['work'])} && echo yes || echo no",
+                          timeout=self.opts.timeout_s)
+            alive = self._alive(run.id)
         except (SshDropped, *DROPPED):
             return "unknown"
         return "up" if (res.out.strip() == "yes" or alive) else "gone"
@@ -327,7 +339,7 @@ class SshBackend(Backend):
         return "venv", ""  # empty JOB_PYTHON: the run block's default, the venv its setup block builds
 
     def _sync(self, client: paramiko.SSHClient, base: str, data: Path | None, state: dict) -> SyncStats:
-        """Code into the shared cache; data into a folder named by its content (cache/data/<hash>), pruned
+        """Code into a folder named by its content (`_sync_code`); data into a folder named by its content (cache/data/<hash>), pruned
         to exactly what is sent and checked file by file after the sync: a run trains on exactly its data,
         whatever another run (same folder name, fewer files, at the same time) sent."""
         python = self.opts.remote_python or "python3"
@@ -337,21 +349,55 @@ class SshBackend(Backend):
         if res.rc != 0:
             raise BackendError("syncing", f"could not create {base}/cache and {base}/runs on {self.target}: "
                                           f"{_last_line(res)}")
-        code = local_files(self.code_root, stagelib.entries(self.code_root))
-        stats = sync_tree(client, code, posixpath.join(base, "cache", "code"), python=python, prune=True)
+        code = local_files(self.code_root, stagelib.entries(self.code_root))  # the run's staged folder
+        stats = self._sync_code(client, base, code, python, state)
         if data is not None:
-            files = local_files(data.parent, [data.name])
-            listing = {rel: [p.stat().st_size, sha256_file(p)] for rel, p in files.items()}
-            digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+            files = {Path(data.name, f.relative_to(data)).as_posix() if f != data else data.name: f
+                     for f in data_files(data)}  # the walk the row check and the data hash use
+            listing, digest = _listing(files)
             root = posixpath.join(base, "cache", "data", digest[:32])
             stats.add(sync_tree(client, files, root, python=python, prune=True))
-            there = remote_hashes(client, root, python)
-            if there != listing:
-                odd = sorted(set(there) ^ set(listing)) or sorted(r for r in listing if there.get(r) != listing[r])
-                raise BackendError("syncing", f"the data on {self.target} under {root} is not what was sent "
-                                              f"(differs at {', '.join(odd[:3])})")
+            self._check_sent(client, root, listing, python, "data")
             state["data"] = {"remote": posixpath.join(root, data.name), "sha256": digest, "files": len(listing)}
         return stats
+
+    def _sync_code(self, client: paramiko.SSHClient, base: str, code: dict[str, Path], python: str,
+                   state: dict) -> SyncStats:
+        """The code into a folder named by its content (cache/code/<hash>), made complete under a run-private
+        name and renamed into place: a run never sees another checkout's files, whatever runs at the same
+        time. A new version starts from hard links of the last one, so only changed files are sent."""
+        q = shlex.quote
+        listing, digest = _listing(code)
+        digest = digest[:32]
+        codes = posixpath.join(base, "cache", "code")
+        root, tmp = posixpath.join(codes, digest), posixpath.join(codes, f".tmp-{posixpath.basename(state['work'])}")
+        state["code"] = root
+        res = ssh_run(client, f"test -d {q(root)} && echo HAVE && exit 0; mkdir -p {q(codes)} && rm -rf {q(tmp)} && "
+                              f"last=$(cat {q(codes)}/latest 2>/dev/null); case \"$last\" in ''|*[!0-9a-f]*) mkdir "
+                              f"{q(tmp)};; *) cp -al {q(codes)}/\"$last\" {q(tmp)} 2>/dev/null || mkdir -p {q(tmp)};; "
+                              f"esac")
+        if res.rc != 0:
+            raise BackendError("syncing", f"could not prepare {codes} on {self.target}: {_last_line(res)}")
+        if res.out.strip() == "HAVE":  # this exact code is there, complete (it was renamed in only once whole)
+            return SyncStats(files_skipped=len(listing), bytes_skipped=sum(size for size, _ in listing.values()))
+        stats = sync_tree(client, code, tmp, python=python, prune=True)
+        self._check_sent(client, tmp, listing, python, "code")
+        # another run may have renamed the same content in first: then this copy goes, theirs is identical
+        res = ssh_run(client, f"mv -T {q(tmp)} {q(root)} 2>/dev/null || rm -rf {q(tmp)}; "
+                              f"printf %s {digest} > {q(codes)}/.latest.$$ && mv -f {q(codes)}/.latest.$$ "
+                              f"{q(codes)}/latest; test -d {q(root)}")
+        if res.rc != 0:
+            raise BackendError("syncing", f"could not put the code in place at {root} on {self.target}: "
+                                          f"{_last_line(res)}")
+        return stats
+
+    def _check_sent(self, client: paramiko.SSHClient, root: str, listing: dict, python: str, what: str) -> None:
+        """The folder on the host holds exactly `listing` (path -> [size, sha256]), re-hashed there."""
+        there = remote_hashes(client, root, python)
+        if there != listing:
+            odd = sorted(set(there) ^ set(listing)) or sorted(r for r in listing if there.get(r) != listing[r])
+            raise BackendError("syncing", f"the {what} on {self.target} under {root} is not what was sent "
+                                          f"(differs at {', '.join(odd[:3])})")
 
     def _prepare_work(self, client: paramiko.SSHClient, base: str, work: str, run: Any, task: dict | None,
                       data: Path | None, mode: str, python: str) -> None:
@@ -376,7 +422,7 @@ class SshBackend(Backend):
                       + f"docker run --rm --gpus all --name socrates-{q(run.id)} -v \"$PWD\":/work -w /work {mounts} "
                       f"{names} -e PYTHONPATH=/work --entrypoint bash {q(self.opts.image)} -c {inner}")
         res = ssh_run(client, f"rm -rf {q(work)} && mkdir -p {q(posixpath.dirname(work))} && "
-                              f"cp -al {q(posixpath.join(base, 'cache', 'code'))} {q(work)} && mkdir -p {q(work)}/out")
+                              f"cp -al {q(run.backend_state['code'])} {q(work)} && mkdir -p {q(work)}/out")
         if res.rc != 0:
             raise BackendError("syncing", f"could not create {work} on {self.target}: {_last_line(res)}")
         import yaml
@@ -399,9 +445,9 @@ class SshBackend(Backend):
         if res.rc != 0:
             raise BackendError("installing", f"the setup block failed on {self.target}: {_last_line(res)}")
 
-    def _docker_image(self, client: paramiko.SSHClient, base: str) -> None:
+    def _docker_image(self, client: paramiko.SSHClient, code: str) -> None:
         q = shlex.quote
-        image, context = q(self.opts.image), q(posixpath.join(base, "cache", "code"))
+        image, context = q(self.opts.image), q(code)  # the run's own code folder is the build context
         get = f"docker pull -q {image}" if self.opts.pull_image else f"docker build -q -t {image} {context}"
         res = ssh_run(client, f"docker image inspect {image} >/dev/null 2>&1 || {get}", timeout=3600)
         if res.rc != 0:
@@ -441,12 +487,10 @@ class SshBackend(Backend):
 
     # --- teardown, liveness ----------------------------------------------------------------
 
-    def _kill_and_remove(self, state: dict, work: str, keep: bool = False) -> None:
+    def _kill_and_remove(self, state: dict, run_id: str, work: str, keep: bool = False) -> None:
         q = shlex.quote(work)
-        # the pid file on the host covers a launcher killed between starting the job and saving its pid
-        pg = f"{int(state['pgid'])}" if state.get("pgid") else f"$(cat {q}/{PID_FILE} 2>/dev/null || echo 0)"
-        kill = (f"pg={pg}; if [ \"$pg\" != 0 ]; then kill -TERM -- -$pg 2>/dev/null; for i in $(seq 50); do "
-                f"kill -0 -- -$pg 2>/dev/null || break; sleep 0.2; done; kill -KILL -- -$pg 2>/dev/null; fi; ")
+        # the groups are found on the host by the run id (run.json's pgid is not the authority: `pgid: 1`)
+        kill = _kill_script(run_id)
         docker = f"docker rm -f socrates-{shlex.quote(posixpath.basename(work))} >/dev/null 2>&1; " \
             if state.get("mode") == "docker" else ""
         if keep:  # the job is ended; its folder (the results) stays for the stopped host's disk
@@ -458,10 +502,10 @@ class SshBackend(Backend):
         if res.rc != 0:
             raise SshDropped(f"rm -rf {work} failed: {_last_line(res)}")
 
-    def _alive(self, pgid: int | None) -> bool:
-        if not pgid:
-            return False
-        res = ssh_run(self._client_or_wait(), f"kill -0 -- -{int(pgid)} 2>/dev/null && echo yes || echo no")
+    def _alive(self, run_id: str) -> bool:
+        """Whether a live process on the host carries this run's SOCRATES_RUN_ID."""
+        res = ssh_run(self._client_or_wait(), f"{_groups_script(run_id)}[ -n \"$groups\" ] && echo yes || echo no",
+                      timeout=self.opts.timeout_s)
         return res.out.strip() == "yes"
 
     # --- connection ------------------------------------------------------------------------
@@ -469,7 +513,7 @@ class SshBackend(Backend):
     def _auth(self) -> SshAuth:
         kh = Path(self.opts.known_hosts).expanduser() if self.opts.known_hosts else Path.home() / ".ssh" / "known_hosts"
         return SshAuth(key=Path(self.opts.key).expanduser() if self.opts.key else None, known_hosts=kh,
-                       trust_new_host=self.opts.trust_new_host)
+                       trust_new_host=self.opts.trust_new_host, timeout_s=self.opts.timeout_s)
 
     def _connect(self) -> paramiko.SSHClient:
         transport = self._client.get_transport() if self._client else None
@@ -481,6 +525,7 @@ class SshBackend(Backend):
     def _sftp_client(self) -> paramiko.SFTPClient:
         if self._sftp is None:
             self._sftp = self._connect().open_sftp()
+            self._sftp.get_channel().settimeout(self.opts.timeout_s)  # a silent host is a dropped connection
         return self._sftp
 
     def _client_or_wait(self, timeout: float | None = None) -> paramiko.SSHClient:
@@ -524,6 +569,24 @@ echo $rc > exit_code.tmp && mv exit_code.tmp exit_code
 """
 
 
+def _groups_script(run_id: str) -> str:
+    """Shell that sets $groups to the process groups (> 1, not its own) of the live processes on the host
+    whose environment holds SOCRATES_RUN_ID=<run id> (the runner exports it; the job inherits it)."""
+    want = shlex.quote(f"SOCRATES_RUN_ID={run_id}")
+    return (f"me=$(sed 's/.*) //' /proc/$$/stat | cut -d' ' -f3); groups=$(for e in $(grep -lzxF {want} "
+            f"/proc/[0-9]*/environ 2>/dev/null); do s=$(sed 's/.*) //' ${{e%/environ}}/stat 2>/dev/null) || continue; "
+            f"case \"$s\" in Z*) continue;; esac; g=$(echo \"$s\" | cut -d' ' -f3); "
+            f"[ \"$g\" -gt 1 ] 2>/dev/null && [ \"$g\" != \"$me\" ] && echo $g; done | sort -u); ")
+
+
+def _kill_script(run_id: str) -> str:
+    """Shell that ends the run's process groups (found by its id): TERM, up to 10 s, then KILL."""
+    find = _groups_script(run_id)
+    return (f"{find}for g in $groups; do kill -TERM -- -$g 2>/dev/null; done; for i in $(seq 50); do "
+            f"{find}[ -z \"$groups\" ] && break; sleep 0.2; done; for g in $groups; do kill -KILL -- -$g 2>/dev/null; "
+            f"done; ")
+
+
 def _check_work(state: dict, run_id: str) -> None:
     """The run's remote folder must be <remote_dir>/runs/<run id> under an absolute, normalized remote_dir."""
     base, work = state.get("remote_dir"), state.get("work")
@@ -534,17 +597,39 @@ def _check_work(state: dict, run_id: str) -> None:
                                    f"(<remote dir>/runs/{run_id}): refusing to delete it")
 
 
+def _listing(files: dict[str, Path]) -> tuple[dict, str]:
+    """path -> [size, sha256] of what is sent, and the sha256 of that listing (the folder's name by content)."""
+    listing = {rel: [p.stat().st_size, sha256_file(p)] for rel, p in files.items()}
+    return listing, hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
 def _config_dict(run: Any) -> dict:
     cfg = run.config
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 def _run_hook(cmd: str) -> dict:
+    """Run the --on-teardown command; what run.json keeps of it (not the command: it may hold a token)."""
     try:
         p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=600)
-        return {"cmd": cmd, "rc": p.returncode, "ok": p.returncode == 0, "output": (p.stdout + p.stderr)[-2000:]}
+        return {"rc": p.returncode, "ok": p.returncode == 0, "output": redact((p.stdout + p.stderr)[-2000:])}
     except subprocess.TimeoutExpired:
-        return {"cmd": cmd, "rc": None, "ok": False, "output": "timed out after 600 s"}
+        return {"rc": None, "ok": False, "output": "timed out after 600 s"}
+
+
+def _keep_hook(run: Any, cmd: str) -> None:
+    """The --on-teardown command in runs/<id>/.on-teardown (0600): what `down` names when it is not passed again."""
+    run_dir = getattr(run, "dir", None)
+    if run_dir is not None and Path(run_dir).is_dir():
+        atomic_write_text(Path(run_dir) / TEARDOWN_FILE, cmd, mode=PRIVATE)
+
+
+def _kept_hook(run: Any) -> str | None:
+    path = Path(getattr(run, "dir", "/nonexistent")) / TEARDOWN_FILE
+    try:
+        return path.read_text(encoding="utf-8")[:4096] if path.is_file() and not path.is_symlink() else None
+    except OSError:
+        return None
 
 
 def _read_int(sftp: paramiko.SFTPClient, path: str) -> int | None:

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     if args.save_task and not args.dryrun:
         raise ContractError("--save-task FILE: only with --dryrun (a launch records its task in runs/<id>/task.yaml)")
+    registry.runs_root()  # a SOCRATES_RUNS_DIR naming a file: exit 2 before anything is asked (new_run checks the rest)
     plan = planlib.resolve(args)
     estimate, deadline_s, priced = _estimate(plan, console, dryrun=args.dryrun)
     if deadline_s:
@@ -54,9 +55,11 @@ def run(args: argparse.Namespace) -> int:
     if source is not None:
         # What is sent, hashed as the machine hashes what it got (sky/train.yaml): compared at the end.
         plan.options["data_sha256"] = manifest_lib.data_hash(source)
+    # ssh's --on-teardown command stays out of run.json (the backend keeps it in a 0600 side file)
+    options = {**plan.options, **({"ssh": {**plan.options["ssh"], "on_teardown": None}} if plan.options.get("ssh") else {})}
     run_rec = registry.new_run(
         plan.name, plan.infra, gpu=str(plan.gpu) if plan.gpu else None, config=plan.cfg.to_dict(),
-        options=plan.options, estimate=estimate,
+        options=options, estimate=estimate,
         price_per_hour=(estimate or {}).get("price_per_hour"),
     )
     console.print(f"run [bold]{run_rec.id}[/] ({run_rec.dir})", highlight=False, soft_wrap=True)
