@@ -127,6 +127,13 @@ def test_the_loss_check_on_round_8s_real_curves_fails_the_three_regressions():
     assert not any(c["within"] for c in got.values())
     assert not got["bias"]["bias_ok"] and not got["scale"]["bias_ok"]
     assert got["relabelled"]["bias_ok"] and got["relabelled"]["rms"] == pytest.approx(0.7179, abs=1e-4)
+    # The rows that really ran beside them: fp8 on q/o + MLP moves step 1 by -.2637 (fails the bias test),
+    # the bf16 levers by +.0008 (pass it; step 1 of the plain stack repeats to the bit).
+    real = {c["name"]: c for c in tt.loss_check([_row(42, a, True), _row(42, b, True),
+                                                 _row(42, c1[2]["losses"], name="fp8"), _row(42, c1[3]["losses"], name="bf16")])}
+    assert "fp8" in c1[2]["name"] and "fp8" not in c1[3]["name"]
+    assert real["fp8"]["step1"] == pytest.approx(-0.2637, abs=1e-4) and not real["fp8"]["bias_ok"]
+    assert real["bf16"]["step1"] == pytest.approx(0.0008, abs=1e-4) and real["bf16"]["bias_ok"]
 
 
 def test_learnable_targets_draw_answers_from_eight_ids_most_often_the_first():
