@@ -501,12 +501,14 @@ def card_throughput(table: dict, card: str, method: str, params_b: float, count:
     if "derived_from" in entry:
         base_size, base = _nearest_size(table["measured"][entry["derived_from"]], size, entry["derived_from"])
         tps = float(base["tokens_per_s"]) * float(entry["ratio"])
-        ratio_how = f"{entry['derived_from']} x {entry['ratio']} (derived) "
+        # a ratio measured beside the base method (card, date) or assumed
+        ratio_how = (f"{entry['derived_from']} x {entry['ratio']} (measured on {entry['card']}, {entry['date']}) "
+                     if entry.get("date") else f"{entry['derived_from']} x {entry['ratio']} (derived) ")
         measured = base
     else:
         tps, measured = float(entry["tokens_per_s"]), entry
     measured_card = measured.get("card") or ref
-    derived = bool(ratio_how) or not measured.get("date")
+    derived = ("derived_from" in entry and not entry.get("date")) or not measured.get("date")
     label = {"lean": "lean memory mode: ", "fp8": "fp8 fast mode: "}.get(mode, "")
     how = (f"{ratio_how}{label}{method} {size:g}B on {measured_card}: "
            f"{tps:,.0f} tok/s ({measured.get('command', 'prior')})")
