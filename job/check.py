@@ -123,16 +123,23 @@ def plan_memory(cfg: RunConfig, card_gib: float | None, host_gib: float | None, 
                 world: int = 1) -> tuple[RunConfig, dict]:
     """The config to train with on this card, and the memory mode it is in.
 
-    fast: the config as written (train.memory_mode fast, or auto when the fit estimate fits the card).
-    lean: every decoder layer recomputed with its input offloaded to pinned host memory, at the largest
-    micro-batch (<= 128, dividing the per-GPU global batch) whose GPU fit and host memory both fit;
-    the global batch, and so what is learned, is unchanged. No card (CPU): the config as written.
+    fast: the config as written (train.memory_mode fast, or auto when the fit estimate fits the card
+    and the host's RAM). lean: every decoder layer recomputed with its input offloaded to pinned host
+    memory, at the largest micro-batch (<= 128, dividing the per-GPU global batch) whose GPU fit and
+    host memory both fit; the global batch, and so what is learned, is unchanged. configs/paper.yaml
+    is that shape at micro-batch 128 (bench/RESULTS.md round 9), so there lean only lowers the
+    micro-batch. No card (CPU): the config as written.
     Raises JobCannotRun when neither fits, naming the smallest need."""
     t = cfg.train
     if t.method == "full":
         return _plan_full(cfg, card_gib, data_dir, world)
     fit = fit_estimate(cfg, data_dir)
     fits = card_gib is None or fit["total_gib"] <= FIT_SHARE * card_gib
+    if fits and card_gib is not None and t.memory_mode == "auto":
+        try:  # auto: host RAM too small for the offloaded inputs at this micro-batch lowers it, as the card's does
+            host_fit(cfg, fit, host_gib)
+        except JobCannotRun:
+            fits = False
     if card_gib is None or t.memory_mode == "fast" or (t.memory_mode == "auto" and fits):
         if not fits:
             raise JobCannotRun(f"{cfg.model.id} with {t.method} at micro_batch {t.micro_batch} needs ~{fit['total_gib']} "
@@ -160,7 +167,10 @@ def plan_memory(cfg: RunConfig, card_gib: float | None, host_gib: float | None, 
         except JobCannotRun:
             continue
         why = ("train.memory_mode: lean" if t.memory_mode == "lean" else
-               f"the config as written needs ~{fit['total_gib']} GiB, over {FIT_SHARE:.0%} of {card_gib:.2f} GiB")
+               f"the config as written needs ~{fit['total_gib']} GiB, over {FIT_SHARE:.0%} of {card_gib:.2f} GiB"
+               if fit["total_gib"] > FIT_SHARE * card_gib else
+               f"the config as written keeps ~{fit['host_gib']} GiB of checkpoints in host memory; "
+               f"this machine has {host_gib} GiB")
         return lean, {"mode": "lean", "micro_batch": mb, "checkpoint_layers": None, "offload_checkpoints": True,
                       "fit": f, "why": why}
     mb, gib, host = tried[-1] if tried else (1, fit["total_gib"], 0.0)

@@ -646,12 +646,14 @@ def card_throughput(table: dict, card: str, method: str, params_b: float, count:
     if "derived_from" in entry:
         base_size, base = _nearest_size(table["measured"][entry["derived_from"]], size, entry["derived_from"])
         tps = float(base["tokens_per_s"]) * float(entry["ratio"])
-        ratio_how = f"{entry['derived_from']} x {entry['ratio']} (derived) "
+        # a ratio measured beside the base method (card, date) or assumed
+        ratio_how = (f"{entry['derived_from']} x {entry['ratio']} (measured on {entry['card']}, {entry['date']}) "
+                     if entry.get("date") else f"{entry['derived_from']} x {entry['ratio']} (derived) ")
         measured = base
     else:
         tps, measured = float(entry["tokens_per_s"]), entry
     measured_card = measured.get("card") or ref
-    derived = bool(ratio_how) or not measured.get("date")
+    derived = ("derived_from" in entry and not entry.get("date")) or not measured.get("date")
     label = {"lean": "lean memory mode: ", "fp8": "fp8 fast mode: "}.get(mode, "")
     how = (f"{ratio_how}{label}{method} {size:g}B on {measured_card}: "
            f"{tps:,.0f} tok/s ({measured.get('command', 'prior')})")
@@ -1029,6 +1031,57 @@ def render_cards(est: Estimate, console: Any) -> None:
 
 def _card(o: Offer) -> str:
     return f"{o.card}:{o.count}" + (" PCIe" if (o.spec or "").endswith("-PCIE") else "")
+
+
+# --- QLoRA beside LoRA --------------------------------------------------------------------------
+
+ADAPTER_METHODS = ("qlora", "lora")
+
+
+def methods_side_by_side(cfg: RunConfig, est: Estimate) -> list[dict]:
+    """QLoRA and LoRA on the estimate's card (its cheapest offer's price), when the card fits both: for
+    each, tok/s, hours and dollars (low / expected / high) and the GiB it needs. Only shown: the run
+    trains with the method its config names (train.method); [] for full or a card that fits one."""
+    plan = est.plan
+    if cfg.train.method not in ADAPTER_METHODS or plan is None or plan.count != 1:
+        return []
+    table = load_throughput()
+    have = float(table["cards"][plan.card]["memory_gib"])
+    best = est.cheapest
+    rows = []
+    for method in ADAPTER_METHODS:
+        other = cfg.with_overrides({"train.method": method}, source="methods side by side")
+        p = plan if method == cfg.train.method else plan_card(other, table, plan.card, 1, est.params_b, est.tokens,
+                                                                 local=est.infra.startswith(LOCAL_INFRA_PREFIXES))
+        if p.memory_mode is None:
+            return []
+        need = min_memory_gib(table, method, est.params_b) if p.memory_mode == "fast" else \
+            lean_min_memory_gib(table, method, est.params_b)
+        hours = p.hours(est.spot)
+        rows.append({"method": method, "card": plan.card, "card_gib": have, "need_gib": round(need or 0, 1),
+                     "memory_mode": p.memory_mode, "tokens_per_s": round(p.tokens_per_s),
+                     "hours": list(hours), "dollars": [round(h * best.price_per_h, 2) for h in hours] if best else None,
+                     "chosen": method == cfg.train.method})
+    return rows
+
+
+def render_methods(rows: list[dict], console: Any) -> None:
+    from rich import box
+    from rich.table import Table
+
+    if not rows:
+        return
+    t = Table(title=f"QLoRA and LoRA on {rows[0]['card']}:1 ({rows[0]['card_gib']:.0f} GiB), same data",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("method", "tok/s", "hours lo-exp-hi", "$ lo-exp-hi", "needs GiB"):  # whole cells at 80 columns
+        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=col != "method")
+    for r in rows:
+        name = {"qlora": "QLoRA (4-bit NF4 base)", "lora": "LoRA (bf16 base)"}[r["method"]]
+        t.add_row(name + (" *" if r["chosen"] else ""), f"{r['tokens_per_s']:,}", "-".join(f"{h:.1f}" for h in r["hours"]),
+                  "-".join(f"{d:,.0f}" for d in r["dollars"]) if r["dollars"] else "-",
+                  f"{r['need_gib']:.0f}" + (" (lean)" if r["memory_mode"] == "lean" else ""))
+    console.print(t)
+    console.print("  * the method this run uses (train.method); the other is shown, never switched to")
 
 
 def _hms(s: float) -> str:

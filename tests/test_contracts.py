@@ -16,7 +16,7 @@ def test_paper_config_is_the_papers_schedule():
         "Qwen/Qwen2.5-14B-Instruct", "qlora", 1.0, 256, 1e-5)
     assert (t.lr_scheduler, t.warmup_ratio, t.weight_decay) == ("cosine", 0.05, 0.1)
     assert t.grad_accum(1) * t.micro_batch == 256
-    assert t.grad_accum(4) * t.micro_batch * 4 == 256
+    assert t.grad_accum(2) * t.micro_batch * 2 == 256  # 4+ GPUs: launcher/plan.py lowers the micro-batch
 
 
 def test_accumulation_is_derived_and_must_divide():

@@ -126,7 +126,7 @@ def test_the_estimate_says_which_levers_its_rate_assumes(tmp_path):
     r = cli(["estimate", "--gpu", "A100:1", "--config", str(PAPER)], env, timeout=300)
     out = " ".join(r.stdout.split())
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "rate assumes speed levers: liger, flex_attention, fused_lora, packing, checkpointed_layers 46" in out, out
+    assert "rate assumes speed levers: liger, flex_attention, fused_lora, packing, checkpointed_layers 48, offload (off: fp8)" in out, out
     assert "liger-kernel 0.8.5" in out and "turns off" not in out
     doc = yaml.safe_load(PAPER.read_text())
     doc.setdefault("train", {})["liger"] = False
