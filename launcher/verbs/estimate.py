@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         out["deadline_s"] = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
         out["safety_deadline_s"] = cost.safety_deadline(est) if out["deadline_s"] is None else None
         out["plan"] = planlib.summary(plan)
-        out["methods"] = cost.methods_side_by_side(plan.cost_config, est)
+        out["methods"] = cost.methods_side_by_side(plan.cfg, est)
         print(json.dumps(out, indent=2))
         return 0
     from rich.console import Console
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.explain:  # the resolved plan, as `up --dryrun` shows it (the short default stays short)
         console.print(planlib.describe(plan), highlight=False, markup=False, soft_wrap=True)
     cost.render(est, console, explain=args.explain)
-    cost.render_methods(cost.methods_side_by_side(plan.cost_config, est), console)
+    cost.render_methods(cost.methods_side_by_side(plan.cfg, est), console)
     # After the table, as `up` does: a cap the high estimate exceeds is one line and exit 2.
     deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
     if deadline_s is not None:
