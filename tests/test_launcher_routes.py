@@ -3,6 +3,8 @@ CLI flag -> config -> job. The estimate prices the config the job reads, and the
 no knob a second time under another name."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -13,34 +15,34 @@ from launcher_helpers import REPO
 EVAL_FLAGS = ("--rows", "--subset", "--eval-subset", "--split", "--seed", "--mode", "--base-model")
 
 
-def home(tmp_path, monkeypatch) -> None:
-    """A HOME with the seeded price catalog (tests/skyfix.py): the estimate reads prices from it offline."""
+_PROBE = """
+import json, sys
+from launcher import plan as planlib, registry, task as tasklib
+from launcher.cli import build_parser
+from launcher_helpers import REPO
+parser, _ = build_parser("estimate")
+plan = planlib.resolve(parser.parse_args(["estimate", "--gpu", "A100:1", *sys.argv[1:]]), default_gpu=True)
+est = planlib.estimate(plan, allow_unpriced=True)
+run = registry.Run(id="t", dir=REPO / "nonexistent", name="t", config=plan.cfg.to_dict(), options=plan.options)
+task = tasklib.render(run, gpu=str(plan.gpu), workdir=REPO)
+print(json.dumps({"evaluation_s": sum(t.expected_s for t in est.plan.terms if t.name == "evaluation"), "task": task}))
+"""
+
+
+def _probe(tmp_path, *argv: str) -> tuple[float, dict]:
+    """The estimate's evaluation seconds and the rendered task for `estimate --gpu A100:1 ARGV`, in a process
+    whose HOME holds the seeded price catalog (tests/skyfix.py): SkyPilot fixes its paths when imported."""
     from skyfix import seed_catalog
 
-    seed_catalog(tmp_path / "home")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-def _plan(tmp_path, *argv: str):
-    from launcher import plan as planlib
-    from launcher.cli import build_parser
-
-    parser, _ = build_parser("estimate")
-    return planlib.resolve(parser.parse_args(["estimate", "--gpu", "A100:1", *argv]), default_gpu=True)
-
-
-def _evaluation_s(plan) -> float:
-    from launcher import plan as planlib
-
-    est = planlib.estimate(plan, allow_unpriced=True)
-    return sum(t.expected_s for t in est.plan.terms if t.name == "evaluation")
-
-
-def _render(plan) -> dict:
-    from launcher import registry, task as tasklib
-
-    run = registry.Run(id="t", dir=REPO / "nonexistent", name="t", config=plan.cfg.to_dict(), options=plan.options)
-    return tasklib.render(run, gpu=str(plan.gpu), workdir=REPO)
+    home = tmp_path / "home"
+    if not home.exists():
+        seed_catalog(home)
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    r = subprocess.run([sys.executable, "-c", _PROBE, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    return got["evaluation_s"], got["task"]
 
 
 def _config_with(tmp_path, **eval_section) -> str:
@@ -51,28 +53,25 @@ def _config_with(tmp_path, **eval_section) -> str:
     return str(path)
 
 
-def test_eval_enabled_false_in_a_config_is_priced_and_rendered_alike(tmp_path, monkeypatch):
-    home(tmp_path, monkeypatch)
-    on = _plan(tmp_path, "--subset", "0.1")
-    off = _plan(tmp_path, "--subset", "0.1", "--config", _config_with(tmp_path, enabled=False))
-    flag = _plan(tmp_path, "--subset", "0.1", "--no-eval")
-    assert _evaluation_s(on) > 0 and _evaluation_s(off) == 0 == _evaluation_s(flag)
-    for plan in (off, flag):  # what the job reads says the same as what was priced
-        assert yaml.safe_load(_render(plan)["envs"]["CONFIG_YAML"])["eval"]["enabled"] is False
-    assert yaml.safe_load(_render(on)["envs"]["CONFIG_YAML"])["eval"]["enabled"] is True
+def test_eval_enabled_false_in_a_config_is_priced_and_rendered_alike(tmp_path):
+    on, on_task = _probe(tmp_path, "--subset", "0.1")
+    off, off_task = _probe(tmp_path, "--subset", "0.1", "--config", _config_with(tmp_path, enabled=False))
+    flag, flag_task = _probe(tmp_path, "--subset", "0.1", "--no-eval")
+    assert on > 0 and off == 0 == flag
+    for task in (off_task, flag_task):  # what the job reads says the same as what was priced
+        assert yaml.safe_load(task["envs"]["CONFIG_YAML"])["eval"]["enabled"] is False
+    assert yaml.safe_load(on_task["envs"]["CONFIG_YAML"])["eval"]["enabled"] is True
 
 
-def test_eval_base_is_priced_as_a_second_evaluation(tmp_path, monkeypatch):
-    home(tmp_path, monkeypatch)
-    one = _evaluation_s(_plan(tmp_path, "--subset", "0.1"))
-    two = _plan(tmp_path, "--subset", "0.1", "--eval-base")
-    assert abs(_evaluation_s(two) - 2 * one) < 1e-6 * one
-    assert yaml.safe_load(_render(two)["envs"]["CONFIG_YAML"])["eval"]["base"] is True
+def test_eval_base_is_priced_as_a_second_evaluation(tmp_path):
+    one, _ = _probe(tmp_path, "--subset", "0.1")
+    two, task = _probe(tmp_path, "--subset", "0.1", "--eval-base")
+    assert abs(two - 2 * one) < 1e-6 * one
+    assert yaml.safe_load(task["envs"]["CONFIG_YAML"])["eval"]["base"] is True
 
 
-def test_the_rendered_task_passes_no_config_knob_a_second_time(tmp_path, monkeypatch):
-    home(tmp_path, monkeypatch)
-    task = _render(_plan(tmp_path, "--subset", "0.1", "--eval-rows", "100", "--eval-base"))
+def test_the_rendered_task_passes_no_config_knob_a_second_time(tmp_path):
+    _, task = _probe(tmp_path, "--subset", "0.1", "--eval-rows", "100", "--eval-base")
     envs = task["envs"]
     config = yaml.safe_load(envs["CONFIG_YAML"])
     leaves = {f"{section}.{key}" for section, body in config.items() if isinstance(body, dict) for key in body}

@@ -43,6 +43,7 @@ try:
 except ImportError:  # an optional extra: say how to get it instead of a traceback
     raise ContractError("--infra ssh://...: needs paramiko (pip install 'socrates-launch[ssh]')") from None
 from contracts._io import atomic_write_text, sha256_file
+from contracts.events import LINES_ENV
 from contracts.manifest import data_files
 from launcher import stage as stagelib
 from launcher import task as tasklib
@@ -408,7 +409,8 @@ class SshBackend(Backend):
             overrides = {"JOB_PYTHON": python, **({"DATA": remote_data} if remote_data else {})}
             script = tasklib.run_script(task, **overrides)
         else:
-            script = "#!/usr/bin/env bash\nexport OUT=out\n" + self.run_block
+            # a given block (tests' stand-in jobs): the events channel the template's run block exports too
+            script = f"#!/usr/bin/env bash\nexport OUT=out {LINES_ENV}=1\n" + self.run_block
         launch = "bash ./run.sh"
         if mode == "docker":
             # Secrets never go through docker's -e (the values would be in `docker inspect`): the runner
