@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from contracts.errors import ContractError
-from contracts.events import parse_line
+from contracts.events import KINDS, parse_line
+from contracts.remote import is_int
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, reconnect_policy
 from launcher.backends.sky import _phase_of, load_adapter
@@ -154,7 +155,7 @@ class ManagedBackend(Backend):
         if run.events_path.is_file():
             from contracts.events import read_all
 
-            for ev in read_all(run.events_path):
+            for ev in read_all(run.events_path, kinds=KINDS, skips=None):  # the launcher's own record
                 if ev.get("event") != "phase":
                     seen.add(_key(ev))
                     on_event(ev)
@@ -372,4 +373,6 @@ def _deletable(run: Any) -> str:
 
 
 def _key(ev: dict) -> tuple:
-    return (ev.get("event"), ev.get("ts"), ev.get("step"))
+    """What tells one event from another across reconnects (hashable whatever the job sent as `step`)."""
+    step = ev.get("step")
+    return (ev.get("event"), ev.get("ts"), step if is_int(step) else None)
