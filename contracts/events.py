@@ -86,7 +86,7 @@ def make(event: str, **fields: Any) -> dict:
     return validate(obj)
 
 
-def validate(obj: Any) -> dict:
+def validate(obj: Any, typed: bool = True) -> dict:
     if not isinstance(obj, dict):
         raise ContractError(f"event: expected a JSON object, got {type(obj).__name__}")
     kind = obj.get("event")
@@ -97,7 +97,7 @@ def validate(obj: Any) -> dict:
     missing = [k for k in REQUIRED[kind] if k not in obj]
     if missing:
         raise ContractError(f"event {kind}: missing field(s) {', '.join(missing)}")
-    for key, what in TYPES[kind].items():
+    for key, what in (TYPES[kind] if typed else {}).items():
         if not ((what.endswith("?") and obj[key] is None) or _TYPES[what.rstrip("?")](obj[key])):
             raise ContractError(f"event {kind}: {key} {_short(obj[key])} is not accepted "
                                 f"({what.rstrip('?')}{' or null' if what.endswith('?') else ''})")
@@ -129,11 +129,13 @@ def _short(v: Any) -> str:
 
 
 def parse_line(line: str, kinds: tuple[str, ...] = MACHINE_KINDS,
-               skips: remote.Skips | None = remote.skipped) -> dict | None:
+               skips: remote.Skips | None = remote.skipped, typed: bool = True) -> dict | None:
     """The event on a line (bare JSON or with LINE_PREFIX), or None for any other line. Never raises:
     what a machine sends is read with `remote.loads` (finite numbers, bounded integers) and checked
     against the schema; a line that claims to be an event (the prefix, or a bare object naming an
-    `event`) and fails, or names a kind outside `kinds` (a job's `phase`), is counted in `skips`."""
+    `event`) and fails, or names a kind outside `kinds` (a job's `phase`), is counted in `skips`.
+    `typed=False` (the launcher's own record, which `logs` shows as it is, hand edits included) checks
+    the kinds and required fields but not their types."""
     if len(line) > remote.MAX_LINE:
         if skips is not None:
             skips.note(f"a line over {remote.MAX_LINE:,} bytes")
@@ -150,7 +152,7 @@ def parse_line(line: str, kinds: tuple[str, ...] = MACHINE_KINDS,
         return None
     claimed = claimed or '"event"' in line
     try:
-        ev = validate(remote.loads(line))
+        ev = validate(remote.loads(line), typed)
         if ev["event"] not in kinds:
             raise ContractError(f"event {ev['event']}: not accepted from the job (the launcher's own)")
         return ev
@@ -191,6 +193,7 @@ class EventReader:
     offset: int = 0
     kinds: tuple[str, ...] = MACHINE_KINDS
     skips: remote.Skips | None = remote.skipped
+    typed: bool = True
     lines: remote.Lines = field(default_factory=remote.Lines, repr=False)
 
     @property
@@ -212,7 +215,7 @@ class EventReader:
         for chunk in chunks:
             start = self.pos
             for raw in self.lines.feed(chunk):
-                ev = parse_line(raw.decode("utf-8", errors="replace"), self.kinds, self.skips)
+                ev = parse_line(raw.decode("utf-8", errors="replace"), self.kinds, self.skips, self.typed)
                 if ev is not None:
                     events.append(ev)
             self.offset = start + len(chunk) - self.lines.pending
@@ -220,10 +223,14 @@ class EventReader:
 
 
 def read_all(path: str | os.PathLike, kinds: tuple[str, ...] = MACHINE_KINDS,
-             skips: remote.Skips | None = remote.skipped) -> list[dict]:
-    """Every complete event line of a file. The launcher's own record (runs/<id>/events.jsonl) is read
-    with kinds=KINDS (its `phase` lines) and skips=None."""
-    return EventReader(Path(path), kinds=kinds, skips=skips).read_new()
+             skips: remote.Skips | None = remote.skipped, typed: bool = True) -> list[dict]:
+    """Every complete event line of a file (see parse_line)."""
+    return EventReader(Path(path), kinds=kinds, skips=skips, typed=typed).read_new()
+
+
+def read_record(path: str | os.PathLike) -> list[dict]:
+    """The launcher's own record, runs/<id>/events.jsonl: its `phase` lines too, values as recorded."""
+    return read_all(path, kinds=KINDS, skips=None, typed=False)
 
 
 def iter_lines(lines: Iterable[str]) -> Iterator[dict]:

@@ -63,7 +63,7 @@ def loads(text: str | bytes, max_bytes: int = MAX_DOC) -> Any:
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise Refused(f"not UTF-8 (byte {e.start})") from None
+            raise Refused(str(e)[:120]) from None
     try:
         obj = json.loads(text, parse_constant=_constant, parse_int=_int, parse_float=_float)
     except Refused:
@@ -71,7 +71,7 @@ def loads(text: str | bytes, max_bytes: int = MAX_DOC) -> Any:
     except RecursionError:
         raise Refused("nested too deep") from None
     except ValueError as e:
-        raise Refused(f"not JSON ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})") from None
+        raise Refused(str(e).splitlines()[0][:120] if str(e) else type(e).__name__) from None  # json's own words
     if _depth(obj) > MAX_DEPTH:
         raise Refused(f"nested deeper than {MAX_DEPTH}")
     return obj

@@ -27,7 +27,7 @@ from rich.markup import escape
 from contracts import manifest as manifest_lib
 from contracts import remote
 from contracts.errors import ContractError
-from contracts.events import KINDS, LINE_PREFIX, dumps, make, read_all
+from contracts.events import LINE_PREFIX, dumps, make, read_record
 from launcher import registry
 from launcher.backends import for_run
 from launcher.backends.base import Backend, BackendError, StreamLost
@@ -42,7 +42,7 @@ RESERVED = registry.RESERVED  # names in runs/<id>/ that belong to the launcher
 def read_events(path: Path) -> list[dict]:
     """The events recorded in runs/<id>/events.jsonl (none when there is no file yet): the launcher's own
     record, its `phase` lines included."""
-    return read_all(path, kinds=KINDS, skips=None) if path.is_file() else []
+    return read_record(path) if path.is_file() else []
 
 
 # --- the verbs' entry points -------------------------------------------------------------------

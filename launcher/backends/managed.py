@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.errors import ContractError
-from contracts.events import KINDS, parse_line
+from contracts.events import parse_line
 from contracts.remote import is_int
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, reconnect_policy
@@ -153,9 +153,9 @@ class ManagedBackend(Backend):
             raise BackendError("provisioning", "the managed job was never submitted (no request id)")
         seen: set[tuple] = set()
         if run.events_path.is_file():
-            from contracts.events import read_all
+            from contracts.events import read_record
 
-            for ev in read_all(run.events_path, kinds=KINDS, skips=None):  # the launcher's own record
+            for ev in read_record(run.events_path):
                 if ev.get("event") != "phase":
                     seen.add(_key(ev))
                     on_event(ev)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from contracts import results as results_lib
+from contracts.remote import clean
 from contracts.results import METRICS_FILE, REPORT_FILE, read_metrics, summary
 from launcher import registry
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                           "tensorboard": str(tb) if tb else None,
                           "results": {k: summary(v) for k, v in results.items()}}, indent=2))
         return 0
-    print(render(label, results, report))
+    print(clean(render(label, results, report)))  # keys and values came from a machine: no escape reaches the terminal
     return 0
 
 
