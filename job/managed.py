@@ -75,15 +75,15 @@ def _not_a_record(state, now: float) -> str | None:
         return f"a JSON {type(state).__name__}, expected an object"
     launches, first, deadline, starts = (state.get(k) for k in ("launches", "first_start", "deadline", "starts"))
     if not (remote.is_int(launches) and 0 <= launches <= 100_000):
-        return f"launches {str(launches)[:20]} is not a count"
+        return f"launches {repr(launches)[:20]} is not a count"
     if not (isinstance(starts, list) and len(starts) == launches and all(remote.is_number(t) for t in starts)):
         return f"starts is not a list of {launches} unix times"
     if not (remote.is_int(deadline) and deadline >= 0):
-        return f"deadline {str(deadline)[:20]} is not whole unix seconds"
+        return f"deadline {repr(deadline)[:20]} is not whole unix seconds"
     if launches == 0:
         return None if first is None else "first_start is set but nothing was launched"
     if not (remote.is_number(first) and 0 < first <= now + 86_400):
-        return f"first_start {str(first)[:20]} is not the unix time of a start"
+        return f"first_start {repr(first)[:20]} is not the unix time of a start"
     if deadline and deadline <= first:
         return f"deadline {deadline} is not after the first start {int(first)}"
     return None

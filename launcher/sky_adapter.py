@@ -358,7 +358,7 @@ class _LineSink(io.TextIOBase):
         pass
 
 
-def join_lines(chunks: Iterator[str | None]) -> Iterator[str]:
+def join_lines(chunks: Iterator[str | None], limit: int | None = None) -> Iterator[str]:
     """Whole lines from the SDK's log chunks (None marks the end).
 
     An event line split across two chunks is joined before anyone parses it; a partial last line
@@ -366,9 +366,9 @@ def join_lines(chunks: Iterator[str | None]) -> Iterator[str]:
     Linear in the stream and bounded in memory: a line over remote.MAX_LINE is cut there (it still
     counts as one line; events.parse_line refuses it), never held or re-split whole.
     """
-    from contracts.remote import Lines
+    from contracts.remote import MAX_LINE, Lines
 
-    lines = Lines(cut=True)
+    lines = Lines(limit or MAX_LINE, cut=True)
     for chunk in chunks:
         if chunk is None:
             yield from (line.rstrip("\r") for line in lines.end())
