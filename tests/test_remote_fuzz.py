@@ -14,6 +14,7 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -96,13 +97,13 @@ def _check_event(ev: dict) -> None:
     walk(ev)
 
 
-def _render(evs: list[dict]) -> str:
+def _render(evs: list[dict], terminal: bool = False) -> str:
     from rich.console import Console
 
     from launcher.progress import Progress
 
     buf = io.StringIO()
-    progress = Progress(Console(file=buf, width=120), plain=True, price_per_hour=1.0)
+    progress = Progress(Console(file=buf, width=120, force_terminal=terminal), plain=not terminal, price_per_hour=1.0)
     for ev in evs:
         progress.on_event(ev)
     progress.close()
@@ -123,6 +124,7 @@ def test_fuzz_event_lines(line):
 
         hash(_key(ev))  # managed follow's dedupe key
         assert not SHOWN_CONTROLS.search(_render([ev]).replace("\n", ""))
+        _render([ev, ev], terminal=True)  # the live bar (its own colours are escapes: only no exception)
 
 
 def _good(i: int) -> str:
@@ -155,6 +157,53 @@ def test_fuzz_event_stream_never_loses_a_good_event(bad, cuts, data):
         _check_event(ev)
     assert [e["step"] for e in got if e["event"] == "step" and e["ts"] == 1000.0 + e["step"]
             and e.get("total_steps") == 99] == [1, 2, 3]
+    _render(got)
+
+
+class _Stream:
+    """A cloud whose job SUCCEEDED and whose log stream (every reconnect) gives `lines` (tests/fakesky.py
+    shaped: the adapter calls the sky and managed backends make while following)."""
+
+    def __init__(self, lines: list[str]):
+        self.lines, self.tails = lines, 0
+
+    def tail(self, cluster, job_id):
+        self.tails += 1
+        return iter(self.lines)
+
+    def jobs_tail(self, job_id):
+        return self.tail(None, job_id)
+
+    def job_exit_code(self, cluster, job_id):
+        return 0
+
+    def jobs_queue(self, job_id, refresh=False):
+        return {"status": "SUCCEEDED", "recovery_count": 0}
+
+    def cluster_state(self, cluster):
+        return "up"
+
+
+@FAST
+@given(st.lists(LINES, max_size=6), st.sampled_from(["sky", "managed"]))
+def test_fuzz_follow_ends_a_succeeded_job_whatever_its_lines(lines, backend):
+    """The sky and managed backends' follow, fed any lines by a job that succeeded: exit 0 on the first
+    pass (never a reconnect loop), every delivered event valid, the recorder's display never raising."""
+    from launcher.backends.managed import ManagedBackend
+    from launcher.backends.sky import SkyBackend
+
+    _counted("sky/managed follow (SUCCEEDED job)")
+    stream = _Stream([ln.replace("\n", " ") for ln in lines])
+    got = []
+    with tempfile.TemporaryDirectory() as d:
+        run = SimpleNamespace(id="r-20260101-000000-abcd", backend_state={"job_id": 1},
+                              events_path=Path(d) / "events.jsonl", log_path=Path(d) / "job.log",
+                              update=lambda **kw: None)
+        make = ManagedBackend if backend == "managed" else SkyBackend
+        assert make(adapter=stream, reconnect=(0.001, 0.001, 0.01)).follow(run, got.append) == 0
+    assert stream.tails == 1
+    for ev in got:
+        _check_event(ev)
     _render(got)
 
 
@@ -369,7 +418,8 @@ def test_fuzz_manifest(text):
             assert "\n" not in str(e)
 
 
-PROPERTIES = [test_fuzz_event_lines, test_fuzz_event_stream_never_loses_a_good_event, test_fuzz_join_lines_matches_a_plain_split,
+PROPERTIES = [test_fuzz_event_lines, test_fuzz_event_stream_never_loses_a_good_event,
+              test_fuzz_follow_ends_a_succeeded_job_whatever_its_lines, test_fuzz_join_lines_matches_a_plain_split,
               test_fuzz_loads, test_fuzz_exit_code, test_fuzz_clean, test_fuzz_metrics_and_report, test_fuzz_cells,
               test_fuzz_predict_lines, test_fuzz_run_json, test_fuzz_launch_record, test_fuzz_config_yaml,
               test_fuzz_manifest]
