@@ -1,6 +1,6 @@
 """The fuzz of every reader of what a machine sends (issue 25, acceptance 2), at scale.
 
-    python bench/fuzz_remote_readers.py [--examples 10000] [--only NAME]
+    python bench/fuzz_remote_readers.py [--examples 10000] [--only NAME,NAME]
 
 Runs each hypothesis property of tests/test_remote_fuzz.py with `--examples` examples (no example
 database, no deadline) and prints one row per reader: examples run, escapes (a property that failed:
@@ -23,14 +23,14 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--examples", type=int, default=10_000, help="examples per reader (default 10000)")
-    p.add_argument("--only", default=None, help="run only the properties whose name holds this")
+    p.add_argument("--only", default=None, help="run only the properties whose name holds one of these (comma-separated)")
     args = p.parse_args(argv)
     os.environ["SOCRATES_FUZZ_EXAMPLES"] = str(args.examples)  # read by the test module as it is imported
     import test_remote_fuzz as fuzz
 
     rows, escapes = [], 0
     for prop in fuzz.PROPERTIES:
-        if args.only and args.only not in prop.__name__:
+        if args.only and not any(part in prop.__name__ for part in args.only.split(",")):
             continue
         before = fuzz.RUNS.copy()
         start = time.time()
