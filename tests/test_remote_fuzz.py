@@ -24,7 +24,7 @@ from contracts import events, remote
 from contracts.errors import ContractError
 from contracts.events import LINE_PREFIX
 
-EXAMPLES = int(os.environ.get("SOCRATES_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("SOCRATES_FUZZ_EXAMPLES", "30"))
 RUNS = Counter()  # examples each property ran (bench/fuzz_remote_readers.py prints them)
 FAST = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
