@@ -190,6 +190,50 @@ def test_managed_follow_ends_on_a_succeeded_job_whatever_its_lines(tmp_path, mon
     assert [e["event"] for e in got] == ["log", "step"] and remote.skipped.count == 1
 
 
+class _FailingStream(_ManagedSky):
+    """Every tail replays the same lines, then the stream drops (a line the log file can't hold, a reset)."""
+
+    def __init__(self, status: str):
+        super().__init__()
+        self.status = status
+
+    def jobs_tail(self, job_id):
+        self.tails += 1
+        yield "pip: installing \ud800"  # a lone surrogate: not UTF-8, so it can't be written as it is
+        yield LINE_PREFIX + STEP % "2.0"
+        raise ConnectionResetError("stream dropped")
+
+    def jobs_queue(self, job_id, refresh=False):
+        return {"status": self.status, "recovery_count": 0, "job_name": "x"}
+
+
+@pytest.mark.parametrize("status", ["RUNNING", "SUCCEEDED"])
+def test_managed_follow_lines_replayed_by_each_reconnect_are_no_progress(tmp_path, monkeypatch, status):
+    """Found by the fuzz (test_remote_fuzz): any line reset the outage window, so a stream that replays its
+    lines and then fails was retried forever. Now only a new line or event counts: the window runs out
+    (StreamLost: detach, never a teardown)."""
+    from launcher import registry
+    from launcher.backends.base import StreamLost
+    from launcher.backends.managed import ManagedBackend
+
+    monkeypatch.setenv("SOCRATES_RUNS_DIR", str(tmp_path / "runs"))
+    run = registry.new_run("m", "sky", config={})
+    run.update(backend_state={"job_id": 3})
+    sky, result = _FailingStream(status), {}
+
+    def follow():
+        try:
+            result["code"] = ManagedBackend(adapter=sky, reconnect=(0.01, 0.01, 0.5)).follow(run, lambda ev: None)
+        except StreamLost as e:
+            result["lost"] = str(e)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    follower.join(timeout=30)
+    assert "ConnectionResetError" in result.get("lost", ""), f"still following after {sky.tails} tails"
+    assert "\ud800" not in (tmp_path / "runs" / run.id / "job.log").read_text(errors="surrogateescape")
+
+
 # --- item 5: nothing from the machine drives the terminal -----------------------------------------
 
 HOSTILE_TEXT = ["clipboard \x1b]52;c;cm0gLXJmIH4K\x07 written", "\x1b[2J\x1b[Hscreen cleared",

@@ -160,11 +160,16 @@ class ManagedBackend(Backend):
                     seen.add(_key(ev))
                     on_event(ev)
         failures, lost_since, recoveries = 0, None, run.backend_state.get("recoveries") or 0
+        furthest = 0  # lines into the stream the furthest tail got
         while True:
             try:
-                with open(run.log_path, "a", encoding="utf-8") as log:
-                    for line in self.adapter.jobs_tail(job_id):
-                        failures, lost_since = 0, None
+                with open(run.log_path, "a", encoding="utf-8", errors="replace") as log:
+                    for index, line in enumerate(self.adapter.jobs_tail(job_id), 1):
+                        # Only progress resets the outage window: a line past the furthest one yet (below), or a
+                        # new event. Each reconnect replays the launch's lines: those alone must not keep a
+                        # failing stream (or a SUCCEEDED job's) in this loop forever.
+                        if index > furthest:
+                            furthest, failures, lost_since = index, 0, None
                         ev = parse_line(line)
                         if ev is None:
                             log.write(redact(line) + "\n")
@@ -172,6 +177,7 @@ class ManagedBackend(Backend):
                             continue
                         if _key(ev) in seen:
                             continue
+                        failures, lost_since = 0, None
                         seen.add(_key(ev))
                         log.write(redact(line) + "\n")
                         log.flush()
