@@ -90,8 +90,8 @@ def validate(obj: Any, typed: bool = True) -> dict:
     if not isinstance(obj, dict):
         raise ContractError(f"event: expected a JSON object, got {type(obj).__name__}")
     kind = obj.get("event")
-    if kind not in REQUIRED:
-        raise ContractError(f"event: unknown kind {kind!r} (accepted: {', '.join(KINDS)})")
+    if not isinstance(kind, str) or kind not in REQUIRED:  # a list or object as the kind is no key (found by the fuzz)
+        raise ContractError(f"event: unknown kind {_short(kind)} (accepted: {', '.join(KINDS)})")
     if not _number(obj.get("ts")):
         raise ContractError(f"event {kind}: ts must be unix seconds, got {_short(obj.get('ts'))}")
     missing = [k for k in REQUIRED[kind] if k not in obj]

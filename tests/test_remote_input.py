@@ -66,6 +66,13 @@ def test_an_integer_of_5000_digits_is_skipped_not_a_valueerror():
     assert "an integer of 5000 digits" in remote.skipped.summary()
 
 
+@pytest.mark.parametrize("kind", ["[]", "{}", "[1, 2]"])
+def test_an_event_kind_that_is_a_list_or_object_is_skipped(kind):
+    """Found by the fuzz: `"event": []` raised TypeError (unhashable) out of parse_line on main."""
+    assert events.parse_line(LINE_PREFIX + '{"v":1,"event":%s,"ts":0.0}' % kind) is None
+    assert "unknown kind" in remote.skipped.summary()
+
+
 def _local_run(tmp_path: Path, pgid: int) -> SimpleNamespace:
     work = tmp_path / "work"
     work.mkdir()
