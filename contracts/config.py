@@ -19,6 +19,7 @@ from typing import Any, Mapping, get_type_hints
 import yaml
 
 from contracts.errors import ContractError
+from contracts.remote import is_int
 
 SCHEMA_VERSION = 1
 
@@ -226,10 +227,10 @@ class RunConfig:
             *parents, leaf = dotted.split(".")
             for p in parents:
                 if not isinstance(node.get(p), dict):
-                    raise ContractError(f"{source}: unknown key {dotted!r}")
+                    raise ContractError(f"{source}: unknown key {_shown(dotted)}")
                 node = node[p]
             if leaf not in node:
-                raise ContractError(f"{source}: unknown key {dotted!r}")
+                raise ContractError(f"{source}: unknown key {_shown(dotted)}")
             node[leaf] = value
         return from_dict(raw, source=source)
 
@@ -243,15 +244,20 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ContractError(f"config {path}: no such file (give a .yaml or .json run config)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ContractError(f"config {path}: {path.stat().st_size:,} bytes, over the {MAX_CONFIG_BYTES:,} a run "
+                            "config may have")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ContractError(f"config {path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
                             f"{e.start}); give a UTF-8 .yaml or .json run config") from None
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        first = str(e).strip().splitlines()[0]
+        raw = json.loads(text) if path.suffix == ".json" else safe_yaml(text, f"config {path}")
+    except ContractError:
+        raise
+    except (ValueError, yaml.YAMLError, RecursionError) as e:  # ValueError: json's, and an int past Python's limit
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ContractError(f"config {path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {first}") from None
     if raw is None:
         raw = {}
@@ -262,18 +268,74 @@ def load_config(path: str | Path) -> RunConfig:
     return from_dict(raw, source=str(path))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KiB
+MAX_YAML_NODES = 100_000  # what a document may expand to through its aliases (a config has ~100 nodes)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader; `safe_yaml` checks the composed document before constructing it."""
+
+
+def safe_yaml(text: str, where: str = "YAML") -> Any:
+    """yaml.safe_load, refusing a document whose aliases expand past MAX_YAML_NODES nodes (a 500-byte
+    alias bomb expands to billions: building, walking or printing it would take minutes and gigabytes)
+    or refer to themselves. Composing is linear in the text; only a bounded document is constructed."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node)
+        if size is None:
+            raise ContractError(f"{where}: an alias that refers to itself is not accepted")
+        if size > MAX_YAML_NODES:
+            raise ContractError(f"{where}: its aliases expand it past {MAX_YAML_NODES:,} values (an alias bomb?); "
+                                "not accepted")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int | None:
+    """How many nodes `root` is once every alias is copied out (counting stops past the limit), or None
+    for a cycle. Iterative and memoized: an alias shares its node, so the graph stays small."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        children = [] if isinstance(node, yaml.ScalarNode) else \
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else list(node.value)
+        if done:
+            open_.discard(id(node))
+            sizes[id(node)] = min(MAX_YAML_NODES + 1, 1 + sum(sizes[id(c)] for c in children))
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_:
+            return None
+        open_.add(id(node))
+        stack.append((node, True))
+        for c in children:
+            if id(c) in open_:
+                return None
+            if id(c) not in sizes:
+                stack.append((c, False))
+    return sizes[id(root)]
+
+
 def from_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
     unknown = set(raw) - {f.name for f in fields(RunConfig)}
     if unknown:
         accepted = ", ".join(f.name for f in fields(RunConfig))
-        raise ContractError(f"{source}: unknown key {sorted(unknown, key=repr)[0]!r} (accepted: {accepted})")
+        raise ContractError(f"{source}: unknown key {_shown(sorted(unknown, key=repr)[0])} (accepted: {accepted})")
     kwargs: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         section = raw.get(name)
         if section is None:  # absent, or present with nothing under it (`train:`)
             section = {}
         if not isinstance(section, Mapping):
-            raise ContractError(f"{source}: {name}: {section!r} is not accepted (a mapping of {name} settings)")
+            raise ContractError(f"{source}: {name}: {_shown(section)} is not accepted (a mapping of {name} settings)")
         kwargs[name] = _build(cls, section, f"{source}: {name}")
     for name in ("name", "allow_cpu", "image", "schema"):
         if name in raw:
@@ -286,7 +348,8 @@ def from_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
 def _whole(lo: int, hi: int | None = None, null: bool = False):
     """A whole number in [lo, hi] (or None when `null`)."""
     def ok(v: Any) -> bool:
-        return (v is None and null) or (isinstance(v, int) and lo <= v and (hi is None or v <= hi))
+        # bounded (|v| < 2**63): a 401-digit count would overflow the first float it meets
+        return (v is None and null) or (is_int(v) and lo <= v and (hi is None or v <= hi))
     return ok
 
 
@@ -365,10 +428,10 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
             value = getattr(value, part)
         if not ok(value):
             shown = list(value) if isinstance(value, tuple) else value
-            raise ContractError(f"{source}: {key}: {shown!r} is not accepted ({accepted})")
+            raise ContractError(f"{source}: {key}: {_shown(shown)} is not accepted ({accepted})")
     cfg.train.grad_accum(1)
     if cfg.train.method == "full" and "adamw" not in cfg.train.optim:
-        raise ContractError(f"{source}: train.optim: {cfg.train.optim!r} is not accepted with train.method full (an AdamW: "
+        raise ContractError(f"{source}: train.optim: {_shown(cfg.train.optim)} is not accepted with train.method full (an AdamW: "
                             "adamw_torch, adamw_torch_fused, or an 8-bit/paged AdamW name, which the full fine-tune "
                             "runs as torch AdamW with fp32 states sharded over the GPUs)")
     check_fraction(cfg.data.subset, f"{source}: data.subset")
@@ -388,7 +451,7 @@ def check_participant_fraction(value: Any, where: str) -> float:
 def check_fraction(value: Any, where: str) -> float:
     """A fraction in (0, 1]: the subset of rows to keep."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
-        raise ContractError(f"{where}: {value!r} is not accepted (a fraction in (0, 1], e.g. 0.1)")
+        raise ContractError(f"{where}: {_shown(value)} is not accepted (a fraction in (0, 1], e.g. 0.1)")
     return float(value)
 
 
@@ -477,9 +540,9 @@ def from_seed(raw: Mapping[str, Any], source: str = "config") -> dict:
     for key, value in raw.items():
         if key not in _SEED_KEYS:
             accepted = ", ".join(sorted(_SEED_KEYS))
-            raise ContractError(f"{source}: unknown seed-style key {key!r} (accepted: {accepted})")
+            raise ContractError(f"{source}: unknown seed-style key {_shown(key)} (accepted: {accepted})")
         if key in _SEED_CHECKS and not _SEED_CHECKS[key][0](value):
-            raise ContractError(f"{source}: {key}: {value!r} is not accepted ({_SEED_CHECKS[key][1]})")
+            raise ContractError(f"{source}: {key}: {_shown(value)} is not accepted ({_SEED_CHECKS[key][1]})")
         target = _SEED_KEYS[key]
         if target is None:
             continue
@@ -498,13 +561,13 @@ def from_seed(raw: Mapping[str, Any], source: str = "config") -> dict:
         train["precision"] = precision
     dtype = raw.get("bnb_4bit_compute_dtype")
     if dtype is not None and _SEED_DTYPES[dtype] != precision:
-        raise ContractError(f"{source}: bnb_4bit_compute_dtype: {dtype!r} is not accepted (the job computes "
+        raise ContractError(f"{source}: bnb_4bit_compute_dtype: {_shown(dtype)} is not accepted (the job computes "
                             f"in the training precision, {precision}; set bf16/fp16 to match or drop it)")
 
     four_bit = {raw[k] for k in ("use_4bit", "load_in_4bit") if k in raw}
     if len(four_bit) > 1:
-        raise ContractError(f"{source}: use_4bit: {raw['use_4bit']!r} is not accepted "
-                            f"(it disagrees with load_in_4bit: {raw['load_in_4bit']!r})")
+        raise ContractError(f"{source}: use_4bit: {_shown(raw['use_4bit'])} is not accepted "
+                            f"(it disagrees with load_in_4bit: {_shown(raw['load_in_4bit'])})")
     if four_bit == {False}:
         train["method"] = "lora"
 
@@ -539,7 +602,7 @@ def _build(cls: type, section: Mapping[str, Any], where: str):
     kwargs = {}
     for key, value in section.items():
         if key not in hints:
-            raise ContractError(f"{where}: unknown key {key!r} (accepted: {', '.join(names)})")
+            raise ContractError(f"{where}: unknown key {_shown(key)} (accepted: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
 
@@ -556,15 +619,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ContractError(f"{where}: {value!r} is not accepted (a list of names)")
+            raise ContractError(f"{where}: {_shown(value)} is not accepted (a list of names)")
         return tuple(value)
     if "dict" in text:
         if not isinstance(value, Mapping):
-            raise ContractError(f"{where}: {value!r} is not accepted (a mapping)")
+            raise ContractError(f"{where}: {_shown(value)} is not accepted (a mapping)")
         return dict(value)
     if "bool" in text:
         if not isinstance(value, bool):
-            raise ContractError(f"{where}: {value!r} is not accepted (true or false)")
+            raise ContractError(f"{where}: {_shown(value)} is not accepted (true or false)")
         return value
     if "float" in text:
         if isinstance(value, str):
@@ -573,17 +636,29 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ContractError(f"{where}: {value!r} is not accepted (a number)")
-        return float(value)
+            raise ContractError(f"{where}: {_shown(value)} is not accepted (a number)")
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise ContractError(f"{where}: {_shown(value)} is not accepted (a finite number)") from None
     if "int" in text:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ContractError(f"{where}: {value!r} is not accepted (a whole number)")
+            raise ContractError(f"{where}: {_shown(value)} is not accepted (a whole number)")
         return value
     if "str" in text:
         if not isinstance(value, str):
-            raise ContractError(f"{where}: {value!r} is not accepted (text)")
+            raise ContractError(f"{where}: {_shown(value)} is not accepted (text)")
         return value
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, kept short (reprlib: a huge value is never repr'd whole)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlong, r.maxlevel = 60, 60, 40, 3
+    return r.repr(value)
 
 
 def _plain(obj: Any) -> Any:

@@ -11,10 +11,11 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from contracts import remote
 from contracts.errors import ContractError
 
 SCHEMA_VERSION = 1
@@ -43,6 +44,38 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "resume": ("step", "steps_lost"),
 }
 KINDS = tuple(REQUIRED)
+LAUNCHER_ONLY = ("phase",)  # written by the launcher; a job that sends one is refused ("==> tearing down")
+MACHINE_KINDS = tuple(k for k in KINDS if k not in LAUNCHER_ONLY)
+
+
+def _number(v: Any) -> bool:  # NaN/inf pass here: the job's `dumps` writes them as null
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_TYPES = {"number": _number, "whole": _whole, "text": lambda v: isinstance(v, str),
+          "bool": lambda v: isinstance(v, bool), "object": lambda v: isinstance(v, dict)}
+# What each required field must be ("?": or null). The launcher renders and records what passes.
+TYPES: dict[str, dict[str, str]] = {
+    "start": {"verb": "text"},
+    "phase": {"phase": "text"},
+    "check": {"ok": "bool"},
+    "prepare": {"train_rows": "whole", "test_rows": "whole"},
+    "step": {"step": "whole", "total_steps": "whole", "epoch": "number", "loss": "number?", "lr": "number?",
+             "tokens_per_s": "number?", "gpu_mem_gib": "number?", "eta_s": "number?"},
+    "eval": {"metrics": "object"},
+    "checkpoint": {"step": "whole", "path": "text"},
+    "artifact": {"path": "text", "sha256": "text", "size": "whole"},
+    "done": {"reason": "text"},
+    "error": {"message": "text"},
+    "log": {"message": "text"},
+    "preempted": {"launch": "whole", "last_step": "whole?"},
+    "resume": {"step": "whole", "steps_lost": "whole"},
+}
+assert all(set(TYPES[k]) == set(REQUIRED[k]) for k in KINDS), "every required field has a type"
 # The speed levers a train `start` event reports in `levers` (job/levers.py): each an object with
 # `on` (bool) and `why` (text); checkpointed_layers also `layers` (int or null: all).
 LEVERS = ("liger", "flex_attention", "fused_lora", "packing", "checkpointed_layers", "offload", "fp8")
@@ -56,19 +89,23 @@ def make(event: str, **fields: Any) -> dict:
     return validate(obj)
 
 
-def validate(obj: Any) -> dict:
+def validate(obj: Any, typed: bool = True) -> dict:
     if not isinstance(obj, dict):
         raise ContractError(f"event: expected a JSON object, got {type(obj).__name__}")
     kind = obj.get("event")
-    if kind not in REQUIRED:
-        raise ContractError(f"event: unknown kind {kind!r} (accepted: {', '.join(KINDS)})")
-    if not isinstance(obj.get("ts"), (int, float)):
-        raise ContractError(f"event {kind}: ts must be unix seconds, got {obj.get('ts')!r}")
+    if not isinstance(kind, str) or kind not in REQUIRED:  # a list or object as the kind is no key (found by the fuzz)
+        raise ContractError(f"event: unknown kind {_short(kind)} (accepted: {', '.join(KINDS)})")
+    if not _number(obj.get("ts")):
+        raise ContractError(f"event {kind}: ts must be unix seconds, got {_short(obj.get('ts'))}")
     missing = [k for k in REQUIRED[kind] if k not in obj]
     if missing:
         raise ContractError(f"event {kind}: missing field(s) {', '.join(missing)}")
+    for key, what in (TYPES[kind] if typed else {}).items():
+        if not ((what.endswith("?") and obj[key] is None) or _TYPES[what.rstrip("?")](obj[key])):
+            raise ContractError(f"event {kind}: {key} {_short(obj[key])} is not accepted "
+                                f"({what.rstrip('?')}{' or null' if what.endswith('?') else ''})")
     if kind == "done" and obj["reason"] not in DONE_REASONS:
-        raise ContractError(f"event done: reason {obj['reason']!r} (accepted: {', '.join(DONE_REASONS)})")
+        raise ContractError(f"event done: reason {_short(obj['reason'])} (accepted: {', '.join(DONE_REASONS)})")
     if kind == "start" and "levers" in obj:
         _check_levers(obj["levers"])
     return obj
@@ -89,18 +126,42 @@ def dumps(obj: dict) -> str:
     return json.dumps(_finite(obj), separators=(",", ":"), sort_keys=False)
 
 
-def parse_line(line: str) -> dict | None:
-    """The event on a line (bare JSON or with LINE_PREFIX), or None for any other line."""
+def _short(v: Any) -> str:
+    text = repr(v) if not isinstance(v, (dict, list)) else type(v).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_line(line: str, kinds: tuple[str, ...] = MACHINE_KINDS,
+               skips: remote.Skips | None = remote.skipped, typed: bool = True) -> dict | None:
+    """The event on a line (bare JSON or with LINE_PREFIX), or None for any other line. Never raises:
+    what a machine sends is read with `remote.loads` (finite numbers, bounded integers) and checked
+    against the schema; a line that claims to be an event (the prefix, or a bare object naming an
+    `event`) and fails, or names a kind outside `kinds` (a job's `phase`), is counted in `skips`.
+    `typed=False` (the launcher's own record, which `logs` shows as it is, hand edits included) checks
+    the kinds and required fields but not their types."""
+    if len(line) > remote.MAX_LINE:
+        if skips is not None:
+            skips.note(f"a line over {remote.MAX_LINE:,} bytes")
+        return None
     line = line.strip()
+    claimed = LINE_PREFIX.strip() in line
     if line.startswith(LINE_PREFIX):
         line = line[len(LINE_PREFIX):]
     elif LINE_PREFIX in line:  # log streams may prepend their own prefix
         line = line.split(LINE_PREFIX, 1)[1]
     if not line.startswith("{"):
+        if claimed and skips is not None:
+            skips.note("an event line that is not a JSON object")
         return None
+    claimed = claimed or '"event"' in line
     try:
-        return validate(json.loads(line))
-    except (json.JSONDecodeError, ContractError):
+        ev = validate(remote.loads(line), typed)
+        if ev["event"] not in kinds:
+            raise ContractError(f"event {ev['event']}: not accepted from the job (the launcher's own)")
+        return ev
+    except (remote.Refused, ContractError) as e:
+        if claimed and skips is not None:
+            skips.note(str(e))
         return None
 
 
@@ -137,36 +198,53 @@ def plain_line(obj: dict) -> str:
 
 @dataclass
 class EventReader:
-    """Follows an events file from a byte offset; `offset` is where the next read starts."""
+    """Follows an events file (or a log carrying events) from a byte offset, in bounded memory: it reads
+    CHUNK bytes at a time and never holds more than one line of MAX_LINE (a longer one is dropped).
+    `offset` is the end of the last whole line (a new reader resumes there, a torn last line is read
+    again); `pos` is where this reader reads next."""
 
     path: Path
     offset: int = 0
+    kinds: tuple[str, ...] = MACHINE_KINDS
+    skips: remote.Skips | None = remote.skipped
+    typed: bool = True
+    lines: remote.Lines = field(default_factory=remote.Lines, repr=False)
+
+    @property
+    def pos(self) -> int:
+        return self.offset + self.lines.pending
 
     def read_new(self) -> list[dict]:
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
+            f = open(self.path, "rb")
         except FileNotFoundError:
             return []
-        events, consumed = parse_chunk(data)
-        self.offset += consumed
+        with f:
+            f.seek(self.pos)
+            return self.feed(iter(lambda: f.read(remote.CHUNK), b""))
+
+    def feed(self, chunks: Iterable[bytes]) -> list[dict]:
+        """The events in `chunks`, the stream's next bytes (from `pos` on)."""
+        events = []
+        for chunk in chunks:
+            start = self.pos
+            for raw in self.lines.feed(chunk):
+                ev = parse_line(raw.decode("utf-8", errors="replace"), self.kinds, self.skips, self.typed)
+                if ev is not None:
+                    events.append(ev)
+            self.offset = start + len(chunk) - self.lines.pending
         return events
 
 
-def parse_chunk(data: bytes) -> tuple[list[dict], int]:
-    """Events in the complete lines of `data`, and how many bytes those lines took."""
-    end = data.rfind(b"\n") + 1
-    events = []
-    for raw in data[:end].splitlines():
-        ev = parse_line(raw.decode("utf-8", errors="replace"))
-        if ev is not None:
-            events.append(ev)
-    return events, end
+def read_all(path: str | os.PathLike, kinds: tuple[str, ...] = MACHINE_KINDS,
+             skips: remote.Skips | None = remote.skipped, typed: bool = True) -> list[dict]:
+    """Every complete event line of a file (see parse_line)."""
+    return EventReader(Path(path), kinds=kinds, skips=skips, typed=typed).read_new()
 
 
-def read_all(path: str | os.PathLike) -> list[dict]:
-    return EventReader(Path(path)).read_new()
+def read_record(path: str | os.PathLike) -> list[dict]:
+    """The launcher's own record, runs/<id>/events.jsonl: its `phase` lines too, values as recorded."""
+    return read_all(path, kinds=KINDS, skips=None, typed=False)
 
 
 def iter_lines(lines: Iterable[str]) -> Iterator[dict]:

@@ -68,13 +68,13 @@ def write(root: str | os.PathLike, meta: dict | None = None, **kw: Any) -> dict:
 
 
 def load(root_or_file: str | os.PathLike) -> dict:
-    import json
-
     path = Path(root_or_file)
     if path.is_dir():
         path = path / MANIFEST_FILE
+    from contracts import remote
+
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = remote.load_file(path)  # finite numbers, bounded integers and size
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest (the job writes it last; the run did not finish)") from None
     except ValueError as e:

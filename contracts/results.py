@@ -34,11 +34,11 @@ null), `sample_text`, `human` (the test row's answer or null), `example` (its ro
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
+from contracts import remote
 from contracts._io import atomic_write_json, atomic_write_text
 from contracts.errors import ContractError
 
@@ -78,7 +78,7 @@ def read_metrics(path: str | os.PathLike) -> dict:
         if size > MAX_METRICS_BYTES:
             raise ContractError(f"{path}: unreadable metrics ({size:,} bytes, over the {MAX_METRICS_BYTES:,} "
                                 f"accepted){again}")
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = remote.load_file(path, MAX_METRICS_BYTES)  # finite numbers, bounded integers
     except (OSError, ValueError, RecursionError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else \
             type(e).__name__
@@ -167,7 +167,11 @@ def read_cells(path: str | os.PathLike) -> list[dict]:
     """Every line of a cells.jsonl, validated; ContractError naming the file and line otherwise."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_METRICS_BYTES + 1)
+        if len(data) > MAX_METRICS_BYTES:
+            raise ValueError(f"over the {MAX_METRICS_BYTES:,} bytes accepted")
+        text = data.decode("utf-8")
     except (OSError, ValueError) as e:
         raise ContractError(f"{path}: unreadable cells file ({getattr(e, 'strerror', None) or e})") from None
     out = []
@@ -176,10 +180,9 @@ def read_cells(path: str | os.PathLike) -> list[dict]:
             continue
         where = f"{path} (line {n})"
         try:
-            obj = json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise ContractError(f"{where}: not JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                                "expected one cell object a line") from None
+            obj = remote.loads(raw, remote.MAX_LINE)
+        except remote.Refused as e:
+            raise ContractError(f"{where}: not JSON ({e}); expected one cell object a line") from None
         out.append(validate_cell_line(obj, where))
     return out
 
@@ -241,10 +244,9 @@ def parse_predict_line(line: str) -> dict | None:
         return None
     body = line[len(PREDICT_PREFIX):].strip()
     try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        raise ContractError(f"job predict: a result line that is not JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
-                            f"{body[:60]!r}") from None
+        obj = remote.loads(body, remote.MAX_LINE)  # finite numbers, bounded integers
+    except remote.Refused as e:
+        raise ContractError(f"job predict: a result line that is not JSON ({e}): {remote.clean(body[:60])!r}") from None
     return validate_predict_result(obj)
 
 
@@ -289,12 +291,7 @@ def validate_predict_result(obj: Any) -> dict:
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_is_int, _is_number = remote.is_int, remote.is_number  # bounded: formatting one as a float never overflows
 
 
 def is_number(v: Any) -> bool:

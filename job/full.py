@@ -163,7 +163,7 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
         mem = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else 0.0
         if step % t.logging_steps == 0 or step == total_steps:
             events.emit("step", step=step, total_steps=total_steps, epoch=round(step / steps_per_epoch, 4), loss=loss,
-                        lr=lr, tokens_per_s=round(tokens / max(now - t0, 1e-9), 1), gpu_mem_gib=mem,
+                        lr=float(lr), tokens_per_s=round(tokens / max(now - t0, 1e-9), 1), gpu_mem_gib=mem,
                         eta_s=round(eta, 1), grad_norm=grad_norm)
         t0 = now
         # rank 0's clocks decide for every rank (one broadcast): a rank that alone saw the deadline or a timed

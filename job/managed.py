@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from contracts import remote
 from contracts._io import atomic_write_json
 from contracts.errors import EXIT_BAD_INPUT
 
@@ -49,21 +50,43 @@ def launch_number() -> int | None:
     return int(raw) if raw.isdigit() else None
 
 
-def read_state(state_dir: Path) -> dict:
-    """The stored state, or a fresh one. A state file that does not parse is refused (never reset:
-    a reset would restart the deadline)."""
+def read_state(state_dir: Path, now: float | None = None) -> dict:
+    """The stored state, or a fresh one. A state file that does not parse or does not hold a launch
+    record is refused, never reset or repaired: a reset would restart the deadline (a longer cost cap)."""
     path = state_dir / STATE_FILE
     if not path.is_file():
         return {"launches": 0, "first_start": None, "deadline": 0, "starts": []}
     try:
-        state = json.loads(path.read_text())
+        state = remote.load_file(path, 1 << 20)  # finite numbers, bounded integers
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable ({type(e).__name__}); it holds the run's deadline and launch count, "
-                         "so it is not reset") from None
-    if not isinstance(state, dict) or not isinstance(state.get("launches"), int) or \
-            not isinstance(state.get("deadline", 0), (int, float)):
-        raise ValueError(f"{path}: not a launch record (expected launches: int, deadline: unix seconds)")
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e}); it holds the run's deadline and launch "
+                         "count, so it is not reset") from None
+    why = _not_a_record(state, time.time() if now is None else now)
+    if why:
+        raise ValueError(f"{path}: not a launch record ({why}); it holds the run's deadline, so it is not "
+                         "reset or repaired: the run stops here")
     return state
+
+
+def _not_a_record(state, now: float) -> str | None:
+    """What is wrong with a launch record (None when sound): launches counts `starts`, a started run has
+    its first start (in the past) and a deadline that is 0 (none) or after that start, as whole seconds."""
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, expected an object"
+    launches, first, deadline, starts = (state.get(k) for k in ("launches", "first_start", "deadline", "starts"))
+    if not (remote.is_int(launches) and 0 <= launches <= 100_000):
+        return f"launches {repr(launches)[:20]} is not a count"
+    if not (isinstance(starts, list) and len(starts) == launches and all(remote.is_number(t) for t in starts)):
+        return f"starts is not a list of {launches} unix times"
+    if not (remote.is_int(deadline) and deadline >= 0):
+        return f"deadline {repr(deadline)[:20]} is not whole unix seconds"
+    if launches == 0:
+        return None if first is None else "first_start is set but nothing was launched"
+    if not (remote.is_number(first) and 0 < first <= now + 86_400):
+        return f"first_start {repr(first)[:20]} is not the unix time of a start"
+    if deadline and deadline <= first:
+        return f"deadline {deadline} is not after the first start {int(first)}"
+    return None
 
 
 def start(state_dir: Path, events: Path | None, deadline_s: float, t0: float | None = None) -> dict:
@@ -71,11 +94,14 @@ def start(state_dir: Path, events: Path | None, deadline_s: float, t0: float | N
     state_dir.mkdir(parents=True, exist_ok=True)
     state = read_state(state_dir)
     now = time.time()
+    if state["launches"] and deadline_s > 0 and not state["deadline"]:
+        raise ValueError(f"{state_dir / STATE_FILE}: records no deadline, but the run has a cap of {deadline_s:g} s: "
+                         "not a launch record of this run; it is not reset: the run stops here")
     state["launches"] += 1
-    if state.get("first_start") is None:
+    if state["launches"] == 1:
         state["first_start"] = t0 or now
         state["deadline"] = int(state["first_start"] + deadline_s) if deadline_s > 0 else 0
-    state.setdefault("starts", []).append(now)
+    state["starts"].append(now)
     atomic_write_json(state_dir / STATE_FILE, state)
     if state["launches"] > 1 and events is not None:
         from contracts.events import LINE_PREFIX, EventWriter, dumps, read_all
@@ -102,12 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = start(args.state, args.events, args.deadline_s, args.t0)
     except ValueError as e:
-        print(f"job.managed: error: {e}", file=sys.stderr)
+        _refused(args.events, f"job.managed: error: {e}")
         return EXIT_BAD_INPUT
     print(f"export SOCRATES_LAUNCH={int(state['launches'])}")
     if state["deadline"]:
         print(f"export SOCRATES_DEADLINE={int(state['deadline'])}")
     return 0
+
+
+def _refused(events: Path | None, message: str) -> None:
+    """One line on stderr, and an `error` event the launcher shows (the run block stops: set -e)."""
+    from contracts.events import LINE_PREFIX, EventWriter, dumps, make
+
+    try:
+        ev = EventWriter(events).emit("error", message=message) if events is not None else make("error", message=message)
+        print(LINE_PREFIX + dumps(ev), file=sys.stderr, flush=True)
+    except OSError:
+        print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except ContractError as e:
-        print(f"socrates-launch {args.verb}: error: {e}", file=sys.stderr)
+        from contracts.remote import clean  # a refusal may quote what a machine or a file said
+
+        print(f"socrates-launch {args.verb}: error: {clean(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"socrates-launch {args.verb}: interrupted", file=sys.stderr)

@@ -25,9 +25,12 @@ import signal
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from contracts import manifest as manifest_lib
+from contracts import remote
 from contracts.errors import ContractError
-from contracts.events import LINE_PREFIX, dumps, make, read_all
+from contracts.events import LINE_PREFIX, dumps, make, read_record
 from launcher import registry
 from launcher.backends import for_run
 from launcher.backends.base import Backend, BackendError, StreamLost, disk_full
@@ -40,8 +43,9 @@ SALVAGE_ATTEMPTS = 2  # after a failed job: usually there is simply no manifest,
 RESERVED = registry.RESERVED  # names in runs/<id>/ that belong to the launcher
 
 def read_events(path: Path) -> list[dict]:
-    """The events recorded in runs/<id>/events.jsonl (none when there is no file yet)."""
-    return read_all(path) if path.is_file() else []
+    """The events recorded in runs/<id>/events.jsonl (none when there is no file yet): the launcher's own
+    record, its `phase` lines included."""
+    return read_record(path) if path.is_file() else []
 
 
 # --- the verbs' entry points -------------------------------------------------------------------
@@ -141,10 +145,13 @@ def drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach:
                       f"downloads and tears down at the end; this one only shows what it recorded. "
                       f"`socrates-launch status {run.id}` shows where it is.", highlight=False)
         return 0
+    remote.skipped.reset()
     try:
         return _drive(run, backend, console, launch=launch, detach=detach)
     finally:
         follower.release()
+        if remote.skipped.count:  # once, at the end: a bad line is never fatal, but it is not hidden
+            console.print(remote.skipped.summary(), highlight=False, markup=False)
 
 
 def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach: bool = False) -> int:
@@ -166,11 +173,12 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
             console.print(f"[bold red]run {run.id}: could not update run.json ({write_error})[/]", highlight=False)
         if ends_by is None:
             console.print(f"[bold red]run {run.id}: the job finished but its results could not be pulled back "
-                          f"({message}); the machine is torn down (nothing would end it otherwise)[/]", highlight=False)
+                          f"({escape(message)}); the machine is torn down (nothing would end it otherwise)[/]",
+                          highlight=False)
         else:
             # The only copy of the adapter is on the machine: leave it up (its end is armed) and say so.
             console.print(
-                f"[bold red]run {run.id}: the job finished but its results could not be pulled back:[/] {message}\n"
+                f"[bold red]run {run.id}: the job finished but its results could not be pulled back:[/] {escape(message)}\n"
                 f"  they are still on the machine, which is left up: {ends_by}.\n"
                 f"  pull them:  socrates-launch download {run.id}\n  then end it: socrates-launch down {run.id}",
                 highlight=False)
@@ -189,9 +197,9 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
         return _interrupted(run, backend, console, recorder)
     except StreamLost as e:  # the job is not known to have failed: detach, never tear down over a lost stream
         progress.close()
-        message = redact(str(e))
+        message = plain(redact(str(e)))
         run.update(note=f"detached: {message}")
-        console.print(f"[bold yellow]run {run.id}: {message}[/]; the job is left running (not torn down).",
+        console.print(f"[bold yellow]run {run.id}: {escape(message)}[/]; the job is left running (not torn down).",
                       highlight=False)
         say_detached(run, backend, console)
         return 1
@@ -200,7 +208,7 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
         _save_log(run, backend)
         message = plain(redact(str(e)))
         run.transition("failed", note=message, error=message)
-        console.print(f"[bold red]run {run.id} failed:[/] {message}", highlight=False)
+        console.print(f"[bold red]run {run.id} failed:[/] {escape(message)}", highlight=False)
         _tail_log(run, console)
         status = 1
     except BaseException:
@@ -389,7 +397,7 @@ def teardown(run: registry.Run, backend: Backend, recorder: Recorder | None, con
     try:
         backend.down(run)
     except Exception as e:  # noqa: BLE001  (any failure here must reach the user, not a traceback)
-        console.print(f"[bold red]TEARDOWN FAILED for run {run.id}: {redact(str(e))}[/]\n"
+        console.print(f"[bold red]TEARDOWN FAILED for run {run.id}: {escape(plain(redact(str(e))))}[/]\n"
                       f"  the machine may still be running and billing. Retry: socrates-launch down {run.id}",
                       highlight=False)
         run.update(machine="unknown")
@@ -493,7 +501,7 @@ def _save_log(run: registry.Run, backend: Backend) -> None:
 
 def _tail_log(run: registry.Run, console, n: int = 15) -> None:
     if run.log_path.is_file():
-        lines = [ln for ln in run.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = [remote.clean(ln)[:500] for ln in run.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
                  if LINE_PREFIX.strip() not in ln][-n:]
         if lines:
             console.print("last job output:\n  " + "\n  ".join(lines), highlight=False, markup=False)

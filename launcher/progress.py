@@ -2,10 +2,13 @@
 fed by the job's events; plain lines when stdout is not a terminal (CI, pipes, log files)."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 from rich.console import Console
+
+from contracts.remote import clean
 
 class Progress:
     """`on_event(ev)` for every job or launcher event; `close()` at the end (idempotent)."""
@@ -52,7 +55,7 @@ class Progress:
         elif kind == "eval":
             metrics = ev.get("metrics")
             if isinstance(metrics, dict):
-                shown = ", ".join(f"{k}={_num(m)}" for k, m in list(metrics.items())[:6] if not isinstance(m, (dict, list)))
+                shown = ", ".join(f"{_text(k)}={_num(m)}" for k, m in list(metrics.items())[:6] if not isinstance(m, (dict, list)))
             else:
                 shown = "?" if metrics is None else _text(metrics)
             self.line(f"    eval: {_escape(shown)}")
@@ -71,7 +74,8 @@ class Progress:
             self.line(f"    resumed from step {_escape(v('step'))} ({_escape(v('steps_lost'))} step(s) trained again)")
 
     def line(self, text: str) -> None:
-        """A phase or status line, printed above the bar (or plain)."""
+        """A phase or status line, printed above the bar (or plain); no control character reaches the terminal."""
+        text = clean(text)
         if self.plain:
             self.console.print(text, highlight=False, soft_wrap=True)
         elif self._bar is not None:
@@ -113,7 +117,7 @@ def _text(v: Any) -> str:
     """A recorded value as it is (missing: '?'), kept to one short line."""
     if v is None:
         return "?"
-    text = " ".join(str(v).split())
+    text = " ".join(clean(str(v)).split())
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -124,7 +128,8 @@ def _escape(text: str) -> str:
 
 
 def _eta(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) \
+            or not 0 <= seconds < 10 ** 9:  # about 30 years: anything longer is no estimate
         return "-"
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import secrets as _random
@@ -25,6 +24,7 @@ from contracts._io import atomic_write_json
 from contracts.events import EVENTS_FILE
 from contracts.manifest import MANIFEST_FILE
 from contracts.errors import ContractError
+from contracts.remote import is_number
 
 RUN_FILE = "run.json"
 STATES = ("created", "provisioning", "running", "downloading", "done", "failed", "torn_down")
@@ -325,7 +325,9 @@ def new_run(name: str, infra: str, **kw: Any) -> Run:
 # refused with one line naming the file and the field, not a traceback three verbs later.
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite, bounded number: a 401-digit created_at is damage in one record, not an OverflowError
+    that breaks `runs`, `status` and `down` for every run."""
+    return is_number(v)
 
 
 def _opt(check):

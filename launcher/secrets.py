@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Mapping
 
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY")
@@ -23,9 +22,9 @@ def redact(text: str, secrets: Mapping[str, str] | None = None) -> str:
     return text
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
 def plain(text: str) -> str:
-    """An error as it is saved and shown: SkyPilot's colour codes removed (run.json holds plain text)."""
-    return _ANSI.sub("", text)
+    """An error as it is saved and shown: colour codes and every other escape sequence or control
+    character removed (run.json holds plain text; a machine's text never drives the terminal)."""
+    from contracts.remote import clean
+
+    return clean(text)

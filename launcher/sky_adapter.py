@@ -359,13 +359,13 @@ class _LineSink(io.TextIOBase):
     """A text stream that hands SkyPilot's request log to a callback line by line."""
 
     def __init__(self, log: Callable[[str], None]):
+        from contracts.remote import Lines
+
         self._log = log
-        self._buf = ""
+        self._lines = Lines(cut=True)  # linear and bounded, like join_lines
 
     def write(self, s: str) -> int:
-        self._buf += s
-        *lines, self._buf = self._buf.split("\n")
-        for line in lines:
+        for line in self._lines.feed(s):
             self._log(line)
         return len(s)
 
@@ -373,21 +373,22 @@ class _LineSink(io.TextIOBase):
         pass
 
 
-def join_lines(chunks: Iterator[str | None]) -> Iterator[str]:
+def join_lines(chunks: Iterator[str | None], limit: int | None = None) -> Iterator[str]:
     """Whole lines from the SDK's log chunks (None marks the end).
 
     An event line split across two chunks is joined before anyone parses it; a partial last line
     is kept only when the stream ended cleanly, so a reconnect (which counts lines) loses nothing.
+    Linear in the stream and bounded in memory: a line over remote.MAX_LINE is cut there (it still
+    counts as one line; events.parse_line refuses it), never held or re-split whole.
     """
-    buf = ""
+    from contracts.remote import MAX_LINE, Lines
+
+    lines = Lines(limit or MAX_LINE, cut=True)
     for chunk in chunks:
         if chunk is None:
-            if buf:
-                yield buf.rstrip("\r")
+            yield from (line.rstrip("\r") for line in lines.end())
             return
-        buf += chunk
-        *lines, buf = buf.split("\n")
-        yield from (line.rstrip("\r") for line in lines)
+        yield from (line.rstrip("\r") for line in lines.feed(chunk))
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

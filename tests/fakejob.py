@@ -4,7 +4,8 @@ manifest, and fails where FAKEJOB_FAIL says. Faults are injected around the real
 Knobs (environment): FAKEJOB_STEPS (default 5), FAKEJOB_STEP_S (sleep per step, default 0.05), FAKEJOB_FULL (train
 writes a full fine-tune's model/ in two shards instead of an adapter),
 FAKEJOB_FAIL=check|prepare|train|evaluate (exit 1 there), FAKEJOB_HANG=VERB (never ends there), FAKEJOB_CORRUPT=1 (an artifact that
-does not match its manifest), FAKEJOB_LEAK=1 (print HF_TOKEN, to test redaction).
+does not match its manifest), FAKEJOB_LEAK=1 (print HF_TOKEN, to test redaction), FAKEJOB_HOSTILE=1 (train
+prints HOSTILE_LINES, the lines a broken or hostile job may send, and writes an exit_code that is no status).
 """
 from __future__ import annotations
 
@@ -20,6 +21,34 @@ from contracts.events import LINE_PREFIX, dumps, make
 
 def emit(kind: str, **fields) -> None:
     print(LINE_PREFIX + dumps(make(kind, **fields)), flush=True)
+
+
+def hostile_lines() -> list[str]:
+    """What a broken or hostile job may print (issue 25): each must be skipped or shown harmlessly."""
+    step = ('{"v":1,"event":"step","ts":%s,"step":1,"total_steps":5,"epoch":0.2,"loss":1.0,"lr":0.001,'
+            '"tokens_per_s":1.0,"gpu_mem_gib":0.0,"eta_s":%s}')
+    log = lambda message: dumps(make("log", message=message))  # noqa: E731
+    return [LINE_PREFIX + step % (time.time(), "Infinity"), LINE_PREFIX + step % (time.time(), "NaN"),
+            LINE_PREFIX + (step % (time.time(), "1")).replace('"step":1', '"step":[1]'),
+            LINE_PREFIX + '{"v":1,"event":"log","ts":%s,"message":"big","n":%s}' % (time.time(), "7" * 5000),
+            LINE_PREFIX + log("clipboard \x1b]52;c;cm0gLXJmIH4K\x07 written"),
+            LINE_PREFIX + log("\x1b[2J\x1b[Hscreen cleared"),
+            LINE_PREFIX + log("a \x1b]8;;https://evil.example/\x1b\\link\x1b]8;;\x1b\\ to click"),
+            LINE_PREFIX + log("\r\x1b[1;32madapter:\x1b[0m /tmp/evil (verified against manifest.json)"),
+            LINE_PREFIX + dumps(make("phase", phase="tearing down")),
+            LINE_PREFIX + log("x" * (2 << 20)),  # a line over the 1 MiB accepted
+            "raw output \x1b]52;c;cm0gLXJmIH4K\x07 with an escape"]
+
+
+def wait_recorded(message: str, timeout: float = 60) -> None:
+    """Until the launcher following this (local) job has recorded the log event `message`."""
+    record = Path(os.environ["SOCRATES_RUNS_DIR"]) / os.environ["SOCRATES_RUN_ID"] / "events.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if record.is_file() and f'"message":"{message}"' in record.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"fakejob: the launcher never recorded {message!r}")
 
 
 def arg(argv: list[str], flag: str, default: str | None = None) -> str | None:
@@ -49,6 +78,14 @@ def main(argv: list[str]) -> int:
         steps = int(os.environ.get("FAKEJOB_STEPS", "5"))
         for step in range(1, steps + 1):
             time.sleep(float(os.environ.get("FAKEJOB_STEP_S", "0.05")))
+            if os.environ.get("FAKEJOB_HOSTILE") and step == 2:
+                Path("exit_code").write_text("\u00b2\n")  # the launcher's exit-status file, in the job's folder
+                for line in hostile_lines():
+                    print(line, flush=True)
+                for mark in ("hostile lines sent", "and read"):  # the second is read in a poll begun after the first
+                    emit("log", message=mark)
+                    wait_recorded(mark)
+
             emit("step", step=step, total_steps=steps, epoch=step / steps, loss=2.0 / step, lr=1e-3,
                  tokens_per_s=1000.0, gpu_mem_gib=0.0, eta_s=(steps - step) * 0.05)
         if os.environ.get("FAKEJOB_FULL"):  # a full fine-tune's output: model/ in two safetensors shards

@@ -314,15 +314,11 @@ def _bucket_dir(task: dict) -> tuple[str, Path] | None:
 
 
 def _step_events(log: Path, offset: int) -> tuple[list[dict], int]:
-    from contracts.events import parse_chunk
+    from contracts.events import EventReader
 
-    if not log.is_file():
-        return [], offset
-    with open(log, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    evs, used = parse_chunk(data)
-    return [e for e in evs if e["event"] == "step"], offset + used
+    reader = EventReader(log, offset, skips=None)
+    evs = reader.read_new()
+    return [e for e in evs if e["event"] == "step"], reader.offset
 
 
 def controller(jdir: Path) -> None:

@@ -134,7 +134,7 @@ def test_cells_file_round_trips_one_line_per_cell_with_each_results_w(tmp_path):
     ({"scale_source": "guessed"}, "scale_source \"guessed\" is not accepted (stated | human_range | conflict or null)"),
     ({"scale": {"lo": 5, "hi": 1, "step": 1}}, "scale {\"lo\": 5, \"hi\": 1, \"step\": 1} is not accepted"),
     ({"w": {"base/sample": "0.2"}}, "w {\"base/sample\": \"0.2\"} is not accepted"),
-    ({"w": {"base/sample": math.inf}}, "is not accepted (an object of result key -> W"),
+    ({"w": {"base/sample": math.inf}}, "Infinity is not accepted (finite numbers only)"),  # refused as it is read
     ({"skipped": {"base/sample": "bored"}}, "skipped {\"base/sample\": \"bored\"} is not accepted"),
     ({"colour": "red"}, "unknown key 'colour'"),
 ])
@@ -202,7 +202,7 @@ def test_a_bad_predict_result_is_refused_in_one_line(change, needle):
 
 @pytest.mark.parametrize("body,needle", [
     ("{oops", "job predict: a result line that is not JSON"),
-    ('{"values": NaN}', "missing scale, probs, valid_mass"),
+    ('{"values": NaN}', "NaN is not accepted (finite numbers only)"),  # refused as it is read
     ("[1]", "job predict result: a JSON list is not accepted (expected an object)"),
     ('{"error": 3}', "error 3 is not accepted"),
     ('{"error": "x", "probs": []}', "is not accepted (an object {\"error\": \"<text>\"} and nothing else)"),

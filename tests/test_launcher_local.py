@@ -15,7 +15,7 @@ import pytest
 
 from conftest import wait_until
 from contracts import manifest
-from contracts.events import read_all
+from contracts.events import read_all, read_record
 from launcher_helpers import CANARY, REPO, cli, fake_python, launcher_env, only_run, pid_alive, spawn, wait_for_state
 
 
@@ -51,7 +51,7 @@ def test_up_local_end_to_end(tmp_path):
     assert (run_dir / "eval" / "metrics.json").is_file()
     kinds = [e["event"] for e in read_all(run_dir / "events.jsonl")]
     assert kinds.count("step") == 5 and "done" in kinds
-    phases = [e["phase"] for e in read_all(run_dir / "events.jsonl") if e["event"] == "phase"]
+    phases = [e["phase"] for e in read_record(run_dir / "events.jsonl") if e["event"] == "phase"]  # the launcher's own
     assert phases == ["provisioning", "syncing", "training", "downloading", "tearing down"]
     assert f"adapter: {run_dir.resolve() / 'adapter'}" in r.stdout.replace("\n", "")
     assert "step 5/5" in r.stdout  # plain progress lines when stdout is not a terminal

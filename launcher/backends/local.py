@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contracts import remote
 from contracts.events import EventReader
 from contracts.manifest import data_files
 from launcher import stage as stagelib
@@ -74,26 +75,35 @@ class LocalBackend(Backend):
     def follow(self, run: Any, on_event: EventCallback) -> int:
         workdir = Path(run.backend_state["workdir"])
         reader = EventReader(workdir / LOG_FILE)
+        odd = None  # an exit_code file that holds no exit status: not the end (the wrapper writes the real one)
         while True:
-            done = (workdir / EXIT_FILE).is_file()
+            code, text = _exit_code(workdir / EXIT_FILE)
             for ev in reader.read_new():
                 on_event(ev)
-            if done:
+            if code is not None:
                 for ev in reader.read_new():
                     on_event(ev)
-                return int((workdir / EXIT_FILE).read_text().strip() or 1)
+                return code
+            if text is not None and text != odd:
+                odd = text
+                remote.skipped.note(f"an {EXIT_FILE} file holding {text[:20]!r}, not an exit status")
             if not workdir.is_dir() or not _alive(run.backend_state.get("pgid")):
-                if (workdir / EXIT_FILE).is_file():
+                if _exit_code(workdir / EXIT_FILE)[0] is not None:
                     continue
-                raise BackendError("running", f"the job's process group is gone and left no exit code ({workdir})")
+                left = f"left {EXIT_FILE} holding {odd[:20]!r}" if odd is not None else "left no exit code"
+                raise BackendError("running", f"the job's process group is gone and {left} ({workdir})")
             time.sleep(self.poll_s)
 
-    def log_lines(self, run: Any) -> list[str]:
+    def log_lines(self, run: Any, max_bytes: int = 1 << 20) -> list[str]:
+        """The job's output (its last MiB: a job that printed gigabytes costs a MiB here)."""
         path = Path(run.backend_state.get("workdir", "/nonexistent")) / LOG_FILE
         try:
-            return path.read_text(encoding="utf-8", errors="replace").splitlines()
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+                data = f.read(max_bytes)
         except FileNotFoundError:
             return []
+        return data.decode("utf-8", errors="replace").splitlines()
 
     def download(self, run: Any, dest: Path) -> None:
         src = Path(run.backend_state.get("workdir", "/nonexistent")) / "out"
@@ -146,6 +156,16 @@ def _copy_out(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
             else:
                 raise BackendError("downloading", f"{entry.path}: not a regular file, folder or link (not accepted "
                                                   f"in what comes back)")
+
+
+def _exit_code(path: Path) -> tuple[int | None, str | None]:
+    """(the exit status in the job's exit_code file, or None; the file's text, None when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(64).decode("utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return None, None
+    return remote.exit_code(text), text
 
 
 def _own_workdir(workdir: Path, run_id: str) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 
 from contracts.errors import ContractError
 from contracts.events import parse_line
+from contracts.remote import is_int
 from launcher import stage as stagelib
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, reconnect_policy
@@ -160,18 +161,23 @@ class ManagedBackend(Backend):
             raise BackendError("provisioning", "the managed job was never submitted (no request id)")
         seen: set[tuple] = set()
         if run.events_path.is_file():
-            from contracts.events import read_all
+            from contracts.events import read_record
 
-            for ev in read_all(run.events_path):
+            for ev in read_record(run.events_path):
                 if ev.get("event") != "phase":
                     seen.add(_key(ev))
                     on_event(ev)
         failures, lost_since, recoveries = 0, None, run.backend_state.get("recoveries") or 0
+        furthest = 0  # lines into the stream the furthest tail got
         while True:
             try:
-                with open(run.log_path, "a", encoding="utf-8") as log:
-                    for line in self.adapter.jobs_tail(job_id):
-                        failures, lost_since = 0, None
+                with open(run.log_path, "a", encoding="utf-8", errors="replace") as log:
+                    for index, line in enumerate(self.adapter.jobs_tail(job_id), 1):
+                        # Only progress resets the outage window: a line past the furthest one yet (below), or a
+                        # new event. Each reconnect replays the launch's lines: those alone must not keep a
+                        # failing stream (or a SUCCEEDED job's) in this loop forever.
+                        if index > furthest:
+                            furthest, failures, lost_since = index, 0, None
                         ev = parse_line(line)
                         if ev is None:
                             log.write(redact(line) + "\n")
@@ -179,6 +185,7 @@ class ManagedBackend(Backend):
                             continue
                         if _key(ev) in seen:
                             continue
+                        failures, lost_since = 0, None
                         seen.add(_key(ev))
                         log.write(redact(line) + "\n")
                         log.flush()
@@ -387,4 +394,6 @@ def _deletable(run: Any) -> str:
 
 
 def _key(ev: dict) -> tuple:
-    return (ev.get("event"), ev.get("ts"), ev.get("step"))
+    """What tells one event from another across reconnects (hashable whatever the job sent as `step`)."""
+    step = ev.get("step")
+    return (ev.get("event"), ev.get("ts"), step if is_int(step) else None)

@@ -174,7 +174,7 @@ class SkyBackend(Backend):
         while True:
             index = 0
             try:
-                with open(run.log_path, "a", encoding="utf-8") as log:
+                with open(run.log_path, "a", encoding="utf-8", errors="replace") as log:
                     for line in self.adapter.tail(cluster, job_id):
                         index += 1
                         if index <= seen:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts import events as ev
+from contracts import remote
 from contracts.errors import ContractError
 
 try:
@@ -142,26 +143,32 @@ class SshBackend(Backend):
         _save(run)
 
     def follow(self, run: Any, on_event: EventCallback, offset: int = 0) -> int:
-        """Deliver the job's events from byte `offset` of its log; a dropped connection resumes there."""
+        """Deliver the job's events from byte `offset` of its log; a dropped connection resumes there.
+        The log is read in bounded chunks (a line over remote.MAX_LINE is dropped, never held whole)."""
         state = self._bind(run)
         log, work = state["log"], state["work"]
+        reader = ev.EventReader(Path(log), offset)
+        odd = None
         while True:
             try:
                 sftp = self._sftp_client()
-                finished = _read_int(sftp, posixpath.join(work, EXIT_FILE))  # read before the log: nothing after it is missed
-                batch, used = ev.parse_chunk(read_from(sftp, log, offset))
-                for e in batch:
+                finished, text = _read_exit(sftp, posixpath.join(work, EXIT_FILE))  # before the log: nothing after it is missed
+                data = read_from(sftp, log, reader.pos, remote.CHUNK)
+                for e in reader.feed([data]):
                     on_event(e)
-                offset += used
-                if used:
+                if data:
                     continue  # more may be waiting; read again before sleeping
                 if finished is not None:
-                    state.update(exit_code=finished, log_offset=offset)
+                    state.update(exit_code=finished, log_offset=reader.offset)
                     _save(run)
                     return finished
-                if not self._alive(run.id) and _read_int(sftp, posixpath.join(work, EXIT_FILE)) is None:
-                    raise BackendError("running", f"the job's process group on {self.target} is gone and left "
-                                                  f"no exit code (killed, or the host rebooted); see {log}")
+                if text is not None and text != odd:  # the runner writes the real one when the job ends
+                    odd = text
+                    remote.skipped.note(f"an {EXIT_FILE} file holding {text[:20]!r}, not an exit status")
+                if not self._alive(run.id) and _read_exit(sftp, posixpath.join(work, EXIT_FILE))[0] is None:
+                    left = f"left {EXIT_FILE} holding {odd[:20]!r}" if odd is not None else "left no exit code"
+                    raise BackendError("running", f"the job's process group on {self.target} is gone and {left} "
+                                                  f"(killed, or the host rebooted); see {log}")
                 time.sleep(self.opts.poll_s)
             except (SshDropped, *DROPPED) as e:
                 if isinstance(e, FileNotFoundError):
@@ -169,7 +176,7 @@ class SshBackend(Backend):
                 self._drop()
                 self.reconnects += 1
                 state["reconnects"] = state.get("reconnects", 0) + 1
-                self.on_phase("reconnecting", f"ssh connection lost ({type(e).__name__}); resuming at byte {offset}")
+                self.on_phase("reconnecting", f"ssh connection lost ({type(e).__name__}); resuming at byte {reader.pos}")
                 self._reconnect_or_fail("running", StreamLost)  # the job is not known to have failed: detach
 
     def log_lines(self, run: Any, max_bytes: int = 1 << 20) -> list[str]:
@@ -254,7 +261,7 @@ class SshBackend(Backend):
         if state.get("torn_down") or not state.get("work"):
             return False
         try:
-            if _read_int(self._sftp_client(), posixpath.join(state["work"], EXIT_FILE)) is not None:
+            if _read_exit(self._sftp_client(), posixpath.join(state["work"], EXIT_FILE))[0] is not None:
                 return False
             return self._alive(run.id)
         except (SshDropped, *DROPPED):
@@ -634,9 +641,10 @@ def _kept_hook(run: Any) -> str | None:
         return None
 
 
-def _read_int(sftp: paramiko.SFTPClient, path: str) -> int | None:
-    text = read_from(sftp, path, 0).decode().strip()
-    return int(text) if text.lstrip("-").isdigit() else None
+def _read_exit(sftp: paramiko.SFTPClient, path: str) -> tuple[int | None, str | None]:
+    """(the exit status in the job's exit_code file, or None; the file's text, None while there is none)."""
+    data = read_from(sftp, path, 0, 64)
+    return remote.exit_code(data), (data.decode("utf-8", errors="replace") if data else None)
 
 
 def _size(path: Path) -> int:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from contracts import results as results_lib
+from contracts.remote import clean
 from contracts.results import METRICS_FILE, REPORT_FILE, read_metrics, summary
 from launcher import registry
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                           "results": {k: summary(v) for k, v in results.items()}}, indent=2))
         return 0
     print("read: " + ", ".join(str(f / METRICS_FILE) for f in folders), flush=True)
-    print(render(label, results, report))
+    print(clean(render(label, results, report)))  # keys and values came from a machine: no escape reaches the terminal
     if _random_model(run_id):
         print("note: this run's model is a tiny random one (model.init: random, the demo's): its scores are not "
               "meaningful; the paper's rows above are what a real run is compared with")
