@@ -136,9 +136,9 @@ def _ssh(files: dict[str, bytes], alive: bool):
 
     backend = SshBackend("ssh://u@host:22", poll_s=0.01)
     backend._sftp_client = lambda: sftp
-    backend._alive = lambda pgid: alive
+    backend._alive = lambda run_id: alive  # the host's answer to "does a process carry this run's id"
     sftp = _Sftp(files)
-    run = SimpleNamespace(backend_state={"log": "/w/job.log", "work": "/w", "pgid": 7})
+    run = SimpleNamespace(id="r-1", backend_state={"log": "/w/job.log", "work": "/w", "pgid": 7})
     return backend, run
 
 
