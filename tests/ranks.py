@@ -15,7 +15,8 @@ from contracts.events import read_all
 from job.checkpoints import complete_checkpoints
 from ports import free_port
 
-CPU_ENV = {"OMP_NUM_THREADS": "1", "SOCRATES_CPU_THREADS": "1"}  # ranks x threads within the CI's 2 cores
+# ranks x threads within the CI's 2 cores; the events on stdout as @@socrates-event lines, as the run block has them
+CPU_ENV = {"OMP_NUM_THREADS": "1", "SOCRATES_CPU_THREADS": "1", "SOCRATES_EVENT_LINES": "1"}
 
 
 def job_cmd(ranks: int, *args: str) -> list[str]:
