@@ -44,12 +44,16 @@ TINY = {
 
 
 def managed_task(bucket: Path, deadline_s: int = 0) -> dict:
-    """The managed task `up --spot` renders (launcher/task.py), with the bucket a local folder."""
+    """The managed task `up --spot` renders (launcher/task.py), with the bucket a local folder and the
+    workdir a staged folder beside it, as `up` stages runs/<id>/code."""
+    from launcher import stage
     from launcher import task as tasklib
 
     cfg = load_config_from(TINY)
     run = SimpleNamespace(id=RUN, name="tiny-managed", config=cfg, options={"deadline_s": deadline_s})
-    return tasklib.render(run, gpu=None, managed=True, bucket_url=f"file://{bucket}")
+    code = bucket.parent / "code"
+    staged = code if code.is_dir() else stage.build(code).path
+    return tasklib.render(run, gpu=None, managed=True, bucket_url=f"file://{bucket}", workdir=staged)
 
 
 def load_config_from(raw: dict) -> dict:
