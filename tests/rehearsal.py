@@ -239,10 +239,10 @@ def build_image_as_script(dockerfile: Path, context: Path, app: Path, opt: Path,
         word, _, args = line.strip().partition(" ")
         if word == "COPY":
             *sources, dest = args.split()
-            for src in sources:
+            for src in sources:  # Docker's rule: a folder's contents go into dest; a file into dest/ by its name
                 target = app / dest / Path(src).name if dest.endswith("/") else app / dest
                 if (context / src).is_dir():
-                    shutil.copytree(context / src, target, dirs_exist_ok=True)
+                    shutil.copytree(context / src, app / dest, dirs_exist_ok=True)
                 else:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(context / src, target)
