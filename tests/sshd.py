@@ -167,3 +167,14 @@ def sshd(tmp_path_factory):
     srv = SshServer.start(tmp_path_factory.mktemp("sshd"))
     yield srv
     srv.stop()
+
+
+def ssh_backend(srv: SshServer, tmp: Path, run_block: str | None, **kw):
+    """An SshBackend on `srv` as the SSH tests drive it: the server's keys, its host trusted, this machine's
+    python as the remote one, the remote folder under `tmp`; `kw` overrides any option."""
+    from launcher.backends.ssh import SshBackend
+
+    opts = dict(key=str(srv.client_key), known_hosts=str(srv.known_hosts), trust_new_host=True, allow_cpu=True,
+                remote_python=PYTHON, remote_dir=str(tmp / "remote"), poll_s=0.1)
+    opts.update(kw)
+    return SshBackend(f"ssh://root@127.0.0.1:{srv.port}", run_block=run_block, **opts)

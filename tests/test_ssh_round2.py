@@ -16,7 +16,7 @@ import pytest
 from contracts.config import load_config
 from launcher import registry
 from launcher.backends.base import BackendError, StreamLost
-from sshd import PYTHON, REPO, SshServer, sshd, sshd_available  # noqa: F401
+from sshd import PYTHON, REPO, SshServer, ssh_backend, sshd, sshd_available  # noqa: F401
 
 pytestmark = pytest.mark.ssh
 paramiko = pytest.importorskip("paramiko")
@@ -33,10 +33,7 @@ def runs_dir(tmp_path, monkeypatch):
 
 
 def backend(srv: SshServer, tmp: Path, run_block: str | None = LONG_JOB, **kw) -> SshBackend:
-    opts = dict(key=str(srv.client_key), known_hosts=str(srv.known_hosts), trust_new_host=True, allow_cpu=True,
-                remote_python=PYTHON, remote_dir=str(tmp / "remote"), poll_s=0.1)
-    opts.update(kw)
-    return SshBackend(f"ssh://root@127.0.0.1:{srv.port}", run_block=run_block, **opts)
+    return ssh_backend(srv, tmp, run_block, **kw)
 
 
 def new_run(srv: SshServer, name: str) -> registry.Run:
