@@ -1,4 +1,4 @@
-# Sourced by bench/gpu_call7.sh and later device-call scripts, from the repo root: $OUT, the lock's
+# Sourced by bench/calls/gpu_call7.sh and later device-call scripts, from the repo root: $OUT, the lock's
 # speed packages from the carried wheels in .whl, the card and versions into $OUT/versions.txt, t0.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"

@@ -160,7 +160,7 @@ def test_check_refuses_a_full_fine_tune_that_cannot_fit_its_cards_with_the_numbe
 
 
 def test_the_one_gpu_bench_config_fits_an_h200_with_room():
-    """configs/bench-full-8l.yaml (bench/gpu_call6.sh) is planned to fit one H200 (139 GiB) with room, and the
+    """configs/bench-full-8l.yaml (bench/calls/gpu_call6.sh) is planned to fit one H200 (139 GiB) with room, and the
     plan's 16 B/param is of the params transformers builds for it (counted on the meta device)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -3,7 +3,7 @@
 # baseline beside the bf16 lean levers and the same levers with fp8, same data/order/seed (global batch
 # 32 so that 20 baseline steps fit one call); (B) the job path in the fast mode (configs/bench-fast-14b.yaml:
 # train.fp8, micro-batch 128, offload, 45 of 48 recomputed): `job check` then `job train`, 7 steps.
-#   cd .gpu && bash bench/gpu_call4.sh   (wheels in ../.whl, rows in ../.carry)
+#   cd .gpu && bash bench/calls/gpu_call4.sh   (wheels in ../.whl, rows in ../.carry)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 QWEN_TIKTOKEN=$(cd ../.carry && pwd)/qwen.tiktoken

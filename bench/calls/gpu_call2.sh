@@ -3,7 +3,7 @@
 # capped at 22.5 GiB (SOCRATES_GPU_MEMORY_GIB: an L4's/A10G's usable memory; the allocator refuses
 # past it), `job check` then `job train`; (B) loss over 20 optimizer steps, plain baseline vs the
 # lean levers, same data/order/seed (global batch 32 so 20 baseline steps fit one call).
-#   cd .gpu && bash bench/gpu_call2.sh   (wheels in ../.whl, rows in ../.carry)
+#   cd .gpu && bash bench/calls/gpu_call2.sh   (wheels in ../.whl, rows in ../.carry)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 QWEN_TIKTOKEN=$(cd ../.carry && pwd)/qwen.tiktoken

@@ -6,7 +6,7 @@
 # 32, lr 1e-3, same data/order/seed): plain baseline, bf16 levers, the two variants, and both switches
 # together if the budget leaves time; (B) the two variants' rate in the fast-mode shape (offload,
 # micro-batch 128, 45 of 48 recomputed, global batch 256) beside the plain baseline.
-#   cd .gpu && bash bench/gpu_call5.sh   (wheels in ../.whl)
+#   cd .gpu && bash bench/calls/gpu_call5.sh   (wheels in ../.whl)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

@@ -4,7 +4,7 @@
 # (2) bench/fp8_layer.py: one decoder layer's four linear shapes at one micro-batch (128 x 322 tokens),
 # NF4 bnb vs fp8, forward and input grad; (3) the project's bench, the plain baseline beside the best
 # round-5 shape without and with fp8.
-#   cd .gpu && bash bench/gpu_call3.sh   (wheels in ../.whl)
+#   cd .gpu && bash bench/calls/gpu_call3.sh   (wheels in ../.whl)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

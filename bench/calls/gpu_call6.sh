@@ -10,8 +10,8 @@
 #      (b) runs the same config with 1 decoder layer and tied embeddings (1.05B params): the 8-layer
 #      model's checkpoint is 42 GiB (12 B/param), two of them (keep 1 + the one being written) do not
 #      fit the machine's 64 GiB disk, nor its save+load the call's time.
-#   cd .gpu && bash bench/gpu_call6.sh   (wheels in ../.whl, the tokenizer in ../.carry)
-# CPU dry run of (b) with a tiny model: NO_PIP=1 SKIP_A=1 B_BASE=<tiny full config, allow_cpu> B_ARCH='{}' bash bench/gpu_call6.sh
+#   cd .gpu && bash bench/calls/gpu_call6.sh   (wheels in ../.whl, the tokenizer in ../.carry)
+# CPU dry run of (b) with a tiny model: NO_PIP=1 SKIP_A=1 B_BASE=<tiny full config, allow_cpu> B_ARCH='{}' bash bench/calls/gpu_call6.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 QWEN_TIKTOKEN=${QWEN_TIKTOKEN:-$(cd ../.carry && pwd)/qwen.tiktoken}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (H200): issue #12 acceptance 1 (the job path's steady tokens/s with the lock's
 # speed packages) and issue #19's lean/fast candidates in the project's bench beside the baseline.
-# Run from the worktree copy: cd .gpu && bash bench/gpu_call1.sh   (wheels in ../.whl, rows in ../.carry)
+# Run from the worktree copy: cd .gpu && bash bench/calls/gpu_call1.sh   (wheels in ../.whl, rows in ../.carry)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 QWEN_TIKTOKEN=$(cd ../.carry && pwd)/qwen.tiktoken

@@ -5,7 +5,7 @@
 # then (B) the rate in the fast-mode shape beside the plain stack. Calls 3 and 4 of round 8 ran A and B
 # as two calls on one held machine (bench/results/round8_call3_log.txt, round8_call4_log.txt); this
 # script is them in one (~450 s; not run as one: no device time was left).
-# From the repo root, wheels in .whl (carried):   bash bench/gpu_call8.sh
+# From the repo root, wheels in .whl (carried):   bash bench/calls/gpu_call8.sh
 source bench/device_prelude.sh
 L=packing,answer,liger,flex,fused,offload
 echo "== A: loss check, lr 3e-4, 20 steps, learnable answers ($(( $(date +%s) - t0 ))s)"

@@ -9,7 +9,7 @@
 #   (A) loss, global batch 32, lr 1e-3 (LR=...), 20 steps, learnable answers: plain stack at LoRA
 #       seeds 42 and 43, then fp8 at seed 42 and the bf16 levers at 42 (the control: exact arithmetic,
 #       other kernels); SEED43=1 adds fp8 at seed 43 (the first call ran it; it got 7 steps)
-# From the repo root, wheels in .whl (carried):   bash bench/gpu_call7.sh
+# From the repo root, wheels in .whl (carried):   bash bench/calls/gpu_call7.sh
 source bench/device_prelude.sh
 LEVERS=packing,answer,liger,flex,fused,offload
 echo "== B: rate, fast-mode shape ($(( $(date +%s) - t0 ))s)"
