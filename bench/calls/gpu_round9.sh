@@ -6,7 +6,8 @@
 #   rate  - tokens/s and peak GiB, the plain stack in the same run: QLoRA in the shipped default's shape
 #           (configs/paper.yaml), the offloaded micro-batch-128 shape (all / 45 of 48 recomputed), fp8 on
 #           the MLP; then `lora` (bf16 base, its own plain stack) in three shapes
-#   lora  - the loss check on the bf16 base (plain LoRA twice, the levers); then regional compile alone
+#   lora  - the loss check on the bf16 base (plain LoRA twice, the levers); then QLoRA's default shape
+#           beside regional compile alone and fp8 (MLP) alone, the plain stack in the same run
 # From the repo root, wheels in .whl (carried):   bash bench/calls/gpu_round9.sh loss|rate|lora
 source bench/device_prelude.sh
 L0=packing,answer,liger,flex,fused
@@ -30,7 +31,7 @@ case "${1:-}" in
           --ours "$L0,mb=64,gc=46;$L,mb=128,gc=45;$L,mb=128,gc=all" ;;
   lora) part lora_loss "${LOSS_S:-260}" --method lora $CHECK --max-gib 80 --ours "$L,mb=32,gc=all"
         [ "$(left)" -gt 150 ] && part compile "$(left)" $RATE --max-gib 36 \
-          --ours "$L,mb=128,gc=all;$L,mb=128,gc=all,compile" ;;
+          --ours "$L,mb=128,gc=all;$L,mb=128,gc=all,compile;$L,fp8,mb=128,gc=all" ;;
   *) echo "usage: bash bench/calls/gpu_round9.sh loss|rate|lora"; exit 2 ;;
 esac
 rm -f "$OUT"/*/best.json "$OUT"/*/train_throughput.md
