@@ -112,7 +112,7 @@ def full_disk_size(config: dict, nodes: int, floor_gb: int) -> int:
     config, plus the machine image and venv and a margin; never below the template's `floor_gb`."""
     from contracts.config import from_dict
     from contracts.sizing import full_disk, machine_disk_gb
-    from launcher.cost import model_params_b
+    from launcher.cost.rates import model_params_b
 
     rc = from_dict(config)
     t = rc.train
