@@ -123,18 +123,13 @@ def output_bytes_per_param(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def kept_checkpoints(checkpoint_every: int, keep_checkpoints: int) -> int:
-    """Checkpoints on disk at once: the kept ones plus the one being written (none without checkpoints)."""
-    return 0 if not checkpoint_every else max(int(keep_checkpoints), 1) + 1
-
-
 def full_disk(params: float, *, nodes: int = 1, checkpoint_every: int, keep_checkpoints: int,
               precision: str = "bf16", pretrained: bool = True) -> dict:
     """GiB a full fine-tune of `params` parameters writes on one node of `nodes`: its share of each
     checkpoint, the output weights (node 0), the downloaded base (pretrained), and MIN_FREE_GIB.
     `total_gib` is the checkpoints + output; `need_gib` everything `job check` asks to be free."""
     nodes = max(1, int(nodes))
-    kept = kept_checkpoints(checkpoint_every, keep_checkpoints)
+    kept = 0 if not checkpoint_every else max(int(keep_checkpoints), 1) + 1  # the kept ones + the one being written
     ckpt = params * CHECKPOINT_BYTES_PER_PARAM / nodes / GIB
     out = params * output_bytes_per_param(precision) / GIB
     base = params * 2 / GIB * BASE_DOWNLOAD_FACTOR if pretrained else 0.0

@@ -1,8 +1,5 @@
-"""The caps on a run (--max-cost, --max-hours) turned into the job's remote deadline, the safety deadline
-of a run without caps, and what a run has cost so far.
-
-    deadline_s = deadline_for(est, max_cost=20.0, max_hours=None)
-"""
+"""--max-cost and --max-hours turned into the job's remote deadline, the safety deadline of a run
+without caps, and what a run has cost so far."""
 from __future__ import annotations
 
 import math
@@ -27,18 +24,14 @@ SAFETY_MIN_EXTRA_S = 3600.0
 
 
 def deadline_for(est: Estimate, max_cost: float | None, max_hours: float | None) -> float | None:
-    """Seconds after setup starts on the machine (sky/train.yaml's DEADLINE_S) at which the job must stop.
-
-    Refuses (ContractError -> exit 2) when the HIGH estimate exceeds a cap. Otherwise the deadline
-    is the cap's machine time minus what the cloud bills outside that window at its worst
-    (provisioning before it; grace, adapter download and teardown after it), so billed time stays
-    within the cap. Setup runs inside the window (and is cut off by it). None without caps.
-    """
+    """Seconds after setup starts on the machine (sky/train.yaml's DEADLINE_S) at which the job must stop:
+    the cap's machine time minus what the cloud bills outside that window at its worst (provisioning
+    before it; grace, the download back and teardown after it). None without caps; refused (exit 2)
+    when the high estimate exceeds a cap."""
     check_caps(max_cost, max_hours, est.infra)
     if max_cost is None and max_hours is None:
         return None
-    best, hours = est.cheapest, est.hours
-    tail = 0.0
+    best, hours, tail = est.cheapest, est.hours, 0.0
     if best is not None and est.plan is not None:
         around = ("provisioning", "adapter download", "model download (back)", "teardown")
         tail = DEADLINE_GRACE_S + sum(t.high_s for t in est.plan.terms if t.name in around)
@@ -73,8 +66,7 @@ def safety_deadline(est: Estimate) -> float | None:
     or None where nothing bills by the hour (local, ssh) or there is no estimate to scale."""
     if est.infra != "sky" or not est.hours:
         return None
-    high_s = est.hours[2] * 3600
-    return max(SAFETY_FACTOR * high_s, high_s + SAFETY_MIN_EXTRA_S)
+    return max(SAFETY_FACTOR * est.hours[2] * 3600, est.hours[2] * 3600 + SAFETY_MIN_EXTRA_S)
 
 
 def safety_line(deadline_s: float) -> str:

@@ -109,7 +109,8 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
         card, count = asked_card(gpu, table)
         plans = [run.plan(card, count * nodes)]
     else:
-        plans = [] if run.local else [run.plan(c, 1) for c in fitting_cards(table, method, params_b, cfg.train.memory_mode)]
+        cards_that_fit = [] if run.local else fitting_cards(table, method, params_b, cfg.train.memory_mode)
+        plans = [run.plan(c, 1) for c in cards_that_fit]
     for p in plans:
         notes += _memory_notes(run, p)
     est = {"infra": infra, "method": method, "model": cfg.model.id, "params_b": params_b, "tokens": run.tokens,
@@ -240,7 +241,8 @@ class _Run:
         when even 0.001 doesn't."""
         def expected_h(subset: float) -> float:
             c = self.cfg.with_overrides({"data.subset": subset})
-            return plan_card(c, self.table, card, count, self.params_b, count_tokens(c, self.data), False).hours(self.spot)[1]
+            tokens = count_tokens(c, self.data)
+            return plan_card(c, self.table, card, count, self.params_b, tokens, False).hours(self.spot)[1]
 
         def fits(subset: float) -> bool:
             h = expected_h(subset)

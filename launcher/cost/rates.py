@@ -1,9 +1,7 @@
-"""Training throughput per card (configs/throughput.yaml) and which cards a run fits.
-
-The table's rates were measured on H100/H200 by bench/cost_accuracy.py; other cards are derived
-from datasheet ratios and marked so. The memory thresholds are the table's (measured) for LoRA and
-QLoRA, and contracts/sizing.py's formula, the job's own, for a full fine-tune (launcher/cost/hours.py).
-"""
+"""Training throughput per card and which cards a run fits, from configs/throughput.yaml: rates measured
+on H100/H200 by bench/cost_accuracy.py, other cards derived from datasheet ratios and marked so. The
+memory thresholds are the table's (measured) for LoRA and QLoRA; a full fine-tune is sized with the
+job's own formula (contracts/sizing.py, in launcher/cost/hours.py)."""
 from __future__ import annotations
 
 import math
@@ -28,57 +26,46 @@ def load_throughput(path: Path = THROUGHPUT_FILE) -> dict:
 
 def card_throughput(table: dict, card: str, method: str, params_b: float, count: int = 1,
                     mode: str = "fast") -> tuple[float, float, str]:
-    """(tokens/s for `count` cards, relative band, how) from configs/throughput.yaml; `mode` 'lean'
-    reads the lean memory mode's measured row instead of the fast one, 'fp8' the fp8 fast mode's."""
-    ref = table["reference"]
-    rows = (table.get(mode) or {}) if mode in ("lean", "fp8") else table["measured"]  # fp8: a rate, not a memory mode
+    """(tokens/s for `count` cards, relative band, how); `mode` 'lean' reads the lean memory mode's
+    measured row instead of the fast one, 'fp8' the fp8 fast mode's (a rate, not a memory mode)."""
+    rows = (table.get(mode) or {}) if mode in ("lean", "fp8") else table["measured"]
     size, entry = _nearest_size(rows.get(method) or {}, params_b, method)
-    ratio_how = ""
-    if "derived_from" in entry:
-        base_size, base = _nearest_size(table["measured"][entry["derived_from"]], size, entry["derived_from"])
-        tps = float(base["tokens_per_s"]) * float(entry["ratio"])
-        # a ratio measured beside the base method (card, date) or assumed
-        ratio_how = (f"{entry['derived_from']} x {entry['ratio']} (measured on {entry['card']}, {entry['date']}) "
-                     if entry.get("date") else f"{entry['derived_from']} x {entry['ratio']} (derived) ")
-        measured = base
-    else:
-        tps, measured = float(entry["tokens_per_s"]), entry
-    measured_card = measured.get("card") or ref
+    ratio_how, measured, tps = "", entry, float(entry.get("tokens_per_s", 0))
+    if "derived_from" in entry:  # a ratio to another method's row, measured beside it (card, date) or assumed
+        base = entry["derived_from"]
+        measured = _nearest_size(table["measured"][base], size, base)[1]
+        tps = float(measured["tokens_per_s"]) * float(entry["ratio"])
+        ratio_how = f"{base} x {entry['ratio']} " + (f"(measured on {entry['card']}, {entry['date']}) "
+                                                      if entry.get("date") else "(derived) ")
+    measured_card = measured.get("card") or table["reference"]
     derived = ("derived_from" in entry and not entry.get("date")) or not measured.get("date")
     label = {"lean": "lean memory mode: ", "fp8": "fp8 fast mode: "}.get(mode, "")
-    how = (f"{ratio_how}{label}{method} {size:g}B on {measured_card}: "
-           f"{tps:,.0f} tok/s ({measured.get('command', 'prior')})")
+    how = f"{ratio_how}{label}{method} {size:g}B on {measured_card}: {tps:,.0f} tok/s ({measured.get('command', 'prior')})"
     if card != measured_card:
         a, b = table["cards"][card], table["cards"][measured_card]
         r = math.sqrt(a["tflops"] / b["tflops"] * a["tbps"] / b["tbps"])
-        tps *= r
-        derived = True
+        tps, derived = tps * r, True
         how += f"; {card} derived x{r:.2f} = sqrt(tflops {a['tflops']}/{b['tflops']} x TB/s {a['tbps']}/{b['tbps']})"
     if abs(params_b - size) / size > 0.05:
-        tps *= size / params_b
-        derived = True
+        tps, derived = tps * size / params_b, True
         how += f"; scaled x{size / params_b:.3g} for {params_b:.2f}B parameters"
     if count > 1:
         eff, eff_how = multi_gpu_efficiency(table, count)
         tps *= count * eff
         how += f"; x{count} cards x {eff} efficiency ({eff_how})"
-    band = float(table["band_derived"] if derived else table["band_measured"])
-    return tps, band, how
+    return tps, float(table["band_derived"] if derived else table["band_measured"]), how
 
 
 def multi_gpu_efficiency(table: dict, count: int) -> tuple[float, str]:
-    """(scaling efficiency for `count` GPUs, where it comes from). A measured row (bench/scale.py on a
-    device) serves up to the GPU count it was measured at; past the largest measured count the
-    configured `multi_gpu_efficiency` stands, and the note says how far the measurement goes."""
+    """(scaling efficiency for `count` GPUs, where it comes from): a measured row (bench/scale.py) serves
+    up to the GPU count it was measured at; past it the configured `multi_gpu_efficiency` stands."""
     measured = {int(n): row for n, row in (table.get("multi_gpu_efficiency_measured") or {}).items()}
     configured = float(table.get("multi_gpu_efficiency", 0.9))
-    covering = [n for n in measured if n >= count]
-    if covering:
+    if covering := [n for n in measured if n >= count]:
         row = measured[min(covering)]
         return float(row["efficiency"]), f"measured at {min(covering)} GPUs on {row['card']}, {row['date']}"
     if measured:
-        top = max(measured)
-        return configured, f"configured; measured only up to {top} GPUs: {measured[top]['efficiency']}"
+        return configured, f"configured; measured only up to {max(measured)} GPUs: {measured[max(measured)]['efficiency']}"
     return configured, "configured, not measured"
 
 
@@ -90,23 +77,22 @@ def _nearest_size(by_size: dict, params_b: float, method: str) -> tuple[float, d
 
 
 def rate_levers(table: dict, cfg: RunConfig, params_b: float) -> list[str]:
-    """What the throughput rate assumes: the speed levers and package versions it was measured with
-    (configs/throughput.yaml), and a warning for each lever this config turns off."""
+    """The speed levers and package versions the rate was measured with, and a warning for each lever
+    this config turns off."""
     size, entry = _nearest_size(table["measured"].get(cfg.train.method) or {}, params_b, cfg.train.method)
     if "derived_from" in entry:
         size, entry = _nearest_size(table["measured"][entry["derived_from"]], size, entry["derived_from"])
-    levers, packages = entry.get("levers"), entry.get("packages")
+    levers, packages, t = entry.get("levers"), entry.get("packages"), cfg.train
     if not levers:
         return []
     on = [f"{k} {v}" if not isinstance(v, bool) else k for k, v in levers.items() if v]
     off = [k for k, v in levers.items() if v is False]
-    line = f"rate assumes speed levers: {', '.join(on)}" + (f" (off: {', '.join(off)})" if off else "")
-    if packages:
-        line += "; with " + ", ".join(f"{k} {v}" for k, v in packages.items())
-    notes = [line]
-    t = cfg.train
-    config_off = [name for name, is_off in (("liger", not t.liger), ("flex_attention", t.attn_implementation not in ("auto", "flex_attention")),
-                                            ("fused_lora", not t.fused_lora), ("packing", not t.packing)) if is_off and levers.get(name)]
+    notes = [f"rate assumes speed levers: {', '.join(on)}" + (f" (off: {', '.join(off)})" if off else "")
+             + ("; with " + ", ".join(f"{k} {v}" for k, v in packages.items()) if packages else "")]
+    config_off = [name for name, is_off in (("liger", not t.liger),
+                                            ("flex_attention", t.attn_implementation not in ("auto", "flex_attention")),
+                                            ("fused_lora", not t.fused_lora), ("packing", not t.packing))
+                  if is_off and levers.get(name)]
     if config_off:
         notes.append(f"this config turns off {', '.join(config_off)}: expect a slower run than this rate")
     return notes
@@ -118,10 +104,10 @@ def fp8_rate(table: dict, cfg: RunConfig, card: str) -> bool:
 
 
 def memory_mode(table: dict, card: str, method: str, params_b: float, wanted: str = "auto") -> str | None:
-    """The memory mode the job will pick on one `card` (job/check.py plan_memory decides on the machine
-    from its fit estimate; this mirrors it with the table's thresholds): 'fast' when the card has
-    min_memory_gib, 'lean' when it has the lean mode's (and the table measured the lean mode for this
-    method), None when neither fits. train.memory_mode fast never goes lean; lean always does."""
+    """The memory mode the job will pick on `card` (job/check.py plan_memory decides on the machine from
+    its fit; this uses the table's thresholds): 'fast' on a card with min_memory_gib, 'lean' with the lean
+    mode's (where the table measured it for the method), None for neither. train.memory_mode fast never
+    goes lean; lean always does."""
     have = float(table["cards"][card]["memory_gib"])
     lean_need = lean_min_memory_gib(table, method, params_b)
     lean_ok = lean_need is not None and have >= lean_need
@@ -138,14 +124,11 @@ def min_memory_gib(table: dict, method: str, params_b: float) -> float:
 
 def lean_min_memory_gib(table: dict, method: str, params_b: float) -> float | None:
     need = (table.get("lean_min_memory_gib") or {}).get(method)
-    if need is None or not (table.get("lean") or {}).get(method):
-        return None
-    return float(need) * params_b / 14.0
+    return None if need is None or not (table.get("lean") or {}).get(method) else float(need) * params_b / 14.0
 
 
 def fitting_cards(table: dict, method: str, params_b: float, wanted: str = "auto") -> list[str]:
-    # "-PCIE" rows are variants picked per offer (by instance name), not cards SkyPilot lists. Cards
-    # that fit only the lean memory mode compete too (at the lean mode's rate).
+    # "-PCIE" rows are variants picked per offer (by instance name), not cards SkyPilot lists.
     return [c for c in table["cards"] if memory_mode(table, c, method, params_b, wanted) and not c.endswith("-PCIE")]
 
 
@@ -155,16 +138,14 @@ def model_shape(cfg: RunConfig) -> Shape | None:
     if cfg.model.init != "random" or "preset" in arch or "hidden_size" not in arch:
         return None
     h, heads = int(arch["hidden_size"]), int(arch.get("num_attention_heads", 1))
-    return Shape(hidden=h, intermediate=int(arch.get("intermediate_size", 4 * h)),
-                 layers=int(arch.get("num_hidden_layers", 1)), heads=heads,
-                 kv_heads=int(arch.get("num_key_value_heads", heads)), vocab=int(arch.get("vocab_size", 151936)),
-                 tied=bool(arch.get("tie_word_embeddings")))
+    return Shape(h, int(arch.get("intermediate_size", 4 * h)), int(arch.get("num_hidden_layers", 1)), heads,
+                 int(arch.get("num_key_value_heads", heads)), int(arch.get("vocab_size", 151936)),
+                 bool(arch.get("tie_word_embeddings")))
 
 
 def model_params_b(cfg: RunConfig) -> float:
     """Parameters in billions: from the architecture for random init, else from the model's name."""
-    shape = model_shape(cfg)
-    if shape is not None:
+    if (shape := model_shape(cfg)) is not None:
         return shape.params / 1e9
     found = re.search(r"(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", cfg.model.id)
     return float(found.group(1)) if found else 14.0
@@ -172,11 +153,9 @@ def model_params_b(cfg: RunConfig) -> float:
 
 def asked_card(gpu: Any, table: dict) -> tuple[str, int]:
     """(card, count) of --gpu ("A100:1" or a GpuSpec), refused unless the table can price the card."""
-    gpu = parse_gpu(gpu)
-    unsupported = table.get("unsupported", {})
-    if gpu.name in unsupported:
-        raise ContractError(f"--gpu {gpu.name}: cannot run the job ({unsupported[gpu.name]}; accepted: "
-                            f"{', '.join(table['cards'])})")
+    gpu, accepted = parse_gpu(gpu), ", ".join(table["cards"])
+    if why := table.get("unsupported", {}).get(gpu.name):
+        raise ContractError(f"--gpu {gpu.name}: cannot run the job ({why}; accepted: {accepted})")
     if gpu.name not in table["cards"]:
-        raise ContractError(f"--gpu {gpu.name}: unknown card for the cost model (accepted: {', '.join(table['cards'])})")
+        raise ContractError(f"--gpu {gpu.name}: unknown card for the cost model (accepted: {accepted})")
     return gpu.name, gpu.count

@@ -76,7 +76,8 @@ def _render_offers(est: Estimate, console: Any) -> None:
     dropped = tables.fit(console, table, ("on demand", "$/h", "card"))
     console.print(table)
     tables.say_dropped(console, dropped)
-    console.print("  * cheapest expected cost; hours and $: low-expected-high" + ("; $/h is the spot price" if est.spot else ""))
+    console.print("  * cheapest expected cost; hours and $: low-expected-high"
+                  + ("; $/h is the spot price" if est.spot else ""))
     if len(est.offers) > SHOWN_OFFERS:
         console.print(f"  (+{len(est.offers) - SHOWN_OFFERS} more offers; --json lists all)")
 

@@ -1,9 +1,6 @@
-"""The training tokens and steps a run will consume, and the rows it evaluates.
-
-Exact from a prepared folder's stats.json (`python -m job prepare`); for the hub dataset from the
-shipped configs/socsci210_stats.json (derived once, see that file); rows counted for a local file.
-Steps are the schedule's own: rows x epochs / global batch, capped by max_steps.
-"""
+"""The tokens and steps a run's schedule consumes (rows x epochs / global batch, capped by max_steps), and
+the rows it evaluates: exact from a prepared folder's stats.json (`python -m job prepare`), else from
+the shipped SocSci210 stats (configs/socsci210_stats.json) or rows counted in a local file."""
 from __future__ import annotations
 
 import json
@@ -23,12 +20,8 @@ HUB_DATASET = "socratesft/SocSci210"
 
 @dataclass(frozen=True)
 class Tokens:
-    """The training tokens the schedule will really consume, and where the counts came from."""
-
-    train_rows: int
-    """Training rows after the subset (one epoch)."""
-    trained_rows: int
-    """Rows the schedule feeds: steps x global batch, bounded by rows x epochs."""
+    train_rows: int  # after the subset, one epoch
+    trained_rows: int  # what the schedule feeds: steps x global batch, at most rows x epochs
     steps: int
     tokens: float
     low: float
@@ -37,32 +30,36 @@ class Tokens:
     prompt_tokens_per_row: float
     exact: bool
     source: str
-    kind: str = "hub"
-    """hub | prepared | raw | synthetic: decides the dataset transfer and prepare terms."""
+    kind: str = "hub"  # hub | prepared | raw | synthetic: decides the dataset transfer and prepare terms
     data_bytes: int = 0
-    split: str = ""
-    """The split the rows are counted for (a prepared folder's own, else the config's data.split)."""
+    split: str = ""  # a prepared folder's own, else the config's data.split
 
 
 def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
     """Training tokens and steps for `cfg` on `data` (or cfg.data.source)."""
-    source = data or cfg.data.source
-    d = cfg.data
+    source, d = data or cfg.data.source, cfg.data
     path = Path(source)
     if path.is_dir() and (path / "stats.json").is_file():
         return _from_prepared(cfg, path / "stats.json")
     if path.exists():
-        return _from_raw_local(cfg, path)
+        n = check_local(path)  # every row checked against the job's schema before a machine is paid for
+        hub = load_hub_stats()
+        share = _train_share(hub, d)
+        size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
+        return _schedule(cfg, max(1, round(n * share * d.subset)), round(n * (1 - share)), hub,
+                         kind="raw", data_bytes=size,
+                         how=f"{path}: {n:,} rows counted, tokens per row from the shipped SocSci210 mean "
+                             "(run `python -m job prepare --out DIR` and pass --data DIR for exact counts)")
     if source.startswith("synthetic:"):
         n = source.split(":", 1)[1]
         if not n.isdigit() or int(n) < 1:
             raise ContractError(f"--data {source!r}: synthetic:N needs a whole number of rows N >= 1")
-        hub = load_hub_stats()
-        train = synthetic_train_rows(int(n), d.split, d.subset)
+        n, hub = int(n), load_hub_stats()
+        train = synthetic_train_rows(n, d.split, d.subset)
         if train is None:
-            train = round(int(n) * _train_share(hub, d) * d.subset)
-        return _schedule(cfg, train, int(n) - train if d.subset >= 1 else
-                         round(int(n) * (1 - _train_share(hub, d))), hub, exact=False, kind="synthetic",
+            train = round(n * _train_share(hub, d) * d.subset)
+        test = n - train if d.subset >= 1 else round(n * (1 - _train_share(hub, d)))
+        return _schedule(cfg, train, test, hub, kind="synthetic",
                          how=f"{source}: generated rows, tokens per row from the shipped SocSci210 mean")
     if source.startswith((".", "/", "~")) or path.suffix in (".jsonl", ".json", ".parquet"):
         raise ContractError(f"--data {source!r}: no such file or folder (a prepared folder with stats.json, "
@@ -71,8 +68,7 @@ def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
         raise ContractError(f"--data {source!r}: no token stats for this hub dataset (accepted: {HUB_DATASET}, "
                             "or prepare it with `python -m job prepare --out DIR` and pass --data DIR)")
     hub = load_hub_stats()
-    rows = hub["splits"].get(d.split)
-    if rows:
+    if rows := hub["splits"].get(d.split):
         train_all, test_all, where = rows["train"], rows["test"], "rows from the SOCRATES paper (arXiv 2509.05830)"
     else:
         share = _train_share(hub, d)
@@ -80,7 +76,7 @@ def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
         where = f"rows approximate ({share:.0%} of {hub['total_rows']:,} for split {d.split})"
     # The subset is stratified by study and keeps >= 1 row per study: the rounding is negligible.
     test = test_all if d.eval_subset is None else round(test_all * d.eval_subset)
-    return _schedule(cfg, round(train_all * d.subset), test, hub, exact=False,
+    return _schedule(cfg, round(train_all * d.subset), test, hub,
                      how=f"{HUB_DATASET}: {where}, tokens per row from configs/socsci210_stats.json")
 
 
@@ -94,67 +90,49 @@ def _from_prepared(cfg: RunConfig, stats_file: Path) -> Tokens:
         raise ContractError(f"--data {stats_file.parent}: unreadable stats.json ({type(e).__name__}: {e}); "
                             "re-run `python -m job prepare`") from None
     how = f"{stats_file}: exact counts by `job prepare` with tokenizer {stats.get('tokenizer', '?')}"
-    prepared_subset = float(stats.get("subset") or 1.0)
-    scale = 1.0
-    if abs(prepared_subset - cfg.data.subset) > 1e-9 and cfg.data.subset < prepared_subset:
-        scale = cfg.data.subset / prepared_subset
-        how += f", scaled x{scale:.4g} from its subset {prepared_subset:g} to {cfg.data.subset:g}"
-    mean = total / rows if rows else 0.0
-    # The answer is a few tokens; evaluation prompts are the training sequence minus it.
+    prepared, subset = float(stats.get("subset") or 1.0), cfg.data.subset
+    scale = subset / prepared if abs(prepared - subset) > 1e-9 and subset < prepared else 1.0
+    if scale != 1.0:
+        how += f", scaled x{scale:.4g} from its subset {prepared:g} to {subset:g}"
     size = sum(f.stat().st_size for f in stats_file.parent.rglob("*") if f.is_file())
+    # The answer is a few tokens; evaluation prompts are the training sequence minus it.
     return _schedule(cfg, max(1, round(rows * scale)), test_rows, None, exact=scale == 1.0, how=how,
-                     kind="prepared", data_bytes=size, mean=mean, total=total * scale if scale != 1.0 else total,
-                     prompt_mean=max(1.0, test_mean - 4), split=_split_name(stats.get("split"), stats.get("participant_fraction")))
+                     kind="prepared", data_bytes=size, mean=total / rows if rows else 0.0, total=total * scale,
+                     prompt_mean=max(1.0, test_mean - 4),
+                     split=_split_name(stats.get("split"), stats.get("participant_fraction")))
 
 
-def _from_raw_local(cfg: RunConfig, path: Path) -> Tokens:
-    n = check_local(path)  # every row checked against the job's schema before a machine is paid for
-    hub = load_hub_stats()
-    share = _train_share(hub, cfg.data)
-    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
-    return _schedule(cfg, max(1, round(n * share * cfg.data.subset)), round(n * (1 - share)), hub, exact=False,
-                     kind="raw", data_bytes=size,
-                     how=f"{path}: {n:,} rows counted, tokens per row from the shipped SocSci210 mean "
-                         "(run `python -m job prepare --out DIR` and pass --data DIR for exact counts)")
-
-
-def _schedule(cfg: RunConfig, train_rows: int, test_rows: int, hub: dict | None, exact: bool, how: str,
-              kind: str = "hub", data_bytes: int = 0, mean: float | None = None, total: float | None = None,
-              prompt_mean: float | None = None, split: str | None = None) -> Tokens:
+def _schedule(cfg: RunConfig, train_rows: int, test_rows: int, hub: dict | None, how: str, exact: bool = False,
+              kind: str = "hub", data_bytes: int = 0, mean: float = 0.0, total: float | None = None,
+              prompt_mean: float = 0.0, split: str | None = None) -> Tokens:
     """Steps the schedule takes, and the tokens those steps consume (packed: no padding)."""
-    t = cfg.train
-    train_rows = max(1, train_rows)
+    t, train_rows = cfg.train, max(1, train_rows)
     steps = t.total_steps(train_rows)
     trained_rows = min(train_rows * t.epochs, steps * t.global_batch)
+    lo = hi = mean
     if hub is not None:
-        tpr = hub["tokens_per_row"]
-        mean, lo, hi = tpr["mean"], tpr["low"], tpr["high"]
+        mean, lo, hi = (hub["tokens_per_row"][k] for k in ("mean", "low", "high"))
         prompt_mean = mean - 4
-    else:
-        lo = hi = mean
     tokens = total * trained_rows / train_rows if (total is not None and exact) else trained_rows * mean
     return Tokens(train_rows=train_rows, trained_rows=int(math.ceil(trained_rows)), steps=steps, tokens=tokens,
                   low=tokens * lo / mean if mean else tokens, high=tokens * hi / mean if mean else tokens,
-                  test_rows=max(0, test_rows), prompt_tokens_per_row=prompt_mean or 0.0, exact=exact, source=how,
+                  test_rows=max(0, test_rows), prompt_tokens_per_row=prompt_mean, exact=exact, source=how,
                   kind=kind, data_bytes=data_bytes,
                   split=split if split is not None else _split_name(cfg.data.split, cfg.data.participant_fraction))
 
 
 def synthetic_train_rows(n: int, split: str, subset: float) -> int | None:
-    """Training rows the job gets from `synthetic:n`, where that follows from n alone (else None).
-
-    Mirrors job/synthetic.generate (n rows dealt round-robin over max(4, min(40, n // 30)) studies)
-    and job/data.split_rows (20% of the studies, at least 1, held out; `random`: 20% of the rows), so
-    the demo's header says the rows the job trains; tests/test_launcher_firsthour.py checks it against
-    the job's own prepare. Per-study counts differ when n is not a multiple of the studies, and then
-    which studies are held out decides: None."""
+    """Training rows the job gets from `synthetic:n`, where that follows from n alone (else None): as
+    job/synthetic.generate deals n rows round-robin over max(4, min(40, n // 30)) studies and
+    job/data.split_rows holds out 20% of the studies, at least 1 (`random`: 20% of the rows);
+    tests/test_launcher_firsthour.py checks it against the job's own prepare."""
     if subset < 1:
         return None
     if split == "random":
         return n - max(1, round(n * 0.2))
     studies = max(4, min(40, n // 30))
     if split != "unseen-studies" or n % studies:
-        return None
+        return None  # per-study counts differ: which studies are held out decides
     held = min(studies - 1, max(1, round(studies * 0.2)))
     return n - held * (n // studies)
 
@@ -162,8 +140,7 @@ def synthetic_train_rows(n: int, split: str, subset: float) -> int | None:
 def _train_share(hub: dict, d) -> float:
     """The share of rows that trains under data section `d`'s split (unseen-participants: about its
     participant_fraction, as rows per participant are alike within a study)."""
-    rows = hub["splits"].get(d.split)
-    if rows:
+    if rows := hub["splits"].get(d.split):
         return rows["train"] / (rows["train"] + rows["test"])
     if d.split == "unseen-participants":
         return d.participant_fraction
@@ -171,8 +148,7 @@ def _train_share(hub: dict, d) -> float:
 
 
 def _split_name(split: Any, fraction: Any) -> str:
-    """The split as the estimate names it: unseen-participants with its fraction of participants in training
-    (a prepared folder's stats.json is read back: anything odd in it is shown as it is, never trusted)."""
+    """The split as the estimate names it (a prepared folder's stats.json is read back: shown, never trusted)."""
     if split == "unseen-participants" and isinstance(fraction, (int, float)) and not isinstance(fraction, bool):
         return f"{split}, {fraction:g} of each study's participants in training"
     return " ".join(str(split or "unknown").split())[:40]
