@@ -1,9 +1,6 @@
-"""GPU memory and disk a run needs: one set of formulas for both sides. Plain numbers in, GiB out.
-
-The job (job/check.py) asks whether the config fits the card it landed on and picks the memory mode
-`train` runs in; the launcher (launcher/cost/) asks which cards a full fine-tune fits and how large a
-disk to ask SkyPilot for. Stdlib only: the launcher never imports torch, the job never imports sky.
-"""
+"""GPU memory and disk a run needs, one formula for both sides: the job's `check` (does the config fit this
+card, in which memory mode `train` runs) and the launcher's estimate (which cards a full fine-tune fits, the
+disk to ask SkyPilot for). Plain numbers in, GiB out; stdlib only."""
 from __future__ import annotations
 
 import math
@@ -132,10 +129,14 @@ def full_disk(params: float, *, nodes: int = 1, checkpoint_every: int, keep_chec
     kept = 0 if not checkpoint_every else max(int(keep_checkpoints), 1) + 1  # the kept ones + the one being written
     ckpt = params * CHECKPOINT_BYTES_PER_PARAM / nodes / GIB
     out = params * output_bytes_per_param(precision) / GIB
-    base = params * 2 / GIB * BASE_DOWNLOAD_FACTOR if pretrained else 0.0
+    base = base_download_gib(params) if pretrained else 0.0
     total = kept * ckpt + out
     return {"nodes": nodes, "checkpoints": kept, "checkpoint_gib": round(ckpt, 1), "output_gib": round(out, 1),
             "base_gib": round(base, 1), "total_gib": round(total, 1), "need_gib": round(total + base + MIN_FREE_GIB, 1)}
+
+
+def base_download_gib(params: float) -> float:
+    return params * 2 / GIB * BASE_DOWNLOAD_FACTOR
 
 
 def machine_disk_gb(need_gib: float, *, floor_gb: int = 0) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 from contracts.config import RunConfig, load_config
 from contracts.errors import ContractError
 from contracts.events import EventWriter
-from contracts.sizing import FIT_SHARE, FULL_BYTES_PER_PARAM, MIN_FREE_GIB, Shape, adapter_fit, full_disk, full_fit
+from contracts.sizing import (FIT_SHARE, FULL_BYTES_PER_PARAM, MIN_FREE_GIB, Shape, adapter_fit, base_download_gib,
+                              full_disk, full_fit)
 from job import env
 from job.errors import JobCannotRun
 
@@ -304,7 +305,7 @@ def _model_config(cfg: RunConfig, qwen2_config, presets):
 
 def _weights_gib(cfg: RunConfig) -> float:
     try:
-        return Shape.of(_model_config(cfg, *_model_helpers())).params * 2 / 2**30 * 1.1
+        return base_download_gib(Shape.of(_model_config(cfg, *_model_helpers())).params)
     except ContractError:
         return 0.0
 

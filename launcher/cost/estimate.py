@@ -1,11 +1,6 @@
-"""What a run will cost before it starts: hours and dollars per cloud offer, the same run on each card
-that fits, and a loud line when it runs long.
-
-    est = estimate_run(cfg, gpu="A100:1", cloud=None, spot=False, data=None, infra="sky")
-
-Hours per card come from launcher/cost/hours.py (tokens / throughput + fixed terms), prices from
-SkyPilot's catalog through launcher/sky_adapter.py (the only module that imports sky).
-"""
+"""What a run will cost before it starts: hours per card (launcher/cost/hours.py) x prices per offer from
+SkyPilot's catalog (through launcher/sky_adapter.py, the only module that imports sky), the same run on
+each card that fits, and a loud line when it runs long."""
 from __future__ import annotations
 
 import math
@@ -116,8 +111,7 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
     est = {"infra": infra, "method": method, "model": cfg.model.id, "params_b": params_b, "tokens": run.tokens,
            "spot": spot}
     offers: list[Offer] = []
-    cards: tuple[CardChoice, ...] = ()
-    warning = None
+    cards, warning = (), None
     if run.local:
         notes.append(f"infra {infra}: your own machine, no cloud price")
     else:
