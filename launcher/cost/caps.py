@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from contracts.errors import ContractError
+from launcher.cost.estimate import Estimate
 from launcher.cost.hours import LOCAL_INFRA_PREFIXES
-
-if TYPE_CHECKING:
-    from launcher.cost.estimate import Estimate
 
 # After the deadline the job gets this long to save, then the wrapper hard-kills it.
 DEADLINE_GRACE_S = 300.0

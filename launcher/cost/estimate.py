@@ -9,6 +9,7 @@ from typing import Any
 
 from contracts.config import RunConfig
 from contracts.errors import ContractError
+from launcher import sky_adapter
 from launcher.cost.hours import LOCAL_INFRA_PREFIXES, CardPlan, full_need_gib, full_output_note, plan_card
 from launcher.cost.rates import (asked_card, fitting_cards, lean_min_memory_gib, load_throughput, min_memory_gib,
                                  model_params_b, multi_gpu_efficiency, rate_levers)
@@ -115,8 +116,6 @@ def estimate_run(cfg: RunConfig, gpu: Any = None, cloud: str | None = None, spot
     if run.local:
         notes.append(f"infra {infra}: your own machine, no cloud price")
     else:
-        from launcher import sky_adapter
-
         for p in list(plans):
             rows = run.offers(p, plans, offers)
             health = sky_adapter.catalog_health()
@@ -184,8 +183,6 @@ class _Run:
     def offers(self, p: CardPlan, plans: list[CardPlan], offers: list[Offer]) -> list[dict]:
         """Append the catalog's offers of plan `p`'s card to `offers` (a PCIe variant's plan is added to
         `plans`); returns the catalog rows found."""
-        from launcher import sky_adapter
-
         per_node, nodes = p.count // self.nodes, self.nodes
         rows = sky_adapter.list_offers(p.card, per_node, self.cloud, self.spot)
         on_demand = {(r["cloud"], r["region"], r["instance"]): float(r["price_per_h"]) * nodes
