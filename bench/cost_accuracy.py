@@ -11,7 +11,7 @@ wheel (or $QWEN_TIKTOKEN; see job/tokenizer.py and bench/COST_ACCURACY.md).
 Each subset runs the job's real train path (`job.prepare.prepare` then `job.train.train`: the
 Qwen2.5-14B architecture with random weights, 4-bit NF4, LoRA, the paper's optimizer and packing)
 in its own process. The cost model's training term is tokens / tokens_per_s, with tokens exact
-from the prepared stats.json (launcher.cost.count_tokens). Two predictions per run:
+from the prepared stats.json (launcher/cost/tokens.py count_tokens). Two predictions per run:
   table     tokens_per_s from configs/throughput.yaml for this card (what `estimate` shows);
   other     tokens_per_s measured on the OTHER subset's run (cross-validated: no run predicts itself).
 Both are startup + tokens / steady tokens/s (steady: steps 2..N from the step events; startup: the
@@ -95,11 +95,12 @@ def steady(run: dict) -> tuple[float, float]:
 def predict(runs: list[dict], table_tps: float | None = None, table_startup: float | None = None) -> list[dict]:
     """The cost model's training time for each run: from the table, and from the other run."""
     from contracts.config import from_dict
-    from launcher import cost
+    from launcher.cost.rates import card_throughput, load_throughput, model_params_b
+    from launcher.cost.tokens import count_tokens
 
-    table = cost.load_throughput()
+    table = load_throughput()
     for r in runs:
-        r["tokens"] = cost.count_tokens(from_dict(r["config"]), data=r["data_dir"]).tokens
+        r["tokens"] = count_tokens(from_dict(r["config"]), data=r["data_dir"]).tokens
         r["steady_tps"], r["startup_s"] = steady(r)
     rows = []
     for i, r in enumerate(runs):
@@ -109,7 +110,7 @@ def predict(runs: list[dict], table_tps: float | None = None, table_startup: flo
                "startup_s": round(r["startup_s"], 1), "peak_gib": r["peak_gib"]}
         card = _table_card(r["card"], table)
         if card:
-            tps, _band, _how = cost.card_throughput(table, card, cfg.train.method, cost.model_params_b(cfg))
+            tps, _band, _how = card_throughput(table, card, cfg.train.method, model_params_b(cfg))
             tps = table_tps or tps  # the value the table will hold (measured in the same device call)
             start = float(table.get("train_startup_s", 0)) if table_startup is None else table_startup
             row["table_card"], row["table_tps"], row["table_startup_s"] = card, round(tps, 1), start

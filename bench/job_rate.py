@@ -43,11 +43,11 @@ def main() -> int:
     ap.add_argument("--warmup-steps", type=int, default=2, help="leading steps left out (compiles); default 2")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    from launcher import cost
+    from launcher.cost.rates import load_throughput
 
     events = [json.loads(line) for line in args.events.read_text().splitlines() if line.strip().startswith("{")]
     r = steady_rate(events, args.warmup_steps)
-    table = cost.load_throughput()
+    table = load_throughput()
     row = table.get(args.table_key, {}).get(args.method, {}).get(14) or {}
     ref = row.get("tokens_per_s")
     r.update({"card": args.card, "table_key": args.table_key, "table_tokens_per_s": ref,

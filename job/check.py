@@ -14,16 +14,17 @@ import os
 from pathlib import Path
 
 from contracts.config import RunConfig, load_config
-from contracts.disk import MIN_FREE_GIB
 from contracts.errors import ContractError
 from contracts.events import EventWriter
+from contracts.sizing import (FIT_SHARE, FULL_BYTES_PER_PARAM, MIN_FREE_GIB, Shape, adapter_fit, base_download_gib,
+                              full_disk, full_fit)
 from job import env
 from job.errors import JobCannotRun
 
 env.quiet_bnb_cpu_notice()
 
 NF4_TOLERANCE = 0.2  # NF4 keeps ~3.5 bits: relative matmul error is ~0.1; garbage would be ~1.0
-MIN_DISK_GIB = MIN_FREE_GIB  # contracts/disk.py: the same floor the launcher sizes the machine's disk with
+MIN_DISK_GIB = MIN_FREE_GIB  # contracts/sizing.py: the same floor the launcher sizes the machine's disk with
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,7 +116,6 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
             "packages": env.package_versions(), "levers": lv}
 
 
-FIT_SHARE = 0.95  # of the card's memory the fit estimate may use (the estimate runs high; bench/RESULTS.md)
 LEAN_MAX_MICRO_BATCH = 128  # lean mode's largest micro-batch (measured on the H200: 128 > 64 > 32 in tok/s)
 
 
@@ -179,11 +179,6 @@ def plan_memory(cfg: RunConfig, card_gib: float | None, host_gib: float | None, 
                        "(pick a larger card or a machine with more RAM)")
 
 
-# A full fine-tune (job/full.py) keeps per parameter, sharded over the ranks: fp32 master weights (4 B),
-# fp32 gradients (4 B) and AdamW's two fp32 moments (8 B).
-FULL_BYTES_PER_PARAM = 16
-
-
 def planned_world(gpus: int) -> int:
     """The ranks `train` will run on: WORLD_SIZE under torchrun; otherwise (check runs once per node,
     before torchrun) nodes x ranks per node as sky/train.yaml starts them, else this node's GPUs."""
@@ -195,38 +190,23 @@ def planned_world(gpus: int) -> int:
 
 
 def full_fit_estimate(cfg: RunConfig, data_dir: Path | None, world: int) -> dict:
-    """Per-GPU memory of `train.method: full` over `world` ranks: the sharded 16 B/param, the gathered
-    compute copies (the root's embedding + lm_head, two decoder layers in flight, their unsharded
-    gradients in fp32), one micro-batch's activations (memory_estimate_gib's terms), CUDA context."""
-    from job.model import PRESETS, param_count, qwen2_config
+    """Per-GPU memory of `train.method: full` over `world` ranks (contracts/sizing.py full_fit), with the
+    activations of one micro-batch at the same checkpointing."""
+    from job.model import PRESETS, qwen2_config
 
-    base = fit_estimate(cfg, data_dir)  # activations of one micro-batch at the same checkpointing
-    qc = _model_config(cfg, qwen2_config, PRESETS)
-    n = param_count(qc)
-    h, i = qc.hidden_size, qc.intermediate_size
-    kv = qc.num_key_value_heads * (h // qc.num_attention_heads)
-    layer = h * h + 2 * h * kv + h + 2 * kv + h * h + 3 * h * i + 2 * h
-    emb = qc.vocab_size * h * (1 if qc.tie_word_embeddings else 2)
-    compute = 4 if cfg.train.precision == "fp32" else 2
-    gib = 2**30
-    sharded = n * FULL_BYTES_PER_PARAM / world / gib
-    gathered = (emb * compute + 2 * layer * (compute + 4)) / gib
-    acts = base["activations_gib"]
-    total = sharded + gathered + acts + 1.5
-    return {"params": n, "world": world, "sharded_gib": round(sharded, 2), "gathered_gib": round(gathered, 2),
-            "activations_gib": acts, "total_gib": round(total, 2), "base_gib": round(n * compute / gib, 2),
-            "lora_gib": 0.0, "host_gib": 0.0, "row_tokens": base["row_tokens"],
-            "bytes_per_param": FULL_BYTES_PER_PARAM}
+    base = fit_estimate(cfg, data_dir)
+    fit = full_fit(Shape.of(_model_config(cfg, qwen2_config, PRESETS)), world=world, precision=cfg.train.precision,
+                   activations_gib=base["activations_gib"])
+    return {**fit, "row_tokens": base["row_tokens"]}
 
 
 def full_disk_gib(cfg: RunConfig) -> dict:
     """Disk a full fine-tune writes on one node: its share of each kept checkpoint (plus one being written)
-    and, on node 0, the output weights in the training precision (contracts/disk.py, which the launcher
+    and, on node 0, the output weights in the training precision (contracts/sizing.py, which the launcher
     reads too for the machine's disk_size)."""
-    from contracts.disk import full_disk
-    from job.model import PRESETS, param_count, qwen2_config
+    from job.model import PRESETS, qwen2_config
 
-    n = param_count(_model_config(cfg, qwen2_config, PRESETS))
+    n = Shape.of(_model_config(cfg, qwen2_config, PRESETS)).params
     nodes = max(1, int(os.environ.get("SKYPILOT_NUM_NODES") or 1))
     t = cfg.train
     return full_disk(n, nodes=nodes, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
@@ -283,17 +263,19 @@ def nf4_self_test(device, n: int = 1024) -> dict:
 
 
 def fit_estimate(cfg: RunConfig, data_dir: Path | None) -> dict:
-    from job.model import memory_estimate_gib, qwen2_config, PRESETS
+    from job.model import PRESETS, qwen2_config
 
     row_tokens = min(cfg.train.max_length, 512)
     if data_dir is not None and (data_dir / "stats.json").is_file():
         row_tokens = json.loads((data_dir / "stats.json").read_text())["train"]["tokens"]["p90"] or row_tokens
     if cfg.train.packing:
         row_tokens = _packed_row_tokens(cfg, data_dir, row_tokens)
-    qc = _model_config(cfg, qwen2_config, PRESETS)
-    est = memory_estimate_gib(qc, cfg, cfg.train.micro_batch * row_tokens)
-    est["row_tokens"] = row_tokens
-    return est
+    t = cfg.train
+    est = adapter_fit(Shape.of(_model_config(cfg, qwen2_config, PRESETS)), method=t.method, lora_r=cfg.lora.r,
+                      tokens=t.micro_batch * row_tokens, micro_batch=t.micro_batch,
+                      gradient_checkpointing=t.gradient_checkpointing, checkpoint_layers=t.checkpoint_layers,
+                      fused_lora=t.fused_lora, offload_checkpoints=t.offload_checkpoints)
+    return {**est, "row_tokens": row_tokens}
 
 
 def _packed_row_tokens(cfg: RunConfig, data_dir: Path | None, default: int) -> int:
@@ -323,9 +305,7 @@ def _model_config(cfg: RunConfig, qwen2_config, presets):
 
 def _weights_gib(cfg: RunConfig) -> float:
     try:
-        from job.model import param_count
-
-        return param_count(_model_config(cfg, *_model_helpers())) * 2 / 2**30 * 1.1
+        return base_download_gib(Shape.of(_model_config(cfg, *_model_helpers())).params)
     except ContractError:
         return 0.0
 

@@ -57,14 +57,6 @@ def qwen2_config(cfg: RunConfig, vocab: int):
     return qc
 
 
-def param_count(qc) -> int:
-    """Parameters of a Qwen2 config (q/k/v biases included), for `check`'s fit estimate."""
-    h, i, L, v = qc.hidden_size, qc.intermediate_size, qc.num_hidden_layers, qc.vocab_size
-    kv = qc.num_key_value_heads * (h // qc.num_attention_heads)
-    layer = h * h + 2 * h * kv + h + 2 * kv + h * h + 3 * h * i + 2 * h
-    return L * layer + v * h * (1 if qc.tie_word_embeddings else 2) + h
-
-
 def build(cfg: RunConfig, tok, device: torch.device):
     """The model ready for training: base (4-bit for qlora), LoRA on `lora.target_modules`."""
     model = build_base(cfg, tok, device)
@@ -189,48 +181,3 @@ def add_lora(model, cfg: RunConfig):
     lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                     target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lc)
-
-
-def memory_estimate_gib(qc, cfg: RunConfig, tokens_per_micro_batch: int) -> dict:
-    """Rough peak GPU memory: 4-bit base ~0.55 B/param (bf16 for lora/embeddings), LoRA + Adam,
-    and one micro-batch's activations: a hidden state per checkpointed layer, everything a layer
-    saves for each layer that is not recomputed, and the backward's working set.
-
-    Per token, in 2-byte units (h hidden, i intermediate): a layer left un-checkpointed keeps
-    ~10h + 3i with the fused LoRA (the dropout copies are not kept); the backward's working set is
-    ~12h + 4.5i plus ~2.6 GiB of allocator slack (14h + 5.4i and 2.8 GiB with peft's own LoRA
-    forward, which also keeps dropout copies: 19h + 4.5i a layer). Fitted to the 14B on an H200
-    (bench/RESULTS.md, micro-batch 64 = 20.6k tokens; measured = peak + 1.5 GiB context, estimate):
-    full checkpointing 29.8 / 30.6, fused 28.7 / 29.6, fused with 46 of 48 layers checkpointed
-    32.3 / 33.7, 43 of 48: 42.9 / 43.8; micro-batch 128: 45.0 / 46.2, fused 43.0 / 44.3; the job
-    on real rows (15.2k tokens, peft's forward) 23.4 / 26.7; offloaded checkpoints, 43 of 48:
-    33.1 / 35.8."""
-    n = param_count(qc)
-    emb = qc.vocab_size * qc.hidden_size * (1 if qc.tie_word_embeddings else 2)
-    base = (n - emb) * (0.55 if cfg.train.method == "qlora" else 2.0) + emb * 2.0
-    r = cfg.lora.r
-    kv = qc.num_key_value_heads * (qc.hidden_size // qc.num_attention_heads)
-    h, i = qc.hidden_size, qc.intermediate_size
-    per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
-    lora = qc.num_hidden_layers * per_layer * (2 + 2 + 8 + 4)  # weights, grads, Adam states, fp32 master
-    t = tokens_per_micro_batch
-    layers = qc.num_hidden_layers
-    ckpt = 0 if not cfg.train.gradient_checkpointing else (
-        layers if cfg.train.checkpoint_layers is None else max(0, min(cfg.train.checkpoint_layers, layers)))
-    fused = cfg.train.fused_lora
-    gib = 1024 ** 3
-    kept = t * 2 * ((10 * h + 3 * i) if fused else (19 * h + 4.5 * i))
-    working = t * 2 * ((12 * h + 4.5 * i) if fused else (14 * h + 5.4 * i))
-    slack = (2.6 if fused else 2.8) * gib
-    # Offloaded checkpoints (job/offload.py) keep the recomputed layers' inputs on the host; two
-    # stay on the card (the one in use, the one prefetched).
-    offload = cfg.train.offload_checkpoints
-    inputs = t * h * 2 * (min(ckpt, 2) if offload else ckpt)
-    host = t * h * 2 * ckpt if offload else 0  # pinned host memory the offloaded inputs take
-    acts = inputs + working + max(slack, (layers - ckpt) * kept)
-    logits = cfg.train.micro_batch * 8 * qc.vocab_size * 4 * 2
-    total = (base + lora + acts + logits) / gib + 1.5  # CUDA context, allocator slack
-    return {"params": n, "base_gib": round(base / gib, 2), "lora_gib": round(lora / gib, 2),
-            "activations_gib": round((acts + logits) / gib, 2), "total_gib": round(total, 2),
-            "host_gib": round(host / gib, 2)}
-

@@ -122,7 +122,7 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
     if overrides:
         cfg = cfg.with_overrides(overrides, source="command line")
     check_local_rows(cfg.data.source, cfg.data.split)
-    from launcher.cost import check_caps
+    from launcher.cost.caps import check_caps
 
     check_caps(args.max_cost, args.max_hours, infra)  # numbers > 0; a dollar cap only where there is a price
     name = getattr(args, "name", None) or cfg.name
@@ -266,9 +266,9 @@ def describe(plan: Plan) -> str:
 
 
 def estimate(plan: Plan, *, allow_unpriced: bool = False):
-    """The cost estimate of the plan (launcher/cost.py): `up` refuses an unpriced card, `estimate` shows it."""
-    from launcher import cost
+    """The cost estimate of the plan (launcher/cost/): `up` refuses an unpriced card, `estimate` shows it."""
+    from launcher.cost.estimate import estimate_run
 
-    return cost.estimate_run(plan.cfg, gpu=plan.gpu, cloud=plan.options["cloud"], spot=plan.options["spot"],
-                             data=plan.cfg.data.source, infra=plan.infra, nodes=plan.options["nodes"] or 1,
-                             allow_unpriced=allow_unpriced)
+    return estimate_run(plan.cfg, gpu=plan.gpu, cloud=plan.options["cloud"], spot=plan.options["spot"],
+                        data=plan.cfg.data.source, infra=plan.infra, nodes=plan.options["nodes"] or 1,
+                        allow_unpriced=allow_unpriced)

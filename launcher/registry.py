@@ -186,8 +186,8 @@ class Run:
         return dollars[1] if dollars else None
 
     def actual_cost(self) -> float | None:
-        """Price x billed time (launcher/cost.py), None without a price or a start."""
-        from launcher.cost import actual_cost
+        """Price x billed time (launcher/cost/caps.py), None without a price or a start."""
+        from launcher.cost.caps import actual_cost
 
         return actual_cost(self)
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -452,7 +453,7 @@ def _first_job_id(job_ids: Any, what: str) -> int:
     return int(ids[0])
 
 
-# --- catalog queries used by launcher/cost.py (the cost engineer's functions go below) ---------
+# --- catalog queries used by launcher/cost/estimate.py ------------------------------------------
 
 # Clouds whose catalog could not be read or fetched in this process (cloud -> why): asked once only.
 CATALOG_ERRORS: dict[str, str] = {}
@@ -461,6 +462,19 @@ CATALOG_UNFETCHED: dict[str, str] = {}
 # Clouds whose catalog could not be refreshed, so SkyPilot read the copy it cached (cloud -> its date).
 CATALOG_STALE: dict[str, str | None] = {}
 _CATALOG_MTIME: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class CatalogHealth:
+    errors: dict[str, str]
+    unfetched: dict[str, str]
+    stale: dict[str, str | None]
+
+
+def catalog_health() -> CatalogHealth:
+    """What reading the catalogs in this process met: unreadable clouds, clouds never fetched and not
+    cached, clouds read from a stale copy (with its date). Copies: the caller can't change ours."""
+    return CatalogHealth(dict(CATALOG_ERRORS), dict(CATALOG_UNFETCHED), dict(CATALOG_STALE))
 
 
 def list_offers(accelerator: str, count: int, cloud: str | None, spot: bool) -> list[dict]:

@@ -30,3 +30,11 @@ def say_dropped(console: Any, dropped: list[str], more: str = "--json") -> None:
     if dropped:
         console.print(f"  ({', '.join(dropped)}: left out at {console.width} columns; {more} has them)",
                       highlight=False, markup=False, soft_wrap=not console.is_terminal)
+
+
+def simple(title: str | None = None) -> Any:
+    """A table in the launcher's look: a rule under the header, no outer padding, the title at the left."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)

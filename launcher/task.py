@@ -107,12 +107,12 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
 
 
 def full_disk_size(config: dict, nodes: int, floor_gb: int) -> int:
-    """`resources.disk_size` for a full fine-tune: contracts/disk.py's need (the kept sharded checkpoints
+    """`resources.disk_size` for a full fine-tune: contracts/sizing.py's need (the kept sharded checkpoints
     at 12 B/param over the nodes, the output weights, the base, what `job check` keeps free) for this
     config, plus the machine image and venv and a margin; never below the template's `floor_gb`."""
     from contracts.config import from_dict
-    from contracts.disk import full_disk, machine_disk_gb
-    from launcher.cost import model_params_b
+    from contracts.sizing import full_disk, machine_disk_gb
+    from launcher.cost.rates import model_params_b
 
     rc = from_dict(config)
     t = rc.train

@@ -1,5 +1,5 @@
 """The machine's disk for a full fine-tune (#16): launcher/task.py asks SkyPilot for a disk_size that
-holds what `job check` will require (contracts/disk.py, one formula for both), never below the
+holds what `job check` will require (contracts/sizing.py, one formula for both), never below the
 template's; the real SkyPilot SDK (offline) reads the rendered task with that disk size."""
 from __future__ import annotations
 

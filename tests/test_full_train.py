@@ -262,20 +262,22 @@ def test_up_on_two_local_ranks_brings_back_verified_full_weights(tmp_path):
 
 
 def test_the_estimate_shows_the_full_output_and_its_download(tmp_path):
-    from launcher import cost
+    from launcher.cost.hours import full_output_note, plan_card
+    from launcher.cost.rates import load_throughput, model_params_b
+    from launcher.cost.tokens import count_tokens
 
     cfg = load_config(REPO / "configs" / "paper.yaml").with_overrides({"train.method": "full", "train.micro_batch": 32})
-    table = cost.load_throughput()
-    tokens = cost.count_tokens(cfg)
-    params_b = cost.model_params_b(cfg)
-    plan = cost.plan_card(cfg, table, "A100-80GB", 8, params_b, tokens, local=False)
+    table = load_throughput()
+    tokens = count_tokens(cfg)
+    params_b = model_params_b(cfg)
+    plan = plan_card(cfg, table, "A100-80GB", 8, params_b, tokens, local=False)
     back = {t.name: t for t in plan.terms}["model download (back)"]
     gb = 2 * params_b  # bf16: 2 bytes a parameter
     assert (back.low_s, back.expected_s, back.high_s) == pytest.approx((gb * 1000 / 50, gb * 1000 / 20, gb * 1000 / 5))
     assert "adapter download" not in {t.name for t in plan.terms}
     assert plan.memory_mode == "fast"  # sharded over 8 x 80 GB it fits; on 2 it does not
-    assert cost.plan_card(cfg, table, "A100-80GB", 2, params_b, tokens, local=False).memory_mode is None
-    note = cost.full_output_note(params_b)
+    assert plan_card(cfg, table, "A100-80GB", 2, params_b, tokens, local=False).memory_mode is None
+    note = full_output_note(params_b)
     assert f"~{gb:.1f} GB" in note and "pulled back to this machine by default" in note and "20 MB/s" in note
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from contracts.config import load_config
+from contracts.sizing import Shape
 from job.check import NF4_TOLERANCE, fit_estimate, nf4_self_test
-from job.model import param_count, qwen2_config
+from job.model import qwen2_config
 from conftest import REPO
 
 
@@ -26,7 +27,7 @@ def test_qwen25_14b_preset_has_the_real_parameter_count():
     cfg = load_config(REPO / "configs" / "bench-14b.yaml")
     qc = qwen2_config(cfg, 151680)
     assert (qc.hidden_size, qc.num_hidden_layers, qc.vocab_size, qc.tie_word_embeddings) == (5120, 48, 152064, False)
-    assert 14.7e9 < param_count(qc) < 14.8e9  # Qwen2.5-14B: 14.77B
+    assert 14.7e9 < Shape.of(qc).params < 14.8e9  # Qwen2.5-14B: 14.77B
     est = fit_estimate(cfg, None)
     assert 8 < est["base_gib"] < 12 and est["total_gib"] < 80  # 4-bit 14B fits one 80 GB card
 

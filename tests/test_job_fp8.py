@@ -250,7 +250,7 @@ def test_speed_up_switches_fp8_on_only_where_the_card_has_it():
 def test_the_estimate_uses_the_fp8_rate_only_on_fp8_cards_in_the_fast_mode():
     import yaml
 
-    from launcher import cost
+    from launcher.cost.estimate import estimate_run
 
     table = yaml.safe_load((REPO / "configs" / "throughput.yaml").read_text())
     fp8_tps = float(table["fp8"]["qlora"][14]["tokens_per_s"])
@@ -258,7 +258,7 @@ def test_the_estimate_uses_the_fp8_rate_only_on_fp8_cards_in_the_fast_mode():
     assert fp8_tps > bf16_tps
 
     def plan(card, **train):
-        est = cost.estimate_run(_paper(**train), gpu=f"{card}:1", infra="local")
+        est = estimate_run(_paper(**train), gpu=f"{card}:1", infra="local")
         return est.plans[0], " ".join(est.notes)
 
     on, notes = plan("H200", fp8=True)

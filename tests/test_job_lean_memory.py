@@ -13,7 +13,9 @@ from job import env, fast
 from job.check import plan_memory
 from job.errors import JobCannotRun
 from job.offload import HostOffload, install
-from launcher import cost
+from launcher.cost.hours import plan_card
+from launcher.cost.rates import card_throughput, fitting_cards, load_throughput, memory_mode
+from launcher.cost.tokens import Tokens
 from conftest import REPO
 
 PAPER = load_config(REPO / "configs" / "paper.yaml")
@@ -126,29 +128,29 @@ def test_lean_levers_give_the_same_loss_and_gradients_as_the_config_as_written()
 # --- the cost model offers it --------------------------------------------------------------------------
 
 def test_24_gib_cards_are_lean_and_rated_from_the_lean_row():
-    table = cost.load_throughput()
-    assert cost.memory_mode(table, "L4", "qlora", 14.0) == "lean"
-    assert cost.memory_mode(table, "RTX4090", "qlora", 14.0) == "lean"
-    assert cost.memory_mode(table, "A100", "qlora", 14.0) == "fast"
-    assert cost.memory_mode(table, "L4", "qlora", 14.0, wanted="fast") is None
-    assert cost.memory_mode(table, "L4", "lora", 14.0) is None  # no lean row for bf16 LoRA
-    assert {"L4", "A10G", "RTX4090"} <= set(cost.fitting_cards(table, "qlora", 14.0))
-    assert "L4" not in cost.fitting_cards(table, "qlora", 14.0, wanted="fast")
-    tps, band, how = cost.card_throughput(table, "L4", "qlora", 14.0, mode="lean")
+    table = load_throughput()
+    assert memory_mode(table, "L4", "qlora", 14.0) == "lean"
+    assert memory_mode(table, "RTX4090", "qlora", 14.0) == "lean"
+    assert memory_mode(table, "A100", "qlora", 14.0) == "fast"
+    assert memory_mode(table, "L4", "qlora", 14.0, wanted="fast") is None
+    assert memory_mode(table, "L4", "lora", 14.0) is None  # no lean row for bf16 LoRA
+    assert {"L4", "A10G", "RTX4090"} <= set(fitting_cards(table, "qlora", 14.0))
+    assert "L4" not in fitting_cards(table, "qlora", 14.0, wanted="fast")
+    tps, band, how = card_throughput(table, "L4", "qlora", 14.0, mode="lean")
     # datasheet: L4 121 TFLOP/s bf16, 0.3 TB/s; H200 989, 4.8; the lean mode's H200 rate 5,320 tok/s
     assert tps == pytest.approx(5320 * math.sqrt(121 / 989 * 0.3 / 4.8), rel=1e-6)
     assert band == table["band_derived"] and "lean memory mode" in how
 
 
 def test_the_l4_plan_says_lean_with_its_rate():
-    tokens = cost.Tokens(train_rows=1000, trained_rows=1000, steps=4, tokens=1e6, low=0.9e6, high=1.1e6,
+    tokens = Tokens(train_rows=1000, trained_rows=1000, steps=4, tokens=1e6, low=0.9e6, high=1.1e6,
                          test_rows=0, prompt_tokens_per_row=300.0, exact=True, source="test", kind="prepared")
-    plan = cost.plan_card(PAPER, cost.load_throughput(), "L4", 1, 14.0, tokens, local=True)
+    plan = plan_card(PAPER, load_throughput(), "L4", 1, 14.0, tokens, local=True)
     assert plan.memory_mode == "lean"
     train = next(t for t in plan.terms if t.name == "training")
     assert "lean memory mode" in train.how and f"{plan.tokens_per_s:,.0f} tok/s" in train.how
     assert train.expected_s == pytest.approx(1e6 / plan.tokens_per_s)
-    a100 = cost.plan_card(PAPER, cost.load_throughput(), "A100", 1, 14.0, tokens, local=True)
+    a100 = plan_card(PAPER, load_throughput(), "A100", 1, 14.0, tokens, local=True)
     assert a100.memory_mode == "fast" and "lean" not in a100.throughput_how
 
 

@@ -13,7 +13,11 @@ import pytest
 
 from contracts.config import load_config
 from contracts.errors import ContractError
-from launcher import cost
+from launcher.cost.caps import DEADLINE_GRACE_S, actual_cost, deadline_for, safety_deadline
+from launcher.cost.estimate import Estimate, Offer, estimate_run
+from launcher.cost.hours import CLOUD_MBPS, plan_card
+from launcher.cost.rates import card_throughput, load_throughput, model_params_b
+from launcher.cost.tokens import count_tokens, load_hub_stats
 from conftest import REPO, one_line, run_cli
 
 PAPER = REPO / "configs" / "paper.yaml"
@@ -184,9 +188,9 @@ def test_max_cost_on_a_machine_without_a_price_is_refused_not_ignored(sky_home, 
 # --- the terms, one by one --------------------------------------------------------------------
 
 def test_hub_tokens_scale_with_subset_and_split_rows():
-    hub = cost.load_hub_stats()
+    hub = load_hub_stats()
     cfg = load_config(PAPER).with_overrides({"data.subset": 0.1})
-    tok = cost.count_tokens(cfg)
+    tok = count_tokens(cfg)
     assert tok.train_rows == round(2_418_748 * 0.1) and tok.test_rows == 482_642
     assert tok.steps == math.ceil(tok.train_rows / 256)
     assert tok.tokens == pytest.approx(tok.train_rows * hub["tokens_per_row"]["mean"])
@@ -195,18 +199,18 @@ def test_hub_tokens_scale_with_subset_and_split_rows():
 
 def test_unseen_participants_trains_its_fraction_of_the_rows_and_the_estimate_names_the_split(sky_home, tmp_path):
     cfg = load_config(PAPER).with_overrides({"data.split": "unseen-participants", "data.participant_fraction": 0.2})
-    tok = cost.count_tokens(cfg)
+    tok = count_tokens(cfg)
     # Rows per participant are alike within a study: about 20% of all 2,901,390 rows train, 80% are test.
     assert tok.train_rows == round(2_901_390 * 0.2) and tok.test_rows == round(2_901_390 * 0.8)
     assert tok.split == "unseen-participants, 0.2 of each study's participants in training"
-    assert cost.count_tokens(load_config(PAPER)).split == "unseen-studies"
+    assert count_tokens(load_config(PAPER)).split == "unseen-studies"
     # A prepared folder's own split wins over the config's.
     (tmp_path / "prep").mkdir()
     (tmp_path / "prep" / "stats.json").write_text(json.dumps(
         {"subset": 1.0, "split": "unseen-participants", "participant_fraction": 0.1,
          "train": {"rows": 100, "tokens": {"total": 25_000, "mean": 250.0}},
          "test": {"rows": 900, "tokens": {"total": 234_000, "mean": 260.0}}}))
-    assert cost.count_tokens(load_config(PAPER), data=str(tmp_path / "prep")).split == \
+    assert count_tokens(load_config(PAPER), data=str(tmp_path / "prep")).split == \
         "unseen-participants, 0.1 of each study's participants in training"
     conf = tmp_path / "up.yaml"
     conf.write_text(PAPER.read_text().replace("split: unseen-studies", "split: unseen-participants"))
@@ -223,127 +227,127 @@ def test_prepared_stats_give_exact_tokens_and_max_steps_caps_them(tmp_path):
              "test": {"rows": 200, "tokens": {"total": 52_000, "mean": 260.0}}}
     (tmp_path / "stats.json").write_text(json.dumps(stats))
     cfg = load_config(PAPER)
-    tok = cost.count_tokens(cfg, data=str(tmp_path))
+    tok = count_tokens(cfg, data=str(tmp_path))
     assert tok.exact and tok.tokens == 250_000 and tok.low == tok.high == tok.tokens
     assert tok.steps == math.ceil(1000 / 256) and tok.test_rows == 200
-    capped = cost.count_tokens(cfg.with_overrides({"train.max_steps": 2}), data=str(tmp_path))
+    capped = count_tokens(cfg.with_overrides({"train.max_steps": 2}), data=str(tmp_path))
     assert capped.steps == 2 and capped.tokens == pytest.approx(250_000 * 512 / 1000)
-    two_epochs = cost.count_tokens(cfg.with_overrides({"train.epochs": 2.0}), data=str(tmp_path))
+    two_epochs = count_tokens(cfg.with_overrides({"train.epochs": 2.0}), data=str(tmp_path))
     assert two_epochs.tokens == pytest.approx(500_000) and two_epochs.steps == math.ceil(2000 / 256)
 
 
 def test_broken_prepared_stats_is_a_contract_error(tmp_path):
     (tmp_path / "stats.json").write_text("{\"train\": {}}")
     with pytest.raises(ContractError, match="stats.json"):
-        cost.count_tokens(load_config(PAPER), data=str(tmp_path))
+        count_tokens(load_config(PAPER), data=str(tmp_path))
 
 
 def test_raw_local_file_counts_rows(tmp_path):
     f = tmp_path / "rows.jsonl"
     row = '{"study_id": "s", "response": 1, "condition_num": 0, "task_num": 0, "prompt": "q?"}'  # valid rows
     f.write_text("\n".join(row for _ in range(1200)) + "\n")
-    tok = cost.count_tokens(load_config(PAPER), data=str(f))
+    tok = count_tokens(load_config(PAPER), data=str(f))
     share = 2_418_748 / 2_901_390
     assert tok.train_rows == round(1200 * share) and not tok.exact and "1,200 rows" in tok.source
     with pytest.raises(ContractError, match="no such file"):
-        cost.count_tokens(load_config(PAPER), data=str(tmp_path / "missing.jsonl"))
+        count_tokens(load_config(PAPER), data=str(tmp_path / "missing.jsonl"))
     with pytest.raises(ContractError, match="no token stats"):
-        cost.count_tokens(load_config(PAPER), data="someone/OtherDataset")
+        count_tokens(load_config(PAPER), data="someone/OtherDataset")
 
 
 def test_throughput_measured_vs_derived_cards():
-    table = cost.load_throughput()
+    table = load_throughput()
     ref = table["reference"]
-    ref_tps, ref_band, _ = cost.card_throughput(table, ref, "qlora", 14.0)
-    a100, band, how = cost.card_throughput(table, "A100", "qlora", 14.0)
+    ref_tps, ref_band, _ = card_throughput(table, ref, "qlora", 14.0)
+    a100, band, how = card_throughput(table, "A100", "qlora", 14.0)
     spec_a, spec_r = table["cards"]["A100"], table["cards"][ref]
     assert a100 / ref_tps == pytest.approx(math.sqrt(spec_a["tflops"] / spec_r["tflops"] * spec_a["tbps"] / spec_r["tbps"]))
     assert band == table["band_derived"] and "derived" in how
-    two, _, _ = cost.card_throughput(table, ref, "qlora", 14.0, count=2)
+    two, _, _ = card_throughput(table, ref, "qlora", 14.0, count=2)
     assert two == pytest.approx(2 * ref_tps * table["multi_gpu_efficiency_measured"][2]["efficiency"])
-    eight, _, how8 = cost.card_throughput(table, ref, "qlora", 14.0, count=8)  # past the measured 2 GPUs
+    eight, _, how8 = card_throughput(table, ref, "qlora", 14.0, count=8)  # past the measured 2 GPUs
     assert eight == pytest.approx(8 * ref_tps * table["multi_gpu_efficiency"]) and "measured only up to 2" in how8
-    seven, _, _ = cost.card_throughput(table, ref, "qlora", 7.0)
+    seven, _, _ = card_throughput(table, ref, "qlora", 7.0)
     assert seven == pytest.approx(2 * ref_tps)
 
 
 def test_model_size_from_name_or_architecture():
-    assert cost.model_params_b(load_config(PAPER)) == 14.0
+    assert model_params_b(load_config(PAPER)) == 14.0
     smoke = load_config(REPO / "configs" / "smoke.yaml")
-    assert 0.005 < cost.model_params_b(smoke) < 0.02  # 2 layers of 64 + tied 151,936 x 64 embeddings
+    assert 0.005 < model_params_b(smoke) < 0.02  # 2 layers of 64 + tied 151,936 x 64 embeddings
 
 
 def test_fixed_terms_follow_the_model_and_infra():
     cfg = load_config(PAPER).with_overrides({"data.subset": 0.01})
-    table = cost.load_throughput()
-    tok = cost.count_tokens(cfg)
-    cloud = {t.name: t for t in cost.plan_card(cfg, table, "H100", 1, 14.0, tok, local=False).terms}
-    assert cloud["model download"].expected_s == pytest.approx(28.0 * 1000 / cost.CLOUD_MBPS[1])
-    local = {t.name for t in cost.plan_card(cfg, table, "H100", 1, 14.0, tok, local=True).terms}
+    table = load_throughput()
+    tok = count_tokens(cfg)
+    cloud = {t.name: t for t in plan_card(cfg, table, "H100", 1, 14.0, tok, local=False).terms}
+    assert cloud["model download"].expected_s == pytest.approx(28.0 * 1000 / CLOUD_MBPS[1])
+    local = {t.name for t in plan_card(cfg, table, "H100", 1, 14.0, tok, local=True).terms}
     assert not local & {"provisioning", "teardown", "adapter download"}
     rnd = cfg.with_overrides({"model.init": "random"})
-    assert "model download" not in {t.name for t in cost.plan_card(rnd, table, "H100", 1, 14.0, tok, False).terms}
+    assert "model download" not in {t.name for t in plan_card(rnd, table, "H100", 1, 14.0, tok, False).terms}
     no_eval = cfg.with_overrides({"eval.enabled": False})
-    assert "evaluation" not in {t.name for t in cost.plan_card(no_eval, table, "H100", 1, 14.0, tok, False).terms}
+    assert "evaluation" not in {t.name for t in plan_card(no_eval, table, "H100", 1, 14.0, tok, False).terms}
 
 
 # --- caps -> deadline, and the actual cost ----------------------------------------------------
 
-def _estimate_on(price: float) -> cost.Estimate:
+def _estimate_on(price: float) -> Estimate:
     cfg = load_config(PAPER).with_overrides({"data.subset": 0.01})
-    tok = cost.count_tokens(cfg)
-    plan = cost.plan_card(cfg, cost.load_throughput(), "H100", 1, 14.0, tok, local=False)
+    tok = count_tokens(cfg)
+    plan = plan_card(cfg, load_throughput(), "H100", 1, 14.0, tok, local=False)
     hours = plan.hours()
-    offer = cost.Offer("Lambda", "us-east-1", "gpu_1x_h100", "H100", 1, False, price, hours,
+    offer = Offer("Lambda", "us-east-1", "gpu_1x_h100", "H100", 1, False, price, hours,
                        tuple(h * price for h in hours), cheapest=True)
-    return cost.Estimate("sky", "qlora", "m", 14.0, tok, (plan,), (offer,), False)
+    return Estimate("sky", "qlora", "m", 14.0, tok, (plan,), (offer,), False)
 
 
 def test_deadline_from_caps():
     est = _estimate_on(2.0)
-    assert cost.deadline_for(est, None, None) is None
-    around = cost.DEADLINE_GRACE_S + sum(t.high_s for t in est.plan.terms
+    assert deadline_for(est, None, None) is None
+    around = DEADLINE_GRACE_S + sum(t.high_s for t in est.plan.terms
                                          if t.name in ("provisioning", "adapter download", "teardown"))  # setup: inside
     hi_dollars = est.cheapest.dollars[2]
-    d = cost.deadline_for(est, max_cost=hi_dollars * 2, max_hours=None)
+    d = deadline_for(est, max_cost=hi_dollars * 2, max_hours=None)
     assert d == pytest.approx(hi_dollars * 2 / 2.0 * 3600 - around)
-    d2 = cost.deadline_for(est, max_cost=hi_dollars * 2, max_hours=est.hours[2] * 1.1)
+    d2 = deadline_for(est, max_cost=hi_dollars * 2, max_hours=est.hours[2] * 1.1)
     assert d2 == pytest.approx(min(d, est.hours[2] * 1.1 * 3600 - around))
     with pytest.raises(ContractError, match="--max-cost"):
-        cost.deadline_for(est, max_cost=hi_dollars * 0.99, max_hours=None)
+        deadline_for(est, max_cost=hi_dollars * 0.99, max_hours=None)
     with pytest.raises(ContractError, match="--max-hours"):
-        cost.deadline_for(est, max_cost=None, max_hours=est.hours[2] * 0.99)
+        deadline_for(est, max_cost=None, max_hours=est.hours[2] * 0.99)
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ContractError):
-            cost.deadline_for(est, max_cost=bad, max_hours=None)
+            deadline_for(est, max_cost=bad, max_hours=None)
 
 
 def test_a_cloud_run_without_caps_still_gets_a_remote_safety_deadline():
     est = _estimate_on(2.0)
     high_s = est.hours[2] * 3600
-    assert cost.safety_deadline(est) == pytest.approx(max(2 * high_s, high_s + 3600))
-    local = cost.estimate_run(load_config(REPO / "configs" / "smoke.yaml"), gpu=None, infra="local")
-    assert cost.safety_deadline(local) is None  # nothing bills by the hour there
+    assert safety_deadline(est) == pytest.approx(max(2 * high_s, high_s + 3600))
+    local = estimate_run(load_config(REPO / "configs" / "smoke.yaml"), gpu=None, infra="local")
+    assert safety_deadline(local) is None  # nothing bills by the hour there
 
 
 def test_local_estimate_without_card_turns_max_hours_into_the_deadline():
-    est = cost.estimate_run(load_config(REPO / "configs" / "smoke.yaml"), gpu=None, infra="local")
+    est = estimate_run(load_config(REPO / "configs" / "smoke.yaml"), gpu=None, infra="local")
     assert est.offers == () and est.hours is None
-    assert cost.deadline_for(est, max_cost=None, max_hours=0.1) == pytest.approx(360.0)
+    assert deadline_for(est, max_cost=None, max_hours=0.1) == pytest.approx(360.0)
     with pytest.raises(ContractError, match="cloud price"):  # no price: a dollar cap is refused, not ignored
-        cost.deadline_for(est, max_cost=1.0, max_hours=0.1)
+        deadline_for(est, max_cost=1.0, max_hours=0.1)
     with pytest.raises(ContractError, match=r"--max-hours 0.01: leaves the job 36 s"):  # under a minute: no run
-        cost.deadline_for(est, max_cost=None, max_hours=0.01)
+        deadline_for(est, max_cost=None, max_hours=0.01)
 
 
 def test_actual_cost_is_price_times_billed_time():
     from launcher.registry import Run
 
     run = Run(id="r", dir=Path("/nonexistent"), price_per_hour=3.0, started_at=1000.0, ended_at=1000.0 + 5400)
-    assert cost.actual_cost(run) == 4.5
-    assert cost.actual_cost({"price_per_hour": 3.0, "started_at": time.time() - 3600}) == pytest.approx(3.0, abs=0.01)
-    assert cost.actual_cost({"price_per_hour": None, "started_at": 1.0}) is None
-    assert cost.actual_cost({"estimate": {"cheapest": {"price_per_h": 2.0}}, "started_at": 0, "ended_at": 1800}) == 1.0
+    assert actual_cost(run) == 4.5
+    assert actual_cost({"price_per_hour": 3.0, "started_at": time.time() - 3600}) == pytest.approx(3.0, abs=0.01)
+    assert actual_cost({"price_per_hour": None, "started_at": 1.0}) is None
+    assert actual_cost({"estimate": {"cheapest": {"price_per_h": 2.0}}, "started_at": 0, "ended_at": 1800}) == 1.0
 
 
 def test_a_pcie_h100_offer_gets_the_slower_pcie_hours(sky_home):
@@ -351,7 +355,7 @@ def test_a_pcie_h100_offer_gets_the_slower_pcie_hours(sky_home):
     (offer,) = est["offers"]
     assert offer["instance"] == "gpu_1x_h100_pcie" and offer["spec"] == "H100-PCIE" and offer["card"] == "H100"
     plans = {p["card"]: p for p in est["plans"]}
-    table = cost.load_throughput()
+    table = load_throughput()
     pcie, sxm = table["cards"]["H100-PCIE"], table["cards"]["H100"]
     ratio = plans["H100"]["tokens_per_s"] / plans["H100-PCIE"]["tokens_per_s"]
     assert ratio == pytest.approx(math.sqrt(sxm["tflops"] / pcie["tflops"] * sxm["tbps"] / pcie["tbps"]))
@@ -359,7 +363,7 @@ def test_a_pcie_h100_offer_gets_the_slower_pcie_hours(sky_home):
 
 
 def test_the_cost_model_imports_neither_torch_nor_sky():
-    code = ("import sys; import launcher.cost, launcher.verbs.estimate; "
+    code = ("import sys; import launcher.cost.render, launcher.cost.caps, launcher.verbs.estimate; "
             "bad = [m for m in ('torch', 'sky', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)})

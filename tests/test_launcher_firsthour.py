@@ -252,7 +252,7 @@ def test_the_estimate_counts_the_training_rows_the_job_prepares_from_synthetic_d
     import sys
 
     from contracts.config import load_config
-    from launcher import cost
+    from launcher.cost.tokens import count_tokens
 
     out = tmp_path / "prepared"
     r = subprocess.run([sys.executable, "-m", "job", "prepare", "--config", str(REPO / "configs" / "smoke.yaml"),
@@ -262,7 +262,7 @@ def test_the_estimate_counts_the_training_rows_the_job_prepares_from_synthetic_d
     prepared = sum(1 for line in (out / "train.jsonl").read_text().splitlines() if line.strip())
     cfg = load_config(REPO / "configs" / "smoke.yaml").with_overrides(
         {"data.source": f"synthetic:{n}", "data.split": split, "data.subset": 1.0})
-    assert cost.count_tokens(cfg).train_rows == prepared
+    assert count_tokens(cfg).train_rows == prepared
 
 
 @pytest.mark.parametrize("lines", [False, True])
@@ -388,11 +388,11 @@ def _reference(env: dict, cards: list[str], subset: str) -> dict[str, tuple[floa
     code = (
         "import json, sys\n"
         "from contracts.config import load_config\n"
-        "from launcher import cost\n"
+        "from launcher.cost.estimate import estimate_run\n"
         f"cfg = load_config({str(REPO / 'configs' / 'paper.yaml')!r}).with_overrides({{'data.subset': {subset}}})\n"
         "out = {}\n"
         "for card in sys.argv[1:]:\n"
-        "    for o in cost.estimate_run(cfg, gpu=card + ':1').offers:\n"
+        "    for o in estimate_run(cfg, gpu=card + ':1').offers:\n"
         "        label = f'{o.card}:1' + (' PCIe' if o.spec.endswith('-PCIE') else '')\n"
         "        if label not in out or o.dollars[1] < out[label][2]:\n"
         "            out[label] = (o.hours[1], o.price_per_h, o.dollars[1])\n"

@@ -20,16 +20,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher import cost
+    from launcher.cost import caps, render
+    from launcher.cost.estimate import methods_side_by_side
 
     plan = planlib.resolve(args, default_gpu=False)
     est = planlib.estimate(plan, allow_unpriced=True)
     if args.json:
-        out = cost.to_json(est)
-        out["deadline_s"] = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
-        out["safety_deadline_s"] = cost.safety_deadline(est) if out["deadline_s"] is None else None
+        out = render.to_json(est)
+        out["deadline_s"] = caps.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
+        out["safety_deadline_s"] = caps.safety_deadline(est) if out["deadline_s"] is None else None
         out["plan"] = planlib.summary(plan)
-        out["methods"] = cost.methods_side_by_side(plan.cfg, est)
+        out["methods"] = methods_side_by_side(plan.cfg, est)
         print(json.dumps(out, indent=2))
         return 0
     from rich.console import Console
@@ -37,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     if args.explain:  # the resolved plan, as `up --dryrun` shows it (the short default stays short)
         console.print(planlib.describe(plan), highlight=False, markup=False, soft_wrap=True)
-    cost.render(est, console, explain=args.explain)
-    cost.render_methods(cost.methods_side_by_side(plan.cfg, est), console)
+    render.render(est, console, explain=args.explain)
+    render.render_methods(methods_side_by_side(plan.cfg, est), console)
     # After the table, as `up` does: a cap the high estimate exceeds is one line and exit 2.
-    deadline_s = cost.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
+    deadline_s = caps.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
     if deadline_s is not None:
         console.print(f"caps hold: the job will stop by itself {deadline_s / 3600:.2f} h after setup starts on the machine")
-    elif est.offers and (safety := cost.safety_deadline(est)) is not None:
-        console.print(cost.safety_line(safety), highlight=False)
+    elif est.offers and (safety := caps.safety_deadline(est)) is not None:
+        console.print(caps.safety_line(safety), highlight=False)
     return 0

@@ -122,17 +122,17 @@ def _next_steps(plan: planlib.Plan, run: registry.Run, console) -> None:
 
 
 def _estimate(plan: planlib.Plan, console, dryrun: bool = False) -> tuple[dict | None, float | None, bool]:
-    """Show the cost table (launcher/cost.py); enforce --max-cost/--max-hours before anything starts.
+    """Show the cost table (launcher/cost/); enforce --max-cost/--max-hours before anything starts.
     A dry run without a price (no catalog, offline) shows the hours with "price unknown", as `estimate` does;
     the third value says whether the run was priced (or needs no price: your own machine)."""
-    from launcher import cost
+    from launcher.cost import caps, render
 
     est = planlib.estimate(plan, allow_unpriced=dryrun)
-    cost.render(est, console)
-    deadline_s = cost.deadline_for(est, max_cost=plan.options["max_cost"], max_hours=plan.options["max_hours"])
-    if deadline_s is None and (deadline_s := cost.safety_deadline(est)) is not None:
-        console.print(cost.safety_line(deadline_s), highlight=False)
-    return _estimate_summary(cost.to_json(est)), deadline_s, not est.unpriced
+    render.render(est, console)
+    deadline_s = caps.deadline_for(est, max_cost=plan.options["max_cost"], max_hours=plan.options["max_hours"])
+    if deadline_s is None and (deadline_s := caps.safety_deadline(est)) is not None:
+        console.print(caps.safety_line(deadline_s), highlight=False)
+    return _estimate_summary(render.to_json(est)), deadline_s, not est.unpriced
 
 
 def _estimate_summary(full: dict) -> dict:
@@ -151,17 +151,18 @@ def _weights_choice(plan: planlib.Plan, backend, console) -> None:
     if plan.options.get("weights") == "leave" and where is None:
         raise ContractError(f"--weights leave: not accepted with --infra {plan.infra} (this machine is torn down at the "
                             "end and its weights with it; a managed run's bucket (--managed or --spot) outlives it)")
-    from launcher import cost
+    from launcher.cost.hours import LAPTOP_MBPS, full_output_gb
+    from launcher.cost.rates import model_params_b
 
-    gb = cost.full_output_gb(cost.model_params_b(plan.cfg))
-    minutes = gb * 1000 / cost.LAPTOP_MBPS[1] / 60
+    gb = full_output_gb(model_params_b(plan.cfg))
+    minutes = gb * 1000 / LAPTOP_MBPS[1] / 60
     if plan.options.get("weights") == "leave":
         line = (f"weights: the full fine-tune's ~{gb:.1f} GB of weights stay in {where} (--weights leave); everything "
                 f"else comes back and is verified; `socrates-launch download RUN` pulls them later (~{minutes:,.0f} min "
-                f"at {cost.LAPTOP_MBPS[1]:g} MB/s)")
+                f"at {LAPTOP_MBPS[1]:g} MB/s)")
     else:
         line = (f"weights: the full fine-tune's ~{gb:.1f} GB of weights are pulled back to this machine (~{minutes:,.0f} "
-                f"min at {cost.LAPTOP_MBPS[1]:g} MB/s, assumed; the machine bills until it is done)"
+                f"min at {LAPTOP_MBPS[1]:g} MB/s, assumed; the machine bills until it is done)"
                 + (f"; --weights leave keeps them in {where} instead" if where else
                    "; on this backend they cannot be left behind (the machine is torn down at the end)"))
     console.print(line, highlight=False, markup=False)
