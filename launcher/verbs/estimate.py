@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher import cost
+    from launcher import cost  # keeps --help light (cost.py)
 
     plan = planlib.resolve(args, default_gpu=False)
     est = planlib.estimate(plan, allow_unpriced=True)
