@@ -90,11 +90,16 @@ def default_url(run_id: str, scheme: str = "s3") -> str:
 
 
 def url_for_run(run: registry.Run) -> str:
-    """The run's bucket: --bucket URL (or the config's storage.bucket), where the run writes under
+    """The run's bucket: the config's storage.bucket (--bucket URL), where the run writes under
     `<run id>/`; else a bucket named after the run, made for it on --cloud's store (gcp: gs://, any
     other or none: s3://)."""
     store = STORE_FOR_CLOUD.get(str(run.options.cloud or "").lower(), DEFAULT_STORE)
-    return (run.options.bucket or "").rstrip("/") or default_url(run.id, store)
+    return (given_bucket(run) or "").rstrip("/") or default_url(run.id, store)
+
+
+def given_bucket(run: registry.Run) -> str | None:
+    """The bucket the run was given (--bucket, the config's storage.bucket); None: one is made for it."""
+    return (run.config.get("storage") or {}).get("bucket")
 
 
 def parse_url(url: Any) -> tuple[str, str, str]:

@@ -115,6 +115,14 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
     if args.allow_cpu:
         overrides["allow_cpu"] = True
     check_combinations(args, infra)
+    if args.bucket:  # a managed run's bucket: the config's storage section is where it is read
+        try:
+            parse_url(args.bucket)
+        except ContractError as e:
+            raise ContractError(f"--bucket: {e}") from None
+        overrides["storage.bucket"] = args.bucket
+    if args.keep_bucket:
+        overrides["storage.keep_bucket"] = True
     if args.eval_rows is not None:
         if args.eval_rows < 1:
             raise ContractError(f"--eval-rows {args.eval_rows}: not accepted (a whole number >= 1)")
@@ -137,12 +145,11 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
         raise ContractError(f"--weights leave: only for train.method full (this config's method is {cfg.train.method}: "
                             "its adapter is small and always comes back)")
     managed = bool(args.spot or args.managed)  # a SkyPilot managed job (launcher/backends/managed.py)
-    bucket = (args.bucket or cfg.storage.bucket) if managed else None
-    if bucket:
+    if managed and cfg.storage.bucket:
         try:
-            parse_url(bucket)
+            parse_url(cfg.storage.bucket)
         except ContractError as e:
-            raise ContractError(f"--bucket: {e}") from None
+            raise ContractError(f"storage.bucket: {e}") from None
     # The world the job will see; its accumulation must make the global batch (contracts/config.py).
     world = (gpu.count if gpu else 1) * args.nodes if infra == "sky" else (args.ranks or 1)
     t = cfg.train
@@ -158,9 +165,7 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
         # The given image (pulled), else the lock's tag (built on the host from the synced Dockerfile).
         ssh = {**options_from_args(args), "image": cfg.image or local_ref(), "pull_image": bool(cfg.image)}
     options = RunOptions(
-        cloud=args.cloud, spot=bool(args.spot), managed_job=managed, bucket=bucket,
-        keep_bucket=managed and bool(args.keep_bucket or cfg.storage.keep_bucket),
-        max_cost=args.max_cost, max_hours=args.max_hours, config_file=config_file,
+        cloud=args.cloud, spot=bool(args.spot), managed_job=managed, max_cost=args.max_cost, max_hours=args.max_hours, config_file=config_file,
         image=cfg.image if infra != "local" else None,  # None: setup builds a venv from the lock (local: this python)
         nodes=args.nodes, ranks=args.ranks, weights=args.weights, ssh=ssh)
     return Plan(infra=infra, cfg=cfg, gpu=gpu, name=name, options=options, config_file=config_file)

@@ -93,8 +93,6 @@ class RunOptions:
     spot: bool = False
     managed_job: bool = False
     """A SkyPilot managed job (--spot/--managed): it outlives its machine, its results in a bucket."""
-    bucket: str | None = None
-    keep_bucket: bool = False
     max_cost: float | None = None
     max_hours: float | None = None
     deadline_s: float | None = None

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import signal
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -182,7 +181,8 @@ def test_the_real_sdk_takes_the_managed_task_with_its_bucket_mount_and_recovery(
     from launcher.registry import RunOptions
 
     run = SimpleNamespace(id="r1", name="paper", config=load_config(REPO / "configs" / "paper.yaml").to_dict(),
-                          options=RunOptions(deadline_s=3600, managed_job=True, bucket="s3://my-bucket"))
+                          options=RunOptions(deadline_s=3600, managed_job=True))
+    run.config["storage"]["bucket"] = "s3://my-bucket"
     task = sky.Task.from_yaml_config(tasklib.render(run, gpu="A100:1", spot=True))
     storage = task.storage_mounts["/socrates-bucket"]
     res = list(task.resources)[0]
@@ -322,5 +322,5 @@ def test_the_bucket_made_for_a_run_is_on_its_clouds_store(cloud, url):
     assert bucket_url_for(run) == url
     task = tasklib.render(run, gpu="A100:1", spot=True)
     assert task["envs"]["SOCRATES_BUCKET"] == url and url in json.dumps(task["file_mounts"])
-    run.options = replace(run.options, bucket="s3://mine/team/")
+    run.config["storage"]["bucket"] = "s3://mine/team/"
     assert bucket_url_for(run) == "s3://mine/team"

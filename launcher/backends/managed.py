@@ -25,7 +25,7 @@ from contracts.events import parse_line, read_record
 from contracts.remote import is_int
 from launcher.backends.base import BackendError, EventCallback, Outlives
 from launcher.backends.sky import SkyPilotBackend, failed
-from launcher.bucket import PARTIAL_DIR, Bucket, default_url, parse_url, url_for_run
+from launcher.bucket import PARTIAL_DIR, Bucket, default_url, given_bucket, parse_url, url_for_run
 from launcher.registry import Run
 from launcher.secrets import redact
 from launcher.sky_adapter import LaunchRequestFailed
@@ -49,7 +49,7 @@ class ManagedBackend(SkyPilotBackend, Outlives):
     def launch(self, run: Run) -> None:
         url = url_for_run(run)
         name = job_name_for(run.id)
-        make = not run.options.bucket
+        make = not given_bucket(run)
         try:
             bucket = Bucket.from_url(url)
             # A bucket to be made for the run that is there already is someone's: `down` would delete it.
@@ -208,7 +208,7 @@ class ManagedBackend(SkyPilotBackend, Outlives):
         url = run.backend_state.get("bucket")
         if not url or run.backend_state.get("bucket_deleted"):
             return
-        if self.delete_bucket or (run.verified and not run.options.keep_bucket and not run.weights_left):
+        if self.delete_bucket or (run.verified and not _kept(run) and not run.weights_left):
             # The bucket made for the run goes (once its owner marker says it is this run's); of any other
             # bucket, only the run's folder.
             bucket = Bucket.from_url(_deletable(run))
@@ -232,7 +232,7 @@ class ManagedBackend(SkyPilotBackend, Outlives):
         if not url or run.backend_state.get("bucket_deleted") or not run.backend_state.get("bucket_kept"):
             return None
         where = _deletable(run) + ("" if _made_for(run) else "/")
-        why = ("--keep-bucket" if run.options.keep_bucket and run.verified else
+        why = ("--keep-bucket" if _kept(run) and run.verified else
                "nothing was downloaded and verified here: it may hold the only copy of the run's results")
         return (f"the bucket {where} is KEPT ({why}); it bills storage until deleted. "
                 f"Pull the results: socrates-launch download {run.id}. "
@@ -305,6 +305,11 @@ def _made_for(run: Run) -> bool:
         return url == default_url(run.id, parse_url(url)[0])
     except ContractError:
         return False
+
+
+def _kept(run: Run) -> bool:
+    """--keep-bucket (the config's storage.keep_bucket): the bucket stays after the verified download."""
+    return bool((run.config.get("storage") or {}).get("keep_bucket"))
 
 
 def _deletable(run: Run) -> str:
