@@ -186,9 +186,6 @@ class SkyBackend(SkyPilotBackend):
         return (f"SkyPilot's autodown ends its machine {self.idle_minutes} min after the job ends; "
                 "`logs` before then pulls the results back.")
 
-    def launch_submitted(self, run: Run) -> bool:
-        return bool(run.backend_state.get("request_id"))
-
     @classmethod
     def end_by_hand(cls, handles: dict) -> str | None:
         cluster = handles.get("cluster")
