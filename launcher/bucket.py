@@ -57,6 +57,8 @@ CHUNK = 1 << 20
 MAX_MANIFEST = 16 << 20
 OWNER_KEY = ".socrates-owner.json"  # at the bucket's root: which run made it (never under a run's out/)
 MAX_OWNER = 4096
+DEFAULT_STORE = "s3"
+STORE_FOR_CLOUD = {"gcp": "gs"}  # a bucket made for a run lives with its cloud (--cloud); else S3
 
 
 class BucketError(ContractError):
@@ -85,6 +87,19 @@ def default_url(run_id: str, scheme: str = "s3") -> str:
     if scheme not in SCHEMES or scheme == "file":
         raise BucketError(f"bucket scheme {scheme!r} is not accepted for a created bucket (s3, r2 or gs)")
     return f"{scheme}://{default_name(run_id)}"
+
+
+def url_for_run(run: registry.Run) -> str:
+    """The run's bucket: the config's storage.bucket (--bucket URL), where the run writes under
+    `<run id>/`; else a bucket named after the run, made for it on --cloud's store (gcp: gs://, any
+    other or none: s3://)."""
+    store = STORE_FOR_CLOUD.get(str(run.options.cloud or "").lower(), DEFAULT_STORE)
+    return (given_bucket(run) or "").rstrip("/") or default_url(run.id, store)
+
+
+def given_bucket(run: registry.Run) -> str | None:
+    """The bucket the run was given (--bucket, the config's storage.bucket); None: one is made for it."""
+    return (run.config.get("storage") or {}).get("bucket")
 
 
 def parse_url(url: Any) -> tuple[str, str, str]:
@@ -427,8 +442,37 @@ def _need(module: str, package: str, extra: str, scheme: str):
                           f"pip install 'socrates-launch[{extra}]'") from None
 
 
+def _provider_errors(fn):
+    """A store's method: its client library's exceptions (and its transport's: the modules in the store's
+    ERRORS) as the store's one BucketError line (`_err`), also where a generator raises them mid-stream."""
+    import functools
+    import inspect
+
+    def convert(self, e: Exception) -> Exception:
+        return e if isinstance(e, BucketError) or not type(e).__module__.startswith(self.ERRORS) else self._err(e)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(self, *a, **kw):
+            try:
+                yield from fn(self, *a, **kw)
+            except Exception as e:  # noqa: BLE001
+                raise convert(self, e) from None
+        return gen
+
+    @functools.wraps(fn)
+    def call(self, *a, **kw):
+        try:
+            return fn(self, *a, **kw)
+        except Exception as e:  # noqa: BLE001
+            raise convert(self, e) from None
+    return call
+
+
 class _S3Store(_Store):
     """S3 and R2 through boto3 (its own credential chain; R2: SkyPilot's endpoint and profile files)."""
+
+    ERRORS = ("botocore.", "boto3.", "s3transfer.", "urllib3.")
 
     def __init__(self, name: str, r2: bool = False):
         self.name, self.r2 = name, r2
@@ -450,7 +494,7 @@ class _S3Store(_Store):
         return self._client
 
     def _err(self, e: Exception) -> BucketError:
-        code = getattr(e, "response", {}).get("Error", {}).get("Code", "") if hasattr(e, "response") else ""
+        code = _s3_code(e)
         what = f"{'r2' if self.r2 else 's3'}://{self.name}"
         if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
             return BucketError(f"{what}: no credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run "
@@ -461,73 +505,57 @@ class _S3Store(_Store):
             return BucketError(f"{what}: no such bucket")
         return BucketError(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else code}")
 
-    def _call(self, fn, **kw):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn(**kw)
-        except (BotoCoreError, ClientError) as e:
-            raise self._err(e) from None
-
+    @_provider_errors
     def exists(self) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
             self.client.head_bucket(Bucket=self.name)
-            return True
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+        except Exception as e:  # noqa: BLE001  (anything else: one line, by the decorator)
+            if _s3_code(e) in ("404", "NoSuchBucket", "NotFound"):
                 return False
-            raise self._err(e) from None
-        except BucketError:
             raise
-        except Exception as e:  # noqa: BLE001  (botocore's connection errors: one line)
-            raise self._err(e) from None
+        return True
 
+    @_provider_errors
     def create(self) -> None:
         kw: dict[str, Any] = {"Bucket": self.name}
         region = self.client.meta.region_name
         if not self.r2 and region and region != "us-east-1":
             kw["CreateBucketConfiguration"] = {"LocationConstraint": region}
-        self._call(self.client.create_bucket, **kw)
+        self.client.create_bucket(**kw)
 
+    @_provider_errors
     def put_new(self, key: str, data: bytes) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
             self.client.put_object(Bucket=self.name, Key=key, Body=data, IfNoneMatch="*")
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+        except Exception as e:  # noqa: BLE001
+            if _s3_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 return False
-            raise self._err(e) from None
-        except Exception as e:  # noqa: BLE001  (botocore's connection errors: one line)
-            raise self._err(e) from None
+            raise
         return True
 
+    @_provider_errors
     def read(self, key: str, limit: int) -> bytes | None:
-        from botocore.exceptions import ClientError
-
         try:
             body = self.client.get_object(Bucket=self.name, Key=key, Range=f"bytes=0-{limit - 1}")["Body"]
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
-                return None
-            raise self._err(e) from None
         except Exception as e:  # noqa: BLE001
-            raise self._err(e) from None
+            if _s3_code(e) in ("NoSuchKey", "404", "NoSuchBucket"):
+                return None
+            raise
         try:
             return body.read(limit)
         finally:
             body.close()
 
+    @_provider_errors
     def delete_bucket(self) -> None:
-        self._call(self.client.delete_bucket, Bucket=self.name)
+        self.client.delete_bucket(Bucket=self.name)
 
+    @_provider_errors
     def delete_objects(self, prefix: str) -> None:
         keys = [o.key for o in self.list(prefix)]
         for i in range(0, len(keys), 1000):
-            resp = self._call(self.client.delete_objects, Bucket=self.name,
-                              Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+            resp = self.client.delete_objects(Bucket=self.name, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
+                                                                        "Quiet": True})
             # S3 answers 200 and names each key it did not delete in Errors: those objects are still there.
             errors = (resp or {}).get("Errors") or []
             if errors:
@@ -535,41 +563,46 @@ class _S3Store(_Store):
                 raise BucketError(f"s3://{self.name}: {len(errors)} object(s) not deleted (first: "
                                   f"{first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')})".rstrip())
 
+    @_provider_errors
     def list(self, prefix: str) -> Iterator[Obj]:
         token = None
         while True:
             kw: dict[str, Any] = {"Bucket": self.name, "Prefix": prefix}
             if token:
                 kw["ContinuationToken"] = token
-            page = self._call(self.client.list_objects_v2, **kw)
+            page = self.client.list_objects_v2(**kw)
             for o in page.get("Contents", []):
                 yield Obj(o["Key"], int(o["Size"]), str(o.get("ETag", "")).strip('"'))
             if not page.get("IsTruncated"):
                 return
             token = page.get("NextContinuationToken")
 
+    @_provider_errors
     def get(self, key: str, start: int, etag: str | None) -> Iterator[bytes]:
         kw: dict[str, Any] = {"Bucket": self.name, "Key": key}
         if start:
             kw["Range"] = f"bytes={start}-"
         if etag:
             kw["IfMatch"] = f'"{etag}"'  # the object we started on, or a precondition failure
-        body = self._call(self.client.get_object, **kw)["Body"]
+        body = self.client.get_object(**kw)["Body"]
         try:
             yield from body.iter_chunks(CHUNK)
-        except (OSError, ValueError) as e:  # urllib3/botocore read errors: the stream broke midway
-            raise BucketError(f"{'r2' if self.r2 else 's3'}://{self.name}/{key}: the download broke off "
-                              f"({type(e).__name__}); run it again: it resumes where it stopped") from None
-        except Exception as e:  # noqa: BLE001
-            if type(e).__module__.startswith(("botocore.", "urllib3.")):
+        except Exception as e:  # noqa: BLE001  (urllib3/botocore read errors: the stream broke midway)
+            if isinstance(e, (OSError, ValueError)) or type(e).__module__.startswith(self.ERRORS):
                 raise BucketError(f"{'r2' if self.r2 else 's3'}://{self.name}/{key}: the download broke off "
                                   f"({type(e).__name__}); run it again: it resumes where it stopped") from None
             raise
         finally:
             body.close()
 
+    @_provider_errors
     def put(self, key: str, path: Path) -> None:
-        self._call(self.client.upload_file, Filename=str(path), Bucket=self.name, Key=key)
+        self.client.upload_file(Filename=str(path), Bucket=self.name, Key=key)
+
+
+def _s3_code(e: Exception) -> str:
+    """The error code S3 answered with (botocore's ClientError), else ''."""
+    return str(((getattr(e, "response", None) or {}).get("Error") or {}).get("Code") or "")
 
 
 def _r2_endpoint() -> str:
@@ -602,42 +635,19 @@ def _r2_credentials() -> dict:
                           f"(SkyPilot's R2 setup writes it)") from None
 
 
-def _gcs_errors(fn):
-    """google-cloud-storage's and google-auth's exceptions as one BucketError line."""
-    import functools
-    import inspect
-
-    def convert(self, e: Exception) -> Exception:
-        if isinstance(e, BucketError) or not type(e).__module__.startswith(("google.", "requests.", "urllib3.")):
-            return e
-        first = str(e).splitlines()[0] if str(e) else ""
-        return BucketError(f"gs://{self.name}: {type(e).__name__}: {first[:200]}")
-
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def gen(self, *a, **kw):
-            try:
-                yield from fn(self, *a, **kw)
-            except Exception as e:  # noqa: BLE001
-                raise convert(self, e) from None
-        return gen
-
-    @functools.wraps(fn)
-    def call(self, *a, **kw):
-        try:
-            return fn(self, *a, **kw)
-        except Exception as e:  # noqa: BLE001
-            raise convert(self, e) from None
-    return call
-
-
 class _GCSStore(_Store):
     """GCS through google-cloud-storage (application-default credentials). Not exercised by the suite:
     it has no GCS server; the S3 path carries the tests."""
 
+    ERRORS = ("google.", "requests.", "urllib3.")
+
     def __init__(self, name: str):
         self.name = name
         self._bucket = None
+
+    def _err(self, e: Exception) -> BucketError:
+        first = str(e).splitlines()[0] if str(e) else ""
+        return BucketError(f"gs://{self.name}: {type(e).__name__}: {first[:200]}")
 
     @property
     def bucket(self):
@@ -650,15 +660,15 @@ class _GCSStore(_Store):
                                   f"(`gcloud auth application-default login`)") from None
         return self._bucket
 
-    @_gcs_errors
+    @_provider_errors
     def exists(self) -> bool:
         return self.bucket.exists()
 
-    @_gcs_errors
+    @_provider_errors
     def create(self) -> None:
         self.bucket.create()
 
-    @_gcs_errors
+    @_provider_errors
     def put_new(self, key: str, data: bytes) -> bool:
         try:
             self.bucket.blob(key).upload_from_string(data, if_generation_match=0)  # only if no object is there
@@ -668,7 +678,7 @@ class _GCSStore(_Store):
             raise
         return True
 
-    @_gcs_errors
+    @_provider_errors
     def read(self, key: str, limit: int) -> bytes | None:
         try:
             return self.bucket.blob(key).download_as_bytes(start=0, end=limit - 1)
@@ -677,21 +687,21 @@ class _GCSStore(_Store):
                 return None
             raise
 
-    @_gcs_errors
+    @_provider_errors
     def delete_bucket(self) -> None:
         self.bucket.delete()
 
-    @_gcs_errors
+    @_provider_errors
     def delete_objects(self, prefix: str) -> None:
         for blob in self.bucket.list_blobs(prefix=prefix):
             blob.delete()
 
-    @_gcs_errors
+    @_provider_errors
     def list(self, prefix: str) -> Iterator[Obj]:
         for blob in self.bucket.list_blobs(prefix=prefix):
             yield Obj(blob.name, int(blob.size or 0), str(blob.generation))
 
-    @_gcs_errors
+    @_provider_errors
     def get(self, key: str, start: int, etag: str | None) -> Iterator[bytes]:
         blob = self.bucket.blob(key, generation=int(etag) if etag else None)  # that version, or an error
         step = 16 * CHUNK
@@ -708,6 +718,6 @@ class _GCSStore(_Store):
                 return
             start += len(data)
 
-    @_gcs_errors
+    @_provider_errors
     def put(self, key: str, path: Path) -> None:
         self.bucket.blob(key).upload_from_filename(str(path))

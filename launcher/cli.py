@@ -6,6 +6,8 @@ import importlib
 import sys
 
 from contracts.errors import EXIT_BAD_INPUT, ContractError
+from contracts.remote import clean  # a refusal may quote what a machine or a file said
+from launcher import __version__
 
 # verb -> (module, one-line help). Only the chosen verb's module is imported, so `--help` is fast.
 VERBS: dict[str, tuple[str, str]] = {
@@ -36,8 +38,6 @@ def build_parser(chosen: str | None) -> tuple[argparse.ArgumentParser, object | 
         description="Reproduce and extend SOCRATES (Qwen2.5-14B QLoRA on SocSci210) on rented GPUs, "
         "with the cost shown first and the machine torn down by itself.",
     )
-    from launcher import __version__
-
     parser.add_argument("--version", action="version", version=f"socrates-launch {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     module = None
@@ -60,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except ContractError as e:
-        from contracts.remote import clean  # a refusal may quote what a machine or a file said
+        message = str(e)
+        if getattr(e, "handles", None) is not None:  # a damaged run record (registry.DamagedRecord)
+            from launcher.backends import end_by_hand  # only then: keeps --help light
 
-        print(f"socrates-launch {args.verb}: error: {clean(str(e))}", file=sys.stderr)
+            by_hand = end_by_hand(e.handles)
+            message += f" ({by_hand})" if by_hand else ""
+        print(f"socrates-launch {args.verb}: error: {clean(message)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"socrates-launch {args.verb}: interrupted", file=sys.stderr)

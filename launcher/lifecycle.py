@@ -33,7 +33,8 @@ from contracts.errors import ContractError
 from contracts.events import LINE_PREFIX, dumps, make, read_record
 from launcher import registry
 from launcher.backends import for_run
-from launcher.backends.base import Backend, BackendError, StreamLost, disk_full
+from launcher.backends.base import Backend, BackendError, StreamLost, disk_full, outliving
+from launcher.progress import Progress
 from launcher.secrets import plain, redact
 
 SECOND_CTRL_C_S = 3.0
@@ -88,8 +89,6 @@ def reattach(run: registry.Run, console, backend: Backend | None = None) -> int:
 
 def replay(run: registry.Run, console) -> None:
     """Show the recorded events with the same progress display (nothing is appended)."""
-    from launcher.progress import Progress
-
     progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
     for ev in read_events(run.events_path):
         progress.on_event(ev)
@@ -107,8 +106,6 @@ def download(run: registry.Run, console, backend: Backend | None = None) -> int:
         console.print(f"run {run.id}: machine gone; local artifacts verify against manifest.json "
                       f"({run.adapter or run.dir})", highlight=False)
         return 0
-    from launcher.progress import Progress
-
     recorder = Recorder(run, Progress(console))
     try:
         fetch_and_verify(run, backend, recorder)
@@ -155,8 +152,6 @@ def drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach:
 
 
 def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach: bool = False) -> int:
-    from launcher.progress import Progress
-
     progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
     recorder = Recorder(run, progress)
     backend.on_phase = recorder.phase
@@ -187,13 +182,13 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
     except (KeyboardInterrupt, _HungUp) as e:
         progress.close()
         if run.state in ("created", "provisioning"):
-            return _abort_provisioning(run, backend, console, recorder, e)
+            return _end_now(run, backend, console, recorder, e)
         if isinstance(e, _HungUp):  # the terminal went away or we were asked to stop: detach, quietly
             run.update(note=f"launcher stopped by {e.name}; the job runs on")
             say_detached(run, backend, console)
             return 128 + e.signum
         if launch and backend.CTRL_C_STOPS:
-            return _stopped(run, backend, console, recorder)
+            return _end_now(run, backend, console, recorder, e)
         return _interrupted(run, backend, console, recorder)
     except StreamLost as e:  # the job is not known to have failed: detach, never tear down over a lost stream
         progress.close()
@@ -244,7 +239,7 @@ def _lifecycle(run: registry.Run, backend: Backend, recorder: "Recorder", consol
     code = backend.follow(run, recorder.job_event)
     _save_log(run, backend)
     run.update(exit_code=code)
-    sent, got = run.options.get("data_sha256"), recorder.data_sha256
+    sent, got = run.options.data_sha256, recorder.data_sha256
     if sent and got and sent != got:
         raise BackendError("running", f"the job was given other data than was sent: it hashed {got}, "
                                       f"the launcher sent {sent} (a stale or mixed data folder on the machine)")
@@ -252,7 +247,7 @@ def _lifecycle(run: registry.Run, backend: Backend, recorder: "Recorder", consol
         raise BackendError("running", f"the job exited with status {code}{_salvage(run, backend, recorder)}")
     recorder.progress.close()
     try:
-        fetch_and_verify(run, backend, recorder, pull_weights=run.options.get("weights", "pull") != "leave")
+        fetch_and_verify(run, backend, recorder, pull_weights=run.options.weights != "leave")
     except Exception as e:  # noqa: BLE001  (whatever went wrong, the only copy is on the machine: keep it up)
         raise _DownloadFailed() from e
     run.transition("done")
@@ -268,7 +263,7 @@ def _salvage(run: registry.Run, backend: Backend, recorder: "Recorder") -> str:
     paid-for adapter on the machine: pull it back before teardown if its manifest verifies."""
     try:
         fetch_and_verify(run, backend, recorder, attempts=SALVAGE_ATTEMPTS,
-                         pull_weights=run.options.get("weights", "pull") != "leave")
+                         pull_weights=run.options.weights != "leave")
     except Exception:  # noqa: BLE001  (a salvage that fails for any reason leaves the run failed, as it was)
         return "; no finished adapter on the machine to pull back"
     return f"; the adapter it had finished was pulled back and verifies: {run.adapter}"
@@ -310,10 +305,11 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
     another try before the machine (and the only copy) is torn down. Results already in runs/<id>/
     are replaced only by a copy that verified.
 
-    `pull_weights=False` (`up --weights leave`, where the backend's WEIGHTS_OUTLIVE says they outlive the
-    machine): a full fine-tune's weight shards stay where they are (the backend checks them present);
-    everything else is pulled and verified, and run.json's weights_left says where they are.
+    `pull_weights=False` (`up --weights leave`) on a backend whose results outlive the machine (`Outlives`):
+    a full fine-tune's weight shards stay where they are (the backend checks them present); everything
+    else is pulled and verified, and run.json's weights_left says where they are.
     """
+    leaving = None if pull_weights else outliving(backend)
     staging = run.dir / ".download"
     try:
         run.transition("downloading")
@@ -322,8 +318,8 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             try:
-                left_at = None if pull_weights else backend.download_leaving(run, staging, _is_weights)
-                if pull_weights:
+                left_at = leaving.download_leaving(run, staging, _is_weights) if leaving else None
+                if not leaving:
                     backend.download(run, staging)
                 manifest = manifest_lib.load(staging)
                 left = manifest_lib.weight_files(manifest) if left_at else set()
@@ -449,25 +445,21 @@ def _uninterrupted(*signals: int):
     return _signals_to(signal.SIG_IGN, *signals)
 
 
-def _abort_provisioning(run: registry.Run, backend: Backend, console, recorder: Recorder, why: BaseException) -> int:
-    """Interrupted before the job started: SkyPilot arms autodown only when it submits the job (after
-    provisioning and file sync), so a machine left now might have nothing to end it. End it."""
+def _end_now(run: registry.Run, backend: Backend, console, recorder: Recorder, why: BaseException) -> int:
+    """Interrupted where the machine must end now: before the job started (SkyPilot arms autodown only when
+    it submits the job, after provisioning and file sync: a machine left now might have nothing to end
+    it), or by Ctrl-C where that stops the job (backend.CTRL_C_STOPS: your own machine)."""
     name = why.name if isinstance(why, _HungUp) else "Ctrl-C"
-    console.print(f"\n[bold yellow]{name} while provisioning run {run.id}[/]: its autodown is not armed yet, "
-                  "so it is torn down now (nothing was trained)", highlight=False)
+    if run.state in ("created", "provisioning"):
+        console.print(f"\n[bold yellow]{name} while provisioning run {run.id}[/]: its autodown is not armed yet, "
+                      "so it is torn down now (nothing was trained)", highlight=False)
+    else:
+        console.print(f"\n[bold yellow]Ctrl-C: stopping run {run.id}[/]: its job is ended and its folder removed "
+                      "(`up --detach` keeps a local job running)", highlight=False)
+        run.update(note="stopped by Ctrl-C")
     with _uninterrupted(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         teardown(run, backend, recorder, console)
     return 128 + (why.signum if isinstance(why, _HungUp) else signal.SIGINT)
-
-
-def _stopped(run: registry.Run, backend: Backend, console, recorder: Recorder) -> int:
-    """Ctrl-C where it stops the job (backend.CTRL_C_STOPS: your own machine): stop it, tear down, say so."""
-    console.print(f"\n[bold yellow]Ctrl-C: stopping run {run.id}[/]: its job is ended and its folder removed "
-                  "(`up --detach` keeps a local job running)", highlight=False)
-    run.update(note="stopped by Ctrl-C")
-    with _uninterrupted(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        teardown(run, backend, recorder, console)
-    return 130
 
 
 def _interrupted(run: registry.Run, backend: Backend, console, recorder: Recorder) -> int:

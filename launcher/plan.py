@@ -3,7 +3,8 @@
 `add_arguments(p)` declares the flags both verbs take (config, data, card, caps, where it runs);
 `resolve(args)` checks every input and returns a `Plan`: the run config after overrides, the data
 checked (a local file's rows against contracts/rows.py), the caps checked, the default config per
-infrastructure. `up --dryrun` and `estimate --explain` print `describe(plan)` (`estimate --json`:
+infrastructure, and the run's `RunOptions` (launcher/registry.py: where and how it runs), made here
+once. Each knob takes one route: what the job reads goes into the run config. `up --dryrun` and `estimate --explain` print `describe(plan)` (`estimate --json`:
 `summary(plan)`), and both estimate with `estimate(plan, ...)`, so what `estimate` shows is what
 `up` would run. Nothing is created here.
 """
@@ -18,8 +19,15 @@ from typing import Any
 
 from contracts.config import RunConfig, check_fraction, load_config
 from contracts.errors import ContractError
-from launcher.backends import check_infra
+from contracts.manifest import data_files
+from launcher import resources
+from launcher.bucket import parse_url
 from launcher.gpu import GpuSpec, parse_gpu
+from launcher.registry import RunOptions, check_infra
+from launcher.rows import check_local
+from launcher.ssh_options import add_arguments as add_ssh_arguments
+from launcher.ssh_options import options_from_args, parse_infra
+from launcher.stage import local_ref
 
 # The config a run gets without --config: the paper's schedule on rented GPUs; the embedded tiny one
 # (no GPU, minutes) on this machine. Anything else (ssh://) gets the paper's.
@@ -67,9 +75,7 @@ def add_arguments(p: argparse.ArgumentParser, *, every_card: bool = False) -> No
                    "run to it (--infra sky only: local and ssh machines have no price; use --max-hours)")
     p.add_argument("--max-hours", type=float, default=None, help="stop the job after H hours of machine time (adapter saved)")
     p.add_argument("--allow-cpu", action="store_true", help="let the job run without a GPU (tests, the local demo)")
-    from launcher.ssh_options import add_arguments as add_ssh_arguments  # --ssh-key etc. (issue #6)
-
-    add_ssh_arguments(p)
+    add_ssh_arguments(p)  # --ssh-key etc.
 
 
 @dataclass
@@ -80,9 +86,8 @@ class Plan:
     cfg: RunConfig
     gpu: GpuSpec | None
     name: str
-    options: dict
+    options: RunOptions
     config_file: str
-
 
 
 def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
@@ -110,6 +115,14 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
     if args.allow_cpu:
         overrides["allow_cpu"] = True
     check_combinations(args, infra)
+    if args.bucket:  # a managed run's bucket: the config's storage section is where it is read
+        try:
+            parse_url(args.bucket)
+        except ContractError as e:
+            raise ContractError(f"--bucket: {e}") from None
+        overrides["storage.bucket"] = args.bucket
+    if args.keep_bucket:
+        overrides["storage.keep_bucket"] = True
     if args.eval_rows is not None:
         if args.eval_rows < 1:
             raise ContractError(f"--eval-rows {args.eval_rows}: not accepted (a whole number >= 1)")
@@ -122,36 +135,21 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
     if overrides:
         cfg = cfg.with_overrides(overrides, source="command line")
     check_local_rows(cfg.data.source, cfg.data.split)
-    from launcher.cost.caps import check_caps
+    from launcher.cost.caps import check_caps  # keeps --help light (launcher/cost/)
 
     check_caps(args.max_cost, args.max_hours, infra)  # numbers > 0; a dollar cap only where there is a price
     name = getattr(args, "name", None) or cfg.name
     if not name or len(name) > 60 or not all(c.isalnum() or c in "._-" for c in name):
         raise ContractError(f"--name {name!r}: not accepted (letters, digits, . _ -; at most 60)")
-    options = {
-        "cloud": args.cloud, "spot": bool(args.spot), "max_cost": args.max_cost, "max_hours": args.max_hours,
-        "config_file": config_file,
-        # None: setup builds a venv from the lock (the local backend always runs this machine's python)
-        "image": cfg.image if infra != "local" else None,
-        "nodes": args.nodes, "ranks": args.ranks,
-        "weights": getattr(args, "weights", "pull"),
-    }
-    if options["weights"] == "leave" and cfg.train.method != "full":
+    if args.weights == "leave" and cfg.train.method != "full":
         raise ContractError(f"--weights leave: only for train.method full (this config's method is {cfg.train.method}: "
                             "its adapter is small and always comes back)")
-    managed = bool(getattr(args, "spot", False) or getattr(args, "managed", False))
-    if managed:  # a SkyPilot managed job (launcher/backends/managed.py)
-        from launcher.bucket import parse_url
-
-        storage = getattr(cfg, "storage", None)  # the config's storage: section, where it has one
-        bucket = getattr(args, "bucket", None) or getattr(storage, "bucket", None)
-        if bucket:
-            try:
-                parse_url(bucket)
-            except ContractError as e:
-                raise ContractError(f"--bucket: {e}") from None
-        options.update(managed_job=True, bucket=bucket,
-                       keep_bucket=bool(getattr(args, "keep_bucket", False) or getattr(storage, "keep_bucket", False)))
+    managed = bool(args.spot or args.managed)  # a SkyPilot managed job (launcher/backends/managed.py)
+    if managed and cfg.storage.bucket:
+        try:
+            parse_url(cfg.storage.bucket)
+        except ContractError as e:
+            raise ContractError(f"storage.bucket: {e}") from None
     # The world the job will see; its accumulation must make the global batch (contracts/config.py).
     world = (gpu.count if gpu else 1) * args.nodes if infra == "sky" else (args.ranks or 1)
     t = cfg.train
@@ -161,16 +159,15 @@ def resolve(args: argparse.Namespace, *, default_gpu: bool = True) -> Plan:
         cfg = cfg.with_overrides({"train.micro_batch": t.global_batch // world},
                                  source=f"{world} GPUs: micro_batch {t.micro_batch} -> {t.global_batch // world}")
     cfg.train.grad_accum(world)
-    if infra.startswith("ssh://"):  # the SSH flags, checked before anything exists (issue #6)
-        from launcher.ssh_options import options_from_args, parse_infra
-
+    ssh = None
+    if infra.startswith("ssh://"):  # the SSH flags, checked before anything exists
         parse_infra(infra)
-        options["ssh"] = options_from_args(args)
-        from launcher.verbs.image import local_ref
-
         # The given image (pulled), else the lock's tag (built on the host from the synced Dockerfile).
-        options["ssh"]["image"] = cfg.image or local_ref()
-        options["ssh"]["pull_image"] = bool(cfg.image)
+        ssh = {**options_from_args(args), "image": cfg.image or local_ref(), "pull_image": bool(cfg.image)}
+    options = RunOptions(
+        cloud=args.cloud, spot=bool(args.spot), managed_job=managed, max_cost=args.max_cost, max_hours=args.max_hours, config_file=config_file,
+        image=cfg.image if infra != "local" else None,  # None: setup builds a venv from the lock (local: this python)
+        nodes=args.nodes, ranks=args.ranks, weights=args.weights, ssh=ssh)
     return Plan(infra=infra, cfg=cfg, gpu=gpu, name=name, options=options, config_file=config_file)
 
 
@@ -190,13 +187,12 @@ def check_combinations(args: argparse.Namespace, infra: str) -> None:
                             if infra == "sky" else " (a whole number >= 1)"))
     if infra != "sky" and (args.cloud or args.spot):
         raise ContractError(f"--cloud/--spot: not accepted with --infra {infra} (they choose a SkyPilot offer)")
-    for flag, value in (("--managed", getattr(args, "managed", False)), ("--bucket", getattr(args, "bucket", None)),
-                        ("--keep-bucket", getattr(args, "keep_bucket", False))):
+    for flag, value in (("--managed", args.managed), ("--bucket", args.bucket), ("--keep-bucket", args.keep_bucket)):
         if value and infra != "sky":
             raise ContractError(f"{flag}: not accepted with --infra {infra} (managed jobs are SkyPilot's)")
-        if value and flag != "--managed" and not (args.spot or getattr(args, "managed", False)):
+        if value and flag != "--managed" and not (args.spot or args.managed):
             raise ContractError(f"{flag}: only with --spot or --managed (the bucket of a managed run)")
-    if nodes > 1 and (args.spot or getattr(args, "managed", False)):
+    if nodes > 1 and (args.spot or args.managed):
         raise ContractError(f"--nodes {nodes}: not accepted with --spot/--managed (a managed job runs on one node; "
                             f"its launch record is kept by one machine)")
 
@@ -204,8 +200,6 @@ def check_combinations(args: argparse.Namespace, infra: str) -> None:
 def default_config(infra: str) -> Path:
     """The packaged configs/<default>.yaml (launcher/resources), wherever the command runs; an edited copy
     (`socrates-launch init`) is passed with --config."""
-    from launcher import resources
-
     return resources.path(DEFAULT_CONFIG.get(infra, DEFAULT_CONFIG["sky"]))
 
 
@@ -233,12 +227,8 @@ def check_local_rows(source: str, split: str | None = None) -> None:
     costs a second, found on the machine it costs a provisioned one."""
     path = Path(source).expanduser()
     if path.is_dir():
-        from contracts.manifest import data_files
-
         data_files(path.resolve())  # a link anywhere in it (a loop, a linked subfolder): refused here, exit 2
     if path.exists() and not (path.is_dir() and (path / "stats.json").is_file()):  # a prepared folder is the job's
-        from launcher.rows import check_local
-
         check_local(path, need_participants=split == "unseen-participants")
 
 
@@ -250,7 +240,7 @@ def summary(plan: Plan) -> dict:
     return {
         "config": {"file": plan.config_file, "name": cfg.name, "model": cfg.model.id, "sha256": digest},
         "data": {"source": cfg.data.source, "subset": cfg.data.subset},
-        "caps": {"max_cost": plan.options["max_cost"], "max_hours": plan.options["max_hours"]},
+        "caps": {"max_cost": plan.options.max_cost, "max_hours": plan.options.max_hours},
     }
 
 
@@ -267,8 +257,8 @@ def describe(plan: Plan) -> str:
 
 def estimate(plan: Plan, *, allow_unpriced: bool = False):
     """The cost estimate of the plan (launcher/cost/): `up` refuses an unpriced card, `estimate` shows it."""
-    from launcher.cost.estimate import estimate_run
+    from launcher.cost.estimate import estimate_run  # keeps --help light (launcher/cost/)
 
-    return estimate_run(plan.cfg, gpu=plan.gpu, cloud=plan.options["cloud"], spot=plan.options["spot"],
-                        data=plan.cfg.data.source, infra=plan.infra, nodes=plan.options["nodes"] or 1,
+    return estimate_run(plan.cfg, gpu=plan.gpu, cloud=plan.options.cloud, spot=plan.options.spot,
+                        data=plan.cfg.data.source, infra=plan.infra, nodes=plan.options.nodes,
                         allow_unpriced=allow_unpriced)

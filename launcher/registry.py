@@ -26,6 +26,8 @@ from contracts.manifest import MANIFEST_FILE
 from contracts.errors import ContractError
 from contracts.remote import is_number
 
+INFRAS = "local | sky | ssh://user@host[:port]"
+
 RUN_FILE = "run.json"
 STATES = ("created", "provisioning", "running", "downloading", "done", "failed", "torn_down")
 LIVE_STATES = ("created", "provisioning", "running", "downloading")
@@ -70,6 +72,65 @@ def writable_runs_root() -> Path:
     return root
 
 
+def known_infra(infra: str) -> bool:
+    """Whether `infra` names a backend (launcher/backends)."""
+    return infra in ("local", "sky") or (infra.startswith("ssh://") and len(infra) > len("ssh://"))
+
+
+def check_infra(infra: str) -> str:
+    """`infra` if it names a backend, else ContractError (exit 2, before anything is created)."""
+    if known_infra(infra):
+        return infra
+    raise ContractError(f"--infra {infra!r}: unknown infrastructure (accepted: {INFRAS})")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How and where a run runs, beyond its config: made once by launcher/plan.py's `resolve`, kept in
+    run.json. What the job reads (subset, eval on/off, the row cap) is in the run config, never here."""
+
+    cloud: str | None = None
+    spot: bool = False
+    managed_job: bool = False
+    """A SkyPilot managed job (--spot/--managed): it outlives its machine, its results in a bucket."""
+    max_cost: float | None = None
+    max_hours: float | None = None
+    deadline_s: float | None = None
+    """The machine-time cap the estimate set (--max-cost/--max-hours, or the safety deadline)."""
+    config_file: str | None = None
+    image: str | None = None
+    nodes: int = 1
+    ranks: int | None = None
+    weights: str = "pull"
+    data_sha256: str | None = None
+    """The local data's hash as sent (the job's must match)."""
+    ssh: dict | None = None
+    """The SSH backend's own options (launcher/ssh_options.py), for ssh:// runs."""
+
+    @classmethod
+    def from_record(cls, data: Any) -> "RunOptions":
+        """From run.json (untrusted): known keys only (an older record's others are dropped), each of its
+        type; ValueError names the first that is not."""
+        if isinstance(data, RunOptions):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"{_short(data)} is not an object")
+        kinds = {"str": str, "bool": bool, "int": int, "float": (int, float), "dict": dict}
+        known = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value, allowed = data[f.name], [k.strip() for k in str(f.type).split("|")]
+            ok = (value is None and "None" in allowed) or (
+                value is not None and (not isinstance(value, bool) or "bool" in allowed)
+                and any(k != "None" and isinstance(value, kinds[k]) for k in allowed)
+                and (not isinstance(value, float) or is_number(value)))
+            if not ok:
+                raise ValueError(f"{f.name} {_short(value)} is not {' or '.join(allowed)}")
+            known[f.name] = value
+        return cls(**known)
+
+
 @dataclass
 class Run:
     damaged: ClassVar[bool] = False
@@ -83,8 +144,8 @@ class Run:
     name: str = "run"
     config: dict = field(default_factory=dict)
     """The resolved run config (contracts.config.RunConfig.to_dict), after --subset/--data/--model."""
-    options: dict = field(default_factory=dict)
-    """What `up` was asked: cloud, spot, eval flags, deadline; no secrets."""
+    options: RunOptions = field(default_factory=RunOptions)
+    """How and where it runs (a dict given here is read as a record's); no secrets."""
     estimate: dict | None = None
     price_per_hour: float | None = None
     created_at: float = field(default_factory=time.time)
@@ -103,6 +164,9 @@ class Run:
     verified: bool = False
     backend_state: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.options = RunOptions.from_record(self.options)
 
     # --- persistence -------------------------------------------------------------------------
 
@@ -139,7 +203,7 @@ class Run:
             elif isinstance(old, list) and isinstance(new, list):
                 old[:] = new
             else:
-                setattr(self, key, new)
+                setattr(self, key, RunOptions.from_record(new) if key == "options" else new)
         self._base = copy.deepcopy({**data, "dir": str(self.dir)})
 
     def transition(self, state: str, note: str | None = None, **updates: Any) -> "Run":
@@ -187,7 +251,7 @@ class Run:
 
     def actual_cost(self) -> float | None:
         """Price x billed time (launcher/cost/caps.py), None without a price or a start."""
-        from launcher.cost.caps import actual_cost
+        from launcher.cost.caps import actual_cost  # keeps --help light (launcher/cost/)
 
         return actual_cost(self)
 
@@ -322,22 +386,11 @@ def new_run(name: str, infra: str, **kw: Any) -> Run:
 
 # --- what a record on disk may hold ------------------------------------------------------------
 # A record is checked against this table when it is read: a hand-edited or foreign run.json is
-# refused with one line naming the file and the field, not a traceback three verbs later.
-
-def _number(v: Any) -> bool:
-    """A finite, bounded number: a 401-digit created_at is damage in one record, not an OverflowError
-    that breaks `runs`, `status` and `down` for every run."""
-    return is_number(v)
-
+# refused with one line naming the file and the field, not a traceback three verbs later. Numbers are
+# finite and bounded (is_number): a 401-digit created_at is damage in one record, not an OverflowError.
 
 def _opt(check):
     return lambda v: v is None or check(v)
-
-
-def _infra(v: Any) -> bool:
-    from launcher.backends import known_infra
-
-    return isinstance(v, str) and known_infra(v)
 
 
 def _estimate(v: Any) -> bool:
@@ -345,9 +398,17 @@ def _estimate(v: Any) -> bool:
     if not isinstance(v, dict):
         return False
     dollars, cheapest = v.get("dollars"), v.get("cheapest")
-    return ((dollars is None or (isinstance(dollars, list) and len(dollars) == 3 and all(map(_number, dollars))))
-            and (not cheapest or (isinstance(cheapest, dict) and _opt(_number)(cheapest.get("price_per_h"))))
-            and _opt(_number)(v.get("price_per_hour")))
+    return ((dollars is None or (isinstance(dollars, list) and len(dollars) == 3 and all(map(is_number, dollars))))
+            and (not cheapest or (isinstance(cheapest, dict) and _opt(is_number)(cheapest.get("price_per_h"))))
+            and _opt(is_number)(v.get("price_per_hour")))
+
+
+def _options(v: Any) -> bool:
+    try:
+        RunOptions.from_record(v)
+    except ValueError:
+        return False
+    return True
 
 
 _str = lambda v: isinstance(v, str)  # noqa: E731
@@ -356,18 +417,18 @@ _dict = lambda v: isinstance(v, dict)  # noqa: E731
 # field -> (check, what it must be). A field missing from the file takes the dataclass default.
 SCHEMA: dict[str, tuple[Any, str]] = {
     "id": (_str, "a string"),
-    "infra": (_infra, "a known infrastructure (local | sky | ssh://user@host[:port])"),
+    "infra": (lambda v: isinstance(v, str) and known_infra(v), f"a known infrastructure ({INFRAS})"),
     "state": (lambda v: v in STATES, f"a run state ({', '.join(STATES)})"),
     "gpu": (_opt(_str), "a string or null"),
     "name": (_str, "a string"),
     "config": (_dict, "an object"),
-    "options": (_dict, "an object"),
+    "options": (_options, "an object of run options (launcher/registry.py RunOptions)"),
     "estimate": (_opt(_estimate), "null or an object with dollars [low, expected, high] as numbers"),
-    "price_per_hour": (_opt(_number), "a number or null"),
-    "created_at": (_number, "a number"),
-    "updated_at": (_number, "a number"),
-    "started_at": (_opt(_number), "a number"),
-    "ended_at": (_opt(_number), "a number"),
+    "price_per_hour": (_opt(is_number), "a number or null"),
+    "created_at": (is_number, "a number"),
+    "updated_at": (is_number, "a number"),
+    "started_at": (_opt(is_number), "a number"),
+    "ended_at": (_opt(is_number), "a number"),
     "exit_code": (_opt(lambda v: isinstance(v, int) and not isinstance(v, bool)), "a whole number or null"),
     "error": (_opt(_str), "a string or null"),
     "machine": (_str, "a string"),
@@ -426,6 +487,17 @@ class Damaged:
     error: str
     created_at: float
     salvageable: bool = False
+    handles: Any = None
+    """Its backend_state as read, where it can't be salvaged: launcher/backends still says from it what
+    ends its machine by hand (`end_by_hand`)."""
+
+
+class DamagedRecord(ContractError):
+    """A run record that can't be used: its one line, and `handles` (see `Damaged`)."""
+
+    def __init__(self, record: Damaged):
+        super().__init__(record.error)
+        self.handles = record.handles
 
 
 def _fail(path: Path, what: str, hint: str) -> str:
@@ -442,7 +514,7 @@ def _parse(path: Path) -> tuple[Run | None, Damaged | None]:
         return None, Damaged(folder, path.parent, _fail(path, f"not readable JSON ({e})", "fix or remove the folder"), when)
     if not isinstance(data, dict):
         return None, Damaged(folder, path.parent, _fail(path, "not a JSON object", "fix or remove the folder"), when)
-    if _number(data.get("created_at")):
+    if is_number(data.get("created_at")):
         when = data["created_at"]
     found = problems(data, folder)
     if not found:
@@ -457,12 +529,8 @@ def _parse(path: Path) -> tuple[Run | None, Damaged | None]:
     salvageable = not ({"infra", "backend_state"} & damaged) and bool(data.get("backend_state"))
     hint = (f"fix it, or end its machine with `socrates-launch down {folder}` and remove the folder" if salvageable
             else "fix or remove the folder")
-    if not salvageable:
-        from launcher.backends import end_by_hand  # what ends its machine, from the handles alone
-
-        by_hand = end_by_hand(data.get("backend_state"))
-        hint += f" ({by_hand})" if by_hand else ""
-    bad = Damaged(folder, path.parent, _fail(path, "; ".join(found), hint), when, salvageable)
+    bad = Damaged(folder, path.parent, _fail(path, "; ".join(found), hint), when, salvageable,
+                  None if salvageable else data.get("backend_state"))
     if not salvageable:
         return None, bad
     sound = {k: v for k, v in data.items() if k in _FIELDS and k not in damaged}
@@ -507,7 +575,7 @@ def load(run_id: str, salvage: bool = False) -> Run:
     back as a `Salvaged` run so its machine can still be ended."""
     run, bad = _parse(_path_of(run_id))
     if bad is not None and not (salvage and run is not None):
-        raise ContractError(bad.error)
+        raise DamagedRecord(bad)
     return run
 
 
@@ -539,5 +607,5 @@ def resolve(run_id: str | None, salvage: bool = False) -> Run:
     if isinstance(latest, Damaged):
         if salvage and latest.salvageable:
             return load(latest.id, salvage=True)
-        raise ContractError(latest.error)
+        raise DamagedRecord(latest)
     return latest

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from contracts.remote import clean
+
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY")
 REDACTED = "<redacted>"
 
@@ -25,6 +27,4 @@ def redact(text: str, secrets: Mapping[str, str] | None = None) -> str:
 def plain(text: str) -> str:
     """An error as it is saved and shown: colour codes and every other escape sequence or control
     character removed (run.json holds plain text; a machine's text never drives the terminal)."""
-    from contracts.remote import clean
-
     return clean(text)

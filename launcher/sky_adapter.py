@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from contracts.remote import MAX_LINE, Lines
+
 # Job states that mean the run block ended, and how they map to an exit status.
 _ENDED_OK = ("SUCCEEDED",)
 _ENDED_BAD = ("FAILED", "FAILED_SETUP", "FAILED_DRIVER", "CANCELLED")
@@ -360,8 +362,6 @@ class _LineSink(io.TextIOBase):
     """A text stream that hands SkyPilot's request log to a callback line by line."""
 
     def __init__(self, log: Callable[[str], None]):
-        from contracts.remote import Lines
-
         self._log = log
         self._lines = Lines(cut=True)  # linear and bounded, like join_lines
 
@@ -382,8 +382,6 @@ def join_lines(chunks: Iterator[str | None], limit: int | None = None) -> Iterat
     Linear in the stream and bounded in memory: a line over remote.MAX_LINE is cut there (it still
     counts as one line; events.parse_line refuses it), never held or re-split whole.
     """
-    from contracts.remote import MAX_LINE, Lines
-
     lines = Lines(limit or MAX_LINE, cut=True)
     for chunk in chunks:
         if chunk is None:

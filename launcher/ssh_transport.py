@@ -20,6 +20,7 @@ from typing import Iterable
 
 import paramiko
 
+from contracts._io import sha256_file
 from contracts.errors import ContractError
 from launcher.ssh_options import SshTarget
 
@@ -190,8 +191,6 @@ def remote_hashes(client: paramiko.SSHClient, remote_root: str, python: str = "p
 def sync_tree(client: paramiko.SSHClient, files: dict[str, Path], remote_root: str,
               python: str = "python3", prune: bool = False) -> SyncStats:
     """Upload `files` under remote_root, sending only those whose size or sha256 differ."""
-    from contracts._io import sha256_file
-
     stats = SyncStats()
     have = remote_hashes(client, remote_root, python)
     sftp = client.open_sftp()

@@ -10,17 +10,19 @@ as run_config.yaml on the machine, so this folder is the same for every run of o
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from launcher import resources
+from launcher.registry import Run
 
 CODE_PACKAGES = ("job", "contracts")
 TABLES = ("configs/socsci210_stats.json",)  # job/check.py reads it beside job/
 FOLDER = "code"  # runs/<id>/code
+LOCAL_REPOSITORY = "socrates-launch-job"  # the job image built from this folder (`image build`, an SSH host)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,20 @@ def build(dest: Path) -> Staged:
     return measure(dest)
 
 
-def for_run(run: Any) -> Staged:
+def lock_tag() -> str:
+    """The job image's tag: `lock-` + 12 hex of sha256(job.lock, uv.lock, Dockerfile), what it installs and how."""
+    h = hashlib.sha256()
+    for rel in ("requirements/job.lock", "requirements/uv.lock", resources.DOCKERFILE):
+        h.update(resources.path(rel).read_bytes())
+        h.update(b"\0")
+    return f"lock-{h.hexdigest()[:12]}"
+
+
+def local_ref() -> str:
+    return f"{LOCAL_REPOSITORY}:{lock_tag()}"
+
+
+def for_run(run: Run) -> Staged:
     """The run's own staged folder, runs/<id>/code, built afresh (a leftover from a killed launch is replaced)."""
     dest = Path(run.dir).absolute() / FOLDER  # SkyPilot resolves a relative workdir against its own cwd
     if dest.is_symlink() or dest.is_file():

@@ -10,13 +10,15 @@ from __future__ import annotations
 import copy
 import shlex
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from contracts.config import JOB_RECOVERY_STRATEGIES
+from contracts.config import JOB_RECOVERY_STRATEGIES, from_dict
+from contracts.sizing import full_disk, machine_disk_gb
 from contracts.errors import ContractError
 from launcher import resources
+from launcher.bucket import Bucket, url_for_run
+from launcher.registry import Run
 from launcher.secrets import SECRET_NAMES
 
 TEMPLATE = resources.path(resources.TEMPLATE)  # shipped in the package (launcher/resources)
@@ -39,7 +41,7 @@ def load_template(path: Path = TEMPLATE) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = False,
+def render(run: Run, *, gpu: str | None, cloud: str | None = None, spot: bool = False,
            data_path: Path | None = None, secret_names: tuple[str, ...] = (), template: Path = TEMPLATE,
            managed: bool = False, bucket_url: str | None = None, workdir: Path | None = None) -> dict:
     """The task for `run` (its resolved config and options), ready for sky.Task.from_yaml_config.
@@ -50,21 +52,21 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
     `managed`: the same task as a SkyPilot managed job (`sky.jobs.launch`): the bucket `bucket_url`
     (launcher/bucket.py's URL forms; it must exist: `Bucket.create()` first) mounted at BUCKET_MOUNT,
     OUT inside it at `<prefix>/<run id>/out` (checkpoints in OUT/checkpoints, so a relaunch resumes
-    from them), SOCRATES_MANAGED=1, and `resources.job_recovery` from the options
-    (`job_recovery`, `max_restarts_on_errors`), else the config's `storage:`, else the defaults above."""
+    from them), SOCRATES_MANAGED=1, and `resources.job_recovery` from the config's `storage:`, else
+    the defaults above."""
     task = copy.deepcopy(load_template(template))
     opts = run.options
     cfg = run.config
     envs = task.setdefault("envs", {})
     envs["CONFIG_YAML"] = yaml.safe_dump(cfg, sort_keys=False)
     envs["DATA"] = ""  # the config's data.source; DATA names only where a shipped local file/folder lands
-    envs["DEADLINE_S"] = str(int(opts["deadline_s"])) if opts.get("deadline_s") else "0"
-    nodes = int(opts.get("nodes") or 1)
+    envs["DEADLINE_S"] = str(int(opts.deadline_s)) if opts.deadline_s else "0"
+    nodes = opts.nodes
     if nodes > 1:
         task["num_nodes"] = nodes
     else:
         task.pop("num_nodes", None)
-    envs["NPROC_PER_NODE"] = str(opts["ranks"]) if opts.get("ranks") else ""
+    envs["NPROC_PER_NODE"] = str(opts.ranks) if opts.ranks else ""
     task["name"] = f"socrates-{run.name}"[:60]
     resources = task.setdefault("resources", {})
     if gpu:
@@ -80,7 +82,7 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
         task["workdir"] = str(workdir)
     else:
         task.pop("workdir", None)
-    image = opts.get("image")
+    image = opts.image
     if image:  # the prebuilt job image: SkyPilot runs setup and run inside it, nothing to install
         resources["image_id"] = f"docker:{image}"
         task["setup"] = IMAGE_SETUP
@@ -90,10 +92,8 @@ def render(run: Any, *, gpu: str | None, cloud: str | None = None, spot: bool = 
         remote = f"{REMOTE_DATA_DIR}/{data_path.name}"
         task["file_mounts"] = {remote: str(data_path.resolve())}
         envs["DATA"] = remote
-    if opts.get("managed_job") and not managed:  # a managed run's preview (dry run): the bucket it would get
-        from launcher.backends.managed import bucket_url_for
-
-        managed, bucket_url = True, bucket_url or bucket_url_for(run)
+    if opts.managed_job and not managed:  # a managed run's preview (dry run): the bucket it would get
+        managed, bucket_url = True, bucket_url or url_for_run(run)
     if managed:
         _render_managed(task, run, bucket_url)
     elif bucket_url:
@@ -110,9 +110,7 @@ def full_disk_size(config: dict, nodes: int, floor_gb: int) -> int:
     """`resources.disk_size` for a full fine-tune: contracts/sizing.py's need (the kept sharded checkpoints
     at 12 B/param over the nodes, the output weights, the base, what `job check` keeps free) for this
     config, plus the machine image and venv and a margin; never below the template's `floor_gb`."""
-    from contracts.config import from_dict
-    from contracts.sizing import full_disk, machine_disk_gb
-    from launcher.cost.rates import model_params_b
+    from launcher.cost.rates import model_params_b  # keeps --help light (launcher/cost/)
 
     rc = from_dict(config)
     t = rc.train
@@ -130,18 +128,14 @@ def local_data(config: dict) -> Path | None:
     return path.resolve() if source and not source.startswith("synthetic:") and path.exists() else None
 
 
-def _render_managed(task: dict, run: Any, bucket_url: str | None) -> None:
-    from launcher.bucket import Bucket  # parses the URL only: no client library is imported here
-
+def _render_managed(task: dict, run: Run, bucket_url: str | None) -> None:
     if not bucket_url:
         raise ContractError("a managed run needs a bucket (--bucket s3://NAME, r2://NAME or gs://NAME, or "
                             "storage.bucket in the config; up makes one named after the run when none is given)")
     bucket = Bucket.from_url(bucket_url)
-    opts, storage = run.options, (run.config.get("storage") or {})
-    strategy = opts.get("job_recovery") or storage.get("job_recovery") or DEFAULT_JOB_RECOVERY
-    restarts = opts.get("max_restarts_on_errors")
-    if restarts is None:
-        restarts = storage.get("max_restarts_on_errors", DEFAULT_MAX_RESTARTS_ON_ERRORS)
+    storage = run.config.get("storage") or {}
+    strategy = storage.get("job_recovery") or DEFAULT_JOB_RECOVERY
+    restarts = storage.get("max_restarts_on_errors", DEFAULT_MAX_RESTARTS_ON_ERRORS)
     if str(strategy).upper() not in JOB_RECOVERY_STRATEGIES:
         raise ContractError(f"job_recovery {strategy!r} is not accepted ({' | '.join(JOB_RECOVERY_STRATEGIES)})")
     if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:

@@ -220,9 +220,9 @@ def test_ssh_uses_the_given_image_and_pulls_it(tmp_path, monkeypatch):
     p = argparse.ArgumentParser()
     up.add_arguments(p)
     plan = up.resolve(p.parse_args(["--infra", "ssh://me@host", "--image", REF, "--config", "configs/paper.yaml"]))
-    assert plan.options["image"] == REF and plan.options["ssh"]["image"] == REF and plan.options["ssh"]["pull_image"]
+    assert plan.options.image == REF and plan.options.ssh["image"] == REF and plan.options.ssh["pull_image"]
     plain = up.resolve(p.parse_args(["--infra", "ssh://me@host", "--config", "configs/paper.yaml"]))
-    assert plain.options["ssh"]["image"] == f"socrates-launch-job:{expected_tag()}" and not plain.options["ssh"]["pull_image"]
+    assert plain.options.ssh["image"] == f"socrates-launch-job:{expected_tag()}" and not plain.options.ssh["pull_image"]
     seen = []
     from launcher.ssh_transport import Result
 
@@ -231,7 +231,7 @@ def test_ssh_uses_the_given_image_and_pulls_it(tmp_path, monkeypatch):
         return Result(0, "", "")
 
     monkeypatch.setattr(ssh, "ssh_run", record)
-    for opts, verb in ((plan.options["ssh"], "docker pull -q"), (plain.options["ssh"], "docker build -q")):
+    for opts, verb in ((plan.options.ssh, "docker pull -q"), (plain.options.ssh, "docker build -q")):
         ssh.SshBackend("ssh://me@host", **opts)._docker_image(None, "/base")
         assert verb in seen[-1] and opts["image"] in seen[-1], seen[-1]
 
@@ -247,5 +247,5 @@ def test_a_config_image_is_not_claimed_by_a_local_run(tmp_path):
     cfg.write_text(yaml.safe_dump(doc))
     p = argparse.ArgumentParser()
     up.add_arguments(p)
-    assert up.resolve(p.parse_args(["--infra", "local", "--config", str(cfg)])).options["image"] is None
-    assert up.resolve(p.parse_args(["--gpu", "A100:1", "--config", str(cfg)])).options["image"] == REF
+    assert up.resolve(p.parse_args(["--infra", "local", "--config", str(cfg)])).options.image is None
+    assert up.resolve(p.parse_args(["--gpu", "A100:1", "--config", str(cfg)])).options.image == REF

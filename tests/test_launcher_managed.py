@@ -178,9 +178,11 @@ def test_the_real_sdk_takes_the_managed_task_with_its_bucket_mount_and_recovery(
 
     from contracts.config import load_config
     from launcher import task as tasklib
+    from launcher.registry import RunOptions
 
     run = SimpleNamespace(id="r1", name="paper", config=load_config(REPO / "configs" / "paper.yaml").to_dict(),
-                          options={"eval": True, "deadline_s": 3600, "managed_job": True, "bucket": "s3://my-bucket"})
+                          options=RunOptions(deadline_s=3600, managed_job=True))
+    run.config["storage"]["bucket"] = "s3://my-bucket"
     task = sky.Task.from_yaml_config(tasklib.render(run, gpu="A100:1", spot=True))
     storage = task.storage_mounts["/socrates-bucket"]
     res = list(task.resources)[0]
@@ -311,13 +313,14 @@ def test_the_bucket_made_for_a_run_is_on_its_clouds_store(cloud, url):
 
     from contracts.config import load_config
     from launcher import task as tasklib
-    from launcher.backends.managed import bucket_url_for
+    from launcher.bucket import url_for_run as bucket_url_for
+    from launcher.registry import RunOptions
 
     run = SimpleNamespace(id="r1", name="paper", config=load_config(REPO / "configs" / "paper.yaml").to_dict(),
-                          options={"eval": True, "deadline_s": 3600, "managed_job": True, "cloud": cloud})
+                          options=RunOptions(deadline_s=3600, managed_job=True, cloud=cloud))
     url = f"{url}-{hashlib.sha256(b'r1').hexdigest()[:8]}"  # the name carries a hash of the whole run id
     assert bucket_url_for(run) == url
     task = tasklib.render(run, gpu="A100:1", spot=True)
     assert task["envs"]["SOCRATES_BUCKET"] == url and url in json.dumps(task["file_mounts"])
-    run.options["bucket"] = "s3://mine/team/"
+    run.config["storage"]["bucket"] = "s3://mine/team/"
     assert bucket_url_for(run) == "s3://mine/team"

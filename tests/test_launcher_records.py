@@ -36,6 +36,7 @@ DAMAGE = [
     ({"infra": "bogus"}, "infra 'bogus' is not a known infrastructure"),
     ({"exit_code": "1"}, "exit_code '1'"),
     ({"backend_state": []}, "backend_state [] is not an object"),
+    ({"options": {"nodes": "two"}}, "options"),  # each run option of its type (registry.RunOptions)
 ]
 
 

@@ -48,9 +48,10 @@ def managed_task(bucket: Path, deadline_s: int = 0) -> dict:
     workdir a staged folder beside it, as `up` stages runs/<id>/code."""
     from launcher import stage
     from launcher import task as tasklib
+    from launcher.registry import RunOptions
 
     cfg = load_config_from(TINY)
-    run = SimpleNamespace(id=RUN, name="tiny-managed", config=cfg, options={"deadline_s": deadline_s})
+    run = SimpleNamespace(id=RUN, name="tiny-managed", config=cfg, options=RunOptions(deadline_s=deadline_s))
     code = bucket.parent / "code"
     staged = code if code.is_dir() else stage.build(code).path
     return tasklib.render(run, gpu=None, managed=True, bucket_url=f"file://{bucket}", workdir=staged)

@@ -121,7 +121,7 @@ def _run(options: dict | None = None, storage: dict | None = None) -> registry.R
     return registry.Run(id=RUN_ID, dir="/nonexistent", config=cfg, options={"eval": True, **(options or {})})
 
 
-def test_job_recovery_comes_from_flags_then_the_config_then_the_defaults():
+def test_job_recovery_comes_from_the_config_then_the_defaults():
     conf = tasklib.render(_run(), gpu="A100:1", managed=True, bucket_url="r2://socrates-x/team")
     assert conf["resources"]["job_recovery"] == {"strategy": tasklib.DEFAULT_JOB_RECOVERY,
                                                  "max_restarts_on_errors": tasklib.DEFAULT_MAX_RESTARTS_ON_ERRORS}
@@ -130,10 +130,6 @@ def test_job_recovery_comes_from_flags_then_the_config_then_the_defaults():
     run = _run(storage={"job_recovery": "FAILOVER", "max_restarts_on_errors": 2})
     conf = tasklib.render(run, gpu="A100:1", managed=True, bucket_url="s3://socrates-x")
     assert conf["resources"]["job_recovery"] == {"strategy": "FAILOVER", "max_restarts_on_errors": 2}
-    run = _run(options={"job_recovery": "eager_next_region", "max_restarts_on_errors": 0},
-               storage={"job_recovery": "FAILOVER", "max_restarts_on_errors": 2})
-    conf = tasklib.render(run, gpu="A100:1", managed=True, bucket_url="s3://socrates-x")
-    assert conf["resources"]["job_recovery"] == {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
 
 
 def test_an_unmanaged_task_has_no_mount_and_the_template_is_unchanged():
@@ -154,13 +150,13 @@ def test_bad_managed_inputs_are_one_line(kw, bad):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("options,bad", [
+@pytest.mark.parametrize("storage,bad", [
     ({"job_recovery": "SOMETIMES"}, "SOMETIMES"),
     ({"max_restarts_on_errors": -1}, "-1"),
 ])
-def test_bad_recovery_options_are_one_line(options, bad):
+def test_bad_recovery_settings_in_a_record_are_one_line(storage, bad):
     with pytest.raises(ContractError, match=bad):
-        tasklib.render(_run(options=options), gpu="A100:1", managed=True, bucket_url="s3://socrates-x")
+        tasklib.render(_run(storage=storage), gpu="A100:1", managed=True, bucket_url="s3://socrates-x")
 
 
 @pytest.mark.parametrize("storage,bad", [

@@ -138,7 +138,7 @@ def _ssh(files: dict[str, bytes], alive: bool):
     backend._sftp_client = lambda: sftp
     backend._alive = lambda run_id: alive  # the host's answer to "does a process carry this run's id"
     sftp = _Sftp(files)
-    run = SimpleNamespace(id="r-1", backend_state={"log": "/w/job.log", "work": "/w", "pgid": 7})
+    run = SimpleNamespace(id="r-1", backend_state={"log": "/w/job.log", "work": "/w", "pgid": 7}, save=lambda: None)
     return backend, run
 
 

@@ -1,9 +1,8 @@
-"""Backends (local, sky, ssh) implement `launcher.backends.base.Backend`; verbs don't know which.
+"""Backends (local, sky, managed, ssh) implement `launcher.backends.base.Backend`; verbs don't know which.
 
-`get_backend(infra)` maps `--infra` (local | sky | ssh://user@host[:port]) to one, importing only
-that backend's module (the sky backend imports SkyPilot lazily, the ssh one paramiko). Which class
-serves a run is `kind_of(infra, options)`; a backend's own options (from the plan) are
-`options[kind]`. A new backend is one more row in BACKENDS (and a line in `kind_of`).
+`for_plan(infra, options)` maps `--infra` (local | sky | ssh://user@host[:port]) and the run's
+options to one, importing only that backend's module (the sky backends import SkyPilot lazily, the
+ssh one paramiko). A new backend is one more row in BACKENDS (and a line in `kind_of`).
 """
 from __future__ import annotations
 
@@ -11,8 +10,8 @@ import importlib
 from typing import Any
 
 from contracts.errors import ContractError
+from launcher.registry import Damaged, Run, RunOptions, check_infra
 
-INFRAS = "local | sky | ssh://user@host[:port]"
 # kind -> "module:Class", imported only when that kind is used.
 BACKENDS: dict[str, str] = {
     "local": "launcher.backends.local:LocalBackend",
@@ -22,22 +21,10 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def known_infra(infra: str) -> bool:
-    """Whether `infra` names a backend."""
-    return infra in ("local", "sky") or (infra.startswith("ssh://") and len(infra) > len("ssh://"))
-
-
-def check_infra(infra: str) -> str:
-    """`infra` if it names a backend, else ContractError (exit 2, before anything is created)."""
-    if known_infra(infra):
-        return infra
-    raise ContractError(f"--infra {infra!r}: unknown infrastructure (accepted: {INFRAS})")
-
-
-def kind_of(infra: str, options: dict | None = None) -> str:
-    """Which backend serves `infra` (and the run's options): a key of BACKENDS."""
+def kind_of(infra: str, options: RunOptions) -> str:
+    """Which backend serves `infra` with these options: a key of BACKENDS."""
     check_infra(infra)
-    if infra == "sky" and (options or {}).get("managed_job"):
+    if infra == "sky" and options.managed_job:
         return "managed"
     return "ssh" if infra.startswith("ssh://") else infra
 
@@ -47,22 +34,16 @@ def backend_class(kind: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def get_backend(infra: str, options: dict | None = None, **opts: Any):
-    """The backend for `infra`; `opts` are its own options (none: restored from the run record)."""
-    cls = backend_class(kind_of(infra, options))
-    return cls(infra, **opts) if infra.startswith("ssh://") else cls(**opts)
+def for_plan(infra: str, options: RunOptions, own: dict | None = None):
+    """The backend a new run launches on, with its own options from the plan (ssh's: `options.ssh`)."""
+    cls, own = backend_class(kind_of(infra, options)), options.ssh if own is None else own
+    return cls(infra, **(own or {})) if infra.startswith("ssh://") else cls()
 
 
-def for_plan(infra: str, options: dict):
-    """The backend a new run launches on: its own options are the plan's `options[kind]`."""
-    kind = kind_of(infra, options)
-    return get_backend(infra, options, **dict(options.get(kind) or {}))
-
-
-def for_run(run: Any):
+def for_run(run: Run):
     """The backend of a recorded run, picking it up from run.json (nothing a record must not decide,
-    such as a command to run, is taken from it)."""
-    return get_backend(run.infra, run.options)
+    such as a command to run, is taken from it: without own options, ssh restores them from its record)."""
+    return for_plan(run.infra, run.options, own={})
 
 
 def end_by_hand(handles: Any) -> str | None:
@@ -77,3 +58,9 @@ def end_by_hand(handles: Any) -> str | None:
         if hint:
             return hint
     return None
+
+
+def damage_line(record: Damaged) -> str:
+    """A damaged record's line, with what ends its machine by hand where its handles say."""
+    by_hand = end_by_hand(record.handles)
+    return f"{record.error} ({by_hand})" if by_hand else record.error

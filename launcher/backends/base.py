@@ -1,4 +1,4 @@
-"""The one small interface every backend (local, sky, ssh) implements. Verbs see only this.
+"""The one small interface every backend (local, sky, managed, ssh) implements. Verbs see only this.
 
 The lifecycle a verb drives, whatever the backend:
 
@@ -8,10 +8,11 @@ The lifecycle a verb drives, whatever the backend:
     backend.down(run)              end everything that costs money; idempotent, safe to repeat
 
 launcher/lifecycle.py drives these (with the signal handling and salvage rules); the verbs call
-the lifecycle and the optional methods below, never a concrete backend. A new backend is one more
-subclass, a row in launcher/backends/__init__.py's BACKENDS and, when it serves an --infra another
-backend serves (managed jobs on sky), a line in its `kind_of` (the run's options choose); its own
-options travel in the plan as `options[kind]`. No verb, and nothing in lifecycle.py, changes.
+the lifecycle and the optional methods below, never a concrete backend. A backend whose results
+outlive its machine (a managed run's bucket) is also an `Outlives`: callers ask `outliving(backend)` before
+using what only it has. A new backend is one more subclass, a row in launcher/backends/__init__.py's
+BACKENDS and, when it serves an --infra another backend serves (managed jobs on sky), a line in its
+`kind_of` (the run's options choose). No verb, and nothing in lifecycle.py, changes.
 
 `run` is the run's registry record (launcher.registry); a backend writes the handles it needs
 to find its machine again (cluster name, request id, pid, remote dir) into `run.backend_state`
@@ -25,6 +26,10 @@ import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable
+
+from contracts.config import RunConfig
+from contracts.errors import ContractError
+from launcher.registry import Run
 
 EventCallback = Callable[[dict], None]
 
@@ -93,7 +98,7 @@ class Backend(ABC):
 
     # --- before a run exists --------------------------------------------------------------
 
-    def preflight(self, cfg: Any) -> None:
+    def preflight(self, cfg: RunConfig) -> None:
         """Checks that need the infrastructure (credentials, host key, disk), before a run exists:
         ContractError (exit 2, one line) refuses. Default: nothing to check."""
 
@@ -106,77 +111,52 @@ class Backend(ABC):
     # --- the lifecycle -------------------------------------------------------------------
 
     @abstractmethod
-    def launch(self, run: Any) -> None:
+    def launch(self, run: Run) -> None:
         """Provision, sync and start the job detached (autodown/deadline armed remotely)."""
 
     @abstractmethod
-    def follow(self, run: Any, on_event: EventCallback) -> int:
+    def follow(self, run: Run, on_event: EventCallback) -> int:
         """Deliver each new job event once, in order, reconnecting as needed; return the job's exit code."""
 
-    def log_lines(self, run: Any) -> list[str]:
+    def log_lines(self, run: Run) -> list[str]:
         """The job's output as lines, for runs/<id>/job.log (the lifecycle writes it, redacted). Empty:
         nothing to add (e.g. `follow` already writes job.log itself)."""
         return []
 
     @abstractmethod
-    def download(self, run: Any, dest: Path) -> None:
+    def download(self, run: Run, dest: Path) -> None:
         """Copy the job's output folder into `dest` (verification is the caller's)."""
 
-    # --- a full fine-tune's weights left where they are (`up --weights leave`) ----------------
-
-    WEIGHTS_OUTLIVE: str | None = None
-    """Where a full fine-tune's weights outlive the machine on this backend (words for the plan and the
-    refusal), or None: `up --weights leave` is refused (exit 2), the machine and the weights end together."""
-
-    def download_leaving(self, run: Any, dest: Path, leave: Callable[[str], bool]) -> str:
-        """`download`, except the manifest entries `leave(path)` is true for: they stay where they are,
-        checked present (with the manifest's size) where the backend can list them. Returns where they
-        are (a URL or path for run.json and `download`). Only called where WEIGHTS_OUTLIVE is set."""
-        raise NotImplementedError(f"{self.name}: the weights cannot be left behind")
-
     @abstractmethod
-    def down(self, run: Any) -> None:
+    def down(self, run: Run) -> None:
         """Stop the job and release the machine. Idempotent: a second call is a no-op."""
 
-    def detach(self, run: Any) -> str:
+    def detach(self, run: Run) -> str:
         """The launcher stops following; the job runs on. Release what this process holds (connections)
         and return what ends the machine now (a sentence for the user)."""
         return "nothing ends it or pulls results back until you run `logs` or `down`."
 
-    def set_on_teardown(self, run: Any, command: str) -> None:
+    def set_on_teardown(self, run: Run, command: str) -> None:
         """`down --on-teardown CMD`: a local command to run once the job is ended. Refused (exit 2) by a
         backend that has no such hook."""
-        from contracts.errors import ContractError
-
         raise ContractError(f"--on-teardown: only for ssh runs (run {run.id} is on {run.infra})")
-
-    def set_delete_bucket(self, run: Any) -> None:
-        """`down --delete-bucket`: delete the run's bucket even though nothing was verified here. Refused
-        (exit 2) by a backend that keeps no bucket."""
-        from contracts.errors import ContractError
-
-        raise ContractError(f"--delete-bucket: only for managed runs (--spot/--managed); run {run.id} has no bucket")
-
-    def bucket_left(self, run: Any) -> str | None:
-        """After `down`: what it left that still bills (a kept bucket) and how to delete it; None: nothing."""
-        return None
 
     # --- finding the machine again (from run.json, after the launcher was killed) ---------
 
     @abstractmethod
-    def machine_state(self, run: Any) -> str:
+    def machine_state(self, run: Run) -> str:
         """What really exists now: 'up', 'gone' or 'unknown' (used by `status` to reconcile)."""
 
-    def job_running(self, run: Any) -> bool | None:
+    def job_running(self, run: Run) -> bool | None:
         """Whether the run's job is still running, asked of the machine (not the record); None: unknown."""
         return None
 
-    def launch_submitted(self, run: Any) -> bool:
+    def launch_submitted(self, run: Run) -> bool:
         """Whether the record shows the launch got far enough that the job runs or will run (a request
         id, a pid): a run still recorded `provisioning` is then re-attached by `logs`."""
         return False
 
-    def handles(self, run: Any) -> dict:
+    def handles(self, run: Run) -> dict:
         """The handles this backend saved in run.json to find the machine again (cluster name, request
         id, pid, remote folder: the HANDLES keys of backend_state), for `status` to show; those set."""
         return {k: run.backend_state[k] for k in self.HANDLES if run.backend_state.get(k) is not None}
@@ -187,8 +167,34 @@ class Backend(ABC):
         (backend_state as read), or None when this backend's handles are not there."""
         return None
 
-    def left_up_ends_by(self, run: Any) -> str | None:
+    def left_up_ends_by(self, run: Run) -> str | None:
         """If the results could not be pulled after the job ended, leaving the machine up keeps them
         reachable. What then ends it (a sentence), or None when nothing would and it would bill: then
         it is torn down (money first)."""
         return None
+
+
+class Outlives(ABC):
+    """A backend whose results outlive the machine (a managed run's bucket): a full fine-tune's weights
+    can stay there (`up --weights leave`), and `down` keeps or deletes it. Only such a backend is asked."""
+
+    WEIGHTS_OUTLIVE: str
+    """Where the weights outlive the machine (words for the plan)."""
+
+    @abstractmethod
+    def download_leaving(self, run: Run, dest: Path, leave: Callable[[str], bool]) -> str:
+        """`download`, except the manifest entries `leave(path)` is true for: they stay where they are,
+        checked present (with the manifest's size). Returns where they are (for run.json and `download`)."""
+
+    @abstractmethod
+    def set_delete_bucket(self, run: Run) -> None:
+        """`down --delete-bucket`: delete the run's bucket even though nothing was verified here."""
+
+    @abstractmethod
+    def bucket_left(self, run: Run) -> str | None:
+        """After `down`: what it left that still bills (a kept bucket) and how to delete it; None: nothing."""
+
+
+def outliving(backend: Backend) -> Outlives | None:
+    """`backend` where its results outlive the machine (`Outlives`), else None: how callers ask."""
+    return backend if isinstance(backend, Outlives) else None

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from contracts import remote
 from contracts.events import EventReader
@@ -22,6 +21,7 @@ from contracts.manifest import data_files
 from launcher import stage as stagelib
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback
+from launcher.registry import Run
 
 OWNER_FILE = ".socrates-run"
 EXIT_FILE = "exit_code"
@@ -40,7 +40,7 @@ class LocalBackend(Backend):
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def launch(self, run: Any) -> None:
+    def launch(self, run: Run) -> None:
         workdir = Path(tempfile.mkdtemp(prefix=f"socrates-{run.id}-"))
         (workdir / OWNER_FILE).write_text(run.id, encoding="utf-8")  # `down` deletes only a folder that says so
         # Saved before anything runs, so `down` can always find and remove it.
@@ -72,7 +72,7 @@ class LocalBackend(Backend):
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         run.update(backend_state={**run.backend_state, "pid": proc.pid, "pgid": proc.pid})
 
-    def follow(self, run: Any, on_event: EventCallback) -> int:
+    def follow(self, run: Run, on_event: EventCallback) -> int:
         workdir = Path(run.backend_state["workdir"])
         reader = EventReader(workdir / LOG_FILE)
         odd = None  # an exit_code file that holds no exit status: not the end (the wrapper writes the real one)
@@ -94,7 +94,7 @@ class LocalBackend(Backend):
                 raise BackendError("running", f"the job's process group is gone and {left} ({workdir})")
             time.sleep(self.poll_s)
 
-    def log_lines(self, run: Any, max_bytes: int = 1 << 20) -> list[str]:
+    def log_lines(self, run: Run, max_bytes: int = 1 << 20) -> list[str]:
         """The job's output (its last MiB: a job that printed gigabytes costs a MiB here)."""
         path = Path(run.backend_state.get("workdir", "/nonexistent")) / LOG_FILE
         try:
@@ -105,13 +105,13 @@ class LocalBackend(Backend):
             return []
         return data.decode("utf-8", errors="replace").splitlines()
 
-    def download(self, run: Any, dest: Path) -> None:
+    def download(self, run: Run, dest: Path) -> None:
         src = Path(run.backend_state.get("workdir", "/nonexistent")) / "out"
         if src.is_symlink() or not src.is_dir():
             raise BackendError("downloading", f"{src}: the job left no output folder")
         _copy_out(src, Path(dest), skip=("checkpoints",))
 
-    def down(self, run: Any) -> None:
+    def down(self, run: Run) -> None:
         """Kill the job's process group and delete its folder, each only if it is this run's (run.json is
         not the authority: a pid is reused, a record can be edited)."""
         pgid = run.backend_state.get("pgid")
@@ -124,16 +124,16 @@ class LocalBackend(Backend):
                                            f"folder in {tempfile.gettempdir()} holding {OWNER_FILE}): not deleted")
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def left_up_ends_by(self, run: Any) -> str | None:
+    def left_up_ends_by(self, run: Run) -> str | None:
         return "it is a folder on this machine (nothing is billed) and stays until `down`"
 
-    def machine_state(self, run: Any) -> str:
+    def machine_state(self, run: Run) -> str:
         workdir = run.backend_state.get("workdir")
         if _alive(run.backend_state.get("pgid")) or (workdir and Path(workdir).exists()):
             return "up"
         return "gone"
 
-    def launch_submitted(self, run: Any) -> bool:
+    def launch_submitted(self, run: Run) -> bool:
         return bool(run.backend_state.get("pid"))
 
 
@@ -182,20 +182,34 @@ def _own_workdir(workdir: Path, run_id: str) -> bool:
         return False
 
 
-def _group_of_run(pgid: int, run_id: str) -> bool:
-    """Whether a live process of group `pgid` carries SOCRATES_RUN_ID=<run_id> in its environment."""
+def _members(pgid: int) -> list[Path] | None:
+    """The /proc folders of the live (non-zombie) processes in group `pgid`; None where there is no /proc
+    (macOS). Zombies, unreaped by an absent parent, don't count."""
     proc = Path("/proc")
-    if not proc.is_dir():  # no /proc (macOS): the group's identity can't be read; the record is all there is
-        return True
-    want = f"SOCRATES_RUN_ID={run_id}".encode()
+    if not proc.is_dir():
+        return None
+    found = []
     for stat in proc.glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            if fields[0] == "Z" or int(fields[2]) != pgid:
-                continue
-            if want in (stat.parent / "environ").read_bytes().split(b"\0"):
-                return True
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                found.append(stat.parent)
         except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _group_of_run(pgid: int, run_id: str) -> bool:
+    """Whether a live process of group `pgid` carries SOCRATES_RUN_ID=<run_id> in its environment."""
+    members = _members(pgid)
+    if members is None:  # the group's identity can't be read; the record is all there is
+        return True
+    want = f"SOCRATES_RUN_ID={run_id}".encode()
+    for member in members:
+        try:
+            if want in (member / "environ").read_bytes().split(b"\0"):
+                return True
+        except OSError:
             continue
     return False
 
@@ -210,26 +224,8 @@ def _alive(pgid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return _group_has_members(pgid)
-
-
-def _group_has_members(pgid: int) -> bool:
-    """Reads /proc where there is one: zombies (unreaped by an absent parent) don't count."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+    members = _members(pgid)
+    return members is None or bool(members)  # without /proc, killpg's answer is all there is
 
 
 def _kill_group(pgid: int, grace_s: float = 5.0) -> None:
@@ -244,7 +240,7 @@ def _kill_group(pgid: int, grace_s: float = 5.0) -> None:
             os.waitpid(pgid, os.WNOHANG)  # reap our own child, if it is ours
         except ChildProcessError:
             pass
-        if not _group_has_members(pgid):
+        if not _alive(pgid):
             return
         time.sleep(0.1)
     try:

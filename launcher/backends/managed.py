@@ -19,64 +19,37 @@ import re
 import secrets as secrets_lib
 import time
 from pathlib import Path
-from typing import Any
 
 from contracts.errors import ContractError
-from contracts.events import parse_line
+from contracts.events import parse_line, read_record
 from contracts.remote import is_int
-from launcher import stage as stagelib
-from launcher import task as tasklib
-from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, reconnect_policy
-from launcher.backends.sky import _phase_of, load_adapter
-from launcher.secrets import collect as collect_secrets
+from launcher.backends.base import BackendError, EventCallback, Outlives
+from launcher.backends.sky import SkyPilotBackend, failed
+from launcher.bucket import PARTIAL_DIR, Bucket, default_url, given_bucket, parse_url, url_for_run
+from launcher.registry import Run
 from launcher.secrets import redact
+from launcher.sky_adapter import LaunchRequestFailed
 
 # ManagedJobStatus names (sky.jobs.ManagedJobStatus) by what they mean here.
 LIVE = ("PENDING", "DEPRECATED_SUBMITTED", "STARTING", "RUNNING", "RECOVERING", "CANCELLING", "WINDING_DOWN")
 SUCCEEDED = "SUCCEEDED"
-DEFAULT_STORE = "s3"
-STORE_FOR_CLOUD = {"gcp": "gs"}  # a bucket made for a run lives with its cloud (--cloud); else S3
 
 
 def job_name_for(run_id: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"socrates-{run_id}".lower()).strip("-")[:60].rstrip("-")
 
 
-def bucket_url_for(run: Any) -> str:
-    """The run's bucket: --bucket URL (or the config's storage.bucket), where the run writes under
-    `<run id>/`; else a bucket named after the run, made for it on --cloud's store (gcp: gs://, any
-    other or none: s3://)."""
-    from launcher.bucket import default_url
-
-    store = STORE_FOR_CLOUD.get(str(run.options.get("cloud") or "").lower(), DEFAULT_STORE)
-    return (run.options.get("bucket") or "").rstrip("/") or default_url(run.id, store)
-
-
-class ManagedBackend(Backend):
+class ManagedBackend(SkyPilotBackend, Outlives):
     name = "managed"
     HANDLES = ("job_name", "request_id", "job_id", "bucket")
     delete_bucket = False  # `down --delete-bucket`: delete it even though nothing was verified here
 
-    def __init__(self, adapter: Any = None, reconnect: tuple[float, float, float] | None = None):
-        self.adapter = adapter if adapter is not None else load_adapter()
-        self.reconnect_wait_s, self.reconnect_max_wait_s, self.reconnect_window_s = reconnect or reconnect_policy()
-
-    # --- before a run exists --------------------------------------------------------------
-
-    def preflight(self, cfg: Any) -> None:
-        from launcher.sky_adapter import NO_CLOUD
-
-        if not self.adapter.enabled_clouds():
-            raise ContractError(NO_CLOUD)
-
     # --- the lifecycle -------------------------------------------------------------------
 
-    def launch(self, run: Any) -> None:
-        from launcher.bucket import Bucket
-
-        url = bucket_url_for(run)
+    def launch(self, run: Run) -> None:
+        url = url_for_run(run)
         name = job_name_for(run.id)
-        make = not run.options.get("bucket")
+        make = not given_bucket(run)
         try:
             bucket = Bucket.from_url(url)
             # A bucket to be made for the run that is there already is someone's: `down` would delete it.
@@ -102,42 +75,14 @@ class ManagedBackend(Backend):
             raise
         except Exception as e:  # noqa: BLE001
             raise BackendError("provisioning", redact(f"could not create the bucket {url}: {type(e).__name__}: {e}")) from None
-        secrets = collect_secrets()
-        task = tasklib.render(run, gpu=run.gpu, cloud=run.options.get("cloud"), spot=run.options.get("spot", False),
-                              data_path=tasklib.local_data(run.config), secret_names=tuple(secrets),
-                              managed=True, bucket_url=url, workdir=stagelib.for_run(run).path)
-        (run.dir / "task.yaml").write_text(tasklib.to_yaml(task), encoding="utf-8")
-        launch_log = run.dir / "launch.log"
+        self._submit(run, lambda task, secrets, on_request_id: self.adapter.jobs_launch(
+            task, name, secrets, on_request_id=on_request_id), bucket_url=url)
 
-        def log(line: str) -> None:
-            with open(launch_log, "a", encoding="utf-8") as f:
-                f.write(redact(line) + "\n")
-
-        if hasattr(self.adapter, "log"):
-            self.adapter.log = log
-        try:
-            job_id = self.adapter.jobs_launch(
-                task, name, secrets,
-                on_request_id=lambda rid: run.update(backend_state={**run.backend_state, "request_id": rid}))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise BackendError(getattr(e, "phase", None) or _phase_of(e), redact(f"{type(e).__name__}: {e}")) from None
-        run.update(backend_state={**run.backend_state, "job_id": job_id})
-
-    def _job_id(self, run: Any) -> int | None:
-        job_id = run.backend_state.get("job_id")
-        if job_id is None and run.backend_state.get("request_id"):
-            try:  # a launcher killed before the job id came back
-                job_id = self.adapter.wait_jobs_launch(run.backend_state["request_id"])
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise BackendError(_phase_of(e), redact(f"{type(e).__name__}: {e}")) from None
-            run.update(backend_state={**run.backend_state, "job_id": job_id})
+    def _job_id(self, run: Run) -> int | None:
+        job_id = self._launched_job(run, lambda request: self.adapter.wait_jobs_launch(request))
         return int(job_id) if isinstance(job_id, int) or (isinstance(job_id, str) and job_id.isdigit()) else None
 
-    def _record(self, run: Any, refresh: bool = False) -> dict | None:
+    def _record(self, run: Run, refresh: bool = False) -> dict | None:
         job_id = self._job_id(run)
         if job_id is None:
             return None
@@ -148,7 +93,7 @@ class ManagedBackend(Backend):
                 run.update(backend_state={**run.backend_state, "recoveries": recoveries, "job_status": rec.get("status")})
         return rec
 
-    def follow(self, run: Any, on_event: EventCallback) -> int:
+    def follow(self, run: Run, on_event: EventCallback) -> int:
         """Every job event once, in order, across relaunches and re-attaches.
 
         SkyPilot's managed-job log follows the job onto each new machine, but a reconnect starts at the
@@ -161,8 +106,6 @@ class ManagedBackend(Backend):
             raise BackendError("provisioning", "the managed job was never submitted (no request id)")
         seen: set[tuple] = set()
         if run.events_path.is_file():
-            from contracts.events import read_record
-
             for ev in read_record(run.events_path):
                 if ev.get("event") != "phase":
                     seen.add(_key(ev))
@@ -201,7 +144,7 @@ class ManagedBackend(Backend):
                 if rec is None:
                     raise BackendError("running", f"managed job {job_id} is not known to SkyPilot's controller")
                 error = "the log stream ended while the job was still running"
-            except (KeyboardInterrupt, BackendError):
+            except BackendError:
                 raise
             except Exception as e:  # noqa: BLE001  (a dropped stream is retried, whatever raised it)
                 error = f"{type(e).__name__}: {e}"
@@ -211,55 +154,41 @@ class ManagedBackend(Backend):
                 if now > recoveries:
                     recoveries = now
                     self.on_phase("recovering", f"SkyPilot relaunched the job ({now} recover{'y' if now == 1 else 'ies'})")
-            except KeyboardInterrupt:
-                raise
             except Exception:  # noqa: BLE001  (an unreachable controller during an outage is no answer)
                 pass
             failures += 1
             lost_since = lost_since or time.time()
-            lost_for = time.time() - lost_since
-            if lost_for >= self.reconnect_window_s:
-                raise StreamLost("running", redact(f"lost the managed job's log stream for {lost_for:.0f} s "
-                                                   f"({failures} tries; last: {error})"))
-            self.on_phase("reconnecting", redact(error))
-            time.sleep(min(self.reconnect_wait_s * 2 ** min(failures - 1, 16), self.reconnect_max_wait_s,
-                           max(0.0, self.reconnect_window_s - lost_for)))
+            self._lost(failures, lost_since, error, "the managed job's log stream")
 
-    def download(self, run: Any, dest: Path) -> None:
+    def download(self, run: Run, dest: Path) -> None:
         """The job's out/ from the bucket (checkpoints left there); the caller verifies it."""
         self._pull(run, dest)
 
     WEIGHTS_OUTLIVE = "the run's bucket (kept after the download)"
 
-    def download_leaving(self, run: Any, dest: Path, leave) -> str:
+    def download_leaving(self, run: Run, dest: Path, leave) -> str:
         """out/ from the bucket except the weights `leave` names: the bucket's listing is checked for them
         (present, the manifest's size); they stay in it, and the bucket is kept (plan: --weights leave)."""
         bucket = self._pull(run, dest, leave)
         return f"{bucket.mount_source}/{bucket.out_prefix(run.id)}model/"
 
-    def _pull(self, run: Any, dest: Path, leave=None):
-        from launcher.bucket import PARTIAL_DIR, Bucket
-
+    def _pull(self, run: Run, dest: Path, leave=None) -> Bucket:
         try:
             bucket = Bucket.from_url(run.backend_state["bucket"])
             # The resume folder lives beside the staging folder the caller wipes before each attempt
             # (runs/<id>/.bucket-partial, a reserved name): a retried or later download resumes there.
             bucket.download(bucket.out_prefix(run.id), dest, leave=leave, partial_dir=Path(run.dir) / PARTIAL_DIR)
-        except KeyboardInterrupt:
-            raise
         except Exception as e:  # noqa: BLE001
-            raise BackendError("downloading", redact(f"{type(e).__name__}: {e}")) from None
+            raise failed(e, "downloading") from None
         return bucket
 
-    def down(self, run: Any) -> None:
+    def down(self, run: Run) -> None:
         """Cancel the managed job (SkyPilot's controller ends its machine). The bucket is deleted once
         the results were verified here, unless --keep-bucket; before that it is the only copy and
         stays (status and `down` say where)."""
         job_id = None
         if (run.backend_state.get("request_id") or run.backend_state.get("job_id")) \
                 and not run.backend_state.get("launch_failed"):
-            from launcher.sky_adapter import LaunchRequestFailed
-
             try:
                 job_id = self._job_id(run)
             except BackendError as e:
@@ -279,9 +208,7 @@ class ManagedBackend(Backend):
         url = run.backend_state.get("bucket")
         if not url or run.backend_state.get("bucket_deleted"):
             return
-        if self.delete_bucket or (run.verified and not run.options.get("keep_bucket") and not run.weights_left):
-            from launcher.bucket import Bucket
-
+        if self.delete_bucket or (run.verified and not _kept(run) and not run.weights_left):
             # The bucket made for the run goes (once its owner marker says it is this run's); of any other
             # bucket, only the run's folder.
             bucket = Bucket.from_url(_deletable(run))
@@ -295,34 +222,34 @@ class ManagedBackend(Backend):
         else:
             run.update(backend_state={**run.backend_state, "bucket_kept": True})
 
-    def set_delete_bucket(self, run: Any) -> None:
+    def set_delete_bucket(self, run: Run) -> None:
         self.delete_bucket = True
 
-    def bucket_left(self, run: Any) -> str | None:
+    def bucket_left(self, run: Run) -> str | None:
         """What `down` prints when the run's bucket (or its folder in a bucket the user gave) stays:
         where it is, why, and the command that deletes it (it bills storage until then)."""
         url = run.backend_state.get("bucket")
         if not url or run.backend_state.get("bucket_deleted") or not run.backend_state.get("bucket_kept"):
             return None
         where = _deletable(run) + ("" if _made_for(run) else "/")
-        why = ("--keep-bucket" if run.options.get("keep_bucket") and run.verified else
+        why = ("--keep-bucket" if _kept(run) and run.verified else
                "nothing was downloaded and verified here: it may hold the only copy of the run's results")
         return (f"the bucket {where} is KEPT ({why}); it bills storage until deleted. "
                 f"Pull the results: socrates-launch download {run.id}. "
                 f"Delete it: socrates-launch down {run.id} --delete-bucket")
 
-    def detach(self, run: Any) -> str:
+    def detach(self, run: Run) -> str:
         return ("SkyPilot's managed-jobs controller keeps it running, relaunches it after a preemption and ends "
                 f"its machine when it ends; its results stay in {run.backend_state.get('bucket')} for `logs` or "
                 "`download` to pull back.")
 
-    def left_up_ends_by(self, run: Any) -> str | None:
+    def left_up_ends_by(self, run: Run) -> str | None:
         return (f"the managed job has ended its machine; its results stay in the bucket "
                 f"{run.backend_state.get('bucket')} until they are downloaded")
 
     # --- finding it again (from run.json, after the launcher was killed) ---------------------
 
-    def machine_state(self, run: Any) -> str:
+    def machine_state(self, run: Run) -> str:
         """'up' while the managed job is live (a machine bills or will), and while its results wait in
         the bucket to be pulled back (the job succeeded, nothing verified here yet, the bucket kept);
         'gone' otherwise."""
@@ -336,19 +263,14 @@ class ManagedBackend(Backend):
             return "up"  # (also after `down` kept the bucket: `download`/`logs` still pull from it)
         return "gone"
 
-    def job_running(self, run: Any) -> bool | None:
+    def job_running(self, run: Run) -> bool | None:
         try:
             rec = self._record(run)
-        except KeyboardInterrupt:
-            raise
         except Exception:  # noqa: BLE001
             return None
         return None if rec is None else rec.get("status") in LIVE
 
-    def launch_submitted(self, run: Any) -> bool:
-        return bool(run.backend_state.get("request_id"))
-
-    def handles(self, run: Any) -> dict:
+    def handles(self, run: Run) -> dict:
         """What status shows: the managed job, its state and recovery count, the bucket."""
         shown = {k: run.backend_state[k] for k in ("job_id", "bucket") if run.backend_state.get(k) is not None}
         try:
@@ -373,11 +295,9 @@ class ManagedBackend(Backend):
         return None
 
 
-def _made_for(run: Any) -> bool:
+def _made_for(run: Run) -> bool:
     """The record's bucket counts as made for the run only when it is the name the launcher gives
     one (`socrates-<run id>`): an edited run.json naming any other bucket never gets it deleted whole."""
-    from launcher.bucket import default_url, parse_url
-
     url = (run.backend_state.get("bucket") or "").rstrip("/")
     if not run.backend_state.get("bucket_made"):
         return False
@@ -387,7 +307,12 @@ def _made_for(run: Any) -> bool:
         return False
 
 
-def _deletable(run: Any) -> str:
+def _kept(run: Run) -> bool:
+    """--keep-bucket (the config's storage.keep_bucket): the bucket stays after the verified download."""
+    return bool((run.config.get("storage") or {}).get("keep_bucket"))
+
+
+def _deletable(run: Run) -> str:
     """What `down` may delete of the run's bucket: all of it if made for the run, else `URL/<run id>`."""
     url = (run.backend_state.get("bucket") or "").rstrip("/")
     return url if _made_for(run) else f"{url}/{run.id}"

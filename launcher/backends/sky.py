@@ -1,4 +1,5 @@
-"""The SkyPilot backend: launch with autodown armed, stream, pull out/ back, tear down.
+"""The SkyPilot backend: launch with autodown armed, stream, pull out/ back, tear down; and the part
+it shares with the managed-jobs backend (SkyPilotBackend: the adapter, the preflight, the launch).
 
 Every SDK call goes through an adapter (launcher/sky_adapter.SkyAdapter; tests put a fault-injecting
 fake in its place via SOCRATES_SKY_ADAPTER=module:attr). The cluster name is saved in run.json
@@ -13,15 +14,18 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from contracts.config import RunConfig
 from contracts.errors import ContractError
 from contracts.events import parse_line
 from launcher import stage as stagelib
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, reconnect_policy
+from launcher.registry import Run
 from launcher.secrets import collect as collect_secrets
 from launcher.secrets import plain, redact
+from launcher.sky_adapter import NO_CLOUD, NoCloudEnabled, SkyAdapter
 
 # Idle minutes after the job ends before SkyPilot downs the machine by itself: time to download.
 AUTODOWN_IDLE_MIN = 15
@@ -47,36 +51,107 @@ def load_adapter() -> Any:
     if spec:
         module, _, attr = spec.partition(":")
         return getattr(importlib.import_module(module), attr)()
-    from launcher.sky_adapter import SkyAdapter
-
     return SkyAdapter()
 
 
-class SkyBackend(Backend):
+def phase_of(e: Exception) -> str:
+    """Which lifecycle step a SkyPilot exception belongs to (for the one-line error)."""
+    name = type(e).__name__
+    if getattr(e, "phase", None):  # the adapter's own exceptions say
+        return e.phase
+    if "SetUp" in name or "Setup" in name:
+        return "installing"
+    if "Sync" in name or "rsync" in str(e).lower():
+        return "syncing"
+    return "provisioning"
+
+
+def failed(e: Exception, phase: str | None = None) -> BackendError:
+    """A SkyPilot call's exception as the one-line BackendError of its phase (secrets redacted)."""
+    return BackendError(phase or phase_of(e), redact(f"{type(e).__name__}: {e}"))
+
+
+class SkyPilotBackend(Backend):
+    """What the sky and managed backends share: the adapter seam, the preflight, the launch (the task
+    rendered and recorded, then submitted), the backoff of a lost log stream."""
+
+    def __init__(self, adapter: Any = None, reconnect: tuple[float, float, float] | None = None):
+        self.adapter = adapter if adapter is not None else load_adapter()
+        # first wait, longest wait, how long a lost stream is retried before detaching (never a teardown)
+        self.reconnect_wait_s, self.reconnect_max_wait_s, self.reconnect_window_s = reconnect or reconnect_policy()
+
+    def preflight(self, cfg: RunConfig) -> None:
+        """No cloud with working credentials: one line, exit 2, before a run exists."""
+        if not self.adapter.enabled_clouds():
+            raise ContractError(NO_CLOUD)
+
+    def launch_submitted(self, run: Run) -> bool:
+        return bool(run.backend_state.get("request_id"))
+
+    def _submit(self, run: Run, submit: Callable, bucket_url: str | None = None,
+                on_line: Callable[[str], None] | None = None) -> None:
+        """Render the run's task (a managed one where `bucket_url`), record it in runs/<id>/task.yaml, and
+        `submit(task, secrets, on_request_id)`; SkyPilot's lines go to launch.log (and `on_line`), the
+        request id and the job id into backend_state as soon as each exists."""
+        secrets = collect_secrets()
+        task = tasklib.render(run, gpu=run.gpu, cloud=run.options.cloud, spot=run.options.spot,
+                              data_path=tasklib.local_data(run.config), secret_names=tuple(secrets),
+                              managed=bucket_url is not None, bucket_url=bucket_url,
+                              workdir=stagelib.for_run(run).path)
+        (run.dir / "task.yaml").write_text(tasklib.to_yaml(task), encoding="utf-8")
+
+        def log(line: str) -> None:
+            with open(run.dir / "launch.log", "a", encoding="utf-8") as f:
+                f.write(redact(line) + "\n")
+            if on_line is not None:
+                on_line(line)
+
+        if hasattr(self.adapter, "log"):
+            self.adapter.log = log
+        try:
+            job_id = submit(task, secrets,
+                            lambda rid: run.update(backend_state={**run.backend_state, "request_id": rid}))
+        except Exception as e:  # noqa: BLE001  (SkyPilot raises many kinds; each is a failed launch)
+            raise failed(e) from None
+        run.update(backend_state={**run.backend_state, "job_id": job_id})
+
+    def _launched_job(self, run: Run, wait: Callable[[str], Any]) -> Any:
+        """The job id the launch got; where a launcher was killed before it came back, `wait(request id)`
+        for it (and record it). None: the launch was never submitted."""
+        job_id, request = run.backend_state.get("job_id"), run.backend_state.get("request_id")
+        if job_id is None and request:
+            try:
+                job_id = wait(request)
+            except Exception as e:  # noqa: BLE001
+                raise failed(e) from None
+            run.update(backend_state={**run.backend_state, "job_id": job_id})
+        return job_id
+
+    def _lost(self, failures: int, lost_since: float, error: str, what: str = "the log stream") -> None:
+        """A dropped stream: StreamLost once it has been lost for the whole window (the caller detaches;
+        the job is not known to have failed), else say so and wait (backing off) before the next try."""
+        lost_for = time.time() - lost_since
+        if lost_for >= self.reconnect_window_s:
+            raise StreamLost("running", redact(f"lost {what} for {lost_for:.0f} s ({failures} tries; last: {error})"))
+        self.on_phase("reconnecting", redact(error))
+        time.sleep(min(self.reconnect_wait_s * 2 ** min(failures - 1, 16), self.reconnect_max_wait_s,
+                       max(0.0, self.reconnect_window_s - lost_for)))
+
+
+class SkyBackend(SkyPilotBackend):
     name = "sky"
     HANDLES = ("cluster", "request_id", "job_id")
 
     def __init__(self, adapter: Any = None, idle_minutes: int = AUTODOWN_IDLE_MIN,
                  reconnect: tuple[float, float, float] | None = None):
-        self.adapter = adapter if adapter is not None else load_adapter()
-        # first wait, longest wait, how long a lost stream is retried before detaching (never a teardown)
-        self.reconnect_wait_s, self.reconnect_max_wait_s, self.reconnect_window_s = reconnect or reconnect_policy()
+        super().__init__(adapter, reconnect)
         self.idle_minutes = idle_minutes
 
     # --- before a run exists --------------------------------------------------------------
 
-    def preflight(self, cfg: Any) -> None:
-        """No cloud with working credentials: one line, exit 2, before a run exists."""
-        from launcher.sky_adapter import NO_CLOUD
-
-        if not self.adapter.enabled_clouds():
-            raise ContractError(NO_CLOUD)
-
     def dryrun(self, task: dict, plan: Any, console: Any) -> int:
         """SkyPilot's optimizer and dry run pick the offer for the rendered task; nothing is provisioned."""
-        from rich.text import Text
-
-        from launcher.sky_adapter import NoCloudEnabled
+        from rich.text import Text  # rich only when shown: keeps --help light
 
         self.adapter.log = lambda line: console.print(Text.from_ansi(redact(line)), highlight=False)  # SkyPilot's colours
         console.print("SkyPilot's dry run: its optimizer picks the offer (the first call starts SkyPilot's API server)",
@@ -103,16 +178,13 @@ class SkyBackend(Backend):
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def left_up_ends_by(self, run: Any) -> str | None:
+    def left_up_ends_by(self, run: Run) -> str | None:
         return (f"SkyPilot's autodown ends it {self.idle_minutes} min after the job ended, and deletes the "
                 "results with it")
 
-    def detach(self, run: Any) -> str:
+    def detach(self, run: Run) -> str:
         return (f"SkyPilot's autodown ends its machine {self.idle_minutes} min after the job ends; "
                 "`logs` before then pulls the results back.")
-
-    def launch_submitted(self, run: Any) -> bool:
-        return bool(run.backend_state.get("request_id"))
 
     @classmethod
     def end_by_hand(cls, handles: dict) -> str | None:
@@ -121,53 +193,27 @@ class SkyBackend(Backend):
             return f"it names SkyPilot cluster {cluster!r}: `sky down {cluster}` ends it if it is still up"
         return None
 
-    def launch(self, run: Any) -> None:
+    def launch(self, run: Run) -> None:
         cluster = cluster_name_for(run.id)
         # Saved before SkyPilot is asked for anything: `down` can always find it.
         run.update(backend_state={"cluster": cluster}, machine="up")
-        secrets = collect_secrets()
-        task = tasklib.render(run, gpu=run.gpu, cloud=run.options.get("cloud"), spot=run.options.get("spot", False),
-                              data_path=tasklib.local_data(run.config), secret_names=tuple(secrets),
-                              workdir=stagelib.for_run(run).path)
-        (run.dir / "task.yaml").write_text(tasklib.to_yaml(task), encoding="utf-8")
-        launch_log = run.dir / "launch.log"
         seen_phases: set[str] = set()
 
-        def log(line: str) -> None:
-            with open(launch_log, "a", encoding="utf-8") as f:
-                f.write(redact(line) + "\n")
+        def phases(line: str) -> None:
             for clue, phase in _PHASE_CLUES:
                 if clue in line and phase not in seen_phases and phase != "training":
                     seen_phases.add(phase)
                     self.on_phase(phase)
 
-        if hasattr(self.adapter, "log"):
-            self.adapter.log = log
-        try:
-            job_id = self.adapter.launch(
-                task, cluster, secrets, self.idle_minutes,
-                on_request_id=lambda rid: run.update(backend_state={**run.backend_state, "request_id": rid}))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001  (SkyPilot raises many kinds; each is a failed launch)
-            phase = getattr(e, "phase", None) or _phase_of(e)
-            raise BackendError(phase, redact(f"{type(e).__name__}: {e}")) from None
-        run.update(backend_state={**run.backend_state, "job_id": job_id})
+        self._submit(run, lambda task, secrets, on_request_id: self.adapter.launch(
+            task, cluster, secrets, self.idle_minutes, on_request_id=on_request_id), on_line=phases)
 
-    def follow(self, run: Any, on_event: EventCallback) -> int:
+    def follow(self, run: Run, on_event: EventCallback) -> int:
         """Stream the job's log; on a dropped stream reconnect and skip what was already seen."""
         cluster = self._cluster(run)
-        job_id = run.backend_state.get("job_id")
-        if job_id is None:  # the launcher that launched was killed before the job id came back
-            try:
-                job_id = self.adapter.wait_launch(run.backend_state["request_id"])
-            except KeyError:
-                raise BackendError("provisioning", "the launch was never submitted (no request id)") from None
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise BackendError(_phase_of(e), redact(f"{type(e).__name__}: {e}")) from None
-            run.update(backend_state={**run.backend_state, "job_id": job_id})
+        job_id = self._launched_job(run, lambda request: self.adapter.wait_launch(request))
+        if job_id is None:
+            raise BackendError("provisioning", "the launch was never submitted (no request id)")
         seen = 0
         failures = 0
         lost_since: float | None = None
@@ -190,32 +236,22 @@ class SkyBackend(Backend):
                 if code is not None:
                     return code
                 error = "the log stream ended while the job was still running"
-            except KeyboardInterrupt:
-                raise
             except Exception as e:  # noqa: BLE001  (a dropped stream is retried, whatever raised it)
                 error = f"{type(e).__name__}: {e}"
             failures += 1
             lost_since = lost_since or time.time()
             if self._cluster_gone(cluster):  # no machine, no job: that is a failure, not an outage
                 raise BackendError("running", redact(f"the cluster {cluster} is gone ({error})"))
-            lost_for = time.time() - lost_since
-            if lost_for >= self.reconnect_window_s:
-                raise StreamLost("running", redact(
-                    f"lost the log stream for {lost_for:.0f} s ({failures} tries; last: {error})"))
-            self.on_phase("reconnecting", redact(error))
-            time.sleep(min(self.reconnect_wait_s * 2 ** min(failures - 1, 16), self.reconnect_max_wait_s,
-                           max(0.0, self.reconnect_window_s - lost_for)))
+            self._lost(failures, lost_since, error)
 
     def _cluster_gone(self, cluster: str) -> bool:
         """Only a definite 'gone' counts: an API that can't be reached during an outage is not an answer."""
         try:
             return self.adapter.cluster_state(cluster) == "gone"
-        except KeyboardInterrupt:
-            raise
         except Exception:  # noqa: BLE001
             return False
 
-    def job_running(self, run: Any) -> bool | None:
+    def job_running(self, run: Run) -> bool | None:
         cluster, job_id = self._cluster(run), run.backend_state.get("job_id")
         if not cluster or job_id is None:
             return None
@@ -223,20 +259,16 @@ class SkyBackend(Backend):
             if self.adapter.cluster_state(cluster) != "up":
                 return False
             return self.adapter.job_exit_code(cluster, job_id) is None
-        except KeyboardInterrupt:
-            raise
         except Exception:  # noqa: BLE001
             return None
 
-    def download(self, run: Any, dest: Path) -> None:
+    def download(self, run: Run, dest: Path) -> None:
         try:
             self.adapter.rsync_down(self._cluster(run), REMOTE_OUT, dest)
-        except KeyboardInterrupt:
-            raise
         except Exception as e:  # noqa: BLE001
-            raise BackendError("downloading", redact(f"{type(e).__name__}: {e}")) from None
+            raise failed(e, "downloading") from None
 
-    def _cluster(self, run: Any) -> str | None:
+    def _cluster(self, run: Run) -> str | None:
         """The run's cluster: only ever the name derived from its id (run.json is not the authority)."""
         recorded = run.backend_state.get("cluster")
         if recorded is None:
@@ -247,7 +279,7 @@ class SkyBackend(Backend):
                                        f"{derived!r}: refusing to act on a cluster this run did not make")
         return derived
 
-    def down(self, run: Any) -> None:
+    def down(self, run: Run) -> None:
         cluster = self._cluster(run)
         request = run.backend_state.get("request_id")
         if request and run.backend_state.get("job_id") is None:
@@ -265,14 +297,12 @@ class SkyBackend(Backend):
             try:
                 self.adapter.down(cluster)
                 return
-            except KeyboardInterrupt:
-                raise
             except Exception:  # noqa: BLE001
                 if attempt == DOWN_ATTEMPTS:
                     raise
                 time.sleep(DOWN_RETRY_S * attempt)
 
-    def machine_state(self, run: Any) -> str:
+    def machine_state(self, run: Run) -> str:
         cluster = self._cluster(run)
         if not cluster:
             return "gone"
@@ -283,12 +313,3 @@ class SkyBackend(Backend):
             return "up"  # a launch request still queued on the API server will make (and bill) the machine
         return state
 
-
-def _phase_of(e: Exception) -> str:
-    """Which lifecycle step a SkyPilot exception belongs to (for the one-line error)."""
-    name = type(e).__name__
-    if "SetUp" in name or "Setup" in name:
-        return "installing"
-    if "Sync" in name or "rsync" in str(e).lower():
-        return "syncing"
-    return "provisioning"

@@ -37,6 +37,7 @@ from typing import Any
 
 from contracts import events as ev
 from contracts import remote
+from contracts.config import RunConfig
 from contracts.errors import ContractError
 
 try:
@@ -49,7 +50,7 @@ from contracts.manifest import data_files
 from launcher import stage as stagelib
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, disk_full
-from launcher.registry import PRIVATE, TEARDOWN_FILE
+from launcher.registry import PRIVATE, TEARDOWN_FILE, Run
 from launcher.secrets import redact
 from launcher.ssh_options import SshOptions, parse_infra
 from launcher.ssh_transport import (
@@ -83,11 +84,11 @@ class SshBackend(Backend):
 
     # --- before anything exists -------------------------------------------------------------
 
-    def preflight(self, cfg: Any = None) -> None:
+    def preflight(self, cfg: RunConfig) -> None:
         """Connect (host key, credentials) and probe disk/permissions; ContractError = exit 2, nothing created."""
         try:
             client = self._connect()
-            data = tasklib.local_data(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
+            data = tasklib.local_data(cfg.to_dict())
             self._probe(client, self._resolve_remote_dir(client), data)
         except SshDropped as e:
             raise ContractError(f"{e} (is the host up, and is {self.target} the right user, host and port?)") from None
@@ -96,26 +97,26 @@ class SshBackend(Backend):
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def launch(self, run: Any) -> None:
+    def launch(self, run: Run) -> None:
         try:
             self._launch(run)
         except (SshDropped, *DROPPED) as e:  # the connection died mid-launch: a failed run, torn down by the caller
             raise BackendError("provisioning", f"ssh {self.target}: {type(e).__name__}: {e}") from None
 
-    def _launch(self, run: Any) -> None:
+    def _launch(self, run: Run) -> None:
         state = self._bind(run)
         # the --on-teardown command (it may hold a provider token) is kept once, in a 0600 side file
         state.update(options={**self.opts.to_dict(), "on_teardown": None}, target=str(self.target))
         if self.opts.on_teardown:
             _keep_hook(run, self.opts.on_teardown)
-        _save(run)
+        run.save()
         client = self._connect()
         base = self._resolve_remote_dir(client)
         work = posixpath.join(base, "runs", run.id)
         state.update(remote_dir=base, work=work, log=posixpath.join(work, LOG_FILE))
-        _save(run)  # saved before anything exists on the host: `down` can always find it
+        run.save()  # saved before anything exists on the host: `down` can always find it
 
-        data = tasklib.local_data(_config_dict(run))
+        data = tasklib.local_data(run.config)
         self.on_phase("probing", f"{self.target}: permissions and free disk under {base}")
         mode, python = self._probe(client, base, data)
         state.update(mode=mode, python=python)
@@ -124,7 +125,7 @@ class SshBackend(Backend):
             self.code_root = stagelib.for_run(run).path
         stats = self._sync(client, base, data, state)
         state["sync"] = asdict(stats)
-        _save(run)
+        run.save()
         self.on_phase("synced", f"sent {stats.bytes_sent:,} B in {stats.files_sent} files; "
                                 f"{stats.bytes_skipped:,} B in {stats.files_skipped} unchanged files skipped")
         task = tasklib.render(run, gpu=None) if self.run_block is None else None
@@ -140,9 +141,9 @@ class SshBackend(Backend):
             self._check(client, work, mode, python)
         pid = self._start(client, work, run.id)
         state.update(pid=pid, pgid=pid, started_at=time.time())
-        _save(run)
+        run.save()
 
-    def follow(self, run: Any, on_event: EventCallback, offset: int = 0) -> int:
+    def follow(self, run: Run, on_event: EventCallback, offset: int = 0) -> int:
         """Deliver the job's events from byte `offset` of its log; a dropped connection resumes there.
         The log is read in bounded chunks (a line over remote.MAX_LINE is dropped, never held whole)."""
         state = self._bind(run)
@@ -160,7 +161,7 @@ class SshBackend(Backend):
                     continue  # more may be waiting; read again before sleeping
                 if finished is not None:
                     state.update(exit_code=finished, log_offset=reader.offset)
-                    _save(run)
+                    run.save()
                     return finished
                 if text is not None and text != odd:  # the runner writes the real one when the job ends
                     odd = text
@@ -179,7 +180,7 @@ class SshBackend(Backend):
                 self.on_phase("reconnecting", f"ssh connection lost ({type(e).__name__}); resuming at byte {reader.pos}")
                 self._reconnect_or_fail("running", StreamLost)  # the job is not known to have failed: detach
 
-    def log_lines(self, run: Any, max_bytes: int = 1 << 20) -> list[str]:
+    def log_lines(self, run: Run, max_bytes: int = 1 << 20) -> list[str]:
         """The job's stdout/stderr on the host (its last MiB)."""
         state = self._bind(run)
         try:
@@ -190,13 +191,13 @@ class SshBackend(Backend):
             return []
         return data.decode("utf-8", errors="replace").splitlines()
 
-    def download(self, run: Any, dest: Path) -> None:
+    def download(self, run: Run, dest: Path) -> None:
         state = self._bind(run)
         remote_out = posixpath.join(state["work"], "out")
         for attempt in range(3):
             try:
                 state["bytes_downloaded"] = get_tree(self._sftp_client(), remote_out, Path(dest), skip=("checkpoints",))
-                _save(run)
+                run.save()
                 return
             except FileNotFoundError:
                 raise BackendError("downloading", f"{self.target}:{remote_out} does not exist (run torn down?)") from None
@@ -210,7 +211,7 @@ class SshBackend(Backend):
                     raise BackendError("downloading", f"{self.target}: the connection kept dropping") from None
                 self._reconnect_or_fail("downloading")
 
-    def down(self, run: Any) -> None:
+    def down(self, run: Run) -> None:
         """Kill the job's process group, remove the run's folder, run --on-teardown. Idempotent."""
         state = self._bind(run)
         if state.get("torn_down"):
@@ -220,8 +221,7 @@ class SshBackend(Backend):
         if work and not state.get("remote_clean"):
             _check_work(state, run.id)  # run.json is not the authority for what `rm -rf` removes
             # A provider stop keeps the disk: results that were never pulled back stay with it.
-            keep = bool(self.opts.on_teardown) and not getattr(run, "verified", False) and \
-                getattr(run, "exit_code", None) == 0
+            keep = bool(self.opts.on_teardown) and not run.verified and run.exit_code == 0
             try:
                 self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s))
                 self._kill_and_remove(state, run.id, work, keep=keep)
@@ -243,7 +243,7 @@ class SshBackend(Backend):
         # A command found only in run.json is never run on the record's word: the user passes it again.
         unrun = bool(recorded) and not self.opts.on_teardown and not (hook and hook["ok"])
         state["torn_down"] = error is None and not unrun and (hook is None or hook["ok"])
-        _save(run)
+        run.save()
         self._drop()
         if error:
             raise BackendError("down", error)
@@ -255,7 +255,7 @@ class SshBackend(Backend):
             raise BackendError("down", f"--on-teardown {self.opts.on_teardown!r} exited {hook['rc']}: "
                                        f"{hook['output'].strip()[-200:]} (the host may still be billing: stop it yourself)")
 
-    def job_running(self, run: Any) -> bool | None:
+    def job_running(self, run: Run) -> bool | None:
         """Asked of the host: the job has no exit code yet and its process group is alive."""
         state = self._bind(run)
         if state.get("torn_down") or not state.get("work"):
@@ -269,19 +269,19 @@ class SshBackend(Backend):
         finally:
             self._drop()
 
-    def launch_submitted(self, run: Any) -> bool:
+    def launch_submitted(self, run: Run) -> bool:
         return bool(run.backend_state.get("pid"))
 
-    def set_on_teardown(self, run: Any, command: str) -> None:
+    def set_on_teardown(self, run: Run, command: str) -> None:
         """`down --on-teardown CMD`: the provider's stop command, passed again (never taken from run.json)."""
         self.on_teardown_override = command
 
-    def left_up_ends_by(self, run: Any) -> str | None:
+    def left_up_ends_by(self, run: Run) -> str | None:
         if self.opts.on_teardown:
             return None  # the hook stops a paid host: it runs, results or not
         return f"the host is yours: the run's folder on {self.target} stays until `down`"
 
-    def machine_state(self, run: Any) -> str:
+    def machine_state(self, run: Run) -> str:
         """'up' while the run's folder or job exists on the host, 'gone' after teardown, 'unknown' if unreachable."""
         state = self._bind(run)
         if state.get("torn_down") or not state.get("work"):
@@ -296,7 +296,7 @@ class SshBackend(Backend):
 
     # --- launch steps ---------------------------------------------------------------------
 
-    def _bind(self, run: Any) -> dict:
+    def _bind(self, run: Run) -> dict:
         """The run's backend_state; restores this backend's options from it after a launcher restart."""
         state = run.backend_state
         if self._restore and state.get("options"):
@@ -352,11 +352,8 @@ class SshBackend(Backend):
         whatever another run (same folder name, fewer files, at the same time) sent."""
         python = self.opts.remote_python or "python3"
         q = shlex.quote
-        res = ssh_run(client, f"umask 077; mkdir -p {q(base)}/cache {q(base)}/runs && chmod 700 {q(base)}/cache "
-                              f"{q(base)}/runs")  # private: the run's data, code and results
-        if res.rc != 0:
-            raise BackendError("syncing", f"could not create {base}/cache and {base}/runs on {self.target}: "
-                                          f"{_last_line(res)}")
+        self._must(client, "syncing", f"could not create {base}/cache and {base}/runs",  # private: data, code, results
+                   f"umask 077; mkdir -p {q(base)}/cache {q(base)}/runs && chmod 700 {q(base)}/cache {q(base)}/runs")
         code = local_files(self.code_root, stagelib.entries(self.code_root))  # the run's staged folder
         stats = self._sync_code(client, base, code, python, state)
         if data is not None:
@@ -380,23 +377,18 @@ class SshBackend(Backend):
         codes = posixpath.join(base, "cache", "code")
         root, tmp = posixpath.join(codes, digest), posixpath.join(codes, f".tmp-{posixpath.basename(state['work'])}")
         state["code"] = root
-        res = ssh_run(client, f"test -d {q(root)} && echo HAVE && exit 0; mkdir -p {q(codes)} && rm -rf {q(tmp)} && "
-                              f"last=$(cat {q(codes)}/latest 2>/dev/null); case \"$last\" in ''|*[!0-9a-f]*) mkdir "
-                              f"{q(tmp)};; *) cp -al {q(codes)}/\"$last\" {q(tmp)} 2>/dev/null || mkdir -p {q(tmp)};; "
-                              f"esac")
-        if res.rc != 0:
-            raise BackendError("syncing", f"could not prepare {codes} on {self.target}: {_last_line(res)}")
+        res = self._must(client, "syncing", f"could not prepare {codes}",
+                         f"test -d {q(root)} && echo HAVE && exit 0; mkdir -p {q(codes)} && rm -rf {q(tmp)} && "
+                         f"last=$(cat {q(codes)}/latest 2>/dev/null); case \"$last\" in ''|*[!0-9a-f]*) mkdir "
+                         f"{q(tmp)};; *) cp -al {q(codes)}/\"$last\" {q(tmp)} 2>/dev/null || mkdir -p {q(tmp)};; esac")
         if res.out.strip() == "HAVE":  # this exact code is there, complete (it was renamed in only once whole)
             return SyncStats(files_skipped=len(listing), bytes_skipped=sum(size for size, _ in listing.values()))
         stats = sync_tree(client, code, tmp, python=python, prune=True)
         self._check_sent(client, tmp, listing, python, "code")
         # another run may have renamed the same content in first: then this copy goes, theirs is identical
-        res = ssh_run(client, f"mv -T {q(tmp)} {q(root)} 2>/dev/null || rm -rf {q(tmp)}; "
-                              f"printf %s {digest} > {q(codes)}/.latest.$$ && mv -f {q(codes)}/.latest.$$ "
-                              f"{q(codes)}/latest; test -d {q(root)}")
-        if res.rc != 0:
-            raise BackendError("syncing", f"could not put the code in place at {root} on {self.target}: "
-                                          f"{_last_line(res)}")
+        self._must(client, "syncing", f"could not put the code in place at {root}",
+                   f"mv -T {q(tmp)} {q(root)} 2>/dev/null || rm -rf {q(tmp)}; printf %s {digest} > "
+                   f"{q(codes)}/.latest.$$ && mv -f {q(codes)}/.latest.$$ {q(codes)}/latest; test -d {q(root)}")
         return stats
 
     def _check_sent(self, client: paramiko.SSHClient, root: str, listing: dict, python: str, what: str) -> None:
@@ -407,7 +399,7 @@ class SshBackend(Backend):
             raise BackendError("syncing", f"the {what} on {self.target} under {root} is not what was sent "
                                           f"(differs at {', '.join(odd[:3])})")
 
-    def _prepare_work(self, client: paramiko.SSHClient, base: str, work: str, run: Any, task: dict | None,
+    def _prepare_work(self, client: paramiko.SSHClient, base: str, work: str, run: Run, task: dict | None,
                       data: Path | None, mode: str, python: str) -> None:
         """The run's folder: code hard-linked from the cache (cheap), the rendered script, the runner."""
         q = shlex.quote
@@ -430,16 +422,14 @@ class SshBackend(Backend):
             launch = ((f"(umask 077; declare -p {secrets} > {SECRETS_FILE} 2>/dev/null || true); " if secrets else "")
                       + f"docker run --rm --gpus all --name socrates-{q(run.id)} -v \"$PWD\":/work -w /work {mounts} "
                       f"{names} -e PYTHONPATH=/work --entrypoint bash {q(self.opts.image)} -c {inner}")
-        res = ssh_run(client, f"rm -rf {q(work)} && mkdir -p {q(posixpath.dirname(work))} && "
-                              f"cp -al {q(run.backend_state['code'])} {q(work)} && mkdir -p {q(work)}/out")
-        if res.rc != 0:
-            raise BackendError("syncing", f"could not create {work} on {self.target}: {_last_line(res)}")
+        self._must(client, "syncing", f"could not create {work}", f"rm -rf {q(work)} && mkdir -p "
+                   f"{q(posixpath.dirname(work))} && cp -al {q(run.backend_state['code'])} {q(work)} && mkdir -p {q(work)}/out")
         import yaml
 
         sftp = client.open_sftp()
         try:
             for name, text in (("run.sh", script), ("runner.sh", _RUNNER.format(launch=launch)),
-                               ("run_config.yaml", yaml.safe_dump(_config_dict(run), sort_keys=False))):
+                               ("run_config.yaml", yaml.safe_dump(run.config, sort_keys=False))):
                 with sftp.open(posixpath.join(work, name), "w") as f:
                     f.write(text)
         except DROPPED as e:
@@ -449,19 +439,15 @@ class SshBackend(Backend):
 
     def _setup(self, client: paramiko.SSHClient, work: str, task: dict) -> None:
         """sky/train.yaml's setup block (the venv from the lock), run in the run's folder."""
-        setup = task.get("setup") or ""
-        res = ssh_run(client, f"cd {shlex.quote(work)} && bash -s", stdin=setup, timeout=3600)
-        if res.rc != 0:
-            raise BackendError("installing", f"the setup block failed on {self.target}: {_last_line(res)}")
+        self._must(client, "installing", "the setup block failed", f"cd {shlex.quote(work)} && bash -s",
+                   stdin=task.get("setup") or "", timeout=3600)
 
     def _docker_image(self, client: paramiko.SSHClient, code: str) -> None:
         q = shlex.quote
         image, context = q(self.opts.image), q(code)  # the run's own code folder is the build context
         get = f"docker pull -q {image}" if self.opts.pull_image else f"docker build -q -t {image} {context}"
-        res = ssh_run(client, f"docker image inspect {image} >/dev/null 2>&1 || {get}", timeout=3600)
-        if res.rc != 0:
-            raise BackendError("installing", f"{'pulling' if self.opts.pull_image else 'building'} the job image "
-                                             f"{self.opts.image} on {self.target} failed: {_last_line(res)}")
+        self._must(client, "installing", f"{'pulling' if self.opts.pull_image else 'building'} the job image "
+                   f"{self.opts.image} failed", f"docker image inspect {image} >/dev/null 2>&1 || {get}", timeout=3600)
 
     def _check(self, client: paramiko.SSHClient, work: str, mode: str, python: str) -> None:
         """`job check` before the job is started: a card or config that can't run is refused here."""
@@ -493,6 +479,13 @@ class SshBackend(Backend):
             return int(res.out.split()[0])
         except (ValueError, IndexError):
             raise BackendError("running", f"the job did not start on {self.target}: {_last_line(res)}") from None
+
+    def _must(self, client: paramiko.SSHClient, phase: str, what: str, cmd: str, **kw: Any):
+        """`cmd` on the host; a non-zero exit fails the `phase`: "`what` on the host: its last line"."""
+        res = ssh_run(client, cmd, **kw)
+        if res.rc != 0:
+            raise BackendError(phase, f"{what} on {self.target}: {_last_line(res)}")
+        return res
 
     # --- teardown, liveness ----------------------------------------------------------------
 
@@ -612,11 +605,6 @@ def _listing(files: dict[str, Path]) -> tuple[dict, str]:
     return listing, hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 
-def _config_dict(run: Any) -> dict:
-    cfg = run.config
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-
-
 def _run_hook(cmd: str) -> dict:
     """Run the --on-teardown command; what run.json keeps of it (not the command: it may hold a token)."""
     try:
@@ -626,15 +614,14 @@ def _run_hook(cmd: str) -> dict:
         return {"rc": None, "ok": False, "output": "timed out after 600 s"}
 
 
-def _keep_hook(run: Any, cmd: str) -> None:
+def _keep_hook(run: Run, cmd: str) -> None:
     """The --on-teardown command in runs/<id>/.on-teardown (0600): what `down` names when it is not passed again."""
-    run_dir = getattr(run, "dir", None)
-    if run_dir is not None and Path(run_dir).is_dir():
-        atomic_write_text(Path(run_dir) / TEARDOWN_FILE, cmd, mode=PRIVATE)
+    if Path(run.dir).is_dir():
+        atomic_write_text(Path(run.dir) / TEARDOWN_FILE, cmd, mode=PRIVATE)
 
 
-def _kept_hook(run: Any) -> str | None:
-    path = Path(getattr(run, "dir", "/nonexistent")) / TEARDOWN_FILE
+def _kept_hook(run: Run) -> str | None:
+    path = Path(run.dir) / TEARDOWN_FILE
     try:
         return path.read_text(encoding="utf-8")[:4096] if path.is_file() and not path.is_symlink() else None
     except OSError:
@@ -655,8 +642,3 @@ def _last_line(res) -> str:
     lines = (res.err.strip() or res.out.strip()).splitlines()
     return lines[-1] if lines else f"exit {res.rc}"
 
-
-def _save(run: Any) -> None:
-    save = getattr(run, "save", None)
-    if callable(save):
-        save()

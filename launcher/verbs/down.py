@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from contracts.errors import ContractError
 from launcher import registry
+from launcher.backends import for_run
+from launcher.backends.base import outliving
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,10 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from rich.console import Console  # keeps --help light (rich)
+    from rich.markup import escape  # keeps --help light (rich)
 
-    from launcher.backends import for_run
-    from launcher.lifecycle import teardown
+    from launcher.lifecycle import teardown  # keeps --help light (rich)
 
     console = Console()
     # Money first: a damaged record whose infra and backend_state are sound still has its machine
@@ -28,21 +31,20 @@ def run(args: argparse.Namespace) -> int:
     run_rec = registry.resolve(args.run_id, salvage=True)
     damage = getattr(run_rec, "damage", None)  # a Salvaged record says what is wrong with it
     if damage:
-        from rich.markup import escape
-
         console.print(f"[bold yellow]warning:[/] {escape(damage)} (its machine is ended from its "
                       "backend_state anyway)", highlight=False, soft_wrap=True)
     backend = for_run(run_rec)
+    bucket = outliving(backend)  # a managed run's bucket outlives its machine
+    if args.delete_bucket and bucket is None:
+        raise ContractError(f"--delete-bucket: only for managed runs (--spot/--managed); run {run_rec.id} has no bucket")
     if args.on_teardown:
         backend.set_on_teardown(run_rec, args.on_teardown)
     if args.delete_bucket:
-        backend.set_delete_bucket(run_rec)
+        bucket.set_delete_bucket(run_rec)
     if not teardown(run_rec, backend, None, console):
         return 1
     console.print(f"run {run_rec.id}: machine down ({run_rec.state})", highlight=False)
-    left = backend.bucket_left(run_rec)
+    left = bucket.bucket_left(run_rec) if bucket else None
     if left:
-        from rich.markup import escape
-
         console.print(f"[bold yellow]{escape(left)}[/]", highlight=False, soft_wrap=True)
     return 0

@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from rich.console import Console  # keeps --help light (rich)
 
     run_rec = registry.resolve(args.run_id)
     if run_rec.state in ("created", "provisioning", "running"):
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     if not follower.acquire():
         raise ContractError(f"run {run_rec.id} is being followed by another launcher (pid {follower.holder or '?'}), "
                             "which downloads at the end: wait for it, or stop it (Ctrl-C detaches) and retry")
-    from launcher import lifecycle
+    from launcher import lifecycle  # keeps --help light (rich)
 
     try:
         return lifecycle.download(run_rec, Console())

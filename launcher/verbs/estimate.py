@@ -20,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.cost import caps, render
-    from launcher.cost.estimate import methods_side_by_side
+    from launcher.cost import caps, render  # keeps --help light (launcher/cost/)
+    from launcher.cost.estimate import methods_side_by_side  # keeps --help light (launcher/cost/)
 
     plan = planlib.resolve(args, default_gpu=False)
     est = planlib.estimate(plan, allow_unpriced=True)

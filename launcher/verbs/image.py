@@ -9,7 +9,6 @@ that registry repository and the pinned reference (REPO:TAG@sha256:DIGEST) is pr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shutil
@@ -19,13 +18,9 @@ from pathlib import Path
 
 from contracts.config import IMAGE_REF
 from contracts.errors import ContractError
-from launcher import resources
 from launcher import stage as stagelib
+from launcher.stage import local_ref, lock_tag
 
-LOCK = resources.path("requirements/job.lock")  # shipped in the package (launcher/resources)
-UV_LOCK = resources.path("requirements/uv.lock")
-DOCKERFILE = resources.path(resources.DOCKERFILE)
-LOCAL_REPOSITORY = "socrates-launch-job"
 PLATFORM = "linux/amd64"  # the lock is compiled for x86_64 manylinux
 
 
@@ -34,19 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "tag: print the reference it gets, build nothing")
     p.add_argument("--push", metavar="REPO", default=None,
                    help="registry repository to push to, e.g. ghcr.io/you/socrates-job (the tag is derived from the lock)")
-
-
-def lock_tag() -> str:
-    """`lock-` + 12 hex of sha256(job.lock, uv.lock, Dockerfile): what the image installs and how."""
-    h = hashlib.sha256()
-    for f in (LOCK, UV_LOCK, DOCKERFILE):
-        h.update(f.read_bytes())
-        h.update(b"\0")
-    return f"lock-{h.hexdigest()[:12]}"
-
-
-def local_ref() -> str:
-    return f"{LOCAL_REPOSITORY}:{lock_tag()}"
 
 
 def check_repository(repo: str) -> str:

@@ -17,9 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from rich.console import Console  # keeps --help light (rich)
 
-    from launcher import lifecycle
+    from launcher import lifecycle  # keeps --help light (rich)
 
     console = Console()
     run_rec = registry.resolve(args.run_id)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from launcher import registry
+from launcher import registry, tables
+from launcher.backends import damage_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,11 +18,9 @@ def run(args: argparse.Namespace) -> int:
     from rich import box
     from rich.table import Table
 
-    from launcher import tables
-
     runs = registry.scan()  # a damaged record is a row that says so, not the end of the listing
     if args.json:
-        print(json.dumps([{"id": r.id, "state": "damaged", "error": r.error} if r.damaged else
+        print(json.dumps([{"id": r.id, "state": "damaged", "error": damage_line(r)} if r.damaged else
                           {"id": r.id, "state": r.state, "infra": r.infra, "gpu": r.gpu, "duration_s": r.duration_s(),
                            "cost_usd": r.actual_cost(), "adapter": r.adapter} for r in runs], indent=2))
         return 0
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     tables.say_dropped(console, dropped)
     for r in damaged:
-        console.print(f"damaged: {r.error}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"damaged: {damage_line(r)}", highlight=False, markup=False, soft_wrap=True)
     return 0
 
 

@@ -10,6 +10,7 @@ import argparse
 import time
 
 from launcher import registry
+from launcher.backends import for_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,17 +36,14 @@ def reconcile(run: registry.Run, backend) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from launcher.backends import for_run
+    from rich.console import Console  # keeps --help light (rich)
+    from rich.markup import escape  # keeps --help light (rich)
 
     console = Console()
     run_rec = registry.resolve(args.run_id)
     backend = for_run(run_rec)
     machine = reconcile(run_rec, backend)
     duration = run_rec.duration_s()
-    from rich.markup import escape
-
     handles = escape("  ".join(f"{k} {v}" for k, v in backend.handles(run_rec).items()))  # run.json: untrusted
     console.print(f"run:      {run_rec.id}\nstate:    {run_rec.state}\nmachine:  {machine}"
                   + (f" ({handles})" if handles else "") + "\n"

@@ -7,16 +7,23 @@ done and the machine down, or says loudly how to reach and end what is still run
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from contracts import manifest as manifest_lib
+from contracts.config import load_config
 from contracts.errors import ContractError
 from launcher import plan as planlib
 from launcher import registry
 from launcher import stage as stagelib
 from launcher import task as tasklib
+from launcher.backends import for_plan
+from launcher.backends.base import outliving
+from launcher.secrets import collect, redact
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,10 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from rich.console import Console  # keeps --help light (rich)
 
-    from launcher import lifecycle
-    from launcher.backends import for_plan
+    from launcher import lifecycle  # keeps --help light (rich)
 
     console = Console()
     if args.save_task and not args.dryrun:
@@ -42,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     plan = planlib.resolve(args)
     estimate, deadline_s, priced = _estimate(plan, console, dryrun=args.dryrun)
     if deadline_s:
-        plan.options["deadline_s"] = deadline_s
+        plan.options = replace(plan.options, deadline_s=deadline_s)
     backend = for_plan(plan.infra, plan.options)
     _weights_choice(plan, backend, console)
     if args.dryrun:
@@ -54,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
     source = tasklib.local_data(plan.cfg.to_dict())  # a local file or folder: shipped with the job
     if source is not None:
         # What is sent, hashed as the machine hashes what it got (sky/train.yaml): compared at the end.
-        plan.options["data_sha256"] = manifest_lib.data_hash(source)
+        plan.options = replace(plan.options, data_sha256=manifest_lib.data_hash(source))
     # ssh's --on-teardown command stays out of run.json (the backend keeps it in a 0600 side file)
-    options = {**plan.options, **({"ssh": {**plan.options["ssh"], "on_teardown": None}} if plan.options.get("ssh") else {})}
+    options = replace(plan.options, ssh=plan.options.ssh and {**plan.options.ssh, "on_teardown": None})
     run_rec = registry.new_run(
         plan.name, plan.infra, gpu=str(plan.gpu) if plan.gpu else None, config=plan.cfg.to_dict(),
         options=options, estimate=estimate,
@@ -71,9 +77,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _next_steps(plan: planlib.Plan, run: registry.Run, console) -> None:
     """What to do with a finished run, as commands that work from here (the venv's, when it is not on PATH)."""
-    import shlex
-    import shutil
-
     def here(path: str | Path) -> str:  # relative to the current folder when inside it
         path = Path(path).absolute()
         try:
@@ -103,8 +106,6 @@ def _next_steps(plan: planlib.Plan, run: registry.Run, console) -> None:
         d = plan.cfg.data
         prep = f"  {python} -m job prepare --config {here(plan.config_file)}"
         if plan.config_file and Path(plan.config_file).is_file():
-            from contracts.config import load_config
-
             written = load_config(plan.config_file).data
             for flag, key in (("--data", "source"), ("--subset", "subset"), ("--split", "split"), ("--seed", "seed")):
                 if getattr(written, key) != getattr(d, key):
@@ -125,11 +126,11 @@ def _estimate(plan: planlib.Plan, console, dryrun: bool = False) -> tuple[dict |
     """Show the cost table (launcher/cost/); enforce --max-cost/--max-hours before anything starts.
     A dry run without a price (no catalog, offline) shows the hours with "price unknown", as `estimate` does;
     the third value says whether the run was priced (or needs no price: your own machine)."""
-    from launcher.cost import caps, render
+    from launcher.cost import caps, render  # keeps --help light (launcher/cost/)
 
     est = planlib.estimate(plan, allow_unpriced=dryrun)
     render.render(est, console)
-    deadline_s = caps.deadline_for(est, max_cost=plan.options["max_cost"], max_hours=plan.options["max_hours"])
+    deadline_s = caps.deadline_for(est, max_cost=plan.options.max_cost, max_hours=plan.options.max_hours)
     if deadline_s is None and (deadline_s := caps.safety_deadline(est)) is not None:
         console.print(caps.safety_line(deadline_s), highlight=False)
     return _estimate_summary(render.to_json(est)), deadline_s, not est.unpriced
@@ -147,16 +148,17 @@ def _weights_choice(plan: planlib.Plan, backend, console) -> None:
     size and time, or leave them where they outlive the machine); refuse `leave` where nothing does."""
     if plan.cfg.train.method != "full":
         return
-    where = backend.WEIGHTS_OUTLIVE
-    if plan.options.get("weights") == "leave" and where is None:
+    keeper = outliving(backend)
+    where = keeper.WEIGHTS_OUTLIVE if keeper else None
+    if plan.options.weights == "leave" and where is None:
         raise ContractError(f"--weights leave: not accepted with --infra {plan.infra} (this machine is torn down at the "
                             "end and its weights with it; a managed run's bucket (--managed or --spot) outlives it)")
-    from launcher.cost.hours import LAPTOP_MBPS, full_output_gb
-    from launcher.cost.rates import model_params_b
+    from launcher.cost.hours import LAPTOP_MBPS, full_output_gb  # keeps --help light (launcher/cost/)
+    from launcher.cost.rates import model_params_b  # keeps --help light (launcher/cost/)
 
     gb = full_output_gb(model_params_b(plan.cfg))
     minutes = gb * 1000 / LAPTOP_MBPS[1] / 60
-    if plan.options.get("weights") == "leave":
+    if plan.options.weights == "leave":
         line = (f"weights: the full fine-tune's ~{gb:.1f} GB of weights stay in {where} (--weights leave); everything "
                 f"else comes back and is verified; `socrates-launch download RUN` pulls them later (~{minutes:,.0f} min "
                 f"at {LAPTOP_MBPS[1]:g} MB/s)")
@@ -171,11 +173,11 @@ def _weights_choice(plan: planlib.Plan, backend, console) -> None:
 def _confirm(plan: planlib.Plan, console) -> None:
     if not sys.stdin.isatty():
         raise ContractError("up: no terminal to confirm on; pass --yes to launch (or --dryrun to look first)")
-    from rich.prompt import Confirm
+    from rich.prompt import Confirm  # keeps --help light (rich)
 
     where = f"{plan.gpu} on {plan.infra}" if plan.gpu else plan.infra
     if plan.cfg.train.method == "full":
-        where += f", weights {plan.options.get('weights', 'pull')}"
+        where += f", weights {plan.options.weights}"
     if not Confirm.ask(f"Launch {plan.name} ({where})?", console=console, default=False):
         raise SystemExit(1)
 
@@ -197,12 +199,10 @@ def _dryrun(plan: planlib.Plan, backend, console, priced: bool = True, save_to: 
 
 
 def _dryrun_in(plan: planlib.Plan, backend, console, staged, priced: bool, save_to: str | None = None) -> int:
-    from launcher.secrets import collect, redact
-
     preview = registry.Run(id=f"{plan.name}-dryrun", dir=Path("/nonexistent"), infra=plan.infra, name=plan.name,
                            config=plan.cfg.to_dict(), options=plan.options)  # never saved: a dry run creates no run
-    rendered = tasklib.render(preview, gpu=str(plan.gpu) if plan.gpu else None, cloud=plan.options["cloud"],
-                              spot=plan.options["spot"], data_path=tasklib.local_data(preview.config),
+    rendered = tasklib.render(preview, gpu=str(plan.gpu) if plan.gpu else None, cloud=plan.options.cloud,
+                              spot=plan.options.spot, data_path=tasklib.local_data(preview.config),
                               secret_names=tuple(collect()), workdir=staged.path)
     console.print(planlib.describe(plan), highlight=False, markup=False, soft_wrap=True)  # as `estimate --explain` shows it
     where = "kept for --save-task" if save_to else "temporary here; a run stages runs/<id>/code"
@@ -217,8 +217,8 @@ def _dryrun_in(plan: planlib.Plan, backend, console, staged, priced: bool, save_
         except OSError as e:
             raise ContractError(f"--save-task {save_to}: {e.strerror or e}") from None
         console.print(f"task written to {save_to}", highlight=False, markup=False)
-    if plan.options.get("image"):
-        console.print(f"environment: the job image {plan.options['image']} (image_id docker:...; setup installs nothing)",
+    if plan.options.image:
+        console.print(f"environment: the job image {plan.options.image} (image_id docker:...; setup installs nothing)",
                       highlight=False, markup=False)
     else:
         console.print("environment: a venv from requirements/job.lock, installed by setup on the machine "
