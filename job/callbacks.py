@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from contracts.errors import ContractError
 from contracts.events import EventWriter
+from job import dist
 from job.checkpoints import (
     complete_checkpoints,
     fsync_dir,
@@ -61,8 +62,6 @@ class CheckpointCallback(TrainerCallback):
         self.root, self.keep, self.events, self.run_fp = root, keep, events, run_fp
 
     def on_save(self, args, state, control, **kw):
-        from job import dist
-
         dist.barrier()  # every rank has written its part (rng_state_<rank>.pth) into .staging
         try:
             if state.is_world_process_zero:
@@ -105,8 +104,6 @@ class SaveClock:
         return self.every_s > 0 and self.clock() - self.last >= self.every_s
 
     def due(self) -> bool:
-        from job import dist
-
         return self.every_s > 0 and dist.agreed(self.local_due())
 
 
@@ -146,8 +143,6 @@ class DeadlineCallback(TrainerCallback):
 
     def passed(self) -> bool:
         """Collective at world > 1 when a deadline is set (torchrun gives every rank the same environment)."""
-        from job import dist
-
         return self.deadline is not None and dist.agreed(self.clock() >= self.deadline)
 
     def on_step_end(self, args, state, control, **kw):

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"memory mode: {m['mode']} ({m['why']}): micro_batch {m['micro_batch']}, checkpointed layers "
           f"{'all' if m['checkpoint_layers'] is None else m['checkpoint_layers']}, offloaded checkpoints "
           f"{'on' if m['offload_checkpoints'] else 'off'}")
-    from job.levers import summary
+    from job.levers import summary  # torch-heavy (check() loaded it already), never for --help
 
     print(f"speed levers: {summary(report['levers'])}")
     if f.get("host_gib"):
@@ -106,10 +106,10 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
                                 env.host_mem_available_gib() if on_gpu else None, data_dir, world)
     fit = mode.pop("fit")
     fit["available_gib"] = card["memory_gib"] if on_gpu else None
-    from job import levers as levers_mod  # which speed levers this machine really gives the config
+    from job import levers  # torch-heavy: imported once the card is checked, never for --help
 
-    lv = levers_mod.report(run_cfg, on_gpu, layers=levers_mod.decoder_layers(run_cfg))
-    if cfg.train.require_levers and (refusal := levers_mod.refusal(lv)):
+    lv = levers.report(run_cfg, on_gpu, layers=levers.decoder_layers(run_cfg))
+    if cfg.train.require_levers and (refusal := levers.refusal(lv)):
         raise JobCannotRun(refusal)
     return {"ok": True, "card": card, "nf4": nf4, "disk_free_gib": free, "fit": fit, "mode": mode,
             "packages": env.package_versions(), "levers": lv}
@@ -308,29 +308,17 @@ def _packed_row_tokens(cfg: RunConfig, data_dir: Path | None, default: int) -> i
     return default
 
 
-def _model_config(cfg: RunConfig, qwen2_config, presets):
-    if cfg.model.init == "random":
-        return qwen2_config(cfg, 151680)
-    if "qwen2.5-14b" in cfg.model.id.lower():
-        return qwen2_config(cfg.with_overrides({"model.arch": {"preset": "qwen2.5-14b"}}), 152064)
-    from transformers import AutoConfig
+def _model_config(cfg: RunConfig, qwen2_config=None, presets=None):
+    """job/model.py's model_config, in the planner's call shape."""
+    from job.model import model_config  # torch-heavy: only where a fit is planned, never for --help
 
-    try:
-        return AutoConfig.from_pretrained(cfg.model.id, revision=cfg.model.revision)
-    except OSError as e:
-        raise ContractError(f"model.id: {cfg.model.id!r}: no config reachable ({str(e).splitlines()[0]})") from None
+    return model_config(cfg)
 
 
 def _weights_gib(cfg: RunConfig) -> float:
     try:
-        from job.model import param_count
+        from job.model import param_count  # torch-heavy: only where the disk need is checked
 
-        return param_count(_model_config(cfg, *_model_helpers())) * 2 / 2**30 * 1.1
+        return param_count(_model_config(cfg)) * 2 / 2**30 * 1.1
     except ContractError:
         return 0.0
-
-
-def _model_helpers():
-    from job.model import PRESETS, qwen2_config
-
-    return qwen2_config, PRESETS

@@ -19,7 +19,7 @@ resume point are settled; everything else of a full fine-tune lives in this modu
   scheduler with `ceil(warmup_ratio x steps)` warm-up steps: the paper's settings (lr 1e-5, cosine,
   warm-up 0.05, weight decay 0.1). Any AdamW flavour in `train.optim` (8-bit, paged) becomes this one:
   bitsandbytes' optimizers do not take sharded parameters.
-- Data: job/dist.py's RankBatches, as the QLoRA path: a step trains the same rows, packed the same
+- Data: job/batches.py's RankBatches, as the QLoRA path: a step trains the same rows, packed the same
   way, on 1 or N ranks; the loss is summed over a micro-batch's answer tokens and divided by the
   step's answer tokens over all ranks (times the world size: FSDP averages the gradients).
 - Checkpoints: `torch.distributed.checkpoint` (DCP) writes every rank's shard of the model and the
@@ -41,15 +41,22 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from contracts.errors import ContractError
 from contracts.events import EventWriter
-from job import dist
+from job import dist, levers
+from job.batches import PackedCollator, RankBatches, WithBlank, collate_padded, count_targets, with_labels
+from job.callbacks import DeadlineCallback, SaveClock
 from job.checkpoints import complete_checkpoints, fsync_dir, fsync_tree, move_checkpoint, seal, write_fingerprint
-from job.fast import summed_target_loss
+from job.loss import summed_target_loss
+from job.managed import checkpoint_every_s
+from job.model import build, compute_dtype
+from job.result import TrainResult, finish
 
 MODEL_DIR = "model"
 SHARD_BYTES = 5 * 10**9
@@ -77,10 +84,6 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
                reason_at_end: str, run_fp: dict, data_hash: str, resume_from: Path | None, done_at: int,
                device: torch.device, mode: dict | None):
     """Train every weight (FSDP2 over the ranks when there are several); save out/model and the manifest."""
-    from job.fast import PackedCollator, _with_labels, collate_padded, count_targets
-    from job.model import build, compute_dtype
-    from job.train import TrainResult, finish
-
     t = cfg.train
     world = dist.world_size()
     ga = t.grad_accum(world)
@@ -111,17 +114,13 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
         events.emit("log", message="checkpoints: each node writes its own ranks' shards to its own disk, so a checkpoint "
                                    "is whole only on a file system every node shares at OUT; resuming a multi-node "
                                    "full fine-tune from local disks is not supported yet")
-    from job.dist import RankBatches, WithBlank
-    from job.callbacks import DeadlineCallback, SaveClock
-    from job.managed import checkpoint_every_s
-
     rows = WithBlank(dataset, tok.pad_token_id)
     sampler = RankBatches(len(dataset), t.micro_batch, t.seed, dist.rank(), world)
     if t.packing:
         collate = PackedCollator(tok.pad_token_id, lv.row_len, lv.attn_implementation == "flex_attention")
     else:
         def collate(feats):
-            return collate_padded([_with_labels(f) for f in feats], tok.pad_token_id)
+            return collate_padded([with_labels(f) for f in feats], tok.pad_token_id)
     steps_per_epoch = math.ceil(len(sampler) / ga)
     deadline = DeadlineCallback().deadline
     ckpt_root = out / "checkpoints"
@@ -194,19 +193,12 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
 # --- model ------------------------------------------------------------------------------------------
 
 def _levers(lm, t, device):
-    """Attention, Liger (CUDA), checkpointing on the plain model, before it is sharded (job/fast.py)."""
-    from dataclasses import replace
-
-    from job import fast
-
-    lv = fast.levers_for(t, device)
-    if lv.attn_implementation == "flex_attention" and not fast.flex_attention_works(device):
-        print("speed: flex_attention does not compile here; using sdpa (slower with packing)", flush=True)
-        lv = replace(lv, attn_implementation="sdpa")
-    fast.set_attention(lm, lv.attn_implementation)
-    if lv.liger and not fast.apply_liger(lm):
+    """Attention, Liger (CUDA), checkpointing on the plain model, before it is sharded (job/levers.py)."""
+    lv = levers.resolve(t, device)
+    levers.set_attention(lm, lv.attn_implementation)
+    if lv.liger and not levers.apply_liger(lm):
         lv = replace(lv, liger=False)
-    fast.set_checkpointing(lm, t.gradient_checkpointing, lv.checkpoint_layers)
+    levers.set_checkpointing(lm, t.gradient_checkpointing, lv.checkpoint_layers)
     return lv
 
 
@@ -306,8 +298,6 @@ def load_checkpoint(model, optimizer, checkpoint: Path) -> None:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     if not (checkpoint / ".metadata").is_file():
-        from contracts.errors import ContractError
-
         raise ContractError(f"--resume: {checkpoint} holds no torch.distributed.checkpoint (.metadata missing): it was not "
                             "written by a train.method: full run (accepted: a checkpoint of this run)")
     state = _state(model, optimizer)
