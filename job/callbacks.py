@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -11,14 +10,7 @@ from transformers import TrainerCallback
 from contracts.errors import ContractError
 from contracts.events import EventWriter
 from job import dist
-from job.checkpoints import (
-    complete_checkpoints,
-    fsync_dir,
-    fsync_tree,
-    move_checkpoint,
-    seal,
-    write_fingerprint,
-)
+from job.checkpoints import commit
 
 
 class EventsCallback(TrainerCallback):
@@ -74,18 +66,8 @@ class CheckpointCallback(TrainerCallback):
         src = Path(args.output_dir) / name
         if not src.is_dir():
             return
-        write_fingerprint(src, self.run_fp)
-        fsync_tree(src)  # every file on disk before the marker that lists them
-        seal(src, state.global_step)
-        fsync_tree(src)
-        dst = self.root / name
-        if dst.exists():
-            shutil.rmtree(dst)
-        move_checkpoint(src, dst)
-        fsync_dir(self.root)
+        commit(src, self.root, state.global_step, self.run_fp, self.keep)
         self.events.emit("checkpoint", step=state.global_step, path=f"checkpoints/{name}")
-        for old in complete_checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 class SaveClock:

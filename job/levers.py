@@ -58,8 +58,8 @@ class Levers:
     """With fp8: attention's q/o projections too (the MLP's always; job/fp8.py projections)."""
 
 
-# A lever the machine lacks -> (the package to install, the config key that turns it off).
-NEEDS = {"liger": ("liger-kernel", "train.liger"), "flex_attention": ("triton", "train.attn_implementation")}
+# A lever the machine may lack -> the config key that turns it off.
+KEYS = {"liger": "train.liger", "flex_attention": "train.attn_implementation"}
 
 
 def report(cfg: RunConfig, on_gpu: bool, layers: int | None = None, probe_flex: bool = True) -> dict:
@@ -79,7 +79,7 @@ def report(cfg: RunConfig, on_gpu: bool, layers: int | None = None, probe_flex: 
     if not wants_flex:
         why = "auto: sdpa off CUDA" if attn == "auto" else f"train.attn_implementation: {attn}"
         out["flex_attention"] = {"on": False, "why": why}
-    elif probe_flex and not _flex_works(on_gpu):
+    elif probe_flex and not flex_attention_works("cuda" if on_gpu else "cpu"):
         out["flex_attention"] = {"on": False, "why": "flex_attention does not compile here (needs Triton and a C "
                                  "compiler)", "missing": "triton"}
     else:
@@ -124,7 +124,7 @@ def _fp8_report(t, on_gpu: bool, lora: bool) -> dict:
 
 def missing(levers: dict) -> list[tuple[str, str, str]]:
     """(lever, package, config key) for each lever asked for but unavailable here."""
-    return [(name, lv["missing"], NEEDS[name][1]) for name, lv in levers.items() if lv.get("missing")]
+    return [(name, lv["missing"], KEYS[name]) for name, lv in levers.items() if lv.get("missing")]
 
 
 def refusal(levers: dict) -> str | None:
@@ -157,14 +157,8 @@ def _version(dist: str) -> str:
         return "?"
 
 
-def _flex_works(on_gpu: bool) -> bool:
-    return flex_attention_works("cuda" if on_gpu else "cpu")
-
-
 def for_this_machine(cfg: RunConfig, probe_flex: bool = True) -> dict:
     """`report` for the machine this runs on: CUDA as torch sees it, the model's decoder layer count."""
-    import torch
-
     return report(cfg, torch.cuda.is_available(), layers=decoder_layers(cfg), probe_flex=probe_flex)
 
 
