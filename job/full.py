@@ -28,9 +28,8 @@ from torch import nn
 
 from contracts.errors import ContractError
 from contracts.events import EventWriter
-from job import dist, levers
+from job import callbacks, dist, levers
 from job.batches import PackedCollator, RankBatches, WithBlank, collate_padded, count_targets, with_labels
-from job.callbacks import DeadlineCallback, SaveClock
 from job.checkpoints import commit
 from job.loss import summed_target_loss
 from job.managed import checkpoint_every_s
@@ -101,11 +100,11 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
         def collate(feats):
             return collate_padded([with_labels(f) for f in feats], tok.pad_token_id)
     steps_per_epoch = math.ceil(len(sampler) / ga)
-    deadline = DeadlineCallback().deadline
+    deadline = callbacks.DeadlineCallback().deadline
     ckpt_root = out / "checkpoints"
     step, hit = done_at, False
     t0 = t_start = time.time()
-    timer = SaveClock(checkpoint_every_s(t))  # by time as well as by steps (a managed run: what a preemption can cost)
+    timer = callbacks.SaveClock(checkpoint_every_s(t))  # by time as well as by steps (a managed run: what a preemption can cost)
     epoch_cache: dict[int, list] = {}
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
