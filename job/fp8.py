@@ -13,14 +13,10 @@ Those are ~90% of a step's FLOPs. `enable_fp8(model)` swaps the forward of the f
 - backward: dy quantized per token (e4m3: row-wise scales leave it enough range, as torchao's
   row-wise recipe does), W^T quantized per input column, `dx = dy @ W` in fp8 with exact accumulation.
 
-Two switches pick the recipe (train.fp8_fast_accum, train.fp8_backward; bench levers `exact`, `dxbf16`):
-- `fast_accum=False`: the forward's `_scaled_mm` accumulates exactly too (Hopper's fast accumulation
-  keeps fewer bits in the running sum of long K; exact costs a little speed).
-- `backward="bf16"`: `dx = dy @ W` in bf16 from the dequantized W, as bnb's own matmul does (dy's
-  range is not squeezed into e4m3); only the forward (and its recompute) runs in fp8.
-The defaults (fast accumulation, fp8 dx) are the measured recipe (bench/RESULTS.md).
 - nothing is saved for backward (the weight is re-read from the module; x is not needed, the base is
   frozen), so a layer that is not recomputed keeps less than bnb's matmul does.
+Two switches pick another recipe (train.fp8_fast_accum: exact accumulation; train.fp8_backward: bf16 dx
+from the dequantized W, as bnb does); docs/speed.md says what each measured.
 
 The weights stay NF4 in memory: the fp8 copies are transient, one layer at a time. What changes is
 the rounding of the matmul inputs (e4m3: 3 mantissa bits) on top of the NF4 weights; the bench's

@@ -37,25 +37,21 @@ from job.offload import install
 
 @dataclass(frozen=True)
 class Levers:
-    """The levers one training run switches on (TrainSpec fields resolved for the device)."""
+    """The levers one training run switches on: TrainSpec's fields (contracts/config.py says what each
+    does) resolved for the device; `row_len`: tokens per packed row, at least the longest sequence."""
     packing: bool = True
     row_len: int = 2048
-    """Tokens per packed row (at least the longest sequence); attention cost grows with it."""
     answer_only_loss: bool = True
     liger: bool = True
-    checkpoint_layers: int | None = None
-    """With gradient checkpointing: how many decoder layers recompute (None: all of them)."""
+    checkpoint_layers: int | None = None  # None: every decoder layer (with gradient checkpointing)
     attn_implementation: str = "sdpa"
     compile: bool = False
     fused_lora: bool = False
     offload_checkpoints: bool = False
     fp8: bool = False
     fp8_fast_accum: bool = True
-    """With fp8: the forward's `_scaled_mm` uses fast accumulation (False: exact)."""
     fp8_backward: str = "fp8"
-    """With fp8: dx = dy @ W in fp8 | bf16 (dequantized weight, as bnb does)."""
     fp8_attention: bool = False
-    """With fp8: attention's q/o projections too (the MLP's always; job/fp8.py projections)."""
 
 
 # A lever the machine may lack -> the config key that turns it off.

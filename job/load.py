@@ -10,7 +10,7 @@ from contracts.errors import ContractError
 from job.dist import local_rank
 from job.tokenizer import load_tokenizer
 
-DEFAULT_TOKENS_PER_BATCH = 32768  # H200, merged bf16: 17.2k tok/s at 32768 = 65536 (17.1k), peak 33.5 GiB
+DEFAULT_TOKENS_PER_BATCH = 32768  # bench/eval_throughput.py: 65536 is no faster on the 14B
 EVAL_PRECISIONS = ("auto", "bf16", "nf4")
 
 

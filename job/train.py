@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None = None,
           resume: str = "auto") -> TrainResult:
-    """Prepare data if needed, build model, run SFTTrainer, save adapter + manifest."""
+    """Prepare data if needed, build the model, train it (job/sft.py; job/full.py), save adapter + manifest."""
     import torch  # torch-heavy: never for --help
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
