@@ -2,7 +2,7 @@
 # One device call: the job's real train path twice on one card, the job at $OLD (a checkout before a change)
 # and this tree's: configs/bench-paper-14b.yaml (random 14B weights, configs/paper.yaml's training) cut to
 # $STEPS optimizer steps on synthetic rows; the steady tokens/s of each from its own step events (bench/job_rate.py).
-#   cd COPY && OLD=/path/to/old/checkout bash bench/job_rate_ab.sh
+#   cd COPY && OLD=/path/to/old/checkout bash bench/calls/job_rate_ab.sh   (not yet run on a device)
 # Wheels: the lock's speed packages in .whl (device_prelude.sh) and trl/datasets/dill/multiprocess in .xwhl;
 # Qwen's BPE ranks in .carry/qwen.tiktoken (the dashscope wheel's) for the offline tokenizer.
 source bench/device_prelude.sh
