@@ -4,7 +4,7 @@
   reference for job/scoring.py's tree scorer (tests/test_job_evaluate.py, bench/eval_throughput.py).
 - `step`: a plain training loop over one global batch (`micro_batches` as the Trainer draws them,
   packed or padded; answer-only loss or the stock full-logits loss, `hf_loss_sum`), the reference
-  the Trainer path of job/fast.py is checked against (tests/test_job_fast_*.py) and the loop
+  the Trainer path of job/sft.py is checked against (tests/test_job_fast_*.py) and the loop
   bench/train_throughput.py times; `frozen_to` undoes peft's fp32 upcast for the plain stack.
 """
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Iterable, Sequence
 import torch
 
 from job import data as D
-from job.fast import Levers, PackedCollator, answer_loss_sum, collate_padded, count_targets
+from job.batches import PackedCollator, collate_padded, count_targets
+from job.levers import Levers
+from job.loss import answer_loss_sum
 from job.load import device_of
 
 

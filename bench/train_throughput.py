@@ -18,7 +18,7 @@ ceiling measured in the same run.
 Baseline = what a plain transformers + peft + bitsandbytes script does: prepare_model_for_kbit_training
 (frozen weights upcast to fp32, reentrant checkpointing), LoRA on the 7 projections, right-padded
 micro-batches of the config's micro_batch, the model's own loss over full-sequence logits, bf16
-autocast, paged 8-bit AdamW. Ours = job/fast.py, the levers train.py uses. `--method lora`: the same
+autocast, paged 8-bit AdamW. Ours = job/levers.py's Levers as job/sft.py switches them on. `--method lora`: the same
 random weights kept in bf16 (no NF4), the plain stack without the fp32 upcast (bf16 frozen weights,
 reentrant checkpointing), every variant on that base.
 """
@@ -42,7 +42,9 @@ sys.path.insert(0, str(REPO))
 
 from contracts.config import LoraSpec, TrainSpec  # noqa: E402
 from bench import reference  # noqa: E402
-from job import fast  # noqa: E402
+from job.batches import IGNORE_INDEX, count_targets  # noqa: E402
+from job.fused_lora import fuse_lora  # noqa: E402
+from job.levers import Levers, apply_liger, set_attention, set_checkpointing, set_compile  # noqa: E402
 
 FLOPS_PER_TOKEN_14B = 4 * 14.8e9
 LENGTHS = Path(__file__).with_name("socsci210_lengths.json")
@@ -53,7 +55,7 @@ class Variant:
     name: str
     baseline: bool = False
     micro_batch: int = 8
-    levers: fast.Levers = field(default_factory=lambda: fast.Levers(liger=False, answer_only_loss=False))
+    levers: Levers = field(default_factory=lambda: Levers(liger=False, answer_only_loss=False))
     gc: bool = True
     note: str = ""
     seed: int | None = None
@@ -62,7 +64,7 @@ class Variant:
 
 def lever_sweep(mb: int) -> list[Variant]:
     """Each row adds one lever to the row above (the liger rows last: its patch can't be undone)."""
-    L = fast.Levers
+    L = Levers
     off = L(packing=False, answer_only_loss=False, liger=False)
     return [
         Variant("baseline (plain HF)", baseline=True, micro_batch=mb, levers=off),
@@ -81,7 +83,7 @@ def lever_sweep(mb: int) -> list[Variant]:
 
 
 def final_pair(mb: int, ours: list[Variant], seeds: list[int] | None = None) -> list[Variant]:
-    plain = fast.Levers(packing=False, answer_only_loss=False, liger=False)
+    plain = Levers(packing=False, answer_only_loss=False, liger=False)
     if not seeds:
         return [Variant("baseline (plain HF)", baseline=True, micro_batch=mb, levers=plain), *ours]
     runs = [seeds[:i + 1].count(s) for i, s in enumerate(seeds)]  # a seed listed again: the repeat
@@ -113,7 +115,7 @@ def make_examples(n: int, vocab: int, seed: int, tiny: bool, targets: str = "ran
         ids = [rng.randrange(10, vocab) for _ in range(p + a)]
         if targets == "learnable":
             ids[p:] = answers.choices(ANSWER_IDS, weights=ANSWER_WEIGHTS, k=a)
-        out.append({"input_ids": ids, "labels": [fast.IGNORE_INDEX] * p + ids[p:]})
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * p + ids[p:]})
     return out
 
 
@@ -152,12 +154,12 @@ def attach_lora(base, v: Variant, lora: LoraSpec, seed: int, dtype: torch.dtype)
                     target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base, lc)
     if not v.baseline:
-        fast.set_checkpointing(model, v.gc, v.levers.checkpoint_layers, v.levers.offload_checkpoints)
-        fast.set_attention(model, v.levers.attn_implementation)
-        if v.levers.liger and not fast.apply_liger(model):
+        set_checkpointing(model, v.gc, v.levers.checkpoint_layers, v.levers.offload_checkpoints)
+        set_attention(model, v.levers.attn_implementation)
+        if v.levers.liger and not apply_liger(model):
             print("  (liger not available here: kernels unchanged)")
-        fast.fuse_lora(model, v.levers.fused_lora)
-        fast.set_compile(model, v.levers.compile)
+        fuse_lora(model, v.levers.fused_lora)
+        set_compile(model, v.levers.compile)
         if v.levers.fp8:
             from job.fp8 import enable_fp8, projections, recipe
             lv = v.levers
@@ -168,7 +170,7 @@ def attach_lora(base, v: Variant, lora: LoraSpec, seed: int, dtype: torch.dtype)
 
 
 def detach_lora(model):
-    fast.set_compile(model, False)  # the base's layers outlive the variant: eager for the next one
+    set_compile(model, False)  # the base's layers outlive the variant: eager for the next one
     from job.fp8 import enable_fp8
     enable_fp8(model, False)
     base = model.unload()
@@ -270,7 +272,7 @@ def _packed_real(batch: dict) -> int:
     for r in range(pos.shape[0]):
         starts = (pos[r] == 0).nonzero().flatten().tolist() + [pos.shape[1]]
         for a, b in zip(starts[:-1], starts[1:]):
-            if (lab[r, a:b] != fast.IGNORE_INDEX).any():
+            if (lab[r, a:b] != IGNORE_INDEX).any():
                 n += b - a
     return n
 
@@ -279,7 +281,7 @@ def plain_hf_step(model, opt, group: list[dict], mb: int, device, dtype, tick) -
     """The plain loop: padded micro-batches, the model's own loss, normalized over the global batch
     (transformers' Trainer passes num_items_in_batch the same way)."""
     batches = [reference.collate_padded(group[i:i + mb], pad_id=0) for i in range(0, len(group), mb)]
-    total = sum(fast.count_targets(b) for b in batches)
+    total = sum(count_targets(b) for b in batches)
     loss_sum = 0.0
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
@@ -538,7 +540,7 @@ SWITCHES = {"packing": {"packing": True}, "answer": {"answer_only_loss": True}, 
 
 
 def parse_ours(spec: str, tiny: bool) -> Variant:
-    lv = fast.Levers(packing=False, answer_only_loss=False, liger=False)
+    lv = Levers(packing=False, answer_only_loss=False, liger=False)
     mb, gc_on, seed = 8, True, None
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         key, _, val = item.partition("=")

@@ -94,7 +94,7 @@ class TrainSpec:
     checkpoint_layers: int | None = None
     """With gradient_checkpointing: how many decoder layers recompute (None: all; fewer = faster, more memory)."""
     liger: bool = True
-    """Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA when liger-kernel is installed (job/fast.py)."""
+    """Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA when liger-kernel is installed (job/levers.py)."""
     attn_implementation: str = "auto"
     """auto (flex_attention on CUDA, sdpa on CPU) | sdpa | flex_attention | eager."""
     fused_lora: bool = True
@@ -123,7 +123,7 @@ class TrainSpec:
     fast: always as written | lean: always lean (every layer recomputed, its input offloaded to pinned
     host memory, the largest micro-batch up to 128 that fits card and host; job/check.py plan_memory)."""
     compile: bool = False
-    """Regional torch.compile: each decoder layer compiled (one shared graph, dynamic shapes; job/fast.py)."""
+    """Regional torch.compile: each decoder layer compiled (one shared graph, dynamic shapes; job/levers.py)."""
     require_levers: bool = True
     """A speed lever this config turns on (liger, flex_attention) that the machine can't provide is an
     error in `job check` (exit 3), not a silently slower run; false: run without it."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -10,14 +9,8 @@ from transformers import TrainerCallback
 
 from contracts.errors import ContractError
 from contracts.events import EventWriter
-from job.checkpoints import (
-    complete_checkpoints,
-    fsync_dir,
-    fsync_tree,
-    move_checkpoint,
-    seal,
-    write_fingerprint,
-)
+from job import dist
+from job.checkpoints import commit
 
 
 class EventsCallback(TrainerCallback):
@@ -61,8 +54,6 @@ class CheckpointCallback(TrainerCallback):
         self.root, self.keep, self.events, self.run_fp = root, keep, events, run_fp
 
     def on_save(self, args, state, control, **kw):
-        from job import dist
-
         dist.barrier()  # every rank has written its part (rng_state_<rank>.pth) into .staging
         try:
             if state.is_world_process_zero:
@@ -75,18 +66,8 @@ class CheckpointCallback(TrainerCallback):
         src = Path(args.output_dir) / name
         if not src.is_dir():
             return
-        write_fingerprint(src, self.run_fp)
-        fsync_tree(src)  # every file on disk before the marker that lists them
-        seal(src, state.global_step)
-        fsync_tree(src)
-        dst = self.root / name
-        if dst.exists():
-            shutil.rmtree(dst)
-        move_checkpoint(src, dst)
-        fsync_dir(self.root)
+        commit(src, self.root, state.global_step, self.run_fp, self.keep)
         self.events.emit("checkpoint", step=state.global_step, path=f"checkpoints/{name}")
-        for old in complete_checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 class SaveClock:
@@ -105,8 +86,6 @@ class SaveClock:
         return self.every_s > 0 and self.clock() - self.last >= self.every_s
 
     def due(self) -> bool:
-        from job import dist
-
         return self.every_s > 0 and dist.agreed(self.local_due())
 
 
@@ -146,8 +125,6 @@ class DeadlineCallback(TrainerCallback):
 
     def passed(self) -> bool:
         """Collective at world > 1 when a deadline is set (torchrun gives every rank the same environment)."""
-        from job import dist
-
         return self.deadline is not None and dist.agreed(self.clock() >= self.deadline)
 
     def on_step_end(self, args, state, control, **kw):

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"memory mode: {m['mode']} ({m['why']}): micro_batch {m['micro_batch']}, checkpointed layers "
           f"{'all' if m['checkpoint_layers'] is None else m['checkpoint_layers']}, offloaded checkpoints "
           f"{'on' if m['offload_checkpoints'] else 'off'}")
-    from job.levers import summary
+    from job.levers import summary  # torch-heavy (check() loaded it already), never for --help
 
     print(f"speed levers: {summary(report['levers'])}")
     if f.get("host_gib"):
@@ -107,10 +107,10 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
                                 env.host_mem_available_gib() if on_gpu else None, data_dir, world)
     fit = mode.pop("fit")
     fit["available_gib"] = card["memory_gib"] if on_gpu else None
-    from job import levers as levers_mod  # which speed levers this machine really gives the config
+    from job import levers  # torch-heavy: imported once the card is checked, never for --help
 
-    lv = levers_mod.report(run_cfg, on_gpu, layers=levers_mod.decoder_layers(run_cfg))
-    if cfg.train.require_levers and (refusal := levers_mod.refusal(lv)):
+    lv = levers.report(run_cfg, on_gpu, layers=levers.decoder_layers(run_cfg))
+    if cfg.train.require_levers and (refusal := levers.refusal(lv)):
         raise JobCannotRun(refusal)
     return {"ok": True, "card": card, "nf4": nf4, "disk_free_gib": free, "fit": fit, "mode": mode,
             "packages": env.package_versions(), "levers": lv}
@@ -192,10 +192,8 @@ def planned_world(gpus: int) -> int:
 def full_fit_estimate(cfg: RunConfig, data_dir: Path | None, world: int) -> dict:
     """Per-GPU memory of `train.method: full` over `world` ranks (contracts/sizing.py full_fit), with the
     activations of one micro-batch at the same checkpointing."""
-    from job.model import PRESETS, qwen2_config
-
     base = fit_estimate(cfg, data_dir)
-    fit = full_fit(Shape.of(_model_config(cfg, qwen2_config, PRESETS)), world=world, precision=cfg.train.precision,
+    fit = full_fit(_shape(cfg), world=world, precision=cfg.train.precision,
                    activations_gib=base["activations_gib"])
     return {**fit, "row_tokens": base["row_tokens"]}
 
@@ -204,9 +202,7 @@ def full_disk_gib(cfg: RunConfig) -> dict:
     """Disk a full fine-tune writes on one node: its share of each kept checkpoint (plus one being written)
     and, on node 0, the output weights in the training precision (contracts/sizing.py, which the launcher
     reads too for the machine's disk_size)."""
-    from job.model import PRESETS, qwen2_config
-
-    n = Shape.of(_model_config(cfg, qwen2_config, PRESETS)).params
+    n = _shape(cfg).params
     nodes = max(1, int(os.environ.get("SKYPILOT_NUM_NODES") or 1))
     t = cfg.train
     return full_disk(n, nodes=nodes, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
@@ -263,15 +259,13 @@ def nf4_self_test(device, n: int = 1024) -> dict:
 
 
 def fit_estimate(cfg: RunConfig, data_dir: Path | None) -> dict:
-    from job.model import PRESETS, qwen2_config
-
     row_tokens = min(cfg.train.max_length, 512)
     if data_dir is not None and (data_dir / "stats.json").is_file():
         row_tokens = json.loads((data_dir / "stats.json").read_text())["train"]["tokens"]["p90"] or row_tokens
     if cfg.train.packing:
         row_tokens = _packed_row_tokens(cfg, data_dir, row_tokens)
     t = cfg.train
-    est = adapter_fit(Shape.of(_model_config(cfg, qwen2_config, PRESETS)), method=t.method, lora_r=cfg.lora.r,
+    est = adapter_fit(_shape(cfg), method=t.method, lora_r=cfg.lora.r,
                       tokens=t.micro_batch * row_tokens, micro_batch=t.micro_batch,
                       gradient_checkpointing=t.gradient_checkpointing, checkpoint_layers=t.checkpoint_layers,
                       fused_lora=t.fused_lora, offload_checkpoints=t.offload_checkpoints)
@@ -290,27 +284,15 @@ def _packed_row_tokens(cfg: RunConfig, data_dir: Path | None, default: int) -> i
     return default
 
 
-def _model_config(cfg: RunConfig, qwen2_config, presets):
-    if cfg.model.init == "random":
-        return qwen2_config(cfg, 151680)
-    if "qwen2.5-14b" in cfg.model.id.lower():
-        return qwen2_config(cfg.with_overrides({"model.arch": {"preset": "qwen2.5-14b"}}), 152064)
-    from transformers import AutoConfig
+def _shape(cfg: RunConfig) -> Shape:
+    """The model's shape (contracts/sizing.py) from job/model.py's config of it (no weights)."""
+    from job.model import model_config  # torch-heavy: only where a fit is planned, never for --help
 
-    try:
-        return AutoConfig.from_pretrained(cfg.model.id, revision=cfg.model.revision)
-    except OSError as e:
-        raise ContractError(f"model.id: {cfg.model.id!r}: no config reachable ({str(e).splitlines()[0]})") from None
+    return Shape.of(model_config(cfg))
 
 
 def _weights_gib(cfg: RunConfig) -> float:
     try:
-        return base_download_gib(Shape.of(_model_config(cfg, *_model_helpers())).params)
+        return base_download_gib(_shape(cfg).params)
     except ContractError:
         return 0.0
-
-
-def _model_helpers():
-    from job.model import PRESETS, qwen2_config
-
-    return qwen2_config, PRESETS

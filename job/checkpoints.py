@@ -81,6 +81,22 @@ def seal(checkpoint: Path, step: int) -> None:
     (checkpoint / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
 
 
+def commit(staging: Path, root: Path, step: int, run_fp: dict, keep: int) -> None:
+    """Seal a written checkpoint (its fingerprint; every file on disk before the marker that lists them),
+    move it into `root` under its name, and keep the newest `keep` complete ones (0: all)."""
+    write_fingerprint(staging, run_fp)
+    fsync_tree(staging)
+    seal(staging, step)
+    fsync_tree(staging)
+    dst = root / staging.name
+    if dst.exists():
+        shutil.rmtree(dst)
+    move_checkpoint(staging, dst)  # file by file, marker last, where a bucket mount renames no folders
+    fsync_dir(root)
+    for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders under `root`, oldest step first."""
     if not root.is_dir():

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from contracts.errors import EXIT_BAD_INPUT
+from contracts.events import EventWriter
 
 EXIT_DEADLINE = 124
 KILL_AFTER_S = 15.0
@@ -100,8 +101,6 @@ def _record(events: Path | None, message: str) -> None:
     if events is None:
         return
     try:
-        from contracts.events import EventWriter
-
         EventWriter(events, echo=True).emit("log", message=message)
     except OSError:
         pass  # the kill matters more than the note

@@ -8,6 +8,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from job.errors import JobCannotRun
+
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "safetensors",
             "tokenizers")
 
@@ -41,8 +43,6 @@ def memory_cap_gib() -> float | None:
     except ValueError:
         cap = float("nan")
     if not cap > 0 or cap != cap or cap == float("inf"):
-        from job.errors import JobCannotRun
-
         raise JobCannotRun(f"{MEMORY_CAP_ENV}={raw!r}: expected a number of GiB > 0 (e.g. 22.5), or unset")
     return cap
 

@@ -38,7 +38,9 @@ from contracts.events import EventWriter
 from job import data as D
 from job import dist  # stdlib until torchrun is in use
 from job import metrics as M
+from job import report
 from job.load import DEFAULT_TOKENS_PER_BATCH, EVAL_PRECISIONS, load_model
+from job.prepare import check_out
 from job.scoring import row_scales, sample_answers, score_distributions, stated_scale
 
 BASELINES = ("uniform",)
@@ -92,8 +94,6 @@ def run(args: argparse.Namespace) -> int:
         raise ContractError("evaluate: give --adapter DIR (the fine-tuned model), --base, or --baseline uniform")
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise ContractError(f"--adapter {args.adapter}: no adapter_config.json there (give the folder train wrote)")
-    from job.prepare import check_out
-
     out = check_out(args.out)  # not "" (the current folder), not an existing file
     test = D.read_split(args.data, "test")
     rows = select_rows(test, rows_cap, cfg.data.seed)
@@ -150,8 +150,6 @@ def run_baseline(args: argparse.Namespace) -> int:
     rows_cap = args.rows if args.rows is not None else (cfg.eval.rows if cfg else None)
     if rows_cap is not None and rows_cap < 1:
         raise ContractError(f"--rows: {rows_cap} is not accepted (a whole number >= 1)")
-    from job.prepare import check_out
-
     out = check_out(args.out)
     test = D.read_split(args.data, "test")
     rows = select_rows(test, rows_cap, cfg.data.seed if cfg else 42)
@@ -186,8 +184,6 @@ def _write_outputs(out: Path, key: str, result: dict, events: EventWriter, args:
     all_metrics = results.write_metrics(out, key, result, paper_table2=M.PAPER_TABLE2,
                                         dpd_definition=M.DPD_DEFINITION)
     cells = results.write_cells(out, all_metrics["results"])
-    from job import report
-
     shown = {"results": {**_compared(out, args.compare), **all_metrics["results"]},
              **{k: v for k, v in all_metrics.items() if k != "results"}}
     html = report.write_report(out, shown, report.find_train_events(out, args.train_events))

@@ -13,14 +13,10 @@ Those are ~90% of a step's FLOPs. `enable_fp8(model)` swaps the forward of the f
 - backward: dy quantized per token (e4m3: row-wise scales leave it enough range, as torchao's
   row-wise recipe does), W^T quantized per input column, `dx = dy @ W` in fp8 with exact accumulation.
 
-Two switches pick the recipe (train.fp8_fast_accum, train.fp8_backward; bench levers `exact`, `dxbf16`):
-- `fast_accum=False`: the forward's `_scaled_mm` accumulates exactly too (Hopper's fast accumulation
-  keeps fewer bits in the running sum of long K; exact costs a little speed).
-- `backward="bf16"`: `dx = dy @ W` in bf16 from the dequantized W, as bnb's own matmul does (dy's
-  range is not squeezed into e4m3); only the forward (and its recompute) runs in fp8.
-The defaults (fast accumulation, fp8 dx) are what round 6 measured.
 - nothing is saved for backward (the weight is re-read from the module; x is not needed, the base is
   frozen), so a layer that is not recomputed keeps less than bnb's matmul does.
+Two switches pick another recipe (train.fp8_fast_accum: exact accumulation; train.fp8_backward: bf16 dx
+from the dequantized W, as bnb does); docs/speed.md says what each measured.
 
 The weights stay NF4 in memory: the fp8 copies are transient, one layer at a time. What changes is
 the rounding of the matmul inputs (e4m3: 3 mantissa bits) on top of the NF4 weights; the bench's
@@ -37,6 +33,9 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from job.fused_lora import swap_forward
+from job.model import causal_lm_of
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -179,14 +178,10 @@ def _fp8_forward(self, x: torch.Tensor, *args, fast_accum: bool = True, backward
         return _Fp8Linear.apply(x.to(dt), self, dt, fast_accum, backward)
 
 
-# Which projections run in fp8 (bench/RESULTS.md rounds 6 and 8, H200):
-# - the MLP's, always: most of the gain (7,043 tok/s vs bf16's 5,650 in the fast-mode shape), and its
-#   20-step loss stayed within the seed-to-seed noise of the plain stack at lr 3e-4;
-# - attention's q/o only with train.fp8_attention: +6.6% more (7,505 tok/s), but the loss left that
-#   noise (RMS 0.171 vs the seeds' 0.101; the base model's loss at step 1 moved 0.26 vs the MLP's 0.09);
-# - never k/v (GQA: 5120 -> 1024 in the 14B): round 6's layer microbench timed them at 0.53 + 0.85 ms
-#   in fp8 against bnb's 0.61 + 0.69 ms (forward + input gradient, one micro-batch of 128); with the
-#   forward run twice (recompute) that is 1.91 ms either way, so fp8 there only adds rounding.
+# Which projections run in fp8 (the measurements are in bench/RESULTS.md):
+# - the MLP's, always: most of the gain, and its loss stays within the seed-to-seed noise of the plain stack;
+# - attention's q/o only with train.fp8_attention: a little faster, but its loss leaves that noise;
+# - never k/v (GQA: 5120 -> 1024 in the 14B): as fast as bnb's matmul there, so fp8 would only add rounding.
 MLP = ("gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "o_proj")
 _EVERY = MLP + ATTENTION + ("k_proj", "v_proj")
@@ -199,8 +194,6 @@ def projections(attention: bool = False) -> tuple[str, ...]:
 
 def _frozen_linears(model: torch.nn.Module, names: tuple[str, ...] = MLP):
     """Frozen linear layers named in `names` inside the decoder layers (never the lm_head or embeddings)."""
-    from job.fast import causal_lm_of
-
     for block in causal_lm_of(model).model.layers:
         for qual, m in block.named_modules():
             if type(m).__name__ not in ("Linear4bit", "Linear") or hasattr(m, "lora_A"):
@@ -234,8 +227,6 @@ def enable_fp8(model: torch.nn.Module, enabled: bool = True, fast_accum: bool = 
     if backward not in BACKWARDS:
         raise ValueError(f"fp8 backward {backward!r} is not accepted ({' | '.join(BACKWARDS)})")
     fwd = functools.partial(_fp8_forward, fast_accum=bool(fast_accum), backward=backward)
-    from job.fused_lora import swap_forward
-
     if not enabled:  # back: whatever was switched, whichever names it was switched with
         return swap_forward([m for m in _frozen_linears(model, _EVERY) if "forward" in m.__dict__], fwd, False)
     return swap_forward(_frozen_linears(model, names), fwd, True)

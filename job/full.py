@@ -1,36 +1,15 @@
-"""`train.method: full`: the paper's full fine-tune, sharded with FSDP2 over every rank.
+"""`train.method: full`: the paper's full fine-tune, every weight trained, sharded with FSDP2 over every rank
+(docs/full-finetune.md says what it does, needs and writes). `job train` hands over here once the data,
+tokenizer, run fingerprint and resume point are settled. The step, top to bottom in `train_full`:
 
-`job train` hands over here (job/train.py) once the data, the tokenizer, the run fingerprint and the
-resume point are settled; everything else of a full fine-tune lives in this module:
-
-- Model: every weight trains. The decoder layers and then the root are wrapped with
-  `torch.distributed.fsdp.fully_shard` over all ranks (one mesh dimension). On a GPU with
-  `train.precision: bf16` the sharded master weights, gradients and AdamW states are fp32 and each
-  layer computes in bf16 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: plain bf16
-  AdamW loses updates of lr 1e-5 below bf16's resolution); on CPU everything is fp32. One process
-  (world 1) trains the plain model, no FSDP: the reference the sharded run must equal.
-- The root module is `AnswerLoss`: the decoder, then the lm_head on the answer positions only and
-  the summed cross-entropy, so the whole step runs inside FSDP's root forward (its embedding and
-  lm_head are unsharded there) and the 152k-wide logits are never built for the prompt.
-- Activation checkpointing: transformers' non-reentrant checkpointing on the decoder layers
-  (`train.gradient_checkpointing`, `train.checkpoint_layers`); recompute re-gathers a layer's shard.
-- Optimizer: AdamW (betas 0.9/0.999, eps 1e-8) at `train.lr` with `train.weight_decay` on the
-  matrices (not on biases and norms, as the Trainer does), gradient clipping at 1.0, the config's
-  scheduler with `ceil(warmup_ratio x steps)` warm-up steps: the paper's settings (lr 1e-5, cosine,
-  warm-up 0.05, weight decay 0.1). Any AdamW flavour in `train.optim` (8-bit, paged) becomes this one:
-  bitsandbytes' optimizers do not take sharded parameters.
-- Data: job/dist.py's RankBatches, as the QLoRA path: a step trains the same rows, packed the same
-  way, on 1 or N ranks; the loss is summed over a micro-batch's answer tokens and divided by the
-  step's answer tokens over all ranks (times the world size: FSDP averages the gradients).
-- Checkpoints: `torch.distributed.checkpoint` (DCP) writes every rank's shard of the model and the
-  optimizer into checkpoints/.staging/checkpoint-N; rank 0 adds trainer_state.json, the run
-  fingerprint and the sealed COMPLETE marker (every file and its size) and moves it into checkpoints/
-  (job/checkpoints.py: one rename, or file by file marker last on a bucket mount). DCP stores global tensors, so a checkpoint loads on any world size (the data order depends on the
-  step alone; a full step draws no random numbers).
-- Output: out/model/: the weights in the training precision (bf16 on GPUs: ~2 bytes a parameter)
-  as safetensors shards of at most 5 GB (`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`,
-  or one `model.safetensors`), `config.json`, the tokenizer files; gathered one tensor at a time,
-  written by rank 0 alone, listed in manifest.json (`kind: full`).
+- The root module is `AnswerLoss` (decoder, lm_head on the answer positions, summed cross-entropy), so
+  the whole step runs inside FSDP's root forward and the 152k-wide logits are never built for the prompt.
+- fp32 master weights, gradients and AdamW states; each layer computes in bf16 on a GPU (plain bf16
+  AdamW loses updates of lr 1e-5). World 1 trains the plain model, no FSDP: the reference a sharded run equals.
+- job/batches.py's RankBatches: a step trains the same rows on 1 or N ranks; the loss is divided by the
+  step's answer tokens on all ranks (times the world size: FSDP averages the gradients).
+- Checkpoints: `torch.distributed.checkpoint` shards (global tensors: they load on any world size), sealed
+  and moved into place as the QLoRA path's (job/checkpoints.py). Output: out/model/, safetensors shards.
 """
 from __future__ import annotations
 
@@ -41,15 +20,21 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from contracts.errors import ContractError
 from contracts.events import EventWriter
-from job import dist
-from job.checkpoints import complete_checkpoints, fsync_dir, fsync_tree, move_checkpoint, seal, write_fingerprint
-from job.fast import summed_target_loss
+from job import callbacks, dist, levers
+from job.batches import PackedCollator, RankBatches, WithBlank, collate_padded, count_targets, with_labels
+from job.checkpoints import commit
+from job.loss import summed_target_loss
+from job.managed import checkpoint_every_s
+from job.model import build, compute_dtype
+from job.result import TrainResult, finish
 
 MODEL_DIR = "model"
 SHARD_BYTES = 5 * 10**9
@@ -77,10 +62,6 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
                reason_at_end: str, run_fp: dict, data_hash: str, resume_from: Path | None, done_at: int,
                device: torch.device, mode: dict | None):
     """Train every weight (FSDP2 over the ranks when there are several); save out/model and the manifest."""
-    from job.fast import PackedCollator, _with_labels, collate_padded, count_targets
-    from job.model import build, compute_dtype
-    from job.train import TrainResult, finish
-
     t = cfg.train
     world = dist.world_size()
     ga = t.grad_accum(world)
@@ -111,23 +92,19 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
         events.emit("log", message="checkpoints: each node writes its own ranks' shards to its own disk, so a checkpoint "
                                    "is whole only on a file system every node shares at OUT; resuming a multi-node "
                                    "full fine-tune from local disks is not supported yet")
-    from job.dist import RankBatches, WithBlank
-    from job.callbacks import DeadlineCallback, SaveClock
-    from job.managed import checkpoint_every_s
-
     rows = WithBlank(dataset, tok.pad_token_id)
     sampler = RankBatches(len(dataset), t.micro_batch, t.seed, dist.rank(), world)
     if t.packing:
         collate = PackedCollator(tok.pad_token_id, lv.row_len, lv.attn_implementation == "flex_attention")
     else:
         def collate(feats):
-            return collate_padded([_with_labels(f) for f in feats], tok.pad_token_id)
+            return collate_padded([with_labels(f) for f in feats], tok.pad_token_id)
     steps_per_epoch = math.ceil(len(sampler) / ga)
-    deadline = DeadlineCallback().deadline
+    deadline = callbacks.DeadlineCallback().deadline
     ckpt_root = out / "checkpoints"
     step, hit = done_at, False
     t0 = t_start = time.time()
-    timer = SaveClock(checkpoint_every_s(t))  # by time as well as by steps (a managed run: what a preemption can cost)
+    timer = callbacks.SaveClock(checkpoint_every_s(t))  # by time as well as by steps (a managed run: what a preemption can cost)
     epoch_cache: dict[int, list] = {}
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
@@ -194,19 +171,12 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
 # --- model ------------------------------------------------------------------------------------------
 
 def _levers(lm, t, device):
-    """Attention, Liger (CUDA), checkpointing on the plain model, before it is sharded (job/fast.py)."""
-    from dataclasses import replace
-
-    from job import fast
-
-    lv = fast.levers_for(t, device)
-    if lv.attn_implementation == "flex_attention" and not fast.flex_attention_works(device):
-        print("speed: flex_attention does not compile here; using sdpa (slower with packing)", flush=True)
-        lv = replace(lv, attn_implementation="sdpa")
-    fast.set_attention(lm, lv.attn_implementation)
-    if lv.liger and not fast.apply_liger(lm):
+    """Attention, Liger (CUDA), checkpointing on the plain model, before it is sharded (job/levers.py)."""
+    lv = levers.resolve(t, device)
+    levers.set_attention(lm, lv.attn_implementation)
+    if lv.liger and not levers.apply_liger(lm):
         lv = replace(lv, liger=False)
-    fast.set_checkpointing(lm, t.gradient_checkpointing, lv.checkpoint_layers)
+    levers.set_checkpointing(lm, t.gradient_checkpointing, lv.checkpoint_layers)
     return lv
 
 
@@ -284,18 +254,8 @@ def save_checkpoint(model, optimizer, root: Path, step: int, world: int, run_fp:
         if dist.is_main():
             (staging / "trainer_state.json").write_text(json.dumps(
                 {"global_step": step, "world_size": world, "method": "full", "format": "torch.distributed.checkpoint"}) + "\n")
-            write_fingerprint(staging, run_fp)
-            fsync_tree(staging)  # every file on disk before the marker that lists them
-            seal(staging, step)
-            fsync_tree(staging)
-            dst = root / name
-            if dst.exists():
-                shutil.rmtree(dst)
-            move_checkpoint(staging, dst)  # file by file, marker last, where a bucket mount renames no folders
-            fsync_dir(root)
+            commit(staging, root, step, run_fp, keep)
             events.emit("checkpoint", step=step, path=f"checkpoints/{name}", seconds=round(time.time() - t_save, 2))
-            for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
     finally:
         dist.barrier()
 
@@ -306,8 +266,6 @@ def load_checkpoint(model, optimizer, checkpoint: Path) -> None:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     if not (checkpoint / ".metadata").is_file():
-        from contracts.errors import ContractError
-
         raise ContractError(f"--resume: {checkpoint} holds no torch.distributed.checkpoint (.metadata missing): it was not "
                             "written by a train.method: full run (accepted: a checkpoint of this run)")
     state = _state(model, optimizer)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from contracts.config import RunConfig
 from contracts.errors import ContractError
+from job.dist import local_rank
+from job.tokenizer import load_tokenizer
 
-DEFAULT_TOKENS_PER_BATCH = 32768  # H200, merged bf16: 17.2k tok/s at 32768 = 65536 (17.1k), peak 33.5 GiB
+DEFAULT_TOKENS_PER_BATCH = 32768  # bench/eval_throughput.py: 65536 is no faster on the 14B
 EVAL_PRECISIONS = ("auto", "bf16", "nf4")
 
 
@@ -17,8 +19,6 @@ def load_model(cfg: RunConfig, adapter: str | None, precision: str = "nf4",
     """(tokenizer, model in eval mode) for this config, with the adapter applied when given;
     dense and merged when `precision` (auto|bf16|nf4) asks for it and, for auto, the GPU holds it."""
     import torch
-
-    from job.tokenizer import load_tokenizer
 
     if precision not in EVAL_PRECISIONS:
         raise ContractError(f"--eval-precision: {precision!r} is not accepted ({' | '.join(EVAL_PRECISIONS)})")
@@ -126,8 +126,7 @@ def load_base(cfg: RunConfig, tok):
     """The base exactly as train built it (job/model.py: same seed, same 4-bit NF4), so an adapter fits."""
     import torch
 
-    from job.dist import local_rank
-    from job.model import build_base
+    from job.model import build_base  # torch-heavy: only where a model is loaded, never for --help
 
     device = torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     return build_base(cfg, tok, device)

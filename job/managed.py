@@ -30,6 +30,7 @@ from pathlib import Path
 from contracts import remote
 from contracts._io import atomic_write_json
 from contracts.errors import EXIT_BAD_INPUT
+from contracts.events import LINE_PREFIX, EventWriter, dumps, make, read_all
 
 STATE_FILE = "launches.json"
 # The time-based checkpoint interval a managed run gets when its config leaves train.checkpoint_every_s unset.
@@ -104,8 +105,6 @@ def start(state_dir: Path, events: Path | None, deadline_s: float, t0: float | N
     state["starts"].append(now)
     atomic_write_json(state_dir / STATE_FILE, state)
     if state["launches"] > 1 and events is not None:
-        from contracts.events import LINE_PREFIX, EventWriter, dumps, read_all
-
         steps = [e["step"] for e in read_all(events) if e.get("event") == "step"] if events.is_file() else []
         ev = EventWriter(events).emit(
             "preempted", launch=state["launches"], last_step=max(steps) if steps else None,
@@ -138,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _refused(events: Path | None, message: str) -> None:
     """One line on stderr, and an `error` event the launcher shows (the run block stops: set -e)."""
-    from contracts.events import LINE_PREFIX, EventWriter, dumps, make
-
     try:
         ev = EventWriter(events).emit("error", message=message) if events is not None else make("error", message=message)
         print(LINE_PREFIX + dumps(ev), file=sys.stderr, flush=True)

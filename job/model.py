@@ -6,13 +6,13 @@ Linear4bit quantized there: never 30 GB through CPU RAM or disk.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
 from contracts.config import RunConfig
 from contracts.errors import ContractError
 from job.env import quiet_bnb_cpu_notice
+from job.tokenizer import padded_vocab
 
 quiet_bnb_cpu_notice()
 
@@ -57,6 +57,32 @@ def qwen2_config(cfg: RunConfig, vocab: int):
     return qc
 
 
+def model_config(cfg: RunConfig):
+    """The model's transformers config (no weights): built from `model.arch` (random init, or Qwen2.5-14B's
+    known shapes), else read from the hub."""
+    if cfg.model.init == "random":
+        return qwen2_config(cfg, 151680)
+    if "qwen2.5-14b" in cfg.model.id.lower():
+        return qwen2_config(cfg.with_overrides({"model.arch": {"preset": "qwen2.5-14b"}}), 152064)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.model.id, revision=cfg.model.revision)
+    except OSError as e:
+        raise ContractError(f"model.id: {cfg.model.id!r}: no config reachable ({str(e).splitlines()[0]})") from None
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The *ForCausalLM inside a PeftModel (LoRA layers are injected in place, so it trains them),
+    also under a DistributedDataParallel wrapper."""
+    model = unwrap_ddp(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def build(cfg: RunConfig, tok, device: torch.device):
     """The model ready for training: base (4-bit for qlora), LoRA on `lora.target_modules`."""
     model = build_base(cfg, tok, device)
@@ -72,8 +98,6 @@ def build_base(cfg: RunConfig, tok, device: torch.device):
     dtype = compute_dtype(cfg, device)
     quantize = cfg.train.method == "qlora"
     if cfg.model.init == "random":
-        from job.tokenizer import padded_vocab
-
         return build_random(qwen2_config(cfg, padded_vocab(tok)), device, dtype, quantize, cfg.train.seed)
     return load_pretrained(cfg, device, dtype, quantize)
 

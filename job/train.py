@@ -11,40 +11,27 @@ one carries the run's fingerprint (job/checkpoints.py): a resume with another co
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from contracts import manifest
-from contracts.config import TENSORBOARD_DIR, RunConfig, load_config
+from contracts.config import RunConfig, load_config
 from contracts.errors import ContractError
-from contracts.events import EventWriter
-from job.checkpoints import (  # noqa: F401
-    COMPLETE,
-    check_resumable,
-    complete_checkpoints,
-    fingerprint,
-    global_step,
-    is_complete,
-    resume_point,
-)
+from contracts.events import EventWriter, read_all
+from job import data as D
+from job import dist, env
+from job.check import plan_memory
+from job.checkpoints import COMPLETE, check_resumable, fingerprint, global_step, is_complete, resume_point
 from job.env import quiet_bnb_cpu_notice
 from job.errors import JobCannotRun
+from job.managed import launch_number
+from job.prepare import check_out, prepare
+from job.result import TrainResult, finish
+from job.tokenizer import load_tokenizer
 
 quiet_bnb_cpu_notice()
-
-
-@dataclass
-class TrainResult:
-    out: Path
-    steps: int
-    total_steps: int
-    reason: str
-    resumed_from: str | None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,14 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    from job.prepare import check_out
-
     out = check_out(args.out)
     if args.resume not in ("auto", "never") and not is_complete(Path(args.resume)):
         raise ContractError(f"--resume {args.resume}: not a complete checkpoint folder (accepted: auto | never | "
                             f"a checkpoints/checkpoint-N folder with a {COMPLETE} marker)")
-    from job import dist
-    from job.levers import for_this_machine
+    from job.levers import for_this_machine  # torch-heavy: never for --help
 
     dist.init()
     # Rank 0 alone writes events (and everything else the run leaves); other ranks stay quiet.
@@ -90,13 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
 def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None = None,
           resume: str = "auto") -> TrainResult:
-    """Prepare data if needed, build model, run SFTTrainer, save adapter + manifest."""
-    import torch
-
-    from job import data as D
-    from job import dist, env
-    from job.model import build
-    from job.tokenizer import load_tokenizer
+    """Prepare data if needed, build the model, train it (job/sft.py; job/full.py), save adapter + manifest."""
+    import torch  # torch-heavy: never for --help
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu" and not cfg.allow_cpu:
@@ -107,8 +86,6 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if data_dir is None:
-        from job.prepare import prepare
-
         d = cfg.data
         data_dir = out / "data"
         if dist.is_main():
@@ -121,8 +98,6 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         # written when it fits, else the lean mode. Only how a step is computed changes (the global
         # batch and so the fingerprint stay), so a resume on another card is still accepted.
         env.apply_memory_cap(device)
-        from job.check import plan_memory
-
         cfg, mode = plan_memory(cfg, env.card_info()["memory_gib"], env.host_mem_available_gib(), data_dir,
                                 env.world_size())
         fit = mode.pop("fit")
@@ -155,21 +130,22 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         events.emit("log", message=f"{resume_from.name} carries no run fingerprint (written by an older version): "
                                    "resuming without checking that config and data match")
     done_at = global_step(resume_from) if resume_from else 0
-    from job.managed import launch_number
-
     if (resume_from or (launch_number() or 1) > 1) and dist.is_main():  # a relaunch with no checkpoint yet: step 0
         _emit_resume(events, out, done_at)
     if dist.is_main():
         shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
     dist.barrier()
     if cfg.train.method == "full":  # every weight, FSDP2 over the ranks: job/full.py
-        from job.full import train_full
+        from job.full import train_full  # FSDP2: only a full fine-tune needs it
 
         return train_full(cfg, written, out, events, tok, dataset, n_rows, dropped, total_steps, reason_at_end, run_fp,
                           data_hash, resume_from, done_at, device, mode)
+    from job import sft  # trl and the model: only a LoRA run needs them
+    from job.model import build  # torch-heavy: never for --help
+
     torch.manual_seed(cfg.train.seed)
     model = build(cfg, tok, device)
-    trainer = _trainer(cfg, model, tok, dataset, ckpt_root, total_steps, world, device, events, run_fp)
+    trainer, deadline = sft.build(cfg, model, tok, dataset, ckpt_root, total_steps, world, device, events, run_fp)
     t0 = time.time()
     if done_at >= total_steps:
         # The Trainer checks max_steps only after an optimizer step, so resuming a finished run would
@@ -182,8 +158,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     else:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         step = trainer.state.global_step
-    deadline_hit = trainer.socrates_deadline.hit  # type: ignore[attr-defined]
-    reason = "deadline" if deadline_hit else reason_at_end
+    reason = "deadline" if deadline.hit else reason_at_end
     res = TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
     if not dist.is_main():
         if dist.local_rank() == 0:  # another node's first rank: its evaluation needs the adapter on its disk
@@ -199,40 +174,9 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     return res
 
 
-def finish(out: Path, events: EventWriter, device, files: list[Path], *, kind: str, written: RunConfig, mode,
-           data_hash: str, step: int, total_steps: int, reason: str, resume_from: Path | None, n_rows: int,
-           dropped: int, seconds: float, world: int, **extra) -> None:
-    """Rank 0, training over (an adapter or a full fine-tune's weights): an `artifact` event for each of
-    `files` (under out/), manifest.json (what the launcher verifies; `extra` adds keys) and the `done` event."""
-    import torch
-
-    from contracts._io import sha256_file
-    from job import env
-
-    for f in files:
-        events.emit("artifact", path=f.relative_to(out).as_posix(), sha256=sha256_file(f), size=f.stat().st_size)
-    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else 0.0
-    meta = {
-        "kind": kind, "config": written.to_dict(), "memory_mode": mode, "data_hash": data_hash,
-        "packages": env.package_versions(), "card": env.card_info(), "git_revision": env.git_revision(),
-        "steps": step, "total_steps": total_steps, "reason": reason,
-        "resumed_from": resume_from.name if resume_from else None, "train_rows": n_rows, "rows_too_long": dropped,
-        "peak_gpu_mem_gib": peak, "train_seconds": round(seconds, 1),
-        "data_stats": "data/stats.json" if (out / "data" / "stats.json").is_file() else None,
-        "image": env.image_info(),  # the prebuilt job image (ref, digest) or None: a venv from the lock
-        "world_size": world, **extra,
-    }
-    manifest.write(out, meta)
-    events.emit("done", reason=reason, steps=step, total_steps=total_steps, manifest="manifest.json",
-                peak_gpu_mem_gib=peak)
-
-
 def _emit_resume(events, out: Path, step: int) -> None:
     """Where training takes up again, and how many logged steps since that checkpoint are trained again
     (a managed run's relaunch after a preemption: at most one checkpoint interval)."""
-    from contracts.events import read_all
-    from job.managed import launch_number
-
     logged = [e["step"] for e in read_all(out / "events.jsonl") if e.get("event") == "step"] \
         if (out / "events.jsonl").is_file() else []
     last = max(logged) if logged else step
@@ -254,9 +198,7 @@ def _save_adapter(trainer, tok, out: Path) -> Path:
 
 def _dataset(cfg: RunConfig, tok, data_dir: Path):
     """Pre-tokenized (input_ids, labels) rows; rows over max_length are left out, counted."""
-    from datasets import Dataset
-
-    from job import data as D
+    from datasets import Dataset  # pyarrow-heavy: never for --help
 
     rows = D.read_split(data_dir, "train")
     pairs = D.encode(tok, rows, cfg.model.system_prompt)
@@ -266,127 +208,3 @@ def _dataset(cfg: RunConfig, tok, data_dir: Path):
                             f"{cfg.train.max_length} tokens; raise it")
     ds = Dataset.from_dict({"input_ids": [i for i, _ in kept], "labels": [l for _, l in kept]})
     return ds, len(kept), len(pairs) - len(kept)
-
-
-def _trainer(cfg: RunConfig, model, tok, dataset, ckpt_root: Path, total_steps: int, world: int, device, events,
-             run_fp: dict):
-    from trl import SFTConfig, SFTTrainer
-
-    from job.callbacks import CheckpointCallback, DeadlineCallback, EventsCallback, TimedCheckpointCallback
-    from job.managed import checkpoint_every_s
-
-    t = cfg.train
-    on_gpu = device.type == "cuda"
-    report_to = _report_to(t.report_to, ckpt_root.parent)
-    sft = SFTConfig(
-        output_dir=str(ckpt_root / ".staging"),
-        per_device_train_batch_size=t.micro_batch,
-        gradient_accumulation_steps=t.grad_accum(world),
-        max_steps=total_steps,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=math.ceil(t.warmup_ratio * total_steps),
-        weight_decay=t.weight_decay,
-        optim=t.optim if on_gpu else cpu_optimizer(t.optim),
-        bf16=on_gpu and t.precision == "bf16",
-        fp16=on_gpu and t.precision == "fp16",
-        logging_steps=t.logging_steps,
-        save_strategy="steps" if t.checkpoint_every else "no",
-        save_steps=t.checkpoint_every or 1,
-        save_total_limit=None,  # rotation happens in checkpoints/, after the atomic rename
-        seed=t.seed,
-        data_seed=t.seed,
-        report_to=report_to,
-        disable_tqdm=True,
-        use_cpu=not on_gpu,
-        gradient_checkpointing=False,  # enabled on the model itself (model.add_lora), once
-        max_length=None,  # enforced in _dataset: over-long rows are left out, never cut
-        packing=False,  # one row = one sequence, so global_batch stays the paper's 256 rows
-        padding_free=t.packing,  # rows of a micro-batch concatenated, kept apart by position_ids
-        dataset_kwargs={"skip_prepare_dataset": True},
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        save_only_model=False,
-        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
-        ddp_backend=("nccl" if on_gpu else "gloo") if world > 1 else None,
-    )
-    if not on_gpu:
-        _score_answer_positions_only_on_cpu()
-    deadline = DeadlineCallback()
-    trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tok,
-                         callbacks=[EventsCallback(events, total_steps), CheckpointCallback(ckpt_root, t.keep_checkpoints, events, run_fp),
-                                    deadline])
-    trainer.socrates_deadline = deadline
-    every_s = checkpoint_every_s(t)
-    if every_s:  # by time as well as by steps (a managed run: what a preemption can cost)
-        trainer.add_callback(TimedCheckpointCallback(every_s))
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # the step events already say it, as JSON
-    from job import (
-        fast,  # speed levers (issue 7): packed collator, answer-only loss, kernels, checkpointing
-    )
-
-    fast.speed_up(model, t, device, trainer=trainer, pad_id=tok.pad_token_id)
-    from job.dist import use_rank_batches
-
-    use_rank_batches(trainer, dataset, t.micro_batch, t.seed, tok.pad_token_id)
-    if not on_gpu and world > 1:
-        _load_optimizer_on_cpu(trainer)
-    return trainer
-
-
-def _report_to(choice: str, out: Path) -> list[str]:
-    """train.report_to -> the trainer's integrations. TensorBoard writes under out/tensorboard/ (not the
-    checkpoint staging folder), so its event files are in the manifest and come back with the run."""
-    if choice == "none":
-        return []
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[choice]
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        raise ContractError(f"train.report_to: {choice!r} needs the {module} package, which is not installed "
-                            f"here (pip install {module}, or train.report_to: none)") from None
-    if choice == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / TENSORBOARD_DIR)  # read by transformers' callback
-    return [choice]
-
-
-def _load_optimizer_on_cpu(trainer) -> None:
-    """With world > 1 the Trainer loads optimizer.pt onto `args.device`, which gloo ranks name
-    'cpu:<rank>', a location torch.load cannot restore to: load it onto the plain CPU instead."""
-    import torch
-
-    original = trainer._load_optimizer_and_scheduler
-
-    def load(checkpoint):
-        real = torch.load
-        torch.load = lambda f, *a, map_location=None, **kw: real(f, *a, map_location="cpu", **kw)
-        try:
-            return original(checkpoint)
-        finally:
-            torch.load = real
-
-    trainer._load_optimizer_and_scheduler = load
-
-
-def cpu_optimizer(optim: str) -> str:
-    """bitsandbytes' optimizers (8-bit, paged, lion_*bit) need CUDA: on the CPU path they become AdamW."""
-    return "adamw_torch" if "bit" in optim or optim.startswith("paged_") else optim
-
-
-def _score_answer_positions_only_on_cpu() -> None:
-    """TRL's fused LM head projects only the positions with a label (the answer) on Triton devices, but
-    every position elsewhere; on CPU that is a 152k-vocab projection of every prompt token, ~100x the
-    work. Its torch tile kernel is exact on the compacted positions too, so compact on CPU as well."""
-    import trl.trainer.utils as trl_utils
-
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None or getattr(original, "_socrates_cpu_compact", False):
-        return
-
-    def use_compact(device) -> bool:
-        return device.type == "cpu" or original(device)
-
-    use_compact._socrates_cpu_compact = True  # type: ignore[attr-defined]
-    trl_utils._use_triton = use_compact

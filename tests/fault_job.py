@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 def _inject() -> None:
     kill_at = int(os.environ["FAKESKY_CKPT_KILL_STEP"])
     mark = Path(os.environ["FAKESKY_CKPT_MARK"])
-    import job.callbacks as callbacks
+    import job.checkpoints as checkpoints  # checkpoints.commit seals every checkpoint, QLoRA's and full's
 
-    real_seal = callbacks.seal
+    real_seal = checkpoints.seal
 
     def seal(checkpoint: Path, step: int) -> None:
         real_seal(checkpoint, step)
@@ -38,7 +38,7 @@ def _inject() -> None:
         while True:  # the machine goes away now (the controller kills it)
             time.sleep(1)
 
-    callbacks.seal = seal
+    checkpoints.seal = seal
 
 
 if __name__ == "__main__":

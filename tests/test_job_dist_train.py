@@ -12,7 +12,7 @@ from contracts import manifest
 from contracts.config import load_config
 from contracts.events import read_all
 from job.prepare import prepare
-from job.train import complete_checkpoints
+from job.checkpoints import complete_checkpoints
 from ranks import kill_after_first_checkpoint, max_diff, run_train, step_losses
 
 

@@ -1,19 +1,19 @@
-"""The speed switches in TrainSpec: validated like every other key, mapped onto job/fast.py's levers."""
+"""The speed switches in TrainSpec: validated like every other key, mapped onto job/levers.py's Levers."""
 from __future__ import annotations
 
 import pytest
 
 from contracts.config import RunConfig
 from contracts.errors import ContractError
-from job import fast
+from job.levers import levers_for
 
 
 def test_defaults_pick_flex_on_cuda_sdpa_on_cpu():
     t = RunConfig().train
     assert (t.liger, t.attn_implementation, t.checkpoint_layers) == (True, "auto", None)
-    assert fast.levers_for(t, "cpu").attn_implementation == "sdpa"
-    assert fast.levers_for(t, "cuda").attn_implementation == "flex_attention"
-    assert fast.levers_for(t, "cuda").row_len == t.max_length
+    assert levers_for(t, "cpu").attn_implementation == "sdpa"
+    assert levers_for(t, "cuda").attn_implementation == "flex_attention"
+    assert levers_for(t, "cuda").row_len == t.max_length
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -31,5 +31,5 @@ def test_bad_speed_switches_are_one_line_errors(key, value, needle):
 def test_switches_reach_the_levers():
     cfg = RunConfig().with_overrides({"train.attn_implementation": "sdpa", "train.checkpoint_layers": 12,
                                       "train.liger": False, "train.max_length": 1024})
-    lv = fast.levers_for(cfg.train, "cuda")
+    lv = levers_for(cfg.train, "cuda")
     assert (lv.attn_implementation, lv.checkpoint_layers, lv.liger, lv.row_len) == ("sdpa", 12, False, 1024)

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from bench import reference
-from job import fast
+from job.batches import IGNORE_INDEX, PackedCollator, collate_packed, count_targets, pack_rows
+from job.levers import Levers, set_attention, set_checkpointing
+from job.loss import answer_loss_sum
+from job.model import causal_lm_of
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -31,16 +34,16 @@ def _examples(n: int, seed: int = 1) -> list[dict]:
     for _ in range(n):
         p, a = rng.randint(5, 40), rng.randint(1, 4)
         ids = [rng.randrange(1, ARCH["vocab_size"]) for _ in range(p + a)]
-        out.append({"input_ids": ids, "labels": [fast.IGNORE_INDEX] * p + ids[p:]})
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * p + ids[p:]})
     return out
 
 
 def _loss_and_grads(model, batches, answer_only: bool) -> tuple[float, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    total = sum(fast.count_targets(b) for b in batches)
+    total = sum(count_targets(b) for b in batches)
     s_all = 0.0
     for b in batches:
-        s = fast.answer_loss_sum(model, b) if answer_only else reference.hf_loss_sum(model, b)
+        s = answer_loss_sum(model, b) if answer_only else reference.hf_loss_sum(model, b)
         (s / total).backward()
         s_all += float(s.detach())
     grads = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -51,7 +54,7 @@ def test_packed_equals_padded_equals_one_by_one():
     model, ex = _model(), _examples(13)
     one = [reference.collate_padded([e], pad_id=0) for e in ex]
     padded = [reference.collate_padded(ex[i:i + 4], pad_id=0) for i in range(0, len(ex), 4)]
-    packed = reference.micro_batches(ex, 5, fast.Levers(row_len=96), pad_id=0)
+    packed = reference.micro_batches(ex, 5, Levers(row_len=96), pad_id=0)
     assert sum(int((b["position_ids"] == 0).sum()) for b in packed) >= len(ex)
     assert any(int((b["position_ids"][r] == 0).sum()) > 1 for b in packed for r in range(len(b["input_ids"]))), \
         "the test must actually pack"
@@ -82,22 +85,22 @@ def test_packing_does_not_leak_across_sequences():
     # Changing one sequence must not change another's loss when they share a packed row.
     model, ex = _model(), _examples(2, seed=5)
     rows = [[0, 1]]
-    base = fast.collate_packed(ex, rows, pad_id=0)
+    base = collate_packed(ex, rows, pad_id=0)
     alone = reference.collate_padded([ex[1]], pad_id=0)
     changed = [dict(e) for e in ex]
     changed[0] = {"input_ids": [7] * len(ex[0]["input_ids"]), "labels": ex[0]["labels"]}
-    other = fast.collate_packed(changed, rows, pad_id=0)
+    other = collate_packed(changed, rows, pad_id=0)
     with torch.no_grad():
-        l_alone = float(fast.answer_loss_sum(model, alone))
+        l_alone = float(answer_loss_sum(model, alone))
         # Sequence 1's share of the packed loss: mask out sequence 0's targets.
         for b in (base, other):
-            b["labels"][0, : len(ex[0]["input_ids"])] = fast.IGNORE_INDEX
-            assert float(fast.answer_loss_sum(model, b)) == pytest.approx(l_alone, abs=1e-4)
+            b["labels"][0, : len(ex[0]["input_ids"])] = IGNORE_INDEX
+            assert float(answer_loss_sum(model, b)) == pytest.approx(l_alone, abs=1e-4)
 
 
 def test_pack_rows_fits_every_sequence_once():
     lengths = [300, 250, 500, 120, 90, 2000, 60, 700]
-    rows = fast.pack_rows(lengths, row_len=1024)
+    rows = pack_rows(lengths, row_len=1024)
     flat = sorted(i for r in rows for i in r)
     assert flat == list(range(len(lengths)))
     cap = max(1024, max(lengths))
@@ -108,44 +111,44 @@ def test_pack_rows_fits_every_sequence_once():
 
 def test_step_checkpointing_and_frozen_cast():
     model = _model()
-    assert fast.set_checkpointing(model, True, layers=1) == 1
-    blocks = fast.causal_lm_of(model).model.layers
+    assert set_checkpointing(model, True, layers=1) == 1
+    blocks = causal_lm_of(model).model.layers
     assert [b.gradient_checkpointing for b in blocks] == [True, False]
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ex = _examples(8, seed=7)
-    batches = reference.micro_batches(ex, 4, fast.Levers(row_len=128), pad_id=0)
+    batches = reference.micro_batches(ex, 4, Levers(row_len=128), pad_id=0)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    loss = reference.step(model, opt, batches, fast.Levers(liger=False), device="cpu", dtype=torch.float32)
+    loss = reference.step(model, opt, batches, Levers(liger=False), device="cpu", dtype=torch.float32)
     assert 5.0 < loss < 8.0
     after = [p for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
     n = reference.frozen_to(model, torch.bfloat16)
-    assert n > 0 and fast.causal_lm_of(model).lm_head.weight.dtype == torch.bfloat16
+    assert n > 0 and causal_lm_of(model).lm_head.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
 def test_packed_collator_reads_trl_completion_mask():
     ex = _examples(3, seed=9)
-    feats = [{"input_ids": e["input_ids"], "completion_mask": [int(y != fast.IGNORE_INDEX) for y in e["labels"]]}
+    feats = [{"input_ids": e["input_ids"], "completion_mask": [int(y != IGNORE_INDEX) for y in e["labels"]]}
              for e in ex]
-    a = fast.PackedCollator(pad_id=0, row_len=256)(feats)
-    b = fast.PackedCollator(pad_id=0, row_len=256)(ex)
+    a = PackedCollator(pad_id=0, row_len=256)(feats)
+    b = PackedCollator(pad_id=0, row_len=256)(ex)
     assert a["input_ids"].shape[0] == 1  # all three fit one row
     for k in ("input_ids", "position_ids", "labels"):
         assert torch.equal(a[k], b[k])
-    assert fast.count_targets(a) == sum(y != fast.IGNORE_INDEX for e in ex for y in e["labels"])
+    assert count_targets(a) == sum(y != IGNORE_INDEX for e in ex for y in e["labels"])
 
 
 def test_flex_attention_packed_rows_give_the_sdpa_loss():
     # flex_attention (the CUDA default) on fixed-width packed rows: same loss as sdpa (forward only:
     # flex has no CPU backward). Its compile makes this the slowest test here (~30 s on 2 cores).
     model, ex = _model(), _examples(9, seed=2)
-    sdpa = reference.micro_batches(ex, 9, fast.Levers(row_len=128), pad_id=0)[0]
-    flex = reference.micro_batches(ex, 9, fast.Levers(row_len=128, attn_implementation="flex_attention"), pad_id=0)[0]
+    sdpa = reference.micro_batches(ex, 9, Levers(row_len=128), pad_id=0)[0]
+    flex = reference.micro_batches(ex, 9, Levers(row_len=128, attn_implementation="flex_attention"), pad_id=0)[0]
     assert flex["input_ids"].shape[1] == 128 > sdpa["input_ids"].shape[1]  # fixed width: one compile
     with torch.no_grad():
-        want = float(fast.answer_loss_sum(model, sdpa))
-        fast.set_attention(model, "flex_attention")
-        got = float(fast.answer_loss_sum(model, flex))
+        want = float(answer_loss_sum(model, sdpa))
+        set_attention(model, "flex_attention")
+        got = float(answer_loss_sum(model, flex))
     assert got == pytest.approx(want, abs=1e-4)

@@ -1,25 +1,29 @@
-"""The levers wired into TRL's SFTTrainer (what job/train.py runs) give the gradient fast.step gives."""
+"""The levers wired into TRL's SFTTrainer (job/sft.py, what job/train.py runs) give the gradient bench/reference.py's step gives."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from contracts.config import TrainSpec
+from contracts.config import RunConfig, TrainSpec
+from contracts.events import EventWriter
 from bench import reference
-from job import fast
+from job import sft
+from job.batches import PackedCollator, count_targets
+from job.levers import levers_for
+from job.loss import answer_loss_sum
 from tests.test_job_fast_packing import _examples, _model
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 
-def _trainer(model, ex, tmp_path, accum: int, mb: int):
+def _trainer(model, ex, tmp_path, spec):
+    """The trainer job/train.py builds (job/sft.py), its levers switched on in `model`."""
     ds = datasets.Dataset.from_dict({"input_ids": [e["input_ids"] for e in ex], "labels": [e["labels"] for e in ex]})
-    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=mb, gradient_accumulation_steps=accum,
-                         use_cpu=True, report_to=[], max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
-                         padding_free=False, learning_rate=1e-3, max_steps=1)
-    tok = _Tok()
-    return trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    cfg = RunConfig(train=spec)
+    trainer, _ = sft.build(cfg, model, _Tok(), ds, tmp_path / "checkpoints", total_steps=1, world=1,
+                           device=torch.device("cpu"), events=EventWriter(tmp_path / "events.jsonl"), run_fp={})
+    return trainer
 
 
 def _Tok():
@@ -38,26 +42,25 @@ def test_sft_trainer_with_levers_matches_fast_step(tmp_path):
     spec = TrainSpec(micro_batch=mb, global_batch=mb * accum, max_length=128, gradient_checkpointing=False)
 
     ref = _model()
-    lv = fast.levers_for(spec, "cpu")
+    lv = levers_for(spec, "cpu")
     assert lv.attn_implementation == "sdpa" and lv.row_len == 128 and lv.packing
     batches = reference.micro_batches(ex, mb, lv, pad_id=0)
-    total = sum(fast.count_targets(b) for b in batches)
+    total = sum(count_targets(b) for b in batches)
     for b in batches:
-        (fast.answer_loss_sum(ref, b) / total).backward()
+        (answer_loss_sum(ref, b) / total).backward()
     want = [p.grad for p in ref.parameters() if p.requires_grad]
 
     model = _model()
-    trainer = _trainer(model, ex, tmp_path, accum, mb)
-    got_lv = fast.speed_up(model, spec, "cpu", trainer=trainer, pad_id=0)
-    assert isinstance(trainer.data_collator, fast.PackedCollator) and got_lv == lv
+    trainer = _trainer(model, ex, tmp_path, spec)
+    assert isinstance(trainer.data_collator, PackedCollator) and trainer.data_collator.row_len == lv.row_len
     loader = trainer.get_train_dataloader()
     trainer.model.train()
     seen = list(loader)
     # The Trainer's sampler shuffles: compare against the same sequences in the same micro-batches.
-    n = sum(fast.count_targets(b) for b in seen)
+    n = sum(count_targets(b) for b in seen)
     ref.zero_grad(set_to_none=True)
     for b in seen:
-        (fast.answer_loss_sum(ref, b) / n).backward()
+        (answer_loss_sum(ref, b) / n).backward()
     want = [p.grad.clone() for p in ref.parameters() if p.requires_grad]
     trainer.current_gradient_accumulation_steps = accum
     for b in seen:
@@ -75,10 +78,9 @@ def test_loss_is_scaled_like_trainer_under_ddp(tmp_path):
     ex = _examples(4, seed=13)
     spec = TrainSpec(micro_batch=4, global_batch=4, max_length=128, gradient_checkpointing=False)
     model = _model()
-    trainer = _trainer(model, ex, tmp_path, 1, 4)
-    fast.speed_up(model, spec, "cpu", trainer=trainer, pad_id=0)
-    batch = fast.PackedCollator(0, 128)(ex)
-    n = torch.tensor(fast.count_targets(batch))
+    trainer = _trainer(model, ex, tmp_path, spec)
+    batch = PackedCollator(0, 128)(ex)
+    n = torch.tensor(count_targets(batch))
     one = float(trainer.compute_loss(model, batch, num_items_in_batch=n))
     trainer.args.average_tokens_across_devices = True
     trainer.accelerator = SimpleNamespace(num_processes=2)

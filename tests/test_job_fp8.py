@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from job import fast, fp8
+from job import fp8
+from job.batches import collate_padded
+from job.levers import set_checkpointing, speed_up
+from job.loss import answer_loss_sum
+from job.model import causal_lm_of
 from tests.test_job_fast_packing import ARCH, _examples
 
 transformers = pytest.importorskip("transformers")
@@ -91,7 +95,7 @@ def _lora_model(base):
 
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    s = fast.answer_loss_sum(model, batch)
+    s = answer_loss_sum(model, batch)
     s.backward()
     return float(s.detach()), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
@@ -110,11 +114,11 @@ def test_fp8_on_a_lora_model_close_to_the_plain_one_and_undone_exactly(four_bit)
         torch.manual_seed(0)
         base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa")).float()
     model = _lora_model(base)
-    fast.set_checkpointing(model, True)
-    batch = fast.collate_padded(_examples(6, seed=3), pad_id=0)
+    set_checkpointing(model, True)
+    batch = collate_padded(_examples(6, seed=3), pad_id=0)
     want_loss, want_g = _loss_and_grads(model, batch)
     n = fp8.enable_fp8(model, names=fp8.projections(attention=True))
-    layers = fast.causal_lm_of(model).model.layers
+    layers = causal_lm_of(model).model.layers
     assert n == 5 * len(layers)  # q/o/gate/up/down of every decoder layer (k/v stay bf16), nothing else
     switched = [m for m in model.modules() if "forward" in m.__dict__]
     assert len(switched) == n and all(not hasattr(m, "lora_A") for m in switched)
@@ -242,7 +246,7 @@ def test_speed_up_switches_fp8_on_only_where_the_card_has_it():
     torch.manual_seed(0)
     base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa"))
     model = _lora_model(base)
-    lv = fast.speed_up(model, _paper(fp8=True, liger=False).train, "cpu")
+    lv = speed_up(model, _paper(fp8=True, liger=False).train, "cpu")
     assert lv.fp8 is False  # CPU: no fp8 tensor cores, the config's switch is not enough
     assert not any("forward" in m.__dict__ and not hasattr(m, "lora_A") for m in model.modules())
 
@@ -307,7 +311,7 @@ def test_the_forward_accumulation_switch_reaches_scaled_mm_and_dx_stays_exact(mo
         model = _lora_model(base)
         n = fp8.enable_fp8(model, fast_accum=fast_accum, names=fp8.projections(attention=True))
         seen.clear()
-        _loss_and_grads(model, fast.collate_padded(_examples(2, seed=3), pad_id=0))
+        _loss_and_grads(model, collate_padded(_examples(2, seed=3), pad_id=0))
         # n forwards with the switch, then the input grads, always exact (layer 0's q_proj gets none:
         # its input comes from the frozen embedding; k/v are not switched)
         assert seen[:n] == [fast_accum] * n and seen[n:] == [False] * (n - 1)
@@ -336,10 +340,10 @@ def test_the_recipe_switches_default_to_round_6_and_are_checked():
 
 
 def test_speed_up_applies_the_configs_recipe_where_fp8_runs(monkeypatch):
-    monkeypatch.setattr(fast, "_fp8_here", lambda device: True)  # the card faked; the emulated product runs
+    monkeypatch.setattr(fp8, "available", lambda device: (True, "faked"))  # the card faked; the emulated product runs
     torch.manual_seed(0)
     model = _lora_model(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa")))
-    lv = fast.speed_up(model, _paper(fp8=True, liger=False, fp8_fast_accum=False, fp8_backward="bf16").train, "cpu")
+    lv = speed_up(model, _paper(fp8=True, liger=False, fp8_fast_accum=False, fp8_backward="bf16").train, "cpu")
     assert lv.fp8 and (lv.fp8_fast_accum, lv.fp8_backward) == (False, "bf16")
     switched = [m for m in model.modules() if "forward" in m.__dict__ and not hasattr(m, "lora_A")]
     assert len(switched) == 3 * ARCH["num_hidden_layers"]  # the MLP's gate/up/down
@@ -347,7 +351,7 @@ def test_speed_up_applies_the_configs_recipe_where_fp8_runs(monkeypatch):
         assert isinstance(m.forward, types.MethodType)
         assert m.forward.__func__.keywords == {"fast_accum": False, "backward": "bf16"}
     fp8.enable_fp8(model, enabled=False)
-    lv = fast.speed_up(model, _paper(fp8=True, liger=False, fp8_attention=True).train, "cpu")
+    lv = speed_up(model, _paper(fp8=True, liger=False, fp8_attention=True).train, "cpu")
     assert lv.fp8_attention
     on = [n for n, m in model.named_modules() if "forward" in m.__dict__ and not hasattr(m, "lora_A")]
     assert len(on) == 5 * ARCH["num_hidden_layers"] and sum(".q_proj." in n or ".o_proj." in n for n in on) == 2 * ARCH["num_hidden_layers"]

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from bench import reference
-from job import fast
 from job.fused_lora import fuse_lora
+from job.levers import set_checkpointing
+from job.loss import answer_loss_sum
 from tests.test_job_fast_packing import ARCH, _examples
 
 transformers = pytest.importorskip("transformers")
@@ -32,7 +33,7 @@ def _run(model, batch, checkpointing: bool | None):
 
     `checkpointing` None: the model's checkpointing as it is set."""
     if checkpointing is not None:
-        fast.set_checkpointing(model, checkpointing)
+        set_checkpointing(model, checkpointing)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(5)
     kept: dict[int, int] = {}
@@ -42,7 +43,7 @@ def _run(model, batch, checkpointing: bool | None):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        s = fast.answer_loss_sum(model, batch)
+        s = answer_loss_sum(model, batch)
     s.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     return float(s.detach()), grads, sum(kept.values())
@@ -62,7 +63,7 @@ def test_fused_equals_peft_loss_and_gradients(dropout, checkpointing):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
     # The mask really is drawn: another seed gives another loss when there is dropout.
     torch.manual_seed(6)
-    other = float(fast.answer_loss_sum(model, batch).detach())
+    other = float(answer_loss_sum(model, batch).detach())
     assert (other != pytest.approx(got[0], rel=1e-6)) == (dropout > 0)
 
 

@@ -9,7 +9,12 @@ import torch
 
 from contracts.config import load_config
 from bench import reference
-from job import env, fast
+from job import env
+from job.batches import count_targets
+from job.fused_lora import fuse_lora
+from job.levers import levers_for, set_checkpointing
+from job.loss import answer_loss_sum
+from job.model import causal_lm_of
 from job.check import plan_memory
 from job.errors import JobCannotRun
 from job.offload import HostOffload, install
@@ -99,18 +104,18 @@ def test_lean_levers_give_the_same_loss_and_gradients_as_the_config_as_written()
 
     def run(cfg, offload: bool):
         model = _model(0.0)
-        lv = fast.levers_for(cfg.train, "cpu")
-        fast.fuse_lora(model, lv.fused_lora)
-        fast.set_checkpointing(model, True, lv.checkpoint_layers)
+        lv = levers_for(cfg.train, "cpu")
+        fuse_lora(model, lv.fused_lora)
+        set_checkpointing(model, True, lv.checkpoint_layers)
         off = None
         if offload:  # set_checkpointing(offload=True) installs HostOffload(), which leaves CPU tensors in place
-            off = install(fast.causal_lm_of(model).model.layers, HostOffload(min_bytes=0, copy_cpu=True))
+            off = install(causal_lm_of(model).model.layers, HostOffload(min_bytes=0, copy_cpu=True))
         batches = reference.micro_batches(examples, cfg.train.micro_batch, lv, pad_id=0)
-        total = sum(fast.count_targets(b) for b in batches)
+        total = sum(count_targets(b) for b in batches)
         model.zero_grad(set_to_none=True)
         loss = 0.0
         for b in batches:
-            s = fast.answer_loss_sum(model, b, liger=False)
+            s = answer_loss_sum(model, b, liger=False)
             (s / total).backward()
             loss += float(s.detach())
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]

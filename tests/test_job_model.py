@@ -45,7 +45,7 @@ def test_unquantized_random_model_is_not_marked():
 
 
 def test_trainable_weights_are_put_back_to_fp32_frozen_ones_untouched():
-    from job.fast import trainable_to_fp32
+    from job.sft import trainable_to_fp32
 
     m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).to(torch.bfloat16)
     m[1].requires_grad_(False)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from bench import reference
-from job import fast
+from job.levers import Levers, set_checkpointing
+from job.model import causal_lm_of
 from job.offload import HostOffload, install
 from tests.test_job_fused_lora import _model, _run
 from tests.test_job_fast_packing import ARCH, _examples
@@ -16,15 +17,15 @@ pytest.importorskip("peft")
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_offloaded_checkpoints_give_the_same_gradients(dropout):
-    batches = reference.micro_batches(_examples(9, seed=7), 3, fast.Levers(row_len=128), pad_id=0)
+    batches = reference.micro_batches(_examples(9, seed=7), 3, Levers(row_len=128), pad_id=0)
     model = _model(dropout)
     want = [_run(model, b, checkpointing=True)[:2] for b in batches]
 
-    blocks = fast.causal_lm_of(model).model.layers
+    blocks = causal_lm_of(model).model.layers
     offload = install(blocks, HostOffload(min_bytes=0, copy_cpu=True))  # what set_checkpointing(offload=True) installs
     got = []
     for b in batches:
-        fast.set_checkpointing(model, True)  # re-enabling resets the layers' checkpoint function...
+        set_checkpointing(model, True)  # re-enabling resets the layers' checkpoint function...
         install(blocks, offload)             # ...so install again, as set_checkpointing(offload=True) does last
         got.append(_run(model, b, checkpointing=None)[:2])
     for (wl, wg), (gl, gg) in zip(want, got):
@@ -40,8 +41,8 @@ def test_offloaded_checkpoints_give_the_same_gradients(dropout):
 
 def test_set_checkpointing_installs_the_offload_and_small_tensors_stay():
     model = _model(0.0)
-    assert fast.set_checkpointing(model, True, 1, offload=True) == 1
-    blocks = fast.causal_lm_of(model).model.layers
+    assert set_checkpointing(model, True, 1, offload=True) == 1
+    blocks = causal_lm_of(model).model.layers
     funcs = {id(getattr(b._gradient_checkpointing_func, "keywords", {}).get("offload")) for b in blocks}
     assert len(funcs) == 1 and None not in {getattr(b._gradient_checkpointing_func, "keywords", {}).get("offload") for b in blocks}
     small, big = torch.ones(4), torch.ones(1 << 19)

@@ -18,8 +18,8 @@ from contracts.errors import ContractError
 from contracts.events import read_all
 from job.checkpoints import FINGERPRINT, check_resumable, fingerprint, write_fingerprint
 from job.prepare import prepare
-from job.train import COMPLETE, complete_checkpoints
-from job.train import resume_point as _resume_point
+from job.checkpoints import COMPLETE, complete_checkpoints
+from job.checkpoints import resume_point as _resume_point
 from conftest import REAL_SAMPLE, REPO
 
 TINY = {
@@ -298,7 +298,7 @@ def test_cpu_runs_swap_cuda_only_optimizers_for_adamw():
     """The config may name any accepted optimizer; on the CPU path the CUDA-only ones (bitsandbytes'
     8-bit, paged, lion_*bit) become AdamW instead of failing at the first step."""
     from contracts.config import OPTIMIZERS
-    from job.train import cpu_optimizer
+    from job.sft import cpu_optimizer
 
     swapped = {o for o in OPTIMIZERS if cpu_optimizer(o) == "adamw_torch"} - {"adamw_torch"}
     assert swapped == {o for o in OPTIMIZERS if "bit" in o or o.startswith("paged_")}
