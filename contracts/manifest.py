@@ -15,9 +15,10 @@ import stat
 from pathlib import Path
 from typing import Any, Iterable
 
+from contracts import remote
 from contracts._io import atomic_write_json, sha256_file
 from contracts.errors import ContractError
-from contracts.events import EVENTS_FILE
+from contracts.events import EVENTS_FILE, LINE_PREFIX, dumps, make
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -71,8 +72,6 @@ def load(root_or_file: str | os.PathLike) -> dict:
     path = Path(root_or_file)
     if path.is_dir():
         path = path / MANIFEST_FILE
-    from contracts import remote
-
     try:
         manifest = remote.load_file(path)  # finite numbers, bounded integers and size
     except FileNotFoundError:
@@ -328,8 +327,6 @@ if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "extend":
         extend(sys.argv[2], sys.argv[3:] or LATE_FOLDERS)
     elif len(sys.argv) == 3 and sys.argv[1] == "data-hash":
-        from contracts.events import LINE_PREFIX, dumps, make
-
         print(LINE_PREFIX + dumps(make("log", message="data received", data_sha256=data_hash(sys.argv[2]))),
               flush=True)
     else:
