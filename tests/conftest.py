@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from skyfix import sky_home  # noqa: E402,F401  (re-exported for every test module)
+from skyfix import sky_home, stop_shared  # noqa: E402,F401  (sky_home re-exported for every test module)
 
 import pytest  # noqa: E402
 
@@ -27,6 +27,31 @@ needs_real_sample = pytest.mark.skipif(not REAL_SAMPLE.is_file(),
                                        reason=f"{REAL_SAMPLE} absent (set SOCRATES_SHARED to a folder holding fixtures/)")
 
 T = TypeVar("T")
+
+
+# Under pytest-xdist, one worker runs each of these modules whole: their module-scoped fixtures are expensive
+# (a training, a wheel and its venv, a SkyPilot node set up) and would otherwise run once per worker.
+WHOLE_MODULE = ("test_rehearsal", "test_managed_jobs", "test_full_train", "test_job_dist_eval", "test_job_dist_train",
+                "test_job_evaluate", "test_package", "test_predict", "test_ssh_e2e")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 3 --dist loadgroup`): the WHOLE_MODULE groups, and the tests
+    marked slow handed out first, so the longest (the rehearsal, the managed runs) start at once instead of
+    ending the run last."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return
+    for item in items:
+        if item.module.__name__ in WHOLE_MODULE:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept
+
+
+def pytest_sessionfinish(session):
+    """The xdist controller stops the SkyPilot API server its workers shared (tests/skyfix.py)."""
+    if not hasattr(session.config, "workerinput") and hasattr(session.config, "_tmp_path_factory"):
+        stop_shared(session.config._tmp_path_factory.getbasetemp())
 
 
 def run_cli(args: list[str], env: dict | None = None, *, module: str = "launcher", cwd: Path = REPO,

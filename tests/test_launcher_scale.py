@@ -11,6 +11,7 @@ import pytest
 from contracts import manifest
 from contracts.events import read_all
 from launcher_helpers import REPO, cli, launcher_env, only_run
+from ports import free_port
 from test_launcher_sky import cloud  # noqa: F401  (the fake-cloud fixture)
 
 
@@ -76,7 +77,7 @@ def test_bad_scale_flags_are_one_line_exit_2(tmp_path, argv, needle):
 @pytest.mark.slow
 def test_local_backend_runs_the_task_on_two_cpu_ranks(tmp_path):
     runs = tmp_path / "runs"
-    env = launcher_env(runs, OMP_NUM_THREADS="1", MASTER_PORT="29517")
+    env = launcher_env(runs, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))  # a free port: other tests may run beside it
     r = cli(["up", "--infra", "local", "--ranks", "2", "--config", "configs/smoke.yaml", "--data", "synthetic:120",
              "--eval-rows", "8", "--yes", "--name", "two-ranks"], env, timeout=600)
     out = r.stdout + r.stderr
