@@ -115,3 +115,17 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def assert_machine_gone(rec: dict) -> None:
+    """A local run's 'machine' (its work folder and the job's process group) is gone."""
+    workdir = rec["backend_state"].get("workdir")
+    assert workdir and not Path(workdir).exists(), f"local machine dir left behind: {workdir}"
+    assert not pid_alive(rec["backend_state"]["pgid"]), "job process left running"
+
+
+def no_secret_anywhere(root: Path) -> None:
+    """CANARY (the fake HF_TOKEN) is in no file under `root`."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), f"secret leaked into {path}"

@@ -132,6 +132,20 @@ def _calls(env: dict) -> list[str]:
     return path.read_text().split("\n") if path.is_file() else []
 
 
+def _streaming(runs: Path) -> bool:
+    """The launcher follows the job: a step event it received is in the run's events.jsonl."""
+    return any('"event":"step"' in p.read_text() for p in runs.glob("*/events.jsonl"))
+
+
+def _in_phase(env: dict, phase: str) -> bool:
+    """The fake cloud is really inside `phase`: the cluster made, a step streamed, the pull started."""
+    if phase == "provisioning":
+        return len(_clusters(env)) == 1
+    if phase == "running":
+        return _streaming(Path(env["SOCRATES_RUNS_DIR"]))
+    return any(line.startswith("rsync ") for line in _calls(env))
+
+
 def _assert_nothing_running(env: dict, rec: dict) -> None:
     assert _clusters(env) == [], "a cluster was left up"
     assert f"down {rec['backend_state']['cluster']}" in _calls(env)
@@ -243,7 +257,7 @@ def test_launcher_sigkilled_in_each_phase_then_status_and_down(cloud, phase):
     proc = spawn(UP, env)
     runs = Path(cloud["SOCRATES_RUNS_DIR"])
     wait_for_state(runs, (phase,), timeout=90)
-    time.sleep(0.5)
+    wait_until(lambda: _in_phase(env, phase), 30, what=f"the fake cloud inside {phase}")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     rec = only_run(runs)
@@ -273,12 +287,17 @@ def _interrupt(cloud: dict, times: int) -> tuple[str, dict, int]:
     proc = spawn(UP, env)
     runs = Path(cloud["SOCRATES_RUNS_DIR"])
     wait_for_state(runs, ("running",), timeout=90)
-    time.sleep(1.0)
-    for _ in range(times):
+    wait_until(lambda: _streaming(runs), 30, what="the launcher streaming the job's steps")
+    os.kill(proc.pid, signal.SIGINT)
+    seen = []
+    if times == 2:  # the second Ctrl-C once the launcher says it waits for one
+        for line in proc.stdout:
+            seen.append(line)
+            if "press Ctrl-C again" in line:
+                break
         os.kill(proc.pid, signal.SIGINT)
-        time.sleep(0.5)
     out, _ = proc.communicate(timeout=60)
-    return out, only_run(runs), proc.returncode
+    return "".join(seen) + out, only_run(runs), proc.returncode
 
 
 def test_ctrl_c_once_detaches_and_leaves_autodown_armed(cloud):
@@ -327,7 +346,7 @@ def test_sigterm_while_running_detaches_with_autodown_armed(cloud):
     proc = spawn(UP, env)
     runs = Path(cloud["SOCRATES_RUNS_DIR"])
     wait_for_state(runs, ("running",), timeout=90)
-    time.sleep(1.0)
+    wait_until(lambda: _streaming(runs), 30, what="the launcher streaming the job's steps")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     rec = only_run(runs)
