@@ -52,6 +52,18 @@ def fakesky_env(tmp: Path, job_python: Path | None = None, *, cloud: str | None 
                         **extra)
 
 
+def fake_clusters(env: dict) -> list[Path]:
+    """The clusters up in the fake cloud of `env` (tests/fakesky.py: one folder each)."""
+    root = Path(env["FAKESKY_DIR"])
+    return [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+
+
+def fake_calls(env: dict) -> list[str]:
+    """What the fake cloud of `env` was asked, in order ("launch <cluster>", "rsync <cluster>", "down ...")."""
+    path = Path(env["FAKESKY_DIR"]) / "calls.log"
+    return path.read_text().split("\n") if path.is_file() else []
+
+
 @contextlib.contextmanager
 def fake_managed_cloud(tmp: Path):
     """fakesky_env with the fake job; afterwards every managed job of the fake controller is cancelled,

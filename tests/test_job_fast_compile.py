@@ -31,6 +31,7 @@ def test_set_compile_wraps_every_layer_and_undoes_it():
     assert all(b._compiled_call_impl is None for b in layers)
 
 
+@pytest.mark.slow  # torch.compile's CPU backend compiles C++: 30-60 s on 2 cores
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile's CPU backend needs a C compiler")
 def test_compiled_layers_give_eager_loss_and_grads():
     ex = lora_examples(12, seed=5)

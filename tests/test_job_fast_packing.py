@@ -99,6 +99,7 @@ def test_packed_collator_reads_trl_completion_mask():
     assert fast.count_targets(a) == sum(y != fast.IGNORE_INDEX for e in ex for y in e["labels"])
 
 
+@pytest.mark.slow  # flex_attention compiles its block mask: ~12 s on 2 cores
 def test_flex_attention_packed_rows_give_the_sdpa_loss():
     # flex_attention (the CUDA default) on fixed-width packed rows: same loss as sdpa (forward only:
     # flex has no CPU backward). Its compile makes this the slowest test here (~30 s on 2 cores).
