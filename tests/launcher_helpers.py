@@ -84,6 +84,25 @@ def cli(args: list[str], env: dict, timeout: float = 120, cwd: Path = REPO) -> s
     return run_cli(args, env, cwd=cwd, timeout=timeout)
 
 
+def cli_here(args: list[str], runs: Path, capsys, monkeypatch, **extra: str) -> subprocess.CompletedProcess:
+    """The CLI's main(args) in this process, for the many refusals where a process of its own proves nothing
+    more (tests of each verb family still run the real entry point as a process): the environment as
+    launcher_env makes it (monkeypatch restores it), stdout and stderr captured, the exit code returned."""
+    from launcher.cli import main
+
+    for key in [k for k in os.environ if k.startswith(("FAKEJOB_", "SOCRATES_"))]:
+        monkeypatch.delenv(key)
+    for key, value in {"SOCRATES_RUNS_DIR": str(runs), "COLUMNS": "120", **extra}.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()  # what came before is not this command's
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own exits (usage errors, --help)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["socrates-launch", *args], code, out.out, out.err)
+
+
 def default_signals() -> None:
     """In the child before exec: the signals the tests send get their default dispositions, since a
     suite started with SIGINT ignored (nohup, `&`, some CI wrappers) would pass that on and Python
