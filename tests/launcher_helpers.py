@@ -84,11 +84,14 @@ def cli(args: list[str], env: dict, timeout: float = 120, cwd: Path = REPO) -> s
     return run_cli(args, env, cwd=cwd, timeout=timeout)
 
 
-def cli_here(args: list[str], runs: Path, capsys, monkeypatch, **extra: str) -> subprocess.CompletedProcess:
+def cli_here(args: list[str], runs: Path, capsys, monkeypatch, cwd: Path = REPO, **extra: str) -> subprocess.CompletedProcess:
     """The CLI's main(args) in this process, for the many refusals where a process of its own proves nothing
     more (tests of each verb family still run the real entry point as a process): the environment as
-    launcher_env makes it (monkeypatch restores it), stdout and stderr captured, the exit code returned."""
+    launcher_env makes it and the folder `cwd` (monkeypatch restores both), stdout and stderr captured, the
+    exit code returned. SkyPilot must stay out of the tests' process (it keeps HOME's paths from its import)."""
     from launcher.cli import main
+
+    monkeypatch.chdir(cwd)
 
     for key in [k for k in os.environ if k.startswith(("FAKEJOB_", "SOCRATES_"))]:
         monkeypatch.delenv(key)
@@ -100,6 +103,7 @@ def cli_here(args: list[str], runs: Path, capsys, monkeypatch, **extra: str) -> 
     except SystemExit as e:  # argparse's own exits (usage errors, --help)
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out = capsys.readouterr()
+    assert "sky" not in sys.modules, f"{args} imported SkyPilot into the tests' process: run it with cli()"
     return subprocess.CompletedProcess(["socrates-launch", *args], code, out.out, out.err)
 
 
