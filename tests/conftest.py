@@ -42,18 +42,29 @@ SHARED_FIXTURE = {"test_rehearsal": "one_node", "test_managed_jobs": "straight",
                   "test_job_train": "straight"}
 
 
+# The modules whose slow tests take longest on 2 cores (minutes each): handed out first of all.
+LONGEST = ("test_rehearsal", "test_managed_jobs", "test_readme_commands", "test_full_train", "test_ssh_e2e",
+           "test_job_train", "test_job_dist_train", "test_job_dist_eval", "test_package", "test_job_deadline")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs `-n 3 --dist loadgroup`): the SHARED_FIXTURE groups, and the tests
-    marked slow handed out first, so the longest (the rehearsal, the managed runs) start at once instead of
-    ending the run last."""
+    marked slow handed out first, LONGEST first of all, so the longest (the rehearsal, the managed runs) start at
+    once instead of ending the run last."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
         return
     for item in items:
         module = item.module.__name__
         if SHARED_FIXTURE.get(module) in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group(f"{module}:{SHARED_FIXTURE[module]}"))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept
+
+    def order(item):  # stable sort: file order kept within each rank
+        module = item.module.__name__
+        return (item.get_closest_marker("slow") is None,
+                LONGEST.index(module) if module in LONGEST else len(LONGEST))
+
+    items.sort(key=order)
 
 
 def pytest_sessionfinish(session):
