@@ -16,7 +16,7 @@ import pytest
 from conftest import wait_until
 from contracts import manifest
 from contracts.events import read_all, read_record
-from launcher_helpers import (CANARY, REPO, assert_machine_gone, cli, fake_python, launcher_env, no_secret_anywhere,
+from launcher_helpers import (CANARY, assert_machine_gone, cli, fake_python, launcher_env, no_secret_anywhere,
                               only_run, pid_alive, spawn, wait_for_state)
 
 
