@@ -6,6 +6,11 @@ PY := $(VENV)/bin/python
 # Machines of this workplace keep a CPU torch wheel there; elsewhere pip takes it from PyPI.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
+# The suite on this many pytest-xdist workers (tests/conftest.py: expensive modules stay on one worker, the
+# slow tests start first); most tests wait on subprocesses, so 3 fit 2 cores. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 3
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
+
 .PHONY: demo test test-fast rehearse venv sysdeps lock-check clean
 
 # Each step says what it does and how long it usually takes. Measured on 2 cores: ~8 min for a fresh clone
@@ -38,12 +43,12 @@ demo: venv
 
 # pytest exits 5 when it collects no test: that is a failure here too, said plainly.
 test: venv sysdeps
-	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	 if [ $$rc = 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 # The same suite without the tests marked `slow` (real training, torchrun, the real smoke job end to end).
 test-fast: venv sysdeps
-	@$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	 if [ $$rc = 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 # The cloud machine rehearsed (tests/test_rehearsal.py; also in `make test`): the task `up --dryrun` renders,

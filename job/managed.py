@@ -21,7 +21,6 @@ and emits a `resume` event (the step, the steps lost since the last logged one, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -1,5 +1,5 @@
 """Shared by every test module (`from conftest import REPO, SHARED, REAL_SAMPLE, needs_real_sample,
-run_cli, one_line, wait_until, random_adapter`), and the
+run_cli, one_line, wait_until, tiny_config, random_adapter`), and the
 `sky_home` fixture (an offline SkyPilot API server with a seeded catalog, tests/skyfix.py).
 
 The repository root is on sys.path, so tests import the benchmarks' references (bench/reference.py)."""
@@ -16,9 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from skyfix import sky_home  # noqa: E402,F401  (re-exported for every test module)
+from skyfix import sky_home, stop_shared  # noqa: E402,F401  (sky_home re-exported for every test module)
 
 import pytest  # noqa: E402
+
+# Under pytest-xdist every worker's torch (and the jobs its tests start) uses one thread: three workers on two
+# cores with two threads each spent their time waiting on each other, not computing.
+if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # ../shared beside the checkout, or the folder SOCRATES_SHARED names: the one way tests find it.
 SHARED = Path(os.environ.get("SOCRATES_SHARED") or REPO.parent / "shared")
@@ -27,6 +32,45 @@ needs_real_sample = pytest.mark.skipif(not REAL_SAMPLE.is_file(),
                                        reason=f"{REAL_SAMPLE} absent (set SOCRATES_SHARED to a folder holding fixtures/)")
 
 T = TypeVar("T")
+
+
+# Module-scoped fixtures too expensive to make once per pytest-xdist worker (a training, a wheel and its venv,
+# a SkyPilot node set up): under xdist the tests that use one all run on one worker.
+SHARED_FIXTURE = {"test_rehearsal": "one_node", "test_managed_jobs": "straight", "test_full_train": "runs",
+                  "test_job_dist_eval": "prepared", "test_job_dist_train": "setup", "test_job_evaluate": "prepared",
+                  "test_package": "wheel", "test_predict": "setup", "test_ssh_e2e": "host_dir",
+                  "test_job_train": "straight"}
+
+
+# The modules whose slow tests take longest on 2 cores (minutes each): handed out first of all.
+LONGEST = ("test_rehearsal", "test_managed_jobs", "test_readme_commands", "test_full_train", "test_ssh_e2e",
+           "test_job_train", "test_job_dist_train", "test_job_dist_eval", "test_package", "test_job_deadline")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 3 --dist loadgroup`): the SHARED_FIXTURE groups, and the tests
+    marked slow handed out first, LONGEST first of all, so the longest (the rehearsal, the managed runs) start at
+    once instead of ending the run last."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return
+    for item in items:
+        module = item.module.__name__
+        if SHARED_FIXTURE.get(module) in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group(f"{module}:{SHARED_FIXTURE[module]}"))
+
+    def order(item):  # stable sort: file order kept within each rank
+        module = item.module.__name__
+        return (item.get_closest_marker("slow") is None,
+                LONGEST.index(module) if module in LONGEST else len(LONGEST))
+
+    items.sort(key=order)
+
+
+def pytest_sessionfinish(session):
+    """The xdist controller stops the SkyPilot API server its workers shared (tests/skyfix.py)."""
+    if not hasattr(session.config, "workerinput") and hasattr(session.config, "_tmp_path_factory"):
+        stop_shared(session.config._tmp_path_factory.getbasetemp())
 
 
 def run_cli(args: list[str], env: dict | None = None, *, module: str = "launcher", cwd: Path = REPO,
@@ -63,6 +107,33 @@ def wait_until(condition: Callable[[], T], timeout: float = 30, interval: float 
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: not within {timeout:g} s")
         time.sleep(interval)
+
+
+TINY_CONFIG = {
+    "allow_cpu": True,
+    "model": {"id": "tiny", "init": "random", "tokenizer": "qwen2.5-offline",
+              "arch": {"preset": "qwen2-tiny", "initializer_range": 0.25}},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "train": {"method": "qlora", "epochs": 3, "global_batch": 8, "micro_batch": 4, "lr": 1.0e-2, "optim": "adamw_torch",
+              "precision": "fp32", "max_length": 512, "packing": True, "gradient_checkpointing": False,
+              "checkpoint_every": 4, "keep_checkpoints": 3, "max_steps": 12, "seed": 5},
+    "data": {"source": "synthetic:44", "split": "random", "seed": 1},
+}
+
+
+def tiny_config(name: str, **sections: dict | None) -> dict:
+    """The run config the CPU training tests share (a tiny random Qwen2, real QLoRA with NF4 on the CPU, a
+    loss that falls in a few steps), named `name`: each of `sections` updates that section key by key
+    (train={"max_steps": 6}); None leaves the section out (lora=None for a full fine-tune)."""
+    import copy
+
+    cfg = {"name": name, **copy.deepcopy(TINY_CONFIG)}
+    for key, update in sections.items():
+        if update is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = {**cfg.get(key, {}), **update}
+    return cfg
 
 
 def random_adapter(cfg, out: Path, seed: int = 0) -> Path:

@@ -52,6 +52,18 @@ def fakesky_env(tmp: Path, job_python: Path | None = None, *, cloud: str | None 
                         **extra)
 
 
+def fake_clusters(env: dict) -> list[Path]:
+    """The clusters up in the fake cloud of `env` (tests/fakesky.py: one folder each)."""
+    root = Path(env["FAKESKY_DIR"])
+    return [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+
+
+def fake_calls(env: dict) -> list[str]:
+    """What the fake cloud of `env` was asked, in order ("launch <cluster>", "rsync <cluster>", "down ...")."""
+    path = Path(env["FAKESKY_DIR"]) / "calls.log"
+    return path.read_text().split("\n") if path.is_file() else []
+
+
 @contextlib.contextmanager
 def fake_managed_cloud(tmp: Path):
     """fakesky_env with the fake job; afterwards every managed job of the fake controller is cancelled,
@@ -70,6 +82,29 @@ def fake_managed_cloud(tmp: Path):
 
 def cli(args: list[str], env: dict, timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return run_cli(args, env, cwd=cwd, timeout=timeout)
+
+
+def cli_here(args: list[str], runs: Path, capsys, monkeypatch, cwd: Path = REPO, **extra: str) -> subprocess.CompletedProcess:
+    """The CLI's main(args) in this process, for the many refusals where a process of its own proves nothing
+    more (tests of each verb family still run the real entry point as a process): the environment as
+    launcher_env makes it and the folder `cwd` (monkeypatch restores both), stdout and stderr captured, the
+    exit code returned. SkyPilot must stay out of the tests' process (it keeps HOME's paths from its import)."""
+    from launcher.cli import main
+
+    monkeypatch.chdir(cwd)
+
+    for key in [k for k in os.environ if k.startswith(("FAKEJOB_", "SOCRATES_"))]:
+        monkeypatch.delenv(key)
+    for key, value in {"SOCRATES_RUNS_DIR": str(runs), "COLUMNS": "120", **extra}.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()  # what came before is not this command's
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own exits (usage errors, --help)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    assert "sky" not in sys.modules, f"{args} imported SkyPilot into the tests' process: run it with cli()"
+    return subprocess.CompletedProcess(["socrates-launch", *args], code, out.out, out.err)
 
 
 def default_signals() -> None:
@@ -115,3 +150,17 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def assert_machine_gone(rec: dict) -> None:
+    """A local run's 'machine' (its work folder and the job's process group) is gone."""
+    workdir = rec["backend_state"].get("workdir")
+    assert workdir and not Path(workdir).exists(), f"local machine dir left behind: {workdir}"
+    assert not pid_alive(rec["backend_state"]["pgid"]), "job process left running"
+
+
+def no_secret_anywhere(root: Path) -> None:
+    """CANARY (the fake HF_TOKEN) is in no file under `root`."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), f"secret leaked into {path}"

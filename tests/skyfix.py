@@ -8,6 +8,8 @@ and its HOME is untouched. Needs `rsync` on PATH (SkyPilot refuses to plan launc
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -89,27 +91,67 @@ def seed_catalog(home: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def sky_home():
+def sky_home(tmp_path_factory):
+    """Started once per test session: under pytest-xdist the first worker that needs it starts it (a file
+    lock in the controller's temp folder) and every worker uses that one; the controller stops it at the
+    end (pytest_sessionfinish in conftest.py, `stop_shared`)."""
     if shutil.which("rsync") is None:
         pytest.skip("rsync is not installed (SkyPilot needs it; `make sysdeps` installs it)")
     pytest.importorskip("sky", reason="skypilot is not installed")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        fix = _start()
+        try:
+            yield fix
+        finally:
+            _stop(fix)
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # the controller's basetemp: the same for every worker
+    with open(shared / "skyhome.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker starts it; the others wait, then read its record
+        record = shared / SHARED_RECORD
+        if record.is_file():
+            saved = json.loads(record.read_text())
+            fix = SkyHome(home=Path(saved["home"]), port=saved["port"], env=saved["env"])
+        else:
+            fix = _start()
+            record.write_text(json.dumps({"home": str(fix.home), "port": fix.port, "env": fix.env}))
+    yield fix
+
+
+SHARED_RECORD = "skyhome.json"
+
+
+def _start() -> SkyHome:
     home = Path(tempfile.mkdtemp(prefix="skyhome-"))
     seed_catalog(home)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYPILOT_", "SOCRATES_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SKYPILOT_", "SOCRATES_", "PYTEST_"))}
     env.update({"HOME": str(home), "SKYPILOT_API_SERVER_ENDPOINT": f"http://127.0.0.1:{port}",
                 "SKYPILOT_DISABLE_USAGE_COLLECTION": "1", "PYTHONPATH": str(REPO), "COLUMNS": "160"})
     fix = SkyHome(home=home, port=port, env=env)
     started = subprocess.run([sys.executable, "-c", _START, str(port), ",".join(CLOUDS)], env=env,
                              capture_output=True, text=True, timeout=180)
-    try:
-        assert started.returncode == 0 and "ready" in started.stdout, started.stdout + started.stderr
-        yield fix
-    finally:
-        subprocess.run([sys.executable, "-c", "import sky; sky.api_stop()"], env=env, capture_output=True,
-                       timeout=60)
-        _kill_server_tree(port)  # api_stop leaves the server (and its workers) running here
-        shutil.rmtree(home, ignore_errors=True)
+    if started.returncode != 0 or "ready" not in started.stdout:
+        _stop(fix)
+        raise AssertionError(f"the offline SkyPilot API server did not start: {started.stdout} {started.stderr}")
+    return fix
+
+
+def _stop(fix: SkyHome) -> None:
+    subprocess.run([sys.executable, "-c", "import sky; sky.api_stop()"], env=fix.env, capture_output=True,
+                   timeout=60)
+    _kill_server_tree(fix.port)  # api_stop leaves the server (and its workers) running here
+    shutil.rmtree(fix.home, ignore_errors=True)
+
+
+def stop_shared(basetemp: Path) -> None:
+    """The controller's end of a pytest-xdist session: stop the server a worker started, if one did."""
+    record = basetemp / SHARED_RECORD
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        _stop(SkyHome(home=Path(saved["home"]), port=saved["port"], env=saved["env"]))
+        record.unlink()
 
 
 def _kill_server_tree(port: int) -> None:

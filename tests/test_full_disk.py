@@ -84,6 +84,7 @@ print(json.dumps({{"disk": res.disk_size, "acc": res.accelerators}}))
     assert got == {"disk": _by_hand(14e9, kept=3), "acc": {"A100-80GB": 8}}
 
 
+@pytest.mark.slow  # a dry run through the real API server: 12-17 s on 2 cores
 @pytest.mark.sky
 def test_the_dry_run_shows_the_full_runs_disk(sky_home, tmp_path):
     cfg = tmp_path / "full.yaml"

@@ -21,20 +21,12 @@ from job.checkpoints import complete_checkpoints
 from job.prepare import prepare
 from ports import free_port
 from ranks import job_env, kill_after_first_checkpoint, max_diff, run_train, step_losses
-from conftest import REPO
+from conftest import REPO, tiny_config
 
 # micro-batch 4 on 35 training rows: 9 micro-batches an epoch, so the 2-rank run's last step of each epoch
 # has one rank on the blank filler batch (RankBatches) and 1 rank accumulates 2 micro-batches a step.
 # Gradient checkpointing on: the recompute re-gathers FSDP's shards.
-CFG = {
-    "name": "tiny-full", "allow_cpu": True,
-    "model": {"id": "tiny", "init": "random", "tokenizer": "qwen2.5-offline",
-              "arch": {"preset": "qwen2-tiny", "initializer_range": 0.25}},
-    "train": {"method": "full", "epochs": 3, "global_batch": 8, "micro_batch": 4, "lr": 1.0e-3, "optim": "adamw_torch",
-              "precision": "fp32", "max_length": 512, "packing": True, "gradient_checkpointing": True,
-              "checkpoint_every": 4, "keep_checkpoints": 3, "max_steps": 12, "seed": 5},
-    "data": {"source": "synthetic:44", "split": "random", "seed": 1},
-}
+CFG = tiny_config("tiny-full", lora=None, train={"method": "full", "lr": 1.0e-3, "gradient_checkpointing": True})
 STEPS = 12
 
 

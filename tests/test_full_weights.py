@@ -64,7 +64,8 @@ def test_a_bucket_download_leaves_the_shards_and_checks_them_in_the_listing(tmp_
 
 
 def test_leave_keeps_the_weights_in_the_bucket_and_download_fetches_them_later(cloud, tmp_path):
-    env = {**cloud, "FAKEJOB_STEPS": "3", "FAKEJOB_FULL": "1"}
+    # wide enough that the bucket's path (a long temp folder under pytest-xdist) is never wrapped mid-path
+    env = {**cloud, "FAKEJOB_STEPS": "3", "FAKEJOB_FULL": "1", "COLUMNS": "400"}
     bucket = tmp_path / "bucket"
     r = cli(["up", "--infra", "sky", "--gpu", "A100-80GB:1", "--config", str(full_config(tmp_path)), "--managed",
              "--bucket", f"file://{bucket}", "--weights", "leave", "--yes"], env)

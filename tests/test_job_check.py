@@ -36,6 +36,7 @@ def _check(*args):
     return subprocess.run([sys.executable, "-m", "job", "check", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # two real `job check` processes (the NF4 self-test): ~12 s on 2 cores
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_check_on_cpu_passes_with_allow_cpu_and_exits_3_without(tmp_path):
     r = _check("--config", "configs/smoke.yaml", "--out", str(tmp_path))

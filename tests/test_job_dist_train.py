@@ -13,21 +13,13 @@ from contracts.config import load_config
 from contracts.events import read_all
 from job.prepare import prepare
 from job.checkpoints import complete_checkpoints
+from conftest import tiny_config
 from ranks import kill_after_first_checkpoint, max_diff, run_train, step_losses
 
 
 # micro-batch 4 on 35 training rows: 9 micro-batches an epoch, an odd count, so the 2-rank run's
 # last step of each epoch has one rank with the blank filler batch (RankBatches).
-CFG = {
-    "name": "tiny-dist", "allow_cpu": True,
-    "model": {"id": "tiny", "init": "random", "tokenizer": "qwen2.5-offline",
-              "arch": {"preset": "qwen2-tiny", "initializer_range": 0.25}},
-    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-    "train": {"method": "qlora", "epochs": 3, "global_batch": 8, "micro_batch": 4, "lr": 1.0e-2, "optim": "adamw_torch",
-              "precision": "fp32", "max_length": 512, "packing": True, "gradient_checkpointing": False,
-              "checkpoint_every": 4, "keep_checkpoints": 3, "max_steps": 12, "seed": 5},
-    "data": {"source": "synthetic:44", "split": "random", "seed": 1},
-}
+CFG = tiny_config("tiny-dist")
 def _adapter(out: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -1,57 +1,19 @@
 """Packing must not change what is learned: packed, padded and one-by-one batches give one loss."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from bench import reference
 from job.batches import IGNORE_INDEX, PackedCollator, collate_packed, count_targets, pack_rows
 from job.levers import Levers, set_attention, set_checkpointing
-from job.loss import answer_loss_sum
 from job.model import causal_lm_of
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, vocab_size=512)
-
-
-def _model(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(**ARCH, attn_implementation="sdpa")
-    base = transformers.Qwen2ForCausalLM(cfg).float().eval()  # eval: no dropout, the comparison is exact
-    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    return peft.get_peft_model(base, lora)
-
-
-def _examples(n: int, seed: int = 1) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        p, a = rng.randint(5, 40), rng.randint(1, 4)
-        ids = [rng.randrange(1, ARCH["vocab_size"]) for _ in range(p + a)]
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * p + ids[p:]})
-    return out
-
-
-def _loss_and_grads(model, batches, answer_only: bool) -> tuple[float, list[torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    total = sum(count_targets(b) for b in batches)
-    s_all = 0.0
-    for b in batches:
-        s = answer_loss_sum(model, b) if answer_only else reference.hf_loss_sum(model, b)
-        (s / total).backward()
-        s_all += float(s.detach())
-    grads = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
-    return s_all / total, grads
+from job.loss import answer_loss_sum
+from lora_helpers import eval_lora_model, lora_examples, loss_and_grads
 
 
 def test_packed_equals_padded_equals_one_by_one():
-    model, ex = _model(), _examples(13)
+    model, ex = eval_lora_model(), lora_examples(13)
     one = [reference.collate_padded([e], pad_id=0) for e in ex]
     padded = [reference.collate_padded(ex[i:i + 4], pad_id=0) for i in range(0, len(ex), 4)]
     packed = reference.micro_batches(ex, 5, Levers(row_len=96), pad_id=0)
@@ -59,18 +21,18 @@ def test_packed_equals_padded_equals_one_by_one():
     assert any(int((b["position_ids"][r] == 0).sum()) > 1 for b in packed for r in range(len(b["input_ids"]))), \
         "the test must actually pack"
 
-    ref, ref_g = _loss_and_grads(model, one, answer_only=True)
+    ref, ref_g = loss_and_grads(model, one, answer_only=True)
     assert 5.0 < ref < 8.0  # ~ln(512) with random weights: a real loss, not zero
     for batches in (padded, packed):
-        loss, grads = _loss_and_grads(model, batches, answer_only=True)
+        loss, grads = loss_and_grads(model, batches, answer_only=True)
         _assert_same(loss, grads, ref, ref_g)
 
 
 def test_answer_only_loss_equals_stock_hf_loss():
-    model, ex = _model(), _examples(6, seed=3)
+    model, ex = eval_lora_model(), lora_examples(6, seed=3)
     batch = [reference.collate_padded(ex, pad_id=0)]
-    a, ga = _loss_and_grads(model, batch, answer_only=True)
-    b, gb = _loss_and_grads(model, batch, answer_only=False)
+    a, ga = loss_and_grads(model, batch, answer_only=True)
+    b, gb = loss_and_grads(model, batch, answer_only=False)
     _assert_same(a, ga, b, gb)
 
 
@@ -83,7 +45,7 @@ def _assert_same(loss, grads, ref_loss, ref_grads):
 
 def test_packing_does_not_leak_across_sequences():
     # Changing one sequence must not change another's loss when they share a packed row.
-    model, ex = _model(), _examples(2, seed=5)
+    model, ex = eval_lora_model(), lora_examples(2, seed=5)
     rows = [[0, 1]]
     base = collate_packed(ex, rows, pad_id=0)
     alone = reference.collate_padded([ex[1]], pad_id=0)
@@ -110,13 +72,13 @@ def test_pack_rows_fits_every_sequence_once():
 
 
 def test_step_checkpointing_and_frozen_cast():
-    model = _model()
+    model = eval_lora_model()
     assert set_checkpointing(model, True, layers=1) == 1
     blocks = causal_lm_of(model).model.layers
     assert [b.gradient_checkpointing for b in blocks] == [True, False]
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ex = _examples(8, seed=7)
+    ex = lora_examples(8, seed=7)
     batches = reference.micro_batches(ex, 4, Levers(row_len=128), pad_id=0)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     loss = reference.step(model, opt, batches, Levers(liger=False), device="cpu", dtype=torch.float32)
@@ -129,7 +91,7 @@ def test_step_checkpointing_and_frozen_cast():
 
 
 def test_packed_collator_reads_trl_completion_mask():
-    ex = _examples(3, seed=9)
+    ex = lora_examples(3, seed=9)
     feats = [{"input_ids": e["input_ids"], "completion_mask": [int(y != IGNORE_INDEX) for y in e["labels"]]}
              for e in ex]
     a = PackedCollator(pad_id=0, row_len=256)(feats)
@@ -140,10 +102,11 @@ def test_packed_collator_reads_trl_completion_mask():
     assert count_targets(a) == sum(y != IGNORE_INDEX for e in ex for y in e["labels"])
 
 
+@pytest.mark.slow  # flex_attention compiles its block mask: ~12 s on 2 cores
 def test_flex_attention_packed_rows_give_the_sdpa_loss():
     # flex_attention (the CUDA default) on fixed-width packed rows: same loss as sdpa (forward only:
     # flex has no CPU backward). Its compile makes this the slowest test here (~30 s on 2 cores).
-    model, ex = _model(), _examples(9, seed=2)
+    model, ex = eval_lora_model(), lora_examples(9, seed=2)
     sdpa = reference.micro_batches(ex, 9, Levers(row_len=128), pad_id=0)[0]
     flex = reference.micro_batches(ex, 9, Levers(row_len=128, attn_implementation="flex_attention"), pad_id=0)[0]
     assert flex["input_ids"].shape[1] == 128 > sdpa["input_ids"].shape[1]  # fixed width: one compile

@@ -11,7 +11,7 @@ from job import sft
 from job.batches import PackedCollator, count_targets
 from job.levers import levers_for
 from job.loss import answer_loss_sum
-from tests.test_job_fast_packing import _examples, _model
+from lora_helpers import eval_lora_model, lora_examples
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -37,11 +37,11 @@ def _Tok():
 
 
 def test_sft_trainer_with_levers_matches_fast_step(tmp_path):
-    ex = _examples(8, seed=11)
+    ex = lora_examples(8, seed=11)
     mb, accum = 4, 2
     spec = TrainSpec(micro_batch=mb, global_batch=mb * accum, max_length=128, gradient_checkpointing=False)
 
-    ref = _model()
+    ref = eval_lora_model()
     lv = levers_for(spec, "cpu")
     assert lv.attn_implementation == "sdpa" and lv.row_len == 128 and lv.packing
     batches = reference.micro_batches(ex, mb, lv, pad_id=0)
@@ -50,7 +50,7 @@ def test_sft_trainer_with_levers_matches_fast_step(tmp_path):
         (answer_loss_sum(ref, b) / total).backward()
     want = [p.grad for p in ref.parameters() if p.requires_grad]
 
-    model = _model()
+    model = eval_lora_model()
     trainer = _trainer(model, ex, tmp_path, spec)
     assert isinstance(trainer.data_collator, PackedCollator) and trainer.data_collator.row_len == lv.row_len
     loader = trainer.get_train_dataloader()
@@ -75,9 +75,9 @@ def test_loss_is_scaled_like_trainer_under_ddp(tmp_path):
     # With several processes the token count is global and DDP averages: the loss is scaled back up.
     from types import SimpleNamespace
 
-    ex = _examples(4, seed=13)
+    ex = lora_examples(4, seed=13)
     spec = TrainSpec(micro_batch=4, global_batch=4, max_length=128, gradient_checkpointing=False)
-    model = _model()
+    model = eval_lora_model()
     trainer = _trainer(model, ex, tmp_path, spec)
     batch = PackedCollator(0, 128)(ex)
     n = torch.tensor(count_targets(batch))

@@ -16,7 +16,7 @@ from job.batches import collate_padded
 from job.levers import set_checkpointing, speed_up
 from job.loss import answer_loss_sum
 from job.model import causal_lm_of
-from tests.test_job_fast_packing import ARCH, _examples
+from lora_helpers import ARCH, lora_examples
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -115,7 +115,7 @@ def test_fp8_on_a_lora_model_close_to_the_plain_one_and_undone_exactly(four_bit)
         base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa")).float()
     model = _lora_model(base)
     set_checkpointing(model, True)
-    batch = collate_padded(_examples(6, seed=3), pad_id=0)
+    batch = collate_padded(lora_examples(6, seed=3), pad_id=0)
     want_loss, want_g = _loss_and_grads(model, batch)
     n = fp8.enable_fp8(model, names=fp8.projections(attention=True))
     layers = causal_lm_of(model).model.layers
@@ -311,7 +311,7 @@ def test_the_forward_accumulation_switch_reaches_scaled_mm_and_dx_stays_exact(mo
         model = _lora_model(base)
         n = fp8.enable_fp8(model, fast_accum=fast_accum, names=fp8.projections(attention=True))
         seen.clear()
-        _loss_and_grads(model, collate_padded(_examples(2, seed=3), pad_id=0))
+        _loss_and_grads(model, collate_padded(lora_examples(2, seed=3), pad_id=0))
         # n forwards with the switch, then the input grads, always exact (layer 0's q_proj gets none:
         # its input comes from the frozen embedding; k/v are not switched)
         assert seen[:n] == [fast_accum] * n and seen[n:] == [False] * (n - 1)

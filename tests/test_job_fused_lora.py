@@ -6,57 +6,18 @@ import torch
 
 from bench import reference
 from job.fused_lora import fuse_lora
-from job.levers import set_checkpointing
 from job.loss import answer_loss_sum
-from tests.test_job_fast_packing import ARCH, _examples
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _model(dropout: float, base=None):
-    torch.manual_seed(0)
-    if base is None:
-        base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ARCH, attn_implementation="sdpa")).float()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
-                                                      init_lora_weights=False, target_modules=TARGETS))
-    model.train()
-    return model
-
-
-def _run(model, batch, checkpointing: bool | None):
-    """Loss, LoRA gradients and the distinct bytes autograd keeps for backward (seeded dropout).
-
-    `checkpointing` None: the model's checkpointing as it is set."""
-    if checkpointing is not None:
-        set_checkpointing(model, checkpointing)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(5)
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        s = answer_loss_sum(model, batch)
-    s.backward()
-    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-    return float(s.detach()), grads, sum(kept.values())
+from lora_helpers import ARCH, TARGETS, lora_examples, run_saved, train_lora_model
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fused_equals_peft_loss_and_gradients(dropout, checkpointing):
-    batch = reference.collate_padded(_examples(6, seed=3), pad_id=0)
-    model = _model(dropout)
-    want = _run(model, batch, checkpointing)
+    batch = reference.collate_padded(lora_examples(6, seed=3), pad_id=0)
+    model = train_lora_model(dropout)
+    want = run_saved(model, batch, checkpointing)
     assert fuse_lora(model) == 2 * len(TARGETS)
-    got = _run(model, batch, checkpointing)
+    got = run_saved(model, batch, checkpointing)
     assert got[0] == pytest.approx(want[0], rel=1e-6)
     assert len(got[1]) == len(want[1]) > 0
     for g, w in zip(got[1], want[1]):
@@ -68,12 +29,12 @@ def test_fused_equals_peft_loss_and_gradients(dropout, checkpointing):
 
 
 def test_fused_keeps_no_dropout_copy_for_backward():
-    ex = _examples(6, seed=3)
+    ex = lora_examples(6, seed=3)
     batch = reference.collate_padded(ex, pad_id=0)
-    model = _model(0.3)
-    peft_bytes = _run(model, batch, checkpointing=False)[2]
+    model = train_lora_model(0.3)
+    peft_bytes = run_saved(model, batch, checkpointing=False)[2]
     fuse_lora(model)
-    fused_bytes = _run(model, batch, checkpointing=False)[2]
+    fused_bytes = run_saved(model, batch, checkpointing=False)[2]
     # peft keeps, per LoRA layer, dropout(x) (fp32 here) and its mask: one input-width copy each.
     tokens = batch["input_ids"].numel()
     widths = ARCH["num_hidden_layers"] * (5 * ARCH["hidden_size"] + ARCH["hidden_size"] + ARCH["intermediate_size"])
@@ -82,8 +43,8 @@ def test_fused_keeps_no_dropout_copy_for_backward():
 
 
 def test_unusual_cases_take_peft_own_forward_and_unfuse_restores_it():
-    batch = reference.collate_padded(_examples(3, seed=4), pad_id=0)
-    model = _model(0.0)
+    batch = reference.collate_padded(lora_examples(3, seed=4), pad_id=0)
+    model = train_lora_model(0.0)
     model.eval()
     with torch.no_grad():
         plain = model(**batch).logits
@@ -108,12 +69,12 @@ def test_fused_on_the_4bit_layer_equals_peft():
 
     base = build_random(Qwen2Config(**dict(PRESETS["qwen2-tiny"], vocab_size=ARCH["vocab_size"])), torch.device("cpu"),
                         torch.float32, quantize=True, seed=0)
-    model = _model(0.1, base=base)
+    model = train_lora_model(0.1, base=base)
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    batch = reference.collate_padded(_examples(4, seed=5), pad_id=0)
-    want = _run(model, batch, checkpointing=True)
+    batch = reference.collate_padded(lora_examples(4, seed=5), pad_id=0)
+    want = run_saved(model, batch, checkpointing=True)
     fuse_lora(model)
-    got = _run(model, batch, checkpointing=True)
+    got = run_saved(model, batch, checkpointing=True)
     assert got[0] == pytest.approx(want[0], rel=1e-5)
     for g, w in zip(got[1], want[1]):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

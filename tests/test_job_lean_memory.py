@@ -92,18 +92,17 @@ def test_memory_cap_env_shrinks_the_reported_card(monkeypatch):
 
 def test_lean_levers_give_the_same_loss_and_gradients_as_the_config_as_written():
     pytest.importorskip("peft")
-    from tests.test_job_fused_lora import _model
-    from tests.test_job_fast_packing import _examples
+    from lora_helpers import lora_examples, train_lora_model
 
     tiny = PAPER.with_overrides({"train.global_batch": 12, "train.micro_batch": 6, "train.checkpoint_layers": 1,
                                  "train.max_length": 128})
     lean_cfg, _ = plan_memory(tiny.with_overrides({"train.memory_mode": "lean"}), H200_GIB, host_gib=200.0)
     assert lean_cfg.train.micro_batch == 12 // 2 or lean_cfg.train.micro_batch <= 12  # the largest divisor that fits
     lean_cfg = lean_cfg.with_overrides({"train.micro_batch": 2})  # several micro-batches: accumulation is exercised
-    examples = _examples(12, seed=3)
+    examples = lora_examples(12, seed=3)
 
     def run(cfg, offload: bool):
-        model = _model(0.0)
+        model = train_lora_model(0.0)
         lv = levers_for(cfg.train, "cpu")
         fuse_lora(model, lv.fused_lora)
         set_checkpointing(model, True, lv.checkpoint_layers)

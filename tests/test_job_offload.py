@@ -9,17 +9,16 @@ from bench import reference
 from job.levers import Levers, set_checkpointing
 from job.model import causal_lm_of
 from job.offload import HostOffload, install
-from tests.test_job_fused_lora import _model, _run
-from tests.test_job_fast_packing import ARCH, _examples
+from lora_helpers import ARCH, lora_examples, run_saved, train_lora_model
 
 pytest.importorskip("peft")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_offloaded_checkpoints_give_the_same_gradients(dropout):
-    batches = reference.micro_batches(_examples(9, seed=7), 3, Levers(row_len=128), pad_id=0)
-    model = _model(dropout)
-    want = [_run(model, b, checkpointing=True)[:2] for b in batches]
+    batches = reference.micro_batches(lora_examples(9, seed=7), 3, Levers(row_len=128), pad_id=0)
+    model = train_lora_model(dropout)
+    want = [run_saved(model, b, checkpointing=True)[:2] for b in batches]
 
     blocks = causal_lm_of(model).model.layers
     offload = install(blocks, HostOffload(min_bytes=0, copy_cpu=True))  # what set_checkpointing(offload=True) installs
@@ -27,7 +26,7 @@ def test_offloaded_checkpoints_give_the_same_gradients(dropout):
     for b in batches:
         set_checkpointing(model, True)  # re-enabling resets the layers' checkpoint function...
         install(blocks, offload)             # ...so install again, as set_checkpointing(offload=True) does last
-        got.append(_run(model, b, checkpointing=None)[:2])
+        got.append(run_saved(model, b, checkpointing=None)[:2])
     for (wl, wg), (gl, gg) in zip(want, got):
         assert gl == pytest.approx(wl, rel=1e-6)
         for g, w in zip(gg, wg):
@@ -40,7 +39,7 @@ def test_offloaded_checkpoints_give_the_same_gradients(dropout):
 
 
 def test_set_checkpointing_installs_the_offload_and_small_tensors_stay():
-    model = _model(0.0)
+    model = train_lora_model(0.0)
     assert set_checkpointing(model, True, 1, offload=True) == 1
     blocks = causal_lm_of(model).model.layers
     funcs = {id(getattr(b._gradient_checkpointing_func, "keywords", {}).get("offload")) for b in blocks}

@@ -20,18 +20,9 @@ from job.checkpoints import FINGERPRINT, check_resumable, fingerprint, write_fin
 from job.prepare import prepare
 from job.checkpoints import COMPLETE, complete_checkpoints
 from job.checkpoints import resume_point as _resume_point
-from conftest import REAL_SAMPLE, REPO
+from conftest import REAL_SAMPLE, REPO, tiny_config
 
-TINY = {
-    "name": "tiny-resume", "allow_cpu": True,
-    "model": {"id": "tiny", "init": "random", "tokenizer": "qwen2.5-offline",
-              "arch": {"preset": "qwen2-tiny", "initializer_range": 0.25}},
-    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-    "train": {"method": "qlora", "epochs": 3, "global_batch": 8, "micro_batch": 4, "lr": 1.0e-2, "optim": "adamw_torch",
-              "precision": "fp32", "max_length": 512, "packing": True, "gradient_checkpointing": False,
-              "checkpoint_every": 4, "keep_checkpoints": 3, "max_steps": 12, "seed": 5},
-    "data": {"source": "synthetic:48", "split": "random", "seed": 1},
-}
+TINY = tiny_config("tiny-resume", data={"source": "synthetic:48"})
 
 
 def _job(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
@@ -50,6 +41,16 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     cfg.write_text(yaml.safe_dump(TINY))
     prepare("synthetic:48", root / "data", split="random", seed=1, cfg=load_config(cfg))
     return cfg, root / "data"
+
+
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory) -> Path:
+    """The tiny run trained once, uninterrupted, to max_steps: the reference the resume tests compare with."""
+    cfg, data = tiny
+    out = tmp_path_factory.mktemp("straight") / "run"
+    r = _job("train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--resume", "never")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
 
 
 @pytest.mark.slow
@@ -84,12 +85,9 @@ def test_smoke_acceptance_adapter_verifies_and_loss_falls(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_auto_matches_a_straight_run(tiny, tmp_path):
+def test_sigkill_then_resume_auto_matches_a_straight_run(tiny, straight, tmp_path):
     cfg, data = tiny
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    r = _job("train", "--config", str(cfg), "--data", str(data), "--out", str(straight), "--resume", "never")
-    assert r.returncode == 0, r.stderr[-2000:]
-
+    killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "job", "train", "--config", str(cfg), "--data", str(data),
                              "--out", str(killed)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -139,16 +137,17 @@ def test_sigkill_then_resume_auto_matches_a_straight_run(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_auto_after_max_steps_trains_nothing_and_saves_the_same_adapter(tiny, tmp_path):
+def test_resume_auto_after_max_steps_trains_nothing_and_saves_the_same_adapter(tiny, straight, tmp_path):
     """The launcher always passes --resume auto: re-running a finished job must not train a step past
     max_steps (the Trainer checks it only after a step); it saves the last checkpoint's adapter again."""
+    import shutil
+
     from safetensors.torch import load_file
 
     cfg, data = tiny
     out = tmp_path / "run"
+    shutil.copytree(straight, out)  # the finished run (the module's straight one)
     cmd = ("train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--resume", "auto")
-    r = _job(*cmd)
-    assert r.returncode == 0, r.stderr[-2000:]
     first = load_file(out / "adapter" / "adapter_model.safetensors")
     assert complete_checkpoints(out / "checkpoints")[-1].name == "checkpoint-12"
 

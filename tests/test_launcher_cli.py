@@ -14,7 +14,7 @@ from contracts.errors import ContractError
 from launcher import registry
 from launcher.gpu import GpuSpec, parse_gpu
 from launcher.secrets import redact
-from launcher_helpers import CANARY, REPO, cli, launcher_env
+from launcher_helpers import CANARY, REPO, cli, cli_here, launcher_env
 
 
 @pytest.fixture
@@ -56,10 +56,11 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("argv,named", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_creates_nothing(argv, named, tmp_path, bad_config):
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(argv, named, tmp_path, bad_config, capsys, monkeypatch):
+    """In this process (cli_here); the entry point as a process: test_bad_input_launches_no_local_machine."""
     argv = [str(bad_config) if a == "BAD" else a for a in argv]
     runs = tmp_path / "runs"
-    r = cli(argv, launcher_env(runs, HF_TOKEN=CANARY), cwd=tmp_path if "--config" not in argv else REPO)
+    r = cli_here(argv, runs, capsys, monkeypatch, cwd=tmp_path if "--config" not in argv else REPO, HF_TOKEN=CANARY)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1, lines

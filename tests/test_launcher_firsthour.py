@@ -133,6 +133,7 @@ def test_estimate_falls_back_to_the_catalog_skypilot_cached_last(new_user):
     assert "p4de.test" in out and "4.10" in out  # the cached row is priced
 
 
+@pytest.mark.slow  # starts SkyPilot's own API server twice: 30-40 s on 2 cores
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed (SkyPilot needs it)")
 def test_no_credentials_dryrun_shows_task_and_offers_and_up_refuses_before_a_run(new_user, tmp_path):
     env, port = new_user
@@ -186,6 +187,7 @@ def test_report_json_names_the_run_by_its_id(tmp_path):
     assert r.returncode == 0 and f"run {run_dir.name}" in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.slow  # a real local run of the smoke job: 25-30 s on 2 cores
 def test_report_to_tensorboard_brings_back_event_files_that_match_the_steps(tmp_path):
     """A smoke run (local backend, the real job: tiny Qwen2, NF4 on CPU) with train.report_to:
     tensorboard: the event files come back in the run, are in its verified manifest, TensorBoard's
@@ -437,6 +439,7 @@ def test_estimate_shows_the_run_on_every_fitting_card_with_the_fastest_and_cheap
     assert "LONG RUN" not in out  # 13 h and $27 on A100: under both
 
 
+@pytest.mark.slow  # five `estimate` processes reading the catalog: 12-19 s on 2 cores
 def test_a_long_run_is_said_loudly_with_a_subset_and_a_card_that_bring_it_under(tmp_path):
     """The full dataset on an L4 (hundreds of hours): the warning names the largest subset (2 significant
     digits) under 24 h and $100 on that card; checked by estimating that subset and the next one up."""

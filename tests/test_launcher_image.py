@@ -192,6 +192,7 @@ print(json.dumps(out))
     assert "uv\" pip sync" in plain["setup"] and "--require-hashes" in plain["setup"]
 
 
+@pytest.mark.slow  # a dry run through the real API server: ~10 s on 2 cores alone, over 15 s beside other tests
 @pytest.mark.sky
 def test_dryrun_with_an_image_says_so_and_the_optimizer_takes_it(sky_home, tmp_path):
     runs = tmp_path / "runs"

@@ -1,7 +1,7 @@
 """The local backend end to end through the real CLI: a temp dir stands in for the machine.
 
-The job is tests/fakejob.py (real events, a real adapter + manifest, faults on demand) except in
-`test_demo_real_job`, which runs the real smoke job exactly as `make demo` does.
+The job is tests/fakejob.py (real events, a real adapter + manifest, faults on demand); the real smoke job,
+exactly as `make demo` runs it, is the demo of tests/test_readme_commands.py.
 """
 from __future__ import annotations
 
@@ -16,20 +16,9 @@ import pytest
 from conftest import wait_until
 from contracts import manifest
 from contracts.events import read_all, read_record
-from launcher_helpers import CANARY, REPO, cli, fake_python, launcher_env, only_run, pid_alive, spawn, wait_for_state
+from launcher_helpers import (CANARY, assert_machine_gone, cli, fake_python, launcher_env, no_secret_anywhere,
+                              only_run, pid_alive, spawn, wait_for_state)
 
-
-
-def _assert_machine_gone(rec: dict) -> None:
-    workdir = rec["backend_state"].get("workdir")
-    assert workdir and not Path(workdir).exists(), f"local machine dir left behind: {workdir}"
-    assert not pid_alive(rec["backend_state"]["pgid"]), "job process left running"
-
-
-def _no_secret_anywhere(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            assert CANARY.encode() not in path.read_bytes(), f"secret leaked into {path}"
 
 
 def test_up_local_end_to_end(tmp_path):
@@ -55,9 +44,9 @@ def test_up_local_end_to_end(tmp_path):
     assert phases == ["provisioning", "syncing", "training", "downloading", "tearing down"]
     assert f"adapter: {run_dir.resolve() / 'adapter'}" in r.stdout.replace("\n", "")
     assert "step 5/5" in r.stdout  # plain progress lines when stdout is not a terminal
-    _assert_machine_gone(rec)
+    assert_machine_gone(rec)
     # The job printed the token; nothing the launcher wrote or showed carries it.
-    _no_secret_anywhere(tmp_path / "runs")
+    no_secret_anywhere(tmp_path / "runs")
     assert CANARY not in r.stdout + r.stderr
     assert "<redacted>" in (run_dir / "job.log").read_text()
     # `runs` and `status` read the record back; `down` on an ended run is a no-op.
@@ -84,7 +73,7 @@ def test_job_failure_fails_the_run_and_tears_down(tmp_path, verb):
     # after training, the finished adapter is pulled back and verified before the teardown
     assert rec["verified"] == (verb == "evaluate") and bool(rec["adapter"]) == (verb == "evaluate")
     assert f"failing in {verb}" in r.stdout  # the job's last output is shown
-    _assert_machine_gone(rec)
+    assert_machine_gone(rec)
 
 
 def test_artifact_not_matching_manifest_is_never_called_done(tmp_path):
@@ -98,7 +87,7 @@ def test_artifact_not_matching_manifest_is_never_called_done(tmp_path):
     assert Path(rec["backend_state"]["workdir"]).is_dir() and rec["machine"] == "up"
     assert f"socrates-launch down {rec['id']}" in " ".join(r.stdout.split())
     assert cli(["down", rec["id"]], env).returncode == 0
-    _assert_machine_gone(only_run(tmp_path / "runs"))
+    assert_machine_gone(only_run(tmp_path / "runs"))
 
 
 def test_detach_then_logs_reattaches_and_finishes(tmp_path):
@@ -116,7 +105,7 @@ def test_detach_then_logs_reattaches_and_finishes(tmp_path):
     assert rec["state"] == "done" and rec["verified"]
     steps = [e for e in read_all(Path(rec["dir"]) / "events.jsonl") if e["event"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, 11))  # none lost, none doubled
-    _assert_machine_gone(rec)
+    assert_machine_gone(rec)
 
 
 def _up_until_the_job_runs(tmp_path):
@@ -142,7 +131,7 @@ def test_launcher_sigkilled_mid_run_then_status_and_down(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     rec = only_run(tmp_path / "runs")
     assert rec["state"] == "torn_down" and rec["machine"] == "gone"
-    _assert_machine_gone(rec)
+    assert_machine_gone(rec)
     assert cli(["down", rec["id"]], env).returncode == 0  # idempotent
 
 
@@ -158,7 +147,7 @@ def test_ctrl_c_stops_a_local_run_and_removes_its_folder(tmp_path):
     assert f"Ctrl-C: stopping run {rec['id']}" in flat and "up --detach" in flat and "detached" not in flat, out
     rec = only_run(tmp_path / "runs")
     assert rec["state"] == "torn_down" and rec["machine"] == "gone", rec
-    _assert_machine_gone(rec)
+    assert_machine_gone(rec)
 
 
 def test_status_reconciles_a_vanished_machine(tmp_path):
@@ -176,31 +165,3 @@ def test_status_reconciles_a_vanished_machine(tmp_path):
     assert "machine:  gone" in r.stdout
     rec = only_run(tmp_path / "runs")
     assert rec["state"] == "failed" and "machine gone" in rec["error"]
-
-
-@pytest.mark.slow
-def test_demo_real_job(tmp_path):
-    """`make demo`'s path with the real job: the smoke config (synthetic data, tiny Qwen2, real NF4
-    on CPU), shortened to 2 optimizer steps and 4 evaluated rows so the suite stays fast."""
-    if not (REPO / "job" / "check.py").is_file() or not (REPO / "job" / "train.py").is_file():
-        pytest.skip("the job's check/train verbs are not in this checkout yet (issue #2)")
-    import yaml
-
-    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    cfg["train"]["max_steps"] = 2
-    cfg["data"]["source"] = "synthetic:60"
-    (tmp_path / "smoke-short.yaml").write_text(yaml.safe_dump(cfg))
-    env = launcher_env(tmp_path / "runs", HF_TOKEN=CANARY)
-    r = cli(["up", "--infra", "local", "--config", str(tmp_path / "smoke-short.yaml"), "--eval-rows", "4", "--yes"],
-            env, timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    rec = only_run(tmp_path / "runs")
-    run_dir = Path(rec["dir"])
-    assert rec["state"] == "done" and rec["verified"] and rec["exit_code"] == 0
-    assert manifest.verify(run_dir) == []
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    events = read_all(run_dir / "events.jsonl")
-    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
-    assert any(e["event"] == "eval" for e in events)
-    _assert_machine_gone(rec)
-    _no_secret_anywhere(tmp_path / "runs")

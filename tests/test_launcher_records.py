@@ -15,7 +15,7 @@ import pytest
 
 from conftest import one_line
 from launcher import registry
-from launcher_helpers import cli, launcher_env, pid_alive
+from launcher_helpers import cli, cli_here, launcher_env, pid_alive
 
 
 def _record(runs: Path, monkeypatch, name: str = "demo", **fields) -> Path:
@@ -42,12 +42,13 @@ DAMAGE = [
 
 @pytest.mark.parametrize("fields,named", DAMAGE, ids=[next(iter(f)) for f, _ in DAMAGE])
 @pytest.mark.parametrize("verb", ["status", "logs", "down", "download", "report"])
-def test_a_damaged_record_is_one_line_exit_2_naming_file_and_field(fields, named, verb, tmp_path, monkeypatch):
+def test_a_damaged_record_is_one_line_exit_2_naming_file_and_field(fields, named, verb, tmp_path, monkeypatch, capsys):
+    """In this process (cli_here): 70 cases; the entry point as a process is the next test's."""
     runs = tmp_path / "runs"
     path = _record(runs, monkeypatch, **fields)
     before = path.read_bytes()
     for argv in ([verb, path.parent.name], [verb]):  # named, and as the latest run
-        r = cli(argv, launcher_env(runs))
+        r = cli_here(argv, runs, capsys, monkeypatch)
         assert r.returncode == 2, (argv, r.stdout, r.stderr)
         line = one_line(r, rc=None, both=True)
         assert str(path) in line and named in line and "damaged" in line, line

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from launcher import registry
-from launcher_helpers import REPO, cli, fake_python, launcher_env, pid_alive
+from launcher_helpers import cli, fake_python, launcher_env, pid_alive
 
 
 def _record(runs: Path, infra: str, backend_state: dict, **kw) -> registry.Run:

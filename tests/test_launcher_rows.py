@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import one_line
-from launcher_helpers import REPO, cli, launcher_env
+from launcher_helpers import REPO, cli, cli_here, launcher_env
 
 GOOD = {"study_id": "s1", "response": 3, "condition_num": 1, "task_num": 2,
         "stimuli": "How much do you agree?", "demographic": {"age": 30}}
@@ -36,12 +36,15 @@ def _without(row: dict, key: str) -> dict:
     # Past the first 1000 rows (the launcher used to parse only those).
     (_without(GOOD, "study_id"), 1500, "missing column(s) study_id"),
 ])
-def test_up_and_estimate_refuse_a_bad_row_naming_file_row_and_column(tmp_path, bad_row, row_index, named):
+def test_up_and_estimate_refuse_a_bad_row_naming_file_row_and_column(tmp_path, bad_row, row_index, named, capsys,
+                                                                     monkeypatch):
+    """In this process (cli_here): the rows are read before anything else; the entry point as a process is
+    the next test's."""
     rows = [dict(GOOD, study_id=f"s{i % 7}") for i in range(row_index)] + [bad_row, GOOD]
     data = write_jsonl(tmp_path / "rows_missing_columns.jsonl", rows)
     runs = tmp_path / "runs"
     for argv in (["up", "--infra", "local", "--yes"], ["estimate"], ["up", "--gpu", "A100:1", "--dryrun"]):
-        line = one_line(cli([*argv, "--data", str(data)], launcher_env(runs)), both=True)
+        line = one_line(cli_here([*argv, "--data", str(data)], runs, capsys, monkeypatch), both=True)
         assert str(data) in line and f"row {row_index}" in line and named in line, (argv, line)
         assert f"line {row_index + 1}" in line, line  # the file's line too, for an editor
     assert not runs.exists()

@@ -10,10 +10,17 @@ import pytest
 
 from contracts import manifest
 from contracts.events import read_all
-from launcher_helpers import REPO, cli, launcher_env, only_run
-from test_launcher_sky import cloud  # noqa: F401  (the fake-cloud fixture)
+from launcher_helpers import REPO, cli, fake_calls, fake_clusters, fake_python, fakesky_env, launcher_env, only_run
+from ports import free_port
 
 
+@pytest.fixture
+def cloud(tmp_path):
+    """A launcher whose SkyPilot is tests/fakesky.py (catalog seeded), the fake job on its machines."""
+    return fakesky_env(tmp_path, fake_python(tmp_path))
+
+
+@pytest.mark.slow  # a dry run through the real API server: ~10 s on 2 cores alone, over 15 s beside other tests
 @pytest.mark.sky
 def test_two_nodes_of_eight_gpus_render_and_dry_run_through_skypilot(sky_home, tmp_path):
     env = {**sky_home.env, "SOCRATES_RUNS_DIR": str(tmp_path / "runs")}
@@ -76,7 +83,7 @@ def test_bad_scale_flags_are_one_line_exit_2(tmp_path, argv, needle):
 @pytest.mark.slow
 def test_local_backend_runs_the_task_on_two_cpu_ranks(tmp_path):
     runs = tmp_path / "runs"
-    env = launcher_env(runs, OMP_NUM_THREADS="1", MASTER_PORT="29517")
+    env = launcher_env(runs, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))  # a free port: other tests may run beside it
     r = cli(["up", "--infra", "local", "--ranks", "2", "--config", "configs/smoke.yaml", "--data", "synthetic:120",
              "--eval-rows", "8", "--yes", "--name", "two-ranks"], env, timeout=600)
     out = r.stdout + r.stderr
@@ -92,17 +99,15 @@ def test_local_backend_runs_the_task_on_two_cpu_ranks(tmp_path):
 def test_a_node_lost_mid_run_fails_the_run_downs_every_node_and_keeps_the_adapter(cloud):
     """2 nodes; node 1 dies during evaluation (training finished): the run fails, the finished adapter
     is pulled back and verifies, and the cluster, every node of it, is torn down."""
-    from test_launcher_sky import _calls, _clusters
-
     r = cli(["up", "--infra", "sky", "--gpu", "A100:1", "--nodes", "2", "--config", "configs/smoke.yaml", "--yes"],
             {**cloud, "FAKESKY_FAIL": "node-lost"}, timeout=300)
     assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
     rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
-    assert _clusters(cloud) == []  # nothing left: the cluster folder (both nodes in it) is gone
+    assert fake_clusters(cloud) == []  # nothing left: the cluster folder (both nodes in it) is gone
     assert rec["state"] == "failed" and rec["error"].startswith("running"), rec["error"]
     assert "pulled back and verifies" in rec["error"] and rec["adapter"]
     assert manifest.verify(rec["dir"]) == []
     assert "node 1 lost" in (Path(rec["dir"]) / "job.log").read_text()
-    assert f"down {rec['backend_state']['cluster']}" in _calls(cloud) and rec["machine"] == "gone"
+    assert f"down {rec['backend_state']['cluster']}" in fake_calls(cloud) and rec["machine"] == "gone"
     rendered = (Path(rec["dir"]) / "task.yaml").read_text()
     assert "num_nodes: 2" in rendered

@@ -25,7 +25,8 @@ import yaml
 from conftest import wait_until
 from contracts import manifest
 from contracts.events import read_all
-from launcher_helpers import CANARY, REPO, cli, fake_python, fakesky_env, only_run, spawn, wait_for_state
+from launcher_helpers import (CANARY, REPO, cli, fake_calls, fake_clusters, fake_python, fakesky_env, only_run, spawn,
+                              wait_for_state)
 
 UP = ["up", "--infra", "sky", "--gpu", "A100:1", "--config", "configs/smoke.yaml", "--yes"]
 
@@ -122,19 +123,23 @@ def cloud(tmp_path):
     return fakesky_env(tmp_path, fake_python(tmp_path))
 
 
-def _clusters(env: dict) -> list[Path]:
-    root = Path(env["FAKESKY_DIR"])
-    return [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+def _streaming(runs: Path) -> bool:
+    """The launcher follows the job: a step event it received is in the run's events.jsonl."""
+    return any('"event":"step"' in p.read_text() for p in runs.glob("*/events.jsonl"))
 
 
-def _calls(env: dict) -> list[str]:
-    path = Path(env["FAKESKY_DIR"]) / "calls.log"
-    return path.read_text().split("\n") if path.is_file() else []
+def _in_phase(env: dict, phase: str) -> bool:
+    """The fake cloud is really inside `phase`: the cluster made, a step streamed, the pull started."""
+    if phase == "provisioning":
+        return len(fake_clusters(env)) == 1
+    if phase == "running":
+        return _streaming(Path(env["SOCRATES_RUNS_DIR"]))
+    return any(line.startswith("rsync ") for line in fake_calls(env))
 
 
 def _assert_nothing_running(env: dict, rec: dict) -> None:
-    assert _clusters(env) == [], "a cluster was left up"
-    assert f"down {rec['backend_state']['cluster']}" in _calls(env)
+    assert fake_clusters(env) == [], "a cluster was left up"
+    assert f"down {rec['backend_state']['cluster']}" in fake_calls(env)
     assert rec["machine"] == "gone"
 
 
@@ -191,8 +196,8 @@ def test_a_failed_download_leaves_the_results_on_the_machine_and_says_how_to_get
     rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
     cluster = rec["backend_state"]["cluster"]
     assert rec["state"] == "failed" and rec["error"].startswith("downloading"), rec["error"]
-    assert _calls(cloud).count(f"rsync {cluster}") == 3  # retried before giving up
-    assert len(_clusters(cloud)) == 1 and f"down {cluster}" not in _calls(cloud)
+    assert fake_calls(cloud).count(f"rsync {cluster}") == 3  # retried before giving up
+    assert len(fake_clusters(cloud)) == 1 and f"down {cluster}" not in fake_calls(cloud)
     out = " ".join(r.stdout.split())
     assert f"socrates-launch download {rec['id']}" in out and f"socrates-launch down {rec['id']}" in out
     assert "autodown ends it 15 min after the job ended" in out
@@ -210,7 +215,7 @@ def test_failed_teardown_is_loud_and_down_retries_it(cloud):
     rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
     assert r.returncode == 1 and "TEARDOWN FAILED" in r.stdout and f"socrates-launch down {rec['id']}" in r.stdout
     assert rec["state"] == "done" and rec["verified"] and rec["machine"] == "unknown"  # the adapter is safe
-    assert len(_clusters(cloud)) == 1 and _calls(cloud).count(f"down-failed {rec['backend_state']['cluster']}") == 3
+    assert len(fake_clusters(cloud)) == 1 and fake_calls(cloud).count(f"down-failed {rec['backend_state']['cluster']}") == 3
     assert cli(["status", rec["id"]], cloud).stdout.count("still up") == 1
     r = cli(["down", rec["id"]], cloud)
     assert r.returncode == 0
@@ -243,11 +248,11 @@ def test_launcher_sigkilled_in_each_phase_then_status_and_down(cloud, phase):
     proc = spawn(UP, env)
     runs = Path(cloud["SOCRATES_RUNS_DIR"])
     wait_for_state(runs, (phase,), timeout=90)
-    time.sleep(0.5)
+    wait_until(lambda: _in_phase(env, phase), 30, what=f"the fake cloud inside {phase}")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     rec = only_run(runs)
-    assert rec["backend_state"]["cluster"] and len(_clusters(cloud)) == 1  # it was really up
+    assert rec["backend_state"]["cluster"] and len(fake_clusters(cloud)) == 1  # it was really up
     r = cli(["status", rec["id"]], env)
     assert r.returncode == 0 and "machine:  up" in r.stdout and f"state:    {phase}" in r.stdout
     if phase in ("running", "downloading"):
@@ -273,19 +278,24 @@ def _interrupt(cloud: dict, times: int) -> tuple[str, dict, int]:
     proc = spawn(UP, env)
     runs = Path(cloud["SOCRATES_RUNS_DIR"])
     wait_for_state(runs, ("running",), timeout=90)
-    time.sleep(1.0)
-    for _ in range(times):
+    wait_until(lambda: _streaming(runs), 30, what="the launcher streaming the job's steps")
+    os.kill(proc.pid, signal.SIGINT)
+    seen = []
+    if times == 2:  # the second Ctrl-C once the launcher says it waits for one
+        for line in proc.stdout:
+            seen.append(line)
+            if "press Ctrl-C again" in line:
+                break
         os.kill(proc.pid, signal.SIGINT)
-        time.sleep(0.5)
     out, _ = proc.communicate(timeout=60)
-    return out, only_run(runs), proc.returncode
+    return "".join(seen) + out, only_run(runs), proc.returncode
 
 
 def test_ctrl_c_once_detaches_and_leaves_autodown_armed(cloud):
     out, rec, code = _interrupt(cloud, 1)
     assert code == 130 and "detached from run" in out and f"socrates-launch down {rec['id']}" in out
-    assert rec["state"] == "running" and len(_clusters(cloud)) == 1  # still running, by design
-    launch = json.loads((_clusters(cloud)[0] / "task.json").read_text())
+    assert rec["state"] == "running" and len(fake_clusters(cloud)) == 1  # still running, by design
+    launch = json.loads((fake_clusters(cloud)[0] / "task.json").read_text())
     assert launch["idle_minutes"] >= 10  # autodown armed at launch, so the machine ends itself
     # and the user can come back to it: logs finishes the run, downloads and tears down.
     r = cli(["logs", rec["id"]], cloud)
@@ -310,7 +320,7 @@ def test_interrupted_while_provisioning_tears_down(cloud, sig):
     proc = spawn(UP, env)
     runs = Path(cloud["SOCRATES_RUNS_DIR"])
     wait_for_state(runs, ("provisioning",), timeout=90)
-    wait_until(lambda: len(_clusters(cloud)) == 1, 30, what="the cluster being provisioned")  # it really was
+    wait_until(lambda: len(fake_clusters(cloud)) == 1, 30, what="the cluster being provisioned")  # it really was
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     rec = only_run(runs)
@@ -327,12 +337,12 @@ def test_sigterm_while_running_detaches_with_autodown_armed(cloud):
     proc = spawn(UP, env)
     runs = Path(cloud["SOCRATES_RUNS_DIR"])
     wait_for_state(runs, ("running",), timeout=90)
-    time.sleep(1.0)
+    wait_until(lambda: _streaming(runs), 30, what="the launcher streaming the job's steps")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     rec = only_run(runs)
     assert proc.returncode == 128 + signal.SIGTERM and f"socrates-launch logs {rec['id']}" in out
-    assert rec["state"] == "running" and len(_clusters(cloud)) == 1
+    assert rec["state"] == "running" and len(fake_clusters(cloud)) == 1
     r = cli(["logs", rec["id"]], cloud)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     rec = only_run(runs)

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from conftest import tiny_config
 from contracts.events import read_all
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,17 +31,8 @@ sys.path.insert(0, str(REPO / "tests"))
 CKPT_EVERY = 4
 RUN = "tiny-managed-1"  # the run id: the run lives under <bucket>/<run id>/ (out/, managed/)
 TOTAL = 16
-TINY = {
-    "name": "tiny-managed", "allow_cpu": True,
-    "model": {"id": "tiny", "init": "random", "tokenizer": "qwen2.5-offline",
-              "arch": {"preset": "qwen2-tiny", "initializer_range": 0.25}},
-    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-    "train": {"method": "qlora", "epochs": 3, "global_batch": 8, "micro_batch": 4, "lr": 1.0e-2, "optim": "adamw_torch",
-              "precision": "fp32", "max_length": 512, "packing": True, "gradient_checkpointing": False,
-              "checkpoint_every": CKPT_EVERY, "keep_checkpoints": 2, "max_steps": TOTAL, "seed": 5},
-    "data": {"source": "synthetic:64", "split": "random", "subset": 1.0, "seed": 1},
-    "eval": {"enabled": False, "mode": "sample", "rows": 4},
-}
+TINY = tiny_config("tiny-managed", train={"checkpoint_every": CKPT_EVERY, "keep_checkpoints": 2, "max_steps": TOTAL},
+                   data={"source": "synthetic:64", "subset": 1.0}, eval={"enabled": False, "mode": "sample", "rows": 4})
 
 
 def managed_task(bucket: Path, deadline_s: int = 0) -> dict:

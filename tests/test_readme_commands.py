@@ -33,7 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher_helpers import REPO, fakesky_env, only_run
+from contracts import manifest
+from contracts.events import read_all
+from launcher_helpers import CANARY, REPO, assert_machine_gone, fakesky_env, no_secret_anywhere, only_run
 
 PREFIXES = ("socrates-launch ", "make ", "python -m job ")
 SKIP = {"make test": "the suite itself", "up --infra ssh://": "needs an SSH host (tests/test_ssh_e2e.py runs it)"}
@@ -85,6 +87,21 @@ def _run_the_next_steps_the_demo_printed(out: str, run_dir: Path, work: Path, en
             assert f"run {run_dir.name}" in got and str(run_dir / "eval" / "report.html") in got, got
 
 
+def _the_demo_ran_the_real_job(rec: dict, runs: Path) -> None:
+    """`make demo`'s path with the real job (the smoke config: synthetic data, tiny Qwen2, real NF4 on CPU,
+    shortened to 2 steps): verified, its steps and evaluation in the events, the local machine gone, the
+    secret (HF_TOKEN) in no file of the run."""
+    run_dir = Path(rec["dir"])
+    assert rec["state"] == "done" and rec["verified"] and rec["exit_code"] == 0
+    assert manifest.verify(run_dir) == []
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    events = read_all(run_dir / "events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
+    assert any(e["event"] == "eval" for e in events)
+    assert_machine_gone(rec)
+    no_secret_anywhere(runs)
+
+
 @pytest.mark.slow
 def test_the_readme_commands_run_in_order_after_the_demo(tmp_path):
     pytest.importorskip("sky", reason="skypilot is not installed (estimate reads its catalog)")
@@ -99,7 +116,7 @@ def test_the_readme_commands_run_in_order_after_the_demo(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     runs = tmp_path / "runs"
-    env = fakesky_env(tmp_path)  # a price catalog, no cloud credentials, nothing fetched
+    env = fakesky_env(tmp_path, HF_TOKEN=CANARY)  # a price catalog, no cloud credentials, nothing fetched
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # socrates-launch
 
     demo = "socrates-launch up --infra local --config configs/smoke.yaml --yes"
@@ -160,7 +177,7 @@ def test_the_readme_commands_run_in_order_after_the_demo(tmp_path):
             rec = only_run(runs)
             run_dir, run_id = Path(rec["dir"]), rec["id"]
             latest_id = run_id
-            assert rec["state"] == "done" and rec["verified"]
+            _the_demo_ran_the_real_job(rec, runs)
             _run_the_next_steps_the_demo_printed(r.stdout, run_dir, work, env)
         if cmd.startswith("socrates-launch up --infra local") and cmd != demo:  # another local run (--ranks 2)
             recs = [json.loads(p.read_text()) for p in runs.glob("*/run.json")]

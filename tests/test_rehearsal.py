@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import wait_until
+from conftest import tiny_config, wait_until
 from launcher_helpers import cli
 from ports import free_port
 from rehearsal import Node, Task, bootstrap_uv, find_python, network_env, run_envs, setup_envs, tail, wait
@@ -29,18 +29,8 @@ from rehearsal import Node, Task, bootstrap_uv, find_python, network_env, run_en
 pytestmark = [pytest.mark.slow, pytest.mark.sky]
 
 # A CPU config: the tiny Qwen2 is made on the spot (random init); the real QLoRA path (NF4 on the CPU).
-CFG = {
-    "name": "rehearsal", "allow_cpu": True,
-    "model": {"id": "tiny", "init": "random", "tokenizer": "qwen2.5-offline",
-              "arch": {"preset": "qwen2-tiny", "initializer_range": 0.25}},
-    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-    "train": {"method": "qlora", "epochs": 1, "global_batch": 8, "micro_batch": 4, "lr": 1.0e-2,
-              "optim": "adamw_torch", "precision": "fp32", "max_length": 512, "packing": True,
-              "gradient_checkpointing": False, "checkpoint_every": 2, "keep_checkpoints": 2, "max_steps": 6,
-              "seed": 5},
-    "data": {"source": "synthetic:60", "split": "random", "seed": 1},
-    "eval": {"mode": "sample", "rows": 8},
-}
+CFG = tiny_config("rehearsal", train={"epochs": 1, "checkpoint_every": 2, "keep_checkpoints": 2, "max_steps": 6},
+                  data={"source": "synthetic:60"}, eval={"mode": "sample", "rows": 8})
 SECRET = "rehearsal-canary-7f3a91"  # HF_TOKEN's value: it must reach the job's environment and nothing else
 SETUP_S, RUN_S = 900, 900
 

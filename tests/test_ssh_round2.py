@@ -15,7 +15,7 @@ import pytest
 
 from contracts.config import load_config
 from launcher import registry
-from launcher.backends.base import BackendError, StreamLost
+from launcher.backends.base import StreamLost
 from sshd import PYTHON, REPO, SshServer, ssh_backend, sshd, sshd_available  # noqa: F401
 
 pytestmark = pytest.mark.ssh
