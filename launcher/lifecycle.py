@@ -463,12 +463,13 @@ def _end_now(run: registry.Run, backend: Backend, console, recorder: Recorder, w
 
 
 def _interrupted(run: registry.Run, backend: Backend, console, recorder: Recorder) -> int:
-    """First Ctrl-C detaches (autodown armed); a second within a few seconds tears down now."""
-    console.print(
-        f"\n[bold yellow]detached from run {run.id}[/]: the job keeps running; {backend.detach(run)}\n"
-        f"  re-attach:  socrates-launch logs {run.id}\n  tear down:  socrates-launch down {run.id}\n"
-        f"  (press Ctrl-C again within {SECOND_CTRL_C_S:.0f} s to tear down now)", highlight=False)
+    """First Ctrl-C detaches (autodown armed); a second within a few seconds tears down now (also one that
+    comes while the message is still being written)."""
     try:
+        console.print(
+            f"\n[bold yellow]detached from run {run.id}[/]: the job keeps running; {backend.detach(run)}\n"
+            f"  re-attach:  socrates-launch logs {run.id}\n  tear down:  socrates-launch down {run.id}\n"
+            f"  (press Ctrl-C again within {SECOND_CTRL_C_S:.0f} s to tear down now)", highlight=False)
         time.sleep(SECOND_CTRL_C_S)
     except KeyboardInterrupt:
         with _uninterrupted(signal.SIGINT):

@@ -205,7 +205,9 @@ def test_second_launch_sends_only_what_changed(sshd, tmp_path):
 
 def test_connection_killed_mid_stream_loses_and_doubles_nothing(sshd, tmp_path):
     run = new_run(sshd, "drop")
-    b = backend(sshd, tmp_path, fake_job(steps=40, delay=0.05))
+    # 0.15 s a step: the job is still writing when each drop comes, even with the follower lagging on busy
+    # cores (with the whole stream already in the pipe's buffer, a drop would need no reconnect)
+    b = backend(sshd, tmp_path, fake_job(steps=40, delay=0.15))
     phases = []
     b.on_phase = lambda name, detail=None: phases.append(name)
     b.launch(run)
