@@ -189,7 +189,8 @@ class Run:
         self._refresh(merged)
         return self
 
-    def _refresh(self, data: dict) -> None:
+    def _refresh(self, data: dict, base: dict | None = None) -> None:
+        """This copy set to `data`; a later save applies what changed since `base` (default: `data`)."""
         import copy
 
         for key in _FIELDS - {"dir"}:
@@ -204,7 +205,7 @@ class Run:
                 old[:] = new
             else:
                 setattr(self, key, RunOptions.from_record(new) if key == "options" else new)
-        self._base = copy.deepcopy({**data, "dir": str(self.dir)})
+        self._base = copy.deepcopy({**(data if base is None else base), "dir": str(self.dir)})
 
     def transition(self, state: str, note: str | None = None, **updates: Any) -> "Run":
         """Move to `state` (checked against TRANSITIONS), apply `updates`, write atomically."""
@@ -403,6 +404,20 @@ def _estimate(v: Any) -> bool:
             and _opt(is_number)(v.get("price_per_hour")))
 
 
+def _storage_of_older_record(config: Any, options: Any) -> Any:
+    """Records written before the run config's storage section held --bucket/--keep-bucket kept them in
+    `options`: carried over, so such a managed run still finds the bucket it writes to, and keeps the
+    bucket it was told to keep (RunOptions drops the keys it no longer knows)."""
+    if not isinstance(options, dict) or not isinstance(config, dict):
+        return config
+    old = {k: options[k] for k, kind in (("bucket", str), ("keep_bucket", bool)) if isinstance(options.get(k), kind)}
+    if not old:
+        return config
+    storage = dict(config["storage"]) if isinstance(config.get("storage"), dict) else {}
+    storage.update({k: v for k, v in old.items() if not storage.get(k)})
+    return {**config, "storage": storage}
+
+
 def _options(v: Any) -> bool:
     try:
         RunOptions.from_record(v)
@@ -519,8 +534,9 @@ def _parse(path: Path) -> tuple[Run | None, Damaged | None]:
     found = problems(data, folder)
     if not found:
         data["dir"] = path.parent
-        run = Run(**{k: v for k, v in data.items() if k in _FIELDS})
-        run._refresh(data)  # the copy as read: a later save applies only what this copy changed
+        read = {**data, "config": _storage_of_older_record(data.get("config"), data.get("options"))}
+        run = Run(**{k: v for k, v in read.items() if k in _FIELDS})
+        run._refresh(read, base=data)  # a later save applies only what this copy changed (a carried-over storage too)
         return run, None
     damaged = {k for k, (check, _) in SCHEMA.items() if k in data and not check(data[k])}
     if data.get("id") != folder:

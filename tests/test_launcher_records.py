@@ -56,6 +56,27 @@ def test_a_damaged_record_is_one_line_exit_2_naming_file_and_field(fields, named
     assert path.read_bytes() == before  # refused: the record is left as it was
 
 
+def test_an_older_records_bucket_options_still_name_and_keep_its_bucket(tmp_path, monkeypatch):
+    # Before the run config's storage section held them, --bucket/--keep-bucket were written into options.
+    path = _record(tmp_path / "runs", monkeypatch, "managed", infra="sky",
+                   options={"managed_job": True, "bucket": "s3://my-results/runs", "keep_bucket": True, "cloud": "aws"})
+    run = registry.load(json.loads(path.read_text())["id"])
+    assert run.config["storage"]["bucket"] == "s3://my-results/runs"
+    assert run.config["storage"]["keep_bucket"] is True
+    from launcher.backends.managed import _kept
+    from launcher.bucket import given_bucket, url_for_run
+
+    assert given_bucket(run) == "s3://my-results/runs" and _kept(run)
+    assert url_for_run(run).startswith("s3://my-results/runs")
+    run.update(note="a later save")  # the carried-over storage is written: the record no longer needs the old keys
+    saved = json.loads(path.read_text())
+    assert saved["config"]["storage"] == {"bucket": "s3://my-results/runs", "keep_bucket": True}
+    assert given_bucket(registry.load(run.id)) == "s3://my-results/runs" and _kept(registry.load(run.id))
+    # a record that says nothing of them keeps the config's own (here: none)
+    plain = registry.load(json.loads(_record(tmp_path / "runs", monkeypatch, "plain").read_text())["id"])
+    assert not (plain.config.get("storage") or {}).get("bucket") and not _kept(plain)
+
+
 def test_runs_lists_damaged_records_and_goes_on(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     good = _record(runs, monkeypatch, "good").parent.name
