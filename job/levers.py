@@ -41,7 +41,7 @@ class Levers:
     does) resolved for the device; `row_len`: tokens per packed row, at least the longest sequence."""
     packing: bool = True
     row_len: int = 2048
-    answer_only_loss: bool = True
+    answer_only_loss: bool = True  # bench/ turns it off to measure the full-vocabulary loss
     liger: bool = True
     checkpoint_layers: int | None = None  # None: every decoder layer (with gradient checkpointing)
     attn_implementation: str = "sdpa"
@@ -170,14 +170,10 @@ def decoder_layers(cfg: RunConfig) -> int | None:
 
 def levers_for(train, device: torch.device | str) -> Levers:
     """The levers a TrainSpec asks for on `device` (rows as long as the longest allowed sequence)."""
-    return Levers(packing=train.packing, row_len=train.max_length, answer_only_loss=True,
-                  liger=train.liger, checkpoint_layers=train.checkpoint_layers,
-                  attn_implementation=resolve_attention(train.attn_implementation, device),
-                  compile=train.compile, fused_lora=train.fused_lora,
-                  offload_checkpoints=train.offload_checkpoints,
-                  fp8=train.fp8 and fp8.available(device)[0],
-                  fp8_fast_accum=train.fp8_fast_accum, fp8_backward=train.fp8_backward,
-                  fp8_attention=train.fp8_attention)
+    same = ("packing", "liger", "checkpoint_layers", "compile", "fused_lora", "offload_checkpoints",
+            "fp8_fast_accum", "fp8_backward", "fp8_attention")
+    return Levers(row_len=train.max_length, attn_implementation=resolve_attention(train.attn_implementation, device),
+                  fp8=train.fp8 and fp8.available(device)[0], **{k: getattr(train, k) for k in same})
 
 
 def resolve(train, device: torch.device | str) -> Levers:
