@@ -24,7 +24,6 @@ from job.errors import JobCannotRun
 env.quiet_bnb_cpu_notice()
 
 NF4_TOLERANCE = 0.2  # NF4 keeps ~3.5 bits: relative matmul error is ~0.1; garbage would be ~1.0
-MIN_DISK_GIB = MIN_FREE_GIB  # contracts/sizing.py: the same floor the launcher sizes the machine's disk with
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,7 +88,8 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
         raise JobCannotRun(f"bitsandbytes NF4 self-test failed on {card['name']}: relative error "
                            f"{nf4['rel_error']:.3f} >= {NF4_TOLERANCE}")
     free = env.disk_free_gib(where)
-    need_disk = MIN_DISK_GIB + (_weights_gib(cfg) if cfg.model.init == "pretrained" else 0.0)
+    # MIN_FREE_GIB: the same floor the launcher sizes the machine's disk with (contracts/sizing.py)
+    need_disk = MIN_FREE_GIB + (_weights_gib(cfg) if cfg.model.init == "pretrained" else 0.0)
     if cfg.train.method == "full":
         full_disk = full_disk_gib(cfg)
         if free < full_disk["need_gib"]:

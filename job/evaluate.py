@@ -189,7 +189,7 @@ def _write_outputs(out: Path, key: str, result: dict, events: EventWriter, args:
     html = report.write_report(out, shown, report.find_train_events(out, args.train_events))
     summary = results.summary(result)
     events.emit("eval", metrics=summary, key=key, report=str(html))
-    print(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
+    print(f"{key}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     print(f"cells: {cells}")
     print(f"report: {html}")
     dist.destroy()
@@ -254,17 +254,8 @@ def _compared(out: Path, folders: list[str] | None) -> dict:
                    if p.parent != out.resolve()]
     merged: dict = {}
     for f in folders:
-        merged.update(_load_metrics(Path(f)).get("results", {}))
+        try:
+            merged.update(results.read_metrics(Path(f) / results.METRICS_FILE).get("results", {}))
+        except ContractError:  # none there, or damaged: shown nowhere, replaced on write
+            pass
     return merged
-
-
-def _load_metrics(out: Path) -> dict:
-    """OUT/metrics.json, or {} when there is none or it is damaged (shown nowhere, replaced on write)."""
-    try:
-        return results.read_metrics(out / results.METRICS_FILE)
-    except ContractError:
-        return {}
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
