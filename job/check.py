@@ -259,29 +259,23 @@ def nf4_self_test(device, n: int = 1024) -> dict:
 
 
 def fit_estimate(cfg: RunConfig, data_dir: Path | None) -> dict:
-    row_tokens = min(cfg.train.max_length, 512)
-    if data_dir is not None and (data_dir / "stats.json").is_file():
-        row_tokens = json.loads((data_dir / "stats.json").read_text())["train"]["tokens"]["p90"] or row_tokens
-    if cfg.train.packing:
-        row_tokens = _packed_row_tokens(cfg, data_dir, row_tokens)
+    """adapter_fit for one micro-batch of this config. A row is the prepared data's p90 (else 512 tokens at most);
+    packed micro-batches hold the SUM of their rows, ~micro_batch x the mean row (not the p90): the prepared
+    data's mean, else SocSci210's (configs/socsci210_stats.json, full 16-field profiles)."""
     t = cfg.train
+    stats = data_dir / "stats.json" if data_dir is not None else None
+    tokens = json.loads(stats.read_text())["train"]["tokens"] if stats is not None and stats.is_file() else None
+    row_tokens = (tokens["p90"] if tokens is not None else None) or min(t.max_length, 512)
+    hub = Path(__file__).resolve().parents[1] / "configs" / "socsci210_stats.json"
+    if t.packing and tokens is not None:
+        row_tokens = int(tokens.get("mean") or row_tokens) + 1
+    elif t.packing and cfg.data.source == "socratesft/SocSci210" and hub.is_file():
+        row_tokens = int(json.loads(hub.read_text())["tokens_per_row"]["mean"]) + 1
     est = adapter_fit(_shape(cfg), method=t.method, lora_r=cfg.lora.r,
                       tokens=t.micro_batch * row_tokens, micro_batch=t.micro_batch,
                       gradient_checkpointing=t.gradient_checkpointing, checkpoint_layers=t.checkpoint_layers,
                       fused_lora=t.fused_lora, offload_checkpoints=t.offload_checkpoints)
     return {**est, "row_tokens": row_tokens}
-
-
-def _packed_row_tokens(cfg: RunConfig, data_dir: Path | None, default: int) -> int:
-    """Packed micro-batches hold the SUM of their rows, ~micro_batch x the mean row (not the p90):
-    the prepared data's mean, else SocSci210's (configs/socsci210_stats.json, full 16-field profiles)."""
-    stats = data_dir / "stats.json" if data_dir is not None else None
-    if stats is not None and stats.is_file():
-        return int(json.loads(stats.read_text())["train"]["tokens"].get("mean") or default) + 1
-    hub = Path(__file__).resolve().parents[1] / "configs" / "socsci210_stats.json"
-    if cfg.data.source == "socratesft/SocSci210" and hub.is_file():
-        return int(json.loads(hub.read_text())["tokens_per_row"]["mean"]) + 1
-    return default
 
 
 def _shape(cfg: RunConfig) -> Shape:
