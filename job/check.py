@@ -18,7 +18,7 @@ from contracts.errors import ContractError
 from contracts.events import EventWriter
 from contracts.sizing import (FIT_SHARE, FULL_BYTES_PER_PARAM, MIN_FREE_GIB, Shape, adapter_fit, base_download_gib,
                               full_disk, full_fit)
-from job import env
+from job import dist, env
 from job.errors import JobCannotRun
 
 env.quiet_bnb_cpu_notice()
@@ -102,7 +102,7 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
     if free < need_disk:
         raise JobCannotRun(f"{free} GiB disk free at {where.resolve()}; this config needs ~{need_disk:.0f} GiB "
                            "(model download + checkpoints)")
-    world = planned_world(card["gpus"]) if cfg.train.method == "full" else env.world_size()
+    world = planned_world(card["gpus"]) if cfg.train.method == "full" else dist.world_size()
     run_cfg, mode = plan_memory(cfg, card["memory_gib"] if on_gpu else None,
                                 env.host_mem_available_gib() if on_gpu else None, data_dir, world)
     fit = mode.pop("fit")
@@ -183,7 +183,7 @@ def planned_world(gpus: int) -> int:
     """The ranks `train` will run on: WORLD_SIZE under torchrun; otherwise (check runs once per node,
     before torchrun) nodes x ranks per node as sky/train.yaml starts them, else this node's GPUs."""
     if os.environ.get("WORLD_SIZE"):
-        return env.world_size()
+        return dist.world_size()
     nodes = int(os.environ.get("SKYPILOT_NUM_NODES") or 1)
     per_node = int(os.environ.get("NPROC_PER_NODE") or os.environ.get("SKYPILOT_NUM_GPUS_PER_NODE") or max(gpus, 1))
     return max(1, nodes * per_node)

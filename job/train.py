@@ -99,7 +99,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         # batch and so the fingerprint stay), so a resume on another card is still accepted.
         env.apply_memory_cap(device)
         cfg, mode = plan_memory(cfg, env.card_info()["memory_gib"], env.host_mem_available_gib(), data_dir,
-                                env.world_size())
+                                dist.world_size())
         fit = mode.pop("fit")
         mode["fit_gib"] = fit["total_gib"]
         events.emit("log", message=f"memory mode {mode['mode']} ({mode['why']}): micro_batch {mode['micro_batch']}, "
