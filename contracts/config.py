@@ -608,10 +608,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ContractError(f"{where}: {_shown(value)} is not accepted (a mapping)")
         return dict(value)
-    if "bool" in text:
-        if not isinstance(value, bool):
-            raise ContractError(f"{where}: {_shown(value)} is not accepted (true or false)")
-        return value
     if "float" in text:
         if isinstance(value, str):
             try:
@@ -624,15 +620,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         except OverflowError:  # an integer of hundreds of digits
             raise ContractError(f"{where}: {_shown(value)} is not accepted (a finite number)") from None
-    if "int" in text:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ContractError(f"{where}: {_shown(value)} is not accepted (a whole number)")
-        return value
-    if "str" in text:
-        if not isinstance(value, str):
-            raise ContractError(f"{where}: {_shown(value)} is not accepted (text)")
-        return value
+    for name, ok, what in _PLAIN_TYPES:
+        if name in text and not ok(value):
+            raise ContractError(f"{where}: {_shown(value)} is not accepted ({what})")
     return value
+
+
+# The field types with nothing to convert (no type hint names two of them): (name in the hint, check, accepted).
+_PLAIN_TYPES = (("bool", lambda v: isinstance(v, bool), "true or false"),
+                ("int", lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+                ("str", lambda v: isinstance(v, str), "text"))
 
 
 def _shown(value: Any) -> str:

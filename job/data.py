@@ -75,7 +75,7 @@ def _load_local(path: Path) -> Source:
     for d in meta_dirs:
         for split, fname in MAPPING_FILES.items():
             if (d / fname).is_file():
-                mappings[split] = _check_mapping(split, _read_json(d / fname), d / fname)
+                mappings[split] = _read_mapping(split, d / fname)
     validate_rows(rows, str(path))
     return Source(rows, str(path), mappings)
 
@@ -108,16 +108,13 @@ def _read_file(f: Path) -> list[dict]:
         raise ContractError(f"{f}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _read_json(f: Path) -> Any:
+def _read_mapping(split: str, f: Path) -> Any:
+    """The authors' metadata, checked: participant_mapping.json {"seen": [study_id, ...], "unseen": [...]};
+    condition_/task_mapping.json {study_id: {"train": [int, ...], "eval": [int, ...]}, ...}."""
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        obj = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ContractError(f"{f}: unreadable mapping ({e})") from None
-
-
-def _check_mapping(split: str, obj: Any, f: Path) -> Any:
-    """The authors' metadata shapes: participant_mapping.json {"seen": [study_id, ...], "unseen": [...]};
-    condition_/task_mapping.json {study_id: {"train": [int, ...], "eval": [int, ...]}, ...}."""
     what = "condition_num" if split == "unseen-conditions" else "task_num"
     expected = ('an object {"seen": [study_id, ...], "unseen": [study_id, ...]}' if split == "unseen-studies"
                 else f'an object {{study_id: {{"train": [{what}, ...], "eval": [{what}, ...]}}, ...}}')
