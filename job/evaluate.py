@@ -12,15 +12,12 @@ The model is loaded (and, when it fits, merged dense) by job/load.py.
 A model-free baseline (`--baseline uniform`: equal mass on every answer of each cell's scale) loads
 no model and writes the same outputs in seconds, under "uniform/distribution".
 
-Each row's answer scale is the one its stimulus states (contracts/scale.py); a cell whose rows state
-none is skipped and counted (`cells_no_scale`), never scored on a scale read from its answers.
-`--rows`/`eval.rows` keeps whole cells, rounding down to the last whole one, and says how many rows.
+Each row's answer scale is the one its stimulus states (contracts/scale.py): a cell whose rows state
+none is skipped and counted. `--rows`/`eval.rows` keeps whole cells, rounding down to the last whole one.
 
 Results accumulate in OUT/metrics.json under "<base|fine-tuned>/<mode>", so a base run and a
-fine-tuned run into the same OUT sit side by side in OUT/report.html. OUT/cells.jsonl is rewritten
-from them: one line per cell (study, condition, task, scale used and its source, human n, W under
-each result and the uniform guess), so two runs compare cell by cell. Both formats are
-contracts/results.py's (the launcher's `report` reads them from there too).
+fine-tuned run into the same OUT sit side by side in OUT/report.html; OUT/cells.jsonl is rewritten
+from them, one line per cell, so two runs compare cell by cell (both formats: contracts/results.py).
 """
 from __future__ import annotations
 

@@ -81,10 +81,9 @@ def report(cfg: RunConfig, on_gpu: bool, layers: int | None = None, probe_flex: 
     else:
         out["flex_attention"] = {"on": True, "why": f"triton {_version('triton')}" if on_gpu else attn}
     lora = t.method in ("qlora", "lora")
-    out["fused_lora"] = {"on": bool(t.fused_lora and lora),
-                         "why": "train.fused_lora" if lora else f"no LoRA layers (train.method: {t.method})"}
-    if not t.fused_lora:
-        out["fused_lora"]["why"] = "train.fused_lora: false"
+    why = ("train.fused_lora: false" if not t.fused_lora else "train.fused_lora" if lora
+           else f"no LoRA layers (train.method: {t.method})")
+    out["fused_lora"] = {"on": bool(t.fused_lora and lora), "why": why}
     out["packing"] = {"on": bool(t.packing), "why": "padding-free rows" if t.packing else "train.packing: false"}
     if not t.gradient_checkpointing:
         n, why = 0, "train.gradient_checkpointing: false"
