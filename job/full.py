@@ -152,14 +152,12 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
     reason = "deadline" if hit else reason_at_end
     res = TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
     files = save_weights(model, lm, tok, out, out_dtype)
-    if not dist.is_main():
-        dist.barrier()
-        return res
-    finish(out, events, device, files, kind="full", written=written, mode=mode, data_hash=data_hash, step=step,
-           total_steps=total_steps, reason=reason, resume_from=resume_from, n_rows=n_rows, dropped=dropped,
-           seconds=time.time() - t_start, world=world,
-           full={"weights": f"{MODEL_DIR}/", "dtype": str(out_dtype).removeprefix("torch."), "fsdp": world > 1,
-                 "bytes": sum(f.stat().st_size for f in files if f.suffix == ".safetensors")})
+    if dist.is_main():
+        finish(out, events, device, files, kind="full", written=written, mode=mode, data_hash=data_hash, step=step,
+               total_steps=total_steps, reason=reason, resume_from=resume_from, n_rows=n_rows, dropped=dropped,
+               seconds=time.time() - t_start, world=world,
+               full={"weights": f"{MODEL_DIR}/", "dtype": str(out_dtype).removeprefix("torch."), "fsdp": world > 1,
+                     "bytes": sum(f.stat().st_size for f in files if f.suffix == ".safetensors")})
     dist.barrier()
     return res
 
