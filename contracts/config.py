@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
@@ -104,20 +105,16 @@ class TrainSpec:
     """Checkpointed layers keep their input in pinned host memory, not on the GPU (job/offload.py)."""
     fp8: bool = False
     """The frozen base's MLP matmuls (and attention's q/o with fp8_attention) in fp8 e4m3 with row-wise
-    scales, forward and input gradient (job/fp8.py): ~1.25x the step rate on an H200; off on cards
-    without fp8 tensor cores (before Ada/Hopper). Rounds the matmul inputs to 3 mantissa bits: the
-    20-step loss stayed within seed-to-seed noise (bench/RESULTS.md round 8)."""
+    scales, forward and input gradient (job/fp8.py); off on cards without fp8 tensor cores (before
+    Ada/Hopper). Rounds the matmul inputs to 3 mantissa bits: the loss stays within seed-to-seed noise."""
     fp8_fast_accum: bool = True
     """With fp8: the forward's matmul uses Hopper's fast accumulation (false: exact accumulation)."""
     fp8_backward: str = "fp8"
     """With fp8: the input gradient dx = dy @ W in fp8 | bf16 (from the dequantized weight, as bnb does;
-    only the forward and its recompute in fp8). Round 7 (bench/RESULTS.md): neither bf16 dx nor exact
-    accumulation narrowed fp8's loss gap (then on all 7 projections), and both are slower (6,803 /
-    7,266 vs 7,376 tok/s), so the defaults are round 6's recipe."""
+    only the forward and its recompute in fp8). bf16 dx did not narrow fp8's loss gap and is slower."""
     fp8_attention: bool = False
     """With fp8: attention's q_proj/o_proj in fp8 too (the MLP's gate/up/down always are; k/v never).
-    Round 8 (bench/RESULTS.md, H200): +6.6% (7,505 vs 7,043 tok/s) but its 20-step loss at lr 3e-4 left
-    the plain stack's seed-to-seed noise (RMS 0.171 vs 0.101), which the MLP alone stayed within (0.096)."""
+    Off by default: faster, but its loss left the seed-to-seed noise the MLP alone stays within."""
     memory_mode: str = "auto"
     """auto: the config as written when `job check`'s fit says it fits the card, else the lean mode |
     fast: always as written | lean: always lean (every layer recomputed, its input offloaded to pinned
@@ -223,13 +220,11 @@ class RunConfig:
         """A copy with dotted keys replaced, e.g. {"data.subset": 0.1}; validated like a file."""
         raw = self.to_dict()
         for dotted, value in overrides.items():
-            node = raw
+            node: Any = raw
             *parents, leaf = dotted.split(".")
             for p in parents:
-                if not isinstance(node.get(p), dict):
-                    raise ContractError(f"{source}: unknown key {_shown(dotted)}")
-                node = node[p]
-            if leaf not in node:
+                node = node.get(p) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or leaf not in node:
                 raise ContractError(f"{source}: unknown key {_shown(dotted)}")
             node[leaf] = value
         return from_dict(raw, source=source)
@@ -486,19 +481,11 @@ _SEED_KEYS: dict[str, str | None] = {
     "dataset_name": "data.source",
     "subset": "data.subset",
     "system_prompt": "model.system_prompt",
-    # Derived or local-only in the seed; checked (_SEED_CHECKS), not stored as they are:
-    "gradient_accumulation_steps": None,
-    "bf16": None,
-    "fp16": None,
-    "output_dir": None,
-    "use_4bit": None,
-    "load_in_4bit": None,
-    "bnb_4bit_quant_type": None,
-    "bnb_4bit_compute_dtype": None,
-    "use_nested_quant": None,
-    "bnb_4bit_use_double_quant": None,
-    "report_to": None,
     "run_name": "name",
+    # Derived or local-only in the seed; checked (_SEED_CHECKS), not stored as they are:
+    **dict.fromkeys(("gradient_accumulation_steps", "bf16", "fp16", "output_dir", "use_4bit", "load_in_4bit",
+                     "bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "use_nested_quant",
+                     "bnb_4bit_use_double_quant", "report_to")),
 }
 
 
@@ -506,17 +493,13 @@ _SEED_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # The seed's keys that are not stored as they are: (predicate, what is accepted). They are checked
 # here, then turned into the schema's own fields (precision, method, global/micro batch) below.
 _SEED_CHECKS: dict[str, tuple[Any, str]] = {
-    "per_device_train_batch_size": (_whole(1), "a whole number >= 1"),
-    "global_batch_size": (_whole(1), "a whole number >= 1"),
-    "gradient_accumulation_steps": (_whole(1), "a whole number >= 1"),
-    "bf16": (lambda v: isinstance(v, bool), "true or false"),
-    "fp16": (lambda v: isinstance(v, bool), "true or false"),
-    "use_4bit": (lambda v: isinstance(v, bool), "true or false"),
-    "load_in_4bit": (lambda v: isinstance(v, bool), "true or false"),
+    **dict.fromkeys(("per_device_train_batch_size", "global_batch_size", "gradient_accumulation_steps"),
+                    (_whole(1), "a whole number >= 1")),
+    **dict.fromkeys(("bf16", "fp16", "use_4bit", "load_in_4bit"), (lambda v: isinstance(v, bool), "true or false")),
     "bnb_4bit_quant_type": (lambda v: v == "nf4", "'nf4', the only 4-bit type the job builds"),
     "bnb_4bit_compute_dtype": (lambda v: v in _SEED_DTYPES, " | ".join(_SEED_DTYPES) + ", agreeing with bf16/fp16"),
-    "use_nested_quant": (lambda v: v is True, "true; the job always uses double quantization"),
-    "bnb_4bit_use_double_quant": (lambda v: v is True, "true; the job always uses double quantization"),
+    **dict.fromkeys(("use_nested_quant", "bnb_4bit_use_double_quant"),
+                    (lambda v: v is True, "true; the job always uses double quantization")),
     "output_dir": (lambda v: isinstance(v, str), "a path; local to the seed, not used"),
     "report_to": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
                   "a name or a list of names; local to the seed, not used"),
@@ -625,10 +608,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ContractError(f"{where}: {_shown(value)} is not accepted (a mapping)")
         return dict(value)
-    if "bool" in text:
-        if not isinstance(value, bool):
-            raise ContractError(f"{where}: {_shown(value)} is not accepted (true or false)")
-        return value
     if "float" in text:
         if isinstance(value, str):
             try:
@@ -641,21 +620,20 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         except OverflowError:  # an integer of hundreds of digits
             raise ContractError(f"{where}: {_shown(value)} is not accepted (a finite number)") from None
-    if "int" in text:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ContractError(f"{where}: {_shown(value)} is not accepted (a whole number)")
-        return value
-    if "str" in text:
-        if not isinstance(value, str):
-            raise ContractError(f"{where}: {_shown(value)} is not accepted (text)")
-        return value
+    for name, ok, what in _PLAIN_TYPES:
+        if name in text and not ok(value):
+            raise ContractError(f"{where}: {_shown(value)} is not accepted ({what})")
     return value
+
+
+# The field types with nothing to convert (no type hint names two of them): (name in the hint, check, accepted).
+_PLAIN_TYPES = (("bool", lambda v: isinstance(v, bool), "true or false"),
+                ("int", lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+                ("str", lambda v: isinstance(v, str), "text"))
 
 
 def _shown(value: Any) -> str:
     """A value for an error message, kept short (reprlib: a huge value is never repr'd whole)."""
-    import reprlib
-
     r = reprlib.Repr()
     r.maxstring, r.maxother, r.maxlong, r.maxlevel = 60, 60, 40, 3
     return r.repr(value)

@@ -1,7 +1,7 @@
 """The event stream: one JSON object a line, appended and flushed by the job, rendered by the launcher.
 
 Every event has `v` (schema version), `event` (its kind) and `ts` (unix seconds). Kinds and the
-fields each must carry are in `REQUIRED`; extra fields are allowed. The reader is incremental and
+fields each must carry are in `TYPES`; extra fields are allowed. The reader is incremental and
 resumable from a byte offset, and ignores a torn last line until it is complete, so a follower
 (local file, SSH tail, SkyPilot log stream) never loses or doubles an event.
 """
@@ -26,42 +26,19 @@ LINE_PREFIX = "@@socrates-event "
 # channel. Unset (`python -m job VERB` by hand), the echo is a plain line for a person instead.
 LINES_ENV = "SOCRATES_EVENT_LINES"
 
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "start": ("verb",),
-    "phase": ("phase",),  # launcher-side lifecycle: provisioning, syncing, installing, training, ...
-    "check": ("ok",),
-    "prepare": ("train_rows", "test_rows"),
-    "step": ("step", "total_steps", "epoch", "loss", "lr", "tokens_per_s", "gpu_mem_gib", "eta_s"),
-    "eval": ("metrics",),
-    "checkpoint": ("step", "path"),
-    "artifact": ("path", "sha256", "size"),
-    "done": ("reason",),
-    "error": ("message",),
-    "log": ("message",),
-    # A managed run (SkyPilot managed jobs): the machine ended before the job did and the job was started
-    # again on a new one (`launch` counts the starts, 1 = the first), and where training took up again.
-    "preempted": ("launch", "last_step"),
-    "resume": ("step", "steps_lost"),
-}
-KINDS = tuple(REQUIRED)
-LAUNCHER_ONLY = ("phase",)  # written by the launcher; a job that sends one is refused ("==> tearing down")
-MACHINE_KINDS = tuple(k for k in KINDS if k not in LAUNCHER_ONLY)
-
 
 def _number(v: Any) -> bool:  # NaN/inf pass here: the job's `dumps` writes them as null
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _whole(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_TYPES = {"number": _number, "whole": _whole, "text": lambda v: isinstance(v, str),
-          "bool": lambda v: isinstance(v, bool), "object": lambda v: isinstance(v, dict)}
-# What each required field must be ("?": or null). The launcher renders and records what passes.
+_TYPES = {"number": _number, "whole": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "text": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+          "object": lambda v: isinstance(v, dict)}
+# Each kind's required fields and what each must be ("?": or null); extra fields are allowed.
+# The launcher renders and records what passes.
 TYPES: dict[str, dict[str, str]] = {
     "start": {"verb": "text"},
-    "phase": {"phase": "text"},
+    "phase": {"phase": "text"},  # launcher-side lifecycle: provisioning, syncing, installing, training, ...
     "check": {"ok": "bool"},
     "prepare": {"train_rows": "whole", "test_rows": "whole"},
     "step": {"step": "whole", "total_steps": "whole", "epoch": "number", "loss": "number?", "lr": "number?",
@@ -72,10 +49,15 @@ TYPES: dict[str, dict[str, str]] = {
     "done": {"reason": "text"},
     "error": {"message": "text"},
     "log": {"message": "text"},
+    # A managed run (SkyPilot managed jobs): the machine ended before the job did and the job was started
+    # again on a new one (`launch` counts the starts, 1 = the first), and where training took up again.
     "preempted": {"launch": "whole", "last_step": "whole?"},
     "resume": {"step": "whole", "steps_lost": "whole"},
 }
-assert all(set(TYPES[k]) == set(REQUIRED[k]) for k in KINDS), "every required field has a type"
+REQUIRED: dict[str, tuple[str, ...]] = {kind: tuple(fields) for kind, fields in TYPES.items()}
+KINDS = tuple(REQUIRED)
+LAUNCHER_ONLY = ("phase",)  # written by the launcher; a job that sends one is refused ("==> tearing down")
+MACHINE_KINDS = tuple(k for k in KINDS if k not in LAUNCHER_ONLY)
 # The speed levers a train `start` event reports in `levers` (job/levers.py): each an object with
 # `on` (bool) and `why` (text); checkpointed_layers also `layers` (int or null: all).
 LEVERS = ("liger", "flex_attention", "fused_lora", "packing", "checkpointed_layers", "offload", "fp8")

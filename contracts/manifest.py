@@ -7,6 +7,8 @@ the downloaded copy against it before it calls a run done. Secrets never enter a
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import os
 import posixpath
 import re
@@ -245,8 +247,6 @@ def verify_or_raise(root: str | os.PathLike, manifest: dict | None = None, tree:
 def _full_shards_missing(root: Path, listed: set[str]) -> list[str]:
     """A sharded full model: every shard its index names is listed (the index is read only once it is
     itself listed; what is listed is checked against its sha256 by `verify`)."""
-    import json
-
     index = "model/model.safetensors.index.json"
     shards = {p for p in listed if FULL_WEIGHTS.match(p) and p != "model/model.safetensors"}
     if not shards:
@@ -310,9 +310,6 @@ def data_hash(path: str | os.PathLike) -> str:
     """sha256 of a data file or folder as sent: every file's path relative to `path` (a file: "") with
     its size and sha256. Independent of where it lies, so the launcher (what it sent) and the machine
     (what the job was given, `data-hash`) compute the same value for the same bytes."""
-    import hashlib
-    import json
-
     path = Path(path)
     files = data_files(path)
     listing = {("" if p == path else p.relative_to(path).as_posix()): [p.stat().st_size, sha256_file(p)]

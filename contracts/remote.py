@@ -96,18 +96,14 @@ def load_file(path: str | Path, max_bytes: int = MAX_DOC) -> Any:
     return loads(data, max_bytes)
 
 
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -MAX_INT < v < MAX_INT
+
+
 def is_number(v: Any) -> bool:
     """A finite int or float, not a bool, bounded like `loads` bounds them (a run.json read by plain json
     may hold a 401-digit integer: comparing or formatting it as a float raises OverflowError)."""
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, int):
-        return -MAX_INT < v < MAX_INT
-    return isinstance(v, float) and math.isfinite(v)
-
-
-def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and -MAX_INT < v < MAX_INT
+    return is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 # --- lines -------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def validate_cell_line(obj: Any, where: str = "cells.jsonl") -> dict:
         _check_scale_json(where, "scale", obj["scale"])
     for s in obj.get("scales") or []:
         _check_scale_json(where, "scales", s)
-    if not isinstance(obj["w"], dict) or not all(isinstance(k, str) and (v is None or _is_number(v))
+    if not isinstance(obj["w"], dict) or not all(isinstance(k, str) and (v is None or is_number(v))
                                                   for k, v in obj["w"].items()):
         _bad(where, "w", obj["w"], "an object of result key -> W (a number or null)")
     if not isinstance(obj["skipped"], dict) or not all(isinstance(k, str) and v in SKIP_REASONS
@@ -274,13 +274,13 @@ def validate_predict_result(obj: Any) -> dict:
             and values == sorted(set(values)) and s[0] <= values[0] and values[-1] <= s[1]):
         _bad(where, "values", values, "the scale's answers: whole numbers, ascending, within scale")
     if not (isinstance(probs, list) and len(probs) == len(values)
-            and all(_is_number(p) and p >= 0 for p in probs) and abs(sum(probs) - 1) <= 1e-6):
+            and all(is_number(p) and p >= 0 for p in probs) and abs(sum(probs) - 1) <= 1e-6):
         _bad(where, "probs", probs, "one probability >= 0 per value, summing to 1")
-    if not (_is_number(obj["valid_mass"]) and 0 <= obj["valid_mass"] <= 1 + 1e-9):
+    if not (is_number(obj["valid_mass"]) and 0 <= obj["valid_mass"] <= 1 + 1e-9):
         _bad(where, "valid_mass", obj["valid_mass"], "a number from 0 to 1")
     for k, ok, what in (("sample", lambda v: v is None or _is_int(v), "a whole number or null"),
                         ("sample_text", lambda v: v is None or isinstance(v, str), "text or null"),
-                        ("human", lambda v: v is None or _is_number(v), "a number or null"),
+                        ("human", lambda v: v is None or is_number(v), "a number or null"),
                         ("example", lambda v: v is None or (_is_int(v) and v >= 0), "a row number or null"),
                         ("prompt", lambda v: isinstance(v, str), "text"),
                         ("prompt_tokens", lambda v: _is_int(v) and v >= 0, "a whole number >= 0")):
@@ -291,12 +291,9 @@ def validate_predict_result(obj: Any) -> dict:
 
 # --- helpers -------------------------------------------------------------------------------------
 
-_is_int, _is_number = remote.is_int, remote.is_number  # bounded: formatting one as a float never overflows
-
-
-def is_number(v: Any) -> bool:
-    """A finite int or float (not a bool): what a metric's value is when the file is sound."""
-    return _is_number(v)
+# Bounded: formatting one as a float never overflows. is_number: a finite int or float (not a bool),
+# what a metric's value is when the file is sound.
+_is_int, is_number = remote.is_int, remote.is_number
 
 
 def is_result(r: Any) -> bool:

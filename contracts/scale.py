@@ -163,7 +163,7 @@ def _candidates(text: str) -> list[_Found]:
             s = _from_values(vals)
             if s is not None:
                 found.append(_Found(m.start(), s, True))
-    for m in _UP_TO.finditer(text):
+    for m in (*_UP_TO.finditer(text), *_SHORTHAND.finditer(text)):
         lo, hi = _int(m.group(1)), _int(m.group(2))
         if lo < hi:
             found.append(_Found(m.start(), Scale(lo, hi), True))
@@ -172,10 +172,6 @@ def _candidates(text: str) -> list[_Found]:
         if lo != hi:
             lo, hi = min(lo, hi), max(lo, hi)
             found.append(_Found(m.start(), Scale(lo, hi), _keyed(text, m.start())))
-    for m in _SHORTHAND.finditer(text):
-        lo, hi = _int(m.group(1)), _int(m.group(2))
-        if lo < hi:
-            found.append(_Found(m.start(), Scale(lo, hi), True))
     # At one place the most specific reading wins: a range before a "means" pair that restates it.
     found.sort(key=lambda f: f.start)
     return found

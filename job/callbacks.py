@@ -19,8 +19,7 @@ class EventsCallback(TrainerCallback):
     def __init__(self, events: EventWriter, total_steps: int):
         self.events, self.total = events, total_steps
         self.t_start = self.t_last = None
-        self.tokens_last = 0
-        self.step_start = 0
+        self.tokens_last = self.step_start = 0
 
     def on_train_begin(self, args, state, control, **kw):
         self.t_start = self.t_last = time.time()

@@ -18,13 +18,12 @@ from contracts.errors import ContractError
 from contracts.events import EventWriter
 from contracts.sizing import (FIT_SHARE, FULL_BYTES_PER_PARAM, MIN_FREE_GIB, Shape, adapter_fit, base_download_gib,
                               full_disk, full_fit)
-from job import env
+from job import dist, env
 from job.errors import JobCannotRun
 
 env.quiet_bnb_cpu_notice()
 
 NF4_TOLERANCE = 0.2  # NF4 keeps ~3.5 bits: relative matmul error is ~0.1; garbage would be ~1.0
-MIN_DISK_GIB = MIN_FREE_GIB  # contracts/sizing.py: the same floor the launcher sizes the machine's disk with
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,7 +88,8 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
         raise JobCannotRun(f"bitsandbytes NF4 self-test failed on {card['name']}: relative error "
                            f"{nf4['rel_error']:.3f} >= {NF4_TOLERANCE}")
     free = env.disk_free_gib(where)
-    need_disk = MIN_DISK_GIB + (_weights_gib(cfg) if cfg.model.init == "pretrained" else 0.0)
+    # MIN_FREE_GIB: the same floor the launcher sizes the machine's disk with (contracts/sizing.py)
+    need_disk = MIN_FREE_GIB + (_weights_gib(cfg) if cfg.model.init == "pretrained" else 0.0)
     if cfg.train.method == "full":
         full_disk = full_disk_gib(cfg)
         if free < full_disk["need_gib"]:
@@ -102,7 +102,7 @@ def check(cfg: RunConfig, data_dir: Path | None = None, where: Path = Path("."))
     if free < need_disk:
         raise JobCannotRun(f"{free} GiB disk free at {where.resolve()}; this config needs ~{need_disk:.0f} GiB "
                            "(model download + checkpoints)")
-    world = planned_world(card["gpus"]) if cfg.train.method == "full" else env.world_size()
+    world = planned_world(card["gpus"]) if cfg.train.method == "full" else dist.world_size()
     run_cfg, mode = plan_memory(cfg, card["memory_gib"] if on_gpu else None,
                                 env.host_mem_available_gib() if on_gpu else None, data_dir, world)
     fit = mode.pop("fit")
@@ -183,7 +183,7 @@ def planned_world(gpus: int) -> int:
     """The ranks `train` will run on: WORLD_SIZE under torchrun; otherwise (check runs once per node,
     before torchrun) nodes x ranks per node as sky/train.yaml starts them, else this node's GPUs."""
     if os.environ.get("WORLD_SIZE"):
-        return env.world_size()
+        return dist.world_size()
     nodes = int(os.environ.get("SKYPILOT_NUM_NODES") or 1)
     per_node = int(os.environ.get("NPROC_PER_NODE") or os.environ.get("SKYPILOT_NUM_GPUS_PER_NODE") or max(gpus, 1))
     return max(1, nodes * per_node)
@@ -259,29 +259,23 @@ def nf4_self_test(device, n: int = 1024) -> dict:
 
 
 def fit_estimate(cfg: RunConfig, data_dir: Path | None) -> dict:
-    row_tokens = min(cfg.train.max_length, 512)
-    if data_dir is not None and (data_dir / "stats.json").is_file():
-        row_tokens = json.loads((data_dir / "stats.json").read_text())["train"]["tokens"]["p90"] or row_tokens
-    if cfg.train.packing:
-        row_tokens = _packed_row_tokens(cfg, data_dir, row_tokens)
+    """adapter_fit for one micro-batch of this config. A row is the prepared data's p90 (else 512 tokens at most);
+    packed micro-batches hold the SUM of their rows, ~micro_batch x the mean row (not the p90): the prepared
+    data's mean, else SocSci210's (configs/socsci210_stats.json, full 16-field profiles)."""
     t = cfg.train
+    stats = data_dir / "stats.json" if data_dir is not None else None
+    tokens = json.loads(stats.read_text())["train"]["tokens"] if stats is not None and stats.is_file() else None
+    row_tokens = (tokens["p90"] if tokens is not None else None) or min(t.max_length, 512)
+    hub = Path(__file__).resolve().parents[1] / "configs" / "socsci210_stats.json"
+    if t.packing and tokens is not None:
+        row_tokens = int(tokens.get("mean") or row_tokens) + 1
+    elif t.packing and cfg.data.source == "socratesft/SocSci210" and hub.is_file():
+        row_tokens = int(json.loads(hub.read_text())["tokens_per_row"]["mean"]) + 1
     est = adapter_fit(_shape(cfg), method=t.method, lora_r=cfg.lora.r,
                       tokens=t.micro_batch * row_tokens, micro_batch=t.micro_batch,
                       gradient_checkpointing=t.gradient_checkpointing, checkpoint_layers=t.checkpoint_layers,
                       fused_lora=t.fused_lora, offload_checkpoints=t.offload_checkpoints)
     return {**est, "row_tokens": row_tokens}
-
-
-def _packed_row_tokens(cfg: RunConfig, data_dir: Path | None, default: int) -> int:
-    """Packed micro-batches hold the SUM of their rows, ~micro_batch x the mean row (not the p90):
-    the prepared data's mean, else SocSci210's (configs/socsci210_stats.json, full 16-field profiles)."""
-    stats = data_dir / "stats.json" if data_dir is not None else None
-    if stats is not None and stats.is_file():
-        return int(json.loads(stats.read_text())["train"]["tokens"].get("mean") or default) + 1
-    hub = Path(__file__).resolve().parents[1] / "configs" / "socsci210_stats.json"
-    if cfg.data.source == "socratesft/SocSci210" and hub.is_file():
-        return int(json.loads(hub.read_text())["tokens_per_row"]["mean"]) + 1
-    return default
 
 
 def _shape(cfg: RunConfig) -> Shape:

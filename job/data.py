@@ -17,7 +17,7 @@ from contracts.errors import ContractError
 from job import synthetic
 
 # The row schema lives in contracts/ (stdlib only): the launcher checks local rows with it before launching.
-from contracts.rows import no_participants, participant_id, validate_rows
+from contracts.rows import no_participants, participant_id, short, validate_rows
 
 MAPPING_FILES = {
     "unseen-studies": "participant_mapping.json",
@@ -75,7 +75,7 @@ def _load_local(path: Path) -> Source:
     for d in meta_dirs:
         for split, fname in MAPPING_FILES.items():
             if (d / fname).is_file():
-                mappings[split] = _check_mapping(split, _read_json(d / fname), d / fname)
+                mappings[split] = _read_mapping(split, d / fname)
     validate_rows(rows, str(path))
     return Source(rows, str(path), mappings)
 
@@ -108,37 +108,32 @@ def _read_file(f: Path) -> list[dict]:
         raise ContractError(f"{f}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _read_json(f: Path) -> Any:
+def _read_mapping(split: str, f: Path) -> Any:
+    """The authors' metadata, checked: participant_mapping.json {"seen": [study_id, ...], "unseen": [...]};
+    condition_/task_mapping.json {study_id: {"train": [int, ...], "eval": [int, ...]}, ...}."""
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        obj = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ContractError(f"{f}: unreadable mapping ({e})") from None
-
-
-def _check_mapping(split: str, obj: Any, f: Path) -> Any:
-    """The authors' metadata shapes: participant_mapping.json {"seen": [study_id, ...], "unseen": [...]};
-    condition_/task_mapping.json {study_id: {"train": [int, ...], "eval": [int, ...]}, ...}."""
+    what = "condition_num" if split == "unseen-conditions" else "task_num"
+    expected = ('an object {"seen": [study_id, ...], "unseen": [study_id, ...]}' if split == "unseen-studies"
+                else f'an object {{study_id: {{"train": [{what}, ...], "eval": [{what}, ...]}}, ...}}')
+    if not isinstance(obj, dict):
+        raise ContractError(f"{f}: is a {_json_type(obj)}, expected {expected}")
     if split == "unseen-studies":
-        expected = 'an object {"seen": [study_id, ...], "unseen": [study_id, ...]}'
-        if not isinstance(obj, dict):
-            raise ContractError(f"{f}: is a {_json_type(obj)}, expected {expected}")
         for key in ("seen", "unseen"):
             v = obj.get(key)
             if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-                raise ContractError(f"{f}: {key!r} is {_short(v)}, expected {expected}")
+                raise ContractError(f"{f}: {key!r} is {short(v)}, expected {expected}")
         return obj
-    what = "condition_num" if split == "unseen-conditions" else "task_num"
-    expected = f'an object {{study_id: {{"train": [{what}, ...], "eval": [{what}, ...]}}, ...}}'
-    if not isinstance(obj, dict):
-        raise ContractError(f"{f}: is a {_json_type(obj)}, expected {expected}")
     for study, v in obj.items():
         if not isinstance(v, dict):
-            raise ContractError(f"{f}: study {study!r} maps to {_short(v)}, expected {expected}")
+            raise ContractError(f"{f}: study {study!r} maps to {short(v)}, expected {expected}")
         for key in ("train", "eval"):
             xs = v.get(key)
             if xs is not None and not (isinstance(xs, list) and
                                        all(isinstance(x, int) and not isinstance(x, bool) for x in xs)):
-                raise ContractError(f"{f}: study {study!r} {key!r} is {_short(xs)}, expected {expected}")
+                raise ContractError(f"{f}: study {study!r} {key!r} is {short(xs)}, expected {expected}")
     return obj
 
 
@@ -160,14 +155,6 @@ def _load_hub(repo_id: str) -> Source:
     src = _load_local(Path(folder))
     src.name = repo_id
     return src
-
-
-# --- Validation ------------------------------------------------------------------------------
-
-def _short(value: Any, n: int = 60) -> str:
-    """A value's repr cut to one short line, for an error message."""
-    text = repr(value)
-    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 # --- Prompt ----------------------------------------------------------------------------------
@@ -228,23 +215,17 @@ def split_rows(src: Source, split: str, seed: int, participant_fraction: float =
         return [], list(rows)
     if split == UNSEEN_PARTICIPANTS:
         trained = _training_participants(src, participant_fraction, seed)
-        train = [r for r in rows if (r["study_id"], r["participant"]) in trained]
-        test = [r for r in rows if (r["study_id"], r["participant"]) not in trained]
+        test_idx = {i for i, r in enumerate(rows) if (r["study_id"], r["participant"]) not in trained}
     elif split == "random":
-        rng = random.Random(seed)
         idx = list(range(len(rows)))
-        rng.shuffle(idx)
-        k = max(1, round(len(rows) * TEST_FRACTION))
-        test_idx = set(idx[:k])
-        train = [r for i, r in enumerate(rows) if i not in test_idx]
-        test = [r for i, r in enumerate(rows) if i in test_idx]
+        random.Random(seed).shuffle(idx)
+        test_idx = set(idx[:max(1, round(len(rows) * TEST_FRACTION))])
     elif split == "unseen-studies":
         if mapping is not None:
             unseen = set(mapping.get("unseen") or [])
         else:
             unseen = set(_held_out(sorted({r["study_id"] for r in rows}), seed, "studies"))
-        train = [r for r in rows if r["study_id"] not in unseen]
-        test = [r for r in rows if r["study_id"] in unseen]
+        test_idx = {i for i, r in enumerate(rows) if r["study_id"] in unseen}
     else:
         col = "condition_num" if split == "unseen-conditions" else "task_num"
         held: dict[str, set] = {}
@@ -258,8 +239,9 @@ def split_rows(src: Source, split: str, seed: int, participant_fraction: float =
                 if len(vals) >= 2:
                     held[s] = set(_held_out(sorted(vals), seed, f"{s}/{col}"))
         # Studies without held-out values train whole: only the mapped cells are unseen.
-        train = [r for r in rows if r[col] not in held.get(r["study_id"], ())]
-        test = [r for r in rows if r[col] in held.get(r["study_id"], ())]
+        test_idx = {i for i, r in enumerate(rows) if r[col] in held.get(r["study_id"], ())}
+    train = [r for i, r in enumerate(rows) if i not in test_idx]
+    test = [r for i, r in enumerate(rows) if i in test_idx]
     for name, part in (("train", train), ("test", test)):
         if not part:
             raise ContractError(f"{src.name}: the {split} split leaves the {name} side empty "
@@ -276,7 +258,7 @@ def _training_participants(src: Source, fraction: float, seed: int) -> set[tuple
     if missing:
         r = src.rows[missing[0]]
         raise no_participants(src.name, len(missing), len(src.rows),
-                              f"row {missing[0]}, study {r['study_id']}: participant {_short(r.get('participant'))}")
+                              f"row {missing[0]}, study {r['study_id']}: participant {short(r.get('participant'))}")
     per_study: dict[str, set] = {}
     for r in src.rows:
         per_study.setdefault(r["study_id"], set()).add(r["participant"])

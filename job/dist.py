@@ -69,23 +69,15 @@ def agreed(flag: bool) -> bool:
     return bool(broadcast_object(bool(flag)))
 
 
-def gather_objects(obj: Any) -> list | None:
-    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere); [obj] at world 1."""
-    if world_size() <= 1:
-        return [obj]
-    import torch.distributed as td
-
-    out = [None] * world_size() if is_main() else None
-    td.gather_object(obj, out, dst=0)
-    return out
-
-
 def merge(share: list) -> list | None:
     """Rows scored in shares (None where another rank scored it) -> the full list on rank 0, row
     order kept; None on the other ranks. At world 1 the list itself."""
     if world_size() <= 1:
         return share
-    shares = gather_objects(share)
+    import torch.distributed as td
+
+    shares = [None] * world_size() if is_main() else None
+    td.gather_object(share, shares, dst=0)  # every rank's share, in rank order, on rank 0
     if shares is None:
         return None
     merged = [next((s[i] for s in shares if s[i] is not None), None) for i in range(len(share))]
@@ -93,13 +85,6 @@ def merge(share: list) -> list | None:
     if missing:
         raise RuntimeError(f"evaluation shards left rows {missing[:5]} unscored")
     return merged
-
-
-def shard(items: list, r: int | None = None, world: int | None = None) -> list:
-    """Rank r's share of `items`: every world-th item from r (order kept; merge by index)."""
-    r = rank() if r is None else r
-    world = world_size() if world is None else world
-    return items[r::world]
 
 
 def destroy() -> None:

@@ -115,10 +115,6 @@ def host_mem_available_gib() -> float | None:
     return None
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def quiet_bnb_cpu_notice() -> None:
     """bitsandbytes warns on CPU import that an optional `kernels` package is missing; the job's
     CPU path does not need it, and the notice would break 'one line on stderr' for exit 2/3."""

@@ -12,15 +12,12 @@ The model is loaded (and, when it fits, merged dense) by job/load.py.
 A model-free baseline (`--baseline uniform`: equal mass on every answer of each cell's scale) loads
 no model and writes the same outputs in seconds, under "uniform/distribution".
 
-Each row's answer scale is the one its stimulus states (contracts/scale.py); a cell whose rows state
-none is skipped and counted (`cells_no_scale`), never scored on a scale read from its answers.
-`--rows`/`eval.rows` keeps whole cells, rounding down to the last whole one, and says how many rows.
+Each row's answer scale is the one its stimulus states (contracts/scale.py): a cell whose rows state
+none is skipped and counted. `--rows`/`eval.rows` keeps whole cells, rounding down to the last whole one.
 
 Results accumulate in OUT/metrics.json under "<base|fine-tuned>/<mode>", so a base run and a
-fine-tuned run into the same OUT sit side by side in OUT/report.html. OUT/cells.jsonl is rewritten
-from them: one line per cell (study, condition, task, scale used and its source, human n, W under
-each result and the uniform guess), so two runs compare cell by cell. Both formats are
-contracts/results.py's (the launcher's `report` reads them from there too).
+fine-tuned run into the same OUT sit side by side in OUT/report.html; OUT/cells.jsonl is rewritten
+from them, one line per cell, so two runs compare cell by cell (both formats: contracts/results.py).
 """
 from __future__ import annotations
 
@@ -189,7 +186,7 @@ def _write_outputs(out: Path, key: str, result: dict, events: EventWriter, args:
     html = report.write_report(out, shown, report.find_train_events(out, args.train_events))
     summary = results.summary(result)
     events.emit("eval", metrics=summary, key=key, report=str(html))
-    print(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
+    print(f"{key}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     print(f"cells: {cells}")
     print(f"report: {html}")
     dist.destroy()
@@ -254,17 +251,8 @@ def _compared(out: Path, folders: list[str] | None) -> dict:
                    if p.parent != out.resolve()]
     merged: dict = {}
     for f in folders:
-        merged.update(_load_metrics(Path(f)).get("results", {}))
+        try:
+            merged.update(results.read_metrics(Path(f) / results.METRICS_FILE).get("results", {}))
+        except ContractError:  # none there, or damaged: shown nowhere, replaced on write
+            pass
     return merged
-
-
-def _load_metrics(out: Path) -> dict:
-    """OUT/metrics.json, or {} when there is none or it is damaged (shown nowhere, replaced on write)."""
-    try:
-        return results.read_metrics(out / results.METRICS_FILE)
-    except ContractError:
-        return {}
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)

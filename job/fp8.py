@@ -12,7 +12,6 @@ Those are ~90% of a step's FLOPs. `enable_fp8(model)` swaps the forward of the f
   writes bf16 (fast accumulation on, as torchao's row-wise recipe does for the output).
 - backward: dy quantized per token (e4m3: row-wise scales leave it enough range, as torchao's
   row-wise recipe does), W^T quantized per input column, `dx = dy @ W` in fp8 with exact accumulation.
-
 - nothing is saved for backward (the weight is re-read from the module; x is not needed, the base is
   frozen), so a layer that is not recomputed keeps less than bnb's matmul does.
 Two switches pick another recipe (train.fp8_fast_accum: exact accumulation; train.fp8_backward: bf16 dx
@@ -196,16 +195,11 @@ def _frozen_linears(model: torch.nn.Module, names: tuple[str, ...] = MLP):
     """Frozen linear layers named in `names` inside the decoder layers (never the lm_head or embeddings)."""
     for block in causal_lm_of(model).model.layers:
         for qual, m in block.named_modules():
-            if type(m).__name__ not in ("Linear4bit", "Linear") or hasattr(m, "lora_A"):
-                continue
-            if not _named(qual, names):
-                continue
             w = getattr(m, "weight", None)
-            if w is None or w.requires_grad or not isinstance(m, torch.nn.Linear):
-                continue
-            if m.in_features % 16 or m.out_features % 16:
-                continue
-            yield m
+            if (type(m).__name__ in ("Linear4bit", "Linear") and not hasattr(m, "lora_A") and _named(qual, names)
+                    and w is not None and not w.requires_grad and isinstance(m, torch.nn.Linear)
+                    and not (m.in_features % 16 or m.out_features % 16)):
+                yield m
 
 
 def _named(qual: str, names: tuple[str, ...]) -> bool:

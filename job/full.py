@@ -54,10 +54,6 @@ class AnswerLoss(nn.Module):
         return summed_target_loss(hidden, labels, self.lm.lm_head, self.liger)
 
 
-def weight_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_rows: int, dropped: int, total_steps: int,
                reason_at_end: str, run_fp: dict, data_hash: str, resume_from: Path | None, done_at: int,
                device: torch.device, mode: dict | None):
@@ -75,7 +71,7 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
     if world > 1:
         _shard(model, device, out_dtype)
     else:
-        _master_fp32(model)
+        model.float()  # world 1: fp32 master weights (a GPU computes under bf16 autocast)
     autocast = world == 1 and device.type == "cuda" and out_dtype != torch.float32
     optimizer = _optimizer(model, t, device)
     scheduler = _scheduler(optimizer, t, total_steps)
@@ -156,14 +152,12 @@ def train_full(cfg, written, out: Path, events: EventWriter, tok, dataset, n_row
     reason = "deadline" if hit else reason_at_end
     res = TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
     files = save_weights(model, lm, tok, out, out_dtype)
-    if not dist.is_main():
-        dist.barrier()
-        return res
-    finish(out, events, device, files, kind="full", written=written, mode=mode, data_hash=data_hash, step=step,
-           total_steps=total_steps, reason=reason, resume_from=resume_from, n_rows=n_rows, dropped=dropped,
-           seconds=time.time() - t_start, world=world,
-           full={"weights": f"{MODEL_DIR}/", "dtype": str(out_dtype).removeprefix("torch."), "fsdp": world > 1,
-                 "bytes": sum(f.stat().st_size for f in files if f.suffix == ".safetensors")})
+    if dist.is_main():
+        finish(out, events, device, files, kind="full", written=written, mode=mode, data_hash=data_hash, step=step,
+               total_steps=total_steps, reason=reason, resume_from=resume_from, n_rows=n_rows, dropped=dropped,
+               seconds=time.time() - t_start, world=world,
+               full={"weights": f"{MODEL_DIR}/", "dtype": str(out_dtype).removeprefix("torch."), "fsdp": world > 1,
+                     "bytes": sum(f.stat().st_size for f in files if f.suffix == ".safetensors")})
     dist.barrier()
     return res
 
@@ -178,11 +172,6 @@ def _levers(lm, t, device):
         lv = replace(lv, liger=False)
     levers.set_checkpointing(lm, t.gradient_checkpointing, lv.checkpoint_layers)
     return lv
-
-
-def _master_fp32(model: nn.Module) -> None:
-    """World 1: fp32 master weights (a GPU computes under bf16 autocast)."""
-    model.float()
 
 
 def _shard(model: AnswerLoss, device: torch.device, compute: torch.dtype) -> None:
@@ -299,7 +288,7 @@ def save_weights(model: AnswerLoss, lm, tok, out: Path, dtype: torch.dtype) -> l
     sd = model.state_dict()  # FQNs of the wrapper: "lm." + the model's own names; DTensors when sharded
     tied = getattr(lm.config, "tie_word_embeddings", False)
     names = [k for k in sd if k.startswith("lm.") and not (tied and k == "lm.lm_head.weight")]
-    size = weight_bytes(dtype)
+    size = torch.empty((), dtype=dtype).element_size()
     plan: list[list[str]] = [[]]
     used = 0
     for k in names:

@@ -41,7 +41,7 @@ class Levers:
     does) resolved for the device; `row_len`: tokens per packed row, at least the longest sequence."""
     packing: bool = True
     row_len: int = 2048
-    answer_only_loss: bool = True
+    answer_only_loss: bool = True  # bench/ turns it off to measure the full-vocabulary loss
     liger: bool = True
     checkpoint_layers: int | None = None  # None: every decoder layer (with gradient checkpointing)
     attn_implementation: str = "sdpa"
@@ -81,10 +81,9 @@ def report(cfg: RunConfig, on_gpu: bool, layers: int | None = None, probe_flex: 
     else:
         out["flex_attention"] = {"on": True, "why": f"triton {_version('triton')}" if on_gpu else attn}
     lora = t.method in ("qlora", "lora")
-    out["fused_lora"] = {"on": bool(t.fused_lora and lora),
-                         "why": "train.fused_lora" if lora else f"no LoRA layers (train.method: {t.method})"}
-    if not t.fused_lora:
-        out["fused_lora"]["why"] = "train.fused_lora: false"
+    why = ("train.fused_lora: false" if not t.fused_lora else "train.fused_lora" if lora
+           else f"no LoRA layers (train.method: {t.method})")
+    out["fused_lora"] = {"on": bool(t.fused_lora and lora), "why": why}
     out["packing"] = {"on": bool(t.packing), "why": "padding-free rows" if t.packing else "train.packing: false"}
     if not t.gradient_checkpointing:
         n, why = 0, "train.gradient_checkpointing: false"
@@ -170,14 +169,10 @@ def decoder_layers(cfg: RunConfig) -> int | None:
 
 def levers_for(train, device: torch.device | str) -> Levers:
     """The levers a TrainSpec asks for on `device` (rows as long as the longest allowed sequence)."""
-    return Levers(packing=train.packing, row_len=train.max_length, answer_only_loss=True,
-                  liger=train.liger, checkpoint_layers=train.checkpoint_layers,
-                  attn_implementation=resolve_attention(train.attn_implementation, device),
-                  compile=train.compile, fused_lora=train.fused_lora,
-                  offload_checkpoints=train.offload_checkpoints,
-                  fp8=train.fp8 and fp8.available(device)[0],
-                  fp8_fast_accum=train.fp8_fast_accum, fp8_backward=train.fp8_backward,
-                  fp8_attention=train.fp8_attention)
+    same = ("packing", "liger", "checkpoint_layers", "compile", "fused_lora", "offload_checkpoints",
+            "fp8_fast_accum", "fp8_backward", "fp8_attention")
+    return Levers(row_len=train.max_length, attn_implementation=resolve_attention(train.attn_implementation, device),
+                  fp8=train.fp8 and fp8.available(device)[0], **{k: getattr(train, k) for k in same})
 
 
 def resolve(train, device: torch.device | str) -> Levers:

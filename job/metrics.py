@@ -19,12 +19,7 @@ None when the model's answer held no integer) or a probability over the row's sc
 (`distribution` mode). The uniform guess puts equal mass on every level of the cell's scale (on a
 step grid, every grid point).
 
-Demographic parity difference (our definition; the paper's is not public): for each demographic
-field, group the evaluated rows by the field's value (age in bands 18-29/30-44/45-59/60+;
-groups with at least `MIN_GROUP_ROWS` rows),
-take each group's mean individual error (1 - individual accuracy); the field's gap is the largest
-minus the smallest group error. The reported value is the mean gap over fields with >= 2 groups.
-Lower is fairer: the model errs alike for every kind of person.
+Demographic parity difference: `DPD_DEFINITION` says it (our definition; the paper's is not public).
 """
 from __future__ import annotations
 

@@ -163,7 +163,7 @@ def write(loaded: Loaded, out: Path, split: str = "unseen-studies", subset: floa
 
 def _stats(tok, rows: list[dict], system: str) -> dict:
     """Rows, studies, cells, and exact token counts of the full training sequence, also per study."""
-    lengths = [len(ids) for ids, _ in _encode_batched(tok, rows, system)]
+    lengths = [len(ids) for i in range(0, len(rows), 4096) for ids, _ in D.encode(tok, rows[i:i + 4096], system)]
     per_study: dict[str, list[int]] = {}
     for r, n in zip(rows, lengths):
         per_study.setdefault(r["study_id"], []).append(n)
@@ -179,11 +179,6 @@ def _participants(train: list[dict], test: list[dict]) -> dict:
     a = {(r["study_id"], D.participant_id(r)) for r in train}
     b = {(r["study_id"], D.participant_id(r)) for r in test}
     return {"train": len(a), "test": len(b), "shared": len(a & b)}
-
-
-def _encode_batched(tok, rows, system, batch: int = 4096):
-    for i in range(0, len(rows), batch):
-        yield from D.encode(tok, rows[i:i + batch], system)
 
 
 def _summary(lengths: list[int]) -> dict:

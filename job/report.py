@@ -74,11 +74,7 @@ def _headline_key(results: dict[str, dict]) -> str:
 
 
 def _f(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return html.escape(str(v))
+    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v))
 
 
 def _summary_table(results: dict[str, dict]) -> str:
@@ -188,7 +184,9 @@ def _per_study_plot(results: dict[str, dict], path: Path) -> None:
 
     studies = sorted({s for r in results.values() for s in r.get("per_study", {})})
     series = [(f"{k}", r.get("per_study", {})) for k, r in sorted(results.items())]
-    series.append(("uniform guess", _uniform_per_study(results)))
+    # The uniform guess: the first result's per-study value where several results have one.
+    series.append(("uniform guess", {s: v for r in reversed(list(results.values()))
+                                     for s, v in r.get("per_study_uniform", {}).items()}))
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(studies) * len(series) / 2 + 3), 4))
     width = 0.8 / len(series)
     x = np.arange(len(studies))
@@ -201,14 +199,6 @@ def _per_study_plot(results: dict[str, dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _uniform_per_study(results: dict[str, dict]) -> dict[str, float]:
-    merged: dict[str, float] = {}
-    for r in results.values():
-        for s, v in r.get("per_study_uniform", {}).items():
-            merged.setdefault(s, v)
-    return merged
 
 
 def _cells_plot(result: dict, key: str, path: Path) -> None:

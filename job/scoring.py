@@ -38,11 +38,7 @@ def row_scales(rows: Sequence[dict]) -> list[Scale | None]:
     """Each row's answer scale: the one its stimulus states (a step grid's candidates are the grid's
     points); None where it states none or one of over 101 levels (unbounded): such a row is not
     scored, and its cell is skipped and counted by job/metrics.py."""
-    out = []
-    for r in rows:
-        s = stated_scale(r)
-        out.append(s if s is not None and s.levels <= M.MAX_LEVELS else None)
-    return out
+    return [s if s is not None and s.levels <= M.MAX_LEVELS else None for s in map(stated_scale, rows)]
 
 
 def prompt_ids(tok, rows: Sequence[dict], system_prompt: str) -> list[list[int]]:
@@ -169,10 +165,7 @@ def score_distributions(model, tok, rows: Sequence[dict], scales: Sequence[Scale
     ids = list(ids) if ids is not None else prompt_ids(tok, rows, system_prompt)
     end = D.answer_end_id(tok)
     scales = [as_scale(s) for s in scales]
-    trees: dict[Scale, _Tree] = {}
-    for s in scales:
-        if s is not None and s not in trees:
-            trees[s] = answer_tree(tok, s, end)
+    trees: dict[Scale, _Tree] = {s: answer_tree(tok, s, end) for s in set(scales) - {None}}
     out: list[Distribution | None] = [Distribution([], [], 0.0, len(ids[i])) if shard[0] == 0 else None
                                       for i in range(len(rows))]
     todo = [i for i in range(len(rows)) if scales[i] is not None]

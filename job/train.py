@@ -99,7 +99,7 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         # batch and so the fingerprint stay), so a resume on another card is still accepted.
         env.apply_memory_cap(device)
         cfg, mode = plan_memory(cfg, env.card_info()["memory_gib"], env.host_mem_available_gib(), data_dir,
-                                env.world_size())
+                                dist.world_size())
         fit = mode.pop("fit")
         mode["fit_gib"] = fit["total_gib"]
         events.emit("log", message=f"memory mode {mode['mode']} ({mode['why']}): micro_batch {mode['micro_batch']}, "
@@ -160,16 +160,13 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         step = trainer.state.global_step
     reason = "deadline" if deadline.hit else reason_at_end
     res = TrainResult(out, step, total_steps, reason, str(resume_from) if resume_from else None)
-    if not dist.is_main():
-        if dist.local_rank() == 0:  # another node's first rank: its evaluation needs the adapter on its disk
-            _save_adapter(trainer, tok, out)
-        dist.barrier()  # rank 0 saves the adapter and the manifest (the node that is pulled back)
-        return res
-
-    adapter = _save_adapter(trainer, tok, out)
-    finish(out, events, device, sorted(adapter.iterdir()), kind="adapter", written=written, mode=mode,
-           data_hash=data_hash, step=step, total_steps=total_steps, reason=reason, resume_from=resume_from,
-           n_rows=n_rows, dropped=dropped, seconds=time.time() - t0, world=world)
+    if dist.is_main():  # rank 0 saves the adapter and the manifest (the node that is pulled back)
+        adapter = _save_adapter(trainer, tok, out)
+        finish(out, events, device, sorted(adapter.iterdir()), kind="adapter", written=written, mode=mode,
+               data_hash=data_hash, step=step, total_steps=total_steps, reason=reason, resume_from=resume_from,
+               n_rows=n_rows, dropped=dropped, seconds=time.time() - t0, world=world)
+    elif dist.local_rank() == 0:  # another node's first rank: its evaluation needs the adapter on its disk
+        _save_adapter(trainer, tok, out)
     dist.barrier()
     return res
 
