@@ -118,23 +118,18 @@ def download(run: registry.Run, console, backend: Backend | None = None) -> int:
         run.transition("done" if not run.exit_code else before)  # a job that failed stays failed
         console.print(f"adapter: {run.adapter} (verified)", highlight=False)
         status = 0
-    if backend.machine_state(run) != "up":  # the weights came from where they were left; no machine bills
-        return status
-    console.print(f"[bold red]the machine of run {run.id} is still up (billing). End it: "
-                  f"socrates-launch down {run.id}[/]", highlight=False)
+    if backend.machine_state(run) == "up":  # else the weights came from where they were left; no machine bills
+        console.print(f"[bold red]the machine of run {run.id} is still up (billing). End it: "
+                      f"socrates-launch down {run.id}[/]", highlight=False)
     return status
 
 
 # --- following a run ----------------------------------------------------------------------------
 
 def drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach: bool = False) -> int:
-    """Launch (if asked), follow, download + verify, tear down. Returns the exit status of `up`.
-
-    Whatever happens after the run exists, the machine is torn down at the end, except on an
-    explicit detach (--detach, first Ctrl-C), which prints how to come back and how to end it.
-    One follower per run: if another launcher already follows it (runs/<id>/.follow.lock), this one
-    only shows what was recorded and says so: it never appends events, pulls or moves results.
-    """
+    """Launch (if asked), follow, download + verify, tear down (except on an explicit detach); `up`'s exit
+    status. One follower per run: if another launcher already follows it (runs/<id>/.follow.lock), this
+    one only shows what was recorded and says so: it never appends events, pulls or moves results."""
     follower = registry.Follower(run.dir)
     if not follower.acquire():
         replay(run, console)
@@ -155,8 +150,12 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
     progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
     recorder = Recorder(run, progress)
     backend.on_phase = recorder.phase
-    try:
-        with _hangups_raise():
+
+    def raise_hangup(signum, frame):
+        raise _HungUp(signum)
+
+    try:  # else SIGTERM/SIGHUP end the launcher on the spot: no teardown of a machine still provisioning
+        with _signals_to(raise_hangup, signal.SIGTERM, signal.SIGHUP):
             status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
     except _DownloadFailed as e:
         progress.close()
@@ -297,19 +296,13 @@ class Recorder:
 
 def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, attempts: int = DOWNLOAD_ATTEMPTS,
                      pull_weights: bool = True) -> None:
-    """Pull out/ into a staging folder, verify it, then move the results into runs/<id>/.
-
-    What comes back is untrusted: the manifest is checked against its schema, and the staging tree
-    must be exactly the manifest's files (no symlinks, special files, unlisted files; paths relative
-    and inside), with an adapter, each sha256 matching. Retried: a failed or corrupt pull is worth
-    another try before the machine (and the only copy) is torn down. Results already in runs/<id>/
-    are replaced only by a copy that verified.
-
-    `pull_weights=False` (`up --weights leave`) on a backend whose results outlive the machine (`Outlives`):
-    a full fine-tune's weight shards stay where they are (the backend checks them present); everything
-    else is pulled and verified, and run.json's weights_left says where they are.
-    """
+    """Pull out/ into a staging folder, verify it (untrusted: exactly the manifest's files, each sha256
+    matching), then move the results into runs/<id>/, replacing only with a copy that verified. Retried:
+    a failed or corrupt pull is worth another try before the machine (and the only copy) is torn down.
+    `pull_weights=False` (`up --weights leave`, a backend whose results outlive the machine): a full
+    fine-tune's weight shards stay where they are; run.json's weights_left says where."""
     leaving = None if pull_weights else outliving(backend)
+    weights = lambda path: bool(manifest_lib.FULL_WEIGHTS.match(path))  # noqa: E731
     staging = run.dir / ".download"
     try:
         run.transition("downloading")
@@ -318,7 +311,7 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             try:
-                left_at = leaving.download_leaving(run, staging, _is_weights) if leaving else None
+                left_at = leaving.download_leaving(run, staging, weights) if leaving else None
                 if not leaving:
                     backend.download(run, staging)
                 manifest = manifest_lib.load(staging)
@@ -361,22 +354,12 @@ def _needed_bytes(staging: Path) -> int:
     try:
         return sum(int(e["size"]) for e in manifest_lib.load(staging)["files"]) + (1 << 20)
     except Exception:  # noqa: BLE001  (no manifest yet, or an unreadable one: the guess)
-        return 2 * _tree_bytes(staging)
-
-
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _is_weights(path: str) -> bool:
-    return bool(manifest_lib.FULL_WEIGHTS.match(path))
+        total = 0
+        for dirpath, _, names in os.walk(staging):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+        return 2 * total
 
 
 def describe(e: BaseException) -> str:
@@ -431,20 +414,6 @@ def _signals_to(handler, *signals: int):
             signal.signal(sig, old)
 
 
-def _hangups_raise():
-    """Without this, SIGTERM/SIGHUP end the launcher on the spot: no teardown of a machine still
-    being provisioned, which SkyPilot has not armed autodown on yet."""
-    def raise_hangup(signum, frame):
-        raise _HungUp(signum)
-
-    return _signals_to(raise_hangup, signal.SIGTERM, signal.SIGHUP)
-
-
-def _uninterrupted(*signals: int):
-    """A half-done teardown is the expensive outcome: these signals are ignored while it runs."""
-    return _signals_to(signal.SIG_IGN, *signals)
-
-
 def _end_now(run: registry.Run, backend: Backend, console, recorder: Recorder, why: BaseException) -> int:
     """Interrupted where the machine must end now: before the job started (SkyPilot arms autodown only when
     it submits the job, after provisioning and file sync: a machine left now might have nothing to end
@@ -457,7 +426,7 @@ def _end_now(run: registry.Run, backend: Backend, console, recorder: Recorder, w
         console.print(f"\n[bold yellow]Ctrl-C: stopping run {run.id}[/]: its job is ended and its folder removed "
                       "(`up --detach` keeps a local job running)", highlight=False)
         run.update(note="stopped by Ctrl-C")
-    with _uninterrupted(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    with _signals_to(signal.SIG_IGN, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a half-done teardown costs most
         teardown(run, backend, recorder, console)
     return 128 + (why.signum if isinstance(why, _HungUp) else signal.SIGINT)
 
@@ -471,7 +440,7 @@ def _interrupted(run: registry.Run, backend: Backend, console, recorder: Recorde
     try:
         time.sleep(SECOND_CTRL_C_S)
     except KeyboardInterrupt:
-        with _uninterrupted(signal.SIGINT):
+        with _signals_to(signal.SIG_IGN, signal.SIGINT):
             console.print("tearing down now")
             teardown(run, backend, recorder, console)
     return 130
