@@ -99,49 +99,48 @@ class SshBackend(Backend):
 
     def launch(self, run: Run) -> None:
         try:
-            self._launch(run)
+            state = self._bind(run)
+            # the --on-teardown command (it may hold a provider token) is kept once, in a 0600 side file
+            state.update(options={**self.opts.to_dict(), "on_teardown": None}, target=str(self.target))
+            if self.opts.on_teardown and Path(run.dir).is_dir():  # what `down` names when it is not passed again
+                atomic_write_text(Path(run.dir) / TEARDOWN_FILE, self.opts.on_teardown, mode=PRIVATE)
+            run.save()
+            client = self._connect()
+            base = self._resolve_remote_dir(client)
+            work = posixpath.join(base, "runs", run.id)
+            state.update(remote_dir=base, work=work, log=posixpath.join(work, LOG_FILE))
+            run.save()  # saved before anything exists on the host: `down` can always find it
+
+            data = tasklib.local_data(run.config)
+            self.on_phase("probing", f"{self.target}: permissions and free disk under {base}")
+            mode, python = self._probe(client, base, data)
+            state.update(mode=mode, python=python)
+            self.on_phase("syncing", f"code and data to {self.target} (unchanged files skipped)")
+            if self.code_root is None:
+                self.code_root = stagelib.for_run(run).path
+            stats = self._sync(client, base, data, state)
+            state["sync"] = asdict(stats)
+            run.save()
+            self.on_phase("synced", f"sent {stats.bytes_sent:,} B in {stats.files_sent} files; "
+                                    f"{stats.bytes_skipped:,} B in {stats.files_skipped} unchanged files skipped")
+            task = tasklib.render(run, gpu=None) if self.run_block is None else None
+            self._prepare_work(client, base, work, run, task, data, mode, python)
+            if mode == "venv" and task is not None:
+                self.on_phase("installing", "the job's venv from requirements/job.lock (sky/train.yaml setup)")
+                self._must(client, "installing", "the setup block failed", f"cd {shlex.quote(work)} && bash -s",
+                           stdin=task.get("setup") or "", timeout=3600)
+            if mode == "docker":
+                self.on_phase("installing", f"the job image {self.opts.image} (built from the synced Dockerfile "
+                                            "if missing)")
+                self._docker_image(client, state["code"])
+            if task is not None:
+                self.on_phase("checking", "python -m job check on the host")
+                self._check(client, work, mode, python)
+            pid = self._start(client, work, run.id)
+            state.update(pid=pid, pgid=pid, started_at=time.time())
+            run.save()
         except (SshDropped, *DROPPED) as e:  # the connection died mid-launch: a failed run, torn down by the caller
             raise BackendError("provisioning", f"ssh {self.target}: {type(e).__name__}: {e}") from None
-
-    def _launch(self, run: Run) -> None:
-        state = self._bind(run)
-        # the --on-teardown command (it may hold a provider token) is kept once, in a 0600 side file
-        state.update(options={**self.opts.to_dict(), "on_teardown": None}, target=str(self.target))
-        if self.opts.on_teardown:
-            _keep_hook(run, self.opts.on_teardown)
-        run.save()
-        client = self._connect()
-        base = self._resolve_remote_dir(client)
-        work = posixpath.join(base, "runs", run.id)
-        state.update(remote_dir=base, work=work, log=posixpath.join(work, LOG_FILE))
-        run.save()  # saved before anything exists on the host: `down` can always find it
-
-        data = tasklib.local_data(run.config)
-        self.on_phase("probing", f"{self.target}: permissions and free disk under {base}")
-        mode, python = self._probe(client, base, data)
-        state.update(mode=mode, python=python)
-        self.on_phase("syncing", f"code and data to {self.target} (unchanged files skipped)")
-        if self.code_root is None:
-            self.code_root = stagelib.for_run(run).path
-        stats = self._sync(client, base, data, state)
-        state["sync"] = asdict(stats)
-        run.save()
-        self.on_phase("synced", f"sent {stats.bytes_sent:,} B in {stats.files_sent} files; "
-                                f"{stats.bytes_skipped:,} B in {stats.files_skipped} unchanged files skipped")
-        task = tasklib.render(run, gpu=None) if self.run_block is None else None
-        self._prepare_work(client, base, work, run, task, data, mode, python)
-        if mode == "venv" and task is not None:
-            self.on_phase("installing", "the job's venv from requirements/job.lock (sky/train.yaml setup)")
-            self._setup(client, work, task)
-        if mode == "docker":
-            self.on_phase("installing", f"the job image {self.opts.image} (built from the synced Dockerfile if missing)")
-            self._docker_image(client, state["code"])
-        if task is not None:
-            self.on_phase("checking", "python -m job check on the host")
-            self._check(client, work, mode, python)
-        pid = self._start(client, work, run.id)
-        state.update(pid=pid, pgid=pid, started_at=time.time())
-        run.save()
 
     def follow(self, run: Run, on_event: EventCallback, offset: int = 0) -> int:
         """Deliver the job's events from byte `offset` of its log; a dropped connection resumes there.
@@ -149,11 +148,11 @@ class SshBackend(Backend):
         state = self._bind(run)
         log, work = state["log"], state["work"]
         reader = ev.EventReader(Path(log), offset)
-        odd = None
+        exit_path, odd = posixpath.join(work, EXIT_FILE), None
         while True:
             try:
                 sftp = self._sftp_client()
-                finished, text = _read_exit(sftp, posixpath.join(work, EXIT_FILE))  # before the log: nothing after it is missed
+                finished, text = _read_exit(sftp, exit_path)  # before the log: nothing after it is missed
                 data = read_from(sftp, log, reader.pos, remote.CHUNK)
                 for e in reader.feed([data]):
                     on_event(e)
@@ -166,7 +165,7 @@ class SshBackend(Backend):
                 if text is not None and text != odd:  # the runner writes the real one when the job ends
                     odd = text
                     remote.skipped.note(f"an {EXIT_FILE} file holding {text[:20]!r}, not an exit status")
-                if not self._alive(run.id) and _read_exit(sftp, posixpath.join(work, EXIT_FILE))[0] is None:
+                if not self._alive(run.id) and _read_exit(sftp, exit_path)[0] is None:
                     left = f"left {EXIT_FILE} holding {odd[:20]!r}" if odd is not None else "left no exit code"
                     raise BackendError("running", f"the job's process group on {self.target} is gone and {left} "
                                                   f"(killed, or the host rebooted); see {log}")
@@ -347,9 +346,9 @@ class SshBackend(Backend):
         return "venv", ""  # empty JOB_PYTHON: the run block's default, the venv its setup block builds
 
     def _sync(self, client: paramiko.SSHClient, base: str, data: Path | None, state: dict) -> SyncStats:
-        """Code into a folder named by its content (`_sync_code`); data into a folder named by its content (cache/data/<hash>), pruned
-        to exactly what is sent and checked file by file after the sync: a run trains on exactly its data,
-        whatever another run (same folder name, fewer files, at the same time) sent."""
+        """Code (`_sync_code`) and data into folders named by their content (cache/data/<hash>), the data pruned to
+        exactly what is sent and checked after the sync: a run trains on exactly its data, whatever another
+        run (same folder name, fewer files, at the same time) sent."""
         python = self.opts.remote_python or "python3"
         q = shlex.quote
         self._must(client, "syncing", f"could not create {base}/cache and {base}/runs",  # private: data, code, results
@@ -437,11 +436,6 @@ class SshBackend(Backend):
         finally:
             sftp.close()
 
-    def _setup(self, client: paramiko.SSHClient, work: str, task: dict) -> None:
-        """sky/train.yaml's setup block (the venv from the lock), run in the run's folder."""
-        self._must(client, "installing", "the setup block failed", f"cd {shlex.quote(work)} && bash -s",
-                   stdin=task.get("setup") or "", timeout=3600)
-
     def _docker_image(self, client: paramiko.SSHClient, code: str) -> None:
         q = shlex.quote
         image, context = q(self.opts.image), q(code)  # the run's own code folder is the build context
@@ -495,14 +489,10 @@ class SshBackend(Backend):
         kill = _kill_script(run_id)
         docker = f"docker rm -f socrates-{shlex.quote(posixpath.basename(work))} >/dev/null 2>&1; " \
             if state.get("mode") == "docker" else ""
-        if keep:  # the job is ended; its folder (the results) stays for the stopped host's disk
-            res = ssh_run(self._connect(), f"{kill}{docker}test -d {q}")
-            if res.rc != 0:
-                raise SshDropped(f"ending the job in {work} failed: {_last_line(res)}")
-            return
-        res = ssh_run(self._connect(), f"{kill}{docker}rm -rf {q}; test ! -e {q}")
+        # keep: the job is ended; its folder (the results) stays for the stopped host's disk
+        res = ssh_run(self._connect(), f"{kill}{docker}" + (f"test -d {q}" if keep else f"rm -rf {q}; test ! -e {q}"))
         if res.rc != 0:
-            raise SshDropped(f"rm -rf {work} failed: {_last_line(res)}")
+            raise SshDropped(f"{f'ending the job in {work}' if keep else f'rm -rf {work}'} failed: {_last_line(res)}")
 
     def _alive(self, run_id: str) -> bool:
         """Whether a live process on the host carries this run's SOCRATES_RUN_ID."""
@@ -512,16 +502,14 @@ class SshBackend(Backend):
 
     # --- connection ------------------------------------------------------------------------
 
-    def _auth(self) -> SshAuth:
-        kh = Path(self.opts.known_hosts).expanduser() if self.opts.known_hosts else Path.home() / ".ssh" / "known_hosts"
-        return SshAuth(key=Path(self.opts.key).expanduser() if self.opts.key else None, known_hosts=kh,
-                       trust_new_host=self.opts.trust_new_host, timeout_s=self.opts.timeout_s)
-
     def _connect(self) -> paramiko.SSHClient:
         transport = self._client.get_transport() if self._client else None
         if transport is None or not transport.is_active():
             self._drop()
-            self._client = connect(self.target, self._auth())
+            o = self.opts
+            kh = Path(o.known_hosts).expanduser() if o.known_hosts else Path.home() / ".ssh" / "known_hosts"
+            self._client = connect(self.target, SshAuth(key=Path(o.key).expanduser() if o.key else None, known_hosts=kh,
+                                                        trust_new_host=o.trust_new_host, timeout_s=o.timeout_s))
         return self._client
 
     def _sftp_client(self) -> paramiko.SFTPClient:
@@ -612,12 +600,6 @@ def _run_hook(cmd: str) -> dict:
         return {"rc": p.returncode, "ok": p.returncode == 0, "output": redact((p.stdout + p.stderr)[-2000:])}
     except subprocess.TimeoutExpired:
         return {"rc": None, "ok": False, "output": "timed out after 600 s"}
-
-
-def _keep_hook(run: Run, cmd: str) -> None:
-    """The --on-teardown command in runs/<id>/.on-teardown (0600): what `down` names when it is not passed again."""
-    if Path(run.dir).is_dir():
-        atomic_write_text(Path(run.dir) / TEARDOWN_FILE, cmd, mode=PRIVATE)
 
 
 def _kept_hook(run: Run) -> str | None:
