@@ -222,8 +222,16 @@ class SshBackend(Backend):
             # A provider stop keeps the disk: results that were never pulled back stay with it.
             keep = bool(self.opts.on_teardown) and not run.verified and run.exit_code == 0
             try:
-                self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s))
-                self._kill_and_remove(state, run.id, work, keep=keep)
+                client, q = self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s)), shlex.quote(work)
+                # the groups are found on the host by the run id (run.json's pgid is not the authority: `pgid: 1`);
+                # keep: the job is ended, its folder (the results) stays for the stopped host's disk
+                docker = f"docker rm -f socrates-{shlex.quote(run.id)} >/dev/null 2>&1; " \
+                    if state.get("mode") == "docker" else ""
+                end = f"test -d {q}" if keep else f"rm -rf {q}; test ! -e {q}"
+                res = ssh_run(client, _kill_script(run.id) + docker + end)
+                if res.rc != 0:
+                    what = f"ending the job in {work}" if keep else f"rm -rf {work}"
+                    raise SshDropped(f"{what} failed: {_last_line(res)}")
                 if keep:
                     state["results_kept"] = f"{self.target}:{work}/out"
             except (SshDropped, *DROPPED) as e:
@@ -402,10 +410,9 @@ class SshBackend(Backend):
                       data: Path | None, mode: str, python: str) -> None:
         """The run's folder: code hard-linked from the cache (cheap), the rendered script, the runner."""
         q = shlex.quote
-        remote_data = run.backend_state["data"]["remote"] if data else None
         if task is not None:
-            overrides = {"JOB_PYTHON": python, **({"DATA": remote_data} if remote_data else {})}
-            script = tasklib.run_script(task, **overrides)
+            data_env = {"DATA": run.backend_state["data"]["remote"]} if data else {}
+            script = tasklib.run_script(task, JOB_PYTHON=python, **data_env)
         else:
             # a given block (tests' stand-in jobs): the events channel the template's run block exports too
             script = f"#!/usr/bin/env bash\nexport OUT=out {LINES_ENV}=1\n" + self.run_block
@@ -482,17 +489,6 @@ class SshBackend(Backend):
         return res
 
     # --- teardown, liveness ----------------------------------------------------------------
-
-    def _kill_and_remove(self, state: dict, run_id: str, work: str, keep: bool = False) -> None:
-        q = shlex.quote(work)
-        # the groups are found on the host by the run id (run.json's pgid is not the authority: `pgid: 1`)
-        kill = _kill_script(run_id)
-        docker = f"docker rm -f socrates-{shlex.quote(posixpath.basename(work))} >/dev/null 2>&1; " \
-            if state.get("mode") == "docker" else ""
-        # keep: the job is ended; its folder (the results) stays for the stopped host's disk
-        res = ssh_run(self._connect(), f"{kill}{docker}" + (f"test -d {q}" if keep else f"rm -rf {q}; test ! -e {q}"))
-        if res.rc != 0:
-            raise SshDropped(f"{f'ending the job in {work}' if keep else f'rm -rf {work}'} failed: {_last_line(res)}")
 
     def _alive(self, run_id: str) -> bool:
         """Whether a live process on the host carries this run's SOCRATES_RUN_ID."""
