@@ -160,9 +160,8 @@ class Bucket:
 
     def create_for(self, run_id: str, token: str) -> None:
         """Make the bucket for run `run_id`, or fail (BucketError) when it was there already or another
-        create raced this one: S3 (us-east-1) answers 200 to a second create of a bucket one owns, so
-        what tells is the owner marker, written only if absent (a conditional put) with a token that is
-        this run's alone. `owned_by` checks it before a whole-bucket delete."""
+        create raced this one: S3 (us-east-1) answers 200 to a second create of a bucket one owns, so what
+        tells is the owner marker, put only if absent with this run's token (`owned_by` checks it)."""
         if self._store.exists():
             raise BucketError(f"the bucket {self.mount_source} already exists: a bucket made for a run must be new")
         self._store.create()
@@ -462,13 +461,9 @@ class _S3Store(_Store):
             boto3 = _need("boto3", "boto3", "bucket", "r2" if self.r2 else "s3")
             from botocore.config import Config
 
-            kw: dict[str, Any] = {"config": Config(retries={"max_attempts": 5, "mode": "standard"})}
-            session = boto3.session.Session()
-            if self.r2:
-                kw["endpoint_url"] = _r2_endpoint()
-                kw["region_name"] = "auto"
-                kw.update(_r2_credentials())
-            self._client = session.client("s3", **kw)
+            r2 = {"endpoint_url": _r2_endpoint(), "region_name": "auto", **_r2_credentials()} if self.r2 else {}
+            self._client = boto3.session.Session().client(
+                "s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}), **r2)
         return self._client
 
     def _err(self, e: Exception) -> BucketError:
@@ -522,8 +517,7 @@ class _S3Store(_Store):
             resp = self.client.delete_objects(Bucket=self.name, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
                                                                         "Quiet": True})
             # S3 answers 200 and names each key it did not delete in Errors: those objects are still there.
-            errors = (resp or {}).get("Errors") or []
-            if errors:
+            if errors := (resp or {}).get("Errors") or []:
                 first = errors[0]
                 raise BucketError(f"s3://{self.name}: {len(errors)} object(s) not deleted (first: "
                                   f"{first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')})".rstrip())

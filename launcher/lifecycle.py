@@ -7,13 +7,10 @@ first Ctrl-C). It asks the backend only what launcher/backends/base.Backend decl
 restart under `follow` (a managed job relaunched after a preemption) and `download` may read a
 bucket, not the machine; nothing here assumes one machine for the whole run.
 
-Signals: SIGTERM/SIGHUP raise `_HungUp` where the launcher is. While provisioning (SkyPilot arms
-autodown only when it submits the job) an interrupt tears down; once the job runs the first
-Ctrl-C (or SIGTERM/SIGHUP) detaches, a second Ctrl-C within SECOND_CTRL_C_S tears down now;
-on a backend whose CTRL_C_STOPS (local: the user's own machine) Ctrl-C during `up` stops the job.
-Salvage: a job that failed after training still has its verified adapter pulled back before
-teardown; a job that succeeded whose results can't be pulled back leaves the machine up when the
-backend says what ends it (`left_up_ends_by`), else it is torn down (money first).
+Signals: while provisioning an interrupt tears down; once the job runs the first Ctrl-C (or SIGTERM/
+SIGHUP) detaches, a second within SECOND_CTRL_C_S tears down (CTRL_C_STOPS backends: Ctrl-C stops the job).
+A job that succeeded whose results can't be pulled back leaves the machine up when the backend says
+what ends it (`left_up_ends_by`), else it is torn down (money first).
 """
 from __future__ import annotations
 
@@ -44,8 +41,7 @@ SALVAGE_ATTEMPTS = 2  # after a failed job: usually there is simply no manifest,
 RESERVED = registry.RESERVED  # names in runs/<id>/ that belong to the launcher
 
 def read_events(path: Path) -> list[dict]:
-    """The events recorded in runs/<id>/events.jsonl (none when there is no file yet): the launcher's own
-    record, its `phase` lines included."""
+    """The events recorded in runs/<id>/events.jsonl, its `phase` lines included (none without a file yet)."""
     return read_record(path) if path.is_file() else []
 
 
@@ -57,10 +53,9 @@ def start(run: registry.Run, backend: Backend, console, *, detach: bool = False)
 
 
 def reattach(run: registry.Run, console, backend: Backend | None = None) -> int:
-    """`logs`: a live run is followed to its end (then downloaded, verified and torn down as `up`
-    would have); an ended run replays its recorded events. A run recorded `failed` whose job the
-    machine says is still running is re-attached: the machine is asked, the record is not the authority.
-    The backend is made (`for_run`) only when the machine must be asked: an ended run only replays."""
+    """`logs`: a live run is followed to its end (then downloaded, verified and torn down as `up` would
+    have); an ended run replays its recorded events. A run recorded `failed` whose job the machine says
+    is still running is re-attached. The backend is made (`for_run`) only when the machine is asked."""
     def machine() -> Backend:
         nonlocal backend
         backend = backend or for_run(run)
@@ -401,8 +396,7 @@ class _HungUp(BaseException):
 
 @contextlib.contextmanager
 def _signals_to(handler, *signals: int):
-    """`handler` for `signals` inside the block; the previous handlers after it (outside the main
-    thread signals can't be set: they are left alone)."""
+    """`handler` for `signals` inside the block, the previous ones after it (outside the main thread: none)."""
     try:
         previous = {sig: signal.signal(sig, handler) for sig in signals}
     except ValueError:  # not the main thread
@@ -416,8 +410,7 @@ def _signals_to(handler, *signals: int):
 
 def _end_now(run: registry.Run, backend: Backend, console, recorder: Recorder, why: BaseException) -> int:
     """Interrupted where the machine must end now: before the job started (SkyPilot arms autodown only when
-    it submits the job, after provisioning and file sync: a machine left now might have nothing to end
-    it), or by Ctrl-C where that stops the job (backend.CTRL_C_STOPS: your own machine)."""
+    it submits the job: nothing might end it), or by Ctrl-C where that stops the job (CTRL_C_STOPS)."""
     name = why.name if isinstance(why, _HungUp) else "Ctrl-C"
     if run.state in ("created", "provisioning"):
         console.print(f"\n[bold yellow]{name} while provisioning run {run.id}[/]: its autodown is not armed yet, "
