@@ -16,11 +16,8 @@ connection drops; `down` kills the job's process group, removes the run's folder
 `--on-teardown` command locally and records whether it worked.
 
 Remote layout (REMOTE_DIR defaults to ~/.socrates-launch):
-    REMOTE_DIR/cache/          code under cache/code/<content hash>/ (made whole under a run-private name,
-                               checked, then renamed into place: two `up`s from different checkouts never
-                               mix), data under cache/data/<content hash>/ (pruned to what was sent, checked
-                               after the sync), kept between runs so unchanged files aren't resent; cache/
-                               and runs/ are 0700
+    REMOTE_DIR/cache/          code/<content hash>/ and data/<content hash>/ (`_sync`), kept between runs so
+                               unchanged files aren't resent; cache/ and runs/ are 0700
     REMOTE_DIR/runs/<run-id>/  one run: code hard-linked from the cache, out/, job.log, job.pid, exit_code
 """
 from __future__ import annotations
@@ -29,6 +26,7 @@ import hashlib
 import json
 import posixpath
 import shlex
+from shlex import quote as q
 import subprocess
 import time
 from dataclasses import asdict
@@ -222,12 +220,11 @@ class SshBackend(Backend):
             # A provider stop keeps the disk: results that were never pulled back stay with it.
             keep = bool(self.opts.on_teardown) and not run.verified and run.exit_code == 0
             try:
-                client, q = self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s)), shlex.quote(work)
+                client, w = self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s)), q(work)
                 # the groups are found on the host by the run id (run.json's pgid is not the authority: `pgid: 1`);
                 # keep: the job is ended, its folder (the results) stays for the stopped host's disk
-                docker = f"docker rm -f socrates-{shlex.quote(run.id)} >/dev/null 2>&1; " \
-                    if state.get("mode") == "docker" else ""
-                end = f"test -d {q}" if keep else f"rm -rf {q}; test ! -e {q}"
+                docker = f"docker rm -f socrates-{q(run.id)} >/dev/null 2>&1; " if state.get("mode") == "docker" else ""
+                end = f"test -d {w}" if keep else f"rm -rf {w}; test ! -e {w}"
                 res = ssh_run(client, _kill_script(run.id) + docker + end)
                 if res.rc != 0:
                     what = f"ending the job in {work}" if keep else f"rm -rf {work}"
@@ -283,10 +280,9 @@ class SshBackend(Backend):
         """`down --on-teardown CMD`: the provider's stop command, passed again (never taken from run.json)."""
         self.on_teardown_override = command
 
-    def left_up_ends_by(self, run: Run) -> str | None:
-        if self.opts.on_teardown:
-            return None  # the hook stops a paid host: it runs, results or not
-        return f"the host is yours: the run's folder on {self.target} stays until `down`"
+    def left_up_ends_by(self, run: Run) -> str | None:  # None with a hook: it stops a paid host, results or not
+        return None if self.opts.on_teardown else \
+            f"the host is yours: the run's folder on {self.target} stays until `down`"
 
     def machine_state(self, run: Run) -> str:
         """'up' while the run's folder or job exists on the host, 'gone' after teardown, 'unknown' if unreachable."""
@@ -324,10 +320,10 @@ class SshBackend(Backend):
         """Writable folder, free disk, how the job runs (mode, python). Refuses with exit 2 before anything starts."""
         need_gb = self.opts.min_free_gb if self.opts.min_free_gb is not None else (1.0 if self.opts.allow_cpu else 60.0)
         need_gb += (_size(data) if data else 0) / 2**30
-        q = shlex.quote(base)
+        d = q(base)
         res = ssh_run(client, (
-            f"mkdir -p {q} 2>&1 && t={q}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && echo WRITABLE && "
-            f"df -Pk {q} | tail -1 | awk '{{print \"FREE_KB\", $4}}'; "
+            f"mkdir -p {d} 2>&1 && t={d}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && echo WRITABLE && "
+            f"df -Pk {d} | tail -1 | awk '{{print \"FREE_KB\", $4}}'; "
             "command -v docker >/dev/null && echo HAS_DOCKER; "
             "command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && echo HAS_GPU; "
             "command -v python3 >/dev/null && echo HAS_PYTHON3"))
@@ -358,7 +354,6 @@ class SshBackend(Backend):
         exactly what is sent and checked after the sync: a run trains on exactly its data, whatever another
         run (same folder name, fewer files, at the same time) sent."""
         python = self.opts.remote_python or "python3"
-        q = shlex.quote
         self._must(client, "syncing", f"could not create {base}/cache and {base}/runs",  # private: data, code, results
                    f"umask 077; mkdir -p {q(base)}/cache {q(base)}/runs && chmod 700 {q(base)}/cache {q(base)}/runs")
         code = local_files(self.code_root, stagelib.entries(self.code_root))  # the run's staged folder
@@ -378,7 +373,6 @@ class SshBackend(Backend):
         """The code into a folder named by its content (cache/code/<hash>), made complete under a run-private
         name and renamed into place: a run never sees another checkout's files, whatever runs at the same
         time. A new version starts from hard links of the last one, so only changed files are sent."""
-        q = shlex.quote
         listing, digest = _listing(code)
         digest = digest[:32]
         codes = posixpath.join(base, "cache", "code")
@@ -409,7 +403,6 @@ class SshBackend(Backend):
     def _prepare_work(self, client: paramiko.SSHClient, base: str, work: str, run: Run, task: dict | None,
                       data: Path | None, mode: str, python: str) -> None:
         """The run's folder: code hard-linked from the cache (cheap), the rendered script, the runner."""
-        q = shlex.quote
         if task is not None:
             data_env = {"DATA": run.backend_state["data"]["remote"]} if data else {}
             script = tasklib.run_script(task, JOB_PYTHON=python, **data_env)
@@ -444,7 +437,6 @@ class SshBackend(Backend):
             sftp.close()
 
     def _docker_image(self, client: paramiko.SSHClient, code: str) -> None:
-        q = shlex.quote
         image, context = q(self.opts.image), q(code)  # the run's own code folder is the build context
         get = f"docker pull -q {image}" if self.opts.pull_image else f"docker build -q -t {image} {context}"
         self._must(client, "installing", f"{'pulling' if self.opts.pull_image else 'building'} the job image "
@@ -452,7 +444,6 @@ class SshBackend(Backend):
 
     def _check(self, client: paramiko.SSHClient, work: str, mode: str, python: str) -> None:
         """`job check` before the job is started: a card or config that can't run is refused here."""
-        q = shlex.quote
         py = q(python) if python else '"$HOME/socrates-venv/bin/python"'  # a path with a space stays one word
         secrets = secret_envs()
         names = "".join(f" -e {k}" for k in secrets)  # docker copies the values from the environment by name
@@ -468,7 +459,6 @@ class SshBackend(Backend):
 
     def _start(self, client: paramiko.SSHClient, work: str, run_id: str) -> int:
         """Start the runner in its own session; returns its pid (= its process group: setsid made it leader)."""
-        q = shlex.quote
         envs = {"SOCRATES_RUN_ID": run_id, "PYTHONUNBUFFERED": "1", "PYTHONPATH": work}
         path = f"export PATH={q(posixpath.dirname(self.opts.remote_python))}:\"$PATH\"\n" if self.opts.remote_python else ""
         script = (f"set -e\ncd {q(work)}\n" + env_exports(envs) + path
