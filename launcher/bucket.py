@@ -177,8 +177,7 @@ class Bucket:
             owner = json.loads(raw.decode("utf-8")) if raw is not None else None
         except (ValueError, UnicodeDecodeError):
             return False
-        return isinstance(owner, dict) and owner.get("run_id") == run_id and owner.get("token") == token \
-            and bool(token)
+        return bool(token) and isinstance(owner, dict) and (owner.get("run_id"), owner.get("token")) == (run_id, token)
 
     def delete(self) -> None:
         """Delete every object, then the bucket. Only for the bucket made for a run (`--keep-bucket`
@@ -452,8 +451,7 @@ class _S3Store(_Store):
     ERRORS = ("botocore.", "boto3.", "s3transfer.", "urllib3.")
 
     def __init__(self, name: str, r2: bool = False):
-        self.name, self.r2 = name, r2
-        self._client = None
+        self.name, self.r2, self._client = name, r2, None
 
     @property
     def client(self):
@@ -530,12 +528,9 @@ class _S3Store(_Store):
 
     @_provider_errors
     def get(self, key: str, start: int, etag: str | None) -> Iterator[bytes]:
-        kw: dict[str, Any] = {"Bucket": self.name, "Key": key}
-        if start:
-            kw["Range"] = f"bytes={start}-"
-        if etag:
-            kw["IfMatch"] = f'"{etag}"'  # the object we started on, or a precondition failure
-        body = self.client.get_object(**kw)["Body"]
+        # IfMatch: the object we started on, or a precondition failure
+        kw = {**({"Range": f"bytes={start}-"} if start else {}), **({"IfMatch": f'"{etag}"'} if etag else {})}
+        body = self.client.get_object(Bucket=self.name, Key=key, **kw)["Body"]
         try:
             yield from body.iter_chunks(CHUNK)
         except Exception as e:  # noqa: BLE001  (urllib3/botocore read errors: the stream broke midway)
@@ -605,8 +600,7 @@ class _GCSStore(_Store):
     ERRORS = ("google.", "requests.", "urllib3.")
 
     def __init__(self, name: str):
-        self.name = name
-        self._bucket = None
+        self.name, self._bucket = name, None
 
     def _err(self, e: Exception) -> BucketError:
         first = str(e).splitlines()[0] if str(e) else ""

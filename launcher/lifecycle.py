@@ -38,7 +38,6 @@ SECOND_CTRL_C_S = 3.0
 DOWNLOAD_ATTEMPTS = 3
 DOWNLOAD_RETRY_S = 1.0
 SALVAGE_ATTEMPTS = 2  # after a failed job: usually there is simply no manifest, so fewer tries
-RESERVED = registry.RESERVED  # names in runs/<id>/ that belong to the launcher
 
 def read_events(path: Path) -> list[dict]:
     """The events recorded in runs/<id>/events.jsonl, its `phase` lines included (none without a file yet)."""
@@ -150,21 +149,19 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
         raise _HungUp(signum)
 
     try:  # else SIGTERM/SIGHUP end the launcher on the spot: no teardown of a machine still provisioning
-        with _signals_to(raise_hangup, signal.SIGTERM, signal.SIGHUP):
-            status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
+        try:
+            with _signals_to(raise_hangup, signal.SIGTERM, signal.SIGHUP):
+                status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
+        finally:
+            progress.close()
     except _DownloadFailed as e:
-        progress.close()
         message = plain(redact(describe(e.__cause__ or e)))
         ends_by = backend.left_up_ends_by(run)
         try:
             run.transition("failed", note=message, error=message)
         except OSError as write_error:  # the disk is still full: the user is told below all the same
             console.print(f"[bold red]run {run.id}: could not update run.json ({write_error})[/]", highlight=False)
-        if ends_by is None:
-            console.print(f"[bold red]run {run.id}: the job finished but its results could not be pulled back "
-                          f"({escape(message)}); the machine is torn down (nothing would end it otherwise)[/]",
-                          highlight=False)
-        else:
+        if ends_by is not None:
             # The only copy of the adapter is on the machine: leave it up (its end is armed) and say so.
             console.print(
                 f"[bold red]run {run.id}: the job finished but its results could not be pulled back:[/] {escape(message)}\n"
@@ -172,9 +169,11 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
                 f"  pull them:  socrates-launch download {run.id}\n  then end it: socrates-launch down {run.id}",
                 highlight=False)
             return 1
+        console.print(f"[bold red]run {run.id}: the job finished but its results could not be pulled back "
+                      f"({escape(message)}); the machine is torn down (nothing would end it otherwise)[/]",
+                      highlight=False)
         status = 1
     except (KeyboardInterrupt, _HungUp) as e:
-        progress.close()
         if run.state in ("created", "provisioning"):
             return _end_now(run, backend, console, recorder, e)
         if isinstance(e, _HungUp):  # the terminal went away or we were asked to stop: detach, quietly
@@ -185,7 +184,6 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
             return _end_now(run, backend, console, recorder, e)
         return _interrupted(run, backend, console, recorder)
     except StreamLost as e:  # the job is not known to have failed: detach, never tear down over a lost stream
-        progress.close()
         message = plain(redact(str(e)))
         run.update(note=f"detached: {message}")
         console.print(f"[bold yellow]run {run.id}: {escape(message)}[/]; the job is left running (not torn down).",
@@ -193,7 +191,6 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
         say_detached(run, backend, console)
         return 1
     except (BackendError, ContractError, OSError) as e:
-        progress.close()
         _save_log(run, backend)
         message = plain(redact(str(e)))
         run.transition("failed", note=message, error=message)
@@ -201,10 +198,8 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
         _tail_log(run, console)
         status = 1
     except BaseException:
-        progress.close()
         teardown(run, backend, recorder, console)  # an unexpected error must not leave a machine up
         raise
-    progress.close()
     if detach and run.state == "running":
         return status
     if not teardown(run, backend, recorder, console):
@@ -311,7 +306,7 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
                     backend.download(run, staging)
                 manifest = manifest_lib.load(staging)
                 left = manifest_lib.weight_files(manifest) if left_at else set()
-                manifest = manifest_lib.verify_or_raise(staging, tree=True, reserved=RESERVED, left=left)
+                manifest = manifest_lib.verify_or_raise(staging, tree=True, reserved=registry.RESERVED, left=left)
                 break
             except Exception as e:  # noqa: BLE001  (any failure of an untrusted pull is retried, then reported)
                 if attempt == attempts or disk_full(e):  # a full disk stays full: no retry

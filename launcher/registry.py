@@ -11,6 +11,7 @@ backend saves the handles it needs (cluster name, request id, pid, working dir) 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -190,8 +191,6 @@ class Run:
         return self
 
     def _refresh(self, data: dict) -> None:
-        import copy
-
         for key in _FIELDS - {"dir"}:
             if key not in data:
                 continue

@@ -195,10 +195,9 @@ def sync_tree(client: paramiko.SSHClient, files: dict[str, Path], remote_root: s
                 continue
             dest = posixpath.join(remote_root, rel)
             _mkdirs(sftp, posixpath.dirname(dest), made)
-            tmp = f"{dest}.part"
-            sftp.put(str(path), tmp, confirm=True)
+            sftp.put(str(path), f"{dest}.part", confirm=True)
             # rename, not overwrite: a run that hard-linked the old file keeps its own copy
-            sftp.posix_rename(tmp, dest)
+            sftp.posix_rename(f"{dest}.part", dest)
             stats.files_sent += 1
             stats.bytes_sent += size
         if prune:

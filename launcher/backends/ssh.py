@@ -265,9 +265,8 @@ class SshBackend(Backend):
         if state.get("torn_down") or not state.get("work"):
             return False
         try:
-            if _read_exit(self._sftp_client(), posixpath.join(state["work"], EXIT_FILE))[0] is not None:
-                return False
-            return self._alive(run.id)
+            return _read_exit(self._sftp_client(), posixpath.join(state["work"], EXIT_FILE))[0] is None \
+                and self._alive(run.id)
         except (SshDropped, *DROPPED):
             return None
         finally:
