@@ -21,12 +21,8 @@ imported only when a bucket of that kind is used. Credentials are never written 
 
 Download (`download`): the manifest first (schema-checked), then a listing of the prefix: an object
 that is not one plain relative path, a link or special file (file://), or a file the manifest does not
-list (except events.jsonl, job.log, checkpoints/) refuses the whole download. The listed files land in
-`<dest>/.bucket-partial/`; an interrupted download resumes there (a file whose size and ETag match is
-kept, a shorter one with the same ETag continues with a ranged GET, a changed object starts over).
-Each file is sha256-checked against the manifest (a mismatch deletes that local copy and refuses);
-only a tree that passes `verify_tree` is moved into dest, replacing what is there. On refusal nothing
-in dest is touched.
+list (except events.jsonl, job.log, checkpoints/) refuses the whole download. The rest is resumable
+(`_fetch`), sha256-checked, and moved into dest only once the tree verifies; a refusal leaves dest as it was.
 """
 from __future__ import annotations
 
@@ -133,13 +129,8 @@ class Bucket:
     @classmethod
     def from_url(cls, url: str) -> "Bucket":
         scheme, name, prefix = parse_url(url)
-        store: _Store
-        if scheme == "file":
-            store = _FileStore(Path(name))
-        elif scheme == "gs":
-            store = _GCSStore(name)
-        else:
-            store = _S3Store(name, r2=(scheme == "r2"))
+        store = (_FileStore(Path(name)) if scheme == "file" else _GCSStore(name) if scheme == "gs"
+                 else _S3Store(name, r2=(scheme == "r2")))
         return cls(url, scheme, name, prefix, store)
 
     def __repr__(self) -> str:
@@ -169,9 +160,8 @@ class Bucket:
 
     def create_for(self, run_id: str, token: str) -> None:
         """Make the bucket for run `run_id`, or fail (BucketError) when it was there already or another
-        create raced this one: S3 (us-east-1) answers 200 to a second create of a bucket one owns, so
-        what tells is the owner marker, written only if absent (a conditional put) with a token that is
-        this run's alone. `owned_by` checks it before a whole-bucket delete."""
+        create raced this one: S3 (us-east-1) answers 200 to a second create of a bucket one owns, so what
+        tells is the owner marker, put only if absent with this run's token (`owned_by` checks it)."""
         if self._store.exists():
             raise BucketError(f"the bucket {self.mount_source} already exists: a bucket made for a run must be new")
         self._store.create()
@@ -187,8 +177,7 @@ class Bucket:
             owner = json.loads(raw.decode("utf-8")) if raw is not None else None
         except (ValueError, UnicodeDecodeError):
             return False
-        return isinstance(owner, dict) and owner.get("run_id") == run_id and owner.get("token") == token \
-            and bool(token)
+        return bool(token) and isinstance(owner, dict) and (owner.get("run_id"), owner.get("token")) == (run_id, token)
 
     def delete(self) -> None:
         """Delete every object, then the bucket. Only for the bucket made for a run (`--keep-bucket`
@@ -205,22 +194,16 @@ class Bucket:
 
     def read_bytes(self, key: str, start: int = 0) -> bytes:
         """The object's bytes from `start` (a ranged GET): e.g. events.jsonl from the last offset read."""
-        buf = bytearray()
-        for chunk in self._store.get(key, start, None):
-            buf += chunk
-        return bytes(buf)
+        return b"".join(self._store.get(key, start, None))
 
     def upload(self, src: str | os.PathLike, prefix: str) -> int:
         """Copy every regular file under `src` to `prefix` (what the mount's sync does); the file count.
         Links and special files are not uploaded."""
         src = Path(src)
-        n = 0
-        for path in sorted(src.rglob("*")):
-            if path.is_symlink() or not path.is_file():
-                continue
+        files = [p for p in sorted(src.rglob("*")) if not p.is_symlink() and p.is_file()]
+        for path in files:
             self._store.put(prefix + path.relative_to(src).as_posix(), path)
-            n += 1
-        return n
+        return len(files)
 
     # --- download + verify -------------------------------------------------------------------------
     def download(self, prefix: str, dest: str | os.PathLike, reserved: tuple[str, ...] = RESERVED,
@@ -228,13 +211,8 @@ class Bucket:
         """Pull the job's output under `prefix` into `dest`, resumable and verified; the manifest.
         `leave(path)`: manifest entries that stay in the bucket (a full fine-tune's weights, `up --weights
         leave`): checked present in the listing with the manifest's size, not fetched.
-
         The files land in `partial_dir` (default `<dest>/.bucket-partial`, its resume state beside it as
-        `<partial_dir>.json`) and are moved into dest once they verify: a caller that wipes dest
-        between attempts passes a partial_dir outside it, so a retry resumes.
-
-        Raises BucketError (one line) when the bucket's tree is not exactly what the manifest lists
-        (unlisted files, links, bad names, wrong size or sha256); dest is then left as it was.
+        `<partial_dir>.json`): a caller that wipes dest between attempts passes one outside it, so a retry resumes.
         """
         if prefix and not prefix.endswith("/"):
             prefix += "/"
@@ -263,7 +241,7 @@ class Bucket:
         dest.mkdir(parents=True, exist_ok=True)
         partial = Path(partial_dir) if partial_dir is not None else dest / PARTIAL_DIR
         state_path = partial.with_name(partial.name + ".json") if partial_dir is not None else dest / STATE_FILE
-        state = _load_state(state_path, where)
+        state = _load_state(state_path)
         for rel, entry in sorted(listed.items()):
             obj = objects[rel]
             if obj.size != entry["size"]:
@@ -310,8 +288,8 @@ class Bucket:
                 continue
             objects[rel] = obj
         if unlisted:
-            more = " ..." if len(unlisted) > 5 else ""
-            raise BucketError(f"{where}: not in the manifest: {', '.join(sorted(unlisted)[:5])}{more} (refused)")
+            raise BucketError(f"{where}: not in the manifest: {', '.join(sorted(unlisted)[:5])}"
+                              f"{' ...' if len(unlisted) > 5 else ''} (refused)")
         return objects
 
     def _fetch(self, obj: Obj, path: Path, state: dict, state_path: Path) -> None:
@@ -338,11 +316,9 @@ class Bucket:
                               f"download again to resume)")
 
 
-def _load_state(path: Path, where: str) -> dict:
-    if not path.is_file():
-        return {}
+def _load_state(path: Path) -> dict:
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except ValueError:
         return {}
     return state if isinstance(state, dict) and all(isinstance(v, str) for v in state.values()) else {}
@@ -386,7 +362,7 @@ class _FileStore(_Store):
     def read(self, key: str, limit: int) -> bytes | None:
         try:
             fd = os.open(self.root / key, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except (FileNotFoundError, OSError):
+        except OSError:
             return None
         with os.fdopen(fd, "rb") as f:
             return f.read(limit)
@@ -475,8 +451,7 @@ class _S3Store(_Store):
     ERRORS = ("botocore.", "boto3.", "s3transfer.", "urllib3.")
 
     def __init__(self, name: str, r2: bool = False):
-        self.name, self.r2 = name, r2
-        self._client = None
+        self.name, self.r2, self._client = name, r2, None
 
     @property
     def client(self):
@@ -484,13 +459,9 @@ class _S3Store(_Store):
             boto3 = _need("boto3", "boto3", "bucket", "r2" if self.r2 else "s3")
             from botocore.config import Config
 
-            kw: dict[str, Any] = {"config": Config(retries={"max_attempts": 5, "mode": "standard"})}
-            session = boto3.session.Session()
-            if self.r2:
-                kw["endpoint_url"] = _r2_endpoint()
-                kw["region_name"] = "auto"
-                kw.update(_r2_credentials())
-            self._client = session.client("s3", **kw)
+            r2 = {"endpoint_url": _r2_endpoint(), "region_name": "auto", **_r2_credentials()} if self.r2 else {}
+            self._client = boto3.session.Session().client(
+                "s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}), **r2)
         return self._client
 
     def _err(self, e: Exception) -> BucketError:
@@ -507,13 +478,7 @@ class _S3Store(_Store):
 
     @_provider_errors
     def exists(self) -> bool:
-        try:
-            self.client.head_bucket(Bucket=self.name)
-        except Exception as e:  # noqa: BLE001  (anything else: one line, by the decorator)
-            if _s3_code(e) in ("404", "NoSuchBucket", "NotFound"):
-                return False
-            raise
-        return True
+        return _or(None, ("404", "NoSuchBucket", "NotFound"), self.client.head_bucket, Bucket=self.name) is not None
 
     @_provider_errors
     def create(self) -> None:
@@ -525,26 +490,19 @@ class _S3Store(_Store):
 
     @_provider_errors
     def put_new(self, key: str, data: bytes) -> bool:
-        try:
-            self.client.put_object(Bucket=self.name, Key=key, Body=data, IfNoneMatch="*")
-        except Exception as e:  # noqa: BLE001
-            if _s3_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return False
-            raise
-        return True
+        return _or(False, ("PreconditionFailed", "412", "ConditionalRequestConflict"), self.client.put_object,
+                   Bucket=self.name, Key=key, Body=data, IfNoneMatch="*") is not False
 
     @_provider_errors
     def read(self, key: str, limit: int) -> bytes | None:
+        got = _or(None, ("NoSuchKey", "404", "NoSuchBucket"), self.client.get_object, Bucket=self.name, Key=key,
+                  Range=f"bytes=0-{limit - 1}")
+        if got is None:
+            return None
         try:
-            body = self.client.get_object(Bucket=self.name, Key=key, Range=f"bytes=0-{limit - 1}")["Body"]
-        except Exception as e:  # noqa: BLE001
-            if _s3_code(e) in ("NoSuchKey", "404", "NoSuchBucket"):
-                return None
-            raise
-        try:
-            return body.read(limit)
+            return got["Body"].read(limit)
         finally:
-            body.close()
+            got["Body"].close()
 
     @_provider_errors
     def delete_bucket(self) -> None:
@@ -557,34 +515,22 @@ class _S3Store(_Store):
             resp = self.client.delete_objects(Bucket=self.name, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
                                                                         "Quiet": True})
             # S3 answers 200 and names each key it did not delete in Errors: those objects are still there.
-            errors = (resp or {}).get("Errors") or []
-            if errors:
+            if errors := (resp or {}).get("Errors") or []:
                 first = errors[0]
                 raise BucketError(f"s3://{self.name}: {len(errors)} object(s) not deleted (first: "
                                   f"{first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')})".rstrip())
 
     @_provider_errors
     def list(self, prefix: str) -> Iterator[Obj]:
-        token = None
-        while True:
-            kw: dict[str, Any] = {"Bucket": self.name, "Prefix": prefix}
-            if token:
-                kw["ContinuationToken"] = token
-            page = self.client.list_objects_v2(**kw)
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix):
             for o in page.get("Contents", []):
                 yield Obj(o["Key"], int(o["Size"]), str(o.get("ETag", "")).strip('"'))
-            if not page.get("IsTruncated"):
-                return
-            token = page.get("NextContinuationToken")
 
     @_provider_errors
     def get(self, key: str, start: int, etag: str | None) -> Iterator[bytes]:
-        kw: dict[str, Any] = {"Bucket": self.name, "Key": key}
-        if start:
-            kw["Range"] = f"bytes={start}-"
-        if etag:
-            kw["IfMatch"] = f'"{etag}"'  # the object we started on, or a precondition failure
-        body = self.client.get_object(**kw)["Body"]
+        # IfMatch: the object we started on, or a precondition failure
+        kw = {**({"Range": f"bytes={start}-"} if start else {}), **({"IfMatch": f'"{etag}"'} if etag else {})}
+        body = self.client.get_object(Bucket=self.name, Key=key, **kw)["Body"]
         try:
             yield from body.iter_chunks(CHUNK)
         except Exception as e:  # noqa: BLE001  (urllib3/botocore read errors: the stream broke midway)
@@ -602,7 +548,19 @@ class _S3Store(_Store):
 
 def _s3_code(e: Exception) -> str:
     """The error code S3 answered with (botocore's ClientError), else ''."""
-    return str(((getattr(e, "response", None) or {}).get("Error") or {}).get("Code") or "")
+    response = getattr(e, "response", None)
+    return str(((response if isinstance(response, dict) else {}).get("Error") or {}).get("Code") or "")
+
+
+def _or(fallback, answers: tuple[str, ...], call, *args, **kw):
+    """call(*args, **kw), or `fallback` where it raises one of `answers` (an S3 error code or the exception's
+    class name: no such object, a failed precondition); anything else is raised (one line, by _provider_errors)."""
+    try:
+        return call(*args, **kw)
+    except Exception as e:  # noqa: BLE001
+        if type(e).__name__ in answers or _s3_code(e) in answers:
+            return fallback
+        raise
 
 
 def _r2_endpoint() -> str:
@@ -642,8 +600,7 @@ class _GCSStore(_Store):
     ERRORS = ("google.", "requests.", "urllib3.")
 
     def __init__(self, name: str):
-        self.name = name
-        self._bucket = None
+        self.name, self._bucket = name, None
 
     def _err(self, e: Exception) -> BucketError:
         first = str(e).splitlines()[0] if str(e) else ""
@@ -669,23 +626,13 @@ class _GCSStore(_Store):
         self.bucket.create()
 
     @_provider_errors
-    def put_new(self, key: str, data: bytes) -> bool:
-        try:
-            self.bucket.blob(key).upload_from_string(data, if_generation_match=0)  # only if no object is there
-        except Exception as e:  # noqa: BLE001
-            if type(e).__name__ == "PreconditionFailed":
-                return False
-            raise
-        return True
+    def put_new(self, key: str, data: bytes) -> bool:  # generation 0: only if no object is there
+        return _or(False, ("PreconditionFailed",), self.bucket.blob(key).upload_from_string, data,
+                   if_generation_match=0) is None
 
     @_provider_errors
     def read(self, key: str, limit: int) -> bytes | None:
-        try:
-            return self.bucket.blob(key).download_as_bytes(start=0, end=limit - 1)
-        except Exception as e:  # noqa: BLE001
-            if type(e).__name__ == "NotFound":
-                return None
-            raise
+        return _or(None, ("NotFound",), self.bucket.blob(key).download_as_bytes, start=0, end=limit - 1)
 
     @_provider_errors
     def delete_bucket(self) -> None:

@@ -7,13 +7,10 @@ first Ctrl-C). It asks the backend only what launcher/backends/base.Backend decl
 restart under `follow` (a managed job relaunched after a preemption) and `download` may read a
 bucket, not the machine; nothing here assumes one machine for the whole run.
 
-Signals: SIGTERM/SIGHUP raise `_HungUp` where the launcher is. While provisioning (SkyPilot arms
-autodown only when it submits the job) an interrupt tears down; once the job runs the first
-Ctrl-C (or SIGTERM/SIGHUP) detaches, a second Ctrl-C within SECOND_CTRL_C_S tears down now;
-on a backend whose CTRL_C_STOPS (local: the user's own machine) Ctrl-C during `up` stops the job.
-Salvage: a job that failed after training still has its verified adapter pulled back before
-teardown; a job that succeeded whose results can't be pulled back leaves the machine up when the
-backend says what ends it (`left_up_ends_by`), else it is torn down (money first).
+Signals: while provisioning an interrupt tears down; once the job runs the first Ctrl-C (or SIGTERM/
+SIGHUP) detaches, a second within SECOND_CTRL_C_S tears down (CTRL_C_STOPS backends: Ctrl-C stops the job).
+A job that succeeded whose results can't be pulled back leaves the machine up when the backend says
+what ends it (`left_up_ends_by`), else it is torn down (money first).
 """
 from __future__ import annotations
 
@@ -41,11 +38,9 @@ SECOND_CTRL_C_S = 3.0
 DOWNLOAD_ATTEMPTS = 3
 DOWNLOAD_RETRY_S = 1.0
 SALVAGE_ATTEMPTS = 2  # after a failed job: usually there is simply no manifest, so fewer tries
-RESERVED = registry.RESERVED  # names in runs/<id>/ that belong to the launcher
 
 def read_events(path: Path) -> list[dict]:
-    """The events recorded in runs/<id>/events.jsonl (none when there is no file yet): the launcher's own
-    record, its `phase` lines included."""
+    """The events recorded in runs/<id>/events.jsonl, its `phase` lines included (none without a file yet)."""
     return read_record(path) if path.is_file() else []
 
 
@@ -57,10 +52,9 @@ def start(run: registry.Run, backend: Backend, console, *, detach: bool = False)
 
 
 def reattach(run: registry.Run, console, backend: Backend | None = None) -> int:
-    """`logs`: a live run is followed to its end (then downloaded, verified and torn down as `up`
-    would have); an ended run replays its recorded events. A run recorded `failed` whose job the
-    machine says is still running is re-attached: the machine is asked, the record is not the authority.
-    The backend is made (`for_run`) only when the machine must be asked: an ended run only replays."""
+    """`logs`: a live run is followed to its end (then downloaded, verified and torn down as `up` would
+    have); an ended run replays its recorded events. A run recorded `failed` whose job the machine says
+    is still running is re-attached. The backend is made (`for_run`) only when the machine is asked."""
     def machine() -> Backend:
         nonlocal backend
         backend = backend or for_run(run)
@@ -118,23 +112,18 @@ def download(run: registry.Run, console, backend: Backend | None = None) -> int:
         run.transition("done" if not run.exit_code else before)  # a job that failed stays failed
         console.print(f"adapter: {run.adapter} (verified)", highlight=False)
         status = 0
-    if backend.machine_state(run) != "up":  # the weights came from where they were left; no machine bills
-        return status
-    console.print(f"[bold red]the machine of run {run.id} is still up (billing). End it: "
-                  f"socrates-launch down {run.id}[/]", highlight=False)
+    if backend.machine_state(run) == "up":  # else the weights came from where they were left; no machine bills
+        console.print(f"[bold red]the machine of run {run.id} is still up (billing). End it: "
+                      f"socrates-launch down {run.id}[/]", highlight=False)
     return status
 
 
 # --- following a run ----------------------------------------------------------------------------
 
 def drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach: bool = False) -> int:
-    """Launch (if asked), follow, download + verify, tear down. Returns the exit status of `up`.
-
-    Whatever happens after the run exists, the machine is torn down at the end, except on an
-    explicit detach (--detach, first Ctrl-C), which prints how to come back and how to end it.
-    One follower per run: if another launcher already follows it (runs/<id>/.follow.lock), this one
-    only shows what was recorded and says so: it never appends events, pulls or moves results.
-    """
+    """Launch (if asked), follow, download + verify, tear down (except on an explicit detach); `up`'s exit
+    status. One follower per run: if another launcher already follows it (runs/<id>/.follow.lock), this
+    one only shows what was recorded and says so: it never appends events, pulls or moves results."""
     follower = registry.Follower(run.dir)
     if not follower.acquire():
         replay(run, console)
@@ -155,22 +144,24 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
     progress = Progress(console, price_per_hour=run.price_per_hour, started_at=run.started_at)
     recorder = Recorder(run, progress)
     backend.on_phase = recorder.phase
-    try:
-        with _hangups_raise():
-            status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
+
+    def raise_hangup(signum, frame):
+        raise _HungUp(signum)
+
+    try:  # else SIGTERM/SIGHUP end the launcher on the spot: no teardown of a machine still provisioning
+        try:
+            with _signals_to(raise_hangup, signal.SIGTERM, signal.SIGHUP):
+                status = _lifecycle(run, backend, recorder, console, launch=launch, detach=detach)
+        finally:
+            progress.close()
     except _DownloadFailed as e:
-        progress.close()
         message = plain(redact(describe(e.__cause__ or e)))
         ends_by = backend.left_up_ends_by(run)
         try:
             run.transition("failed", note=message, error=message)
         except OSError as write_error:  # the disk is still full: the user is told below all the same
             console.print(f"[bold red]run {run.id}: could not update run.json ({write_error})[/]", highlight=False)
-        if ends_by is None:
-            console.print(f"[bold red]run {run.id}: the job finished but its results could not be pulled back "
-                          f"({escape(message)}); the machine is torn down (nothing would end it otherwise)[/]",
-                          highlight=False)
-        else:
+        if ends_by is not None:
             # The only copy of the adapter is on the machine: leave it up (its end is armed) and say so.
             console.print(
                 f"[bold red]run {run.id}: the job finished but its results could not be pulled back:[/] {escape(message)}\n"
@@ -178,9 +169,11 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
                 f"  pull them:  socrates-launch download {run.id}\n  then end it: socrates-launch down {run.id}",
                 highlight=False)
             return 1
+        console.print(f"[bold red]run {run.id}: the job finished but its results could not be pulled back "
+                      f"({escape(message)}); the machine is torn down (nothing would end it otherwise)[/]",
+                      highlight=False)
         status = 1
     except (KeyboardInterrupt, _HungUp) as e:
-        progress.close()
         if run.state in ("created", "provisioning"):
             return _end_now(run, backend, console, recorder, e)
         if isinstance(e, _HungUp):  # the terminal went away or we were asked to stop: detach, quietly
@@ -191,7 +184,6 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
             return _end_now(run, backend, console, recorder, e)
         return _interrupted(run, backend, console, recorder)
     except StreamLost as e:  # the job is not known to have failed: detach, never tear down over a lost stream
-        progress.close()
         message = plain(redact(str(e)))
         run.update(note=f"detached: {message}")
         console.print(f"[bold yellow]run {run.id}: {escape(message)}[/]; the job is left running (not torn down).",
@@ -199,7 +191,6 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
         say_detached(run, backend, console)
         return 1
     except (BackendError, ContractError, OSError) as e:
-        progress.close()
         _save_log(run, backend)
         message = plain(redact(str(e)))
         run.transition("failed", note=message, error=message)
@@ -207,10 +198,8 @@ def _drive(run: registry.Run, backend: Backend, console, *, launch: bool, detach
         _tail_log(run, console)
         status = 1
     except BaseException:
-        progress.close()
         teardown(run, backend, recorder, console)  # an unexpected error must not leave a machine up
         raise
-    progress.close()
     if detach and run.state == "running":
         return status
     if not teardown(run, backend, recorder, console):
@@ -297,19 +286,13 @@ class Recorder:
 
 def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, attempts: int = DOWNLOAD_ATTEMPTS,
                      pull_weights: bool = True) -> None:
-    """Pull out/ into a staging folder, verify it, then move the results into runs/<id>/.
-
-    What comes back is untrusted: the manifest is checked against its schema, and the staging tree
-    must be exactly the manifest's files (no symlinks, special files, unlisted files; paths relative
-    and inside), with an adapter, each sha256 matching. Retried: a failed or corrupt pull is worth
-    another try before the machine (and the only copy) is torn down. Results already in runs/<id>/
-    are replaced only by a copy that verified.
-
-    `pull_weights=False` (`up --weights leave`) on a backend whose results outlive the machine (`Outlives`):
-    a full fine-tune's weight shards stay where they are (the backend checks them present); everything
-    else is pulled and verified, and run.json's weights_left says where they are.
-    """
+    """Pull out/ into a staging folder, verify it (untrusted: exactly the manifest's files, each sha256
+    matching), then move the results into runs/<id>/, replacing only with a copy that verified. Retried:
+    a failed or corrupt pull is worth another try before the machine (and the only copy) is torn down.
+    `pull_weights=False` (`up --weights leave`, a backend whose results outlive the machine): a full
+    fine-tune's weight shards stay where they are; run.json's weights_left says where."""
     leaving = None if pull_weights else outliving(backend)
+    weights = lambda path: bool(manifest_lib.FULL_WEIGHTS.match(path))  # noqa: E731
     staging = run.dir / ".download"
     try:
         run.transition("downloading")
@@ -318,12 +301,12 @@ def fetch_and_verify(run: registry.Run, backend: Backend, recorder: Recorder, at
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             try:
-                left_at = leaving.download_leaving(run, staging, _is_weights) if leaving else None
+                left_at = leaving.download_leaving(run, staging, weights) if leaving else None
                 if not leaving:
                     backend.download(run, staging)
                 manifest = manifest_lib.load(staging)
                 left = manifest_lib.weight_files(manifest) if left_at else set()
-                manifest = manifest_lib.verify_or_raise(staging, tree=True, reserved=RESERVED, left=left)
+                manifest = manifest_lib.verify_or_raise(staging, tree=True, reserved=registry.RESERVED, left=left)
                 break
             except Exception as e:  # noqa: BLE001  (any failure of an untrusted pull is retried, then reported)
                 if attempt == attempts or disk_full(e):  # a full disk stays full: no retry
@@ -361,22 +344,12 @@ def _needed_bytes(staging: Path) -> int:
     try:
         return sum(int(e["size"]) for e in manifest_lib.load(staging)["files"]) + (1 << 20)
     except Exception:  # noqa: BLE001  (no manifest yet, or an unreadable one: the guess)
-        return 2 * _tree_bytes(staging)
-
-
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _is_weights(path: str) -> bool:
-    return bool(manifest_lib.FULL_WEIGHTS.match(path))
+        total = 0
+        for dirpath, _, names in os.walk(staging):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+        return 2 * total
 
 
 def describe(e: BaseException) -> str:
@@ -418,8 +391,7 @@ class _HungUp(BaseException):
 
 @contextlib.contextmanager
 def _signals_to(handler, *signals: int):
-    """`handler` for `signals` inside the block; the previous handlers after it (outside the main
-    thread signals can't be set: they are left alone)."""
+    """`handler` for `signals` inside the block, the previous ones after it (outside the main thread: none)."""
     try:
         previous = {sig: signal.signal(sig, handler) for sig in signals}
     except ValueError:  # not the main thread
@@ -431,24 +403,9 @@ def _signals_to(handler, *signals: int):
             signal.signal(sig, old)
 
 
-def _hangups_raise():
-    """Without this, SIGTERM/SIGHUP end the launcher on the spot: no teardown of a machine still
-    being provisioned, which SkyPilot has not armed autodown on yet."""
-    def raise_hangup(signum, frame):
-        raise _HungUp(signum)
-
-    return _signals_to(raise_hangup, signal.SIGTERM, signal.SIGHUP)
-
-
-def _uninterrupted(*signals: int):
-    """A half-done teardown is the expensive outcome: these signals are ignored while it runs."""
-    return _signals_to(signal.SIG_IGN, *signals)
-
-
 def _end_now(run: registry.Run, backend: Backend, console, recorder: Recorder, why: BaseException) -> int:
     """Interrupted where the machine must end now: before the job started (SkyPilot arms autodown only when
-    it submits the job, after provisioning and file sync: a machine left now might have nothing to end
-    it), or by Ctrl-C where that stops the job (backend.CTRL_C_STOPS: your own machine)."""
+    it submits the job: nothing might end it), or by Ctrl-C where that stops the job (CTRL_C_STOPS)."""
     name = why.name if isinstance(why, _HungUp) else "Ctrl-C"
     if run.state in ("created", "provisioning"):
         console.print(f"\n[bold yellow]{name} while provisioning run {run.id}[/]: its autodown is not armed yet, "
@@ -457,7 +414,7 @@ def _end_now(run: registry.Run, backend: Backend, console, recorder: Recorder, w
         console.print(f"\n[bold yellow]Ctrl-C: stopping run {run.id}[/]: its job is ended and its folder removed "
                       "(`up --detach` keeps a local job running)", highlight=False)
         run.update(note="stopped by Ctrl-C")
-    with _uninterrupted(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    with _signals_to(signal.SIG_IGN, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a half-done teardown costs most
         teardown(run, backend, recorder, console)
     return 128 + (why.signum if isinstance(why, _HungUp) else signal.SIGINT)
 
@@ -472,7 +429,7 @@ def _interrupted(run: registry.Run, backend: Backend, console, recorder: Recorde
             f"  (press Ctrl-C again within {SECOND_CTRL_C_S:.0f} s to tear down now)", highlight=False)
         time.sleep(SECOND_CTRL_C_S)
     except KeyboardInterrupt:
-        with _uninterrupted(signal.SIGINT):
+        with _signals_to(signal.SIG_IGN, signal.SIGINT):
             console.print("tearing down now")
             teardown(run, backend, recorder, console)
     return 130

@@ -11,6 +11,7 @@ backend saves the handles it needs (cluster name, request id, pid, working dir) 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -191,8 +192,6 @@ class Run:
 
     def _refresh(self, data: dict, base: dict | None = None) -> None:
         """This copy set to `data`; a later save applies what changed since `base` (default: `data`)."""
-        import copy
-
         for key in _FIELDS - {"dir"}:
             if key not in data:
                 continue
@@ -241,9 +240,7 @@ class Run:
         return self.dir / "job.log"
 
     def duration_s(self) -> float | None:
-        if self.started_at is None:
-            return None
-        return (self.ended_at or time.time()) - self.started_at
+        return None if self.started_at is None else (self.ended_at or time.time()) - self.started_at
 
     def expected_cost(self) -> float | None:
         """The estimate's expected dollars (SCHEMA: estimate.dollars is null or [low, expected, high])."""
@@ -325,10 +322,9 @@ def _read_object(path: Path) -> dict | None:
 
 
 def _merge(base: dict, mine: dict, disk: dict) -> dict:
-    """Three-way: start from disk, apply what `mine` changed relative to `base` (the copy it was read
-    as). History: disk's plus the entries `mine` added. backend_state: per key. A state change is
-    applied only if it is a valid move from the state on disk (a `down` that ended the run while this
-    copy followed it keeps its torn_down; this copy's later 'failed' is dropped, not written over it)."""
+    """Three-way: start from disk, apply what `mine` changed relative to `base` (the copy it was read as).
+    History: disk's plus the entries `mine` added. backend_state: per key. A state change is applied only
+    if it is a valid move from the state on disk (a `down`'s torn_down stands over this copy's 'failed')."""
     out = dict(disk)
     refused = mine.get("state") != base.get("state") and not _allowed(disk.get("state"), base.get("state"),
                                                                     mine.get("state"))
@@ -576,20 +572,16 @@ def _folder_time(path: Path) -> float:
         return 0.0
 
 
-def _path_of(run_id: str) -> Path:
+def load(run_id: str, salvage: bool = False) -> Run:
+    """The run `run_id`; a damaged record is a ContractError naming the file and the field. With
+    `salvage` (only `down`: money), a damaged record whose infra and backend_state are sound comes
+    back as a `Salvaged` run so its machine can still be ended."""
     if not _RUN_ID.match(run_id or ""):
         raise ContractError(f"run {run_id!r}: not a run id (letters, digits, . _ -; `socrates-launch runs` lists them)")
     path = runs_root() / run_id / RUN_FILE
     if not path.is_file():
         raise ContractError(f"run {run_id!r}: no such run under {runs_root()}/ (`socrates-launch runs` lists them)")
-    return path
-
-
-def load(run_id: str, salvage: bool = False) -> Run:
-    """The run `run_id`; a damaged record is a ContractError naming the file and the field. With
-    `salvage` (only `down`: money), a damaged record whose infra and backend_state are sound comes
-    back as a `Salvaged` run so its machine can still be ended."""
-    run, bad = _parse(_path_of(run_id))
+    run, bad = _parse(path)
     if bad is not None and not (salvage and run is not None):
         raise DamagedRecord(bad)
     return run
@@ -600,10 +592,7 @@ def scan() -> list[Run | Damaged]:
     root = runs_root()
     if not root.is_dir():
         return []
-    found = []
-    for path in root.glob(f"*/{RUN_FILE}"):
-        run, bad = _parse(path)
-        found.append(bad if bad is not None else run)
+    found = [bad if bad is not None else run for run, bad in map(_parse, root.glob(f"*/{RUN_FILE}"))]
     return sorted(found, key=lambda r: (r.created_at, r.id))
 
 

@@ -7,6 +7,7 @@ connection is `SshDropped`, which callers retry.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -52,8 +53,6 @@ class _UnknownHost(Exception):
 
 
 def fingerprint(key: paramiko.PKey) -> str:
-    import base64
-
     return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 
@@ -75,30 +74,28 @@ def connect(target: SshTarget, auth: SshAuth) -> paramiko.SSHClient:
         kw.update(key_filename=str(auth.key), look_for_keys=False, allow_agent=False)
     try:
         client.connect(**kw)
-    except _UnknownHost as e:
+    except (_UnknownHost, paramiko.SSHException, OSError, EOFError) as e:
         client.close()
-        if not auth.trust_new_host:
+        if isinstance(e, _UnknownHost):
+            if not auth.trust_new_host:
+                raise ContractError(
+                    f"ssh {target}: host key {e.key.get_name()} {fingerprint(e.key)} is not in {kh}; "
+                    "check it and pass --trust-new-host to accept it") from None
+            kh.parent.mkdir(parents=True, exist_ok=True)
+            with open(kh, "a", encoding="utf-8") as f:
+                f.write(f"{target.known_hosts_name} {e.key.get_name()} {e.key.get_base64()}\n")
+            return connect(target, SshAuth(auth.key, kh, False, auth.timeout_s))
+        if isinstance(e, paramiko.BadHostKeyException):
             raise ContractError(
-                f"ssh {target}: host key {e.key.get_name()} {fingerprint(e.key)} is not in {kh}; "
-                "check it and pass --trust-new-host to accept it") from None
-        _remember_host(kh, target, e.key)
-        return connect(target, SshAuth(auth.key, kh, False, auth.timeout_s))
-    except paramiko.BadHostKeyException as e:
-        client.close()
-        raise ContractError(
-            f"ssh {target}: host key CHANGED ({fingerprint(e.key)}, {kh} has {fingerprint(e.expected_key)}); "
-            f"refusing: if the host was really replaced, remove its line from {kh}") from None
-    except paramiko.AuthenticationException:
-        client.close()
-        who = f"key {auth.key}" if auth.key else "the default keys/agent"
-        raise ContractError(f"ssh {target}: authentication refused for user {target.user!r} with {who} "
-                            "(accepted: a user whose authorized_keys holds --ssh-key's public key)") from None
-    except paramiko.PasswordRequiredException:
-        client.close()
-        raise ContractError(f"--ssh-key {auth.key}: key is passphrase-protected (load it into ssh-agent "
-                            "and leave --ssh-key out)") from None
-    except (paramiko.SSHException, OSError, EOFError) as e:
-        client.close()
+                f"ssh {target}: host key CHANGED ({fingerprint(e.key)}, {kh} has {fingerprint(e.expected_key)}); "
+                f"refusing: if the host was really replaced, remove its line from {kh}") from None
+        if isinstance(e, paramiko.AuthenticationException):
+            who = f"key {auth.key}" if auth.key else "the default keys/agent"
+            raise ContractError(f"ssh {target}: authentication refused for user {target.user!r} with {who} "
+                                "(accepted: a user whose authorized_keys holds --ssh-key's public key)") from None
+        if isinstance(e, paramiko.PasswordRequiredException):
+            raise ContractError(f"--ssh-key {auth.key}: key is passphrase-protected (load it into ssh-agent "
+                                "and leave --ssh-key out)") from None
         if isinstance(e, paramiko.SSHException) and "not a valid" in str(e).lower():
             raise ContractError(f"--ssh-key {auth.key}: not a private key ({e})") from None
         raise SshDropped(f"ssh {target}: {type(e).__name__}: {e}") from None
@@ -106,12 +103,6 @@ def connect(target: SshTarget, auth: SshAuth) -> paramiko.SSHClient:
     # commands) are what notice a host that went silent
     client.get_transport().set_keepalive(max(1, int(auth.timeout_s / 2)))
     return client
-
-
-def _remember_host(kh: Path, target: SshTarget, key: paramiko.PKey) -> None:
-    kh.parent.mkdir(parents=True, exist_ok=True)
-    with open(kh, "a", encoding="utf-8") as f:
-        f.write(f"{target.known_hosts_name} {key.get_name()} {key.get_base64()}\n")
 
 
 @dataclass
@@ -204,10 +195,9 @@ def sync_tree(client: paramiko.SSHClient, files: dict[str, Path], remote_root: s
                 continue
             dest = posixpath.join(remote_root, rel)
             _mkdirs(sftp, posixpath.dirname(dest), made)
-            tmp = f"{dest}.part"
-            sftp.put(str(path), tmp, confirm=True)
+            sftp.put(str(path), f"{dest}.part", confirm=True)
             # rename, not overwrite: a run that hard-linked the old file keeps its own copy
-            sftp.posix_rename(tmp, dest)
+            sftp.posix_rename(f"{dest}.part", dest)
             stats.files_sent += 1
             stats.bytes_sent += size
         if prune:

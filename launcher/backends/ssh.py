@@ -16,11 +16,8 @@ connection drops; `down` kills the job's process group, removes the run's folder
 `--on-teardown` command locally and records whether it worked.
 
 Remote layout (REMOTE_DIR defaults to ~/.socrates-launch):
-    REMOTE_DIR/cache/          code under cache/code/<content hash>/ (made whole under a run-private name,
-                               checked, then renamed into place: two `up`s from different checkouts never
-                               mix), data under cache/data/<content hash>/ (pruned to what was sent, checked
-                               after the sync), kept between runs so unchanged files aren't resent; cache/
-                               and runs/ are 0700
+    REMOTE_DIR/cache/          code/<content hash>/ and data/<content hash>/ (`_sync`), kept between runs so
+                               unchanged files aren't resent; cache/ and runs/ are 0700
     REMOTE_DIR/runs/<run-id>/  one run: code hard-linked from the cache, out/, job.log, job.pid, exit_code
 """
 from __future__ import annotations
@@ -29,6 +26,7 @@ import hashlib
 import json
 import posixpath
 import shlex
+from shlex import quote as q
 import subprocess
 import time
 from dataclasses import asdict
@@ -99,49 +97,48 @@ class SshBackend(Backend):
 
     def launch(self, run: Run) -> None:
         try:
-            self._launch(run)
+            state = self._bind(run)
+            # the --on-teardown command (it may hold a provider token) is kept once, in a 0600 side file
+            state.update(options={**self.opts.to_dict(), "on_teardown": None}, target=str(self.target))
+            if self.opts.on_teardown and Path(run.dir).is_dir():  # what `down` names when it is not passed again
+                atomic_write_text(Path(run.dir) / TEARDOWN_FILE, self.opts.on_teardown, mode=PRIVATE)
+            run.save()
+            client = self._connect()
+            base = self._resolve_remote_dir(client)
+            work = posixpath.join(base, "runs", run.id)
+            state.update(remote_dir=base, work=work, log=posixpath.join(work, LOG_FILE))
+            run.save()  # saved before anything exists on the host: `down` can always find it
+
+            data = tasklib.local_data(run.config)
+            self.on_phase("probing", f"{self.target}: permissions and free disk under {base}")
+            mode, python = self._probe(client, base, data)
+            state.update(mode=mode, python=python)
+            self.on_phase("syncing", f"code and data to {self.target} (unchanged files skipped)")
+            if self.code_root is None:
+                self.code_root = stagelib.for_run(run).path
+            stats = self._sync(client, base, data, state)
+            state["sync"] = asdict(stats)
+            run.save()
+            self.on_phase("synced", f"sent {stats.bytes_sent:,} B in {stats.files_sent} files; "
+                                    f"{stats.bytes_skipped:,} B in {stats.files_skipped} unchanged files skipped")
+            task = tasklib.render(run, gpu=None) if self.run_block is None else None
+            self._prepare_work(client, base, work, run, task, data, mode, python)
+            if mode == "venv" and task is not None:
+                self.on_phase("installing", "the job's venv from requirements/job.lock (sky/train.yaml setup)")
+                self._must(client, "installing", "the setup block failed", f"cd {shlex.quote(work)} && bash -s",
+                           stdin=task.get("setup") or "", timeout=3600)
+            if mode == "docker":
+                self.on_phase("installing", f"the job image {self.opts.image} (built from the synced Dockerfile "
+                                            "if missing)")
+                self._docker_image(client, state["code"])
+            if task is not None:
+                self.on_phase("checking", "python -m job check on the host")
+                self._check(client, work, mode, python)
+            pid = self._start(client, work, run.id)
+            state.update(pid=pid, pgid=pid, started_at=time.time())
+            run.save()
         except (SshDropped, *DROPPED) as e:  # the connection died mid-launch: a failed run, torn down by the caller
             raise BackendError("provisioning", f"ssh {self.target}: {type(e).__name__}: {e}") from None
-
-    def _launch(self, run: Run) -> None:
-        state = self._bind(run)
-        # the --on-teardown command (it may hold a provider token) is kept once, in a 0600 side file
-        state.update(options={**self.opts.to_dict(), "on_teardown": None}, target=str(self.target))
-        if self.opts.on_teardown:
-            _keep_hook(run, self.opts.on_teardown)
-        run.save()
-        client = self._connect()
-        base = self._resolve_remote_dir(client)
-        work = posixpath.join(base, "runs", run.id)
-        state.update(remote_dir=base, work=work, log=posixpath.join(work, LOG_FILE))
-        run.save()  # saved before anything exists on the host: `down` can always find it
-
-        data = tasklib.local_data(run.config)
-        self.on_phase("probing", f"{self.target}: permissions and free disk under {base}")
-        mode, python = self._probe(client, base, data)
-        state.update(mode=mode, python=python)
-        self.on_phase("syncing", f"code and data to {self.target} (unchanged files skipped)")
-        if self.code_root is None:
-            self.code_root = stagelib.for_run(run).path
-        stats = self._sync(client, base, data, state)
-        state["sync"] = asdict(stats)
-        run.save()
-        self.on_phase("synced", f"sent {stats.bytes_sent:,} B in {stats.files_sent} files; "
-                                f"{stats.bytes_skipped:,} B in {stats.files_skipped} unchanged files skipped")
-        task = tasklib.render(run, gpu=None) if self.run_block is None else None
-        self._prepare_work(client, base, work, run, task, data, mode, python)
-        if mode == "venv" and task is not None:
-            self.on_phase("installing", "the job's venv from requirements/job.lock (sky/train.yaml setup)")
-            self._setup(client, work, task)
-        if mode == "docker":
-            self.on_phase("installing", f"the job image {self.opts.image} (built from the synced Dockerfile if missing)")
-            self._docker_image(client, state["code"])
-        if task is not None:
-            self.on_phase("checking", "python -m job check on the host")
-            self._check(client, work, mode, python)
-        pid = self._start(client, work, run.id)
-        state.update(pid=pid, pgid=pid, started_at=time.time())
-        run.save()
 
     def follow(self, run: Run, on_event: EventCallback, offset: int = 0) -> int:
         """Deliver the job's events from byte `offset` of its log; a dropped connection resumes there.
@@ -149,11 +146,11 @@ class SshBackend(Backend):
         state = self._bind(run)
         log, work = state["log"], state["work"]
         reader = ev.EventReader(Path(log), offset)
-        odd = None
+        exit_path, odd = posixpath.join(work, EXIT_FILE), None
         while True:
             try:
                 sftp = self._sftp_client()
-                finished, text = _read_exit(sftp, posixpath.join(work, EXIT_FILE))  # before the log: nothing after it is missed
+                finished, text = _read_exit(sftp, exit_path)  # before the log: nothing after it is missed
                 data = read_from(sftp, log, reader.pos, remote.CHUNK)
                 for e in reader.feed([data]):
                     on_event(e)
@@ -166,7 +163,7 @@ class SshBackend(Backend):
                 if text is not None and text != odd:  # the runner writes the real one when the job ends
                     odd = text
                     remote.skipped.note(f"an {EXIT_FILE} file holding {text[:20]!r}, not an exit status")
-                if not self._alive(run.id) and _read_exit(sftp, posixpath.join(work, EXIT_FILE))[0] is None:
+                if not self._alive(run.id) and _read_exit(sftp, exit_path)[0] is None:
                     left = f"left {EXIT_FILE} holding {odd[:20]!r}" if odd is not None else "left no exit code"
                     raise BackendError("running", f"the job's process group on {self.target} is gone and {left} "
                                                   f"(killed, or the host rebooted); see {log}")
@@ -223,8 +220,15 @@ class SshBackend(Backend):
             # A provider stop keeps the disk: results that were never pulled back stay with it.
             keep = bool(self.opts.on_teardown) and not run.verified and run.exit_code == 0
             try:
-                self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s))
-                self._kill_and_remove(state, run.id, work, keep=keep)
+                client, w = self._client_or_wait(timeout=min(60.0, self.opts.reconnect_s)), q(work)
+                # the groups are found on the host by the run id (run.json's pgid is not the authority: `pgid: 1`);
+                # keep: the job is ended, its folder (the results) stays for the stopped host's disk
+                docker = f"docker rm -f socrates-{q(run.id)} >/dev/null 2>&1; " if state.get("mode") == "docker" else ""
+                end = f"test -d {w}" if keep else f"rm -rf {w}; test ! -e {w}"
+                res = ssh_run(client, _kill_script(run.id) + docker + end)
+                if res.rc != 0:
+                    what = f"ending the job in {work}" if keep else f"rm -rf {work}"
+                    raise SshDropped(f"{what} failed: {_last_line(res)}")
                 if keep:
                     state["results_kept"] = f"{self.target}:{work}/out"
             except (SshDropped, *DROPPED) as e:
@@ -261,9 +265,8 @@ class SshBackend(Backend):
         if state.get("torn_down") or not state.get("work"):
             return False
         try:
-            if _read_exit(self._sftp_client(), posixpath.join(state["work"], EXIT_FILE))[0] is not None:
-                return False
-            return self._alive(run.id)
+            return _read_exit(self._sftp_client(), posixpath.join(state["work"], EXIT_FILE))[0] is None \
+                and self._alive(run.id)
         except (SshDropped, *DROPPED):
             return None
         finally:
@@ -276,10 +279,9 @@ class SshBackend(Backend):
         """`down --on-teardown CMD`: the provider's stop command, passed again (never taken from run.json)."""
         self.on_teardown_override = command
 
-    def left_up_ends_by(self, run: Run) -> str | None:
-        if self.opts.on_teardown:
-            return None  # the hook stops a paid host: it runs, results or not
-        return f"the host is yours: the run's folder on {self.target} stays until `down`"
+    def left_up_ends_by(self, run: Run) -> str | None:  # None with a hook: it stops a paid host, results or not
+        return None if self.opts.on_teardown else \
+            f"the host is yours: the run's folder on {self.target} stays until `down`"
 
     def machine_state(self, run: Run) -> str:
         """'up' while the run's folder or job exists on the host, 'gone' after teardown, 'unknown' if unreachable."""
@@ -317,10 +319,10 @@ class SshBackend(Backend):
         """Writable folder, free disk, how the job runs (mode, python). Refuses with exit 2 before anything starts."""
         need_gb = self.opts.min_free_gb if self.opts.min_free_gb is not None else (1.0 if self.opts.allow_cpu else 60.0)
         need_gb += (_size(data) if data else 0) / 2**30
-        q = shlex.quote(base)
+        d = q(base)
         res = ssh_run(client, (
-            f"mkdir -p {q} 2>&1 && t={q}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && echo WRITABLE && "
-            f"df -Pk {q} | tail -1 | awk '{{print \"FREE_KB\", $4}}'; "
+            f"mkdir -p {d} 2>&1 && t={d}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && echo WRITABLE && "
+            f"df -Pk {d} | tail -1 | awk '{{print \"FREE_KB\", $4}}'; "
             "command -v docker >/dev/null && echo HAS_DOCKER; "
             "command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && echo HAS_GPU; "
             "command -v python3 >/dev/null && echo HAS_PYTHON3"))
@@ -347,11 +349,10 @@ class SshBackend(Backend):
         return "venv", ""  # empty JOB_PYTHON: the run block's default, the venv its setup block builds
 
     def _sync(self, client: paramiko.SSHClient, base: str, data: Path | None, state: dict) -> SyncStats:
-        """Code into a folder named by its content (`_sync_code`); data into a folder named by its content (cache/data/<hash>), pruned
-        to exactly what is sent and checked file by file after the sync: a run trains on exactly its data,
-        whatever another run (same folder name, fewer files, at the same time) sent."""
+        """Code (`_sync_code`) and data into folders named by their content (cache/data/<hash>), the data pruned to
+        exactly what is sent and checked after the sync: a run trains on exactly its data, whatever another
+        run (same folder name, fewer files, at the same time) sent."""
         python = self.opts.remote_python or "python3"
-        q = shlex.quote
         self._must(client, "syncing", f"could not create {base}/cache and {base}/runs",  # private: data, code, results
                    f"umask 077; mkdir -p {q(base)}/cache {q(base)}/runs && chmod 700 {q(base)}/cache {q(base)}/runs")
         code = local_files(self.code_root, stagelib.entries(self.code_root))  # the run's staged folder
@@ -371,7 +372,6 @@ class SshBackend(Backend):
         """The code into a folder named by its content (cache/code/<hash>), made complete under a run-private
         name and renamed into place: a run never sees another checkout's files, whatever runs at the same
         time. A new version starts from hard links of the last one, so only changed files are sent."""
-        q = shlex.quote
         listing, digest = _listing(code)
         digest = digest[:32]
         codes = posixpath.join(base, "cache", "code")
@@ -402,11 +402,9 @@ class SshBackend(Backend):
     def _prepare_work(self, client: paramiko.SSHClient, base: str, work: str, run: Run, task: dict | None,
                       data: Path | None, mode: str, python: str) -> None:
         """The run's folder: code hard-linked from the cache (cheap), the rendered script, the runner."""
-        q = shlex.quote
-        remote_data = run.backend_state["data"]["remote"] if data else None
         if task is not None:
-            overrides = {"JOB_PYTHON": python, **({"DATA": remote_data} if remote_data else {})}
-            script = tasklib.run_script(task, **overrides)
+            data_env = {"DATA": run.backend_state["data"]["remote"]} if data else {}
+            script = tasklib.run_script(task, JOB_PYTHON=python, **data_env)
         else:
             # a given block (tests' stand-in jobs): the events channel the template's run block exports too
             script = f"#!/usr/bin/env bash\nexport OUT=out {LINES_ENV}=1\n" + self.run_block
@@ -437,13 +435,7 @@ class SshBackend(Backend):
         finally:
             sftp.close()
 
-    def _setup(self, client: paramiko.SSHClient, work: str, task: dict) -> None:
-        """sky/train.yaml's setup block (the venv from the lock), run in the run's folder."""
-        self._must(client, "installing", "the setup block failed", f"cd {shlex.quote(work)} && bash -s",
-                   stdin=task.get("setup") or "", timeout=3600)
-
     def _docker_image(self, client: paramiko.SSHClient, code: str) -> None:
-        q = shlex.quote
         image, context = q(self.opts.image), q(code)  # the run's own code folder is the build context
         get = f"docker pull -q {image}" if self.opts.pull_image else f"docker build -q -t {image} {context}"
         self._must(client, "installing", f"{'pulling' if self.opts.pull_image else 'building'} the job image "
@@ -451,7 +443,6 @@ class SshBackend(Backend):
 
     def _check(self, client: paramiko.SSHClient, work: str, mode: str, python: str) -> None:
         """`job check` before the job is started: a card or config that can't run is refused here."""
-        q = shlex.quote
         py = q(python) if python else '"$HOME/socrates-venv/bin/python"'  # a path with a space stays one word
         secrets = secret_envs()
         names = "".join(f" -e {k}" for k in secrets)  # docker copies the values from the environment by name
@@ -467,7 +458,6 @@ class SshBackend(Backend):
 
     def _start(self, client: paramiko.SSHClient, work: str, run_id: str) -> int:
         """Start the runner in its own session; returns its pid (= its process group: setsid made it leader)."""
-        q = shlex.quote
         envs = {"SOCRATES_RUN_ID": run_id, "PYTHONUNBUFFERED": "1", "PYTHONPATH": work}
         path = f"export PATH={q(posixpath.dirname(self.opts.remote_python))}:\"$PATH\"\n" if self.opts.remote_python else ""
         script = (f"set -e\ncd {q(work)}\n" + env_exports(envs) + path
@@ -489,21 +479,6 @@ class SshBackend(Backend):
 
     # --- teardown, liveness ----------------------------------------------------------------
 
-    def _kill_and_remove(self, state: dict, run_id: str, work: str, keep: bool = False) -> None:
-        q = shlex.quote(work)
-        # the groups are found on the host by the run id (run.json's pgid is not the authority: `pgid: 1`)
-        kill = _kill_script(run_id)
-        docker = f"docker rm -f socrates-{shlex.quote(posixpath.basename(work))} >/dev/null 2>&1; " \
-            if state.get("mode") == "docker" else ""
-        if keep:  # the job is ended; its folder (the results) stays for the stopped host's disk
-            res = ssh_run(self._connect(), f"{kill}{docker}test -d {q}")
-            if res.rc != 0:
-                raise SshDropped(f"ending the job in {work} failed: {_last_line(res)}")
-            return
-        res = ssh_run(self._connect(), f"{kill}{docker}rm -rf {q}; test ! -e {q}")
-        if res.rc != 0:
-            raise SshDropped(f"rm -rf {work} failed: {_last_line(res)}")
-
     def _alive(self, run_id: str) -> bool:
         """Whether a live process on the host carries this run's SOCRATES_RUN_ID."""
         res = ssh_run(self._client_or_wait(), f"{_groups_script(run_id)}[ -n \"$groups\" ] && echo yes || echo no",
@@ -512,16 +487,14 @@ class SshBackend(Backend):
 
     # --- connection ------------------------------------------------------------------------
 
-    def _auth(self) -> SshAuth:
-        kh = Path(self.opts.known_hosts).expanduser() if self.opts.known_hosts else Path.home() / ".ssh" / "known_hosts"
-        return SshAuth(key=Path(self.opts.key).expanduser() if self.opts.key else None, known_hosts=kh,
-                       trust_new_host=self.opts.trust_new_host, timeout_s=self.opts.timeout_s)
-
     def _connect(self) -> paramiko.SSHClient:
         transport = self._client.get_transport() if self._client else None
         if transport is None or not transport.is_active():
             self._drop()
-            self._client = connect(self.target, self._auth())
+            o = self.opts
+            kh = Path(o.known_hosts).expanduser() if o.known_hosts else Path.home() / ".ssh" / "known_hosts"
+            self._client = connect(self.target, SshAuth(key=Path(o.key).expanduser() if o.key else None, known_hosts=kh,
+                                                        trust_new_host=o.trust_new_host, timeout_s=o.timeout_s))
         return self._client
 
     def _sftp_client(self) -> paramiko.SFTPClient:
@@ -612,12 +585,6 @@ def _run_hook(cmd: str) -> dict:
         return {"rc": p.returncode, "ok": p.returncode == 0, "output": redact((p.stdout + p.stderr)[-2000:])}
     except subprocess.TimeoutExpired:
         return {"rc": None, "ok": False, "output": "timed out after 600 s"}
-
-
-def _keep_hook(run: Run, cmd: str) -> None:
-    """The --on-teardown command in runs/<id>/.on-teardown (0600): what `down` names when it is not passed again."""
-    if Path(run.dir).is_dir():
-        atomic_write_text(Path(run.dir) / TEARDOWN_FILE, cmd, mode=PRIVATE)
 
 
 def _kept_hook(run: Run) -> str | None:
