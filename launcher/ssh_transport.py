@@ -89,13 +89,13 @@ def connect(target: SshTarget, auth: SshAuth) -> paramiko.SSHClient:
             raise ContractError(
                 f"ssh {target}: host key CHANGED ({fingerprint(e.key)}, {kh} has {fingerprint(e.expected_key)}); "
                 f"refusing: if the host was really replaced, remove its line from {kh}") from None
+        if isinstance(e, paramiko.PasswordRequiredException):  # an AuthenticationException: asked first
+            raise ContractError(f"--ssh-key {auth.key}: key is passphrase-protected (load it into ssh-agent "
+                                "and leave --ssh-key out)") from None
         if isinstance(e, paramiko.AuthenticationException):
             who = f"key {auth.key}" if auth.key else "the default keys/agent"
             raise ContractError(f"ssh {target}: authentication refused for user {target.user!r} with {who} "
                                 "(accepted: a user whose authorized_keys holds --ssh-key's public key)") from None
-        if isinstance(e, paramiko.PasswordRequiredException):
-            raise ContractError(f"--ssh-key {auth.key}: key is passphrase-protected (load it into ssh-agent "
-                                "and leave --ssh-key out)") from None
         if isinstance(e, paramiko.SSHException) and "not a valid" in str(e).lower():
             raise ContractError(f"--ssh-key {auth.key}: not a private key ({e})") from None
         raise SshDropped(f"ssh {target}: {type(e).__name__}: {e}") from None

@@ -95,6 +95,11 @@ def test_refusals_exit_2_one_line_and_create_nothing(sshd, tmp_path, env):
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, (extra, p.stderr)
         assert re.search(pattern, lines[0]), (pattern, lines[0])
+    locked = tmp_path / "locked_key"  # a key with a passphrase: said so, not "authentication refused"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(locked)], check=True)
+    p = cli(*up_args(sshd, tmp_path, "--trust-new-host", "--ssh-key", str(locked)), env=env)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "key is passphrase-protected (load it into ssh-agent" in p.stderr, p.stderr
     p = cli(*up_args(sshd, tmp_path, "--trust-new-host", user="nobody"), env=env)
     assert p.returncode == 2 and "authentication refused for user 'nobody'" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
