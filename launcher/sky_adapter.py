@@ -148,21 +148,17 @@ class SkyAdapter:
         with captured():
             for req in sky.api_status():
                 if "check" in str(getattr(req, "name", "")):
-                    try:
+                    with contextlib.suppress(Exception):  # a failed check leaves clouds disabled: asked below
                         sky.get(req.request_id)
-                    except Exception:  # noqa: BLE001 - a failed check leaves clouds disabled: asked below
-                        pass
             from sky.client import sdk
 
             return [str(c) for c in sky.get(sdk.enabled_clouds())]
 
     def launch(self, task_config: dict, cluster_name: str, secrets: dict[str, str], idle_minutes: int,
                on_request_id: Callable[[str], None]) -> int:
-        """Provision, sync and start the run block; returns the job id once it is submitted.
-
-        autodown is armed (down=True + idle autostop) before the run starts, so a machine whose
-        launcher vanished still ends itself after the job, plus `idle_minutes` to download.
-        """
+        """Provision, sync and start the run block; returns the job id once it is submitted. Autodown is
+        armed (down=True + idle autostop) before the run starts, so a machine whose launcher vanished
+        still ends itself after the job, plus `idle_minutes` to download."""
         import sky
 
         task = sky.Task.from_yaml_config(task_config, secrets_overrides=list(secrets.items()) or None)
@@ -195,10 +191,8 @@ class SkyAdapter:
         """Cancel a launch request still in flight (provisioning continues server-side otherwise)."""
         import sky
 
-        try:
+        with contextlib.suppress(Exception):  # a finished request can't be cancelled; down follows anyway
             sky.api_cancel(request_id, silent=True)
-        except Exception:  # noqa: BLE001  (a finished request can't be cancelled; down follows anyway)
-            pass
 
     def tail(self, cluster_name: str, job_id: int) -> Iterator[str]:
         """The job's log lines from the start, following until the job ends."""
@@ -243,10 +237,8 @@ class SkyAdapter:
         """Terminate the cluster; a cluster that no longer exists counts as down."""
         import sky
 
-        try:
+        with contextlib.suppress(sky.exceptions.ClusterDoesNotExist):
             sky.get(sky.down(cluster_name))
-        except sky.exceptions.ClusterDoesNotExist:
-            return
 
     # --- managed jobs (sky.jobs): SkyPilot's controller relaunches the job after a preemption ------
 
@@ -289,8 +281,7 @@ class SkyAdapter:
         records = reply[0] if isinstance(reply, tuple) else reply
         for r in records or []:
             if int(_field(r, "job_id") or -1) == int(job_id):
-                status = _field(r, "status")
-                return {"status": _status_name(status),
+                return {"status": _status_name(_field(r, "status")),
                         "job_name": _field(r, "job_name"),
                         "recovery_count": int(_field(r, "recovery_count") or 0),
                         "submitted_at": _field(r, "submitted_at"), "end_at": _field(r, "end_at"),
@@ -312,11 +303,9 @@ class SkyAdapter:
             sky.get(sky.jobs.cancel(job_ids=[int(job_id)], graceful=True, graceful_timeout=300))
 
     def dryrun(self, task_config: dict, cluster_name: str, secrets: dict[str, str] | None = None) -> dict:
-        """SkyPilot's own dry-run launch: its optimizer picks the offer; nothing is provisioned.
-
-        The server keeps the optimized plan to itself (the optimize request returns no value), so
-        the chosen row is read from the optimizer's "Considered resources" table in the request log.
-        """
+        """SkyPilot's own dry-run launch: its optimizer picks the offer; nothing is provisioned. The server
+        keeps the optimized plan to itself (the optimize request returns no value), so the chosen row is
+        read from the optimizer's "Considered resources" table in the request log."""
         import sky
 
         task = sky.Task.from_yaml_config(task_config, secrets_overrides=list((secrets or {}).items()) or None)
@@ -347,13 +336,10 @@ class _LineSink(io.TextIOBase):
 
 
 def join_lines(chunks: Iterator[str | None], limit: int | None = None) -> Iterator[str]:
-    """Whole lines from the SDK's log chunks (None marks the end).
-
-    An event line split across two chunks is joined before anyone parses it; a partial last line
-    is kept only when the stream ended cleanly, so a reconnect (which counts lines) loses nothing.
-    Linear in the stream and bounded in memory: a line over remote.MAX_LINE is cut there (it still
-    counts as one line; events.parse_line refuses it), never held or re-split whole.
-    """
+    """Whole lines from the SDK's log chunks (None marks the end): a line split across chunks is joined
+    before anyone parses it; a partial last line is kept only when the stream ended cleanly, so a
+    reconnect (which counts lines) loses nothing. Linear and bounded: a line over remote.MAX_LINE is cut
+    there (still one line; events.parse_line refuses it), never held or re-split whole."""
     lines = Lines(limit or MAX_LINE, cut=True)
     for chunk in chunks:
         if chunk is None:
@@ -445,12 +431,10 @@ def catalog_health() -> CatalogHealth:
 
 
 def list_offers(accelerator: str, count: int, cloud: str | None, spot: bool) -> list[dict]:
-    """Priced offers of `count` x `accelerator` from SkyPilot's catalog (read offline when cached).
-
-    Without `cloud`, only clouds whose catalog is already on disk are read, so an estimate never
-    waits on a download; with none on disk, SkyPilot fetches the common clouds' catalogs.
-    Rows: cloud, region, instance, card, count, price_per_h (spot price when `spot`), spot.
-    """
+    """Priced offers of `count` x `accelerator` from SkyPilot's catalog (read offline when cached): rows
+    of cloud, region, instance, card, count, price_per_h (spot price when `spot`), spot. Without `cloud`,
+    only clouds whose catalog is on disk are read, so an estimate never waits on a download; with none on
+    disk, SkyPilot fetches the common clouds' catalogs."""
     import sky.catalog as catalog
     from sky.catalog import common as catalog_common
     from sky.skylet import constants
