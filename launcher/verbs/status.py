@@ -1,9 +1,6 @@
-"""`socrates-launch status [RUN]`: the run's state, reconciled with whether its machine exists.
-
-A run the registry thinks is live whose machine is gone (the launcher was killed, the machine
-autodowned) is marked failed, or torn_down; a run that ended with its machine still up says so
-loudly with the command that ends it.
-"""
+"""`socrates-launch status [RUN]`: the run's state, reconciled with whether its machine exists. A live
+run whose machine is gone (the launcher was killed, the machine autodowned) is marked failed; a run
+that ended with its machine still up says so loudly with the command that ends it."""
 from __future__ import annotations
 
 import argparse

@@ -133,14 +133,11 @@ def _estimate(plan: planlib.Plan, console, dryrun: bool = False) -> tuple[dict |
     deadline_s = caps.deadline_for(est, max_cost=plan.options.max_cost, max_hours=plan.options.max_hours)
     if deadline_s is None and (deadline_s := caps.safety_deadline(est)) is not None:
         console.print(caps.safety_line(deadline_s), highlight=False)
-    return _estimate_summary(render.to_json(est)), deadline_s, not est.unpriced
-
-
-def _estimate_summary(full: dict) -> dict:
-    """The chosen offer's numbers, small enough for run.json (the table was shown already)."""
+    full = render.to_json(est)  # the chosen offer's numbers, small enough for run.json (the table was shown)
     best = full.get("cheapest") or {}
-    return {"hours": full.get("hours"), "dollars": full.get("dollars"), "cheapest": best,
-            "price_per_hour": best.get("price_per_h"), "notes": full.get("notes", [])}
+    summary = {"hours": full.get("hours"), "dollars": full.get("dollars"), "cheapest": best,
+               "price_per_hour": best.get("price_per_h"), "notes": full.get("notes", [])}
+    return summary, deadline_s, not est.unpriced
 
 
 def _weights_choice(plan: planlib.Plan, backend, console) -> None:
