@@ -99,9 +99,7 @@ def digest(text: str) -> list[str]:
 
 def sky_command() -> str:
     """How to run SkyPilot's CLI from here: `sky` when it is on PATH, else the venv's own."""
-    if shutil.which("sky"):
-        return "sky"
-    return str(Path(sys.executable).parent / "sky")
+    return "sky" if shutil.which("sky") else str(Path(sys.executable).parent / "sky")
 
 
 def stop_server_if_started(say: Callable[[str], None]) -> None:

@@ -10,6 +10,7 @@ named keeps everything but this run's folder). SDK calls go through the sky back
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets as secrets_lib
 from pathlib import Path
@@ -139,14 +140,12 @@ class ManagedBackend(SkyPilotBackend, Outlives):
                 raise
             except Exception as e:  # noqa: BLE001  (a dropped stream is retried, whatever raised it)
                 error = f"{type(e).__name__}: {e}"
-            try:
+            with contextlib.suppress(Exception):  # an unreachable controller during an outage is no answer
                 rec = self._record(run)
                 now = int((rec or {}).get("recovery_count") or 0)
                 if now > recoveries:
                     recoveries = now
                     self.on_phase("recovering", f"SkyPilot relaunched the job ({now} recover{'y' if now == 1 else 'ies'})")
-            except Exception:  # noqa: BLE001  (an unreachable controller during an outage is no answer)
-                pass
             failures, lost_since = self._lost(failures, lost_since, error, "the managed job's log stream")
 
     def download(self, run: Run, dest: Path) -> None:

@@ -1,9 +1,6 @@
-"""`socrates-launch report [RUN]`: a run's evaluation summary and where its HTML report is.
-
-Reads the metrics.json files `python -m job evaluate` wrote and the run brought home
-(runs/<id>/eval/, runs/<id>/eval-base/; also out/eval*/ under the run folder). RUN may also be a
-folder holding a metrics.json. Every number is printed with the mode that produced it.
-"""
+"""`socrates-launch report [RUN]`: a run's evaluation summary and where its HTML report is, from the
+metrics.json files the run brought home (runs/<id>/eval*/, runs/<id>/out/eval*/), or RUN, a folder
+holding one. Every number is printed with the mode that produced it."""
 from __future__ import annotations
 
 import argparse

@@ -48,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
                   f"duration: {_hms(duration)}", highlight=False, soft_wrap=True)
     if run_rec.estimate:
         console.print(f"estimate: {_money(run_rec.expected_cost())}", highlight=False)
-    actual = run_rec.actual_cost()
-    if actual is not None:
+    if (actual := run_rec.actual_cost()) is not None:
         console.print(f"cost:     {_money(actual)} (price x billed time)", highlight=False)
     if run_rec.error:
         console.print(f"error:    {run_rec.error}", highlight=False, markup=False)

@@ -180,11 +180,10 @@ def _confirm(plan: planlib.Plan, console) -> None:
 
 
 def _dryrun(plan: planlib.Plan, backend, console, priced: bool = True, save_to: str | None = None) -> int:
-    """Render the task and show it; the backend adds its part (SkyPilot's optimizer picks the offer).
-    Without a price catalog (offline, nothing cached) SkyPilot's optimizer has nothing to pick from: the
-    plan and the task are shown, and what a launch still needs is said.
-    The staged folder is built in a temporary folder (a dry run creates no run) and removed after; with
-    --save-task FILE it is kept beside FILE (FILE.workdir/), the folder the saved task's workdir names."""
+    """Render the task and show it; the backend adds its part (SkyPilot's optimizer picks the offer), or
+    without a price catalog (offline, nothing cached) what a launch still needs is said. The staged folder
+    is built in a temporary folder (a dry run creates no run) and removed after; with --save-task FILE it
+    is kept beside FILE (FILE.workdir/), the folder the saved task's workdir names."""
     if save_to:
         keep = Path(save_to).absolute().with_name(Path(save_to).name + ".workdir")
         if keep.exists() or keep.is_symlink():
