@@ -266,11 +266,10 @@ class ManagedBackend(SkyPilotBackend, Outlives):
         except Exception:  # noqa: BLE001  (status still shows what the record holds)
             rec = None
         if rec is not None:
-            shown["job"] = rec.get("status")
-            shown["recoveries"] = rec.get("recovery_count", 0)
+            shown.update(job=rec.get("status"), recoveries=rec.get("recovery_count", 0))
         elif run.backend_state.get("job_status"):
-            shown["job"] = f"{run.backend_state['job_status']} (as last seen)"
-            shown["recoveries"] = run.backend_state.get("recoveries", 0)
+            shown.update(job=f"{run.backend_state['job_status']} (as last seen)",
+                         recoveries=run.backend_state.get("recoveries", 0))
         if run.backend_state.get("bucket_deleted"):
             shown["bucket"] = f"{run.backend_state.get('bucket')} (deleted)"
         return shown
