@@ -39,7 +39,7 @@ class NoCloudEnabled(RuntimeError):
 
 
 # Whether this process started SkyPilot's local API server (stop_server_if_started ends it).
-SERVER = {"started": False, "endpoint": None}
+SERVER = {"started": False}
 SERVER_SETTLE_S = 10.0
 _SKY_NOISE = ("<sky-payload>", "rich_init", "rich_update", "rich_start", "rich_exit")
 
