@@ -338,7 +338,7 @@ RUN_FIELDS = ["id", "infra", "state", "created_at", "started_at", "ended_at", "p
 def test_fuzz_run_json(fields, own_id):
     """A run.json of any content: a sound run or one Damaged line, never an exception; `runs` shows it."""
     from launcher import registry
-    from launcher.verbs.runs import money, _short
+    from launcher.verbs.runs import _money, _short
 
     _counted("registry (run.json) + runs")
     with tempfile.TemporaryDirectory() as d:
@@ -350,7 +350,7 @@ def test_fuzz_run_json(fields, own_id):
         run, bad = registry._parse(folder / "run.json")
         assert run is not None or bad is not None
         if bad is None:
-            _short(run.duration_s()), money(run.actual_cost()), money(run.expected_cost())
+            _short(run.duration_s()), _money(run.actual_cost()), _money(run.expected_cost())
         sorted([bad or run, bad or run], key=lambda r: (r.created_at, r.id))
 
 

@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
         if r.damaged:
             table.add_row(r.id, "[bold red]damaged[/]", "?", "?", "?", "?", "?")
             continue
-        table.add_row(r.id, r.state, r.infra, r.gpu or "-", _short(r.duration_s()), money(r.actual_cost()),
-                      money(r.expected_cost()))
+        table.add_row(r.id, r.state, r.infra, r.gpu or "-", _short(r.duration_s()), _money(r.actual_cost()),
+                      _money(r.expected_cost()))
     dropped = tables.fit(console, table, ("infra", "$ est.", "$ spent", "time", "card"))
     console.print(table)
     tables.say_dropped(console, dropped)
@@ -55,5 +55,5 @@ def _short(seconds: float | None) -> str:
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def money(v: float | None) -> str:
+def _money(v: float | None) -> str:
     return "-" if v is None else f"${v:.2f}"

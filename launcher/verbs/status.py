@@ -8,7 +8,6 @@ import time
 
 from launcher import registry
 from launcher.backends import for_run
-from launcher.verbs.runs import money
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
                   f"infra:    {run_rec.infra}  card: {run_rec.gpu or '-'}\n"
                   f"duration: {_hms(duration)}", highlight=False, soft_wrap=True)
     if run_rec.estimate:
-        console.print(f"estimate: {money(run_rec.expected_cost())}", highlight=False)
+        console.print(f"estimate: {_money(run_rec.expected_cost())}", highlight=False)
     if (actual := run_rec.actual_cost()) is not None:
-        console.print(f"cost:     {money(actual)} (price x billed time)", highlight=False)
+        console.print(f"cost:     {_money(actual)} (price x billed time)", highlight=False)
     if run_rec.error:
         console.print(f"error:    {run_rec.error}", highlight=False, markup=False)
     if run_rec.adapter:
@@ -68,3 +67,7 @@ def _hms(seconds: float | None) -> str:
         return "-"
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+
+
+def _money(v) -> str:
+    return "-" if v is None else f"${v:.2f}"
