@@ -90,10 +90,8 @@ def digest(text: str) -> list[str]:
             continue
         if "Starting a local server" in line:
             SERVER["started"] = True
-            continue
-        if "API server started" in line or "API server stopped" in line:
-            continue
-        kept.append(raw)
+        elif "API server started" not in line and "API server stopped" not in line:
+            kept.append(raw)
     return kept
 
 

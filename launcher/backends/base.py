@@ -50,9 +50,8 @@ def disk_full(e: BaseException | None) -> bool:
     for _ in range(20):
         if e is None:
             return False
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+                or "No space left on device" in str(e) or "Disk quota exceeded" in str(e)):
             return True
         e = e.__cause__ or e.__context__
     return False

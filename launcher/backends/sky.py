@@ -32,7 +32,7 @@ DOWN_ATTEMPTS = 3
 DOWN_RETRY_S = 1.0
 REMOTE_OUT = "~/sky_workdir/out"  # SkyPilot syncs the workdir there; the run block writes out/
 # Clues in SkyPilot's launch log that a new lifecycle phase began (for the progress lines).
-_PHASE_CLUES = (("Syncing", "syncing"), ("Running setup", "installing"), ("Job submitted", "training"))
+_PHASE_CLUES = (("Syncing", "syncing"), ("Running setup", "installing"))
 
 
 def cluster_name_for(run_id: str) -> str:
@@ -191,7 +191,7 @@ class SkyBackend(SkyPilotBackend):
 
         def phases(line: str) -> None:
             for clue, phase in _PHASE_CLUES:
-                if clue in line and phase not in seen_phases and phase != "training":
+                if clue in line and phase not in seen_phases:
                     seen_phases.add(phase)
                     self.on_phase(phase)
 
