@@ -71,15 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"socrates-launch {args.verb}: interrupted", file=sys.stderr)
         return 130
-    finally:
-        _stop_sky_server()
-
-
-def _stop_sky_server() -> None:
-    """A SkyPilot API server this command started is stopped when it ends (or it says how to)."""
-    adapter = sys.modules.get("launcher.sky_adapter")
-    if adapter is not None:
-        adapter.stop_server_if_started(lambda line: print(f"socrates-launch: {line}", file=sys.stderr))
+    finally:  # a SkyPilot API server this command started is stopped when it ends (or it says how to)
+        if (adapter := sys.modules.get("launcher.sky_adapter")) is not None:
+            adapter.stop_server_if_started(lambda line: print(f"socrates-launch: {line}", file=sys.stderr))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,9 @@
 """One argument set and one resolution for `up` and `estimate`, so the two cannot disagree.
 
-`add_arguments(p)` declares the flags both verbs take (config, data, card, caps, where it runs);
-`resolve(args)` checks every input and returns a `Plan`: the run config after overrides, the data
-checked (a local file's rows against contracts/rows.py), the caps checked, the default config per
-infrastructure, and the run's `RunOptions` (launcher/registry.py: where and how it runs), made here
-once. Each knob takes one route: what the job reads goes into the run config. `up --dryrun` and `estimate --explain` print `describe(plan)` (`estimate --json`:
-`summary(plan)`), and both estimate with `estimate(plan, ...)`, so what `estimate` shows is what
-`up` would run. Nothing is created here.
+`add_arguments(p)` declares the flags both verbs take; `resolve(args)` checks every input and returns a
+`Plan`: the run config after overrides (each knob the job reads goes into it), the data and caps checked,
+and the run's `RunOptions`. Both verbs show `describe(plan)` / `summary(plan)` and price `estimate(plan)`,
+so what `estimate` shows is what `up` would run. Nothing is created here.
 """
 from __future__ import annotations
 

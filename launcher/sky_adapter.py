@@ -1,18 +1,14 @@
 """The only module that imports SkyPilot (`sky`), lazily, inside each call.
 
-A thin layer over the 0.14 SDK: launch (with autodown), tail, job status, cluster status,
-rsync-down through the cluster's SSH alias, down, and the optimizer's dry run. The sky backend
-(launcher/backends/sky.py) drives it; tests swap in a fake with the same methods to inject faults.
-
-What SkyPilot prints itself (catalog updates as `<sky-payload>` markup, the API server starting) is
-captured (`captured`): never shown raw, read for the facts that matter (a catalog that could not be
-fetched, a server this process started), which the launcher turns into one line each. A local API
-server this process started is stopped when the command ends (`stop_server_if_started`, from cli).
+A thin layer over the 0.14 SDK that the sky and managed backends drive; tests swap in a fake with
+the same methods to inject faults. What SkyPilot prints itself is `captured`, never shown raw. A local
+API server this process started is stopped when the command ends (`stop_server_if_started`, from cli).
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import shutil
@@ -26,9 +22,8 @@ from typing import Any, Callable, Iterator
 
 from contracts.remote import MAX_LINE, Lines
 
-# Job states that mean the run block ended, and how they map to an exit status.
-_ENDED_OK = ("SUCCEEDED",)
-_ENDED_BAD = ("FAILED", "FAILED_SETUP", "FAILED_DRIVER", "CANCELLED")
+# Job states that mean the run block ended -> the exit status each maps to.
+_ENDED = {"SUCCEEDED": 0, "FAILED": 1, "FAILED_SETUP": 1, "FAILED_DRIVER": 1, "CANCELLED": 1}
 _IN_FLIGHT = ("PENDING", "WAITING", "RUNNING")  # API server request states before it ends
 RSYNC_CEILING_S = 3600  # out/ without checkpoints/ is adapters + eval files: minutes even on a slow link
 
@@ -44,7 +39,7 @@ class NoCloudEnabled(RuntimeError):
 
 
 # Whether this process started SkyPilot's local API server (stop_server_if_started ends it).
-SERVER = {"started": False, "endpoint": None}
+SERVER = {"started": False}
 SERVER_SETTLE_S = 10.0
 _SKY_NOISE = ("<sky-payload>", "rich_init", "rich_update", "rich_start", "rich_exit")
 
@@ -60,19 +55,16 @@ def captured(lines: list[str] | None = None) -> Iterator[None]:
     with tempfile.TemporaryFile() as tmp:
         saved = (os.dup(1), os.dup(2))
         try:
-            os.dup2(tmp.fileno(), 1)
-            os.dup2(tmp.fileno(), 2)
+            for fd in (1, 2):
+                os.dup2(tmp.fileno(), fd)
             yield
         finally:
             for stream in (sys.stdout, sys.stderr):
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     stream.flush()
-                except (OSError, ValueError):
-                    pass
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
             tmp.seek(0)
             kept = digest(tmp.read().decode("utf-8", errors="replace"))
             if lines is not None:
@@ -98,18 +90,14 @@ def digest(text: str) -> list[str]:
             continue
         if "Starting a local server" in line:
             SERVER["started"] = True
-            continue
-        if "API server started" in line or "API server stopped" in line:
-            continue
-        kept.append(raw)
+        elif "API server started" not in line and "API server stopped" not in line:
+            kept.append(raw)
     return kept
 
 
 def sky_command() -> str:
     """How to run SkyPilot's CLI from here: `sky` when it is on PATH, else the venv's own."""
-    if shutil.which("sky"):
-        return "sky"
-    return str(Path(sys.executable).parent / "sky")
+    return "sky" if shutil.which("sky") else str(Path(sys.executable).parent / "sky")
 
 
 def stop_server_if_started(say: Callable[[str], None]) -> None:
@@ -138,8 +126,7 @@ def stop_server_if_started(say: Callable[[str], None]) -> None:
         return
     names = ", ".join(sorted({str(getattr(r, "name", "?")) for r in busy}))
     say(f"SkyPilot's API server (started by this command) is left running: {len(busy)} other request(s) use it "
-        f"({names}); "
-        f"stop it with `{sky_command()} api stop`")
+        f"({names}); stop it with `{sky_command()} api stop`")
 
 
 class SkyAdapter:
@@ -157,21 +144,17 @@ class SkyAdapter:
         with captured():
             for req in sky.api_status():
                 if "check" in str(getattr(req, "name", "")):
-                    try:
+                    with contextlib.suppress(Exception):  # a failed check leaves clouds disabled: asked below
                         sky.get(req.request_id)
-                    except Exception:  # noqa: BLE001 - a failed check leaves clouds disabled: asked below
-                        pass
             from sky.client import sdk
 
             return [str(c) for c in sky.get(sdk.enabled_clouds())]
 
     def launch(self, task_config: dict, cluster_name: str, secrets: dict[str, str], idle_minutes: int,
                on_request_id: Callable[[str], None]) -> int:
-        """Provision, sync and start the run block; returns the job id once it is submitted.
-
-        autodown is armed (down=True + idle autostop) before the run starts, so a machine whose
-        launcher vanished still ends itself after the job, plus `idle_minutes` to download.
-        """
+        """Provision, sync and start the run block; returns the job id once it is submitted. Autodown is
+        armed (down=True + idle autostop) before the run starts, so a machine whose launcher vanished
+        still ends itself after the job, plus `idle_minutes` to download."""
         import sky
 
         task = sky.Task.from_yaml_config(task_config, secrets_overrides=list(secrets.items()) or None)
@@ -197,27 +180,15 @@ class SkyAdapter:
 
     def request_cluster(self, request_id: str) -> str | None:
         """The cluster a request acts on, as SkyPilot's request record names it (None: no record, no answer)."""
-        import sky
-
-        try:
-            with captured():
-                payloads = sky.api_status(request_ids=[request_id])
-        except Exception:  # noqa: BLE001  (no answer: the request can't be tied to a cluster)
-            return None
-        for p in payloads or []:
-            if str(_field(p, "request_id") or "") == str(request_id):
-                name = _field(p, "cluster_name")
-                return str(name) if name else None
-        return None
+        name = _field(_request_record(request_id), "cluster_name")
+        return str(name) if name else None
 
     def cancel(self, request_id: str) -> None:
         """Cancel a launch request still in flight (provisioning continues server-side otherwise)."""
         import sky
 
-        try:
+        with contextlib.suppress(Exception):  # a finished request can't be cancelled; down follows anyway
             sky.api_cancel(request_id, silent=True)
-        except Exception:  # noqa: BLE001  (a finished request can't be cancelled; down follows anyway)
-            pass
 
     def tail(self, cluster_name: str, job_id: int) -> Iterator[str]:
         """The job's log lines from the start, following until the job ends."""
@@ -231,12 +202,7 @@ class SkyAdapter:
 
         statuses = sky.get(sky.job_status(cluster_name, [job_id]))
         status = statuses.get(job_id) or statuses.get(str(job_id))
-        name = getattr(status, "name", str(status) if status else None)
-        if name in _ENDED_OK:
-            return 0
-        if name in _ENDED_BAD:
-            return 1
-        return None
+        return _ENDED.get(getattr(status, "name", str(status) if status else None))
 
     def cluster_state(self, cluster_name: str) -> str:
         """'up' if SkyPilot has the cluster (any status), 'gone' if not, refreshed from the cloud."""
@@ -267,10 +233,8 @@ class SkyAdapter:
         """Terminate the cluster; a cluster that no longer exists counts as down."""
         import sky
 
-        try:
+        with contextlib.suppress(sky.exceptions.ClusterDoesNotExist):
             sky.get(sky.down(cluster_name))
-        except sky.exceptions.ClusterDoesNotExist:
-            return
 
     # --- managed jobs (sky.jobs): SkyPilot's controller relaunches the job after a preemption ------
 
@@ -296,7 +260,7 @@ class SkyAdapter:
         except Exception:
             # The request's own failure (SkyPilot's request record says FAILED/CANCELLED) made no job;
             # anything else (an unreachable API server) is raised as it is: the job may exist.
-            if _request_ended_unsuccessfully(request_id):
+            if _status_name(_field(_request_record(request_id), "status")) in ("FAILED", "CANCELLED"):
                 raise LaunchRequestFailed(f"managed-job launch request {request_id} failed: it made no job") from None
             raise
         return _first_job_id(job_ids, f"managed-job launch request {request_id}")
@@ -313,8 +277,7 @@ class SkyAdapter:
         records = reply[0] if isinstance(reply, tuple) else reply
         for r in records or []:
             if int(_field(r, "job_id") or -1) == int(job_id):
-                status = _field(r, "status")
-                return {"status": _status_name(status),
+                return {"status": _status_name(_field(r, "status")),
                         "job_name": _field(r, "job_name"),
                         "recovery_count": int(_field(r, "recovery_count") or 0),
                         "submitted_at": _field(r, "submitted_at"), "end_at": _field(r, "end_at"),
@@ -336,18 +299,15 @@ class SkyAdapter:
             sky.get(sky.jobs.cancel(job_ids=[int(job_id)], graceful=True, graceful_timeout=300))
 
     def dryrun(self, task_config: dict, cluster_name: str, secrets: dict[str, str] | None = None) -> dict:
-        """SkyPilot's own dry-run launch: its optimizer picks the offer; nothing is provisioned.
-
-        The server keeps the optimized plan to itself (the optimize request returns no value), so
-        the chosen row is read from the optimizer's "Considered resources" table in the request log.
-        """
+        """SkyPilot's own dry-run launch: its optimizer picks the offer; nothing is provisioned. The server
+        keeps the optimized plan to itself (the optimize request returns no value), so the chosen row is
+        read from the optimizer's "Considered resources" table in the request log."""
         import sky
 
         task = sky.Task.from_yaml_config(task_config, secrets_overrides=list((secrets or {}).items()) or None)
         lines: list[str] = []
-        noise: list[str] = []
         try:
-            with captured(noise):
+            with captured():
                 request_id = sky.launch(task, cluster_name=cluster_name, dryrun=True, down=True,
                                         idle_minutes_to_autostop=10)
                 sky.stream_and_get(request_id, output_stream=_LineSink(lines.append))
@@ -370,18 +330,12 @@ class _LineSink(io.TextIOBase):
             self._log(line)
         return len(s)
 
-    def flush(self) -> None:
-        pass
-
 
 def join_lines(chunks: Iterator[str | None], limit: int | None = None) -> Iterator[str]:
-    """Whole lines from the SDK's log chunks (None marks the end).
-
-    An event line split across two chunks is joined before anyone parses it; a partial last line
-    is kept only when the stream ended cleanly, so a reconnect (which counts lines) loses nothing.
-    Linear in the stream and bounded in memory: a line over remote.MAX_LINE is cut there (it still
-    counts as one line; events.parse_line refuses it), never held or re-split whole.
-    """
+    """Whole lines from the SDK's log chunks (None marks the end): a line split across chunks is joined
+    before anyone parses it; a partial last line is kept only when the stream ended cleanly, so a
+    reconnect (which counts lines) loses nothing. Linear and bounded: a line over remote.MAX_LINE is cut
+    there (still one line; events.parse_line refuses it), never held or re-split whole."""
     lines = Lines(limit or MAX_LINE, cut=True)
     for chunk in chunks:
         if chunk is None:
@@ -418,19 +372,16 @@ class LaunchRequestFailed(RuntimeError):
     """`wait_jobs_launch`: the managed-job launch request itself failed or was cancelled: there is no job."""
 
 
-def _request_ended_unsuccessfully(request_id: str) -> bool:
+def _request_record(request_id: str) -> Any:
+    """SkyPilot's record of a request; None: no such record, or no answer (no proof of anything)."""
     import sky
 
     try:
         with captured():
             payloads = sky.api_status(request_ids=[request_id])
-    except Exception:  # noqa: BLE001  (no answer is no proof that the request failed)
-        return False
-    for p in payloads or []:
-        if str(_field(p, "request_id") or "") == str(request_id):
-            status = _field(p, "status")
-            return _status_name(status) in ("FAILED", "CANCELLED")
-    return False
+    except Exception:  # noqa: BLE001
+        return None
+    return next((p for p in payloads or [] if str(_field(p, "request_id") or "") == str(request_id)), None)
 
 
 def _field(record: Any, name: str) -> Any:
@@ -476,15 +427,10 @@ def catalog_health() -> CatalogHealth:
 
 
 def list_offers(accelerator: str, count: int, cloud: str | None, spot: bool) -> list[dict]:
-    """Priced offers of `count` x `accelerator` from SkyPilot's catalog (read offline when cached).
-
-    Without `cloud`, only clouds whose catalog is already on disk are read, so an estimate never
-    waits on a download; with none on disk, SkyPilot fetches the common clouds' catalogs.
-    Rows: cloud, region, instance, card, count, price_per_h (spot price when `spot`), spot.
-    """
-    import math
-    import os
-
+    """Priced offers of `count` x `accelerator` from SkyPilot's catalog (read offline when cached): rows
+    of cloud, region, instance, card, count, price_per_h (spot price when `spot`), spot. Without `cloud`,
+    only clouds whose catalog is on disk are read, so an estimate never waits on a download; with none on
+    disk, SkyPilot fetches the common clouds' catalogs."""
     import sky.catalog as catalog
     from sky.catalog import common as catalog_common
     from sky.skylet import constants

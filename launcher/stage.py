@@ -1,12 +1,9 @@
 """The staged folder: exactly what a run's machine gets, built fresh per run (runs/<id>/code).
 
-SkyPilot syncs it as the task's workdir; the SSH backend sends it to the host; the local backend
-copies it into its folder. It holds the job's code (job/, contracts/, as installed), the locks
-(requirements/*.lock, which sky/train.yaml's setup installs), the Dockerfile (the SSH host builds the
-job image from it), and the one table the job reads (configs/socsci210_stats.json; the Dockerfile
-copies configs/ too). Never the user's cwd, a checkout's other files, or site-packages. The run
-config is not a file here: it travels in the task's envs (CONFIG_YAML), and the run block writes it
-as run_config.yaml on the machine, so this folder is the same for every run of one installed version.
+Every backend ships it (SkyPilot syncs it as the task's workdir). It holds the job's code (job/,
+contracts/, as installed), the locks setup installs, the Dockerfile and the one table the job reads;
+never the user's cwd, a checkout's other files, or site-packages. The run config travels in the task's
+envs (CONFIG_YAML), so this folder is the same for every run of one installed version.
 """
 from __future__ import annotations
 
@@ -46,7 +43,8 @@ def build(dest: Path) -> Staged:
         rel = src.relative_to(resources.path("."))
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest / rel)  # a copy, never a link: the folder must stand alone when synced
-    return measure(dest)
+    files = [p for p in dest.rglob("*") if p.is_file()]
+    return Staged(dest, len(files), sum(p.stat().st_size for p in files))
 
 
 def lock_tag() -> str:
@@ -70,11 +68,6 @@ def for_run(run: Run) -> Staged:
     elif dest.is_dir():
         shutil.rmtree(dest)
     return build(dest)
-
-
-def measure(root: Path) -> Staged:
-    files = [p for p in root.rglob("*") if p.is_file()]
-    return Staged(root, len(files), sum(p.stat().st_size for p in files))
 
 
 def entries(root: Path) -> list[str]:

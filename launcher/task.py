@@ -45,15 +45,11 @@ def render(run: Run, *, gpu: str | None, cloud: str | None = None, spot: bool = 
            data_path: Path | None = None, secret_names: tuple[str, ...] = (), template: Path = TEMPLATE,
            managed: bool = False, bucket_url: str | None = None, workdir: Path | None = None) -> dict:
     """The task for `run` (its resolved config and options), ready for sky.Task.from_yaml_config.
-
-    `workdir`: the run's staged folder (launcher/stage.py), what SkyPilot syncs; None (the local and
-    SSH backends, which take only the run script and ship the staged folder themselves): no workdir.
-
-    `managed`: the same task as a SkyPilot managed job (`sky.jobs.launch`): the bucket `bucket_url`
-    (launcher/bucket.py's URL forms; it must exist: `Bucket.create()` first) mounted at BUCKET_MOUNT,
-    OUT inside it at `<prefix>/<run id>/out` (checkpoints in OUT/checkpoints, so a relaunch resumes
-    from them), SOCRATES_MANAGED=1, and `resources.job_recovery` from the config's `storage:`, else
-    the defaults above."""
+    `workdir`: the run's staged folder, what SkyPilot syncs (None: the local and SSH backends ship it
+    themselves). `managed`: as a SkyPilot managed job: the bucket `bucket_url` (it must exist) mounted at
+    BUCKET_MOUNT, OUT inside it at `<prefix>/<run id>/out` (checkpoints in OUT/checkpoints, so a relaunch
+    resumes from them), SOCRATES_MANAGED=1, and `resources.job_recovery` from the config's `storage:`,
+    else the defaults above."""
     task = copy.deepcopy(load_template(template))
     opts = run.options
     cfg = run.config
@@ -140,15 +136,11 @@ def _render_managed(task: dict, run: Run, bucket_url: str | None) -> None:
         raise ContractError(f"job_recovery {strategy!r} is not accepted ({' | '.join(JOB_RECOVERY_STRATEGIES)})")
     if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
         raise ContractError(f"max_restarts_on_errors {restarts!r} is not accepted (a whole number >= 0)")
-    mounts = task.get("file_mounts") or {}
-    mounts[BUCKET_MOUNT] = {"source": bucket.mount_source, "mode": BUCKET_MODE}
-    task["file_mounts"] = mounts
+    task["file_mounts"] = {**(task.get("file_mounts") or {}),
+                           BUCKET_MOUNT: {"source": bucket.mount_source, "mode": BUCKET_MODE}}
     out = f"{BUCKET_MOUNT}/{bucket.out_prefix(run.id)}".rstrip("/")
-    envs = task["envs"]
-    envs["OUT"] = out
-    envs["SOCRATES_CHECKPOINT_DIR"] = f"{out}/checkpoints"
-    envs["SOCRATES_MANAGED"] = "1"
-    envs["SOCRATES_BUCKET"] = bucket.url
+    task["envs"].update(OUT=out, SOCRATES_CHECKPOINT_DIR=f"{out}/checkpoints", SOCRATES_MANAGED="1",
+                        SOCRATES_BUCKET=bucket.url)
     task["resources"]["job_recovery"] = {"strategy": str(strategy).upper(), "max_restarts_on_errors": restarts}
 
 
@@ -170,12 +162,8 @@ class _Dumper(yaml.SafeDumper):
     """Multi-line strings (the run block, the config) as readable `|` blocks."""
 
 
-def _str(dumper: yaml.SafeDumper, value: str):
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _str)
+_Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
 
 
 def to_yaml(task: dict) -> str:

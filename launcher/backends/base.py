@@ -7,16 +7,13 @@ The lifecycle a verb drives, whatever the backend:
     backend.download(run, dest)    pull the job's out/ (adapter, manifest, report) into dest
     backend.down(run)              end everything that costs money; idempotent, safe to repeat
 
-launcher/lifecycle.py drives these (with the signal handling and salvage rules); the verbs call
-the lifecycle and the optional methods below, never a concrete backend. A backend whose results
-outlive its machine (a managed run's bucket) is also an `Outlives`: callers ask `outliving(backend)` before
-using what only it has. A new backend is one more subclass, a row in launcher/backends/__init__.py's
-BACKENDS and, when it serves an --infra another backend serves (managed jobs on sky), a line in its
-`kind_of` (the run's options choose). No verb, and nothing in lifecycle.py, changes.
+launcher/lifecycle.py drives these (with the signal handling and salvage rules); verbs call the
+lifecycle and the optional methods below, never a concrete backend. A backend whose results outlive its
+machine (a managed run's bucket) is also an `Outlives` (`outliving(backend)`). A new backend is one more
+subclass and a row in launcher/backends/__init__.py (BACKENDS, `kind_of`); no verb changes.
 
-`run` is the run's registry record (launcher.registry); a backend writes the handles it needs
-to find its machine again (cluster name, request id, pid, remote dir) into `run.backend_state`
-and saves it *before* it creates anything, so a launcher killed at any instant can be picked up
+A backend saves the handles that find its machine again (cluster name, request id, pid, remote dir) in
+`run.backend_state` *before* it creates anything, so a launcher killed at any instant can be picked up
 by `status`/`logs`/`down` from runs/<id>/run.json.
 """
 from __future__ import annotations
@@ -53,9 +50,8 @@ def disk_full(e: BaseException | None) -> bool:
     for _ in range(20):
         if e is None:
             return False
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+                or "No space left on device" in str(e) or "Disk quota exceeded" in str(e)):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -65,11 +61,10 @@ def reconnect_policy() -> tuple[float, float, float]:
     """(first wait, longest wait, how long to keep trying) in seconds for re-attaching to a dropped log
     stream; SOCRATES_RECONNECT_{WAIT,MAX_WAIT,WINDOW}_S override them (tests run an outage in seconds)."""
     def read(name: str, default: float) -> float:
-        raw = os.environ.get(name)
         try:
-            value = float(raw) if raw not in (None, "") else default
+            value = float(os.environ.get(name) or default)
         except ValueError:
-            value = default
+            return default
         return value if value > 0 else default
 
     return (read("SOCRATES_RECONNECT_WAIT_S", 2.0), read("SOCRATES_RECONNECT_MAX_WAIT_S", 30.0),
@@ -77,13 +72,10 @@ def reconnect_policy() -> tuple[float, float, float]:
 
 
 class Backend(ABC):
-    """What every verb and launcher/lifecycle.py may ask of a backend; nothing else is asked.
-
-    A verb never asks which backend it has: where backends differ, the difference is a method
-    here (with a default for a backend that has nothing to do). Nothing here assumes one machine
-    for the whole run: `follow` may see the job restart elsewhere (a managed job relaunched after a
-    preemption), `download` may read a bucket rather than the machine.
-    """
+    """What every verb and launcher/lifecycle.py may ask of a backend; nothing else is asked. Where backends
+    differ, the difference is a method here (with a default for a backend that has nothing to do). Nothing
+    assumes one machine for the whole run: `follow` may see the job restart elsewhere (a managed job
+    relaunched after a preemption), `download` may read a bucket rather than the machine."""
 
     name: str = "base"
     HANDLES: tuple[str, ...] = ()

@@ -6,6 +6,7 @@ the artifacts back, then kill the process group and delete the directory.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -53,7 +54,6 @@ class LocalBackend(Backend):
             overrides = {"JOB_PYTHON": self.python}
             if data_path is not None:
                 dest = workdir / "data" / data_path.name
-                dest.parent.mkdir(parents=True, exist_ok=True)
                 if data_path.is_dir():
                     dest.mkdir(parents=True, exist_ok=True)
                 for f in data_files(data_path):  # the walk the row check and the data hash use (no links)
@@ -236,14 +236,10 @@ def _kill_group(pgid: int, grace_s: float = 5.0) -> None:
         return
     deadline = time.time() + grace_s
     while time.time() < deadline:
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pgid, os.WNOHANG)  # reap our own child, if it is ours
-        except ChildProcessError:
-            pass
         if not _alive(pgid):
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

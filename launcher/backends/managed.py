@@ -1,23 +1,18 @@
 """The managed-jobs backend (`up --spot`, `up --managed`): a run that outlives its machine.
 
-The task runs as a SkyPilot managed job (`sky.jobs.launch`): SkyPilot's controller starts it, and
-after a preemption (or a lost host) starts it again on new capacity (`resources.job_recovery`).
-OUT, its checkpoints and the run's launch record live in the run's bucket, mounted on every machine
-(launcher/task.py, MOUNT_CACHED), so a relaunch resumes from the newest complete checkpoint there
-and keeps the first start's deadline. The launcher need not be alive for any of it: `logs` follows
-the job across relaunches, `status` shows its state and recovery count, `down` cancels it, and the
-adapter and evaluation are downloaded from the bucket and verified against its manifest.json, also
-after the laptop was off for the whole run. The bucket is deleted after a verified download unless
---keep-bucket (a bucket the user named keeps everything but this run's folder).
-
-Every SDK call goes through the same adapter seam as the sky backend (tests/fakesky.py's managed
-controller stands in for SkyPilot's).
+SkyPilot's controller starts the job (`sky.jobs.launch`) and, after a preemption or a lost host,
+starts it again on new capacity (`resources.job_recovery`). OUT, its checkpoints and the launch record
+live in the run's bucket, mounted on every machine (launcher/task.py), so a relaunch resumes from the
+newest complete checkpoint and keeps the first start's deadline. The launcher need not be alive: `logs`
+follows the job across relaunches, `down` cancels it, the results are downloaded from the bucket and
+verified, and the bucket is deleted after a verified download unless --keep-bucket (a bucket the user
+named keeps everything but this run's folder). SDK calls go through the sky backend's adapter seam.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets as secrets_lib
-import time
 from pathlib import Path
 
 from contracts.errors import ContractError
@@ -122,19 +117,16 @@ class ManagedBackend(SkyPilotBackend, Outlives):
                         if index > furthest:
                             furthest, failures, lost_since = index, 0, None
                         ev = parse_line(line)
-                        if ev is None:
-                            log.write(redact(line) + "\n")
-                            log.flush()
+                        if ev is not None and _key(ev) in seen:
                             continue
-                        if _key(ev) in seen:
-                            continue
-                        failures, lost_since = 0, None
-                        seen.add(_key(ev))
                         log.write(redact(line) + "\n")
                         log.flush()
-                        if ev.get("event") == "preempted":
-                            self.on_phase("recovering", f"launch {ev.get('launch')} on a new machine")
-                        on_event(ev)
+                        if ev is not None:
+                            failures, lost_since = 0, None
+                            seen.add(_key(ev))
+                            if ev.get("event") == "preempted":
+                                self.on_phase("recovering", f"launch {ev.get('launch')} on a new machine")
+                            on_event(ev)
                 rec = self._record(run, refresh=True)  # a stopped (idle) controller is started to answer
                 status = (rec or {}).get("status")
                 if status == SUCCEEDED:
@@ -148,17 +140,13 @@ class ManagedBackend(SkyPilotBackend, Outlives):
                 raise
             except Exception as e:  # noqa: BLE001  (a dropped stream is retried, whatever raised it)
                 error = f"{type(e).__name__}: {e}"
-            try:
+            with contextlib.suppress(Exception):  # an unreachable controller during an outage is no answer
                 rec = self._record(run)
                 now = int((rec or {}).get("recovery_count") or 0)
                 if now > recoveries:
                     recoveries = now
                     self.on_phase("recovering", f"SkyPilot relaunched the job ({now} recover{'y' if now == 1 else 'ies'})")
-            except Exception:  # noqa: BLE001  (an unreachable controller during an outage is no answer)
-                pass
-            failures += 1
-            lost_since = lost_since or time.time()
-            self._lost(failures, lost_since, error, "the managed job's log stream")
+            failures, lost_since = self._lost(failures, lost_since, error, "the managed job's log stream")
 
     def download(self, run: Run, dest: Path) -> None:
         """The job's out/ from the bucket (checkpoints left there); the caller verifies it."""
@@ -278,11 +266,10 @@ class ManagedBackend(SkyPilotBackend, Outlives):
         except Exception:  # noqa: BLE001  (status still shows what the record holds)
             rec = None
         if rec is not None:
-            shown["job"] = rec.get("status")
-            shown["recoveries"] = rec.get("recovery_count", 0)
+            shown.update(job=rec.get("status"), recoveries=rec.get("recovery_count", 0))
         elif run.backend_state.get("job_status"):
-            shown["job"] = f"{run.backend_state['job_status']} (as last seen)"
-            shown["recoveries"] = run.backend_state.get("recoveries", 0)
+            shown.update(job=f"{run.backend_state['job_status']} (as last seen)",
+                         recoveries=run.backend_state.get("recoveries", 0))
         if run.backend_state.get("bucket_deleted"):
             shown["bucket"] = f"{run.backend_state.get('bucket')} (deleted)"
         return shown

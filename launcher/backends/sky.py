@@ -1,10 +1,9 @@
 """The SkyPilot backend: launch with autodown armed, stream, pull out/ back, tear down; and the part
 it shares with the managed-jobs backend (SkyPilotBackend: the adapter, the preflight, the launch).
 
-Every SDK call goes through an adapter (launcher/sky_adapter.SkyAdapter; tests put a fault-injecting
-fake in its place via SOCRATES_SKY_ADAPTER=module:attr). The cluster name is saved in run.json
-before anything is asked of SkyPilot, and the launch request id as soon as it exists, so a
-launcher killed at any instant leaves a run that `status` can reconcile and `down` can end.
+Every SDK call goes through the adapter (launcher/sky_adapter.py). The cluster name is saved in run.json
+before anything is asked of SkyPilot, and the launch request id as soon as it exists, so a launcher
+killed at any instant leaves a run that `status` can reconcile and `down` can end.
 """
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ DOWN_ATTEMPTS = 3
 DOWN_RETRY_S = 1.0
 REMOTE_OUT = "~/sky_workdir/out"  # SkyPilot syncs the workdir there; the run block writes out/
 # Clues in SkyPilot's launch log that a new lifecycle phase began (for the progress lines).
-_PHASE_CLUES = (("Syncing", "syncing"), ("Running setup", "installing"), ("Job submitted", "training"))
+_PHASE_CLUES = (("Syncing", "syncing"), ("Running setup", "installing"))
 
 
 def cluster_name_for(run_id: str) -> str:
@@ -46,29 +45,14 @@ def cluster_name_for(run_id: str) -> str:
     return f"{name[:41].rstrip('-')}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
-def load_adapter() -> Any:
-    spec = os.environ.get("SOCRATES_SKY_ADAPTER")
-    if spec:
-        module, _, attr = spec.partition(":")
-        return getattr(importlib.import_module(module), attr)()
-    return SkyAdapter()
-
-
-def phase_of(e: Exception) -> str:
-    """Which lifecycle step a SkyPilot exception belongs to (for the one-line error)."""
-    name = type(e).__name__
-    if getattr(e, "phase", None):  # the adapter's own exceptions say
-        return e.phase
-    if "SetUp" in name or "Setup" in name:
-        return "installing"
-    if "Sync" in name or "rsync" in str(e).lower():
-        return "syncing"
-    return "provisioning"
-
-
 def failed(e: Exception, phase: str | None = None) -> BackendError:
-    """A SkyPilot call's exception as the one-line BackendError of its phase (secrets redacted)."""
-    return BackendError(phase or phase_of(e), redact(f"{type(e).__name__}: {e}"))
+    """A SkyPilot call's exception as the one-line BackendError of its lifecycle step (secrets redacted):
+    `phase`, else the one the adapter's own exceptions say, else the one the exception's name suggests."""
+    name = type(e).__name__
+    phase = phase or getattr(e, "phase", None) or (
+        "installing" if "SetUp" in name or "Setup" in name else
+        "syncing" if "Sync" in name or "rsync" in str(e).lower() else "provisioning")
+    return BackendError(phase, redact(f"{name}: {e}"))
 
 
 class SkyPilotBackend(Backend):
@@ -76,7 +60,10 @@ class SkyPilotBackend(Backend):
     rendered and recorded, then submitted), the backoff of a lost log stream."""
 
     def __init__(self, adapter: Any = None, reconnect: tuple[float, float, float] | None = None):
-        self.adapter = adapter if adapter is not None else load_adapter()
+        if adapter is None and (spec := os.environ.get("SOCRATES_SKY_ADAPTER")):  # module:attr, a fake (tests)
+            module, _, attr = spec.partition(":")
+            adapter = getattr(importlib.import_module(module), attr)()
+        self.adapter = adapter if adapter is not None else SkyAdapter()
         # first wait, longest wait, how long a lost stream is retried before detaching (never a teardown)
         self.reconnect_wait_s, self.reconnect_max_wait_s, self.reconnect_window_s = reconnect or reconnect_policy()
 
@@ -127,15 +114,19 @@ class SkyPilotBackend(Backend):
             run.update(backend_state={**run.backend_state, "job_id": job_id})
         return job_id
 
-    def _lost(self, failures: int, lost_since: float, error: str, what: str = "the log stream") -> None:
+    def _lost(self, failures: int, lost_since: float | None, error: str,
+              what: str = "the log stream") -> tuple[int, float]:
         """A dropped stream: StreamLost once it has been lost for the whole window (the caller detaches;
-        the job is not known to have failed), else say so and wait (backing off) before the next try."""
+        the job is not known to have failed), else say so and wait (backing off) before the next try.
+        Returns the failures and since when the stream is lost, counting this one."""
+        failures, lost_since = failures + 1, lost_since or time.time()
         lost_for = time.time() - lost_since
         if lost_for >= self.reconnect_window_s:
             raise StreamLost("running", redact(f"lost {what} for {lost_for:.0f} s ({failures} tries; last: {error})"))
         self.on_phase("reconnecting", redact(error))
         time.sleep(min(self.reconnect_wait_s * 2 ** min(failures - 1, 16), self.reconnect_max_wait_s,
                        max(0.0, self.reconnect_window_s - lost_for)))
+        return failures, lost_since
 
 
 class SkyBackend(SkyPilotBackend):
@@ -156,25 +147,24 @@ class SkyBackend(SkyPilotBackend):
         self.adapter.log = lambda line: console.print(Text.from_ansi(redact(line)), highlight=False)  # SkyPilot's colours
         console.print("SkyPilot's dry run: its optimizer picks the offer (the first call starts SkyPilot's API server)",
                       highlight=False)
+        code = 0
         try:
             offer = self.adapter.dryrun(task, cluster_name=cluster_name_for(f"{plan.name}-dryrun"),
                                         secrets=collect_secrets())
         except NoCloudEnabled as e:  # the task and the catalog's offers (above) are still worth seeing
             console.print(str(e), highlight=False, markup=False)
-            console.print("dry run: nothing was provisioned")
-            return 0
         except Exception as e:  # noqa: BLE001 - SkyPilot's own failure: one plain line, not its traceback
             text = plain(str(e)).strip()
             first = text.splitlines()[0] if text else ""
             console.print(f"SkyPilot's dry run failed ({type(e).__name__}): {redact(first)[:300]}", highlight=False,
                           markup=False)
-            console.print("dry run: nothing was provisioned")
-            return 1
-        console.print(f"chosen: cloud {offer['cloud']}, region {offer.get('region')}, instance {offer['instance']}, "
-                      f"{offer['accelerators']}, ${offer['price_per_hour']:.2f}/h{' (spot)' if offer.get('spot') else ''}",
-                      highlight=False)
+            code = 1
+        else:
+            console.print(f"chosen: cloud {offer['cloud']}, region {offer.get('region')}, instance {offer['instance']}, "
+                          f"{offer['accelerators']}, ${offer['price_per_hour']:.2f}/h"
+                          f"{' (spot)' if offer.get('spot') else ''}", highlight=False)
         console.print("dry run: nothing was provisioned")
-        return 0
+        return code
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -201,7 +191,7 @@ class SkyBackend(SkyPilotBackend):
 
         def phases(line: str) -> None:
             for clue, phase in _PHASE_CLUES:
-                if clue in line and phase not in seen_phases and phase != "training":
+                if clue in line and phase not in seen_phases:
                     seen_phases.add(phase)
                     self.on_phase(phase)
 
@@ -214,9 +204,7 @@ class SkyBackend(SkyPilotBackend):
         job_id = self._launched_job(run, lambda request: self.adapter.wait_launch(request))
         if job_id is None:
             raise BackendError("provisioning", "the launch was never submitted (no request id)")
-        seen = 0
-        failures = 0
-        lost_since: float | None = None
+        seen, failures, lost_since = 0, 0, None
         while True:
             index = 0
             try:
@@ -238,18 +226,13 @@ class SkyBackend(SkyPilotBackend):
                 error = "the log stream ended while the job was still running"
             except Exception as e:  # noqa: BLE001  (a dropped stream is retried, whatever raised it)
                 error = f"{type(e).__name__}: {e}"
-            failures += 1
-            lost_since = lost_since or time.time()
-            if self._cluster_gone(cluster):  # no machine, no job: that is a failure, not an outage
+            try:  # only a definite 'gone' counts: an API that can't be reached during an outage is no answer
+                gone = self.adapter.cluster_state(cluster) == "gone"
+            except Exception:  # noqa: BLE001
+                gone = False
+            if gone:  # no machine, no job: that is a failure, not an outage
                 raise BackendError("running", redact(f"the cluster {cluster} is gone ({error})"))
-            self._lost(failures, lost_since, error)
-
-    def _cluster_gone(self, cluster: str) -> bool:
-        """Only a definite 'gone' counts: an API that can't be reached during an outage is not an answer."""
-        try:
-            return self.adapter.cluster_state(cluster) == "gone"
-        except Exception:  # noqa: BLE001
-            return False
+            failures, lost_since = self._lost(failures, lost_since, error)
 
     def job_running(self, run: Run) -> bool | None:
         cluster, job_id = self._cluster(run), run.backend_state.get("job_id")

@@ -41,9 +41,9 @@ def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
     path = Path(source)
     if path.is_dir() and (path / "stats.json").is_file():
         return _from_prepared(cfg, path / "stats.json")
+    hub = load_hub_stats()
     if path.exists():
         n = check_local(path)  # every row checked against the job's schema before a machine is paid for
-        hub = load_hub_stats()
         share = _train_share(hub, d)
         size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
         return _schedule(cfg, max(1, round(n * share * d.subset)), round(n * (1 - share)), hub,
@@ -54,7 +54,7 @@ def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
         n = source.split(":", 1)[1]
         if not n.isdigit() or int(n) < 1:
             raise ContractError(f"--data {source!r}: synthetic:N needs a whole number of rows N >= 1")
-        n, hub = int(n), load_hub_stats()
+        n = int(n)
         train = synthetic_train_rows(n, d.split, d.subset)
         if train is None:
             train = round(n * _train_share(hub, d) * d.subset)
@@ -67,7 +67,6 @@ def count_tokens(cfg: RunConfig, data: str | None = None) -> Tokens:
     if source.rstrip("/") != HUB_DATASET:
         raise ContractError(f"--data {source!r}: no token stats for this hub dataset (accepted: {HUB_DATASET}, "
                             "or prepare it with `python -m job prepare --out DIR` and pass --data DIR)")
-    hub = load_hub_stats()
     if rows := hub["splits"].get(d.split):
         train_all, test_all, where = rows["train"], rows["test"], "rows from the SOCRATES paper (arXiv 2509.05830)"
     else:

@@ -44,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
     if not teardown(run_rec, backend, None, console):
         return 1
     console.print(f"run {run_rec.id}: machine down ({run_rec.state})", highlight=False)
-    left = bucket.bucket_left(run_rec) if bucket else None
-    if left:
+    if bucket and (left := bucket.bucket_left(run_rec)):
         console.print(f"[bold yellow]{escape(left)}[/]", highlight=False, soft_wrap=True)
     return 0

@@ -1,9 +1,6 @@
-"""`socrates-launch estimate`: what a run will cost, per cloud offer, before anything starts.
-
-It takes `up`'s flags and resolves them as `up` does (launcher/plan.py: the same config, data and
-caps, the same default config per infrastructure), so the estimate is of the run `up` would start;
-`--explain` (and `--json`'s `plan`) show that resolution as `up --dryrun` does.
-"""
+"""`socrates-launch estimate`: what a run will cost, per cloud offer, before anything starts. It takes
+`up`'s flags and resolves them as `up` does (launcher/plan.py), so the estimate is of the run `up` would
+start; `--explain` (and `--json`'s `plan`) show that resolution as `up --dryrun` does."""
 from __future__ import annotations
 
 import argparse
@@ -26,12 +23,10 @@ def run(args: argparse.Namespace) -> int:
     plan = planlib.resolve(args, default_gpu=False)
     est = planlib.estimate(plan, allow_unpriced=True)
     if args.json:
-        out = render.to_json(est)
-        out["deadline_s"] = caps.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
-        out["safety_deadline_s"] = caps.safety_deadline(est) if out["deadline_s"] is None else None
-        out["plan"] = planlib.summary(plan)
-        out["methods"] = methods_side_by_side(plan.cfg, est)
-        print(json.dumps(out, indent=2))
+        deadline_s = caps.deadline_for(est, max_cost=args.max_cost, max_hours=args.max_hours)
+        print(json.dumps({**render.to_json(est), "deadline_s": deadline_s,
+                          "safety_deadline_s": caps.safety_deadline(est) if deadline_s is None else None,
+                          "plan": planlib.summary(plan), "methods": methods_side_by_side(plan.cfg, est)}, indent=2))
         return 0
     from rich.console import Console
 

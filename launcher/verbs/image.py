@@ -1,9 +1,8 @@
 """`socrates-launch image build [--push REPO]`: the job image (Dockerfile) with docker buildx.
 
-The tag derives from requirements/job.lock and the Dockerfile (`lock-<12 hex of their sha256>`),
-so a changed lock is a new image and an unchanged one is the same tag. Without --push the image is
-loaded into the local docker (what the SSH backend's host builds too); with --push REPO it goes to
-that registry repository and the pinned reference (REPO:TAG@sha256:DIGEST) is printed for
+The tag derives from requirements/job.lock and the Dockerfile (`lock-<12 hex of their sha256>`): a
+changed lock is a new image. Without --push the image is loaded into the local docker; with --push REPO
+it goes to that repository and the pinned reference (REPO:TAG@sha256:DIGEST) is printed for
 `socrates-launch up --image REF`. `image tag` prints the reference without building.
 """
 from __future__ import annotations

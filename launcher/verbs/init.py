@@ -1,9 +1,6 @@
-"""`socrates-launch init [DIR]`: editable copies of the packaged run configs (paper.yaml, smoke.yaml).
-
-The defaults `up` and `estimate` use are read from the installed package; a user who wants to change
-the recipe edits a copy and passes it with `--config DIR/paper.yaml`. Nothing is overwritten: if
-either file exists, nothing is written (exit 2, one line).
-"""
+"""`socrates-launch init [DIR]`: editable copies of the packaged run configs (paper.yaml, smoke.yaml),
+to edit and pass with `--config DIR/paper.yaml`. Nothing is overwritten: if either file exists, nothing
+is written (exit 2, one line)."""
 from __future__ import annotations
 
 import argparse

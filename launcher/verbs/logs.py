@@ -1,9 +1,8 @@
 """`socrates-launch logs [RUN]`: re-attach to a run (latest by default) with the same progress display.
 
-A live run is followed to its end, then downloaded, verified and torn down like `up` would have;
-an ended run replays its recorded events. A run recorded as failed whose machine says its job is
-still running (a launcher that gave up on a lost log stream) is re-attached: the machine is asked,
-the record is not the authority.
+A live run is followed to its end, then downloaded, verified and torn down like `up` would have; an
+ended run replays its recorded events. A run recorded failed whose machine says its job still runs (a
+launcher gave up on a lost log stream) is re-attached: the machine is the authority, not the record.
 """
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
 """`socrates-launch predict`: how would a person like this answer this question?
 
-Validates the demographics and the scenario here (exit 2, one line, before anything starts), then
-runs `python -m job predict` as a subprocess (the model work lives in job/; the launcher never
-imports torch) and renders its result line (contracts/results.py; a malformed one is refused in
-one line, never rendered): the predicted distribution over the answers as a text bar
-chart, and one sampled answer. `--interactive` keeps one job process (the model loaded once) and
-asks in a loop; `--example N` takes row N of a prepared test split and shows the human answer.
+Validates the demographics and the scenario here (exit 2, one line), then runs `python -m job predict`
+as a subprocess (the launcher never imports torch) and renders its result line (contracts/results.py; a
+malformed one is refused, never rendered): the predicted distribution as a text bar chart, and one
+sampled answer. `--interactive` keeps one job process (the model loaded once) and asks in a loop;
+`--example N` takes row N of a prepared test split and shows the human answer.
 """
 from __future__ import annotations
 

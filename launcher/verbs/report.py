@@ -1,9 +1,6 @@
-"""`socrates-launch report [RUN]`: a run's evaluation summary and where its HTML report is.
-
-Reads the metrics.json files `python -m job evaluate` wrote and the run brought home
-(runs/<id>/eval/, runs/<id>/eval-base/; also out/eval*/ under the run folder). RUN may also be a
-folder holding a metrics.json. Every number is printed with the mode that produced it.
-"""
+"""`socrates-launch report [RUN]`: a run's evaluation summary and where its HTML report is, from the
+metrics.json files the run brought home (runs/<id>/eval*/, runs/<id>/out/eval*/), or RUN, a folder
+holding one. Every number is printed with the mode that produced it."""
 from __future__ import annotations
 
 import argparse
@@ -34,9 +31,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {}
     reports: list[tuple[float, Path]] = []
     for folder in folders:
-        data = read_metrics(folder / METRICS_FILE)
-        got = data.get("results") or {}
-        results.update(got)
+        results.update(read_metrics(folder / METRICS_FILE).get("results") or {})
         if (folder / REPORT_FILE).is_file():
             reports.append(((folder / REPORT_FILE).stat().st_mtime, folder / REPORT_FILE))
     if not results:
@@ -81,10 +76,7 @@ def _eval_folders(run_id: str | None) -> tuple[list[Path], str]:
     if run_id and Path(run_id).is_dir() and (Path(run_id) / METRICS_FILE).is_file():
         return [Path(run_id)], run_id
     rec = registry.resolve(run_id)
-    candidates = []
-    for root in (rec.dir, rec.dir / "out"):
-        candidates += sorted(p.parent for p in root.glob(f"eval*/{METRICS_FILE}"))
-    return candidates, rec.id
+    return [p.parent for root in (rec.dir, rec.dir / "out") for p in sorted(root.glob(f"eval*/{METRICS_FILE}"))], rec.id
 
 
 def render(label: str, results: dict[str, dict], report: Path | None) -> str:

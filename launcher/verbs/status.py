@@ -1,9 +1,6 @@
-"""`socrates-launch status [RUN]`: the run's state, reconciled with whether its machine exists.
-
-A run the registry thinks is live whose machine is gone (the launcher was killed, the machine
-autodowned) is marked failed, or torn_down; a run that ended with its machine still up says so
-loudly with the command that ends it.
-"""
+"""`socrates-launch status [RUN]`: the run's state, reconciled with whether its machine exists. A live
+run whose machine is gone (the launcher was killed, the machine autodowned) is marked failed; a run
+that ended with its machine still up says so loudly with the command that ends it."""
 from __future__ import annotations
 
 import argparse
@@ -51,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
                   f"duration: {_hms(duration)}", highlight=False, soft_wrap=True)
     if run_rec.estimate:
         console.print(f"estimate: {_money(run_rec.expected_cost())}", highlight=False)
-    actual = run_rec.actual_cost()
-    if actual is not None:
+    if (actual := run_rec.actual_cost()) is not None:
         console.print(f"cost:     {_money(actual)} (price x billed time)", highlight=False)
     if run_rec.error:
         console.print(f"error:    {run_rec.error}", highlight=False, markup=False)

@@ -133,14 +133,11 @@ def _estimate(plan: planlib.Plan, console, dryrun: bool = False) -> tuple[dict |
     deadline_s = caps.deadline_for(est, max_cost=plan.options.max_cost, max_hours=plan.options.max_hours)
     if deadline_s is None and (deadline_s := caps.safety_deadline(est)) is not None:
         console.print(caps.safety_line(deadline_s), highlight=False)
-    return _estimate_summary(render.to_json(est)), deadline_s, not est.unpriced
-
-
-def _estimate_summary(full: dict) -> dict:
-    """The chosen offer's numbers, small enough for run.json (the table was shown already)."""
+    full = render.to_json(est)  # the chosen offer's numbers, small enough for run.json (the table was shown)
     best = full.get("cheapest") or {}
-    return {"hours": full.get("hours"), "dollars": full.get("dollars"), "cheapest": best,
-            "price_per_hour": best.get("price_per_h"), "notes": full.get("notes", [])}
+    summary = {"hours": full.get("hours"), "dollars": full.get("dollars"), "cheapest": best,
+               "price_per_hour": best.get("price_per_h"), "notes": full.get("notes", [])}
+    return summary, deadline_s, not est.unpriced
 
 
 def _weights_choice(plan: planlib.Plan, backend, console) -> None:
@@ -183,11 +180,10 @@ def _confirm(plan: planlib.Plan, console) -> None:
 
 
 def _dryrun(plan: planlib.Plan, backend, console, priced: bool = True, save_to: str | None = None) -> int:
-    """Render the task and show it; the backend adds its part (SkyPilot's optimizer picks the offer).
-    Without a price catalog (offline, nothing cached) SkyPilot's optimizer has nothing to pick from: the
-    plan and the task are shown, and what a launch still needs is said.
-    The staged folder is built in a temporary folder (a dry run creates no run) and removed after; with
-    --save-task FILE it is kept beside FILE (FILE.workdir/), the folder the saved task's workdir names."""
+    """Render the task and show it; the backend adds its part (SkyPilot's optimizer picks the offer), or
+    without a price catalog (offline, nothing cached) what a launch still needs is said. The staged folder
+    is built in a temporary folder (a dry run creates no run) and removed after; with --save-task FILE it
+    is kept beside FILE (FILE.workdir/), the folder the saved task's workdir names."""
     if save_to:
         keep = Path(save_to).absolute().with_name(Path(save_to).name + ".workdir")
         if keep.exists() or keep.is_symlink():
