@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import shlex
 from shlex import quote as q
 import subprocess
 import time
@@ -49,11 +48,11 @@ from launcher import stage as stagelib
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, disk_full
 from launcher.registry import PRIVATE, TEARDOWN_FILE, Run
-from launcher.secrets import redact
+from launcher.secrets import collect as secret_envs, redact
 from launcher.ssh_options import SshOptions, parse_infra
 from launcher.ssh_transport import (
     DROPPED, SshAuth, SshDropped, SshTarget, SshUnsafe, SyncStats, connect, env_exports, get_tree, local_files,
-    read_from, remote_hashes, run as ssh_run, secret_envs, sync_tree,
+    read_from, remote_hashes, run as ssh_run, sync_tree,
 )
 
 LOG_FILE, EXIT_FILE, PID_FILE = "job.log", "exit_code", "job.pid"
@@ -125,7 +124,7 @@ class SshBackend(Backend):
             self._prepare_work(client, base, work, run, task, data, mode, python)
             if mode == "venv" and task is not None:
                 self.on_phase("installing", "the job's venv from requirements/job.lock (sky/train.yaml setup)")
-                self._must(client, "installing", "the setup block failed", f"cd {shlex.quote(work)} && bash -s",
+                self._must(client, "installing", "the setup block failed", f"cd {q(work)} && bash -s",
                            stdin=task.get("setup") or "", timeout=3600)
             if mode == "docker":
                 self.on_phase("installing", f"the job image {self.opts.image} (built from the synced Dockerfile "
@@ -233,11 +232,11 @@ class SshBackend(Backend):
                     state["results_kept"] = f"{self.target}:{work}/out"
             except (SshDropped, *DROPPED) as e:
                 # the host's own job.pid (its runner's pid and group), never run.json's pgid; never group 1
-                pid_file = shlex.quote(f"{work}/{PID_FILE}")
-                remote = f"pg=$(cat {pid_file}) && [ \"$pg\" -gt 1 ] && kill -9 -- -$pg; rm -rf {shlex.quote(work)}"
+                pid_file = q(f"{work}/{PID_FILE}")
+                remote = f"pg=$(cat {pid_file}) && [ \"$pg\" -gt 1 ] && kill -9 -- -$pg; rm -rf {q(work)}"
                 error = (f"could not reach {self.target} to tear down ({e}); the job may still be running there. "
-                         f"End it: ssh -p {self.target.port} {shlex.quote(f'{self.target.user}@{self.target.host}')} "
-                         f"{shlex.quote(remote)}")
+                         f"End it: ssh -p {self.target.port} {q(f'{self.target.user}@{self.target.host}')} "
+                         f"{q(remote)}")
         state["remote_clean"] = error is None
         hook = state.get("on_teardown")
         recorded = _kept_hook(run) or (state.get("options") or {}).get("on_teardown")  # shown, never run
@@ -254,7 +253,7 @@ class SshBackend(Backend):
         if unrun:
             raise BackendError("down", f"the run's --on-teardown command is not run from run.json (a record is "
                                        f"not trusted to run commands); the host may still be billing. Run it "
-                                       f"yourself, or: socrates-launch down {run.id} --on-teardown {shlex.quote(recorded)}")
+                                       f"yourself, or: socrates-launch down {run.id} --on-teardown {q(recorded)}")
         if hook and not hook["ok"]:
             raise BackendError("down", f"--on-teardown {self.opts.on_teardown!r} exited {hook['rc']}: "
                                        f"{hook['output'].strip()[-200:]} (the host may still be billing: stop it yourself)")
@@ -289,7 +288,7 @@ class SshBackend(Backend):
         if state.get("torn_down") or not state.get("work"):
             return "gone"
         try:
-            res = ssh_run(self._connect(), f"test -d {shlex.quote(state['work'])} && echo yes || echo no",
+            res = ssh_run(self._connect(), f"test -d {q(state['work'])} && echo yes || echo no",
                           timeout=self.opts.timeout_s)
             alive = self._alive(run.id)
         except (SshDropped, *DROPPED):
@@ -547,7 +546,7 @@ echo $rc > exit_code.tmp && mv exit_code.tmp exit_code
 def _groups_script(run_id: str) -> str:
     """Shell that sets $groups to the process groups (> 1, not its own) of the live processes on the host
     whose environment holds SOCRATES_RUN_ID=<run id> (the runner exports it; the job inherits it)."""
-    want = shlex.quote(f"SOCRATES_RUN_ID={run_id}")
+    want = q(f"SOCRATES_RUN_ID={run_id}")
     return (f"me=$(sed 's/.*) //' /proc/$$/stat | cut -d' ' -f3); groups=$(for e in $(grep -lzxF {want} "
             f"/proc/[0-9]*/environ 2>/dev/null); do s=$(sed 's/.*) //' ${{e%/environ}}/stat 2>/dev/null) || continue; "
             f"case \"$s\" in Z*) continue;; esac; g=$(echo \"$s\" | cut -d' ' -f3); "
