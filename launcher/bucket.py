@@ -53,8 +53,6 @@ CHUNK = 1 << 20
 MAX_MANIFEST = 16 << 20
 OWNER_KEY = ".socrates-owner.json"  # at the bucket's root: which run made it (never under a run's out/)
 MAX_OWNER = 4096
-DEFAULT_STORE = "s3"
-STORE_FOR_CLOUD = {"gcp": "gs"}  # a bucket made for a run lives with its cloud (--cloud); else S3
 
 
 class BucketError(ContractError):
@@ -89,7 +87,7 @@ def url_for_run(run: registry.Run) -> str:
     """The run's bucket: the config's storage.bucket (--bucket URL), where the run writes under
     `<run id>/`; else a bucket named after the run, made for it on --cloud's store (gcp: gs://, any
     other or none: s3://)."""
-    store = STORE_FOR_CLOUD.get(str(run.options.cloud or "").lower(), DEFAULT_STORE)
+    store = {"gcp": "gs"}.get(str(run.options.cloud or "").lower(), "s3")
     return (given_bucket(run) or "").rstrip("/") or default_url(run.id, store)
 
 
@@ -282,11 +280,10 @@ class Bucket:
                 raise BucketError(f"{where}{rel}: not a regular file (not accepted in what comes back)")
             if rel == manifest_lib.MANIFEST_FILE:
                 continue
-            if rel not in listed:
-                if not manifest_lib.excluded(rel):
-                    unlisted.append(rel)
-                continue
-            objects[rel] = obj
+            if rel in listed:
+                objects[rel] = obj
+            elif not manifest_lib.excluded(rel):
+                unlisted.append(rel)
         if unlisted:
             raise BucketError(f"{where}: not in the manifest: {', '.join(sorted(unlisted)[:5])}"
                               f"{' ...' if len(unlisted) > 5 else ''} (refused)")
@@ -371,8 +368,7 @@ class _FileStore(_Store):
         shutil.rmtree(self.root, ignore_errors=True)
 
     def delete_objects(self, prefix: str) -> None:
-        base = self.root / prefix if prefix else self.root
-        if prefix and base.is_dir() and not base.is_symlink():
+        if prefix and (base := self.root / prefix).is_dir() and not base.is_symlink():
             shutil.rmtree(base)
 
     def list(self, prefix: str) -> Iterator[Obj]:
@@ -564,8 +560,7 @@ def _or(fallback, answers: tuple[str, ...], call, *args, **kw):
 
 
 def _r2_endpoint() -> str:
-    url = os.environ.get("R2_ENDPOINT_URL")
-    if url:
+    if url := os.environ.get("R2_ENDPOINT_URL"):
         return url
     account = Path.home() / ".cloudflare" / "accountid"
     if account.is_file() and account.read_text().strip():
