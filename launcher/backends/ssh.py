@@ -22,6 +22,7 @@ Remote layout (REMOTE_DIR defaults to ~/.socrates-launch):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import posixpath
@@ -31,6 +32,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from contracts import events as ev
 from contracts import remote
@@ -317,7 +320,9 @@ class SshBackend(Backend):
     def _probe(self, client: paramiko.SSHClient, base: str, data: Path | None) -> tuple[str, str]:
         """Writable folder, free disk, how the job runs (mode, python). Refuses with exit 2 before anything starts."""
         need_gb = self.opts.min_free_gb if self.opts.min_free_gb is not None else (1.0 if self.opts.allow_cpu else 60.0)
-        need_gb += (_size(data) if data else 0) / 2**30
+        if data:
+            sent = [data] if data.is_file() else [p for p in data.rglob("*") if p.is_file()]
+            need_gb += sum(p.stat().st_size for p in sent) / 2**30
         d = q(base)
         res = ssh_run(client, (
             f"mkdir -p {d} 2>&1 && t={d}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && echo WRITABLE && "
@@ -421,8 +426,6 @@ class SshBackend(Backend):
                       f"{names} -e PYTHONPATH=/work --entrypoint bash {q(self.opts.image)} -c {inner}")
         self._must(client, "syncing", f"could not create {work}", f"rm -rf {q(work)} && mkdir -p "
                    f"{q(posixpath.dirname(work))} && cp -al {q(run.backend_state['code'])} {q(work)} && mkdir -p {q(work)}/out")
-        import yaml
-
         sftp = client.open_sftp()
         try:
             for name, text in (("run.sh", script), ("runner.sh", _RUNNER.format(launch=launch)),
@@ -524,11 +527,9 @@ class SshBackend(Backend):
 
     def _drop(self) -> None:
         for thing in (self._sftp, self._client):
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection may raise anything; it is gone
                 if thing is not None:
                     thing.close()
-            except Exception:  # noqa: BLE001  (closing a dead connection may raise anything; it is gone)
-                pass
         self._sftp = self._client = None
 
 
@@ -598,10 +599,6 @@ def _read_exit(sftp: paramiko.SFTPClient, path: str) -> tuple[int | None, str | 
     """(the exit status in the job's exit_code file, or None; the file's text, None while there is none)."""
     data = read_from(sftp, path, 0, 64)
     return remote.exit_code(data), (data.decode("utf-8", errors="replace") if data else None)
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _last_line(res) -> str:
