@@ -18,15 +18,14 @@ URL forms (a bad one is a ContractError: one line, exit 2):
   file:///ABS/FOLDER     a local folder standing in for a bucket (tests, the fake managed-jobs controller)
 boto3 and google-cloud-storage are optional extras (`pip install 'socrates-launch[bucket]'`, `[gcs]`);
 imported only when a bucket of that kind is used. Credentials are never written anywhere by this module.
-
-Download (`download`): the manifest first (schema-checked), then a listing of the prefix: an object
-that is not one plain relative path, a link or special file (file://), or a file the manifest does not
-list (except events.jsonl, job.log, checkpoints/) refuses the whole download. The rest is resumable
-(`_fetch`), sha256-checked, and moved into dest only once the tree verifies; a refusal leaves dest as it was.
 """
 from __future__ import annotations
 
+import configparser
+import functools
 import hashlib
+import importlib
+import inspect
 import json
 import os
 import re
@@ -206,7 +205,8 @@ class Bucket:
     # --- download + verify -------------------------------------------------------------------------
     def download(self, prefix: str, dest: str | os.PathLike, reserved: tuple[str, ...] = RESERVED,
                  leave: Any = None, partial_dir: str | os.PathLike | None = None) -> dict:
-        """Pull the job's output under `prefix` into `dest`, resumable and verified; the manifest.
+        """Pull the job's output under `prefix` into `dest`: resumable (`_fetch`), sha256-checked, moved into dest
+        only once the tree verifies (a refusal leaves dest as it was); returns the manifest.
         `leave(path)`: manifest entries that stay in the bucket (a full fine-tune's weights, `up --weights
         leave`): checked present in the listing with the manifest's size, not fetched.
         The files land in `partial_dir` (default `<dest>/.bucket-partial`, its resume state beside it as
@@ -266,6 +266,8 @@ class Bucket:
         return manifest
 
     def _checked_listing(self, prefix: str, listed: dict, where: str) -> dict[str, Obj]:
+        """The listed objects by path; one that is not a plain relative path, a link or special file, or a file
+        the manifest does not list (except events.jsonl, job.log, checkpoints/) refuses the whole download."""
         objects: dict[str, Obj] = {}
         unlisted = []
         for obj in self._store.list(prefix):
@@ -405,8 +407,6 @@ class _FileStore(_Store):
 
 
 def _need(module: str, package: str, extra: str, scheme: str):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -417,9 +417,6 @@ def _need(module: str, package: str, extra: str, scheme: str):
 def _provider_errors(fn):
     """A store's method: its client library's exceptions (and its transport's: the modules in the store's
     ERRORS) as the store's one BucketError line (`_err`), also where a generator raises them mid-stream."""
-    import functools
-    import inspect
-
     def convert(self, e: Exception) -> Exception:
         return e if isinstance(e, BucketError) or not type(e).__module__.startswith(self.ERRORS) else self._err(e)
 
@@ -572,8 +569,6 @@ def _r2_endpoint() -> str:
 def _r2_credentials() -> dict:
     """The `r2` profile of SkyPilot's ~/.cloudflare/r2.credentials, read (never copied) when it exists;
     else nothing, and boto3 takes the environment's credentials."""
-    import configparser
-
     path = Path.home() / ".cloudflare" / "r2.credentials"
     if not path.is_file():
         return {}

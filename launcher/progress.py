@@ -50,10 +50,8 @@ class Progress:
             self.line(f"    checkpoint at step {_escape(v('step'))}")
         elif kind == "eval":
             metrics = ev.get("metrics")
-            if isinstance(metrics, dict):
-                shown = ", ".join(f"{_text(k)}={_num(m)}" for k, m in list(metrics.items())[:6] if not isinstance(m, (dict, list)))
-            else:
-                shown = "?" if metrics is None else _text(metrics)
+            shown = _text(metrics) if not isinstance(metrics, dict) else ", ".join(
+                f"{_text(k)}={_num(m)}" for k, m in list(metrics.items())[:6] if not isinstance(m, (dict, list)))
             self.line(f"    eval: {_escape(shown)}")
         elif kind == "artifact":
             self.line(f"    artifact {_escape(v('path'))} ({_escape(v('size'))} bytes)")

@@ -10,6 +10,7 @@ backend saves the handles it needs (cluster name, request id, pid, working dir) 
 """
 from __future__ import annotations
 
+import calendar
 import contextlib
 import copy
 import json
@@ -60,12 +61,10 @@ def runs_root() -> Path:
 
 
 def known_infra(infra: str) -> bool:
-    """Whether `infra` names a backend (launcher/backends)."""
     return infra in ("local", "sky") or (infra.startswith("ssh://") and len(infra) > len("ssh://"))
 
 
 def check_infra(infra: str) -> str:
-    """`infra` if it names a backend, else ContractError (exit 2, before anything is created)."""
     if known_infra(infra):
         return infra
     raise ContractError(f"--infra {infra!r}: unknown infrastructure (accepted: {INFRAS})")
@@ -178,9 +177,7 @@ class Run:
 
     def _refresh(self, data: dict, base: dict | None = None) -> None:
         """This copy set to `data`; a later save applies what changed since `base` (default: `data`)."""
-        for key in _FIELDS - {"dir"}:
-            if key not in data:
-                continue
+        for key in (_FIELDS - {"dir"}) & data.keys():
             new, old = copy.deepcopy(data[key]), getattr(self, key, None)
             # in place: a backend holds run.backend_state and keeps writing into that very dict
             if isinstance(old, dict) and isinstance(new, dict):
@@ -540,8 +537,6 @@ _STAMP = re.compile(r"-(\d{8}-\d{6})-[0-9a-f]{4}$")
 def _folder_time(path: Path) -> float:
     """When a run began, for a record whose created_at can't be read: the UTC stamp `new_run` put in
     its folder's name, else the file's modification time."""
-    import calendar
-
     m = _STAMP.search(path.parent.name)
     if m:
         try:
