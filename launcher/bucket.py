@@ -232,8 +232,7 @@ class Bucket:
             raise BucketError(f"{where}{manifest_lib.MANIFEST_FILE}: not valid JSON ({e})") from None
         listed = {e["path"]: e for e in manifest["files"]}
         objects = self._checked_listing(prefix, listed, where)
-        missing = sorted(set(listed) - set(objects))
-        if missing:
+        if missing := sorted(set(listed) - set(objects)):
             raise BucketError(f"{where}: listed in the manifest but not in the bucket: {', '.join(missing[:5])}")
         left = {rel for rel in listed if leave is not None and leave(rel)}
         dest.mkdir(parents=True, exist_ok=True)
@@ -254,8 +253,7 @@ class Bucket:
                 raise BucketError(f"{where}{rel}: sha256 does not match the manifest (refused; nothing was moved "
                                   f"into {dest})")
         atomic_write_json(partial / manifest_lib.MANIFEST_FILE, manifest)
-        problems = manifest_lib.verify_tree(partial, manifest, reserved=reserved, left=left)
-        if problems:
+        if problems := manifest_lib.verify_tree(partial, manifest, reserved=reserved, left=left):
             raise BucketError(f"{where}: refused: {'; '.join(problems[:3])}")
         # Only what the manifest lists (and the manifest) is moved in, replacing what dest had.
         manifest_lib.move_listed(partial, dest, manifest)
@@ -309,8 +307,7 @@ class Bucket:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        got = path.stat().st_size
-        if got != obj.size:
+        if (got := path.stat().st_size) != obj.size:
             raise BucketError(f"{obj.key}: got {got} of {obj.size} bytes (the object changed or the stream ended early; "
                               f"download again to resume)")
 

@@ -164,8 +164,7 @@ class Run:
         """Write the record: read-modify-write under runs/<id>/.lock, so two processes working on one
         run (`up` following while `down` ends it) never overwrite each other's changes: what this copy
         changed since it was read is applied over what is on disk now, and this copy is refreshed."""
-        mine = asdict(self)
-        mine["dir"] = str(self.dir)
+        mine = {**asdict(self), "dir": str(self.dir)}
         with record_lock(self.dir):
             base = getattr(self, "_base", None)
             disk = _read_object(self.path) if base is not None else None
@@ -255,11 +254,8 @@ def record_lock(run_dir: Path):
     import fcntl
 
     with open(Path(run_dir) / LOCK_FILE, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        fcntl.flock(f, fcntl.LOCK_EX)  # closing the file (also on an error in the block) drops it
+        yield
 
 
 class Follower:
@@ -455,8 +451,7 @@ class Salvaged(Run):
 
     def save(self) -> "Run":
         self.updated_at = time.time()
-        data = asdict(self)
-        data["dir"] = str(self.dir)
+        data = {**asdict(self), "dir": str(self.dir)}
         out = {**self._raw, **{k: v for k, v in data.items() if k not in self._damaged}}
         atomic_write_json(self.path, out, mode=PRIVATE)
         return self
@@ -537,8 +532,7 @@ _STAMP = re.compile(r"-(\d{8}-\d{6})-[0-9a-f]{4}$")
 def _folder_time(path: Path) -> float:
     """When a run began, for a record whose created_at can't be read: the UTC stamp `new_run` put in
     its folder's name, else the file's modification time."""
-    m = _STAMP.search(path.parent.name)
-    if m:
+    if m := _STAMP.search(path.parent.name):
         try:
             return float(calendar.timegm(time.strptime(m.group(1), "%Y%m%d-%H%M%S")))
         except ValueError:
