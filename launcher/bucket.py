@@ -194,8 +194,7 @@ class Bucket:
         return b"".join(self._store.get(key, start, None))
 
     def upload(self, src: str | os.PathLike, prefix: str) -> int:
-        """Copy every regular file under `src` to `prefix` (what the mount's sync does); the file count.
-        Links and special files are not uploaded."""
+        """Copy every regular file under `src` to `prefix` (what the mount's sync does); the file count."""
         src = Path(src)
         files = [p for p in sorted(src.rglob("*")) if not p.is_symlink() and p.is_file()]
         for path in files:

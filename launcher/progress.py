@@ -97,9 +97,7 @@ class Progress:
 
 
 def _num(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "-" if v is None else _text(v)
+    return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else _text(v)
 
 
 def _text(v: Any) -> str:

@@ -25,11 +25,9 @@ def check_local(path: Path, need_participants: bool = False) -> int:
     One `ContractError` line names the file, the row and the problem. The folder walk is the job's
     (job/data.py: *.jsonl and *.parquet, outside metadata/, not hidden)."""
     path = Path(path)
-    if path.is_dir():  # the walk the data hash and the sync use (links refused)
-        files = [p for p in data_files(path) if p.suffix in (".jsonl", ".parquet")
-                 and "metadata" not in p.relative_to(path).parts and not p.name.startswith(".")]
-    else:
-        files = [path]
+    files = [path] if not path.is_dir() else [  # a folder: the walk the data hash and the sync use (links refused)
+        p for p in data_files(path) if p.suffix in (".jsonl", ".parquet")
+        and "metadata" not in p.relative_to(path).parts and not p.name.startswith(".")]
     if not files:
         raise ContractError(f"--data {path}: no .jsonl or .parquet files in it")
     n = missing = 0
