@@ -18,15 +18,14 @@ URL forms (a bad one is a ContractError: one line, exit 2):
   file:///ABS/FOLDER     a local folder standing in for a bucket (tests, the fake managed-jobs controller)
 boto3 and google-cloud-storage are optional extras (`pip install 'socrates-launch[bucket]'`, `[gcs]`);
 imported only when a bucket of that kind is used. Credentials are never written anywhere by this module.
-
-Download (`download`): the manifest first (schema-checked), then a listing of the prefix: an object
-that is not one plain relative path, a link or special file (file://), or a file the manifest does not
-list (except events.jsonl, job.log, checkpoints/) refuses the whole download. The rest is resumable
-(`_fetch`), sha256-checked, and moved into dest only once the tree verifies; a refusal leaves dest as it was.
 """
 from __future__ import annotations
 
+import configparser
+import functools
 import hashlib
+import importlib
+import inspect
 import json
 import os
 import re
@@ -53,8 +52,6 @@ CHUNK = 1 << 20
 MAX_MANIFEST = 16 << 20
 OWNER_KEY = ".socrates-owner.json"  # at the bucket's root: which run made it (never under a run's out/)
 MAX_OWNER = 4096
-DEFAULT_STORE = "s3"
-STORE_FOR_CLOUD = {"gcp": "gs"}  # a bucket made for a run lives with its cloud (--cloud); else S3
 
 
 class BucketError(ContractError):
@@ -89,7 +86,7 @@ def url_for_run(run: registry.Run) -> str:
     """The run's bucket: the config's storage.bucket (--bucket URL), where the run writes under
     `<run id>/`; else a bucket named after the run, made for it on --cloud's store (gcp: gs://, any
     other or none: s3://)."""
-    store = STORE_FOR_CLOUD.get(str(run.options.cloud or "").lower(), DEFAULT_STORE)
+    store = {"gcp": "gs"}.get(str(run.options.cloud or "").lower(), "s3")
     return (given_bucket(run) or "").rstrip("/") or default_url(run.id, store)
 
 
@@ -197,8 +194,7 @@ class Bucket:
         return b"".join(self._store.get(key, start, None))
 
     def upload(self, src: str | os.PathLike, prefix: str) -> int:
-        """Copy every regular file under `src` to `prefix` (what the mount's sync does); the file count.
-        Links and special files are not uploaded."""
+        """Copy every regular file under `src` to `prefix` (what the mount's sync does); the file count."""
         src = Path(src)
         files = [p for p in sorted(src.rglob("*")) if not p.is_symlink() and p.is_file()]
         for path in files:
@@ -208,7 +204,8 @@ class Bucket:
     # --- download + verify -------------------------------------------------------------------------
     def download(self, prefix: str, dest: str | os.PathLike, reserved: tuple[str, ...] = RESERVED,
                  leave: Any = None, partial_dir: str | os.PathLike | None = None) -> dict:
-        """Pull the job's output under `prefix` into `dest`, resumable and verified; the manifest.
+        """Pull the job's output under `prefix` into `dest`: resumable (`_fetch`), sha256-checked, moved into dest
+        only once the tree verifies (a refusal leaves dest as it was); returns the manifest.
         `leave(path)`: manifest entries that stay in the bucket (a full fine-tune's weights, `up --weights
         leave`): checked present in the listing with the manifest's size, not fetched.
         The files land in `partial_dir` (default `<dest>/.bucket-partial`, its resume state beside it as
@@ -234,8 +231,7 @@ class Bucket:
             raise BucketError(f"{where}{manifest_lib.MANIFEST_FILE}: not valid JSON ({e})") from None
         listed = {e["path"]: e for e in manifest["files"]}
         objects = self._checked_listing(prefix, listed, where)
-        missing = sorted(set(listed) - set(objects))
-        if missing:
+        if missing := sorted(set(listed) - set(objects)):
             raise BucketError(f"{where}: listed in the manifest but not in the bucket: {', '.join(missing[:5])}")
         left = {rel for rel in listed if leave is not None and leave(rel)}
         dest.mkdir(parents=True, exist_ok=True)
@@ -256,8 +252,7 @@ class Bucket:
                 raise BucketError(f"{where}{rel}: sha256 does not match the manifest (refused; nothing was moved "
                                   f"into {dest})")
         atomic_write_json(partial / manifest_lib.MANIFEST_FILE, manifest)
-        problems = manifest_lib.verify_tree(partial, manifest, reserved=reserved, left=left)
-        if problems:
+        if problems := manifest_lib.verify_tree(partial, manifest, reserved=reserved, left=left):
             raise BucketError(f"{where}: refused: {'; '.join(problems[:3])}")
         # Only what the manifest lists (and the manifest) is moved in, replacing what dest had.
         manifest_lib.move_listed(partial, dest, manifest)
@@ -268,6 +263,8 @@ class Bucket:
         return manifest
 
     def _checked_listing(self, prefix: str, listed: dict, where: str) -> dict[str, Obj]:
+        """The listed objects by path; one that is not a plain relative path, a link or special file, or a file
+        the manifest does not list (except events.jsonl, job.log, checkpoints/) refuses the whole download."""
         objects: dict[str, Obj] = {}
         unlisted = []
         for obj in self._store.list(prefix):
@@ -282,11 +279,10 @@ class Bucket:
                 raise BucketError(f"{where}{rel}: not a regular file (not accepted in what comes back)")
             if rel == manifest_lib.MANIFEST_FILE:
                 continue
-            if rel not in listed:
-                if not manifest_lib.excluded(rel):
-                    unlisted.append(rel)
-                continue
-            objects[rel] = obj
+            if rel in listed:
+                objects[rel] = obj
+            elif not manifest_lib.excluded(rel):
+                unlisted.append(rel)
         if unlisted:
             raise BucketError(f"{where}: not in the manifest: {', '.join(sorted(unlisted)[:5])}"
                               f"{' ...' if len(unlisted) > 5 else ''} (refused)")
@@ -310,8 +306,7 @@ class Bucket:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        got = path.stat().st_size
-        if got != obj.size:
+        if (got := path.stat().st_size) != obj.size:
             raise BucketError(f"{obj.key}: got {got} of {obj.size} bytes (the object changed or the stream ended early; "
                               f"download again to resume)")
 
@@ -371,8 +366,7 @@ class _FileStore(_Store):
         shutil.rmtree(self.root, ignore_errors=True)
 
     def delete_objects(self, prefix: str) -> None:
-        base = self.root / prefix if prefix else self.root
-        if prefix and base.is_dir() and not base.is_symlink():
+        if prefix and (base := self.root / prefix).is_dir() and not base.is_symlink():
             shutil.rmtree(base)
 
     def list(self, prefix: str) -> Iterator[Obj]:
@@ -409,8 +403,6 @@ class _FileStore(_Store):
 
 
 def _need(module: str, package: str, extra: str, scheme: str):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -421,9 +413,6 @@ def _need(module: str, package: str, extra: str, scheme: str):
 def _provider_errors(fn):
     """A store's method: its client library's exceptions (and its transport's: the modules in the store's
     ERRORS) as the store's one BucketError line (`_err`), also where a generator raises them mid-stream."""
-    import functools
-    import inspect
-
     def convert(self, e: Exception) -> Exception:
         return e if isinstance(e, BucketError) or not type(e).__module__.startswith(self.ERRORS) else self._err(e)
 
@@ -564,8 +553,7 @@ def _or(fallback, answers: tuple[str, ...], call, *args, **kw):
 
 
 def _r2_endpoint() -> str:
-    url = os.environ.get("R2_ENDPOINT_URL")
-    if url:
+    if url := os.environ.get("R2_ENDPOINT_URL"):
         return url
     account = Path.home() / ".cloudflare" / "accountid"
     if account.is_file() and account.read_text().strip():
@@ -577,8 +565,6 @@ def _r2_endpoint() -> str:
 def _r2_credentials() -> dict:
     """The `r2` profile of SkyPilot's ~/.cloudflare/r2.credentials, read (never copied) when it exists;
     else nothing, and boto3 takes the environment's credentials."""
-    import configparser
-
     path = Path.home() / ".cloudflare" / "r2.credentials"
     if not path.is_file():
         return {}

@@ -354,9 +354,7 @@ def _needed_bytes(staging: Path) -> int:
 
 def describe(e: BaseException) -> str:
     """One line for any exception (a bare KeyError's str is only the key)."""
-    if isinstance(e, (BackendError, ContractError, OSError)):
-        return str(e)
-    return f"{type(e).__name__}: {e}"
+    return str(e) if isinstance(e, (BackendError, ContractError, OSError)) else f"{type(e).__name__}: {e}"
 
 
 def teardown(run: registry.Run, backend: Backend, recorder: Recorder | None, console) -> bool:

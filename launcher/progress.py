@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape as _escape
 
 from contracts.remote import clean
 
@@ -22,11 +23,6 @@ class Progress:
         self.last_step: dict | None = None
         self._bar = None
         self._task = None
-
-    def dollars(self) -> float | None:
-        if self.price_per_hour is None:
-            return None
-        return self.price_per_hour * (time.time() - self.started_at) / 3600
 
     def on_event(self, ev: dict) -> None:
         """Render one event. A recorded event is shown as it is, an odd value as '?' or verbatim:
@@ -46,18 +42,16 @@ class Progress:
             self.line(f"    job {_escape(v('verb'))} started" + (f" (speed levers: {_escape(shown)})" if shown else ""))
         elif kind == "check":
             ok = ev.get("ok")
-            self.line(f"    check: {'ok' if ok is True else 'FAILED' if ok is False else '?'} "
-                      + _escape(_fmt_fields(ev, ("card", "gpu", "device", "reason"))))
+            fields = " ".join(f"{k}={_text(ev[k])}" for k in ("card", "gpu", "device", "reason") if ev.get(k) is not None)
+            self.line(f"    check: {'ok' if ok is True else 'FAILED' if ok is False else '?'} " + _escape(fields))
         elif kind == "prepare":
             self.line(f"    data: {_escape(v('train_rows'))} train rows, {_escape(v('test_rows'))} test rows")
         elif kind == "checkpoint":
             self.line(f"    checkpoint at step {_escape(v('step'))}")
         elif kind == "eval":
             metrics = ev.get("metrics")
-            if isinstance(metrics, dict):
-                shown = ", ".join(f"{_text(k)}={_num(m)}" for k, m in list(metrics.items())[:6] if not isinstance(m, (dict, list)))
-            else:
-                shown = "?" if metrics is None else _text(metrics)
+            shown = _text(metrics) if not isinstance(metrics, dict) else ", ".join(
+                f"{_text(k)}={_num(m)}" for k, m in list(metrics.items())[:6] if not isinstance(m, (dict, list)))
             self.line(f"    eval: {_escape(shown)}")
         elif kind == "artifact":
             self.line(f"    artifact {_escape(v('path'))} ({_escape(v('size'))} bytes)")
@@ -74,18 +68,13 @@ class Progress:
             self.line(f"    resumed from step {_escape(v('step'))} ({_escape(v('steps_lost'))} step(s) trained again)")
 
     def line(self, text: str) -> None:
-        """A phase or status line, printed above the bar (or plain); no control character reaches the terminal."""
-        text = clean(text)
-        if self.plain:
-            self.console.print(text, highlight=False, soft_wrap=True)
-        elif self._bar is not None:
-            self._bar.console.print(text, highlight=False)
-        else:
-            self.console.print(text, highlight=False)
+        """A phase or status line, printed above the bar (the bar's console is this one) or plain; no control
+        character reaches the terminal."""
+        self.console.print(clean(text), highlight=False, soft_wrap=True if self.plain else None)
 
     def _step(self, ev: dict) -> None:
         self.last_step = ev
-        cost = self.dollars()
+        cost = None if self.price_per_hour is None else self.price_per_hour * (time.time() - self.started_at) / 3600
         extras = (f"loss {_num(ev.get('loss'))}  {_num(ev.get('tokens_per_s'))} tok/s  ETA {_eta(ev.get('eta_s'))}"
                   + (f"  ${cost:.2f} so far" if cost is not None else ""))
         counts = all(isinstance(ev.get(k), int) and not isinstance(ev.get(k), bool) for k in ("step", "total_steps"))
@@ -108,9 +97,7 @@ class Progress:
 
 
 def _num(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "-" if v is None else _text(v)
+    return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else _text(v)
 
 
 def _text(v: Any) -> str:
@@ -121,19 +108,9 @@ def _text(v: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
-
-
 def _eta(seconds: Any) -> str:
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) \
             or not 0 <= seconds < 10 ** 9:  # about 30 years: anything longer is no estimate
         return "-"
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def _fmt_fields(ev: dict, keys: tuple[str, ...]) -> str:
-    return " ".join(f"{k}={_text(ev[k])}" for k in keys if ev.get(k) is not None)

@@ -10,6 +10,7 @@ backend saves the handles it needs (cluster name, request id, pid, working dir) 
 """
 from __future__ import annotations
 
+import calendar
 import contextlib
 import copy
 import json
@@ -59,27 +60,11 @@ def runs_root() -> Path:
     return root
 
 
-def writable_runs_root() -> Path:
-    """runs_root(), made (0700) if missing and checked writable: a ContractError (exit 2) before a run exists."""
-    root = runs_root()
-    try:
-        root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
-        probe = root / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise ContractError(f"SOCRATES_RUNS_DIR {str(root)!r}: runs cannot be written there ({e.strerror or e}); "
-                            "accepted: a folder you can write") from None
-    return root
-
-
 def known_infra(infra: str) -> bool:
-    """Whether `infra` names a backend (launcher/backends)."""
     return infra in ("local", "sky") or (infra.startswith("ssh://") and len(infra) > len("ssh://"))
 
 
 def check_infra(infra: str) -> str:
-    """`infra` if it names a backend, else ContractError (exit 2, before anything is created)."""
     if known_infra(infra):
         return infra
     raise ContractError(f"--infra {infra!r}: unknown infrastructure (accepted: {INFRAS})")
@@ -179,8 +164,7 @@ class Run:
         """Write the record: read-modify-write under runs/<id>/.lock, so two processes working on one
         run (`up` following while `down` ends it) never overwrite each other's changes: what this copy
         changed since it was read is applied over what is on disk now, and this copy is refreshed."""
-        mine = asdict(self)
-        mine["dir"] = str(self.dir)
+        mine = {**asdict(self), "dir": str(self.dir)}
         with record_lock(self.dir):
             base = getattr(self, "_base", None)
             disk = _read_object(self.path) if base is not None else None
@@ -192,9 +176,7 @@ class Run:
 
     def _refresh(self, data: dict, base: dict | None = None) -> None:
         """This copy set to `data`; a later save applies what changed since `base` (default: `data`)."""
-        for key in _FIELDS - {"dir"}:
-            if key not in data:
-                continue
+        for key in (_FIELDS - {"dir"}) & data.keys():
             new, old = copy.deepcopy(data[key]), getattr(self, key, None)
             # in place: a backend holds run.backend_state and keeps writing into that very dict
             if isinstance(old, dict) and isinstance(new, dict):
@@ -272,11 +254,8 @@ def record_lock(run_dir: Path):
     import fcntl
 
     with open(Path(run_dir) / LOCK_FILE, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        fcntl.flock(f, fcntl.LOCK_EX)  # closing the file (also on an error in the block) drops it
+        yield
 
 
 class Follower:
@@ -326,11 +305,12 @@ def _merge(base: dict, mine: dict, disk: dict) -> dict:
     History: disk's plus the entries `mine` added. backend_state: per key. A state change is applied only
     if it is a valid move from the state on disk (a `down`'s torn_down stands over this copy's 'failed')."""
     out = dict(disk)
-    refused = mine.get("state") != base.get("state") and not _allowed(disk.get("state"), base.get("state"),
-                                                                    mine.get("state"))
+    was, now, new = base.get("state"), disk.get("state"), mine.get("state")
+    # a move not allowed from the state on disk is refused, unless nobody moved the record since this copy read it
+    refused = new != was and not (new == now or now not in TRANSITIONS or new in TRANSITIONS[now] or now == was)
     # A run that ended done meanwhile is never moved backwards: a stale copy's refused move is dropped with
     # what came with it (its error, machine, ended_at), so "machine gone while live" never lands on it.
-    ended_well = refused and disk.get("state") == "done"
+    ended_well = refused and now == "done"
     for key, value in mine.items():
         if key in ("history", "state", "updated_at") or value == base.get(key):
             continue
@@ -348,13 +328,12 @@ def _merge(base: dict, mine: dict, disk: dict) -> dict:
         else:
             out[key] = value
     added = list(mine.get("history") or [])[len(base.get("history") or []):]
-    state = disk.get("state")
-    if mine.get("state") != base.get("state"):
+    out["state"] = now
+    if new != was:
         if not refused:
-            state = mine["state"]
+            out["state"] = new
         else:  # someone else moved the run meanwhile, to where this move is not allowed: theirs stands
-            added = [h for h in added if h.get("state") != mine["state"]]
-    out["state"] = state
+            added = [h for h in added if h.get("state") != new]
     if isinstance(disk.get("history"), list):
         out["history"] = disk["history"] + added
     return out
@@ -363,18 +342,21 @@ def _merge(base: dict, mine: dict, disk: dict) -> dict:
 _MISSING = object()
 
 
-def _allowed(disk_state: Any, base_state: Any, new_state: Any) -> bool:
-    """Whether a copy read in `base_state` may move the record, now `disk_state` on disk, to `new_state`."""
-    return (new_state == disk_state or disk_state not in TRANSITIONS or new_state in TRANSITIONS[disk_state]
-            or disk_state == base_state)
-
-
 def new_run(name: str, infra: str, **kw: Any) -> Run:
     """Create runs/<name>-<utc time>-<random>/run.json in state `created`."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:40] or "run"
     run_id = f"{safe}-{stamp}-{_random.token_hex(2)}"
-    run_dir = writable_runs_root() / run_id
+    root = runs_root()
+    try:  # made (0700) if missing and checked writable: a ContractError (exit 2) before a run exists
+        root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ContractError(f"SOCRATES_RUNS_DIR {str(root)!r}: runs cannot be written there ({e.strerror or e}); "
+                            "accepted: a folder you can write") from None
+    run_dir = root / run_id
     run_dir.mkdir(mode=PRIVATE_DIR)
     run = Run(id=run_id, dir=run_dir, infra=infra, name=name, **kw)
     run.history.append({"state": "created", "ts": run.created_at})
@@ -457,17 +439,6 @@ def _short(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def problems(data: dict, folder: str) -> list[str]:
-    """What is wrong with a record's fields (empty when it is sound)."""
-    found = [f"{key} {_short(data[key])} is not {what}" for key, (check, what) in SCHEMA.items()
-             if key in data and not check(data[key])]
-    if "id" not in data:
-        found.insert(0, "id is missing")
-    elif isinstance(data["id"], str) and data["id"] != folder:
-        found.append(f"id {data['id']!r} is not its folder's name {folder!r}")
-    return found
-
-
 class Salvaged(Run):
     """A damaged record read only so that `down` can end its machine: the sound fields, with the
     damaged ones at their defaults; saving writes back the sound fields only, leaving the damaged
@@ -480,8 +451,7 @@ class Salvaged(Run):
 
     def save(self) -> "Run":
         self.updated_at = time.time()
-        data = asdict(self)
-        data["dir"] = str(self.dir)
+        data = {**asdict(self), "dir": str(self.dir)}
         out = {**self._raw, **{k: v for k, v in data.items() if k not in self._damaged}}
         atomic_write_json(self.path, out, mode=PRIVATE)
         return self
@@ -527,14 +497,18 @@ def _parse(path: Path) -> tuple[Run | None, Damaged | None]:
         return None, Damaged(folder, path.parent, _fail(path, "not a JSON object", "fix or remove the folder"), when)
     if is_number(data.get("created_at")):
         when = data["created_at"]
-    found = problems(data, folder)
+    damaged = {k for k, (check, _) in SCHEMA.items() if k in data and not check(data[k])}
+    found = [f"{key} {_short(data[key])} is not {what}" for key, (_, what) in SCHEMA.items() if key in damaged]
+    if "id" not in data:
+        found.insert(0, "id is missing")
+    elif isinstance(data["id"], str) and data["id"] != folder:
+        found.append(f"id {data['id']!r} is not its folder's name {folder!r}")
     if not found:
         data["dir"] = path.parent
         read = {**data, "config": _storage_of_older_record(data.get("config"), data.get("options"))}
         run = Run(**{k: v for k, v in read.items() if k in _FIELDS})
         run._refresh(read, base=data)  # a later save applies only what this copy changed (a carried-over storage too)
         return run, None
-    damaged = {k for k, (check, _) in SCHEMA.items() if k in data and not check(data[k])}
     if data.get("id") != folder:
         damaged.add("id")
     # `down` can still end the machine when it knows which backend and the backend's handles.
@@ -558,10 +532,7 @@ _STAMP = re.compile(r"-(\d{8}-\d{6})-[0-9a-f]{4}$")
 def _folder_time(path: Path) -> float:
     """When a run began, for a record whose created_at can't be read: the UTC stamp `new_run` put in
     its folder's name, else the file's modification time."""
-    import calendar
-
-    m = _STAMP.search(path.parent.name)
-    if m:
+    if m := _STAMP.search(path.parent.name):
         try:
             return float(calendar.timegm(time.strptime(m.group(1), "%Y%m%d-%H%M%S")))
         except ValueError:

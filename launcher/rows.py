@@ -13,7 +13,6 @@ from contracts.errors import ContractError
 from contracts.manifest import data_files
 from contracts.rows import check_row, no_participants, participant_id
 
-PARQUET_EXTRA = "pip install 'socrates-launch[parquet]'"
 # (path, size, mtime_ns) -> (rows, rows without a participant id, where the first is): `up` checks, then
 # its estimate counts
 _checked: dict[tuple, tuple[int, int, str]] = {}
@@ -26,11 +25,9 @@ def check_local(path: Path, need_participants: bool = False) -> int:
     One `ContractError` line names the file, the row and the problem. The folder walk is the job's
     (job/data.py: *.jsonl and *.parquet, outside metadata/, not hidden)."""
     path = Path(path)
-    if path.is_dir():  # the walk the data hash and the sync use (links refused)
-        files = [p for p in data_files(path) if p.suffix in (".jsonl", ".parquet")
-                 and "metadata" not in p.relative_to(path).parts and not p.name.startswith(".")]
-    else:
-        files = [path]
+    files = [path] if not path.is_dir() else [  # a folder: the walk the data hash and the sync use (links refused)
+        p for p in data_files(path) if p.suffix in (".jsonl", ".parquet")
+        and "metadata" not in p.relative_to(path).parts and not p.name.startswith(".")]
     if not files:
         raise ContractError(f"--data {path}: no .jsonl or .parquet files in it")
     n = missing = 0
@@ -39,12 +36,9 @@ def check_local(path: Path, need_participants: bool = False) -> int:
         st = f.stat()
         key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
         if key not in _checked:
-            if f.suffix == ".jsonl":
-                _checked[key] = _jsonl(f)
-            elif f.suffix == ".parquet":
-                _checked[key] = _parquet(f)
-            else:
+            if f.suffix not in (".jsonl", ".parquet"):
                 raise ContractError(f"--data {f}: not accepted (a .jsonl or .parquet file, or a prepared folder)")
+            _checked[key] = _count(f)
         rows, lacking, where = _checked[key]
         n += rows
         missing += lacking
@@ -56,14 +50,20 @@ def check_local(path: Path, need_participants: bool = False) -> int:
     return n
 
 
-def _no_id(row: dict, f: Path, at: str) -> str:
-    """Where a row without a participant id is, for the refusal ("" when it has one)."""
-    return "" if participant_id(row) is not None else f"{f} {at}, study {row['study_id']}"
-
-
-def _jsonl(f: Path) -> tuple[int, int, str]:
+def _count(f: Path) -> tuple[int, int, str]:
     rows = lacking = 0
     first = ""
+    for row, context, at in (_jsonl(f) if f.suffix == ".jsonl" else _parquet(f)):
+        check_row(row, rows, context)
+        if participant_id(row) is None:  # where the first such row is, for the refusal
+            lacking += 1
+            first = first or f"{f} {at}, study {row['study_id']}"
+        rows += 1
+    return rows, lacking, first
+
+
+def _jsonl(f: Path):
+    """(row, its context for check_row, where it is) for each row of a .jsonl file."""
     with open(f, "rb") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
@@ -77,35 +77,20 @@ def _jsonl(f: Path) -> tuple[int, int, str]:
             if not isinstance(row, dict):
                 raise ContractError(f"--data {f}: line {line_no} is a {type(row).__name__}, not a JSON object "
                                     "(accepted: one JSON object a line)")
-            check_row(row, rows, f"--data {f} (line {line_no})")
-            where = _no_id(row, f, f"line {line_no}")
-            lacking += bool(where)
-            first = first or where
-            rows += 1
-    return rows, lacking, first
+            yield row, f"--data {f} (line {line_no})", f"line {line_no}"
 
 
-def _parquet(f: Path) -> tuple[int, int, str]:
+def _parquet(f: Path):
+    """As `_jsonl`, for a .parquet file, read in batches."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ContractError(f"--data {f}: reading .parquet needs pyarrow, which is not installed "
-                            f"({PARQUET_EXTRA}), or give a .jsonl") from None
-    rows = lacking = 0
-    first = ""
+                            "(pip install 'socrates-launch[parquet]'), or give a .jsonl") from None
     try:
-        pf = pq.ParquetFile(f)
-        batches = pf.iter_batches(batch_size=8192)
-        for batch in batches:
-            for row in batch.to_pylist():
-                check_row(row, rows, f"--data {f}")
-                where = _no_id(row, f, f"row {rows}")
-                lacking += bool(where)
-                first = first or where
-                rows += 1
-    except ContractError:
-        raise
+        batches = pq.ParquetFile(f).iter_batches(batch_size=8192)
+        for n, row in enumerate(row for batch in batches for row in batch.to_pylist()):
+            yield row, f"--data {f}", f"row {n}"
     except Exception as e:  # noqa: BLE001  (pyarrow raises several kinds for a damaged file)
         raise ContractError(f"--data {f}: not a readable parquet file ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    return rows, lacking, first

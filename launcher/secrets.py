@@ -7,7 +7,6 @@ from typing import Mapping
 from contracts.remote import clean
 
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY")
-REDACTED = "<redacted>"
 
 
 def collect(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -20,7 +19,7 @@ def redact(text: str, secrets: Mapping[str, str] | None = None) -> str:
     """`text` with every secret value replaced (log lines on their way to disk or the terminal)."""
     for value in (collect() if secrets is None else secrets).values():
         if value and len(value) >= 4:
-            text = text.replace(value, REDACTED)
+            text = text.replace(value, "<redacted>")
     return text
 
 

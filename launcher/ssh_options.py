@@ -101,9 +101,8 @@ def options_from_args(args: argparse.Namespace) -> dict:
     remote_dir = getattr(args, "remote_dir", None) or DEFAULT_REMOTE_DIR
     if not remote_dir.startswith(("/", "~")):
         raise ContractError(f"--remote-dir {remote_dir!r}: not accepted (an absolute path or ~/...)")
-    opts = SshOptions(
+    return SshOptions(
         key=str(Path(key).expanduser().resolve()) if key else None,
         known_hosts=getattr(args, "known_hosts", None), trust_new_host=bool(getattr(args, "trust_new_host", False)),
         allow_cpu=bool(getattr(args, "allow_cpu", False)), remote_python=getattr(args, "remote_python", None),
-        remote_dir=remote_dir, on_teardown=getattr(args, "on_teardown", None), min_free_gb=min_free)
-    return opts.to_dict()
+        remote_dir=remote_dir, on_teardown=getattr(args, "on_teardown", None), min_free_gb=min_free).to_dict()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import posixpath
 import shlex
 import socket
@@ -265,8 +264,3 @@ def read_from(sftp: paramiko.SFTPClient, path: str, offset: int, limit: int = 4 
 
 def env_exports(envs: dict[str, str]) -> str:
     return "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in envs.items())
-
-
-def secret_envs(names: Iterable[str] = ("HF_TOKEN", "WANDB_API_KEY")) -> dict[str, str]:
-    """Secrets present in the local environment; they travel to the host only over stdin."""
-    return {n: os.environ[n] for n in names if os.environ.get(n)}

@@ -38,7 +38,12 @@ def build(dest: Path) -> Staged:
     """Stage the job's files into `dest` (created; it must not exist yet)."""
     dest.mkdir(parents=True)
     for name in CODE_PACKAGES:
-        shutil.copytree(_package_dir(name), dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # found without importing it (job/ imports torch lazily, but nothing of the job needs to run here)
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"the installed package {name!r} was not found: reinstall socrates-launch")
+        shutil.copytree(Path(list(spec.submodule_search_locations)[0]), dest / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for src in [*resources.locks(), resources.path(resources.DOCKERFILE), *map(resources.path, TABLES)]:
         rel = src.relative_to(resources.path("."))
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -74,11 +79,3 @@ def entries(root: Path) -> list[str]:
     """The staged folder's top-level names (what a backend ships from it)."""
     return sorted(p.name for p in root.iterdir())
 
-
-def _package_dir(name: str) -> Path:
-    """Where the installed package `name` lives, found without importing it (job/ imports torch lazily,
-    but nothing of the job needs to run here)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the installed package {name!r} was not found: reinstall socrates-launch")
-    return Path(list(spec.submodule_search_locations)[0])

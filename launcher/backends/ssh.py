@@ -22,16 +22,18 @@ Remote layout (REMOTE_DIR defaults to ~/.socrates-launch):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import posixpath
-import shlex
 from shlex import quote as q
 import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from contracts import events as ev
 from contracts import remote
@@ -49,11 +51,11 @@ from launcher import stage as stagelib
 from launcher import task as tasklib
 from launcher.backends.base import Backend, BackendError, EventCallback, StreamLost, disk_full
 from launcher.registry import PRIVATE, TEARDOWN_FILE, Run
-from launcher.secrets import redact
+from launcher.secrets import collect as secret_envs, redact
 from launcher.ssh_options import SshOptions, parse_infra
 from launcher.ssh_transport import (
     DROPPED, SshAuth, SshDropped, SshTarget, SshUnsafe, SyncStats, connect, env_exports, get_tree, local_files,
-    read_from, remote_hashes, run as ssh_run, secret_envs, sync_tree,
+    read_from, remote_hashes, run as ssh_run, sync_tree,
 )
 
 LOG_FILE, EXIT_FILE, PID_FILE = "job.log", "exit_code", "job.pid"
@@ -125,7 +127,7 @@ class SshBackend(Backend):
             self._prepare_work(client, base, work, run, task, data, mode, python)
             if mode == "venv" and task is not None:
                 self.on_phase("installing", "the job's venv from requirements/job.lock (sky/train.yaml setup)")
-                self._must(client, "installing", "the setup block failed", f"cd {shlex.quote(work)} && bash -s",
+                self._must(client, "installing", "the setup block failed", f"cd {q(work)} && bash -s",
                            stdin=task.get("setup") or "", timeout=3600)
             if mode == "docker":
                 self.on_phase("installing", f"the job image {self.opts.image} (built from the synced Dockerfile "
@@ -233,11 +235,11 @@ class SshBackend(Backend):
                     state["results_kept"] = f"{self.target}:{work}/out"
             except (SshDropped, *DROPPED) as e:
                 # the host's own job.pid (its runner's pid and group), never run.json's pgid; never group 1
-                pid_file = shlex.quote(f"{work}/{PID_FILE}")
-                remote = f"pg=$(cat {pid_file}) && [ \"$pg\" -gt 1 ] && kill -9 -- -$pg; rm -rf {shlex.quote(work)}"
+                pid_file = q(f"{work}/{PID_FILE}")
+                remote = f"pg=$(cat {pid_file}) && [ \"$pg\" -gt 1 ] && kill -9 -- -$pg; rm -rf {q(work)}"
                 error = (f"could not reach {self.target} to tear down ({e}); the job may still be running there. "
-                         f"End it: ssh -p {self.target.port} {shlex.quote(f'{self.target.user}@{self.target.host}')} "
-                         f"{shlex.quote(remote)}")
+                         f"End it: ssh -p {self.target.port} {q(f'{self.target.user}@{self.target.host}')} "
+                         f"{q(remote)}")
         state["remote_clean"] = error is None
         hook = state.get("on_teardown")
         recorded = _kept_hook(run) or (state.get("options") or {}).get("on_teardown")  # shown, never run
@@ -254,7 +256,7 @@ class SshBackend(Backend):
         if unrun:
             raise BackendError("down", f"the run's --on-teardown command is not run from run.json (a record is "
                                        f"not trusted to run commands); the host may still be billing. Run it "
-                                       f"yourself, or: socrates-launch down {run.id} --on-teardown {shlex.quote(recorded)}")
+                                       f"yourself, or: socrates-launch down {run.id} --on-teardown {q(recorded)}")
         if hook and not hook["ok"]:
             raise BackendError("down", f"--on-teardown {self.opts.on_teardown!r} exited {hook['rc']}: "
                                        f"{hook['output'].strip()[-200:]} (the host may still be billing: stop it yourself)")
@@ -289,7 +291,7 @@ class SshBackend(Backend):
         if state.get("torn_down") or not state.get("work"):
             return "gone"
         try:
-            res = ssh_run(self._connect(), f"test -d {shlex.quote(state['work'])} && echo yes || echo no",
+            res = ssh_run(self._connect(), f"test -d {q(state['work'])} && echo yes || echo no",
                           timeout=self.opts.timeout_s)
             alive = self._alive(run.id)
         except (SshDropped, *DROPPED):
@@ -318,7 +320,9 @@ class SshBackend(Backend):
     def _probe(self, client: paramiko.SSHClient, base: str, data: Path | None) -> tuple[str, str]:
         """Writable folder, free disk, how the job runs (mode, python). Refuses with exit 2 before anything starts."""
         need_gb = self.opts.min_free_gb if self.opts.min_free_gb is not None else (1.0 if self.opts.allow_cpu else 60.0)
-        need_gb += (_size(data) if data else 0) / 2**30
+        if data:
+            sent = [data] if data.is_file() else [p for p in data.rglob("*") if p.is_file()]
+            need_gb += sum(p.stat().st_size for p in sent) / 2**30
         d = q(base)
         res = ssh_run(client, (
             f"mkdir -p {d} 2>&1 && t={d}/.write-test.$$ && : > \"$t\" 2>&1 && rm -f \"$t\" && echo WRITABLE && "
@@ -422,8 +426,6 @@ class SshBackend(Backend):
                       f"{names} -e PYTHONPATH=/work --entrypoint bash {q(self.opts.image)} -c {inner}")
         self._must(client, "syncing", f"could not create {work}", f"rm -rf {q(work)} && mkdir -p "
                    f"{q(posixpath.dirname(work))} && cp -al {q(run.backend_state['code'])} {q(work)} && mkdir -p {q(work)}/out")
-        import yaml
-
         sftp = client.open_sftp()
         try:
             for name, text in (("run.sh", script), ("runner.sh", _RUNNER.format(launch=launch)),
@@ -525,11 +527,9 @@ class SshBackend(Backend):
 
     def _drop(self) -> None:
         for thing in (self._sftp, self._client):
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection may raise anything; it is gone
                 if thing is not None:
                     thing.close()
-            except Exception:  # noqa: BLE001  (closing a dead connection may raise anything; it is gone)
-                pass
         self._sftp = self._client = None
 
 
@@ -547,7 +547,7 @@ echo $rc > exit_code.tmp && mv exit_code.tmp exit_code
 def _groups_script(run_id: str) -> str:
     """Shell that sets $groups to the process groups (> 1, not its own) of the live processes on the host
     whose environment holds SOCRATES_RUN_ID=<run id> (the runner exports it; the job inherits it)."""
-    want = shlex.quote(f"SOCRATES_RUN_ID={run_id}")
+    want = q(f"SOCRATES_RUN_ID={run_id}")
     return (f"me=$(sed 's/.*) //' /proc/$$/stat | cut -d' ' -f3); groups=$(for e in $(grep -lzxF {want} "
             f"/proc/[0-9]*/environ 2>/dev/null); do s=$(sed 's/.*) //' ${{e%/environ}}/stat 2>/dev/null) || continue; "
             f"case \"$s\" in Z*) continue;; esac; g=$(echo \"$s\" | cut -d' ' -f3); "
@@ -599,10 +599,6 @@ def _read_exit(sftp: paramiko.SFTPClient, path: str) -> tuple[int | None, str | 
     """(the exit status in the job's exit_code file, or None; the file's text, None while there is none)."""
     data = read_from(sftp, path, 0, 64)
     return remote.exit_code(data), (data.decode("utf-8", errors="replace") if data else None)
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _last_line(res) -> str:
