@@ -55,18 +55,12 @@ class CheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         dist.barrier()  # every rank has written its part (rng_state_<rank>.pth) into .staging
         try:
-            if state.is_world_process_zero:
-                self._commit(args, state)
+            src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and src.is_dir():
+                commit(src, self.root, state.global_step, self.run_fp, self.keep)
+                self.events.emit("checkpoint", step=state.global_step, path=f"checkpoints/{src.name}")
         finally:
             dist.barrier()  # nobody runs ahead to the next save while rank 0 renames
-
-    def _commit(self, args, state):
-        name = f"checkpoint-{state.global_step}"
-        src = Path(args.output_dir) / name
-        if not src.is_dir():
-            return
-        commit(src, self.root, state.global_step, self.run_fp, self.keep)
-        self.events.emit("checkpoint", step=state.global_step, path=f"checkpoints/{name}")
 
 
 class SaveClock:

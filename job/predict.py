@@ -45,12 +45,11 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.seed <= SEED_MAX:
         raise ContractError(f"--seed {args.seed}: not accepted (a whole number from 0 to {SEED_MAX})")
     cfg = resolve_config(args.config, args.adapter, args.base_model)
-    queries = [] if args.stdin else [_query_from_args(args)]
+    query = None if args.stdin else _query_from_args(args)
     test_rows = D.read_split(args.data, "test") if args.data else None
-    if not args.stdin:
-        row = to_row(queries[0], test_rows)  # bad input fails before the model loads
+    row = None if args.stdin else to_row(query, test_rows)  # bad input fails before the model loads
     tok, model = load_model(cfg, None if args.base else args.adapter)
-    if not args.stdin:
+    if row is not None:
         _emit(predict(model, tok, cfg, row, args.seed))
         return 0
     for line in sys.stdin:
@@ -120,15 +119,13 @@ QUERY_KEYS = ("profile", "scenario", "example")
 
 def parse_query(line: str) -> dict:
     """One --stdin line: {"profile": {...}, "scenario": "..."} or {"example": N}; ContractError otherwise."""
-    shown = line.strip()[:60]
+    shown, shape = line.strip()[:60], '{"profile": {...}, "scenario": "..."} or {"example": N}'
     try:
         query = json.loads(line)
     except ValueError as e:
-        raise ContractError(f"query {shown!r}: not JSON ({str(e).splitlines()[0]}); expected "
-                            '{"profile": {...}, "scenario": "..."} or {"example": N}') from None
+        raise ContractError(f"query {shown!r}: not JSON ({str(e).splitlines()[0]}); expected {shape}") from None
     if not isinstance(query, dict):
-        raise ContractError(f"query {shown!r}: a JSON {type(query).__name__} is not accepted; expected "
-                            '{"profile": {...}, "scenario": "..."} or {"example": N}')
+        raise ContractError(f"query {shown!r}: a JSON {type(query).__name__} is not accepted; expected {shape}")
     unknown = [k for k in query if k not in QUERY_KEYS]
     if unknown:
         raise ContractError(f"query key {unknown[0]!r}: not accepted (accepted: {', '.join(QUERY_KEYS)})")

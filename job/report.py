@@ -67,10 +67,8 @@ def write_report(out: Path, metrics: dict, train_events: Path | None = None) -> 
 
 def _headline_key(results: dict[str, dict]) -> str:
     """The result the cell histograms show: fine-tuned first, distribution before sample."""
-    for key in ("fine-tuned/distribution", "fine-tuned/sample", "base/distribution", "base/sample"):
-        if key in results:
-            return key
-    return sorted(results)[0]
+    keys = ("fine-tuned/distribution", "fine-tuned/sample", "base/distribution", "base/sample")
+    return next((key for key in keys if key in results), min(results))
 
 
 def _f(v: Any, digits: int = 4) -> str:

@@ -149,12 +149,11 @@ def _report_to(choice: str, out: Path) -> list[str]:
     checkpoint staging folder), so its event files are in the manifest and come back with the run."""
     if choice == "none":
         return []
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[choice]
     try:
-        importlib.import_module(module)
+        importlib.import_module(choice)  # tensorboard | wandb: the package of that name
     except ImportError:
-        raise ContractError(f"train.report_to: {choice!r} needs the {module} package, which is not installed "
-                            f"here (pip install {module}, or train.report_to: none)") from None
+        raise ContractError(f"train.report_to: {choice!r} needs the {choice} package, which is not installed "
+                            f"here (pip install {choice}, or train.report_to: none)") from None
     if choice == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / TENSORBOARD_DIR)  # read by transformers' callback
     return [choice]
