@@ -65,22 +65,20 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve_config(config: str | None, adapter: str | None, base_model: str | None) -> RunConfig:
     """--config; else the run's own config from the manifest beside the adapter; else the defaults."""
+    manifest = Path(adapter).parent / "manifest.json" if adapter else None
+    run_config = read_json_object(manifest).get("config") if not config and manifest and manifest.is_file() else None
     if config:
         cfg = load_config(config)
+    elif run_config is not None:
+        if not isinstance(run_config, dict):
+            raise ContractError(f"{manifest}: 'config' is not accepted (a JSON object: the run's config)")
+        cfg = from_dict(run_config, source=str(manifest))
     else:
-        manifest = Path(adapter).parent / "manifest.json" if adapter else None
-        run_config = read_json_object(manifest).get("config") if manifest is not None and manifest.is_file() else None
-        if run_config is not None:
-            if not isinstance(run_config, dict):
-                raise ContractError(f"{manifest}: 'config' is not accepted (a JSON object: the run's config)")
-            cfg = from_dict(run_config, source=str(manifest))
-        else:
-            cfg = RunConfig()
-            ac = Path(adapter) / "adapter_config.json" if adapter else None
-            if ac is not None and ac.is_file():
-                base = read_json_object(ac).get("base_model_name_or_path")
-                if base:
-                    cfg = cfg.with_overrides({"model.id": base}, source=str(ac))
+        cfg = RunConfig()
+        ac = Path(adapter) / "adapter_config.json" if adapter else None
+        base = read_json_object(ac).get("base_model_name_or_path") if ac is not None and ac.is_file() else None
+        if base:
+            cfg = cfg.with_overrides({"model.id": base}, source=str(ac))
     if base_model:
         cfg = cfg.with_overrides({"model.id": base_model}, source="--base-model")
     return cfg

@@ -128,7 +128,6 @@ def write(loaded: Loaded, out: Path, split: str = "unseen-studies", subset: floa
     """Count tokens and write the splits + stats into a temp folder beside OUT, then move them in:
     a failure on the way leaves an existing OUT as it was (other files in OUT, events.jsonl among them, are kept)."""
     src, train, test = loaded.src, loaded.train, loaded.test
-    out = check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
     try:

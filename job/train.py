@@ -127,8 +127,14 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         events.emit("log", message=f"{resume_from.name} carries no run fingerprint (written by an older version): "
                                    "resuming without checking that config and data match")
     done_at = global_step(resume_from) if resume_from else 0
-    if (resume_from or (launch_number() or 1) > 1) and dist.is_main():  # a relaunch with no checkpoint yet: step 0
-        _emit_resume(events, out, done_at)
+    launch = launch_number()
+    if (resume_from or (launch or 1) > 1) and dist.is_main():  # a relaunch with no checkpoint yet: step 0
+        # Where training takes up again, and how many logged steps since that checkpoint are trained again
+        # (a managed run's relaunch after a preemption: at most one checkpoint interval).
+        last = last_logged_step(out / "events.jsonl")
+        last = done_at if last is None else last
+        events.emit("resume", step=done_at, steps_lost=max(0, last - done_at), last_logged_step=last,
+                    **({"launch": launch} if launch is not None else {}))
     if dist.is_main():
         shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
     dist.barrier()
@@ -166,16 +172,6 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         _save_adapter(trainer, tok, out)
     dist.barrier()
     return res
-
-
-def _emit_resume(events, out: Path, step: int) -> None:
-    """Where training takes up again, and how many logged steps since that checkpoint are trained again
-    (a managed run's relaunch after a preemption: at most one checkpoint interval)."""
-    last = last_logged_step(out / "events.jsonl")
-    last = step if last is None else last
-    launch = launch_number()
-    events.emit("resume", step=step, steps_lost=max(0, last - step), last_logged_step=last,
-                **({"launch": launch} if launch is not None else {}))
 
 
 def _save_adapter(trainer, tok, out: Path) -> Path:
