@@ -46,8 +46,7 @@ class EventsCallback(TrainerCallback):
 
 
 class CheckpointCallback(TrainerCallback):
-    """After the Trainer saved into .staging: write the run fingerprint, mark COMPLETE, fsync, rename
-    into checkpoints/, rotate."""
+    """After the Trainer saved into .staging: rank 0 commits it into checkpoints/ (job/checkpoints.commit)."""
 
     def __init__(self, root: Path, keep: int, events: EventWriter, run_fp: dict):
         self.root, self.keep, self.events, self.run_fp = root, keep, events, run_fp

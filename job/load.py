@@ -123,7 +123,6 @@ def _dense_linear(layer, dtype):
 
 
 def device_of(model):
-    """The device of a model's (first) parameters."""
     return next(model.parameters()).device
 
 

@@ -1,6 +1,5 @@
 """The trainer of the QLoRA / LoRA path: TRL's SFTTrainer as the run config sets it up, and our subclass.
 
-SFTConfig carries the run: batch and accumulation, schedule, optimizer, precision, saves, logging, DDP.
 The rows come tokenized by job/data.py (the very tokens evaluation scores), over-long rows left out
 rather than cut, so TRL's dataset preparation and truncation are off (`skip_prepare_dataset`,
 `max_length=None`). TRL's `packing` packs the dataset into fixed-length rows, which would change what a

@@ -1,8 +1,8 @@
 """SocSci210-like rows, generated: `data.source: synthetic:N` (tests, the demo, benchmarks).
 
-Same columns as the real dataset (`participant` included: 3 rows each); several studies, each with conditions and tasks whose answer
-scale and response distribution depend on the cell and on a demographic, so a model can learn
-something. Deterministic for a given (N, seed).
+Same columns as the real dataset (`participant` included: 3 rows each); several studies, each with
+conditions and tasks whose answer scale and response distribution depend on the cell and on a
+demographic, so a model can learn something. Deterministic for a given (N, seed).
 """
 from __future__ import annotations
 

@@ -3,10 +3,8 @@ the adapter and a manifest (`train.method: full`: the FSDP2 full fine-tune of jo
 
     python -m job train --config configs/smoke.yaml --data runs/data --out runs/smoke [--resume auto]
 
-Checkpoints: the Trainer writes into checkpoints/.staging; once it is done (optimizer, scheduler,
-RNG and trainer state included) the folder gets a COMPLETE marker, is fsynced and renamed into
-checkpoints/. A half-written one therefore never carries the marker and is never resumed from. Each
-one carries the run's fingerprint (job/checkpoints.py): a resume with another config or data is refused.
+Checkpoints (job/checkpoints.py) are sealed with a COMPLETE marker once whole, so a half-written one is
+never resumed from, and carry the run's fingerprint: a resume with another config or data is refused.
 """
 from __future__ import annotations
 
