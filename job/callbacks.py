@@ -33,8 +33,7 @@ class EventsCallback(TrainerCallback):
 
         now = time.time()
         tokens = state.num_input_tokens_seen or 0
-        dt = max(now - self.t_last, 1e-9)
-        tps = (tokens - self.tokens_last) / dt
+        tps = (tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
         self.t_last, self.tokens_last = now, tokens
         done = state.global_step - self.step_start
         eta = (now - self.t_start) / done * (self.total - state.global_step) if done else None

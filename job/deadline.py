@@ -60,10 +60,8 @@ def run_until(cmd: list[str], at: float, grace: float, events: Path | None = Non
         signal.signal(sig, lambda s, _f: _signal_group(proc, s))
     hard_stop = at + grace if at > 0 else None
     while True:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             return proc.wait(timeout=POLL_S)
-        except subprocess.TimeoutExpired:
-            pass
         if hard_stop is not None and time.time() >= hard_stop:
             break
     if events is not None:

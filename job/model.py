@@ -94,7 +94,16 @@ def build_base(cfg: RunConfig, tok, device: torch.device):
     quantize = cfg.train.method == "qlora"
     if cfg.model.init == "random":
         return build_random(qwen2_config(cfg, padded_vocab(tok)), device, dtype, quantize, cfg.train.seed)
-    return load_pretrained(cfg, device, dtype, quantize)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype) if quantize else None
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.model.id, dtype=dtype, revision=cfg.model.revision, attn_implementation="sdpa", quantization_config=nf4,
+            device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"})
+    except OSError as e:
+        raise ContractError(f"model.id: {cfg.model.id!r} could not be loaded ({str(e).splitlines()[0]})") from None
 
 
 def build_random(qc, device: torch.device, dtype: torch.dtype, quantize: bool, seed: int = 0):
@@ -171,19 +180,6 @@ def replace_linear_4bit(module: nn.Module, dtype: torch.dtype, device: torch.dev
             setattr(module, name, q)
         else:
             replace_linear_4bit(child, dtype, device)
-
-
-def load_pretrained(cfg: RunConfig, device: torch.device, dtype: torch.dtype, quantize: bool):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=dtype) if quantize else None
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            cfg.model.id, dtype=dtype, revision=cfg.model.revision, attn_implementation="sdpa", quantization_config=nf4,
-            device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"})
-    except OSError as e:
-        raise ContractError(f"model.id: {cfg.model.id!r} could not be loaded ({str(e).splitlines()[0]})") from None
 
 
 def add_lora(model, cfg: RunConfig):
