@@ -169,8 +169,7 @@ def _stats(tok, rows: list[dict], system: str) -> dict:
 
 def _participants(train: list[dict], test: list[dict]) -> dict:
     """Distinct (study, participant) pairs on each side, and how many are on both (0 by construction)."""
-    a = {(r["study_id"], D.participant_id(r)) for r in train}
-    b = {(r["study_id"], D.participant_id(r)) for r in test}
+    a, b = ({(r["study_id"], D.participant_id(r)) for r in rows} for rows in (train, test))
     return {"train": len(a), "test": len(b), "shared": len(a & b)}
 
 

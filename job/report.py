@@ -18,10 +18,8 @@ from contracts.results import REPORT_FILE
 def find_train_events(out: Path, explicit: str | None = None) -> Path | None:
     """The events file holding training `step` events: the given one, else beside or above OUT."""
     candidates = [Path(explicit)] if explicit else [out / "events.jsonl", out.parent / "events.jsonl"]
-    for c in candidates:
-        if c.is_file() and any(e["event"] == "step" for e in read_all(c)):
-            return c
-    return Path(explicit) if explicit else None
+    found = (c for c in candidates if c.is_file() and any(e["event"] == "step" for e in read_all(c)))
+    return next(found, Path(explicit) if explicit else None)
 
 
 def write_report(out: Path, metrics: dict, train_events: Path | None = None) -> Path:

@@ -55,10 +55,8 @@ def load_tokenizer(name: str | None, model_id: str | None = None, revision: str 
         return AutoTokenizer.from_pretrained(source, revision=revision)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ContractError(
-            f"model.tokenizer: {source!r} could not be loaded ({first}); give a local path, a "
-            f"reachable Hugging Face id, or {OFFLINE!r}"
-        ) from None
+        raise ContractError(f"model.tokenizer: {source!r} could not be loaded ({first}); give a local path, a "
+                            f"reachable Hugging Face id, or {OFFLINE!r}") from None
 
 
 def qwen25_offline():
@@ -93,10 +91,8 @@ def _ranks_file() -> Path:
     for c in candidates:
         if c and Path(c).is_file():
             return Path(c)
-    raise ContractError(
-        f"model.tokenizer: {OFFLINE!r} needs qwen.tiktoken (pip install dashscope, or set QWEN_TIKTOKEN "
-        "to the file); none found"
-    )
+    raise ContractError(f"model.tokenizer: {OFFLINE!r} needs qwen.tiktoken (pip install dashscope, or set "
+                        "QWEN_TIKTOKEN to the file); none found")
 
 
 def _build(ranks: Path):
