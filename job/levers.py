@@ -6,17 +6,11 @@ the liger-kernel package, flex_attention needs CUDA, Triton and a C compiler, fp
 cores. `job check` prints the report and refuses (exit 3) a lever the config turns on that the machine
 can't provide, unless `train.require_levers: false`; the train `start` event carries the same report.
 
-What each lever does to a step (bench/train_throughput.py measures each; bench/RESULTS.md has the numbers):
-- Packing (job/batches.py): a micro-batch's sequences in rows of `row_len` tokens, position ids restarting
-  per sequence, no pad token computed. Answer-only loss (job/loss.py): the lm_head on the answer tokens only.
-- Attention: flex_attention on CUDA (block-sparse: skips the masked blocks of packed rows; sdpa runs its
-  masked kernel over the whole row), sdpa elsewhere or when flex can't compile.
-- Kernels: Liger's fused RMSNorm / SwiGLU / RoPE (CUDA only).
-- Checkpointing: non-reentrant, on all decoder layers or only the first `checkpoint_layers`; with
-  offloaded checkpoints a checkpointed layer's input waits in pinned host memory (job/offload.py).
-- Fused LoRA (job/fused_lora.py): one autograd op per LoRA layer, no dropout copy of the input kept.
-- FP8 (job/fp8.py): the frozen base's decoder matmuls in e4m3 with row-wise scales (Hopper/Ada).
-- Compile: regional torch.compile, each decoder layer on its own with dynamic shapes.
+What each lever does to a step: its TrainSpec field's doc (contracts/config.py) and its module say it;
+bench/train_throughput.py measures each (bench/RESULTS.md has the numbers). With packing (job/batches.py)
+no pad token is computed, and the answer-only loss (job/loss.py) runs the lm_head on the answer tokens only.
+Attention: flex_attention on CUDA (block-sparse: skips the masked blocks of packed rows; sdpa runs its
+masked kernel over the whole row), sdpa elsewhere or when flex can't compile.
 """
 from __future__ import annotations
 

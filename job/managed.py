@@ -37,7 +37,6 @@ CHECKPOINT_EVERY_S = 600
 
 
 def checkpoint_every_s(train) -> int:
-    """Seconds between time-based checkpoints: train.checkpoint_every_s, else 600 when managed, else 0 (never)."""
     if train.checkpoint_every_s is not None:
         return train.checkpoint_every_s
     return CHECKPOINT_EVERY_S if os.environ.get("SOCRATES_MANAGED") == "1" else 0
