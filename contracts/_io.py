@@ -1,6 +1,7 @@
 """Small file helpers shared by both sides: atomic writes and streaming hashes."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,10 +28,8 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = Non
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 

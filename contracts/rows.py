@@ -60,7 +60,6 @@ def validate_rows(rows: Iterable[dict], where: str) -> int:
 
 
 def short(value: Any, n: int = 60) -> str:
-    """A value's repr cut to one short line, for an error message."""
     text = repr(value)
     return text if len(text) <= n else text[:n - 3] + "..."
 

@@ -1,7 +1,6 @@
 """Micro-batches of the train path: which rows each rank draws, and how a micro-batch becomes tensors.
 
-- Rows: RankBatches cuts one global order (seed, epoch) into micro-batches and deals them to the ranks,
-  so an optimizer step trains the same rows on 1 or N ranks.
+- Rows: RankBatches deals one global order's micro-batches to the ranks (the same step on 1 or N ranks).
 - Packing: a micro-batch's sequences are packed first-fit-decreasing into rows of `row_len` tokens; each
   sequence restarts `position_ids` at 0 and there is no attention mask, so transformers builds a
   per-sequence (block-diagonal causal) mask from the position ids: no pad token is computed.

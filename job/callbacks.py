@@ -33,8 +33,7 @@ class EventsCallback(TrainerCallback):
 
         now = time.time()
         tokens = state.num_input_tokens_seen or 0
-        dt = max(now - self.t_last, 1e-9)
-        tps = (tokens - self.tokens_last) / dt
+        tps = (tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
         self.t_last, self.tokens_last = now, tokens
         done = state.global_step - self.step_start
         eta = (now - self.t_start) / done * (self.total - state.global_step) if done else None
@@ -46,8 +45,7 @@ class EventsCallback(TrainerCallback):
 
 
 class CheckpointCallback(TrainerCallback):
-    """After the Trainer saved into .staging: write the run fingerprint, mark COMPLETE, fsync, rename
-    into checkpoints/, rotate."""
+    """After the Trainer saved into .staging: rank 0 commits it into checkpoints/ (job/checkpoints.commit)."""
 
     def __init__(self, root: Path, keep: int, events: EventWriter, run_fp: dict):
         self.root, self.keep, self.events, self.run_fp = root, keep, events, run_fp
@@ -55,18 +53,12 @@ class CheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         dist.barrier()  # every rank has written its part (rng_state_<rank>.pth) into .staging
         try:
-            if state.is_world_process_zero:
-                self._commit(args, state)
+            src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and src.is_dir():
+                commit(src, self.root, state.global_step, self.run_fp, self.keep)
+                self.events.emit("checkpoint", step=state.global_step, path=f"checkpoints/{src.name}")
         finally:
             dist.barrier()  # nobody runs ahead to the next save while rank 0 renames
-
-    def _commit(self, args, state):
-        name = f"checkpoint-{state.global_step}"
-        src = Path(args.output_dir) / name
-        if not src.is_dir():
-            return
-        commit(src, self.root, state.global_step, self.run_fp, self.keep)
-        self.events.emit("checkpoint", step=state.global_step, path=f"checkpoints/{name}")
 
 
 class SaveClock:

@@ -47,11 +47,8 @@ def is_complete(path: Path) -> bool:
     files = sealed.get("files")
     if not isinstance(files, dict) or not files:
         return False
-    for rel, size in files.items():
-        f = path / rel
-        if ".." in Path(rel).parts or not f.is_file() or f.stat().st_size != size:
-            return False
-    return True
+    return all(".." not in Path(rel).parts and (f := path / rel).is_file() and f.stat().st_size == size
+               for rel, size in files.items())
 
 
 def move_checkpoint(src: Path, dst: Path) -> None:
@@ -59,9 +56,8 @@ def move_checkpoint(src: Path, dst: Path) -> None:
     bucket mount that renames no folders) file by file with the COMPLETE marker last, so that until
     the last move the copy in place reads as incomplete."""
     try:
-        os.replace(src, dst)
-        return
-    except OSError:
+        return os.replace(src, dst)
+    except OSError:  # no folder rename here
         pass
     files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: (p.name == COMPLETE, str(p)))
     for f in files:

@@ -12,6 +12,7 @@ unwrapped. Exit code: the command's own, or 124 (like `timeout`) when this wrapp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,13 +60,16 @@ def run_until(cmd: list[str], at: float, grace: float, events: Path | None = Non
         signal.signal(sig, lambda s, _f: _signal_group(proc, s))
     hard_stop = at + grace if at > 0 else None
     while True:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             return proc.wait(timeout=POLL_S)
-        except subprocess.TimeoutExpired:
-            pass
         if hard_stop is not None and time.time() >= hard_stop:
             break
-    _record(events, f"deadline: still running {grace:g} s after {int(at)}; sending SIGTERM, SIGKILL in {kill_after:g} s")
+    if events is not None:
+        try:
+            EventWriter(events, echo=True).emit("log", message=f"deadline: still running {grace:g} s after {int(at)}; "
+                                                f"sending SIGTERM, SIGKILL in {kill_after:g} s")
+        except OSError:
+            pass  # the kill matters more than the note
     print(f"job.deadline: deadline passed {grace:g} s ago; stopping the job (SIGTERM, then SIGKILL)", file=sys.stderr, flush=True)
     _signal_group(proc, signal.SIGTERM)
     try:
@@ -91,19 +95,8 @@ def _die_with_parent(parent: int):
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _record(events: Path | None, message: str) -> None:
-    if events is None:
-        return
-    try:
-        EventWriter(events, echo=True).emit("log", message=message)
-    except OSError:
-        pass  # the kill matters more than the note
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ class _LoraBranch(torch.autograd.Function):
     def forward(ctx, x, base_out, a, b, p: float, scaling: float):  # noqa: D401 - autograd API
         x2 = x.reshape(-1, x.shape[-1])
         ctx.p, ctx.scaling = p, scaling
-        ctx.rng = _rng_state(x.device) if p > 0 else None
+        ctx.rng = (torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()) if p > 0 else None
         xd = torch.ops.aten.native_dropout(x2, p, True)[0] if p > 0 else x2
         h = xd @ a.t()
         out = torch.addmm(base_out.reshape(-1, b.shape[0]), h, b.t(), alpha=scaling)
@@ -52,12 +52,10 @@ class _LoraBranch(torch.autograd.Function):
         if need_a or need_x:
             gh = torch.mm(g2, b).mul_(s)
             x2 = x.reshape(-1, x.shape[-1])
-            mask = None
+            xd, mask = x2, None
             if p > 0:
                 with _rng_restored(x.device, ctx.rng):
                     xd, mask = torch.ops.aten.native_dropout(x2, p, True)
-            else:
-                xd = x2
             ga = torch.mm(gh.t(), xd) if need_a else None
             if need_x:
                 gx = torch.mm(gh, a)
@@ -65,10 +63,6 @@ class _LoraBranch(torch.autograd.Function):
                     gx = torch.ops.aten.native_dropout_backward(gx, mask, 1.0 / (1.0 - p))
                 gx = gx.view(x.shape)
         return gx, g, ga, gb, None, None
-
-
-def _rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
 @contextlib.contextmanager
@@ -107,25 +101,19 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return _LoraBranch.apply(x.to(dt), base_out, a.to(dt), b.to(dt), p, float(self.scaling[name]))
 
 
-def _lora_linears(model: torch.nn.Module):
-    for m in model.modules():
-        if type(m).__name__ in ("Linear", "Linear4bit") and hasattr(m, "lora_A") and hasattr(m, "base_layer"):
-            yield m
-
-
 def swap_forward(modules, forward, enabled: bool = True) -> int:
     """Bind `forward` as each module's own forward (enabled) or drop that binding so the class's
     forward is used again; returns how many modules."""
-    n = 0
+    modules = list(modules)
     for m in modules:
         if enabled:
             m.forward = types.MethodType(forward, m)
         else:
             m.__dict__.pop("forward", None)
-        n += 1
-    return n
+    return len(modules)
 
 
 def fuse_lora(model: torch.nn.Module, enabled: bool = True) -> int:
     """Use the fused forward on every peft LoRA Linear / Linear4bit (or undo it); returns the count."""
-    return swap_forward(_lora_linears(model), _fused_forward, enabled)
+    return swap_forward((m for m in model.modules() if type(m).__name__ in ("Linear", "Linear4bit")
+                         and hasattr(m, "lora_A") and hasattr(m, "base_layer")), _fused_forward, enabled)

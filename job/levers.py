@@ -6,17 +6,11 @@ the liger-kernel package, flex_attention needs CUDA, Triton and a C compiler, fp
 cores. `job check` prints the report and refuses (exit 3) a lever the config turns on that the machine
 can't provide, unless `train.require_levers: false`; the train `start` event carries the same report.
 
-What each lever does to a step (bench/train_throughput.py measures each; bench/RESULTS.md has the numbers):
-- Packing (job/batches.py): a micro-batch's sequences in rows of `row_len` tokens, position ids restarting
-  per sequence, no pad token computed. Answer-only loss (job/loss.py): the lm_head on the answer tokens only.
-- Attention: flex_attention on CUDA (block-sparse: skips the masked blocks of packed rows; sdpa runs its
-  masked kernel over the whole row), sdpa elsewhere or when flex can't compile.
-- Kernels: Liger's fused RMSNorm / SwiGLU / RoPE (CUDA only).
-- Checkpointing: non-reentrant, on all decoder layers or only the first `checkpoint_layers`; with
-  offloaded checkpoints a checkpointed layer's input waits in pinned host memory (job/offload.py).
-- Fused LoRA (job/fused_lora.py): one autograd op per LoRA layer, no dropout copy of the input kept.
-- FP8 (job/fp8.py): the frozen base's decoder matmuls in e4m3 with row-wise scales (Hopper/Ada).
-- Compile: regional torch.compile, each decoder layer on its own with dynamic shapes.
+What each lever does to a step: its TrainSpec field's doc (contracts/config.py) and its module say it;
+bench/train_throughput.py measures each (bench/RESULTS.md has the numbers). With packing (job/batches.py)
+no pad token is computed, and the answer-only loss (job/loss.py) runs the lm_head on the answer tokens only.
+Attention: flex_attention on CUDA (block-sparse: skips the masked blocks of packed rows; sdpa runs its
+masked kernel over the whole row), sdpa elsewhere or when flex can't compile.
 """
 from __future__ import annotations
 
@@ -93,12 +87,9 @@ def report(cfg: RunConfig, on_gpu: bool, layers: int | None = None, probe_flex: 
         n = min(t.checkpoint_layers, layers) if layers is not None else t.checkpoint_layers
         why = f"train.checkpoint_layers: {t.checkpoint_layers}"
     out["checkpointed_layers"] = {"on": n != 0, "layers": n, "of": layers, "why": why}
-    ckpt = out["checkpointed_layers"]["on"]
-    if not t.offload_checkpoints:
-        out["offload"] = {"on": False, "why": "train.offload_checkpoints: false"}
-    else:
-        out["offload"] = {"on": bool(ckpt), "why": "checkpointed layers' inputs in pinned host memory" if ckpt
-                          else "nothing is checkpointed"}
+    why = ("train.offload_checkpoints: false" if not t.offload_checkpoints else "nothing is checkpointed" if n == 0
+           else "checkpointed layers' inputs in pinned host memory")
+    out["offload"] = {"on": bool(t.offload_checkpoints and n != 0), "why": why}
     out["fp8"] = _fp8_report(t, on_gpu, lora)
     assert tuple(out) == LEVERS
     return out
@@ -171,8 +162,11 @@ def levers_for(train, device: torch.device | str) -> Levers:
     """The levers a TrainSpec asks for on `device` (rows as long as the longest allowed sequence)."""
     same = ("packing", "liger", "checkpoint_layers", "compile", "fused_lora", "offload_checkpoints",
             "fp8_fast_accum", "fp8_backward", "fp8_attention")
-    return Levers(row_len=train.max_length, attn_implementation=resolve_attention(train.attn_implementation, device),
-                  fp8=train.fp8 and fp8.available(device)[0], **{k: getattr(train, k) for k in same})
+    attn = train.attn_implementation
+    if attn == "auto":  # flex_attention skips the masked blocks of packed rows; it has no CPU backward
+        attn = "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
+    return Levers(row_len=train.max_length, attn_implementation=attn, fp8=train.fp8 and fp8.available(device)[0],
+                  **{k: getattr(train, k) for k in same})
 
 
 def resolve(train, device: torch.device | str) -> Levers:
@@ -182,14 +176,6 @@ def resolve(train, device: torch.device | str) -> Levers:
         print("speed: flex_attention does not compile here; using sdpa (slower with packing)", flush=True)
         lv = replace(lv, attn_implementation="sdpa")
     return lv
-
-
-def resolve_attention(name: str, device: torch.device | str) -> str:
-    """`auto`: flex_attention on CUDA (it skips the masked blocks of packed rows), sdpa elsewhere
-    (flex_attention has no CPU backward)."""
-    if name != "auto":
-        return name
-    return "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
 
 
 def flex_attention_works(device: torch.device | str) -> bool:

@@ -22,19 +22,22 @@ def load_model(cfg: RunConfig, adapter: str | None, precision: str = "nf4",
 
     if precision not in EVAL_PRECISIONS:
         raise ContractError(f"--eval-precision: {precision!r} is not accepted ({' | '.join(EVAL_PRECISIONS)})")
+    from job.model import build_base  # torch-heavy: only where a model is loaded, never for --help
+
     tok = load_tokenizer(cfg.model.tokenizer, cfg.model.id, cfg.model.revision)
-    model = load_base(cfg, tok)
+    # The base exactly as train built it (job/model.py: same seed, same 4-bit NF4), so an adapter fits.
+    device = torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    model = build_base(cfg, tok, device)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     model.requires_grad_(False)  # no autograd graph, without flipping the process-wide grad mode
-    dev = device_of(model)
-    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
-    dtype = core(model)[1].weight.dtype
-    hidden = core(model)[0].config.hidden_size
-    need = extra_dense_bytes(model, dtype) + activation_bytes(tokens_per_batch, hidden)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    decoder, head = core(model)
+    dtype = head.weight.dtype
+    need = extra_dense_bytes(model, dtype) + activation_bytes(tokens_per_batch, decoder.config.hidden_size)
     if choose_precision(precision, free, need) == "bf16":
         model = merge_dense(model, dtype).requires_grad_(False)
     return tok, model
@@ -62,11 +65,8 @@ def extra_dense_bytes(model, dtype) -> int:
     import torch
 
     size = torch.empty((), dtype=dtype).element_size()
-    extra = 0
-    for m in model.modules():
-        if is_4bit(m):
-            extra += m.in_features * m.out_features * size - m.weight.data.numel() * m.weight.data.element_size()
-    return extra
+    return sum(m.in_features * m.out_features * size - m.weight.data.numel() * m.weight.data.element_size()
+               for m in model.modules() if is_4bit(m))
 
 
 def merge_dense(model, dtype):
@@ -122,18 +122,7 @@ def _dense_linear(layer, dtype):
     return lin
 
 
-def load_base(cfg: RunConfig, tok):
-    """The base exactly as train built it (job/model.py: same seed, same 4-bit NF4), so an adapter fits."""
-    import torch
-
-    from job.model import build_base  # torch-heavy: only where a model is loaded, never for --help
-
-    device = torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    return build_base(cfg, tok, device)
-
-
 def device_of(model):
-    """The device of a model's (first) parameters."""
     return next(model.parameters()).device
 
 

@@ -36,18 +36,21 @@ STATE_FILE = "launches.json"
 CHECKPOINT_EVERY_S = 600
 
 
-def is_managed() -> bool:
-    return os.environ.get("SOCRATES_MANAGED") == "1"
-
-
 def checkpoint_every_s(train) -> int:
-    """Seconds between time-based checkpoints: train.checkpoint_every_s, else 600 when managed, else 0 (never)."""
-    return train.checkpoint_every_s if train.checkpoint_every_s is not None else (CHECKPOINT_EVERY_S if is_managed() else 0)
+    if train.checkpoint_every_s is not None:
+        return train.checkpoint_every_s
+    return CHECKPOINT_EVERY_S if os.environ.get("SOCRATES_MANAGED") == "1" else 0
 
 
 def launch_number() -> int | None:
     raw = os.environ.get("SOCRATES_LAUNCH", "")
     return int(raw) if raw.isdigit() else None
+
+
+def last_logged_step(events: Path) -> int | None:
+    """The highest step of the `step` events in an events.jsonl (None: none, or no file)."""
+    return max((e["step"] for e in read_all(events) if e.get("event") == "step"), default=None) \
+        if events.is_file() else None
 
 
 def read_state(state_dir: Path, now: float | None = None) -> dict:
@@ -104,9 +107,8 @@ def start(state_dir: Path, events: Path | None, deadline_s: float, t0: float | N
     state["starts"].append(now)
     atomic_write_json(state_dir / STATE_FILE, state)
     if state["launches"] > 1 and events is not None:
-        steps = [e["step"] for e in read_all(events) if e.get("event") == "step"] if events.is_file() else []
         ev = EventWriter(events).emit(
-            "preempted", launch=state["launches"], last_step=max(steps) if steps else None,
+            "preempted", launch=state["launches"], last_step=last_logged_step(events),
             message=f"launch {state['launches']}: the previous machine ended before the job did (a preemption or a "
                     "lost host); SkyPilot started it again on a new one")
         # stdout is the run block's `eval` input: the log stream gets the event on stderr

@@ -75,21 +75,16 @@ def model_config(cfg: RunConfig):
 def causal_lm_of(model: nn.Module) -> nn.Module:
     """The *ForCausalLM inside a PeftModel (LoRA layers are injected in place, so it trains them),
     also under a DistributedDataParallel wrapper."""
-    model = unwrap_ddp(model)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def build(cfg: RunConfig, tok, device: torch.device):
     """The model ready for training: base (4-bit for qlora), LoRA on `lora.target_modules`."""
     model = build_base(cfg, tok, device)
     model.config.use_cache = False
-    if cfg.train.method == "full":
-        return model
-    return add_lora(model, cfg)
+    return model if cfg.train.method == "full" else add_lora(model, cfg)
 
 
 def build_base(cfg: RunConfig, tok, device: torch.device):
@@ -99,7 +94,16 @@ def build_base(cfg: RunConfig, tok, device: torch.device):
     quantize = cfg.train.method == "qlora"
     if cfg.model.init == "random":
         return build_random(qwen2_config(cfg, padded_vocab(tok)), device, dtype, quantize, cfg.train.seed)
-    return load_pretrained(cfg, device, dtype, quantize)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype) if quantize else None
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.model.id, dtype=dtype, revision=cfg.model.revision, attn_implementation="sdpa", quantization_config=nf4,
+            device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"})
+    except OSError as e:
+        raise ContractError(f"model.id: {cfg.model.id!r} could not be loaded ({str(e).splitlines()[0]})") from None
 
 
 def build_random(qc, device: torch.device, dtype: torch.dtype, quantize: bool, seed: int = 0):
@@ -174,24 +178,8 @@ def replace_linear_4bit(module: nn.Module, dtype: torch.dtype, device: torch.dev
                 q.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
             q.to(device)  # Params4bit quantizes on its first move to a device
             setattr(module, name, q)
-            del child
         else:
             replace_linear_4bit(child, dtype, device)
-
-
-def load_pretrained(cfg: RunConfig, device: torch.device, dtype: torch.dtype, quantize: bool):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    kw: dict = dict(dtype=dtype, revision=cfg.model.revision, attn_implementation="sdpa")
-    if quantize:
-        kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-    kw["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    try:
-        return AutoModelForCausalLM.from_pretrained(cfg.model.id, **kw)
-    except OSError as e:
-        raise ContractError(f"model.id: {cfg.model.id!r} could not be loaded ({str(e).splitlines()[0]})") from None
 
 
 def add_lora(model, cfg: RunConfig):

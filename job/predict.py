@@ -45,12 +45,11 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.seed <= SEED_MAX:
         raise ContractError(f"--seed {args.seed}: not accepted (a whole number from 0 to {SEED_MAX})")
     cfg = resolve_config(args.config, args.adapter, args.base_model)
-    queries = [] if args.stdin else [_query_from_args(args)]
+    query = None if args.stdin else _query_from_args(args)
     test_rows = D.read_split(args.data, "test") if args.data else None
-    if not args.stdin:
-        row = to_row(queries[0], test_rows)  # bad input fails before the model loads
+    row = None if args.stdin else to_row(query, test_rows)  # bad input fails before the model loads
     tok, model = load_model(cfg, None if args.base else args.adapter)
-    if not args.stdin:
+    if row is not None:
         _emit(predict(model, tok, cfg, row, args.seed))
         return 0
     for line in sys.stdin:
@@ -66,22 +65,20 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve_config(config: str | None, adapter: str | None, base_model: str | None) -> RunConfig:
     """--config; else the run's own config from the manifest beside the adapter; else the defaults."""
+    manifest = Path(adapter).parent / "manifest.json" if adapter else None
+    run_config = read_json_object(manifest).get("config") if not config and manifest and manifest.is_file() else None
     if config:
         cfg = load_config(config)
+    elif run_config is not None:
+        if not isinstance(run_config, dict):
+            raise ContractError(f"{manifest}: 'config' is not accepted (a JSON object: the run's config)")
+        cfg = from_dict(run_config, source=str(manifest))
     else:
-        manifest = Path(adapter).parent / "manifest.json" if adapter else None
-        run_config = read_json_object(manifest).get("config") if manifest is not None and manifest.is_file() else None
-        if run_config is not None:
-            if not isinstance(run_config, dict):
-                raise ContractError(f"{manifest}: 'config' is not accepted (a JSON object: the run's config)")
-            cfg = from_dict(run_config, source=str(manifest))
-        else:
-            cfg = RunConfig()
-            ac = Path(adapter) / "adapter_config.json" if adapter else None
-            if ac is not None and ac.is_file():
-                base = read_json_object(ac).get("base_model_name_or_path")
-                if base:
-                    cfg = cfg.with_overrides({"model.id": base}, source=str(ac))
+        cfg = RunConfig()
+        ac = Path(adapter) / "adapter_config.json" if adapter else None
+        base = read_json_object(ac).get("base_model_name_or_path") if ac is not None and ac.is_file() else None
+        if base:
+            cfg = cfg.with_overrides({"model.id": base}, source=str(ac))
     if base_model:
         cfg = cfg.with_overrides({"model.id": base_model}, source="--base-model")
     return cfg
@@ -120,15 +117,13 @@ QUERY_KEYS = ("profile", "scenario", "example")
 
 def parse_query(line: str) -> dict:
     """One --stdin line: {"profile": {...}, "scenario": "..."} or {"example": N}; ContractError otherwise."""
-    shown = line.strip()[:60]
+    shown, shape = line.strip()[:60], '{"profile": {...}, "scenario": "..."} or {"example": N}'
     try:
         query = json.loads(line)
     except ValueError as e:
-        raise ContractError(f"query {shown!r}: not JSON ({str(e).splitlines()[0]}); expected "
-                            '{"profile": {...}, "scenario": "..."} or {"example": N}') from None
+        raise ContractError(f"query {shown!r}: not JSON ({str(e).splitlines()[0]}); expected {shape}") from None
     if not isinstance(query, dict):
-        raise ContractError(f"query {shown!r}: a JSON {type(query).__name__} is not accepted; expected "
-                            '{"profile": {...}, "scenario": "..."} or {"example": N}')
+        raise ContractError(f"query {shown!r}: a JSON {type(query).__name__} is not accepted; expected {shape}")
     unknown = [k for k in query if k not in QUERY_KEYS]
     if unknown:
         raise ContractError(f"query key {unknown[0]!r}: not accepted (accepted: {', '.join(QUERY_KEYS)})")

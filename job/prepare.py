@@ -20,6 +20,7 @@ from job import data as D
 from job.tokenizer import OFFLINE, load_tokenizer
 
 OUTPUTS = ("train.jsonl", "test.jsonl", "stats.json")  # replaced in this order: stats.json (the hash) last
+Loaded = tuple[D.Source, list[dict], list[dict]]  # (source, train rows, test rows)
 
 
 @dataclass
@@ -90,13 +91,6 @@ def check_out(value: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
-@dataclass
-class Loaded:
-    src: D.Source
-    train: list[dict]
-    test: list[dict]
-
-
 def load(source: str, split: str = "unseen-studies", subset: float = 1.0, eval_subset: float | None = None,
          seed: int = 42, participant_fraction: float = PARTICIPANT_FRACTION) -> Loaded:
     """Load, validate, split and subset; writes nothing (every data problem raises here)."""
@@ -105,7 +99,7 @@ def load(source: str, split: str = "unseen-studies", subset: float = 1.0, eval_s
     train = D.stratified_subset(train, subset, seed)
     if eval_subset is not None:
         test = D.stratified_subset(test, eval_subset, seed)
-    return Loaded(src, train, test)
+    return src, train, test
 
 
 def prepare(source: str, out: Path, split: str = "unseen-studies", subset: float = 1.0,
@@ -127,8 +121,7 @@ def write(loaded: Loaded, out: Path, split: str = "unseen-studies", subset: floa
           participant_fraction: float = PARTICIPANT_FRACTION) -> PrepareResult:
     """Count tokens and write the splits + stats into a temp folder beside OUT, then move them in:
     a failure on the way leaves an existing OUT as it was (other files in OUT, events.jsonl among them, are kept)."""
-    src, train, test = loaded.src, loaded.train, loaded.test
-    out = check_out(out)
+    src, train, test = loaded
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
     try:
@@ -176,8 +169,7 @@ def _stats(tok, rows: list[dict], system: str) -> dict:
 
 def _participants(train: list[dict], test: list[dict]) -> dict:
     """Distinct (study, participant) pairs on each side, and how many are on both (0 by construction)."""
-    a = {(r["study_id"], D.participant_id(r)) for r in train}
-    b = {(r["study_id"], D.participant_id(r)) for r in test}
+    a, b = ({(r["study_id"], D.participant_id(r)) for r in rows} for rows in (train, test))
     return {"train": len(a), "test": len(b), "shared": len(a & b)}
 
 

@@ -18,10 +18,8 @@ from contracts.results import REPORT_FILE
 def find_train_events(out: Path, explicit: str | None = None) -> Path | None:
     """The events file holding training `step` events: the given one, else beside or above OUT."""
     candidates = [Path(explicit)] if explicit else [out / "events.jsonl", out.parent / "events.jsonl"]
-    for c in candidates:
-        if c.is_file() and any(e["event"] == "step" for e in read_all(c)):
-            return c
-    return Path(explicit) if explicit else None
+    found = (c for c in candidates if c.is_file() and any(e["event"] == "step" for e in read_all(c)))
+    return next(found, Path(explicit) if explicit else None)
 
 
 def write_report(out: Path, metrics: dict, train_events: Path | None = None) -> Path:
@@ -67,10 +65,8 @@ def write_report(out: Path, metrics: dict, train_events: Path | None = None) -> 
 
 def _headline_key(results: dict[str, dict]) -> str:
     """The result the cell histograms show: fine-tuned first, distribution before sample."""
-    for key in ("fine-tuned/distribution", "fine-tuned/sample", "base/distribution", "base/sample"):
-        if key in results:
-            return key
-    return sorted(results)[0]
+    keys = ("fine-tuned/distribution", "fine-tuned/sample", "base/distribution", "base/sample")
+    return next((key for key in keys if key in results), min(results))
 
 
 def _f(v: Any, digits: int = 4) -> str:

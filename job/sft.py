@@ -1,6 +1,5 @@
 """The trainer of the QLoRA / LoRA path: TRL's SFTTrainer as the run config sets it up, and our subclass.
 
-SFTConfig carries the run: batch and accumulation, schedule, optimizer, precision, saves, logging, DDP.
 The rows come tokenized by job/data.py (the very tokens evaluation scores), over-long rows left out
 rather than cut, so TRL's dataset preparation and truncation are off (`skip_prepare_dataset`,
 `max_length=None`). TRL's `packing` packs the dataset into fixed-length rows, which would change what a
@@ -149,12 +148,11 @@ def _report_to(choice: str, out: Path) -> list[str]:
     checkpoint staging folder), so its event files are in the manifest and come back with the run."""
     if choice == "none":
         return []
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[choice]
     try:
-        importlib.import_module(module)
+        importlib.import_module(choice)  # tensorboard | wandb: the package of that name
     except ImportError:
-        raise ContractError(f"train.report_to: {choice!r} needs the {module} package, which is not installed "
-                            f"here (pip install {module}, or train.report_to: none)") from None
+        raise ContractError(f"train.report_to: {choice!r} needs the {choice} package, which is not installed "
+                            f"here (pip install {choice}, or train.report_to: none)") from None
     if choice == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / TENSORBOARD_DIR)  # read by transformers' callback
     return [choice]

@@ -1,8 +1,8 @@
 """SocSci210-like rows, generated: `data.source: synthetic:N` (tests, the demo, benchmarks).
 
-Same columns as the real dataset (`participant` included: 3 rows each); several studies, each with conditions and tasks whose answer
-scale and response distribution depend on the cell and on a demographic, so a model can learn
-something. Deterministic for a given (N, seed).
+Same columns as the real dataset (`participant` included: 3 rows each); several studies, each with
+conditions and tasks whose answer scale and response distribution depend on the cell and on a
+demographic, so a model can learn something. Deterministic for a given (N, seed).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def generate(n: int, seed: int = 0, studies: int | None = None, stimulus_words: 
     """`n` rows over ~n/30 studies (at least 4), each with 2 conditions and 2 tasks."""
     rng = random.Random(seed)
     studies = studies or max(4, min(40, n // 30))
-    study_ids = [_study_id(rng) for _ in range(studies)]
+    study_ids = ["".join(rng.choice("abcdefghjkmnpqrstuvwxyz23456789") for _ in range(5)) for _ in range(studies)]
     cells = {}
     for s in study_ids:
         topic = rng.choice(_TOPICS)
@@ -72,7 +72,3 @@ _DEMOGRAPHIC_KEYS = (
     "location", "marital_status", "household_size", "housing_ownership", "housing_type",
     "metro_status", "internet_access", "phone_service",
 )
-
-
-def _study_id(rng: random.Random) -> str:
-    return "".join(rng.choice("abcdefghjkmnpqrstuvwxyz23456789") for _ in range(5))

@@ -7,7 +7,9 @@ ids as `Qwen/Qwen2.5-14B-Instruct`'s tokenizer without the hub. Built once, then
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from contracts.errors import ContractError
@@ -42,25 +44,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SOCRATES_CACHE", Path.home() / ".cache" / "socrates-launch"))
-
-
 def load_tokenizer(name: str | None, model_id: str | None = None, revision: str | None = None):
     """`qwen2.5-offline` -> the offline Qwen2.5 tokenizer; anything else -> AutoTokenizer."""
-    if (name or model_id) == OFFLINE or name == OFFLINE:
+    source = name or model_id
+    if source == OFFLINE:
         return qwen25_offline()
     from transformers import AutoTokenizer
 
-    source = name or model_id
     try:
         return AutoTokenizer.from_pretrained(source, revision=revision)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ContractError(
-            f"model.tokenizer: {source!r} could not be loaded ({first}); give a local path, a "
-            f"reachable Hugging Face id, or {OFFLINE!r}"
-        ) from None
+        raise ContractError(f"model.tokenizer: {source!r} could not be loaded ({first}); give a local path, a "
+                            f"reachable Hugging Face id, or {OFFLINE!r}") from None
 
 
 def qwen25_offline():
@@ -69,7 +65,8 @@ def qwen25_offline():
 
     ranks = _ranks_file()
     key = hashlib.sha256(ranks.read_bytes()).hexdigest()[:16]
-    folder = cache_dir() / f"qwen2.5-tokenizer-{key}"
+    cache = Path(os.environ.get("SOCRATES_CACHE", Path.home() / ".cache" / "socrates-launch"))
+    folder = cache / f"qwen2.5-tokenizer-{key}"
     if (folder / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(folder)
     tok = _build(ranks)
@@ -78,8 +75,6 @@ def qwen25_offline():
     try:
         os.replace(tmp, folder)  # atomic: of two concurrent builds, one wins
     except OSError:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
@@ -87,8 +82,6 @@ def qwen25_offline():
 def _ranks_file() -> Path:
     candidates = [os.environ.get("QWEN_TIKTOKEN")]
     try:
-        import importlib.util
-
         spec = importlib.util.find_spec("dashscope")
         if spec and spec.submodule_search_locations:
             candidates.append(str(Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"))
@@ -98,10 +91,8 @@ def _ranks_file() -> Path:
     for c in candidates:
         if c and Path(c).is_file():
             return Path(c)
-    raise ContractError(
-        f"model.tokenizer: {OFFLINE!r} needs qwen.tiktoken (pip install dashscope, or set QWEN_TIKTOKEN "
-        "to the file); none found"
-    )
+    raise ContractError(f"model.tokenizer: {OFFLINE!r} needs qwen.tiktoken (pip install dashscope, or set "
+                        "QWEN_TIKTOKEN to the file); none found")
 
 
 def _build(ranks: Path):
@@ -136,5 +127,4 @@ def _build(ranks: Path):
 
 def padded_vocab(tok, multiple: int = 128) -> int:
     """Embedding rows for this tokenizer: len(tok) rounded up (Qwen pads 151,665 to 152,064)."""
-    n = len(tok)
-    return -(-n // multiple) * multiple
+    return -(-len(tok) // multiple) * multiple

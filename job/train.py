@@ -3,10 +3,8 @@ the adapter and a manifest (`train.method: full`: the FSDP2 full fine-tune of jo
 
     python -m job train --config configs/smoke.yaml --data runs/data --out runs/smoke [--resume auto]
 
-Checkpoints: the Trainer writes into checkpoints/.staging; once it is done (optimizer, scheduler,
-RNG and trainer state included) the folder gets a COMPLETE marker, is fsynced and renamed into
-checkpoints/. A half-written one therefore never carries the marker and is never resumed from. Each
-one carries the run's fingerprint (job/checkpoints.py): a resume with another config or data is refused.
+Checkpoints (job/checkpoints.py) are sealed with a COMPLETE marker once whole, so a half-written one is
+never resumed from, and carry the run's fingerprint: a resume with another config or data is refused.
 """
 from __future__ import annotations
 
@@ -19,14 +17,14 @@ from pathlib import Path
 
 from contracts.config import RunConfig, load_config
 from contracts.errors import ContractError
-from contracts.events import EventWriter, read_all
+from contracts.events import EventWriter
 from job import data as D
 from job import dist, env
 from job.check import plan_memory
 from job.checkpoints import COMPLETE, check_resumable, fingerprint, global_step, is_complete, resume_point
 from job.env import quiet_bnb_cpu_notice
 from job.errors import JobCannotRun
-from job.managed import launch_number
+from job.managed import last_logged_step, launch_number
 from job.prepare import check_out, prepare
 from job.result import TrainResult, finish
 from job.tokenizer import load_tokenizer
@@ -59,11 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         res = train(cfg, out, events, data_dir=Path(args.data) if args.data else None, resume=args.resume)
-    except (ContractError, JobCannotRun) as e:
-        events.emit("error", message=str(e))
-        raise
     except Exception as e:
-        events.emit("error", message=f"{type(e).__name__}: {str(e)[:500]}")
+        known = isinstance(e, (ContractError, JobCannotRun))
+        events.emit("error", message=str(e) if known else f"{type(e).__name__}: {str(e)[:500]}")
         raise
     if dist.is_main():
         what = "model" if cfg.train.method == "full" else "adapter"
@@ -77,14 +73,13 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
     """Prepare data if needed, build the model, train it (job/sft.py; job/full.py), save adapter + manifest."""
     import torch  # torch-heavy: never for --help
 
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu" and not cfg.allow_cpu:
-        raise JobCannotRun("no GPU on this machine and the config does not set allow_cpu: true")
-    if device.type == "cpu":
-        # The CPU path runs tiny models whose ops are smaller than a second thread's wake-up cost.
-        torch.set_num_threads(int(os.environ.get("SOCRATES_CPU_THREADS", "1")))
+    device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif not cfg.allow_cpu:
+        raise JobCannotRun("no GPU on this machine and the config does not set allow_cpu: true")
+    else:  # the CPU path runs tiny models whose ops are smaller than a second thread's wake-up cost
+        torch.set_num_threads(int(os.environ.get("SOCRATES_CPU_THREADS", "1")))
     if data_dir is None:
         d = cfg.data
         data_dir = out / "data"
@@ -130,8 +125,14 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         events.emit("log", message=f"{resume_from.name} carries no run fingerprint (written by an older version): "
                                    "resuming without checking that config and data match")
     done_at = global_step(resume_from) if resume_from else 0
-    if (resume_from or (launch_number() or 1) > 1) and dist.is_main():  # a relaunch with no checkpoint yet: step 0
-        _emit_resume(events, out, done_at)
+    launch = launch_number()
+    if (resume_from or (launch or 1) > 1) and dist.is_main():  # a relaunch with no checkpoint yet: step 0
+        # Where training takes up again, and how many logged steps since that checkpoint are trained again
+        # (a managed run's relaunch after a preemption: at most one checkpoint interval).
+        last = last_logged_step(out / "events.jsonl")
+        last = done_at if last is None else last
+        events.emit("resume", step=done_at, steps_lost=max(0, last - done_at), last_logged_step=last,
+                    **({"launch": launch} if launch is not None else {}))
     if dist.is_main():
         shutil.rmtree(ckpt_root / ".staging", ignore_errors=True)  # leftovers of a killed save
     dist.barrier()
@@ -169,17 +170,6 @@ def train(cfg: RunConfig, out: Path, events: EventWriter, data_dir: Path | None 
         _save_adapter(trainer, tok, out)
     dist.barrier()
     return res
-
-
-def _emit_resume(events, out: Path, step: int) -> None:
-    """Where training takes up again, and how many logged steps since that checkpoint are trained again
-    (a managed run's relaunch after a preemption: at most one checkpoint interval)."""
-    logged = [e["step"] for e in read_all(out / "events.jsonl") if e.get("event") == "step"] \
-        if (out / "events.jsonl").is_file() else []
-    last = max(logged) if logged else step
-    launch = launch_number()
-    events.emit("resume", step=step, steps_lost=max(0, last - step), last_logged_step=last,
-                **({"launch": launch} if launch is not None else {}))
 
 
 def _save_adapter(trainer, tok, out: Path) -> Path:
