@@ -170,6 +170,7 @@ def test_the_one_gpu_bench_config_fits_an_h200_with_room():
     assert mode["fit"]["total_gib"] < 0.6 * 139.0  # room: the measured peak was 62.89 GiB (bench/RESULTS.md)
 
 
+@pytest.mark.slow
 def test_check_on_cpu_reports_the_full_fit_over_the_planned_ranks(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
@@ -311,6 +312,7 @@ def test_a_full_checkpoint_is_sealed_and_lands_whole_on_a_mount_that_renames_no_
     assert [e["step"] for e in read_all(tmp_path / "events.jsonl") if e["event"] == "checkpoint"] == [3]
 
 
+@pytest.mark.slow
 def test_the_full_fine_tune_also_checkpoints_by_time(tmp_path, monkeypatch):
     """train.checkpoint_every_s on the full path: a save once that many seconds passed since the last one (a
     clock reading 25 s later at each look, every 60 s: after steps 3 and 6 of 8), each sealed and complete."""

@@ -216,6 +216,7 @@ def test_merged_dense_model_gives_the_same_distribution_as_4bit_plus_adapter(pre
     assert merged.lm_head.weight.dtype == torch.float32  # CPU: "bf16" means dense in the compute dtype
 
 
+@pytest.mark.slow
 def test_eval_precision_cli_records_the_path_used(prepared, tmp_path):
     data, adapter = str(prepared / "data"), str(prepared / "run" / "adapter")
     res = {}

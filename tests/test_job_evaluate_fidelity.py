@@ -426,6 +426,7 @@ def test_sample_wordings_table_is_complete(sample_rows):
         assert reference_scale(text) == values, text
 
 
+@pytest.mark.slow
 @needs_real_sample
 def test_uniform_baseline_matches_reference_on_real_sample(sample_rows, tmp_path):
     result, cells = score_baseline(sample_rows, tmp_path)

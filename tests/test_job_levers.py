@@ -35,6 +35,7 @@ def _check(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_check_on_cpu_prints_the_levers_really_on(tmp_path):
     r = _check("--config", str(SMOKE), "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -116,6 +117,7 @@ def test_the_train_start_event_carries_the_levers(tmp_path):
     assert start["levers"]["packing"]["on"] is True
 
 
+@pytest.mark.slow
 def test_the_estimate_says_which_levers_its_rate_assumes(tmp_path):
     """A cloud estimate (the seeded offline catalog) names the levers and versions its measured rate assumes;
     on your own machine (--infra local) that note is not shown: the rate is the cloud card's, not yours."""

@@ -99,6 +99,7 @@ def test_subsets_differ_by_the_token_ratio_in_the_training_term(est_json):
     assert fixed["0.1"]["model download"] == fixed["0.01"]["model download"]
 
 
+@pytest.mark.slow
 def test_spot_uses_spot_price_with_a_preemption_allowance_and_the_on_demand_price_beside(sky_home):
     on = json.loads(cli(sky_home, "estimate", "--gpu", "A100-80GB:1", "--subset", "0.01", "--json").stdout)
     spot = json.loads(cli(sky_home, "estimate", "--gpu", "A100-80GB:1", "--subset", "0.01", "--spot", "--json").stdout)
@@ -162,6 +163,7 @@ def test_a_card_the_catalog_has_no_price_for_is_exit_2(sky_home, args, needle):
     one_line(cli(sky_home, "estimate", *args), needle)
 
 
+@pytest.mark.slow
 def test_max_cost_below_the_low_estimate_refuses_and_launches_nothing(sky_home, est_json, tmp_path):
     est = est_json["0.1"]
     cap = est["dollars"][0] * 0.9
@@ -372,6 +374,7 @@ def test_the_cost_model_imports_neither_torch_nor_sky():
 
 # --- QLoRA and LoRA side by side (issue #27) ----------------------------------------------------
 
+@pytest.mark.slow
 def test_estimate_shows_qlora_and_lora_side_by_side_where_the_card_fits_both(sky_home):
     import yaml
 

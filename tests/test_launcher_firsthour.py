@@ -62,6 +62,7 @@ def _check_short(r, limit: int = 6) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 def test_estimate_and_dryrun_with_no_catalog_and_no_network_are_short_and_say_why(new_user, tmp_path):
     env, port = new_user
     r = cli(["estimate", "--gpu", "A100:1", "--subset", "0.1"], env, timeout=300)

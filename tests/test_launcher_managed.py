@@ -71,6 +71,7 @@ def detached_until_done(env: dict, bucket: Path, *extra: str) -> tuple[Path, dic
     return runs, rec, r.stdout
 
 
+@pytest.mark.slow
 def test_status_logs_down_after_the_launcher_was_sigkilled(cloud, tmp_path):
     """Acceptance 4: the launcher dies mid-run; the managed job goes on (and is preempted once meanwhile);
     status shows its state and recovery count, logs follows it across the relaunch to the end, downloads
@@ -268,6 +269,7 @@ def test_an_edited_record_never_gets_another_bucket_deleted_whole(cloud, tmp_pat
     assert (bucket / "precious.txt").read_text() == "the user's own data"  # the rest of the bucket stayed
 
 
+@pytest.mark.slow
 def test_an_edited_record_never_gets_another_runs_job_cancelled(cloud, tmp_path):
     """Finding 4: down cancels only a managed job whose name is this run's; a run.json whose job_id names
     another job is refused loudly (exit 1, TEARDOWN FAILED) and that job runs on."""

@@ -121,6 +121,7 @@ def _expected(infra: str, flags: list[str]) -> dict[str, str]:
             "model": opt.get("--model") or doc["model"]["id"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("infra,name", CASES, ids=[f"{i}-{n}" for i, n in CASES])
 def test_estimate_and_up_dryrun_print_the_same_config_data_and_caps(env, infra, name):
     e, rows, tmp = env

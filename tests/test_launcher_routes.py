@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from launcher_helpers import REPO
@@ -53,6 +54,7 @@ def _config_with(tmp_path, **eval_section) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_eval_enabled_false_in_a_config_is_priced_and_rendered_alike(tmp_path):
     on, on_task = _probe(tmp_path, "--subset", "0.1")
     off, off_task = _probe(tmp_path, "--subset", "0.1", "--config", _config_with(tmp_path, enabled=False))
@@ -63,6 +65,7 @@ def test_eval_enabled_false_in_a_config_is_priced_and_rendered_alike(tmp_path):
     assert yaml.safe_load(on_task["envs"]["CONFIG_YAML"])["eval"]["enabled"] is True
 
 
+@pytest.mark.slow
 def test_eval_base_is_priced_as_a_second_evaluation(tmp_path):
     one, _ = _probe(tmp_path, "--subset", "0.1")
     two, task = _probe(tmp_path, "--subset", "0.1", "--eval-base")

@@ -33,6 +33,7 @@ UP = ["up", "--infra", "sky", "--gpu", "A100:1", "--config", "configs/smoke.yaml
 
 # --- against the real (offline) SkyPilot API server ------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.sky
 def test_dryrun_picks_an_offer_through_the_real_optimizer(sky_home, tmp_path):
     runs = tmp_path / "runs"
@@ -93,6 +94,7 @@ print(json.dumps({{"canary_in_yaml": {CANARY!r} in text, "secrets": sorted(task.
     assert got["down"] is True and got["idle"] >= 10
 
 
+@pytest.mark.slow
 @pytest.mark.sky
 def test_status_and_down_through_the_real_sdk_for_a_cluster_that_is_gone(sky_home, tmp_path):
     """The real adapter's status and down calls: a cluster SkyPilot doesn't have is reconciled."""
@@ -188,6 +190,7 @@ def test_a_job_failing_after_training_still_brings_the_adapter_back(cloud):
     _assert_nothing_running(cloud, rec)
 
 
+@pytest.mark.slow
 def test_a_failed_download_leaves_the_results_on_the_machine_and_says_how_to_get_them(cloud):
     """The job succeeded but the pull keeps failing: tearing down would delete the only copy. The
     machine stays up (its autodown is armed) and the user is told how to pull, then end it."""
@@ -210,6 +213,7 @@ def test_a_failed_download_leaves_the_results_on_the_machine_and_says_how_to_get
     _assert_nothing_running(cloud, only_run(Path(cloud["SOCRATES_RUNS_DIR"])))
 
 
+@pytest.mark.slow
 def test_failed_teardown_is_loud_and_down_retries_it(cloud):
     r = cli(UP, {**cloud, "FAKESKY_FAIL": "down"})
     rec = only_run(Path(cloud["SOCRATES_RUNS_DIR"]))
@@ -239,6 +243,7 @@ def test_dropped_log_stream_and_failed_download_are_retried(cloud):
     _assert_nothing_running(cloud, rec)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["provisioning", "running", "downloading"])
 def test_launcher_sigkilled_in_each_phase_then_status_and_down(cloud, phase):
     """SIGKILL leaves no handler to run: the run record alone must let status/logs/down finish the job."""

@@ -311,6 +311,7 @@ def _done_and_verified(env: dict) -> dict:
     return rec
 
 
+@pytest.mark.slow
 def test_a_two_minute_log_stream_outage_ends_done_and_verified(cloud):
     """Acceptance 3: the stream (and the whole API) is gone for '2 minutes' mid-run; the launcher keeps
     re-attaching with backoff and the run ends done with the adapter verified, not torn down early."""
@@ -324,6 +325,7 @@ def test_a_two_minute_log_stream_outage_ends_done_and_verified(cloud):
     _done_and_verified(cloud)
 
 
+@pytest.mark.slow
 def test_a_stream_lost_past_the_window_detaches_and_logs_reattaches(cloud):
     """Past the retry window the launcher detaches (autodown armed, the job runs on), says how to come
     back; `logs` re-attaches once the API answers and finishes the run."""
@@ -348,6 +350,7 @@ def test_a_stream_lost_past_the_window_detaches_and_logs_reattaches(cloud):
     _done_and_verified(cloud)
 
 
+@pytest.mark.slow
 def test_logs_reattaches_a_run_recorded_failed_whose_job_still_runs(cloud):
     """A record that says failed (an older launcher gave up on its stream) is not the authority:
     `logs` asks the machine, finds the job running, follows it to the end, verifies, tears down."""

@@ -363,6 +363,7 @@ dist.destroy()
 '''
 
 
+@pytest.mark.slow
 def test_timed_save_and_deadline_are_decided_on_rank_0_for_every_rank(tmp_path):
     """2 gloo ranks whose clocks differ by 0.6 s: each rank deciding alone would save (or stop) one step
     apart, one rank in a save's collectives while the other is in the all-reduce (an NCCL hang). Rank 0's

@@ -203,6 +203,7 @@ def test_second_launch_sends_only_what_changed(sshd, tmp_path):
 
 # --- the lifecycle and its faults ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_connection_killed_mid_stream_loses_and_doubles_nothing(sshd, tmp_path):
     run = new_run(sshd, "drop")
     # 0.15 s a step: the job is still writing when each drop comes, even with the follower lagging on busy
