@@ -9,7 +9,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # The suite on this many pytest-xdist workers (tests/conftest.py: expensive modules stay on one worker, the
 # slow tests start first); most tests wait on subprocesses, so 3 fit 2 cores. PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 3
-XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadscope)
 
 .PHONY: demo test test-fast rehearse venv sysdeps lock-check clean
 

@@ -34,30 +34,20 @@ needs_real_sample = pytest.mark.skipif(not REAL_SAMPLE.is_file(),
 T = TypeVar("T")
 
 
-# Module-scoped fixtures too expensive to make once per pytest-xdist worker (a training, a wheel and its venv,
-# a SkyPilot node set up): under xdist the tests that use one all run on one worker.
-SHARED_FIXTURE = {"test_rehearsal": "one_node", "test_managed_jobs": "straight", "test_full_train": "runs",
-                  "test_job_dist_eval": "prepared", "test_job_dist_train": "setup", "test_job_evaluate": "prepared",
-                  "test_package": "wheel", "test_predict": "setup", "test_ssh_e2e": "host_dir",
-                  "test_job_train": "straight"}
-
-
 # The modules whose slow tests take longest on 2 cores (minutes each): handed out first of all.
 LONGEST = ("test_rehearsal", "test_managed_jobs", "test_readme_commands", "test_full_train", "test_ssh_e2e",
            "test_job_train", "test_job_dist_train", "test_job_dist_eval", "test_package", "test_job_deadline")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reports the collected order
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs `-n 3 --dist loadgroup`): the SHARED_FIXTURE groups, and the tests
-    marked slow handed out first, LONGEST first of all, so the longest (the rehearsal, the managed runs) start at
-    once instead of ending the run last."""
+    """Under pytest-xdist (`make test` runs `-n 3 --dist loadscope`: each module on one worker, so a module-scoped
+    fixture is made once and its tests run in file order): the modules with tests marked slow handed out first,
+    LONGEST first of all, so the longest (the rehearsal, the managed runs) start at once instead of ending the
+    run last. (`--dist loadgroup` is not used: with pytest 9.2, xdist 3.8's group suffix on the node id has no
+    effect, so its groups were silently ignored.)"""
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
         return
-    for item in items:
-        module = item.module.__name__
-        if SHARED_FIXTURE.get(module) in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group(f"{module}:{SHARED_FIXTURE[module]}"))
 
     def order(item):  # stable sort: file order kept within each rank
         module = item.module.__name__
