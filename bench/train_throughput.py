@@ -564,9 +564,12 @@ def parse_ours(spec: str, tiny: bool) -> Variant:
 
 
 def best_within(rows: list[dict], max_gib: float) -> dict | None:
-    """The fastest non-baseline row (steady rate) whose peak memory fits `max_gib`, with the baseline's rate."""
+    """The fastest non-baseline row (steady rate) whose peak memory fits `max_gib` and which the loss check
+    did not judge outside the noise (a row it could not judge stays in), with the baseline's rate."""
     base = next((r for r in rows if r["baseline"] and rate(r)), None)
-    fits = [r for r in rows if not r["baseline"] and rate(r) and not r["error"] and not r["peak_gib"] > max_gib]
+    outside = {c["name"] for c in loss_check(rows) if not c["within"]}
+    fits = [r for r in rows if not r["baseline"] and rate(r) and not r["error"] and not r["peak_gib"] > max_gib
+            and r["name"] not in outside]
     if not fits:
         return None
     b = max(fits, key=rate)

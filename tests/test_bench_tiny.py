@@ -136,6 +136,25 @@ def test_the_loss_check_on_round_8s_real_curves_fails_the_three_regressions():
     assert real["bf16"]["step1"] == pytest.approx(0.0008, abs=1e-4) and real["bf16"]["bias_ok"]
 
 
+def test_the_best_row_is_never_one_the_loss_check_failed():
+    # Round 9's loss call on an H100 printed fp8 (5,540 tok/s) as the best row although the check had
+    # just judged it outside the noise; the bf16 levers (3,077) were the fastest row within it.
+    tt = _bench_module()
+
+    def timed(row, tokens_per_s, gib=12.0):
+        return {**row, "tokens_per_s": tokens_per_s, "peak_gib": gib, "error": None, "micro_batch": 32,
+                "levers": {"checkpoint_layers": None}}
+
+    rows = [timed(_row(42, P42, True), 1806.0), timed(_row(42, P42_AGAIN, True), 1978.0),
+            timed(_row(42, [10.004, 9.01, 8.015, 7.02], name="within"), 3077.0),
+            timed(_row(42, [x + 0.09 for x in P42], name="biased, faster"), 5540.0),
+            timed(_row(44, P42, name="unjudged, too big"), 9000.0, gib=80.0)]
+    best = tt.best_within(rows, max_gib=36)
+    assert best["name"] == "within" and best["steady_tokens_per_s"] == 3077.0
+    assert best["ratio"] == pytest.approx(3077.0 / 1806.0)
+    assert tt.best_within(rows, max_gib=100)["name"] == "unjudged, too big"  # no repeat at seed 44: not judged
+
+
 def test_learnable_targets_draw_answers_from_eight_ids_most_often_the_first():
     tt = _bench_module()
     ex = tt.make_examples(400, 152064, 42, tiny=False, targets="learnable")
