@@ -22,6 +22,7 @@ network between nodes, the bucket mount (rclone), SkyPilot's controller.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -79,21 +80,19 @@ _PARSE = textwrap.dedent("""
                       "num_nodes": t.num_nodes}))
 """)
 
-_SCRIPT = textwrap.dedent("""
+_RECEIVE = textwrap.dedent("""
     import json, sys
-    from sky.skylet import log_lib
     from sky.backends.task_codegen import TaskCodeGen, UNSET_RAY_ENV_VARS
-    spec = json.load(open(sys.argv[1]))
-    body = spec["body"]
-    if spec["kind"] == "run":  # as the job codegen wraps a run block
-        body = TaskCodeGen.build_task_bash_script(body, env_prefix=" && ".join(f"unset {v}" for v in UNSET_RAY_ENV_VARS))
-    open(spec["out"], "w").write(log_lib.make_task_bash_script(body, env_vars=spec["envs"]))
-""")
-
-_SYNC = textwrap.dedent("""
-    import sys
+    from sky.skylet import log_lib
     from sky.utils.command_runner import LocalProcessCommandRunner
-    LocalProcessCommandRunner().rsync(source=sys.argv[1], target=sys.argv[2], up=True, stream_logs=False)
+    spec = json.load(open(sys.argv[1]))
+    # SkyPilot's workdir sync (its rsync command and filters)
+    LocalProcessCommandRunner().rsync(source=spec["workdir"], target=spec["target"], up=True, stream_logs=False)
+    for block in spec["blocks"]:  # each block's script, as SkyPilot writes it
+        body = block["body"]
+        if block["kind"] == "run":  # as the job codegen wraps a run block
+            body = TaskCodeGen.build_task_bash_script(body, env_prefix=" && ".join(f"unset {v}" for v in UNSET_RAY_ENV_VARS))
+        open(block["out"], "w").write(log_lib.make_task_bash_script(body, env_vars=block["envs"]))
 """)
 
 _USER_ENV = textwrap.dedent("""
@@ -152,28 +151,39 @@ class Node:
         self.bin.mkdir(parents=True)
         (self.bin / "python3").symlink_to(python3)
         (self.bin / "python3.12").symlink_to(python312)
-        commands = _sky(_USER_ENV, shlex_quote(uv)).strip()
+        commands = user_env_commands(uv)
         r = subprocess.run(["bash", "-c", commands], env=self.env(), cwd=self.home, capture_output=True,
                            text=True, timeout=300)
         if not (self.home / "sky-user-env" / "bin" / "pip").exists():
             raise RuntimeError(f"SkyPilot's user env was not created: {r.stdout[-1000:]} {r.stderr[-1000:]}")
 
-    def sync(self, workdir: str) -> None:
-        """SkyPilot's workdir sync (its rsync command and filters) into ~/sky_workdir."""
-        _sky(_SYNC, workdir.rstrip("/") + "/", str(self.workdir), timeout=300)
+    def receive(self, workdir: str, blocks: dict[str, tuple[str, dict[str, str]]]) -> None:
+        """What SkyPilot does before it runs anything: the workdir synced into ~/sky_workdir by its rsync
+        command and filters, and each block (`setup`, `run`: its body and the envs exported to it) written
+        as SkyPilot's script file. One SkyPilot process for both."""
+        spec = self.root / f"receive_{self.rank}.json"
+        spec.write_text(json.dumps({"workdir": workdir.rstrip("/") + "/", "target": str(self.workdir), "blocks": [
+            {"kind": kind, "body": body, "envs": envs, "out": str(self.script(kind))}
+            for kind, (body, envs) in blocks.items()]}))
+        _sky(_RECEIVE, str(spec), timeout=300)
 
-    def block(self, kind: str, body: str, envs: dict[str, str], log: Path, timeout: float,
-              extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start the `setup` or `run` block as SkyPilot does: its script file, `/bin/bash -i FILE`."""
-        script = self.root / f"sky_{kind}_{self.rank}.sh"
-        spec = self.root / f"sky_{kind}_{self.rank}.json"
-        spec.write_text(json.dumps({"kind": kind, "body": body, "envs": envs, "out": str(script)}))
-        _sky(_SCRIPT, str(spec))
+    def script(self, kind: str) -> Path:
+        return self.root / f"sky_{kind}_{self.rank}.sh"
+
+    def block(self, kind: str, log: Path, timeout: float, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start the `setup` or `run` block's script (written by `receive`) as SkyPilot does: `/bin/bash -i FILE`."""
         env = self.env()
         env.update(extra_env or {})
         out = open(log, "ab")
-        return subprocess.Popen(["/bin/bash", "-i", str(script)], env=env, cwd=self.home, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(["/bin/bash", "-i", str(self.script(kind))], env=env, cwd=self.home,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@functools.lru_cache(maxsize=None)
+def user_env_commands(uv: str) -> str:
+    """SkyPilot's own commands that make its user env on a fresh node (`uv` for its ~/.local/bin/uv): one
+    SkyPilot process for every node of a session."""
+    return _sky(_USER_ENV, shlex_quote(uv)).strip()
 
 
 def shlex_quote(s: str) -> str:
@@ -213,9 +223,41 @@ def wait(proc: subprocess.Popen, timeout: float) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
+        kill_tree(proc)
         raise
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (killed, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_tree(proc: subprocess.Popen) -> list[int]:
+    """SIGKILL a block's bash and every process under it at once, as a machine that ends takes them all:
+    not its process group only (`bash -i` gives each command a group of its own, and job.deadline starts
+    the job in a session of its own). Returns the pids killed."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))  # ppid -> pid
+    tree, todo = [], [proc.pid]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    for pid in tree:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    return tree
 
 
 def tail(path: Path, n: int = 40) -> str:

@@ -24,13 +24,15 @@ import yaml
 from conftest import tiny_config, wait_until
 from launcher_helpers import cli
 from ports import free_port
-from rehearsal import Node, Task, bootstrap_uv, find_python, network_env, run_envs, setup_envs, tail, wait
+from rehearsal import (Node, Task, alive, bootstrap_uv, find_python, kill_tree, network_env, run_envs, setup_envs,
+                       tail, wait)
 
 pytestmark = [pytest.mark.slow, pytest.mark.sky]
 
 # A CPU config: the tiny Qwen2 is made on the spot (random init); the real QLoRA path (NF4 on the CPU).
 CFG = tiny_config("rehearsal", train={"epochs": 1, "checkpoint_every": 2, "keep_checkpoints": 2, "max_steps": 6},
                   data={"source": "synthetic:60"}, eval={"mode": "sample", "rows": 8})
+MANAGED_CFG = {**CFG, "train": {**CFG["train"], "epochs": 4, "max_steps": 24}}  # 48 rows, batch 8: 6 steps an epoch
 SECRET = "rehearsal-canary-7f3a91"  # HF_TOKEN's value: it must reach the job's environment and nothing else
 SETUP_S, RUN_S = 900, 900
 
@@ -47,10 +49,10 @@ def pythons(tmp_path_factory):
     return {"old": old, "job": job, "uv": uv}
 
 
-def render(sky_home, tmp: Path, *argv: str) -> tuple[Task, str]:
+def render(sky_home, tmp: Path, *argv: str, config: dict = CFG) -> tuple[Task, str]:
     """`up ... --dryrun --save-task` as a user runs it, the task parsed by SkyPilot; also the dry run's output."""
     cfg = tmp / "rehearsal.yaml"
-    cfg.write_text(yaml.safe_dump(CFG))
+    cfg.write_text(yaml.safe_dump(config))
     saved = tmp / "task.yaml"
     env = {**sky_home.env, "HF_TOKEN": SECRET, "SOCRATES_RUNS_DIR": str(tmp / "runs")}
     r = cli(["up", "--config", str(cfg), *argv, "--dryrun", "--yes", "--save-task", str(saved)], env, timeout=400)
@@ -61,20 +63,21 @@ def render(sky_home, tmp: Path, *argv: str) -> tuple[Task, str]:
     return Task.from_file(saved, {"HF_TOKEN": SECRET}), r.stdout
 
 
-def provision(root: Path, task: Task, pythons: dict, rank: int = 0) -> Node:
+def provision(root: Path, task: Task, pythons: dict, ips: list[str], rank: int = 0) -> Node:
+    """A fresh node of `ips` (SkyPilot's user env made), the workdir synced and both blocks' scripts written."""
     node = Node(root / f"node{rank}", rank=rank)
     node.provision(pythons["old"], pythons["job"], pythons["uv"])
-    node.sync(task.workdir)
+    node.receive(task.workdir, {"setup": (task.setup, setup_envs(task, rank, ips, gpus=1)),
+                                "run": (task.run, run_envs(task, rank, ips, gpus=1))})
     return node
 
 
-def setup(node: Node, task: Task, ips: list[str]) -> subprocess.Popen:
-    return node.block("setup", task.setup, setup_envs(task, node.rank, ips, gpus=1), node.root / "setup.log", SETUP_S)
+def setup(node: Node) -> subprocess.Popen:
+    return node.block("setup", node.root / "setup.log", SETUP_S)
 
 
-def run(node: Node, task: Task, ips: list[str], **extra: str) -> subprocess.Popen:
-    return node.block("run", task.run, run_envs(task, node.rank, ips, gpus=1), node.root / "run.log", RUN_S,
-                      extra_env=extra)
+def run(node: Node, **extra: str) -> subprocess.Popen:
+    return node.block("run", node.root / "run.log", RUN_S, extra_env=extra)
 
 
 def ok(proc: subprocess.Popen, node: Node, kind: str, timeout: float) -> None:
@@ -121,11 +124,11 @@ def no_secret_in(root: Path) -> None:
 def one_node(sky_home, pythons, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one")
     task, shown = render(sky_home, tmp, "--gpu", "A100:1")
-    node = provision(tmp, task, pythons)
+    node = provision(tmp, task, pythons, ["127.0.0.1"])
     started = time.monotonic()
-    ok(setup(node, task, ["127.0.0.1"]), node, "setup", SETUP_S)
+    ok(setup(node), node, "setup", SETUP_S)
     setup_s = time.monotonic() - started
-    ok(run(node, task, ["127.0.0.1"]), node, "run", RUN_S)
+    ok(run(node), node, "run", RUN_S)
     return {"task": task, "node": node, "out": node.workdir / task.envs["OUT"], "setup_s": setup_s, "shown": shown}
 
 
@@ -168,14 +171,15 @@ def test_the_secret_reaches_the_jobs_environment(one_node):
 # --- two nodes ----------------------------------------------------------------------------------
 
 def test_two_nodes_form_one_torchrun_group_and_train_what_one_node_trains(sky_home, pythons, one_node, tmp_path):
-    task, _ = render(sky_home, tmp_path, "--gpu", "A100:1", "--nodes", "2")
+    # --no-eval: evaluation under torchrun through this run block is tests/test_launcher_scale.py's (2 ranks)
+    task, _ = render(sky_home, tmp_path, "--gpu", "A100:1", "--nodes", "2", "--no-eval")
     assert task.num_nodes == 2
     ips = ["127.0.0.1", "127.0.0.1"]
-    nodes = [provision(tmp_path, task, pythons, rank) for rank in (0, 1)]
-    for proc, node in [(setup(n, task, ips), n) for n in nodes]:
+    nodes = [provision(tmp_path, task, pythons, ips, rank) for rank in (0, 1)]
+    for proc, node in [(setup(n), n) for n in nodes]:
         ok(proc, node, "setup", SETUP_S)
     port = str(free_port())  # both nodes on one host: a free rendezvous port instead of the default 29500
-    procs = [run(n, task, ips, MASTER_PORT=port, OMP_NUM_THREADS="1") for n in nodes]
+    procs = [run(n, MASTER_PORT=port, OMP_NUM_THREADS="1") for n in nodes]
     for proc, node in zip(procs, nodes):
         ok(proc, node, "run", RUN_S)
     for node in nodes:
@@ -200,7 +204,9 @@ def test_a_managed_run_killed_after_its_first_checkpoint_resumes_on_a_fresh_node
         sky_home, pythons, tmp_path):
     from launcher.task import BUCKET_MOUNT
 
-    task, _ = render(sky_home, tmp_path, "--gpu", "A100-80GB:1", "--spot", "--max-hours", "2")
+    # Steps take ~0.15 s on the CPU: 24 of them leave seconds of training after the first checkpoint for the kill.
+    task, _ = render(sky_home, tmp_path, "--gpu", "A100-80GB:1", "--spot", "--max-hours", "2", "--no-eval",
+                     config=MANAGED_CFG)
     assert task.envs["SOCRATES_MANAGED"] == "1" and task.envs["OUT"].startswith(BUCKET_MOUNT + "/")
     bucket = tmp_path / "bucket"  # stands for the bucket SkyPilot mounts (rclone) on every node
     for k, v in list(task.envs.items()):
@@ -209,21 +215,24 @@ def test_a_managed_run_killed_after_its_first_checkpoint_resumes_on_a_fresh_node
     out = Path(task.envs["OUT"])
     state = out.parent / "managed" / "launches.json"
 
-    first = provision(tmp_path / "launch1", task, pythons)
-    ok(setup(first, task, ["127.0.0.1"]), first, "setup", SETUP_S)
-    proc = run(first, task, ["127.0.0.1"])
+    first = provision(tmp_path / "launch1", task, pythons, ["127.0.0.1"])
+    ok(setup(first), first, "setup", SETUP_S)
+    proc = run(first)
     try:
         wait_until(lambda: any((out / "checkpoints").glob("checkpoint-*/COMPLETE")), timeout=RUN_S,
                    what="the first complete checkpoint in the bucket")
     finally:
-        os.killpg(proc.pid, 9)  # the preemption: nothing on the node gets to clean up
-        proc.wait()
+        killed = kill_tree(proc)  # the preemption: the machine ends, nothing on it gets to clean up
+    assert len(killed) > 2, killed  # bash, job.deadline, the job (at least)
     deadline_1 = json.loads(state.read_text())["deadline"]
-    assert not (out / "adapter").exists()
+    wait_until(lambda: not any(map(alive, killed)), timeout=30, what="every process of the killed node gone")
+    before = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert not (out / "adapter").exists() and not any(e["event"] == "done" for e in before)
+    last_step = max(e["step"] for e in before if e["event"] == "step")
 
-    second = provision(tmp_path / "launch2", task, pythons)
-    ok(setup(second, task, ["127.0.0.1"]), second, "setup", SETUP_S)
-    ok(run(second, task, ["127.0.0.1"]), second, "run", RUN_S)
+    second = provision(tmp_path / "launch2", task, pythons, ["127.0.0.1"])
+    ok(setup(second), second, "setup", SETUP_S)
+    ok(run(second), second, "run", RUN_S)
     record = json.loads(state.read_text())
     t0_1, t0_2 = (int((n.workdir / ".socrates-t0").read_text()) for n in (first, second))
     assert t0_2 > t0_1  # the relaunch's setup started later (it installed the venv again)
@@ -232,8 +241,11 @@ def test_a_managed_run_killed_after_its_first_checkpoint_resumes_on_a_fresh_node
     assert record["launches"] == 2 and record["deadline"] == deadline_1 == t0_1 + cap_s, \
         "the relaunch took a deadline from its own start"
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[:len(before)] == before, "the first machine's job wrote on after it was killed"
     resumed = [e for e in events if e["event"] == "resume"]
-    assert resumed and resumed[-1]["step"] >= 2
+    assert resumed and 2 <= resumed[-1]["step"] <= last_step < 24
+    after = [e["step"] for e in events[len(before):] if e["event"] == "step"]
+    assert after == list(range(resumed[-1]["step"] + 1, 25)), after  # the relaunch trained the rest, in order
     assert any(e["event"] == "preempted" for e in events)
     verify_out(out)
 
