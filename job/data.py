@@ -313,10 +313,16 @@ def read_stats(data_dir: str | Path) -> dict:
     return stats if isinstance(stats, dict) else {}
 
 
-def read_split(data_dir: str | Path, name: str = "train") -> list[dict]:
+def split_file(data_dir: str | Path, name: str = "train") -> Path:
+    """`data_dir`/NAME.jsonl, or a ContractError saying to run `prepare` first: checked before anything heavy."""
     f = Path(data_dir) / f"{name}.jsonl"
     if not f.is_file():
         raise ContractError(f"--data {data_dir}: no {name}.jsonl (run `python -m job prepare --out {data_dir}` first)")
+    return f
+
+
+def read_split(data_dir: str | Path, name: str = "train") -> list[dict]:
+    f = split_file(data_dir, name)
     rows = _read_file(f)
     validate_rows(rows, str(f))
     return rows

@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume not in ("auto", "never") and not is_complete(Path(args.resume)):
         raise ContractError(f"--resume {args.resume}: not a complete checkpoint folder (accepted: auto | never | "
                             f"a checkpoints/checkpoint-N folder with a {COMPLETE} marker)")
+    if args.data:
+        D.split_file(args.data, "train")  # a folder `prepare` did not write: refused before torch loads
     from job.levers import for_this_machine  # torch-heavy: never for --help
 
     dist.init()

@@ -254,8 +254,7 @@ def test_padding_free_batch_gives_the_padded_loss():
     assert abs(loss({"input_ids": packed["input_ids"], "labels": packed["labels"]}) - loss(padded)) > 1e-2
 
 
-@pytest.mark.slow
-def test_train_without_prepared_data_exits_2(tiny, tmp_path):
+def test_train_without_prepared_data_exits_2(tiny, tmp_path):  # refused before torch loads: well under a second
     cfg, _ = tiny
     r = _job("train", "--config", str(cfg), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2, r.stderr

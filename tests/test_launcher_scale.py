@@ -84,7 +84,12 @@ def test_bad_scale_flags_are_one_line_exit_2(tmp_path, argv, needle):
 def test_local_backend_runs_the_task_on_two_cpu_ranks(tmp_path):
     runs = tmp_path / "runs"
     env = launcher_env(runs, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))  # a free port: other tests may run beside it
-    r = cli(["up", "--infra", "local", "--ranks", "2", "--config", "configs/smoke.yaml", "--data", "synthetic:120",
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg["train"]["max_steps"] = 4  # the ranks forming a group and rank 0 alone writing: a few steps show it
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli(["up", "--infra", "local", "--ranks", "2", "--config", str(tmp_path / "short.yaml"), "--data", "synthetic:120",
              "--eval-rows", "8", "--yes", "--name", "two-ranks"], env, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
@@ -93,6 +98,8 @@ def test_local_backend_runs_the_task_on_two_cpu_ranks(tmp_path):
     assert manifest.verify(art) == [] and manifest.load(art)["world_size"] == 2
     events = read_all(art / "events.jsonl")
     assert [e["event"] for e in events].count("done") == 1  # rank 0 alone wrote
+    # the run block's evaluation under torchrun too (the rehearsal's two nodes leave it out for this test)
+    assert (art / "eval" / "metrics.json").is_file() and "eval/metrics.json" in {f["path"] for f in manifest.load(art)["files"]}
     assert re.search(r"torchrun: 1 node\(s\) x 2 rank\(s\)", out + "".join(p.read_text(errors="replace") for p in run_dir.rglob("*.log")))
 
 
