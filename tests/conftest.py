@@ -34,9 +34,11 @@ needs_real_sample = pytest.mark.skipif(not REAL_SAMPLE.is_file(),
 T = TypeVar("T")
 
 
-# The modules whose slow tests take longest on 2 cores (minutes each): handed out first of all.
-LONGEST = ("test_rehearsal", "test_managed_jobs", "test_readme_commands", "test_full_train", "test_ssh_e2e",
-           "test_job_train", "test_job_dist_train", "test_job_dist_eval", "test_package", "test_job_deadline")
+# The modules whose slow tests take longest on 2 cores (minutes each), longest first (`make test --durations`,
+# per module): handed out first of all.
+LONGEST = ("test_rehearsal", "test_managed_jobs", "test_full_train", "test_launcher_firsthour", "test_job_train",
+           "test_job_dist_train", "test_ssh_e2e", "test_readme_commands", "test_job_dist_eval", "test_job_evaluate",
+           "test_bench_scale", "test_package", "test_launcher_scale", "test_job_deadline")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reports the collected order
