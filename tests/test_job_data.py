@@ -36,6 +36,25 @@ def test_offline_tokenizer_gives_qwen_ids(tok):
     assert ids[:3] == [151644, 8948, 198] and ids[-3:] == [151644, 77091, 198]  # "system", "\n", "assistant"
 
 
+def test_the_cached_tokenizer_loads_as_the_one_built_from_the_ranks(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOCRATES_CACHE", str(tmp_path))
+    built = qwen25_offline()  # from the BPE ranks; writes the cache
+    (folder,) = tmp_path.glob("qwen2.5-tokenizer-*")
+    loaded = qwen25_offline()  # from the cached tokenizer.json
+    texts = ["Hello world", "2024 <|im_end|>\n<tool_call>x</tool_call>", " Ünïcödé  \t spaces", "<|file_sep|><|fim_pad|>"]
+    for t in texts:
+        assert loaded(t, add_special_tokens=False)["input_ids"] == built(t, add_special_tokens=False)["input_ids"], t
+    chat = [{"role": "user", "content": "Q"}]
+    assert loaded.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        built.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    for attr in ("eos_token_id", "pad_token_id", "bos_token", "unk_token", "padding_side", "model_max_length",
+                 "all_special_ids", "clean_up_tokenization_spaces"):
+        assert getattr(loaded, attr) == getattr(built, attr), attr
+    assert len(loaded) == len(built) == 151665 and loaded.get_vocab() == built.get_vocab()
+    loaded.save_pretrained(tmp_path / "saved")  # what an adapter carries: the same tokenizer.json as the cache's
+    assert (tmp_path / "saved" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+
+
 def test_prompt_renders_paper_format_byte_for_byte():
     row = {"demographic": {"age": 34, "gender": "Female", "education": None, "party_id": "Lean Democrat",
                            "household_size": 3},
