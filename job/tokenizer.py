@@ -66,7 +66,7 @@ def qwen25_offline():
     cache = Path(os.environ.get("SOCRATES_CACHE", Path.home() / ".cache" / "socrates-launch"))
     folder = cache / f"qwen2.5-tokenizer-{key}"
     if (folder / "tokenizer.json").is_file():
-        return _wrap(str(folder), tokenizer_file=str(folder / "tokenizer.json"))
+        return _wrap(tokenizer_file=str(folder / "tokenizer.json"))
     tok = _build(ranks)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tok.save_pretrained(tmp)
@@ -107,19 +107,19 @@ def _build(ranks: Path):
     backend.add_special_tokens([
         AddedToken(t, normalized=False, special=not t.endswith("tool_call>")) for t in SPECIAL_TOKENS
     ])
-    return _wrap(str(ranks), tokenizer_object=backend)
+    return _wrap(tokenizer_object=backend)
 
 
-def _wrap(name_or_path: str, **backend):
+def _wrap(**backend):
     """The transformers tokenizer around the BPE backend (`tokenizer_object=` a built one, or `tokenizer_file=`
     the cached tokenizer.json), its settings from here: loading the cache this way takes ~0.6 s where
     from_pretrained takes ~2.3 s (it re-parses the 7 MB tokenizer.json in Python and deep-copies the backend),
-    once in every job process that tokenizes."""
+    once in every job process that tokenizes. No name_or_path: with one, transformers looks the name up as a
+    Mistral model (a hub call; offline, a file path is refused as a repo id)."""
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
         **backend,
-        name_or_path=name_or_path,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,

@@ -36,23 +36,38 @@ def test_offline_tokenizer_gives_qwen_ids(tok):
     assert ids[:3] == [151644, 8948, 198] and ids[-3:] == [151644, 77091, 198]  # "system", "\n", "assistant"
 
 
-def test_the_cached_tokenizer_loads_as_the_one_built_from_the_ranks(tmp_path, monkeypatch):
-    monkeypatch.setenv("SOCRATES_CACHE", str(tmp_path))
-    built = qwen25_offline()  # from the BPE ranks; writes the cache
-    (folder,) = tmp_path.glob("qwen2.5-tokenizer-*")
-    loaded = qwen25_offline()  # from the cached tokenizer.json
-    texts = ["Hello world", "2024 <|im_end|>\n<tool_call>x</tool_call>", " Ünïcödé  \t spaces", "<|file_sep|><|fim_pad|>"]
-    for t in texts:
-        assert loaded(t, add_special_tokens=False)["input_ids"] == built(t, add_special_tokens=False)["input_ids"], t
-    chat = [{"role": "user", "content": "Q"}]
-    assert loaded.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
-        built.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    for attr in ("eos_token_id", "pad_token_id", "bos_token", "unk_token", "padding_side", "model_max_length",
-                 "all_special_ids", "clean_up_tokenization_spaces"):
-        assert getattr(loaded, attr) == getattr(built, attr), attr
-    assert len(loaded) == len(built) == 151665 and loaded.get_vocab() == built.get_vocab()
-    loaded.save_pretrained(tmp_path / "saved")  # what an adapter carries: the same tokenizer.json as the cache's
-    assert (tmp_path / "saved" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+_BUILD_THEN_LOAD = """
+import json, pathlib, sys
+from job.tokenizer import qwen25_offline
+built = qwen25_offline()  # from the BPE ranks; writes the cache
+(folder,) = pathlib.Path(sys.argv[1]).glob("qwen2.5-tokenizer-*")
+loaded = qwen25_offline()  # from the cached tokenizer.json
+texts = ["Hello world", "2024 <|im_end|>\\n<tool_call>x</tool_call>", " \u00dcn\u00efc\u00f6d\u00e9  \\t spaces", "<|file_sep|><|fim_pad|>"]
+chat = [{"role": "user", "content": "Q"}]
+def view(t):
+    return {"ids": [t(x, add_special_tokens=False)["input_ids"] for x in texts], "n": len(t),
+            "chat": t.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+            **{a: getattr(t, a) for a in ("eos_token_id", "pad_token_id", "bos_token", "unk_token", "padding_side",
+                                          "model_max_length", "all_special_ids", "clean_up_tokenization_spaces")}}
+loaded.save_pretrained(pathlib.Path(sys.argv[1]) / "saved")  # what an adapter carries
+print(json.dumps({"built": view(built), "loaded": view(loaded), "vocab_equal": built.get_vocab() == loaded.get_vocab(),
+                  "saved_equal": (folder / "tokenizer.json").read_bytes()
+                  == (pathlib.Path(sys.argv[1]) / "saved" / "tokenizer.json").read_bytes()}))
+"""
+
+
+@pytest.mark.slow  # builds the tokenizer from the BPE ranks in a fresh process: ~14 s on 2 cores
+def test_the_cached_tokenizer_loads_as_the_one_built_from_the_ranks(tmp_path):
+    # In a process of its own with HF_HUB_OFFLINE=1, as the job runs in the tests and on offline machines
+    # (transformers reads it once, at import): a fresh cache, built, then loaded from it.
+    env = {**os.environ, "SOCRATES_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", _BUILD_THEN_LOAD, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["built"] == got["loaded"] and got["vocab_equal"] and got["saved_equal"]
+    assert got["loaded"]["n"] == 151665 and got["loaded"]["ids"][0] == [9707, 1879]
+    assert got["loaded"]["eos_token_id"] == 151645 and got["loaded"]["pad_token_id"] == 151643
 
 
 def test_prompt_renders_paper_format_byte_for_byte():
