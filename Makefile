@@ -8,7 +8,8 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 # The suite on this many pytest-xdist workers (tests/conftest.py: expensive modules stay on one worker, the
 # slow tests start first: --no-loadscope-reorder, or xdist hands out the modules with most tests first and the
-# rehearsal ran last, alone); most tests wait on subprocesses, so 3 fit 2 cores. PYTEST_WORKERS=0: one process.
+# rehearsal ran last, alone); most tests wait on subprocesses, so 3 keep 2 cores busy from start to end (the run
+# is CPU-bound: docs/development.md). PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 3
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder)
 
