@@ -128,6 +128,19 @@ def tiny_config(name: str, **sections: dict | None) -> dict:
     return cfg
 
 
+def short_smoke(tmp: Path, **sections: dict) -> Path:
+    """configs/smoke.yaml with each of `sections` updated key by key (train={"max_steps": 4}), written to
+    tmp/short.yaml: for tests about the launcher, SSH or torchrun, not the training; its path."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    for key, update in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **update}
+    path = tmp / "short.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def random_adapter(cfg, out: Path, seed: int = 0) -> Path:
     """A LoRA adapter on `cfg`'s base (built on the CPU as train builds it) whose B matrices are random
     (peft starts them at zero: this adapter changes the model), saved to `out`; returns `out`."""

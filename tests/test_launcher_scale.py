@@ -10,6 +10,7 @@ import pytest
 
 from contracts import manifest
 from contracts.events import read_all
+from conftest import short_smoke
 from launcher_helpers import REPO, cli, fake_calls, fake_clusters, fake_python, fakesky_env, launcher_env, only_run
 from ports import free_port
 
@@ -84,12 +85,8 @@ def test_bad_scale_flags_are_one_line_exit_2(tmp_path, argv, needle):
 def test_local_backend_runs_the_task_on_two_cpu_ranks(tmp_path):
     runs = tmp_path / "runs"
     env = launcher_env(runs, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))  # a free port: other tests may run beside it
-    import yaml
-
-    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    cfg["train"]["max_steps"] = 4  # the ranks forming a group and rank 0 alone writing: a few steps show it
-    (tmp_path / "short.yaml").write_text(yaml.safe_dump(cfg))
-    r = cli(["up", "--infra", "local", "--ranks", "2", "--config", str(tmp_path / "short.yaml"), "--data", "synthetic:120",
+    short = short_smoke(tmp_path, train={"max_steps": 4})  # the ranks forming a group, rank 0 alone writing: a few steps
+    r = cli(["up", "--infra", "local", "--ranks", "2", "--config", str(short), "--data", "synthetic:120",
              "--eval-rows", "8", "--yes", "--name", "two-ranks"], env, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, short_smoke
 from contracts import manifest
 from sshd import PYTHON, REPO, SshServer, sshd, sshd_available  # noqa: F401
 
@@ -76,19 +76,6 @@ def changed_since_cache(cache: Path, tmp: Path) -> tuple[int, int]:
     return len(changed), sum(f.stat().st_size for f in changed)
 
 
-def short_smoke(tmp: Path, **train) -> str:
-    """configs/smoke.yaml with `train` updated (fewer steps: these tests are about SSH, not the training), the
-    evaluation on 8 rows; its path."""
-    import yaml
-
-    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    cfg["train"].update(train)
-    cfg["eval"]["rows"] = 8
-    path = tmp / "short.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
 def needs_job():
     if not (REPO / "job" / "check.py").is_file() or not (REPO / "job" / "train.py").is_file():
         pytest.skip("the real job (job/check.py, job/train.py) is not in this tree yet")
@@ -145,7 +132,7 @@ def test_up_over_ssh_brings_back_a_verified_adapter_and_leaves_nothing(sshd, tmp
     canary = "hf_" + "SshCanary" * 4
     env = {**env, "HF_TOKEN": canary}
     p = cli(*up_args(sshd, tmp_path, "--trust-new-host", "--remote-dir", str(host_dir),  # evaluation included
-                     config=short_smoke(tmp_path, max_steps=4)), env=env)
+                     config=str(short_smoke(tmp_path, train={"max_steps": 4}, eval={"rows": 8}))), env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     run = only_run(tmp_path)
     assert run["state"] == "done" and run["verified"] and run["machine"] == "gone"
@@ -170,7 +157,7 @@ def test_launcher_killed_mid_run_then_logs_reattaches_and_down_cleans(sshd, tmp_
     # what a sync now has to send: the files whose content differs from the host's cache (left by the test above)
     codes = host_dir / "cache" / "code"  # code folders by content; `latest` names the last one made
     expect_files, expect_bytes = changed_since_cache(codes / (codes / "latest").read_text(), tmp_path)
-    short = short_smoke(tmp_path, max_steps=4, checkpoint_every=2)
+    short = str(short_smoke(tmp_path, train={"max_steps": 4, "checkpoint_every": 2}, eval={"rows": 8}))
     proc = subprocess.Popen([sys.executable, "-m", "launcher", *up_args(sshd, tmp_path, "--trust-new-host", "--no-eval", "--remote-dir", str(host_dir),
                                                                   config=short)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
