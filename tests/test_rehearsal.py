@@ -4,8 +4,9 @@ SkyPilot runs it on simulated fresh nodes (tests/rehearsal.py says what is real 
 One node: setup installs the real lock into the job's venv, the run block trains, evaluates and writes
 a tree the launcher's own verification accepts, the adapter loads with PEFT, no secret value lands in
 what comes back. Two nodes: torchrun forms the group across the two run blocks and the adapter equals
-the one-node run's. A managed run: killed after its first checkpoint, started again on a fresh node, it
-resumes and keeps the first start's deadline. The image path: the Dockerfile's install steps as a
+the one-node run's. A managed run: killed after its first checkpoint, started again on a fresh node (the
+bucket its only link to the first), it resumes and keeps the first start's deadline. Only the one-node test
+installs the lock into an empty HOME; the later nodes get that venv before their setup runs (Node.seed_venv). The image path: the Dockerfile's install steps as a
 script into a fresh venv, then the job's CLI with it.
 """
 from __future__ import annotations
@@ -63,10 +64,13 @@ def render(sky_home, tmp: Path, *argv: str, config: dict = CFG) -> tuple[Task, s
     return Task.from_file(saved, {"HF_TOKEN": SECRET}), r.stdout
 
 
-def provision(root: Path, task: Task, pythons: dict, ips: list[str], rank: int = 0) -> Node:
-    """A fresh node of `ips` (SkyPilot's user env made), the workdir synced and both blocks' scripts written."""
+def provision(root: Path, task: Task, pythons: dict, ips: list[str], rank: int = 0, venv_from: Node | None = None) -> Node:
+    """A fresh node of `ips` (SkyPilot's user env made), the workdir synced and both blocks' scripts written;
+    `venv_from`: with that node's job venv already there (Node.seed_venv: setup then finds the lock satisfied)."""
     node = Node(root / f"node{rank}", rank=rank)
     node.provision(pythons["old"], pythons["job"], pythons["uv"])
+    if venv_from is not None:
+        node.seed_venv(venv_from)
     node.receive(task.workdir, {"setup": (task.setup, setup_envs(task, rank, ips, gpus=1)),
                                 "run": (task.run, run_envs(task, rank, ips, gpus=1))})
     return node
@@ -135,7 +139,8 @@ def one_node(sky_home, pythons, tmp_path_factory):
 def test_setup_builds_the_jobs_venv_from_the_lock_and_leaves_the_nodes_python_alone(one_node, pythons):
     node = one_node["node"]
     venv_py = node.home / "socrates-venv" / "bin" / "python"
-    probe = subprocess.run([str(venv_py), "-c", "import sys, torch, peft, trl, bitsandbytes; print(sys.version_info[:2])"],
+    # (setup's last line, job.stack, imported every package of the lock with it: the log line asserted below)
+    probe = subprocess.run([str(venv_py), "-c", "import sys; print(sys.version_info[:2])"],
                            capture_output=True, text=True, env=node.env(), timeout=300)
     assert probe.returncode == 0 and probe.stdout.strip() == "(3, 12)", probe.stderr[-2000:]
     # The node's own python3 (SkyPilot's user env) got none of the lock: no torch, no transformers.
@@ -175,7 +180,8 @@ def test_two_nodes_form_one_torchrun_group_and_train_what_one_node_trains(sky_ho
     task, _ = render(sky_home, tmp_path, "--gpu", "A100:1", "--nodes", "2", "--no-eval")
     assert task.num_nodes == 2
     ips = ["127.0.0.1", "127.0.0.1"]
-    nodes = [provision(tmp_path, task, pythons, ips, rank) for rank in (0, 1)]
+    # Each node's setup runs; the venv the one-node test installed from the lock is on both already.
+    nodes = [provision(tmp_path, task, pythons, ips, rank, venv_from=one_node["node"]) for rank in (0, 1)]
     for proc, node in [(setup(n), n) for n in nodes]:
         ok(proc, node, "setup", SETUP_S)
     port = str(free_port())  # both nodes on one host: a free rendezvous port instead of the default 29500
@@ -201,7 +207,7 @@ def test_two_nodes_form_one_torchrun_group_and_train_what_one_node_trains(sky_ho
 # --- a managed run --------------------------------------------------------------------------------
 
 def test_a_managed_run_killed_after_its_first_checkpoint_resumes_on_a_fresh_node_with_the_same_deadline(
-        sky_home, pythons, tmp_path):
+        sky_home, pythons, one_node, tmp_path):
     from launcher.task import BUCKET_MOUNT
 
     # Steps take ~0.15 s on the CPU: 24 of them leave seconds of training after the first checkpoint for the kill.
@@ -215,7 +221,9 @@ def test_a_managed_run_killed_after_its_first_checkpoint_resumes_on_a_fresh_node
     out = Path(task.envs["OUT"])
     state = out.parent / "managed" / "launches.json"
 
-    first = provision(tmp_path / "launch1", task, pythons, ["127.0.0.1"])
+    # Fresh nodes but for the job's venv (the one-node test's, installed from the lock): the second has none of
+    # the first's files, only the bucket.
+    first = provision(tmp_path / "launch1", task, pythons, ["127.0.0.1"], venv_from=one_node["node"])
     ok(setup(first), first, "setup", SETUP_S)
     proc = run(first)
     try:
@@ -230,12 +238,12 @@ def test_a_managed_run_killed_after_its_first_checkpoint_resumes_on_a_fresh_node
     assert not (out / "adapter").exists() and not any(e["event"] == "done" for e in before)
     last_step = max(e["step"] for e in before if e["event"] == "step")
 
-    second = provision(tmp_path / "launch2", task, pythons, ["127.0.0.1"])
+    second = provision(tmp_path / "launch2", task, pythons, ["127.0.0.1"], venv_from=one_node["node"])
     ok(setup(second), second, "setup", SETUP_S)
     ok(run(second), second, "run", RUN_S)
     record = json.loads(state.read_text())
     t0_1, t0_2 = (int((n.workdir / ".socrates-t0").read_text()) for n in (first, second))
-    assert t0_2 > t0_1  # the relaunch's setup started later (it installed the venv again)
+    assert t0_2 > t0_1  # the relaunch's setup started later (it ran setup again)
     cap_s = int(task.envs["DEADLINE_S"])  # --max-hours 2 less what the launcher keeps for the pull and teardown
     assert 0 < cap_s <= 2 * 3600
     assert record["launches"] == 2 and record["deadline"] == deadline_1 == t0_1 + cap_s, \
