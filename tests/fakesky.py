@@ -21,7 +21,8 @@ controller process ($FAKESKY_DIR/jobs/<id>/) runs the real rendered run block on
 random.Random($FAKESKY_SEED) once the job's first step event says how many there are, and starts it
 again, counting recoveries. $FAKESKY_PREEMPT_CKPT=N preempts the first launch in the middle of
 writing the first checkpoint at step >= N (tests/fault_job.py: the checkpoint's files and marker
-are part-copied into checkpoints/, as a non-atomic bucket rename would leave them). A job that exits
+are part-copied into checkpoints/, as a non-atomic bucket rename would leave them); with both, the
+random preemptions come on the launches after it, at steps past N. A job that exits
 non-zero by itself is FAILED (max_restarts_on_errors: 0).
 """
 from __future__ import annotations
@@ -365,9 +366,10 @@ def controller(jdir: Path) -> None:
             steps, offset = _step_events(workdir / "job.log", offset)
             if steps and points is None and preemptions:
                 total = int(steps[0]["total_steps"])
-                points = sorted(rng.sample(range(2, total), preemptions))
+                points = sorted(rng.sample(range(int(ckpt_kill) + 1 if ckpt_kill else 2, total), preemptions))
                 (jdir / "preempt_at.json").write_text(json.dumps(points))
-            target = points[recoveries] if points and recoveries < len(points) and not ckpt_kill else None
+            nth = recoveries - (1 if ckpt_kill else 0)  # with ckpt_kill, launch 1 is the checkpoint write's
+            target = points[nth] if points and 0 <= nth < len(points) else None
             mid_checkpoint = bool(ckpt_kill) and launch == 1 and (jdir / "killed-in-checkpoint").exists()
             if mid_checkpoint or (target is not None and any(e["step"] >= target for e in steps)):
                 _kill_group(proc.pid)  # the machine is gone: no handler, no flush, mid-step
