@@ -91,46 +91,22 @@ def test_bad_wrapper_input_is_exit_2():
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
 
 
-_RUN_BLOCK_READY = all((REPO / "job" / f"{v}.py").is_file() for v in ("check", "prepare", "train"))
-
-
-@pytest.mark.skipif(not (REPO / "job" / "train.py").is_file(), reason="needs the job's train path (job/train.py)")
-@pytest.mark.skipif(_RUN_BLOCK_READY, reason="covered end to end by the `up --infra local --max-hours` test (CPU budget)")
-def test_deadline_mid_training_leaves_a_usable_adapter_and_done_deadline(tmp_path):
-    """Acceptance 3 at the job level: the smoke config, the wrapper, a deadline a few steps in."""
-    out = tmp_path / "out"
-    cfg = tmp_path / "smoke.yaml"
-    text = _long_smoke()
-    cfg.write_text(re.sub(r"(?m)^(\s*)checkpoint_every:.*$", r"\1checkpoint_every: 0", text))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "job", "prepare", "--config", str(cfg), "--data", "synthetic:240",
-                    "--subset", "1.0", "--out", str(tmp_path / "data")], cwd=REPO, env=env, check=True,
-                   capture_output=True, timeout=300)
-    # Deadline: 40 s after training starts would be ideal; the wrapper starts the clock at launch, so
-    # give model build + first steps room and keep max_steps far beyond what fits before it.
-    at = time.time() + 45
-    p = subprocess.run([sys.executable, "-m", "job.deadline", "--at", str(at), "--grace", "240", "--",
-                        sys.executable, "-m", "job", "train", "--config", str(cfg), "--data", str(tmp_path / "data"),
-                        "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    events = read_all(out / "events.jsonl")
-    done = [e for e in events if e["event"] == "done"]
-    steps = [e for e in events if e["event"] == "step"]
-    assert done and done[-1]["reason"] == "deadline", done
-    assert 0 < len(steps) < 2000 and time.time() >= at
-    man = manifest.verify_or_raise(out)
-    assert man["reason"] == "deadline" and man["steps"] == steps[-1]["step"]
-    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _RUN_BLOCK_READY, reason="needs the job's check/prepare/train verbs (issue #2) for the local backend's run block")
-def test_up_local_with_max_hours_ends_in_a_done_deadline_run_with_a_verified_adapter(tmp_path):
-    """Acceptance 3 end to end: `up --infra local --max-hours` -> the deadline hits mid-training."""
+def test_up_local_with_max_hours_ends_in_a_done_deadline_run_with_a_verified_adapter_and_tensorboard(tmp_path):
+    """Acceptance 3 end to end: `up --infra local --max-hours` -> the deadline hits mid-training. The run also has
+    train.report_to: tensorboard (one real run for both): the event files come back in the verified manifest,
+    TensorBoard's own reader loads them, their loss per step is the one in events.jsonl up to the step the
+    deadline stopped at, and `report` links them."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (requirements/dev.txt has it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from launcher_helpers import cli
+
     cfg = tmp_path / "smoke.yaml"
-    text = _long_smoke()
-    cfg.write_text(re.sub(r"(?m)^(\s*)checkpoint_every:.*$", r"\1checkpoint_every: 0", text))
+    text = re.sub(r"(?m)^(\s*)checkpoint_every:.*$", r"\1checkpoint_every: 0", _long_smoke())
+    cfg.write_text(text.replace("  gradient_checkpointing: false\n",
+                                "  gradient_checkpointing: false\n  report_to: tensorboard\n  logging_steps: 1\n"))
+    assert "report_to: tensorboard" in cfg.read_text()
     runs = tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOCRATES_")}
     env.update({"SOCRATES_RUNS_DIR": str(runs), "PYTHONPATH": str(REPO)})
@@ -151,3 +127,17 @@ def test_up_local_with_max_hours_ends_in_a_done_deadline_run_with_a_verified_ada
     assert 0 < steps[-1]["step"] < 2000 and time.time() - t0 >= 60
     adapter = Path(record["adapter"])
     assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+
+    assert manifest.verify(run_dir) == []
+    listed = [f["path"] for f in manifest.load(run_dir)["files"]]
+    assert [p for p in listed if p.startswith("tensorboard/") and "events.out.tfevents" in p], listed
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"], acc.Tags()
+    tb_loss = {s.step: s.value for s in acc.Scalars("train/loss")}
+    job_loss = {e["step"]: e["loss"] for e in steps}
+    assert sorted(tb_loss) == sorted(job_loss) == list(range(1, steps[-1]["step"] + 1))
+    for step, loss in job_loss.items():
+        assert tb_loss[step] == pytest.approx(loss, rel=1e-4, abs=1e-4), (step, tb_loss, job_loss)
+    r = cli(["report", record["id"]], env)
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in r.stdout, r.stdout + r.stderr
