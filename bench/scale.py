@@ -67,6 +67,11 @@ def _config(args) -> dict:
     return raw
 
 
+def rank_counts(gpus: str, method: str | None) -> list[int]:
+    """The N to measure: those asked for, and 1 (the efficiency's base) unless the method is full."""
+    return sorted({int(x) for x in gpus.split(",") if x.strip()} | ({1} if method != "full" else set()))
+
+
 def point(cfg_path: Path, data: Path, n: int, work: Path, tiny: bool) -> dict:
     out = work / f"n{n}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if tiny else dict(os.environ)
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU, gloo ranks, a tiny Qwen2 (the code path, not a rate)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
     args = p.parse_args(argv)
-    ns = sorted({int(x) for x in args.gpus.split(",") if x.strip()} | ({1} if args.method != "full" else set()))
+    ns = rank_counts(args.gpus, args.method)
     if not args.tiny:
         import torch
 

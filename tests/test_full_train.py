@@ -105,7 +105,9 @@ def test_the_saved_model_loads_with_transformers_as_trained(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first,then", [(2, 2), (2, 1), (1, 2)])
+# Two ranks killed, resumed on two (the sharded checkpoint as written) and on one (resharded on load: DCP reads
+# any world size's shards, so growing takes the same path as shrinking and is not run again here).
+@pytest.mark.parametrize("first,then", [(2, 2), (2, 1)])
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(runs, tmp_path, first, then):
     cfg, data, outs = runs
     out = tmp_path / "run"

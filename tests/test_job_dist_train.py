@@ -1,5 +1,5 @@
 """Data-parallel training on CPU: 2 gloo ranks under torchrun against one process at the same global
-batch (per-step losses, adapter), SIGKILL of one world size resumed with the other, rank 0 alone
+batch (per-step losses, adapter), SIGKILL on 2 ranks resumed on 1, rank 0 alone
 writing the run's files. The smoke model, QLoRA (real bitsandbytes NF4 on CPU), DDP on the adapters."""
 from __future__ import annotations
 
@@ -66,8 +66,11 @@ def test_two_gloo_ranks_train_what_one_process_trains(setup, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_sigkill_then_resume_on_another_world_size_ends_with_the_same_adapter(setup, tmp_path, first, then):
+def test_sigkill_then_resume_on_another_world_size_ends_with_the_same_adapter(setup, tmp_path):
+    # Killed on 2 ranks, resumed on 1: the step and the data position come from the checkpoint whatever the
+    # world size (job/dist.py RankBatches splits the same global batches for any), so 1 -> 2 takes the same
+    # path and is not run again (1 rank resumed on 1: tests/test_job_train.py).
+    first, then = 2, 1
     cfg, data, one = setup
     out = tmp_path / "run"
     kill_after_first_checkpoint(first, cfg, data, out)
