@@ -19,7 +19,6 @@ from contracts.errors import ContractError
 from contracts.events import read_all
 from job.checkpoints import complete_checkpoints
 from job.prepare import prepare
-from ports import free_port
 from ranks import job_env, kill_after_first_checkpoint, max_diff, run_train, step_losses
 from conftest import REPO, tiny_config
 
@@ -234,7 +233,10 @@ def test_check_counts_the_disk_a_full_fine_tune_writes(monkeypatch):
 # --- the launcher: a full run through `up` on the local backend, and the estimate ---------------------
 
 @pytest.mark.slow
-def test_up_on_two_local_ranks_brings_back_verified_full_weights(tmp_path):
+def test_up_local_brings_back_verified_full_weights_and_skips_evaluate(tmp_path):
+    # One rank: the launcher's side of a full fine-tune (model/ pulled and verified, the run block's evaluate
+    # skipped); 2 FSDP2 ranks write model/ in the `runs` fixture above, the run block's torchrun is
+    # tests/test_launcher_scale.py's.
     sys.path.insert(0, str(Path(__file__).parent))
     from launcher_helpers import cli, launcher_env, only_run
 
@@ -243,15 +245,15 @@ def test_up_on_two_local_ranks_brings_back_verified_full_weights(tmp_path):
     cfg = tmp_path / "smoke-full.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     runs = tmp_path / "runs"
-    env = launcher_env(runs, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    r = cli(["up", "--infra", "local", "--ranks", "2", "--config", str(cfg), "--yes", "--name", "full-two"], env, timeout=600)
+    env = launcher_env(runs)
+    r = cli(["up", "--infra", "local", "--config", str(cfg), "--yes", "--name", "full-one"], env, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     rec = only_run(runs)
-    run_dir = next(p for p in runs.iterdir() if p.is_dir() and p.name.startswith("full-two"))
+    run_dir = next(p for p in runs.iterdir() if p.is_dir() and p.name.startswith("full-one"))
     assert rec["state"] == "done" and rec["verified"] and rec["adapter"] == str((run_dir / "model").resolve())
     m = manifest.load(run_dir)
-    assert m["kind"] == "full" and m["world_size"] == 2 and m["steps"] == 4
+    assert m["kind"] == "full" and m["world_size"] == 1 and m["steps"] == 4 and m["full"]["fsdp"] is False
     assert manifest.verify(run_dir) == [] and (run_dir / "model" / "model.safetensors").is_file()
     assert "evaluate: skipped: train.method full" in out + "".join(p.read_text(errors="replace") for p in run_dir.rglob("*.log"))
 
