@@ -458,6 +458,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new steps after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for train_throughput.json")
     args = ap.parse_args()
+    # every --ours variant parsed before anything is built: a bad lever is refused at once, not after the model
+    ours = [parse_ours(o, args.tiny) for o in args.ours.split(";") if o.strip()] if args.final else []
     t_start = time.perf_counter()
     deadline = t_start + args.budget_s
 
@@ -484,7 +486,6 @@ def main() -> int:
 
     mb = 4 if args.tiny else (args.baseline_mb or spec.micro_batch)
     if args.final:
-        ours = [parse_ours(o, args.tiny) for o in args.ours.split(";") if o.strip()]
         seeds = [int(x) for x in args.baseline_seeds.split(",")] if args.baseline_seeds else None
         variants = final_pair(mb, ours, seeds)
         steps = args.steps or (3 if args.tiny else 20)
