@@ -6,8 +6,8 @@ a tree the launcher's own verification accepts, the adapter loads with PEFT, no 
 what comes back. Two nodes: torchrun forms the group across the two run blocks and the adapter equals
 the one-node run's. A managed run: killed after its first checkpoint, started again on a fresh node (the
 bucket its only link to the first), it resumes and keeps the first start's deadline. Only the one-node test
-installs the lock into an empty HOME; the later nodes get that venv before their setup runs (Node.seed_venv). The image path: the Dockerfile's install steps as a
-script into a fresh venv, then the job's CLI with it.
+installs the lock into an empty HOME; the later nodes get that venv before their setup runs (Node.seed_venv).
+The image path: the Dockerfile's install steps as a script into a fresh venv, then the job's CLI with it.
 """
 from __future__ import annotations
 
