@@ -35,8 +35,7 @@ def test_scale_bench_full_measures_fsdp2_ranks_without_adding_one_and_trains_eve
     rest of the point as for QLoRA (the run itself, 1 process vs 2 FSDP2 ranks: tests/test_full_train.py)."""
     import argparse
 
-    sys.path.insert(0, str(REPO / "bench"))
-    import scale
+    from bench import scale
 
     assert scale.rank_counts("2,4,8", "full") == [2, 4, 8] and scale.rank_counts("2,4", None) == [1, 2, 4]
     args = argparse.Namespace(tiny=True, config=None, method="full", global_batch=None, micro_batch=None, steps=2)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 
 from contracts import manifest
 from contracts.events import read_all
-from conftest import REPO, wait_until
+from conftest import REPO, short_smoke, wait_until
 
 
 def wrap(at: float, grace: float, code: str, *extra: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
@@ -22,13 +21,6 @@ def wrap(at: float, grace: float, code: str, *extra: str, timeout: float = 60) -
                         "--", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     return p, time.time() - t0
-
-
-def _long_smoke() -> str:
-    """The smoke config, long enough (epochs, max_steps) that only a deadline can end it early."""
-    text = (REPO / "configs" / "smoke.yaml").read_text()
-    text = re.sub(r"(?m)^(\s*)max_steps:.*$", r"\1max_steps: 2000", text)
-    return re.sub(r"(?m)^(\s*)epochs:.*$", r"\1epochs: 100", text)
 
 
 def _alive(pid: int) -> bool:
@@ -102,11 +94,9 @@ def test_up_local_with_max_hours_ends_in_a_done_deadline_run_with_a_verified_ada
 
     from launcher_helpers import cli
 
-    cfg = tmp_path / "smoke.yaml"
-    text = re.sub(r"(?m)^(\s*)checkpoint_every:.*$", r"\1checkpoint_every: 0", _long_smoke())
-    cfg.write_text(text.replace("  gradient_checkpointing: false\n",
-                                "  gradient_checkpointing: false\n  report_to: tensorboard\n  logging_steps: 1\n"))
-    assert "report_to: tensorboard" in cfg.read_text()
+    # the smoke config, long enough (epochs, max_steps) that only the deadline can end it
+    cfg = short_smoke(tmp_path, train={"max_steps": 2000, "epochs": 100, "checkpoint_every": 0,
+                                       "report_to": "tensorboard", "logging_steps": 1})
     runs = tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOCRATES_")}
     env.update({"SOCRATES_RUNS_DIR": str(runs), "PYTHONPATH": str(REPO)})
